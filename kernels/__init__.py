@@ -1,0 +1,68 @@
+"""Sparse SAE kernels with one dispatch point.
+
+`topk_encode` and `sparse_decode` are what the SAE family calls. On CUDA they run the Triton
+kernels of this package (when available); elsewhere, or when forced, the torch reference in
+`mmsae.kernels.reference`. Force a backend with `set_backend("torch" | "triton" | "auto")` or
+the environment variable `MMSAE_KERNELS`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from torch import Tensor
+
+from mmsae.kernels import reference
+
+Backend = Literal["auto", "torch", "triton"]
+_BACKEND: Backend = os.environ.get("MMSAE_KERNELS", "auto")  # type: ignore[assignment]
+
+
+def set_backend(backend: Backend) -> None:
+    global _BACKEND
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"Unknown kernel backend {backend!r}; use 'auto', 'torch' or 'triton'.")
+    _BACKEND = backend
+
+
+def get_backend() -> Backend:
+    return _BACKEND
+
+
+def _use_triton(t: Tensor) -> bool:
+    if _BACKEND == "torch":
+        return False
+    if _BACKEND == "triton":
+        return True
+    return t.is_cuda and _triton_available()
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    try:
+        from mmsae.kernels import triton_ops  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def topk_encode(x_centered: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(values, indices) of relu(topk(x W_encᵀ + b_enc)); x is already centred by b_dec."""
+    if _use_triton(x_centered):
+        from mmsae.kernels import triton_ops
+
+        return triton_ops.topk_encode(x_centered, W_enc, b_enc, k)
+    return reference.topk_encode(x_centered, W_enc, b_enc, k)
+
+
+def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
+    """Σ_j values[:, j] · W_dec[indices[:, j]], [B, d], differentiable in values and W_dec."""
+    if _use_triton(values):
+        from mmsae.kernels import triton_ops
+
+        return triton_ops.sparse_decode(values, indices, W_dec)
+    return reference.sparse_decode(values, indices, W_dec)

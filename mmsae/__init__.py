@@ -1,0 +1,36 @@
+"""mmsae: sparse autoencoders for CLIP, ViTs, LLaVA and diffusion UNets behind one API.
+
+The five nouns: `SAE` (mmsae.sae), `Encoder` (mmsae.encoders), `ActivationStore`
+(mmsae.store), the Lightning module (mmsae.trainer) and `Intervention` (mmsae.intervene).
+Heavy parts (Lightning, encoders, FAISS) are imported lazily so `import mmsae` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from mmsae.checkpoint import load_sae, save_sae
+from mmsae.sae import SAE, SAEConfig, SparseCodes, build_sae, get_sae_class
+
+__version__ = "0.1.0"
+
+# name -> module that defines it; resolved on first attribute access.
+_LAZY = {
+    "train": "mmsae.trainer.api",
+    "SAEModule": "mmsae.trainer.module",
+    "metrics": "mmsae.metrics",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module = importlib.import_module(_LAZY[name])
+        value = module if module.__name__.endswith(name) else getattr(module, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mmsae' has no attribute {name!r}")
+
+
+__all__ = ["SAE", "SAEConfig", "SparseCodes", "__version__", "build_sae", "get_sae_class", "load_sae", "save_sae",
+           *_LAZY]

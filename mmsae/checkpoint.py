@@ -1,0 +1,147 @@
+"""SAE checkpoints: `cfg.json` + `sae.safetensors` per SAE, written atomically; no pickle anywhere."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mmsae.sae.base import SAE, get_sae_class
+
+CFG_NAME = "cfg.json"
+WEIGHTS_NAME = "sae.safetensors"
+
+
+def _version() -> str:
+    from mmsae import __version__
+
+    return __version__
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same directory, fsync, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_sae(sae: SAE, path: str | os.PathLike) -> Path:
+    """Write `path/cfg.json` and `path/sae.safetensors` (each atomically)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = {"arch": sae.arch, **sae.cfg.to_dict(), "mmsae_version": _version()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(dir=path, prefix=".sae.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"arch": sae.arch})
+        os.replace(tmp, path / WEIGHTS_NAME)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    atomic_write_bytes(path / CFG_NAME, json.dumps(cfg, indent=2).encode())
+    return path
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    cfg_file = path / CFG_NAME
+    if not cfg_file.is_file():
+        raise FileNotFoundError(
+            f"No {CFG_NAME} in {path}: an mmsae SAE directory holds {CFG_NAME} + {WEIGHTS_NAME}. "
+            "For SAELens or sparsify checkpoints use mmsae.convert.from_saelens / from_sparsify."
+        )
+    try:
+        return json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_file} is not valid JSON ({e}); the checkpoint is corrupt.") from e
+
+
+def sae_from_config(cfg: dict[str, Any]) -> SAE:
+    cfg = dict(cfg)
+    if "arch" not in cfg:
+        raise ValueError(
+            "cfg.json has no 'arch' field: this is not an mmsae checkpoint. "
+            "For SAELens or sparsify checkpoints use mmsae.convert.from_saelens / from_sparsify."
+        )
+    cls = get_sae_class(cfg.pop("arch"))
+    cfg.pop("mmsae_version", None)
+    names = {f.name for f in dataclasses.fields(cls.Config)}
+    unknown = set(cfg) - names
+    if unknown:
+        raise ValueError(f"cfg.json has fields {sorted(unknown)} unknown to the {cls.arch!r} SAE.")
+    return cls(cls.Config(**cfg))
+
+
+def load_sae(path_or_repo: str | os.PathLike, device: str | torch.device = "cpu", revision: str | None = None,
+             subfolder: str | None = None) -> SAE:
+    """Load an SAE from a local directory or a Hugging Face Hub repo id (optionally a subfolder)."""
+    path = Path(path_or_repo)
+    if subfolder:
+        path = path / subfolder
+    if not path.exists():
+        path = _download(str(path_or_repo), revision, subfolder)
+    sae = sae_from_config(read_config(path))
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} is missing: the SAE directory needs both {CFG_NAME} and {WEIGHTS_NAME}.")
+    try:
+        state = load_file(weights, device=str(device))
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        raise ValueError(f"{weights} is corrupt or truncated ({e}); re-download or re-save the SAE.") from e
+    missing = set(sae.state_dict()) - set(state)
+    if missing:
+        raise ValueError(f"{weights} lacks tensors {sorted(missing)} required by a {sae.arch!r} SAE.")
+    for name, t in state.items():
+        ref = sae.state_dict().get(name)
+        if ref is not None and ref.shape != t.shape:
+            raise ValueError(
+                f"{weights}: tensor {name!r} has shape {tuple(t.shape)}, cfg.json implies {tuple(ref.shape)}."
+            )
+    sae.load_state_dict(state, strict=False)
+    return sae.to(device)
+
+
+def _download(repo_id: str, revision: str | None, subfolder: str | None) -> Path:
+    """Fetch cfg.json + sae.safetensors from the Hub (or its local cache when offline)."""
+    if repo_id.count("/") < 1 or repo_id.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{repo_id} is neither an existing directory nor a Hub repo id (owner/name).")
+    from huggingface_hub import snapshot_download
+
+    patterns = [f"{subfolder}/*" if subfolder else "*"]
+    try:
+        root = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except Exception as e:
+        raise FileNotFoundError(
+            f"Could not fetch SAE {repo_id!r} from the Hugging Face Hub or its cache ({type(e).__name__}: {e}). "
+            "Offline? Download it elsewhere and pass the local directory, or set HF_HOME to a cache that holds it."
+        ) from e
+    return root / subfolder if subfolder else root
+
+
+def push_to_hub(sae: SAE, repo_id: str, subfolder: str | None = None, private: bool = False,
+                commit_message: str = "Upload SAE with mmsae", api: Any = None) -> str:
+    """Upload cfg.json + sae.safetensors to `repo_id` (in `subfolder`, e.g. the hook name)."""
+    from huggingface_hub import HfApi
+
+    api = api or HfApi()
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_sae(sae, tmp)
+        info = api.upload_folder(repo_id=repo_id, folder_path=tmp, path_in_repo=subfolder or "",
+                                 commit_message=commit_message)
+    return str(getattr(info, "commit_url", info))

@@ -1,0 +1,290 @@
+"""The `SAE` base class, its config, the (values, indices) code type and the registry.
+
+Every variant is a small subclass: it sets `arch`, may extend `Config`, and overrides
+`encode` (and `loss` where its objective differs). Weights are `W_enc` (n×d), `b_enc` (n),
+`W_dec` (n×d, rows are atoms) and `b_dec` (d), as in the method notes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from mmsae import kernels
+
+REGISTRY: dict[str, type[SAE]] = {}
+
+
+def register(name: str):
+    """Class decorator: make an SAE variant constructible by name (`build_sae(name, ...)`)."""
+
+    def deco(cls: type[SAE]) -> type[SAE]:
+        if name in REGISTRY:
+            raise ValueError(f"SAE architecture {name!r} is already registered by {REGISTRY[name].__name__}")
+        cls.arch = name
+        REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def get_sae_class(name: str) -> type[SAE]:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"Unknown SAE architecture {name!r}. Valid names: {', '.join(sorted(REGISTRY))}."
+        ) from None
+
+
+@dataclass
+class SAEConfig:
+    """Fields shared by every variant; variants add theirs in a subclass.
+
+    Everything here is written to `cfg.json` beside `sae.safetensors`.
+    """
+
+    d_in: int
+    n_latents: int
+    k: int | None = None
+    """Active latents per token (TopK-style variants); None where sparsity comes from a penalty."""
+    unit_norm_decoder: bool = True
+    dead_tokens: int = 10_000_000
+    """A latent that has not fired for this many training tokens counts as dead (AuxK, metrics)."""
+    hook: str | None = None
+    encoder: str | None = None
+    normalization: str = "none"
+    """How inputs were scaled in training. 'folded': the scale to E‖x‖=√d is folded into the weights."""
+    training_tokens: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form provenance (data set fingerprint, run id, ...)."""
+
+    def validate(self) -> None:
+        if self.d_in <= 0 or self.n_latents <= 0:
+            raise ValueError(f"d_in and n_latents must be positive, got d_in={self.d_in}, n={self.n_latents}")
+        if self.k is not None and not 0 < self.k <= self.n_latents:
+            raise ValueError(
+                f"k={self.k} must be in 1..n_latents={self.n_latents}: lower k or raise n_latents."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class SparseCodes(NamedTuple):
+    """Codes of a TopK-style SAE: the `k` kept values per token and their latent indices."""
+
+    values: Tensor  # [B, k]
+    indices: Tensor  # [B, k] int64
+    n_latents: int
+
+    def dense(self) -> Tensor:
+        out = self.values.new_zeros(*self.values.shape[:-1], self.n_latents)
+        return out.scatter(-1, self.indices, self.values)
+
+
+Codes = Tensor | SparseCodes
+
+
+class SAEOutput(NamedTuple):
+    x_hat: Tensor
+    codes: Codes
+    aux: dict[str, Tensor]
+
+
+class LossOutput(NamedTuple):
+    loss: Tensor
+    metrics: dict[str, Tensor]
+
+
+def as_dense(codes: Codes) -> Tensor:
+    return codes.dense() if isinstance(codes, SparseCodes) else codes
+
+
+def fired_mask(codes: Codes, n_latents: int) -> Tensor:
+    """Bool [n]: which latents were non-zero for at least one token of the batch."""
+    if isinstance(codes, SparseCodes):
+        fired = torch.zeros(n_latents, dtype=torch.bool, device=codes.values.device)
+        return fired.index_fill_(0, codes.indices[codes.values != 0].flatten(), True)
+    return (codes != 0).flatten(0, -2).any(0)
+
+
+def normalized_mse(x: Tensor, x_hat: Tensor) -> Tensor:
+    """‖x − x̂‖² / ‖x − x̄‖², batch means, in fp32 whatever the autocast dtype (Gao et al.)."""
+    x, x_hat = x.float(), x_hat.float()
+    var = (x - x.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+    return (x - x_hat).pow(2).sum(-1).mean() / var
+
+
+class SAE(nn.Module):
+    """Base sparse autoencoder: x̂ = decode(encode(x)).
+
+    Subclasses implement `encode`. The base supplies the linear decoder, the training
+    machinery every variant shares (decoder normalisation, dead-latent tracking, data init,
+    input-scale folding) and checkpoint I/O.
+    """
+
+    arch: ClassVar[str] = "base"
+    Config: ClassVar[type[SAEConfig]] = SAEConfig
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        d, n = cfg.d_in, cfg.n_latents
+        W_dec = torch.randn(n, d)
+        W_dec /= W_dec.norm(dim=-1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec)
+        self.W_enc = nn.Parameter(W_dec.clone())  # W_enc = W_decᵀ at init (stored n×d)
+        self.b_enc = nn.Parameter(torch.zeros(n))
+        self.b_dec = nn.Parameter(torch.zeros(d))
+        # Tokens since each latent last fired; float so that DDP all-reduce and bf16 never matter.
+        self.register_buffer("tokens_since_fired", torch.zeros(n, dtype=torch.float64))
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_config(cls, **kwargs: Any) -> SAE:
+        return cls(cls.Config(**kwargs))
+
+    @property
+    def d_in(self) -> int:
+        return self.cfg.d_in
+
+    @property
+    def n_latents(self) -> int:
+        return self.cfg.n_latents
+
+    # ----------------------------------------------------------------- forward path
+    def check_input(self, x: Tensor) -> None:
+        if x.shape[-1] != self.cfg.d_in:
+            hook = f" (hook {self.cfg.hook!r})" if self.cfg.hook else ""
+            raise ValueError(
+                f"Input has d={x.shape[-1]} but this {self.arch} SAE{hook} expects d_in={self.cfg.d_in}: "
+                "feed activations from the hook point the SAE was trained on."
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"SAE input must be a floating-point tensor, got {x.dtype}.")
+
+    def pre_acts(self, x: Tensor) -> Tensor:
+        """W_enc (x − b_dec) + b_enc, [B, n]."""
+        return (x - self.b_dec) @ self.W_enc.T + self.b_enc
+
+    def encode(self, x: Tensor) -> Codes:
+        raise NotImplementedError
+
+    def decode(self, codes: Codes) -> Tensor:
+        if isinstance(codes, SparseCodes):
+            return kernels.sparse_decode(codes.values, codes.indices, self.W_dec) + self.b_dec
+        return codes @ self.W_dec + self.b_dec
+
+    def forward(self, x: Tensor) -> SAEOutput:
+        self.check_input(x)
+        codes = self.encode(x)
+        return SAEOutput(self.decode(codes), codes, {})
+
+    def encode_dense(self, x: Tensor) -> Tensor:
+        """Codes as a dense [B, n] tensor, whatever the variant returns natively."""
+        return as_dense(self.encode(x))
+
+    # ----------------------------------------------------------------- training
+    def loss(self, x: Tensor, out: SAEOutput, step: int = 0) -> LossOutput:
+        """Training objective; default is normalised MSE. `step` drives warm-ups."""
+        mse = normalized_mse(x, out.x_hat)
+        return LossOutput(mse, {"mse": mse.detach()})
+
+    def dead_mask(self) -> Tensor:
+        return self.tokens_since_fired >= self.cfg.dead_tokens
+
+    @torch.no_grad()
+    def update_dead(self, fired: Tensor, n_tokens: int) -> None:
+        """Advance the dead-latent clock by `n_tokens` and reset latents in `fired` ([n] bool)."""
+        self.tokens_since_fired += n_tokens
+        self.tokens_since_fired[fired] = 0
+
+    @torch.no_grad()
+    def init_from_data(self, x: Tensor) -> None:
+        """Data-dependent init from a sample [N, d]: b_dec at the geometric median."""
+        self.b_dec.copy_(geometric_median(x.float()).to(self.b_dec.dtype))
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        if self.cfg.unit_norm_decoder:
+            self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+
+    @torch.no_grad()
+    def remove_parallel_grads(self) -> None:
+        """Project out the gradient component along each unit-norm atom (it would only change the norm)."""
+        if not self.cfg.unit_norm_decoder or self.W_dec.grad is None:
+            return
+        W, g = self.W_dec, self.W_dec.grad
+        g -= (g * W).sum(-1, keepdim=True) * W
+
+    @torch.no_grad()
+    def fold_input_scale(self, scale: float) -> None:
+        """The SAE was trained on s·x; rewrite it to act on raw x with identical codes.
+
+        W_enc(s·x − b) = (s·W_enc)(x − b/s) and x̂ = (f W_dec + b)/s.
+        """
+        if scale == 1.0:
+            return
+        self.W_enc *= scale
+        self.b_dec /= scale
+        self.W_dec /= scale
+        self.cfg.normalization = "folded"
+        self.cfg.unit_norm_decoder = False  # atoms now have norm 1/s; do not renormalise them
+
+    # ----------------------------------------------------------------- I/O
+    def save(self, path: str) -> None:
+        from mmsae.checkpoint import save_sae
+
+        save_sae(self, path)
+
+    @classmethod
+    def load(cls, path: str, device: str | torch.device = "cpu") -> SAE:
+        from mmsae.checkpoint import load_sae
+
+        return load_sae(path, device=device)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
+        from mmsae.checkpoint import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
+
+    def extra_repr(self) -> str:
+        k = f", k={self.cfg.k}" if self.cfg.k is not None else ""
+        return f"arch={self.arch}, d_in={self.cfg.d_in}, n_latents={self.cfg.n_latents}{k}"
+
+
+def build_sae(arch: str, d_in: int, n_latents: int, **kwargs: Any) -> SAE:
+    """Construct a registered SAE by name, e.g. `build_sae("topk", 768, 16384, k=32)`."""
+    cls = get_sae_class(arch)
+    names = {f.name for f in dataclasses.fields(cls.Config)}
+    unknown = set(kwargs) - names
+    if unknown:
+        raise TypeError(
+            f"{arch!r} SAE has no option(s) {sorted(unknown)}; valid options: {sorted(names - {'d_in', 'n_latents'})}"
+        )
+    return cls(cls.Config(d_in=d_in, n_latents=n_latents, **kwargs))
+
+
+@torch.no_grad()
+def geometric_median(x: Tensor, iters: int = 100, eps: float = 1e-6) -> Tensor:
+    """Weiszfeld's algorithm: the point minimising Σ‖x_i − m‖, robust to outlier tokens."""
+    m = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - m).norm(dim=-1).clamp_min(eps)
+        m_new = (w[:, None] * x).sum(0) / w.sum()
+        if (m_new - m).norm() <= eps * max(1.0, m.norm().item()):
+            return m_new
+        m = m_new
+    return m
+
+
+def default_lr(n_latents: int) -> float:
+    """2e-4 / √(n / 2¹⁴) (Gao et al. scaling), the default when `lr=None`."""
+    return 2e-4 / math.sqrt(n_latents / 2**14)

@@ -1,0 +1,75 @@
+"""TopK SAE with AuxK on dead latents (Gao et al. 2024, "Scaling and evaluating sparse autoencoders")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from mmsae import kernels
+from mmsae.sae.base import SAE, LossOutput, SAEConfig, SAEOutput, SparseCodes, normalized_mse, register
+
+
+@dataclass
+class TopKConfig(SAEConfig):
+    k: int | None = 32
+    aux_k: int | None = None
+    """Dead latents used by AuxK; None = d_in // 2 (Gao et al.), 0 disables AuxK."""
+    aux_coef: float = 1 / 32
+
+    def validate(self) -> None:
+        if self.k is None:
+            raise ValueError(f"{type(self).__name__} needs k (active latents per token).")
+        super().validate()
+
+
+@register("topk")
+class TopKSAE(SAE):
+    """f = relu(topk(W_enc(x − b_dec) + b_enc)); codes are returned as (values, indices)."""
+
+    Config = TopKConfig
+    cfg: TopKConfig
+
+    def encode(self, x: Tensor) -> SparseCodes:
+        values, indices = kernels.topk_encode(x - self.b_dec, self.W_enc, self.b_enc, self.cfg.k)
+        return SparseCodes(values, indices, self.cfg.n_latents)
+
+    def forward(self, x: Tensor) -> SAEOutput:
+        self.check_input(x)
+        codes = self.encode(x)
+        return SAEOutput(self.decode(codes), codes, {})
+
+    def loss(self, x: Tensor, out: SAEOutput, step: int = 0) -> LossOutput:
+        mse = normalized_mse(x, out.x_hat)
+        metrics = {"mse": mse.detach()}
+        loss = mse
+        aux = self.auxk_loss(x, out.x_hat)
+        if aux is not None:
+            loss = loss + self.cfg.aux_coef * aux
+            metrics["auxk"] = aux.detach()
+        return LossOutput(loss, metrics)
+
+    def auxk_loss(self, x: Tensor, x_hat: Tensor) -> Tensor | None:
+        """Reconstruct the residual from the top `aux_k` dead latents.
+
+        The target is the *detached* residual and the aux reconstruction has no b_dec
+        (sparsify #132 re-added it). Scaled by min(num_dead / aux_k, 1).
+        """
+        aux_k = self.cfg.d_in // 2 if self.cfg.aux_k is None else self.cfg.aux_k
+        dead = self.dead_mask()
+        num_dead = int(dead.sum())
+        if aux_k == 0 or num_dead == 0:
+            return None
+        k_aux = min(aux_k, num_dead)
+        pre = self.pre_acts(x)
+        pre = pre.masked_fill(~dead, float("-inf"))
+        values, indices = pre.topk(k_aux, dim=-1, sorted=False)
+        values = values.relu()
+        e_hat = kernels.sparse_decode(values, indices, self.W_dec)
+        residual = (x - x_hat).detach().float()
+        var = (x.float() - x.float().mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+        aux = (e_hat.float() - residual).pow(2).sum(-1).mean() / var
+        return aux * min(num_dead / aux_k, 1.0)
+
+
+__all__ = ["TopKConfig", "TopKSAE"]
