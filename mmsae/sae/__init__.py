@@ -1,5 +1,11 @@
-"""The SAE family: one base class, one registry, one small module per variant."""
+"""The SAE family: one base class, one registry, one small module per variant.
 
+Importing this package registers every variant, so `build_sae(name, ...)` and checkpoint loading
+work for all of them after `import mmsae`.
+"""
+
+from mmsae.sae.abstopk import AbsTopKSAE
+from mmsae.sae.archetypal import ArchetypalConfig, ArchetypalSAE
 from mmsae.sae.base import (
     REGISTRY,
     SAE,
@@ -14,16 +20,40 @@ from mmsae.sae.base import (
     fired_mask,
     geometric_median,
     get_sae_class,
+    linear_warmup,
     normalized_mse,
     register,
 )
+from mmsae.sae.batchtopk import BatchTopKConfig, BatchTopKSAE
+from mmsae.sae.gated import GatedSAE
+from mmsae.sae.hierarchical import HierarchicalTopKConfig, HierarchicalTopKSAE
+from mmsae.sae.jumprelu import JumpReLUConfig, JumpReLUSAE
+from mmsae.sae.matryoshka import MatryoshkaConfig, MatryoshkaSAE
+from mmsae.sae.mp import MPSAE, MPConfig
+from mmsae.sae.relu import ReLUConfig, ReLUSAE
 from mmsae.sae.topk import TopKConfig, TopKSAE
 
 __all__ = [
+    "MPSAE",
     "REGISTRY",
     "SAE",
+    "AbsTopKSAE",
+    "ArchetypalConfig",
+    "ArchetypalSAE",
+    "BatchTopKConfig",
+    "BatchTopKSAE",
     "Codes",
+    "GatedSAE",
+    "HierarchicalTopKConfig",
+    "HierarchicalTopKSAE",
+    "JumpReLUConfig",
+    "JumpReLUSAE",
     "LossOutput",
+    "MPConfig",
+    "MatryoshkaConfig",
+    "MatryoshkaSAE",
+    "ReLUConfig",
+    "ReLUSAE",
     "SAEConfig",
     "SAEOutput",
     "SparseCodes",
@@ -35,6 +65,7 @@ __all__ = [
     "fired_mask",
     "geometric_median",
     "get_sae_class",
+    "linear_warmup",
     "normalized_mse",
     "register",
 ]

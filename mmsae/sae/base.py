@@ -139,10 +139,10 @@ class SAE(nn.Module):
         d, n = cfg.d_in, cfg.n_latents
         W_dec = torch.randn(n, d)
         W_dec /= W_dec.norm(dim=-1, keepdim=True)
-        self.W_dec = nn.Parameter(W_dec)
         self.W_enc = nn.Parameter(W_dec.clone())  # W_enc = W_decᵀ at init (stored n×d)
         self.b_enc = nn.Parameter(torch.zeros(n))
         self.b_dec = nn.Parameter(torch.zeros(d))
+        self.init_decoder(W_dec)
         # Tokens since each latent last fired; float so that DDP all-reduce and bf16 never matter.
         self.register_buffer("tokens_since_fired", torch.zeros(n, dtype=torch.float64))
 
@@ -150,6 +150,10 @@ class SAE(nn.Module):
     @classmethod
     def from_config(cls, **kwargs: Any) -> SAE:
         return cls(cls.Config(**kwargs))
+
+    def init_decoder(self, atoms_ND: Tensor) -> None:
+        """Register the dictionary as the `W_dec` parameter; variants that compute W_dec override this."""
+        self.W_dec = nn.Parameter(atoms_ND)
 
     @property
     def d_in(self) -> int:
@@ -232,11 +236,17 @@ class SAE(nn.Module):
         """
         if scale == 1.0:
             return
-        self.W_enc *= scale
+        if self.W_enc is not None:  # encoder-free variants (matching pursuit) have no W_enc
+            self.W_enc *= scale
         self.b_dec /= scale
-        self.W_dec /= scale
+        self.scale_dictionary(1.0 / scale)
         self.cfg.normalization = "folded"
         self.cfg.unit_norm_decoder = False  # atoms now have norm 1/s; do not renormalise them
+
+    @torch.no_grad()
+    def scale_dictionary(self, factor: float) -> None:
+        """Multiply every atom by `factor`; variants with a computed W_dec scale its parts instead."""
+        self.W_dec *= factor
 
     # ----------------------------------------------------------------- I/O
     def save(self, path: str) -> None:
@@ -260,6 +270,11 @@ class SAE(nn.Module):
         return f"arch={self.arch}, d_in={self.cfg.d_in}, n_latents={self.cfg.n_latents}{k}"
 
 
+def linear_warmup(step: int, warmup_steps: int) -> float:
+    """Factor rising linearly from 0 at step 0 to 1 at `warmup_steps` (1 throughout when it is 0)."""
+    return 1.0 if warmup_steps <= 0 else min(1.0, step / warmup_steps)
+
+
 def build_sae(arch: str, d_in: int, n_latents: int, **kwargs: Any) -> SAE:
     """Construct a registered SAE by name, e.g. `build_sae("topk", 768, 16384, k=32)`."""
     cls = get_sae_class(arch)
@@ -267,7 +282,8 @@ def build_sae(arch: str, d_in: int, n_latents: int, **kwargs: Any) -> SAE:
     unknown = set(kwargs) - names
     if unknown:
         raise TypeError(
-            f"{arch!r} SAE has no option(s) {sorted(unknown)}; valid options: {sorted(names - {'d_in', 'n_latents'})}"
+            f"{arch!r} SAE has no option(s) {sorted(unknown)}; "
+            f"valid options: {sorted(names - {'d_in', 'n_latents'})}"
         )
     return cls(cls.Config(d_in=d_in, n_latents=n_latents, **kwargs))
 

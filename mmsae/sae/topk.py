@@ -60,16 +60,17 @@ class TopKSAE(SAE):
         num_dead = int(dead.sum())
         if aux_k == 0 or num_dead == 0:
             return None
-        k_aux = min(aux_k, num_dead)
-        pre = self.pre_acts(x)
-        pre = pre.masked_fill(~dead, float("-inf"))
-        values, indices = pre.topk(k_aux, dim=-1, sorted=False)
-        values = values.relu()
+        values, indices = self.select_aux(self.pre_acts(x), dead, min(aux_k, num_dead))
         e_hat = kernels.sparse_decode(values, indices, self.W_dec)
         residual = (x - x_hat).detach().float()
         var = (x.float() - x.float().mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
         aux = (e_hat.float() - residual).pow(2).sum(-1).mean() / var
         return aux * min(num_dead / aux_k, 1.0)
+
+    def select_aux(self, pre_BN: Tensor, dead_N: Tensor, k_aux: int) -> tuple[Tensor, Tensor]:
+        """The AuxK codes: relu of the `k_aux` largest pre-activations among dead latents (k_aux ≤ #dead)."""
+        values, indices = pre_BN.masked_fill(~dead_N, float("-inf")).topk(k_aux, dim=-1, sorted=False)
+        return values.relu(), indices
 
 
 __all__ = ["TopKConfig", "TopKSAE"]

@@ -1,0 +1,38 @@
+"""AbsTopK SAE: keep the k largest |pre-activations| with their sign (bidirectional features)."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from mmsae.sae.base import SparseCodes, register
+from mmsae.sae.topk import TopKConfig, TopKSAE
+
+
+def signed_topk(pre_BN: Tensor, k: int, allowed_N: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(values, indices) of the k entries of largest magnitude, signs kept; only `allowed_N` if given."""
+    scores_BN = pre_BN.detach().abs()
+    if allowed_N is not None:
+        scores_BN = scores_BN.masked_fill(~allowed_N, -1.0)  # below every |z| ≥ 0
+    indices = scores_BN.topk(k, dim=-1, sorted=False).indices
+    return pre_BN.gather(-1, indices), indices
+
+
+@register("abstopk")
+class AbsTopKSAE(TopKSAE):
+    """f = the k entries of z = W_enc(x − b_dec) + b_enc largest in |z|, keeping their sign.
+
+    Codes can be negative: metrics must count `values != 0`, never `values > 0`.
+    """
+
+    Config = TopKConfig
+    cfg: TopKConfig
+
+    def encode(self, x: Tensor) -> SparseCodes:
+        values, indices = signed_topk(self.pre_acts(x), self.cfg.k)
+        return SparseCodes(values, indices, self.cfg.n_latents)
+
+    def select_aux(self, pre_BN: Tensor, dead_N: Tensor, k_aux: int) -> tuple[Tensor, Tensor]:
+        return signed_topk(pre_BN, k_aux, dead_N)
+
+
+__all__ = ["AbsTopKSAE", "signed_topk"]

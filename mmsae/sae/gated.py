@@ -1,0 +1,54 @@
+"""Gated SAE (Rajamanoharan et al. 2024, "Improving dictionary learning with gated sparse autoencoders")."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from mmsae.sae.base import LossOutput, SAEOutput, normalized_mse, register
+from mmsae.sae.relu import ReLUConfig, ReLUSAE, weighted_l1
+
+
+@register("gated")
+class GatedSAE(ReLUSAE):
+    """Gate path decides *which* latents fire, magnitude path *how much*; they share W_enc.
+
+    π_gate = W_enc(x − b_dec) + b_enc (W_gate = W_enc, b_gate = b_enc);
+    magnitude = relu(exp(r_mag) ⊙ W_enc(x − b_dec) + b_mag); f = 1[π_gate > 0] · magnitude.
+    The L1 penalty and an auxiliary reconstruction (through a frozen decoder) act on relu(π_gate),
+    so the gate gets a gradient although the Heaviside step has none.
+    """
+
+    Config = ReLUConfig
+    cfg: ReLUConfig
+
+    def __init__(self, cfg: ReLUConfig):
+        super().__init__(cfg)
+        self.r_mag = nn.Parameter(torch.zeros(cfg.n_latents))
+        self.b_mag = nn.Parameter(torch.zeros(cfg.n_latents))
+
+    def gate_and_codes(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        pi_gate_BN = self.pre_acts(x)
+        # W_mag(x − b_dec) = exp(r_mag) ⊙ (π_gate − b_enc): one matmul for both paths.
+        magnitude_BN = (self.r_mag.exp() * (pi_gate_BN - self.b_enc) + self.b_mag).relu()
+        return pi_gate_BN, (pi_gate_BN > 0).to(magnitude_BN.dtype) * magnitude_BN
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.gate_and_codes(x)[1]
+
+    def forward(self, x: Tensor) -> SAEOutput:
+        self.check_input(x)
+        pi_gate_BN, codes_BN = self.gate_and_codes(x)
+        return SAEOutput(self.decode(codes_BN), codes_BN, {"pi_gate": pi_gate_BN})
+
+    def loss(self, x: Tensor, out: SAEOutput, step: int = 0) -> LossOutput:
+        mse = normalized_mse(x, out.x_hat)
+        gate_BN = out.aux["pi_gate"].relu()
+        l1 = weighted_l1(gate_BN, self.W_dec)
+        # Frozen decoder: this term trains only the gate path, not the dictionary.
+        aux = normalized_mse(x, gate_BN @ self.W_dec.detach() + self.b_dec.detach())
+        loss = mse + self.l1_coef_at(step) * l1 + aux
+        return LossOutput(loss, {"mse": mse.detach(), "l1": l1.detach(), "aux_recon": aux.detach()})
+
+
+__all__ = ["GatedSAE"]

@@ -1,0 +1,77 @@
+"""Matryoshka SAE (Bussmann et al. 2025; Nabeshima 2024): every dictionary prefix must reconstruct alone.
+
+Widths m_1 < … < m_J = n come from `prefix_fractions`; the loss is the mean over prefixes of the
+normalised MSE of f[:, :m_j] W_dec[:m_j] + b_dec, so early latents learn general features and
+later ones refine them. Selection is BatchTopK (default, with its inference threshold) or TopK.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import pairwise
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from mmsae.sae.base import LossOutput, SAEOutput, SparseCodes, as_dense, normalized_mse, register
+from mmsae.sae.batchtopk import BatchTopKConfig, BatchTopKSAE
+from mmsae.sae.topk import TopKSAE
+
+
+@dataclass
+class MatryoshkaConfig(BatchTopKConfig):
+    prefix_fractions: tuple[float, ...] = (1 / 16, 1 / 8, 1 / 4, 9 / 16, 1.0)
+    selection: Literal["batchtopk", "topk"] = "batchtopk"
+
+    def __post_init__(self) -> None:
+        self.prefix_fractions = tuple(self.prefix_fractions)  # cfg.json stores a list
+
+    def validate(self) -> None:
+        super().validate()
+        if self.selection not in ("batchtopk", "topk"):
+            raise ValueError(f"selection={self.selection!r}: use 'batchtopk' or 'topk'.")
+        widths = self.prefix_widths()
+        if widths[-1] != self.n_latents or any(a >= b for a, b in pairwise(widths)) or widths[0] < 1:
+            raise ValueError(
+                f"prefix_fractions={self.prefix_fractions} → widths {widths} of n_latents={self.n_latents}: "
+                "they must increase strictly, start at ≥ 1 latent and end at 1.0."
+            )
+
+    def prefix_widths(self) -> list[int]:
+        return [round(f * self.n_latents) for f in self.prefix_fractions]
+
+
+@register("matryoshka")
+class MatryoshkaSAE(BatchTopKSAE):
+    Config = MatryoshkaConfig
+    cfg: MatryoshkaConfig
+
+    def encode(self, x: Tensor) -> Tensor | SparseCodes:
+        if self.cfg.selection == "topk":
+            return TopKSAE.encode(self, x)  # per-token selection; the batch threshold stays unused
+        return super().encode(x)
+
+    def prefix_reconstructions(self, codes_BN: Tensor) -> list[Tensor]:
+        """x̂ of each dictionary prefix, built as cumulative sums of the block contributions."""
+        widths = [0, *self.cfg.prefix_widths()]
+        x_hat = self.b_dec.expand(*codes_BN.shape[:-1], -1)
+        outs = []
+        for lo, hi in pairwise(widths):
+            x_hat = x_hat + codes_BN[..., lo:hi] @ self.W_dec[lo:hi]
+            outs.append(x_hat)
+        return outs
+
+    def loss(self, x: Tensor, out: SAEOutput, step: int = 0) -> LossOutput:
+        prefix_mse = torch.stack([normalized_mse(x, x_hat) for x_hat in self.prefix_reconstructions(
+            as_dense(out.codes))])
+        loss = prefix_mse.mean()
+        metrics = {"mse": prefix_mse[-1].detach(), "prefix_mse_mean": loss.detach()}
+        aux = self.auxk_loss(x, out.x_hat)
+        if aux is not None:
+            loss = loss + self.cfg.aux_coef * aux
+            metrics["auxk"] = aux.detach()
+        return LossOutput(loss, metrics)
+
+
+__all__ = ["MatryoshkaConfig", "MatryoshkaSAE"]
