@@ -11,7 +11,9 @@ import importlib
 from typing import Any
 
 from mmsae.checkpoint import load_sae, save_sae
+from mmsae.extract import extract  # eager: a lazy "extract" would resolve to the submodule
 from mmsae.sae import SAE, SAEConfig, SparseCodes, build_sae, get_sae_class
+from mmsae.store import ActivationStore
 
 __version__ = "0.1.0"
 
@@ -32,5 +34,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'mmsae' has no attribute {name!r}")
 
 
-__all__ = ["SAE", "SAEConfig", "SparseCodes", "__version__", "build_sae", "get_sae_class", "load_sae", "save_sae",
+__all__ = ["SAE", "ActivationStore", "SAEConfig", "SparseCodes", "__version__", "build_sae", "extract", "get_sae_class", "load_sae", "save_sae",
            *_LAZY]

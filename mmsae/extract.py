@@ -1,0 +1,554 @@
+"""Extraction: run an encoder over a data set and write its activations to an `ActivationStore`.
+
+The store directory is named by a content hash of everything that determines its bytes (encoder id
+and a weights sample, hooks, token mode, data set fingerprint, preprocessing, dtype). Shards cover fixed
+ranges of examples with batches aligned to them, so any shard can be (re)computed alone: a killed
+extraction resumes at the first missing shard and ends byte-identical to an uninterrupted run.
+
+Pipeline: DataLoader workers decode and transform images → forward on the device → activations cast
+to the store dtype on the device and copied asynchronously into pinned host memory → a writer thread
+waits for each copy and streams it into the current shard's temp files.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import queue
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from mmsae.datasets.images import ExampleDataset, UnreadableExample
+from mmsae.encoders.base import Encoder, TokenActs, TokenMode
+from mmsae.store import (
+    DEFAULT_BUFFER_TOKENS,
+    DTYPES,
+    FORMAT,
+    STORE_JSON,
+    ActivationStore,
+    ShardFile,
+    StoreError,
+    check_dtype,
+    read_info,
+    remove_stale_temps,
+    resolve_hooks,
+    shard_files,
+    shuffle_batches,
+    write_info,
+)
+
+DEFAULT_SHARD_TOKENS = 1 << 18
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+# ------------------------------------------------------------------------------------------ fingerprints
+def weights_fingerprint(encoder: Encoder, n_samples: int = 64) -> str:
+    """Hash of every tensor's name, shape, dtype and a strided sample of its values.
+
+    Two random-init encoders with the same id must not share a store; hashing all weights of a 7B model
+    would take minutes, a sample takes milliseconds.
+    """
+    digest = hashlib.sha256()
+    for name, t in [*encoder.model.named_parameters(), *encoder.model.named_buffers()]:
+        flat = t.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // n_samples)][:n_samples].float().cpu().numpy()
+        digest.update(f"{name}{tuple(t.shape)}{t.dtype}".encode() + sample.tobytes())
+    return digest.hexdigest()
+
+
+def _probe_image() -> Image.Image:
+    """A fixed non-square test pattern: its transformed pixels fingerprint the preprocessing."""
+    y, x = np.mgrid[0:97, 0:131]
+    return Image.fromarray(np.stack([x * 2, y * 2, (x * y) % 256], -1).astype(np.uint8))
+
+
+def preprocessing_fingerprint(encoder: Encoder) -> str:
+    pixels = encoder.transform(_probe_image())
+    return hashlib.sha256(f"{tuple(pixels.shape)}".encode() + pixels.float().numpy().tobytes()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ data loading
+@dataclass
+class InputBatch:
+    indices: list[int]  # data set indices of the readable examples, in order
+    inputs: Tensor | list[str] | None  # stacked pixels, or texts for prompt/caption encoders
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+
+
+class EncoderInputs(Dataset):
+    """Data set items → model inputs (transform runs in DataLoader workers); unreadable items marked."""
+
+    def __init__(self, dataset: ExampleDataset, encoder: Encoder, modality: str):
+        self.dataset, self.encoder, self.modality = dataset, encoder, modality
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[int, Tensor | str | None, dict[str, Any] | None]:
+        try:
+            example = self.dataset[index]
+        except UnreadableExample as e:
+            return index, None, {"index": e.index, "source": e.source, "reason": e.reason}
+        if self.modality == "text":
+            return index, example.text, None
+        return index, self.encoder.transform(example.image), None
+
+
+def collate_inputs(items: list[tuple[int, Any, dict[str, Any] | None]]) -> InputBatch:
+    ok = [(i, x) for i, x, err in items if err is None]
+    skipped = [err for _, _, err in items if err is not None]
+    if not ok:
+        return InputBatch([], None, skipped)
+    xs = [x for _, x in ok]
+    inputs = torch.stack(xs) if isinstance(xs[0], Tensor) else xs
+    return InputBatch([i for i, _ in ok], inputs, skipped)
+
+
+def _modality(dataset: ExampleDataset, modality: str | None) -> str:
+    modality = modality or ("text" if dataset.kind == "prompt" else "image")
+    if modality not in ("image", "text"):
+        raise ValueError(f"modality must be 'image' or 'text', got {modality!r}.")
+    if modality == "image" and dataset.kind != "image":
+        raise ValueError(f"{dataset.describe()} has no images; use an image data set or modality='text'.")
+    return modality
+
+
+def forward_batches(encoder: Encoder, dataset: ExampleDataset, index_batches: Sequence[list[int]],
+                    hooks: list[str], tokens: TokenMode, modality: str, num_workers: int = 0,
+                    ) -> Iterator[tuple[InputBatch, dict[str, TokenActs]]]:
+    """Run the encoder over the given batches of data set indices; activations stay on the device.
+
+    Example ids in the returned metadata are data set indices (skipped examples leave gaps).
+    """
+    cuda = encoder.device.type == "cuda"
+    loader = DataLoader(EncoderInputs(dataset, encoder, modality), batch_sampler=index_batches,
+                        num_workers=num_workers, collate_fn=collate_inputs, pin_memory=cuda)
+    for batch in loader:
+        if not batch.indices:
+            yield batch, {}
+            continue
+        inputs = batch.inputs.to(encoder.device, non_blocking=True) if cuda and modality == "image" \
+            else batch.inputs
+        acts = encoder.activations(inputs, hooks, tokens)
+        index_B = torch.tensor(batch.indices, device=encoder.device)
+        for ta in acts.values():  # the encoder numbers examples 0..B-1 within the batch
+            ta.meta["example_id"] = index_B[ta.meta["example_id"].to(encoder.device)]
+        yield batch, acts
+
+
+def _per_token_meta(ta: TokenActs) -> dict[str, Tensor]:
+    n = ta.acts_ND.shape[0]
+    return {k: v for k, v in ta.meta.items() if v.ndim == 1 and v.shape[0] == n}
+
+
+# ------------------------------------------------------------------------------------------ writing
+class _ShardWriter(threading.Thread):
+    """Background thread: waits for each async device→host copy and streams it into shard temp files.
+
+    Queue items: ("append", shard, {hook: (acts, meta)}, event), ("skipped", shard, [..]),
+    ("commit", shard), or None to stop. A shard is recorded in store.json only after its files are
+    renamed into place; on error or stop, the uncommitted shard's temp files are deleted.
+    """
+
+    def __init__(self, root: Path, info: dict[str, Any], max_pending: int = 4):
+        super().__init__(daemon=True, name="mmsae-shard-writer")
+        self.root, self.info = root, info
+        self.queue: queue.Queue[tuple[Any, ...] | None] = queue.Queue(maxsize=max_pending)
+        self.error: BaseException | None = None
+        self.files: dict[str, tuple[ShardFile, ShardFile]] = {}
+        self.counts: dict[str, int] = {}
+        self.skipped: list[dict[str, Any]] = []
+
+    def put(self, item: tuple[Any, ...] | None) -> None:
+        while True:  # poll so a dead writer surfaces its error instead of blocking forever
+            self.raise_error()
+            try:
+                self.queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def raise_error(self) -> None:
+        if self.error is None:
+            return
+        err = self.error
+        if isinstance(err, OSError) and err.errno in _DISK_FULL:
+            done = sum(s is not None for s in self.info["shards"])
+            raise OSError(err.errno, f"Out of disk space writing the activation store {self.root} ({err}). "
+                          f"The partial shard was deleted; {done} finished shards are kept. Free space or "
+                          "choose another out_dir, then run the same extraction again to resume.") from err
+        raise err
+
+    def run(self) -> None:
+        try:
+            while (item := self.queue.get()) is not None:
+                getattr(self, f"_{item[0]}")(*item[1:])
+        except BaseException as e:
+            self.error = e
+            while self.queue.get() is not None:  # drain so the producer never blocks on a full queue
+                pass
+        finally:
+            for acts_file, meta_file in self.files.values():
+                acts_file.discard()
+                meta_file.discard()
+
+    def _append(self, shard: int, arrays: dict[str, tuple[Tensor, Tensor]], event: Any) -> None:
+        if not self.files:
+            self.files = {h: tuple(ShardFile(p) for p in shard_files(self.root, h, shard)) for h in arrays}
+            self.counts = dict.fromkeys(arrays, 0)
+        if event is not None:
+            event.synchronize()
+        for hook, (acts, meta) in arrays.items():
+            acts_file, meta_file = self.files[hook]
+            acts_file.write(acts.view(torch.uint8).numpy())  # raw bytes: numpy has no bfloat16
+            meta_file.write(meta.numpy())
+            self.counts[hook] += acts.shape[0]
+
+    def _skipped(self, shard: int, skipped: list[dict[str, Any]]) -> None:
+        self.skipped.extend(skipped)
+
+    def _commit(self, shard: int) -> None:
+        record: dict[str, Any] = {"skipped": self.skipped, "hooks": {}}
+        if not self.files:  # every example of the shard was unreadable: still write empty files
+            self.files = {h: tuple(ShardFile(p) for p in shard_files(self.root, h, shard))
+                          for h in self.info["hooks"]}
+            self.counts = dict.fromkeys(self.info["hooks"], 0)
+        for hook, (acts_file, meta_file) in self.files.items():
+            record["hooks"][hook] = {"n_tokens": self.counts[hook], "acts_crc32": acts_file.commit(),
+                                     "meta_crc32": meta_file.commit()}
+        self.files, self.skipped = {}, []
+        self.info["shards"][shard] = record
+        write_info(self.root, self.info)
+
+
+def _stage(acts: dict[str, TokenActs], dtype: torch.dtype) -> tuple[dict[str, tuple[Tensor, Tensor]], Any]:
+    """Cast on the device and start async copies into pinned host memory; returns the arrays + event."""
+    out = {}
+    for hook, ta in acts.items():
+        meta = _per_token_meta(ta)
+        acts_ND = ta.acts_ND.to(dtype)
+        meta_NM = torch.stack([meta[k].to(torch.int64) for k in sorted(meta)], 1)
+        if acts_ND.is_cuda:
+            host = (torch.empty(acts_ND.shape, dtype=dtype, pin_memory=True),
+                    torch.empty(meta_NM.shape, dtype=torch.int64, pin_memory=True))
+            host[0].copy_(acts_ND, non_blocking=True)
+            host[1].copy_(meta_NM, non_blocking=True)
+            out[hook] = host
+        else:
+            out[hook] = (acts_ND.contiguous(), meta_NM.contiguous())
+    if not any(a.is_pinned() for a, _ in out.values()):
+        return out, None
+    event = torch.cuda.Event()
+    event.record()
+    return out, event
+
+
+# ------------------------------------------------------------------------------------------ extract
+def _config(encoder: Encoder, dataset: ExampleDataset, hooks: list[str], tokens: TokenMode, dtype: str,
+            modality: str, preprocessing: dict[str, Any] | None) -> dict[str, Any]:
+    return {
+        "encoder": encoder.id,
+        "weights": weights_fingerprint(encoder),
+        "hooks": hooks,
+        "tokens": tokens,
+        "dataset_fingerprint": dataset.fingerprint(),
+        "n_examples": len(dataset),
+        "modality": modality,
+        "preprocessing": preprocessing_fingerprint(encoder) if modality == "image" else None,
+        "preprocessing_extra": preprocessing or {},
+        "dtype": dtype,
+    }
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def _store_dir(out_dir: Path, encoder: Encoder, digest: str) -> Path:
+    """`out_dir` itself when it already is a store (resume into it), else out_dir/<encoder>-<hash>."""
+    if (out_dir / STORE_JSON).is_file():
+        return out_dir
+    slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in encoder.id)
+    return out_dir / f"{slug}-{digest[:16]}"
+
+
+def _layout(encoder: Encoder, dataset: ExampleDataset, hooks: list[str], tokens: TokenMode, modality: str,
+            batch_size: int, shard_tokens: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Probe the first readable batch for widths and tokens per example; fix the shard layout from it."""
+    n = len(dataset)
+    for start in range(0, n, batch_size):
+        probe = [list(range(start, min(start + batch_size, n)))]
+        batch, acts = next(forward_batches(encoder, dataset, probe, hooks, tokens, modality))
+        if batch.indices:
+            break
+    else:
+        raise ValueError(f"None of the {n} examples of {dataset.describe()} could be read (first: "
+                         f"{batch.skipped[0]['reason']}). Check the files.")
+    hooks_info = {h: {"d": int(ta.acts_ND.shape[1]), "meta_columns": sorted(_per_token_meta(ta)),
+                      "extra": {k: v.tolist() for k, v in ta.meta.items() if k not in _per_token_meta(ta)}}
+                  for h, ta in acts.items()}
+    tokens_per_example = max(ta.acts_ND.shape[0] for ta in acts.values()) / len(batch.indices)
+    batches_per_shard = max(1, int(shard_tokens // (batch_size * tokens_per_example)))
+    examples_per_shard = batches_per_shard * batch_size
+    layout = {"batch_size": batch_size, "examples_per_shard": examples_per_shard,
+              "tokens_per_example": tokens_per_example}
+    return layout, hooks_info
+
+
+def _open_store(root: Path, config: dict[str, Any], digest: str) -> dict[str, Any] | None:
+    """The existing store's info (checked against this config), or None for a new store."""
+    if not (root / STORE_JSON).is_file():
+        return None
+    info = read_info(root)
+    if info["config_hash"] != digest:
+        changed = sorted(k for k in config if info["config"].get(k) != config[k])
+        raise StoreError(f"The activation store {root} was made with a different configuration (config hash "
+                         f"{info['config_hash'][:16]} != {digest[:16]}; differs in: {', '.join(changed)}). "
+                         "Use another out_dir (stores are named by their config hash) or delete that store.")
+    return info
+
+
+def extract(encoder: Encoder, dataset: ExampleDataset, hooks: str | Sequence[str] | None, out_dir: str | Path,
+            tokens: TokenMode = "all", dtype: str = "float16", batch_size: int = 64,
+            shard_tokens: int = DEFAULT_SHARD_TOKENS, num_workers: int = 0, modality: str | None = None,
+            preprocessing: dict[str, Any] | None = None, progress: bool = True) -> ActivationStore:
+    """Extract `hooks` activations of `encoder` over `dataset` into a sharded store under `out_dir`.
+
+    Resumes an interrupted extraction of the same configuration; returns at once if it is complete.
+    `hooks=None` uses `encoder.default_hook`; `modality` ("image"/"text") defaults from the data set;
+    `preprocessing` holds extra settings that change the activations (e.g. sampler settings) and
+    enters the store hash. Unreadable examples are skipped, counted and listed in `store.skipped`.
+    """
+    hooks = [encoder.default_hook] if hooks is None else [hooks] if isinstance(hooks, str) else list(hooks)
+    for h in hooks:
+        encoder.module(h)  # unknown hook → KeyError listing the valid ones
+    check_dtype(dtype)
+    if len(dataset) == 0:
+        raise ValueError(f"The data set {dataset.describe()} is empty: nothing to extract.")
+    if batch_size < 1 or shard_tokens < 1:
+        raise ValueError(f"batch_size and shard_tokens must be >= 1, got {batch_size} and {shard_tokens}.")
+    modality = _modality(dataset, modality)
+    config = _config(encoder, dataset, hooks, tokens, dtype, modality, preprocessing)
+    digest = config_hash(config)
+    root = _store_dir(Path(out_dir), encoder, digest)
+    info = _open_store(root, config, digest)
+    if info is not None and all(_shard_done(root, info, s) for s in range(len(info["shards"]))):
+        return ActivationStore(root)  # cache hit
+    if info is None:
+        layout, hooks_info = _layout(encoder, dataset, hooks, tokens, modality, batch_size, shard_tokens)
+        n_shards = -(-len(dataset) // layout["examples_per_shard"])
+        info = {"format": FORMAT, "config": config, "config_hash": digest, "dataset": dataset.describe(),
+                "layout": layout,
+                "hooks": hooks_info, "shards": [None] * n_shards, "complete": False}
+        root.mkdir(parents=True, exist_ok=True)
+        write_info(root, info)
+    else:
+        remove_stale_temps(root)
+    _run(encoder, dataset, root, info, tokens, num_workers, progress)
+    info["complete"] = True
+    write_info(root, info)
+    store = ActivationStore(root)
+    if store.skipped:
+        first = store.skipped[0]
+        warnings.warn(f"Skipped {len(store.skipped)} unreadable examples of {dataset.describe()} (first: "
+                      f"{first['source']}: {first['reason']}); see store.skipped.", stacklevel=2)
+    return store
+
+
+def _shard_done(root: Path, info: dict[str, Any], shard: int) -> bool:
+    """Recorded and its files present with the recorded sizes (a deleted shard is recomputed)."""
+    rec = info["shards"][shard]
+    if rec is None:
+        return False
+    itemsize = DTYPES[info["config"]["dtype"]].itemsize
+    for hook, h in info["hooks"].items():
+        n = rec["hooks"][hook]["n_tokens"]
+        acts, meta = shard_files(root, hook, shard)
+        sizes = (n * h["d"] * itemsize, n * len(h["meta_columns"]) * 8)
+        if not (acts.is_file() and meta.is_file() and (acts.stat().st_size, meta.stat().st_size) == sizes):
+            return False
+    return True
+
+
+def _run(encoder: Encoder, dataset: ExampleDataset, root: Path, info: dict[str, Any], tokens: TokenMode,
+         num_workers: int, progress: bool) -> None:
+    layout, n = info["layout"], len(dataset)
+    bs, per_shard = layout["batch_size"], layout["examples_per_shard"]
+    todo = [s for s in range(len(info["shards"])) if not _shard_done(root, info, s)]
+    for s in todo:
+        info["shards"][s] = None
+    plan: list[tuple[int, bool]] = []  # (shard, last batch of the shard) for each batch
+    index_batches: list[list[int]] = []
+    for s in todo:
+        stop = min((s + 1) * per_shard, n)
+        starts = range(s * per_shard, stop, bs)
+        for b in starts:
+            index_batches.append(list(range(b, min(b + bs, stop))))
+            plan.append((s, b == starts[-1]))
+    if not plan:
+        return
+    dtype = DTYPES[info["config"]["dtype"]]
+    writer = _ShardWriter(root, info)
+    writer.start()
+    n_done = n - sum(len(b) for b in index_batches)
+    bar = tqdm(total=n, initial=n_done, unit="ex", desc=f"extract {encoder.id}", disable=not progress)
+    batches = forward_batches(encoder, dataset, index_batches, list(info["hooks"]), tokens,
+                              info["config"]["modality"], num_workers)
+    try:
+        for (shard, last), (batch, acts) in zip(plan, batches):
+            if batch.indices:
+                writer.put(("append", shard, *_stage(acts, dtype)))
+            if batch.skipped:
+                writer.put(("skipped", shard, batch.skipped))
+            if last:
+                writer.put(("commit", shard))
+            bar.update(len(batch.indices) + len(batch.skipped))
+    finally:
+        bar.close()
+        writer.queue.put(None)  # the writer drains this even after an error
+        writer.join()
+    writer.raise_error()
+
+
+# ------------------------------------------------------------------------------------------ streaming
+class ActivationStream:
+    """Encoder → token batches without touching disk, with the same `.batches` interface as the store.
+
+    For users who do not want a cache: every epoch re-runs the encoder (on its device; batches stay
+    there). `batch_size` in the constructor is images per forward; in `.batches` it is tokens per batch.
+    """
+
+    def __init__(self, encoder: Encoder, dataset: ExampleDataset, hooks: str | Sequence[str] | None = None,
+                 tokens: TokenMode = "all", batch_size: int = 64, num_workers: int = 0,
+                 modality: str | None = None):
+        if len(dataset) == 0:
+            raise ValueError(f"The data set {dataset.describe()} is empty: nothing to stream.")
+        self.encoder, self.dataset, self.tokens = encoder, dataset, tokens
+        self.hooks = [encoder.default_hook] if hooks is None else [hooks] if isinstance(hooks, str) \
+            else list(hooks)
+        for h in self.hooks:
+            encoder.module(h)
+        self.images_per_forward, self.num_workers = batch_size, num_workers
+        self.modality = _modality(dataset, modality)
+        self._dims: dict[str, int] | None = None
+
+    def dim(self, hook: str | None = None) -> int:
+        if self._dims is None:  # one probe forward, cached
+            layout_probe = _layout(self.encoder, self.dataset, self.hooks, self.tokens, self.modality,
+                                   self.images_per_forward, DEFAULT_SHARD_TOKENS)[1]
+            self._dims = {h: v["d"] for h, v in layout_probe.items()}
+        (key,), _ = resolve_hooks(self.hooks, hook, None)
+        return self._dims[key]
+
+    @property
+    def d_in(self) -> int:
+        dims = {self.dim(h) for h in self.hooks}
+        if len(dims) > 1:
+            raise ValueError(f"Hooks {self.hooks} have different widths {dims}: use stream.dim(hook).")
+        return dims.pop()
+
+    def batches(self, batch_size: int, hook: str | None = None, shuffle: bool = True, seed: int = 0,
+                buffer_tokens: int = DEFAULT_BUFFER_TOKENS, hooks: list[str] | None = None,
+                drop_last: bool = False, dtype: torch.dtype = torch.float32,
+                ) -> Iterator[Tensor | dict[str, Tensor]]:
+        """One epoch over the data set (example order shuffled with `seed`), through a shuffle buffer."""
+        keys, as_dict = resolve_hooks(self.hooks, hook, hooks)
+        n = len(self.dataset)
+        order = np.random.default_rng(seed).permutation(n).tolist() if shuffle else list(range(n))
+        index_batches = [order[i : i + self.images_per_forward] for i in range(0, n, self.images_per_forward)]
+        forwards = forward_batches(self.encoder, self.dataset, index_batches, keys, self.tokens,
+                                   self.modality, self.num_workers)
+        chunks = ({h: acts[h].acts_ND for h in keys} for _, acts in forwards if acts)
+        generator = torch.Generator().manual_seed(seed) if shuffle else None
+        for batch in shuffle_batches(chunks, batch_size, buffer_tokens, generator, drop_last):
+            out = {h: t.to(dtype) for h, t in batch.items()}
+            yield out if as_dict else out[keys[0]]
+
+
+# ------------------------------------------------------------------------------------------ CLI
+@dataclass
+class ExtractConfig:
+    """`mmsae extract` options; a YAML/JSON config file sets them (top level or under `extract:`)."""
+
+    encoder: str = "timm:test_vit"  # get_encoder spec
+    dataset: str = "skimage"  # mmsae.datasets.images.load_dataset spec
+    out_dir: str = "runs/activations"
+    hooks: list[str] = field(default_factory=list)  # empty: the encoder's default hook
+    tokens: str = "all"  # all | cls | patch | pooled | mean | <int index>
+    dtype: str = "float16"
+    batch_size: int = 64
+    shard_tokens: int = DEFAULT_SHARD_TOKENS
+    num_workers: int = 0
+    device: str = "auto"  # auto = cuda when available
+    model_dtype: str = ""  # e.g. bfloat16; empty keeps the model's dtype
+    pretrained: bool = True
+
+
+def _parse_config(argv: list[str]) -> ExtractConfig:
+    import argparse
+    import dataclasses
+
+    import yaml
+
+    parser = argparse.ArgumentParser(prog="mmsae extract", description="Extract activations into a store.")
+    parser.add_argument("--config", type=Path, help="YAML or JSON file with ExtractConfig fields")
+    for f in dataclasses.fields(ExtractConfig):
+        if f.type == "bool":
+            parser.add_argument(f"--{f.name}", type=lambda v: v.lower() in ("1", "true", "yes"), default=None)
+        elif f.name == "hooks":
+            parser.add_argument("--hooks", nargs="+", default=None)
+        else:
+            parser.add_argument(f"--{f.name}", type=int if f.type == "int" else str, default=None)
+    args = vars(parser.parse_args(argv))
+    values: dict[str, Any] = {}
+    if (path := args.pop("config")) is not None:
+        if not path.is_file():
+            raise FileNotFoundError(f"Config file {path} does not exist.")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        values = loaded.get("extract", loaded)
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(ExtractConfig)})
+        if unknown:
+            raise ValueError(f"Unknown keys {unknown} in {path}; valid: "
+                             f"{[f.name for f in dataclasses.fields(ExtractConfig)]}.")
+    values.update({k: v for k, v in args.items() if v is not None})
+    return ExtractConfig(**values)
+
+
+def run_config(cfg: ExtractConfig) -> ActivationStore:
+    """Build the encoder and data set a config names and extract."""
+    from mmsae.datasets.images import load_dataset
+    from mmsae.encoders import get_encoder
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    model_dtype = getattr(torch, cfg.model_dtype) if cfg.model_dtype else None
+    encoder = get_encoder(cfg.encoder, pretrained=cfg.pretrained, device=device, dtype=model_dtype)
+    tokens: TokenMode = int(cfg.tokens) if cfg.tokens.lstrip("-").isdigit() else cfg.tokens
+    return extract(encoder, load_dataset(cfg.dataset), cfg.hooks or None, cfg.out_dir, tokens=tokens,
+                   dtype=cfg.dtype, batch_size=cfg.batch_size, shard_tokens=cfg.shard_tokens,
+                   num_workers=cfg.num_workers)
+
+
+def cli_main(argv: list[str]) -> int:
+    """`mmsae extract --config cfg.yaml [--field value ...]`: prints the store path; 1 on bad input."""
+    import sys
+
+    try:
+        store = run_config(_parse_config(argv))
+    except (ValueError, KeyError, FileNotFoundError, StoreError) as e:
+        print(f"mmsae extract: error: {e}", file=sys.stderr)
+        return 1
+    print(store.path)
+    print(store)
+    return 0

@@ -1,0 +1,330 @@
+"""The activation store: immutable sharded activations on disk, read back as shuffled token batches.
+
+Layout of a store directory (named by a hash of the extraction config, see `mmsae.extract`):
+
+    store.json                    format, config + hash, layout, per-hook width and meta columns, shards
+    <hook>/<shard:05d>.acts.bin   raw C-order [n_tokens, d] array in the store dtype
+    <hook>/<shard:05d>.meta.bin   raw C-order [n_tokens, n_meta] int64 (example_id, token_index, ...)
+
+Shard files are written under a temporary name and renamed when complete; store.json records a shard
+(token count and crc32 of each file) only after that, so every recorded shard is whole. Raw files plus a
+JSON header (rather than .npy) let the writer stream a shard whose final length is not known up front.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import tempfile
+import threading
+import zlib
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mmsae.checkpoint import atomic_write_bytes
+
+FORMAT = "mmsae-activations/1"
+STORE_JSON = "store.json"
+DTYPES: dict[str, torch.dtype] = {
+    "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+}
+DEFAULT_BUFFER_TOKENS = 1 << 18
+
+
+class StoreError(RuntimeError):
+    """A store on disk is incomplete, corrupt or does not match what was asked of it."""
+
+
+# ------------------------------------------------------------------------------------------ file format
+def check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise ValueError(f"Unsupported store dtype {dtype!r}; use one of {sorted(DTYPES)}.")
+
+
+def hook_dir(root: Path, hook: str) -> Path:
+    return root / hook.replace(os.sep, "_")
+
+
+def shard_files(root: Path, hook: str, shard: int) -> tuple[Path, Path]:
+    """(acts file, meta file) of one shard of one hook."""
+    base = hook_dir(root, hook)
+    return base / f"{shard:05d}.acts.bin", base / f"{shard:05d}.meta.bin"
+
+
+def read_info(root: Path) -> dict[str, Any]:
+    path = root / STORE_JSON
+    if not path.is_file():
+        raise FileNotFoundError(f"{root} is not an activation store (no {STORE_JSON}); create one with "
+                                "mmsae.extract(...) or `mmsae extract --config ...`.")
+    try:
+        info = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise StoreError(f"{path} is not valid JSON ({e}); delete the store directory and "
+                         "extract again.") from e
+    if info.get("format") != FORMAT:
+        raise StoreError(f"{path} has format {info.get('format')!r}, expected {FORMAT!r}: extract it again.")
+    return info
+
+
+def write_info(root: Path, info: dict[str, Any]) -> None:
+    # Deterministic bytes (sorted keys, no timestamps): a resumed store is byte-identical to a fresh one.
+    atomic_write_bytes(root / STORE_JSON, json.dumps(info, indent=1, sort_keys=True).encode())
+
+
+def remove_stale_temps(root: Path) -> int:
+    """Delete temp files a killed writer left behind; returns how many."""
+    stale = [p for p in root.rglob(".*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)
+
+
+class ShardFile:
+    """One shard file being written: temp file + running crc32; `commit` renames it into place."""
+
+    def __init__(self, final: Path):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        self.final = final
+        fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
+        self.tmp = Path(tmp)
+        self.file = os.fdopen(fd, "wb")
+        self.crc = 0
+
+    def write(self, array: np.ndarray) -> None:
+        data = memoryview(np.ascontiguousarray(array)).cast("B")
+        self.file.write(data)
+        self.crc = zlib.crc32(data, self.crc)
+
+    def commit(self) -> str:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.tmp, self.final)
+        return f"{self.crc:08x}"
+
+    def discard(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------ batching
+def resolve_hooks(available: list[str], hook: str | None, hooks: list[str] | None) -> tuple[list[str], bool]:
+    """Which hooks `.batches` reads, and whether it yields dicts (several hooks) or tensors (one)."""
+    if hooks is not None:
+        if hook is not None:
+            raise ValueError("Pass either hook= (tensor batches) or hooks=[...] (dict batches), not both.")
+        keys, as_dict = list(hooks), True
+    elif hook is not None:
+        keys, as_dict = [hook], False
+    elif len(available) == 1:
+        keys, as_dict = available, False
+    else:
+        raise ValueError(f"This source has several hooks {available}: pass hook=... or hooks=[...].")
+    missing = [h for h in keys if h not in available]
+    if missing or not keys:
+        raise KeyError(f"Hooks {missing or keys} are not available; this source has {available}.")
+    return keys, as_dict
+
+
+def shuffle_batches(chunks: Iterable[dict[str, Tensor]], batch_size: int, buffer_tokens: int,
+                    generator: torch.Generator | None, drop_last: bool = False,
+                    ) -> Iterator[dict[str, Tensor]]:
+    """Re-batch token chunks (dicts of aligned [n, d] tensors) through a shuffle buffer.
+
+    Each token is yielded exactly once. With a generator, whenever the buffer holds `buffer_tokens`
+    tokens it is permuted and all but half of it is emitted; the kept half mixes with the next chunks.
+    Without one, tokens come out in order.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    # Emitting needs at least one batch beyond the kept half.
+    buffer_tokens = max(buffer_tokens, 2 * batch_size)
+    keep, threshold = (buffer_tokens // 2, buffer_tokens) if generator is not None else (0, batch_size)
+    pending: list[dict[str, Tensor]] = []
+    n_pending = 0
+
+    def merged() -> dict[str, Tensor]:
+        buf = {h: torch.cat([c[h] for c in pending]) for h in pending[0]}
+        if generator is None:
+            return buf
+        perm = torch.randperm(n_pending, generator=generator)
+        return {h: t[perm.to(t.device)] for h, t in buf.items()}
+
+    for chunk in chunks:
+        pending.append(chunk)
+        n_pending += len(next(iter(chunk.values())))
+        if n_pending >= threshold:
+            buf = merged()
+            n_emit = (n_pending - keep) // batch_size * batch_size
+            for start in range(0, n_emit, batch_size):
+                yield {h: t[start : start + batch_size] for h, t in buf.items()}
+            pending, n_pending = [{h: t[n_emit:] for h, t in buf.items()}], n_pending - n_emit
+    if n_pending:
+        buf = merged()
+        for start in range(0, n_pending, batch_size):
+            if drop_last and start + batch_size > n_pending:
+                break
+            yield {h: t[start : start + batch_size] for h, t in buf.items()}
+
+
+def prefetch(items: Iterator[Any], depth: int = 1) -> Iterator[Any]:
+    """Run an iterator `depth` items ahead in a thread (file reads and crc32 release the GIL)."""
+    q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def worker() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(("item", item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(("done", None))
+        except BaseException as e:  # re-raised in the consumer
+            q.put(("error", e))
+
+    thread = threading.Thread(target=worker, daemon=True, name="mmsae-prefetch")
+    thread.start()
+    try:
+        while True:
+            kind, item = q.get()
+            if kind == "done":
+                return
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+# ------------------------------------------------------------------------------------------ the store
+class ActivationStore:
+    """Read side of a finished extraction: widths, per-token metadata and shuffled batches.
+
+    `batches(..., shuffle=False)` yields tokens in store order, which is the order of `meta(hook)`.
+    """
+
+    def __init__(self, path: str | os.PathLike, verify: bool = True):
+        self.path = Path(path)
+        self.info = read_info(self.path)
+        self.verify = verify
+        shards = self.info["shards"]
+        if not self.info.get("complete") or any(s is None for s in shards):
+            done = sum(s is not None for s in shards)
+            raise StoreError(f"Activation store {self.path} is incomplete ({done}/{len(shards)} shards): the "
+                             "extraction was interrupted. Run the same extraction again to resume it.")
+        self.dtype = self.info["config"]["dtype"]
+
+    # ---------------------------------------------------------------- description
+    @property
+    def hooks(self) -> list[str]:
+        return list(self.info["hooks"])
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.info["shards"])
+
+    def dim(self, hook: str | None = None) -> int:
+        (key,), _ = resolve_hooks(self.hooks, hook, None)
+        return int(self.info["hooks"][key]["d"])
+
+    @property
+    def d_in(self) -> int:
+        """Width of the stored activations (all hooks must share it; else use `dim(hook)`)."""
+        dims = {self.info["hooks"][h]["d"] for h in self.hooks}
+        if len(dims) > 1:
+            raise ValueError(f"Hooks of {self.path} have different widths {dims}: use store.dim(hook).")
+        return int(dims.pop())
+
+    def token_counts(self) -> dict[str, int]:
+        return {h: sum(s["hooks"][h]["n_tokens"] for s in self.info["shards"]) for h in self.hooks}
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens of the (single) hook; with several hooks see `token_counts()`."""
+        counts = set(self.token_counts().values())
+        if len(counts) > 1:
+            raise ValueError(f"Hooks of {self.path} hold different token counts: use store.token_counts().")
+        return counts.pop()
+
+    @property
+    def skipped(self) -> list[dict[str, Any]]:
+        """Examples the extraction could not read (index, source, reason)."""
+        return [item for s in self.info["shards"] for item in s["skipped"]]
+
+    def __repr__(self) -> str:
+        return (f"ActivationStore({str(self.path)!r}, encoder={self.info['config']['encoder']!r}, "
+                f"hooks={self.hooks}, tokens={self.token_counts()}, dtype={self.dtype})")
+
+    # ---------------------------------------------------------------- reading
+    def _read(self, path: Path, shape: tuple[int, int], dtype: torch.dtype, crc: str, hook: str,
+              shard: int) -> Tensor:
+        expected = shape[0] * shape[1] * dtype.itemsize
+        fix = (f"Delete {path} and run the same extraction again: it recomputes only missing shards "
+               f"(hook {hook!r}, shard {shard}).")
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError as e:
+            raise StoreError(f"Shard file {path} is missing. {fix}") from e
+        if size != expected:
+            raise StoreError(f"Shard file {path} has {size} bytes, expected {expected} (truncated?). {fix}")
+        if size == 0:
+            return torch.empty(shape, dtype=dtype)
+        buf = bytearray(size)
+        with path.open("rb") as f:
+            f.readinto(buf)
+        if self.verify and (got := f"{zlib.crc32(buf):08x}") != crc:
+            raise StoreError(f"Shard file {path} is corrupt: crc32 {got} != recorded {crc}. {fix}")
+        return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(shape)
+
+    def shard_acts(self, hook: str, shard: int) -> Tensor:
+        """Activations [n, d] of one shard of one hook, in the store dtype."""
+        rec = self.info["shards"][shard]["hooks"][hook]
+        shape = (rec["n_tokens"], self.info["hooks"][hook]["d"])
+        path = shard_files(self.path, hook, shard)[0]
+        return self._read(path, shape, DTYPES[self.dtype], rec["acts_crc32"], hook, shard)
+
+    def shard_meta(self, hook: str, shard: int) -> Tensor:
+        """Per-token metadata [n, n_meta] int64 of one shard (columns in info["hooks"][hook])."""
+        rec = self.info["shards"][shard]["hooks"][hook]
+        shape = (rec["n_tokens"], len(self.info["hooks"][hook]["meta_columns"]))
+        path = shard_files(self.path, hook, shard)[1]
+        return self._read(path, shape, torch.int64, rec["meta_crc32"], hook, shard)
+
+    def meta(self, hook: str | None = None) -> dict[str, np.ndarray]:
+        """Per-token metadata columns (example_id, token_index, [timestep, cond]) in store order."""
+        (key,), _ = resolve_hooks(self.hooks, hook, None)
+        meta = torch.cat([self.shard_meta(key, i) for i in range(self.n_shards)]).numpy()
+        return {col: meta[:, j] for j, col in enumerate(self.info["hooks"][key]["meta_columns"])}
+
+    def batches(self, batch_size: int, hook: str | None = None, shuffle: bool = True, seed: int = 0,
+                buffer_tokens: int = DEFAULT_BUFFER_TOKENS, hooks: list[str] | None = None,
+                drop_last: bool = False, dtype: torch.dtype = torch.float32,
+                ) -> Iterator[Tensor | dict[str, Tensor]]:
+        """One epoch of token batches [batch_size, d] (dicts {hook: batch} when `hooks=[...]` is given).
+
+        Shards are read sequentially (in a seeded random order when shuffling, one shard prefetched in a
+        thread) into an in-memory shuffle buffer of `buffer_tokens` tokens; every token comes exactly once.
+        """
+        keys, as_dict = resolve_hooks(self.hooks, hook, hooks)
+        for i, s in enumerate(self.info["shards"]):
+            counts = {s["hooks"][h]["n_tokens"] for h in keys}
+            if len(counts) > 1:
+                raise ValueError(f"Hooks {keys} hold different token counts (shard {i}); "
+                                 "read them one at a time.")
+        order = np.random.default_rng(seed).permutation(self.n_shards) if shuffle else range(self.n_shards)
+        chunks = prefetch({h: self.shard_acts(h, int(i)) for h in keys} for i in order)
+        generator = torch.Generator().manual_seed(seed) if shuffle else None
+        for batch in shuffle_batches(chunks, batch_size, buffer_tokens, generator, drop_last):
+            out = {h: t.to(dtype) for h, t in batch.items()}
+            yield out if as_dict else out[keys[0]]

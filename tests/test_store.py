@@ -1,0 +1,125 @@
+"""ActivationStore reading: shuffle buffer, several hooks, checksum and truncation errors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mmsae.datasets.images import ImageFolder
+from mmsae.encoders import Encoder, get_encoder
+from PIL import Image
+
+from mmsae.extract import extract
+from mmsae.store import ActivationStore, StoreError, shard_files, shuffle_batches
+
+N_IMAGES, TOKENS_PER_IMAGE = 12, 101  # timm test_vit: 100 patches + CLS
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    # Tiny models run fastest single-threaded; two threads on a busy 2-core box spin-wait for seconds.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def encoder() -> Encoder:
+    torch.manual_seed(0)
+    return get_encoder("timm:test_vit")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> ImageFolder:
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(N_IMAGES):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / f"{i:02d}.png")
+    return ImageFolder(root)
+
+
+@pytest.fixture
+def store(encoder: Encoder, folder: ImageFolder, tmp_path: Path) -> ActivationStore:
+    # 2 images per forward, 2 forwards per shard → 3 shards
+    return extract(encoder, folder, ["blocks.5", "norm"], tmp_path, batch_size=2,
+                   shard_tokens=4 * TOKENS_PER_IMAGE, progress=False)
+
+
+def _rows(batches: list[torch.Tensor]) -> list[tuple[float, ...]]:
+    return sorted(map(tuple, torch.cat(batches).tolist()))
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_shuffle_buffer_yields_every_token_exactly_once(shuffle: bool) -> None:
+    sizes = [5, 17, 1, 30, 0, 12, 9]
+    ids = torch.arange(sum(sizes))
+    chunks = [{"x": c[:, None]} for c in ids.split(sizes)]
+    gen = torch.Generator().manual_seed(0) if shuffle else None
+    out = [b["x"][:, 0] for b in shuffle_batches(chunks, batch_size=8, buffer_tokens=20, generator=gen)]
+    assert [len(b) for b in out[:-1]] == [8] * (len(out) - 1) and 0 < len(out[-1]) <= 8
+    got = torch.cat(out)
+    assert torch.equal(got.sort().values, ids)  # each token exactly once
+    assert torch.equal(got, ids) != shuffle  # shuffled iff asked
+    dropped = list(shuffle_batches(chunks, batch_size=8, buffer_tokens=20, generator=gen, drop_last=True))
+    assert all(len(b["x"]) == 8 for b in dropped) and len(dropped) == sum(sizes) // 8
+
+
+def test_store_describes_itself(store: ActivationStore) -> None:
+    assert store.hooks == ["blocks.5", "norm"] and store.d_in == 64 and store.dim("norm") == 64
+    assert store.n_tokens == N_IMAGES * TOKENS_PER_IMAGE and store.n_shards == 3
+    meta = store.meta("norm")
+    assert sorted(meta) == ["example_id", "token_index"]
+    assert np.array_equal(meta["example_id"], np.repeat(np.arange(N_IMAGES), TOKENS_PER_IMAGE))
+    assert np.array_equal(meta["token_index"], np.tile(np.arange(TOKENS_PER_IMAGE), N_IMAGES))
+    with pytest.raises(ValueError, match="several hooks"):
+        next(store.batches(16))
+
+
+def test_epoch_covers_store_once_and_seed_controls_order(store: ActivationStore) -> None:
+    ordered = list(store.batches(50, hook="norm", shuffle=False))
+    shuffled = list(store.batches(50, hook="norm", seed=1, buffer_tokens=300))
+    assert sum(len(b) for b in shuffled) == store.n_tokens
+    assert _rows(shuffled) == _rows(ordered)
+    assert not torch.equal(torch.cat(shuffled), torch.cat(ordered))
+    again = list(store.batches(50, hook="norm", seed=1, buffer_tokens=300))
+    assert torch.equal(torch.cat(again), torch.cat(shuffled))
+    other = torch.cat(list(store.batches(50, hook="norm", seed=2, buffer_tokens=300)))
+    assert not torch.equal(other, torch.cat(shuffled))
+
+
+def test_several_hooks_stay_aligned(store: ActivationStore, encoder: Encoder) -> None:
+    # `norm` is the final LayerNorm applied to the output of `blocks.5`: aligned rows must satisfy it.
+    layer_norm = encoder.model.get_submodule("norm")
+    for batch in store.batches(64, hooks=["blocks.5", "norm"], seed=3, buffer_tokens=256):
+        assert set(batch) == {"blocks.5", "norm"} and batch["norm"].dtype == torch.float32
+        torch.testing.assert_close(layer_norm(batch["blocks.5"]), batch["norm"], atol=2e-2, rtol=1e-2)
+
+
+def test_corrupt_shard_is_detected_and_named(store: ActivationStore) -> None:
+    acts_path = shard_files(store.path, "norm", 1)[0]
+    data = bytearray(acts_path.read_bytes())
+    data[100] ^= 0xFF
+    acts_path.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match=r"00001\.acts\.bin is corrupt.*Delete"):
+        list(store.batches(64, hook="norm"))
+    list(store.batches(64, hook="blocks.5"))  # other hooks are unaffected
+    assert len(list(ActivationStore(store.path, verify=False).batches(64, hook="norm"))) > 0
+
+
+def test_truncated_or_missing_shard_is_detected(store: ActivationStore) -> None:
+    meta_path = shard_files(store.path, "blocks.5", 2)[1]
+    meta_path.write_bytes(meta_path.read_bytes()[:-8])
+    with pytest.raises(StoreError, match=r"00002\.meta\.bin has .* bytes, expected .*truncated"):
+        store.meta("blocks.5")
+    meta_path.unlink()
+    with pytest.raises(StoreError, match="is missing"):
+        store.meta("blocks.5")
+
+
+def test_not_a_store_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="not an activation store"):
+        ActivationStore(tmp_path)
