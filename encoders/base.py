@@ -16,8 +16,12 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-TokenMode = Literal["all", "cls", "patch", "pooled", "mean"] | int
-TOKEN_MODES = ("all", "cls", "patch", "pooled", "mean")
+TokenMode = Literal["all", "cls", "patch", "registers", "pooled", "mean"] | int
+TOKEN_MODES = ("all", "cls", "patch", "registers", "pooled", "mean")
+# PIL modes that convert to RGB without losing meaning; 16-bit / float modes ("I", "F", "I;16") would clip.
+RGB_CONVERTIBLE_MODES = ("RGB", "RGBA", "L", "LA", "P", "PA", "1", "CMYK", "YCbCr", "RGBX")
+
+Capture = tuple[Tensor, dict[str, Tensor]]  # tokens [B, T, D] and per-token metadata ([B, T] or [B, 1])
 
 
 @dataclass
@@ -25,7 +29,7 @@ class TokenActs:
     """Activations of one hook point, flattened to tokens, with per-token metadata.
 
     `meta` always has `example_id` and `token_index` ([N] int64; −1 for pooled/mean tokens);
-    UNet adapters add `timestep`, `cond` (1 = conditional CFG half) and `grid` = (H, W).
+    UNet adapters add `timestep`, `cond` (1 = conditional CFG half) per token and `grid` = (H, W) ([2]).
     """
 
     acts_ND: Tensor
@@ -41,6 +45,7 @@ class Encoder(nn.Module):
 
     id: str = "encoder"
     family: str = "base"
+    default_hook: str = ""
 
     def __init__(self, model: nn.Module, id: str):
         super().__init__()
@@ -61,13 +66,17 @@ class Encoder(nn.Module):
         raise NotImplementedError
 
     def select_tokens(self, hook: str, acts_BTD: Tensor, mode: TokenMode) -> tuple[Tensor, Tensor]:
-        """Pick tokens from [B, T, D]: returns acts [B, T', D] and token indices [T'] (−1 = pooled)."""
+        """Pick tokens from [B, T, D]: acts [B, T', D] and token indices [T'] or [B, T'] (−1 = pooled)."""
         return default_select(acts_BTD, mode, n_prefix=0, family=self.family)
 
     # ---------------------------------------------------------------- generic machinery
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
 
     def module(self, hook: str) -> nn.Module:
         valid = self.hook_points()
@@ -105,56 +114,68 @@ class Encoder(nn.Module):
         """Family-specific per-token metadata (UNet: timestep, cond); [B, T] tensors."""
         return {}
 
+    def captures(self, hook: str, args: tuple, kwargs: dict[str, Any], output: Any) -> list[Capture]:
+        """What one call of `hook`'s module records (UNet: split CFG halves, skip unselected steps)."""
+        acts_BTD = self.to_tokens(hook, output)
+        return [(acts_BTD, self.extra_meta(hook, *acts_BTD.shape[:2]))]
+
+    def hook_meta(self, hook: str) -> dict[str, Tensor]:
+        """Per-hook (not per-token) metadata, e.g. the UNet spatial grid (H, W)."""
+        return {}
+
     @torch.no_grad()
     def activations(self, batch: Any, hooks: Sequence[str], tokens: TokenMode = "all",
                     example_offset: int = 0) -> dict[str, TokenActs]:
         """Run the model once and return each hook's selected tokens, flattened to [N, D]."""
         if not hooks:
             raise ValueError(f"No hooks requested; valid hook points: {', '.join(self.hook_points()[:40])}")
-        captured: dict[str, list[Tensor]] = {h: [] for h in hooks}
-        metas: dict[str, list[dict[str, Tensor]]] = {h: [] for h in hooks}
+        hooks = list(dict.fromkeys(hooks))
+        captured: dict[str, list[Capture]] = {h: [] for h in hooks}
         remaining = set(hooks)
         stop_early = self.can_stop_early()
 
         def make_hook(name: str) -> Callable[..., None]:
-            def fn(_mod: nn.Module, _inp: Any, out: Any) -> None:
-                acts = self.to_tokens(name, out)
-                captured[name].append(acts.detach())
-                B, T = acts.shape[:2]
-                metas[name].append(self.extra_meta(name, B, T))
+            def fn(_mod: nn.Module, args: tuple, kwargs: dict[str, Any], out: Any) -> None:
+                captured[name].extend((a.detach(), m) for a, m in self.captures(name, args, kwargs, out))
                 remaining.discard(name)
                 if stop_early and not remaining:
                     raise _StopForward
 
             return fn
 
-        handles = [self.module(h).register_forward_hook(make_hook(h)) for h in hooks]
+        handles = [self.module(h).register_forward_hook(make_hook(h), with_kwargs=True) for h in hooks]
         try:
             with contextlib.suppress(_StopForward):
                 self.run_model(batch)
         finally:
             for h in handles:
                 h.remove()
-        return {h: self._flatten(h, captured[h], metas[h], tokens, example_offset) for h in hooks}
+        if remaining:
+            raise RuntimeError(f"Hooks {sorted(remaining)} of {self.id} never ran for this batch; "
+                               "was the batch of the right kind (images vs. texts) for these hooks?")
+        return {h: self._flatten(h, captured[h], tokens, example_offset) for h in hooks}
 
     def can_stop_early(self) -> bool:
         """Whether the forward may be cut after the last hook (not for multi-step samplers)."""
         return True
 
-    def _flatten(self, hook: str, chunks: list[Tensor], metas: list[dict[str, Tensor]], tokens: TokenMode,
-                 example_offset: int) -> TokenActs:
+    def _flatten(self, hook: str, chunks: list[Capture], tokens: TokenMode, example_offset: int) -> TokenActs:
+        if not chunks:
+            raise RuntimeError(f"Hook {hook!r} recorded nothing (no selected timestep / CFG half?).")
         acts, ids, toks, extra = [], [], [], {}
-        for call, acts_BTD in enumerate(chunks):
+        for acts_BTD, call_meta in chunks:
             sel, tok_idx = self.select_tokens(hook, acts_BTD, tokens)
             B, T = sel.shape[:2]
             acts.append(sel.reshape(B * T, -1))
             ids.append((torch.arange(B, device=sel.device) + example_offset).repeat_interleave(T))
-            toks.append(tok_idx.to(sel.device).repeat(B))
-            for k, v in metas[call].items():
+            tok_idx = tok_idx.to(sel.device)
+            toks.append(tok_idx.reshape(-1) if tok_idx.ndim == 2 else tok_idx.repeat(B))
+            for k, v in call_meta.items():
                 v = v if v.shape[1] == T else v[:, :1].expand(B, T)
-                extra.setdefault(k, []).append(v.reshape(-1))
+                extra.setdefault(k, []).append(v.reshape(-1).to(sel.device))
         meta = {"example_id": torch.cat(ids), "token_index": torch.cat(toks)}
         meta.update({k: torch.cat(v) for k, v in extra.items()})
+        meta.update(self.hook_meta(hook))
         return TokenActs(torch.cat(acts), meta)
 
     @contextlib.contextmanager
@@ -163,27 +184,68 @@ class Encoder(nn.Module):
         def hook_fn(_mod: nn.Module, _inp: Any, out: Any) -> Any:
             return self.from_tokens(hook, fn(self.to_tokens(hook, out)), out)
 
-        handle = self.module(hook).register_forward_hook(hook_fn)
+        # prepend: hooks the model installs itself (transformers 5 records hidden_states with forward hooks)
+        # and our own reading hooks must see the edited output.
+        handle = self.module(hook).register_forward_hook(hook_fn, prepend=True)
         try:
             yield
         finally:
             handle.remove()
 
+    # ---------------------------------------------------------------- image input
+    def pixels(self, batch: Any, image_size: tuple[int, int] | None) -> Tensor:
+        """PIL images (run through `transform`) or pixels [B, 3, H, W] → checked pixels on device.
 
-def default_select(acts_BTD: Tensor, mode: TokenMode, n_prefix: int, family: str) -> tuple[Tensor, Tensor]:
-    """Token selection for sequences with `n_prefix` leading special tokens (CLS, registers)."""
-    B, T, _ = acts_BTD.shape
+        `image_size` None accepts any size (models with dynamic image size)."""
+        if isinstance(batch, Tensor):
+            pixels_BCHW = batch
+        elif isinstance(batch, Sequence) and batch and not isinstance(batch[0], str):
+            pixels_BCHW = torch.stack([self.transform(im) for im in batch])
+        else:
+            raise TypeError(f"{self.id} expects PIL images or pixels [B, 3, H, W], got {type(batch)}.")
+        if pixels_BCHW.ndim != 4 or pixels_BCHW.shape[1] != 3:
+            raise ValueError(f"{self.id} expects pixels [B, 3, H, W], got {tuple(pixels_BCHW.shape)}; "
+                             "pass PIL images or use `encoder.transform(image)`.")
+        if image_size is not None and tuple(pixels_BCHW.shape[-2:]) != tuple(image_size):
+            H, W = pixels_BCHW.shape[-2:]
+            raise ValueError(f"{self.id} expects {image_size[0]}×{image_size[1]} pixels, got {H}×{W}; "
+                             "use `encoder.transform(image)`.")
+        return pixels_BCHW.to(self.device, self.dtype)
+
+
+def rgb(image: Any) -> Any:
+    """A PIL image in RGB, or a clear error for modes whose conversion would lose meaning."""
+    if image.mode not in RGB_CONVERTIBLE_MODES:
+        raise ValueError(f"Image mode {image.mode!r} is not supported (16-bit/float images); convert it to "
+                         "8-bit RGB first, e.g. `Image.fromarray((arr / arr.max() * 255).astype('uint8'))`.")
+    return image.convert("RGB")
+
+
+def default_select(acts_BTD: Tensor, mode: TokenMode, n_prefix: int, family: str,
+                   n_cls: int | None = None) -> tuple[Tensor, Tensor]:
+    """Token selection for sequences with `n_prefix` leading special tokens (CLS first, then registers).
+
+    `n_cls` is 1 when the first prefix token is a CLS token (default: whenever there is a prefix).
+    "mean" and "pooled" average the non-prefix (patch) tokens; families with a real pooled output override.
+    """
+    T = acts_BTD.shape[1]
+    n_cls = min(n_prefix, 1) if n_cls is None else n_cls
     if mode == "all":
         return acts_BTD, torch.arange(T)
     if mode == "cls":
-        if n_prefix == 0:
+        if n_cls == 0:
             raise ValueError(f"tokens='cls' is not available for this {family} hook: it has no CLS token. "
                              "Use 'all', 'mean' or a token index.")
         return acts_BTD[:, :1], torch.zeros(1, dtype=torch.long)
+    if mode == "registers":
+        if n_prefix == n_cls:
+            raise ValueError(f"tokens='registers' is not available for this {family} hook: it has no "
+                             "register tokens. Use 'all', 'patch', 'cls' or 'mean'.")
+        return acts_BTD[:, n_cls:n_prefix], torch.arange(n_cls, n_prefix)
     if mode == "patch":
         return acts_BTD[:, n_prefix:], torch.arange(n_prefix, T)
     if mode in ("mean", "pooled"):
-        return acts_BTD.mean(1, keepdim=True), torch.full((1,), -1, dtype=torch.long)
+        return acts_BTD[:, n_prefix:].mean(1, keepdim=True), torch.full((1,), -1, dtype=torch.long)
     if isinstance(mode, int) and not isinstance(mode, bool):
         if not -T <= mode < T:
             raise ValueError(f"Token index {mode} is out of range for a hook with {T} tokens.")

@@ -11,6 +11,7 @@ import importlib
 from typing import Any
 
 from mmsae.checkpoint import load_sae, save_sae
+from mmsae.encoders import Encoder, TokenActs, get_encoder
 from mmsae.extract import extract  # eager: a lazy "extract" would resolve to the submodule
 from mmsae.sae import SAE, SAEConfig, SparseCodes, build_sae, get_sae_class
 from mmsae.store import ActivationStore
@@ -34,5 +35,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'mmsae' has no attribute {name!r}")
 
 
-__all__ = ["SAE", "ActivationStore", "SAEConfig", "SparseCodes", "__version__", "build_sae", "extract", "get_sae_class", "load_sae", "save_sae",
-           *_LAZY]
+__all__ = [
+    "SAE", "ActivationStore", "Encoder", "SAEConfig", "SparseCodes", "TokenActs", "__version__", "build_sae",
+    "extract", "get_encoder", "get_sae_class", "load_sae", "save_sae", *_LAZY,
+]

@@ -1,0 +1,157 @@
+"""LLaVA (transformers `LlavaForConditionalGeneration`): the vision layer LLaVA reads, LLM decoder layers.
+
+Batches are processor outputs (a mapping with input_ids, attention_mask, pixel_values) or `(images, prompts)`;
+prompts without "<image>" get one prepended.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from mmsae.encoders.base import Encoder, TokenMode, default_select
+from mmsae.encoders.tiny_tokenizer import tiny_clip_tokenizer
+from mmsae.encoders.weights import weights_error
+from torch import Tensor, nn
+from transformers import (
+    AutoConfig,
+    AutoProcessor,
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
+
+IMAGE_TOKEN = "<image>"
+
+
+def _layer_list(model: nn.Module, suffixes: Sequence[str]) -> str:
+    """Path of the first ModuleList whose path ends with one of `suffixes` (paths moved across versions)."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and name.endswith(tuple(suffixes)):
+            return name
+    raise ValueError(f"No layer list ending in {suffixes} in {type(model).__name__}.")
+
+
+class LlavaEncoder(Encoder):
+    """Hooks: vision layers `model.vision_tower.encoder.layers.{i}` (default: the one LLaVA reads,
+    `config.vision_feature_layer`), `model.multi_modal_projector`, LLM `model.language_model.layers.{i}`.
+
+    Extra token mode for LLM hooks: "image" = the positions holding the projected image features.
+    """
+
+    family = "llava"
+
+    def __init__(self, model: LlavaForConditionalGeneration, processor: LlavaProcessor, id: str):
+        super().__init__(model, id)
+        self.processor = processor
+        self.vision_layers = _layer_list(model, ("vision_tower.encoder.layers",
+                                                 "vision_model.encoder.layers"))
+        self.llm_layers = _layer_list(model, ("language_model.layers", "language_model.model.layers"))
+        self.projector = next(n for n, _ in model.named_modules() if n.endswith("multi_modal_projector"))
+        n_vision = len(model.get_submodule(self.vision_layers))
+        self.default_hook = f"{self.vision_layers}.{self.read_layer(n_vision)}"
+        self._input_ids: Tensor | None = None
+
+    def read_layer(self, n_layers: int) -> int:
+        """The vision layer whose output is `hidden_states[vision_feature_layer]` (index 0 = embeddings)."""
+        k = self.model.config.vision_feature_layer
+        k = k[-1] if isinstance(k, (list, tuple)) else k
+        layer = k % (n_layers + 1) - 1
+        if layer < 0:
+            raise ValueError(f"vision_feature_layer={k} reads the patch embeddings, not a layer output.")
+        return layer
+
+    @classmethod
+    def from_spec(cls, name: str, pretrained: bool = True, **kw: Any) -> LlavaEncoder:
+        """`name`: a hub id or local directory of a llava-hf checkpoint, or 'tiny'."""
+        if name == "tiny":
+            return cls(*tiny_llava(), "llava:tiny")
+        try:
+            processor = AutoProcessor.from_pretrained(name)
+            if pretrained:
+                model = LlavaForConditionalGeneration.from_pretrained(name, **kw)
+            else:  # the real architecture, random weights
+                model = LlavaForConditionalGeneration(AutoConfig.from_pretrained(name))
+        except OSError as err:  # hub download / cache miss
+            raise weights_error(f"llava:{name}", name, err) from err
+        return cls(model, processor, f"llava:{name}")
+
+    # ---------------------------------------------------------------- hooks
+    def hook_points(self) -> list[str]:
+        n_vision = len(self.model.get_submodule(self.vision_layers))
+        n_llm = len(self.model.get_submodule(self.llm_layers))
+        return [*(f"{self.vision_layers}.{i}" for i in range(n_vision)), self.projector,
+                *(f"{self.llm_layers}.{i}" for i in range(n_llm))]
+
+    def select_tokens(self, hook: str, acts_BTD: Tensor, mode: TokenMode) -> tuple[Tensor, Tensor]:
+        if hook.startswith(self.vision_layers):  # CLIP vision: CLS, then patches
+            return default_select(acts_BTD, "cls" if mode == "pooled" else mode, n_prefix=1,
+                                  family=f"{self.family} vision")
+        if mode == "image":
+            if hook == self.projector:
+                return acts_BTD, torch.arange(acts_BTD.shape[1])
+            is_image_BT = self._input_ids == self.model.config.image_token_index
+            pos_BI = is_image_BT.nonzero()[:, 1].view(len(is_image_BT), -1)  # same count in every example
+            return acts_BTD.gather(1, pos_BI[..., None].expand(-1, -1, acts_BTD.shape[-1])), pos_BI
+        return default_select(acts_BTD, mode, n_prefix=0, family=f"{self.family} language model")
+
+    # ---------------------------------------------------------------- running
+    def transform(self, image: Any) -> Tensor:
+        return self.processor.image_processor(image, return_tensors="pt")["pixel_values"][0]
+
+    def inputs(self, batch: Any) -> dict[str, Tensor]:
+        """Processor outputs on device, from a mapping or from `(images, prompts)`."""
+        if isinstance(batch, tuple) and len(batch) == 2:
+            images, prompts = batch
+            prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
+            prompts = [p if IMAGE_TOKEN in p else f"{IMAGE_TOKEN}\n{p}" for p in prompts]
+            batch = self.processor(images=list(images), text=prompts, return_tensors="pt", padding=True)
+        if not isinstance(batch, Mapping) or "input_ids" not in batch:
+            raise TypeError(f"{self.id} takes processor outputs (input_ids, pixel_values, ...) or a tuple "
+                            f"(images, prompts), got {type(batch).__name__}.")
+        out = {k: v.to(self.device) for k, v in batch.items()}
+        if "pixel_values" in out:
+            out["pixel_values"] = out["pixel_values"].to(self.dtype)
+        self._input_ids = out["input_ids"]
+        return out
+
+    def run_model(self, batch: Any) -> Tensor:
+        """Next-token logits [B, T, V]."""
+        return self.model(**self.inputs(batch)).logits
+
+    @torch.no_grad()
+    def generate(self, images: Sequence[Any], prompt: str | Sequence[str], max_new_tokens: int = 20,
+                 **generate_kw: Any) -> list[str]:
+        """Greedy answers (new text only) for each image; edits active around the call apply at every step."""
+        self.processor.tokenizer.padding_side = "left"  # decoder-only generation continues the last column
+        inputs = self.inputs((images, prompt))
+        generate_kw.setdefault("do_sample", False)
+        ids_BL = self.model.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kw)
+        return self.processor.batch_decode(ids_BL[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def tiny_llava() -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """A random-init LLaVA (tiny CLIP vision + tiny Llama) and an offline processor for it."""
+    tokenizer = tiny_clip_tokenizer(vocab_size=1000)
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    image_size, patch = 32, 8
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                              num_attention_heads=2, image_size=image_size, patch_size=patch,
+                              projection_dim=16)
+    text = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=256,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_seq_length=(image_size // patch) ** 2,
+                         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                         crop_size={"height": image_size, "width": image_size})
+    # num_additional_image_tokens=1: the CLS token the "default" strategy drops, as in llava-hf configs
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
+                               vision_feature_select_strategy="default", image_token=IMAGE_TOKEN,
+                               num_additional_image_tokens=1)
+    return LlavaForConditionalGeneration(config), processor

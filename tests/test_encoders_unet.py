@@ -1,0 +1,122 @@
+"""Diffusion UNet adapter on diffusers' tiny SD test components (real classes, random init, 2 DDIM steps)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from mmsae.encoders import get_encoder
+from mmsae.encoders.unet import UNetEncoder
+
+PROMPTS = ["a red cube", "a cat"]
+BLOCK = "up_blocks.0.attentions.0"  # a Transformer2DModel at the lowest resolution
+TEXT = "text_encoder.encoder.layers.1"
+
+
+@pytest.fixture(scope="module")
+def enc() -> UNetEncoder:
+    return get_encoder("unet:tiny")
+
+
+def test_hook_names(enc: UNetEncoder) -> None:
+    hooks = enc.hook_points()
+    assert {BLOCK, "up_blocks.0.attentions.1", "mid_block.attentions.0", "down_blocks.1.attentions.0",
+            "text_encoder.encoder.layers.0", TEXT} <= set(hooks)
+    assert not any("attn1" in h for h in hooks)  # attention internals are not block-level hooks
+    assert enc.default_hook in hooks
+    assert enc.module("text_encoder.text_model.encoder.layers.1") is enc.module(TEXT)  # transformers-4 name
+
+
+def test_timesteps_cond_grid_and_update(enc: UNetEncoder) -> None:
+    acts = enc.activations(PROMPTS, [BLOCK, "up_blocks.0.resnets.0", TEXT], cfg_half="both",
+                           height=32, width=48)  # non-square: latents 16×24, this block runs at 8×12
+    block = acts[BLOCK]
+    steps = enc.pipe.scheduler.timesteps.tolist()
+    assert len(steps) == 2 and block.meta["grid"].tolist() == [8, 12]
+    assert block.acts_ND.shape == (2 * 2 * 2 * 96, 8)  # steps × CFG halves × prompts × positions
+    assert sorted(set(block.meta["timestep"].tolist())) == sorted(steps)
+    assert set(block.meta["cond"].tolist()) == {0, 1}
+    assert block.meta["token_index"].max() == 95
+    cond = block.meta["cond"] == 1
+    assert not torch.allclose(block.acts_ND[cond], block.acts_ND[~cond])  # halves really differ
+    only_cond = enc.activations(PROMPTS, [BLOCK], height=32, width=48)[BLOCK]  # default: the cond half
+    torch.testing.assert_close(only_cond.acts_ND, block.acts_ND[cond])
+    assert set(acts[TEXT].meta["cond"].tolist()) == {0, 1} and "timestep" not in acts[TEXT].meta
+
+    # update = output − input; the block's input is the output of the resnet before it
+    update = enc.activations(PROMPTS, [BLOCK], update=True, cfg_half="both", height=32, width=48)[BLOCK]
+    torch.testing.assert_close(update.acts_ND, block.acts_ND - acts["up_blocks.0.resnets.0"].acts_ND)
+
+
+def test_timestep_selection(enc: UNetEncoder) -> None:
+    every = enc.activations(PROMPTS, [BLOCK], every_n=2)[BLOCK]
+    steps = enc.pipe.scheduler.timesteps.tolist()
+    assert set(every.meta["timestep"].tolist()) == {steps[0]}
+    chosen = enc.activations(PROMPTS, [BLOCK], timesteps=[steps[1]])[BLOCK]
+    assert set(chosen.meta["timestep"].tolist()) == {steps[1]}
+    assert chosen.acts_ND.shape == every.acts_ND.shape == (2 * 64, 8)  # 32 px → 16² latents → 8² here
+
+
+def test_errors(enc: UNetEncoder) -> None:
+    with pytest.raises(ValueError, match="no CLS token"):
+        enc.activations(PROMPTS, [BLOCK], tokens="cls")
+    with pytest.raises(ValueError, match="classifier-free guidance"):
+        enc.activations(PROMPTS, [BLOCK], cfg_half="uncond", guidance_scale=1.0)
+    with pytest.raises(ValueError, match="update=True needs"):
+        enc.activations(PROMPTS, ["up_blocks.0"], update=True)  # upsamples: output ≠ input shape
+    with pytest.raises(TypeError, match="list of prompt strings"):
+        enc.activations("a cat", [BLOCK])
+
+
+def test_stop_early_only_for_single_call(enc: UNetEncoder) -> None:
+    assert not enc.can_stop_early()  # multi-step sampling: every step calls every block
+    with enc._sampling_overrides({"num_inference_steps": 1, "guidance_scale": 0.0}):
+        assert enc.can_stop_early()  # SDXL-Turbo style: one UNet call
+    one = enc.activations(PROMPTS, [BLOCK], num_inference_steps=1, guidance_scale=0.0)[BLOCK]
+    assert one.acts_ND.shape == (2 * 64, 8)
+
+
+def test_sample_images(enc: UNetEncoder) -> None:
+    images = enc.sample(PROMPTS[:1], height=32, width=48)
+    assert len(images) == 1 and images[0].size == (48, 32)
+
+
+def test_sdxl_turbo_path() -> None:
+    """SDXL (two text encoders, text_time conditioning) with Turbo sampling: 1 step, no CFG, early stop."""
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from mmsae.encoders.tiny_tokenizer import tiny_clip_tokenizer
+    from mmsae.encoders.unet import UNetSampling
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    # diffusers' own tiny SDXL test components
+    unet = UNet2DConditionModel(
+        block_out_channels=(2, 4), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+        use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80, cross_attention_dim=64, norm_num_groups=1)
+    vae = AutoencoderKL(block_out_channels=[4, 8], latent_channels=4, norm_num_groups=2,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
+    tok = tiny_clip_tokenizer(1000)
+    text_cfg = CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                              num_hidden_layers=2, vocab_size=1000, projection_dim=32,
+                              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                              pad_token_id=tok.pad_token_id)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=CLIPTextModel(text_cfg), text_encoder_2=CLIPTextModelWithProjection(text_cfg),
+        tokenizer=tok, tokenizer_2=tok, unet=unet,
+        scheduler=EulerDiscreteScheduler(timestep_spacing="trailing"))
+    enc = UNetEncoder(pipe, "unet:sdxl-turbo-tiny", UNetSampling(num_inference_steps=1, guidance_scale=0.0,
+                                                                 height=32, width=32))
+    text_2 = "text_encoder_2.text_model.encoder.layers.1"  # CLIPTextModelWithProjection keeps `text_model`
+    assert text_2 in enc.hook_points() and enc.can_stop_early()
+    acts = enc.activations(PROMPTS, ["up_blocks.0.attentions.0", text_2])
+    block = acts["up_blocks.0.attentions.0"]
+    assert block.meta["grid"].tolist() == [8, 8] and block.acts_ND.shape == (2 * 64, 4)
+    assert set(block.meta["timestep"].tolist()) == {999} and set(block.meta["cond"].tolist()) == {1}
+    assert acts[text_2].acts_ND.shape == (2 * 77, 32)
