@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from mmsae import kernels
 
 REGISTRY: dict[str, type[SAE]] = {}
+DEAD_COUNT_EVERY = 100
 
 
 def register(name: str):
@@ -145,6 +146,8 @@ class SAE(nn.Module):
         self.init_decoder(W_dec)
         # Tokens since each latent last fired; float so that DDP all-reduce and bf16 never matter.
         self.register_buffer("tokens_since_fired", torch.zeros(n, dtype=torch.float64))
+        self._num_dead: int | None = None  # host-side cache, see num_dead()
+        self._dead_updates = 0
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -204,11 +207,25 @@ class SAE(nn.Module):
     def dead_mask(self) -> Tensor:
         return self.tokens_since_fired >= self.cfg.dead_tokens
 
+    def num_dead(self) -> int:
+        """Dead-latent count on the host, refreshed every `DEAD_COUNT_EVERY` clock updates.
+
+        Reading it forces a GPU sync, which would stall every training step (AuxK needs the count
+        to size its top-k). Latents die over millions of tokens, so a count ≤ 100 steps old is exact
+        enough; the mask itself is always current.
+        """
+        if self._num_dead is None:
+            self._num_dead = int(self.dead_mask().sum())
+        return self._num_dead
+
     @torch.no_grad()
     def update_dead(self, fired: Tensor, n_tokens: int) -> None:
         """Advance the dead-latent clock by `n_tokens` and reset latents in `fired` ([n] bool)."""
         self.tokens_since_fired += n_tokens
         self.tokens_since_fired[fired] = 0
+        self._dead_updates += 1
+        if self._dead_updates % DEAD_COUNT_EVERY == 0:
+            self._num_dead = None
 
     @torch.no_grad()
     def init_from_data(self, x: Tensor) -> None:

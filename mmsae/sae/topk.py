@@ -56,11 +56,12 @@ class TopKSAE(SAE):
         (sparsify #132 re-added it). Scaled by min(num_dead / aux_k, 1).
         """
         aux_k = self.cfg.d_in // 2 if self.cfg.aux_k is None else self.cfg.aux_k
-        dead = self.dead_mask()
-        num_dead = int(dead.sum())
-        if aux_k == 0 or num_dead == 0:
+        if aux_k == 0:
             return None
-        values, indices = self.select_aux(self.pre_acts(x), dead, min(aux_k, num_dead))
+        num_dead = self.num_dead()
+        if num_dead == 0:
+            return None
+        values, indices = self.select_aux(self.pre_acts(x), self.dead_mask(), min(aux_k, num_dead))
         e_hat = kernels.sparse_decode(values, indices, self.W_dec)
         residual = (x - x_hat).detach().float()
         var = (x.float() - x.float().mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)

@@ -1,0 +1,229 @@
+"""Mtok/s of one TopK SAE training step (bf16 autocast fwd + bwd + fused Adam) on one CUDA GPU.
+
+Compares a plain dense torch TopK, sparsify's SparseCoder (EleutherAI, PyPI `eai-sparsify`,
+installed only in the benchmark environment), mmsae's TopKSAE with the Triton kernels, and the
+encoder-GEMM floor (x·W_encᵀ in bf16 alone). Peak memory is torch's max allocated during the step.
+
+    python benchmarks/bench_sae_step.py                 # the four sizes of the issue
+    python benchmarks/bench_sae_step.py --sizes 0 --tune-select
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class Size:
+    d: int
+    n: int
+    k: int
+    B: int
+
+
+SIZES = [
+    Size(768, 16384, 32, 16384),
+    Size(768, 65536, 32, 16384),
+    Size(1024, 65536, 64, 8192),
+    Size(4096, 131072, 64, 4096),
+]
+
+
+def time_ms(fn: Callable[[], object], warmup: int, reps: int) -> float:
+    """Median milliseconds per call, CUDA events around each call."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+class DenseTopK(nn.Module):
+    """The plain torch baseline: dense pre-activations, torch.topk, dense scatter + decoder GEMM."""
+
+    def __init__(self, d: int, n: int, k: int):
+        super().__init__()
+        self.k = k
+        self.W_enc = nn.Parameter(torch.randn(n, d) / d**0.5)
+        self.b_enc = nn.Parameter(torch.zeros(n))
+        self.W_dec = nn.Parameter(self.W_enc.detach().clone())
+        self.b_dec = nn.Parameter(torch.zeros(d))
+
+    def loss(self, x: Tensor) -> Tensor:
+        pre = F.linear(x - self.b_dec, self.W_enc, self.b_enc)
+        values, indices = pre.topk(self.k, dim=-1, sorted=False)
+        codes = torch.zeros_like(pre).scatter(-1, indices, values.relu())
+        x_hat = codes @ self.W_dec + self.b_dec
+        return (x_hat.float() - x.float()).pow(2).sum() / (x.float() - x.float().mean(0)).pow(2).sum()
+
+
+def make_step(name: str, s: Size) -> tuple[nn.Module, Callable[[Tensor], Tensor]]:
+    if name == "dense_torch":
+        model = DenseTopK(s.d, s.n, s.k).cuda()
+        return model, model.loss
+    if name == "sparsify":
+        from sparsify import SparseCoder, SparseCoderConfig
+
+        model = SparseCoder(
+            s.d, SparseCoderConfig(num_latents=s.n, k=s.k), device="cuda", dtype=torch.float32
+        )
+        return model, lambda x: model(x).fvu
+    if name == "mmsae":
+        from mmsae import kernels
+        from mmsae.sae.base import build_sae, normalized_mse
+
+        kernels.set_backend("triton")
+        model = build_sae("topk", s.d, s.n, k=s.k, aux_k=0).cuda()
+
+        def loss(x: Tensor) -> Tensor:
+            # TopKSAE.loss without AuxK, as sparsify's fvu (its AuxK check syncs the host every step).
+            return normalized_mse(x, model(x).x_hat)
+
+        return model, loss
+    raise ValueError(f"unknown implementation {name!r}")
+
+
+def bench_impl(name: str, s: Size, x: Tensor, reps: int, profile: bool = False) -> dict[str, float]:
+    model, loss_fn = make_step(name, s)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = loss_fn(x)
+        loss.backward()
+        opt.step()
+
+    step()
+    torch.cuda.synchronize()
+    if profile:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        print(
+            f"--- {name} {s}", prof.key_averages().table(sort_by="cuda_time_total", row_limit=14), flush=True
+        )
+    torch.cuda.reset_peak_memory_stats()
+    ms = time_ms(step, warmup=2, reps=reps)
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    return {"ms": ms, "mtok_s": s.B / ms / 1e3, "peak_gib": peak}
+
+
+def bench_floor(s: Size, x: Tensor, reps: int) -> dict[str, float]:
+    W = torch.randn(s.n, s.d, device="cuda", dtype=torch.bfloat16)
+    xb = x.bfloat16()
+    ms = time_ms(lambda: xb @ W.T, warmup=3, reps=reps)
+    return {"ms": ms, "mtok_s": s.B / ms / 1e3, "tflops": 2 * s.B * s.n * s.d / ms / 1e9}
+
+
+def bench_select(s: Size, reps: int, tune: bool) -> dict[str, float]:
+    """torch.topk vs the bisection select on the bf16 pre-activations of this size."""
+    from mmsae.kernels.triton_select import topk_select_into
+    from mmsae.kernels.triton_sparse import gather_sum_into
+
+    pre = torch.randn(s.B, s.n, device="cuda", dtype=torch.bfloat16)
+    values = pre.new_empty(s.B, s.k)
+    indices = torch.empty(s.B, s.k, dtype=torch.int64, device="cuda")
+    out = {"torch_topk_ms": time_ms(lambda: pre.topk(s.k, dim=-1, sorted=False), 2, reps)}
+    out["select_ms"] = time_ms(lambda: topk_select_into(pre, s.k, values, indices), 2, reps)
+    out["hbm_read_ms"] = pre.numel() * 2 / 3.0e9  # one read of pre at ~3.0 TB/s (measured copy rate)
+    if tune:
+        for seg in (512, 1024, 2048):
+            for warps in (1, 2, 4):
+                run = partial(topk_select_into, pre, s.k, values, indices, seg, warps)
+                out[f"select_seg{seg}_w{warps}_ms"] = time_ms(run, 2, reps)
+        # The decoder-forward gather (fp32 atoms) under a few tile shapes.
+        W_dec = torch.randn(s.n, s.d, device="cuda")
+        x_hat = torch.empty(s.B, s.d, device="cuda", dtype=torch.bfloat16)
+        for block_k in (8, 32):
+            for block_d in (128, 256, 512):
+                for warps in (4, 8):
+                    run = partial(gather_sum_into, values, indices, W_dec, x_hat, block_k, block_d, warps)
+                    out[f"gather_k{block_k}_d{block_d}_w{warps}_ms"] = time_ms(run, 2, reps)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--sizes", type=int, nargs="*", default=list(range(len(SIZES))), help="indices into SIZES"
+    )
+    parser.add_argument("--impls", nargs="*", default=["dense_torch", "sparsify", "mmsae"])
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--tune-select", action="store_true", help="also time select and gather tile configs")
+    parser.add_argument("--profile", nargs="*", default=[], help="print the CUDA kernel table of these impls")
+    parser.add_argument("--json", help="write all numbers here")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_sae_step needs a CUDA GPU.")
+
+    results = []
+    for i in args.sizes:
+        s = SIZES[i]
+        x = torch.randn(s.B, s.d, device="cuda", dtype=torch.bfloat16)
+        row: dict[str, object] = {"size": asdict(s), "floor": bench_floor(s, x, args.reps)}
+        row["select"] = bench_select(s, args.reps, args.tune_select)
+        for name in args.impls:
+            try:
+                row[name] = bench_impl(name, s, x, args.reps, name in args.profile)
+            except Exception as err:  # a missing peer must not hide the other numbers
+                row[name] = {"error": f"{type(err).__name__}: {err}"}
+            torch.cuda.empty_cache()
+        results.append(row)
+        print(json.dumps(row), flush=True)
+
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results},
+                f,
+                indent=1,
+            )
+
+    print(
+        f"\n{torch.cuda.get_device_name()}  torch {torch.__version__}  "
+        f"bf16 autocast, fused Adam, median of {args.reps}"
+    )
+    header = f"{'d':>5} {'n':>7} {'k':>3} {'B':>6} | " + " | ".join(
+        f"{n:>18}" for n in [*args.impls, "GEMM floor"]
+    )
+    print(header + " |  mmsae/sparsify  | topk ms  select ms")
+    for row in results:
+        s = row["size"]
+        cells = []
+        for name in args.impls:
+            r = row[name]
+            cells.append(
+                f"{'error':>18}" if "error" in r else f"{r['mtok_s']:7.2f} Mt/s {r['peak_gib']:5.1f}G"
+            )
+        cells.append(f"{row['floor']['mtok_s']:7.2f} Mt/s {row['floor']['tflops']:4.0f}TF")
+        ratio = "-"
+        if "mtok_s" in row.get("mmsae", {}) and "mtok_s" in row.get("sparsify", {}):
+            ratio = f"{row['mmsae']['mtok_s'] / row['sparsify']['mtok_s']:.2f}x"
+        sel = row["select"]
+        print(
+            f"{s['d']:>5} {s['n']:>7} {s['k']:>3} {s['B']:>6} | "
+            + " | ".join(cells)
+            + f" | {ratio:>15} | {sel['torch_topk_ms']:7.3f}  {sel['select_ms']:7.3f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

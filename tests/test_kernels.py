@@ -1,0 +1,180 @@
+"""Triton kernels vs their torch references: random inputs, odd sizes, poisoned outputs.
+
+Without CUDA the kernels run in Triton's interpreter on CPU tensors (TRITON_INTERPRET must be set
+before the kernel modules are imported), so CI checks the same code the GPU compiles.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from mmsae.kernels import reference, triton_ops
+from mmsae.kernels.triton_select import topk_select_into
+from mmsae.kernels.triton_sparse import gather_dot_into, gather_sum_into, segment_matmul_into
+
+from mmsae import kernels
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().double(), ref.detach().double()
+    assert torch.isfinite(out).all(), "output has NaN/inf (an element was never written?)"
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def random_codes(
+    B: int, k: int, n: int, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """k distinct latents per row out of n (like top-k output), with random signed values."""
+    indices_BK = torch.rand(B, n, device=DEVICE).argsort(-1)[:, :k].contiguous()
+    return torch.randn(B, k, device=DEVICE).to(dtype), indices_BK
+
+
+# ----------------------------------------------------------------------------- top-k select
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    ("n", "k", "seg"), [(257, 1, None), (1000, 13, None), (333, 64, None), (1000, 13, 64), (300, 50, 128)]
+)
+def test_select_matches_torch_topk(dtype: torch.dtype, n: int, k: int, seg: int | None) -> None:
+    """seg splits rows into segments (top-k each, then a merge launch); 300 % 128 < 50 pads."""
+    pre_BN = torch.randn(5, n, device=DEVICE).to(dtype)
+    pre_BN[1] = pre_BN[1].round()  # many ties at the threshold
+    pre_BN[2] = -pre_BN[2].abs()  # all negative: relu zeros, ordering of negatives still matters
+    pre_BN[3, ::2] = 4.0  # more than k equal maxima
+    values_BK = torch.full((5, k), float("nan"), device=DEVICE, dtype=dtype)
+    indices_BK = torch.full((5, k), -1, device=DEVICE, dtype=torch.int64)
+    topk_select_into(pre_BN, k, values_BK, indices_BK, seg=seg)
+
+    assert (indices_BK >= 0).all() and (indices_BK < n).all()
+    assert all(len(set(row.tolist())) == k for row in indices_BK), "an index was selected twice"
+    assert torch.equal(pre_BN.gather(1, indices_BK).relu(), values_BK)
+    ref = pre_BN.float().topk(k, dim=-1).values.relu()
+    assert torch.equal(values_BK.float().sort(-1, descending=True).values, ref)
+
+
+def test_select_rejects_fp32_with_a_clear_error() -> None:
+    pre_BN = torch.randn(2, 16, device=DEVICE)
+    with pytest.raises(TypeError, match="bf16/fp16"):
+        topk_select_into(
+            pre_BN, 4, pre_BN.new_empty(2, 4), torch.empty(2, 4, dtype=torch.int64, device=DEVICE)
+        )
+
+
+# ----------------------------------------------------------------------------- sparse kernels
+@pytest.mark.parametrize(("B", "k", "n", "d"), [(7, 5, 50, 70), (3, 40, 97, 33)])
+@pytest.mark.parametrize("table_dtype", [torch.float32, torch.bfloat16])
+def test_gather_sum_and_dot_match_dense(B: int, k: int, n: int, d: int, table_dtype: torch.dtype) -> None:
+    w_BK, idx_BK = random_codes(B, k, n)
+    table_ND = torch.randn(n, d, device=DEVICE).to(table_dtype)
+    dense_BN = torch.zeros(B, n, device=DEVICE, dtype=torch.float64).scatter(1, idx_BK, w_BK.double())
+    tol = 1e-5 if table_dtype == torch.float32 else 1e-2
+
+    out_BD = torch.full((B, d), float("nan"), device=DEVICE)
+    gather_sum_into(w_BK, idx_BK, table_ND, out_BD)
+    assert rel_err(out_BD, dense_BN @ table_ND.double()) < tol
+
+    g_BD = torch.randn(B, d, device=DEVICE)
+    out_BK = torch.full((B, k), float("nan"), device=DEVICE)
+    gather_dot_into(g_BD, idx_BK, table_ND, out_BK)
+    assert rel_err(out_BK, (g_BD.double() @ table_ND.double().T).gather(1, idx_BK)) < tol
+
+
+@pytest.mark.parametrize(("B", "k", "n", "d"), [(9, 5, 130, 70), (40, 3, 17, 33)])
+def test_segment_matmul_matches_dense_transpose(B: int, k: int, n: int, d: int) -> None:
+    w_BK, idx_BK = random_codes(B, k, n)
+    dense_BD = torch.randn(B, d, device=DEVICE).bfloat16()
+    out_ND = torch.full((n, d), float("nan"), device=DEVICE)
+    segment_matmul_into(w_BK, idx_BK, dense_BD, out_ND)
+    codes_BN = torch.zeros(B, n, device=DEVICE, dtype=torch.float64).scatter(1, idx_BK, w_BK.double())
+    assert rel_err(out_ND, codes_BN.T @ dense_BD.double()) < 1e-5
+    never_chosen = torch.ones(n, dtype=torch.bool, device=DEVICE).index_fill(0, idx_BK.flatten(), False)
+    assert (out_ND[never_chosen] == 0).all()
+
+
+# ----------------------------------------------------------------------------- autograd
+def check_encode_decode_grads(B: int, d: int, n: int, k: int, dtype: torch.dtype, autocast: bool) -> None:
+    """Triton encode+decode vs the same function in torch, evaluated at the indices the kernel chose.
+
+    Comparing at the kernel's own indices keeps ties (common in 16-bit pre-activations) from
+    making two correct selections look different; the selected values are checked separately.
+    """
+    x_BD = torch.randn(B, d, device=DEVICE, dtype=dtype)
+    W_enc = torch.randn(n, d, device=DEVICE, dtype=dtype) / d**0.5
+    params = {
+        "W_enc": W_enc.requires_grad_(),
+        "b_enc": (torch.randn(n, device=DEVICE, dtype=dtype) * 0.1).requires_grad_(),
+        "W_dec": torch.randn(n, d, device=DEVICE, dtype=dtype).requires_grad_(),
+        "x": x_BD.requires_grad_(),
+    }
+    probe_BD = torch.randn(B, d, device=DEVICE)
+
+    def run(
+        chosen_BK: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Triton path when chosen_BK is None, else torch at those indices."""
+        for p in params.values():
+            p.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            if chosen_BK is None:
+                values_BK, indices_BK = triton_ops.topk_encode(
+                    params["x"], params["W_enc"], params["b_enc"], k
+                )
+                x_hat = triton_ops.sparse_decode(values_BK, indices_BK, params["W_dec"])
+            else:
+                pre_BN = params["x"] @ params["W_enc"].T + params["b_enc"]
+                values_BK, indices_BK = pre_BN.gather(1, chosen_BK).relu(), chosen_BK
+                x_hat = reference.sparse_decode(values_BK, indices_BK, params["W_dec"])
+        (x_hat.float() * probe_BD).sum().backward()
+        return x_hat, values_BK, indices_BK, {name: p.grad.clone() for name, p in params.items()}
+
+    x_hat, values_BK, indices_BK, grads = run(None)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        ref_top = (x_BD @ W_enc.T + params["b_enc"]).float().topk(k, dim=-1).values.relu()
+    tol = 1e-5 if dtype == torch.float32 and not autocast else 2e-2
+    assert rel_err(values_BK.float().sort(-1, descending=True).values, ref_top) < tol
+    x_hat_ref, _, _, grads_ref = run(indices_BK)
+    assert rel_err(x_hat, x_hat_ref) < tol
+    for name in params:
+        assert rel_err(grads[name], grads_ref[name]) < tol, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_autograd_matches_torch(dtype: torch.dtype) -> None:
+    check_encode_decode_grads(B=6, d=37, n=90, k=7, dtype=dtype, autocast=False)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA; CPU twin: test_autograd_matches_torch")
+def test_autograd_matches_torch_bf16_autocast_gpu() -> None:
+    check_encode_decode_grads(B=1031, d=257, n=16411, k=64, dtype=torch.float32, autocast=True)
+
+
+# ----------------------------------------------------------------------------- dispatch
+def test_backend_flag_and_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="Unknown kernel backend"):
+        kernels.set_backend("cuda")  # type: ignore[arg-type]
+    cpu = torch.zeros(1)
+    monkeypatch.setattr(kernels, "_BACKEND", "auto")  # restored after the test whatever set_backend does
+    assert not kernels._use_triton(cpu), "auto must fall back to torch off CUDA"
+    kernels.set_backend("torch")
+    assert not kernels._use_triton(torch.zeros(1, device=DEVICE))
+    kernels.set_backend("triton")
+    assert kernels._use_triton(cpu)
+    x_BD, W, b = (
+        torch.randn(4, 9, device=DEVICE),
+        torch.randn(20, 9, device=DEVICE),
+        torch.randn(20, device=DEVICE),
+    )
+    values, indices = kernels.topk_encode(x_BD, W, b, 3)
+    ref_values, _ = reference.topk_encode(x_BD, W, b, 3)
+    assert rel_err(values.sort(-1).values, ref_values.sort(-1).values) < 1e-5
+    assert (
+        rel_err(kernels.sparse_decode(values, indices, W), reference.sparse_decode(values, indices, W)) < 1e-5
+    )
