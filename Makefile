@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m mmsae.demo
+	$(BIN)/mmsae demo
 
 test: $(STAMP) browser
 	$(BIN)/ruff check .

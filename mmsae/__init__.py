@@ -22,6 +22,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "train": "mmsae.trainer.api",
     "SAEModule": "mmsae.trainer.module",
+    "SAEDataModule": "mmsae.trainer.data",
     "metrics": "mmsae.metrics",
 }
 

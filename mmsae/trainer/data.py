@@ -1,0 +1,309 @@
+"""Training data for SAEs: anything that yields [B, d] activations, cut to a fixed token budget.
+
+Accepted sources (`as_source`):
+- a torch Tensor, numpy array or `np.memmap` of shape [..., d] (reshuffled every pass),
+- any iterable of [B, d] batches (re-batched to the requested batch size),
+- a store-like object with `.d_in` and `.batches(batch_size, hook=None, shuffle=True, seed=0)`
+  (`mmsae.store.ActivationStore`; a path string opens one),
+- a dict `{"synthetic": {"d": ..., "n_features": ..., "seed": ...}}` building
+  `mmsae.datasets.synthetic.SyntheticActivations` lazily, so YAML configs can ask for it
+  (or `{"store": path}`), or a `SyntheticActivations` itself.
+
+`SAEDataModule` turns a source into a `DataLoader` over `TokenBudget`, an IterableDataset that yields
+exactly `tokens // (batch_size · world_size)` batches per rank, takes every world_size-th batch of one
+global stream (so DDP ranks never see the same batch) and skips the batches already trained on when a
+run resumes from a checkpoint.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import math
+import os
+import warnings
+from collections.abc import Iterable, Iterator
+from typing import Any, Protocol
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
+
+from mmsae.datasets.synthetic import SyntheticActivations
+
+
+class ActivationStoreLike(Protocol):
+    """What the trainer needs from an activation store."""
+
+    d_in: int
+
+    def batches(self, batch_size: int, hook: str | None = None, shuffle: bool = True,
+                seed: int = 0) -> Iterator[Tensor]: ...
+
+
+class Source:
+    """A re-playable stream of [batch_size, d_in] float32 batches; one call of `stream` is one pass."""
+
+    d_in: int
+    replayable: bool = True
+    """False for one-shot iterators: their single pass is all the data there is."""
+
+    def stream(self, batch_size: int, seed: int, n_tokens: int) -> Iterator[Tensor]:
+        raise NotImplementedError
+
+    def global_batches(self, batch_size: int, seed: int, n_tokens: int, start: int = 0,
+                       stride: int = 1) -> Iterator[Tensor]:
+        """Batches start, start+stride, ... of the endless stream of passes (pass p is seeded seed+p)."""
+        passes = (self.stream(batch_size, seed + p, n_tokens)
+                  for p in (itertools.count() if self.replayable else range(1)))
+        return itertools.islice(itertools.chain.from_iterable(passes), start, None, stride)
+
+
+class ArraySource(Source):
+    """Rows of a tensor, numpy array or memmap, reshuffled every pass (last partial batch dropped)."""
+
+    def __init__(self, data_ND: Tensor | np.ndarray, rows: range | None = None):
+        if data_ND.ndim < 2:
+            raise ValueError(f"Activation array must be [n_tokens, d], got shape {tuple(data_ND.shape)}.")
+        # Flatten leading dims ([B, T, d] -> [B·T, d]); a view for tensors and memmaps alike.
+        self.data_ND = data_ND.reshape(-1, data_ND.shape[-1])
+        self.d_in = int(self.data_ND.shape[-1])
+        self.rows = rows if rows is not None else range(len(self.data_ND))
+        if len(self.rows) == 0:
+            raise ValueError("The activation array has no rows: pass a non-empty [n_tokens, d] array.")
+
+    def split(self, n_val: int) -> tuple[ArraySource, ArraySource]:
+        """(train, held-out) with the last `n_val` rows held out."""
+        if not 0 < n_val < len(self.rows):
+            raise ValueError(f"val_tokens={n_val} must be in 1..{len(self.rows) - 1} "
+                             f"for {len(self.rows)} rows.")
+        cut = len(self.rows) - n_val
+        return ArraySource(self.data_ND, self.rows[:cut]), ArraySource(self.data_ND, self.rows[cut:])
+
+    def _gather(self, idx: Tensor) -> Tensor:
+        idx = idx.sort().values  # sequential-ish reads on a memmap; order within a batch is irrelevant
+        if isinstance(self.data_ND, Tensor):
+            return self.data_ND[idx].float()
+        return torch.from_numpy(np.asarray(self.data_ND[idx.numpy()], dtype=np.float32))
+
+    def _index_batches(self, batch_size: int, seed: int) -> Iterator[Tensor]:
+        if len(self.rows) < batch_size:
+            raise ValueError(f"The activation array has {len(self.rows)} rows, fewer than "
+                             f"batch_size={batch_size}: lower batch_size or supply more tokens.")
+        perm = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(seed))
+        perm += self.rows.start
+        for i in range(len(self.rows) // batch_size):
+            yield perm[i * batch_size:(i + 1) * batch_size]
+
+    def stream(self, batch_size: int, seed: int, n_tokens: int) -> Iterator[Tensor]:
+        return map(self._gather, self._index_batches(batch_size, seed))
+
+    def global_batches(self, batch_size: int, seed: int, n_tokens: int, start: int = 0,
+                       stride: int = 1) -> Iterator[Tensor]:
+        # Skip and stride over index batches, so resuming or sharding never reads the rows it drops.
+        passes = (self._index_batches(batch_size, seed + p) for p in itertools.count())
+        kept = itertools.islice(itertools.chain.from_iterable(passes), start, None, stride)
+        return map(self._gather, kept)
+
+    def ordered(self, batch_size: int) -> Iterator[Tensor]:
+        """Every row once, in order, last batch possibly short (for validation)."""
+        for i in range(0, len(self.rows), batch_size):
+            yield self._gather(torch.as_tensor(self.rows[i:i + batch_size]))
+
+
+class IterableSource(Source):
+    """Any iterable of [B, d] batches, re-batched to a fixed size; replayed unless a one-shot iterator."""
+
+    def __init__(self, batches: Iterable[Tensor | np.ndarray]):
+        self.batches = batches
+        self.replayable = iter(batches) is not batches
+        it = iter(batches)
+        first = next(it, None)
+        if first is None:
+            raise ValueError("The training data yielded no batches: pass a non-empty iterable of [B, d] "
+                             "tensors.")
+        self.d_in = int(first.shape[-1])
+        # A one-shot iterator cannot be restarted, so keep the batch we peeked at.
+        self._pending = None if self.replayable else itertools.chain([first], it)
+
+    def stream(self, batch_size: int, seed: int, n_tokens: int) -> Iterator[Tensor]:
+        it = self._pending if self._pending is not None else iter(self.batches)
+        self._pending = None
+        buf: list[Tensor] = []
+        held = 0
+        for b in it:
+            b = torch.as_tensor(b).reshape(-1, self.d_in).float()
+            buf.append(b)
+            held += len(b)
+            while held >= batch_size:
+                cat = torch.cat(buf)
+                yield cat[:batch_size]
+                buf, held = [cat[batch_size:]], held - batch_size
+
+
+class StoreSource(Source):
+    """An activation store: it shuffles and shards its own files."""
+
+    def __init__(self, store: ActivationStoreLike, hook: str | None = None):
+        self.store, self.hook = store, hook
+        # A multi-hook store may hold several widths: ask for the one being trained on.
+        self.d_in = int(store.dim(hook) if hook is not None and hasattr(store, "dim") else store.d_in)
+
+    def stream(self, batch_size: int, seed: int, n_tokens: int) -> Iterator[Tensor]:
+        for b in self.store.batches(batch_size, hook=self.hook, shuffle=True, seed=seed):
+            if len(b) == batch_size:  # the store's short last batch would break the fixed batch size
+                yield b.float()
+
+
+class SyntheticSource(Source):
+    """Sparse superpositions of known features (`mmsae.datasets.synthetic`).
+
+    The generator's stream is a pure function of its own seed and the token position, and it never
+    repeats: one pass covers any budget, and held-out tokens come from far beyond any training run.
+    """
+
+    replayable = False
+    HELD_OUT_OFFSET = 2**40
+
+    def __init__(self, generator: Any = None, offset: int = 0, **options: Any):
+        self.generator = SyntheticActivations(**options) if generator is None else generator
+        self.offset = offset
+        self.d_in = int(self.generator.d)
+
+    def held_out(self) -> SyntheticSource:
+        return SyntheticSource(self.generator, offset=self.HELD_OUT_OFFSET)
+
+    def stream(self, batch_size: int, seed: int, n_tokens: int) -> Iterator[Tensor]:
+        return (b.float() for b in self.generator.batches(batch_size, n_tokens, offset=self.offset))
+
+
+def as_source(data: Any, hook: str | None = None) -> Source:
+    """Wrap any accepted data type (see the module docstring) as a `Source`."""
+    if isinstance(data, Source):
+        return data
+    if isinstance(data, (str, os.PathLike)):
+        try:
+            from mmsae.store import ActivationStore
+        except ImportError as e:
+            raise ImportError(f"Opening an activation store at {data!r} needs mmsae.store ({e}).") from e
+        return StoreSource(ActivationStore(data), hook)
+    if isinstance(data, dict):
+        if set(data) == {"synthetic"}:
+            return SyntheticSource(**data["synthetic"])
+        if set(data) == {"store"}:
+            return as_source(data["store"], hook)
+        raise ValueError(f"Data dict must be {{'synthetic': {{d, n_features, seed}}}} or {{'store': path}}, "
+                         f"got keys {sorted(data)}.")
+    if isinstance(data, (Tensor, np.ndarray)):
+        return ArraySource(data)
+    if isinstance(data, SyntheticActivations):
+        return SyntheticSource(data)
+    # getattr_static: a store's d_in may be a property that raises for multi-width stores.
+    if callable(getattr(data, "batches", None)) and inspect.getattr_static(data, "d_in", None) is not None:
+        return StoreSource(data, hook)
+    if isinstance(data, Iterable):
+        return IterableSource(data)
+    raise TypeError(f"Cannot train on {type(data).__name__}: pass a Tensor/ndarray/memmap of [n, d], an "
+                    "iterable of [B, d] batches, an activation store (or its path) or {'synthetic': {...}}.")
+
+
+class TokenBudget(IterableDataset):
+    """One rank's share of a fixed token budget: `len(self)` batches of [batch_size, d]."""
+
+    def __init__(self, source: Source, batch_size: int, n_batches: int, seed: int, rank: int = 0,
+                 world_size: int = 1, start: int = 0):
+        self.source, self.batch_size, self.n_batches = source, batch_size, n_batches
+        self.seed, self.rank, self.world_size, self.start = seed, rank, world_size, start
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def __iter__(self) -> Iterator[Tensor]:
+        n_tokens = self.n_batches * self.batch_size * self.world_size
+        first = self.start * self.world_size + self.rank
+        stream = self.source.global_batches(self.batch_size, self.seed, n_tokens, first, self.world_size)
+        return itertools.islice(stream, self.n_batches - self.start)
+
+
+class SAEDataModule(L.LightningDataModule):
+    """Training and held-out activations for `SAEModule`.
+
+    Args:
+        source: the training data (see `as_source`); a path opens an `mmsae.store.ActivationStore`.
+        tokens: training token budget over all devices; the run is exactly this many tokens long.
+        batch_size: tokens per batch per device.
+        hook: hook point to read from a multi-hook store; also recorded in the SAE config.
+        val_source: held-out data for `validate`; None holds out `val_tokens` rows of an array source
+            or draws `val_tokens` fresh tokens from a synthetic source.
+        val_tokens: held-out tokens when `val_source` is None (0 = no validation data).
+        seed: shuffling seed (pass p of the data uses seed + p).
+    """
+
+    def __init__(self, source: Any, tokens: int = 10_000_000, batch_size: int = 4096, hook: str | None = None,
+                 val_source: Any = None, val_tokens: int = 0, seed: int = 0):
+        super().__init__()
+        if batch_size <= 0 or tokens <= 0:
+            raise ValueError(f"tokens ({tokens}) and batch_size ({batch_size}) must be positive.")
+        self.tokens, self.batch_size, self.hook, self.seed = tokens, batch_size, hook, seed
+        self.val_tokens = val_tokens
+        self._resume_batches = 0  # global batches already trained on (set when resuming)
+        self.train_source = as_source(source, hook)
+        self.val_source = None if val_source is None else as_source(val_source, hook)
+        if self.val_source is None and val_tokens > 0 and isinstance(self.train_source, ArraySource):
+            self.train_source, self.val_source = self.train_source.split(val_tokens)
+        elif self.val_source is None and val_tokens > 0 and isinstance(self.train_source, SyntheticSource):
+            self.val_source = self.train_source.held_out()
+        if self.val_source is not None and self.val_source.d_in != self.d_in:
+            raise ValueError(f"val_source has d={self.val_source.d_in}, the training data d={self.d_in}.")
+
+    @property
+    def d_in(self) -> int:
+        return self.train_source.d_in
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        n_batches = self.tokens // (self.batch_size * world)
+        if n_batches == 0:
+            raise ValueError(f"tokens={self.tokens} is less than one batch "
+                             f"({self.batch_size} × {world} devices).")
+        start = min(self._resume_batches // world, n_batches)
+        dataset = TokenBudget(self.train_source, self.batch_size, n_batches, self.seed, rank, world, start)
+        # Lightning cautions that __len__ can be wrong with several workers; this loader has none.
+        warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
+        return DataLoader(dataset, batch_size=None)
+
+    # Lightning restores datamodule state before it builds the train loader (the trainer's step is
+    # restored only later), so the stream position on resume travels here.
+    def state_dict(self) -> dict[str, int]:
+        world = self.trainer.world_size if self.trainer else 1
+        return {"batches_done": int(self.trainer.global_step * world) if self.trainer else 0}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume_batches = int(state["batches_done"])
+        # Lightning warns that a mid-epoch resume replays the loader from its start; this one does not.
+        warnings.filterwarnings("ignore", category=PossibleUserWarning,
+                                message="You're resuming from a checkpoint that ended before the epoch")
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_source is None:
+            if self.trainer is not None and self.trainer.state.fn == "fit":
+                # Fitting without held-out data: no validation loop (and no warning that it is empty).
+                warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
+                return []
+            raise ValueError("No validation data: set val_source, or val_tokens > 0 with an array or "
+                             "synthetic source (e.g. --data.val_tokens 65536).")
+        source = self.val_source
+        if isinstance(source, ArraySource):
+            batches: Iterable[Tensor] = list(source.ordered(self.batch_size))
+        else:
+            # One fixed-seed pass, so every validation run sees the same tokens; val_tokens=0 means all of it.
+            stream = source.stream(self.batch_size, self.seed, self.val_tokens)
+            n_batches = math.ceil(self.val_tokens / self.batch_size) if self.val_tokens else None
+            batches = list(itertools.islice(stream, n_batches))
+        if not batches:
+            raise ValueError("The validation data yielded no batches: check val_source / val_tokens.")
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        return DataLoader(batches[rank::world], batch_size=None)

@@ -1,0 +1,299 @@
+"""`SAEModule`: trains one SAE, or a sweep of SAEs on the same batch stream, with the TopK-family recipe.
+
+Recipe (method notes): inputs scaled so E‖s·x‖ = √d, b_dec at the geometric median of the first batch,
+Adam(0.9, 0.999) with one param group per SAE, linear warm-up then linear decay to 0 over the last 20%,
+per-SAE grad clipping, decoder-parallel gradients removed before the step and atoms renormalised after.
+The scale is folded into a *copy* of each SAE when it is written out, so the live SAE keeps training on s·x.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+
+from mmsae.checkpoint import save_sae
+from mmsae.sae import SAE, Codes, SparseCodes, build_sae, default_lr, fired_mask, normalized_mse
+
+
+@dataclass
+class SAESpec:
+    """One SAE of a run: architecture plus options."""
+
+    arch: str = "topk"
+    n_latents: int = 4096
+    k: int | None = None
+    """Active latents per token; None keeps the architecture's default."""
+    lr: float | None = None
+    """None = default_lr(n_latents) = 2e-4 / √(n / 2¹⁴)."""
+    name: str | None = None
+    """Output folder name; None = the hook (single SAE) or '<arch>_n<n>_k<k>' (sweeps)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Further config fields of the architecture, e.g. {aux_k: 256, dead_tokens: 1000000}."""
+
+    def build(self, d_in: int, hook: str | None, encoder: str | None) -> SAE:
+        kwargs = dict(self.options)
+        if self.k is not None:
+            kwargs["k"] = self.k
+        return build_sae(self.arch, d_in, self.n_latents, hook=hook, encoder=encoder, **kwargs)
+
+    def default_name(self, single: bool, hook: str | None) -> str:
+        if self.name:
+            return self.name
+        if single:
+            return hook or "sae"
+        return f"{self.arch}_n{self.n_latents}" + (f"_k{self.k}" if self.k is not None else "")
+
+
+@dataclass
+class WarmupDecay:
+    """LR factor: linear warm-up, flat, linear decay to 0 over the last `decay_steps`.
+
+    A dataclass rather than a lambda so LambdaLR's state_dict (plain ints) is checkpointed weights-only safe.
+    """
+
+    total_steps: int
+    warmup_steps: int
+    decay_steps: int
+
+    def __call__(self, step: int) -> float:
+        warm = (step + 1) / max(1, self.warmup_steps)
+        decay = (self.total_steps - step) / max(1, self.decay_steps)
+        return max(0.0, min(1.0, warm, decay))
+
+
+def l0(codes: Codes) -> Tensor:
+    """Mean number of non-zero latents per token."""
+    nonzero = codes.values != 0 if isinstance(codes, SparseCodes) else codes != 0
+    return nonzero.sum(-1).float().mean()
+
+
+class SAEModule(L.LightningModule):
+    """Train SAEs on activations from `SAEDataModule` (or any loader of [B, d] batches).
+
+    Args:
+        saes: the SAEs to train on one stream; default one TopK SAE.
+        d_in: activation width; None reads it from the datamodule when the trainer starts.
+        hook, encoder: provenance recorded in every SAE's cfg (e.g. 'visual.transformer.resblocks.8',
+            'clip:ViT-B-32/openai').
+        warmup_steps: linear LR warm-up (capped at 10% of the run so short runs still train).
+        decay_fraction: share of the run over which the LR decays linearly to 0.
+        grad_clip: max grad norm, per SAE (a sweep member never clips another); None disables.
+        normalize_inputs: scale inputs so E‖s·x‖ = √d (folded back into the saved weights).
+        init_batches: batches used to estimate the input scale.
+        out_dir: where SAEs are written (`<out_dir>/<name>/{cfg.json,sae.safetensors}`) with every
+            checkpoint and at the end; None = `<log_dir>/saes` when logging, nothing when not.
+    """
+
+    def __init__(self, saes: list[SAESpec] | None = None, d_in: int | None = None, hook: str | None = None,
+                 encoder: str | None = None, warmup_steps: int = 1000, decay_fraction: float = 0.2,
+                 grad_clip: float | None = 1.0, normalize_inputs: bool = True, init_batches: int = 10,
+                 out_dir: str | None = None):
+        super().__init__()
+        self.specs = [s if isinstance(s, SAESpec) else SAESpec(**s) for s in (saes or [SAESpec()])]
+        self.save_hyperparameters()
+        # Plain dicts, so the Lightning checkpoint stays loadable with torch.load(weights_only=True).
+        self.hparams["saes"] = [dataclasses.asdict(s) for s in self.specs]
+        self.names = [s.default_name(len(self.specs) == 1, hook) for s in self.specs]
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"SAE names {self.names} collide: give each sweep member a distinct `name`.")
+        if not 0 <= decay_fraction <= 1:
+            raise ValueError(f"decay_fraction={decay_fraction} must be in [0, 1].")
+        self.hook, self.encoder = hook, encoder
+        self.warmup_steps, self.decay_fraction, self.grad_clip = warmup_steps, decay_fraction, grad_clip
+        self.normalize_inputs, self.init_batches, self.out_dir = normalize_inputs, init_batches, out_dir
+        self.saes = nn.ModuleList()
+        # Checkpointed state besides the SAEs (their dead-latent clocks are SAE buffers).
+        self.register_buffer("input_scale", torch.zeros((), dtype=torch.float64))  # 0 = not estimated yet
+        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("skipped_rows", torch.zeros((), dtype=torch.int64))
+        self._export_dir: Path | None = None
+        if d_in is not None:
+            self.configure_model(d_in)
+
+    # ----------------------------------------------------------------- construction
+    def configure_model(self, d_in: int | None = None) -> None:
+        if len(self.saes):
+            return
+        if d_in is None:
+            datamodule = getattr(self.trainer, "datamodule", None)
+            if datamodule is None or not hasattr(datamodule, "d_in"):
+                raise ValueError("SAEModule needs d_in: pass d_in=... or train with an SAEDataModule.")
+            d_in = int(datamodule.d_in)
+        self.saes.extend(spec.build(d_in, self.hook, self.encoder) for spec in self.specs)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        groups = [{"params": list(sae.parameters()), "lr": spec.lr or default_lr(spec.n_latents)}
+                  for spec, sae in zip(self.specs, self.saes)]
+        optimizer = torch.optim.Adam(groups, betas=(0.9, 0.999))
+        total = int(self.trainer.estimated_stepping_batches)
+        warmup = min(self.warmup_steps, max(1, total // 10))
+        if warmup < self.warmup_steps:
+            rank_zero_info(f"mmsae: warm-up shortened to {warmup} steps (10% of a {total}-step run).")
+        schedule = WarmupDecay(total, warmup, int(self.decay_fraction * total))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----------------------------------------------------------------- data-dependent init
+    def on_fit_start(self) -> None:
+        # trainer.log_dir is a collective under DDP: resolve it on every rank, use it on rank 0.
+        if self.out_dir is not None:
+            self._export_dir = Path(self.out_dir)
+        elif self.trainer.logger is not None:
+            self._export_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "saes"
+
+    def on_train_start(self) -> None:
+        if self.input_scale > 0:
+            return  # restored from a checkpoint
+        batches = itertools.islice(iter(self.trainer.train_dataloader), self.init_batches)
+        sample = [self._finite_rows(b.to(self.device), i, count=False) for i, b in enumerate(batches)]
+        if not sample:
+            raise ValueError("The training data yielded no batches: check the source is not empty and "
+                             "that tokens >= batch_size × devices.")
+        d = sample[0].shape[-1]
+        if self.normalize_inputs:
+            norm_sum = sum(float(b.norm(dim=-1).double().sum()) for b in sample)
+            n_rows = sum(len(b) for b in sample)
+            stats = torch.tensor([norm_sum, n_rows], dtype=torch.float64, device=self.device)
+            stats = self.trainer.strategy.reduce(stats, reduce_op="sum")  # one scale for all ranks
+            self.input_scale.fill_(math.sqrt(d) / (stats[0] / stats[1]).item())
+        else:
+            self.input_scale.fill_(1.0)
+        first_BD = sample[0] * self.input_scale.float()
+        for sae in self.saes:
+            sae.init_from_data(first_BD)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.broadcast(sae.b_dec.data, src=0)  # every rank starts from rank 0's init
+        rank_zero_info(f"mmsae: input scale s = {self.input_scale.item():.4g} (E‖s·x‖ = √{d})")
+
+    def _finite_rows(self, x_BD: Tensor, batch_idx: int, count: bool = True) -> Tensor:
+        """Drop rows holding NaN/Inf (counted in `skipped_rows`); a fully non-finite batch is an error."""
+        finite_B = torch.isfinite(x_BD).all(-1)
+        if bool(finite_B.all()):
+            return x_BD
+        if not bool(finite_B.any()):
+            raise ValueError(f"Batch {batch_idx} has only non-finite (NaN/Inf) activations: the data is "
+                             "corrupt (fp16 overflow during extraction?). Re-extract it in bf16/fp32.")
+        if count:
+            if self.skipped_rows == 0:
+                rank_zero_warn(f"mmsae: skipping non-finite activation rows (first in batch {batch_idx}); "
+                               "their count is logged as train/skipped_rows.")
+            self.skipped_rows += int((~finite_B).sum())
+        return x_BD[finite_B]
+
+    # ----------------------------------------------------------------- training
+    def training_step(self, batch_BD: Tensor, batch_idx: int) -> Tensor:
+        x_BD = self._finite_rows(batch_BD, batch_idx) * self.input_scale.float()
+        total = x_BD.new_zeros((), dtype=torch.float32)
+        fired = []
+        logs: dict[str, Tensor] = {}
+        for name, sae in zip(self.names, self.saes):
+            out = sae(x_BD)
+            loss_out = sae.loss(x_BD, out, self.global_step)
+            total = total + loss_out.loss.float()
+            fired.append(fired_mask(out.codes, sae.n_latents))
+            with torch.no_grad():
+                metrics = {**loss_out.metrics, "loss": loss_out.loss.float(),
+                           "mse": (x_BD.float() - out.x_hat.float()).pow(2).mean(),
+                           "fvu": normalized_mse(x_BD, out.x_hat), "l0": l0(out.codes),
+                           "dead_frac": sae.dead_mask().float().mean()}
+            logs.update({f"train/{name}/{k}": v for k, v in metrics.items()})
+        self._update_dead(fired, len(x_BD))
+        logs["train/skipped_rows"] = self.skipped_rows.float()
+        self.log_dict(logs, on_step=True, prog_bar=False)
+        self.log("fvu", logs[f"train/{self.names[0]}/fvu"], prog_bar=True, logger=False)
+        return total
+
+    @torch.no_grad()
+    def _update_dead(self, fired: list[Tensor], n_rows: int) -> None:
+        """Advance each dead-latent clock by all ranks' tokens; a latent fired if it fired on any rank."""
+        strategy = self.trainer.strategy
+        fired_N = strategy.reduce(torch.cat(fired).float(), reduce_op="max").bool()
+        n_tokens = int(strategy.reduce(torch.tensor(float(n_rows), device=self.device), reduce_op="sum"))
+        for sae, fired_n in zip(self.saes, fired_N.split([s.n_latents for s in self.saes])):
+            sae.update_dead(fired_n, n_tokens)
+        self.tokens_seen += n_tokens
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        for sae in self.saes:
+            sae.remove_parallel_grads()
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer,
+                                    gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        if self.grad_clip:
+            for sae in self.saes:
+                nn.utils.clip_grad_norm_(sae.parameters(), self.grad_clip)
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any,
+                       optimizer_closure: Any = None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # Right after the step, before any callback (ModelCheckpoint) sees the weights.
+        for sae in self.saes:
+            sae.normalize_decoder()
+
+    # ----------------------------------------------------------------- validation
+    def on_validation_epoch_start(self) -> None:
+        # float64 sums: FVU = Σ‖x − x̂‖² / (Σ‖x‖² − ‖Σx‖²/N) over all held-out tokens.
+        self._val_x = torch.zeros(self.saes[0].d_in, dtype=torch.float64, device=self.device)
+        self._val_sums = torch.zeros(2 + 2 * len(self.saes), dtype=torch.float64, device=self.device)
+
+    def validation_step(self, batch_BD: Tensor, batch_idx: int) -> None:
+        if self.trainer.sanity_checking:
+            return  # runs before the input scale exists
+        if self.input_scale == 0:
+            raise ValueError("validate needs trained SAEs: pass --ckpt_path (a checkpoint of this run).")
+        x_BD = self._finite_rows(batch_BD, batch_idx) * self.input_scale.float()
+        x64_BD = x_BD.double()
+        self._val_x += x64_BD.sum(0)
+        self._val_sums[0] += len(x_BD)
+        self._val_sums[1] += x64_BD.pow(2).sum()
+        for i, sae in enumerate(self.saes):
+            out = sae(x_BD)
+            self._val_sums[2 + 2 * i] += (x64_BD - out.x_hat.double()).pow(2).sum()
+            self._val_sums[3 + 2 * i] += l0(out.codes).double() * len(x_BD)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        strategy = self.trainer.strategy
+        sum_x = strategy.reduce(self._val_x, reduce_op="sum")
+        sums = strategy.reduce(self._val_sums, reduce_op="sum")
+        n = sums[0].clamp_min(1)
+        total_var = (sums[1] - sum_x.pow(2).sum() / n).clamp_min(1e-12)
+        for i, name in enumerate(self.names):
+            self.log(f"val/{name}/fvu", (sums[2 + 2 * i] / total_var).float())
+            self.log(f"val/{name}/l0", (sums[3 + 2 * i] / n).float())
+
+    # ----------------------------------------------------------------- output
+    def folded_sae(self, index: int = 0) -> SAE:
+        """A CPU fp32 copy of SAE `index` acting on raw activations (scale folded, provenance filled in)."""
+        live = self.saes[index]
+        live.cfg.training_tokens = int(self.tokens_seen)
+        sae = type(live)(copy.deepcopy(live.cfg))
+        sae.load_state_dict({k: v.detach().float().cpu() for k, v in live.state_dict().items()})
+        scale = self.input_scale.item()
+        sae.fold_input_scale(scale if scale > 0 else 1.0)
+        return sae
+
+    def export(self, out_dir: str | Path) -> list[Path]:
+        """Write every SAE (scale folded) to `out_dir/<name>/`."""
+        return [save_sae(self.folded_sae(i), Path(out_dir) / name) for i, name in enumerate(self.names)]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._export_dir is not None and self.trainer.is_global_zero:
+            self.export(self._export_dir)
+
+    def on_train_end(self) -> None:
+        if self._export_dir is not None and self.trainer.is_global_zero:
+            paths = self.export(self._export_dir)
+            rank_zero_info(f"mmsae: wrote {', '.join(map(str, paths))}")

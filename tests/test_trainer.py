@@ -1,0 +1,223 @@
+"""Trainer: data sources, the Lightning module (scale, sweeps, NaN rows, resume, DDP) and `mmsae.train`."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from mmsae.datasets.synthetic import SyntheticActivations
+
+import mmsae
+from mmsae.checkpoint import load_sae
+from mmsae.sae import default_lr, normalized_mse
+from mmsae.trainer import SAEDataModule, SAEModule, SAESpec
+from mmsae.trainer.data import ArraySource, IterableSource, TokenBudget, as_source
+
+D = 16
+
+
+def acts(n: int, scale: float = 1.0, seed: int = 0) -> torch.Tensor:
+    """Sparse superposition data: 64 features in d=16, ~3 active per token."""
+    return SyntheticActivations(d=D, n_features=64, mean_active=3, seed=seed).sample(n) * scale
+
+
+def fit(module: SAEModule, datamodule: SAEDataModule, **kwargs) -> L.Trainer:
+    defaults = dict(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer = L.Trainer(**{**defaults, **kwargs})
+    trainer.fit(module, datamodule=datamodule, weights_only=True)
+    return trainer
+
+
+# ----------------------------------------------------------------------------- data
+def test_token_budget_shards_ranks_and_skips_on_resume() -> None:
+    source = ArraySource(torch.arange(64.0).repeat_interleave(2).reshape(64, 2))
+    ranks = [list(TokenBudget(source, 4, n_batches=3, seed=1, rank=r, world_size=2)) for r in range(2)]
+    rows = [set(b[:, 0].tolist()) for rank in ranks for b in rank]
+    assert len(ranks[0]) == len(ranks[1]) == 3
+    assert len(set().union(*rows)) == 24  # 6 batches of 4, all distinct rows: no rank sees another's batch
+    resumed = list(TokenBudget(source, 4, n_batches=3, seed=1, rank=1, world_size=2, start=2))
+    assert len(resumed) == 1 and torch.equal(resumed[0], ranks[1][2])
+
+
+def test_array_source_reshuffles_each_pass_and_reads_memmap(tmp_path: Path) -> None:
+    data = np.arange(40, dtype=np.float16).reshape(20, 2)
+    mm = np.lib.format.open_memmap(tmp_path / "acts.npy", mode="w+", dtype=np.float16, shape=data.shape)
+    mm[:] = data
+    source = as_source(np.load(tmp_path / "acts.npy", mmap_mode="r"))
+    first, second = list(source.stream(10, seed=0, n_tokens=0)), list(source.stream(10, seed=1, n_tokens=0))
+    assert first[0].dtype == torch.float32 and first[0].shape == (10, 2)
+    assert sorted(torch.cat(first)[:, 0].tolist()) == sorted(data[:, 0].tolist())  # every row once per pass
+    assert not torch.equal(torch.cat(first), torch.cat(second))
+
+
+def test_iterable_source_rebatches_one_shot_iterators() -> None:
+    chunks = [torch.full((3, 2), float(i)) for i in range(5)]  # 15 rows in chunks of 3
+    source = IterableSource(iter(chunks))
+    assert source.d_in == 2 and not source.replayable
+    batches = list(source.global_batches(4, seed=0, n_tokens=0))
+    assert [len(b) for b in batches] == [4, 4, 4]
+    assert torch.cat(batches)[:, 0].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+
+
+def test_empty_or_bad_data_errors() -> None:
+    with pytest.raises(ValueError, match="no rows"):
+        mmsae.train(torch.empty(0, D), n_latents=32, k=2, tokens=64, batch_size=8)
+    with pytest.raises(ValueError, match="no batches"):
+        mmsae.train([], n_latents=32, k=2, tokens=64, batch_size=8)
+    with pytest.raises(ValueError, match="less than one batch"):
+        mmsae.train(acts(64), n_latents=32, k=2, tokens=4, batch_size=8)
+    with pytest.raises(TypeError, match="Cannot train on int"):
+        mmsae.train(3, n_latents=32, k=2)
+
+
+# ----------------------------------------------------------------------------- training
+def test_train_reduces_fvu_and_records_provenance(tmp_path: Path) -> None:
+    x = acts(4096, scale=5.0)
+    held_out = SyntheticActivations(d=D, n_features=64, mean_active=3, seed=0).sample(1024, offset=10**6) * 5
+    sae = mmsae.train(x, n_latents=64, k=4, tokens=60 * 128, batch_size=128, warmup_steps=5,
+                      hook="blocks.3", encoder="timm:test_vit", out_dir=str(tmp_path), checkpoint_every=1000)
+    with torch.no_grad():
+        fvu = normalized_mse(held_out, sae(held_out).x_hat).item()
+    assert fvu < 0.4, fvu  # an untrained SAE has FVU ≈ 1
+    assert sae.cfg.normalization == "folded" and sae.cfg.training_tokens == 60 * 128
+    assert (sae.cfg.hook, sae.cfg.encoder) == ("blocks.3", "timm:test_vit")
+    saved = load_sae(tmp_path / "blocks.3")
+    assert torch.equal(saved.W_enc, sae.W_enc)
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file() and (tmp_path / "csv" / "metrics.csv").is_file()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs CUDA; CPU twin: test_train_reduces_fvu_and_records_provenance")
+def test_train_bf16_mixed_on_cuda() -> None:
+    x = acts(8192, scale=5.0)
+    held_out = SyntheticActivations(d=D, n_features=64, mean_active=3, seed=0).sample(1024, offset=10**6) * 5
+    sae = mmsae.train(x, n_latents=64, k=4, tokens=60 * 128, batch_size=128, warmup_steps=5, devices=1)
+    assert mmsae.trainer.default_precision() == "bf16-mixed"
+    assert sae.W_enc.dtype == torch.float32 and sae.W_enc.device.type == "cpu"
+    with torch.no_grad():
+        assert normalized_mse(held_out, sae(held_out).x_hat).item() < 0.4
+
+
+def test_scale_folding_matches_training_fvu() -> None:
+    x = acts(2048, scale=300.0)  # far from E‖x‖ = √d, so the scale matters
+    module = SAEModule([SAESpec(n_latents=64, k=4)], warmup_steps=2)
+    fit(module, SAEDataModule(x, tokens=20 * 128, batch_size=128))
+    s = module.input_scale.item()
+    assert s == pytest.approx(math.sqrt(D) / x.norm(dim=-1).mean().item(), rel=0.05)
+    live, folded = module.saes[0], module.folded_sae()
+    with torch.no_grad():
+        out_live, out_folded = live(x * s), folded(x)
+        fvu_live, fvu_folded = normalized_mse(x * s, out_live.x_hat), normalized_mse(x, out_folded.x_hat)
+    assert torch.equal(out_live.codes.indices, out_folded.codes.indices)
+    assert fvu_folded.item() == pytest.approx(fvu_live.item(), rel=1e-4)
+    assert module.saes[0].cfg.normalization == "none"  # the live SAE is untouched
+
+
+def test_sweep_trains_two_saes_from_one_stream(tmp_path: Path) -> None:
+    specs = [SAESpec(n_latents=32, k=2), SAESpec(n_latents=128, k=4, lr=1e-3, options={"aux_k": 0})]
+    module = SAEModule(specs, warmup_steps=2, out_dir=str(tmp_path))
+    assert len(module.saes) == 0  # built lazily from the datamodule's d_in
+    trainer = fit(module, SAEDataModule(acts(2048), tokens=15 * 128, batch_size=128))
+    groups = trainer.optimizers[0].param_groups
+    assert [g["initial_lr"] for g in groups] == [default_lr(32), 1e-3]
+    assert {id(p) for p in groups[0]["params"]}.isdisjoint({id(p) for p in groups[1]["params"]})
+    assert module.names == ["topk_n32_k2", "topk_n128_k4"]
+    for name, n in [("topk_n32_k2", 32), ("topk_n128_k4", 128)]:
+        cfg = json.loads((tmp_path / name / "cfg.json").read_text())
+        assert (cfg["n_latents"], cfg["training_tokens"]) == (n, 15 * 128)
+    metrics = trainer.callback_metrics
+    assert metrics["train/topk_n32_k2/l0"] <= 2 and metrics["train/topk_n128_k4/l0"] <= 4
+    with pytest.raises(ValueError, match="collide"):
+        SAEModule([SAESpec(name="a"), SAESpec(name="a")])
+
+
+def test_nan_rows_are_counted_and_skipped() -> None:
+    x = acts(1024)
+    x[::10] = float("nan")  # 103 rows
+    x[5, 3] = float("inf")
+    module = SAEModule([SAESpec(n_latents=32, k=2)], warmup_steps=2, init_batches=2)
+    with pytest.warns(UserWarning, match="non-finite"):
+        fit(module, SAEDataModule(x, tokens=1024, batch_size=128))  # exactly one pass over the rows
+    assert module.skipped_rows.item() == 104
+    assert module.tokens_seen.item() == 1024 - 104
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    x[:] = float("nan")
+    with pytest.raises(ValueError, match="only non-finite"):
+        fit(SAEModule([SAESpec(n_latents=32, k=2)]), SAEDataModule(x, tokens=256, batch_size=128))
+
+
+def test_resume_continues_exactly(tmp_path: Path) -> None:
+    def run(ckpt_path: str | None) -> tuple[SAEModule, L.Trainer]:
+        L.seed_everything(0)
+        module = SAEModule([SAESpec(n_latents=32, k=2, options={"dead_tokens": 256, "aux_k": 8})],
+                           warmup_steps=3)
+        datamodule = SAEDataModule(acts(2048), tokens=16 * 64, batch_size=64)
+        checkpoint = ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=8, save_top_k=-1)
+        trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, callbacks=[checkpoint],
+                            enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        return module, trainer
+
+    full, full_trainer = run(None)
+    mid = tmp_path / "ckpt" / "epoch=0-step=8.ckpt"
+    state = torch.load(mid, weights_only=True)  # no pickled objects anywhere in the checkpoint
+    assert state["global_step"] == 8 and state["SAEDataModule"] == {"batches_done": 8}
+    assert state["state_dict"]["saes.0.tokens_since_fired"].max() > 0
+    resumed, resumed_trainer = run(str(mid))
+    assert resumed_trainer.global_step == full_trainer.global_step == 16
+    assert resumed.tokens_seen.item() == full.tokens_seen.item() == 16 * 64
+    for key, value in full.state_dict().items():  # weights, scale, dead-latent clocks
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    opt_full = full_trainer.optimizers[0].state_dict()["state"]
+    opt_resumed = resumed_trainer.optimizers[0].state_dict()["state"]
+    for i in opt_full:
+        torch.testing.assert_close(opt_resumed[i]["exp_avg_sq"], opt_full[i]["exp_avg_sq"],
+                                   rtol=1e-5, atol=1e-9)
+
+
+def test_validate_fvu_in_float64_on_held_out_rows() -> None:
+    x = acts(1536, scale=3.0)
+    datamodule = SAEDataModule(x, tokens=10 * 128, batch_size=128, val_tokens=512)
+    module = SAEModule([SAESpec(n_latents=32, k=2)], warmup_steps=2)
+    trainer = fit(module, datamodule)
+    (metrics,) = trainer.validate(module, datamodule=datamodule, verbose=False)
+    val = x[-512:].double() * module.input_scale
+    with torch.no_grad():
+        x_hat = module.saes[0](val.float()).x_hat.double()
+    expected = (val - x_hat).pow(2).sum() / (val - val.mean(0)).pow(2).sum()
+    assert metrics["val/sae/fvu"] == pytest.approx(expected.item(), rel=1e-4)
+    assert metrics["val/sae/l0"] <= 2
+
+
+def test_ddp_two_cpu_processes_share_dead_counters(tmp_path: Path) -> None:
+    """strategy='ddp' over gloo: one input scale and identical (all-reduced) dead-latent clocks per rank."""
+    script = tmp_path / "ddp_run.py"
+    script.write_text(textwrap.dedent(f"""
+        import lightning as L, torch
+        from mmsae.trainer import SAEDataModule, SAEModule, SAESpec
+        torch.set_num_threads(1)
+        x = torch.randn(4096, 8)
+        module = SAEModule([SAESpec(n_latents=64, k=1)], warmup_steps=2, init_batches=2)
+        trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp", logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(module, datamodule=SAEDataModule(x, tokens=12 * 64, batch_size=32))
+        torch.save({{k: v for k, v in module.state_dict().items()}},
+                   r"{tmp_path}/rank" + str(trainer.global_rank) + ".pt")
+    """))
+    subprocess.run([sys.executable, str(script)], check=True, timeout=120, capture_output=True, cwd=tmp_path)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    assert rank0["tokens_seen"].item() == 12 * 64  # both ranks' tokens counted on each
+    assert rank0["saes.0.tokens_since_fired"].max() > 0  # with k=1 some latents skip a step
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
