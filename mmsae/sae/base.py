@@ -219,7 +219,7 @@ class SAE(nn.Module):
         return self._num_dead
 
     @torch.no_grad()
-    def update_dead(self, fired: Tensor, n_tokens: int) -> None:
+    def update_dead(self, fired: Tensor, n_tokens: int | Tensor) -> None:
         """Advance the dead-latent clock by `n_tokens` and reset latents in `fired` ([n] bool)."""
         self.tokens_since_fired += n_tokens
         self.tokens_since_fired[fired] = 0

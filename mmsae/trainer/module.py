@@ -175,6 +175,10 @@ class SAEModule(L.LightningModule):
                 torch.distributed.broadcast(sae.b_dec.data, src=0)  # every rank starts from rank 0's init
         rank_zero_info(f"mmsae: input scale s = {self.input_scale.item():.4g} (E‖s·x‖ = √{d})")
 
+    def on_before_batch_transfer(self, batch_BD: Tensor, dataloader_idx: int) -> Tensor:
+        # Still on the host here, so the finiteness check costs no GPU sync.
+        return self._finite_rows(batch_BD, self.trainer.global_step if self.training else -1)
+
     def _finite_rows(self, x_BD: Tensor, batch_idx: int, count: bool = True) -> Tensor:
         """Drop rows holding NaN/Inf (counted in `skipped_rows`); a fully non-finite batch is an error."""
         finite_B = torch.isfinite(x_BD).all(-1)
@@ -192,7 +196,7 @@ class SAEModule(L.LightningModule):
 
     # ----------------------------------------------------------------- training
     def training_step(self, batch_BD: Tensor, batch_idx: int) -> Tensor:
-        x_BD = self._finite_rows(batch_BD, batch_idx) * self.input_scale.float()
+        x_BD = batch_BD * self.input_scale.float()
         total = x_BD.new_zeros((), dtype=torch.float32)
         fired = []
         logs: dict[str, Tensor] = {}
@@ -218,7 +222,8 @@ class SAEModule(L.LightningModule):
         """Advance each dead-latent clock by all ranks' tokens; a latent fired if it fired on any rank."""
         strategy = self.trainer.strategy
         fired_N = strategy.reduce(torch.cat(fired).float(), reduce_op="max").bool()
-        n_tokens = int(strategy.reduce(torch.tensor(float(n_rows), device=self.device), reduce_op="sum"))
+        # A tensor, not int(): reading it on the host would stall every step on a GPU sync.
+        n_tokens = strategy.reduce(torch.tensor(n_rows, device=self.device), reduce_op="sum")
         for sae, fired_n in zip(self.saes, fired_N.split([s.n_latents for s in self.saes])):
             sae.update_dead(fired_n, n_tokens)
         self.tokens_seen += n_tokens
@@ -252,7 +257,7 @@ class SAEModule(L.LightningModule):
             return  # runs before the input scale exists
         if self.input_scale == 0:
             raise ValueError("validate needs trained SAEs: pass --ckpt_path (a checkpoint of this run).")
-        x_BD = self._finite_rows(batch_BD, batch_idx) * self.input_scale.float()
+        x_BD = batch_BD * self.input_scale.float()
         x64_BD = x_BD.double()
         self._val_x += x64_BD.sum(0)
         self._val_sums[0] += len(x_BD)
