@@ -65,6 +65,10 @@ class Encoder(nn.Module):
         """One forward of the model on a batch (already on device)."""
         raise NotImplementedError
 
+    def prefix_tokens(self, hook: str) -> int:
+        """Leading non-spatial tokens (CLS, registers) in the output of `hook`; the rest form the grid."""
+        return 0
+
     def select_tokens(self, hook: str, acts_BTD: Tensor, mode: TokenMode) -> tuple[Tensor, Tensor]:
         """Pick tokens from [B, T, D]: acts [B, T', D] and token indices [T'] or [B, T'] (−1 = pooled)."""
         return default_select(acts_BTD, mode, n_prefix=0, family=self.family)

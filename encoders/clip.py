@@ -95,6 +95,9 @@ class ClipEncoder(Encoder):
         seq_first = hook in self._seq_first_hooks
         return super().from_tokens(hook, tokens_BTD.transpose(0, 1) if seq_first else tokens_BTD, like)
 
+    def prefix_tokens(self, hook: str) -> int:
+        return 0 if hook == "visual" or self.is_text_hook(hook) else 1  # the visual CLS token
+
     def select_tokens(self, hook: str, acts_BTD: Tensor, mode: TokenMode) -> tuple[Tensor, Tensor]:
         if hook == "visual":  # already the pooled, projected embedding: one token
             if mode not in ("all", "pooled", "mean"):

@@ -67,6 +67,9 @@ class TimmEncoder(Encoder):
         return tokens_BTD.reshape(like.shape).to(like.dtype) if self._nhwc(hook) \
             else super().from_tokens(hook, tokens_BTD, like)
 
+    def prefix_tokens(self, hook: str) -> int:
+        return self.n_prefix
+
     def select_tokens(self, hook: str, acts_BTD: Tensor, mode: TokenMode) -> tuple[Tensor, Tensor]:
         # Only modules on the token sequence carry the prefix; e.g. `patch_embed` outputs patches alone.
         on_sequence = acts_BTD.shape[1] == self.n_prefix + self.grid[0] * self.grid[1]

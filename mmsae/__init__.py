@@ -24,6 +24,8 @@ _LAZY = {
     "SAEModule": "mmsae.trainer.module",
     "SAEDataModule": "mmsae.trainer.data",
     "metrics": "mmsae.metrics",
+    "Intervention": "mmsae.intervene.intervention",
+    "Splice": "mmsae.intervene.intervention",
 }
 
 

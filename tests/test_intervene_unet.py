@@ -1,0 +1,175 @@
+"""Diffusion steering, text steering, spliced fidelity and SAeUron unlearning on the tiny real SD pipeline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from mmsae.encoders.registry import get_encoder
+
+import mmsae
+from mmsae.intervene.edits import Direction, EditContext
+from mmsae.intervene.fidelity import generation_fidelity, image_similarity
+from mmsae.intervene.intervention import Intervention, Splice
+from mmsae.intervene.steer import steer_diffusion
+from mmsae.intervene.text_steer import concept_delta, steer_prompts, text_steering
+from mmsae.intervene.unlearn import (
+    SampleConfig,
+    Suppress,
+    Unlearner,
+    UnlearnSelection,
+    clip_concept_classifier,
+    evaluate,
+    select_features,
+)
+
+HOOK = "up_blocks.0.attentions.1"  # a Transformer2DModel output: every position a token of d=8
+TEXT_HOOK = "text_encoder.text_model.encoder.layers.1"
+PROMPTS = ["a red cat", "a blue house"]
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return get_encoder("unet:tiny")
+
+
+@pytest.fixture()
+def sae(unet):
+    return mmsae.build_sae("topk", 8, 32, k=4, hook=HOOK, encoder=unet.id)
+
+
+def hook_acts(unet, prompts, hook=HOOK, **sampling):
+    acts = unet.activations(prompts, [hook], cfg_half="both", **sampling)[hook]
+    return acts.acts_ND, acts.meta
+
+
+def test_diffusion_steering_changes_images_and_restores(unet, sae):
+    result = steer_diffusion(unet, Splice(sae, [Direction(3, 20.0)]), PROMPTS, seed=1, num_inference_steps=2)
+    assert (image_similarity(result.before, result.after) < 1).all()
+    again = unet.sample(PROMPTS, num_inference_steps=2, seed=1)
+    torch.testing.assert_close(image_similarity(result.before, again), torch.ones(2))
+
+
+def test_timestep_window_and_cfg_half(unet, sae):
+    bare, meta = hook_acts(unet, PROMPTS, num_inference_steps=1)
+    splice = Splice(sae, [Direction(3, 5.0)], cfg_half="cond")
+    with Intervention(unet, splice):
+        edited, _ = hook_acts(unet, PROMPTS, num_inference_steps=1)
+    changed = (edited - bare).abs().amax(-1) > 1e-4
+    assert changed[meta["cond"] == 1].all() and not changed[meta["cond"] == 0].any()
+    late = Splice(sae, [Direction(3, 5.0)], timesteps=(400, 999))  # of the steps [501, 1], only 501
+    with Intervention(unet, late):
+        edited, _ = hook_acts(unet, PROMPTS, num_inference_steps=2)
+    bare, meta = hook_acts(unet, PROMPTS, num_inference_steps=2)
+    assert late.n_applied == 1
+    first = meta["timestep"] == 501
+    assert ((edited - bare).abs().amax(-1)[first] > 1e-4).all()
+
+
+def test_spatial_mask_on_unet_grid(unet, sae):
+    bare, meta = hook_acts(unet, PROMPTS, num_inference_steps=1)
+    H, W = meta["grid"].tolist()
+    mask = torch.zeros(64, 64)
+    mask[:32] = 1.0  # top half of the image
+    with Intervention(unet, Splice(sae, [Direction(3, 5.0)], spatial_mask=mask)):
+        edited, _ = hook_acts(unet, PROMPTS, num_inference_steps=1)
+    changed = ((edited - bare).abs().amax(-1) > 1e-4).view(-1, H, W)
+    assert changed[:, : H // 2].all() and not changed[:, H // 2 :].any()
+
+
+def test_bad_timestep_windows(unet, sae):
+    with pytest.raises(ValueError, match="outside the schedule"):
+        Intervention(unet, Splice(sae, [Direction(3, 1.0)], timesteps=(1000, 2000)))
+    with pytest.raises(ValueError, match="outside the schedule"):
+        Intervention(unet, Splice(sae, [Direction(3, 1.0)], timesteps=(600, 100)))
+    with pytest.raises(ValueError, match="contains none of the 2 sampled timesteps"):
+        steer_diffusion(
+            unet, Splice(sae, [Direction(3, 1.0)], timesteps=(600, 700)), PROMPTS, num_inference_steps=2
+        )
+
+
+def test_generation_fidelity(unet, sae):
+    from test_intervene import exact_sae  # tests/ is on sys.path (rootdir-less test modules)
+
+    perfect = generation_fidelity(unet, exact_sae(8, HOOK, unet.id), PROMPTS, num_inference_steps=2)
+    torch.testing.assert_close(perfect, torch.ones(2), atol=2e-3, rtol=0)
+    lossy = mmsae.build_sae("topk", 8, 32, k=1, hook=HOOK, encoder=unet.id)
+    assert (generation_fidelity(unet, lossy, PROMPTS, num_inference_steps=2) < 1).all()
+
+
+def test_text_steering_adds_to_prompt_and_subtracts_from_negative(unet):
+    sae = mmsae.build_sae("topk", 8, 32, k=4, hook=TEXT_HOOK, encoder=unet.id)
+    delta_TD = torch.randn(77, 8)
+    bare, meta = hook_acts(unet, PROMPTS, hook=TEXT_HOOK, num_inference_steps=1)
+    with text_steering(unet, TEXT_HOOK, delta_TD):
+        steered, _ = hook_acts(unet, PROMPTS, hook=TEXT_HOOK, num_inference_steps=1)
+    sign = (meta["cond"] * 2 - 1).float()[:, None]
+    torch.testing.assert_close(steered - bare, sign * delta_TD.repeat(4, 1), atol=1e-5, rtol=1e-5)
+    result = steer_prompts(unet, sae, PROMPTS, "a cat", strength=-5.0, num_inference_steps=2)
+    assert (image_similarity(result.before, result.after) < 1).all()
+    with pytest.raises(ValueError, match="text-encoder hook"):
+        steer_prompts(
+            unet, mmsae.build_sae("topk", 8, 32, k=4, hook=HOOK, encoder=unet.id), PROMPTS, "a cat", -1.0
+        )
+
+
+def test_concept_delta_uses_dense_codes_without_b_dec():
+    sae = mmsae.build_sae("topk", 8, 32, k=1)
+    with torch.no_grad():
+        sae.b_dec.fill_(3.0)
+    h = torch.randn(5, 8)
+    expected = 0.5 * (sae.pre_acts(h).relu() @ sae.W_dec)
+    torch.testing.assert_close(concept_delta(sae, h, 0.5), expected)
+    assert ((sae.pre_acts(h) > 0).sum(-1) > 1).any()  # more than the k=1 top-k would keep
+
+
+def test_suppress_rule():
+    edit = Suppress(2, rules=((501, 1.5, 0.5),), recorded=(501, 1), multiplier=-4.0)
+    f = torch.tensor([0.25, 0.75, 3.0])
+    assert edit.apply(f, EditContext(timestep=490)).tolist() == [0.25, -6.0, -6.0]
+    assert edit.apply(f, EditContext(timestep=10)).tolist() == f.tolist()  # nearest recorded step: 1
+
+
+def test_select_features_and_unlearn(unet, sae, tmp_path):
+    sampling = SampleConfig(num_inference_steps=2, guidance_scale=7.5, batch_size=2)
+    concepts = {"cat": ["a cat", "a cat on a sofa"], "dog": ["a dog", "a dog in a park"]}
+    sae.save(tmp_path)
+    selection = select_features(
+        unet, sae, concepts, ["a house", "a tree"], percentile=90, sampling=sampling, save_to=tmp_path
+    )
+    saved = json.loads((tmp_path / "unlearn_selection.json").read_text())
+    assert saved["hook"] == HOOK and set(saved["concepts"]) == {"cat", "dog"}
+    loaded = UnlearnSelection.load(tmp_path)
+    assert loaded == selection
+    assert set(loaded.concepts["cat"].latents) == {501, 1}
+    for t, latents in loaded.concepts["cat"].latents.items():
+        assert 1 <= len(latents) <= 4 and all(0 <= i < 32 for i in latents)
+        assert all(m > 0 for m in loaded.concepts["cat"].mean_concept[t])
+
+    unlearner = Unlearner(unet, sae, tmp_path, ["cat", "dog"], multiplier=-30.0)
+    bare = unet.sample(["a cat"], num_inference_steps=2, guidance_scale=7.5, seed=0)
+    forgotten = unlearner.generate(["a cat"], sampling)
+    assert unlearner.splice.n_applied == 2
+    assert image_similarity(bare, forgotten)[0] < 1
+
+    clip = get_encoder("clip:tiny")
+    report = evaluate(
+        unlearner, ["a cat"], ["a house"], clip_concept_classifier(clip, "cat", ["house"]), sampling
+    )
+    assert 0 <= report.retained_similarity <= 1
+    assert report.concept_rate_before in (0.0, 1.0) and report.concept_rate_after in (0.0, 1.0)
+
+
+def test_unlearn_bad_input(unet, sae, tmp_path):
+    selection = UnlearnSelection(HOOK, unet.id, 32, 99.0)
+    with pytest.raises(KeyError, match="Unknown concept"):
+        Unlearner(unet, sae, selection, ["cat"])
+    with pytest.raises(ValueError, match="must be negative"):
+        Unlearner(unet, sae, selection, [], multiplier=2.0)
+    with pytest.raises(ValueError, match="this one has 64"):
+        Unlearner(unet, mmsae.build_sae("topk", 8, 64, k=4, hook=HOOK, encoder=unet.id), selection, [])
+    with pytest.raises(FileNotFoundError, match="unlearn select"):
+        UnlearnSelection.load(tmp_path)
+    with pytest.raises(ValueError, match="percentile"):
+        select_features(unet, sae, {"cat": ["a cat"]}, ["a house"], percentile=100)
