@@ -1,0 +1,99 @@
+"""Image collections → encoder inputs, SAE codes and embeddings, in bounded-size batches.
+
+`load_image` is the single place files are read; it can be swapped for the datasets package's
+loader without touching the analysis or the index.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+
+from mmsae.encoders.base import Encoder, TokenActs, TokenMode
+from mmsae.sae import SAE, as_dense
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+ImageLike = str | os.PathLike | Image.Image
+
+
+class UnreadableImageError(ValueError):
+    """An image file of a collection cannot be decoded."""
+
+
+def load_image(item: ImageLike) -> Image.Image:
+    """An RGB PIL image from a path or a PIL image; a clear error names the unreadable file."""
+    if isinstance(item, Image.Image):
+        return item.convert("RGB")
+    try:
+        with Image.open(item) as im:
+            return im.convert("RGB")
+    except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
+        raise UnreadableImageError(
+            f"Cannot read image {os.fspath(item)!r} ({type(e).__name__}: {e}). Remove or fix the file, "
+            "or pass skip_unreadable=True to leave it out."
+        ) from e
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files under `folder` (recursive, sorted so that ids are reproducible)."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"Image folder {root} does not exist.")
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def batched(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def stack_pixels(encoder: Encoder, images: Iterable[Image.Image]) -> Tensor:
+    return torch.stack([encoder.transform(im) for im in images]).to(encoder.device)
+
+
+def token_acts(
+    encoder: Encoder, images: Sequence[ImageLike], hook: str, tokens: TokenMode = "all", batch_size: int = 32
+) -> Iterator[TokenActs]:
+    """Activations of `hook` for a collection, one TokenActs per batch, example ids = collection index."""
+    for start in range(0, len(images), batch_size):
+        pixels = stack_pixels(encoder, (load_image(p) for p in images[start : start + batch_size]))
+        yield encoder.activations(pixels, [hook], tokens=tokens, example_offset=start)[hook]
+
+
+@torch.no_grad()
+def pooled_codes(sae: SAE, acts: TokenActs, n_examples: int, pool: str = "max") -> Tensor:
+    """Per-example SAE codes [n_examples, n], max- or mean-pooled over each example's tokens.
+
+    `acts.meta['example_id']` must be relative to the batch (0..n_examples−1).
+    """
+    if pool not in ("max", "mean"):
+        raise ValueError(f"Unknown pooling {pool!r}; use 'max' or 'mean'.")
+    device = sae.W_dec.device
+    codes_Nn = as_dense(sae.encode(acts.acts_ND.to(device=device, dtype=sae.W_dec.dtype))).float()
+    ids = acts.meta["example_id"].to(device)
+    out = torch.zeros(n_examples, sae.n_latents, device=device)
+    index = ids[:, None].expand_as(codes_Nn)
+    if pool == "max":
+        return out.scatter_reduce_(0, index, codes_Nn, "amax", include_self=False)
+    counts = torch.bincount(ids, minlength=n_examples).clamp_min(1)
+    return out.index_add_(0, ids, codes_Nn) / counts[:, None]
+
+
+def require_image_embedder(embedder: Encoder) -> None:
+    if not hasattr(embedder, "encode_image"):
+        raise TypeError(
+            f"Encoder {embedder.id!r} gives no image embeddings (no encode_image): pass a CLIP encoder "
+            "as the embedder, e.g. embedder=get_encoder('clip:ViT-B-32/openai')."
+        )
+
+
+def embed_images(embedder: Encoder, pixels_BCHW: Tensor) -> Tensor:
+    """Unit image embeddings [B, E] from a CLIP-like encoder (one with `encode_image`)."""
+    require_image_embedder(embedder)
+    return embedder.encode_image(pixels_BCHW, normalize=True).float()

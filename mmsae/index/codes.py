@@ -1,0 +1,92 @@
+"""The sparse half of the concept index: pooled SAE codes per image, as CSR rows plus inverted lists.
+
+FAISS has no sparse vectors, so codes live beside it: rows (image → its latents) in CSR, and the
+transpose in CSC (latent → its images), built lazily and dropped on every append.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import Tensor
+
+from mmsae.checkpoint import atomic_write_bytes
+
+
+class SparseCodeStore:
+    """Pooled SAE codes of N images over n latents."""
+
+    def __init__(self, csr: sp.csr_matrix):
+        self.csr = csr.astype(np.float32).tocsr()
+        self._csc: sp.csc_matrix | None = None
+
+    @classmethod
+    def empty(cls, n_latents: int) -> SparseCodeStore:
+        return cls(sp.csr_matrix((0, n_latents), dtype=np.float32))
+
+    @property
+    def n_latents(self) -> int:
+        return self.csr.shape[1]
+
+    def __len__(self) -> int:
+        return self.csr.shape[0]
+
+    def append(self, codes_Bn: Tensor, max_per_row: int) -> None:
+        """Add rows, keeping each image's `max_per_row` largest codes (bounded storage per image)."""
+        codes = codes_Bn.detach().float().cpu()
+        kk = min(max_per_row, codes.shape[1])
+        vals, idx = codes.topk(kk, dim=1)
+        keep = vals != 0
+        rows = torch.arange(codes.shape[0])[:, None].expand_as(idx)[keep]
+        block = sp.csr_matrix(
+            (vals[keep].numpy(), (rows.numpy(), idx[keep].numpy())), shape=codes.shape, dtype=np.float32
+        )
+        self.csr = sp.vstack([self.csr, block], format="csr")
+        self._csc = None
+
+    @property
+    def csc(self) -> sp.csc_matrix:
+        if self._csc is None:
+            self._csc = self.csr.tocsc()
+        return self._csc
+
+    def row(self, image: int) -> tuple[np.ndarray, np.ndarray]:
+        """(latent ids, values) of one image."""
+        r = self.csr.getrow(image)
+        return r.indices, r.data
+
+    def column(self, latent: int) -> tuple[np.ndarray, np.ndarray]:
+        """(image ids, values) where `latent` is on, best first."""
+        c = self.csc
+        lo, hi = c.indptr[latent], c.indptr[latent + 1]
+        ids, vals = c.indices[lo:hi], c.data[lo:hi]
+        order = np.argsort(-vals, kind="stable")
+        return ids[order], vals[order]
+
+    def images_with(self, latent: int) -> np.ndarray:
+        c = self.csc
+        return c.indices[c.indptr[latent] : c.indptr[latent + 1]]
+
+    def top_per_latent(self, m: int) -> tuple[Tensor, Tensor]:
+        """Each latent's top-m images as ([m, n] values, [m, n] ids with −1 for empty slots)."""
+        values = torch.zeros(m, self.n_latents)
+        ids = torch.full((m, self.n_latents), -1, dtype=torch.long)
+        for j in range(self.n_latents):
+            img, val = self.column(j)
+            values[: len(img[:m]), j] = torch.from_numpy(val[:m])
+            ids[: len(img[:m]), j] = torch.from_numpy(img[:m].astype(np.int64))
+        return values, ids
+
+    def save(self, path: Path) -> None:
+        import io
+
+        buf = io.BytesIO()
+        sp.save_npz(buf, self.csr, compressed=False)
+        atomic_write_bytes(path, buf.getvalue())
+
+    @classmethod
+    def load(cls, path: Path) -> SparseCodeStore:
+        return cls(sp.load_npz(path))

@@ -1,0 +1,543 @@
+"""`ConceptIndex`: search an image collection by text, image or SAE feature.
+
+It holds, for every image: a unit CLIP embedding (FAISS, dense search), the SAE's codes pooled
+over the image's tokens (sparse, CSR + inverted lists), its path; and for every latent: a
+CLIP-space direction and a name. The SAE is saved inside the index; the encoders are not (they
+are large): `load` takes them and checks their ids against the ones recorded at build time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mmsae.analysis.heatmap import latent_heatmaps
+from mmsae.analysis.images import (
+    ImageLike,
+    UnreadableImageError,
+    embed_images,
+    list_images,
+    load_image,
+    pooled_codes,
+    require_image_embedder,
+    stack_pixels,
+)
+from mmsae.analysis.naming import (
+    NameCandidate,
+    atom_directions,
+    image_concept_vectors,
+    load_vocabulary,
+    rank_names,
+    require_text_tower,
+    text_embeddings,
+)
+from mmsae.checkpoint import atomic_write_bytes, load_sae, save_sae
+from mmsae.encoders.base import Encoder, TokenMode
+from mmsae.index.ann import AnnConfig, build_ann, describe, set_search_params
+from mmsae.index.codes import SparseCodeStore
+from mmsae.sae import SAE
+
+FORMAT_VERSION = 1
+FILES = ("meta.json", "paths.json", "features.json", "embeddings.npy", "codes.npz", "faiss.index")
+
+
+@dataclass
+class IndexConfig:
+    hook: str | None = None
+    """Hook the SAE reads; None = the SAE's recorded hook, else the encoder's default."""
+    tokens: TokenMode = "all"
+    pool: str = "max"
+    """How token codes become one code per image: 'max' (a feature is on if it fires anywhere) or 'mean'."""
+    max_codes_per_image: int = 256
+    """Largest pooled codes kept per image: bounds storage at 8 bytes × this per image."""
+    batch_size: int = 32
+    skip_unreadable: bool = False
+    """Leave unreadable files out (listed in `ConceptIndex.skipped`) instead of failing."""
+    concept_images: int = 16
+    """Top images per latent whose embeddings give its direction (SAEs not on the final embedding)."""
+    names_per_feature: int = 5
+    ann: AnnConfig = field(default_factory=AnnConfig)
+
+
+@dataclass
+class ImageHit:
+    id: int
+    path: str
+    score: float
+    """Cosine similarity (text/image queries) or pooled activation (`images_of`)."""
+
+
+@dataclass
+class FeatureHit:
+    feature: int
+    name: str
+    score: float
+    """Cosine between the query's text embedding and the feature's CLIP-space direction."""
+
+
+@dataclass
+class FeatureContribution:
+    feature: int
+    name: str
+    activation: float
+    """Pooled SAE code of the image for this feature."""
+    contribution: float
+    """Share of the reconstruction carried by the feature: a·‖d‖ / Σ_j a_j·‖d_j‖ over the image's features."""
+
+
+class ConceptIndex:
+    """Build with `ConceptIndex.build`, reopen with `ConceptIndex.load`; never constructed directly."""
+
+    def __init__(
+        self,
+        *,
+        sae: SAE,
+        meta: dict[str, Any],
+        paths: list[str],
+        embeddings_NE: np.ndarray,
+        codes: SparseCodeStore,
+        ann: Any,
+        names: list[list[NameCandidate]],
+        encoder: Encoder | None = None,
+        embedder: Encoder | None = None,
+    ):
+        self.sae, self.meta, self.paths = sae.eval(), meta, paths
+        self.embeddings_NE, self.codes, self.ann = embeddings_NE, codes, ann
+        self.names = names
+        self.encoder, self.embedder = encoder, embedder
+        self.cfg = _config_from_dict(meta["config"])
+        self._path_to_id = {p: i for i, p in enumerate(paths)}
+        self._directions_nE: Tensor | None = None
+        self.skipped: list[str] = []
+
+    # ================================================================== building
+    @classmethod
+    def build(
+        cls,
+        images: Sequence[ImageLike] | str | os.PathLike,
+        sae: SAE,
+        encoder: Encoder,
+        embedder: Encoder | None = None,
+        cfg: IndexConfig | None = None,
+        vocab: Sequence[str] | None = None,
+    ) -> ConceptIndex:
+        """Index `images` (paths, PIL images or a folder) with `sae` reading `encoder`.
+
+        `embedder` (a CLIP encoder; default `encoder` when it is one) gives the search embeddings,
+        the text queries and the feature names (`vocab`, default: mmsae's vocabulary).
+        """
+        cfg = cfg or IndexConfig()
+        embedder = embedder or encoder
+        require_image_embedder(embedder)
+        hook = cfg.hook or sae.cfg.hook or encoder.default_hook
+        if sae.cfg.encoder is not None and sae.cfg.encoder != encoder.id:
+            raise ValueError(
+                f"The SAE was trained on {sae.cfg.encoder!r} activations but the encoder is "
+                f"{encoder.id!r}: pass get_encoder({sae.cfg.encoder!r})."
+            )
+        if hook not in encoder.hook_points():
+            raise ValueError(f"Hook {hook!r} is not a hook point of {encoder.id}; set IndexConfig.hook.")
+        items = list_images(images) if isinstance(images, (str, os.PathLike)) else list(images)
+        if not items:
+            raise ValueError(
+                "The image collection is empty: give image paths, PIL images or a folder with images."
+            )
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "encoder": encoder.id,
+            "embedder": embedder.id,
+            "hook": hook,
+            "d_in": sae.d_in,
+            "n_latents": sae.n_latents,
+            "embed_dim": None,
+            "config": asdict(cfg),
+        }
+        index = cls(
+            sae=sae,
+            meta=meta,
+            paths=[],
+            embeddings_NE=np.zeros((0, 0), np.float32),
+            codes=SparseCodeStore.empty(sae.n_latents),
+            ann=None,
+            names=[],
+            encoder=encoder,
+            embedder=embedder,
+        )
+        index._append(items)
+        if len(index) == 0:
+            raise ValueError(
+                f"None of the {len(items)} images could be read (skipped: {index.skipped[:3]} …)."
+            )
+        index.ann = build_ann(index.embeddings_NE, cfg.ann)
+        index.meta["ann"] = describe(index.ann)
+        index.name_features(vocab)
+        return index
+
+    def add(self, images: Sequence[ImageLike] | str | os.PathLike) -> int:
+        """Append images (incremental; the FAISS index keeps its kind). Returns how many were added."""
+        items = list_images(images) if isinstance(images, (str, os.PathLike)) else list(images)
+        if not items:
+            raise ValueError("No images to add.")
+        n_before = len(self)
+        self._append(items)
+        new = self.embeddings_NE[n_before:]
+        if len(new):
+            self.ann.add(np.ascontiguousarray(new))
+            self._directions_nE = None  # image-derived directions change with the collection
+        return len(self) - n_before
+
+    @torch.no_grad()
+    def _append(self, items: list[ImageLike]) -> None:
+        encoder, embedder = self._need_encoder(), self._need_embedder()
+        hook, cfg = self.meta["hook"], self.cfg
+        chunks: list[np.ndarray] = []
+        first_id = len(self)
+        for start in tqdm(range(0, len(items), cfg.batch_size), desc="indexing", unit="batch"):
+            batch = items[start : start + cfg.batch_size]
+            pil, paths = self._read(batch, first_id + start)
+            if not pil:
+                continue
+            acts = encoder.activations(stack_pixels(encoder, pil), [hook], tokens=cfg.tokens)[hook]
+            self.sae.check_input(acts.acts_ND)
+            self.codes.append(pooled_codes(self.sae, acts, len(pil), cfg.pool), cfg.max_codes_per_image)
+            chunks.append(embed_images(embedder, stack_pixels(embedder, pil)).cpu().numpy())
+            self.paths.extend(paths)
+        if chunks:
+            new = np.concatenate(chunks).astype(np.float32)
+            self.embeddings_NE = (
+                new if self.embeddings_NE.size == 0 else np.concatenate([self.embeddings_NE, new])
+            )
+            self.meta["embed_dim"] = int(new.shape[1])
+        self._path_to_id = {p: i for i, p in enumerate(self.paths)}
+
+    def _read(self, batch: Sequence[ImageLike], first_id: int) -> tuple[list, list[str]]:
+        """PIL images of a batch and their labels (path, or `<image i>` for in-memory images)."""
+        pil, paths = [], []
+        for offset, item in enumerate(batch):
+            label = (
+                os.fspath(item) if isinstance(item, (str, os.PathLike)) else f"<image {first_id + offset}>"
+            )
+            try:
+                pil.append(load_image(item))
+            except UnreadableImageError:
+                if not self.cfg.skip_unreadable:
+                    raise
+                self.skipped.append(label)
+                continue
+            paths.append(label)
+        return pil, paths
+
+    # ================================================================== features
+    def feature_directions(self) -> Tensor:
+        """Unit CLIP-space direction of every latent [n, E] (zero rows for latents never on)."""
+        if self._directions_nE is None:
+            directions = atom_directions(self.sae, self.embedder) if self.embedder is not None else None
+            if directions is None:
+                values, ids = self.codes.top_per_latent(self.cfg.concept_images)
+                directions = image_concept_vectors(values, ids, torch.from_numpy(self.embeddings_NE))
+            self._directions_nE = directions
+        return self._directions_nE
+
+    def name_features(self, vocab: Sequence[str] | None = None) -> None:
+        """(Re)compute name candidates for every latent from `vocab` (default: mmsae's vocabulary)."""
+        embedder = self._need_embedder()
+        if not hasattr(embedder, "encode_text"):
+            self.names = [[] for _ in range(self.sae.n_latents)]
+            return
+        vocab = list(vocab) if vocab is not None else load_vocabulary()
+        text_VE = text_embeddings(embedder, vocab)
+        self.names = rank_names(self.feature_directions(), text_VE, vocab, self.cfg.names_per_feature)
+
+    def feature_name(self, feature: int) -> str:
+        self._check_feature(feature)
+        return self.names[feature][0].name if self.names[feature] else ""
+
+    # ================================================================== queries
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __contains__(self, path: object) -> bool:
+        """Whether an image path is in the index (queries by such a path need no model)."""
+        return isinstance(path, (str, os.PathLike)) and os.fspath(path) in self._path_to_id
+
+    def search_text(
+        self, text: str, k: int = 10, with_features: Sequence[int] = (), without_features: Sequence[int] = ()
+    ) -> list[ImageHit]:
+        """Images closest to a text, optionally only those with/without given features on."""
+        return self._search(self._text_vector(text), k, with_features, without_features)
+
+    def search_image(
+        self,
+        image: ImageLike | int,
+        k: int = 10,
+        with_features: Sequence[int] = (),
+        without_features: Sequence[int] = (),
+    ) -> list[ImageHit]:
+        """Images closest to an image (indexed id or path, new file, or PIL image)."""
+        return self._search(self._image_vector(image), k, with_features, without_features)
+
+    def search_features(self, text: str, k: int = 10) -> list[FeatureHit]:
+        """Features whose CLIP-space direction is closest to a text (through the CLIP text tower)."""
+        directions = self.feature_directions()
+        sims = directions @ torch.from_numpy(self._text_vector(text))
+        sims = sims.masked_fill(
+            directions.norm(dim=-1) == 0, -torch.inf
+        )  # never-on features have no direction
+        scores, idx = sims.topk(min(k, len(sims)))
+        return [
+            FeatureHit(int(j), self.feature_name(int(j)), float(s))
+            for s, j in zip(scores, idx)
+            if s > -torch.inf
+        ]
+
+    def features_of(self, image: ImageLike | int, k: int = 10) -> list[FeatureContribution]:
+        """An image's strongest features with their share of the reconstruction."""
+        latents, values = self._codes_of(image)
+        norms = self.sae.W_dec.detach().float().norm(dim=-1).cpu().numpy()[latents]
+        weight = np.abs(values) * norms
+        total = max(float(weight.sum()), 1e-12)
+        order = np.argsort(-weight, kind="stable")[:k]
+        return [
+            FeatureContribution(
+                int(latents[i]),
+                self.feature_name(int(latents[i])),
+                float(values[i]),
+                float(weight[i] / total),
+            )
+            for i in order
+        ]
+
+    def images_of(self, feature: int, k: int = 10) -> list[ImageHit]:
+        """The images where `feature` is strongest (pooled activation as score)."""
+        self._check_feature(feature)
+        ids, vals = self.codes.column(feature)
+        return [ImageHit(int(i), self.paths[i], float(v)) for i, v in zip(ids[:k], vals[:k])]
+
+    def heatmap(self, image: ImageLike | int, feature: int) -> np.ndarray:
+        """[H, W] activation of `feature` over the image's patches (needs the encoder)."""
+        return latent_heatmaps(
+            self.sae, self._need_encoder(), [self._as_image(image)], feature, hook=self.meta["hook"]
+        )[0]
+
+    # ------------------------------------------------------------------ query helpers
+    def _search(
+        self, query_E: np.ndarray, k: int, with_features: Sequence[int], without_features: Sequence[int]
+    ) -> list[ImageHit]:
+        if k <= 0:
+            raise ValueError(f"k must be positive, got {k}.")
+        allowed = self._allowed(with_features, without_features)
+        q = query_E[None].astype(np.float32)
+        if allowed is None:
+            scores, ids = self.ann.search(q, min(k, len(self)))
+            hits = zip(ids[0], scores[0])
+        elif len(allowed) <= max(self.cfg.ann.exact_below, len(self) // 2):
+            # Selective filter: exact search over the few allowed images beats filtering ANN results.
+            sims = self.embeddings_NE[allowed] @ query_E
+            top = np.argsort(-sims, kind="stable")[:k]
+            hits = zip(allowed[top], sims[top])
+        else:
+            hits = self._filtered_ann(q, k, allowed)
+        return [ImageHit(int(i), self.paths[i], float(s)) for i, s in hits if i >= 0]
+
+    def _filtered_ann(self, q: np.ndarray, k: int, allowed: np.ndarray) -> list[tuple[int, float]]:
+        """Most images pass the filter: over-fetch from the ANN index until k of them survive."""
+        keep = np.zeros(len(self), dtype=bool)
+        keep[allowed] = True
+        fetch = 2 * k
+        while True:
+            scores, ids = self.ann.search(q, min(fetch, len(self)))
+            hits = [(i, s) for i, s in zip(ids[0], scores[0]) if i >= 0 and keep[i]]
+            if len(hits) >= k or fetch >= len(self):
+                return hits[:k]
+            fetch *= 4
+
+    def _allowed(self, with_features: Sequence[int], without_features: Sequence[int]) -> np.ndarray | None:
+        if not with_features and not without_features:
+            return None
+        for f in (*with_features, *without_features):
+            self._check_feature(f)
+        mask = np.ones(len(self), dtype=bool)
+        for f in with_features:
+            on = np.zeros(len(self), dtype=bool)
+            on[self.codes.images_with(f)] = True
+            mask &= on
+        for f in without_features:
+            mask[self.codes.images_with(f)] = False
+        return np.flatnonzero(mask)
+
+    def _text_vector(self, text: str) -> np.ndarray:
+        embedder = self._need_embedder()
+        require_text_tower(embedder)
+        return text_embeddings(embedder, [text], template="{}")[0].numpy()
+
+    def _image_vector(self, image: ImageLike | int) -> np.ndarray:
+        known = self._known_id(image)
+        if known is not None:
+            return self.embeddings_NE[known]
+        embedder = self._need_embedder()
+        return embed_images(embedder, stack_pixels(embedder, [load_image(image)]))[0].cpu().numpy()
+
+    @torch.no_grad()
+    def _codes_of(self, image: ImageLike | int) -> tuple[np.ndarray, np.ndarray]:
+        known = self._known_id(image)
+        if known is not None:
+            return self.codes.row(known)
+        encoder, hook = self._need_encoder(), self.meta["hook"]
+        acts = encoder.activations(
+            stack_pixels(encoder, [load_image(image)]), [hook], tokens=self.cfg.tokens
+        )[hook]
+        codes = pooled_codes(self.sae, acts, 1, self.cfg.pool)[0].cpu()
+        nz = codes.nonzero().flatten()
+        return nz.numpy(), codes[nz].numpy()
+
+    def _known_id(self, image: ImageLike | int) -> int | None:
+        if isinstance(image, (int, np.integer)) and not isinstance(image, bool):
+            if not 0 <= image < len(self):
+                raise IndexError(f"Image id {image} is out of range: the index holds {len(self)} images.")
+            return int(image)
+        if isinstance(image, (str, os.PathLike)):
+            return self._path_to_id.get(os.fspath(image))
+        return None
+
+    def _as_image(self, image: ImageLike | int) -> ImageLike:
+        known = self._known_id(image)
+        return self.paths[known] if known is not None else image
+
+    def _check_feature(self, feature: int) -> None:
+        if not 0 <= feature < self.sae.n_latents:
+            raise IndexError(f"Feature {feature} is out of range: the SAE has {self.sae.n_latents} latents.")
+
+    def _need_encoder(self) -> Encoder:
+        if self.encoder is None:
+            raise RuntimeError(
+                f"This query encodes a new image and needs the encoder {self.meta['encoder']!r}: "
+                f"ConceptIndex.load(path, encoder=get_encoder({self.meta['encoder']!r}))."
+            )
+        return self.encoder
+
+    def _need_embedder(self) -> Encoder:
+        if self.embedder is None:
+            raise RuntimeError(
+                f"This query needs the embedding model {self.meta['embedder']!r}: "
+                f"ConceptIndex.load(path, embedder=get_encoder({self.meta['embedder']!r}))."
+            )
+        return self.embedder
+
+    # ================================================================== persistence
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the index to directory `path`, atomically: readers see the old or the new index, whole."""
+        import faiss
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+        try:
+            meta = {**self.meta, "n_images": len(self), "skipped": self.skipped}
+            atomic_write_bytes(tmp / "meta.json", json.dumps(meta, indent=2).encode())
+            atomic_write_bytes(tmp / "paths.json", json.dumps(self.paths).encode())
+            atomic_write_bytes(
+                tmp / "features.json",
+                json.dumps([[asdict(c) for c in cands] for cands in self.names]).encode(),
+            )
+            np.save(tmp / "embeddings.npy", self.embeddings_NE)
+            self.codes.save(tmp / "codes.npz")
+            faiss.write_index(self.ann, str(tmp / "faiss.index"))
+            save_sae(self.sae, tmp / "sae")
+            old = None
+            if path.exists():
+                old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
+                os.replace(path, old / "index")
+            os.replace(tmp, path)
+            if old is not None:
+                shutil.rmtree(old)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        encoder: Encoder | None = None,
+        embedder: Encoder | None = None,
+        sae: SAE | None = None,
+        mmap: bool = False,
+    ) -> ConceptIndex:
+        """Reopen a saved index. Encoders are optional (needed for new images / text) but must match."""
+        import faiss
+
+        path = Path(path)
+        missing = [f for f in FILES if not (path / f).is_file()]
+        if not path.is_dir() or missing:
+            raise FileNotFoundError(
+                f"No concept index at {path} (missing {', '.join(missing) or 'directory'}): "
+                "build one first with ConceptIndex.build(...).save(path) or `mmsae index build`."
+            )
+        meta = json.loads((path / "meta.json").read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{path} has index format {meta.get('format_version')}, this mmsae reads "
+                f"{FORMAT_VERSION}: rebuild the index."
+            )
+        embedder = (
+            embedder
+            if embedder is not None
+            else (encoder if encoder is not None and encoder.id == meta["embedder"] else None)
+        )
+        for role, enc in (("encoder", encoder), ("embedder", embedder)):
+            if enc is not None and enc.id != meta[role]:
+                raise ValueError(
+                    f"The index at {path} was built with {role} {meta[role]!r}, got {enc.id!r}: "
+                    f"pass get_encoder({meta[role]!r})."
+                )
+        sae = sae if sae is not None else load_sae(path / "sae")
+        if (sae.d_in, sae.n_latents) != (meta["d_in"], meta["n_latents"]):
+            raise ValueError(
+                f"The index at {path} was built with an SAE of d_in={meta['d_in']}, "
+                f"n_latents={meta['n_latents']}; got d_in={sae.d_in}, n_latents={sae.n_latents}."
+            )
+        embeddings = np.load(path / "embeddings.npy", mmap_mode="r" if mmap else None)
+        ann = faiss.read_index(str(path / "faiss.index"))
+        cfg = _config_from_dict(meta["config"])
+        set_search_params(ann, cfg.ann)
+        names = [
+            [NameCandidate(**c) for c in cands] for cands in json.loads((path / "features.json").read_text())
+        ]
+        index = cls(
+            sae=sae,
+            meta=meta,
+            paths=json.loads((path / "paths.json").read_text()),
+            embeddings_NE=embeddings,
+            codes=SparseCodeStore.load(path / "codes.npz"),
+            ann=ann,
+            names=names,
+            encoder=encoder,
+            embedder=embedder,
+        )
+        index.skipped = meta.get("skipped", [])
+        return index
+
+    def __repr__(self) -> str:
+        return (
+            f"ConceptIndex({len(self)} images, {self.sae.n_latents} features, "
+            f"encoder={self.meta['encoder']}, hook={self.meta['hook']}, "
+            f"embedder={self.meta['embedder']}, ann={self.meta.get('ann')})"
+        )
+
+
+def _config_from_dict(d: dict[str, Any]) -> IndexConfig:
+    d = dict(d)
+    ann = AnnConfig(**d.pop("ann", {}))
+    return IndexConfig(**d, ann=ann)
