@@ -26,6 +26,8 @@ _LAZY = {
     "metrics": "mmsae.metrics",
     "Intervention": "mmsae.intervene.intervention",
     "Splice": "mmsae.intervene.intervention",
+    "ConceptIndex": "mmsae.index",
+    "feature_stats": "mmsae.analysis",
 }
 
 
