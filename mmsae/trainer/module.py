@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import itertools
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,6 +175,9 @@ class SAEModule(L.LightningModule):
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.broadcast(sae.b_dec.data, src=0)  # every rank starts from rank 0's init
         rank_zero_info(f"mmsae: input scale s = {self.input_scale.item():.4g} (E‖s·x‖ = √{d})")
+
+    # Lightning warns that this overrides a DataModule's hook of the same name; ours defines none.
+    warnings.filterwarnings("ignore", message="You have overridden `on_before_batch_transfer`")
 
     def on_before_batch_transfer(self, batch_BD: Tensor, dataloader_idx: int) -> Tensor:
         # Still on the host here, so the finiteness check costs no GPU sync.
