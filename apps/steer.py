@@ -1,0 +1,260 @@
+"""Image steering: pick SAE features by name, set their strength, compare the model's output before/after.
+
+CLIP/timm/LLaVA: an image is steered with saev's rule, f_i := s × max activation of feature i (error
+term kept); CLIP shows zero-shot labels, timm its top classes, LLaVA its answer. Diffusion: a prompt is
+sampled twice from one seed, adding s × max_i × W_dec[i] (sdxl-unbox), optionally only under a painted
+mask and inside a timestep window. `SteerHandlers` is the logic, `build_steer_app` the Gradio layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import gradio as gr
+import numpy as np
+import torch
+from mmsae.apps.common import (
+    MODEL_LOCK,
+    AppSettings,
+    FeatureCatalog,
+    InputError,
+    for_display,
+    load_image,
+    upload_roots,
+    user_errors,
+)
+from mmsae.datasets.images import PromptList
+from mmsae.encoders.base import Encoder
+from PIL import Image
+from torch import Tensor
+
+from mmsae.analysis.images import list_images, stack_pixels
+from mmsae.intervene import Direction, Edit, SetMax, Splice, max_activations
+from mmsae.intervene.intervention import schedule_length
+from mmsae.intervene.steer import steer_diffusion, steer_image, steer_llava
+from mmsae.sae import SAE
+
+N_SLOTS = 3  # features steered at once; each has its own strength slider
+MAX_STRENGTH = 10.0
+CALIBRATION_IMAGES = 64
+CALIBRATION_PROMPTS = 4
+DEFAULT_LABELS = "cat, dog, person, car, building, food, plant"
+LLAVA_CALIBRATION_PROMPT = "Describe the image."
+
+
+def mask_from_editor(value: Any) -> Tensor | None:
+    """[H, W] mask in {0, 1} from a Gradio image-editor value (painted = 1); None when nothing is painted."""
+    if value is None:
+        return None
+    layers = [np.asarray(layer) for layer in (value.get("layers") or []) if layer is not None]
+    painted = [layer[..., 3] > 0 for layer in layers if layer.ndim == 3 and layer.shape[-1] == 4]
+    if not painted or not np.any(painted):
+        return None
+    return torch.from_numpy(np.any(painted, axis=0).astype(np.float32))
+
+
+class SteerHandlers:
+    """Steering logic for one encoder and one SAE; max activations are measured once, lazily."""
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        sae: SAE,
+        settings: AppSettings,
+        catalog: FeatureCatalog | None = None,
+        max_acts: Tensor | None = None,
+        calibration: Sequence[str] | None = None,
+    ):
+        self.encoder, self.sae, self.settings = encoder, sae, settings
+        self.catalog = catalog or FeatureCatalog.unnamed(sae.cfg.n_latents)
+        self.upload_roots = upload_roots(settings)
+        self._max_acts = max_acts
+        self.calibration = list(calibration) if calibration is not None else self._default_calibration()
+        self.is_diffusion = hasattr(encoder, "sample")
+
+    def _default_calibration(self) -> list[str]:
+        """Images of the data directories (image models) or the bundled demo prompts (diffusion)."""
+        if hasattr(self.encoder, "sample"):
+            return PromptList.bundled("demo").prompts[:CALIBRATION_PROMPTS]
+        return [str(p) for d in self.settings.data_dirs for p in list_images(d)][:CALIBRATION_IMAGES]
+
+    def max_acts(self) -> Tensor:
+        """Per-feature maximum activation over the calibration set (the unit of the strength sliders)."""
+        if self._max_acts is None:
+            if not self.calibration:
+                raise InputError("Strengths are multiples of each feature's maximum activation, measured on "
+                                 "images: start the app with --data-dir <folder of images> (or --index).")
+            if self.is_diffusion:
+                batches: list[Any] = [self.calibration]
+            else:
+                pils = [load_image(p, self.settings.data_dirs) for p in self.calibration]
+                batches = [self._batch(pils[i : i + 16]) for i in range(0, len(pils), 16)]
+            self._max_acts = max_activations(self.encoder, self.sae, batches).cpu()
+        return self._max_acts
+
+    def _batch(self, pils: list[Image.Image]) -> Any:
+        if self.encoder.family == "llava":
+            return (pils, LLAVA_CALIBRATION_PROMPT)
+        return stack_pixels(self.encoder, pils)
+
+    def find_features(self, query: str) -> tuple[dict, ...]:
+        """Name search → new choices for every feature dropdown."""
+        choices = self.catalog.choices(self.catalog.find(query or ""))
+        if not choices:
+            raise InputError(f"No feature matches {query!r}.")
+        return tuple(gr.update(choices=choices) for _ in range(N_SLOTS))
+
+    def edits(self, slots: Sequence[Any]) -> list[Edit]:
+        """(feature, strength) pairs from the slots → edits; empty feature slots are ignored."""
+        pairs = [(self.catalog.parse(f), float(s))
+                 for f, s in zip(slots[::2], slots[1::2]) if f not in (None, "")]
+        if not pairs:
+            raise InputError("Pick at least one feature to steer (search features by name above).")
+        for _, s in pairs:
+            if abs(s) > MAX_STRENGTH:
+                raise InputError(f"Strength {s} is outside −{MAX_STRENGTH:g}…{MAX_STRENGTH:g}.")
+        max_acts = self.max_acts()
+        dead = [f for f, _ in pairs if max_acts[f] <= 0]
+        if dead:
+            raise InputError(f"Feature(s) {dead} never fired on the calibration data, so their maximum "
+                             "activation is 0 and steering them does nothing: pick other features.")
+        if self.is_diffusion:
+            return [Direction(f, s * float(max_acts[f])) for f, s in pairs]
+        return [SetMax(f, s) for f, s in pairs]
+
+    def steer_image(
+        self, image: Any, labels: str, *slots: Any
+    ) -> tuple[dict[str, float], dict[str, float], str]:
+        """CLIP/timm: (labels before, labels after, summary)."""
+        pil = load_image(image, self.upload_roots, self.settings.max_upload_mb)
+        edits = self.edits(slots)
+        names = [w.strip() for w in (labels or "").split(",") if w.strip()]
+        clip = hasattr(self.encoder, "encode_text")
+        if clip and len(names) < 2:
+            raise InputError("Give at least two comma-separated labels for CLIP's zero-shot classification.")
+        with MODEL_LOCK:
+            r = steer_image(self.encoder, self.sae, [pil], edits, labels=names if clip else None,
+                            max_acts=self.max_acts())
+        if clip:
+            before = dict(zip(names, r.probs_before_BL[0].tolist()))
+            after = dict(zip(names, r.probs_after_BL[0].tolist()))
+        else:
+            before, after = top_classes(r.before_BE[0]), top_classes(r.after_BE[0])
+        summary = f"Cosine(before, after) of the model output: {float(r.cosine_B[0]):.4f}"
+        return before, after, summary
+
+    def steer_llava(self, image: Any, prompt: str, max_new_tokens: int, *slots: Any) -> tuple[str, str]:
+        """LLaVA: (answer before, answer after) from greedy generation."""
+        pil = load_image(image, self.upload_roots, self.settings.max_upload_mb)
+        if not (prompt or "").strip():
+            raise InputError("Type a prompt for LLaVA, e.g. 'Describe the image.'")
+        edits = self.edits(slots)
+        with MODEL_LOCK:
+            r = steer_llava(self.encoder, self.sae, [pil], prompt.strip(), edits, int(max_new_tokens),
+                            max_acts=self.max_acts())
+        return r.before[0], r.after[0]
+
+    def steer_diffusion(
+        self, prompt: str, seed: int, steps: int, t_low: int, t_high: int, mask: Any, *slots: Any
+    ) -> tuple[Image.Image, Image.Image]:
+        """Diffusion: (sample without, sample with steering), same seed."""
+        if not (prompt or "").strip():
+            raise InputError("Type a prompt to generate from.")
+        edits = self.edits(slots)
+        n = schedule_length(self.encoder) or 1000
+        window = None if (int(t_low), int(t_high)) == (0, n - 1) else (int(t_low), int(t_high))
+        splice = Splice(self.sae, edits, spatial_mask=mask_from_editor(mask), timesteps=window)
+        with MODEL_LOCK:
+            r = steer_diffusion(self.encoder, splice, [prompt.strip()], seed=int(seed),
+                                num_inference_steps=int(steps))
+        return for_display(r.before[0]), for_display(r.after[0])
+
+
+def top_classes(logits: Tensor, k: int = 5) -> dict[str, float]:
+    """A classifier's top-k classes with probabilities, for gr.Label."""
+    probs = logits.float().softmax(-1)
+    values, idx = probs.topk(min(k, len(probs)))
+    return {f"class {i}": float(v) for v, i in zip(values.tolist(), idx.tolist())}
+
+
+def build_steer_app(
+    encoder: Encoder,
+    sae: SAE,
+    settings: AppSettings | None = None,
+    catalog: FeatureCatalog | None = None,
+    max_acts: Tensor | None = None,
+    calibration: Sequence[str] | None = None,
+) -> gr.Blocks:
+    """The steering Blocks; the layout follows the encoder family (image models vs diffusion)."""
+    settings = settings or AppSettings()
+    h = SteerHandlers(encoder, sae, settings, catalog, max_acts, calibration)
+    first = h.catalog.choices(h.catalog.find(""))
+    with gr.Blocks(title="mmsae steering") as demo:
+        gr.Markdown(f"## Steering {encoder.id} at `{sae.cfg.hook}` ({sae.cfg.n_latents} features)\n"
+                    "Strength = multiple of the feature's maximum activation (−10…10).")
+        with gr.Row():
+            query = gr.Textbox(label="Search features by name or number", elem_id="steer-feature-search")
+            find = gr.Button("Find features")
+        slots: list[gr.components.Component] = []
+        with gr.Row():
+            for i in range(N_SLOTS):
+                with gr.Column():
+                    slots.append(gr.Dropdown(first, value=first[0][1] if i == 0 and first else None,
+                                             allow_custom_value=True, label=f"Feature {i + 1}",
+                                             elem_id=f"steer-feature-{i}"))
+                    slots.append(gr.Slider(-MAX_STRENGTH, MAX_STRENGTH, value=5.0, step=0.5,
+                                           label=f"Strength {i + 1}"))
+        find.click(user_errors(h.find_features), [query], slots[::2], api_name="find_features")
+        query.submit(user_errors(h.find_features), [query], slots[::2], api_name=False)
+        if h.is_diffusion:
+            n = schedule_length(encoder) or 1000
+            with gr.Row():
+                with gr.Column():
+                    prompt = gr.Textbox(label="Prompt", value="a photo of a cat", elem_id="steer-prompt")
+                    with gr.Row():
+                        seed = gr.Number(0, precision=0, label="Seed")
+                        steps = gr.Slider(1, 100, value=encoder.sampling.num_inference_steps, step=1,
+                                          label="Steps")
+                    t_low = gr.Slider(0, n - 1, value=0, step=1, label="Timestep window: from")
+                    t_high = gr.Slider(0, n - 1, value=n - 1, step=1, label="Timestep window: to")
+                    run = gr.Button("Steer", variant="primary", elem_id="steer-run")
+                mask = gr.ImageEditor(label="Optional mask: paint where to steer", type="numpy",
+                                      canvas_size=(256, 256), height=320, sources=(),
+                                      brush=gr.Brush(colors=["#ffffff"]), elem_id="steer-mask")
+            with gr.Row():
+                before = gr.Image(label="Original", height=320, elem_id="steer-before")
+                after = gr.Image(label="Steered", height=320, elem_id="steer-after")
+            run.click(user_errors(h.steer_diffusion), [prompt, seed, steps, t_low, t_high, mask, *slots],
+                      [before, after], api_name="steer")
+            return demo
+        with gr.Row():
+            with gr.Column():
+                image = gr.Image(label="Image", type="filepath", sources=["upload", "clipboard"], height=220,
+                                 elem_id="steer-image")
+                if h.calibration:
+                    gr.Examples([[p] for p in h.calibration[:8]], [image], label="…or pick one")
+                if encoder.family == "llava":
+                    prompt = gr.Textbox(label="Prompt", value="Describe the image.", elem_id="steer-prompt")
+                    max_new = gr.Slider(1, 128, value=20, step=1, label="Max new tokens")
+                else:
+                    labels = gr.Textbox(label="Zero-shot labels (CLIP)", value=DEFAULT_LABELS,
+                                        visible=hasattr(encoder, "encode_text"))
+                run = gr.Button("Steer", variant="primary", elem_id="steer-run")
+            with gr.Column():
+                if encoder.family == "llava":
+                    before = gr.Textbox(label="Original answer", elem_id="steer-before")
+                    after = gr.Textbox(label="Steered answer", elem_id="steer-after")
+                    run.click(user_errors(h.steer_llava), [image, prompt, max_new, *slots], [before, after],
+                              api_name="steer")
+                else:
+                    with gr.Row():
+                        before = gr.Label(label="Original", num_top_classes=4, elem_id="steer-before")
+                        after = gr.Label(label="Steered", num_top_classes=4, elem_id="steer-after")
+                    summary = gr.Markdown()
+                    run.click(user_errors(h.steer_image), [image, labels, *slots], [before, after, summary],
+                              api_name="steer")
+    return demo
+
+
+__all__ = ["SteerHandlers", "build_steer_app", "mask_from_editor", "top_classes"]
