@@ -87,18 +87,37 @@ def sae_from_config(cfg: dict[str, Any]) -> SAE:
     return cls(cls.Config(**cfg))
 
 
-def load_sae(path_or_repo: str | os.PathLike, device: str | torch.device = "cpu", revision: str | None = None,
-             subfolder: str | None = None) -> SAE:
-    """Load an SAE from a local directory or a Hugging Face Hub repo id (optionally a subfolder)."""
+def resolve_dir(path_or_repo: str | os.PathLike, revision: str | None = None,
+                subfolder: str | None = None) -> Path:
+    """A local directory as is, else a Hub repo id fetched (or found in the local HF cache)."""
     path = Path(path_or_repo)
     if subfolder:
         path = path / subfolder
-    if not path.exists():
-        path = _download(str(path_or_repo), revision, subfolder)
+    return path if path.exists() else _download(str(path_or_repo), revision, subfolder)
+
+
+def _reject_foreign(path: Path) -> None:
+    from mmsae.convert import detect_format
+
+    fmt = detect_format(path)
+    if fmt in ("saelens", "sparsify"):
+        raise ValueError(
+            f"{path} holds a {fmt} checkpoint, not an mmsae one: "
+            f"load it with mmsae.convert.from_{fmt}({str(path)!r})."
+        )
+
+
+def load_sae(path_or_repo: str | os.PathLike, device: str | torch.device = "cpu", revision: str | None = None,
+             subfolder: str | None = None) -> SAE:
+    """Load an SAE from a local directory or a Hugging Face Hub repo id (optionally a subfolder)."""
+    path = resolve_dir(path_or_repo, revision, subfolder)
+    _reject_foreign(path)
     sae = sae_from_config(read_config(path))
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
-        raise FileNotFoundError(f"{weights} is missing: the SAE directory needs both {CFG_NAME} and {WEIGHTS_NAME}.")
+        raise FileNotFoundError(
+            f"{weights} is missing: the SAE directory needs both {CFG_NAME} and {WEIGHTS_NAME}."
+        )
     try:
         state = load_file(weights, device=str(device))
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
@@ -127,8 +146,9 @@ def _download(repo_id: str, revision: str | None, subfolder: str | None) -> Path
         root = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except Exception as e:
         raise FileNotFoundError(
-            f"Could not fetch SAE {repo_id!r} from the Hugging Face Hub or its cache ({type(e).__name__}: {e}). "
-            "Offline? Download it elsewhere and pass the local directory, or set HF_HOME to a cache that holds it."
+            f"Could not fetch SAE {repo_id!r} from the Hugging Face Hub or its cache "
+            f"({type(e).__name__}: {e}). Offline? Download it elsewhere and pass the local directory, "
+            "or set HF_HUB_CACHE (or HF_HOME) to a cache that holds it."
         ) from e
     return root / subfolder if subfolder else root
 

@@ -1,0 +1,183 @@
+"""Quality on synthetic data: every registered SAE variant, plus sparsify and SAELens TopK, at equal tokens.
+
+Data: `SyntheticActivations(d=256, n_features=4096)`; each SAE sees the same `--tokens` training tokens
+and is scored on `--eval-tokens` held-out tokens (FVU, L0, dead %, MMCS, fraction of the 4096 true
+directions recovered at cos > 0.9). Prints a Markdown table and writes it (atomically) to `--out`.
+
+    python benchmarks/bench_quality.py --tokens 2000000 --out /tmp/quality.md
+    /tmp/benchvenv/bin/python benchmarks/bench_quality.py --only sparsify saelens   # peers (own venv)
+
+The peers are never project dependencies: install them in a separate venv that reuses this one's torch
+(`eai-sparsify`, `sae-lens`). A peer that is not importable is reported in the table, not skipped silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from mmsae.datasets.synthetic import SyntheticActivations
+
+import mmsae
+from mmsae import metrics
+from mmsae.checkpoint import atomic_write_bytes
+from mmsae.sae import REGISTRY, SAE, SparseCodes
+
+HELD_OUT = 2**40  # evaluation tokens come from far beyond any training stream
+COLUMNS = ["fvu", "l0", "dead_fraction", "mmcs", "fraction_recovered"]
+
+
+@dataclass
+class Setup:
+    data: SyntheticActivations
+    n_latents: int
+    k: int
+    tokens: int
+    batch_size: int
+    eval_tokens: int
+    device: str
+
+    def train_batches(self) -> Iterator[torch.Tensor]:
+        return (b.to(self.device) for b in self.data.batches(self.batch_size, self.tokens))
+
+    def eval_batches(self) -> Iterator[torch.Tensor]:
+        return self.data.batches(self.batch_size, self.eval_tokens, offset=HELD_OUT)
+
+
+def run_mmsae(arch: str, s: Setup) -> SAE:
+    # Variants whose config has a default k are k-sparse and get the shared k; penalty-based ones
+    # (relu, gated, jumprelu) keep their default sparsity, so their L0 differs: read it in the table.
+    k_sparse = REGISTRY[arch].Config.__dataclass_fields__["k"].default is not None
+    options = {"k": s.k} if k_sparse else {}
+    return mmsae.train(s.data, sae=arch, n_latents=s.n_latents, tokens=s.tokens, batch_size=s.batch_size,
+                       devices=1, **options)
+
+
+class PeerSAE(SAE):
+    """Wraps a peer's encode/decode so `metrics.evaluate` scores every library the same way."""
+
+    def __init__(self, n_latents: int, d_in: int, encode: Callable, decode: Callable, W_dec: torch.Tensor):
+        super().__init__(mmsae.SAEConfig(d_in=d_in, n_latents=n_latents))
+        self._encode, self._decode = encode, decode
+        with torch.no_grad():
+            self.W_dec.copy_(W_dec)
+
+    def encode(self, x):
+        return self._encode(x)
+
+    def decode(self, codes):
+        return self._decode(codes)
+
+
+def run_sparsify(s: Setup) -> SAE:
+    """sparsify's default recipe (its Trainer's step, minus the LM plumbing): SignSGD + schedule-free,
+    lr 5e-3/√(n/2¹⁴), b_dec = mean of the first batch, unit-norm decoder, AuxK off (auxk_alpha=0)."""
+    if s.device == "cpu":  # sparsify picks its Triton decoder whenever triton imports, even for CPU tensors
+        os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
+    from schedulefree import ScheduleFreeWrapper
+    from sparsify import SparseCoder, SparseCoderConfig
+    from sparsify.sign_sgd import SignSGD
+
+    sae = SparseCoder(s.data.d, SparseCoderConfig(num_latents=s.n_latents, k=s.k), device=s.device)
+    opt = ScheduleFreeWrapper(SignSGD([{"params": sae.parameters(),
+                                        "lr": 5e-3 / (s.n_latents / 2**14) ** 0.5}]), momentum=0.95)
+    opt.train()
+    for step, x in enumerate(s.train_batches()):
+        if step == 0:
+            sae.b_dec.data = x.mean(0)
+        sae.set_decoder_norm_to_unit_norm()
+        out = sae(x)
+        out.fvu.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad()
+    opt.eval()  # schedule-free: evaluate at the averaged weights
+    sae.set_decoder_norm_to_unit_norm()
+
+    def encode(x):
+        top = sae.encode(x)
+        return SparseCodes(top.top_acts, top.top_indices, s.n_latents)
+
+    return PeerSAE(s.n_latents, s.data.d, encode, lambda c: sae.decode(c.values, c.indices),
+                   sae.W_dec.detach()).to(s.device)
+
+
+def run_saelens(s: Setup) -> SAE:
+    """SAELens' TopK training SAE through its own SAETrainer with default SAETrainerConfig values."""
+    from sae_lens.config import LoggingConfig
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.training.sae_trainer import SAETrainer, SAETrainerConfig
+
+    cfg = TopKTrainingSAEConfig(d_in=s.data.d, d_sae=s.n_latents, k=s.k, device=s.device)
+    sae = TopKTrainingSAE(cfg)
+    trainer_cfg = SAETrainerConfig(total_training_samples=s.tokens, train_batch_size_samples=s.batch_size,
+                                   device=s.device, logger=LoggingConfig(log_to_wandb=False),
+                                   n_batches_for_norm_estimate=10,
+                                   lr_end=SAETrainerConfig.lr / 10)  # what SAELens' runner config sets
+    SAETrainer(trainer_cfg, sae, iter(s.train_batches())).fit()
+    sae.eval()
+    W_dec = sae.W_dec.detach()
+    return PeerSAE(s.n_latents, s.data.d, sae.encode, sae.decode, W_dec).to(s.device)
+
+
+PEERS: dict[str, Callable[[Setup], SAE]] = {"sparsify": run_sparsify, "saelens": run_saelens}
+
+
+def benchmark(name: str, s: Setup) -> dict[str, float | str]:
+    start = time.perf_counter()
+    try:
+        sae = PEERS[name](s) if name in PEERS else run_mmsae(name, s)
+    except ImportError as e:
+        return {"name": name, "note": f"not installed: {e}"}
+    except Exception as e:  # one broken variant must not hide the others' numbers; it shows in the table
+        return {"name": name, "note": f"failed: {type(e).__name__}: {e}"}
+    seconds = time.perf_counter() - start
+    result = metrics.evaluate(sae, s.eval_batches(), features=s.data.features)
+    return {"name": name, **result, "seconds": seconds}
+
+
+def table(rows: list[dict], s: Setup) -> str:
+    lines = [f"d={s.data.d}, {s.data.n_features} features, n_latents={s.n_latents}, k={s.k}, "
+             f"{s.tokens:,} training tokens, batch {s.batch_size}, {s.eval_tokens:,} held-out tokens, "
+             f"device {s.device}.", "",
+             "| SAE | FVU | L0 | dead % | MMCS | recovered % (cos > 0.9) | train s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "note" in r:
+            lines.append(f"| {r['name']} | {r['note']} | | | | | |")
+            continue
+        lines.append(f"| {r['name']} | {r['fvu']:.4f} | {r['l0']:.1f} | {100 * r['dead_fraction']:.1f} | "
+                     f"{r['mmcs']:.3f} | {100 * r['fraction_recovered']:.1f} | {r['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=2_000_000)
+    p.add_argument("--eval-tokens", type=int, default=262_144)
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--n-latents", type=int, default=8192)
+    p.add_argument("--k", type=int, default=16)
+    p.add_argument("--mean-active", type=float, default=8.0)
+    p.add_argument("--only", nargs="*", help="SAE names to run (registered variants, 'sparsify', 'saelens')")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", type=Path, help="write the Markdown table here")
+    args = p.parse_args(argv)
+    data = SyntheticActivations(d=256, n_features=4096, mean_active=args.mean_active, seed=0)
+    s = Setup(data, args.n_latents, args.k, args.tokens, args.batch_size, args.eval_tokens, args.device)
+    names = args.only or [*sorted(REGISTRY), *PEERS]
+    rows = []
+    for name in names:
+        rows.append(benchmark(name, s))
+        print(table(rows, s), flush=True)
+    if args.out:
+        atomic_write_bytes(args.out, table(rows, s).encode())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""Import SAEs saved by SAELens and EleutherAI's sparsify as mmsae SAEs with identical outputs.
+
+On-disk formats:
+- SAELens: `cfg.json` (architecture, d_in, d_sae, apply_b_dec_to_input, normalize_activations, k,
+  rescale_acts_by_decoder_norm, metadata) + `sae_weights.safetensors` with W_enc [d, n], W_dec [n, d],
+  b_enc, b_dec, and `threshold` (jumprelu) or `b_gate`/`b_mag`/`r_mag` (gated). Pre-6.0 configs
+  name the hook `hook_point` and TopK as activation_fn_str="topk" + activation_fn_kwargs.k.
+- sparsify: one folder per hookpoint with `cfg.json` (d_in, expansion_factor, num_latents, k,
+  normalize_decoder, activation, skip_connection, transcode, ...) + `sae.safetensors` with
+  encoder.weight [n, d], encoder.bias, W_dec [n, d], b_dec.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor
+
+from mmsae.checkpoint import CFG_NAME, WEIGHTS_NAME, resolve_dir
+from mmsae.sae.base import SAE, build_sae
+
+SAELENS_WEIGHTS = "sae_weights.safetensors"
+SPARSIFY_KEYS = ("expansion_factor", "num_latents")
+Format = Literal["mmsae", "saelens", "sparsify"]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); the checkpoint is corrupt.") from e
+
+
+def detect_format(path: str | os.PathLike) -> Format | None:
+    """Which library wrote the SAE folder `path` (None if it is not recognisably an SAE folder)."""
+    path = Path(path)
+    cfg_file = path / CFG_NAME
+    if (path / SAELENS_WEIGHTS).is_file():
+        return "saelens"
+    if not cfg_file.is_file():
+        # sparsify saves one folder per hookpoint under the run directory.
+        return "sparsify" if sparsify_hookpoints(path) else None
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError:
+        return None
+    if "arch" in cfg:
+        return "mmsae"
+    if "d_sae" in cfg or "architecture" in cfg:
+        return "saelens"
+    if any(key in cfg for key in SPARSIFY_KEYS):
+        return "sparsify"
+    return None
+
+
+def sparsify_hookpoints(path: Path) -> list[str]:
+    if not path.is_dir():
+        return []
+    return sorted(p.name for p in path.iterdir() if (p / CFG_NAME).is_file() and (p / WEIGHTS_NAME).is_file())
+
+
+def _load_weights(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the checkpoint folder is incomplete.")
+    try:
+        return {k: v.float() for k, v in load_file(path).items()}
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        raise ValueError(f"{path} is corrupt or truncated ({e}); re-download the SAE.") from e
+
+
+def _require(state: dict[str, Tensor], names: list[str], source: Path, what: str) -> None:
+    missing = [n for n in names if n not in state]
+    if missing:
+        raise ValueError(f"{source} lacks tensors {missing} needed for a {what} SAE (has {sorted(state)}).")
+
+
+def _fill(sae: SAE, weights: dict[str, Tensor], device: str | torch.device) -> SAE:
+    params = dict(sae.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            if params[name].shape != value.shape:
+                raise ValueError(f"Converted tensor {name!r} has shape {tuple(value.shape)}, "
+                                 f"the mmsae {sae.arch!r} SAE expects {tuple(params[name].shape)}.")
+            params[name].copy_(value)
+    return sae.to(device)
+
+
+def _unit_norm(W_dec_ND: Tensor) -> bool:
+    return bool(torch.allclose(W_dec_ND.norm(dim=-1), torch.ones(W_dec_ND.shape[0]), atol=1e-4))
+
+
+# ---------------------------------------------------------------------------------------------- SAELens
+SAELENS_ARCHS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}
+
+
+def _saelens_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Bring a pre-6.0 SAELens config to the 6.x field names (as SAELens' own loader does)."""
+    cfg = dict(cfg)
+    cfg.setdefault("hook_name", cfg.get("hook_point"))
+    cfg.setdefault("apply_b_dec_to_input", True)
+    if cfg.get("normalize_activations") in (None, False):
+        cfg["normalize_activations"] = "none"
+    elif cfg["normalize_activations"] is True:
+        cfg["normalize_activations"] = "expected_average_only_in"
+    if "architecture" not in cfg:
+        topk_k = (cfg.get("activation_fn_kwargs") or {}).get("k")
+        is_topk = cfg.get("activation_fn_str") == "topk" and topk_k is not None
+        cfg["architecture"] = "topk" if is_topk else "standard"
+        if is_topk:
+            cfg["k"] = topk_k
+    return cfg
+
+
+def from_saelens(path_or_repo: str | os.PathLike, device: str | torch.device = "cpu",
+                 norm_scaling_factor: float | None = None, subfolder: str | None = None,
+                 revision: str | None = None) -> SAE:
+    """Load a SAELens SAE folder (local, or a Hub repo + subfolder) as an equivalent mmsae SAE.
+
+    `norm_scaling_factor`: for SAEs trained with normalize_activations="expected_average_only_in"
+    SAELens keeps the input scale outside the checkpoint (in its release table); pass it here and it
+    is folded into the weights, so the mmsae SAE acts on raw activations.
+    """
+    path = resolve_dir(path_or_repo, revision, subfolder)
+    cfg = _saelens_config(_read_json(path / CFG_NAME))
+    arch = cfg["architecture"]
+    if arch not in SAELENS_ARCHS:
+        raise ValueError(f"SAELens architecture {arch!r} has no mmsae equivalent; "
+                         f"supported: {sorted(SAELENS_ARCHS)}.")
+    norm = cfg["normalize_activations"]
+    if norm not in ("none", "expected_average_only_in"):
+        raise ValueError(f"SAELens normalize_activations={norm!r} is a per-token runtime transform that an "
+                         "mmsae SAE cannot represent; normalise inputs yourself before encoding.")
+    if norm == "expected_average_only_in" and norm_scaling_factor is None:
+        raise ValueError("This SAELens SAE was trained on rescaled inputs (normalize_activations="
+                         "'expected_average_only_in'): pass norm_scaling_factor= (from its release table).")
+
+    source = path / SAELENS_WEIGHTS
+    state = _load_weights(source)
+    scaling = state.pop("scaling_factor", None)
+    if scaling is not None and not torch.allclose(scaling, torch.ones_like(scaling)):
+        raise ValueError(f"{source} has a finetuning scaling_factor ≠ 1, which mmsae does not support.")
+    enc_bias = "b_gate" if arch == "gated" else "b_enc"
+    _require(state, ["W_enc", "W_dec", "b_dec", enc_bias], source, f"SAELens {arch}")
+    W_enc_ND, W_dec_ND, b_dec_D = state["W_enc"].T.contiguous(), state["W_dec"], state["b_dec"]
+    b_enc_N = state[enc_bias]
+    # SAELens encodes (x − a·b_dec) with a = apply_b_dec_to_input; mmsae always subtracts b_dec,
+    # so without it the encoder sees an extra +W_enc b_dec, folded into the encoder bias.
+    shift_N = torch.zeros_like(b_enc_N) if cfg["apply_b_dec_to_input"] else W_enc_ND @ b_dec_D
+    weights = {"W_enc": W_enc_ND, "W_dec": W_dec_ND, "b_dec": b_dec_D, "b_enc": b_enc_N + shift_N}
+    options: dict[str, Any] = {}
+    if arch == "topk":
+        options["k"] = int(cfg["k"])
+        if cfg.get("rescale_acts_by_decoder_norm", False):
+            # topk(z ⊙ ‖W_dec‖) then decode with atoms / ‖W_dec‖: fold the norms into the encoder.
+            norms_N = W_dec_ND.norm(dim=-1).clamp_min(1e-8)
+            weights.update(W_enc=W_enc_ND * norms_N[:, None], b_enc=weights["b_enc"] * norms_N,
+                           W_dec=W_dec_ND / norms_N[:, None])
+    elif arch == "jumprelu":
+        theta_N = state["threshold"] if "threshold" in state else state["log_threshold"].exp()
+        # SAELens computes relu(z)·1[z > θ]; with θ > 0 that is mmsae's z·1[z > θ].
+        weights["threshold"] = theta_N.clamp_min(1e-6)
+    elif arch == "gated":
+        _require(state, ["b_mag", "r_mag"], source, "SAELens gated")
+        weights.update(r_mag=state["r_mag"], b_mag=state["b_mag"] + state["r_mag"].exp() * shift_N)
+
+    meta = cfg.get("metadata") or {}
+    sae = build_sae(SAELENS_ARCHS[arch], W_dec_ND.shape[1], W_dec_ND.shape[0],
+                    unit_norm_decoder=_unit_norm(weights["W_dec"]),
+                    hook=meta.get("hook_name") or cfg.get("hook_name"),
+                    encoder=meta.get("model_name") or cfg.get("model_name"),
+                    extra={"converted_from": "saelens", "source": str(path_or_repo),
+                           "saelens_architecture": arch}, **options)
+    _fill(sae, weights, device)
+    if norm_scaling_factor is not None and norm == "expected_average_only_in":
+        sae.fold_input_scale(norm_scaling_factor)
+    return sae
+
+
+# ---------------------------------------------------------------------------------------------- sparsify
+def from_sparsify(path_or_repo: str | os.PathLike, hookpoint: str | None = None,
+                  device: str | torch.device = "cpu", revision: str | None = None) -> SAE:
+    """Load one sparsify SAE: a hookpoint folder, or a run folder / Hub repo plus `hookpoint`."""
+    path = resolve_dir(path_or_repo, revision, hookpoint)
+    if not (path / CFG_NAME).is_file():
+        hooks = sparsify_hookpoints(path)
+        if hooks:
+            raise ValueError(f"{path} holds several sparsify SAEs; pick one with hookpoint=, one of {hooks}.")
+        raise FileNotFoundError(f"No {CFG_NAME} in {path}: not a sparsify SAE folder.")
+    cfg = _read_json(path / CFG_NAME)
+    if "d_in" not in cfg:
+        raise ValueError(f"{path / CFG_NAME} has no 'd_in': not a sparsify SparseCoder config.")
+    unsupported = {key: cfg[key] for key in ("skip_connection", "transcode") if cfg.get(key)}
+    if cfg.get("activation", "topk") != "topk":
+        unsupported["activation"] = cfg["activation"]
+    if unsupported:
+        raise ValueError(f"sparsify options {unsupported} have no mmsae equivalent; "
+                         "only plain TopK SAEs convert.")
+    d_in = int(cfg["d_in"])
+    n = int(cfg.get("num_latents") or d_in * cfg["expansion_factor"])
+
+    source = path / WEIGHTS_NAME
+    state = _load_weights(source)
+    _require(state, ["encoder.weight", "encoder.bias", "W_dec", "b_dec"], source, "sparsify")
+    # sparsify: relu(encoder(x − b_dec)) then top-k; relu and top-k commute, as in mmsae's TopK.
+    weights = {"W_enc": state["encoder.weight"], "b_enc": state["encoder.bias"],
+               "W_dec": state["W_dec"], "b_dec": state["b_dec"]}
+    sae = build_sae("topk", d_in, n, k=int(cfg["k"]),
+                    unit_norm_decoder=bool(cfg.get("normalize_decoder", True)), hook=hookpoint or path.name,
+                    extra={"converted_from": "sparsify", "source": str(path_or_repo)})
+    return _fill(sae, weights, device)
+
+
+__all__ = ["SAELENS_ARCHS", "detect_format", "from_saelens", "from_sparsify", "sparsify_hookpoints"]
