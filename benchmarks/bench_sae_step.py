@@ -132,8 +132,8 @@ def bench_floor(s: Size, x: Tensor, reps: int) -> dict[str, float]:
 
 
 def bench_select(s: Size, reps: int, tune: bool) -> dict[str, float]:
-    """torch.topk vs the bisection select on the bf16 pre-activations of this size."""
-    from mmsae.kernels.triton_select import topk_select_into
+    """torch.topk vs the bound (v5) and bisection (v4) selects on bf16 pre-activations of this size."""
+    from mmsae.kernels.triton_select import BoundConfig, bound_config, topk_select_into
     from mmsae.kernels.triton_sparse import gather_sum_into
 
     pre = torch.randn(s.B, s.n, device="cuda", dtype=torch.bfloat16)
@@ -141,20 +141,21 @@ def bench_select(s: Size, reps: int, tune: bool) -> dict[str, float]:
     indices = torch.empty(s.B, s.k, dtype=torch.int64, device="cuda")
     out = {"torch_topk_ms": time_ms(lambda: pre.topk(s.k, dim=-1, sorted=False), 2, reps)}
     out["select_ms"] = time_ms(lambda: topk_select_into(pre, s.k, values, indices), 2, reps)
+    out["bisect_ms"] = time_ms(lambda: topk_select_into(pre, s.k, values, indices, "bisect"), 2, reps)
     out["hbm_read_ms"] = pre.numel() * 2 / 3.0e9  # one read of pre at ~3.0 TB/s (measured copy rate)
     if tune:
-        for seg in (512, 1024, 2048):
-            for warps in (1, 2, 4):
-                run = partial(topk_select_into, pre, s.k, values, indices, seg, warps)
-                out[f"select_seg{seg}_w{warps}_ms"] = time_ms(run, 2, reps)
-        # The decoder-forward gather (fp32 atoms) under a few tile shapes.
+        cap = bound_config(s.n, s.k).cap
+        for groups in (512, 1024, 2048):
+            for warps in (4, 8):
+                cfg = BoundConfig(groups, cap, warps)
+                run = partial(topk_select_into, pre, s.k, values, indices, "bound", bound=cfg)
+                out[f"bound_g{groups}_w{warps}_ms"] = time_ms(run, 2, reps)
+        # The decoder-forward gather from fp32 atoms (v4) vs the bf16 copy (v5).
         W_dec = torch.randn(s.n, s.d, device="cuda")
         x_hat = torch.empty(s.B, s.d, device="cuda", dtype=torch.bfloat16)
-        for block_k in (8, 32):
-            for block_d in (128, 256, 512):
-                for warps in (4, 8):
-                    run = partial(gather_sum_into, values, indices, W_dec, x_hat, block_k, block_d, warps)
-                    out[f"gather_k{block_k}_d{block_d}_w{warps}_ms"] = time_ms(run, 2, reps)
+        for table in (W_dec, W_dec.bfloat16()):
+            run = partial(gather_sum_into, values, indices, table, x_hat)
+            out[f"gather_{str(table.dtype)[6:]}_ms"] = time_ms(run, 2, reps)
     return out
 
 
@@ -204,7 +205,7 @@ def main() -> None:
     header = f"{'d':>5} {'n':>7} {'k':>3} {'B':>6} | " + " | ".join(
         f"{n:>18}" for n in [*args.impls, "GEMM floor"]
     )
-    print(header + " |  mmsae/sparsify  | topk ms  select ms")
+    print(header + " |  mmsae/sparsify  | topk ms  select ms  v4 select ms")
     for row in results:
         s = row["size"]
         cells = []
@@ -221,7 +222,8 @@ def main() -> None:
         print(
             f"{s['d']:>5} {s['n']:>7} {s['k']:>3} {s['B']:>6} | "
             + " | ".join(cells)
-            + f" | {ratio:>15} | {sel['torch_topk_ms']:7.3f}  {sel['select_ms']:7.3f}"
+            + f" | {ratio:>15} | {sel['torch_topk_ms']:7.3f}"
+            + f"  {sel['select_ms']:9.3f}  {sel['bisect_ms']:12.3f}"
         )
 
 

@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from mmsae.kernels import reference, triton_ops
-from mmsae.kernels.triton_select import topk_select_into
+from mmsae.kernels.triton_select import BoundConfig, SelectMethod, topk_select_into
 from mmsae.kernels.triton_sparse import gather_dot_into, gather_sum_into, segment_matmul_into
 
 from mmsae import kernels
@@ -39,33 +39,71 @@ def random_codes(
 
 
 # ----------------------------------------------------------------------------- top-k select
+def lowest_index_topk(pre_BN: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest per row, ties to the lowest column, in the kernels' key order
+    (-0 < +0): the deterministic selection both select methods must reproduce exactly."""
+    bits = pre_BN.view(torch.int16).int()
+    key = torch.where(bits < 0, bits ^ 0x7FFF, bits)
+    return key.sort(dim=-1, descending=True, stable=True).indices[:, :k]
+
+
+def hard_rows(B: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+    pre_BN = torch.randn(B, n, device=DEVICE).to(dtype)
+    pre_BN[1] = pre_BN[1].round()  # many ties at the threshold, and -0 next to +0
+    pre_BN[2] = -pre_BN[2].abs()  # all negative: relu zeros, ordering of negatives still matters
+    pre_BN[3, ::2] = 4.0  # more than k equal maxima: overflows the bound select's candidate slots
+    return pre_BN
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
-    ("n", "k", "seg"), [(257, 1, None), (1000, 13, None), (333, 64, None), (1000, 13, 64), (300, 50, 128)]
+    ("n", "k", "method", "options"),
+    [
+        (257, 1, "bisect", {}),
+        (1000, 13, "bisect", {}),
+        (333, 64, "bisect", {}),
+        (1000, 13, "bisect", {"seg": 64}),
+        (300, 50, "bisect", {"seg": 128}),  # 300 % 128 < 50 pads the last segment
+        (257, 1, "bound", {}),
+        (333, 64, "bound", {}),
+        (1000, 13, "bound", {"bound": BoundConfig(groups=64, cap=64, num_warps=4)}),
+        (300, 50, "bound", {"bound": BoundConfig(groups=64, cap=256, num_warps=4)}),
+    ],
 )
-def test_select_matches_torch_topk(dtype: torch.dtype, n: int, k: int, seg: int | None) -> None:
-    """seg splits rows into segments (top-k each, then a merge launch); 300 % 128 < 50 pads."""
-    pre_BN = torch.randn(5, n, device=DEVICE).to(dtype)
-    pre_BN[1] = pre_BN[1].round()  # many ties at the threshold
-    pre_BN[2] = -pre_BN[2].abs()  # all negative: relu zeros, ordering of negatives still matters
-    pre_BN[3, ::2] = 4.0  # more than k equal maxima
+def test_select_matches_torch_topk(
+    dtype: torch.dtype, n: int, k: int, method: SelectMethod, options: dict[str, object]
+) -> None:
+    """Both methods pick exactly the lowest-index top k; the small bound configs make rows 1 and 3
+    overflow their candidate slots, so the whole-row fallback runs too."""
+    pre_BN = hard_rows(5, n, dtype)
     values_BK = torch.full((5, k), float("nan"), device=DEVICE, dtype=dtype)
     indices_BK = torch.full((5, k), -1, device=DEVICE, dtype=torch.int64)
-    topk_select_into(pre_BN, k, values_BK, indices_BK, seg=seg)
+    topk_select_into(pre_BN, k, values_BK, indices_BK, method, **options)
 
-    assert (indices_BK >= 0).all() and (indices_BK < n).all()
-    assert all(len(set(row.tolist())) == k for row in indices_BK), "an index was selected twice"
     assert torch.equal(pre_BN.gather(1, indices_BK).relu(), values_BK)
+    assert torch.equal(indices_BK.sort(-1).values, lowest_index_topk(pre_BN, k).sort(-1).values)
     ref = pre_BN.float().topk(k, dim=-1).values.relu()
     assert torch.equal(values_BK.float().sort(-1, descending=True).values, ref)
 
 
+@pytest.mark.skipif(not CUDA, reason="needs CUDA; CPU twin: test_select_matches_torch_topk")
+@pytest.mark.parametrize("method", ["bound", "bisect"])
+def test_select_benchmark_sized_rows_gpu(method: SelectMethod) -> None:
+    pre_BN = hard_rows(300, 65539, torch.bfloat16)
+    values_BK = torch.full((300, 64), float("nan"), device=DEVICE, dtype=torch.bfloat16)
+    indices_BK = torch.full((300, 64), -1, device=DEVICE, dtype=torch.int64)
+    topk_select_into(pre_BN, 64, values_BK, indices_BK, method)
+    assert torch.equal(pre_BN.gather(1, indices_BK).relu(), values_BK)
+    assert torch.equal(indices_BK.sort(-1).values, lowest_index_topk(pre_BN, 64).sort(-1).values)
+
+
 def test_select_rejects_fp32_with_a_clear_error() -> None:
     pre_BN = torch.randn(2, 16, device=DEVICE)
+    outputs = pre_BN.new_empty(2, 4), torch.empty(2, 4, dtype=torch.int64, device=DEVICE)
     with pytest.raises(TypeError, match="bf16/fp16"):
-        topk_select_into(
-            pre_BN, 4, pre_BN.new_empty(2, 4), torch.empty(2, 4, dtype=torch.int64, device=DEVICE)
-        )
+        topk_select_into(pre_BN, 4, *outputs)
+    with pytest.raises(ValueError, match="Unknown select method"):
+        topk_select_into(pre_BN.bfloat16(), 4, outputs[0].bfloat16(), outputs[1], "radix")  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------------- sparse kernels
