@@ -88,11 +88,11 @@ class SyntheticActivations:
             return self._last_chunk[1]
         rng = np.random.default_rng([self.seed, 1, index])
         C = CHUNK_TOKENS
-        # Per feature: Binomial count, then distinct positions. Exactly Bernoulli(p) per (token, feature)
-        # and O(active) work, where a dense [C, F] Bernoulli draw would dominate training time.
+        # Per feature: Binomial count, then that many distinct positions. Exactly Bernoulli(p) per
+        # (token, feature) and O(active) work, where a dense [C, F] Bernoulli draw would dominate training.
         counts_R = rng.binomial(C, self.root_prob.numpy())
-        tokens = np.concatenate([rng.choice(C, c, replace=False) for c in counts_R])
         feats = np.repeat(np.arange(self.n_roots), counts_R)
+        tokens = distinct_positions(rng, feats, C)
         if self.n_parents:
             is_parent = feats < self.n_parents
             child = self.n_roots + feats[is_parent] * self.children_per_parent + rng.integers(
@@ -140,6 +140,23 @@ class SyntheticActivations:
     def __repr__(self) -> str:
         return (f"SyntheticActivations(d={self.d}, n_features={self.n_features}, seed={self.seed}, "
                 f"parents={self.n_parents}, signed={int(self.is_signed.sum())})")
+
+
+def distinct_positions(rng: np.random.Generator, groups: np.ndarray, n_positions: int) -> np.ndarray:
+    """A uniform position in [0, n_positions) per entry, distinct within each group (vectorised).
+
+    Draw with replacement, then redraw the repeats until none is left. Every position is equally likely
+    at every draw, so each group's set is a uniform random subset of its size, as with
+    `rng.choice(n, c, replace=False)` per group, without a Python loop over the groups.
+    """
+    positions = rng.integers(0, n_positions, size=groups.size)
+    while True:
+        _, first = np.unique(groups * n_positions + positions, return_index=True)
+        if first.size == positions.size:
+            return positions
+        repeat = np.ones(positions.size, dtype=bool)
+        repeat[first] = False
+        positions[repeat] = rng.integers(0, n_positions, size=int(repeat.sum()))
 
 
 __all__ = ["SyntheticActivations"]
