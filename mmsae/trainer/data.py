@@ -33,6 +33,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
 from mmsae.datasets.synthetic import SyntheticActivations
+from mmsae.store import prefetch
 
 
 class ActivationStoreLike(Protocol):
@@ -225,7 +226,11 @@ class TokenBudget(IterableDataset):
         n_tokens = self.n_batches * self.batch_size * self.world_size
         first = self.start * self.world_size + self.rank
         stream = self.source.global_batches(self.batch_size, self.seed, n_tokens, first, self.world_size)
-        return itertools.islice(stream, self.n_batches - self.start)
+        batches = itertools.islice(stream, self.n_batches - self.start)
+        if torch.cuda.is_available():  # pinned host memory: Lightning's copy to the GPU is then asynchronous
+            batches = (b.pin_memory() if b.device.type == "cpu" else b for b in batches)
+        # Gathering, shard reads and pinning run in a thread, overlapping the GPU step.
+        return prefetch(batches, depth=2)
 
 
 class SAEDataModule(L.LightningDataModule):
