@@ -5,6 +5,13 @@ and a weights sample, hooks, token mode, data set fingerprint, preprocessing, dt
 ranges of examples with batches aligned to them, so any shard can be (re)computed alone: a killed
 extraction resumes at the first missing shard and ends byte-identical to an uninterrupted run.
 
+Several processes (one per GPU) extract disjoint shards of one store: process `rank` of `world_size`
+computes the shards s with s % world_size == rank. Rank 0 creates store.json, each shard's record goes to
+its own file, and rank 0 merges them when all are done, so the store is byte-identical to a single-process
+run and an interrupted run resumes with any number of processes. Launch with `mmsae extract --devices N`,
+with `torchrun --nproc_per_node N -m mmsae.cli extract ...`, or call `extract` in each process of a
+torch.distributed job.
+
 Pipeline: DataLoader workers decode and transform images → forward on the device → activations cast
 to the store dtype on the device and copied asynchronously into pinned host memory → a writer thread
 waits for each copy and streams it into the current shard's temp files.
@@ -15,10 +22,13 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import os
 import queue
+import shutil
 import threading
+import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +44,7 @@ from mmsae.datasets.images import ExampleDataset, UnreadableExample
 from mmsae.encoders.base import Encoder, TokenActs, TokenMode
 from mmsae.store import (
     DEFAULT_BUFFER_TOKENS,
+    DONE_DIR,
     DTYPES,
     FORMAT,
     STORE_JSON,
@@ -41,15 +52,20 @@ from mmsae.store import (
     ShardFile,
     StoreError,
     check_dtype,
+    n_recorded,
     read_info,
     remove_stale_temps,
     resolve_hooks,
     shard_files,
+    shard_record,
     shuffle_batches,
     write_info,
+    write_record,
 )
 
 DEFAULT_SHARD_TOKENS = 1 << 18
+DEFAULT_WAIT_S = 1800.0  # as torch.distributed's default: a rank that makes no progress this long failed
+POLL_S = 0.2
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
@@ -158,8 +174,8 @@ class _ShardWriter(threading.Thread):
     """Background thread: waits for each async device→host copy and streams it into shard temp files.
 
     Queue items: ("append", shard, {hook: (acts, meta)}, event), ("skipped", shard, [..]),
-    ("commit", shard), or None to stop. A shard is recorded in store.json only after its files are
-    renamed into place; on error or stop, the uncommitted shard's temp files are deleted.
+    ("commit", shard), or None to stop. A shard's record is written only after its files are renamed
+    into place; on error or stop, the uncommitted shard's temp files are deleted.
     """
 
     def __init__(self, root: Path, info: dict[str, Any], max_pending: int = 4):
@@ -185,7 +201,7 @@ class _ShardWriter(threading.Thread):
             return
         err = self.error
         if isinstance(err, OSError) and err.errno in _DISK_FULL:
-            done = sum(s is not None for s in self.info["shards"])
+            done = n_recorded(self.root, self.info)
             raise OSError(err.errno, f"Out of disk space writing the activation store {self.root} ({err}). "
                           f"The partial shard was deleted; {done} finished shards are kept. Free space or "
                           "choose another out_dir, then run the same extraction again to resume.") from err
@@ -229,8 +245,7 @@ class _ShardWriter(threading.Thread):
             record["hooks"][hook] = {"n_tokens": self.counts[hook], "acts_crc32": acts_file.commit(),
                                      "meta_crc32": meta_file.commit()}
         self.files, self.skipped = {}, []
-        self.info["shards"][shard] = record
-        write_info(self.root, self.info)
+        write_record(self.root, shard, record)
 
 
 def _stage(acts: dict[str, TokenActs], dtype: torch.dtype) -> tuple[dict[str, tuple[Tensor, Tensor]], Any]:
@@ -251,8 +266,135 @@ def _stage(acts: dict[str, TokenActs], dtype: torch.dtype) -> tuple[dict[str, tu
     if not any(a.is_pinned() for a, _ in out.values()):
         return out, None
     event = torch.cuda.Event()
-    event.record()
+    event.record(torch.cuda.current_stream(next(iter(acts.values())).acts_ND.device))  # the copies' stream
     return out, event
+
+
+# ------------------------------------------------------------------------------------------ ranks
+@dataclass(frozen=True)
+class Ranks:
+    """This process's share of the shards, and how it waits for the other processes."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0  # GPU index on this host
+    distributed: bool = False  # in a torch.distributed group: barriers; else poll the store's files
+
+    def owns(self, shard: int) -> bool:
+        return shard % self.world_size == self.rank
+
+
+def resolve_ranks(rank: int | None = None, world_size: int | None = None) -> Ranks:
+    """Explicit values, else the torch.distributed group, else torchrun's RANK/WORLD_SIZE/LOCAL_RANK."""
+    if (rank is None) != (world_size is None):
+        raise ValueError("Pass both rank= and world_size=, or neither (then they come from torch.distributed "
+                         "or torchrun's RANK/WORLD_SIZE environment variables).")
+    dist = torch.distributed
+    group = dist.is_available() and dist.is_initialized()
+    if rank is None:
+        rank = dist.get_rank() if group else int(os.environ.get("RANK", 0))
+        world_size = dist.get_world_size() if group else int(os.environ.get("WORLD_SIZE", 1))
+    if not 0 <= rank < world_size:
+        raise ValueError(f"Need 0 <= rank < world_size, got rank={rank}, world_size={world_size}.")
+    in_group = group and (rank, world_size) == (dist.get_rank(), dist.get_world_size())
+    return Ranks(rank, world_size, int(os.environ.get("LOCAL_RANK", rank)), in_group)
+
+
+def rank_device(device: str | torch.device, ranks: Ranks) -> torch.device:
+    """`device`, except that each process of a multi-process CUDA run gets its own GPU, cuda:LOCAL_RANK."""
+    device = torch.device(device)
+    if device.type != "cuda" or ranks.world_size == 1:
+        return device
+    if ranks.local_rank >= torch.cuda.device_count():
+        raise ValueError(f"Rank {ranks.rank} needs cuda:{ranks.local_rank} but {torch.cuda.device_count()} "
+                         "GPUs are visible: start at most one process per GPU.")
+    return torch.device("cuda", ranks.local_rank)
+
+
+def _poll(check: Callable[[], tuple[bool, int]], timeout: float, failure: Callable[[], str]) -> None:
+    """Wait until `check` says finished; its progress count rising restarts the timeout."""
+    deadline, seen = time.monotonic() + timeout, -1
+    while True:
+        finished, progress = check()
+        if finished:
+            return
+        if progress > seen:
+            deadline, seen = time.monotonic() + timeout, progress
+        elif time.monotonic() > deadline:
+            raise TimeoutError(failure())
+        time.sleep(POLL_S)
+
+
+def _await_store(root: Path, config: dict[str, Any], digest: str, ranks: Ranks, timeout: float,
+                 ) -> dict[str, Any]:
+    """store.json once rank 0 has created (or checked) it."""
+    if ranks.distributed:
+        torch.distributed.barrier()
+    elif ranks.rank != 0:
+        _poll(lambda: ((root / STORE_JSON).is_file(), 0), timeout,
+              lambda: f"Rank {ranks.rank}: rank 0 did not create {root / STORE_JSON} within {timeout:.0f} s. "
+                      "Start rank 0 with the same configuration and out_dir, and check its log.")
+    info = _open_store(root, config, digest)
+    if info is None:  # only when the ranks were given different out_dirs
+        raise StoreError(f"Rank {ranks.rank}: {root / STORE_JSON} does not exist after rank 0 created the "
+                         "store: give every rank the same out_dir.")
+    return info
+
+
+def _finish(root: Path, info: dict[str, Any], pending: list[int], ranks: Ranks, timeout: float) -> None:
+    """Once the `pending` shards are done, rank 0 merges their records into store.json; all wait for it."""
+    if ranks.distributed:
+        torch.distributed.barrier()
+        if ranks.rank == 0:
+            _finalize(root, info)
+        torch.distributed.barrier()
+    elif ranks.rank == 0:
+        _await_shards(root, info, pending, ranks, timeout)
+        _finalize(root, info)
+    else:
+        _await_merge(root, pending, ranks, timeout)
+
+
+def _await_shards(root: Path, info: dict[str, Any], pending: list[int], ranks: Ranks, timeout: float) -> None:
+    """Rank 0 without a process group: poll until every pending shard has a record and its files."""
+    waiting = set(pending)
+
+    def check() -> tuple[bool, int]:
+        waiting.difference_update([s for s in sorted(waiting) if _shard_done(root, info, s)])
+        return not waiting, len(pending) - len(waiting)
+
+    def failure() -> str:
+        owners = sorted({s % ranks.world_size for s in waiting})
+        return (f"Rank 0: no shard of {root} was finished for {timeout:.0f} s; shards {sorted(waiting)[:8]} "
+                f"of ranks {owners} are missing. That process probably failed: check its log, then run the "
+                "same extraction again (with any number of processes) to resume.")
+
+    _poll(check, timeout, failure)
+
+
+def _await_merge(root: Path, pending: list[int], ranks: Ranks, timeout: float) -> None:
+    """Other ranks without a process group: poll until store.json is complete with the pending shards.
+
+    They cannot watch .done/ like rank 0: rank 0 deletes it when it merges. New records there count as
+    progress for the timeout.
+    """
+    def check() -> tuple[bool, int]:
+        info = read_info(root)
+        if info["complete"] and all(_shard_done(root, info, s) for s in pending):
+            return True, 0
+        return False, len(list((root / DONE_DIR).glob("*.json")))
+
+    _poll(check, timeout, lambda: f"Rank {ranks.rank}: {root} was not finished for {timeout:.0f} s without "
+                                  "progress; check the other processes' logs, then run the same extraction "
+                                  "again (with any number of processes) to resume.")
+
+
+def _finalize(root: Path, info: dict[str, Any]) -> None:
+    """Rank 0, once every shard is done: merge the shard records into store.json and drop .done/."""
+    remove_stale_temps(root)  # of killed earlier runs; no process is writing any more
+    records = [shard_record(root, info, s) for s in range(len(info["shards"]))]
+    write_info(root, {**info, "shards": records, "complete": True})
+    shutil.rmtree(root / DONE_DIR, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------ extract
@@ -323,14 +465,26 @@ def _open_store(root: Path, config: dict[str, Any], digest: str) -> dict[str, An
 def extract(encoder: Encoder, dataset: ExampleDataset, hooks: str | Sequence[str] | None, out_dir: str | Path,
             tokens: TokenMode = "all", dtype: str = "float16", batch_size: int = 64,
             shard_tokens: int = DEFAULT_SHARD_TOKENS, num_workers: int = 0, modality: str | None = None,
-            preprocessing: dict[str, Any] | None = None, progress: bool = True) -> ActivationStore:
+            preprocessing: dict[str, Any] | None = None, progress: bool = True, rank: int | None = None,
+            world_size: int | None = None, timeout: float = DEFAULT_WAIT_S) -> ActivationStore:
     """Extract `hooks` activations of `encoder` over `dataset` into a sharded store under `out_dir`.
 
     Resumes an interrupted extraction of the same configuration; returns at once if it is complete.
     `hooks=None` uses `encoder.default_hook`; `modality` ("image"/"text") defaults from the data set;
     `preprocessing` holds extra settings that change the activations (e.g. sampler settings) and
     enters the store hash. Unreadable examples are skipped, counted and listed in `store.skipped`.
+
+    Several processes: call this in each with the same arguments. `rank`/`world_size` default to the
+    torch.distributed group, else to torchrun's RANK/WORLD_SIZE; the process extracts the shards
+    s % world_size == rank, on cuda:LOCAL_RANK if the encoder is on CUDA (it is moved there). Outside a
+    torch.distributed group the processes coordinate through the store's files and fail after `timeout`
+    seconds in which the others made no progress. Every process returns the finished store.
     """
+    ranks = resolve_ranks(rank, world_size)
+    if (device := rank_device(encoder.device, ranks)) != encoder.device:
+        encoder.to(device)
+    if device.type == "cuda" and ranks.world_size > 1:
+        torch.cuda.set_device(device)  # pinned memory and CUDA events must not land on GPU 0
     hooks = [encoder.default_hook] if hooks is None else [hooks] if isinstance(hooks, str) else list(hooks)
     for h in hooks:
         encoder.module(h)  # unknown hook → KeyError listing the valid ones
@@ -344,23 +498,24 @@ def extract(encoder: Encoder, dataset: ExampleDataset, hooks: str | Sequence[str
     digest = config_hash(config)
     root = _store_dir(Path(out_dir), encoder, digest)
     info = _open_store(root, config, digest)
-    if info is not None and all(_shard_done(root, info, s) for s in range(len(info["shards"]))):
+    if info is not None and info["complete"] and all(_shard_done(root, info, s)
+                                                     for s in range(len(info["shards"]))):
         return ActivationStore(root)  # cache hit
-    if info is None:
+    if info is None and ranks.rank == 0:
         layout, hooks_info = _layout(encoder, dataset, hooks, tokens, modality, batch_size, shard_tokens)
         n_shards = -(-len(dataset) // layout["examples_per_shard"])
-        info = {"format": FORMAT, "config": config, "config_hash": digest, "dataset": dataset.describe(),
-                "layout": layout,
-                "hooks": hooks_info, "shards": [None] * n_shards, "complete": False}
         root.mkdir(parents=True, exist_ok=True)
-        write_info(root, info)
-    else:
-        remove_stale_temps(root)
-    _run(encoder, dataset, root, info, tokens, num_workers, progress)
-    info["complete"] = True
-    write_info(root, info)
+        write_info(root, {"format": FORMAT, "config": config, "config_hash": digest,
+                          "dataset": dataset.describe(), "layout": layout, "hooks": hooks_info,
+                          "shards": [None] * n_shards, "complete": False})
+    info = _await_store(root, config, digest, ranks, timeout)
+    pending = [s for s in range(len(info["shards"])) if not _shard_done(root, info, s)]
+    desc = f"extract {encoder.id}" + (f" (rank 0 of {ranks.world_size})" if ranks.world_size > 1 else "")
+    _run(encoder, dataset, root, info, [s for s in pending if ranks.owns(s)], tokens, num_workers,
+         progress and ranks.rank == 0, desc)
+    _finish(root, info, pending, ranks, timeout)
     store = ActivationStore(root)
-    if store.skipped:
+    if store.skipped and ranks.rank == 0:
         first = store.skipped[0]
         warnings.warn(f"Skipped {len(store.skipped)} unreadable examples of {dataset.describe()} (first: "
                       f"{first['source']}: {first['reason']}); see store.skipped.", stacklevel=2)
@@ -369,7 +524,7 @@ def extract(encoder: Encoder, dataset: ExampleDataset, hooks: str | Sequence[str
 
 def _shard_done(root: Path, info: dict[str, Any], shard: int) -> bool:
     """Recorded and its files present with the recorded sizes (a deleted shard is recomputed)."""
-    rec = info["shards"][shard]
+    rec = shard_record(root, info, shard)
     if rec is None:
         return False
     itemsize = DTYPES[info["config"]["dtype"]].itemsize
@@ -382,16 +537,14 @@ def _shard_done(root: Path, info: dict[str, Any], shard: int) -> bool:
     return True
 
 
-def _run(encoder: Encoder, dataset: ExampleDataset, root: Path, info: dict[str, Any], tokens: TokenMode,
-         num_workers: int, progress: bool) -> None:
+def _run(encoder: Encoder, dataset: ExampleDataset, root: Path, info: dict[str, Any], shards: list[int],
+         tokens: TokenMode, num_workers: int, progress: bool, desc: str) -> None:
+    """Compute and record `shards`."""
     layout, n = info["layout"], len(dataset)
     bs, per_shard = layout["batch_size"], layout["examples_per_shard"]
-    todo = [s for s in range(len(info["shards"])) if not _shard_done(root, info, s)]
-    for s in todo:
-        info["shards"][s] = None
     plan: list[tuple[int, bool]] = []  # (shard, last batch of the shard) for each batch
     index_batches: list[list[int]] = []
-    for s in todo:
+    for s in shards:
         stop = min((s + 1) * per_shard, n)
         starts = range(s * per_shard, stop, bs)
         for b in starts:
@@ -402,8 +555,7 @@ def _run(encoder: Encoder, dataset: ExampleDataset, root: Path, info: dict[str, 
     dtype = DTYPES[info["config"]["dtype"]]
     writer = _ShardWriter(root, info)
     writer.start()
-    n_done = n - sum(len(b) for b in index_batches)
-    bar = tqdm(total=n, initial=n_done, unit="ex", desc=f"extract {encoder.id}", disable=not progress)
+    bar = tqdm(total=sum(map(len, index_batches)), unit="ex", desc=desc, disable=not progress)
     batches = forward_batches(encoder, dataset, index_batches, list(info["hooks"]), tokens,
                               info["config"]["modality"], num_workers)
     try:
@@ -492,6 +644,7 @@ class ExtractConfig:
     shard_tokens: int = DEFAULT_SHARD_TOKENS
     num_workers: int = 0
     device: str = "auto"  # auto = cuda when available
+    devices: int = 1  # processes on disjoint shards, one per GPU (on CPU: CPU processes)
     model_dtype: str = ""  # e.g. bfloat16; empty keeps the model's dtype
     pretrained: bool = True
 
@@ -526,29 +679,69 @@ def _parse_config(argv: list[str]) -> ExtractConfig:
     return ExtractConfig(**values)
 
 
-def run_config(cfg: ExtractConfig) -> ActivationStore:
-    """Build the encoder and data set a config names and extract."""
+def run_config(cfg: ExtractConfig, rank: int | None = None, world_size: int | None = None,
+               ) -> ActivationStore:
+    """Build the encoder and data set a config names and extract (this process's share, see `extract`)."""
     from mmsae.datasets.images import load_dataset
     from mmsae.encoders import get_encoder
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    # Build each rank's model on its own GPU: loading all of them on cuda:0 first could run it out of memory.
+    device = rank_device(device, resolve_ranks(rank, world_size))
     model_dtype = getattr(torch, cfg.model_dtype) if cfg.model_dtype else None
     encoder = get_encoder(cfg.encoder, pretrained=cfg.pretrained, device=device, dtype=model_dtype)
     tokens: TokenMode = int(cfg.tokens) if cfg.tokens.lstrip("-").isdigit() else cfg.tokens
     return extract(encoder, load_dataset(cfg.dataset), cfg.hooks or None, cfg.out_dir, tokens=tokens,
                    dtype=cfg.dtype, batch_size=cfg.batch_size, shard_tokens=cfg.shard_tokens,
-                   num_workers=cfg.num_workers)
+                   num_workers=cfg.num_workers, rank=rank, world_size=world_size)
+
+
+def launch(cfg: ExtractConfig) -> ActivationStore:
+    """Run `cfg` in `cfg.devices` spawned processes, rank i on cuda:i (CPU processes without CUDA).
+
+    The processes coordinate through the store's files (no ports, no process group). If one fails, the
+    others are stopped and the exception is raised here; running the same config again resumes.
+    """
+    if cfg.devices < 1:
+        raise ValueError(f"devices must be >= 1, got {cfg.devices}.")
+    if cfg.devices == 1:
+        return run_config(cfg)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise ValueError("devices > 1 spawns its own processes; under torchrun leave devices at 1 "
+                         "(--nproc_per_node sets the number of processes).")
+    uses_cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
+    if uses_cuda and cfg.devices > torch.cuda.device_count():
+        raise ValueError(f"devices={cfg.devices} but {torch.cuda.device_count()} GPUs are visible.")
+    paths = torch.multiprocessing.get_context("spawn").SimpleQueue()
+    torch.multiprocessing.start_processes(_launched_rank, args=(cfg, paths), nprocs=cfg.devices,
+                                          start_method="spawn")
+    return ActivationStore(paths.get())
+
+
+def _launched_rank(rank: int, cfg: ExtractConfig, paths: Any) -> None:
+    if not torch.cuda.is_available():  # share the cores instead of oversubscribing them N times
+        torch.set_num_threads(max(1, torch.get_num_threads() // cfg.devices))
+    store = run_config(cfg, rank, cfg.devices)
+    if rank == 0:
+        paths.put(str(store.path))
 
 
 def cli_main(argv: list[str]) -> int:
-    """`mmsae extract --config cfg.yaml [--field value ...]`: prints the store path; 1 on bad input."""
+    """`mmsae extract --config cfg.yaml [--devices N] [--field value ...]`: prints the store path.
+
+    Returns 1 on bad input or when a process of a multi-process run failed. Alternative launcher for
+    several hosts or an existing torchrun setup: `torchrun --nproc_per_node N -m mmsae.cli extract ...`.
+    """
     import sys
 
+    from torch.multiprocessing.spawn import ProcessException
+
     try:
-        store = run_config(_parse_config(argv))
-    except (ValueError, KeyError, FileNotFoundError, StoreError) as e:
+        store = launch(_parse_config(argv))
+    except (ValueError, KeyError, FileNotFoundError, StoreError, ProcessException) as e:
         print(f"mmsae extract: error: {e}", file=sys.stderr)
         return 1
-    print(store.path)
-    print(store)
+    if resolve_ranks().rank == 0:  # under torchrun every process gets here
+        print(store.path)
+        print(store)
     return 0

@@ -5,9 +5,12 @@ Layout of a store directory (named by a hash of the extraction config, see `mmsa
     store.json                    format, config + hash, layout, per-hook width and meta columns, shards
     <hook>/<shard:05d>.acts.bin   raw C-order [n_tokens, d] array in the store dtype
     <hook>/<shard:05d>.meta.bin   raw C-order [n_tokens, n_meta] int64 (example_id, token_index, ...)
+    .done/<shard:05d>.json        while extracting: the record of each finished shard
 
-Shard files are written under a temporary name and renamed when complete; store.json records a shard
-(token count and crc32 of each file) only after that, so every recorded shard is whole. Raw files plus a
+Shard files are written under a temporary name and renamed when complete; only then is the shard's record
+(token count and crc32 of each file) written to .done/, so every recorded shard is whole. Each shard has
+its own record file so that several extraction processes never overwrite each other's progress; when
+all shards are done, one process merges the records into store.json and deletes .done/. Raw files plus a
 JSON header (rather than .npy) let the writer stream a shard whose final length is not known up front.
 """
 
@@ -31,6 +34,7 @@ from mmsae.checkpoint import atomic_write_bytes
 
 FORMAT = "mmsae-activations/1"
 STORE_JSON = "store.json"
+DONE_DIR = ".done"  # a dot name: no hook (a module path) can clash with it
 DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
 }
@@ -75,6 +79,27 @@ def read_info(root: Path) -> dict[str, Any]:
 def write_info(root: Path, info: dict[str, Any]) -> None:
     # Deterministic bytes (sorted keys, no timestamps): a resumed store is byte-identical to a fresh one.
     atomic_write_bytes(root / STORE_JSON, json.dumps(info, indent=1, sort_keys=True).encode())
+
+
+def record_file(root: Path, shard: int) -> Path:
+    return root / DONE_DIR / f"{shard:05d}.json"
+
+
+def write_record(root: Path, shard: int, record: dict[str, Any]) -> None:
+    atomic_write_bytes(record_file(root, shard), json.dumps(record, sort_keys=True).encode())
+
+
+def shard_record(root: Path, info: dict[str, Any], shard: int) -> dict[str, Any] | None:
+    """A shard's record: its .done/ file while extracting (it may redo a shard), else store.json's."""
+    try:
+        return json.loads(record_file(root, shard).read_text())
+    except FileNotFoundError:
+        return info["shards"][shard]
+
+
+def n_recorded(root: Path, info: dict[str, Any]) -> int:
+    """How many shards have a record (finished, unless its files were deleted since)."""
+    return sum(shard_record(root, info, s) is not None for s in range(len(info["shards"])))
 
 
 def remove_stale_temps(root: Path) -> int:
@@ -220,9 +245,10 @@ class ActivationStore:
         self.verify = verify
         shards = self.info["shards"]
         if not self.info.get("complete") or any(s is None for s in shards):
-            done = sum(s is not None for s in shards)
+            done = n_recorded(self.path, self.info)
             raise StoreError(f"Activation store {self.path} is incomplete ({done}/{len(shards)} shards): the "
-                             "extraction was interrupted. Run the same extraction again to resume it.")
+                             "extraction was interrupted or is still running. Run the same extraction again "
+                             "(with any number of processes) to resume it.")
         self.dtype = self.info["config"]["dtype"]
 
     # ---------------------------------------------------------------- description

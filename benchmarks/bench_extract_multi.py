@@ -1,0 +1,120 @@
+"""Multi-GPU extraction throughput: images/s of `mmsae.extract` with 1 process vs N processes (one per GPU).
+
+Each world size extracts the same data set into a fresh store with `extract(..., rank, world_size)` in
+spawned processes (what `mmsae extract --devices N` runs). Timing starts when every process has built its
+model (a barrier) and ends when the last one returns the finished store, so it covers the layout probe,
+the disjoint shards and the merge of the shard records, but not process start-up or model loading (also
+reported). The stores of all world sizes are compared byte for byte.
+
+    python benchmarks/bench_extract_multi.py --devices 2                  # timm ViT-B/16, random init, bf16
+    python benchmarks/bench_extract_multi.py --device cpu --devices 2     # CPU processes, tiny preset
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+from bench_extract import NoiseImages  # same directory: the same synthetic images as bench_extract.py
+from mmsae.encoders import get_encoder
+
+from mmsae.extract import extract, rank_device, resolve_ranks
+
+
+@dataclass(frozen=True)
+class Setup:
+    encoder: str
+    n_images: int
+    batch_size: int
+    model_dtype: torch.dtype
+
+
+SETUPS = {
+    "cuda": Setup("timm:vit_base_patch16_224", 16384, 256, torch.bfloat16),
+    "cpu": Setup("timm:test_vit", 192, 16, torch.float32),
+}
+
+
+@dataclass(frozen=True)
+class Job:
+    setup: Setup
+    device: str
+    world_size: int
+    num_workers: int
+    out_dir: str
+
+
+def _rank(rank: int, job: Job, barrier: Any, results: Any) -> None:
+    """One process: build the model on its device, wait for the others, extract its shards."""
+    started = time.monotonic()
+    if job.device == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // job.world_size))
+    device = rank_device(job.device, resolve_ranks(rank, job.world_size))
+    encoder = get_encoder(job.setup.encoder, pretrained=False, device=device, dtype=job.setup.model_dtype)
+    barrier.wait()
+    t0 = time.monotonic()
+    store = extract(encoder, NoiseImages(job.setup.n_images), encoder.default_hook, job.out_dir,
+                    batch_size=job.setup.batch_size, num_workers=job.num_workers, progress=False, rank=rank,
+                    world_size=job.world_size)
+    results.put((rank, started, t0, time.monotonic(), str(store.path)))
+
+
+def run(job: Job) -> tuple[float, float, str]:
+    """(images/s from the barrier to the last finished process, start-up seconds, store path)."""
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(job.world_size), ctx.SimpleQueue()
+    launched = time.monotonic()
+    mp.start_processes(_rank, args=(job, barrier, results), nprocs=job.world_size, start_method="spawn")
+    rows = [results.get() for _ in range(job.world_size)]
+    t0, t1 = min(r[2] for r in rows), max(r[3] for r in rows)
+    return job.setup.n_images / (t1 - t0), t0 - launched, rows[0][4]
+
+
+def tree_digest(root: Path) -> str:
+    digest = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            digest.update(p.relative_to(root).as_posix().encode() + p.read_bytes())
+    return digest.hexdigest()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
+    parser.add_argument("--devices", type=int, default=2, help="processes of the multi-process run")
+    parser.add_argument("--encoder", help="get_encoder spec (default: per device)")
+    parser.add_argument("--n-images", type=int)
+    parser.add_argument("--out", default=None, help="parent of the temporary store directories")
+    args = parser.parse_args()
+    if args.device == "cuda" and torch.cuda.device_count() < args.devices:
+        parser.error(f"--devices {args.devices} needs that many GPUs; {torch.cuda.device_count()} visible.")
+    base = SETUPS[args.device]
+    setup = Setup(args.encoder or base.encoder, args.n_images or base.n_images, base.batch_size,
+                  base.model_dtype)
+    name = torch.cuda.get_device_name() if args.device == "cuda" else f"{os.cpu_count()} CPU cores"
+    print(f"{setup.encoder} (random init, {setup.model_dtype}), {setup.n_images} images of 224², batch "
+          f"{setup.batch_size}, default hook, all tokens, fp16 store; device: {name}")
+    print(f"{'processes':>9} {'images/s':>10} {'speedup':>8} {'start-up s':>11} {'loader workers':>15}")
+    rates, digests = {}, {}
+    with tempfile.TemporaryDirectory(dir=args.out) as tmp:
+        for world_size in sorted({1, args.devices}):
+            # Decoding runs in loader workers: split the host's cores between the processes.
+            workers = min(12, max(0, (os.cpu_count() or 1) // world_size - 2)) if args.device == "cuda" else 0
+            job = Job(setup, args.device, world_size, workers, str(Path(tmp) / f"world{world_size}"))
+            rate, startup, path = run(job)
+            rates[world_size], digests[world_size] = rate, tree_digest(Path(path))
+            print(f"{world_size:9d} {rate:10.1f} {rate / rates[1]:8.2f} {startup:11.1f} {workers:15d}")
+    print(f"stores byte-identical across process counts: {len(set(digests.values())) == 1}")
+
+
+if __name__ == "__main__":
+    main()
