@@ -41,6 +41,8 @@ class Setup:
     batch_size: int
     eval_tokens: int
     device: str
+    dead_tokens: int = 1_000_000
+    """AuxK's dead window: the 10M-token default is meant for runs of billions of tokens."""
 
     def __post_init__(self) -> None:
         # Generated once, on the device: every SAE trains on the same tokens, and the CPU generator does
@@ -58,7 +60,7 @@ def run_mmsae(arch: str, s: Setup) -> SAE:
     # Variants whose config has a default k are k-sparse and get the shared k; penalty-based ones
     # (relu, gated, jumprelu) keep their default sparsity, so their L0 differs: read it in the table.
     k_sparse = REGISTRY[arch].Config.__dataclass_fields__["k"].default is not None
-    options = {"k": s.k} if k_sparse else {}
+    options = {"k": s.k, "dead_tokens": s.dead_tokens} if k_sparse else {"dead_tokens": s.dead_tokens}
     return mmsae.train(s.train_ND, sae=arch, n_latents=s.n_latents, tokens=s.tokens, batch_size=s.batch_size,
                        devices=1, **options)
 
@@ -169,12 +171,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-latents", type=int, default=8192)
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--mean-active", type=float, default=8.0)
+    p.add_argument("--dead-tokens", type=int, default=1_000_000, help="AuxK dead window of mmsae variants")
     p.add_argument("--only", nargs="*", help="SAE names to run (registered variants, 'sparsify', 'saelens')")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, help="write the Markdown table here")
     args = p.parse_args(argv)
     data = SyntheticActivations(d=256, n_features=4096, mean_active=args.mean_active, seed=0)
-    s = Setup(data, args.n_latents, args.k, args.tokens, args.batch_size, args.eval_tokens, args.device)
+    s = Setup(data, args.n_latents, args.k, args.tokens, args.batch_size, args.eval_tokens, args.device,
+              args.dead_tokens)
     names = args.only or [*sorted(REGISTRY), *PEERS]
     rows = []
     for name in names:
