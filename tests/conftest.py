@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
+import numpy as np
 import pytest
+import skimage.data
 import torch
+from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: tests must never try the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -20,3 +25,29 @@ if not torch.cuda.is_available():
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+N_NOISE_IMAGES = 12
+
+
+@pytest.fixture(scope="session")
+def noise_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 small random RGB PNGs (40×48): cheap inputs for extraction and store tests."""
+    root = tmp_path_factory.mktemp("noise-images")
+    rng = np.random.default_rng(0)
+    for i in range(N_NOISE_IMAGES):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / f"{i:02d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def write_photos(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Sequence[str]], Path]:
+    """Save the named scikit-image photos as RGB PNGs in a fresh folder and return it."""
+
+    def write(names: Sequence[str]) -> Path:
+        root = tmp_path_factory.mktemp("photos")
+        for name in names:
+            Image.fromarray(getattr(skimage.data, name)()).convert("RGB").save(root / f"{name}.png")
+        return root
+
+    return write

@@ -164,7 +164,7 @@ def test_monosemanticity_linear_matches_pairwise() -> None:
 
 @pytest.fixture(scope="module")
 def photos():
-    skimage = pytest.importorskip("skimage.data")
+    import skimage.data as skimage  # a dev dependency: missing it must fail, not skip
     return [
         Image.fromarray(getattr(skimage, n)()).convert("RGB")
         for n in ("astronaut", "camera", "chelsea", "coffee", "rocket", "coins")

@@ -26,12 +26,8 @@ PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "brick", "camera")
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory) -> Path:
-    skimage = pytest.importorskip("skimage.data")
-    root = tmp_path_factory.mktemp("photos")
-    for name in PHOTOS:
-        Image.fromarray(getattr(skimage, name)()).convert("RGB").save(root / f"{name}.png")
-    return root
+def photos(write_photos) -> Path:
+    return write_photos(PHOTOS)
 
 
 @pytest.fixture(scope="module")

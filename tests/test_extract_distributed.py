@@ -17,12 +17,10 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from mmsae.datasets.images import Example, ImageFolder
 from mmsae.encoders import Encoder, get_encoder
-from PIL import Image
 
 from mmsae.extract import ExtractConfig, Ranks, cli_main, extract, launch, rank_device, resolve_ranks
 from mmsae.store import ActivationStore, StoreError
@@ -63,12 +61,8 @@ def encoder() -> Encoder:
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory: pytest.TempPathFactory) -> ImageFolder:
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(N_IMAGES):
-        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / f"{i:02d}.png")
-    return ImageFolder(root)
+def folder(noise_folder: Path) -> ImageFolder:
+    return ImageFolder(noise_folder)
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,8 @@ PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "rocket", "coins", "grass"
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    skimage = pytest.importorskip("skimage.data")
-    root = tmp_path_factory.mktemp("photos")
-    for name in PHOTOS:
-        Image.fromarray(getattr(skimage, name)()).convert("RGB").save(root / f"{name}.png")
-    return root
+def folder(write_photos):
+    return write_photos(PHOTOS)
 
 
 @pytest.fixture(scope="module")
@@ -99,9 +95,9 @@ def test_concept_filtered_search(index) -> None:
 
 def test_text_to_features_through_text_tower(clip) -> None:
     """SAE on the final embedding with atoms = text embeddings: each text finds its own feature."""
-    from mmsae.analysis.naming import text_embeddings
+    import skimage.data as skimage  # a dev dependency: missing it must fail, not skip
 
-    skimage = pytest.importorskip("skimage.data")
+    from mmsae.analysis.naming import text_embeddings
     words = ["dog", "sailing boat", "violin", "desert"]
     sae = build_sae("topk", 32, 4, k=1, hook="visual", encoder=clip.id)
     with torch.no_grad():

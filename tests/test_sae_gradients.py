@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from torch import Tensor
 
 from mmsae.sae import BatchTopKSAE, JumpReLUSAE, TopKSAE, build_sae, fired_mask, normalized_mse
 from mmsae.sae.jumprelu import JumpReLUFunction, StepFunction
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: a second thread only adds spin-waits on a shared box
-    yield
-    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------------------ AuxK

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,14 +40,6 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 K_ARCHS = ["topk", "batchtopk", "matryoshka", "abstopk", "archetypal", "mp"]
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Tiny matmuls: on a shared 2-core box, a second intra-op thread costs ~10× in spin-waits.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make(name: str, **overrides: Any) -> SAE:

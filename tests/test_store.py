@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -10,21 +9,12 @@ import pytest
 import torch
 from mmsae.datasets.images import ImageFolder
 from mmsae.encoders import Encoder, get_encoder
-from PIL import Image
 
 from mmsae.extract import extract
 from mmsae.store import ActivationStore, StoreError, shard_files, shuffle_batches
 
 N_IMAGES, TOKENS_PER_IMAGE = 12, 101  # timm test_vit: 100 patches + CLS
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny models run fastest single-threaded; two threads on a busy 2-core box spin-wait for seconds.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +24,8 @@ def encoder() -> Encoder:
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory: pytest.TempPathFactory) -> ImageFolder:
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(N_IMAGES):
-        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / f"{i:02d}.png")
-    return ImageFolder(root)
+def folder(noise_folder: Path) -> ImageFolder:
+    return ImageFolder(noise_folder)
 
 
 @pytest.fixture
