@@ -335,12 +335,13 @@ class ActivationStore:
 
     def batches(self, batch_size: int, hook: str | None = None, shuffle: bool = True, seed: int = 0,
                 buffer_tokens: int = DEFAULT_BUFFER_TOKENS, hooks: list[str] | None = None,
-                drop_last: bool = False, dtype: torch.dtype = torch.float32,
+                drop_last: bool = False, dtype: torch.dtype | None = torch.float32,
                 ) -> Iterator[Tensor | dict[str, Tensor]]:
         """One epoch of token batches [batch_size, d] (dicts {hook: batch} when `hooks=[...]` is given).
 
         Shards are read sequentially (in a seeded random order when shuffling, one shard prefetched in a
         thread) into an in-memory shuffle buffer of `buffer_tokens` tokens; every token comes exactly once.
+        `dtype=None` keeps the stored dtype (half the bytes to move; convert on the device).
         """
         keys, as_dict = resolve_hooks(self.hooks, hook, hooks)
         for i, s in enumerate(self.info["shards"]):
@@ -352,5 +353,5 @@ class ActivationStore:
         chunks = prefetch({h: self.shard_acts(h, int(i)) for h in keys} for i in order)
         generator = torch.Generator().manual_seed(seed) if shuffle else None
         for batch in shuffle_batches(chunks, batch_size, buffer_tokens, generator, drop_last):
-            out = {h: t.to(dtype) for h, t in batch.items()}
+            out = batch if dtype is None else {h: t.to(dtype) for h, t in batch.items()}
             yield out if as_dict else out[keys[0]]

@@ -154,9 +154,11 @@ class StoreSource(Source):
         self.d_in = int(store.dim(hook) if hook is not None and hasattr(store, "dim") else store.d_in)
 
     def stream(self, batch_size: int, seed: int, n_tokens: int) -> Iterator[Tensor]:
-        for b in self.store.batches(batch_size, hook=self.hook, shuffle=True, seed=seed):
+        # Stored dtype (fp16/bf16): half the bytes through the shuffle buffer and the copy to the GPU;
+        # SAEModule converts to fp32 on the device.
+        for b in self.store.batches(batch_size, hook=self.hook, shuffle=True, seed=seed, dtype=None):
             if len(b) == batch_size:  # the store's short last batch would break the fixed batch size
-                yield b.float()
+                yield b
 
 
 class SyntheticSource(Source):

@@ -162,14 +162,14 @@ class SAEModule(L.LightningModule):
                              "that tokens >= batch_size × devices.")
         d = sample[0].shape[-1]
         if self.normalize_inputs:
-            norm_sum = sum(float(b.norm(dim=-1).double().sum()) for b in sample)
+            norm_sum = sum(float(b.double().norm(dim=-1).sum()) for b in sample)
             n_rows = sum(len(b) for b in sample)
             stats = torch.tensor([norm_sum, n_rows], dtype=torch.float64, device=self.device)
             stats = self.trainer.strategy.reduce(stats, reduce_op="sum")  # one scale for all ranks
             self.input_scale.fill_(math.sqrt(d) / (stats[0] / stats[1]).item())
         else:
             self.input_scale.fill_(1.0)
-        first_BD = sample[0] * self.input_scale.float()
+        first_BD = sample[0].float() * self.input_scale.float()
         for sae in self.saes:
             sae.init_from_data(first_BD)
             if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -200,7 +200,7 @@ class SAEModule(L.LightningModule):
 
     # ----------------------------------------------------------------- training
     def training_step(self, batch_BD: Tensor, batch_idx: int) -> Tensor:
-        x_BD = batch_BD * self.input_scale.float()
+        x_BD = batch_BD.float() * self.input_scale.float()
         total = x_BD.new_zeros((), dtype=torch.float32)
         fired = []
         logs: dict[str, Tensor] = {}
@@ -265,7 +265,7 @@ class SAEModule(L.LightningModule):
             return  # runs before the input scale exists
         if self.input_scale == 0:
             raise ValueError("validate needs trained SAEs: pass --ckpt_path (a checkpoint of this run).")
-        x_BD = batch_BD * self.input_scale.float()
+        x_BD = batch_BD.float() * self.input_scale.float()
         x64_BD = x_BD.double()
         self._val_x += x64_BD.sum(0)
         self._val_sums[0] += len(x_BD)
