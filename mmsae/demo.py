@@ -1,7 +1,8 @@
 """`make demo`: the whole pipeline, end to end and offline.
 
 encoder (CLIP ViT-B/32) → activation store over augmented crops of the scikit-image photos →
-TopK SAE → metrics → FAISS concept index → the command that opens the concept-search app.
+TopK SAE → metrics → FAISS concept index → feature statistics, a summary report and dashboards of the
+most active features (PNG + HTML) → the command that opens the concept-search app.
 With pretrained weights reachable (hub, local path or HF cache) they are used; without, the demo
 says so loudly and runs the same architecture with random weights, so every stage still runs.
 """
@@ -44,6 +45,20 @@ def save_photos(out: Path) -> Path:
     return folder
 
 
+def write_reports(sae, encoder, store, crops, index, out: Path, hook: str, n_dashboards: int = 4) -> Path:
+    """Summary report (density histogram, FVU vs L0) and dashboards of the most frequent latents."""
+    from mmsae.analysis import feature_stats
+    from mmsae.analysis.dashboard import feature_dashboard, summary_report
+
+    stats = feature_stats(sae, store.token_acts(hook))
+    summary_report({"topk": stats}, out)
+    images = [crops[i].image for i in range(len(crops))]
+    for latent in stats.frequency.argsort(descending=True)[:n_dashboards].tolist():
+        feature_dashboard(latent, stats, images, out, names=index.names[latent], sae=sae, encoder=encoder,
+                          hook=hook)
+    return out
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="mmsae demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -68,29 +83,33 @@ def main(argv: list[str] | None = None) -> int:
     from mmsae.metrics import evaluate
 
     out: Path = args.out
-    print(f"[1/5] encoder {args.encoder} on {args.device}")
+    print(f"[1/6] encoder {args.encoder} on {args.device}")
     encoder, pretrained = load_encoder(args.encoder, args.device)
 
-    print(f"[2/5] extracting {args.hook} over {args.crops} crops of the scikit-image photos")
+    print(f"[2/6] extracting {args.hook} over {args.crops} crops of the scikit-image photos")
     crops = RandomCrops(SkimagePhotos(), n=args.crops)
     store = extract(encoder, crops, hooks=[args.hook], out_dir=out / "store", tokens="all")
     print(f"      store: {store.path} ({store.n_tokens:,} tokens, d={store.d_in})")
 
-    print(f"[3/5] training a TopK SAE (n={args.n_latents}, k={args.k}) on {args.tokens:,} tokens")
+    print(f"[3/6] training a TopK SAE (n={args.n_latents}, k={args.k}) on {args.tokens:,} tokens")
     sae = train(store, sae="topk", n_latents=args.n_latents, k=args.k, tokens=args.tokens,
                 batch_size=args.batch_size, hook=args.hook, encoder=encoder.id, out_dir=str(out / "sae"),
                 warmup_steps=20, checkpoint_every=50)
     sae_dir = out / "sae" / args.hook
 
-    print("[4/5] metrics on the store")
+    print("[4/6] metrics on the store")
     metrics = evaluate(sae.to(args.device), store.batches(4096, shuffle=False))
     for name in ("fvu", "explained_variance", "cosine", "l0", "dead_fraction", "n_tokens"):
         print(f"      {name:<20} {metrics[name]:.4g}")
 
-    print("[5/5] building the concept index over the photos")
+    print("[5/6] building the concept index over the photos")
     index = ConceptIndex.build(save_photos(out), sae, encoder)
     index_dir = index.save(out / "index")
     print(f"      {index}")
+
+    print("[6/6] feature statistics and dashboards")
+    report_dir = write_reports(sae, encoder, store, crops, index, out / "report", args.hook)
+    print(f"      {report_dir}/summary.html and latent_*.html")
 
     weights = "pretrained" if pretrained else "RANDOM-INIT (no weights reachable)"
     print(f"\nDone ({weights} encoder). SAE: {sae_dir}  index: {index_dir}")

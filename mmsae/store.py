@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from mmsae.checkpoint import atomic_write_bytes
+from mmsae.encoders.base import TokenActs
 
 FORMAT = "mmsae-activations/1"
 STORE_JSON = "store.json"
@@ -332,6 +333,18 @@ class ActivationStore:
         (key,), _ = resolve_hooks(self.hooks, hook, None)
         meta = torch.cat([self.shard_meta(key, i) for i in range(self.n_shards)]).numpy()
         return {col: meta[:, j] for j, col in enumerate(self.info["hooks"][key]["meta_columns"])}
+
+    def token_acts(self, hook: str | None = None, batch_size: int = 8192,
+                   dtype: torch.dtype = torch.float32) -> Iterator[TokenActs]:
+        """The store in order as `TokenActs` (activations with their per-token metadata), e.g. for
+        `mmsae.analysis.feature_stats`, whose top examples then point back to examples and patches."""
+        (key,), _ = resolve_hooks(self.hooks, hook, None)
+        columns = self.info["hooks"][key]["meta_columns"]
+        for shard in range(self.n_shards):
+            acts_ND, meta_NM = self.shard_acts(key, shard), self.shard_meta(key, shard)
+            for start in range(0, len(acts_ND), batch_size):
+                rows = slice(start, start + batch_size)
+                yield TokenActs(acts_ND[rows].to(dtype), {c: meta_NM[rows, j] for j, c in enumerate(columns)})
 
     def batches(self, batch_size: int, hook: str | None = None, shuffle: bool = True, seed: int = 0,
                 buffer_tokens: int = DEFAULT_BUFFER_TOKENS, hooks: list[str] | None = None,

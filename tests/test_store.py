@@ -109,3 +109,12 @@ def test_truncated_or_missing_shard_is_detected(store: ActivationStore) -> None:
 def test_not_a_store_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="not an activation store"):
         ActivationStore(tmp_path)
+
+
+def test_token_acts_follow_store_order_with_metadata(store: ActivationStore) -> None:
+    chunks = list(store.token_acts("norm", batch_size=100))
+    acts = torch.cat([c.acts_ND for c in chunks])
+    assert torch.equal(acts, torch.cat(list(store.batches(4096, hook="norm", shuffle=False))))
+    meta = store.meta("norm")
+    for column in ("example_id", "token_index"):
+        assert np.array_equal(torch.cat([c.meta[column] for c in chunks]).numpy(), meta[column])
