@@ -36,9 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build_app(args: argparse.Namespace):  # -> gr.Blocks (gradio imported lazily)
     from mmsae.apps.common import AppSettings, FeatureCatalog, image_dirs
-    from mmsae.encoders import get_encoder
-
     from mmsae.checkpoint import load_sae
+    from mmsae.encoders import get_encoder
 
     for d in args.data_dir:
         if not d.is_dir():

@@ -12,6 +12,8 @@ from typing import Any
 import gradio as gr
 import matplotlib
 import numpy as np
+from PIL import Image
+
 from mmsae.apps.common import (
     MODEL_LOCK,
     AppSettings,
@@ -23,8 +25,6 @@ from mmsae.apps.common import (
     upload_roots,
     user_errors,
 )
-from PIL import Image
-
 from mmsae.index import ConceptIndex
 
 FILTERS = ("off", "with", "without")

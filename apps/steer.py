@@ -14,6 +14,10 @@ from typing import Any
 import gradio as gr
 import numpy as np
 import torch
+from PIL import Image
+from torch import Tensor
+
+from mmsae.analysis.images import list_images, stack_pixels
 from mmsae.apps.common import (
     MODEL_LOCK,
     AppSettings,
@@ -26,10 +30,6 @@ from mmsae.apps.common import (
 )
 from mmsae.datasets.images import PromptList
 from mmsae.encoders.base import Encoder
-from PIL import Image
-from torch import Tensor
-
-from mmsae.analysis.images import list_images, stack_pixels
 from mmsae.intervene import Direction, Edit, SetMax, Splice, max_activations
 from mmsae.intervene.intervention import schedule_length
 from mmsae.intervene.steer import steer_diffusion, steer_image, steer_llava

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import gradio as gr
+from PIL import Image
+
 from mmsae.apps.common import (
     MODEL_LOCK,
     TRACK_TQDM,
@@ -22,8 +24,6 @@ from mmsae.apps.common import (
 )
 from mmsae.datasets.images import PromptList
 from mmsae.encoders.base import Encoder
-from PIL import Image
-
 from mmsae.intervene.unlearn import SampleConfig, Unlearner, UnlearnSelection, select_features
 from mmsae.sae import SAE
 

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from mmsae.datasets.images import Example, ExampleDataset
-from mmsae.encoders import Encoder, get_encoder
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from mmsae.datasets.images import Example, ExampleDataset
+from mmsae.encoders import Encoder, get_encoder
 from mmsae.extract import EncoderInputs, collate_inputs, extract
 from mmsae.store import ActivationStore
 

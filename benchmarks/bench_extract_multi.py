@@ -24,8 +24,8 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 from bench_extract import NoiseImages  # same directory: the same synthetic images as bench_extract.py
-from mmsae.encoders import get_encoder
 
+from mmsae.encoders import get_encoder
 from mmsae.extract import extract, rank_device, resolve_ranks
 
 

@@ -18,10 +18,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
-from mmsae.encoders.base import Encoder
-from mmsae.encoders.registry import get_encoder
 
 import mmsae
+from mmsae.encoders.base import Encoder
+from mmsae.encoders.registry import get_encoder
 from mmsae.intervene.edits import Set
 from mmsae.intervene.intervention import Intervention, Splice
 
@@ -85,6 +85,7 @@ def clip_case(args: argparse.Namespace, dtype: torch.dtype) -> list[Timing]:
 
 def unet_case(args: argparse.Namespace, dtype: torch.dtype) -> list[Timing]:
     from diffusers import UNet2DConditionModel
+
     from mmsae.encoders.unet import UNetEncoder, tiny_pipeline
 
     # Only the UNet is timed: the SD-1.5 architecture (diffusers' defaults + 768-d text) in the tiny pipeline.

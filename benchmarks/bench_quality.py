@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from mmsae.datasets.synthetic import SyntheticActivations
 
 import mmsae
 from mmsae import metrics
 from mmsae.checkpoint import atomic_write_bytes
+from mmsae.datasets.synthetic import SyntheticActivations
 from mmsae.sae import REGISTRY, SAE, SparseCodes
 
 HELD_OUT = 2**40  # evaluation tokens come from far beyond any training stream

@@ -8,9 +8,10 @@ from typing import Any
 
 import open_clip
 import torch
+from torch import Tensor, nn
+
 from mmsae.encoders.base import Encoder, TokenMode, default_select
 from mmsae.encoders.weights import weights_error
-from torch import Tensor, nn
 
 TINY_CONFIG = Path(__file__).with_name("mmsae-clip-tiny.json")  # shipped as package data
 TINY_NAME = TINY_CONFIG.stem

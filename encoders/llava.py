@@ -10,9 +10,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from mmsae.encoders.base import Encoder, TokenMode, default_select
-from mmsae.encoders.tiny_tokenizer import tiny_clip_tokenizer
-from mmsae.encoders.weights import weights_error
 from torch import Tensor, nn
 from transformers import (
     AutoConfig,
@@ -24,6 +21,10 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaProcessor,
 )
+
+from mmsae.encoders.base import Encoder, TokenMode, default_select
+from mmsae.encoders.tiny_tokenizer import tiny_clip_tokenizer
+from mmsae.encoders.weights import weights_error
 
 IMAGE_TOKEN = "<image>"
 

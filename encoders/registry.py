@@ -6,6 +6,7 @@ import importlib
 from typing import Any
 
 import torch
+
 from mmsae.encoders.base import Encoder
 
 # family → "module:Class"; each class implements `from_spec(name, pretrained, **kw)`.

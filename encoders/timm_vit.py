@@ -6,9 +6,10 @@ from typing import Any
 
 import timm
 import timm.data
+from torch import Tensor, nn
+
 from mmsae.encoders.base import Encoder, TokenMode, default_select, rgb
 from mmsae.encoders.weights import weights_error
-from torch import Tensor, nn
 
 
 class TimmEncoder(Encoder):

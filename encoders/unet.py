@@ -23,12 +23,13 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.utils import BaseOutput
-from mmsae.encoders.base import Capture, Encoder, TokenMode, default_select
-from mmsae.encoders.tiny_tokenizer import tiny_clip_tokenizer
-from mmsae.encoders.weights import weights_error
 from PIL import Image
 from torch import Tensor, nn
 from transformers import CLIPTextConfig, CLIPTextModel
+
+from mmsae.encoders.base import Capture, Encoder, TokenMode, default_select
+from mmsae.encoders.tiny_tokenizer import tiny_clip_tokenizer
+from mmsae.encoders.weights import weights_error
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 

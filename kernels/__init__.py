@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from mmsae.kernels import reference
 from torch import Tensor
+
+from mmsae.kernels import reference
 
 Backend = Literal["auto", "torch", "triton"]
 _BACKEND: Backend = os.environ.get("MMSAE_KERNELS", "auto")  # type: ignore[assignment]

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+
 from mmsae.kernels.triton_select import MAX_K, SELECT_DTYPES, topk_select
 from mmsae.kernels.triton_sparse import gather_dot, gather_sum, segment_matmul
-from torch import Tensor
 
 
 class _TopKEncode(torch.autograd.Function):

@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from mmsae.encoders.base import TokenActs
 from PIL import Image
 
 from mmsae.analysis import (
@@ -20,6 +19,7 @@ from mmsae.analysis import (
 )
 from mmsae.analysis.dashboard import feature_dashboard, summary_report
 from mmsae.analysis.images import pooled_codes
+from mmsae.encoders.base import TokenActs
 from mmsae.sae import build_sae
 
 D, N_LAT, K = 16, 32, 4

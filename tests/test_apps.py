@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from mmsae.apps.common import AppSettings, FeatureCatalog, InputError, image_dirs, load_image
 from mmsae.apps.search import SearchHandlers, build_search_app, overlay
 from mmsae.apps.steer import SteerHandlers, build_steer_app, mask_from_editor
 from mmsae.apps.unlearn import UnlearnAppConfig, UnlearnHandlers, build_unlearn_app
 from mmsae.encoders import get_encoder
-from PIL import Image
-
 from mmsae.index import ConceptIndex, IndexConfig
 from mmsae.sae import build_sae
 
@@ -246,8 +246,8 @@ def test_unlearn_needs_a_diffusion_encoder(clip, index, settings) -> None:
 # ---------------------------------------------------------------- CLI
 def test_cli_builds_each_app(index, unet_sae, photos, tmp_path, capsys) -> None:
     import gradio as gr
-    from mmsae.apps.cli import build_app, build_parser, cli_main
 
+    from mmsae.apps.cli import build_app, build_parser, cli_main
     from mmsae.checkpoint import save_sae
 
     index_dir = index.save(tmp_path / "index")

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from mmsae.datasets.images import (
     ImageCaptions,
     ImageFolder,
@@ -16,7 +18,6 @@ from mmsae.datasets.images import (
     UnreadableExample,
     load_dataset,
 )
-from PIL import Image
 
 
 def _write_images(folder: Path, n: int, size: tuple[int, int] = (40, 30)) -> list[Path]:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mmsae.encoders import get_encoder
-from mmsae.encoders.clip import ClipEncoder
 from PIL import Image
 from skimage import data
+
+from mmsae.encoders import get_encoder
+from mmsae.encoders.clip import ClipEncoder
 
 TEXTS = ["a photo of a cat", "a dog"]
 

@@ -6,8 +6,9 @@ from typing import Any
 
 import pytest
 import torch
-from mmsae.encoders import Encoder, get_encoder
 from PIL import Image
+
+from mmsae.encoders import Encoder, get_encoder
 
 # preset → (a batch its run_model accepts, hooks to read, one hook to edit)
 CASES: dict[str, tuple[Any, list[str], str]] = {

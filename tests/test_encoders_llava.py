@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from mmsae.encoders import get_encoder
 from mmsae.encoders.llava import LlavaEncoder
-from PIL import Image
 
 VISION = "model.vision_tower.encoder.layers"
 LLM = "model.language_model.layers"

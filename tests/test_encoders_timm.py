@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import timm
 import torch
+from PIL import Image
+
 from mmsae.encoders import get_encoder
 from mmsae.encoders.timm_vit import TimmEncoder
-from PIL import Image
 
 
 @pytest.fixture(scope="module")

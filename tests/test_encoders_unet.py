@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from mmsae.encoders import get_encoder
 from mmsae.encoders.unet import UNetEncoder
 
@@ -88,9 +89,10 @@ def test_sdxl_turbo_path() -> None:
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
     )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
     from mmsae.encoders.tiny_tokenizer import tiny_clip_tokenizer
     from mmsae.encoders.unet import UNetSampling
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     # diffusers' own tiny SDXL test components
     unet = UNet2DConditionModel(

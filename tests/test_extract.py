@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from mmsae.datasets.images import Example, ExampleDataset, ImageFolder
-from mmsae.encoders import Encoder, get_encoder
 from PIL import Image
 
+from mmsae.datasets.images import Example, ExampleDataset, ImageFolder
+from mmsae.encoders import Encoder, get_encoder
 from mmsae.extract import ActivationStream, cli_main, extract
 from mmsae.store import ActivationStore, StoreError, shard_files
 

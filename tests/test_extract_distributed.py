@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from mmsae.datasets.images import Example, ImageFolder
 from mmsae.encoders import Encoder, get_encoder
-
 from mmsae.extract import ExtractConfig, Ranks, cli_main, extract, launch, rank_device, resolve_ranks
 from mmsae.store import ActivationStore, StoreError
 

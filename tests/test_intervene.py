@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mmsae.encoders.registry import get_encoder
 
 import mmsae
+from mmsae.encoders.registry import get_encoder
 from mmsae.intervene.edits import Add, Clamp, Direction, EditContext, Scale, Set, SetMax, Zero, parse_edit
 from mmsae.intervene.intervention import (
     Intervention,

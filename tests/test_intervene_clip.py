@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mmsae.encoders.registry import get_encoder
 from PIL import Image
 from skimage import data
 
 import mmsae
+from mmsae.encoders.registry import get_encoder
 from mmsae.intervene.edits import Direction, Set, SetMax
 from mmsae.intervene.fidelity import image_fidelity, image_similarity
 from mmsae.intervene.steer import max_activations, steer_image, to_pixels

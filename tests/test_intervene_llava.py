@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from mmsae.encoders.registry import get_encoder
 from PIL import Image
 from skimage import data
 
 import mmsae
+from mmsae.encoders.registry import get_encoder
 from mmsae.intervene.edits import Set
 from mmsae.intervene.steer import steer_llava
 

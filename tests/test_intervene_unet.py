@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
-from mmsae.encoders.registry import get_encoder
 
 import mmsae
+from mmsae.encoders.registry import get_encoder
 from mmsae.intervene.edits import Direction, EditContext
 from mmsae.intervene.fidelity import generation_fidelity, image_similarity
 from mmsae.intervene.intervention import Intervention, Splice

@@ -14,11 +14,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from mmsae import kernels
 from mmsae.kernels import reference, triton_ops
 from mmsae.kernels.triton_select import BoundConfig, SelectMethod, topk_select_into
 from mmsae.kernels.triton_sparse import gather_dot_into, gather_sum_into, segment_matmul_into
-
-from mmsae import kernels
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

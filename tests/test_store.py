@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from mmsae.datasets.images import ImageFolder
 from mmsae.encoders import Encoder, get_encoder
-
 from mmsae.extract import extract
 from mmsae.store import ActivationStore, StoreError, shard_files, shuffle_batches
 

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from mmsae.datasets.synthetic import SyntheticActivations
 
 import mmsae
 from mmsae.checkpoint import load_sae
+from mmsae.datasets.synthetic import SyntheticActivations
 from mmsae.sae import default_lr, normalized_mse
 from mmsae.trainer import SAEDataModule, SAEModule, SAESpec
 from mmsae.trainer.data import ArraySource, IterableSource, TokenBudget, as_source
@@ -221,3 +221,13 @@ def test_ddp_two_cpu_processes_share_dead_counters(tmp_path: Path) -> None:
     assert rank0["saes.0.tokens_since_fired"].max() > 0  # with k=1 some latents skip a step
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
+
+
+def test_store_smaller_than_a_batch_is_a_clear_error(tmp_path) -> None:
+    from mmsae.datasets import RandomCrops, SkimagePhotos
+
+    encoder = mmsae.get_encoder("timm:test_vit")
+    store = mmsae.extract(encoder, RandomCrops(SkimagePhotos(), n=2), hooks=["norm"], out_dir=tmp_path,
+                          progress=False)
+    with pytest.raises(ValueError, match="fewer tokens than one batch"):
+        mmsae.train(store, sae="topk", n_latents=32, k=4, tokens=4096, batch_size=1024)

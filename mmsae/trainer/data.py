@@ -156,9 +156,14 @@ class StoreSource(Source):
     def stream(self, batch_size: int, seed: int, n_tokens: int) -> Iterator[Tensor]:
         # Stored dtype (fp16/bf16): half the bytes through the shuffle buffer and the copy to the GPU;
         # SAEModule converts to fp32 on the device.
+        n_full = 0
         for b in self.store.batches(batch_size, hook=self.hook, shuffle=True, seed=seed, dtype=None):
             if len(b) == batch_size:  # the store's short last batch would break the fixed batch size
+                n_full += 1
                 yield b
+        if n_full == 0:  # else every further pass would come back empty too, forever
+            raise ValueError("The activation store holds fewer tokens than one batch "
+                             f"(batch_size={batch_size}): lower batch_size or extract more examples.")
 
 
 class SyntheticSource(Source):
