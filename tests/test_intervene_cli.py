@@ -19,27 +19,16 @@ def cat_png(tmp_path):
     return path
 
 
+def steer_image_argv(sae_dir, image, *extra: str) -> list[str]:
+    """`mmsae steer image` on clip:tiny with one set edit, plus `extra` flags."""
+    return ["steer", "image", "--encoder", "clip:tiny", "--sae", str(sae_dir), "--device", "cpu",
+            "--image", str(image), "--edit", "set:3=10", *extra]
+
+
 def test_steer_image_cli(tmp_path, cat_png, capsys):
     sae_dir = tmp_path / "sae"
     mmsae.build_sae("topk", 32, 64, k=4, hook="visual", encoder="clip:tiny").save(sae_dir)
-    argv = [
-        "steer",
-        "image",
-        "--encoder",
-        "clip:tiny",
-        "--sae",
-        str(sae_dir),
-        "--device",
-        "cpu",
-        "--image",
-        str(cat_png),
-        "--edit",
-        "set:3=10",
-        "--edit",
-        "dir:5=-2",
-        "--labels",
-        "cat,dog",
-    ]
+    argv = steer_image_argv(sae_dir, cat_png, "--edit", "dir:5=-2", "--labels", "cat,dog")
     assert cli_main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     assert set(report["label_shift"]) == {"cat", "dog"} and len(report["cosine"]) == 1
@@ -48,20 +37,7 @@ def test_steer_image_cli(tmp_path, cat_png, capsys):
 def test_steer_cli_bad_input(tmp_path, cat_png, capsys):
     sae_dir = tmp_path / "sae"
     mmsae.build_sae("topk", 32, 64, k=4, hook="visual", encoder="timm:test_vit").save(sae_dir)
-    argv = [
-        "steer",
-        "image",
-        "--encoder",
-        "clip:tiny",
-        "--sae",
-        str(sae_dir),
-        "--device",
-        "cpu",
-        "--image",
-        str(cat_png),
-        "--edit",
-        "set:3=10",
-    ]
+    argv = steer_image_argv(sae_dir, cat_png)
     assert cli_main(argv) == 2
     assert "trained on encoder 'timm:test_vit'" in capsys.readouterr().out
     with pytest.raises(SystemExit):

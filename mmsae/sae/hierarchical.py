@@ -66,11 +66,7 @@ class HierarchicalTopKSAE(TopKSAE):
         loss = per_k.mean()
         metrics = {f"mse_k{k}": m.detach() for k, m in zip(budgets, per_k)}
         metrics["mse"] = per_k[-1].detach()
-        aux = self.auxk_loss(x, out.x_hat)
-        if aux is not None:
-            loss = loss + self.cfg.aux_coef * aux
-            metrics["auxk"] = aux.detach()
-        return LossOutput(loss, metrics)
+        return self.with_auxk(x, out.x_hat, loss, metrics)
 
 
 __all__ = ["HierarchicalTopKConfig", "HierarchicalTopKSAE"]

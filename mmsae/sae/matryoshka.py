@@ -67,11 +67,7 @@ class MatryoshkaSAE(BatchTopKSAE):
             as_dense(out.codes))])
         loss = prefix_mse.mean()
         metrics = {"mse": prefix_mse[-1].detach(), "prefix_mse_mean": loss.detach()}
-        aux = self.auxk_loss(x, out.x_hat)
-        if aux is not None:
-            loss = loss + self.cfg.aux_coef * aux
-            metrics["auxk"] = aux.detach()
-        return LossOutput(loss, metrics)
+        return self.with_auxk(x, out.x_hat, loss, metrics)
 
 
 __all__ = ["MatryoshkaConfig", "MatryoshkaSAE"]

@@ -41,13 +41,14 @@ class TopKSAE(SAE):
 
     def loss(self, x: Tensor, out: SAEOutput, step: int = 0) -> LossOutput:
         mse = normalized_mse(x, out.x_hat)
-        metrics = {"mse": mse.detach()}
-        loss = mse
-        aux = self.auxk_loss(x, out.x_hat)
-        if aux is not None:
-            loss = loss + self.cfg.aux_coef * aux
-            metrics["auxk"] = aux.detach()
-        return LossOutput(loss, metrics)
+        return self.with_auxk(x, out.x_hat, mse, {"mse": mse.detach()})
+
+    def with_auxk(self, x: Tensor, x_hat: Tensor, loss: Tensor, metrics: dict[str, Tensor]) -> LossOutput:
+        """`loss` plus aux_coef × AuxK when latents are dead (shared by the TopK family's objectives)."""
+        aux = self.auxk_loss(x, x_hat)
+        if aux is None:
+            return LossOutput(loss, metrics)
+        return LossOutput(loss + self.cfg.aux_coef * aux, {**metrics, "auxk": aux.detach()})
 
     def auxk_loss(self, x: Tensor, x_hat: Tensor) -> Tensor | None:
         """Reconstruct the residual from the top `aux_k` dead latents.
