@@ -15,10 +15,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
+from mmsae.datasets.images import IMAGE_EXTENSIONS
 from mmsae.encoders.base import Encoder, TokenActs, TokenMode
 from mmsae.sae import SAE, as_dense
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 ImageLike = str | os.PathLike | Image.Image
 
 
@@ -45,7 +45,7 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"Image folder {root} does not exist.")
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
 def batched(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
