@@ -90,10 +90,15 @@ def active_mask(codes: Codes) -> tuple[Tensor, Tensor | None]:
     return codes.reshape(-1, codes.shape[-1]) != 0, None
 
 
+def l0_tensor(codes: Codes) -> Tensor:
+    """Mean number of non-zero latents per token, left on the device (no host sync in training loops)."""
+    active, _ = active_mask(codes)
+    return active.sum(-1).double().mean()
+
+
 def l0(codes: Codes) -> float:
     """Mean number of non-zero latents per token (signed codes count as active when < 0)."""
-    active, _ = active_mask(codes)
-    return active.sum(-1).double().mean().item()
+    return l0_tensor(codes).item()
 
 
 class FeatureDensity:

@@ -23,7 +23,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from mmsae.checkpoint import save_sae
-from mmsae.sae import SAE, Codes, SparseCodes, build_sae, default_lr, fired_mask, normalized_mse
+from mmsae.metrics import l0_tensor
+from mmsae.sae import SAE, build_sae, default_lr, fired_mask, normalized_mse
 
 
 @dataclass
@@ -72,10 +73,9 @@ class WarmupDecay:
         return max(0.0, min(1.0, warm, decay))
 
 
-def l0(codes: Codes) -> Tensor:
-    """Mean number of non-zero latents per token."""
-    nonzero = codes.values != 0 if isinstance(codes, SparseCodes) else codes != 0
-    return nonzero.sum(-1).float().mean()
+# SAEModule.on_before_batch_transfer makes Lightning warn that it overrides a DataModule hook of the
+# same name; SAEDataModule defines none.
+warnings.filterwarnings("ignore", message="You have overridden `on_before_batch_transfer`")
 
 
 class SAEModule(L.LightningModule):
@@ -176,9 +176,6 @@ class SAEModule(L.LightningModule):
                 torch.distributed.broadcast(sae.b_dec.data, src=0)  # every rank starts from rank 0's init
         rank_zero_info(f"mmsae: input scale s = {self.input_scale.item():.4g} (E‖s·x‖ = √{d})")
 
-    # Lightning warns that this overrides a DataModule's hook of the same name; ours defines none.
-    warnings.filterwarnings("ignore", message="You have overridden `on_before_batch_transfer`")
-
     def on_before_batch_transfer(self, batch_BD: Tensor, dataloader_idx: int) -> Tensor:
         # Still on the host here, so the finiteness check costs no GPU sync.
         return self._finite_rows(batch_BD, self.trainer.global_step if self.training else -1)
@@ -215,7 +212,7 @@ class SAEModule(L.LightningModule):
                 with torch.no_grad():
                     metrics = {**loss_out.metrics, "loss": loss_out.loss.float(),
                                "mse": (x_BD.float() - out.x_hat.float()).pow(2).mean(),
-                               "fvu": normalized_mse(x_BD, out.x_hat), "l0": l0(out.codes),
+                               "fvu": normalized_mse(x_BD, out.x_hat), "l0": l0_tensor(out.codes),
                                "dead_frac": sae.dead_mask().float().mean()}
                 logs.update({f"train/{name}/{k}": v for k, v in metrics.items()})
         self._update_dead(fired, len(x_BD))
@@ -273,7 +270,7 @@ class SAEModule(L.LightningModule):
         for i, sae in enumerate(self.saes):
             out = sae(x_BD)
             self._val_sums[2 + 2 * i] += (x64_BD - out.x_hat.double()).pow(2).sum()
-            self._val_sums[3 + 2 * i] += l0(out.codes).double() * len(x_BD)
+            self._val_sums[3 + 2 * i] += l0_tensor(out.codes) * len(x_BD)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
