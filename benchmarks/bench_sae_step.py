@@ -132,30 +132,27 @@ def bench_floor(s: Size, x: Tensor, reps: int) -> dict[str, float]:
 
 
 def bench_select(s: Size, reps: int, tune: bool) -> dict[str, float]:
-    """torch.topk vs the bound (v5) and bisection (v4) selects on bf16 pre-activations of this size."""
-    from mmsae.kernels.triton_select import BoundConfig, bound_config, topk_select_into
-    from mmsae.kernels.triton_sparse import gather_sum_into
+    """torch.topk vs the group (v6), bound (v5) and bisection (v4) selects on bf16 pre-activations."""
+    from mmsae.kernels.triton_select import GroupConfig, group_config, topk_select_into
 
     pre = torch.randn(s.B, s.n, device="cuda", dtype=torch.bfloat16)
     values = pre.new_empty(s.B, s.k)
     indices = torch.empty(s.B, s.k, dtype=torch.int64, device="cuda")
     out = {"torch_topk_ms": time_ms(lambda: pre.topk(s.k, dim=-1, sorted=False), 2, reps)}
-    out["select_ms"] = time_ms(lambda: topk_select_into(pre, s.k, values, indices), 2, reps)
-    out["bisect_ms"] = time_ms(lambda: topk_select_into(pre, s.k, values, indices, "bisect"), 2, reps)
+    for method in ("group", "bound", "bisect"):
+        out[f"{method}_ms"] = time_ms(partial(topk_select_into, pre, s.k, values, indices, method), 2, reps)
     out["hbm_read_ms"] = pre.numel() * 2 / 3.0e9  # one read of pre at ~3.0 TB/s (measured copy rate)
     if tune:
-        cap = bound_config(s.n, s.k).cap
-        for groups in (512, 1024, 2048):
-            for warps in (4, 8):
-                cfg = BoundConfig(groups, cap, warps)
-                run = partial(topk_select_into, pre, s.k, values, indices, "bound", bound=cfg)
-                out[f"bound_g{groups}_w{warps}_ms"] = time_ms(run, 2, reps)
-        # The decoder-forward gather from fp32 atoms (v4) vs the bf16 copy (v5).
-        W_dec = torch.randn(s.n, s.d, device="cuda")
-        x_hat = torch.empty(s.B, s.d, device="cuda", dtype=torch.bfloat16)
-        for table in (W_dec, W_dec.bfloat16()):
-            run = partial(gather_sum_into, values, indices, table, x_hat)
-            out[f"gather_{str(table.dtype)[6:]}_ms"] = time_ms(run, 2, reps)
+        default = group_config(s.n, s.k)
+        for group in (16, 32, 64):
+            for warps in (1, 4):
+                for rows in (16, 32):
+                    n_groups = -(-s.n // group)
+                    if not 2 * s.k <= n_groups <= 8192:
+                        continue
+                    cfg = GroupConfig(group, default.cap, warps, rows)
+                    run = partial(topk_select_into, pre, s.k, values, indices, "group", group=cfg)
+                    out[f"group_g{group}_w{warps}_r{rows}_ms"] = time_ms(run, 2, reps)
     return out
 
 

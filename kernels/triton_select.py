@@ -24,9 +24,11 @@ import triton.language as tl
 from torch import Tensor
 
 SELECT_DTYPES = (torch.bfloat16, torch.float16)
-SelectMethod = Literal["bound", "bisect"]
+SelectMethod = Literal["group", "bound", "bisect"]
 MAX_K = 512
 """Larger k (AuxK's d/2) keeps torch.topk: a segment of 2k keys must fit in registers."""
+MAX_GROUP_CANDIDATES = 8192
+"""Elements of the chosen groups one program of the group select holds; larger k uses "bound"."""
 
 
 @triton.jit
@@ -120,10 +122,17 @@ def _bound_topk_kernel(
     n,
     k,
     stride_pre,
+    flag_ptr,
     GROUPS: tl.constexpr,
     CAP: tl.constexpr,
+    ONLY_FLAGGED: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    # The group select's fallback runs only rows it flagged; a separate constexpr `if` keeps the
+    # flag load out of the compiled kernel otherwise.
+    if ONLY_FLAGGED:  # noqa: SIM102
+        if tl.load(flag_ptr + row) == 0:
+            return
     pre_row = pre_ptr + row * stride_pre
     cand_val_row = cand_val_ptr + row * CAP
     cand_idx_row = cand_idx_ptr + row * CAP
@@ -204,7 +213,15 @@ def bound_config(n: int, k: int) -> BoundConfig:
     return BoundConfig(groups, max(128, triton.next_power_of_2(4 * k)), 4)
 
 
-def _bound_select(pre_BN: Tensor, values_BK: Tensor, indices_BK: Tensor, k: int, cfg: BoundConfig) -> None:
+def _bound_select(
+    pre_BN: Tensor,
+    values_BK: Tensor,
+    indices_BK: Tensor,
+    k: int,
+    cfg: BoundConfig,
+    flags_B: Tensor | None = None,
+) -> None:
+    """v5 on every row, or only on the rows with a nonzero flag in `flags_B`."""
     B, n = pre_BN.shape
     cand_val = pre_BN.new_empty(B, cfg.cap)
     cand_idx = torch.empty(B, cfg.cap, dtype=torch.int32, device=pre_BN.device)
@@ -217,10 +234,145 @@ def _bound_select(pre_BN: Tensor, values_BK: Tensor, indices_BK: Tensor, k: int,
         n,
         k,
         pre_BN.stride(0),
+        cand_idx if flags_B is None else flags_B,
         GROUPS=cfg.groups,
         CAP=cfg.cap,
+        ONLY_FLAGGED=flags_B is not None,
         num_warps=cfg.num_warps,
     )
+
+
+@triton.jit
+def _group_max_kernel(
+    pre_ptr,
+    gmax_ptr,
+    B,
+    n,
+    G,
+    stride_pre,
+    GS: tl.constexpr,
+    BR: tl.constexpr,
+    BC: tl.constexpr,
+):
+    """Max key of each run of GS contiguous columns, stored as int16 (key − 2¹⁵, same order)."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    ok = (rows[:, None] < B) & (cols[None, :] < n)
+    x = tl.load(pre_ptr + rows[:, None].to(tl.int64) * stride_pre + cols[None, :], mask=ok, other=0.0)
+    key = tl.where(ok, _ordered_key(x), -1)
+    gmax = tl.max(tl.reshape(key, (BR, BC // GS, GS)), axis=2)
+    groups = tl.program_id(1) * (BC // GS) + tl.arange(0, BC // GS)
+    # A stored group holds at least one column < n, so its max key is ≥ 0 and fits after the shift.
+    store_ok = (rows[:, None] < B) & (groups[None, :] < G)
+    gmax_ptrs = gmax_ptr + rows[:, None].to(tl.int64) * G + groups[None, :]
+    tl.store(gmax_ptrs, (gmax - 32768).to(tl.int16), mask=store_ok)
+
+
+@triton.jit
+def _group_topk_kernel(
+    pre_ptr,
+    gmax_ptr,
+    gid_ptr,
+    val_ptr,
+    idx_ptr,
+    flag_ptr,
+    n,
+    k,
+    G,
+    stride_pre,
+    GS: tl.constexpr,
+    G_POW2: tl.constexpr,
+    CAPG: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    pre_row = pre_ptr + row * stride_pre
+
+    # 1. The k-th largest group maximum bounds the row's k-th largest key from below (the k best
+    #    groups hold k distinct elements ≥ it), so the top k lie in the groups whose max ≥ bound:
+    #    exactly k of them unless maxima tie.
+    g = tl.arange(0, G_POW2)
+    gkey = tl.load(gmax_ptr + row * G + g, mask=g < G, other=0).to(tl.int32) + 32768
+    gkey = tl.where(g < G, gkey, -1)
+    bound = _kth_largest_key(gkey, k)
+    chosen = gkey >= bound
+    n_chosen = tl.sum(chosen.to(tl.int32), 0)
+    overflow = n_chosen > CAPG
+    slot = tl.cumsum(chosen.to(tl.int32), 0) - 1
+    tl.store(gid_ptr + row * CAPG + slot, g, mask=chosen & (slot < CAPG))
+    tl.debug_barrier()  # the gather below reads slots that other threads of this program wrote
+
+    # 2. Exact top k of those groups' GS·n_chosen elements, ties to the lowest column: groups are
+    #    in column order, so the flattened candidate order is the column order.
+    slots = tl.arange(0, CAPG)
+    gid = tl.load(gid_ptr + row * CAPG + slots, mask=slots < n_chosen, other=0)
+    cols = gid[:, None] * GS + tl.arange(0, GS)[None, :]
+    ok = (slots[:, None] < n_chosen) & (cols < n) & (n_chosen <= CAPG)
+    x = tl.reshape(tl.load(pre_row + cols, mask=ok, other=0.0), (CAPG * GS,))
+    key = tl.where(tl.reshape(ok, (CAPG * GS,)), _ordered_key(x), -1)
+    cols = tl.reshape(cols, (CAPG * GS,))
+    threshold = _kth_largest_key(key, k)
+    above = key > threshold
+    equal = key == threshold
+    n_above = tl.sum(above.to(tl.int32), 0)
+    equal_rank = tl.cumsum(equal.to(tl.int32), 0) - 1
+    keep = (above | (equal & (equal_rank < k - n_above))) & (n_chosen <= CAPG)
+    out = tl.where(above, tl.cumsum(above.to(tl.int32), 0) - 1, n_above + equal_rank)
+    tl.store(val_ptr + row * k + out, tl.maximum(x, 0.0), mask=keep)
+    tl.store(idx_ptr + row * k + out, cols.to(tl.int64), mask=keep)
+    # More tied maxima than CAPG slots: leave the row to the v5 kernel.
+    tl.store(flag_ptr + row, overflow.to(tl.int32))
+
+
+@dataclass(frozen=True)
+class GroupConfig:
+    """Launch shape of the group select: groups of `group` columns, `cap` chosen groups per row."""
+
+    group: int
+    cap: int
+    num_warps: int
+    max_rows: int = 16
+    """Rows per program of the group-max pass (its columns per program: 1024)."""
+
+
+def group_config(n: int, k: int) -> GroupConfig:
+    # ~64k groups per row, ≥ 16 columns (32 bytes: one sector per group read) and ≤ 4096 groups
+    # (step 1 stays in registers); the H100 sweep's best at all four benchmark sizes (kernels-notes v6).
+    group = max(16, triton.next_power_of_2(triton.cdiv(n, 64 * k)))
+    while triton.cdiv(n, group) > 4096:
+        group *= 2
+    while group > 1 and triton.cdiv(n, group) < 2 * k:  # short rows: enough groups to bound k
+        group //= 2
+    return GroupConfig(group, triton.next_power_of_2(2 * k), 1 if triton.cdiv(n, group) <= 1024 else 4)
+
+
+def _group_select(pre_BN: Tensor, values_BK: Tensor, indices_BK: Tensor, k: int, cfg: GroupConfig) -> None:
+    B, n = pre_BN.shape
+    G = triton.cdiv(n, cfg.group)
+    block_cols = max(1024, cfg.group)
+    gmax_BG = torch.empty(B, G, dtype=torch.int16, device=pre_BN.device)
+    grid = (triton.cdiv(B, cfg.max_rows), triton.cdiv(n, block_cols))
+    _group_max_kernel[grid](
+        pre_BN, gmax_BG, B, n, G, pre_BN.stride(0), GS=cfg.group, BR=cfg.max_rows, BC=block_cols, num_warps=4
+    )
+    gid = torch.empty(B, cfg.cap, dtype=torch.int32, device=pre_BN.device)
+    flags_B = torch.empty(B, dtype=torch.int32, device=pre_BN.device)
+    _group_topk_kernel[(B,)](
+        pre_BN,
+        gmax_BG,
+        gid,
+        values_BK,
+        indices_BK,
+        flags_B,
+        n,
+        k,
+        G,
+        pre_BN.stride(0),
+        GS=cfg.group,
+        G_POW2=triton.next_power_of_2(G),
+        CAPG=cfg.cap,
+        num_warps=cfg.num_warps,
+    )
+    _bound_select(pre_BN, values_BK, indices_BK, k, bound_config(n, k), flags_B)
 
 
 def select_config(n: int, k: int) -> tuple[int, int]:
@@ -265,15 +417,18 @@ def topk_select_into(
     k: int,
     values_BK: Tensor,
     indices_BK: Tensor,
-    method: SelectMethod = "bound",
+    method: SelectMethod = "group",
     seg: int | None = None,
     num_warps: int | None = None,
     bound: BoundConfig | None = None,
+    group: GroupConfig | None = None,
 ) -> None:
     """Write relu(top-k values) and their indices of each row of `pre_BN` (unsorted) into the outputs.
 
-    method "bound" (v5): group-maxima lower bound, then the exact select on the few candidates;
-    "bisect" (v4): segmented bisection over the whole row, tuned by `seg` and `num_warps`.
+    method "group" (v6, default): maxima of contiguous column groups in one streaming pass, then
+    the exact select on the k groups above their k-th largest maximum; "bound" (v5): strided
+    group maxima and candidate compaction inside one program per row; "bisect" (v4): segmented
+    bisection over the whole row, tuned by `seg` and `num_warps`.
     """
     if pre_BN.dtype not in SELECT_DTYPES:
         raise TypeError(
@@ -284,11 +439,17 @@ def topk_select_into(
         raise ValueError(f"k={k} must be in [1, min(n={n}, {MAX_K})]; use torch.topk beyond.")
     if pre_BN.stride(1) != 1 or not (values_BK.is_contiguous() and indices_BK.is_contiguous()):
         raise ValueError("topk_select_into needs row-major pre-activations and contiguous outputs.")
+    if method == "group":
+        cfg = group or group_config(n, k)
+        if cfg.cap * cfg.group <= MAX_GROUP_CANDIDATES:
+            _group_select(pre_BN, values_BK, indices_BK, k, cfg)
+            return
+        method = "bound"  # large k: the chosen groups' elements would not fit in one program
     if method == "bound":
         _bound_select(pre_BN, values_BK, indices_BK, k, bound or bound_config(n, k))
         return
     if method != "bisect":
-        raise ValueError(f"Unknown select method {method!r}; use 'bound' or 'bisect'.")
+        raise ValueError(f"Unknown select method {method!r}; use 'group', 'bound' or 'bisect'.")
     default_seg, default_warps = select_config(n, k)
     seg, warps = seg or default_seg, num_warps or default_warps
     if seg < 2 * k:

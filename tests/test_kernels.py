@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
 
 from mmsae import kernels
 from mmsae.kernels import reference, triton_ops
-from mmsae.kernels.triton_select import BoundConfig, SelectMethod, topk_select_into
+from mmsae.kernels.triton_select import BoundConfig, GroupConfig, SelectMethod, topk_select_into
 from mmsae.kernels.triton_sparse import gather_dot_into, gather_sum_into, segment_matmul_into
 
 CUDA = torch.cuda.is_available()
@@ -67,13 +67,18 @@ def hard_rows(B: int, n: int, dtype: torch.dtype) -> torch.Tensor:
         (333, 64, "bound", {}),
         (1000, 13, "bound", {"bound": BoundConfig(groups=64, cap=64, num_warps=4)}),
         (300, 50, "bound", {"bound": BoundConfig(groups=64, cap=256, num_warps=4)}),
+        (257, 1, "group", {}),
+        (333, 64, "group", {}),
+        (3000, 8, "group", {}),
+        (1000, 13, "group", {"group": GroupConfig(group=16, cap=16, num_warps=1)}),
+        (300, 50, "group", {"group": GroupConfig(group=4, cap=64, num_warps=2, max_rows=4)}),
     ],
 )
 def test_select_matches_torch_topk(
     dtype: torch.dtype, n: int, k: int, method: SelectMethod, options: dict[str, object]
 ) -> None:
-    """Both methods pick exactly the lowest-index top k; the small bound configs make rows 1 and 3
-    overflow their candidate slots, so the whole-row fallback runs too."""
+    """Every method picks exactly the lowest-index top k; row 3 (and row 1 with the small configs)
+    overflows the candidate slots, so the fallbacks run too (group → bound → whole row)."""
     pre_BN = hard_rows(5, n, dtype)
     values_BK = torch.full((5, k), float("nan"), device=DEVICE, dtype=dtype)
     indices_BK = torch.full((5, k), -1, device=DEVICE, dtype=torch.int64)
@@ -86,7 +91,7 @@ def test_select_matches_torch_topk(
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA; CPU twin: test_select_matches_torch_topk")
-@pytest.mark.parametrize("method", ["bound", "bisect"])
+@pytest.mark.parametrize("method", ["group", "bound", "bisect"])
 def test_select_benchmark_sized_rows_gpu(method: SelectMethod) -> None:
     pre_BN = hard_rows(300, 65539, torch.bfloat16)
     values_BK = torch.full((300, 64), float("nan"), device=DEVICE, dtype=torch.bfloat16)
