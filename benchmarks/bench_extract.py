@@ -1,9 +1,16 @@
 """Extraction and activation-store throughput, with the bare forward as the yardstick.
 
-For each encoder (random init): images/s of the bare forward on device-resident pixels, of the hooked
-forward (`encoder.activations`), of the data loader alone (decode + transform in workers) and of the
-whole extraction to a store (`mmsae.extract`); then store read GB/s (shuffled batches, into the device)
-and SAE training tokens/s fed from the store vs from an in-memory tensor (`mmsae.train`).
+Input: real JPEG files written once to a temp dir (random crops of the scikit-image photos, shorter side
+375 px, quality 90: ImageNet-like sizes and compression). For each encoder (random init), images/s of:
+  bare / hooked     the forward / `encoder.activations` on device-resident pixels;
+  store             (a) hooked forward + cast + async copy + shard writer on those pixels: extraction
+                    without input loading, i.e. the store's own cost (issue #3: ≤ 10 % over the forward);
+  PIL loader        decode + transform in DataLoader workers alone;
+  extract PIL       (b) `mmsae.extract` end to end from the JPEG files, decode="pil" (the default);
+  device decode     workers read bytes, batch decode + preprocessing on the device (nvJPEG on CUDA) alone;
+  extract device    (c) `mmsae.extract(..., decode="device")` end to end.
+Then store read GB/s (shuffled batches, into the device) and SAE training tokens/s fed from the store vs
+from an in-memory tensor (`mmsae.train`).
 
     python benchmarks/bench_extract.py --device cuda     # full size: ViT-B/16 and CLIP ViT-B-32, bf16
     python benchmarks/bench_extract.py                   # CPU, small: the tiny presets
@@ -12,24 +19,35 @@ and SAE training tokens/s fed from the store vs from an in-memory tensor (`mmsae
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import os
 import platform
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from mmsae.datasets.images import Example, ExampleDataset
+from mmsae.datasets.images import ExampleDataset, ImageFolder, RandomCrops, SkimagePhotos
 from mmsae.encoders import Encoder, get_encoder
-from mmsae.extract import EncoderInputs, collate_inputs, extract
+from mmsae.extract import (
+    DeviceDecoder,
+    EncoderInputs,
+    InputBatch,
+    JpegFiles,
+    collate_inputs,
+    extract,
+    write_shards,
+)
 from mmsae.store import ActivationStore
+
+SHORT_SIDE, JPEG_QUALITY = 375, 90
 
 
 @dataclass(frozen=True)
@@ -50,22 +68,23 @@ SETUPS = {
 }
 
 
-class NoiseImages(ExampleDataset):
-    """Deterministic random RGB images at a typical input size (decode cost is not what is measured)."""
+def write_jpegs(root: Path, n: int) -> ImageFolder:
+    """`n` JPEG files: random crops of the scikit-image photos scaled to a 375 px shorter side.
 
-    def __init__(self, n: int, size: int = 224):
-        self.n, self.size = n, size
+    Noise would compress badly (3× the bytes of a photo), so decode cost would not be typical."""
+    crops = RandomCrops(SkimagePhotos(), n, scale=(0.4, 1.0))
+    root.mkdir(parents=True)
 
-    def __len__(self) -> int:
-        return self.n
+    def write(i: int) -> None:
+        image = crops[i].image
+        scale = SHORT_SIDE / min(image.size)
+        size = (round(image.width * scale), round(image.height * scale))
+        image = image.resize(size, Image.Resampling.LANCZOS)
+        image.save(root / f"{i:06d}.jpg", quality=JPEG_QUALITY)
 
-    def __getitem__(self, index: int) -> Example:
-        rng = np.random.default_rng(index)
-        pixels = rng.integers(0, 255, (self.size, self.size, 3), np.uint8)
-        return Example(index, image=Image.fromarray(pixels))
-
-    def fingerprint(self) -> str:
-        return hashlib.sha256(f"noise{self.n}x{self.size}".encode()).hexdigest()
+    with ThreadPoolExecutor(os.cpu_count()) as pool:  # PIL releases the GIL while resizing and encoding
+        list(pool.map(write, range(n)))
+    return ImageFolder(root)
 
 
 def _sync(device: torch.device) -> None:
@@ -101,15 +120,47 @@ def forward_rates(encoder: Encoder, hook: str, setup: Setup) -> tuple[float, flo
     return n / timed(bare, encoder.device), n / timed(hooked, encoder.device)
 
 
-def loader_rate(encoder: Encoder, dataset: ExampleDataset, setup: Setup) -> float:
-    batches = [list(range(i, min(i + setup.batch_size, len(dataset)))) for i in range(0, len(dataset),
-                                                                                      setup.batch_size)]
+def store_rate(encoder: Encoder, hook: str, setup: Setup, root: Path) -> float:
+    """(a) images/s of extraction from device-resident pixels: hooked forward, cast, async device→host
+    copy and shard writer (`write_shards`, as in `extract`), everything but input loading."""
+    size = encoder.transform(Image.new("RGB", (224, 224))).shape
+    pixels = torch.randn(setup.batch_size, *size, device=encoder.device, dtype=setup.model_dtype)
+    n_batches = max(1, setup.n_images // setup.batch_size)
+    info = {"hooks": {hook: {}}, "shards": [None], "config": {"dtype": "float16"}}
+    batch = InputBatch(list(range(setup.batch_size)), pixels)
+    plan = [(0, i == n_batches - 1) for i in range(n_batches)]  # one shard: committed after the last batch
+    root.mkdir()
+    forwards = ((batch, encoder.activations(pixels, [hook])) for _ in plan)
+    seconds = timed(lambda: write_shards(root, info, plan, forwards), encoder.device)
+    shutil.rmtree(root)
+    return n_batches * setup.batch_size / seconds
+
+
+def _index_batches(n: int, batch_size: int) -> list[list[int]]:
+    return [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+
+
+def loader_rate(encoder: Encoder, dataset: ExampleDataset, setup: Setup, decode: str) -> float:
+    """images/s of input loading alone: PIL in workers, or bytes in workers + decoding on the device."""
+    batches = _index_batches(len(dataset), setup.batch_size)
+    if decode == "device":
+        loader = DataLoader(JpegFiles(dataset, encoder), batch_sampler=batches, num_workers=setup.num_workers,
+                            collate_fn=list)
+        decoder = DeviceDecoder(dataset, encoder)
+        return len(dataset) / timed(lambda: [decoder(items) for items in loader], encoder.device)
     loader = DataLoader(EncoderInputs(dataset, encoder, "image"), batch_sampler=batches,
                         num_workers=setup.num_workers, collate_fn=collate_inputs)
+    return len(dataset) / timed(lambda: list(loader), encoder.device)
+
+
+def extract_rate(encoder: Encoder, dataset: ExampleDataset, hook: str, setup: Setup, out: Path,
+                 decode: str) -> tuple[float, ActivationStore]:
+    """(b)/(c) images/s of `mmsae.extract` end to end from the JPEG files."""
     start = time.perf_counter()
-    for _ in loader:
-        pass
-    return len(dataset) / (time.perf_counter() - start)
+    store = extract(encoder, dataset, hook, out, batch_size=setup.batch_size, num_workers=setup.num_workers,
+                    progress=False, decode=decode)
+    _sync(encoder.device)
+    return len(dataset) / (time.perf_counter() - start), store
 
 
 def read_rate(store: ActivationStore, device: torch.device, batch_size: int) -> float:
@@ -139,7 +190,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--encoders", nargs="+", help="get_encoder specs (default: per device)")
     parser.add_argument("--n-images", type=int)
-    parser.add_argument("--out", default=None, help="store directory (default: a temp dir)")
+    parser.add_argument("--out", default=None, help="where the temp dir of JPEG files and stores goes")
     args = parser.parse_args()
     setup = SETUPS[args.device]
     setup = Setup(tuple(args.encoders or setup.encoders), args.n_images or setup.n_images,
@@ -147,32 +198,38 @@ def main() -> None:
     device = torch.device(args.device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else \
         f"{platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)"
-    report = [f"device: {name}; {setup.n_images} images of 224², batch {setup.batch_size}, "
-              f"{setup.num_workers} loader workers, model dtype {setup.model_dtype}, store fp16, all tokens"]
     rows = []
-    with tempfile.TemporaryDirectory(dir=args.out) as tmp:
-        dataset = NoiseImages(setup.n_images)
+    with tempfile.TemporaryDirectory(dir=args.out) as tmp_dir:
+        tmp = Path(tmp_dir)
+        dataset = write_jpegs(tmp / "jpegs", setup.n_images)
+        kib = sum(p.stat().st_size for p in dataset.paths) / len(dataset.paths) / 1024
+        report = [f"device: {name}; {setup.n_images} JPEG files (photo crops, shorter side {SHORT_SIDE} px, "
+                  f"quality {JPEG_QUALITY}, mean {kib:.0f} KiB, in the page cache), "
+                  f"batch {setup.batch_size}, {setup.num_workers} loader workers, model dtype "
+                  f"{setup.model_dtype}, store fp16, all tokens"]
         stores = []
         for spec in setup.encoders:
             encoder = get_encoder(spec, pretrained=False, device=device, dtype=setup.model_dtype)
             hook = encoder.default_hook
             bare, hooked = forward_rates(encoder, hook, setup)
-            loader = loader_rate(encoder, dataset, setup)
-            _sync(device)
-            start = time.perf_counter()
-            store = extract(encoder, dataset, hook, tmp, batch_size=setup.batch_size,
-                            num_workers=setup.num_workers, progress=False)
-            _sync(device)
-            seconds = time.perf_counter() - start
+            store_only = store_rate(encoder, hook, setup, tmp / "pixels")
+            pil_loader = loader_rate(encoder, dataset, setup, "pil")
+            pil, store = extract_rate(encoder, dataset, hook, setup, tmp / "pil", "pil")
             stores.append(store)
-            rows.append((spec, hook, store.n_tokens, store.d_in, bare, hooked, loader,
-                         setup.n_images / seconds))
+            dev_loader = loader_rate(encoder, dataset, setup, "device")
+            dev, dev_store = extract_rate(encoder, dataset, hook, setup, tmp / "device", "device")
+            shutil.rmtree(dev_store.path)  # disk: only the PIL stores are read below
+            rows.append((spec, hook, store.n_tokens, store.d_in, bare, hooked, store_only, pil_loader, pil,
+                         dev_loader, dev))
             del encoder
-        report.append(f"\n{'encoder':28} {'hook':34} {'tokens':>9} {'d':>5} {'bare fwd':>9} {'hooked':>9} "
-                      f"{'loader':>9} {'extract':>9} {'extract/bare':>12}   (images/s)")
-        report += [f"{spec:28} {hook:34} {n_tok:9d} {d:5d} {bare:9.1f} {hooked:9.1f} {loader:9.1f} "
-                   f"{ext:9.1f} {ext / bare:12.2f}"
-                   for spec, hook, n_tok, d, bare, hooked, loader, ext in rows]
+        report.append("\n(images/s; ratios to the bare forward)")
+        header = ("encoder", "hook", "tokens", "d", "bare fwd", "hooked", "store", "store/bare", "PIL loader",
+                  "extract PIL", "PIL/bare", "dev decode", "extract dev", "dev/bare")
+        report += ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 2)]
+        for spec, hook, n_tok, d, bare, hooked, store_only, pil_loader, pil, dev_loader, dev in rows:
+            report.append(f"| {spec} | {hook} | {n_tok:,} | {d} | {bare:,.0f} | {hooked:,.0f} | "
+                          f"{store_only:,.0f} | {store_only / bare:.2f} | {pil_loader:,.0f} | {pil:,.0f} | "
+                          f"{pil / bare:.2f} | {dev_loader:,.0f} | {dev:,.0f} | {dev / bare:.2f} |")
         print("\n".join(report), flush=True)  # the extraction table, before the slower training part
         report = []
         store = stores[0]

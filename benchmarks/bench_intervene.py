@@ -69,6 +69,14 @@ def measure(
                 if i >= args.warmup:
                     times[mode].append(ms)
     bare = statistics.median(times["bare"])
+    if args.profile:
+        for mode, splice in modes.items():
+            with torch.inference_mode(), torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            ) as prof:
+                run_mode(splice)
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12)
+            print(f"--- {case} {mode}\n{table}", flush=True)
     return [Timing(case, mode, bare, statistics.median(times[mode])) for mode in ("splice", "steer")]
 
 
@@ -122,6 +130,7 @@ def main(argv: list[str] | None = None) -> list[Timing]:
     parser.add_argument("--cases", default="clip,unet")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--profile", action="store_true", help="print the CUDA kernel table of each mode")
     parser.add_argument("--json", help="also write the timings here")
     args = parser.parse_args(argv)
     name = args.dtype if args.dtype != "auto" else ("bf16" if args.device.startswith("cuda") else "fp32")

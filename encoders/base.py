@@ -46,6 +46,9 @@ class Encoder(nn.Module):
     id: str = "encoder"
     family: str = "base"
     default_hook: str = ""
+    image_pipeline: Any = None
+    """The torchvision `Compose` behind `transform` for image models (what decode="device" replays on
+    the device); None where the preprocessing is not a torchvision pipeline (LLaVA's processor)."""
 
     def __init__(self, model: nn.Module, id: str):
         super().__init__()
@@ -126,6 +129,10 @@ class Encoder(nn.Module):
     def hook_meta(self, hook: str) -> dict[str, Tensor]:
         """Per-hook (not per-token) metadata, e.g. the UNet spatial grid (H, W)."""
         return {}
+
+    def site(self, hook: str) -> str:
+        """What `activations` records at `hook`: 'output' (the module's output), 'update' (output − input)."""
+        return "output"
 
     @torch.no_grad()
     def activations(self, batch: Any, hooks: Sequence[str], tokens: TokenMode = "all",

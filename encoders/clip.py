@@ -33,7 +33,7 @@ class ClipEncoder(Encoder):
 
     def __init__(self, model: nn.Module, preprocess: Any, tokenizer: Any, id: str):
         super().__init__(model, id)
-        self.preprocess = preprocess
+        self.preprocess = self.image_pipeline = preprocess
         self.tokenizer = tokenizer
         self.embed_dim: int = model.text_projection.shape[-1] if hasattr(model, "text_projection") \
             else model.visual.output_dim

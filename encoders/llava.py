@@ -22,7 +22,7 @@ from transformers import (
     LlavaProcessor,
 )
 
-from mmsae.encoders.base import Encoder, TokenMode, default_select
+from mmsae.encoders.base import Capture, Encoder, TokenActs, TokenMode, default_select
 from mmsae.encoders.tiny_tokenizer import tiny_clip_tokenizer
 from mmsae.encoders.weights import weights_error
 
@@ -41,7 +41,9 @@ class LlavaEncoder(Encoder):
     """Hooks: vision layers `model.vision_tower.encoder.layers.{i}` (default: the one LLaVA reads,
     `config.vision_feature_layer`), `model.multi_modal_projector`, LLM `model.language_model.layers.{i}`.
 
-    Extra token mode for LLM hooks: "image" = the positions holding the projected image features.
+    Extra token modes for LLM hooks: "image" = the positions holding the projected image features,
+    "text" = every other position the attention mask keeps (prompt tokens, BOS; not padding). Their
+    `token_index` is the column in the batch's `input_ids` (with left padding, shifted by the padding).
     """
 
     family = "llava"
@@ -56,6 +58,7 @@ class LlavaEncoder(Encoder):
         n_vision = len(model.get_submodule(self.vision_layers))
         self.default_hook = f"{self.vision_layers}.{self.read_layer(n_vision)}"
         self._input_ids: Tensor | None = None
+        self._attention_mask: Tensor | None = None
 
     def read_layer(self, n_layers: int) -> int:
         """The vision layer whose output is `hidden_states[vision_feature_layer]` (index 0 = embeddings)."""
@@ -90,6 +93,10 @@ class LlavaEncoder(Encoder):
 
     def select_tokens(self, hook: str, acts_BTD: Tensor, mode: TokenMode) -> tuple[Tensor, Tensor]:
         if hook.startswith(self.vision_layers):  # CLIP vision: CLS, then patches
+            if mode in ("image", "text"):
+                raise ValueError(f"tokens={mode!r} selects positions of the language model's sequence; the "
+                                 f"vision hook {hook!r} sees only the image (CLS + patches). Use 'all', "
+                                 f"'patch' or 'cls' here, or an LLM hook `{self.llm_layers}.{{i}}`.")
             return default_select(acts_BTD, "cls" if mode == "pooled" else mode, n_prefix=1,
                                   family=f"{self.family} vision")
         if mode == "image":
@@ -98,7 +105,26 @@ class LlavaEncoder(Encoder):
             is_image_BT = self._input_ids == self.model.config.image_token_index
             pos_BI = is_image_BT.nonzero()[:, 1].view(len(is_image_BT), -1)  # same count in every example
             return acts_BTD.gather(1, pos_BI[..., None].expand(-1, -1, acts_BTD.shape[-1])), pos_BI
+        if mode == "text":  # ragged: selected in `_flatten`
+            raise ValueError("tokens='text' has a different count per example; use encoder.activations().")
         return default_select(acts_BTD, mode, n_prefix=0, family=f"{self.family} language model")
+
+    def text_mask(self, hook: str) -> Tensor:
+        """[B, T] True at the text positions of the last batch: not image features, not padding."""
+        if hook == self.projector:
+            raise ValueError(f"tokens='text' does not apply to {hook!r}: it outputs image features only. "
+                             f"Use an LLM hook `{self.llm_layers}.{{i}}`.")
+        keep_BT = self._input_ids != self.model.config.image_token_index
+        return keep_BT if self._attention_mask is None else keep_BT & self._attention_mask.bool()
+
+    def _flatten(self, hook: str, chunks: list[Capture], tokens: TokenMode, example_offset: int) -> TokenActs:
+        """The base flattening, except for "text": a different number of tokens per example."""
+        if tokens != "text" or hook.startswith(self.vision_layers):
+            return super()._flatten(hook, chunks, tokens, example_offset)
+        (acts_BTD, _), = chunks  # `activations` runs one forward: one call of each LLM layer
+        pos_NK = self.text_mask(hook).nonzero()  # (example, position) pairs, row-major
+        return TokenActs(acts_BTD[pos_NK[:, 0], pos_NK[:, 1]],
+                         {"example_id": pos_NK[:, 0] + example_offset, "token_index": pos_NK[:, 1]})
 
     # ---------------------------------------------------------------- running
     def transform(self, image: Any) -> Tensor:
@@ -117,7 +143,7 @@ class LlavaEncoder(Encoder):
         out = {k: v.to(self.device) for k, v in batch.items()}
         if "pixel_values" in out:
             out["pixel_values"] = out["pixel_values"].to(self.dtype)
-        self._input_ids = out["input_ids"]
+        self._input_ids, self._attention_mask = out["input_ids"], out.get("attention_mask")
         return out
 
     def run_model(self, batch: Any) -> Tensor:

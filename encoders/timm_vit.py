@@ -29,7 +29,7 @@ class TimmEncoder(Encoder):
         self.default_hook = f"blocks.{max(len(model.blocks) - 2, 0)}"
         # The pretrained config may name another size than the model was built with (img_size=...).
         self.data_config = timm.data.resolve_data_config({"input_size": (3, *self.image_size)}, model=model)
-        self._transform = timm.data.create_transform(**self.data_config)
+        self._transform = self.image_pipeline = timm.data.create_transform(**self.data_config)
 
     @classmethod
     def from_spec(cls, name: str, pretrained: bool = True, checkpoint_path: str = "",

@@ -2,14 +2,15 @@
 
 Every spatial position of a block is one token; (H, W) is kept in `meta["grid"]`. A sampling run calls each
 UNet block once per step on the CFG batch [uncond, cond]; `timesteps` / `every_n` pick steps, `cfg_half` picks
-halves, `update=True` records output − input (the sdxl-unbox convention).
+halves, `update=True` records output − input (the sdxl-unbox convention); `edit_update` edits such an update
+in place of the output (how an `Intervention` splices an SAE trained on updates).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -176,17 +177,50 @@ class UNetEncoder(Encoder):
         out = out[0] if isinstance(out, tuple) else out
         if out.ndim == 4:
             self._grids[hook] = tuple(out.shape[-2:])
-        if self.sampling.update:
-            inp = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
-            if not isinstance(inp, Tensor) or inp.shape != out.shape:
-                raise ValueError(f"update=True needs a block whose output has its input's shape; {hook!r} "
-                                 f"maps {getattr(inp, 'shape', None)} → {tuple(out.shape)}.")
-            acts_BTD = acts_BTD - self.to_tokens(hook, inp)
+        if self.site(hook) == "update":
+            acts_BTD = acts_BTD - self.input_tokens(hook, args, kwargs, acts_BTD, "update=True needs")
         return [(half, {"timestep": torch.full((half.shape[0], 1), self.current_timestep),
                         "cond": torch.full((half.shape[0], 1), c)}) for half, c in self._halves(acts_BTD)]
 
+    def input_tokens(self, hook: str, args: tuple, kwargs: dict[str, Any], out_BTD: Tensor,
+                     need: str) -> Tensor:
+        """The block's input (`hidden_states` / `sample`) as tokens; `need` opens the error when its shape
+        differs from the output's (e.g. up/down-samplers), so no update exists."""
+        inp = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
+        in_BTD = self.to_tokens(hook, inp) if isinstance(inp, Tensor) else None
+        if in_BTD is None or in_BTD.shape != out_BTD.shape:
+            raise ValueError(f"{need} a block whose output has its input's shape; {hook!r} maps "
+                             f"{tuple(getattr(inp, 'shape', ()))} → {tuple(out_BTD.shape)} tokens. Use a "
+                             "shape-preserving block (e.g. an `attentions.*` module) or the block's output.")
+        return in_BTD
+
     def hook_meta(self, hook: str) -> dict[str, Tensor]:
         return {"grid": torch.tensor(self._grids[hook])} if hook in self._grids else {}
+
+    def site(self, hook: str) -> str:
+        # Text-encoder layers are always recorded as outputs (`captures` returns before the update).
+        return "update" if self.sampling.update and not self.is_text_hook(hook) else "output"
+
+    @contextlib.contextmanager
+    def edit_update(self, hook: str, fn: Callable[[Tensor], Tensor]) -> Iterator[None]:
+        """Within the block, `hook`'s update u = out − in is replaced by fn(u): out′ = out + (fn(u) − u).
+
+        Written as a correction of the output, not as in + fn(u), so an fn that returns u unchanged leaves
+        the output bit-identical (in + (out − in) is not, in floating point).
+        """
+
+        def hook_fn(_mod: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+            out_BTD = self.to_tokens(hook, output)
+            need = "An SAE trained on block updates (site='update') needs"
+            update_BTD = out_BTD - self.input_tokens(hook, args, kwargs, out_BTD, need)
+            return self.from_tokens(hook, out_BTD + (fn(update_BTD) - update_BTD), output)
+
+        # prepend, as in `Encoder.edit`: reading hooks must see the edited output.
+        handle = self.module(hook).register_forward_hook(hook_fn, with_kwargs=True, prepend=True)
+        try:
+            yield
+        finally:
+            handle.remove()
 
     @contextlib.contextmanager
     def _sampling_overrides(self, overrides: dict[str, Any]) -> Iterator[None]:

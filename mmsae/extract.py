@@ -12,9 +12,11 @@ run and an interrupted run resumes with any number of processes. Launch with `mm
 with `torchrun --nproc_per_node N -m mmsae.cli extract ...`, or call `extract` in each process of a
 torch.distributed job.
 
-Pipeline: DataLoader workers decode and transform images → forward on the device → activations cast
-to the store dtype on the device and copied asynchronously into pinned host memory → a writer thread
-waits for each copy and streams it into the current shard's temp files.
+Pipeline: DataLoader workers decode and transform images (decode="pil", the default), or only read JPEG
+files that the main process then decodes and preprocesses as a batch on the device (decode="device",
+`mmsae.datasets.gpu_decode`) → forward on the device → activations cast to the store dtype on the device
+and copied asynchronously into pinned host memory → a writer thread waits for each copy and streams it
+into the current shard's temp files.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import shutil
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,8 +40,10 @@ import torch
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import Compose
 from tqdm.auto import tqdm
 
+from mmsae.datasets.gpu_decode import DevicePreprocess, EncodedJpeg, decode_jpegs, image_files, read_jpeg
 from mmsae.datasets.images import ExampleDataset, UnreadableExample
 from mmsae.encoders.base import Encoder, TokenActs, TokenMode
 from mmsae.store import (
@@ -64,6 +68,7 @@ from mmsae.store import (
 )
 
 DEFAULT_SHARD_TOKENS = 1 << 18
+DECODERS = ("pil", "device")
 DEFAULT_WAIT_S = 1800.0  # as torch.distributed's default: a rank that makes no progress this long failed
 POLL_S = 0.2
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -101,6 +106,7 @@ class InputBatch:
     indices: list[int]  # data set indices of the readable examples, in order
     inputs: Tensor | list[str] | None  # stacked pixels, or texts for prompt/caption encoders
     skipped: list[dict[str, Any]] = field(default_factory=list)
+    fallback: list[int] = field(default_factory=list)  # decode="device": indices decoded by PIL instead
 
 
 class EncoderInputs(Dataset):
@@ -132,6 +138,63 @@ def collate_inputs(items: list[tuple[int, Any, dict[str, Any] | None]]) -> Input
     return InputBatch([i for i, _ in ok], inputs, skipped)
 
 
+class JpegFiles(Dataset):
+    """decode="device", in loader workers: a JPEG file's bytes; other files go through the PIL path here."""
+
+    def __init__(self, dataset: ExampleDataset, encoder: Encoder):
+        self.files, self.pil = image_files(dataset), EncoderInputs(dataset, encoder, "image")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[int, EncodedJpeg | Tensor | None, dict[str, Any] | None]:
+        jpeg = read_jpeg(self.files[index])
+        return self.pil[index] if jpeg is None else (index, jpeg, None)
+
+
+def _image_pipeline(encoder: Encoder) -> Compose:
+    """The torchvision pipeline behind `encoder.transform`; `DeviceDecoder` checks numerically that it is
+    the one in use."""
+    if not isinstance(encoder.image_pipeline, Compose):
+        raise ValueError(f"decode='device' replays the torchvision pipeline of the encoder's transform, and "
+                         f"{encoder.id} ({type(encoder).__name__}) has none. Use decode='pil'.")
+    return encoder.image_pipeline
+
+
+class DeviceDecoder:
+    """decode="device", in the main process: a batch of `JpegFiles` items → pixels on the encoder's device.
+
+    JPEGs the device decoder rejects take the PIL path (which re-reads the file and reports it if PIL
+    cannot read it either); their indices, and those of non-JPEG files, end up in `InputBatch.fallback`.
+    """
+
+    def __init__(self, dataset: ExampleDataset, encoder: Encoder):
+        self.pil, self.device = EncoderInputs(dataset, encoder, "image"), encoder.device
+        self.preprocess = DevicePreprocess.from_transform(_image_pipeline(encoder))
+        probe = _probe_image()
+        self.preprocess.check_matches(encoder.transform, probe)
+        self.shape = tuple(encoder.transform(probe).shape)
+
+    def __call__(self, items: list[tuple[int, Any, dict[str, Any] | None]]) -> InputBatch:
+        jpeg_at = [p for p, (_, x, _) in enumerate(items) if isinstance(x, EncodedJpeg)]
+        decoded = dict(zip(jpeg_at, decode_jpegs([items[p][1] for p in jpeg_at], self.device)))
+        items = [self.pil[item[0]] if p in decoded and decoded[p] is None else item
+                 for p, item in enumerate(items)]
+        ok = [p for p, (_, _, err) in enumerate(items) if err is None]
+        batch = InputBatch([items[p][0] for p in ok], None, [err for _, _, err in items if err is not None])
+        if not ok:
+            return batch
+        on_device = [r for r, p in enumerate(ok) if decoded.get(p) is not None]
+        on_host = [r for r, p in enumerate(ok) if decoded.get(p) is None]
+        pixels_BCHW = torch.empty(len(ok), *self.shape, device=self.device)
+        if on_device:
+            pixels_BCHW[on_device] = self.preprocess([decoded[ok[r]] for r in on_device])
+        if on_host:
+            pixels_BCHW[on_host] = torch.stack([items[ok[r]][1] for r in on_host]).to(self.device)
+        batch.inputs, batch.fallback = pixels_BCHW, [batch.indices[r] for r in on_host]
+        return batch
+
+
 def _modality(dataset: ExampleDataset, modality: str | None) -> str:
     modality = modality or ("text" if dataset.kind == "prompt" else "image")
     if modality not in ("image", "text"):
@@ -141,17 +204,30 @@ def _modality(dataset: ExampleDataset, modality: str | None) -> str:
     return modality
 
 
+def _check_decode(decode: str, modality: str) -> None:
+    if decode not in DECODERS:
+        raise ValueError(f"decode must be one of {DECODERS}, got {decode!r}.")
+    if decode == "device" and modality != "image":
+        raise ValueError("decode='device' decodes images; this extraction reads texts: use decode='pil'.")
+
+
 def forward_batches(encoder: Encoder, dataset: ExampleDataset, index_batches: Sequence[list[int]],
                     hooks: list[str], tokens: TokenMode, modality: str, num_workers: int = 0,
-                    ) -> Iterator[tuple[InputBatch, dict[str, TokenActs]]]:
+                    decode: str = "pil") -> Iterator[tuple[InputBatch, dict[str, TokenActs]]]:
     """Run the encoder over the given batches of data set indices; activations stay on the device.
 
     Example ids in the returned metadata are data set indices (skipped examples leave gaps).
     """
+    _check_decode(decode, modality)
     cuda = encoder.device.type == "cuda"
-    loader = DataLoader(EncoderInputs(dataset, encoder, modality), batch_sampler=index_batches,
-                        num_workers=num_workers, collate_fn=collate_inputs, pin_memory=cuda)
-    for batch in loader:
+    if decode == "device":
+        loader = DataLoader(JpegFiles(dataset, encoder), batch_sampler=index_batches, num_workers=num_workers,
+                            collate_fn=list)
+        batches: Iterator[InputBatch] = map(DeviceDecoder(dataset, encoder), loader)
+    else:
+        batches = iter(DataLoader(EncoderInputs(dataset, encoder, modality), batch_sampler=index_batches,
+                                  num_workers=num_workers, collate_fn=collate_inputs, pin_memory=cuda))
+    for batch in batches:
         if not batch.indices:
             yield batch, {}
             continue
@@ -399,8 +475,16 @@ def _finalize(root: Path, info: dict[str, Any]) -> None:
 
 # ------------------------------------------------------------------------------------------ extract
 def _config(encoder: Encoder, dataset: ExampleDataset, hooks: list[str], tokens: TokenMode, dtype: str,
-            modality: str, preprocessing: dict[str, Any] | None) -> dict[str, Any]:
+            modality: str, preprocessing: dict[str, Any] | None, decode: str) -> dict[str, Any]:
+    sites = {h: encoder.site(h) for h in hooks}
+    # Only block updates are named (read back by ActivationStore.site), so output stores keep their hash.
+    updates = {"sites": sites} if "update" in sites.values() else {}
+    # decode="device" gives slightly different pixels, hence another store; the default adds no key, so
+    # stores made before the option existed keep their hash.
+    decoding = {} if decode == "pil" else {"decode": decode}
     return {
+        **updates,
+        **decoding,
         "encoder": encoder.id,
         "weights": weights_fingerprint(encoder),
         "hooks": hooks,
@@ -427,12 +511,12 @@ def _store_dir(out_dir: Path, encoder: Encoder, digest: str) -> Path:
 
 
 def _layout(encoder: Encoder, dataset: ExampleDataset, hooks: list[str], tokens: TokenMode, modality: str,
-            batch_size: int, shard_tokens: int) -> tuple[dict[str, Any], dict[str, Any]]:
+            batch_size: int, shard_tokens: int, decode: str = "pil") -> tuple[dict[str, Any], dict[str, Any]]:
     """Probe the first readable batch for widths and tokens per example; fix the shard layout from it."""
     n = len(dataset)
     for start in range(0, n, batch_size):
         probe = [list(range(start, min(start + batch_size, n)))]
-        batch, acts = next(forward_batches(encoder, dataset, probe, hooks, tokens, modality))
+        batch, acts = next(forward_batches(encoder, dataset, probe, hooks, tokens, modality, decode=decode))
         if batch.indices:
             break
     else:
@@ -466,13 +550,18 @@ def extract(encoder: Encoder, dataset: ExampleDataset, hooks: str | Sequence[str
             tokens: TokenMode = "all", dtype: str = "float16", batch_size: int = 64,
             shard_tokens: int = DEFAULT_SHARD_TOKENS, num_workers: int = 0, modality: str | None = None,
             preprocessing: dict[str, Any] | None = None, progress: bool = True, rank: int | None = None,
-            world_size: int | None = None, timeout: float = DEFAULT_WAIT_S) -> ActivationStore:
+            world_size: int | None = None, timeout: float = DEFAULT_WAIT_S, decode: str = "pil",
+            ) -> ActivationStore:
     """Extract `hooks` activations of `encoder` over `dataset` into a sharded store under `out_dir`.
 
     Resumes an interrupted extraction of the same configuration; returns at once if it is complete.
     `hooks=None` uses `encoder.default_hook`; `modality` ("image"/"text") defaults from the data set;
     `preprocessing` holds extra settings that change the activations (e.g. sampler settings) and
     enters the store hash. Unreadable examples are skipped, counted and listed in `store.skipped`.
+    `decode="device"` (image files only) decodes JPEGs batch-wise on the encoder's device (nvJPEG on CUDA)
+    and preprocesses them there: pixels within a few uint8 levels of the PIL path (see
+    `mmsae.datasets.gpu_decode`), so the store gets its own hash. Other files take the PIL path; a
+    warning counts them.
 
     Several processes: call this in each with the same arguments. `rank`/`world_size` default to the
     torch.distributed group, else to torchrun's RANK/WORLD_SIZE; the process extracts the shards
@@ -494,7 +583,8 @@ def extract(encoder: Encoder, dataset: ExampleDataset, hooks: str | Sequence[str
     if batch_size < 1 or shard_tokens < 1:
         raise ValueError(f"batch_size and shard_tokens must be >= 1, got {batch_size} and {shard_tokens}.")
     modality = _modality(dataset, modality)
-    config = _config(encoder, dataset, hooks, tokens, dtype, modality, preprocessing)
+    _check_decode(decode, modality)
+    config = _config(encoder, dataset, hooks, tokens, dtype, modality, preprocessing, decode)
     digest = config_hash(config)
     root = _store_dir(Path(out_dir), encoder, digest)
     info = _open_store(root, config, digest)
@@ -502,7 +592,8 @@ def extract(encoder: Encoder, dataset: ExampleDataset, hooks: str | Sequence[str
                                                      for s in range(len(info["shards"]))):
         return ActivationStore(root)  # cache hit
     if info is None and ranks.rank == 0:
-        layout, hooks_info = _layout(encoder, dataset, hooks, tokens, modality, batch_size, shard_tokens)
+        layout, hooks_info = _layout(encoder, dataset, hooks, tokens, modality, batch_size, shard_tokens,
+                                     decode)
         n_shards = -(-len(dataset) // layout["examples_per_shard"])
         root.mkdir(parents=True, exist_ok=True)
         write_info(root, {"format": FORMAT, "config": config, "config_hash": digest,
@@ -511,8 +602,12 @@ def extract(encoder: Encoder, dataset: ExampleDataset, hooks: str | Sequence[str
     info = _await_store(root, config, digest, ranks, timeout)
     pending = [s for s in range(len(info["shards"])) if not _shard_done(root, info, s)]
     desc = f"extract {encoder.id}" + (f" (rank 0 of {ranks.world_size})" if ranks.world_size > 1 else "")
-    _run(encoder, dataset, root, info, [s for s in pending if ranks.owns(s)], tokens, num_workers,
-         progress and ranks.rank == 0, desc)
+    fallback = _run(encoder, dataset, root, info, [s for s in pending if ranks.owns(s)], tokens, num_workers,
+                    progress and ranks.rank == 0, desc, decode)
+    if fallback:
+        first = dataset.source(fallback[0])
+        warnings.warn(f"decode='device': {len(fallback)} images were not complete JPEG files or failed to "
+                      f"decode on {device.type} and took the PIL path (first: {first}).", stacklevel=2)
     _finish(root, info, pending, ranks, timeout)
     store = ActivationStore(root)
     if store.skipped and ranks.rank == 0:
@@ -538,8 +633,8 @@ def _shard_done(root: Path, info: dict[str, Any], shard: int) -> bool:
 
 
 def _run(encoder: Encoder, dataset: ExampleDataset, root: Path, info: dict[str, Any], shards: list[int],
-         tokens: TokenMode, num_workers: int, progress: bool, desc: str) -> None:
-    """Compute and record `shards`."""
+         tokens: TokenMode, num_workers: int, progress: bool, desc: str, decode: str) -> list[int]:
+    """Compute and record `shards`; returns the indices that decode="device" left to PIL."""
     layout, n = info["layout"], len(dataset)
     bs, per_shard = layout["batch_size"], layout["examples_per_shard"]
     plan: list[tuple[int, bool]] = []  # (shard, last batch of the shard) for each batch
@@ -551,13 +646,30 @@ def _run(encoder: Encoder, dataset: ExampleDataset, root: Path, info: dict[str, 
             index_batches.append(list(range(b, min(b + bs, stop))))
             plan.append((s, b == starts[-1]))
     if not plan:
-        return
+        return []
+    bar = tqdm(total=sum(map(len, index_batches)), unit="ex", desc=desc, disable=not progress)
+    batches = forward_batches(encoder, dataset, index_batches, list(info["hooks"]), tokens,
+                              info["config"]["modality"], num_workers, decode)
+    try:
+        return write_shards(root, info, plan, batches, bar)
+    finally:
+        bar.close()
+
+
+def write_shards(root: Path, info: dict[str, Any], plan: Sequence[tuple[int, bool]],
+                 batches: Iterable[tuple[InputBatch, dict[str, TokenActs]]], bar: tqdm | None = None,
+                 ) -> list[int]:
+    """Stream forward results into shard files: batch i goes to shard plan[i][0] and commits it if plan[i][1].
+
+    Casts and device→host copies are asynchronous; a background thread writes. Of the store's `info`, only
+    "hooks", "shards" (for the disk-full message) and config "dtype" are read. Returns the indices that
+    decode="device" left to PIL. benchmarks/bench_extract.py times the store's own cost with it, on
+    batches of device-resident pixels.
+    """
     dtype = DTYPES[info["config"]["dtype"]]
     writer = _ShardWriter(root, info)
     writer.start()
-    bar = tqdm(total=sum(map(len, index_batches)), unit="ex", desc=desc, disable=not progress)
-    batches = forward_batches(encoder, dataset, index_batches, list(info["hooks"]), tokens,
-                              info["config"]["modality"], num_workers)
+    fallback: list[int] = []
     try:
         for (shard, last), (batch, acts) in zip(plan, batches):
             if batch.indices:
@@ -566,12 +678,14 @@ def _run(encoder: Encoder, dataset: ExampleDataset, root: Path, info: dict[str, 
                 writer.put(("skipped", shard, batch.skipped))
             if last:
                 writer.put(("commit", shard))
-            bar.update(len(batch.indices) + len(batch.skipped))
+            fallback += batch.fallback
+            if bar is not None:
+                bar.update(len(batch.indices) + len(batch.skipped))
     finally:
-        bar.close()
         writer.queue.put(None)  # the writer drains this even after an error
         writer.join()
     writer.raise_error()
+    return fallback
 
 
 # ------------------------------------------------------------------------------------------ streaming
@@ -584,7 +698,7 @@ class ActivationStream:
 
     def __init__(self, encoder: Encoder, dataset: ExampleDataset, hooks: str | Sequence[str] | None = None,
                  tokens: TokenMode = "all", batch_size: int = 64, num_workers: int = 0,
-                 modality: str | None = None):
+                 modality: str | None = None, decode: str = "pil"):
         if len(dataset) == 0:
             raise ValueError(f"The data set {dataset.describe()} is empty: nothing to stream.")
         self.encoder, self.dataset, self.tokens = encoder, dataset, tokens
@@ -594,12 +708,14 @@ class ActivationStream:
             encoder.module(h)
         self.images_per_forward, self.num_workers = batch_size, num_workers
         self.modality = _modality(dataset, modality)
+        _check_decode(decode, self.modality)
+        self.decode = decode
         self._dims: dict[str, int] | None = None
 
     def dim(self, hook: str | None = None) -> int:
         if self._dims is None:  # one probe forward, cached
             layout_probe = _layout(self.encoder, self.dataset, self.hooks, self.tokens, self.modality,
-                                   self.images_per_forward, DEFAULT_SHARD_TOKENS)[1]
+                                   self.images_per_forward, DEFAULT_SHARD_TOKENS, self.decode)[1]
             self._dims = {h: v["d"] for h, v in layout_probe.items()}
         (key,), _ = resolve_hooks(self.hooks, hook, None)
         return self._dims[key]
@@ -621,7 +737,7 @@ class ActivationStream:
         order = np.random.default_rng(seed).permutation(n).tolist() if shuffle else list(range(n))
         index_batches = [order[i : i + self.images_per_forward] for i in range(0, n, self.images_per_forward)]
         forwards = forward_batches(self.encoder, self.dataset, index_batches, keys, self.tokens,
-                                   self.modality, self.num_workers)
+                                   self.modality, self.num_workers, self.decode)
         chunks = ({h: acts[h].acts_ND for h in keys} for _, acts in forwards if acts)
         generator = torch.Generator().manual_seed(seed) if shuffle else None
         for batch in shuffle_batches(chunks, batch_size, buffer_tokens, generator, drop_last):
@@ -643,6 +759,7 @@ class ExtractConfig:
     batch_size: int = 64
     shard_tokens: int = DEFAULT_SHARD_TOKENS
     num_workers: int = 0
+    decode: str = "pil"  # pil (in loader workers) | device (JPEG files decoded on the device)
     device: str = "auto"  # auto = cuda when available
     devices: int = 1  # processes on disjoint shards, one per GPU (on CPU: CPU processes)
     model_dtype: str = ""  # e.g. bfloat16; empty keeps the model's dtype
@@ -693,7 +810,7 @@ def run_config(cfg: ExtractConfig, rank: int | None = None, world_size: int | No
     tokens: TokenMode = int(cfg.tokens) if cfg.tokens.lstrip("-").isdigit() else cfg.tokens
     return extract(encoder, load_dataset(cfg.dataset), cfg.hooks or None, cfg.out_dir, tokens=tokens,
                    dtype=cfg.dtype, batch_size=cfg.batch_size, shard_tokens=cfg.shard_tokens,
-                   num_workers=cfg.num_workers, rank=rank, world_size=world_size)
+                   num_workers=cfg.num_workers, rank=rank, world_size=world_size, decode=cfg.decode)
 
 
 def launch(cfg: ExtractConfig) -> ActivationStore:

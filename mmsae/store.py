@@ -273,6 +273,16 @@ class ActivationStore:
             raise ValueError(f"Hooks of {self.path} have different widths {dims}: use store.dim(hook).")
         return int(dims.pop())
 
+    def site(self, hook: str | None = None) -> str:
+        """What was recorded at `hook`: 'output' (the module's output) or 'update' (output − input)."""
+        (key,), _ = resolve_hooks(self.hooks, hook, None)
+        return self.info["config"].get("sites", {}).get(key, "output")  # stores before sites: outputs
+
+    def provenance(self, hook: str | None = None) -> dict[str, str]:
+        """The SAE config fields an SAE trained on `hook` of this store inherits: encoder, hook, site."""
+        (key,), _ = resolve_hooks(self.hooks, hook, None)
+        return {"encoder": self.info["config"]["encoder"], "hook": key, "site": self.site(key)}
+
     def token_counts(self) -> dict[str, int]:
         return {h: sum(s["hooks"][h]["n_tokens"] for s in self.info["shards"]) for h in self.hooks}
 

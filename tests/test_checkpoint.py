@@ -44,6 +44,21 @@ def test_round_trip_preserves_weights_config_and_buffers(tmp_path: Path) -> None
     assert sorted(p.name for p in (tmp_path / "sae").iterdir()) == ["cfg.json", "sae.safetensors"]
 
 
+def test_site_round_trips_and_old_cfg_json_defaults_to_output(tmp_path: Path) -> None:
+    sae = build_sae("topk", D, N, k=4, hook="up_blocks.0.attentions.1", site="update")
+    mmsae.save_sae(sae, tmp_path / "update")
+    assert json.loads((tmp_path / "update" / "cfg.json").read_text())["site"] == "update"
+    assert mmsae.load_sae(tmp_path / "update").cfg.site == "update"
+    # A cfg.json written before the field existed: the SAE read block outputs.
+    cfg_file = tmp_path / "update" / "cfg.json"
+    old = json.loads(cfg_file.read_text())
+    del old["site"]
+    cfg_file.write_text(json.dumps(old))
+    assert mmsae.load_sae(tmp_path / "update").cfg.site == "output"
+    with pytest.raises(ValueError, match="site='updates' must be 'output'"):
+        build_sae("topk", D, N, k=4, site="updates")
+
+
 def test_failed_weight_write_leaves_previous_checkpoint_and_no_temp_file(tmp_path, monkeypatch) -> None:
     old = tiny_topk()
     checkpoint.save_sae(old, tmp_path)

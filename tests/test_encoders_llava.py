@@ -67,3 +67,36 @@ def test_generate_with_edit(enc: LlavaEncoder, batch: tuple) -> None:
 def test_bad_batch(enc: LlavaEncoder) -> None:
     with pytest.raises(TypeError, match="processor outputs"):
         enc.activations(torch.randn(1, 3, 32, 32), [enc.default_hook])
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_llm_layers_text_tokens(enc: LlavaEncoder, batch: tuple, padding_side: str) -> None:
+    images, _ = batch
+    prompts = ["<image> hi", "<image> a much longer prompt than the first one"]
+    inputs = enc.processor(images=images, text=prompts, return_tensors="pt", padding=True,
+                           padding_side=padding_side)
+    mask_BT = inputs["attention_mask"].bool()
+    assert not mask_BT.all()  # the short prompt is padded
+    hook = f"{LLM}.0"  # not the last layer: hidden_states[-1] has the final norm applied
+    text = enc.activations(inputs, [hook], tokens="text", example_offset=5)[hook]
+    keep_BT = mask_BT & (inputs["input_ids"] != enc.model.config.image_token_index)
+    b_N, t_N = keep_BT.nonzero().unbind(1)
+    assert text.meta["example_id"].tolist() == (b_N + 5).tolist()
+    assert text.meta["token_index"].tolist() == t_N.tolist()  # columns of input_ids, padding skipped
+    assert text.acts_ND.shape == (int(keep_BT.sum()), 16)
+    assert (text.meta["example_id"] == 5).sum() < (text.meta["example_id"] == 6).sum()
+    with torch.no_grad():
+        hidden_BTD = enc.model(**inputs, output_hidden_states=True).hidden_states[1]  # after layer 0
+    torch.testing.assert_close(text.acts_ND, hidden_BTD[b_N, t_N], rtol=0, atol=0)
+    image = enc.activations(inputs, [hook], tokens="image")[hook]
+    text_pos = set(zip(text.meta["example_id"].tolist(), text.meta["token_index"].tolist()))
+    image_pos = set(zip((image.meta["example_id"] + 5).tolist(), image.meta["token_index"].tolist()))
+    assert not text_pos & image_pos and len(text_pos | image_pos) == mask_BT.sum()  # a partition
+
+
+def test_llm_token_modes_on_vision_hooks_are_clear_errors(enc: LlavaEncoder, batch: tuple) -> None:
+    for mode in ("text", "image"):
+        with pytest.raises(ValueError, match=f"tokens='{mode}'.*vision hook.*LLM hook"):
+            enc.activations(batch, [enc.default_hook], tokens=mode)
+    with pytest.raises(ValueError, match="image features only"):
+        enc.activations(batch, ["model.multi_modal_projector"], tokens="text")

@@ -10,13 +10,18 @@ base (x or x̂) plus Σ_i (f′_i − f_i)·W_dec[i] over the edited latents onl
 built, and with the error kept and no code edits the encoder is not run at all. `Direction` edits
 add s·W_dec[i]. Masks, the timestep window and the CFG half restrict *where* x is replaced:
 x_out = x + gate·(x′ − x). Leaving the block removes every hook, restoring the model exactly.
+
+An SAE trained on block updates (`sae.cfg.site == "update"`, UNet stores extracted with `update=True`)
+reads x = out − in instead, and the block writes out′ = in + x′ (as out + (x′ − x), so that an unedited
+update leaves the output bit-identical). Everything above (error term, masks, window, CFG half) applies
+to the update.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -62,10 +67,24 @@ def latent_columns(codes: SparseCodes | Tensor, latents: Tensor) -> Tensor:
     return as_dense(codes)[:, latents]
 
 
+def code_latents(edits: Sequence[Edit], device: torch.device | str) -> Tensor:
+    """Sorted distinct latents [E] that the code edits of `edits` read, on `device`."""
+    return torch.tensor(sorted({e.latent for e in edits if e.needs_codes}), dtype=torch.int64, device=device)
+
+
 def apply_edits(
-    sae: SAE, x_ND: Tensor, edits: Sequence[Edit], ctx: EditContext, keep_error: bool = True
+    sae: SAE,
+    x_ND: Tensor,
+    edits: Sequence[Edit],
+    ctx: EditContext,
+    keep_error: bool = True,
+    latents_E: Tensor | None = None,
 ) -> Tensor:
-    """x′ for tokens [N, D] (see the module docstring); computed in the SAE's dtype."""
+    """x′ for tokens [N, D] (see the module docstring); computed in the SAE's dtype.
+
+    `latents_E` is `code_latents(edits, device)`; hooks that run every forward pass it precomputed,
+    because building it from a list is a blocking host→device copy that stalls the model's launches.
+    """
     sae.check_input(x_ND)
     x_ND = x_ND.to(sae.W_dec.dtype)
     code_edits = [e for e in edits if e.needs_codes]
@@ -75,9 +94,9 @@ def apply_edits(
         if not keep_error:
             out_ND = sae.decode(codes)
         if code_edits:
-            latents = sorted({e.latent for e in code_edits})
-            pos = {latent: j for j, latent in enumerate(latents)}
-            latents_E = torch.tensor(latents, device=x_ND.device)
+            if latents_E is None:
+                latents_E = code_latents(code_edits, x_ND.device)
+            pos = {latent: j for j, latent in enumerate(sorted({e.latent for e in code_edits}))}
             f_NE = latent_columns(codes, latents_E).float()  # edits and thresholds in fp32
             new_NE = f_NE.clone()
             for e in code_edits:  # in order: two edits of one latent compose
@@ -109,6 +128,24 @@ def check_compatible(encoder: Encoder, sae: SAE, hook: str) -> None:
             f"The SAE is on {sae.W_dec.device} but the model on {encoder.device}: "
             f"call sae.to({str(encoder.device)!r}) first."
         )
+
+
+def check_site(encoder: Encoder, sae: SAE, hook: str) -> None:
+    """Refuse an SAE trained on block updates where the encoder cannot splice updates."""
+    if sae.cfg.site == "update" and not hasattr(encoder, "edit_update"):
+        raise ValueError(
+            f"This SAE was trained on block updates (output − input, site='update'), but {encoder.id!r} "
+            f"({encoder.family}) can only splice module outputs at {hook!r}. Use an SAE trained on that "
+            "hook's outputs (extracted without update=True), or a diffusion UNet encoder."
+        )
+
+
+def site_edit(
+    encoder: Encoder, sae: SAE, hook: str, fn: Callable[[Tensor], Tensor]
+) -> contextlib.AbstractContextManager:
+    """`encoder.edit(hook, fn)`, or for an SAE on updates the encoder's edit of out − in (`edit_update`)."""
+    check_site(encoder, sae, hook)
+    return encoder.edit_update(hook, fn) if sae.cfg.site == "update" else encoder.edit(hook, fn)
 
 
 def schedule_length(encoder: Encoder) -> int | None:
@@ -191,6 +228,7 @@ class Intervention(contextlib.AbstractContextManager):
                 )
             if strict:
                 check_compatible(encoder, s.sae, hook)
+            check_site(encoder, s.sae, hook)
             for e in s.edits:
                 e.check(s.sae.cfg.n_latents)
             if s.timesteps is not None:
@@ -200,6 +238,7 @@ class Intervention(contextlib.AbstractContextManager):
                     f"max_acts has shape {tuple(s.max_acts.shape)}; expected ({s.sae.cfg.n_latents},)."
                 )
             self.hooks.append(hook)
+        self._latents = [code_latents(s.edits, s.sae.W_dec.device) for s in self.splices]
         self._stack: contextlib.ExitStack | None = None
 
     def __enter__(self) -> Intervention:
@@ -207,8 +246,10 @@ class Intervention(contextlib.AbstractContextManager):
             raise RuntimeError("This Intervention is already active; it cannot be entered twice.")
         stack = contextlib.ExitStack()
         try:
-            for hook, s in zip(self.hooks, self.splices):  # same hook twice: applied in list order
-                stack.enter_context(self.encoder.edit(hook, lambda acts, h=hook, s=s: self._edit(h, s, acts)))
+            for hook, s, latents_E in zip(self.hooks, self.splices, self._latents):
+                # The same hook twice: applied in list order.
+                fn = lambda acts, h=hook, s=s, lat=latents_E: self._edit(h, s, acts, lat)
+                stack.enter_context(site_edit(self.encoder, s.sae, hook, fn))
         except BaseException:
             stack.close()
             raise
@@ -220,7 +261,8 @@ class Intervention(contextlib.AbstractContextManager):
         if stack is not None:
             stack.close()
 
-    def _edit(self, hook: str, s: Splice, acts_BTD: Tensor) -> Tensor:
+    def _edit(self, hook: str, s: Splice, acts_BTD: Tensor, latents_E: Tensor) -> Tensor:
+        """x′ for one call of `hook`: x is the block output, or its update for an SAE on updates."""
         timestep = getattr(self.encoder, "current_timestep", None)
         if s.timesteps is not None:
             if timestep is None:
@@ -233,7 +275,7 @@ class Intervention(contextlib.AbstractContextManager):
         B, T, D = acts_BTD.shape
         gate_BT = self._gate(hook, s, B, T, acts_BTD.device)
         ctx = EditContext(max_acts=s.max_acts, timestep=None if timestep is None else int(timestep))
-        new_ND = apply_edits(s.sae, acts_BTD.reshape(B * T, D), s.edits, ctx, s.keep_error)
+        new_ND = apply_edits(s.sae, acts_BTD.reshape(B * T, D), s.edits, ctx, s.keep_error, latents_E)
         new_BTD = new_ND.view(B, T, D).to(acts_BTD.dtype)
         s.n_applied += 1
         if gate_BT is None:
@@ -269,8 +311,11 @@ __all__ = [
     "Splice",
     "apply_edits",
     "check_compatible",
+    "check_site",
+    "code_latents",
     "cond_rows",
     "grid_for",
     "latent_columns",
+    "site_edit",
     "spatial_gate",
 ]

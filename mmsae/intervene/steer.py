@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from mmsae.encoders.base import Encoder
 from mmsae.intervene.edits import Edit
-from mmsae.intervene.intervention import Intervention, Splice, schedule_length
+from mmsae.intervene.intervention import Intervention, Splice, check_site, schedule_length
 from mmsae.sae.base import SAE, SparseCodes
 
 R = TypeVar("R")
@@ -200,9 +200,12 @@ def max_activations(encoder: Encoder, sae: SAE, batches: Iterable[Any], hook: st
     hook = hook or sae.cfg.hook
     if hook is None:
         raise ValueError("The SAE's cfg records no hook point: pass hook='<module path>'.")
+    check_site(encoder, sae, hook)
+    # An SAE on block updates sees updates here too (UNet encoders record them on request).
+    site = {"update": True} if sae.cfg.site == "update" else {}
     max_n = torch.zeros(sae.cfg.n_latents, device=sae.W_dec.device)
     for batch in tqdm(batches, desc="max activations", leave=False):
-        acts_ND = encoder.activations(batch, [hook])[hook].acts_ND.to(sae.W_dec)
+        acts_ND = encoder.activations(batch, [hook], **site)[hook].acts_ND.to(sae.W_dec)
         codes = sae.encode(acts_ND)
         if isinstance(codes, SparseCodes):
             max_n.scatter_reduce_(0, codes.indices.flatten(), codes.values.flatten().float(), "amax")

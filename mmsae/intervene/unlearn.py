@@ -24,7 +24,7 @@ from mmsae.checkpoint import atomic_write_bytes
 from mmsae.encoders.base import Encoder
 from mmsae.intervene.edits import Edit, EditContext
 from mmsae.intervene.fidelity import image_similarity
-from mmsae.intervene.intervention import Intervention, Splice, check_compatible
+from mmsae.intervene.intervention import Intervention, Splice, check_compatible, cond_rows, site_edit
 from mmsae.intervene.steer import zero_shot_probs
 from mmsae.sae.base import SAE, SparseCodes
 
@@ -118,8 +118,7 @@ def timestep_sums(
         B, T, D = acts_BTD.shape
         x_BTD = acts_BTD
         if cond_only and sampling.guidance_scale > 1:
-            cond = encoder.extra_meta(hook, B, T).get("cond")
-            x_BTD = acts_BTD if cond is None else acts_BTD[cond[:, 0].bool().to(acts_BTD.device)]
+            x_BTD = acts_BTD[cond_rows(encoder, hook, B, T).to(acts_BTD.device)]
         x_ND = x_BTD.reshape(-1, D).to(sae.W_dec.dtype)
         t = int(encoder.current_timestep)
         s = latent_sums(sae.encode(x_ND), sae.cfg.n_latents)
@@ -127,7 +126,7 @@ def timestep_sums(
         counts[t] = counts.get(t, 0) + x_ND.shape[0]
         return acts_BTD
 
-    with encoder.edit(hook, record):
+    with site_edit(encoder, sae, hook, record):  # an SAE on block updates reads out − in
         for start in tqdm(range(0, len(prompts), sampling.batch_size), desc=desc, leave=False):
             encoder.sample(
                 list(prompts[start : start + sampling.batch_size]),

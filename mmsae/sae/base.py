@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -59,6 +59,9 @@ class SAEConfig:
     """A latent that has not fired for this many training tokens counts as dead (AuxK, metrics)."""
     hook: str | None = None
     encoder: str | None = None
+    site: Literal["output", "update"] = "output"
+    """What the SAE reads at `hook`: the module's output, or its update output − input (sdxl-unbox's
+    UNet blocks), which an `Intervention` then edits as out′ = in + edit(out − in)."""
     normalization: str = "none"
     """How inputs were scaled in training. 'folded': the scale to E‖x‖=√d is folded into the weights."""
     training_tokens: int = 0
@@ -71,6 +74,10 @@ class SAEConfig:
         if self.k is not None and not 0 < self.k <= self.n_latents:
             raise ValueError(
                 f"k={self.k} must be in 1..n_latents={self.n_latents}: lower k or raise n_latents."
+            )
+        if self.site not in ("output", "update"):
+            raise ValueError(
+                f"site={self.site!r} must be 'output' (module outputs) or 'update' (output − input)."
             )
 
     def to_dict(self) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
 from mmsae.datasets.synthetic import SyntheticActivations
-from mmsae.store import prefetch
+from mmsae.store import ActivationStore, prefetch
 
 
 class ActivationStoreLike(Protocol):
@@ -54,6 +54,10 @@ class Source:
 
     def stream(self, batch_size: int, seed: int, n_tokens: int) -> Iterator[Tensor]:
         raise NotImplementedError
+
+    def provenance(self) -> dict[str, str]:
+        """SAE config fields the data itself records (a store: encoder, hook, site); none for raw arrays."""
+        return {}
 
     def global_batches(self, batch_size: int, seed: int, n_tokens: int, start: int = 0,
                        stride: int = 1) -> Iterator[Tensor]:
@@ -153,6 +157,9 @@ class StoreSource(Source):
         # A multi-hook store may hold several widths: ask for the one being trained on.
         self.d_in = int(store.dim(hook) if hook is not None and hasattr(store, "dim") else store.d_in)
 
+    def provenance(self) -> dict[str, str]:
+        return self.store.provenance(self.hook) if isinstance(self.store, ActivationStore) else {}
+
     def stream(self, batch_size: int, seed: int, n_tokens: int) -> Iterator[Tensor]:
         # Stored dtype (fp16/bf16): half the bytes through the shuffle buffer and the copy to the GPU;
         # SAEModule converts to fp32 on the device.
@@ -193,10 +200,6 @@ def as_source(data: Any, hook: str | None = None) -> Source:
     if isinstance(data, Source):
         return data
     if isinstance(data, (str, os.PathLike)):
-        try:
-            from mmsae.store import ActivationStore
-        except ImportError as e:
-            raise ImportError(f"Opening an activation store at {data!r} needs mmsae.store ({e}).") from e
         return StoreSource(ActivationStore(data), hook)
     if isinstance(data, dict):
         if set(data) == {"synthetic"}:
@@ -274,6 +277,9 @@ class SAEDataModule(L.LightningDataModule):
     @property
     def d_in(self) -> int:
         return self.train_source.d_in
+
+    def provenance(self) -> dict[str, str]:
+        return self.train_source.provenance()
 
     def train_dataloader(self) -> DataLoader:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from mmsae.checkpoint import save_sae
 from mmsae.metrics import l0_tensor
 from mmsae.sae import SAE, build_sae, default_lr, fired_mask, normalized_mse
+from mmsae.trainer.data import SAEDataModule
 
 
 @dataclass
@@ -85,7 +86,7 @@ class SAEModule(L.LightningModule):
         saes: the SAEs to train on one stream; default one TopK SAE.
         d_in: activation width; None reads it from the datamodule when the trainer starts.
         hook, encoder: provenance recorded in every SAE's cfg (e.g. 'visual.transformer.resblocks.8',
-            'clip:ViT-B-32/openai').
+            'clip:ViT-B-32/openai'); None takes them from a training store, which also sets the site.
         warmup_steps: linear LR warm-up (capped at 10% of the run so short runs still train).
         decay_fraction: share of the run over which the LR decays linearly to 0.
         grad_clip: max grad norm, per SAE (a sweep member never clips another); None disables.
@@ -118,6 +119,7 @@ class SAEModule(L.LightningModule):
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.int64))
         self.register_buffer("skipped_rows", torch.zeros((), dtype=torch.int64))
         self._export_dir: Path | None = None
+        self.data_provenance: dict[str, str] = {}  # what the training store records; see setup()
         if d_in is not None:
             self.configure_model(d_in)
 
@@ -130,7 +132,28 @@ class SAEModule(L.LightningModule):
             if datamodule is None or not hasattr(datamodule, "d_in"):
                 raise ValueError("SAEModule needs d_in: pass d_in=... or train with an SAEDataModule.")
             d_in = int(datamodule.d_in)
-        self.saes.extend(spec.build(d_in, self.hook, self.encoder) for spec in self.specs)
+        for spec in self.specs:
+            sae = spec.build(d_in, self.hook, self.encoder)
+            self._record_provenance(sae)
+            self.saes.append(sae)
+
+    def setup(self, stage: str) -> None:
+        # A store records what it holds (encoder, hook, site): SAEs trained on it inherit what this run was
+        # not told. SAEs built in __init__ (d_in given) get it here, the others in configure_model, next.
+        datamodule = getattr(self.trainer, "datamodule", None)
+        self.data_provenance = datamodule.provenance() if isinstance(datamodule, SAEDataModule) else {}
+        for sae in self.saes:
+            self._record_provenance(sae)
+
+    def _record_provenance(self, sae: SAE) -> None:
+        known, cfg = self.data_provenance, sae.cfg
+        site = known.get("site", cfg.site)
+        if cfg.site not in ("output", site):  # "output" is the default, so only an explicit option can clash
+            raise ValueError(f"The SAE option site={cfg.site!r} contradicts the store, which holds {site!r} "
+                             "activations: drop the site option (the store records it).")
+        cfg.hook = cfg.hook or known.get("hook")
+        cfg.encoder = cfg.encoder or known.get("encoder")
+        cfg.site = site
 
     def configure_optimizers(self) -> dict[str, Any]:
         groups = [{"params": list(sae.parameters()), "lr": spec.lr or default_lr(spec.n_latents)}

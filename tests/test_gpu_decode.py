@@ -1,0 +1,162 @@
+"""Device-side JPEG decoding + preprocessing vs the PIL path, on real photos written as JPEG files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from mmsae.datasets.gpu_decode import (
+    MAX_LEVELS,
+    MEAN_LEVELS,
+    DevicePreprocess,
+    decode_jpegs,
+    read_jpeg,
+)
+from mmsae.datasets.images import ImageFolder, SkimagePhotos, open_rgb
+from mmsae.encoders import Encoder, get_encoder
+from mmsae.extract import ActivationStream, ExtractConfig, _image_pipeline, _parse_config, extract
+
+N_PHOTOS = 8
+
+
+@pytest.fixture(scope="module")
+def encoders() -> dict[str, Encoder]:
+    torch.manual_seed(0)
+    return {spec: get_encoder(spec, pretrained=False) for spec in ("timm:test_vit", "clip:tiny")}
+
+
+@pytest.fixture(scope="module")
+def jpegs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """All scikit-image photos as quality-90 JPEG files (sizes 172×448 … 1411×1411)."""
+    root = tmp_path_factory.mktemp("jpegs")
+    photos = SkimagePhotos()
+    for i, name in enumerate(photos.names):
+        photos[i].image.save(root / f"{name}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory, jpegs: Path) -> ImageFolder:
+    """Half-size photo JPEGs, a PNG, and three broken .jpg files."""
+    root = tmp_path_factory.mktemp("mixed")
+    for path in sorted(jpegs.glob("*.jpg"))[:N_PHOTOS]:
+        with Image.open(path) as im:
+            im.reduce(2).save(root / path.name, quality=90)
+    SkimagePhotos(["coffee"])[0].image.reduce(3).save(root / "zz_coffee.png")
+    whole = (jpegs / "chelsea.jpg").read_bytes()
+    (root / "bad_truncated.jpg").write_bytes(whole[: len(whole) // 2])  # no end marker: PIL path, skipped
+    (root / "bad_header_only.jpg").write_bytes(whole[:600] + b"\xff\xd9")  # the decoder rejects it
+    (root / "bad_not_an_image.jpg").write_bytes(b"\xff\xd8\xff" + b"hello" * 10 + b"\xff\xd9")
+    return ImageFolder(root)
+
+
+@pytest.mark.parametrize("spec", ["timm:test_vit", "clip:tiny"])
+def test_device_preprocess_matches_pil_on_photos(encoders: dict[str, Encoder], jpegs: Path,
+                                                 spec: str) -> None:
+    encoder = encoders[spec]
+    preprocess = DevicePreprocess.from_transform(_image_pipeline(encoder))
+    paths = sorted(jpegs.glob("*.jpg"))
+    images = decode_jpegs([read_jpeg(p) for p in paths], torch.device("cpu"))
+    for path, image_CHW in zip(paths, images):  # libjpeg-turbo decodes exactly as PIL does
+        pil = open_rgb(path, 0)
+        assert torch.equal(image_CHW, torch.from_numpy(np.array(pil)).permute(2, 0, 1)), path.name
+    got_BCHW = preprocess(images)
+    expected_BCHW = torch.stack([encoder.transform(open_rgb(p, 0)) for p in paths])
+    assert got_BCHW.shape == expected_BCHW.shape and got_BCHW.dtype == torch.float32
+    levels = (got_BCHW - expected_BCHW).abs() * torch.tensor(preprocess.std).view(3, 1, 1) * 255
+    assert levels.max() <= MAX_LEVELS and levels.mean() <= MEAN_LEVELS, (levels.max(), levels.mean())
+    assert levels.mean() > 0  # the float resize is not PIL's: the tolerance is what is tested
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA; CPU twin: "
+                    "test_device_preprocess_matches_pil_on_photos")
+def test_nvjpeg_matches_pil_on_photos(encoders: dict[str, Encoder], jpegs: Path) -> None:
+    encoder = encoders["clip:tiny"]
+    preprocess = DevicePreprocess.from_transform(_image_pipeline(encoder))
+    paths = sorted(jpegs.glob("*.jpg"))
+    images = decode_jpegs([read_jpeg(p) for p in paths], torch.device("cuda"))
+    assert all(im is not None and im.is_cuda for im in images)
+    got_BCHW = preprocess(images).cpu()
+    expected_BCHW = torch.stack([encoder.transform(open_rgb(p, 0)) for p in paths])
+    levels = (got_BCHW - expected_BCHW).abs() * torch.tensor(preprocess.std).view(3, 1, 1) * 255
+    # nvJPEG's IDCT / chroma upsampling add about one level to the resize difference
+    assert levels.max() <= 2 * MAX_LEVELS and levels.mean() <= 2 * MEAN_LEVELS, (levels.max(), levels.mean())
+
+
+def test_extract_device_decode_skips_counts_and_is_deterministic(encoders: dict[str, Encoder],
+                                                                 folder: ImageFolder, tmp_path: Path) -> None:
+    encoder = encoders["timm:test_vit"]
+    kw = {"hooks": "blocks.1", "dtype": "float32", "batch_size": 4, "shard_tokens": 4 * 101,
+          "progress": False}
+    with pytest.warns(UserWarning) as record:
+        device = extract(encoder, folder, out_dir=tmp_path / "a", decode="device", **kw)
+    messages = [str(w.message) for w in record]
+    assert any("decode='device': 1 images" in m and "zz_coffee.png" in m for m in messages), messages
+    assert sorted(Path(s["source"]).name for s in device.skipped) == [
+        "bad_header_only.jpg", "bad_not_an_image.jpg", "bad_truncated.jpg"]
+    with pytest.warns(UserWarning, match="Skipped 3 unreadable"):
+        pil = extract(encoder, folder, out_dir=tmp_path / "a", **kw)
+    assert device.path != pil.path  # decoding enters the store hash
+    assert device.n_tokens == pil.n_tokens == (N_PHOTOS + 1) * 101
+
+    dev_ND, pil_ND = (torch.cat(list(s.batches(10_000, shuffle=False))) for s in (device, pil))
+    rel = (dev_ND - pil_ND).norm(dim=1) / pil_ND.norm(dim=1)
+    assert rel.max() < 0.05 and rel.mean() < 0.01, (rel.max(), rel.mean())
+    png_rows = slice(N_PHOTOS * 101, None)  # sorted last; decoded by PIL in both stores
+    torch.testing.assert_close(dev_ND[png_rows], pil_ND[png_rows], atol=1e-5, rtol=1e-5)
+
+    with pytest.warns(UserWarning, match="decode='device'"), pytest.warns(UserWarning, match="Skipped 3"):
+        again = extract(encoder, folder, out_dir=tmp_path / "b", decode="device", **kw)
+
+    def tree(root: Path) -> dict[str, bytes]:
+        return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+    assert tree(again.path) == tree(device.path)
+    stream = ActivationStream(encoder, folder, "blocks.1", batch_size=4, decode="device")
+    torch.testing.assert_close(torch.cat(list(stream.batches(10_000, shuffle=False))), dev_ND, rtol=0, atol=0)
+
+
+def test_bad_settings_are_clear_errors(encoders: dict[str, Encoder], folder: ImageFolder,
+                                       tmp_path: Path) -> None:
+    encoder = encoders["timm:test_vit"]
+    with pytest.raises(ValueError, match="decode must be one of"):
+        extract(encoder, folder, None, tmp_path, decode="gpu")
+    with pytest.raises(ValueError, match="does not consist of files"):
+        extract(encoder, SkimagePhotos(["camera"]), None, tmp_path, decode="device", progress=False)
+    with pytest.raises(ValueError, match="has none. Use decode=.pil."):
+        extract(get_encoder("llava:tiny"), folder, None, tmp_path, decode="device", progress=False)
+    half = T.Normalize([0.5] * 3, [0.5] * 3)
+    flip = T.Compose([T.Resize(32), T.RandomHorizontalFlip(), T.ToTensor(), half])
+    with pytest.raises(ValueError, match="cannot reproduce the step RandomHorizontalFlip"):
+        DevicePreprocess.from_transform(flip)
+    with pytest.raises(ValueError, match="needs a Resize and a Normalize"):
+        DevicePreprocess.from_transform(T.Compose([T.Resize(32), T.ToTensor()]))
+    squash = DevicePreprocess.from_transform(T.Compose([T.Resize((24, 40)), T.ToTensor(), half]))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 50, 3), dtype=np.uint8))
+    squash.check_matches(T.Compose([T.Resize((24, 40)), T.ToTensor(), half]), image)
+    other_mean = T.Normalize([0.4] * 3, [0.5] * 3)
+    with pytest.raises(ValueError, match=r"transform by 25\.5. uint8 levels on average"):
+        squash.check_matches(T.Compose([T.Resize((24, 40)), T.ToTensor(), other_mean]), image)
+
+
+def test_cli_config_key(tmp_path: Path) -> None:
+    cfg_file = tmp_path / "extract.yaml"
+    cfg_file.write_text("extract:\n  decode: device\n")
+    assert _parse_config(["--config", str(cfg_file)]).decode == "device"
+    assert _parse_config(["--decode", "device"]).decode == "device"
+    assert ExtractConfig().decode == "pil"
+
+
+def test_read_jpeg_only_takes_complete_jpeg_files(folder: ImageFolder) -> None:
+    names = {p.name: read_jpeg(p) for p in folder.paths}
+    assert names["zz_coffee.png"] is None and names["bad_truncated.jpg"] is None
+    assert names["bad_header_only.jpg"] is not None  # well-formed ends; the decoder rejects it
+    data = names["bad_not_an_image.jpg"]
+    good = names[folder.paths[0].name]
+    decoded = decode_jpegs([good, data, good], torch.device("cpu"))  # one bad file fails the batched call
+    assert decoded[1] is None and torch.equal(decoded[0], decoded[2]) and decoded[0].shape[0] == 3
