@@ -202,7 +202,7 @@ def main() -> None:
     header = f"{'d':>5} {'n':>7} {'k':>3} {'B':>6} | " + " | ".join(
         f"{n:>18}" for n in [*args.impls, "GEMM floor"]
     )
-    print(header + " |  mmsae/sparsify  | topk ms  select ms  v4 select ms")
+    print(header + " |  mmsae/sparsify  | select ms: torch.topk  v6 group  v5 bound  v4 bisect")
     for row in results:
         s = row["size"]
         cells = []
@@ -219,8 +219,8 @@ def main() -> None:
         print(
             f"{s['d']:>5} {s['n']:>7} {s['k']:>3} {s['B']:>6} | "
             + " | ".join(cells)
-            + f" | {ratio:>15} | {sel['torch_topk_ms']:7.3f}"
-            + f"  {sel['select_ms']:9.3f}  {sel['bisect_ms']:12.3f}"
+            + f" | {ratio:>15} | {sel['torch_topk_ms']:20.3f}"
+            + f"  {sel['group_ms']:8.3f}  {sel['bound_ms']:8.3f}  {sel['bisect_ms']:9.3f}"
         )
 
 
