@@ -29,6 +29,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from PIL import Image
@@ -66,6 +67,37 @@ SETUPS = {
                   torch.bfloat16, 16384, 4_000_000),
     "cpu": Setup(("timm:test_vit", "clip:tiny"), 96, 16, 0, torch.float32, 256, 50_000),
 }
+
+
+@dataclass(frozen=True)
+class Row:
+    """One encoder's line of the extraction table (rates in images/s unless named GB/s)."""
+
+    HEADER: ClassVar[tuple[str, ...]] = (
+        "encoder", "hook", "tokens", "d", "bare fwd", "hooked", "store", "store/bare", "store GB/s",
+        "disk GB/s", "PIL loader", "extract PIL", "PIL/bare", "dev decode", "extract dev", "dev/bare")
+    spec: str
+    hook: str
+    n_tokens: int
+    d: int
+    bare: float
+    hooked: float
+    store: float
+    store_gbs: float
+    disk_gbs: float
+    pil_loader: float
+    pil: float
+    dev_loader: float
+    dev: float
+
+    def markdown(self) -> str:
+        cells = (self.spec, self.hook, f"{self.n_tokens:,}", self.d, f"{self.bare:,.0f}",
+                 f"{self.hooked:,.0f}",
+                 f"{self.store:,.0f}", f"{self.store / self.bare:.2f}", f"{self.store_gbs:.2f}",
+                 f"{self.disk_gbs:.2f}", f"{self.pil_loader:,.0f}", f"{self.pil:,.0f}",
+                 f"{self.pil / self.bare:.2f}", f"{self.dev_loader:,.0f}", f"{self.dev:,.0f}",
+                 f"{self.dev / self.bare:.2f}")
+        return "| " + " | ".join(map(str, cells)) + " |"
 
 
 def write_jpegs(root: Path, n: int) -> ImageFolder:
@@ -134,6 +166,21 @@ def store_rate(encoder: Encoder, hook: str, setup: Setup, root: Path) -> float:
     seconds = timed(lambda: write_shards(root, info, plan, forwards), encoder.device)
     shutil.rmtree(root)
     return n_batches * setup.batch_size / seconds
+
+
+def disk_rate(root: Path, n_bytes: int) -> float:
+    """GB/s of a plain sequential write + fsync of `n_bytes` under `root`: the ceiling of any store there."""
+    chunk = os.urandom(64 << 20)
+    path = root / "disk-probe.bin"
+    start = time.perf_counter()
+    with open(path, "wb") as f:
+        for _ in range(max(1, n_bytes // len(chunk))):
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    seconds = time.perf_counter() - start
+    path.unlink()
+    return max(1, n_bytes // len(chunk)) * len(chunk) / seconds / 1e9
 
 
 def _index_batches(n: int, batch_size: int) -> list[list[int]]:
@@ -219,24 +266,21 @@ def main() -> None:
             dev_loader = loader_rate(encoder, dataset, setup, "device")
             dev, dev_store = extract_rate(encoder, dataset, hook, setup, tmp / "device", "device")
             shutil.rmtree(dev_store.path)  # disk: only the PIL stores are read below
-            rows.append((spec, hook, store.n_tokens, store.d_in, bare, hooked, store_only, pil_loader, pil,
-                         dev_loader, dev))
+            bytes_per_image = store.n_tokens * store.d_in * 2 / len(dataset)
+            disk = disk_rate(tmp, int(bytes_per_image * setup.n_images))
+            rows.append(Row(spec, hook, store.n_tokens, store.d_in, bare, hooked, store_only,
+                            store_only * bytes_per_image / 1e9, disk, pil_loader, pil, dev_loader, dev))
             del encoder
         report.append("\n(images/s; ratios to the bare forward)")
-        header = ("encoder", "hook", "tokens", "d", "bare fwd", "hooked", "store", "store/bare", "PIL loader",
-                  "extract PIL", "PIL/bare", "dev decode", "extract dev", "dev/bare")
-        report += ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 2)]
-        for spec, hook, n_tok, d, bare, hooked, store_only, pil_loader, pil, dev_loader, dev in rows:
-            report.append(f"| {spec} | {hook} | {n_tok:,} | {d} | {bare:,.0f} | {hooked:,.0f} | "
-                          f"{store_only:,.0f} | {store_only / bare:.2f} | {pil_loader:,.0f} | {pil:,.0f} | "
-                          f"{pil / bare:.2f} | {dev_loader:,.0f} | {dev:,.0f} | {dev / bare:.2f} |")
+        report += ["| " + " | ".join(Row.HEADER) + " |", "|---|---|" + "---:|" * (len(Row.HEADER) - 2)]
+        report += [r.markdown() for r in rows]
         print("\n".join(report), flush=True)  # the extraction table, before the slower training part
         report = []
         store = stores[0]
         token_batch = 4096
         gbs = read_rate(store, device, token_batch)
-        report.append(f"\nstore read ({setup.encoders[0]}, {store.n_tokens} tokens × {store.d_in}, fp16, "
-                      f"shuffled batches of {token_batch} → {device.type} fp32): {gbs:.2f} GB/s")
+        print(f"\nstore read ({setup.encoders[0]}, {store.n_tokens} tokens × {store.d_in}, fp16, "
+              f"shuffled batches of {token_batch} → {device.type} fp32): {gbs:.2f} GB/s", flush=True)
         in_memory = torch.cat(list(store.batches(1 << 16, shuffle=False)))
         from_store = train_rate(store, setup, token_batch)
         from_memory = train_rate(in_memory, setup, token_batch)
