@@ -84,7 +84,7 @@ def sae_from_config(cfg: dict[str, Any]) -> SAE:
     unknown = set(cfg) - names
     if unknown:
         raise ValueError(f"cfg.json has fields {sorted(unknown)} unknown to the {cls.arch!r} SAE.")
-    return cls(cls.Config(**cfg))
+    return cls(cls.Config(**{**cls.Config.LEGACY_DEFAULTS, **cfg}))
 
 
 def resolve_dir(path_or_repo: str | os.PathLike, revision: str | None = None,

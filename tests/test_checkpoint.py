@@ -44,6 +44,23 @@ def test_round_trip_preserves_weights_config_and_buffers(tmp_path: Path) -> None
     assert sorted(p.name for p in (tmp_path / "sae").iterdir()) == ["cfg.json", "sae.safetensors"]
 
 
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
+def test_batchtopk_checkpoint_without_score_loads_with_the_ranking_it_was_trained_with(
+    tmp_path: Path, arch: str
+) -> None:
+    """cfg.json files from before `score` existed hold θ in activation units: they must load as 'activation',
+    while new SAEs default to 'cosine' and keep what they were saved with."""
+    sae = build_sae(arch, D, N, k=4)
+    assert sae.cfg.score == "cosine"
+    sae.save(tmp_path / "new")
+    assert mmsae.load_sae(tmp_path / "new").cfg.score == "cosine"
+    cfg_file = tmp_path / "new" / "cfg.json"
+    old = json.loads(cfg_file.read_text())
+    del old["score"]
+    cfg_file.write_text(json.dumps(old))
+    assert mmsae.load_sae(tmp_path / "new").cfg.score == "activation"
+
+
 def test_site_round_trips_and_old_cfg_json_defaults_to_output(tmp_path: Path) -> None:
     sae = build_sae("topk", D, N, k=4, hook="up_blocks.0.attentions.1", site="update")
     mmsae.save_sae(sae, tmp_path / "update")

@@ -67,6 +67,9 @@ class SAEConfig:
     training_tokens: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form provenance (data set fingerprint, run id, ...)."""
+    LEGACY_DEFAULTS: ClassVar[dict[str, Any]] = {}
+    """Values assumed for fields that a cfg.json written before they existed lacks, where the behaviour
+    of that older version differs from the field's default for new SAEs."""
 
     def validate(self) -> None:
         if self.d_in <= 0 or self.n_latents <= 0:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -30,6 +30,9 @@ class BatchTopKConfig(TopKConfig):
     synthetic benchmark (d=64, 1024 features, 2M tokens) 'activation' recovered 18 % of the features with
     5–15 % dead latents, 'cosine' 95.5 % with none. Kept values are relu(z) either way.
     """
+
+    # Checkpoints from before `score` existed ranked activations and hold θ in activation units.
+    LEGACY_DEFAULTS: ClassVar[dict[str, Any]] = {"score": "activation"}
 
     def validate(self) -> None:
         super().validate()
