@@ -135,14 +135,17 @@ def gather_sum_into(
     idx_BK: Tensor,
     table_ND: Tensor,
     out_BD: Tensor,
-    block_k: int = 32,
-    block_d: int = 256,
-    num_warps: int = 4,
+    block_k: int | None = None,
+    block_d: int | None = None,
+    num_warps: int | None = None,
 ) -> None:
     _check_codes(w_BK, idx_BK)
     B, k = w_BK.shape
     d = table_ND.shape[1]
-    block_d = _block_d(d, block_d)
+    # H100 sweep (kernels-notes v6): 16-bit atoms want 512-column tiles (1 KB per gathered row) with
+    # 2 warps, 2.1–4.6× faster than their old 256-column default; 4-byte atoms keep 256 columns.
+    default_k, default_d, default_warps = (16, 512, 2) if table_ND.element_size() == 2 else (32, 256, 4)
+    block_d = _block_d(d, block_d or default_d)
     grid = (B, triton.cdiv(d, block_d))
     _gather_sum_kernel[grid](
         w_BK,
@@ -154,9 +157,9 @@ def gather_sum_into(
         w_BK.stride(0),
         table_ND.stride(0),
         out_BD.stride(0),
-        BLOCK_K=min(triton.next_power_of_2(k), block_k),
+        BLOCK_K=min(triton.next_power_of_2(k), block_k or default_k),
         BLOCK_D=block_d,
-        num_warps=num_warps,
+        num_warps=num_warps or default_warps,
     )
 
 

@@ -111,9 +111,10 @@ def test_select_rejects_fp32_with_a_clear_error() -> None:
 
 
 # ----------------------------------------------------------------------------- sparse kernels
-@pytest.mark.parametrize(("B", "k", "n", "d"), [(7, 5, 50, 70), (3, 40, 97, 33)])
+@pytest.mark.parametrize(("B", "k", "n", "d"), [(7, 5, 50, 70), (3, 40, 97, 33), (4, 20, 64, 600)])
 @pytest.mark.parametrize("table_dtype", [torch.float32, torch.bfloat16])
 def test_gather_sum_and_dot_match_dense(B: int, k: int, n: int, d: int, table_dtype: torch.dtype) -> None:
+    """d=600 spans several column tiles of either default (256 fp32, 512 16-bit) with a ragged end."""
     w_BK, idx_BK = random_codes(B, k, n)
     table_ND = torch.randn(n, d, device=DEVICE).to(table_dtype)
     dense_BN = torch.zeros(B, n, device=DEVICE, dtype=torch.float64).scatter(1, idx_BK, w_BK.double())
