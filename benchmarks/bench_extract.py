@@ -211,10 +211,12 @@ def extract_rate(encoder: Encoder, dataset: ExampleDataset, hook: str, setup: Se
 
 
 def read_rate(store: ActivationStore, device: torch.device, batch_size: int) -> float:
-    """GB/s of stored bytes delivered as shuffled fp32 batches on the device."""
+    """GB/s of stored bytes delivered as shuffled fp32 batches on the device, moved as the trainer moves
+    them: in the store dtype through pinned memory, converted on the device."""
     def read() -> None:
-        for batch in store.batches(batch_size, buffer_tokens=1 << 20):
-            batch.to(device, non_blocking=True)
+        for batch in store.batches(batch_size, buffer_tokens=1 << 20, dtype=None):
+            pinned = batch.pin_memory() if device.type == "cuda" else batch
+            pinned.to(device, non_blocking=True).float()
 
     n_bytes = store.n_tokens * store.d_in * torch.finfo(getattr(torch, store.dtype)).bits // 8
     return n_bytes / timed(read, device) / 1e9

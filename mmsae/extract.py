@@ -324,25 +324,35 @@ class _ShardWriter(threading.Thread):
         write_record(self.root, shard, record)
 
 
-def _stage(acts: dict[str, TokenActs], dtype: torch.dtype) -> tuple[dict[str, tuple[Tensor, Tensor]], Any]:
-    """Cast on the device and start async copies into pinned host memory; returns the arrays + event."""
-    out = {}
+def _stage(acts: dict[str, TokenActs], dtype: torch.dtype, copy_stream: torch.cuda.Stream | None,
+           ) -> tuple[dict[str, tuple[Tensor, Tensor]], Any]:
+    """Cast on the device and start async copies into pinned host memory; returns the arrays + event.
+
+    The copies run on `copy_stream`, so the next batch's forward overlaps them (on the compute stream a
+    ViT-B/16 batch's 77 MB would stall it ~4 ms of each ~26 ms).
+    """
+    out, copies = {}, []
     for hook, ta in acts.items():
         meta = _per_token_meta(ta)
         acts_ND = ta.acts_ND.to(dtype)
         meta_NM = torch.stack([meta[k].to(torch.int64) for k in sorted(meta)], 1)
         if acts_ND.is_cuda:
-            host = (torch.empty(acts_ND.shape, dtype=dtype, pin_memory=True),
-                    torch.empty(meta_NM.shape, dtype=torch.int64, pin_memory=True))
-            host[0].copy_(acts_ND, non_blocking=True)
-            host[1].copy_(meta_NM, non_blocking=True)
-            out[hook] = host
+            out[hook] = (torch.empty(acts_ND.shape, dtype=dtype, pin_memory=True),
+                         torch.empty(meta_NM.shape, dtype=torch.int64, pin_memory=True))
+            copies += [(out[hook][0], acts_ND), (out[hook][1], meta_NM)]
         else:
             out[hook] = (acts_ND.contiguous(), meta_NM.contiguous())
-    if not any(a.is_pinned() for a, _ in out.values()):
+    if not copies:
         return out, None
+    compute = torch.cuda.current_stream(copies[0][1].device)
+    stream = compute if copy_stream is None else copy_stream
+    stream.wait_stream(compute)  # the casts are done
+    with torch.cuda.stream(stream):
+        for host, on_device in copies:
+            host.copy_(on_device, non_blocking=True)
+            on_device.record_stream(stream)  # the allocator must not reuse it before the copy ends
     event = torch.cuda.Event()
-    event.record(torch.cuda.current_stream(next(iter(acts.values())).acts_ND.device))  # the copies' stream
+    event.record(stream)
     return out, event
 
 
@@ -670,10 +680,14 @@ def write_shards(root: Path, info: dict[str, Any], plan: Sequence[tuple[int, boo
     writer = _ShardWriter(root, info)
     writer.start()
     fallback: list[int] = []
+    copy_stream: torch.cuda.Stream | None = None
     try:
         for (shard, last), (batch, acts) in zip(plan, batches):
             if batch.indices:
-                writer.put(("append", shard, *_stage(acts, dtype)))
+                device = next(iter(acts.values())).acts_ND.device
+                if device.type == "cuda" and copy_stream is None:
+                    copy_stream = torch.cuda.Stream(device)
+                writer.put(("append", shard, *_stage(acts, dtype, copy_stream)))
             if batch.skipped:
                 writer.put(("skipped", shard, batch.skipped))
             if last:
