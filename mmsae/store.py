@@ -170,40 +170,72 @@ def shuffle_batches(chunks: Iterable[dict[str, Tensor]], batch_size: int, buffer
                     ) -> Iterator[dict[str, Tensor]]:
     """Re-batch token chunks (dicts of aligned [n, d] tensors) through a shuffle buffer.
 
-    Each token is yielded exactly once. With a generator, whenever the buffer holds `buffer_tokens`
-    tokens it is permuted and all but half of it is emitted; the kept half mixes with the next chunks.
-    Without one, tokens come out in order.
+    Each token is yielded exactly once. With a generator, tokens enter a pool of `buffer_tokens` slots;
+    once it is full, each incoming token evicts a uniformly drawn resident one, which is emitted (a token
+    stays for a geometric number of rounds, as in tf.data's shuffle buffer); the pool is emitted in random
+    order at the end. Every token is copied twice (into the pool, out of it), whatever the buffer size.
+    Without a generator, tokens come out in order.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    # Emitting needs at least one batch beyond the kept half.
-    buffer_tokens = max(buffer_tokens, 2 * batch_size)
-    keep, threshold = (buffer_tokens // 2, buffer_tokens) if generator is not None else (0, batch_size)
-    pending: list[dict[str, Tensor]] = []
-    n_pending = 0
-
-    def merged() -> dict[str, Tensor]:
-        buf = {h: torch.cat([c[h] for c in pending]) for h in pending[0]}
-        if generator is None:
-            return buf
-        perm = torch.randperm(n_pending, generator=generator)
-        return {h: t[perm.to(t.device)] for h, t in buf.items()}
-
+    out = _Rebatcher(batch_size)
+    if generator is None:
+        for chunk in chunks:
+            yield from out.push(chunk)
+        yield from out.flush(drop_last)
+        return
+    capacity = max(buffer_tokens, batch_size)
+    filling: list[dict[str, Tensor]] = []  # the pool is only built once it is full: small stores stay small
+    n_filled = 0
+    pool: dict[str, Tensor] | None = None
     for chunk in chunks:
-        pending.append(chunk)
-        n_pending += len(next(iter(chunk.values())))
-        if n_pending >= threshold:
-            buf = merged()
-            n_emit = (n_pending - keep) // batch_size * batch_size
-            for start in range(0, n_emit, batch_size):
-                yield {h: t[start : start + batch_size] for h, t in buf.items()}
-            pending, n_pending = [{h: t[n_emit:] for h, t in buf.items()}], n_pending - n_emit
-    if n_pending:
-        buf = merged()
-        for start in range(0, n_pending, batch_size):
-            if drop_last and start + batch_size > n_pending:
-                break
-            yield {h: t[start : start + batch_size] for h, t in buf.items()}
+        n, start = len(next(iter(chunk.values()))), 0
+        if pool is None:
+            start = min(n, capacity - n_filled)
+            filling.append({h: t[:start] for h, t in chunk.items()})
+            n_filled += start
+            if n_filled < capacity:
+                continue
+            pool = {h: torch.cat([c[h] for c in filling]) for h in chunk}
+            filling = []
+        while start < n:  # each incoming token evicts a distinct random resident
+            stop = min(n, start + capacity)
+            slots = torch.randperm(capacity, generator=generator)[: stop - start]
+            evicted = {h: p.index_select(0, slots) for h, p in pool.items()}
+            for h, p in pool.items():
+                p.index_copy_(0, slots, chunk[h][start:stop])
+            yield from out.push(evicted)
+            start = stop
+    if pool is None and filling:
+        pool = {h: torch.cat([c[h] for c in filling]) for h in filling[0]}
+    if pool is not None:
+        order = torch.randperm(len(next(iter(pool.values()))), generator=generator)
+        yield from out.push({h: p.index_select(0, order) for h, p in pool.items()})
+    yield from out.flush(drop_last)
+
+
+class _Rebatcher:
+    """Cuts a stream of row chunks into batches of exactly `batch_size` rows (the last may be short)."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+        self.carry: dict[str, Tensor] | None = None
+
+    def push(self, chunk: dict[str, Tensor]) -> Iterator[dict[str, Tensor]]:
+        if self.carry is not None:
+            chunk = {h: torch.cat([self.carry[h], t]) for h, t in chunk.items()}
+            self.carry = None
+        n = len(next(iter(chunk.values())))
+        full = n // self.batch_size * self.batch_size
+        for start in range(0, full, self.batch_size):
+            yield {h: t[start : start + self.batch_size] for h, t in chunk.items()}
+        if full < n:
+            self.carry = {h: t[full:] for h, t in chunk.items()}
+
+    def flush(self, drop_last: bool) -> Iterator[dict[str, Tensor]]:
+        if self.carry is not None and not drop_last:
+            yield self.carry
+        self.carry = None
 
 
 def prefetch(items: Iterator[Any], depth: int = 1) -> Iterator[Any]:

@@ -54,6 +54,25 @@ def test_shuffle_buffer_yields_every_token_exactly_once(shuffle: bool) -> None:
     assert all(len(b["x"]) == 8 for b in dropped) and len(dropped) == sum(sizes) // 8
 
 
+def test_shuffle_buffer_mixes_beyond_one_buffer_and_is_seeded() -> None:
+    """Eviction from a full pool: tokens leave in an order unrelated to arrival, some long after a whole
+    buffer has passed (geometric residence), and the same seed gives the same order."""
+    ids = torch.arange(2000)
+    chunks = [{"x": c[:, None]} for c in ids.split(50)]
+
+    def order(seed: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(seed)
+        batches = shuffle_batches(chunks, 64, buffer_tokens=200, generator=gen)
+        return torch.cat([b["x"][:, 0] for b in batches])
+
+    got = order(0)
+    assert torch.equal(got, order(0)) and not torch.equal(got, order(1))
+    delay = torch.empty_like(got)
+    delay[got] = torch.arange(len(got)) - got  # output position − arrival position, per token
+    assert len(set(got[:64].div(50, rounding_mode="floor").tolist())) > 2  # first batch spans several chunks
+    assert int(delay.max()) > 400  # some tokens stay for more than two buffers' worth of arrivals
+
+
 def test_store_describes_itself(store: ActivationStore) -> None:
     assert store.hooks == ["blocks.5", "norm"] and store.d_in == 64 and store.dim("norm") == 64
     assert store.n_tokens == N_IMAGES * TOKENS_PER_IMAGE and store.n_shards == 3
