@@ -19,6 +19,7 @@ from an in-memory tensor (`mmsae.train`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import platform
@@ -284,6 +285,9 @@ def main() -> None:
         print(f"\nstore read ({setup.encoders[0]}, {store.n_tokens} tokens × {store.d_in}, fp16, "
               f"shuffled batches of {token_batch} → {device.type} fp32): {gbs:.2f} GB/s", flush=True)
         in_memory = torch.cat(list(store.batches(1 << 16, shuffle=False)))
+        # A first short run pays CUDA init and the Triton JIT, which would otherwise bill whichever
+        # source is timed first.
+        train_rate(in_memory, dataclasses.replace(setup, train_tokens=20 * token_batch), token_batch)
         from_store = train_rate(store, setup, token_batch)
         from_memory = train_rate(in_memory, setup, token_batch)
         report.append(f"SAE training (TopK, {setup.sae_latents} latents, k=32, batch {token_batch}, "
