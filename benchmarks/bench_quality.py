@@ -1,8 +1,9 @@
 """Quality on synthetic data: every registered SAE variant, plus sparsify and SAELens TopK, at equal tokens.
 
-Data: `SyntheticActivations(d=256, n_features=4096)`; each SAE sees the same `--tokens` training tokens
-and is scored on `--eval-tokens` held-out tokens (FVU, L0, dead %, MMCS, fraction of the 4096 true
-directions recovered at cos > 0.9). Prints a Markdown table and writes it (atomically) to `--out`.
+Data: `SyntheticActivations(d=256, n_features=4096)` (`--d`, `--n-features` for smaller problems); each
+SAE sees the same `--tokens` training tokens and is scored on `--eval-tokens` held-out tokens (FVU, L0,
+dead %, MMCS, fraction of the true directions recovered at cos > 0.9). Prints a Markdown table and writes
+it (atomically) to `--out`.
 
     python benchmarks/bench_quality.py --tokens 2000000 --out /tmp/quality.md
     python benchmarks/bench_quality.py --tokens 24000000 --n-latents 4096 --k 8 --only topk batchtopk sparsify
@@ -203,13 +204,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-latents", type=int, default=8192)
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--mean-active", type=float, default=8.0)
+    p.add_argument("--d", type=int, default=256, help="activation width of the synthetic data")
+    p.add_argument("--n-features", type=int, default=4096, help="true features of the synthetic data")
     p.add_argument("--dead-tokens", type=int, default=1_000_000, help="AuxK dead window of mmsae variants")
     p.add_argument("--lr-mult", type=float, default=3.0, help="mmsae variants' lr = this × default_lr(n)")
     p.add_argument("--only", nargs="*", help="SAE names to run (registered variants, 'sparsify', 'saelens')")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, help="write the Markdown table here")
     args = p.parse_args(argv)
-    data = SyntheticActivations(d=256, n_features=4096, mean_active=args.mean_active, seed=0)
+    data = SyntheticActivations(d=args.d, n_features=args.n_features, mean_active=args.mean_active, seed=0)
     s = Setup(data, args.n_latents, args.k, args.tokens, args.batch_size, args.eval_tokens, args.device,
               args.dead_tokens, args.lr_mult)
     names = args.only or [*sorted(REGISTRY), *PEERS]
