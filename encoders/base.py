@@ -179,11 +179,11 @@ class Encoder(nn.Module):
             B, T = sel.shape[:2]
             acts.append(sel.reshape(B * T, -1))
             ids.append((torch.arange(B, device=sel.device) + example_offset).repeat_interleave(T))
-            tok_idx = tok_idx.to(sel.device)
+            tok_idx = tok_idx.to(sel.device, non_blocking=True)  # host → device without a stream sync
             toks.append(tok_idx.reshape(-1) if tok_idx.ndim == 2 else tok_idx.repeat(B))
             for k, v in call_meta.items():
                 v = v if v.shape[1] == T else v[:, :1].expand(B, T)
-                extra.setdefault(k, []).append(v.reshape(-1).to(sel.device))
+                extra.setdefault(k, []).append(v.reshape(-1).to(sel.device, non_blocking=True))
         meta = {"example_id": torch.cat(ids), "token_index": torch.cat(toks)}
         meta.update({k: torch.cat(v) for k, v in extra.items()})
         meta.update(self.hook_meta(hook))
@@ -241,24 +241,28 @@ def default_select(acts_BTD: Tensor, mode: TokenMode, n_prefix: int, family: str
     """
     T = acts_BTD.shape[1]
     n_cls = min(n_prefix, 1) if n_cls is None else n_cls
+    # Indices are made on the activations' device: a host tensor copied there would be a blocking copy
+    # that stalls the caller until every queued kernel has run (extraction calls this once per batch).
+    dev = acts_BTD.device
     if mode == "all":
-        return acts_BTD, torch.arange(T)
+        return acts_BTD, torch.arange(T, device=dev)
     if mode == "cls":
         if n_cls == 0:
             raise ValueError(f"tokens='cls' is not available for this {family} hook: it has no CLS token. "
                              "Use 'all', 'mean' or a token index.")
-        return acts_BTD[:, :1], torch.zeros(1, dtype=torch.long)
+        return acts_BTD[:, :1], torch.zeros(1, dtype=torch.long, device=dev)
     if mode == "registers":
         if n_prefix == n_cls:
             raise ValueError(f"tokens='registers' is not available for this {family} hook: it has no "
                              "register tokens. Use 'all', 'patch', 'cls' or 'mean'.")
-        return acts_BTD[:, n_cls:n_prefix], torch.arange(n_cls, n_prefix)
+        return acts_BTD[:, n_cls:n_prefix], torch.arange(n_cls, n_prefix, device=dev)
     if mode == "patch":
-        return acts_BTD[:, n_prefix:], torch.arange(n_prefix, T)
+        return acts_BTD[:, n_prefix:], torch.arange(n_prefix, T, device=dev)
     if mode in ("mean", "pooled"):
-        return acts_BTD[:, n_prefix:].mean(1, keepdim=True), torch.full((1,), -1, dtype=torch.long)
+        pooled_B1D = acts_BTD[:, n_prefix:].mean(1, keepdim=True)
+        return pooled_B1D, torch.full((1,), -1, dtype=torch.long, device=dev)
     if isinstance(mode, int) and not isinstance(mode, bool):
         if not -T <= mode < T:
             raise ValueError(f"Token index {mode} is out of range for a hook with {T} tokens.")
-        return acts_BTD[:, mode : mode + 1 if mode != -1 else None], torch.tensor([mode % T])
+        return acts_BTD[:, mode : mode + 1 if mode != -1 else None], torch.full((1,), mode % T, device=dev)
     raise ValueError(f"Unknown token mode {mode!r}; use one of {TOKEN_MODES} or an int index.")

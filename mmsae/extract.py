@@ -234,7 +234,8 @@ def forward_batches(encoder: Encoder, dataset: ExampleDataset, index_batches: Se
         inputs = batch.inputs.to(encoder.device, non_blocking=True) if cuda and modality == "image" \
             else batch.inputs
         acts = encoder.activations(inputs, hooks, tokens)
-        index_B = torch.tensor(batch.indices, device=encoder.device)
+        # non_blocking: a blocking host→device copy would wait for this batch's forward to finish.
+        index_B = torch.tensor(batch.indices).to(encoder.device, non_blocking=True)
         for ta in acts.values():  # the encoder numbers examples 0..B-1 within the batch
             ta.meta["example_id"] = index_B[ta.meta["example_id"].to(encoder.device)]
         yield batch, acts

@@ -250,8 +250,9 @@ class SAEModule(L.LightningModule):
         """Advance each dead-latent clock by all ranks' tokens; a latent fired if it fired on any rank."""
         strategy = self.trainer.strategy
         fired_N = strategy.reduce(torch.cat(fired).float(), reduce_op="max").bool()
-        # A tensor, not int(): reading it on the host would stall every step on a GPU sync.
-        n_tokens = strategy.reduce(torch.tensor(n_rows, device=self.device), reduce_op="sum")
+        # Made on the device (torch.full, not torch.tensor(n_rows, device=...): that is a blocking host→device
+        # copy, a full stream sync every step) and never read back on the host.
+        n_tokens = strategy.reduce(torch.full((), n_rows, device=self.device), reduce_op="sum")
         for sae, fired_n in zip(self.saes, fired_N.split([s.n_latents for s in self.saes])):
             sae.update_dead(fired_n, n_tokens)
         self.tokens_seen += n_tokens
