@@ -16,11 +16,13 @@ The peers are never project dependencies: install them in a separate venv that r
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -89,13 +91,28 @@ def device_stream(data: SyntheticActivations, n_tokens: int, device: str, chunk:
     return out_ND
 
 
-def run_mmsae(arch: str, s: Setup) -> SAE:
+def parse_variant(name: str) -> tuple[str, dict[str, Any]]:
+    """'relu[l1_coef=0.3,l1_warmup_steps=0]' → ('relu', {'l1_coef': 0.3, 'l1_warmup_steps': 0})."""
+    arch, _, rest = name.partition("[")
+    if not rest:
+        return arch, {}
+    if not rest.endswith("]"):
+        raise ValueError(f"Variant {name!r}: write options as arch[key=value,...].")
+    pairs = [item.split("=", 1) for item in rest[:-1].split(",")]
+    if any(len(p) != 2 for p in pairs):
+        raise ValueError(f"Variant {name!r}: every option needs key=value.")
+    return arch, {key.strip(): ast.literal_eval(value.strip()) for key, value in pairs}
+
+
+def run_mmsae(name: str, s: Setup) -> SAE:
     # Variants whose config has a default k are k-sparse and get the shared k; penalty-based ones
-    # (relu, gated, jumprelu) keep their default sparsity, so their L0 differs: read it in the table.
+    # (relu, gated, jumprelu) keep their default sparsity unless options set it (e.g.
+    # 'relu[l1_coef=0.5]', 'jumprelu[target_l0=4]'), so their L0 differs: read it in the table.
+    arch, overrides = parse_variant(name)
     k_sparse = REGISTRY[arch].Config.__dataclass_fields__["k"].default is not None
     options = {"k": s.k, "dead_tokens": s.dead_tokens} if k_sparse else {"dead_tokens": s.dead_tokens}
     return mmsae.train(s.train_ND, sae=arch, n_latents=s.n_latents, tokens=s.tokens, batch_size=s.batch_size,
-                       lr=s.lr_mult * default_lr(s.n_latents), devices=1, **options)
+                       lr=s.lr_mult * default_lr(s.n_latents), devices=1, **options, **overrides)
 
 
 class PeerSAE(SAE):
@@ -208,7 +225,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-features", type=int, default=4096, help="true features of the synthetic data")
     p.add_argument("--dead-tokens", type=int, default=1_000_000, help="AuxK dead window of mmsae variants")
     p.add_argument("--lr-mult", type=float, default=3.0, help="mmsae variants' lr = this × default_lr(n)")
-    p.add_argument("--only", nargs="*", help="SAE names to run (registered variants, 'sparsify', 'saelens')")
+    p.add_argument("--only", nargs="*", help="SAE names to run (registered variants, 'sparsify', 'saelens'); "
+                   "config options as arch[key=value,...], e.g. 'relu[l1_coef=0.5]'")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, help="write the Markdown table here")
     args = p.parse_args(argv)

@@ -91,3 +91,14 @@ def test_device_stream_matches_the_generator_statistics() -> None:
     proj, ref = (x_ND @ data.features.T).mean(0), (reference_ND @ data.features.T).mean(0)
     torch.testing.assert_close(proj, ref, rtol=0.05, atol=0.02)
     torch.testing.assert_close(x_ND.norm(dim=-1).mean(), reference_ND.norm(dim=-1).mean(), rtol=0.02, atol=0)
+
+
+def test_bench_variant_options_parse_and_reject_bad_spellings() -> None:
+    """`--only 'relu[l1_coef=0.5]'` is how the benchmark sweeps the penalty variants' sparsity."""
+    assert bench_quality.parse_variant("relu") == ("relu", {})
+    assert bench_quality.parse_variant("jumprelu[target_l0=4, sparsity_coef=0.01]") == (
+        "jumprelu", {"target_l0": 4, "sparsity_coef": 0.01})
+    with pytest.raises(ValueError, match="key=value"):
+        bench_quality.parse_variant("relu[l1_coef]")
+    with pytest.raises(ValueError, match=r"arch\[key=value"):
+        bench_quality.parse_variant("relu[l1_coef=1")
