@@ -222,13 +222,18 @@ class _Rebatcher:
         self.carry: dict[str, Tensor] | None = None
 
     def push(self, chunk: dict[str, Tensor]) -> Iterator[dict[str, Tensor]]:
-        if self.carry is not None:
-            chunk = {h: torch.cat([self.carry[h], t]) for h, t in chunk.items()}
+        n, start = len(next(iter(chunk.values()))), 0
+        if self.carry is not None:  # complete the carried rows with the chunk's first ones only
+            start = min(n, self.batch_size - len(next(iter(self.carry.values()))))
+            head = {h: torch.cat([self.carry[h], t[:start]]) for h, t in chunk.items()}
             self.carry = None
-        n = len(next(iter(chunk.values())))
-        full = n // self.batch_size * self.batch_size
-        for start in range(0, full, self.batch_size):
-            yield {h: t[start : start + self.batch_size] for h, t in chunk.items()}
+            if len(next(iter(head.values()))) < self.batch_size:
+                self.carry = head
+                return
+            yield head
+        full = start + (n - start) // self.batch_size * self.batch_size
+        for i in range(start, full, self.batch_size):
+            yield {h: t[i : i + self.batch_size] for h, t in chunk.items()}
         if full < n:
             self.carry = {h: t[full:] for h, t in chunk.items()}
 
