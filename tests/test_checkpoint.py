@@ -44,6 +44,14 @@ def test_round_trip_preserves_weights_config_and_buffers(tmp_path: Path) -> None
     assert sorted(p.name for p in (tmp_path / "sae").iterdir()) == ["cfg.json", "sae.safetensors"]
 
 
+def drop_cfg_field(sae_dir: Path, name: str) -> None:
+    """Make a saved SAE look as if written before the cfg.json field `name` existed."""
+    cfg_file = sae_dir / "cfg.json"
+    cfg = json.loads(cfg_file.read_text())
+    del cfg[name]
+    cfg_file.write_text(json.dumps(cfg))
+
+
 @pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
 def test_batchtopk_checkpoint_without_score_loads_with_the_ranking_it_was_trained_with(
     tmp_path: Path, arch: str
@@ -54,10 +62,7 @@ def test_batchtopk_checkpoint_without_score_loads_with_the_ranking_it_was_traine
     assert sae.cfg.score == "cosine"
     sae.save(tmp_path / "new")
     assert mmsae.load_sae(tmp_path / "new").cfg.score == "cosine"
-    cfg_file = tmp_path / "new" / "cfg.json"
-    old = json.loads(cfg_file.read_text())
-    del old["score"]
-    cfg_file.write_text(json.dumps(old))
+    drop_cfg_field(tmp_path / "new", "score")
     assert mmsae.load_sae(tmp_path / "new").cfg.score == "activation"
 
 
@@ -67,10 +72,7 @@ def test_site_round_trips_and_old_cfg_json_defaults_to_output(tmp_path: Path) ->
     assert json.loads((tmp_path / "update" / "cfg.json").read_text())["site"] == "update"
     assert mmsae.load_sae(tmp_path / "update").cfg.site == "update"
     # A cfg.json written before the field existed: the SAE read block outputs.
-    cfg_file = tmp_path / "update" / "cfg.json"
-    old = json.loads(cfg_file.read_text())
-    del old["site"]
-    cfg_file.write_text(json.dumps(old))
+    drop_cfg_field(tmp_path / "update", "site")
     assert mmsae.load_sae(tmp_path / "update").cfg.site == "output"
     with pytest.raises(ValueError, match="site='updates' must be 'output'"):
         build_sae("topk", D, N, k=4, site="updates")
