@@ -86,7 +86,13 @@ def test_shapes(name: str) -> None:
         assert out.codes.values.shape == out.codes.indices.shape == (8, k)
     if k is not None and name != "batchtopk" and name != "matryoshka":  # BatchTopK: k is a batch average
         assert ((dense != 0).sum(-1) <= k).all()
-    assert fired_mask(out.codes, N).shape == (N,)
+    assert torch.equal(fired_mask(out.codes, N), (dense != 0).any(0))
+
+
+def test_fired_mask_ignores_selected_zeros() -> None:
+    # TopK's relu can select a latent with value 0: it did not fire. Latent 2 appears only as such a zero.
+    codes = SparseCodes(torch.tensor([[1.0, 0.0], [0.5, 2.0]]), torch.tensor([[0, 2], [0, 5]]), 6)
+    assert fired_mask(codes, 6).tolist() == [True, False, False, False, False, True]
 
 
 @pytest.mark.parametrize("name", VARIANTS)

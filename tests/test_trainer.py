@@ -157,6 +157,16 @@ def test_nan_rows_are_counted_and_skipped() -> None:
         fit(SAEModule([SAESpec(n_latents=32, k=2)]), SAEDataModule(x, tokens=256, batch_size=128))
 
 
+def test_huge_finite_rows_are_kept() -> None:
+    # The fast screen (a row sum) overflows to inf on this finite row; the exact re-check must keep it.
+    x = acts(8)
+    x[2, :2] = 3e38
+    x[5, 1] = float("nan")
+    module = SAEModule([SAESpec(n_latents=32, k=2)])
+    kept = module._finite_rows(x, 0, count=False)
+    assert torch.equal(kept, x[[0, 1, 2, 3, 4, 6, 7]])
+
+
 def test_resume_continues_exactly(tmp_path: Path) -> None:
     def run(ckpt_path: str | None) -> tuple[SAEModule, L.Trainer]:
         L.seed_everything(0)

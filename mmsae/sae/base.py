@@ -120,8 +120,10 @@ def as_dense(codes: Codes) -> Tensor:
 def fired_mask(codes: Codes, n_latents: int) -> Tensor:
     """Bool [n]: which latents were non-zero for at least one token of the batch."""
     if isinstance(codes, SparseCodes):
-        fired = torch.zeros(n_latents, dtype=torch.bool, device=codes.values.device)
-        return fired.index_fill_(0, codes.indices[codes.values != 0].flatten(), True)
+        # Count non-zero uses per latent: boolean-mask indexing (indices[values != 0]) would need its
+        # size on the host, a full stream sync every training step.
+        uses = torch.zeros(n_latents, dtype=torch.int32, device=codes.values.device)
+        return uses.index_add_(0, codes.indices.flatten(), (codes.values != 0).flatten().int()) > 0
     return (codes != 0).flatten(0, -2).any(0)
 
 

@@ -158,7 +158,10 @@ class SAEModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         groups = [{"params": list(sae.parameters()), "lr": spec.lr or default_lr(spec.n_latents)}
                   for spec, sae in zip(self.specs, self.saes)]
-        optimizer = torch.optim.Adam(groups, betas=(0.9, 0.999))
+        # Fused Adam on CUDA: one kernel for all parameters instead of ~10 foreach kernels and their Python
+        # per step (bf16-mixed uses no grad scaler, so nothing stops it); CPU keeps the default.
+        fused = all(p.is_cuda for g in groups for p in g["params"])
+        optimizer = torch.optim.Adam(groups, betas=(0.9, 0.999), fused=fused or None)
         total = int(self.trainer.estimated_stepping_batches)
         warmup = min(self.warmup_steps, max(1, total // 10))
         if warmup < self.warmup_steps:
@@ -205,7 +208,14 @@ class SAEModule(L.LightningModule):
 
     def _finite_rows(self, x_BD: Tensor, batch_idx: int, count: bool = True) -> Tensor:
         """Drop rows holding NaN/Inf (counted in `skipped_rows`); a fully non-finite batch is an error."""
-        finite_B = torch.isfinite(x_BD).all(-1)
+        # A row holding NaN/Inf has a non-finite sum, so one fp32 row sum screens the batch (50× cheaper on
+        # the host than an element-wise isfinite, which cost 3.6 ms of a 10.6 ms step on the H100 machine).
+        # A huge but finite fp32 row can overflow its sum: flagged rows get the exact element-wise test.
+        finite_B = torch.isfinite(x_BD.sum(-1, dtype=torch.float32))
+        if bool(finite_B.all()):
+            return x_BD
+        flagged = (~finite_B).nonzero().squeeze(1)
+        finite_B[flagged] = torch.isfinite(x_BD[flagged]).all(-1)
         if bool(finite_B.all()):
             return x_BD
         if not bool(finite_B.any()):
@@ -242,7 +252,9 @@ class SAEModule(L.LightningModule):
         if log_now:
             logs["train/skipped_rows"] = self.skipped_rows.float()
             self.log_dict(logs, on_step=True, prog_bar=False)
-            self.log("fvu", logs[f"train/{self.names[0]}/fvu"], prog_bar=True, logger=False)
+            # A float, not a tensor: Lightning converts progress-bar tensors with .item() on every step,
+            # a stream sync each time, even between logging steps.
+            self.log("fvu", logs[f"train/{self.names[0]}/fvu"].item(), prog_bar=True, logger=False)
         return total
 
     @torch.no_grad()
