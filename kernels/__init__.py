@@ -50,13 +50,14 @@ def _triton_available() -> bool:
     return True
 
 
-def topk_encode(x_centered: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """(values, indices) of relu(topk(x W_encᵀ + b_enc)); x is already centred by b_dec."""
-    if _use_triton(x_centered):
+def topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int,
+                b_dec: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(values, indices) of relu(topk((x − b_dec) W_encᵀ + b_enc)); without b_dec, x is already centred."""
+    if _use_triton(x):
         from mmsae.kernels import triton_ops
 
-        return triton_ops.topk_encode(x_centered, W_enc, b_enc, k)
-    return reference.topk_encode(x_centered, W_enc, b_enc, k)
+        return triton_ops.topk_encode(x, W_enc, b_enc, k, b_dec)
+    return reference.topk_encode(x if b_dec is None else x - b_dec, W_enc, b_enc, k)
 
 
 def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:

@@ -2,11 +2,14 @@
 
 Encode: one cuBLAS GEMM for the pre-activations (autocast picks its dtype, as in the reference),
 then the top-k select of `triton_select` instead of torch.topk. Backward never forms a dense B×n
-gradient: dx is a gather-sum of k encoder rows, dW_enc only has rows at selected latents
-(`segment_matmul`), db_enc is an index_add of k values per token.
+gradient: dW_enc only has rows at selected latents (`segment_matmul`), db_enc is an index_add of k
+values per token, and the centring bias gets db_dec = −db_encᵀ·W_enc (every selected entry reaches
+x − b_dec through its encoder row), a GEMV instead of a B×d gather-sum; dx, when x itself needs a
+gradient, is that gather-sum of k encoder rows.
 
 Decode: out = gather-sum of k decoder atoms; d values = k gathered dot products; dW_dec is the
-same segment matmul as dW_enc with the decoder's output gradient.
+same segment matmul as dW_enc with the decoder's output gradient. Under 16-bit autocast, when each
+atom is gathered often enough per step, both gathers read a 16-bit copy of W_dec.
 """
 
 from __future__ import annotations
@@ -18,17 +21,22 @@ from torch import Tensor
 from mmsae.kernels.triton_select import MAX_K, SELECT_DTYPES, topk_select
 from mmsae.kernels.triton_sparse import gather_dot, gather_sum, segment_matmul
 
+LOW_PRECISION_TABLE_MIN_REUSE = 4
+"""Decode from a 16-bit copy of an fp32 W_dec when B·k ≥ this × n (gathers per atom per step)."""
+
 
 class _TopKEncode(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x_BD: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    def forward(ctx, x_BD: Tensor, b_dec: Tensor | None, W_enc: Tensor, b_enc: Tensor,
+                k: int) -> tuple[Tensor, Tensor]:
+        x_BD_c = x_BD if b_dec is None else x_BD - b_dec
         # Cast once ourselves (as autocast would) so backward's dx gathers the 16-bit rows.
         if torch.is_autocast_enabled("cuda"):
             dtype = torch.get_autocast_dtype("cuda")
         else:
-            dtype = torch.promote_types(x_BD.dtype, W_enc.dtype)
-        x_lp, W_lp = x_BD.to(dtype), W_enc.to(dtype)
+            dtype = torch.promote_types(x_BD_c.dtype, W_enc.dtype)
+        x_lp, W_lp = x_BD_c.to(dtype), W_enc.to(dtype)
         pre_BN = F.linear(x_lp, W_lp, b_enc.to(dtype))
         if pre_BN.dtype in SELECT_DTYPES and k <= MAX_K:
             values_BK, indices_BK = topk_select(pre_BN, k)
@@ -37,46 +45,54 @@ class _TopKEncode(torch.autograd.Function):
             values_BK, indices_BK = pre_BN.topk(k, dim=-1, sorted=False)
             values_BK = values_BK.relu()
         # dW_enc is built from the input the GEMM actually consumed (bf16 under autocast).
-        ctx.save_for_backward(x_lp, W_lp, values_BK, indices_BK)
-        ctx.W_dtype = W_enc.dtype
+        ctx.save_for_backward(x_lp, W_lp, W_enc, values_BK, indices_BK)
         ctx.x_dtype = x_BD.dtype
+        ctx.b_dec_dtype = None if b_dec is None else b_dec.dtype
         ctx.mark_non_differentiable(indices_BK)
         return values_BK, indices_BK
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_values_BK: Tensor, _grad_indices: Tensor | None):
-        x_BD, W_lp, values_BK, indices_BK = ctx.saved_tensors
+        x_BD, W_lp, W_enc, values_BK, indices_BK = ctx.saved_tensors
         n = W_lp.shape[0]
         # relu after topk: no gradient through entries that were clipped to zero.
         g_BK = (grad_values_BK * (values_BK > 0)).contiguous()
-        grad_x = grad_W = grad_b = None
+        grad_x = grad_b_dec = grad_W = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = gather_sum(g_BK, indices_BK, W_lp, ctx.x_dtype)
-        if ctx.needs_input_grad[1]:
-            grad_W = segment_matmul(g_BK, indices_BK, x_BD, n, ctx.W_dtype)
         if ctx.needs_input_grad[2]:
-            grad_b = torch.zeros(n, dtype=torch.float32, device=g_BK.device)
-            grad_b = grad_b.index_add_(0, indices_BK.flatten(), g_BK.flatten().float()).to(ctx.W_dtype)
-        return grad_x, grad_W, grad_b, None
+            grad_W = segment_matmul(g_BK, indices_BK, x_BD, n, W_enc.dtype)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
+            grad_b_N = torch.zeros(n, dtype=torch.float32, device=g_BK.device)
+            grad_b_N.index_add_(0, indices_BK.flatten(), g_BK.flatten().float())
+            grad_b = grad_b_N.to(W_enc.dtype)
+            if ctx.needs_input_grad[1]:
+                grad_b_dec = -(grad_b_N @ W_enc.float()).to(ctx.b_dec_dtype)
+        return grad_x, grad_b_dec, grad_W, grad_b, None
 
 
 class _SparseDecode(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, values_BK: Tensor, indices_BK: Tensor, W_dec: Tensor) -> Tensor:
-        # Atoms stay in W_dec's dtype: gathering from a bf16 copy measured 2× slower (docs, v5).
-        ctx.save_for_backward(values_BK, indices_BK, W_dec)
-        return gather_sum(values_BK, indices_BK, W_dec, values_BK.dtype)
+        table_ND = W_dec
+        if values_BK.element_size() == 2 < W_dec.element_size() and \
+                values_BK.numel() >= LOW_PRECISION_TABLE_MIN_REUSE * W_dec.shape[0]:
+            # 16-bit atoms gather at ~2× the rate of fp32 ones (512-column tiles, kernels-notes v6); the
+            # copy costs one pass over W_dec, repaid when each atom is gathered a few times (B·k/n).
+            table_ND = W_dec.to(values_BK.dtype)
+        ctx.save_for_backward(values_BK, indices_BK, W_dec, table_ND)
+        return gather_sum(values_BK, indices_BK, table_ND, values_BK.dtype)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out_BD: Tensor):
-        values_BK, indices_BK, W_dec = ctx.saved_tensors
+        values_BK, indices_BK, W_dec, table_ND = ctx.saved_tensors
         grad_out_BD = grad_out_BD.contiguous()
         grad_values = grad_W = None
         if ctx.needs_input_grad[0]:
-            grad_values = gather_dot(grad_out_BD, indices_BK, W_dec, values_BK.dtype)
+            grad_values = gather_dot(grad_out_BD, indices_BK, table_ND, values_BK.dtype)
         if ctx.needs_input_grad[2]:
             grad_W = segment_matmul(values_BK, indices_BK, grad_out_BD, W_dec.shape[0], W_dec.dtype)
         return grad_values, None, grad_W
@@ -89,13 +105,12 @@ def _check_weights(name: str, W: Tensor) -> None:
         )
 
 
-def topk_encode(x_centered: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """(values, indices) of relu(topk(x W_encᵀ + b_enc)) per row; any leading dims of x."""
+def topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int,
+                b_dec: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(values, indices) of relu(topk((x − b_dec) W_encᵀ + b_enc)) per row; any leading dims of x."""
     _check_weights("W_enc", W_enc)
-    lead = x_centered.shape[:-1]
-    values, indices = _TopKEncode.apply(
-        x_centered.reshape(-1, x_centered.shape[-1]).contiguous(), W_enc, b_enc, k
-    )
+    lead = x.shape[:-1]
+    values, indices = _TopKEncode.apply(x.reshape(-1, x.shape[-1]).contiguous(), b_dec, W_enc, b_enc, k)
     return values.reshape(*lead, k), indices.reshape(*lead, k)
 
 

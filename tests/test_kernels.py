@@ -143,7 +143,8 @@ def test_segment_matmul_matches_dense_transpose(B: int, k: int, n: int, d: int) 
 
 
 # ----------------------------------------------------------------------------- autograd
-def check_encode_decode_grads(B: int, d: int, n: int, k: int, dtype: torch.dtype, autocast: bool) -> None:
+def check_encode_decode_grads(B: int, d: int, n: int, k: int, dtype: torch.dtype, autocast: bool,
+                              x_grad: bool = True) -> None:
     """Triton encode+decode vs the same function in torch, evaluated at the indices the kernel chose.
 
     Comparing at the kernel's own indices keeps ties (common in 16-bit pre-activations) from
@@ -155,8 +156,10 @@ def check_encode_decode_grads(B: int, d: int, n: int, k: int, dtype: torch.dtype
         "W_enc": W_enc.requires_grad_(),
         "b_enc": (torch.randn(n, device=DEVICE, dtype=dtype) * 0.1).requires_grad_(),
         "W_dec": torch.randn(n, d, device=DEVICE, dtype=dtype).requires_grad_(),
-        "x": x_BD.requires_grad_(),
+        "b_dec": (torch.randn(d, device=DEVICE, dtype=dtype) * 0.1).requires_grad_(),
     }
+    if x_grad:  # SAE training leaves x without a gradient: then b_dec's comes from db_enc, not from dx
+        params["x"] = x_BD.requires_grad_()
     probe_BD = torch.randn(B, d, device=DEVICE)
 
     def run(
@@ -168,11 +171,11 @@ def check_encode_decode_grads(B: int, d: int, n: int, k: int, dtype: torch.dtype
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
             if chosen_BK is None:
                 values_BK, indices_BK = triton_ops.topk_encode(
-                    params["x"], params["W_enc"], params["b_enc"], k
+                    x_BD, params["W_enc"], params["b_enc"], k, b_dec=params["b_dec"]
                 )
                 x_hat = triton_ops.sparse_decode(values_BK, indices_BK, params["W_dec"])
             else:
-                pre_BN = params["x"] @ params["W_enc"].T + params["b_enc"]
+                pre_BN = (x_BD - params["b_dec"]) @ params["W_enc"].T + params["b_enc"]
                 values_BK, indices_BK = pre_BN.gather(1, chosen_BK).relu(), chosen_BK
                 x_hat = reference.sparse_decode(values_BK, indices_BK, params["W_dec"])
         (x_hat.float() * probe_BD).sum().backward()
@@ -180,7 +183,7 @@ def check_encode_decode_grads(B: int, d: int, n: int, k: int, dtype: torch.dtype
 
     x_hat, values_BK, indices_BK, grads = run(None)
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-        ref_top = (x_BD @ W_enc.T + params["b_enc"]).float().topk(k, dim=-1).values.relu()
+        ref_top = ((x_BD - params["b_dec"]) @ W_enc.T + params["b_enc"]).float().topk(k, dim=-1).values.relu()
     tol = 1e-5 if dtype == torch.float32 and not autocast else 2e-2
     assert rel_err(values_BK.float().sort(-1, descending=True).values, ref_top) < tol
     x_hat_ref, _, _, grads_ref = run(indices_BK)
@@ -189,14 +192,38 @@ def check_encode_decode_grads(B: int, d: int, n: int, k: int, dtype: torch.dtype
         assert rel_err(grads[name], grads_ref[name]) < tol, name
 
 
+@pytest.mark.parametrize("x_grad", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_autograd_matches_torch(dtype: torch.dtype) -> None:
-    check_encode_decode_grads(B=6, d=37, n=90, k=7, dtype=dtype, autocast=False)
+def test_autograd_matches_torch(dtype: torch.dtype, x_grad: bool) -> None:
+    check_encode_decode_grads(B=6, d=37, n=90, k=7, dtype=dtype, autocast=False, x_grad=x_grad)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA; CPU twin: test_autograd_matches_torch")
-def test_autograd_matches_torch_bf16_autocast_gpu() -> None:
-    check_encode_decode_grads(B=1031, d=257, n=16411, k=64, dtype=torch.float32, autocast=True)
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_autograd_matches_torch_bf16_autocast_gpu(x_grad: bool) -> None:
+    # B·k ≥ 4n: the decoder gathers from its 16-bit copy of W_dec.
+    check_encode_decode_grads(B=1031, d=257, n=16411, k=64, dtype=torch.float32, autocast=True, x_grad=x_grad)
+
+
+def test_decode_from_16bit_copy_of_fp32_atoms() -> None:
+    """16-bit codes decoding an fp32 W_dec gathered often enough per step read a 16-bit copy of it; the
+    result and gradients are those of the reference, which casts W_dec to the codes' dtype too."""
+    B, k, n, d = 24, 5, 30, 19
+    assert B * k >= triton_ops.LOW_PRECISION_TABLE_MIN_REUSE * n
+    values_BK = torch.rand(B, k, device=DEVICE).half().requires_grad_()
+    indices_BK = torch.stack([torch.randperm(n, device=DEVICE)[:k] for _ in range(B)])
+    W_dec = torch.randn(n, d, device=DEVICE).requires_grad_()
+    probe_BD = torch.randn(B, d, device=DEVICE)
+    outs, grads = [], []
+    for decode in (triton_ops.sparse_decode, reference.sparse_decode):
+        values_BK.grad = W_dec.grad = None
+        x_hat = decode(values_BK, indices_BK, W_dec)
+        (x_hat.float() * probe_BD).sum().backward()
+        outs.append(x_hat.float())
+        grads.append((values_BK.grad.float(), W_dec.grad))
+    assert outs[0].dtype == outs[1].dtype
+    assert rel_err(outs[0], outs[1]) < 2e-3
+    assert rel_err(grads[0][0], grads[1][0]) < 2e-3 and rel_err(grads[0][1], grads[1][1]) < 2e-3
 
 
 # ----------------------------------------------------------------------------- dispatch

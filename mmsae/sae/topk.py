@@ -31,7 +31,7 @@ class TopKSAE(SAE):
     cfg: TopKConfig
 
     def encode(self, x: Tensor) -> SparseCodes:
-        values, indices = kernels.topk_encode(x - self.b_dec, self.W_enc, self.b_enc, self.cfg.k)
+        values, indices = kernels.topk_encode(x, self.W_enc, self.b_enc, self.cfg.k, b_dec=self.b_dec)
         return SparseCodes(values, indices, self.cfg.n_latents)
 
     def forward(self, x: Tensor) -> SAEOutput:
