@@ -293,6 +293,9 @@ class ActivationStore:
         self.path = Path(path)
         self.info = read_info(self.path)
         self.verify = verify
+        # Files whose crc32 matched, keyed by (path, size, mtime): later passes over the data skip the
+        # check (it was the reader's slowest step), while a file rewritten since is checked again.
+        self._verified: set[tuple[Path, int, int]] = set()
         shards = self.info["shards"]
         if not self.info.get("complete") or any(s is None for s in shards):
             done = n_recorded(self.path, self.info)
@@ -359,19 +362,24 @@ class ActivationStore:
         fix = (f"Delete {path} and run the same extraction again: it recomputes only missing shards "
                f"(hook {hook!r}, shard {shard}).")
         try:
-            size = path.stat().st_size
+            stat = path.stat()
         except FileNotFoundError as e:
             raise StoreError(f"Shard file {path} is missing. {fix}") from e
-        if size != expected:
-            raise StoreError(f"Shard file {path} has {size} bytes, expected {expected} (truncated?). {fix}")
-        if size == 0:
+        if stat.st_size != expected:
+            raise StoreError(f"Shard file {path} has {stat.st_size} bytes, expected {expected} (truncated?). "
+                             f"{fix}")
+        if expected == 0:
             return torch.empty(shape, dtype=dtype)
-        buf = bytearray(size)
-        with path.open("rb") as f:
-            f.readinto(buf)
-        if self.verify and (got := f"{zlib.crc32(buf):08x}") != crc:
-            raise StoreError(f"Shard file {path} is corrupt: crc32 {got} != recorded {crc}. {fix}")
-        return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(shape)
+        # Mapped, not read: the tensor is the page cache itself (no allocation, zero-fill or copy per pass).
+        # Copy-on-write only so that torch accepts the array as writable; nothing writes to it. Shards are
+        # replaced by rename, never rewritten in place, so a mapping stays valid while it is in use.
+        buf = np.memmap(path, dtype=np.uint8, mode="c")
+        key = (path, stat.st_size, stat.st_mtime_ns)
+        if self.verify and key not in self._verified:
+            if (got := f"{zlib.crc32(buf):08x}") != crc:
+                raise StoreError(f"Shard file {path} is corrupt: crc32 {got} != recorded {crc}. {fix}")
+            self._verified.add(key)
+        return torch.from_numpy(buf).view(dtype).view(shape)
 
     def shard_acts(self, hook: str, shard: int) -> Tensor:
         """Activations [n, d] of one shard of one hook, in the store dtype."""

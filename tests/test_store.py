@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +115,23 @@ def test_corrupt_shard_is_detected_and_named(store: ActivationStore) -> None:
         list(store.batches(64, hook="norm"))
     list(store.batches(64, hook="blocks.5"))  # other hooks are unaffected
     assert len(list(ActivationStore(store.path, verify=False).batches(64, hook="norm"))) > 0
+
+
+def test_each_shard_is_checksummed_once_until_rewritten(store: ActivationStore,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    crc32 = zlib.crc32
+    monkeypatch.setattr("mmsae.store.zlib.crc32", lambda buf: calls.append(1) or crc32(buf))
+    for _ in range(2):  # two passes: only the first checks
+        list(store.batches(64, hook="norm"))
+    assert len(calls) == store.n_shards
+    acts_path = shard_files(store.path, "norm", 0)[0]
+    data = bytearray(acts_path.read_bytes())
+    data[7] ^= 0xFF
+    acts_path.write_bytes(bytes(data))
+    os.utime(acts_path, ns=(1, 1))  # a new mtime even where the clock is coarse
+    with pytest.raises(StoreError, match=r"00000\.acts\.bin is corrupt"):
+        list(store.batches(64, hook="norm"))
 
 
 def test_truncated_or_missing_shard_is_detected(store: ActivationStore) -> None:
