@@ -238,8 +238,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in names:
         rows.append(benchmark(name, s))
         print(table(rows, s), flush=True)
-    if args.out:
-        atomic_write_bytes(args.out, table(rows, s).encode())
+        if args.out:  # after every SAE: a run cut short keeps the rows it finished
+            atomic_write_bytes(args.out, table(rows, s).encode())
 
 
 if __name__ == "__main__":

@@ -239,8 +239,10 @@ class TokenBudget(IterableDataset):
         batches = itertools.islice(stream, self.n_batches - self.start)
         if torch.cuda.is_available():  # pinned host memory: Lightning's copy to the GPU is then asynchronous
             batches = (b.pin_memory() if b.device.type == "cpu" else b for b in batches)
-        # Gathering, shard reads and pinning run in a thread, overlapping the GPU step.
-        return prefetch(batches, depth=2)
+        # Gathering, shard reads and pinning run in a thread, overlapping the GPU step. Eight batches ahead:
+        # a store's shuffle pool refills at the start of every pass (~0.1 s for 256k tokens at d=768),
+        # which two batches of slack left as a stall of the training loop.
+        return prefetch(batches, depth=8)
 
 
 class SAEDataModule(L.LightningDataModule):
