@@ -25,7 +25,7 @@ from mmsae.sae.base import (
     register,
 )
 from mmsae.sae.batchtopk import BatchTopKConfig, BatchTopKSAE
-from mmsae.sae.gated import GatedSAE
+from mmsae.sae.gated import GatedConfig, GatedSAE
 from mmsae.sae.hierarchical import HierarchicalTopKConfig, HierarchicalTopKSAE
 from mmsae.sae.jumprelu import JumpReLUConfig, JumpReLUSAE
 from mmsae.sae.matryoshka import MatryoshkaConfig, MatryoshkaSAE
@@ -43,6 +43,7 @@ __all__ = [
     "BatchTopKConfig",
     "BatchTopKSAE",
     "Codes",
+    "GatedConfig",
     "GatedSAE",
     "HierarchicalTopKConfig",
     "HierarchicalTopKSAE",
