@@ -66,7 +66,8 @@ class _TopKEncode(torch.autograd.Function):
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
             grad_b_N = torch.zeros(n, dtype=torch.float32, device=g_BK.device)
             grad_b_N.index_add_(0, indices_BK.flatten(), g_BK.flatten().float())
-            grad_b = grad_b_N.to(W_enc.dtype)
+            if ctx.needs_input_grad[3]:
+                grad_b = grad_b_N.to(W_enc.dtype)
             if ctx.needs_input_grad[1]:
                 grad_b_dec = -(grad_b_N @ W_enc.float()).to(ctx.b_dec_dtype)
         return grad_x, grad_b_dec, grad_W, grad_b, None

@@ -67,9 +67,13 @@ def latent_columns(codes: SparseCodes | Tensor, latents: Tensor) -> Tensor:
     return as_dense(codes)[:, latents]
 
 
+def _code_latent_list(edits: Sequence[Edit]) -> list[int]:
+    return sorted({e.latent for e in edits if e.needs_codes})
+
+
 def code_latents(edits: Sequence[Edit], device: torch.device | str) -> Tensor:
     """Sorted distinct latents [E] that the code edits of `edits` read, on `device`."""
-    return torch.tensor(sorted({e.latent for e in edits if e.needs_codes}), dtype=torch.int64, device=device)
+    return torch.tensor(_code_latent_list(edits), dtype=torch.int64, device=device)
 
 
 def apply_edits(
@@ -96,7 +100,7 @@ def apply_edits(
         if code_edits:
             if latents_E is None:
                 latents_E = code_latents(code_edits, x_ND.device)
-            pos = {latent: j for j, latent in enumerate(sorted({e.latent for e in code_edits}))}
+            pos = {latent: j for j, latent in enumerate(_code_latent_list(code_edits))}
             f_NE = latent_columns(codes, latents_E).float()  # edits and thresholds in fp32
             new_NE = f_NE.clone()
             for e in code_edits:  # in order: two edits of one latent compose

@@ -212,10 +212,9 @@ class SAEModule(L.LightningModule):
         # the host than an element-wise isfinite, which cost 3.6 ms of a 10.6 ms step on the H100 machine).
         # A huge but finite fp32 row can overflow its sum: flagged rows get the exact element-wise test.
         finite_B = torch.isfinite(x_BD.sum(-1, dtype=torch.float32))
-        if bool(finite_B.all()):
-            return x_BD
-        flagged = (~finite_B).nonzero().squeeze(1)
-        finite_B[flagged] = torch.isfinite(x_BD[flagged]).all(-1)
+        if not bool(finite_B.all()):
+            flagged = (~finite_B).nonzero().squeeze(1)
+            finite_B[flagged] = torch.isfinite(x_BD[flagged]).all(-1)
         if bool(finite_B.all()):
             return x_BD
         if not bool(finite_B.any()):
