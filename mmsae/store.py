@@ -16,6 +16,7 @@ JSON header (rather than .npy) let the writer stream a shard whose final length 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import queue
@@ -166,15 +167,16 @@ def resolve_hooks(available: list[str], hook: str | None, hooks: list[str] | Non
 
 
 def shuffle_batches(chunks: Iterable[dict[str, Tensor]], batch_size: int, buffer_tokens: int,
-                    generator: torch.Generator | None, drop_last: bool = False,
+                    generator: torch.Generator | None, drop_last: bool = False, pin_memory: bool = False,
                     ) -> Iterator[dict[str, Tensor]]:
     """Re-batch token chunks (dicts of aligned [n, d] tensors) through a shuffle buffer.
 
     Each token is yielded exactly once. With a generator, tokens enter a pool of `buffer_tokens` slots;
     once it is full, each incoming token evicts a uniformly drawn resident one, which is emitted (a token
     stays for a geometric number of rounds, as in tf.data's shuffle buffer); the pool is emitted in random
-    order at the end. Every token is copied twice (into the pool, out of it), whatever the buffer size.
-    Without a generator, tokens come out in order.
+    order at the end. Every token is copied twice (into the pool, and out of it straight into its batch),
+    whatever the buffer size; with `pin_memory` batches are page-locked, ready for an asynchronous copy to
+    the GPU. Without a generator, tokens come out in order (views of the chunks where they align).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
@@ -188,6 +190,7 @@ def shuffle_batches(chunks: Iterable[dict[str, Tensor]], batch_size: int, buffer
     filling: list[dict[str, Tensor]] = []  # the pool is only built once it is full: small stores stay small
     n_filled = 0
     pool: dict[str, Tensor] | None = None
+    batches = _BatchFiller(batch_size, pin_memory)
     for chunk in chunks:
         n, start = len(next(iter(chunk.values()))), 0
         if pool is None:
@@ -201,22 +204,57 @@ def shuffle_batches(chunks: Iterable[dict[str, Tensor]], batch_size: int, buffer
         while start < n:  # each incoming token evicts a distinct random resident
             stop = min(n, start + capacity)
             slots = torch.randperm(capacity, generator=generator)[: stop - start]
-            # One batch of slots at a time: batch-sized temporaries stay in the allocator's reuse range,
-            # where chunk-sized ones were fresh mappings page-faulted on every chunk (3-4× slower).
-            for i in range(0, stop - start, batch_size):
-                batch_slots = slots[i : i + batch_size]
-                evicted = {h: p.index_select(0, batch_slots) for h, p in pool.items()}
-                for h, p in pool.items():  # slots are distinct: no later batch reads what this one writes
-                    p.index_copy_(0, batch_slots, chunk[h][start + i : start + i + len(batch_slots)])
-                yield from out.push(evicted)
+            # Slot blocks end where output batches end, so every batch is filled in place, never concatenated.
+            i = 0
+            while i < stop - start:
+                block = slots[i : i + batches.room()]
+                yield from batches.take(pool, block)
+                for h, p in pool.items():  # slots are distinct: no later block reads what this one writes
+                    p.index_copy_(0, block, chunk[h][start + i : start + i + len(block)])
+                i += len(block)
             start = stop
     if pool is None and filling:
         pool = {h: torch.cat([c[h] for c in filling]) for h in filling[0]}
     if pool is not None:
-        order = torch.randperm(len(next(iter(pool.values()))), generator=generator)
-        for i in range(0, len(order), batch_size):
-            yield from out.push({h: p.index_select(0, order[i : i + batch_size]) for h, p in pool.items()})
-    yield from out.flush(drop_last)
+        yield from batches.take(pool, torch.randperm(len(next(iter(pool.values()))), generator=generator))
+    yield from batches.flush(drop_last)
+
+
+class _BatchFiller:
+    """Copies pool rows straight into fixed-size output batches: one copy per token on the way out.
+
+    Batches are fresh tensors (their consumer may keep them), page-locked if asked: the CUDA host allocator
+    caches those blocks and reuses one only after the copies that read it have finished.
+    """
+
+    def __init__(self, batch_size: int, pin_memory: bool):
+        self.batch_size, self.pin_memory = batch_size, pin_memory
+        self.batch: dict[str, Tensor] | None = None
+        self.filled = 0
+
+    def room(self) -> int:
+        return self.batch_size - self.filled
+
+    def take(self, pool: dict[str, Tensor], rows: Tensor) -> Iterator[dict[str, Tensor]]:
+        """Append pool[rows] to the batch being filled, yielding each batch that fills up."""
+        i = 0
+        while i < len(rows):
+            if self.batch is None:
+                self.batch = {h: torch.empty((self.batch_size, *p.shape[1:]), dtype=p.dtype,
+                                             pin_memory=self.pin_memory) for h, p in pool.items()}
+            m = min(self.room(), len(rows) - i)
+            for h, p in pool.items():
+                torch.index_select(p, 0, rows[i : i + m], out=self.batch[h][self.filled : self.filled + m])
+            self.filled += m
+            i += m
+            if self.filled == self.batch_size:
+                yield self.batch
+                self.batch, self.filled = None, 0
+
+    def flush(self, drop_last: bool) -> Iterator[dict[str, Tensor]]:
+        if self.batch is not None and not drop_last:
+            yield {h: t[: self.filled] for h, t in self.batch.items()}
+        self.batch, self.filled = None, 0
 
 
 class _Rebatcher:
@@ -415,13 +453,16 @@ class ActivationStore:
 
     def batches(self, batch_size: int, hook: str | None = None, shuffle: bool = True, seed: int = 0,
                 buffer_tokens: int = DEFAULT_BUFFER_TOKENS, hooks: list[str] | None = None,
-                drop_last: bool = False, dtype: torch.dtype | None = torch.float32,
-                ) -> Iterator[Tensor | dict[str, Tensor]]:
-        """One epoch of token batches [batch_size, d] (dicts {hook: batch} when `hooks=[...]` is given).
+                drop_last: bool = False, dtype: torch.dtype | None = torch.float32, epochs: int | None = 1,
+                pin_memory: bool = False) -> Iterator[Tensor | dict[str, Tensor]]:
+        """Token batches [batch_size, d] (dicts {hook: batch} when `hooks=[...]` is given) over `epochs`
+        passes of the store (None: endlessly).
 
-        Shards are read sequentially (in a seeded random order when shuffling, one shard prefetched in a
-        thread) into an in-memory shuffle buffer of `buffer_tokens` tokens; every token comes exactly once.
-        `dtype=None` keeps the stored dtype (half the bytes to move; convert on the device).
+        Shards are read sequentially (in a seeded random order per pass when shuffling, pass p seeded
+        `seed + p`, one shard prefetched in a thread) into an in-memory shuffle buffer of `buffer_tokens`
+        tokens; every token comes once per pass. The buffer carries over from one pass to the next, so a
+        new pass never waits for it to refill. `dtype=None` keeps the stored dtype (half the bytes to move;
+        convert on the device); `pin_memory` returns page-locked batches (for asynchronous copies to a GPU).
         """
         keys, as_dict = resolve_hooks(self.hooks, hook, hooks)
         for i, s in enumerate(self.info["shards"]):
@@ -429,9 +470,22 @@ class ActivationStore:
             if len(counts) > 1:
                 raise ValueError(f"Hooks {keys} hold different token counts (shard {i}); "
                                  "read them one at a time.")
-        order = np.random.default_rng(seed).permutation(self.n_shards) if shuffle else range(self.n_shards)
-        chunks = prefetch({h: self.shard_acts(h, int(i)) for h in keys} for i in order)
+        if epochs is not None and epochs < 1:
+            raise ValueError(f"epochs={epochs}: read at least one pass, or None for an endless stream.")
+        if epochs is None and self.token_counts()[keys[0]] == 0:
+            raise ValueError(f"The store {self.path} holds no tokens: an endless stream of it would never "
+                             "yield. Extract some examples first.")
+        passes = itertools.count() if epochs is None else range(epochs)
+
+        def shard_order(p: int) -> Iterable[int]:
+            return np.random.default_rng(seed + p).permutation(self.n_shards) if shuffle else \
+                range(self.n_shards)
+
+        chunks = prefetch({h: self.shard_acts(h, int(i)) for h in keys}
+                          for p in passes for i in shard_order(p))
         generator = torch.Generator().manual_seed(seed) if shuffle else None
-        for batch in shuffle_batches(chunks, batch_size, buffer_tokens, generator, drop_last):
+        # A pool larger than the store would only hold several copies of it.
+        buffer_tokens = min(buffer_tokens, max(self.token_counts()[keys[0]], batch_size))
+        for batch in shuffle_batches(chunks, batch_size, buffer_tokens, generator, drop_last, pin_memory):
             out = batch if dtype is None else {h: t.to(dtype) for h, t in batch.items()}
             yield out if as_dict else out[keys[0]]

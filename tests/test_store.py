@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import zlib
 from pathlib import Path
@@ -14,6 +15,7 @@ from mmsae.datasets.images import ImageFolder
 from mmsae.encoders import Encoder, get_encoder
 from mmsae.extract import extract
 from mmsae.store import ActivationStore, StoreError, shard_files, shuffle_batches
+from mmsae.trainer.data import StoreSource
 
 N_IMAGES, TOKENS_PER_IMAGE = 12, 101  # timm test_vit: 100 patches + CLS
 
@@ -96,6 +98,41 @@ def test_epoch_covers_store_once_and_seed_controls_order(store: ActivationStore)
     assert torch.equal(torch.cat(again), torch.cat(shuffled))
     other = torch.cat(list(store.batches(50, hook="norm", seed=2, buffer_tokens=300)))
     assert not torch.equal(other, torch.cat(shuffled))
+
+
+def test_passes_share_one_shuffle_buffer(store: ActivationStore) -> None:
+    n = store.n_tokens  # 1212 tokens; a 300-token buffer carries over from pass to pass
+    three = list(store.batches(50, hook="norm", seed=1, buffer_tokens=300, epochs=3))
+    assert sum(len(b) for b in three) == 3 * n
+    assert _rows(three) == sorted(_rows(list(store.batches(50, hook="norm", shuffle=False))) * 3)
+    # The first pass's batches equal a one-pass read's up to where that one empties its buffer.
+    one = torch.cat(list(store.batches(50, hook="norm", seed=1, buffer_tokens=300)))
+    assert torch.equal(torch.cat(three)[: n - 300], one[: n - 300])
+    endless = store.batches(50, hook="norm", seed=1, buffer_tokens=300, epochs=None)
+    head = torch.cat([next(endless) for _ in range((3 * n - 300) // 50)])
+    assert torch.equal(head, torch.cat(three)[: len(head)])  # the same stream, never drained
+    with pytest.raises(ValueError, match="epochs=0"):
+        next(store.batches(50, epochs=0, hook="norm"))
+
+
+def test_trainer_reads_the_store_as_one_endless_stream(store: ActivationStore) -> None:
+    source = StoreSource(store, hook="norm")
+    full = list(itertools.islice(source.global_batches(64, seed=3, n_tokens=0), 60))  # > 3 passes
+    assert all(b.shape == (64, store.dim("norm")) for b in full)
+    resumed = list(itertools.islice(source.global_batches(64, seed=3, n_tokens=0, start=25), 35))
+    assert torch.equal(torch.cat(resumed), torch.cat(full[25:]))  # a resumed run continues the stream
+    rank1 = list(itertools.islice(source.global_batches(64, seed=3, n_tokens=0, start=1, stride=2), 10))
+    assert torch.equal(torch.cat(rank1), torch.cat(full[1:21:2]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs CUDA (page-locked memory); CPU twin: test_passes_share_one_shuffle_buffer")
+def test_pinned_batches_equal_pageable_ones_on_cuda(store: ActivationStore) -> None:
+    pinned = list(store.batches(50, hook="norm", seed=1, buffer_tokens=300, pin_memory=True, dtype=None))
+    plain = list(store.batches(50, hook="norm", seed=1, buffer_tokens=300, dtype=None))
+    assert all(b.is_pinned() for b in pinned)  # filled in place, even across shard boundaries
+    assert torch.equal(torch.cat(pinned), torch.cat(plain))
 
 
 def test_several_hooks_stay_aligned(store: ActivationStore, encoder: Encoder) -> None:

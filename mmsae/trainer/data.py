@@ -160,17 +160,36 @@ class StoreSource(Source):
     def provenance(self) -> dict[str, str]:
         return self.store.provenance(self.hook) if isinstance(self.store, ActivationStore) else {}
 
+    def global_batches(self, batch_size: int, seed: int, n_tokens: int, start: int = 0,
+                       stride: int = 1) -> Iterator[Tensor]:
+        if not isinstance(self.store, ActivationStore):
+            yield from super().global_batches(batch_size, seed, n_tokens, start, stride)
+            return
+        tokens = self.store.token_counts()
+        if (tokens[self.hook] if self.hook else sum(tokens.values())) < batch_size:
+            raise self._too_small(batch_size)
+        # One endless stream: its shuffle buffer carries over between passes, where a new stream per pass
+        # stalled the trainer while it refilled (256k tokens at the start of every pass). Stored dtype
+        # (fp16/bf16): half the bytes through the buffer and the copy to the GPU; SAEModule converts to
+        # fp32 on the device. Pinned here, when every batch is used, to spare the loader a second copy.
+        batches = self.store.batches(batch_size, hook=self.hook, shuffle=True, seed=seed, dtype=None,
+                                     epochs=None, pin_memory=stride == 1 and torch.cuda.is_available())
+        yield from itertools.islice(batches, start, None, stride)
+
+    @staticmethod
+    def _too_small(batch_size: int) -> ValueError:
+        return ValueError("The activation store holds fewer tokens than one batch "
+                          f"(batch_size={batch_size}): lower batch_size or extract more examples.")
+
     def stream(self, batch_size: int, seed: int, n_tokens: int) -> Iterator[Tensor]:
-        # Stored dtype (fp16/bf16): half the bytes through the shuffle buffer and the copy to the GPU;
-        # SAEModule converts to fp32 on the device.
+        # One pass, for store-like objects without endless streams (and for validation).
         n_full = 0
         for b in self.store.batches(batch_size, hook=self.hook, shuffle=True, seed=seed, dtype=None):
             if len(b) == batch_size:  # the store's short last batch would break the fixed batch size
                 n_full += 1
                 yield b
         if n_full == 0:  # else every further pass would come back empty too, forever
-            raise ValueError("The activation store holds fewer tokens than one batch "
-                             f"(batch_size={batch_size}): lower batch_size or extract more examples.")
+            raise self._too_small(batch_size)
 
 
 class SyntheticSource(Source):
