@@ -9,12 +9,18 @@ from mmsae.sae.topk import TopKConfig, TopKSAE
 
 
 def signed_topk(pre_BN: Tensor, k: int, allowed_N: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """(values, indices) of the k entries of largest magnitude, signs kept; only `allowed_N` if given."""
+    """(values, indices) of the k entries of largest magnitude, signs kept.
+
+    With `allowed_N`, only those latents; when fewer than k are allowed, the extra slots hold value 0.
+    """
     scores_BN = pre_BN.detach().abs()
     if allowed_N is not None:
         scores_BN = scores_BN.masked_fill(~allowed_N, -1.0)  # below every |z| ≥ 0
     indices = scores_BN.topk(k, dim=-1, sorted=False).indices
-    return pre_BN.gather(-1, indices), indices
+    values = pre_BN.gather(-1, indices)
+    if allowed_N is not None:
+        values = values.masked_fill(~allowed_N[indices], 0.0)
+    return values, indices
 
 
 @register("abstopk")

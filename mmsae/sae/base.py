@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, NamedTuple
 
@@ -144,6 +145,9 @@ class SAE(nn.Module):
 
     arch: ClassVar[str] = "base"
     Config: ClassVar[type[SAEConfig]] = SAEConfig
+    graph_safe: ClassVar[bool] = True
+    """Its training step never reads the GPU on the host, so the trainer may capture it in a CUDA graph
+    (tests/test_graphs.py checks every registered variant on a GPU)."""
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -230,14 +234,27 @@ class SAE(nn.Module):
             self._num_dead = int(self.dead_mask().sum())
         return self._num_dead
 
+    def expire_dead_count(self) -> None:
+        """Make the next `num_dead()` count again (the trainer calls this every `DEAD_COUNT_EVERY` steps)."""
+        self._num_dead = None
+
+    def step_structure(self) -> Hashable:
+        """The host-side decisions that shape the next training step's kernels (None: there are none).
+
+        The trainer replays one captured CUDA graph per distinct value, so it must change rarely and must not
+        read the GPU except through caches such as `num_dead()`.
+        """
+        return None
+
     @torch.no_grad()
     def update_dead(self, fired: Tensor, n_tokens: int | Tensor) -> None:
         """Advance the dead-latent clock by `n_tokens` and reset latents in `fired` ([n] bool)."""
-        self.tokens_since_fired += n_tokens
-        self.tokens_since_fired[fired] = 0
+        # masked_fill_, not clock[fired] = 0: boolean indexing sizes its result on the host (a stream sync,
+        # and illegal inside a CUDA graph capture).
+        self.tokens_since_fired.add_(n_tokens).masked_fill_(fired, 0)
         self._dead_updates += 1
         if self._dead_updates % DEAD_COUNT_EVERY == 0:
-            self._num_dead = None
+            self.expire_dead_count()
 
     @torch.no_grad()
     def init_from_data(self, x: Tensor) -> None:
@@ -299,9 +316,17 @@ class SAE(nn.Module):
         return f"arch={self.arch}, d_in={self.cfg.d_in}, n_latents={self.cfg.n_latents}{k}"
 
 
-def linear_warmup(step: int, warmup_steps: int) -> float:
-    """Factor rising linearly from 0 at step 0 to 1 at `warmup_steps` (1 throughout when it is 0)."""
-    return 1.0 if warmup_steps <= 0 else min(1.0, step / warmup_steps)
+def linear_warmup(step: int | Tensor, warmup_steps: int) -> float | Tensor:
+    """Factor rising linearly from 0 at step 0 to 1 at `warmup_steps` (1 throughout when it is 0).
+
+    `step` may be a device tensor (a CUDA-graphed training step reads it on the GPU; a Python int would be
+    frozen into the graph at capture).
+    """
+    if warmup_steps <= 0:
+        return 1.0
+    if isinstance(step, Tensor):
+        return (step.float() / warmup_steps).clamp(max=1.0)
+    return min(1.0, step / warmup_steps)
 
 
 def build_sae(arch: str, d_in: int, n_latents: int, **kwargs: Any) -> SAE:

@@ -50,27 +50,42 @@ class TopKSAE(SAE):
             return LossOutput(loss, metrics)
         return LossOutput(loss + self.cfg.aux_coef * aux, {**metrics, "auxk": aux.detach()})
 
+    def aux_size(self) -> int:
+        """Dead latents AuxK selects per token this step (0: AuxK is off).
+
+        min(aux_k, #dead) rounded up to a power of two, from the host's cached dead count: a captured CUDA
+        graph then serves every count up to that size (the extra slots pick live latents masked to −∞, whose
+        codes are 0), and the trainer captures a handful of graphs over a run, not one per count.
+        """
+        aux_k = self.cfg.d_in // 2 if self.cfg.aux_k is None else self.cfg.aux_k
+        num_dead = self.num_dead()
+        if aux_k == 0 or num_dead == 0:
+            return 0
+        return min(aux_k, 1 << (num_dead - 1).bit_length())
+
+    def step_structure(self) -> int:
+        return self.aux_size()
+
     def auxk_loss(self, x: Tensor, x_hat: Tensor) -> Tensor | None:
         """Reconstruct the residual from the top `aux_k` dead latents.
 
         The target is the *detached* residual and the aux reconstruction has no b_dec
-        (sparsify #132 re-added it). Scaled by min(num_dead / aux_k, 1).
+        (sparsify #132 re-added it). Scaled by min(#dead / aux_k, 1), with #dead counted on the device now.
         """
+        size = self.aux_size()
+        if size == 0:
+            return None
         aux_k = self.cfg.d_in // 2 if self.cfg.aux_k is None else self.cfg.aux_k
-        if aux_k == 0:
-            return None
-        num_dead = self.num_dead()
-        if num_dead == 0:
-            return None
-        values, indices = self.select_aux(self.pre_acts(x), self.dead_mask(), min(aux_k, num_dead))
+        dead_N = self.dead_mask()
+        values, indices = self.select_aux(self.pre_acts(x), dead_N, size)
         e_hat = kernels.sparse_decode(values, indices, self.W_dec)
         residual = (x - x_hat).detach().float()
         var = (x.float() - x.float().mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
         aux = (e_hat.float() - residual).pow(2).sum(-1).mean() / var
-        return aux * min(num_dead / aux_k, 1.0)
+        return aux * (dead_N.sum() / aux_k).clamp(max=1.0)
 
     def select_aux(self, pre_BN: Tensor, dead_N: Tensor, k_aux: int) -> tuple[Tensor, Tensor]:
-        """The AuxK codes: relu of the `k_aux` largest pre-activations among dead latents (k_aux ≤ #dead)."""
+        """The AuxK codes: relu of the `k_aux` largest pre-activations among dead latents (0 past #dead)."""
         values, indices = pre_BN.masked_fill(~dead_N, float("-inf")).topk(k_aux, dim=-1, sorted=False)
         return values.relu(), indices
 

@@ -13,6 +13,7 @@ import dataclasses
 import itertools
 import math
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,9 @@ from torch import Tensor, nn
 from mmsae.checkpoint import save_sae
 from mmsae.metrics import l0_tensor
 from mmsae.sae import SAE, build_sae, default_lr, fired_mask, normalized_mse
+from mmsae.sae.base import DEAD_COUNT_EVERY
 from mmsae.trainer.data import SAEDataModule
+from mmsae.trainer.graphs import GraphedStep
 
 
 @dataclass
@@ -77,6 +80,8 @@ class WarmupDecay:
 # SAEModule.on_before_batch_transfer makes Lightning warn that it overrides a DataModule hook of the
 # same name; SAEDataModule defines none.
 warnings.filterwarnings("ignore", message="You have overridden `on_before_batch_transfer`")
+# A graphed step returns None on purpose: it ran its own backward and optimizer step.
+warnings.filterwarnings("ignore", message="`training_step` returned `None`")
 
 
 class SAEModule(L.LightningModule):
@@ -94,12 +99,15 @@ class SAEModule(L.LightningModule):
         init_batches: batches used to estimate the input scale.
         out_dir: where SAEs are written (`<out_dir>/<name>/{cfg.json,sae.safetensors}`) with every
             checkpoint and at the end; None = `<log_dir>/saes` when logging, nothing when not.
+        cuda_graphs: replay each training step as one CUDA graph (`mmsae.trainer.graphs`): None = wherever
+            possible (one CUDA device, no fp16 loss scaling, every SAE `graph_safe`), True = required (an
+            error says what prevents it), False = never.
     """
 
     def __init__(self, saes: list[SAESpec] | None = None, d_in: int | None = None, hook: str | None = None,
                  encoder: str | None = None, warmup_steps: int = 1000, decay_fraction: float = 0.2,
                  grad_clip: float | None = 1.0, normalize_inputs: bool = True, init_batches: int = 10,
-                 out_dir: str | None = None):
+                 out_dir: str | None = None, cuda_graphs: bool | None = None):
         super().__init__()
         self.specs = [s if isinstance(s, SAESpec) else SAESpec(**s) for s in (saes or [SAESpec()])]
         self.save_hyperparameters()
@@ -113,6 +121,8 @@ class SAEModule(L.LightningModule):
         self.hook, self.encoder = hook, encoder
         self.warmup_steps, self.decay_fraction, self.grad_clip = warmup_steps, decay_fraction, grad_clip
         self.normalize_inputs, self.init_batches, self.out_dir = normalize_inputs, init_batches, out_dir
+        self.cuda_graphs = cuda_graphs
+        self._graphed: GraphedStep | None = None
         self.saes = nn.ModuleList()
         # Checkpointed state besides the SAEs (their dead-latent clocks are SAE buffers).
         self.register_buffer("input_scale", torch.zeros((), dtype=torch.float64))  # 0 = not estimated yet
@@ -179,6 +189,7 @@ class SAEModule(L.LightningModule):
             self._export_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "saes"
 
     def on_train_start(self) -> None:
+        self._setup_graphs()
         if self.input_scale > 0:
             return  # restored from a checkpoint
         batches = itertools.islice(iter(self.trainer.train_dataloader), self.init_batches)
@@ -228,33 +239,45 @@ class SAEModule(L.LightningModule):
         return x_BD[finite_B]
 
     # ----------------------------------------------------------------- training
-    def training_step(self, batch_BD: Tensor, batch_idx: int) -> Tensor:
+    def training_step(self, batch_BD: Tensor, batch_idx: int) -> Tensor | None:
+        if self._graphed is not None:
+            self._graphed_training_step(batch_BD)
+            return None  # the step ran whole (backward and optimizer included); see optimizer_step
+        # Lightning's log() costs ~1 ms of Python per metric: compute and log only on logging steps.
+        log_now = self.global_step % self.trainer.log_every_n_steps == 0
+        total, fired, logs = self._losses(batch_BD, self.global_step, metrics=log_now)
+        self._update_dead(fired, len(batch_BD))
+        if log_now:
+            self._log_train(logs)
+        return total
+
+    def _losses(self, batch_BD: Tensor, step: int | Tensor, metrics: bool,
+                ) -> tuple[Tensor, list[Tensor], dict[str, Tensor]]:
+        """Summed loss of every SAE, the latents each fired, and (if `metrics`) the training metrics."""
         x_BD = batch_BD.float() * self.input_scale.float()
         total = x_BD.new_zeros((), dtype=torch.float32)
         fired = []
         logs: dict[str, Tensor] = {}
-        # Lightning's log() costs ~1 ms of Python per metric: compute and log only on logging steps.
-        log_now = self.global_step % self.trainer.log_every_n_steps == 0
         for name, sae in zip(self.names, self.saes):
             out = sae(x_BD)
-            loss_out = sae.loss(x_BD, out, self.global_step)
+            loss_out = sae.loss(x_BD, out, step)
             total = total + loss_out.loss.float()
             fired.append(fired_mask(out.codes, sae.n_latents))
-            if log_now:
+            if metrics:
                 with torch.no_grad():
-                    metrics = {**loss_out.metrics, "loss": loss_out.loss.float(),
-                               "mse": (x_BD.float() - out.x_hat.float()).pow(2).mean(),
-                               "fvu": normalized_mse(x_BD, out.x_hat), "l0": l0_tensor(out.codes),
-                               "dead_frac": sae.dead_mask().float().mean()}
-                logs.update({f"train/{name}/{k}": v for k, v in metrics.items()})
-        self._update_dead(fired, len(x_BD))
-        if log_now:
-            logs["train/skipped_rows"] = self.skipped_rows.float()
-            self.log_dict(logs, on_step=True, prog_bar=False)
-            # A float, not a tensor: Lightning converts progress-bar tensors with .item() on every step,
-            # a stream sync each time, even between logging steps.
-            self.log("fvu", logs[f"train/{self.names[0]}/fvu"].item(), prog_bar=True, logger=False)
-        return total
+                    values = {**loss_out.metrics, "loss": loss_out.loss.float(),
+                              "mse": (x_BD.float() - out.x_hat.float()).pow(2).mean(),
+                              "fvu": normalized_mse(x_BD, out.x_hat), "l0": l0_tensor(out.codes),
+                              "dead_frac": sae.dead_mask().float().mean()}
+                logs.update({f"train/{name}/{k}": v.float() for k, v in values.items()})
+        return total, fired, logs
+
+    def _log_train(self, logs: dict[str, Tensor]) -> None:
+        logs["train/skipped_rows"] = self.skipped_rows.float()
+        self.log_dict(logs, on_step=True, prog_bar=False)
+        # A float, not a tensor: Lightning converts progress-bar tensors with .item() on every step,
+        # a stream sync each time, even between logging steps.
+        self.log("fvu", logs[f"train/{self.names[0]}/fvu"].item(), prog_bar=True, logger=False)
 
     @torch.no_grad()
     def _update_dead(self, fired: list[Tensor], n_rows: int) -> None:
@@ -281,10 +304,95 @@ class SAEModule(L.LightningModule):
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any,
                        optimizer_closure: Any = None) -> None:
+        if self._graphed is not None:
+            optimizer_closure()  # training_step runs the whole step; Lightning still counts it
+            return
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         # Right after the step, before any callback (ModelCheckpoint) sees the weights.
         for sae in self.saes:
             sae.normalize_decoder()
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
+        if self._graphed is None:  # graphed steps zero their static gradients themselves
+            optimizer.zero_grad()
+
+    # ----------------------------------------------------------------- CUDA graphs
+    def _graph_blocker(self) -> str | None:
+        """Why this run cannot replay its steps as CUDA graphs (None: it can)."""
+        trainer = self.trainer
+        if self.device.type != "cuda":
+            return f"the SAEs are on {self.device.type}, not a CUDA device"
+        if trainer.world_size > 1:
+            return "DDP all-reduces gradients from hooks a graph cannot hold; graphs are single-device"
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            return "fp16 loss scaling checks for inf on the host every step; use bf16-mixed or 32-true"
+        if trainer.accumulate_grad_batches != 1:
+            return "gradient accumulation splits the step"
+        unsafe = sorted({sae.arch for sae in self.saes if not sae.graph_safe})
+        if unsafe:
+            return f"the {', '.join(unsafe)} SAE step reads the GPU on the host"
+        return None
+
+    def _setup_graphs(self) -> None:
+        """Decide on CUDA graphs for this run (`cuda_graphs`: None = where possible, True = required)."""
+        self._graphed = None
+        if self.cuda_graphs is False:
+            return
+        blocker = self._graph_blocker()
+        if blocker is not None:
+            if self.cuda_graphs:
+                raise ValueError(f"cuda_graphs=True, but {blocker}. Pass cuda_graphs=None (use them where "
+                                 "possible) or False.")
+            return
+        if self.device.type == "cuda":
+            for group in self.trainer.optimizers[0].param_groups:
+                # Replays read the LR from a device tensor the scheduler fills in place; a float would be
+                # frozen into the graph. Capturable Adam likewise keeps its step count on the device.
+                group["lr"] = torch.tensor(float(group["lr"]), device=self.device)
+                group["capturable"] = True
+        # Autocast as Lightning's precision plugin applies it, with its weight-cast cache off: cached casts
+        # made during a capture would outlive it.
+        dtype = torch.bfloat16 if self.trainer.precision == "bf16-mixed" else None
+        self._autocast_dtype = dtype
+        self._step_t = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._graphed = GraphedStep(self._full_step)
+
+    def _graphed_training_step(self, batch_BD: Tensor) -> None:
+        step = self.global_step
+        if step % DEAD_COUNT_EVERY == 0:
+            for sae in self.saes:
+                sae.expire_dead_count()  # re-read here, outside any capture
+        key = tuple(sae.step_structure() for sae in self.saes)
+        self._step_t.fill_(step)
+        outputs = self._graphed(batch_BD, key)
+        if step % self.trainer.log_every_n_steps == 0:
+            # Clones: the next replay overwrites the graph's outputs.
+            self._log_train({k: v.clone() for k, v in outputs.items() if k != "loss"})
+
+    def _full_step(self, batch_BD: Tensor) -> dict[str, Tensor]:
+        """Forward, backward, clipping, Adam, atom renormalisation and dead clocks, with no host sync.
+
+        The same pieces as the eager path (training_step, then Lightning's backward and the hooks below);
+        `GraphedStep` captures this function and replays it.
+        """
+        optimizer = self.trainer.optimizers[0]
+        # Fresh gradients (in a capture: in the graph's pool, where every replay rewrites them). Zeroing
+        # static ones instead cost a memset plus a read-add-write of every gradient: −13 % at d=4096.
+        optimizer.zero_grad(set_to_none=True)
+        device = self.device.type
+        amp = nullcontext() if self._autocast_dtype is None else \
+            torch.autocast(device, dtype=self._autocast_dtype, cache_enabled=False)
+        with amp:
+            total, fired, logs = self._losses(batch_BD, self._step_t, metrics=True)
+        with torch.autocast(device, enabled=False):
+            total.backward()
+            self.on_before_optimizer_step(optimizer)
+            self.configure_gradient_clipping(optimizer)
+            optimizer.step()
+            for sae in self.saes:
+                sae.normalize_decoder()
+            self._update_dead(fired, len(batch_BD))
+        return {"loss": total.detach(), **logs}
 
     # ----------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:
