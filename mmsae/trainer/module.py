@@ -313,7 +313,7 @@ class SAEModule(L.LightningModule):
             sae.normalize_decoder()
 
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
-        if self._graphed is None:  # graphed steps zero their static gradients themselves
+        if self._graphed is None:  # a graphed step drops its gradients itself
             optimizer.zero_grad()
 
     # ----------------------------------------------------------------- CUDA graphs
@@ -352,8 +352,7 @@ class SAEModule(L.LightningModule):
                 group["capturable"] = True
         # Autocast as Lightning's precision plugin applies it, with its weight-cast cache off: cached casts
         # made during a capture would outlive it.
-        dtype = torch.bfloat16 if self.trainer.precision == "bf16-mixed" else None
-        self._autocast_dtype = dtype
+        self._autocast_dtype = torch.bfloat16 if self.trainer.precision == "bf16-mixed" else None
         self._step_t = torch.zeros((), dtype=torch.int64, device=self.device)
         self._graphed = GraphedStep(self._full_step)
 
@@ -367,10 +366,11 @@ class SAEModule(L.LightningModule):
         outputs = self._graphed(batch_BD, key)
         if step % self.trainer.log_every_n_steps == 0:
             # Clones: the next replay overwrites the graph's outputs.
-            self._log_train({k: v.clone() for k, v in outputs.items() if k != "loss"})
+            self._log_train({k: v.clone() for k, v in outputs.items()})
 
     def _full_step(self, batch_BD: Tensor) -> dict[str, Tensor]:
-        """Forward, backward, clipping, Adam, atom renormalisation and dead clocks, with no host sync.
+        """Forward, backward, clipping, Adam, atom renormalisation and dead clocks, with no host sync;
+        returns the training metrics.
 
         The same pieces as the eager path (training_step, then Lightning's backward and the hooks below);
         `GraphedStep` captures this function and replays it.
@@ -392,7 +392,7 @@ class SAEModule(L.LightningModule):
             for sae in self.saes:
                 sae.normalize_decoder()
             self._update_dead(fired, len(batch_BD))
-        return {"loss": total.detach(), **logs}
+        return logs
 
     # ----------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:
