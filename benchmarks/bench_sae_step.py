@@ -102,17 +102,29 @@ def make_step(name: str, s: Size) -> tuple[nn.Module, Callable[[Tensor], Tensor]
 
 def bench_impl(name: str, s: Size, x: Tensor, reps: int, profile: bool = False) -> dict[str, float]:
     model, loss_fn = make_step(name, s)
-    if name == "mmsae_graph":  # the same step, replayed as one CUDA graph by the trainer's GraphedStep
-        return bench_graphed(model, loss_fn, s, x, reps)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
+    # mmsae_graph: the mmsae step replayed as one CUDA graph by the trainer's GraphedStep, which needs a
+    # capturable Adam with a device LR and autocast without its weight-cast cache.
+    graphed = name == "mmsae_graph"
+    lr = torch.tensor(1e-4, device="cuda") if graphed else 1e-4
+    opt = torch.optim.Adam(model.parameters(), lr=lr, fused=True, capturable=graphed)
 
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = loss_fn(x)
+    def step_fn(x_BD: Tensor) -> dict[str, Tensor]:
+        opt.zero_grad(set_to_none=True)  # graphed: gradients are allocated in the graph's pool
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graphed):
+            loss = loss_fn(x_BD)
         loss.backward()
         opt.step()
+        return {"loss": loss.detach()}
 
+    if graphed:
+        from mmsae.trainer.graphs import GraphedStep
+
+        runner = GraphedStep(step_fn)
+        step: Callable[[], object] = partial(runner, x)
+        for _ in range(runner.warmup):  # eager warm-ups; the call after them captures
+            step()
+    else:
+        step = partial(step_fn, x)
     step()
     torch.cuda.synchronize()
     if profile:
@@ -124,32 +136,8 @@ def bench_impl(name: str, s: Size, x: Tensor, reps: int, profile: bool = False) 
         )
     torch.cuda.reset_peak_memory_stats()
     ms = time_ms(step, warmup=2, reps=reps)
-    peak = torch.cuda.max_memory_allocated() / 2**30
-    return {"ms": ms, "mtok_s": s.B / ms / 1e3, "peak_gib": peak}
-
-
-def bench_graphed(model: nn.Module, loss_fn: Callable[[Tensor], Tensor], s: Size, x: Tensor,
-                  reps: int) -> dict[str, float]:
-    from mmsae.trainer.graphs import GraphedStep
-
-    opt = torch.optim.Adam(model.parameters(), lr=torch.tensor(1e-4, device="cuda"), fused=True,
-                           capturable=True)
-
-    def step_fn(x_BD: Tensor) -> dict[str, Tensor]:
-        opt.zero_grad(set_to_none=True)  # as the trainer's graphed step: gradients live in the graph's pool
-        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-            loss = loss_fn(x_BD)
-        loss.backward()
-        opt.step()
-        return {"loss": loss.detach()}
-
-    graphed = GraphedStep(step_fn)
-    for _ in range(graphed.warmup + 1):  # eager warm-ups, then the capture
-        graphed(x)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    ms = time_ms(lambda: graphed(x), warmup=2, reps=reps)
-    assert graphed.replays > reps and graphed.disabled is None, graphed.disabled
+    if graphed:
+        assert runner.replays > reps and runner.disabled is None, runner.disabled
     peak = torch.cuda.max_memory_allocated() / 2**30
     return {"ms": ms, "mtok_s": s.B / ms / 1e3, "peak_gib": peak}
 

@@ -180,8 +180,8 @@ def shuffle_batches(chunks: Iterable[dict[str, Tensor]], batch_size: int, buffer
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    out = _Rebatcher(batch_size)
     if generator is None:
+        out = _Rebatcher(batch_size)
         for chunk in chunks:
             yield from out.push(chunk)
         yield from out.flush(drop_last)
@@ -472,7 +472,8 @@ class ActivationStore:
                                  "read them one at a time.")
         if epochs is not None and epochs < 1:
             raise ValueError(f"epochs={epochs}: read at least one pass, or None for an endless stream.")
-        if epochs is None and self.token_counts()[keys[0]] == 0:
+        n_tokens = self.token_counts()[keys[0]]
+        if epochs is None and n_tokens == 0:
             raise ValueError(f"The store {self.path} holds no tokens: an endless stream of it would never "
                              "yield. Extract some examples first.")
         passes = itertools.count() if epochs is None else range(epochs)
@@ -485,7 +486,7 @@ class ActivationStore:
                           for p in passes for i in shard_order(p))
         generator = torch.Generator().manual_seed(seed) if shuffle else None
         # A pool larger than the store would only hold several copies of it.
-        buffer_tokens = min(buffer_tokens, max(self.token_counts()[keys[0]], batch_size))
+        buffer_tokens = min(buffer_tokens, max(n_tokens, batch_size))
         for batch in shuffle_batches(chunks, batch_size, buffer_tokens, generator, drop_last, pin_memory):
             out = batch if dtype is None else {h: t.to(dtype) for h, t in batch.items()}
             yield out if as_dict else out[keys[0]]

@@ -50,6 +50,10 @@ class TopKSAE(SAE):
             return LossOutput(loss, metrics)
         return LossOutput(loss + self.cfg.aux_coef * aux, {**metrics, "auxk": aux.detach()})
 
+    def max_aux_k(self) -> int:
+        """The configured AuxK budget: `aux_k`, or d_in // 2 (Gao et al.) when None; 0 disables AuxK."""
+        return self.cfg.d_in // 2 if self.cfg.aux_k is None else self.cfg.aux_k
+
     def aux_size(self) -> int:
         """Dead latents AuxK selects per token this step (0: AuxK is off).
 
@@ -57,7 +61,7 @@ class TopKSAE(SAE):
         graph then serves every count up to that size (the extra slots pick live latents masked to −∞, whose
         codes are 0), and the trainer captures a handful of graphs over a run, not one per count.
         """
-        aux_k = self.cfg.d_in // 2 if self.cfg.aux_k is None else self.cfg.aux_k
+        aux_k = self.max_aux_k()
         num_dead = self.num_dead()
         if aux_k == 0 or num_dead == 0:
             return 0
@@ -75,14 +79,13 @@ class TopKSAE(SAE):
         size = self.aux_size()
         if size == 0:
             return None
-        aux_k = self.cfg.d_in // 2 if self.cfg.aux_k is None else self.cfg.aux_k
         dead_N = self.dead_mask()
         values, indices = self.select_aux(self.pre_acts(x), dead_N, size)
         e_hat = kernels.sparse_decode(values, indices, self.W_dec)
         residual = (x - x_hat).detach().float()
         var = (x.float() - x.float().mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
         aux = (e_hat.float() - residual).pow(2).sum(-1).mean() / var
-        return aux * (dead_N.sum() / aux_k).clamp(max=1.0)
+        return aux * (dead_N.sum() / self.max_aux_k()).clamp(max=1.0)
 
     def select_aux(self, pre_BN: Tensor, dead_N: Tensor, k_aux: int) -> tuple[Tensor, Tensor]:
         """The AuxK codes: relu of the `k_aux` largest pre-activations among dead latents (0 past #dead)."""

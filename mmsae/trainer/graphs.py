@@ -53,13 +53,13 @@ class GraphedStep:
         self.replays = 0
 
     def __call__(self, x: Tensor, key: Hashable = None) -> dict[str, Tensor]:
-        if x.device.type != "cuda":
-            return self.step_fn(x)  # nothing to capture: the same step, eagerly (the tests' CPU twin)
+        if x.device.type != "cuda" or self.disabled:
+            return self.step_fn(x)  # nothing to capture (the tests' CPU twin), or capture failed: eagerly
         self.shape = self.shape or x.shape
         full_key = (key, x.dtype)
         captured = self.graphs.get(full_key)
         if captured is None:
-            if self.disabled or x.shape != self.shape or self.eager_runs[full_key] < self.warmup:
+            if x.shape != self.shape or self.eager_runs[full_key] < self.warmup:
                 self.eager_runs[full_key] += 1
                 return self._eager(x)
             captured = self._capture(full_key, x)
