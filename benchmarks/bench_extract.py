@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
 import platform
 import shutil
@@ -211,25 +212,26 @@ def extract_rate(encoder: Encoder, dataset: ExampleDataset, hook: str, setup: Se
     return len(dataset) / (time.perf_counter() - start), store
 
 
-def read_rate(store: ActivationStore, device: torch.device, batch_size: int) -> float:
+def read_rate(store: ActivationStore, device: torch.device, batch_size: int, on_gpu: bool) -> float:
     """GB/s of stored bytes delivered as shuffled fp32 batches on the device, moved as the trainer moves
-    them: in the store dtype through pinned memory, converted on the device."""
+    them: shuffled on the GPU (`on_gpu`, the trainer's default there), or on the host in the store dtype and
+    copied through pinned memory, converted on the device."""
     def read() -> None:
-        for batch in store.batches(batch_size, buffer_tokens=1 << 20, dtype=None):
-            pinned = batch.pin_memory() if device.type == "cuda" else batch
+        for batch in store.batches(batch_size, dtype=None, device=device if on_gpu else None):
+            pinned = batch.pin_memory() if device.type == "cuda" and not on_gpu else batch
             pinned.to(device, non_blocking=True).float()
 
     n_bytes = store.n_tokens * store.d_in * torch.finfo(getattr(torch, store.dtype)).bits // 8
     return n_bytes / timed(read, device) / 1e9
 
 
-def train_rate(data: object, setup: Setup, batch_size: int) -> float:
+def train_rate(data: object, setup: Setup, batch_size: int, stage: bool | None = None) -> float:
     """Tokens/s of `mmsae.train` (TopK) over `setup.train_tokens` tokens."""
     import mmsae
 
     start = time.perf_counter()
     mmsae.train(data, sae="topk", n_latents=setup.sae_latents, k=32, tokens=setup.train_tokens,
-                batch_size=batch_size, warmup_steps=10)
+                batch_size=batch_size, warmup_steps=10, stage=stage)
     return setup.train_tokens / (time.perf_counter() - start)
 
 
@@ -281,18 +283,22 @@ def main() -> None:
         report = []
         store = stores[0]
         token_batch = 4096
-        gbs = read_rate(store, device, token_batch)
+        host_gbs = read_rate(store, device, token_batch, on_gpu=False)
+        gpu_gbs = read_rate(store, device, token_batch, on_gpu=True) if device.type == "cuda" else math.nan
         print(f"\nstore read ({setup.encoders[0]}, {store.n_tokens} tokens × {store.d_in}, fp16, "
-              f"shuffled batches of {token_batch} → {device.type} fp32): {gbs:.2f} GB/s", flush=True)
-        in_memory = torch.cat(list(store.batches(1 << 16, shuffle=False)))
+              f"shuffled batches of {token_batch} → {device.type} fp32): shuffled on the host {host_gbs:.2f} "
+              f"GB/s, on the GPU {gpu_gbs:.2f} GB/s", flush=True)
+        in_memory = torch.cat(list(store.batches(1 << 16, shuffle=False, dtype=None)))
         # A first short run pays CUDA init and the Triton JIT, which would otherwise bill whichever
         # source is timed first.
         train_rate(in_memory, dataclasses.replace(setup, train_tokens=20 * token_batch), token_batch)
         from_store = train_rate(store, setup, token_batch)
         from_memory = train_rate(in_memory, setup, token_batch)
+        host_store = train_rate(store, setup, token_batch, stage=False)
         report.append(f"SAE training (TopK, {setup.sae_latents} latents, k=32, batch {token_batch}, "
                       f"{setup.train_tokens} tokens): from store {from_store:,.0f} tok/s, from memory "
-                      f"{from_memory:,.0f} tok/s, ratio {from_store / from_memory:.2f}")
+                      f"{from_memory:,.0f} tok/s, ratio {from_store / from_memory:.2f}; from store shuffled "
+                      f"on the host (stage=False) {host_store:,.0f} tok/s")
     print("\n".join(report))
 
 

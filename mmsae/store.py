@@ -34,6 +34,7 @@ from torch import Tensor
 
 from mmsae.checkpoint import atomic_write_bytes
 from mmsae.encoders.base import TokenActs
+from mmsae.staging import DeviceStager, RowScreen
 
 FORMAT = "mmsae-activations/1"
 STORE_JSON = "store.json"
@@ -169,7 +170,8 @@ def resolve_hooks(available: list[str], hook: str | None, hooks: list[str] | Non
 def shuffle_batches(chunks: Iterable[dict[str, Tensor]], batch_size: int, buffer_tokens: int,
                     generator: torch.Generator | None, drop_last: bool = False, pin_memory: bool = False,
                     ) -> Iterator[dict[str, Tensor]]:
-    """Re-batch token chunks (dicts of aligned [n, d] tensors) through a shuffle buffer.
+    """Re-batch token chunks (dicts of aligned [n, d] tensors, on the host or all on one GPU) through a
+    shuffle buffer on the chunks' device.
 
     Each token is yielded exactly once. With a generator, tokens enter a pool of `buffer_tokens` slots;
     once it is full, each incoming token evicts a uniformly drawn resident one, which is emitted (a token
@@ -203,7 +205,7 @@ def shuffle_batches(chunks: Iterable[dict[str, Tensor]], batch_size: int, buffer
             filling = []
         while start < n:  # each incoming token evicts a distinct random resident
             stop = min(n, start + capacity)
-            slots = torch.randperm(capacity, generator=generator)[: stop - start]
+            slots = _on(torch.randperm(capacity, generator=generator)[: stop - start], pool)
             # Slot blocks end where output batches end, so every batch is filled in place, never concatenated.
             i = 0
             while i < stop - start:
@@ -216,8 +218,15 @@ def shuffle_batches(chunks: Iterable[dict[str, Tensor]], batch_size: int, buffer
     if pool is None and filling:
         pool = {h: torch.cat([c[h] for c in filling]) for h in filling[0]}
     if pool is not None:
-        yield from batches.take(pool, torch.randperm(len(next(iter(pool.values()))), generator=generator))
+        yield from batches.take(pool, _on(torch.randperm(len(next(iter(pool.values()))), generator=generator),
+                                          pool))
     yield from batches.flush(drop_last)
+
+
+def _on(slots: Tensor, pool: dict[str, Tensor]) -> Tensor:
+    """Slot indices (drawn on the host, so a GPU pool shuffles exactly as a host one) on the pool's device."""
+    device = next(iter(pool.values())).device
+    return slots if device.type == "cpu" else slots.pin_memory().to(device, non_blocking=True)
 
 
 class _BatchFiller:
@@ -240,8 +249,9 @@ class _BatchFiller:
         i = 0
         while i < len(rows):
             if self.batch is None:
-                self.batch = {h: torch.empty((self.batch_size, *p.shape[1:]), dtype=p.dtype,
-                                             pin_memory=self.pin_memory) for h, p in pool.items()}
+                self.batch = {h: torch.empty((self.batch_size, *p.shape[1:]), dtype=p.dtype, device=p.device,
+                                             pin_memory=self.pin_memory and p.device.type == "cpu")
+                              for h, p in pool.items()}
             m = min(self.room(), len(rows) - i)
             for h, p in pool.items():
                 torch.index_select(p, 0, rows[i : i + m], out=self.batch[h][self.filled : self.filled + m])
@@ -454,7 +464,8 @@ class ActivationStore:
     def batches(self, batch_size: int, hook: str | None = None, shuffle: bool = True, seed: int = 0,
                 buffer_tokens: int = DEFAULT_BUFFER_TOKENS, hooks: list[str] | None = None,
                 drop_last: bool = False, dtype: torch.dtype | None = torch.float32, epochs: int | None = 1,
-                pin_memory: bool = False) -> Iterator[Tensor | dict[str, Tensor]]:
+                pin_memory: bool = False, device: str | torch.device | None = None,
+                screen: RowScreen | None = None) -> Iterator[Tensor | dict[str, Tensor]]:
         """Token batches [batch_size, d] (dicts {hook: batch} when `hooks=[...]` is given) over `epochs`
         passes of the store (None: endlessly).
 
@@ -463,6 +474,10 @@ class ActivationStore:
         tokens; every token comes once per pass. The buffer carries over from one pass to the next, so a
         new pass never waits for it to refill. `dtype=None` keeps the stored dtype (half the bytes to move;
         convert on the device); `pin_memory` returns page-locked batches (for asynchronous copies to a GPU).
+
+        `device="cuda[:i]"` keeps the shuffle buffer on that GPU (`mmsae.staging`): shards are copied to it
+        from the loader thread, rows holding NaN/Inf are dropped there (by `screen`, which counts them), and
+        batches come out on the GPU, shuffled exactly as on the host when no row is dropped.
         """
         keys, as_dict = resolve_hooks(self.hooks, hook, hooks)
         for i, s in enumerate(self.info["shards"]):
@@ -482,8 +497,17 @@ class ActivationStore:
             return np.random.default_rng(seed + p).permutation(self.n_shards) if shuffle else \
                 range(self.n_shards)
 
-        chunks = prefetch({h: self.shard_acts(h, int(i)) for h in keys}
-                          for p in passes for i in shard_order(p))
+        order = ((p, int(i)) for p in passes for i in shard_order(p))
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        if device.type == "cuda":
+            stager = DeviceStager(device, screen)
+            staged = prefetch(stager({h: self.shard_acts(h, i) for h in keys},
+                                     f"pass {p}, shard {i} of {self.path}") for p, i in order)
+            chunks: Iterable[dict[str, Tensor]] = itertools.starmap(stager.handover, staged)
+        elif device.type == "cpu":
+            chunks = prefetch({h: self.shard_acts(h, i) for h in keys} for _, i in order)
+        else:
+            raise ValueError(f"device={device}: the store's shuffle buffer lives on the host or a CUDA GPU.")
         generator = torch.Generator().manual_seed(seed) if shuffle else None
         # A pool larger than the store would only hold several copies of it.
         buffer_tokens = min(buffer_tokens, max(n_tokens, batch_size))

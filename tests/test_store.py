@@ -135,6 +135,39 @@ def test_pinned_batches_equal_pageable_ones_on_cuda(store: ActivationStore) -> N
     assert torch.equal(torch.cat(pinned), torch.cat(plain))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs CUDA; CPU twin: test_trainer_reads_the_store_as_one_endless_stream")
+def test_gpu_shuffle_buffer_shuffles_exactly_as_the_host(store: ActivationStore) -> None:
+    kwargs = dict(hooks=["blocks.5", "norm"], seed=1, buffer_tokens=300, epochs=None, dtype=None)
+    n = 3 * store.token_counts()["norm"] // 50  # three passes
+    host = list(itertools.islice(store.batches(50, **kwargs), n))
+    gpu = list(itertools.islice(store.batches(50, device="cuda", **kwargs), n))
+    assert all(b[h].is_cuda for b in gpu for h in b)
+    assert all(torch.equal(g[h].cpu(), c[h]) for g, c in zip(gpu, host, strict=True) for h in c)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs CUDA; CPU twin: test_trainer.py::test_nan_rows_are_counted_and_skipped")
+def test_training_from_a_gpu_staged_store_equals_host_reads(store: ActivationStore) -> None:
+    import lightning as L
+
+    from mmsae.trainer import SAEDataModule, SAEModule, SAESpec
+
+    weights = []
+    for stage in (None, False):
+        L.seed_everything(0)
+        datamodule = SAEDataModule(store.path, hook="norm", tokens=40 * 64, batch_size=64, stage=stage)
+        module = SAEModule([SAESpec(n_latents=64, k=4)], warmup_steps=2, cuda_graphs=False)
+        trainer = L.Trainer(max_epochs=1, accelerator="gpu", devices=1, precision="32-true", logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(module, datamodule=datamodule)
+        assert (datamodule._staged is not None and datamodule._staged[1].on_gpu) == (stage is None)
+        weights.append(module.saes[0].W_dec.detach().cpu())
+    torch.testing.assert_close(weights[0], weights[1], rtol=1e-5, atol=1e-6)
+
+
 def test_several_hooks_stay_aligned(store: ActivationStore, encoder: Encoder) -> None:
     # `norm` is the final LayerNorm applied to the output of `blocks.5`: aligned rows must satisfy it.
     layer_norm = encoder.model.get_submodule("norm")

@@ -19,6 +19,7 @@ import mmsae
 from mmsae.checkpoint import load_sae
 from mmsae.datasets.synthetic import SyntheticActivations
 from mmsae.sae import default_lr, normalized_mse
+from mmsae.staging import RowScreen, finite_rows_mask, stage_budget
 from mmsae.trainer import SAEDataModule, SAEModule, SAESpec
 from mmsae.trainer.data import ArraySource, IterableSource, TokenBudget, as_source
 
@@ -55,7 +56,7 @@ def test_array_source_reshuffles_each_pass_and_reads_memmap(tmp_path: Path) -> N
     mm[:] = data
     source = as_source(np.load(tmp_path / "acts.npy", mmap_mode="r"))
     first, second = list(source.stream(10, seed=0, n_tokens=0)), list(source.stream(10, seed=1, n_tokens=0))
-    assert first[0].dtype == torch.float32 and first[0].shape == (10, 2)
+    assert first[0].dtype == torch.float16 and first[0].shape == (10, 2)  # converted on the device
     assert sorted(torch.cat(first)[:, 0].tolist()) == sorted(data[:, 0].tolist())  # every row once per pass
     assert not torch.equal(torch.cat(first), torch.cat(second))
 
@@ -157,14 +158,69 @@ def test_nan_rows_are_counted_and_skipped() -> None:
         fit(SAEModule([SAESpec(n_latents=32, k=2)]), SAEDataModule(x, tokens=256, batch_size=128))
 
 
+def test_rows_from_another_loader_are_screened_by_the_module() -> None:
+    x = acts(512)
+    x[::16] = float("inf")  # 32 rows
+    loader = torch.utils.data.DataLoader(list(x.split(128)), batch_size=None)
+    module = SAEModule([SAESpec(n_latents=32, k=2)], d_in=D, warmup_steps=2, init_batches=2)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    with pytest.warns(UserWarning, match="non-finite"):
+        trainer.fit(module, train_dataloaders=loader)
+    assert (module.skipped_rows.item(), module.tokens_seen.item()) == (32, 512 - 32)
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_row_screen_counts_each_place_once_and_keeps_hooks_aligned() -> None:
+    screen = RowScreen()
+    x = torch.arange(12.0).view(6, 2)
+    y = x.clone()
+    x[1, 0], y[4, 1] = float("nan"), float("-inf")
+    with pytest.warns(UserWarning, match="non-finite"):
+        kept = screen({"a": x, "b": y}, "batch 0")
+    assert torch.equal(kept["a"], x[[0, 2, 3, 5]]) and torch.equal(kept["b"], y[[0, 2, 3, 5]])
+    screen({"a": x, "b": y}, "batch 0")  # the same batch read again (the SAE's init sample)
+    screen(x, "batch 1")
+    assert screen.dropped == 3 and screen(torch.ones(2, 2), "batch 2").shape == (2, 2)
+    with pytest.raises(ValueError, match="only non-finite"):
+        screen(torch.full((2, 2), float("nan")), "batch 3")
+
+
+def test_stage_needs_a_gpu() -> None:
+    assert stage_budget(torch.device("cpu"), None) == 0 == stage_budget(torch.device("cpu"), False)
+    with pytest.raises(ValueError, match="stage=True"):
+        fit(SAEModule([SAESpec(n_latents=32, k=2)]), SAEDataModule(acts(512), tokens=256, batch_size=128,
+                                                                    stage=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs CUDA; CPU twin: test_nan_rows_are_counted_and_skipped")
+def test_gpu_staged_array_trains_as_host_batches_and_drops_bad_rows_once() -> None:
+    x = acts(2048)
+    weights = []
+    for stage in (None, False):
+        L.seed_everything(0)
+        module = SAEModule([SAESpec(n_latents=32, k=2)], warmup_steps=2, cuda_graphs=False)
+        datamodule = SAEDataModule(x, tokens=2 * 2048, batch_size=128, stage=stage)
+        fit(module, datamodule, accelerator="gpu", precision="32-true")
+        assert (datamodule._staged is not None and datamodule._staged[1].on_gpu) == (stage is None)
+        weights.append(module.saes[0].W_dec.detach().cpu())
+    torch.testing.assert_close(weights[0], weights[1], rtol=1e-5, atol=1e-6)
+    x[::10] = float("nan")  # 205 rows, dropped once when the array is staged, then two passes without them
+    module = SAEModule([SAESpec(n_latents=32, k=2)], warmup_steps=2)
+    with pytest.warns(UserWarning, match="non-finite"):
+        fit(module, SAEDataModule(x, tokens=2 * 1792, batch_size=128), accelerator="gpu")
+    assert (module.skipped_rows.item(), module.tokens_seen.item()) == (205, 2 * 1792)
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
 def test_huge_finite_rows_are_kept() -> None:
     # The fast screen (a row sum) overflows to inf on this finite row; the exact re-check must keep it.
     x = acts(8)
     x[2, :2] = 3e38
     x[5, 1] = float("nan")
-    module = SAEModule([SAESpec(n_latents=32, k=2)])
-    kept = module._finite_rows(x, 0, count=False)
-    assert torch.equal(kept, x[[0, 1, 2, 3, 4, 6, 7]])
+    assert finite_rows_mask(x).tolist() == [True] * 5 + [False] + [True] * 2
 
 
 def test_resume_continues_exactly(tmp_path: Path) -> None:

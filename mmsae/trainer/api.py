@@ -24,7 +24,8 @@ def train(data: Any, sae: str = "topk", n_latents: int = 4096, k: int | None = N
           batch_size: int = 4096, lr: float | None = None, precision: str | None = None,
           out_dir: str | None = None, devices: int | str = "auto", hook: str | None = None,
           encoder: str | None = None, seed: int = 0, warmup_steps: int = 1000,
-          checkpoint_every: int = 1000, cuda_graphs: bool | None = None, **sae_kwargs: Any) -> SAE:
+          checkpoint_every: int = 1000, cuda_graphs: bool | None = None, stage: bool | None = None,
+          **sae_kwargs: Any) -> SAE:
     """Train one SAE on `data` and return it, input scale folded in (it acts on raw activations).
 
     `data` is anything `mmsae.trainer.data.as_source` accepts (tensor, array, memmap, iterable of batches,
@@ -32,10 +33,11 @@ def train(data: Any, sae: str = "topk", n_latents: int = 4096, k: int | None = N
     (e.g. aux_k=256). With `out_dir`, the SAE is written to `out_dir/<hook or 'sae'>/`, TensorBoard/CSV logs
     and a resumable checkpoint every `checkpoint_every` steps go there too (rerun to resume); without it
     nothing is written. `cuda_graphs` replays each step as one CUDA graph (None: wherever possible; see
-    `SAEModule`).
+    `SAEModule`); `stage` keeps the data (a store: its shuffle buffer) on the GPU (None: when it fits in a
+    quarter of the free memory; see `SAEDataModule`).
     """
     L.seed_everything(seed, verbose=False)
-    datamodule = SAEDataModule(data, tokens=tokens, batch_size=batch_size, hook=hook, seed=seed)
+    datamodule = SAEDataModule(data, tokens=tokens, batch_size=batch_size, hook=hook, seed=seed, stage=stage)
     spec = SAESpec(arch=sae, n_latents=n_latents, k=k, lr=lr, options=sae_kwargs)
     module = SAEModule([spec], d_in=datamodule.d_in, hook=hook, encoder=encoder, warmup_steps=warmup_steps,
                        out_dir=out_dir, cuda_graphs=cuda_graphs)

@@ -33,7 +33,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
 from mmsae.datasets.synthetic import SyntheticActivations
-from mmsae.store import ActivationStore, prefetch
+from mmsae.staging import DeviceStager, RowScreen, stage_budget
+from mmsae.store import DEFAULT_BUFFER_TOKENS, DTYPES, ActivationStore, prefetch
 
 
 class ActivationStoreLike(Protocol):
@@ -46,11 +47,22 @@ class ActivationStoreLike(Protocol):
 
 
 class Source:
-    """A re-playable stream of [batch_size, d_in] float32 batches; one call of `stream` is one pass."""
+    """A re-playable stream of [batch_size, d_in] batches; one call of `stream` is one pass.
+
+    Batches may keep the data's own dtype (fp16 halves the bytes to move): SAEModule converts to fp32 on the
+    device.
+    """
 
     d_in: int
     replayable: bool = True
     """False for one-shot iterators: their single pass is all the data there is."""
+    on_gpu: bool = False
+    """True once staged (`stage`): batches come out on the GPU, already screened for NaN/Inf."""
+
+    def stage(self, device: torch.device, budget: float, screen: RowScreen) -> Source:
+        """This source with its data (or shuffle buffer) on GPU `device`, if that takes at most `budget`
+        bytes; else (or if it cannot be staged) itself."""
+        return self
 
     def stream(self, batch_size: int, seed: int, n_tokens: int) -> Iterator[Tensor]:
         raise NotImplementedError
@@ -70,7 +82,7 @@ class Source:
 class ArraySource(Source):
     """Rows of a tensor, numpy array or memmap, reshuffled every pass (last partial batch dropped)."""
 
-    def __init__(self, data_ND: Tensor | np.ndarray, rows: range | None = None):
+    def __init__(self, data_ND: Tensor | np.ndarray, rows: range | None = None, on_gpu: bool = False):
         if data_ND.ndim < 2:
             raise ValueError(f"Activation array must be [n_tokens, d], got shape {tuple(data_ND.shape)}.")
         # Flatten leading dims ([B, T, d] -> [B·T, d]); a view for tensors and memmaps alike.
@@ -79,6 +91,16 @@ class ArraySource(Source):
         self.rows = rows if rows is not None else range(len(self.data_ND))
         if len(self.rows) == 0:
             raise ValueError("The activation array has no rows: pass a non-empty [n_tokens, d] array.")
+        self.on_gpu = on_gpu
+
+    def stage(self, device: torch.device, budget: float, screen: RowScreen) -> Source:
+        data = self.data_ND[self.rows.start:self.rows.stop]
+        resident = isinstance(data, Tensor) and data.device == device
+        if not resident and len(self.rows) * self.d_in * data.dtype.itemsize > budget:
+            return self
+        stager = DeviceStager(device, screen)  # rows holding NaN/Inf are dropped once, here
+        staged = stager.handover(*stager({"acts": data}, "the activation array"))["acts"]
+        return ArraySource(staged, on_gpu=True)
 
     def split(self, n_val: int) -> tuple[ArraySource, ArraySource]:
         """(train, held-out) with the last `n_val` rows held out."""
@@ -89,19 +111,22 @@ class ArraySource(Source):
         return ArraySource(self.data_ND, self.rows[:cut]), ArraySource(self.data_ND, self.rows[cut:])
 
     def _gather(self, idx: Tensor) -> Tensor:
-        idx = idx.sort().values  # sequential-ish reads on a memmap; order within a batch is irrelevant
         if isinstance(self.data_ND, Tensor):
-            return self.data_ND[idx].float()
-        return torch.from_numpy(np.asarray(self.data_ND[idx.numpy()], dtype=np.float32))
+            return self.data_ND[idx]
+        return torch.from_numpy(self.data_ND[idx.numpy()])  # fancy indexing copies: a writable array
 
     def _index_batches(self, batch_size: int, seed: int) -> Iterator[Tensor]:
+        """One pass's index batches, each sorted (sequential-ish reads on a memmap; order within a batch is
+        irrelevant); moved to the GPU in one copy when the data is there."""
         if len(self.rows) < batch_size:
             raise ValueError(f"The activation array has {len(self.rows)} rows, fewer than "
                              f"batch_size={batch_size}: lower batch_size or supply more tokens.")
+        n = len(self.rows) // batch_size
         perm = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(seed))
-        perm += self.rows.start
-        for i in range(len(self.rows) // batch_size):
-            yield perm[i * batch_size:(i + 1) * batch_size]
+        batches = perm[:n * batch_size].view(n, batch_size).sort(dim=1).values + self.rows.start
+        if isinstance(self.data_ND, Tensor) and self.data_ND.is_cuda:
+            batches = batches.pin_memory().to(self.data_ND.device, non_blocking=True)
+        yield from batches
 
     def stream(self, batch_size: int, seed: int, n_tokens: int) -> Iterator[Tensor]:
         return map(self._gather, self._index_batches(batch_size, seed))
@@ -152,13 +177,27 @@ class IterableSource(Source):
 class StoreSource(Source):
     """An activation store: it shuffles and shards its own files."""
 
-    def __init__(self, store: ActivationStoreLike, hook: str | None = None):
-        self.store, self.hook = store, hook
+    def __init__(self, store: ActivationStoreLike, hook: str | None = None,
+                 staging: tuple[torch.device, RowScreen] | None = None):
+        self.store, self.hook, self.staging = store, hook, staging
+        self.on_gpu = staging is not None
         # A multi-hook store may hold several widths: ask for the one being trained on.
         self.d_in = int(store.dim(hook) if hook is not None and hasattr(store, "dim") else store.d_in)
 
     def provenance(self) -> dict[str, str]:
         return self.store.provenance(self.hook) if isinstance(self.store, ActivationStore) else {}
+
+    def stage(self, device: torch.device, budget: float, screen: RowScreen) -> Source:
+        if not isinstance(self.store, ActivationStore):
+            return self
+        # The shuffle buffer, the shard being consumed and the one being copied in.
+        tokens = self.store.token_counts()
+        n_tokens = tokens[self.hook] if self.hook else sum(tokens.values())
+        biggest = max((s["hooks"][h]["n_tokens"] for s in self.store.info["shards"] for h in s["hooks"]
+                       if self.hook in (None, h)), default=0)
+        itemsize = DTYPES[self.store.dtype].itemsize
+        needed = (min(DEFAULT_BUFFER_TOKENS, n_tokens) + 2 * biggest) * self.d_in * itemsize
+        return StoreSource(self.store, self.hook, (device, screen)) if needed <= budget else self
 
     def global_batches(self, batch_size: int, seed: int, n_tokens: int, start: int = 0,
                        stride: int = 1) -> Iterator[Tensor]:
@@ -171,9 +210,12 @@ class StoreSource(Source):
         # One endless stream: its shuffle buffer carries over between passes, where a new stream per pass
         # stalled the trainer while it refilled (256k tokens at the start of every pass). Stored dtype
         # (fp16/bf16): half the bytes through the buffer and the copy to the GPU; SAEModule converts to
-        # fp32 on the device. Pinned here, when every batch is used, to spare the loader a second copy.
+        # fp32 on the device. Staged: the buffer lives on the GPU. Else pinned here, when every batch is
+        # used, to spare the loader a second copy.
+        device, screen = self.staging or (None, None)
+        pin = device is None and stride == 1 and torch.cuda.is_available()
         batches = self.store.batches(batch_size, hook=self.hook, shuffle=True, seed=seed, dtype=None,
-                                     epochs=None, pin_memory=stride == 1 and torch.cuda.is_available())
+                                     epochs=None, pin_memory=pin, device=device, screen=screen)
         yield from itertools.islice(batches, start, None, stride)
 
     @staticmethod
@@ -244,9 +286,10 @@ class TokenBudget(IterableDataset):
     """One rank's share of a fixed token budget: `len(self)` batches of [batch_size, d]."""
 
     def __init__(self, source: Source, batch_size: int, n_batches: int, seed: int, rank: int = 0,
-                 world_size: int = 1, start: int = 0):
+                 world_size: int = 1, start: int = 0, screen: RowScreen | None = None):
         self.source, self.batch_size, self.n_batches = source, batch_size, n_batches
         self.seed, self.rank, self.world_size, self.start = seed, rank, world_size, start
+        self.screen = screen or RowScreen()
 
     def __len__(self) -> int:
         return self.n_batches
@@ -256,10 +299,13 @@ class TokenBudget(IterableDataset):
         first = self.start * self.world_size + self.rank
         stream = self.source.global_batches(self.batch_size, self.seed, n_tokens, first, self.world_size)
         batches = itertools.islice(stream, self.n_batches - self.start)
+        if self.source.on_gpu:  # screened when staged; its shard reads and copies run in a thread of its own
+            return batches
+        batches = (self.screen(b, f"batch {i + self.start}") for i, b in enumerate(batches))
         if torch.cuda.is_available():  # pinned host memory: Lightning's copy to the GPU is then asynchronous
             batches = (b.pin_memory() if b.device.type == "cpu" else b for b in batches)
-        # Gathering, shard reads and pinning run in a thread, overlapping the GPU step. (Eight batches ahead
-        # measured no better on the H100 machine: store/memory training 0.71 vs 0.87 with two, within noise.)
+        # Gathering, screening, shard reads and pinning run in a thread, overlapping the GPU step. (Eight
+        # batches ahead measured no better on the H100 machine: store/memory training 0.71 vs 0.87 with two.)
         return prefetch(batches, depth=2)
 
 
@@ -275,15 +321,22 @@ class SAEDataModule(L.LightningDataModule):
             or draws `val_tokens` fresh tokens from a synthetic source.
         val_tokens: held-out tokens when `val_source` is None (0 = no validation data).
         seed: shuffling seed (pass p of the data uses seed + p).
+        stage: keep the training data on the training GPU (`mmsae.staging`): an array whole, a store's
+            shuffle buffer. None = when it fits in a quarter of the GPU's free memory, True = always,
+            False = never (batches are gathered on the host and copied each step).
+
+    Batches come out with their non-finite (NaN/Inf) rows dropped, counted in `screen.dropped`.
     """
 
     def __init__(self, source: Any, tokens: int = 10_000_000, batch_size: int = 4096, hook: str | None = None,
-                 val_source: Any = None, val_tokens: int = 0, seed: int = 0):
+                 val_source: Any = None, val_tokens: int = 0, seed: int = 0, stage: bool | None = None):
         super().__init__()
         if batch_size <= 0 or tokens <= 0:
             raise ValueError(f"tokens ({tokens}) and batch_size ({batch_size}) must be positive.")
         self.tokens, self.batch_size, self.hook, self.seed = tokens, batch_size, hook, seed
-        self.val_tokens = val_tokens
+        self.val_tokens, self.stage = val_tokens, stage
+        self.screen = RowScreen()  # rows dropped this run (SAEModule logs them as train/skipped_rows)
+        self._staged: tuple[torch.device, Source] | None = None
         self._resume_batches = 0  # global batches already trained on (set when resuming)
         self.train_source = as_source(source, hook)
         self.val_source = None if val_source is None else as_source(val_source, hook)
@@ -308,10 +361,23 @@ class SAEDataModule(L.LightningDataModule):
             raise ValueError(f"tokens={self.tokens} is less than one batch "
                              f"({self.batch_size} × {world} devices).")
         start = min(self._resume_batches // world, n_batches)
-        dataset = TokenBudget(self.train_source, self.batch_size, n_batches, self.seed, rank, world, start)
+        dataset = TokenBudget(self._train_source_on(self._device()), self.batch_size, n_batches, self.seed,
+                              rank, world, start, self.screen)
         # Lightning cautions that __len__ can be wrong with several workers; this loader has none.
         warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
         return DataLoader(dataset, batch_size=None)
+
+    def _device(self) -> torch.device:
+        return self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
+
+    def _train_source_on(self, device: torch.device) -> Source:
+        """The training source, staged on `device` if allowed and it fits (staged once per device)."""
+        budget = stage_budget(device, self.stage)
+        if budget <= 0:
+            return self.train_source
+        if self._staged is None or self._staged[0] != device:
+            self._staged = (device, self.train_source.stage(device, budget, self.screen))
+        return self._staged[1]
 
     # Lightning restores datamodule state before it builds the train loader (the trainer's step is
     # restored only later), so the stream position on resume travels here.
@@ -343,5 +409,7 @@ class SAEDataModule(L.LightningDataModule):
             batches = list(itertools.islice(stream, n_batches))
         if not batches:
             raise ValueError("The validation data yielded no batches: check val_source / val_tokens.")
+        screen = RowScreen()
+        batches = [screen(b, f"validation batch {i}") for i, b in enumerate(batches)]
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         return DataLoader(batches[rank::world], batch_size=None)

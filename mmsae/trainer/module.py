@@ -20,13 +20,14 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from mmsae.checkpoint import save_sae
 from mmsae.metrics import l0_tensor
 from mmsae.sae import SAE, build_sae, default_lr, fired_mask, normalized_mse
 from mmsae.sae.base import DEAD_COUNT_EVERY
+from mmsae.staging import RowScreen, finite_rows_mask
 from mmsae.trainer.data import SAEDataModule
 from mmsae.trainer.graphs import GraphedStep
 
@@ -128,6 +129,8 @@ class SAEModule(L.LightningModule):
         self.register_buffer("input_scale", torch.zeros((), dtype=torch.float64))  # 0 = not estimated yet
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.int64))
         self.register_buffer("skipped_rows", torch.zeros((), dtype=torch.int64))
+        self._row_screen = RowScreen()  # for batches from loaders other than SAEDataModule
+        self._dropped_counted = 0  # of the rows the screens dropped this run, those added to skipped_rows
         self._export_dir: Path | None = None
         self.data_provenance: dict[str, str] = {}  # what the training store records; see setup()
         if d_in is not None:
@@ -192,11 +195,16 @@ class SAEModule(L.LightningModule):
         self._setup_graphs()
         if self.input_scale > 0:
             return  # restored from a checkpoint
-        batches = itertools.islice(iter(self.trainer.train_dataloader), self.init_batches)
-        sample = [self._finite_rows(b.to(self.device), i, count=False) for i, b in enumerate(batches)]
-        if not sample:
+        batches = [b.to(self.device) for b in itertools.islice(iter(self.trainer.train_dataloader),
+                                                               self.init_batches)]
+        if not batches:
             raise ValueError("The training data yielded no batches: check the source is not empty and "
                              "that tokens >= batch_size × devices.")
+        # Rows a custom loader let through unscreened are dropped (and counted) in training, not here.
+        sample = [b for b in (b[finite_rows_mask(b)] for b in batches) if len(b)]
+        if not sample:
+            raise ValueError("The first training batches have only non-finite (NaN/Inf) activations: the "
+                             "data is corrupt (fp16 overflow in extraction?). Re-extract it in bf16/fp32.")
         d = sample[0].shape[-1]
         if self.normalize_inputs:
             norm_sum = sum(float(b.double().norm(dim=-1).sum()) for b in sample)
@@ -214,29 +222,20 @@ class SAEModule(L.LightningModule):
         rank_zero_info(f"mmsae: input scale s = {self.input_scale.item():.4g} (E‖s·x‖ = √{d})")
 
     def on_before_batch_transfer(self, batch_BD: Tensor, dataloader_idx: int) -> Tensor:
-        # Still on the host here, so the finiteness check costs no GPU sync.
-        return self._finite_rows(batch_BD, self.trainer.global_step if self.training else -1)
+        if isinstance(self.trainer.datamodule, SAEDataModule):
+            return batch_BD  # screened by the data module, off this thread (and before any GPU staging)
+        # Any other loader: screened here (on the host, before the copy, it costs no GPU sync).
+        return self._row_screen(batch_BD, f"batch {self.trainer.global_step if self.training else -1}")
 
-    def _finite_rows(self, x_BD: Tensor, batch_idx: int, count: bool = True) -> Tensor:
-        """Drop rows holding NaN/Inf (counted in `skipped_rows`); a fully non-finite batch is an error."""
-        # A row holding NaN/Inf has a non-finite sum, so one fp32 row sum screens the batch (50× cheaper on
-        # the host than an element-wise isfinite, which cost 3.6 ms of a 10.6 ms step on the H100 machine).
-        # A huge but finite fp32 row can overflow its sum: flagged rows get the exact element-wise test.
-        finite_B = torch.isfinite(x_BD.sum(-1, dtype=torch.float32))
-        if not bool(finite_B.all()):
-            flagged = (~finite_B).nonzero().squeeze(1)
-            finite_B[flagged] = torch.isfinite(x_BD[flagged]).all(-1)
-        if bool(finite_B.all()):
-            return x_BD
-        if not bool(finite_B.any()):
-            raise ValueError(f"Batch {batch_idx} has only non-finite (NaN/Inf) activations: the data is "
-                             "corrupt (fp16 overflow during extraction?). Re-extract it in bf16/fp32.")
-        if count:
-            if self.skipped_rows == 0:
-                rank_zero_warn(f"mmsae: skipping non-finite activation rows (first in batch {batch_idx}); "
-                               "their count is logged as train/skipped_rows.")
-            self.skipped_rows += int((~finite_B).sum())
-        return x_BD[finite_B]
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Rows dropped so far (by the data module's screen or this module's) join the checkpointed count. Host
+        # integers: a kernel is launched only when the count changed, never a sync.
+        datamodule = self.trainer.datamodule
+        dropped = self._row_screen.dropped + (datamodule.screen.dropped
+                                              if isinstance(datamodule, SAEDataModule) else 0)
+        if dropped > self._dropped_counted:
+            self.skipped_rows += dropped - self._dropped_counted
+            self._dropped_counted = dropped
 
     # ----------------------------------------------------------------- training
     def training_step(self, batch_BD: Tensor, batch_idx: int) -> Tensor | None:
@@ -275,9 +274,10 @@ class SAEModule(L.LightningModule):
     def _log_train(self, logs: dict[str, Tensor]) -> None:
         logs["train/skipped_rows"] = self.skipped_rows.float()
         self.log_dict(logs, on_step=True, prog_bar=False)
-        # A float, not a tensor: Lightning converts progress-bar tensors with .item() on every step,
-        # a stream sync each time, even between logging steps.
-        self.log("fvu", logs[f"train/{self.names[0]}/fvu"].item(), prog_bar=True, logger=False)
+        # A host tensor: Lightning converts progress-bar values with .item() on every step, even between
+        # logging steps (a stream sync each time for a GPU tensor), and it makes a Python float a tensor on
+        # the module's device.
+        self.log("fvu", logs[f"train/{self.names[0]}/fvu"].cpu(), prog_bar=True, logger=False)
 
     @torch.no_grad()
     def _update_dead(self, fired: list[Tensor], n_rows: int) -> None:
