@@ -95,6 +95,9 @@ class DeviceStager:
 
     def __call__(self, host: dict[str, Tensor | np.ndarray], where: str) -> tuple[dict[str, Tensor],
                                                                                    torch.cuda.Event]:
+        if any(isinstance(t, Tensor) and t.is_cuda for t in host.values()):
+            # Already on a GPU (written by work queued on the caller's stream): screened, not copied.
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
             out = self.screen({name: self._copy(t) for name, t in host.items()}, where)
             ready = torch.cuda.Event()

@@ -208,11 +208,12 @@ def test_gpu_staged_array_trains_as_host_batches_and_drops_bad_rows_once() -> No
         weights.append(module.saes[0].W_dec.detach().cpu())
     torch.testing.assert_close(weights[0], weights[1], rtol=1e-5, atol=1e-6)
     x[::10] = float("nan")  # 205 rows, dropped once when the array is staged, then two passes without them
-    module = SAEModule([SAESpec(n_latents=32, k=2)], warmup_steps=2)
-    with pytest.warns(UserWarning, match="non-finite"):
-        fit(module, SAEDataModule(x, tokens=2 * 1792, batch_size=128), accelerator="gpu")
-    assert (module.skipped_rows.item(), module.tokens_seen.item()) == (205, 2 * 1792)
-    assert all(torch.isfinite(p).all() for p in module.parameters())
+    for data in (x, x.cuda()):  # copied to the GPU, or already there (screened only)
+        module = SAEModule([SAESpec(n_latents=32, k=2)], warmup_steps=2)
+        with pytest.warns(UserWarning, match="non-finite"):
+            fit(module, SAEDataModule(data, tokens=2 * 1792, batch_size=128), accelerator="gpu")
+        assert (module.skipped_rows.item(), module.tokens_seen.item()) == (205, 2 * 1792)
+        assert all(torch.isfinite(p).all() for p in module.parameters())
 
 
 def test_huge_finite_rows_are_kept() -> None:
