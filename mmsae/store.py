@@ -461,6 +461,15 @@ class ActivationStore:
                 rows = slice(start, start + batch_size)
                 yield TokenActs(acts_ND[rows].to(dtype), {c: meta_NM[rows, j] for j, c in enumerate(columns)})
 
+    def staging_bytes(self, hook: str | None = None, buffer_tokens: int = DEFAULT_BUFFER_TOKENS) -> int:
+        """GPU memory `batches(..., device="cuda")` holds: the shuffle buffer, the shard being consumed and
+        the one being copied in."""
+        keys, _ = resolve_hooks(self.hooks, hook, None)
+        n_tokens = self.token_counts()[keys[0]]
+        biggest = max((s["hooks"][h]["n_tokens"] for s in self.info["shards"] for h in keys), default=0)
+        row_bytes = sum(self.dim(h) for h in keys) * DTYPES[self.dtype].itemsize
+        return (min(buffer_tokens, n_tokens) + 2 * biggest) * row_bytes
+
     def batches(self, batch_size: int, hook: str | None = None, shuffle: bool = True, seed: int = 0,
                 buffer_tokens: int = DEFAULT_BUFFER_TOKENS, hooks: list[str] | None = None,
                 drop_last: bool = False, dtype: torch.dtype | None = torch.float32, epochs: int | None = 1,

@@ -135,6 +135,16 @@ def test_pinned_batches_equal_pageable_ones_on_cuda(store: ActivationStore) -> N
     assert torch.equal(torch.cat(pinned), torch.cat(plain))
 
 
+def test_staging_bytes_count_the_buffer_and_two_shards(store: ActivationStore) -> None:
+    row = store.dim("norm") * 2  # fp16
+    shard = 4 * TOKENS_PER_IMAGE  # the fixture's largest shard
+    n = store.token_counts()["norm"]
+    assert store.staging_bytes("norm", buffer_tokens=100) == (100 + 2 * shard) * row
+    assert store.staging_bytes("norm") == (n + 2 * shard) * row  # the buffer never exceeds the store
+    with pytest.raises(ValueError, match="several hooks"):
+        store.staging_bytes()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="needs CUDA; CPU twin: test_trainer_reads_the_store_as_one_endless_stream")

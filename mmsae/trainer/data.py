@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from mmsae.datasets.synthetic import SyntheticActivations
 from mmsae.staging import DeviceStager, RowScreen, stage_budget
-from mmsae.store import DEFAULT_BUFFER_TOKENS, DTYPES, ActivationStore, prefetch
+from mmsae.store import ActivationStore, prefetch
 
 
 class ActivationStoreLike(Protocol):
@@ -188,16 +188,9 @@ class StoreSource(Source):
         return self.store.provenance(self.hook) if isinstance(self.store, ActivationStore) else {}
 
     def stage(self, device: torch.device, budget: float, screen: RowScreen) -> Source:
-        if not isinstance(self.store, ActivationStore):
+        if not isinstance(self.store, ActivationStore) or self.store.staging_bytes(self.hook) > budget:
             return self
-        # The shuffle buffer, the shard being consumed and the one being copied in.
-        tokens = self.store.token_counts()
-        n_tokens = tokens[self.hook] if self.hook else sum(tokens.values())
-        biggest = max((s["hooks"][h]["n_tokens"] for s in self.store.info["shards"] for h in s["hooks"]
-                       if self.hook in (None, h)), default=0)
-        itemsize = DTYPES[self.store.dtype].itemsize
-        needed = (min(DEFAULT_BUFFER_TOKENS, n_tokens) + 2 * biggest) * self.d_in * itemsize
-        return StoreSource(self.store, self.hook, (device, screen)) if needed <= budget else self
+        return StoreSource(self.store, self.hook, (device, screen))
 
     def global_batches(self, batch_size: int, seed: int, n_tokens: int, start: int = 0,
                        stride: int = 1) -> Iterator[Tensor]:
@@ -361,22 +354,19 @@ class SAEDataModule(L.LightningDataModule):
             raise ValueError(f"tokens={self.tokens} is less than one batch "
                              f"({self.batch_size} × {world} devices).")
         start = min(self._resume_batches // world, n_batches)
-        dataset = TokenBudget(self._train_source_on(self._device()), self.batch_size, n_batches, self.seed,
-                              rank, world, start, self.screen)
+        device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
+        dataset = TokenBudget(self._train_source_on(device), self.batch_size, n_batches, self.seed, rank,
+                              world, start, self.screen)
         # Lightning cautions that __len__ can be wrong with several workers; this loader has none.
         warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
         return DataLoader(dataset, batch_size=None)
 
-    def _device(self) -> torch.device:
-        return self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
-
     def _train_source_on(self, device: torch.device) -> Source:
-        """The training source, staged on `device` if allowed and it fits (staged once per device)."""
-        budget = stage_budget(device, self.stage)
-        if budget <= 0:
-            return self.train_source
+        """The training source, staged on `device` if allowed and it fits (decided once per device)."""
         if self._staged is None or self._staged[0] != device:
-            self._staged = (device, self.train_source.stage(device, budget, self.screen))
+            budget = stage_budget(device, self.stage)
+            source = self.train_source.stage(device, budget, self.screen) if budget > 0 else self.train_source
+            self._staged = (device, source)
         return self._staged[1]
 
     # Lightning restores datamodule state before it builds the train loader (the trainer's step is
