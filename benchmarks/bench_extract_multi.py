@@ -21,10 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.multiprocessing as mp
-from bench_extract import NoiseImages  # same directory: the same synthetic images as bench_extract.py
+from PIL import Image
 
+from mmsae.datasets.images import Example, ExampleDataset
 from mmsae.encoders import get_encoder
 from mmsae.extract import extract, rank_device, resolve_ranks
 
@@ -50,6 +52,23 @@ class Job:
     world_size: int
     num_workers: int
     out_dir: str
+
+
+class NoiseImages(ExampleDataset):
+    """Deterministic random RGB images at a typical input size (decoding is not what is measured here)."""
+
+    def __init__(self, n: int, size: int = 224):
+        self.n, self.size = n, size
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> Example:
+        pixels = np.random.default_rng(index).integers(0, 255, (self.size, self.size, 3), np.uint8)
+        return Example(index, image=Image.fromarray(pixels))
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(f"noise{self.n}x{self.size}".encode()).hexdigest()
 
 
 def _rank(rank: int, job: Job, barrier: Any, results: Any) -> None:
