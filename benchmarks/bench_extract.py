@@ -35,19 +35,11 @@ from typing import ClassVar
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
 
 from mmsae.datasets.images import ExampleDataset, ImageFolder, RandomCrops, SkimagePhotos
 from mmsae.encoders import Encoder, get_encoder
-from mmsae.extract import (
-    DeviceDecoder,
-    EncoderInputs,
-    InputBatch,
-    JpegFiles,
-    collate_inputs,
-    extract,
-    write_shards,
-)
+from mmsae.extract import extract, write_shards
+from mmsae.inputs import InputBatch, input_batches
 from mmsae.store import ActivationStore
 
 SHORT_SIDE, JPEG_QUALITY = 375, 90
@@ -76,10 +68,11 @@ class Row:
     """One encoder's line of the extraction table (rates in images/s unless named GB/s)."""
 
     HEADER: ClassVar[tuple[str, ...]] = (
-        "encoder", "hook", "tokens", "d", "bare fwd", "hooked", "store", "store/bare", "store GB/s",
+        "encoder", "hook", "mode", "tokens", "d", "bare fwd", "hooked", "store", "store/bare", "store GB/s",
         "disk GB/s", "PIL loader", "extract PIL", "PIL/bare", "dev decode", "extract dev", "dev/bare")
     spec: str
     hook: str
+    mode: str
     n_tokens: int
     d: int
     bare: float
@@ -93,7 +86,7 @@ class Row:
     dev: float
 
     def markdown(self) -> str:
-        cells = (self.spec, self.hook, f"{self.n_tokens:,}", self.d, f"{self.bare:,.0f}",
+        cells = (self.spec, self.hook, self.mode, f"{self.n_tokens:,}", self.d, f"{self.bare:,.0f}",
                  f"{self.hooked:,.0f}",
                  f"{self.store:,.0f}", f"{self.store / self.bare:.2f}", f"{self.store_gbs:.2f}",
                  f"{self.disk_gbs:.2f}", f"{self.pil_loader:,.0f}", f"{self.pil:,.0f}",
@@ -154,7 +147,7 @@ def forward_rates(encoder: Encoder, hook: str, setup: Setup) -> tuple[float, flo
     return n / timed(bare, encoder.device), n / timed(hooked, encoder.device)
 
 
-def store_rate(encoder: Encoder, hook: str, setup: Setup, root: Path) -> float:
+def store_rate(encoder: Encoder, hook: str, setup: Setup, root: Path, tokens: str) -> float:
     """(a) images/s of extraction from device-resident pixels: hooked forward, cast, async device→host
     copy and shard writer (`write_shards`, as in `extract`), everything but input loading."""
     size = encoder.transform(Image.new("RGB", (224, 224))).shape
@@ -164,7 +157,7 @@ def store_rate(encoder: Encoder, hook: str, setup: Setup, root: Path) -> float:
     batch = InputBatch(list(range(setup.batch_size)), pixels)
     plan = [(0, i == n_batches - 1) for i in range(n_batches)]  # one shard: committed after the last batch
     root.mkdir()
-    forwards = ((batch, encoder.activations(pixels, [hook])) for _ in plan)
+    forwards = ((batch, encoder.activations(pixels, [hook], tokens)) for _ in plan)
     seconds = timed(lambda: write_shards(root, info, plan, forwards), encoder.device)
     shutil.rmtree(root)
     return n_batches * setup.batch_size / seconds
@@ -190,24 +183,23 @@ def _index_batches(n: int, batch_size: int) -> list[list[int]]:
 
 
 def loader_rate(encoder: Encoder, dataset: ExampleDataset, setup: Setup, decode: str) -> float:
-    """images/s of input loading alone: PIL in workers, or bytes in workers + decoding on the device."""
+    """images/s of input loading alone (`mmsae.inputs.input_batches`, what `extract` runs): pixels on the
+    device from PIL in workers, or from bytes read in workers and decoded on the device."""
     batches = _index_batches(len(dataset), setup.batch_size)
-    if decode == "device":
-        loader = DataLoader(JpegFiles(dataset, encoder), batch_sampler=batches, num_workers=setup.num_workers,
-                            collate_fn=list)
-        decoder = DeviceDecoder(dataset, encoder)
-        return len(dataset) / timed(lambda: [decoder(items) for items in loader], encoder.device)
-    loader = DataLoader(EncoderInputs(dataset, encoder, "image"), batch_sampler=batches,
-                        num_workers=setup.num_workers, collate_fn=collate_inputs)
-    return len(dataset) / timed(lambda: list(loader), encoder.device)
+
+    def load() -> None:
+        for _ in input_batches(encoder, dataset, batches, "image", setup.num_workers, decode):
+            pass
+
+    return len(dataset) / timed(load, encoder.device)
 
 
 def extract_rate(encoder: Encoder, dataset: ExampleDataset, hook: str, setup: Setup, out: Path,
-                 decode: str) -> tuple[float, ActivationStore]:
+                 decode: str, tokens: str) -> tuple[float, ActivationStore]:
     """(b)/(c) images/s of `mmsae.extract` end to end from the JPEG files."""
     start = time.perf_counter()
-    store = extract(encoder, dataset, hook, out, batch_size=setup.batch_size, num_workers=setup.num_workers,
-                    progress=False, decode=decode)
+    store = extract(encoder, dataset, hook, out, tokens=tokens, batch_size=setup.batch_size,
+                    num_workers=setup.num_workers, progress=False, decode=decode)
     _sync(encoder.device)
     return len(dataset) / (time.perf_counter() - start), store
 
@@ -243,6 +235,10 @@ def main() -> None:
     parser.add_argument("--encoders", nargs="+", help="get_encoder specs (default: per device)")
     parser.add_argument("--n-images", type=int)
     parser.add_argument("--out", default=None, help="where the temp dir of JPEG files and stores goes")
+    parser.add_argument("--tokens", nargs="+", default=["all"],
+                        help="token modes, a row each (e.g. all cls: cls writes ~200× fewer bytes, so the "
+                             "store's own cost shows where the disk is not the limit); training reads the "
+                             "first encoder's store of the first mode")
     args = parser.parse_args()
     setup = SETUPS[args.device]
     setup = Setup(tuple(args.encoders or setup.encoders), args.n_images or setup.n_images,
@@ -258,23 +254,24 @@ def main() -> None:
         report = [f"device: {name}; {setup.n_images} JPEG files (photo crops, shorter side {SHORT_SIDE} px, "
                   f"quality {JPEG_QUALITY}, mean {kib:.0f} KiB, in the page cache), "
                   f"batch {setup.batch_size}, {setup.num_workers} loader workers, model dtype "
-                  f"{setup.model_dtype}, store fp16, all tokens"]
+                  f"{setup.model_dtype}, store fp16"]
         stores = []
         for spec in setup.encoders:
             encoder = get_encoder(spec, pretrained=False, device=device, dtype=setup.model_dtype)
             hook = encoder.default_hook
             bare, hooked = forward_rates(encoder, hook, setup)
-            store_only = store_rate(encoder, hook, setup, tmp / "pixels")
             pil_loader = loader_rate(encoder, dataset, setup, "pil")
-            pil, store = extract_rate(encoder, dataset, hook, setup, tmp / "pil", "pil")
-            stores.append(store)
             dev_loader = loader_rate(encoder, dataset, setup, "device")
-            dev, dev_store = extract_rate(encoder, dataset, hook, setup, tmp / "device", "device")
-            shutil.rmtree(dev_store.path)  # disk: only the PIL stores are read below
-            bytes_per_image = store.n_tokens * store.d_in * 2 / len(dataset)
-            disk = disk_rate(tmp, int(bytes_per_image * setup.n_images))
-            rows.append(Row(spec, hook, store.n_tokens, store.d_in, bare, hooked, store_only,
-                            store_only * bytes_per_image / 1e9, disk, pil_loader, pil, dev_loader, dev))
+            for tokens in args.tokens:
+                store_only = store_rate(encoder, hook, setup, tmp / "pixels", tokens)
+                pil, store = extract_rate(encoder, dataset, hook, setup, tmp / "pil", "pil", tokens)
+                stores.append(store)
+                dev, dev_store = extract_rate(encoder, dataset, hook, setup, tmp / "device", "device", tokens)
+                shutil.rmtree(dev_store.path)  # disk: only the PIL stores are read below
+                bytes_per_image = store.n_tokens * store.d_in * 2 / len(dataset)
+                disk = disk_rate(tmp, int(bytes_per_image * setup.n_images))
+                rows.append(Row(spec, hook, tokens, store.n_tokens, store.d_in, bare, hooked, store_only,
+                                store_only * bytes_per_image / 1e9, disk, pil_loader, pil, dev_loader, dev))
             del encoder
         report.append("\n(images/s; ratios to the bare forward)")
         report += ["| " + " | ".join(Row.HEADER) + " |", "|---|---|" + "---:|" * (len(Row.HEADER) - 2)]

@@ -4,9 +4,15 @@ Each world size extracts the same data set into a fresh store with `extract(...,
 spawned processes (what `mmsae extract --devices N` runs). Timing starts when every process has built its
 model (a barrier) and ends when the last one returns the finished store, so it covers the layout probe,
 the disjoint shards and the merge of the shard records, but not process start-up or model loading (also
-reported). The stores of all world sizes are compared byte for byte.
+reported). The stores of all world sizes are compared byte for byte. For scale, the bare forward of one
+GPU on device-resident pixels is measured first, in the parent process.
 
-    python benchmarks/bench_extract_multi.py --devices 2                  # timm ViT-B/16, random init, bf16
+ViT-L/16 by default: its forward (~3k images/s on an H100) is slower than the loader workers of one
+process, so the GPUs, not the host, set the rate. With all tokens a ViT-L/16 store takes 0.4 MB per
+image, more than a disk writes at that rate: put it in RAM (`--out /dev/shm`) to see the GPUs.
+
+    python benchmarks/bench_extract_multi.py --devices 2 --tokens cls
+    python benchmarks/bench_extract_multi.py --devices 2 --tokens all --out /dev/shm
     python benchmarks/bench_extract_multi.py --device cpu --devices 2     # CPU processes, tiny preset
 """
 
@@ -15,6 +21,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -40,7 +47,7 @@ class Setup:
 
 
 SETUPS = {
-    "cuda": Setup("timm:vit_base_patch16_224", 16384, 256, torch.bfloat16),
+    "cuda": Setup("timm:vit_large_patch16_224", 16384, 256, torch.bfloat16),
     "cpu": Setup("timm:test_vit", 192, 16, torch.float32),
 }
 
@@ -52,6 +59,7 @@ class Job:
     world_size: int
     num_workers: int
     out_dir: str
+    tokens: str
 
 
 class NoiseImages(ExampleDataset):
@@ -81,8 +89,8 @@ def _rank(rank: int, job: Job, barrier: Any, results: Any) -> None:
     barrier.wait()
     t0 = time.monotonic()
     store = extract(encoder, NoiseImages(job.setup.n_images), encoder.default_hook, job.out_dir,
-                    batch_size=job.setup.batch_size, num_workers=job.num_workers, progress=False, rank=rank,
-                    world_size=job.world_size)
+                    tokens=job.tokens, batch_size=job.setup.batch_size, num_workers=job.num_workers,
+                    progress=False, rank=rank, world_size=job.world_size)
     results.put((rank, started, t0, time.monotonic(), str(store.path)))
 
 
@@ -105,6 +113,27 @@ def tree_digest(root: Path) -> str:
     return digest.hexdigest()
 
 
+def bare_rate(setup: Setup, device: str) -> float:
+    """images/s of one device's bare forward on device-resident pixels (batches of `setup.batch_size`)."""
+    encoder = get_encoder(setup.encoder, pretrained=False, device=device, dtype=setup.model_dtype)
+    pixels = torch.randn(setup.batch_size, 3, *encoder.image_size, device=device, dtype=setup.model_dtype)
+    n_batches = max(2, setup.n_images // setup.batch_size // 4)
+    with torch.inference_mode():
+        encoder.run_model(pixels)  # warm-up
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.monotonic()
+        for _ in range(n_batches):
+            encoder.run_model(pixels)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    rate = n_batches * setup.batch_size / (time.monotonic() - start)
+    del encoder, pixels
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return rate
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -112,6 +141,7 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=2, help="processes of the multi-process run")
     parser.add_argument("--encoder", help="get_encoder spec (default: per device)")
     parser.add_argument("--n-images", type=int)
+    parser.add_argument("--tokens", nargs="+", default=["cls"], help="token modes, a table block each")
     parser.add_argument("--out", default=None, help="parent of the temporary store directories")
     args = parser.parse_args()
     if args.device == "cuda" and torch.cuda.device_count() < args.devices:
@@ -120,19 +150,28 @@ def main() -> None:
     setup = Setup(args.encoder or base.encoder, args.n_images or base.n_images, base.batch_size,
                   base.model_dtype)
     name = torch.cuda.get_device_name() if args.device == "cuda" else f"{os.cpu_count()} CPU cores"
-    print(f"{setup.encoder} (random init, {setup.model_dtype}), {setup.n_images} images of 224², batch "
-          f"{setup.batch_size}, default hook, all tokens, fp16 store; device: {name}")
-    print(f"{'processes':>9} {'images/s':>10} {'speedup':>8} {'start-up s':>11} {'loader workers':>15}")
-    rates, digests = {}, {}
+    bare = bare_rate(setup, args.device)
+    print(f"{setup.encoder} (random init, {setup.model_dtype}), {setup.n_images} noise images of 224², batch "
+          f"{setup.batch_size}, default hook, fp16 store in {args.out or tempfile.gettempdir()}; device: "
+          f"{name}; bare forward on one device {bare:,.0f} images/s")
+    print(f"{'tokens':>6} {'processes':>9} {'images/s':>10} {'speedup':>8} {'/ bare fwd':>10} "
+          f"{'start-up s':>11} {'loader workers':>15}")
+    identical = True
     with tempfile.TemporaryDirectory(dir=args.out) as tmp:
-        for world_size in sorted({1, args.devices}):
-            # Decoding runs in loader workers: split the host's cores between the processes.
-            workers = min(12, max(0, (os.cpu_count() or 1) // world_size - 2)) if args.device == "cuda" else 0
-            job = Job(setup, args.device, world_size, workers, str(Path(tmp) / f"world{world_size}"))
-            rate, startup, path = run(job)
-            rates[world_size], digests[world_size] = rate, tree_digest(Path(path))
-            print(f"{world_size:9d} {rate:10.1f} {rate / rates[1]:8.2f} {startup:11.1f} {workers:15d}")
-    print(f"stores byte-identical across process counts: {len(set(digests.values())) == 1}")
+        for tokens in args.tokens:
+            rates, digests = {}, {}
+            for world_size in sorted({1, args.devices}):
+                # Decoding runs in loader workers: split the host's cores between the processes.
+                cores = (os.cpu_count() or 1) // world_size
+                workers = min(12, max(0, cores - 2)) if args.device == "cuda" else 0
+                out = Path(tmp) / f"{tokens}-world{world_size}"
+                rate, startup, path = run(Job(setup, args.device, world_size, workers, str(out), tokens))
+                rates[world_size], digests[world_size] = rate, tree_digest(Path(path))
+                shutil.rmtree(out)
+                print(f"{tokens:>6} {world_size:9d} {rate:10,.0f} {rate / rates[1]:8.2f} {rate / bare:10.2f} "
+                      f"{startup:11.1f} {workers:15d}", flush=True)
+            identical &= len(set(digests.values())) == 1
+    print(f"stores byte-identical across process counts: {identical}")
 
 
 if __name__ == "__main__":

@@ -28,11 +28,10 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import functional as F
 
 from mmsae.datasets.images import ExampleDataset, ImageCaptions, ImageFolder
+from mmsae.datasets.pixels import RGB_STEPS
 
 JPEG_START, JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
 MAX_LEVELS, MEAN_LEVELS = 8.0, 0.5  # device vs PIL pixels, in uint8 levels (see the module docstring)
-# Mode conversions of open_clip's pipelines (by name: open_clip defines them); decode_jpeg(mode=RGB) did that.
-_RGB_STEPS = ("MaybeConvertMode", "_convert_to_rgb")
 
 
 @dataclass(frozen=True)
@@ -71,7 +70,7 @@ class DevicePreprocess:
                 to_unit = True
             elif isinstance(step, T.Normalize) and to_unit and normalize is None:
                 normalize = step
-            elif name not in _RGB_STEPS or getattr(step, "mode", "RGB") != "RGB":
+            elif name not in RGB_STEPS or getattr(step, "mode", "RGB") != "RGB":  # decode_jpeg made RGB
                 raise ValueError(f"decode='device' cannot reproduce the step {step!r} of this encoder's "
                                  "preprocessing (it handles Resize, CenterCrop, ToTensor, Normalize); use "
                                  "decode='pil'.")

@@ -46,9 +46,10 @@ class Encoder(nn.Module):
     id: str = "encoder"
     family: str = "base"
     default_hook: str = ""
-    image_pipeline: Any = None
-    """The torchvision `Compose` behind `transform` for image models (what decode="device" replays on
-    the device); None where the preprocessing is not a torchvision pipeline (LLaVA's processor)."""
+    image_pipeline: Callable[[Any], Tensor] | None = None
+    """What `transform` runs, PIL image → pixels: a picklable callable that holds no model, so DataLoader
+    workers get it without a copy of the model. A torchvision `Compose` for timm and open_clip (which
+    decode="device" and the uint8 hand-off of `mmsae.datasets.pixels` replay); None without images."""
 
     def __init__(self, model: nn.Module, id: str):
         super().__init__()
@@ -62,7 +63,9 @@ class Encoder(nn.Module):
 
     def transform(self, image: Any) -> Tensor:
         """The model's own preprocessing: PIL image → input tensor."""
-        raise NotImplementedError
+        if self.image_pipeline is None:
+            raise TypeError(f"{self.id} takes no images.")
+        return self.image_pipeline(image)
 
     def run_model(self, batch: Any) -> Any:
         """One forward of the model on a batch (already on device)."""

@@ -33,7 +33,7 @@ class ClipEncoder(Encoder):
 
     def __init__(self, model: nn.Module, preprocess: Any, tokenizer: Any, id: str):
         super().__init__(model, id)
-        self.preprocess = self.image_pipeline = preprocess
+        self.image_pipeline = preprocess  # open_clip's own; its first step converts modes to RGB
         self.tokenizer = tokenizer
         self.embed_dim: int = model.text_projection.shape[-1] if hasattr(model, "text_projection") \
             else model.visual.output_dim
@@ -126,9 +126,6 @@ class ClipEncoder(Encoder):
         return text_BL.argmax(-1).cpu()
 
     # ---------------------------------------------------------------- running
-    def transform(self, image: Any) -> Tensor:
-        return self.preprocess(image)  # open_clip's own preprocess converts modes to RGB
-
     def run_model(self, batch: Any) -> Tensor:
         if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], str):
             return self.encode_text(list(batch), normalize=False)

@@ -7,6 +7,7 @@ prompts without "<image>" get one prepended.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,6 +38,17 @@ def _layer_list(model: nn.Module, suffixes: Sequence[str]) -> str:
     raise ValueError(f"No layer list ending in {suffixes} in {type(model).__name__}.")
 
 
+@dataclass(frozen=True)
+class ProcessorPixels:
+    """The processor's image half as a picklable callable (the encoder's `image_pipeline`):
+    PIL image → pixel_values [3, H, W]."""
+
+    image_processor: Any
+
+    def __call__(self, image: Any) -> Tensor:
+        return self.image_processor(image, return_tensors="pt")["pixel_values"][0]
+
+
 class LlavaEncoder(Encoder):
     """Hooks: vision layers `model.vision_tower.encoder.layers.{i}` (default: the one LLaVA reads,
     `config.vision_feature_layer`), `model.multi_modal_projector`, LLM `model.language_model.layers.{i}`.
@@ -51,6 +63,7 @@ class LlavaEncoder(Encoder):
     def __init__(self, model: LlavaForConditionalGeneration, processor: LlavaProcessor, id: str):
         super().__init__(model, id)
         self.processor = processor
+        self.image_pipeline = ProcessorPixels(processor.image_processor)
         self.vision_layers = _layer_list(model, ("vision_tower.encoder.layers",
                                                  "vision_model.encoder.layers"))
         self.llm_layers = _layer_list(model, ("language_model.layers", "language_model.model.layers"))
@@ -127,9 +140,6 @@ class LlavaEncoder(Encoder):
                          {"example_id": pos_NK[:, 0] + example_offset, "token_index": pos_NK[:, 1]})
 
     # ---------------------------------------------------------------- running
-    def transform(self, image: Any) -> Tensor:
-        return self.processor.image_processor(image, return_tensors="pt")["pixel_values"][0]
-
     def inputs(self, batch: Any) -> dict[str, Tensor]:
         """Processor outputs on device, from a mapping or from `(images, prompts)`."""
         if isinstance(batch, tuple) and len(batch) == 2:

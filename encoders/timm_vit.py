@@ -7,6 +7,7 @@ from typing import Any
 import timm
 import timm.data
 from torch import Tensor, nn
+from torchvision import transforms as T
 
 from mmsae.encoders.base import Encoder, TokenMode, default_select, rgb
 from mmsae.encoders.weights import weights_error
@@ -29,7 +30,7 @@ class TimmEncoder(Encoder):
         self.default_hook = f"blocks.{max(len(model.blocks) - 2, 0)}"
         # The pretrained config may name another size than the model was built with (img_size=...).
         self.data_config = timm.data.resolve_data_config({"input_size": (3, *self.image_size)}, model=model)
-        self._transform = self.image_pipeline = timm.data.create_transform(**self.data_config)
+        self.image_pipeline = T.Compose([rgb, *timm.data.create_transform(**self.data_config).transforms])
 
     @classmethod
     def from_spec(cls, name: str, pretrained: bool = True, checkpoint_path: str = "",
@@ -46,9 +47,6 @@ class TimmEncoder(Encoder):
 
     def hook_points(self) -> list[str]:
         return [name for name, _ in self.model.named_modules() if name]
-
-    def transform(self, image: Any) -> Tensor:
-        return self._transform(rgb(image))
 
     def run_model(self, batch: Any) -> Tensor:
         dynamic = getattr(self.model, "dynamic_img_size", False)

@@ -12,11 +12,10 @@ run and an interrupted run resumes with any number of processes. Launch with `mm
 with `torchrun --nproc_per_node N -m mmsae.cli extract ...`, or call `extract` in each process of a
 torch.distributed job.
 
-Pipeline: DataLoader workers decode and transform images (decode="pil", the default), or only read JPEG
-files that the main process then decodes and preprocesses as a batch on the device (decode="device",
-`mmsae.datasets.gpu_decode`) → forward on the device → activations cast to the store dtype on the device
-and copied asynchronously into pinned host memory → a writer thread waits for each copy and streams it
-into the current shard's temp files.
+Pipeline: inputs on the device (`mmsae.inputs`: DataLoader workers decode and transform images, or read
+JPEG files that are decoded as a batch on the device) → forward → activations cast to the store dtype on
+the device and copied asynchronously into pinned host memory → a writer thread waits for each copy and
+streams it into the current shard's temp files.
 """
 
 from __future__ import annotations
@@ -37,15 +36,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import Compose
 from tqdm.auto import tqdm
 
-from mmsae.datasets.gpu_decode import DevicePreprocess, EncodedJpeg, decode_jpegs, image_files, read_jpeg
-from mmsae.datasets.images import ExampleDataset, UnreadableExample
+from mmsae.datasets.images import ExampleDataset
 from mmsae.encoders.base import Encoder, TokenActs, TokenMode
+from mmsae.inputs import InputBatch, check_decode, input_batches, modality_of, probe_image
 from mmsae.store import (
     DEFAULT_BUFFER_TOKENS,
     DONE_DIR,
@@ -68,7 +64,6 @@ from mmsae.store import (
 )
 
 DEFAULT_SHARD_TOKENS = 1 << 18
-DECODERS = ("pil", "device")
 DEFAULT_WAIT_S = 1800.0  # as torch.distributed's default: a rank that makes no progress this long failed
 POLL_S = 0.2
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -89,126 +84,9 @@ def weights_fingerprint(encoder: Encoder, n_samples: int = 64) -> str:
     return digest.hexdigest()
 
 
-def _probe_image() -> Image.Image:
-    """A fixed non-square test pattern: its transformed pixels fingerprint the preprocessing."""
-    y, x = np.mgrid[0:97, 0:131]
-    return Image.fromarray(np.stack([x * 2, y * 2, (x * y) % 256], -1).astype(np.uint8))
-
-
 def preprocessing_fingerprint(encoder: Encoder) -> str:
-    pixels = encoder.transform(_probe_image())
+    pixels = encoder.transform(probe_image())
     return hashlib.sha256(f"{tuple(pixels.shape)}".encode() + pixels.float().numpy().tobytes()).hexdigest()
-
-
-# ------------------------------------------------------------------------------------------ data loading
-@dataclass
-class InputBatch:
-    indices: list[int]  # data set indices of the readable examples, in order
-    inputs: Tensor | list[str] | None  # stacked pixels, or texts for prompt/caption encoders
-    skipped: list[dict[str, Any]] = field(default_factory=list)
-    fallback: list[int] = field(default_factory=list)  # decode="device": indices decoded by PIL instead
-
-
-class EncoderInputs(Dataset):
-    """Data set items → model inputs (transform runs in DataLoader workers); unreadable items marked."""
-
-    def __init__(self, dataset: ExampleDataset, encoder: Encoder, modality: str):
-        self.dataset, self.encoder, self.modality = dataset, encoder, modality
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> tuple[int, Tensor | str | None, dict[str, Any] | None]:
-        try:
-            example = self.dataset[index]
-        except UnreadableExample as e:
-            return index, None, {"index": e.index, "source": e.source, "reason": e.reason}
-        if self.modality == "text":
-            return index, example.text, None
-        return index, self.encoder.transform(example.image), None
-
-
-def collate_inputs(items: list[tuple[int, Any, dict[str, Any] | None]]) -> InputBatch:
-    ok = [(i, x) for i, x, err in items if err is None]
-    skipped = [err for _, _, err in items if err is not None]
-    if not ok:
-        return InputBatch([], None, skipped)
-    xs = [x for _, x in ok]
-    inputs = torch.stack(xs) if isinstance(xs[0], Tensor) else xs
-    return InputBatch([i for i, _ in ok], inputs, skipped)
-
-
-class JpegFiles(Dataset):
-    """decode="device", in loader workers: a JPEG file's bytes; other files go through the PIL path here."""
-
-    def __init__(self, dataset: ExampleDataset, encoder: Encoder):
-        self.files, self.pil = image_files(dataset), EncoderInputs(dataset, encoder, "image")
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int) -> tuple[int, EncodedJpeg | Tensor | None, dict[str, Any] | None]:
-        jpeg = read_jpeg(self.files[index])
-        return self.pil[index] if jpeg is None else (index, jpeg, None)
-
-
-def _image_pipeline(encoder: Encoder) -> Compose:
-    """The torchvision pipeline behind `encoder.transform`; `DeviceDecoder` checks numerically that it is
-    the one in use."""
-    if not isinstance(encoder.image_pipeline, Compose):
-        raise ValueError(f"decode='device' replays the torchvision pipeline of the encoder's transform, and "
-                         f"{encoder.id} ({type(encoder).__name__}) has none. Use decode='pil'.")
-    return encoder.image_pipeline
-
-
-class DeviceDecoder:
-    """decode="device", in the main process: a batch of `JpegFiles` items → pixels on the encoder's device.
-
-    JPEGs the device decoder rejects take the PIL path (which re-reads the file and reports it if PIL
-    cannot read it either); their indices, and those of non-JPEG files, end up in `InputBatch.fallback`.
-    """
-
-    def __init__(self, dataset: ExampleDataset, encoder: Encoder):
-        self.pil, self.device = EncoderInputs(dataset, encoder, "image"), encoder.device
-        self.preprocess = DevicePreprocess.from_transform(_image_pipeline(encoder))
-        probe = _probe_image()
-        self.preprocess.check_matches(encoder.transform, probe)
-        self.shape = tuple(encoder.transform(probe).shape)
-
-    def __call__(self, items: list[tuple[int, Any, dict[str, Any] | None]]) -> InputBatch:
-        jpeg_at = [p for p, (_, x, _) in enumerate(items) if isinstance(x, EncodedJpeg)]
-        decoded = dict(zip(jpeg_at, decode_jpegs([items[p][1] for p in jpeg_at], self.device)))
-        items = [self.pil[item[0]] if p in decoded and decoded[p] is None else item
-                 for p, item in enumerate(items)]
-        ok = [p for p, (_, _, err) in enumerate(items) if err is None]
-        batch = InputBatch([items[p][0] for p in ok], None, [err for _, _, err in items if err is not None])
-        if not ok:
-            return batch
-        on_device = [r for r, p in enumerate(ok) if decoded.get(p) is not None]
-        on_host = [r for r, p in enumerate(ok) if decoded.get(p) is None]
-        pixels_BCHW = torch.empty(len(ok), *self.shape, device=self.device)
-        if on_device:
-            pixels_BCHW[on_device] = self.preprocess([decoded[ok[r]] for r in on_device])
-        if on_host:
-            pixels_BCHW[on_host] = torch.stack([items[ok[r]][1] for r in on_host]).to(self.device)
-        batch.inputs, batch.fallback = pixels_BCHW, [batch.indices[r] for r in on_host]
-        return batch
-
-
-def _modality(dataset: ExampleDataset, modality: str | None) -> str:
-    modality = modality or ("text" if dataset.kind == "prompt" else "image")
-    if modality not in ("image", "text"):
-        raise ValueError(f"modality must be 'image' or 'text', got {modality!r}.")
-    if modality == "image" and dataset.kind != "image":
-        raise ValueError(f"{dataset.describe()} has no images; use an image data set or modality='text'.")
-    return modality
-
-
-def _check_decode(decode: str, modality: str) -> None:
-    if decode not in DECODERS:
-        raise ValueError(f"decode must be one of {DECODERS}, got {decode!r}.")
-    if decode == "device" and modality != "image":
-        raise ValueError("decode='device' decodes images; this extraction reads texts: use decode='pil'.")
 
 
 def forward_batches(encoder: Encoder, dataset: ExampleDataset, index_batches: Sequence[list[int]],
@@ -218,22 +96,11 @@ def forward_batches(encoder: Encoder, dataset: ExampleDataset, index_batches: Se
 
     Example ids in the returned metadata are data set indices (skipped examples leave gaps).
     """
-    _check_decode(decode, modality)
-    cuda = encoder.device.type == "cuda"
-    if decode == "device":
-        loader = DataLoader(JpegFiles(dataset, encoder), batch_sampler=index_batches, num_workers=num_workers,
-                            collate_fn=list)
-        batches: Iterator[InputBatch] = map(DeviceDecoder(dataset, encoder), loader)
-    else:
-        batches = iter(DataLoader(EncoderInputs(dataset, encoder, modality), batch_sampler=index_batches,
-                                  num_workers=num_workers, collate_fn=collate_inputs, pin_memory=cuda))
-    for batch in batches:
+    for batch in input_batches(encoder, dataset, index_batches, modality, num_workers, decode):
         if not batch.indices:
             yield batch, {}
             continue
-        inputs = batch.inputs.to(encoder.device, non_blocking=True) if cuda and modality == "image" \
-            else batch.inputs
-        acts = encoder.activations(inputs, hooks, tokens)
+        acts = encoder.activations(batch.inputs, hooks, tokens)
         # non_blocking: a blocking host→device copy would wait for this batch's forward to finish.
         index_B = torch.tensor(batch.indices).to(encoder.device, non_blocking=True)
         for ta in acts.values():  # the encoder numbers examples 0..B-1 within the batch
@@ -593,8 +460,8 @@ def extract(encoder: Encoder, dataset: ExampleDataset, hooks: str | Sequence[str
         raise ValueError(f"The data set {dataset.describe()} is empty: nothing to extract.")
     if batch_size < 1 or shard_tokens < 1:
         raise ValueError(f"batch_size and shard_tokens must be >= 1, got {batch_size} and {shard_tokens}.")
-    modality = _modality(dataset, modality)
-    _check_decode(decode, modality)
+    modality = modality_of(dataset, modality)
+    check_decode(decode, modality)
     config = _config(encoder, dataset, hooks, tokens, dtype, modality, preprocessing, decode)
     digest = config_hash(config)
     root = _store_dir(Path(out_dir), encoder, digest)
@@ -722,8 +589,8 @@ class ActivationStream:
         for h in self.hooks:
             encoder.module(h)
         self.images_per_forward, self.num_workers = batch_size, num_workers
-        self.modality = _modality(dataset, modality)
-        _check_decode(decode, self.modality)
+        self.modality = modality_of(dataset, modality)
+        check_decode(decode, self.modality)
         self.decode = decode
         self._dims: dict[str, int] | None = None
 

@@ -19,7 +19,8 @@ from mmsae.datasets.gpu_decode import (
 )
 from mmsae.datasets.images import ImageFolder, SkimagePhotos, open_rgb
 from mmsae.encoders import Encoder, get_encoder
-from mmsae.extract import ActivationStream, ExtractConfig, _image_pipeline, _parse_config, extract
+from mmsae.extract import ActivationStream, ExtractConfig, _parse_config, extract
+from mmsae.inputs import image_pipeline
 
 N_PHOTOS = 8
 
@@ -59,7 +60,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory, jpegs: Path) -> ImageFolder
 def test_device_preprocess_matches_pil_on_photos(encoders: dict[str, Encoder], jpegs: Path,
                                                  spec: str) -> None:
     encoder = encoders[spec]
-    preprocess = DevicePreprocess.from_transform(_image_pipeline(encoder))
+    preprocess = DevicePreprocess.from_transform(image_pipeline(encoder))
     paths = sorted(jpegs.glob("*.jpg"))
     images = decode_jpegs([read_jpeg(p) for p in paths], torch.device("cpu"))
     for path, image_CHW in zip(paths, images):  # libjpeg-turbo decodes exactly as PIL does
@@ -77,7 +78,7 @@ def test_device_preprocess_matches_pil_on_photos(encoders: dict[str, Encoder], j
                     "test_device_preprocess_matches_pil_on_photos")
 def test_nvjpeg_matches_pil_on_photos(encoders: dict[str, Encoder], jpegs: Path) -> None:
     encoder = encoders["clip:tiny"]
-    preprocess = DevicePreprocess.from_transform(_image_pipeline(encoder))
+    preprocess = DevicePreprocess.from_transform(image_pipeline(encoder))
     paths = sorted(jpegs.glob("*.jpg"))
     images = decode_jpegs([read_jpeg(p) for p in paths], torch.device("cuda"))
     assert all(im is not None and im.is_cuda for im in images)

@@ -1,0 +1,180 @@
+"""Data set → model inputs on the encoder's device, batch by batch (the input half of extraction).
+
+decode="pil" (the default): DataLoader workers read and transform each example with the encoder's own
+pipeline; for torchvision pipelines they stop before `ToTensor` and ship uint8 pixels, which become the
+same float pixels on the device (`mmsae.datasets.pixels`). decode="device": workers only read JPEG files,
+the main process decodes and preprocesses a whole batch on the device (`mmsae.datasets.gpu_decode`).
+
+Workers get the data set and a transform, never the encoder: a worker started by spawn (the default in a
+process that torch.multiprocessing spawned, e.g. `mmsae extract --devices N`) would otherwise receive a
+copy of the model, through CUDA IPC when it is on a GPU. On Linux workers are forked anyway, as
+DataLoader does by default, so they start at once whatever the parent's start method.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import Compose
+
+from mmsae.datasets.gpu_decode import DevicePreprocess, EncodedJpeg, decode_jpegs, image_files, read_jpeg
+from mmsae.datasets.images import ExampleDataset, UnreadableExample
+from mmsae.datasets.pixels import PixelHandoff, split_pipeline
+from mmsae.encoders.base import Encoder
+
+DECODERS = ("pil", "device")
+
+
+@dataclass
+class InputBatch:
+    indices: list[int]  # data set indices of the readable examples, in order
+    inputs: Tensor | list[str] | None  # stacked pixels, or texts for prompt/caption encoders
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    fallback: list[int] = field(default_factory=list)  # decode="device": indices decoded by PIL instead
+
+
+def probe_image() -> Image.Image:
+    """A fixed non-square test pattern: its transformed pixels fingerprint the preprocessing."""
+    y, x = np.mgrid[0:97, 0:131]
+    return Image.fromarray(np.stack([x * 2, y * 2, (x * y) % 256], -1).astype(np.uint8))
+
+
+class EncoderInputs(Dataset):
+    """Data set items → model inputs (in DataLoader workers); unreadable items marked.
+
+    `transform` maps an image to pixels; None passes texts through."""
+
+    def __init__(self, dataset: ExampleDataset, transform: Callable[[Any], Tensor] | None):
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[int, Tensor | str | None, dict[str, Any] | None]:
+        try:
+            example = self.dataset[index]
+        except UnreadableExample as e:
+            return index, None, {"index": e.index, "source": e.source, "reason": e.reason}
+        if self.transform is None:
+            return index, example.text, None
+        return index, self.transform(example.image), None
+
+
+def collate_inputs(items: list[tuple[int, Any, dict[str, Any] | None]]) -> InputBatch:
+    ok = [(i, x) for i, x, err in items if err is None]
+    skipped = [err for _, _, err in items if err is not None]
+    if not ok:
+        return InputBatch([], None, skipped)
+    xs = [x for _, x in ok]
+    inputs = torch.stack(xs) if isinstance(xs[0], Tensor) else xs
+    return InputBatch([i for i, _ in ok], inputs, skipped)
+
+
+class JpegFiles(Dataset):
+    """decode="device", in loader workers: a JPEG file's bytes; other files go through the PIL path here."""
+
+    def __init__(self, dataset: ExampleDataset, encoder: Encoder):
+        self.files, self.pil = image_files(dataset), EncoderInputs(dataset, encoder.image_pipeline)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[int, EncodedJpeg | Tensor | None, dict[str, Any] | None]:
+        jpeg = read_jpeg(self.files[index])
+        return self.pil[index] if jpeg is None else (index, jpeg, None)
+
+
+def image_pipeline(encoder: Encoder) -> Compose:
+    """The torchvision pipeline behind `encoder.transform`; `DeviceDecoder` checks numerically that it is
+    the one in use."""
+    if not isinstance(encoder.image_pipeline, Compose):
+        raise ValueError(f"decode='device' replays the torchvision pipeline of the encoder's transform, and "
+                         f"{encoder.id} ({type(encoder).__name__}) has none. Use decode='pil'.")
+    return encoder.image_pipeline
+
+
+class DeviceDecoder:
+    """decode="device", in the main process: a batch of `JpegFiles` items → pixels on the encoder's device.
+
+    JPEGs the device decoder rejects take the PIL path (which re-reads the file and reports it if PIL
+    cannot read it either); their indices, and those of non-JPEG files, end up in `InputBatch.fallback`.
+    """
+
+    def __init__(self, dataset: ExampleDataset, encoder: Encoder):
+        self.pil, self.device = EncoderInputs(dataset, encoder.image_pipeline), encoder.device
+        self.preprocess = DevicePreprocess.from_transform(image_pipeline(encoder))
+        probe = probe_image()
+        self.preprocess.check_matches(encoder.transform, probe)
+        self.shape = tuple(encoder.transform(probe).shape)
+
+    def __call__(self, items: list[tuple[int, Any, dict[str, Any] | None]]) -> InputBatch:
+        jpeg_at = [p for p, (_, x, _) in enumerate(items) if isinstance(x, EncodedJpeg)]
+        decoded = dict(zip(jpeg_at, decode_jpegs([items[p][1] for p in jpeg_at], self.device)))
+        items = [self.pil[item[0]] if p in decoded and decoded[p] is None else item
+                 for p, item in enumerate(items)]
+        ok = [p for p, (_, _, err) in enumerate(items) if err is None]
+        batch = InputBatch([items[p][0] for p in ok], None, [err for _, _, err in items if err is not None])
+        if not ok:
+            return batch
+        on_device = [r for r, p in enumerate(ok) if decoded.get(p) is not None]
+        on_host = [r for r, p in enumerate(ok) if decoded.get(p) is None]
+        pixels_BCHW = torch.empty(len(ok), *self.shape, device=self.device)
+        if on_device:
+            pixels_BCHW[on_device] = self.preprocess([decoded[ok[r]] for r in on_device])
+        if on_host:
+            pixels_BCHW[on_host] = torch.stack([items[ok[r]][1] for r in on_host]).to(self.device)
+        batch.inputs, batch.fallback = pixels_BCHW, [batch.indices[r] for r in on_host]
+        return batch
+
+
+def modality_of(dataset: ExampleDataset, modality: str | None) -> str:
+    modality = modality or ("text" if dataset.kind == "prompt" else "image")
+    if modality not in ("image", "text"):
+        raise ValueError(f"modality must be 'image' or 'text', got {modality!r}.")
+    if modality == "image" and dataset.kind != "image":
+        raise ValueError(f"{dataset.describe()} has no images; use an image data set or modality='text'.")
+    return modality
+
+
+def check_decode(decode: str, modality: str) -> None:
+    if decode not in DECODERS:
+        raise ValueError(f"decode must be one of {DECODERS}, got {decode!r}.")
+    if decode == "device" and modality != "image":
+        raise ValueError("decode='device' decodes images; this extraction reads texts: use decode='pil'.")
+
+
+def _loader(dataset: Dataset, index_batches: Sequence[list[int]], num_workers: int,
+            collate: Callable[..., Any], pin_memory: bool = False) -> DataLoader:
+    fork = num_workers > 0 and sys.platform == "linux"  # see the module docstring
+    return DataLoader(dataset, batch_sampler=index_batches, num_workers=num_workers, collate_fn=collate,
+                      pin_memory=pin_memory, multiprocessing_context="fork" if fork else None)
+
+
+def input_batches(encoder: Encoder, dataset: ExampleDataset, index_batches: Sequence[list[int]],
+                  modality: str, num_workers: int = 0, decode: str = "pil") -> Iterator[InputBatch]:
+    """The examples of each batch of data set indices as model inputs: pixels on the encoder's device
+    (float32, as `encoder.transform` gives them), or texts."""
+    check_decode(decode, modality)
+    if decode == "device":
+        decoder = DeviceDecoder(dataset, encoder)
+        yield from map(decoder, _loader(JpegFiles(dataset, encoder), index_batches, num_workers, list))
+        return
+    if modality == "text":
+        yield from _loader(EncoderInputs(dataset, None), index_batches, num_workers, collate_inputs)
+        return
+    handoff: PixelHandoff | None = split_pipeline(encoder.image_pipeline, probe_image())
+    transform = encoder.image_pipeline if handoff is None else handoff.host
+    cuda = encoder.device.type == "cuda"
+    for batch in _loader(EncoderInputs(dataset, transform), index_batches, num_workers, collate_inputs, cuda):
+        if batch.inputs is not None:
+            pixels_BCHW = batch.inputs.to(encoder.device, non_blocking=True)
+            batch.inputs = pixels_BCHW if handoff is None else handoff.finish(pixels_BCHW)
+        yield batch
