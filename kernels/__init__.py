@@ -60,10 +60,20 @@ def topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int,
     return reference.topk_encode(x if b_dec is None else x - b_dec, W_enc, b_enc, k)
 
 
-def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
-    """Σ_j values[:, j] · W_dec[indices[:, j]], [B, d], differentiable in values and W_dec."""
+def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Σ_j values[:, j] · W_dec[indices[:, j]] (+ bias), [B, d], differentiable in values, W_dec and bias."""
     if _use_triton(values):
         from mmsae.kernels import triton_ops
 
-        return triton_ops.sparse_decode(values, indices, W_dec)
-    return reference.sparse_decode(values, indices, W_dec)
+        return triton_ops.sparse_decode(values, indices, W_dec, bias)
+    return reference.sparse_decode(values, indices, W_dec, bias)
+
+
+def normalized_mse(x: Tensor, x_hat: Tensor) -> Tensor:
+    """‖x − x̂‖² / ‖x − x̄‖² (batch means, fp32); x gets no gradient on the Triton path, which takes
+    [B, d] rows and falls back to the reference for other shapes or when x requires a gradient."""
+    if _use_triton(x_hat) and x.dim() == 2 and x.shape == x_hat.shape and not x.requires_grad:
+        from mmsae.kernels import triton_ops
+
+        return triton_ops.normalized_mse(x, x_hat)
+    return reference.normalized_mse(x, x_hat)

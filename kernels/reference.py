@@ -11,8 +11,16 @@ def topk_encode(x_centered: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tup
     return values.relu(), indices
 
 
-def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
+def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, bias: Tensor | None = None) -> Tensor:
     # Dense scatter + GEMM: simple and autograd-correct in every dtype (embedding_bag's bf16
     # backward is missing on CUDA). The Triton kernel does the sparse gather instead.
     dense = values.new_zeros(*values.shape[:-1], W_dec.shape[0]).scatter(-1, indices, values)
-    return dense @ W_dec.to(dense.dtype)
+    out = dense @ W_dec.to(dense.dtype)
+    return out if bias is None else out + bias
+
+
+def normalized_mse(x: Tensor, x_hat: Tensor) -> Tensor:
+    """‖x − x̂‖² / ‖x − x̄‖², batch means, in fp32 whatever the autocast dtype (Gao et al.)."""
+    x, x_hat = x.float(), x_hat.float()
+    var = (x - x.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+    return (x - x_hat).pow(2).sum(-1).mean() / var

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmsae.kernels.triton_dense import center_cast, col_sums, recon_sums, scaled_diff
 from mmsae.kernels.triton_select import MAX_K, SELECT_DTYPES, topk_select
 from mmsae.kernels.triton_sparse import gather_dot, gather_sum, segment_matmul
 
@@ -30,13 +31,15 @@ class _TopKEncode(torch.autograd.Function):
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x_BD: Tensor, b_dec: Tensor | None, W_enc: Tensor, b_enc: Tensor,
                 k: int) -> tuple[Tensor, Tensor]:
-        x_BD_c = x_BD if b_dec is None else x_BD - b_dec
         # Cast once ourselves (as autocast would) so backward's dx gathers the 16-bit rows.
         if torch.is_autocast_enabled("cuda"):
             dtype = torch.get_autocast_dtype("cuda")
         else:
-            dtype = torch.promote_types(x_BD_c.dtype, W_enc.dtype)
-        x_lp, W_lp = x_BD_c.to(dtype), W_enc.to(dtype)
+            x_dtype = x_BD.dtype if b_dec is None else torch.promote_types(x_BD.dtype, b_dec.dtype)
+            dtype = torch.promote_types(x_dtype, W_enc.dtype)
+        # Centring and cast in one pass: (x − b_dec) in fp32, rounded once, as (x - b_dec).to(dtype).
+        x_lp = x_BD.to(dtype) if b_dec is None else center_cast(x_BD, b_dec, dtype)
+        W_lp = W_enc.to(dtype)
         pre_BN = F.linear(x_lp, W_lp, b_enc.to(dtype))
         if pre_BN.dtype in SELECT_DTYPES and k <= MAX_K:
             values_BK, indices_BK = topk_select(pre_BN, k)
@@ -69,14 +72,15 @@ class _TopKEncode(torch.autograd.Function):
             if ctx.needs_input_grad[3]:
                 grad_b = grad_b_N.to(W_enc.dtype)
             if ctx.needs_input_grad[1]:
-                grad_b_dec = -(grad_b_N @ W_enc.float()).to(ctx.b_dec_dtype)
+                with torch.autocast("cuda", enabled=False):  # an fp32 GEMV, not a bf16 copy of W_enc
+                    grad_b_dec = -(grad_b_N @ W_enc.float()).to(ctx.b_dec_dtype)
         return grad_x, grad_b_dec, grad_W, grad_b, None
 
 
 class _SparseDecode(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, values_BK: Tensor, indices_BK: Tensor, W_dec: Tensor) -> Tensor:
+    def forward(ctx, values_BK: Tensor, indices_BK: Tensor, W_dec: Tensor, bias_D: Tensor | None) -> Tensor:
         table_ND = W_dec
         if values_BK.element_size() == 2 < W_dec.element_size() and \
                 values_BK.numel() >= LOW_PRECISION_TABLE_MIN_REUSE * W_dec.shape[0]:
@@ -84,19 +88,49 @@ class _SparseDecode(torch.autograd.Function):
             # copy costs one pass over W_dec, repaid when each atom is gathered a few times (B·k/n).
             table_ND = W_dec.to(values_BK.dtype)
         ctx.save_for_backward(values_BK, indices_BK, W_dec, table_ND)
-        return gather_sum(values_BK, indices_BK, table_ND, values_BK.dtype)
+        ctx.bias_dtype = None if bias_D is None else bias_D.dtype
+        out_dtype = values_BK.dtype if bias_D is None else torch.promote_types(values_BK.dtype, bias_D.dtype)
+        return gather_sum(values_BK, indices_BK, table_ND, out_dtype, bias_D)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out_BD: Tensor):
         values_BK, indices_BK, W_dec, table_ND = ctx.saved_tensors
         grad_out_BD = grad_out_BD.contiguous()
+        grad_bias = None
+        if ctx.needs_input_grad[3] or grad_out_BD.element_size() > values_BK.element_size():
+            # With a bias the output is fp32 (16-bit codes + fp32 bias), and so is its gradient: the gathers
+            # read it in the codes' dtype, as they did the 16-bit output before the bias was fused in. One
+            # pass makes that copy and the bias gradient's column sums.
+            low = values_BK.dtype if grad_out_BD.element_size() > values_BK.element_size() else None
+            sums_D, copy_BD = col_sums(grad_out_BD, low)
+            grad_out_BD = grad_out_BD if copy_BD is None else copy_BD
+            if ctx.needs_input_grad[3]:
+                grad_bias = sums_D.to(ctx.bias_dtype)
         grad_values = grad_W = None
         if ctx.needs_input_grad[0]:
             grad_values = gather_dot(grad_out_BD, indices_BK, table_ND, values_BK.dtype)
         if ctx.needs_input_grad[2]:
             grad_W = segment_matmul(values_BK, indices_BK, grad_out_BD, W_dec.shape[0], W_dec.dtype)
-        return grad_values, None, grad_W
+        return grad_values, None, grad_W, grad_bias
+
+
+class _NormalizedMSE(torch.autograd.Function):
+    """Σ(x − x̂)² / Σ(x − x̄)² over [B, d], one pass forward and one backward; x gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, x_BD: Tensor, x_hat_BD: Tensor) -> Tensor:
+        err, var_sum = recon_sums(x_BD, x_hat_BD)
+        rows = x_BD.shape[0]
+        var = (var_sum / rows).clamp_min(1e-12)  # as the reference: per-row means, the same clamp
+        ctx.save_for_backward(x_BD, x_hat_BD, var)
+        ctx.rows = rows
+        return err / rows / var
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x_BD, x_hat_BD, var = ctx.saved_tensors
+        return None, scaled_diff(x_BD, x_hat_BD, grad * 2 / (ctx.rows * var))
 
 
 def _check_weights(name: str, W: Tensor) -> None:
@@ -115,9 +149,17 @@ def topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int,
     return values.reshape(*lead, k), indices.reshape(*lead, k)
 
 
-def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
-    """Σ_j values[..., j] · W_dec[indices[..., j]] without a dense [.., n] code tensor."""
+def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Σ_j values[..., j] · W_dec[indices[..., j]] (+ bias) without a dense [.., n] code tensor."""
     _check_weights("W_dec", W_dec)
     lead, k = values.shape[:-1], values.shape[-1]
-    out = _SparseDecode.apply(values.reshape(-1, k).contiguous(), indices.reshape(-1, k).contiguous(), W_dec)
+    out = _SparseDecode.apply(values.reshape(-1, k).contiguous(), indices.reshape(-1, k).contiguous(), W_dec,
+                              bias)
     return out.reshape(*lead, W_dec.shape[1])
+
+
+def normalized_mse(x: Tensor, x_hat: Tensor) -> Tensor:
+    """The normalised MSE of [B, d] rows (`mmsae.kernels.reference.normalized_mse`) in two fused passes."""
+    if x.shape != x_hat.shape or x.dim() != 2:
+        raise ValueError(f"x {tuple(x.shape)} and x_hat {tuple(x_hat.shape)} must both be [B, d].")
+    return _NormalizedMSE.apply(x.detach(), x_hat)

@@ -1,7 +1,7 @@
 """Sparse (values, indices) × dense-table kernels: everything a TopK SAE needs besides the encoder GEMM.
 
 With codes of k entries per row out of n latents, and a table W of n rows × d:
-- `gather_sum`:   out[b] = Σ_j w[b, j] · W[idx[b, j]]             (decoder forward, encoder dx)
+- `gather_sum`:   out[b] = Σ_j w[b, j] · W[idx[b, j]] (+ bias)    (decoder forward, encoder dx)
 - `gather_dot`:   out[b, j] = ⟨g[b], W[idx[b, j]]⟩                 (decoder d values)
 - `segment_matmul`: out[i] = Σ_{(b, j): idx[b, j] = i} w[b, j] · X[b]  (dW_dec, dW_enc)
 
@@ -23,19 +23,24 @@ def _gather_sum_kernel(
     w_ptr,
     idx_ptr,
     table_ptr,
+    bias_ptr,
     out_ptr,
     k,
     d,
     stride_code,
     stride_table,
     stride_out,
+    HAS_BIAS: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     d_offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = d_offs < d
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_BIAS:
+        acc = tl.load(bias_ptr + d_offs, mask=d_ok, other=0.0).to(tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for j0 in range(0, k, BLOCK_K):
         j = j0 + tl.arange(0, BLOCK_K)
         j_ok = j < k
@@ -138,6 +143,7 @@ def gather_sum_into(
     block_k: int | None = None,
     block_d: int | None = None,
     num_warps: int | None = None,
+    bias_D: Tensor | None = None,
 ) -> None:
     _check_codes(w_BK, idx_BK)
     B, k = w_BK.shape
@@ -151,21 +157,24 @@ def gather_sum_into(
         w_BK,
         idx_BK,
         table_ND,
+        table_ND if bias_D is None else bias_D.contiguous(),  # any pointer when there is no bias
         out_BD,
         k,
         d,
         w_BK.stride(0),
         table_ND.stride(0),
         out_BD.stride(0),
+        HAS_BIAS=bias_D is not None,
         BLOCK_K=min(triton.next_power_of_2(k), block_k or default_k),
         BLOCK_D=block_d,
         num_warps=num_warps or default_warps,
     )
 
 
-def gather_sum(w_BK: Tensor, idx_BK: Tensor, table_ND: Tensor, out_dtype: torch.dtype) -> Tensor:
+def gather_sum(w_BK: Tensor, idx_BK: Tensor, table_ND: Tensor, out_dtype: torch.dtype,
+               bias_D: Tensor | None = None) -> Tensor:
     out_BD = torch.empty(w_BK.shape[0], table_ND.shape[1], dtype=out_dtype, device=w_BK.device)
-    gather_sum_into(w_BK, idx_BK, table_ND, out_BD)
+    gather_sum_into(w_BK, idx_BK, table_ND, out_BD, bias_D=bias_D)
     return out_BD
 
 

@@ -85,6 +85,7 @@ def test_workers_get_the_pipeline_not_the_model(spec: str) -> None:
     pickled = pickle.dumps(inputs)
     assert model_bytes > 100_000 and len(pickled) < model_bytes / 4, (len(pickled), model_bytes)
     index, pixels, err = pickle.loads(pickled)[0]
+    assert index == 0
     assert err is None and torch.equal(pixels, encoder.transform(SkimagePhotos(["coffee"])[0].image))
 
 

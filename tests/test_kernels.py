@@ -16,6 +16,7 @@ if not torch.cuda.is_available():
 
 from mmsae import kernels
 from mmsae.kernels import reference, triton_ops
+from mmsae.kernels.triton_dense import center_cast, col_sums
 from mmsae.kernels.triton_select import BoundConfig, GroupConfig, SelectMethod, topk_select_into
 from mmsae.kernels.triton_sparse import gather_dot_into, gather_sum_into, segment_matmul_into
 
@@ -173,11 +174,11 @@ def check_encode_decode_grads(B: int, d: int, n: int, k: int, dtype: torch.dtype
                 values_BK, indices_BK = triton_ops.topk_encode(
                     x_BD, params["W_enc"], params["b_enc"], k, b_dec=params["b_dec"]
                 )
-                x_hat = triton_ops.sparse_decode(values_BK, indices_BK, params["W_dec"])
+                x_hat = triton_ops.sparse_decode(values_BK, indices_BK, params["W_dec"], params["b_dec"])
             else:
                 pre_BN = (x_BD - params["b_dec"]) @ params["W_enc"].T + params["b_enc"]
                 values_BK, indices_BK = pre_BN.gather(1, chosen_BK).relu(), chosen_BK
-                x_hat = reference.sparse_decode(values_BK, indices_BK, params["W_dec"])
+                x_hat = reference.sparse_decode(values_BK, indices_BK, params["W_dec"], params["b_dec"])
         (x_hat.float() * probe_BD).sum().backward()
         return x_hat, values_BK, indices_BK, {name: p.grad.clone() for name, p in params.items()}
 
@@ -207,23 +208,100 @@ def test_autograd_matches_torch_bf16_autocast_gpu(x_grad: bool) -> None:
 
 def test_decode_from_16bit_copy_of_fp32_atoms() -> None:
     """16-bit codes decoding an fp32 W_dec gathered often enough per step read a 16-bit copy of it; the
-    result and gradients are those of the reference, which casts W_dec to the codes' dtype too."""
+    result and gradients are those of the reference, which casts W_dec to the codes' dtype too. With an
+    fp32 bias the output and its gradient are fp32, and the backward gathers a 16-bit copy of that."""
     B, k, n, d = 24, 5, 30, 19
     assert B * k >= triton_ops.LOW_PRECISION_TABLE_MIN_REUSE * n
     values_BK = torch.rand(B, k, device=DEVICE).half().requires_grad_()
     indices_BK = torch.stack([torch.randperm(n, device=DEVICE)[:k] for _ in range(B)])
     W_dec = torch.randn(n, d, device=DEVICE).requires_grad_()
+    bias_D = torch.randn(d, device=DEVICE).requires_grad_()
     probe_BD = torch.randn(B, d, device=DEVICE)
-    outs, grads = [], []
-    for decode in (triton_ops.sparse_decode, reference.sparse_decode):
-        values_BK.grad = W_dec.grad = None
-        x_hat = decode(values_BK, indices_BK, W_dec)
-        (x_hat.float() * probe_BD).sum().backward()
-        outs.append(x_hat.float())
-        grads.append((values_BK.grad.float(), W_dec.grad))
-    assert outs[0].dtype == outs[1].dtype
-    assert rel_err(outs[0], outs[1]) < 2e-3
-    assert rel_err(grads[0][0], grads[1][0]) < 2e-3 and rel_err(grads[0][1], grads[1][1]) < 2e-3
+    for bias in (None, bias_D):
+        outs, grads = [], []
+        for decode in (triton_ops.sparse_decode, reference.sparse_decode):
+            values_BK.grad = W_dec.grad = bias_D.grad = None
+            x_hat = decode(values_BK, indices_BK, W_dec, bias)
+            (x_hat.float() * probe_BD).sum().backward()
+            outs.append(x_hat)
+            grads.append([values_BK.grad, W_dec.grad, bias_D.grad])
+        assert outs[0].dtype == outs[1].dtype == (torch.float16 if bias is None else torch.float32)
+        assert rel_err(outs[0], outs[1]) < 2e-3
+        (got_v, got_w, got_b), (ref_v, ref_w, ref_b) = grads
+        assert rel_err(got_v, ref_v) < 2e-3 and rel_err(got_w, ref_w) < 2e-3
+        if bias is None:
+            assert got_b is None and ref_b is None
+        else:
+            assert rel_err(got_b, ref_b) < 2e-3
+
+
+# ----------------------------------------------------------------------------- dense row kernels
+def check_center_cast(x_dtype: torch.dtype, out_dtype: torch.dtype, exact: bool) -> None:
+    """37 × 300 spans two column tiles and a ragged row block; also a non-contiguous x."""
+    x_BD = (torch.randn(37, 300, device=DEVICE) * 3).to(x_dtype)
+    b_D = torch.randn(300, device=DEVICE)
+    expected = (x_BD - b_D).to(out_dtype)
+    for x in (x_BD, x_BD.T.contiguous().T):
+        got = center_cast(x, b_D, out_dtype)
+        assert got.dtype == out_dtype
+        if exact:
+            assert torch.equal(got, expected)
+        else:  # one rounding step: the interpreter truncates fp32 → 16-bit instead of rounding to nearest
+            step = torch.finfo(out_dtype).eps * expected.float().abs()
+            assert ((got.float() - expected.float()).abs() <= step).all()
+
+
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_center_cast_equals_subtract_then_cast(x_dtype: torch.dtype, out_dtype: torch.dtype) -> None:
+    """Bit for bit on the GPU; within one rounding step in the CPU interpreter."""
+    check_center_cast(x_dtype, out_dtype, exact=CUDA or out_dtype == torch.float32)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("x_hat_dtype", [torch.bfloat16, torch.float32])
+def test_normalized_mse_and_gradient_match_the_reference(x_dtype: torch.dtype,
+                                                         x_hat_dtype: torch.dtype) -> None:
+    """Forward and x̂'s gradient against the torch reference, with a data mean far from zero (the variance
+    is taken around the column means) and a non-unit upstream gradient."""
+    x_BD = (torch.randn(37, 300, device=DEVICE) + 5 * torch.randn(300, device=DEVICE)).to(x_dtype)
+    x_hat_BD = (x_BD.float() + 0.3 * torch.randn(37, 300, device=DEVICE)).to(x_hat_dtype)
+    results = []
+    for fn in (triton_ops.normalized_mse, reference.normalized_mse):
+        leaf = x_hat_BD.clone().requires_grad_()
+        loss = fn(x_BD, leaf)
+        (loss * 3).backward()
+        assert loss.dtype == torch.float32 and leaf.grad.dtype == x_hat_dtype
+        results.append((loss, leaf.grad))
+    (loss, grad), (ref_loss, ref_grad) = results
+    assert rel_err(loss, ref_loss) < 1e-5
+    assert rel_err(grad, ref_grad) < (1e-5 if x_hat_dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("B", [1, 130, 300])  # one row; more rows than one program sums; several programs
+def test_col_sums_and_16bit_copy(B: int) -> None:
+    x_BD = torch.randn(B, 300, device=DEVICE)
+    sums_D, copy_BD = col_sums(x_BD, torch.bfloat16)
+    assert rel_err(sums_D, x_BD.double().sum(0)) < 1e-6
+    assert copy_BD is not None and copy_BD.dtype == torch.bfloat16
+    step = torch.finfo(torch.bfloat16).eps * x_BD.abs()  # interpreter: truncated; GPU: rounded to nearest
+    assert ((copy_BD.float() - x_BD).abs() <= step).all()
+    if CUDA:
+        assert torch.equal(copy_BD, x_BD.bfloat16())
+    assert col_sums(x_BD)[1] is None
+
+
+def test_normalized_mse_dispatch_keeps_the_reference_where_the_kernel_does_not_apply(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """[B, T, d] inputs (means over the first axis only) and an x that needs a gradient take the reference."""
+    monkeypatch.setattr(kernels, "_BACKEND", "triton")
+    x = torch.randn(4, 3, 8, device=DEVICE)
+    x_hat = torch.randn(4, 3, 8, device=DEVICE)
+    assert torch.equal(kernels.normalized_mse(x, x_hat), reference.normalized_mse(x, x_hat))
+    x2 = torch.randn(6, 8, device=DEVICE, requires_grad=True)
+    loss = kernels.normalized_mse(x2, x2.detach() * 0.9)
+    loss.backward()
+    assert x2.grad is not None and torch.equal(loss, reference.normalized_mse(x2, x2.detach() * 0.9))
 
 
 # ----------------------------------------------------------------------------- dispatch
