@@ -28,7 +28,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import functional as F
 
 from mmsae.datasets.images import ExampleDataset, ImageCaptions, ImageFolder
-from mmsae.datasets.pixels import RGB_STEPS
+from mmsae.datasets.pixels import RGB_STEPS, unit_normalize
 
 JPEG_START, JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
 MAX_LEVELS, MEAN_LEVELS = 8.0, 0.5  # device vs PIL pixels, in uint8 levels (see the module docstring)
@@ -90,8 +90,7 @@ class DevicePreprocess:
             # PIL returns uint8: clamp the bicubic overshoot and round as it does
             x_CHW = x_CHW.clamp_(0, 255).round_()
             out.append(x_CHW if self.crop is None else F.center_crop(x_CHW, self.crop))
-        pixels_BCHW = torch.stack(out).div_(255)
-        return F.normalize(pixels_BCHW, list(self.mean), list(self.std), inplace=True)
+        return unit_normalize(torch.stack(out), self.mean, self.std)
 
     def check_matches(self, transform: Callable[[Any], Tensor], image: Any) -> None:
         """Raise if this differs on average from the PIL `transform` of a PIL RGB `image` by more than

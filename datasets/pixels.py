@@ -11,7 +11,7 @@ is built, and on the GPU in the tests).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,10 +54,16 @@ class PixelHandoff:
         """uint8 [B, 3, H, W] on any device → the float32 pixels the whole pipeline gives."""
         if pixels_BCHW.dtype != torch.uint8:
             raise TypeError(f"PixelHandoff.finish takes uint8 pixels, got {pixels_BCHW.dtype}.")
-        # ToTensor divides by 255. A tensor divisor, not the number: CUDA multiplies by the reciprocal of a
-        # scalar divisor, which is 1 ulp off the division for some levels.
-        x = pixels_BCHW.float().div_(torch.tensor(255.0, device=pixels_BCHW.device))
-        return x if self.mean is None else F.normalize(x, list(self.mean), list(self.std), inplace=True)
+        return unit_normalize(pixels_BCHW.float(), self.mean, self.std)
+
+
+def unit_normalize(levels: Tensor, mean: Sequence[float] | None, std: Sequence[float] | None) -> Tensor:
+    """float32 pixel levels in [0, 255] [..., 3, H, W] (overwritten) → ToTensor's [0, 1], then Normalize's
+    (x − mean) / std when `mean` is given: the same fp32 operations as the torchvision pipeline."""
+    # ToTensor divides by 255. A tensor divisor, not the number: CUDA multiplies by the reciprocal of a
+    # scalar divisor, which is 1 ulp off the division for some levels.
+    x = levels.div_(torch.tensor(255.0, device=levels.device))
+    return x if mean is None else F.normalize(x, list(mean), list(std), inplace=True)
 
 
 def split_pipeline(pipeline: Callable[[Any], Tensor] | None, probe: Any) -> PixelHandoff | None:

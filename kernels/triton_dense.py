@@ -23,34 +23,35 @@ SUM_ROWS = 32  # rows per program of `col_sums`: B/32 partial rows for torch to 
 
 
 @triton.jit
+def _tile(row0, col0, B, d, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows (int64, [BLOCK_B, 1]), columns ([1, BLOCK_D]) and in-bounds mask of the tile at (row0, col0)."""
+    rows = row0 + tl.arange(0, BLOCK_B)[:, None]
+    cols = col0 + tl.arange(0, BLOCK_D)[None, :]
+    return rows.to(tl.int64), cols, (rows < B) & (cols < d)
+
+
+@triton.jit
 def _center_cast_kernel(x_ptr, b_ptr, out_ptr, B, d, stride_x, stride_out,
                         BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    ok = (rows < B)[:, None] & (cols < d)[None, :]
-    rows64 = rows.to(tl.int64)[:, None]
-    x = tl.load(x_ptr + rows64 * stride_x + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    rows, cols, ok = _tile(tl.program_id(0) * BLOCK_B, tl.program_id(1) * BLOCK_D, B, d, BLOCK_B, BLOCK_D)
+    x = tl.load(x_ptr + rows * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + cols, mask=cols < d, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rows64 * stride_out + cols[None, :], (x - b[None, :]).to(out_ptr.dtype.element_ty),
-             mask=ok)
+    tl.store(out_ptr + rows * stride_out + cols, (x - b).to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
 def _recon_sums_kernel(x_ptr, xh_ptr, mean_ptr, part_ptr, B, d, stride_x, stride_xh,
                        BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
-    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
-    rows64 = rows.to(tl.int64)[:, None]
     err = tl.zeros([BLOCK_B], dtype=tl.float32)
     var = tl.zeros([BLOCK_B], dtype=tl.float32)
     for d0 in range(0, d, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        ok = (rows < B)[:, None] & (cols < d)[None, :]
-        x = tl.load(x_ptr + rows64 * stride_x + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-        xh = tl.load(xh_ptr + rows64 * stride_xh + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        rows, cols, ok = _tile(pid * BLOCK_B, d0, B, d, BLOCK_B, BLOCK_D)
+        x = tl.load(x_ptr + rows * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+        xh = tl.load(xh_ptr + rows * stride_xh + cols, mask=ok, other=0.0).to(tl.float32)
         mu = tl.load(mean_ptr + cols, mask=cols < d, other=0.0)
         e = xh - x
-        c = tl.where(ok, x - mu[None, :], 0.0)
+        c = tl.where(ok, x - mu, 0.0)
         err += tl.sum(e * e, 1)
         var += tl.sum(c * c, 1)
     tl.store(part_ptr + pid * 2, tl.sum(err, 0))
@@ -60,15 +61,11 @@ def _recon_sums_kernel(x_ptr, xh_ptr, mean_ptr, part_ptr, B, d, stride_x, stride
 @triton.jit
 def _scaled_diff_kernel(x_ptr, xh_ptr, scale_ptr, out_ptr, B, d, stride_x, stride_xh, stride_out,
                         BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    ok = (rows < B)[:, None] & (cols < d)[None, :]
-    rows64 = rows.to(tl.int64)[:, None]
-    x = tl.load(x_ptr + rows64 * stride_x + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-    xh = tl.load(xh_ptr + rows64 * stride_xh + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    rows, cols, ok = _tile(tl.program_id(0) * BLOCK_B, tl.program_id(1) * BLOCK_D, B, d, BLOCK_B, BLOCK_D)
+    x = tl.load(x_ptr + rows * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+    xh = tl.load(xh_ptr + rows * stride_xh + cols, mask=ok, other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr)
-    tl.store(out_ptr + rows64 * stride_out + cols[None, :], ((xh - x) * scale).to(out_ptr.dtype.element_ty),
-             mask=ok)
+    tl.store(out_ptr + rows * stride_out + cols, ((xh - x) * scale).to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -77,14 +74,12 @@ def _col_sums_kernel(x_ptr, copy_ptr, part_ptr, B, d, stride_x, stride_copy, WRI
     # One tile per program and no loop: ~1.5k programs at size 1 keep enough loads in flight (a loop over
     # 128-row blocks ran at a third of the bandwidth on the H100).
     pid_b = tl.program_id(0)
-    rows = pid_b * SUM_ROWS + tl.arange(0, SUM_ROWS)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    ok = (rows < B)[:, None] & (cols < d)[None, :]
-    rows64 = rows.to(tl.int64)[:, None]
-    x = tl.load(x_ptr + rows64 * stride_x + cols[None, :], mask=ok, other=0.0)
+    rows, cols, ok = _tile(pid_b * SUM_ROWS, tl.program_id(1) * BLOCK_D, B, d, SUM_ROWS, BLOCK_D)
+    x = tl.load(x_ptr + rows * stride_x + cols, mask=ok, other=0.0)
     if WRITE_COPY:
-        tl.store(copy_ptr + rows64 * stride_copy + cols[None, :], x.to(copy_ptr.dtype.element_ty), mask=ok)
-    tl.store(part_ptr + pid_b.to(tl.int64) * d + cols, tl.sum(x.to(tl.float32), 0), mask=cols < d)
+        tl.store(copy_ptr + rows * stride_copy + cols, x.to(copy_ptr.dtype.element_ty), mask=ok)
+    sums = tl.sum(x.to(tl.float32), 0, keep_dims=True)
+    tl.store(part_ptr + pid_b.to(tl.int64) * d + cols, sums, mask=cols < d)
 
 
 def _rows(t: Tensor) -> Tensor:

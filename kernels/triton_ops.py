@@ -98,12 +98,12 @@ class _SparseDecode(torch.autograd.Function):
         values_BK, indices_BK, W_dec, table_ND = ctx.saved_tensors
         grad_out_BD = grad_out_BD.contiguous()
         grad_bias = None
-        if ctx.needs_input_grad[3] or grad_out_BD.element_size() > values_BK.element_size():
-            # With a bias the output is fp32 (16-bit codes + fp32 bias), and so is its gradient: the gathers
-            # read it in the codes' dtype, as they did the 16-bit output before the bias was fused in. One
-            # pass makes that copy and the bias gradient's column sums.
-            low = values_BK.dtype if grad_out_BD.element_size() > values_BK.element_size() else None
-            sums_D, copy_BD = col_sums(grad_out_BD, low)
+        # With a bias the output is fp32 (16-bit codes + fp32 bias), and so is its gradient: the gathers read
+        # it in the codes' dtype, as they did the 16-bit output before the bias was fused in. One pass makes
+        # that copy and the bias gradient's column sums.
+        wide = grad_out_BD.element_size() > values_BK.element_size()
+        if ctx.needs_input_grad[3] or wide:
+            sums_D, copy_BD = col_sums(grad_out_BD, values_BK.dtype if wide else None)
             grad_out_BD = grad_out_BD if copy_BD is None else copy_BD
             if ctx.needs_input_grad[3]:
                 grad_bias = sums_D.to(ctx.bias_dtype)
