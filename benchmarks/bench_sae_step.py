@@ -151,7 +151,7 @@ def bench_floor(s: Size, x: Tensor, reps: int) -> dict[str, float]:
 
 def bench_select(s: Size, reps: int, tune: bool) -> dict[str, float]:
     """torch.topk vs the group (v6), bound (v5) and bisection (v4) selects on bf16 pre-activations."""
-    from mmsae.kernels.triton_select import GroupConfig, group_config, topk_select_into
+    from mmsae.kernels.triton_select import GroupConfig, topk_select_into
 
     pre = torch.randn(s.B, s.n, device="cuda", dtype=torch.bfloat16)
     values = pre.new_empty(s.B, s.k)
@@ -161,14 +161,13 @@ def bench_select(s: Size, reps: int, tune: bool) -> dict[str, float]:
         out[f"{method}_ms"] = time_ms(partial(topk_select_into, pre, s.k, values, indices, method), 2, reps)
     out["hbm_read_ms"] = pre.numel() * 2 / 3.0e9  # one read of pre at ~3.0 TB/s (measured copy rate)
     if tune:
-        default = group_config(s.n, s.k)
         for group in (16, 32, 64):
-            for warps in (1, 4):
+            for warps in (1, 2, 4):
                 for rows in (16, 32):
                     n_groups = -(-s.n // group)
                     if not 2 * s.k <= n_groups <= 8192:
                         continue
-                    cfg = GroupConfig(group, default.cap, warps, rows)
+                    cfg = GroupConfig(group, warps, rows)
                     run = partial(topk_select_into, pre, s.k, values, indices, "group", group=cfg)
                     out[f"group_g{group}_w{warps}_r{rows}_ms"] = time_ms(run, 2, reps)
     return out

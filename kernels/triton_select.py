@@ -8,9 +8,11 @@ Rows longer than one segment take several rounds: every segment keeps its own to
 same kernel runs on the S·k candidates (the top k of a row lies in the union of its segments'
 top k) until one segment is left. Small segments with one warp keep the block sums in shuffles.
 
-The default "bound" method (v5, 20–30% faster on H100) runs that bisection only twice per row on
-short inputs: on 1024 group maxima, whose k-th largest bounds the row's k-th largest from below,
-and on the few elements above that bound (docs/kernels-notes.md).
+The default "group" method never searches a whole row: one streaming pass (or the encoder GEMM's
+epilogue) writes the max of every run of 16–32 contiguous columns; the k-th largest maximum bounds
+the row's k-th largest from below, so exactly k groups hold the top k, and the bisection runs on the
+group maxima and then on those k groups' elements, each over the key range it can lie in.
+"bound" (v5) and "bisect" (v4) remain for large k (docs/kernels-notes.md).
 """
 
 from __future__ import annotations
@@ -122,17 +124,10 @@ def _bound_topk_kernel(
     n,
     k,
     stride_pre,
-    flag_ptr,
     GROUPS: tl.constexpr,
     CAP: tl.constexpr,
-    ONLY_FLAGGED: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    # The group select's fallback runs only rows it flagged; a separate constexpr `if` keeps the
-    # flag load out of the compiled kernel otherwise.
-    if ONLY_FLAGGED:  # noqa: SIM102
-        if tl.load(flag_ptr + row) == 0:
-            return
     pre_row = pre_ptr + row * stride_pre
     cand_val_row = cand_val_ptr + row * CAP
     cand_idx_row = cand_idx_ptr + row * CAP
@@ -213,15 +208,7 @@ def bound_config(n: int, k: int) -> BoundConfig:
     return BoundConfig(groups, max(128, triton.next_power_of_2(4 * k)), 4)
 
 
-def _bound_select(
-    pre_BN: Tensor,
-    values_BK: Tensor,
-    indices_BK: Tensor,
-    k: int,
-    cfg: BoundConfig,
-    flags_B: Tensor | None = None,
-) -> None:
-    """v5 on every row, or only on the rows with a nonzero flag in `flags_B`."""
+def _bound_select(pre_BN: Tensor, values_BK: Tensor, indices_BK: Tensor, k: int, cfg: BoundConfig) -> None:
     B, n = pre_BN.shape
     cand_val = pre_BN.new_empty(B, cfg.cap)
     cand_idx = torch.empty(B, cfg.cap, dtype=torch.int32, device=pre_BN.device)
@@ -234,10 +221,8 @@ def _bound_select(
         n,
         k,
         pre_BN.stride(0),
-        cand_idx if flags_B is None else flags_B,
         GROUPS=cfg.groups,
         CAP=cfg.cap,
-        ONLY_FLAGGED=flags_B is not None,
         num_warps=cfg.num_warps,
     )
 
@@ -269,66 +254,77 @@ def _group_max_kernel(
 
 
 @triton.jit
+def _kth_largest_in_range(key, want, lo, hi):
+    """Largest t in [lo, hi] with #(key ≥ t) ≥ want, given #(key ≥ lo) ≥ want and #(key > hi) < want:
+    log2(hi − lo) rounds instead of 16, and the keys near the top of a row span few values."""
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        enough = tl.sum((key >= mid).to(tl.int32), 0) >= want
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid - 1)
+    return lo
+
+
+@triton.jit
 def _group_topk_kernel(
     pre_ptr,
     gmax_ptr,
     gid_ptr,
     val_ptr,
     idx_ptr,
-    flag_ptr,
     n,
     k,
     G,
     stride_pre,
     GS: tl.constexpr,
     G_POW2: tl.constexpr,
-    CAPG: tl.constexpr,
+    K_POW2: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     pre_row = pre_ptr + row * stride_pre
 
     # 1. The k-th largest group maximum bounds the row's k-th largest key from below (the k best
-    #    groups hold k distinct elements ≥ it), so the top k lie in the groups whose max ≥ bound:
-    #    exactly k of them unless maxima tie.
+    #    groups hold k distinct elements ≥ it). Every element above the bound lies in a group whose
+    #    max is above it; of the groups tied at the bound, the lowest-indexed ones that make up k
+    #    hold the lowest-column elements equal to it. So exactly k groups hold the row's top k.
     g = tl.arange(0, G_POW2)
     gkey = tl.load(gmax_ptr + row * G + g, mask=g < G, other=0).to(tl.int32) + 32768
     gkey = tl.where(g < G, gkey, -1)
-    bound = _kth_largest_key(gkey, k)
-    chosen = gkey >= bound
-    n_chosen = tl.sum(chosen.to(tl.int32), 0)
-    overflow = n_chosen > CAPG
+    top = tl.max(gkey, 0)
+    bound = _kth_largest_in_range(gkey, k, tl.min(tl.where(g < G, gkey, 65536), 0), top)
+    above = gkey > bound
+    tied = gkey == bound
+    chosen = above | (tied & (tl.cumsum(tied.to(tl.int32), 0) <= k - tl.sum(above.to(tl.int32), 0)))
     slot = tl.cumsum(chosen.to(tl.int32), 0) - 1
-    tl.store(gid_ptr + row * CAPG + slot, g, mask=chosen & (slot < CAPG))
+    tl.store(gid_ptr + row * K_POW2 + slot, g, mask=chosen)
     tl.debug_barrier()  # the gather below reads slots that other threads of this program wrote
 
-    # 2. Exact top k of those groups' GS·n_chosen elements, ties to the lowest column: groups are
-    #    in column order, so the flattened candidate order is the column order.
-    slots = tl.arange(0, CAPG)
-    gid = tl.load(gid_ptr + row * CAPG + slots, mask=slots < n_chosen, other=0)
+    # 2. Exact top k of those groups' k·GS elements, ties to the lowest column: groups are in
+    #    column order, so the flattened candidate order is the column order. The k chosen maxima
+    #    are ≥ bound, so the threshold lies in [bound, top].
+    slots = tl.arange(0, K_POW2)
+    gid = tl.load(gid_ptr + row * K_POW2 + slots, mask=slots < k, other=0)
     cols = gid[:, None] * GS + tl.arange(0, GS)[None, :]
-    ok = (slots[:, None] < n_chosen) & (cols < n) & (n_chosen <= CAPG)
-    x = tl.reshape(tl.load(pre_row + cols, mask=ok, other=0.0), (CAPG * GS,))
-    key = tl.where(tl.reshape(ok, (CAPG * GS,)), _ordered_key(x), -1)
-    cols = tl.reshape(cols, (CAPG * GS,))
-    threshold = _kth_largest_key(key, k)
+    ok = (slots[:, None] < k) & (cols < n)
+    x = tl.reshape(tl.load(pre_row + cols, mask=ok, other=0.0), (K_POW2 * GS,))
+    key = tl.where(tl.reshape(ok, (K_POW2 * GS,)), _ordered_key(x), -1)
+    cols = tl.reshape(cols, (K_POW2 * GS,))
+    threshold = _kth_largest_in_range(key, k, bound, top)
     above = key > threshold
     equal = key == threshold
     n_above = tl.sum(above.to(tl.int32), 0)
     equal_rank = tl.cumsum(equal.to(tl.int32), 0) - 1
-    keep = (above | (equal & (equal_rank < k - n_above))) & (n_chosen <= CAPG)
+    keep = above | (equal & (equal_rank < k - n_above))
     out = tl.where(above, tl.cumsum(above.to(tl.int32), 0) - 1, n_above + equal_rank)
     tl.store(val_ptr + row * k + out, tl.maximum(x, 0.0), mask=keep)
     tl.store(idx_ptr + row * k + out, cols.to(tl.int64), mask=keep)
-    # More tied maxima than CAPG slots: leave the row to the v5 kernel.
-    tl.store(flag_ptr + row, overflow.to(tl.int32))
 
 
 @dataclass(frozen=True)
 class GroupConfig:
-    """Launch shape of the group select: groups of `group` columns, `cap` chosen groups per row."""
+    """Launch shape of the group select: groups of `group` contiguous columns."""
 
     group: int
-    cap: int
     num_warps: int
     max_rows: int = 16
     """Rows per program of the group-max pass (its columns per program: 1024)."""
@@ -336,16 +332,18 @@ class GroupConfig:
 
 def group_config(n: int, k: int) -> GroupConfig:
     # ~64k groups per row, ≥ 16 columns (32 bytes: one sector per group read) and ≤ 4096 groups
-    # (step 1 stays in registers); the H100 sweep's best at all four benchmark sizes (kernels-notes v6).
+    # (step 1 stays in registers); the H100 sweeps' best at all four benchmark sizes (kernels-notes
+    # v6, v10: 2 warps up to 2048 groups, 4 beyond).
     group = max(16, triton.next_power_of_2(triton.cdiv(n, 64 * k)))
     while triton.cdiv(n, group) > 4096:
         group *= 2
     while group > 1 and triton.cdiv(n, group) < 2 * k:  # short rows: enough groups to bound k
         group //= 2
-    return GroupConfig(group, triton.next_power_of_2(2 * k), 1 if triton.cdiv(n, group) <= 1024 else 4)
+    return GroupConfig(group, 2 if triton.cdiv(n, group) <= 2048 else 4)
 
 
-def _group_select(pre_BN: Tensor, values_BK: Tensor, indices_BK: Tensor, k: int, cfg: GroupConfig) -> None:
+def group_maxima(pre_BN: Tensor, cfg: GroupConfig) -> Tensor:
+    """[B, G] int16: the max key of each run of `cfg.group` columns (key − 2¹⁵, same order)."""
     B, n = pre_BN.shape
     G = triton.cdiv(n, cfg.group)
     block_cols = max(1024, cfg.group)
@@ -354,25 +352,39 @@ def _group_select(pre_BN: Tensor, values_BK: Tensor, indices_BK: Tensor, k: int,
     _group_max_kernel[grid](
         pre_BN, gmax_BG, B, n, G, pre_BN.stride(0), GS=cfg.group, BR=cfg.max_rows, BC=block_cols, num_warps=4
     )
-    gid = torch.empty(B, cfg.cap, dtype=torch.int32, device=pre_BN.device)
-    flags_B = torch.empty(B, dtype=torch.int32, device=pre_BN.device)
+    return gmax_BG
+
+
+def select_from_group_maxima(
+    pre_BN: Tensor, gmax_BG: Tensor, k: int, cfg: GroupConfig, values_BK: Tensor, indices_BK: Tensor
+) -> None:
+    """The group select's second step, from maxima made by `group_maxima` or a GEMM epilogue."""
+    B, n = pre_BN.shape
+    G = gmax_BG.shape[1]
+    if not 0 < k <= G:
+        raise ValueError(f"the group select needs 0 < k ≤ groups; got k={k} for {G} groups of {cfg.group}.")
+    K_POW2 = triton.next_power_of_2(k)
+    gid = torch.empty(B, K_POW2, dtype=torch.int32, device=pre_BN.device)
     _group_topk_kernel[(B,)](
         pre_BN,
         gmax_BG,
         gid,
         values_BK,
         indices_BK,
-        flags_B,
         n,
         k,
         G,
         pre_BN.stride(0),
         GS=cfg.group,
         G_POW2=triton.next_power_of_2(G),
-        CAPG=cfg.cap,
+        K_POW2=K_POW2,
         num_warps=cfg.num_warps,
     )
-    _bound_select(pre_BN, values_BK, indices_BK, k, bound_config(n, k), flags_B)
+
+
+def group_select_fits(k: int, cfg: GroupConfig) -> bool:
+    """Whether one program of the group select holds the k chosen groups' elements."""
+    return triton.next_power_of_2(k) * cfg.group <= MAX_GROUP_CANDIDATES
 
 
 def select_config(n: int, k: int) -> tuple[int, int]:
@@ -425,8 +437,8 @@ def topk_select_into(
 ) -> None:
     """Write relu(top-k values) and their indices of each row of `pre_BN` (unsorted) into the outputs.
 
-    method "group" (v6, default): maxima of contiguous column groups in one streaming pass, then
-    the exact select on the k groups above their k-th largest maximum; "bound" (v5): strided
+    method "group" (v6/v10, default): maxima of contiguous column groups in one streaming pass, then
+    the exact select on the k groups that hold the top k; "bound" (v5): strided
     group maxima and candidate compaction inside one program per row; "bisect" (v4): segmented
     bisection over the whole row, tuned by `seg` and `num_warps`.
     """
@@ -441,8 +453,8 @@ def topk_select_into(
         raise ValueError("topk_select_into needs row-major pre-activations and contiguous outputs.")
     if method == "group":
         cfg = group or group_config(n, k)
-        if cfg.cap * cfg.group <= MAX_GROUP_CANDIDATES:
-            _group_select(pre_BN, values_BK, indices_BK, k, cfg)
+        if group_select_fits(k, cfg):
+            select_from_group_maxima(pre_BN, group_maxima(pre_BN, cfg), k, cfg, values_BK, indices_BK)
             return
         method = "bound"  # large k: the chosen groups' elements would not fit in one program
     if method == "bound":

@@ -12,6 +12,8 @@ so there are no atomics and no dense B×n gradient. Accumulation is fp32 everywh
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -205,17 +207,35 @@ def gather_dot(g_BD: Tensor, idx_BK: Tensor, table_ND: Tensor, out_dtype: torch.
     return out_BK
 
 
-def segment_matmul_into(w_BK: Tensor, idx_BK: Tensor, dense_BD: Tensor, out_ND: Tensor) -> None:
-    """out[i] = Σ_{(b, j): idx[b, j] = i} w[b, j] · dense[b]; every row of out is written."""
-    _check_codes(w_BK, idx_BK)
-    n, d = out_ND.shape
-    k = idx_BK.shape[1]
+@dataclass(frozen=True)
+class LatentSort:
+    """The B·k entries of an index array in latent order: what both backward passes' segment matmuls
+    read, so one sort per step can serve the encoder's and the decoder's (`triton_ops`)."""
+
+    order: Tensor
+    """[B·k] int64: flat entry positions, sorted by latent."""
+    rows: Tensor
+    """[B·k] int32: the token (row) of each sorted entry."""
+    seg: Tensor
+    """[n + 1] int32: latent i's entries are order[seg[i]:seg[i + 1]]."""
+
+
+def sort_by_latent(idx_BK: Tensor, n: int) -> LatentSort:
     # int32 keys: half the radix-sort passes of int64 in torch.sort.
     sorted_idx, order = torch.sort(idx_BK.flatten().to(torch.int32))
-    # Segment i of the sorted entries is [seg[i], seg[i+1]).
     seg = torch.searchsorted(sorted_idx, torch.arange(n + 1, device=idx_BK.device, dtype=torch.int32))
-    rows = (order // k).to(torch.int32)
-    coef = w_BK.flatten()[order]
+    return LatentSort(order, (order // idx_BK.shape[1]).to(torch.int32), seg)
+
+
+def segment_matmul_into(w_BK: Tensor, idx_BK: Tensor, dense_BD: Tensor, out_ND: Tensor,
+                        by_latent: LatentSort | None = None) -> None:
+    """out[i] = Σ_{(b, j): idx[b, j] = i} w[b, j] · dense[b]; every row of out is written.
+    `by_latent`, when given, must be `sort_by_latent(idx_BK, n)`."""
+    _check_codes(w_BK, idx_BK)
+    n, d = out_ND.shape
+    by_latent = by_latent or sort_by_latent(idx_BK, n)
+    seg, rows = by_latent.seg, by_latent.rows
+    coef = w_BK.flatten()[by_latent.order]
     block_l, block_d = 16, _block_d(d, 128)
     grid = (triton.cdiv(n, block_l), triton.cdiv(d, block_d))
     _segment_matmul_kernel[grid](
@@ -234,7 +254,8 @@ def segment_matmul_into(w_BK: Tensor, idx_BK: Tensor, dense_BD: Tensor, out_ND: 
     )
 
 
-def segment_matmul(w_BK: Tensor, idx_BK: Tensor, dense_BD: Tensor, n: int, out_dtype: torch.dtype) -> Tensor:
+def segment_matmul(w_BK: Tensor, idx_BK: Tensor, dense_BD: Tensor, n: int, out_dtype: torch.dtype,
+                   by_latent: LatentSort | None = None) -> Tensor:
     out_ND = torch.empty(n, dense_BD.shape[1], dtype=out_dtype, device=dense_BD.device)
-    segment_matmul_into(w_BK, idx_BK, dense_BD, out_ND)
+    segment_matmul_into(w_BK, idx_BK, dense_BD, out_ND, by_latent)
     return out_ND

@@ -17,8 +17,16 @@ if not torch.cuda.is_available():
 from mmsae import kernels
 from mmsae.kernels import reference, triton_ops
 from mmsae.kernels.triton_dense import center_cast, col_sums
-from mmsae.kernels.triton_select import BoundConfig, GroupConfig, SelectMethod, topk_select_into
-from mmsae.kernels.triton_sparse import gather_dot_into, gather_sum_into, segment_matmul_into
+from mmsae.kernels.triton_gemm import fused_gemm_applies, linear_group_maxima
+from mmsae.kernels.triton_select import (
+    BoundConfig,
+    GroupConfig,
+    SelectMethod,
+    group_maxima,
+    select_from_group_maxima,
+    topk_select_into,
+)
+from mmsae.kernels.triton_sparse import gather_dot_into, gather_sum_into, segment_matmul_into, sort_by_latent
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -71,15 +79,16 @@ def hard_rows(B: int, n: int, dtype: torch.dtype) -> torch.Tensor:
         (257, 1, "group", {}),
         (333, 64, "group", {}),
         (3000, 8, "group", {}),
-        (1000, 13, "group", {"group": GroupConfig(group=16, cap=16, num_warps=1)}),
-        (300, 50, "group", {"group": GroupConfig(group=4, cap=64, num_warps=2, max_rows=4)}),
+        (1000, 13, "group", {"group": GroupConfig(group=16, num_warps=1)}),
+        (300, 50, "group", {"group": GroupConfig(group=4, num_warps=2, max_rows=4)}),
     ],
 )
 def test_select_matches_torch_topk(
     dtype: torch.dtype, n: int, k: int, method: SelectMethod, options: dict[str, object]
 ) -> None:
     """Every method picks exactly the lowest-index top k; row 3 (and row 1 with the small configs)
-    overflows the candidate slots, so the fallbacks run too (group → bound → whole row)."""
+    overflows the bound select's candidate slots, so its whole-row fallback runs too, and gives the
+    group select more tied group maxima than it may choose."""
     pre_BN = hard_rows(5, n, dtype)
     values_BK = torch.full((5, k), float("nan"), device=DEVICE, dtype=dtype)
     indices_BK = torch.full((5, k), -1, device=DEVICE, dtype=torch.int64)
@@ -102,6 +111,44 @@ def test_select_benchmark_sized_rows_gpu(method: SelectMethod) -> None:
     assert torch.equal(indices_BK.sort(-1).values, lowest_index_topk(pre_BN, 64).sort(-1).values)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("B", "d", "n", "group"), [(200, 72, 264, 16), (130, 64, 512, 32), (5, 16, 8, 4)])
+def test_linear_group_maxima_matches_the_gemm_and_the_group_pass(
+    dtype: torch.dtype, B: int, d: int, n: int, group: int
+) -> None:
+    """Ragged row, column and K tiles. The GEMM equals an fp32 reference within one rounding step, its
+    maxima equal the streaming pass's over its own output, and the select on them is the exact top k."""
+    if dtype == torch.bfloat16 and not CUDA:
+        pytest.skip("Triton's CPU interpreter misreads bf16 TMA tiles; CPU twin: the float16 case")
+    x_BD = torch.randn(B, d, device=DEVICE).to(dtype)
+    W_ND = (torch.randn(n, d, device=DEVICE) / d**0.5).to(dtype)
+    b_N = torch.randn(n, device=DEVICE).to(dtype)
+    pre_BN, gmax_BG = linear_group_maxima(x_BD, W_ND, b_N, group)
+
+    expected = torch.nn.functional.linear(x_BD.float(), W_ND.float(), b_N.float())
+    step = torch.finfo(dtype).eps * expected.abs() + 1e-6
+    assert ((pre_BN.float() - expected).abs() <= step).all()
+    cfg = GroupConfig(group=group, num_warps=2)
+    assert torch.equal(gmax_BG, group_maxima(pre_BN, cfg))
+    k = min(gmax_BG.shape[1], 8)  # the group select needs k groups
+    values_BK = torch.full((B, k), float("nan"), device=DEVICE, dtype=dtype)
+    indices_BK = torch.full((B, k), -1, device=DEVICE, dtype=torch.int64)
+    select_from_group_maxima(pre_BN, gmax_BG, k, cfg, values_BK, indices_BK)
+    assert torch.equal(indices_BK.sort(-1).values, lowest_index_topk(pre_BN, k).sort(-1).values)
+    assert torch.equal(pre_BN.gather(1, indices_BK).relu(), values_BK)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA; CPU twin: test_linear_group_maxima_matches_the_gemm_and_…")
+def test_fused_gemm_equals_cublas_at_a_benchmark_shape_gpu() -> None:
+    """Same fp32 accumulation, bias in fp32, one rounding: bit-identical to cuBLAS here (H100, v10)."""
+    x_BD = torch.randn(2048, 768, device=DEVICE).bfloat16()
+    W_ND = (torch.randn(16384, 768, device=DEVICE) / 768**0.5).bfloat16()
+    b_N = (0.1 * torch.randn(16384, device=DEVICE)).bfloat16()
+    assert fused_gemm_applies(x_BD, W_ND, 16)
+    pre_BN, _ = linear_group_maxima(x_BD, W_ND, b_N, 16)
+    assert torch.equal(pre_BN, torch.nn.functional.linear(x_BD, W_ND, b_N))
+
+
 def test_select_rejects_fp32_with_a_clear_error() -> None:
     pre_BN = torch.randn(2, 16, device=DEVICE)
     outputs = pre_BN.new_empty(2, 4), torch.empty(2, 4, dtype=torch.int64, device=DEVICE)
@@ -109,6 +156,8 @@ def test_select_rejects_fp32_with_a_clear_error() -> None:
         topk_select_into(pre_BN, 4, *outputs)
     with pytest.raises(ValueError, match="Unknown select method"):
         topk_select_into(pre_BN.bfloat16(), 4, outputs[0].bfloat16(), outputs[1], "radix")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="needs 0 < k ≤ groups"):  # 2 groups of 8 cannot bound k = 4
+        topk_select_into(pre_BN.bfloat16(), 4, outputs[0].bfloat16(), outputs[1], group=GroupConfig(8, 1))
 
 
 # ----------------------------------------------------------------------------- sparse kernels
@@ -204,6 +253,30 @@ def test_autograd_matches_torch(dtype: torch.dtype, x_grad: bool) -> None:
 def test_autograd_matches_torch_bf16_autocast_gpu(x_grad: bool) -> None:
     # B·k ≥ 4n: the decoder gathers from its 16-bit copy of W_dec.
     check_encode_decode_grads(B=1031, d=257, n=16411, k=64, dtype=torch.float32, autocast=True, x_grad=x_grad)
+
+
+@pytest.mark.parametrize("edit", [False, True])
+def test_one_latent_sort_serves_both_backward_passes(monkeypatch: pytest.MonkeyPatch, edit: bool) -> None:
+    """The decoder's backward reuses the encoder's sort of the indices; indices changed in place after
+    that sort was made (a retained graph keeps it alive) are sorted anew for the next decode."""
+    calls = []
+    monkeypatch.setattr(triton_ops, "sort_by_latent", lambda *a: calls.append(1) or sort_by_latent(*a))
+    B, d, n, k = 9, 21, 40, 5
+    x_BD = torch.randn(B, d, device=DEVICE)
+    W_enc = torch.randn(n, d, device=DEVICE, requires_grad=True)
+    W_dec = torch.randn(n, d, device=DEVICE, requires_grad=True)
+    values_BK, indices_BK = triton_ops.topk_encode(x_BD, W_enc, torch.zeros(n, device=DEVICE), k)
+    triton_ops.sparse_decode(values_BK, indices_BK, W_dec).sum().backward(retain_graph=edit)
+    grad_W_dec = W_dec.grad
+    assert len(calls) == 1
+    if edit:
+        indices_BK[:, 0] = (indices_BK[:, 0] + 1) % n
+        x_hat = triton_ops.sparse_decode(values_BK, indices_BK, W_dec)
+        (grad_W_dec,) = torch.autograd.grad(x_hat.sum(), [W_dec])  # the decoder's backward only
+        assert len(calls) == 2
+    W_ref = W_dec.detach().clone().requires_grad_()
+    reference.sparse_decode(values_BK.detach(), indices_BK, W_ref).sum().backward()
+    assert rel_err(grad_W_dec, W_ref.grad) < 1e-5
 
 
 def test_decode_from_16bit_copy_of_fp32_atoms() -> None:
