@@ -192,6 +192,19 @@ def test_segment_matmul_matches_dense_transpose(B: int, k: int, n: int, d: int) 
     assert (out_ND[never_chosen] == 0).all()
 
 
+@pytest.mark.parametrize("n", [7, 1 << 16, (1 << 16) + 5])  # int16 keys up to 2¹⁶ latents, int32 beyond
+def test_sort_by_latent_is_stable_with_exact_segments(n: int) -> None:
+    idx_BK = torch.randint(0, n, (50, 6), device=DEVICE)
+    idx_BK[0, :2] = torch.tensor([0, n - 1])  # both ends of the key range
+    by_latent = sort_by_latent(idx_BK, n)
+    flat = idx_BK.flatten()
+    assert torch.equal(by_latent.order, flat.sort(stable=True).indices)
+    counts = torch.bincount(flat, minlength=n)
+    assert by_latent.seg.dtype == torch.int32 and by_latent.seg.shape == (n + 1,)
+    assert torch.equal(by_latent.seg.long().diff(), counts) and by_latent.seg[0] == 0
+    assert torch.equal(by_latent.rows.long(), by_latent.order // 6)
+
+
 # ----------------------------------------------------------------------------- autograd
 def check_encode_decode_grads(B: int, d: int, n: int, k: int, dtype: torch.dtype, autocast: bool,
                               x_grad: bool = True) -> None:
