@@ -17,7 +17,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from mmsae.kernels.triton_select import _ordered_key
 
-BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M = 128, 256, 64, 8
+BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES = 128, 256, 64, 8, 3
 MAX_GROUP = 32
 """Larger groups (n > 131072 at k = 32) keep the separate group-max pass: the epilogue's reshape
 for them was not measured and may not fit in shared memory next to the pipeline stages."""
@@ -67,16 +67,21 @@ def _linear_group_max_kernel(
         pid_m, pid_n = _tile_coords(tile_out, tiles_per_band, tiles_m, GROUP_M)
         cols = pid_n * BN + tl.arange(0, BN)
         bias = tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
-        out = (acc + bias[None, :]).to(out_desc.dtype)
+        pre = acc + bias[None, :]
+        out = pre.to(out_desc.dtype)
         # Two half-width stores: the staging buffer in shared memory is half the size.
         halves = tl.permute(tl.reshape(out, (BM, 2, BN // 2)), (0, 2, 1))
         left, right = tl.split(halves)
         out_desc.store([pid_m * BM, pid_n * BN], left)
         out_desc.store([pid_m * BM, pid_n * BN + BN // 2], right)
 
+        # Rounding is monotone, so the max key of a group is the key of its rounded fp32 max: one fp32 max
+        # per element instead of a key per element (the epilogue is ALU-bound). fp32 sums are never −0
+        # (the accumulator starts at +0), so the −0 < +0 of the key order cannot be lost; NaNs are skipped
+        # by the max, which the select tolerates (kernels-notes v10).
         rows = pid_m * BM + tl.arange(0, BM)
-        key = tl.where(cols[None, :] < N, _ordered_key(out), -1)
-        gmax = tl.max(tl.reshape(key, (BM, BN // GS, GS)), axis=2)
+        pre = tl.where(cols[None, :] < N, pre, float("-inf"))
+        gmax = _ordered_key(tl.max(tl.reshape(pre, (BM, BN // GS, GS)), axis=2).to(out_desc.dtype))
         groups = pid_n * (BN // GS) + tl.arange(0, BN // GS)
         ok = (rows[:, None] < M) & (groups[None, :] < G)
         gmax_ptrs = gmax_ptr + rows[:, None].to(tl.int64) * G + groups[None, :]
@@ -126,7 +131,7 @@ def linear_group_maxima(x_BD: Tensor, W_ND: Tensor, b_N: Tensor, group: int) -> 
         BK=BLOCK_K,
         GROUP_M=GROUP_M,
         NUM_PROGRAMS=programs,
-        num_stages=3,
+        num_stages=STAGES,
         num_warps=8,
     )
     return pre_BN, gmax_BG

@@ -301,7 +301,7 @@ def _group_topk_kernel(
 
     # 2. Exact top k of those groups' k·GS elements, ties to the lowest column: groups are in
     #    column order, so the flattened candidate order is the column order. The k chosen maxima
-    #    are ≥ bound, so the threshold lies in [bound, top].
+    #    are ≥ bound, so the threshold lies in [bound, max candidate].
     slots = tl.arange(0, K_POW2)
     gid = tl.load(gid_ptr + row * K_POW2 + slots, mask=slots < k, other=0)
     cols = gid[:, None] * GS + tl.arange(0, GS)[None, :]
@@ -309,7 +309,9 @@ def _group_topk_kernel(
     x = tl.reshape(tl.load(pre_row + cols, mask=ok, other=0.0), (K_POW2 * GS,))
     key = tl.where(tl.reshape(ok, (K_POW2 * GS,)), _ordered_key(x), -1)
     cols = tl.reshape(cols, (K_POW2 * GS,))
-    threshold = _kth_largest_in_range(key, k, bound, top)
+    # The top of the range is taken from the candidates themselves: maxima made by the GEMM epilogue
+    # skip NaNs, whose keys are above every number's.
+    threshold = _kth_largest_in_range(key, k, bound, tl.max(key, 0))
     above = key > threshold
     equal = key == threshold
     n_above = tl.sum(above.to(tl.int32), 0)

@@ -138,6 +138,25 @@ def test_linear_group_maxima_matches_the_gemm_and_the_group_pass(
     assert torch.equal(pre_BN.gather(1, indices_BK).relu(), values_BK)
 
 
+def test_linear_group_maxima_with_nan_pre_activations_still_selects_k_valid_latents() -> None:
+    """The epilogue's maxima skip NaNs (a NaN encoder row makes a NaN column): the select need not rank
+    them first, as torch.topk does, but it writes k distinct in-range latents, their values, and no more."""
+    dtype = torch.bfloat16 if CUDA else torch.float16
+    x_BD = torch.randn(64, 32, device=DEVICE).to(dtype)
+    W_ND = torch.randn(256, 32, device=DEVICE).to(dtype)
+    W_ND[[3, 100]] = float("nan")
+    pre_BN, gmax_BG = linear_group_maxima(x_BD, W_ND, torch.zeros(256, device=DEVICE, dtype=dtype), 16)
+    values_BK = torch.full((64, 8), -7.0, device=DEVICE, dtype=dtype)
+    indices_BK = torch.full((64, 8), -1, device=DEVICE, dtype=torch.int64)
+    select_from_group_maxima(pre_BN, gmax_BG, 8, GroupConfig(16, 2), values_BK, indices_BK)
+    assert ((indices_BK >= 0) & (indices_BK < 256)).all()
+    assert (indices_BK.sort(-1).values.diff(dim=-1) > 0).all()
+    chosen_BK = pre_BN.gather(1, indices_BK)
+    nan = chosen_BK.isnan()
+    assert torch.equal(values_BK[~nan], chosen_BK[~nan].relu())
+    assert (values_BK[nan] == 0).all()  # the kernel's relu maps NaN to 0
+
+
 @pytest.mark.skipif(not CUDA, reason="needs CUDA; CPU twin: test_linear_group_maxima_matches_the_gemm_and_…")
 def test_fused_gemm_equals_cublas_at_a_benchmark_shape_gpu() -> None:
     """Same fp32 accumulation, bias in fp32, one rounding: bit-identical to cuBLAS here (H100, v10)."""
