@@ -92,12 +92,11 @@ def _gather_dot_kernel(
 @triton.jit
 def _segment_matmul_kernel(
     seg_ptr,
-    order_ptr,
-    w_ptr,
+    row_ptr,
+    coef_ptr,
     dense_ptr,
     out_ptr,
     n,
-    k,
     d,
     stride_dense,
     stride_out,
@@ -115,9 +114,8 @@ def _segment_matmul_kernel(
     acc = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32)
     for t in range(0, tl.max(length, 0)):
         live = t < length
-        entry = tl.load(order_ptr + begin + t, mask=live, other=0)  # flat [B·k] position: row · k + slot
-        rows = entry // k
-        coef = tl.load(w_ptr + entry, mask=live, other=0.0).to(tl.float32)
+        rows = tl.load(row_ptr + begin + t, mask=live, other=0).to(tl.int64)
+        coef = tl.load(coef_ptr + begin + t, mask=live, other=0.0).to(tl.float32)
         x = tl.load(
             dense_ptr + rows[:, None] * stride_dense + d_offs[None, :],
             mask=live[:, None] & d_ok[None, :],
@@ -215,7 +213,9 @@ class LatentSort:
     read, so one sort per step can serve the encoder's and the decoder's (`triton_ops`)."""
 
     order: Tensor
-    """[B·k] int64: flat entry positions (token · k + slot), sorted by latent."""
+    """[B·k] int64: flat entry positions, sorted by latent."""
+    rows: Tensor
+    """[B·k] int32: the token (row) of each sorted entry."""
     seg: Tensor
     """[n + 1] int32: latent i's entries are order[seg[i]:seg[i + 1]]."""
 
@@ -228,7 +228,7 @@ def sort_by_latent(idx_BK: Tensor, n: int) -> LatentSort:
     # Segment i of the sorted entries is [seg[i], seg[i+1]); the last bound is the entry count.
     starts = torch.searchsorted(sorted_keys, (torch.arange(n, device=idx_BK.device) - shift).to(dtype))
     seg = torch.cat([starts.to(torch.int32), starts.new_full((1,), idx_BK.numel(), dtype=torch.int32)])
-    return LatentSort(order, seg)
+    return LatentSort(order, (order // idx_BK.shape[1]).to(torch.int32), seg)
 
 
 def segment_matmul_into(w_BK: Tensor, idx_BK: Tensor, dense_BD: Tensor, out_ND: Tensor,
@@ -237,18 +237,18 @@ def segment_matmul_into(w_BK: Tensor, idx_BK: Tensor, dense_BD: Tensor, out_ND: 
     `by_latent`, when given, must be `sort_by_latent(idx_BK, n)`."""
     _check_codes(w_BK, idx_BK)
     n, d = out_ND.shape
-    k = idx_BK.shape[1]
     by_latent = by_latent or sort_by_latent(idx_BK, n)
+    seg, rows = by_latent.seg, by_latent.rows
+    coef = w_BK.flatten()[by_latent.order]
     block_l, block_d = 16, _block_d(d, 128)
     grid = (triton.cdiv(n, block_l), triton.cdiv(d, block_d))
     _segment_matmul_kernel[grid](
-        by_latent.seg,
-        by_latent.order,
-        w_BK,
+        seg,
+        rows,
+        coef,
         dense_BD,
         out_ND,
         n,
-        k,
         d,
         dense_BD.stride(0),
         out_ND.stride(0),

@@ -221,6 +221,7 @@ def test_sort_by_latent_is_stable_with_exact_segments(n: int) -> None:
     counts = torch.bincount(flat, minlength=n)
     assert by_latent.seg.dtype == torch.int32 and by_latent.seg.shape == (n + 1,)
     assert torch.equal(by_latent.seg.long().diff(), counts) and by_latent.seg[0] == 0
+    assert torch.equal(by_latent.rows.long(), by_latent.order // 6)
 
 
 # ----------------------------------------------------------------------------- autograd
