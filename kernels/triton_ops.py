@@ -27,7 +27,6 @@ from mmsae.kernels.triton_select import (
     MAX_K,
     SELECT_DTYPES,
     group_config,
-    group_maxima,
     group_select_fits,
     select_from_group_maxima,
     topk_select,
@@ -73,19 +72,16 @@ def _linear_topk(x_BD: Tensor, W_ND: Tensor, b_N: Tensor, k: int) -> tuple[Tenso
     """relu(top-k) of x·Wᵀ + b: on Hopper the GEMM's epilogue writes the group select's maxima."""
     n = W_ND.shape[0]
     cfg = group_config(n, k)
-    if x_BD.dtype in SELECT_DTYPES and k <= min(n, MAX_K) and group_select_fits(k, cfg):
-        if fused_gemm_applies(x_BD, W_ND, cfg.group):
-            pre_BN, gmax_BG = linear_group_maxima(x_BD, W_ND, b_N, cfg.group)
-        else:
-            pre_BN = F.linear(x_BD, W_ND, b_N)
-            gmax_BG = group_maxima(pre_BN, cfg)
+    if x_BD.dtype in SELECT_DTYPES and k <= min(n, MAX_K) and group_select_fits(k, cfg) \
+            and fused_gemm_applies(x_BD, W_ND, cfg.group):
+        pre_BN, gmax_BG = linear_group_maxima(x_BD, W_ND, b_N, cfg.group)
         values_BK = pre_BN.new_empty(pre_BN.shape[0], k)
         indices_BK = torch.empty(pre_BN.shape[0], k, dtype=torch.int64, device=pre_BN.device)
         select_from_group_maxima(pre_BN, gmax_BG, k, cfg, values_BK, indices_BK)
         return values_BK, indices_BK
     pre_BN = F.linear(x_BD, W_ND, b_N)
     if pre_BN.dtype in SELECT_DTYPES and k <= MAX_K:
-        return topk_select(pre_BN, k)  # large k: the "bound" select
+        return topk_select(pre_BN, k)  # the group select with its streaming pass (large k: "bound")
     # The select kernels are written for 16-bit keys; fp32 (no autocast) keeps torch.topk.
     values_BK, indices_BK = pre_BN.topk(k, dim=-1, sorted=False)
     return values_BK.relu(), indices_BK
