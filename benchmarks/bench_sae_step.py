@@ -87,14 +87,15 @@ def make_step(name: str, s: Size) -> tuple[nn.Module, Callable[[Tensor], Tensor]
         return model, lambda x: model(x).fvu
     if name in ("mmsae", "mmsae_graph"):
         from mmsae import kernels
-        from mmsae.sae.base import build_sae, normalized_mse
+        from mmsae.sae.base import build_sae
 
         kernels.set_backend("triton")
         model = build_sae("topk", s.d, s.n, k=s.k, aux_k=0).cuda()
 
         def loss(x: Tensor) -> Tensor:
-            # TopKSAE.loss without AuxK, as sparsify's fvu (its AuxK check syncs the host every step).
-            return normalized_mse(x, model(x).x_hat)
+            # TopKSAE.loss without AuxK (aux_k=0), as sparsify's fvu (its AuxK check syncs the host every
+            # step); in training mode the forward computes it with the decoder (`kernels.decode_with_mse`).
+            return model.loss(x, model(x)).loss
 
         return model, loss
     raise ValueError(f"unknown implementation {name!r}")

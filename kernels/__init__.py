@@ -1,9 +1,9 @@
 """Sparse SAE kernels with one dispatch point.
 
-`topk_encode` and `sparse_decode` are what the SAE family calls. On CUDA they run the Triton
-kernels of this package (when available); elsewhere, or when forced, the torch reference in
-`mmsae.kernels.reference`. Force a backend with `set_backend("torch" | "triton" | "auto")` or
-the environment variable `MMSAE_KERNELS`.
+`topk_encode`, `sparse_decode` and `decode_with_mse` (decoder + loss, in training) are what the SAE family
+calls. On CUDA they run the Triton kernels of this package (when available); elsewhere, or when forced, the
+torch reference in `mmsae.kernels.reference`. Force a backend with `set_backend("torch" | "triton" |
+"auto")` or the environment variable `MMSAE_KERNELS`.
 """
 
 from __future__ import annotations
@@ -67,6 +67,19 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, bias: Tensor |
 
         return triton_ops.sparse_decode(values, indices, W_dec, bias)
     return reference.sparse_decode(values, indices, W_dec, bias)
+
+
+def decode_with_mse(values: Tensor, indices: Tensor, W_dec: Tensor, bias: Tensor | None,
+                    x: Tensor) -> tuple[Tensor, Tensor]:
+    """(x̂, normalized_mse(x, x̂)) with x̂ = `sparse_decode(values, indices, W_dec, bias)`: on the Triton path
+    one fused pass whose backward needs no gather of its own (training's reconstruction term). Takes [B, k]
+    codes and a [B, d] x that needs no gradient; anything else gets the two calls it stands for."""
+    if _use_triton(values) and values.dim() == 2 and x.dim() == 2 and not x.requires_grad:
+        from mmsae.kernels import triton_ops
+
+        return triton_ops.decode_with_mse(values, indices, W_dec, bias, x)
+    x_hat = sparse_decode(values, indices, W_dec, bias)
+    return x_hat, normalized_mse(x, x_hat)
 
 
 def normalized_mse(x: Tensor, x_hat: Tensor) -> Tensor:

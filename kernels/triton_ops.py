@@ -3,14 +3,18 @@
 Encode: one GEMM for the pre-activations (autocast picks its dtype, as in the reference), then
 the top-k select of `triton_select` instead of torch.topk; on Hopper the GEMM is `triton_gemm`'s,
 whose epilogue does the select's first pass, elsewhere cuBLAS. Backward never forms a dense B×n
-gradient: dW_enc only has rows at selected latents (`segment_matmul`), db_enc is an index_add of k
-values per token, and the centring bias gets db_dec = −db_encᵀ·W_enc (every selected entry reaches
+gradient: dW_enc only has rows at selected latents (`segment_matmul`), db_enc is the sum of each latent's
+entries in that same pass, and the centring bias gets db_dec = −db_encᵀ·W_enc (every selected entry reaches
 x − b_dec through its encoder row), a GEMV instead of a B×d gather-sum; dx, when x itself needs a
 gradient, is that gather-sum of k encoder rows.
 
 Decode: out = gather-sum of k decoder atoms; d values = k gathered dot products; dW_dec is the
 same segment matmul as dW_enc with the decoder's output gradient. Under 16-bit autocast, when each
 atom is gathered often enough per step, both gathers read a 16-bit copy of W_dec.
+
+Decode with its loss (`decode_with_mse`, what training calls): one pass gives x̂, the normalised MSE and the
+backward's d values up to a scalar (`triton_recon`), so the backward's gather-dot and the loss's passes over
+x̂ are gone.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from torch import Tensor
 
 from mmsae.kernels.triton_dense import center_cast, col_sums, recon_sums, scaled_diff
 from mmsae.kernels.triton_gemm import fused_gemm_applies, linear_group_maxima
+from mmsae.kernels.triton_recon import decode_mse
 from mmsae.kernels.triton_select import (
     MAX_K,
     SELECT_DTYPES,
@@ -120,11 +125,15 @@ class _TopKEncode(torch.autograd.Function):
         grad_x = grad_b_dec = grad_W = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = gather_sum(g_BK, indices_BK, W_lp, ctx.x_dtype)
-        if ctx.needs_input_grad[2]:
-            grad_W = segment_matmul(g_BK, indices_BK, x_BD, n, W_enc.dtype, ctx.latent_sort.get())
+        grad_b_N = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
-            grad_b_N = torch.zeros(n, dtype=torch.float32, device=g_BK.device)
-            grad_b_N.index_add_(0, indices_BK.flatten(), g_BK.flatten().float())
+            grad_b_N = torch.empty(n, dtype=torch.float32, device=g_BK.device)
+        if ctx.needs_input_grad[2]:  # with db_enc's per-latent sums of the same coefficients, when wanted
+            grad_W = segment_matmul(g_BK, indices_BK, x_BD, n, W_enc.dtype, ctx.latent_sort.get(),
+                                    sums_N=grad_b_N)
+        elif grad_b_N is not None:
+            grad_b_N.zero_().index_add_(0, indices_BK.flatten(), g_BK.flatten().float())
+        if grad_b_N is not None:
             if ctx.needs_input_grad[3]:
                 grad_b = grad_b_N.to(W_enc.dtype)
             if ctx.needs_input_grad[1]:
@@ -133,16 +142,45 @@ class _TopKEncode(torch.autograd.Function):
         return grad_x, grad_b_dec, grad_W, grad_b, None
 
 
+def _decode_table(values_BK: Tensor, W_dec: Tensor) -> Tensor:
+    """The atoms the decoder gathers: W_dec, or its 16-bit copy under 16-bit codes when each atom is
+    gathered often enough per step (B·k ≥ 4n) to repay one pass over W_dec."""
+    if values_BK.element_size() == 2 < W_dec.element_size() and \
+            values_BK.numel() >= LOW_PRECISION_TABLE_MIN_REUSE * W_dec.shape[0]:
+        # 16-bit atoms gather at ~2× the rate of fp32 ones (512-column tiles, kernels-notes v6).
+        return W_dec.to(values_BK.dtype)
+    return W_dec
+
+
+def _decode_backward(ctx, grad_out_BD: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(d values, dW_dec, d bias) of the decoder from its output gradient; `ctx` saved values, indices,
+    W_dec and the gathered table, and holds the shared latent sort and the bias dtype."""
+    values_BK, indices_BK, W_dec, table_ND = ctx.saved_tensors[:4]
+    grad_out_BD = grad_out_BD.contiguous()
+    grad_bias = None
+    # With a bias the output is fp32 (16-bit codes + fp32 bias), and so is its gradient: the gathers read
+    # it in the codes' dtype, as they did the 16-bit output before the bias was fused in. One pass makes
+    # that copy and the bias gradient's column sums.
+    wide = grad_out_BD.element_size() > values_BK.element_size()
+    if ctx.needs_input_grad[3] or wide:
+        sums_D, copy_BD = col_sums(grad_out_BD, values_BK.dtype if wide else None)
+        grad_out_BD = grad_out_BD if copy_BD is None else copy_BD
+        if ctx.needs_input_grad[3]:
+            grad_bias = sums_D.to(ctx.bias_dtype)
+    grad_values = grad_W = None
+    if ctx.needs_input_grad[0]:
+        grad_values = gather_dot(grad_out_BD, indices_BK, table_ND, values_BK.dtype)
+    if ctx.needs_input_grad[2]:
+        grad_W = segment_matmul(values_BK, indices_BK, grad_out_BD, W_dec.shape[0], W_dec.dtype,
+                                ctx.latent_sort.get())
+    return grad_values, grad_W, grad_bias
+
+
 class _SparseDecode(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, values_BK: Tensor, indices_BK: Tensor, W_dec: Tensor, bias_D: Tensor | None) -> Tensor:
-        table_ND = W_dec
-        if values_BK.element_size() == 2 < W_dec.element_size() and \
-                values_BK.numel() >= LOW_PRECISION_TABLE_MIN_REUSE * W_dec.shape[0]:
-            # 16-bit atoms gather at ~2× the rate of fp32 ones (512-column tiles, kernels-notes v6); the
-            # copy costs one pass over W_dec, repaid when each atom is gathered a few times (B·k/n).
-            table_ND = W_dec.to(values_BK.dtype)
+        table_ND = _decode_table(values_BK, W_dec)
         ctx.save_for_backward(values_BK, indices_BK, W_dec, table_ND)
         ctx.latent_sort = _shared_sort(indices_BK, W_dec.shape[0])  # the encoder's, when it made them
         ctx.bias_dtype = None if bias_D is None else bias_D.dtype
@@ -152,25 +190,61 @@ class _SparseDecode(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out_BD: Tensor):
-        values_BK, indices_BK, W_dec, table_ND = ctx.saved_tensors
-        grad_out_BD = grad_out_BD.contiguous()
-        grad_bias = None
-        # With a bias the output is fp32 (16-bit codes + fp32 bias), and so is its gradient: the gathers read
-        # it in the codes' dtype, as they did the 16-bit output before the bias was fused in. One pass makes
-        # that copy and the bias gradient's column sums.
-        wide = grad_out_BD.element_size() > values_BK.element_size()
-        if ctx.needs_input_grad[3] or wide:
-            sums_D, copy_BD = col_sums(grad_out_BD, values_BK.dtype if wide else None)
-            grad_out_BD = grad_out_BD if copy_BD is None else copy_BD
-            if ctx.needs_input_grad[3]:
-                grad_bias = sums_D.to(ctx.bias_dtype)
-        grad_values = grad_W = None
-        if ctx.needs_input_grad[0]:
-            grad_values = gather_dot(grad_out_BD, indices_BK, table_ND, values_BK.dtype)
-        if ctx.needs_input_grad[2]:
-            grad_W = segment_matmul(values_BK, indices_BK, grad_out_BD, W_dec.shape[0], W_dec.dtype,
-                                    ctx.latent_sort.get())
+        grad_values, grad_W, grad_bias = _decode_backward(ctx, grad_out_BD)
         return grad_values, None, grad_W, grad_bias
+
+
+class _DecodeMSE(torch.autograd.Function):
+    """(x̂, Σ(x − x̂)² / Σ(x − x̄)² per-row means) of `sparse_decode` and `normalized_mse` in one kernel.
+
+    The loss's gradient w.r.t. x̂ is s·(x̂ − x) with s = 2g / Σ(x − x̄)²; the forward keeps r = x̂ − x and the
+    dots ⟨r, atom⟩ (`triton_recon`), so a backward reached through the loss alone only scales them: d values
+    = s·dots, dW_dec = the segment matmul of r with s on its coefficients, d bias = s·Σ_b r. When x̂ itself
+    also gets a gradient, its sum with s·r goes through the plain decoder backward."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, values_BK: Tensor, indices_BK: Tensor, W_dec: Tensor, bias_D: Tensor | None,
+                x_BD: Tensor) -> tuple[Tensor, Tensor]:
+        table_ND = _decode_table(values_BK, W_dec)
+        out_dtype = values_BK.dtype if bias_D is None else torch.promote_types(values_BK.dtype, bias_D.dtype)
+        fused = decode_mse(values_BK, indices_BK, table_ND, x_BD, out_dtype, bias_D)
+        rows = x_BD.shape[0]
+        var = (fused.var_sum / rows).clamp_min(1e-12)  # as the reference: per-row means, the same clamp
+        ctx.save_for_backward(values_BK, indices_BK, W_dec, table_ND, fused.residual, fused.dots, var)
+        ctx.latent_sort = _shared_sort(indices_BK, W_dec.shape[0])
+        ctx.bias_dtype = None if bias_D is None else bias_D.dtype
+        ctx.rows = rows
+        ctx.set_materialize_grads(False)
+        return fused.x_hat, fused.err_sum / rows / var
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_x_hat: Tensor | None, grad_mse: Tensor | None):
+        values_BK, indices_BK, W_dec, _, r_BD, dots_BK, var = ctx.saved_tensors
+        if grad_mse is None:  # only x̂ was used
+            if grad_x_hat is None:
+                return None, None, None, None, None
+            return (*_split(_decode_backward(ctx, grad_x_hat)), None)
+        scale = grad_mse.float() * 2 / (ctx.rows * var)
+        if grad_x_hat is not None:
+            grad_out = grad_x_hat.float() + scale * r_BD.float()
+            return (*_split(_decode_backward(ctx, grad_out)), None)
+        grad_values = grad_W = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_values = (dots_BK * scale).to(values_BK.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_W = segment_matmul(values_BK, indices_BK, r_BD, W_dec.shape[0], W_dec.dtype,
+                                    ctx.latent_sort.get(), scale)
+        if ctx.needs_input_grad[3]:
+            grad_bias = (col_sums(r_BD)[0] * scale).to(ctx.bias_dtype)
+        return grad_values, None, grad_W, grad_bias, None
+
+
+def _split(grads: tuple[Tensor | None, Tensor | None, Tensor | None]) -> tuple[Tensor | None, ...]:
+    """(d values, dW, d bias) in `_DecodeMSE`'s input order: values, indices, W_dec, bias."""
+    grad_values, grad_W, grad_bias = grads
+    return grad_values, None, grad_W, grad_bias
 
 
 class _NormalizedMSE(torch.autograd.Function):
@@ -214,6 +288,19 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, bias: Tensor |
     out = _SparseDecode.apply(values.reshape(-1, k).contiguous(), indices.reshape(-1, k).contiguous(), W_dec,
                               bias)
     return out.reshape(*lead, W_dec.shape[1])
+
+
+def decode_with_mse(values: Tensor, indices: Tensor, W_dec: Tensor, bias: Tensor | None,
+                    x: Tensor) -> tuple[Tensor, Tensor]:
+    """(`sparse_decode`, `normalized_mse` of it against x) from one fused decoder pass; [B, k] codes and a
+    [B, d] x, which gets no gradient."""
+    _check_weights("W_dec", W_dec)
+    if x.shape != (values.shape[0], W_dec.shape[1]) or values.dim() != 2:
+        raise ValueError(f"codes {tuple(values.shape)} and x {tuple(x.shape)} must be [B, k] and [B, d] with "
+                         f"d = {W_dec.shape[1]}, the decoder's width.")
+    x = x.detach()
+    return _DecodeMSE.apply(values.contiguous(), indices.contiguous(), W_dec, bias,
+                            x if x.stride(-1) == 1 else x.contiguous())
 
 
 def normalized_mse(x: Tensor, x_hat: Tensor) -> Tensor:

@@ -96,10 +96,12 @@ def _segment_matmul_kernel(
     coef_ptr,
     dense_ptr,
     out_ptr,
+    sums_ptr,
     n,
     d,
     stride_dense,
     stride_out,
+    WRITE_SUMS: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -112,6 +114,7 @@ def _segment_matmul_kernel(
     d_offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = d_offs < d
     acc = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32)
+    coef_sum = tl.zeros([BLOCK_L], dtype=tl.float32)
     for t in range(0, tl.max(length, 0)):
         live = t < length
         rows = tl.load(row_ptr + begin + t, mask=live, other=0).to(tl.int64)
@@ -122,8 +125,11 @@ def _segment_matmul_kernel(
             other=0.0,
         )
         acc += x.to(tl.float32) * coef[:, None]
+        coef_sum += coef
     out = out_ptr + lat[:, None].to(tl.int64) * stride_out + d_offs[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=lat_ok[:, None] & d_ok[None, :])
+    if WRITE_SUMS:  # each latent's coefficient sum (the encoder's bias gradient), from the first column block
+        tl.store(sums_ptr + lat, coef_sum, mask=lat_ok & (tl.program_id(1) == 0))
 
 
 def _check_codes(w_BK: Tensor, idx_BK: Tensor) -> None:
@@ -232,14 +238,18 @@ def sort_by_latent(idx_BK: Tensor, n: int) -> LatentSort:
 
 
 def segment_matmul_into(w_BK: Tensor, idx_BK: Tensor, dense_BD: Tensor, out_ND: Tensor,
-                        by_latent: LatentSort | None = None) -> None:
-    """out[i] = Σ_{(b, j): idx[b, j] = i} w[b, j] · dense[b]; every row of out is written.
-    `by_latent`, when given, must be `sort_by_latent(idx_BK, n)`."""
+                        by_latent: LatentSort | None = None, scale: Tensor | None = None,
+                        sums_N: Tensor | None = None) -> None:
+    """out[i] = scale · Σ_{(b, j): idx[b, j] = i} w[b, j] · dense[b]; every row of out is written.
+    `by_latent`, when given, must be `sort_by_latent(idx_BK, n)`; `scale` a one-element fp32 tensor;
+    `sums_N`, an fp32 [n] tensor, receives scale · Σ_{(b, j): idx[b, j] = i} w[b, j] (deterministic)."""
     _check_codes(w_BK, idx_BK)
     n, d = out_ND.shape
     by_latent = by_latent or sort_by_latent(idx_BK, n)
     seg, rows = by_latent.seg, by_latent.rows
     coef = w_BK.flatten()[by_latent.order]
+    if scale is not None:  # on the B·k coefficients (fp32), not on the n × d output
+        coef = coef.float() * scale.reshape(1)
     block_l, block_d = 16, _block_d(d, 128)
     grid = (triton.cdiv(n, block_l), triton.cdiv(d, block_d))
     _segment_matmul_kernel[grid](
@@ -248,10 +258,12 @@ def segment_matmul_into(w_BK: Tensor, idx_BK: Tensor, dense_BD: Tensor, out_ND: 
         coef,
         dense_BD,
         out_ND,
+        out_ND if sums_N is None else sums_N,  # any pointer when no sums are wanted
         n,
         d,
         dense_BD.stride(0),
         out_ND.stride(0),
+        WRITE_SUMS=sums_N is not None,
         BLOCK_L=block_l,
         BLOCK_D=block_d,
         num_warps=4,
@@ -259,7 +271,8 @@ def segment_matmul_into(w_BK: Tensor, idx_BK: Tensor, dense_BD: Tensor, out_ND: 
 
 
 def segment_matmul(w_BK: Tensor, idx_BK: Tensor, dense_BD: Tensor, n: int, out_dtype: torch.dtype,
-                   by_latent: LatentSort | None = None) -> Tensor:
+                   by_latent: LatentSort | None = None, scale: Tensor | None = None,
+                   sums_N: Tensor | None = None) -> Tensor:
     out_ND = torch.empty(n, dense_BD.shape[1], dtype=out_dtype, device=dense_BD.device)
-    segment_matmul_into(w_BK, idx_BK, dense_BD, out_ND, by_latent)
+    segment_matmul_into(w_BK, idx_BK, dense_BD, out_ND, by_latent, scale, sums_N)
     return out_ND

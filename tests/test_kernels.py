@@ -203,12 +203,16 @@ def test_gather_sum_and_dot_match_dense(B: int, k: int, n: int, d: int, table_dt
 def test_segment_matmul_matches_dense_transpose(B: int, k: int, n: int, d: int) -> None:
     w_BK, idx_BK = random_codes(B, k, n)
     dense_BD = torch.randn(B, d, device=DEVICE).bfloat16()
-    out_ND = torch.full((n, d), float("nan"), device=DEVICE)
-    segment_matmul_into(w_BK, idx_BK, dense_BD, out_ND)
     codes_BN = torch.zeros(B, n, device=DEVICE, dtype=torch.float64).scatter(1, idx_BK, w_BK.double())
-    assert rel_err(out_ND, codes_BN.T @ dense_BD.double()) < 1e-5
     never_chosen = torch.ones(n, dtype=torch.bool, device=DEVICE).index_fill(0, idx_BK.flatten(), False)
-    assert (out_ND[never_chosen] == 0).all()
+    for scale in (None, torch.tensor(-1.5, device=DEVICE)):
+        out_ND = torch.full((n, d), float("nan"), device=DEVICE)
+        sums_N = torch.full((n,), float("nan"), device=DEVICE)
+        segment_matmul_into(w_BK, idx_BK, dense_BD, out_ND, scale=scale, sums_N=sums_N)
+        s = 1.0 if scale is None else scale.item()
+        assert rel_err(out_ND, s * codes_BN.T @ dense_BD.double()) < 1e-5
+        assert rel_err(sums_N, s * codes_BN.sum(0)) < 1e-6  # every latent written, zero where never chosen
+        assert (out_ND[never_chosen] == 0).all()
 
 
 @pytest.mark.parametrize("n", [7, 1 << 16, (1 << 16) + 5])  # int16 keys up to 2¹⁶ latents, int32 beyond
@@ -338,6 +342,99 @@ def test_decode_from_16bit_copy_of_fp32_atoms() -> None:
             assert got_b is None and ref_b is None
         else:
             assert rel_err(got_b, ref_b) < 2e-3
+
+
+def check_decode_with_mse(B: int, k: int, n: int, d: int, dtype: torch.dtype, use: str, bias: bool,
+                          autocast: bool = False) -> None:
+    """`decode_with_mse` against `sparse_decode` + `normalized_mse` in torch: x̂, the loss and the gradients of
+    values, W_dec and bias, for a backward through the loss only (the fused one), through x̂ only, and through
+    both (x̂'s gradient plus the loss's). The data has a mean far from zero and the loss a non-unit weight."""
+    values_BK, indices_BK = random_codes(B, k, n, dtype)
+    values_BK = values_BK.relu().requires_grad_()
+    W_dec = (torch.randn(n, d, device=DEVICE) / d**0.5).to(dtype).requires_grad_()
+    bias_D = (torch.randn(d, device=DEVICE) * 0.1).requires_grad_() if bias else None
+    x_BD = (torch.randn(B, d, device=DEVICE) + 3 * torch.randn(d, device=DEVICE)).to(dtype)
+    probe_BD = torch.randn(B, d, device=DEVICE)
+    leaves = [t for t in (values_BK, W_dec, bias_D) if t is not None]
+    results = []
+    for fused in (True, False):
+        for t in leaves:
+            t.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            if fused:
+                x_hat, mse = triton_ops.decode_with_mse(values_BK, indices_BK, W_dec, bias_D, x_BD)
+            else:
+                x_hat = reference.sparse_decode(values_BK, indices_BK, W_dec, bias_D)
+                mse = reference.normalized_mse(x_BD, x_hat)
+        total = {"loss": 3 * mse, "x_hat": (x_hat.float() * probe_BD).sum(),
+                 "both": 3 * mse + (x_hat.float() * probe_BD).sum() * 1e-3}[use]
+        total.backward()
+        results.append((x_hat, mse, [t.grad for t in leaves]))
+    (x_hat, mse, grads), (ref_x_hat, ref_mse, ref_grads) = results
+    tol = 1e-5 if dtype == torch.float32 and not autocast else 2e-2
+    assert x_hat.dtype == ref_x_hat.dtype and mse.dtype == torch.float32
+    assert rel_err(x_hat, ref_x_hat) < tol and rel_err(mse, ref_mse) < tol
+    for name, got, ref in zip(("values", "W_dec", "bias"), grads, ref_grads, strict=False):
+        assert got is not None and got.dtype == ref.dtype, name
+        assert rel_err(got, ref) < tol, name
+
+
+@pytest.mark.parametrize("use", ["loss", "x_hat", "both"])
+@pytest.mark.parametrize(("B", "k", "n", "d", "dtype", "bias"), [
+    (13, 5, 40, 70, torch.float32, True),  # ragged column chunk, k < BLOCK_K
+    (6, 40, 97, 33, torch.float32, False),  # BLOCK_K = 64: narrower chunks
+    (24, 5, 30, 19, torch.float16, True),  # 16-bit codes and atoms, fp32 bias: fp32 x̂
+])
+def test_decode_with_mse_matches_decode_then_loss(B: int, k: int, n: int, d: int, dtype: torch.dtype,
+                                                  bias: bool, use: str) -> None:
+    check_decode_with_mse(B, k, n, d, dtype, use, bias)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA; CPU twin: test_decode_with_mse_matches_decode_then_loss")
+@pytest.mark.parametrize("use", ["loss", "both"])
+def test_decode_with_mse_bf16_autocast_gpu(use: str) -> None:
+    # B·k ≥ 4n: the fused decoder gathers from its 16-bit copy of W_dec.
+    check_decode_with_mse(2053, 32, 4099, 768, torch.float32, use, bias=True, autocast=True)
+
+
+def test_decode_with_mse_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An x that needs a gradient, or codes with extra leading dims, get the unfused pair of calls; the
+    kernel rejects an x of the wrong shape with the shapes it expected."""
+    monkeypatch.setattr(kernels, "_BACKEND", "triton")
+    values_BK, indices_BK = random_codes(6, 3, 20)
+    W_dec = torch.randn(20, 8, device=DEVICE)
+    x = torch.randn(6, 8, device=DEVICE, requires_grad=True)
+    x_hat, mse = kernels.decode_with_mse(values_BK, indices_BK, W_dec, None, x)
+    mse.backward()
+    assert x.grad is not None and torch.equal(mse, reference.normalized_mse(x, x_hat))
+    with pytest.raises(ValueError, match=r"x \(5, 8\)"):
+        triton_ops.decode_with_mse(values_BK, indices_BK, W_dec, None, torch.randn(5, 8, device=DEVICE))
+
+
+def test_topk_sae_training_forward_computes_its_loss_with_the_decoder(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A TopK SAE in training mode takes its reconstruction loss from the fused decoder; loss and every
+    parameter's gradient equal the torch backend's, and eval mode decodes without it."""
+    from mmsae.sae import build_sae
+
+    torch.manual_seed(0)
+    sae = build_sae("topk", 24, 64, k=4, aux_k=0).to(DEVICE)
+    x_BD = torch.randn(33, 24, device=DEVICE) + 2
+    results = []
+    for backend in ("triton", "torch"):
+        monkeypatch.setattr(kernels, "_BACKEND", backend)
+        sae.zero_grad(set_to_none=True)
+        out = sae(x_BD)
+        assert "mse" in out.aux
+        loss = sae.loss(x_BD, out).loss
+        loss.backward()
+        results.append((loss, {name: p.grad.clone() for name, p in sae.named_parameters()}))
+    (loss, grads), (ref_loss, ref_grads) = results
+    assert rel_err(loss, ref_loss) < 1e-5
+    for name, grad in grads.items():
+        assert rel_err(grad, ref_grads[name]) < 1e-5, name
+    sae.eval()
+    assert "mse" not in sae(x_BD).aux
 
 
 # ----------------------------------------------------------------------------- dense row kernels

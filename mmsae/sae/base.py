@@ -144,6 +144,9 @@ class SAE(nn.Module):
 
     arch: ClassVar[str] = "base"
     Config: ClassVar[type[SAEConfig]] = SAEConfig
+    fused_recon: ClassVar[bool] = False
+    """Its loss takes the reconstruction term from `recon_loss`, so a training forward with sparse codes may
+    compute it with the decoder (`kernels.decode_with_mse`: one pass, and a backward without a gather)."""
     graph_safe: ClassVar[bool] = True
     """Its training step never reads the GPU on the host, so the trainer may capture it in a CUDA graph
     (tests/test_graphs.py checks every registered variant on a GPU)."""
@@ -207,6 +210,10 @@ class SAE(nn.Module):
     def forward(self, x: Tensor) -> SAEOutput:
         self.check_input(x)
         codes = self.encode(x)
+        if self.fused_recon and self.training and torch.is_grad_enabled() and isinstance(codes, SparseCodes) \
+                and x.dim() == 2:
+            x_hat, mse = kernels.decode_with_mse(codes.values, codes.indices, self.W_dec, self.b_dec, x)
+            return SAEOutput(x_hat, codes, {"mse": mse})
         return SAEOutput(self.decode(codes), codes, {})
 
     def encode_dense(self, x: Tensor) -> Tensor:
@@ -216,8 +223,12 @@ class SAE(nn.Module):
     # ----------------------------------------------------------------- training
     def loss(self, x: Tensor, out: SAEOutput, step: int = 0) -> LossOutput:
         """Training objective; default is normalised MSE. `step` drives warm-ups."""
-        mse = normalized_mse(x, out.x_hat)
+        mse = self.recon_loss(x, out)
         return LossOutput(mse, {"mse": mse.detach()})
+
+    def recon_loss(self, x: Tensor, out: SAEOutput) -> Tensor:
+        """normalized_mse(x, out.x_hat), where `out = self(x)`: the forward's own when it computed it."""
+        return out.aux["mse"] if "mse" in out.aux else normalized_mse(x, out.x_hat)
 
     def dead_mask(self) -> Tensor:
         return self.tokens_since_fired >= self.cfg.dead_tokens

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from mmsae import kernels
-from mmsae.sae.base import SAE, LossOutput, SAEConfig, SAEOutput, SparseCodes, normalized_mse, register
+from mmsae.sae.base import SAE, LossOutput, SAEConfig, SAEOutput, SparseCodes, register
 
 
 @dataclass
@@ -29,18 +29,14 @@ class TopKSAE(SAE):
 
     Config = TopKConfig
     cfg: TopKConfig
+    fused_recon = True
 
     def encode(self, x: Tensor) -> SparseCodes:
         values, indices = kernels.topk_encode(x, self.W_enc, self.b_enc, self.cfg.k, b_dec=self.b_dec)
         return SparseCodes(values, indices, self.cfg.n_latents)
 
-    def forward(self, x: Tensor) -> SAEOutput:
-        self.check_input(x)
-        codes = self.encode(x)
-        return SAEOutput(self.decode(codes), codes, {})
-
     def loss(self, x: Tensor, out: SAEOutput, step: int = 0) -> LossOutput:
-        mse = normalized_mse(x, out.x_hat)
+        mse = self.recon_loss(x, out)
         return self.with_auxk(x, out.x_hat, mse, {"mse": mse.detach()})
 
     def with_auxk(self, x: Tensor, x_hat: Tensor, loss: Tensor, metrics: dict[str, Tensor]) -> LossOutput:
