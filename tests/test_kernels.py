@@ -435,6 +435,9 @@ def test_topk_sae_training_forward_computes_its_loss_with_the_decoder(
         assert rel_err(grad, ref_grads[name]) < 1e-5, name
     sae.eval()
     assert "mse" not in sae(x_BD).aux
+    # Matryoshka's loss is over prefix reconstructions: its forward leaves the loss to it.
+    matryoshka = build_sae("matryoshka", 24, 64, k=4, selection="topk").to(DEVICE)
+    assert "mse" not in matryoshka(x_BD).aux
 
 
 # ----------------------------------------------------------------------------- dense row kernels

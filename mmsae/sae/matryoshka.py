@@ -46,6 +46,7 @@ class MatryoshkaConfig(BatchTopKConfig):
 class MatryoshkaSAE(BatchTopKSAE):
     Config = MatryoshkaConfig
     cfg: MatryoshkaConfig
+    fused_recon = False  # its loss is over prefix reconstructions, not the forward's x̂
 
     def encode(self, x: Tensor) -> Tensor | SparseCodes:
         if self.cfg.selection == "topk":
