@@ -152,6 +152,16 @@ def _decode_table(values_BK: Tensor, W_dec: Tensor) -> Tensor:
     return W_dec
 
 
+def _decode_setup(ctx, values_BK: Tensor, indices_BK: Tensor, W_dec: Tensor,
+                  bias_D: Tensor | None) -> tuple[Tensor, torch.dtype]:
+    """(the table to gather, the output dtype) of a decoder forward; records on `ctx` what `_decode_backward`
+    reads besides the saved tensors."""
+    ctx.latent_sort = _shared_sort(indices_BK, W_dec.shape[0])  # the encoder's, when it made them
+    ctx.bias_dtype = None if bias_D is None else bias_D.dtype
+    out_dtype = values_BK.dtype if bias_D is None else torch.promote_types(values_BK.dtype, bias_D.dtype)
+    return _decode_table(values_BK, W_dec), out_dtype
+
+
 def _decode_backward(ctx, grad_out_BD: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """(d values, dW_dec, d bias) of the decoder from its output gradient; `ctx` saved values, indices,
     W_dec and the gathered table, and holds the shared latent sort and the bias dtype."""
@@ -180,11 +190,8 @@ class _SparseDecode(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, values_BK: Tensor, indices_BK: Tensor, W_dec: Tensor, bias_D: Tensor | None) -> Tensor:
-        table_ND = _decode_table(values_BK, W_dec)
+        table_ND, out_dtype = _decode_setup(ctx, values_BK, indices_BK, W_dec, bias_D)
         ctx.save_for_backward(values_BK, indices_BK, W_dec, table_ND)
-        ctx.latent_sort = _shared_sort(indices_BK, W_dec.shape[0])  # the encoder's, when it made them
-        ctx.bias_dtype = None if bias_D is None else bias_D.dtype
-        out_dtype = values_BK.dtype if bias_D is None else torch.promote_types(values_BK.dtype, bias_D.dtype)
         return gather_sum(values_BK, indices_BK, table_ND, out_dtype, bias_D)
 
     @staticmethod
@@ -206,14 +213,11 @@ class _DecodeMSE(torch.autograd.Function):
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, values_BK: Tensor, indices_BK: Tensor, W_dec: Tensor, bias_D: Tensor | None,
                 x_BD: Tensor) -> tuple[Tensor, Tensor]:
-        table_ND = _decode_table(values_BK, W_dec)
-        out_dtype = values_BK.dtype if bias_D is None else torch.promote_types(values_BK.dtype, bias_D.dtype)
+        table_ND, out_dtype = _decode_setup(ctx, values_BK, indices_BK, W_dec, bias_D)
         fused = decode_mse(values_BK, indices_BK, table_ND, x_BD, out_dtype, bias_D)
         rows = x_BD.shape[0]
         var = (fused.var_sum / rows).clamp_min(1e-12)  # as the reference: per-row means, the same clamp
         ctx.save_for_backward(values_BK, indices_BK, W_dec, table_ND, fused.residual, fused.dots, var)
-        ctx.latent_sort = _shared_sort(indices_BK, W_dec.shape[0])
-        ctx.bias_dtype = None if bias_D is None else bias_D.dtype
         ctx.rows = rows
         ctx.set_materialize_grads(False)
         return fused.x_hat, fused.err_sum / rows / var
@@ -295,10 +299,7 @@ def decode_with_mse(values: Tensor, indices: Tensor, W_dec: Tensor, bias: Tensor
     """(`sparse_decode`, `normalized_mse` of it against x) from one fused decoder pass; [B, k] codes and a
     [B, d] x, which gets no gradient."""
     _check_weights("W_dec", W_dec)
-    if x.shape != (values.shape[0], W_dec.shape[1]) or values.dim() != 2:
-        raise ValueError(f"codes {tuple(values.shape)} and x {tuple(x.shape)} must be [B, k] and [B, d] with "
-                         f"d = {W_dec.shape[1]}, the decoder's width.")
-    x = x.detach()
+    x = x.detach()  # shapes are checked by `decode_mse`
     return _DecodeMSE.apply(values.contiguous(), indices.contiguous(), W_dec, bias,
                             x if x.stride(-1) == 1 else x.contiguous())
 

@@ -18,6 +18,7 @@ import triton.language as tl
 from torch import Tensor
 
 from mmsae.kernels.triton_dense import col_sums
+from mmsae.kernels.triton_sparse import check_codes
 
 TILE_ELEMENTS, MAX_BLOCK_D = 4096, 64
 """Atoms tile per warp (BLOCK_K × BLOCK_D ≤ TILE_ELEMENTS, BLOCK_D ≤ MAX_BLOCK_D). One warp per row with a
@@ -88,14 +89,12 @@ def tile_config(k: int) -> tuple[int, int, int]:
 def decode_mse(w_BK: Tensor, idx_BK: Tensor, table_ND: Tensor, x_BD: Tensor, out_dtype: torch.dtype,
                bias_D: Tensor | None = None) -> DecodeMSE:
     """x̂ = Σ_j w[b, j] · table[idx[b, j]] (+ bias) with the loss sums, residual and dots of `DecodeMSE`."""
-    if w_BK.shape != idx_BK.shape or w_BK.dim() != 2 or not (w_BK.is_contiguous() and idx_BK.is_contiguous()):
-        raise ValueError(
-            f"values {tuple(w_BK.shape)} and indices {tuple(idx_BK.shape)} must both be contiguous [B, k]."
-        )
+    check_codes(w_BK, idx_BK)
     B, k = w_BK.shape
     d = table_ND.shape[1]
     if x_BD.shape != (B, d) or x_BD.stride(-1) != 1:
-        raise ValueError(f"x {tuple(x_BD.shape)} must be a row-major [B, d] = [{B}, {d}] matrix.")
+        raise ValueError(f"x {tuple(x_BD.shape)} must be [B, d] = [{B}, {d}] (the codes' rows, the decoder's "
+                         "width) with unit column stride.")
     mean_D = col_sums(x_BD)[0] / B
     x_hat = torch.empty(B, d, dtype=out_dtype, device=w_BK.device)
     residual = torch.empty(B, d, dtype=w_BK.dtype, device=w_BK.device)

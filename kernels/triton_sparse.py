@@ -132,7 +132,7 @@ def _segment_matmul_kernel(
         tl.store(sums_ptr + lat, coef_sum, mask=lat_ok & (tl.program_id(1) == 0))
 
 
-def _check_codes(w_BK: Tensor, idx_BK: Tensor) -> None:
+def check_codes(w_BK: Tensor, idx_BK: Tensor) -> None:
     if w_BK.shape != idx_BK.shape or w_BK.dim() != 2:
         raise ValueError(f"values {tuple(w_BK.shape)} and indices {tuple(idx_BK.shape)} must both be [B, k].")
     if not (w_BK.is_contiguous() and idx_BK.is_contiguous()):
@@ -153,7 +153,7 @@ def gather_sum_into(
     num_warps: int | None = None,
     bias_D: Tensor | None = None,
 ) -> None:
-    _check_codes(w_BK, idx_BK)
+    check_codes(w_BK, idx_BK)
     B, k = w_BK.shape
     d = table_ND.shape[1]
     # H100 sweep (kernels-notes v6): 16-bit atoms want 512-column tiles (1 KB per gathered row) with
@@ -187,7 +187,7 @@ def gather_sum(w_BK: Tensor, idx_BK: Tensor, table_ND: Tensor, out_dtype: torch.
 
 
 def gather_dot_into(g_BD: Tensor, idx_BK: Tensor, table_ND: Tensor, out_BK: Tensor) -> None:
-    _check_codes(out_BK, idx_BK)
+    check_codes(out_BK, idx_BK)
     B, k = idx_BK.shape
     d = table_ND.shape[1]
     block_k = min(triton.next_power_of_2(k), 64)
@@ -243,7 +243,7 @@ def segment_matmul_into(w_BK: Tensor, idx_BK: Tensor, dense_BD: Tensor, out_ND: 
     """out[i] = scale · Σ_{(b, j): idx[b, j] = i} w[b, j] · dense[b]; every row of out is written.
     `by_latent`, when given, must be `sort_by_latent(idx_BK, n)`; `scale` a one-element fp32 tensor;
     `sums_N`, an fp32 [n] tensor, receives scale · Σ_{(b, j): idx[b, j] = i} w[b, j] (deterministic)."""
-    _check_codes(w_BK, idx_BK)
+    check_codes(w_BK, idx_BK)
     n, d = out_ND.shape
     by_latent = by_latent or sort_by_latent(idx_BK, n)
     seg, rows = by_latent.seg, by_latent.rows
