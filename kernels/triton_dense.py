@@ -5,8 +5,9 @@ would read and write the activations several times (kernels-notes v9):
 - `recon_sums` + `scaled_diff`: the normalised MSE Σ(x − x̂)² / Σ(x − x̄)² in one pass and its gradient
   2·g·(x̂ − x) / Σ(x − x̄)² in another (torch: ~10 kernels forward and ~6 backward at size 1 of the
   benchmark, 0.5 ms of a 2.8 ms step).
-- `col_sums`: column sums in fp32, optionally writing a 16-bit copy in the same pass (the decoder's
-  backward: its bias gradient, and the 16-bit output gradient its gathers read at half the bytes).
+- `col_sums`: column sums in fp32, optionally weighted per row or writing a 16-bit copy in the same pass (the
+  decoder's backward: its bias gradient, and the 16-bit output gradient its gathers read at half the bytes;
+  the encoder's: the centring bias's gradient, a GEMV over the 16-bit W_enc the GEMM read).
 
 Sums are fp32 and deterministic: each program writes its partial sums, torch adds them up.
 """
@@ -71,8 +72,8 @@ def _scaled_diff_kernel(x_ptr, xh_ptr, scale_ptr, out_ptr, B, d, stride_x, strid
 
 
 @triton.jit
-def _col_sums_kernel(x_ptr, copy_ptr, part_ptr, B, d, stride_x, stride_copy, WRITE_COPY: tl.constexpr,
-                     SUM_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+def _col_sums_kernel(x_ptr, w_ptr, copy_ptr, part_ptr, B, d, stride_x, stride_copy, WEIGHTED: tl.constexpr,
+                     WRITE_COPY: tl.constexpr, SUM_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     # One tile per program and no loop: ~1.5k one-warp programs at size 1 keep enough loads in flight (a loop
     # over 128-row blocks ran at a third of the bandwidth on the H100).
     pid_b = tl.program_id(0)
@@ -80,7 +81,10 @@ def _col_sums_kernel(x_ptr, copy_ptr, part_ptr, B, d, stride_x, stride_copy, WRI
     x = tl.load(x_ptr + rows * stride_x + cols, mask=ok, other=0.0)
     if WRITE_COPY:
         tl.store(copy_ptr + rows * stride_copy + cols, x.to(copy_ptr.dtype.element_ty), mask=ok)
-    sums = tl.sum(x.to(tl.float32), 0, keep_dims=True)
+    x = x.to(tl.float32)
+    if WEIGHTED:
+        x *= tl.load(w_ptr + rows, mask=rows < B, other=0.0).to(tl.float32)
+    sums = tl.sum(x, 0, keep_dims=True)
     tl.store(part_ptr + cols.to(tl.int64) * tl.num_programs(0) + pid_b, sums, mask=cols < d)
 
 
@@ -126,16 +130,21 @@ def scaled_diff(x_BD: Tensor, x_hat_BD: Tensor, scale: Tensor) -> Tensor:
     return out_BD.reshape(shape)
 
 
-def col_sums(x_BD: Tensor, copy_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor | None]:
-    """(Σ_b x[b] in fp32 [d], x in `copy_dtype` or None), reading x once."""
+def col_sums(x_BD: Tensor, copy_dtype: torch.dtype | None = None,
+             weights_B: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """(Σ_b w[b]·x[b] in fp32 [d] (w = 1 without `weights_B`), x in `copy_dtype` or None), reading x once."""
     x_BD = _rows(x_BD)
     B, d = x_BD.shape
     copy_BD = None if copy_dtype is None else torch.empty(B, d, dtype=copy_dtype, device=x_BD.device)
     grid = (triton.cdiv(B, SUM_ROWS), triton.cdiv(d, SUM_COLS))
     # [d, programs]: the final sum runs along rows (torch's column-wise reduce of [programs, d] took 12 µs).
     part = torch.empty(d, grid[0], dtype=torch.float32, device=x_BD.device)
-    _col_sums_kernel[grid](x_BD, x_BD if copy_BD is None else copy_BD, part, B, d, x_BD.stride(0),
-                           d if copy_BD is None else copy_BD.stride(0), WRITE_COPY=copy_BD is not None,
+    if weights_B is not None and weights_B.shape != (B,):
+        raise ValueError(f"weights {tuple(weights_B.shape)} must be one per row of x {tuple(x_BD.shape)}.")
+    _col_sums_kernel[grid](x_BD, x_BD if weights_B is None else weights_B.contiguous(),
+                           x_BD if copy_BD is None else copy_BD, part, B, d, x_BD.stride(0),
+                           d if copy_BD is None else copy_BD.stride(0), WEIGHTED=weights_B is not None,
+                           WRITE_COPY=copy_BD is not None,
                            SUM_ROWS=SUM_ROWS, BLOCK_D=SUM_COLS,
                            num_warps=2 if x_BD.element_size() == 4 else 1)
     return part.sum(1), copy_BD

@@ -5,8 +5,8 @@ the top-k select of `triton_select` instead of torch.topk; on Hopper the GEMM is
 whose epilogue does the select's first pass, elsewhere cuBLAS. Backward never forms a dense B×n
 gradient: dW_enc only has rows at selected latents (`segment_matmul`), db_enc is the sum of each latent's
 entries in that same pass, and the centring bias gets db_dec = −db_encᵀ·W_enc (every selected entry reaches
-x − b_dec through its encoder row), a GEMV instead of a B×d gather-sum; dx, when x itself needs a
-gradient, is that gather-sum of k encoder rows.
+x − b_dec through its encoder row), a GEMV (over the 16-bit W_enc under autocast) instead of a B×d
+gather-sum; dx, when x itself needs a gradient, is that gather-sum of k encoder rows.
 
 Decode: out = gather-sum of k decoder atoms; d values = k gathered dot products; dW_dec is the
 same segment matmul as dW_enc with the decoder's output gradient. Under 16-bit autocast, when each
@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmsae.kernels import weight_copies
 from mmsae.kernels.triton_dense import center_cast, col_sums, recon_sums, scaled_diff
 from mmsae.kernels.triton_gemm import fused_gemm_applies, linear_group_maxima
 from mmsae.kernels.triton_recon import decode_mse
@@ -105,11 +106,11 @@ class _TopKEncode(torch.autograd.Function):
             dtype = torch.promote_types(x_dtype, W_enc.dtype)
         # Centring and cast in one pass: (x − b_dec) in fp32, rounded once, as (x - b_dec).to(dtype).
         x_lp = x_BD.to(dtype) if b_dec is None else center_cast(x_BD, b_dec, dtype)
-        W_lp = W_enc.to(dtype)
-        values_BK, indices_BK = _linear_topk(x_lp, W_lp, b_enc.to(dtype), k)
+        W_lp = weight_copies.cast(W_enc, dtype)  # the optimizer's 16-bit copy when it keeps one
+        values_BK, indices_BK = _linear_topk(x_lp, W_lp, weight_copies.cast(b_enc, dtype), k)
         # dW_enc is built from the input the GEMM actually consumed (bf16 under autocast).
-        ctx.save_for_backward(x_lp, W_lp, W_enc, values_BK, indices_BK)
-        ctx.x_dtype = x_BD.dtype
+        ctx.save_for_backward(x_lp, W_lp, values_BK, indices_BK)
+        ctx.x_dtype, ctx.W_dtype = x_BD.dtype, W_enc.dtype
         ctx.b_dec_dtype = None if b_dec is None else b_dec.dtype
         ctx.mark_non_differentiable(indices_BK)
         ctx.latent_sort = _shared_sort(indices_BK, W_enc.shape[0])
@@ -118,7 +119,7 @@ class _TopKEncode(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_values_BK: Tensor, _grad_indices: Tensor | None):
-        x_BD, W_lp, W_enc, values_BK, indices_BK = ctx.saved_tensors
+        x_BD, W_lp, values_BK, indices_BK = ctx.saved_tensors
         n = W_lp.shape[0]
         # relu after topk: no gradient through entries that were clipped to zero.
         g_BK = (grad_values_BK * (values_BK > 0)).contiguous()
@@ -129,26 +130,30 @@ class _TopKEncode(torch.autograd.Function):
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
             grad_b_N = torch.empty(n, dtype=torch.float32, device=g_BK.device)
         if ctx.needs_input_grad[2]:  # with db_enc's per-latent sums of the same coefficients, when wanted
-            grad_W = segment_matmul(g_BK, indices_BK, x_BD, n, W_enc.dtype, ctx.latent_sort.get(),
+            grad_W = segment_matmul(g_BK, indices_BK, x_BD, n, ctx.W_dtype, ctx.latent_sort.get(),
                                     sums_N=grad_b_N)
         elif grad_b_N is not None:
             grad_b_N.zero_().index_add_(0, indices_BK.flatten(), g_BK.flatten().float())
         if grad_b_N is not None:
             if ctx.needs_input_grad[3]:
-                grad_b = grad_b_N.to(W_enc.dtype)
+                grad_b = grad_b_N.to(ctx.W_dtype)
             if ctx.needs_input_grad[1]:
-                with torch.autocast("cuda", enabled=False):  # an fp32 GEMV, not a bf16 copy of W_enc
-                    grad_b_dec = -(grad_b_N @ W_enc.float()).to(ctx.b_dec_dtype)
+                # −db_encᵀ·W over the W the GEMM read (16 bits under autocast, as autograd's dx would use):
+                # fp32 sums, half the bytes of an fp32 GEMV over W_enc.
+                grad_b_dec = -col_sums(W_lp, weights_B=grad_b_N)[0].to(ctx.b_dec_dtype)
         return grad_x, grad_b_dec, grad_W, grad_b, None
 
 
 def _decode_table(values_BK: Tensor, W_dec: Tensor) -> Tensor:
-    """The atoms the decoder gathers: W_dec, or its 16-bit copy under 16-bit codes when each atom is
-    gathered often enough per step (B·k ≥ 4n) to repay one pass over W_dec."""
-    if values_BK.element_size() == 2 < W_dec.element_size() and \
-            values_BK.numel() >= LOW_PRECISION_TABLE_MIN_REUSE * W_dec.shape[0]:
+    """The atoms the decoder gathers: W_dec, or its 16-bit copy under 16-bit codes when the optimizer keeps
+    one, or when each atom is gathered often enough per step (B·k ≥ 4n) to repay one pass over W_dec."""
+    if values_BK.element_size() == 2 < W_dec.element_size():
         # 16-bit atoms gather at ~2× the rate of fp32 ones (512-column tiles, kernels-notes v6).
-        return W_dec.to(values_BK.dtype)
+        copy = weight_copies.current(W_dec, values_BK.dtype)
+        if copy is not None:
+            return copy
+        if values_BK.numel() >= LOW_PRECISION_TABLE_MIN_REUSE * W_dec.shape[0]:
+            return weight_copies.cast(W_dec, values_BK.dtype)
     return W_dec
 
 
@@ -215,28 +220,27 @@ class _DecodeMSE(torch.autograd.Function):
                 x_BD: Tensor) -> tuple[Tensor, Tensor]:
         table_ND, out_dtype = _decode_setup(ctx, values_BK, indices_BK, W_dec, bias_D)
         fused = decode_mse(values_BK, indices_BK, table_ND, x_BD, out_dtype, bias_D)
-        rows = x_BD.shape[0]
-        var = (fused.var_sum / rows).clamp_min(1e-12)  # as the reference: per-row means, the same clamp
-        ctx.save_for_backward(values_BK, indices_BK, W_dec, table_ND, fused.residual, fused.dots, var)
-        ctx.rows = rows
+        # The reference's per-row means and clamp, err/B / max(var/B, 1e-12), as sums: two kernels, not four.
+        var_sum = fused.var_sum.clamp_min(1e-12 * x_BD.shape[0])
+        ctx.save_for_backward(values_BK, indices_BK, W_dec, table_ND, fused.residual, fused.dots, var_sum)
         ctx.set_materialize_grads(False)
-        return fused.x_hat, fused.err_sum / rows / var
+        return fused.x_hat, fused.err_sum / var_sum
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_x_hat: Tensor | None, grad_mse: Tensor | None):
-        values_BK, indices_BK, W_dec, _, r_BD, dots_BK, var = ctx.saved_tensors
+        values_BK, indices_BK, W_dec, _, r_BD, dots_BK, var_sum = ctx.saved_tensors
         if grad_mse is None:  # only x̂ was used
             if grad_x_hat is None:
                 return None, None, None, None, None
             return (*_split(_decode_backward(ctx, grad_x_hat)), None)
-        scale = grad_mse.float() * 2 / (ctx.rows * var)
+        scale = grad_mse.float() * 2 / var_sum
         if grad_x_hat is not None:
             grad_out = grad_x_hat.float() + scale * r_BD.float()
             return (*_split(_decode_backward(ctx, grad_out)), None)
         grad_values = grad_W = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_values = (dots_BK * scale).to(values_BK.dtype)
+            grad_values = torch.mul(dots_BK, scale, out=values_BK.new_empty(values_BK.shape))  # one pass
         if ctx.needs_input_grad[2]:
             grad_W = segment_matmul(values_BK, indices_BK, r_BD, W_dec.shape[0], W_dec.dtype,
                                     ctx.latent_sort.get(), scale)

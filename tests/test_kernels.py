@@ -494,6 +494,11 @@ def test_col_sums_and_16bit_copy(B: int) -> None:
     if CUDA:
         assert torch.equal(copy_BD, x_BD.bfloat16())
     assert col_sums(x_BD)[1] is None
+    w_B = torch.randn(B, device=DEVICE)  # weighted: a GEMV wᵀx with fp32 sums over 16-bit rows
+    x16_BD = x_BD.bfloat16()
+    assert rel_err(col_sums(x16_BD, weights_B=w_B)[0], w_B.double() @ x16_BD.double()) < 1e-6
+    with pytest.raises(ValueError, match="one per row"):
+        col_sums(x_BD, weights_B=w_B[1:])
 
 
 def test_normalized_mse_dispatch_keeps_the_reference_where_the_kernel_does_not_apply(

@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from mmsae.checkpoint import save_sae
+from mmsae.kernels.optim import Adam
 from mmsae.metrics import l0_tensor
 from mmsae.sae import SAE, build_sae, default_lr, fired_mask, normalized_mse
 from mmsae.sae.base import DEAD_COUNT_EVERY
@@ -171,10 +172,11 @@ class SAEModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         groups = [{"params": list(sae.parameters()), "lr": spec.lr or default_lr(spec.n_latents)}
                   for spec, sae in zip(self.specs, self.saes)]
-        # Fused Adam on CUDA: one kernel for all parameters instead of ~10 foreach kernels and their Python
-        # per step (bf16-mixed uses no grad scaler, so nothing stops it); CPU keeps the default.
+        # torch's Adam with a Triton step on CUDA: one pass per weight that also writes the 16-bit weight
+        # copies the next forward reads (`mmsae.kernels.optim`). Where that step does not apply, torch's
+        # fused Adam on CUDA (bf16-mixed uses no grad scaler, so nothing stops it); CPU keeps the default.
         fused = all(p.is_cuda for g in groups for p in g["params"])
-        optimizer = torch.optim.Adam(groups, betas=(0.9, 0.999), fused=fused or None)
+        optimizer = Adam(groups, betas=(0.9, 0.999), fused=fused or None)
         total = int(self.trainer.estimated_stepping_batches)
         warmup = min(self.warmup_steps, max(1, total // 10))
         if warmup < self.warmup_steps:
