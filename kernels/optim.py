@@ -45,6 +45,10 @@ class Adam(torch.optim.Adam):
                 adam_update_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], step, group["lr"], beta1,
                              beta2, group["eps"], group["weight_decay"], group["maximize"],
                              group.get("decoupled_weight_decay", False), copy)
+                # As torch's in-place step would: a backward through a graph that saved the old weight (or
+                # copy) now fails instead of using the new values. Then the copy is stamped as current.
+                for written in (p,) if copy is None else (p, copy):
+                    torch.autograd.graph.increment_version(written)
                 if copy is not None:
                     weight_copies.mark_current(p)
         return loss

@@ -45,7 +45,8 @@ def current(w: Tensor, dtype: torch.dtype) -> Tensor | None:
 
 
 def cast(w: Tensor, dtype: torch.dtype) -> Tensor:
-    """`w.to(dtype)`, or the optimizer's copy of w when it is current (same values, no pass over w)."""
+    """`w.to(dtype)`, or the optimizer's copy of w when it is current (same values, no pass over w). The copy
+    carries no gradient to w: call this inside an autograd Function's forward (as `triton_ops` does)."""
     if w.dtype == dtype:
         return w
     copy = current(w, dtype)

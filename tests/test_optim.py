@@ -183,7 +183,9 @@ def test_adam_writes_the_16_bit_copy_a_forward_asked_for(triton_backend: None) -
     assert weight_copies.wanted(w) == torch.bfloat16 and weight_copies.wanted(frozen) is None
     opt = Adam([w], lr=1e-2)
     w.grad = torch.randn_like(w)
+    version = w._version
     opt.step()
+    assert w._version > version, "as torch's in-place step: a backward through the old weight must fail"
     kept = weight_copies.cast(w, torch.bfloat16)
     assert kept is weight_copies.cast(w, torch.bfloat16), "a current copy is returned, not recast"
     assert not torch.equal(kept, first), "the copy holds the updated weight"
