@@ -7,7 +7,8 @@ With codes of k entries per row out of n latents, and a table W of n rows × d:
 
 `segment_matmul` sorts the B·k entries by latent once, then one program owns a block of latents
 and sums their rows: every output row is written exactly once (zeros for latents nobody chose),
-so there are no atomics and no dense B×n gradient. Accumulation is fp32 everywhere.
+so there are no atomics and no dense B×n gradient. A latent with more than 256 entries is split over
+several programs whose partial sums a second pass adds in order. Accumulation is fp32 everywhere.
 """
 
 from __future__ import annotations
@@ -91,13 +92,17 @@ def _gather_dot_kernel(
 
 @triton.jit
 def _segment_matmul_kernel(
-    seg_ptr,
+    item_begin_ptr,
+    item_len_ptr,
+    item_dest_ptr,
     row_ptr,
     coef_ptr,
     dense_ptr,
     out_ptr,
     sums_ptr,
-    n,
+    part_ptr,
+    part_sums_ptr,
+    n_items,
     d,
     stride_dense,
     stride_out,
@@ -105,12 +110,15 @@ def _segment_matmul_kernel(
     BLOCK_L: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    # A tile of BLOCK_L latents × BLOCK_D columns; step t adds the t-th entry of every latent's
-    # segment at once, so BLOCK_L independent row gathers are in flight instead of one.
-    lat = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
-    lat_ok = lat < n
-    begin = tl.load(seg_ptr + lat, mask=lat_ok, other=0)
-    length = tl.load(seg_ptr + lat + 1, mask=lat_ok, other=0) - begin
+    # A tile of BLOCK_L work items × BLOCK_D columns (`LatentSort`: a latent's segment, or a chunk of a long
+    # one); step t adds the t-th entry of every item at once, so BLOCK_L independent row gathers are in flight
+    # instead of one. Items follow the latents' by-length order, so a tile's items have about the same length
+    # and the loop, which runs to the longest, wastes little.
+    item = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    item_ok = item < n_items
+    begin = tl.load(item_begin_ptr + item, mask=item_ok, other=0)
+    length = tl.load(item_len_ptr + item, mask=item_ok, other=-1)
+    dest = tl.load(item_dest_ptr + item, mask=item_ok, other=0)
     d_offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = d_offs < d
     acc = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32)
@@ -126,10 +134,76 @@ def _segment_matmul_kernel(
         )
         acc += x.to(tl.float32) * coef[:, None]
         coef_sum += coef
-    out = out_ptr + lat[:, None].to(tl.int64) * stride_out + d_offs[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=lat_ok[:, None] & d_ok[None, :])
+    # A whole segment goes to its latent's output row (dest ≥ 0); a chunk of a long one to fp32 partial row
+    # −1 − dest, which `_segment_reduce_kernel` adds up in order: deterministic, no atomics. Length −1: no
+    # item (the arrays' static tail).
+    whole = (length >= 0) & (dest >= 0)
+    part = (length >= 0) & (dest < 0)
+    out = out_ptr + dest[:, None].to(tl.int64) * stride_out + d_offs[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=whole[:, None] & d_ok[None, :])
+    parts = part_ptr + (-1 - dest[:, None]).to(tl.int64) * d + d_offs[None, :]
+    tl.store(parts, acc, mask=part[:, None] & d_ok[None, :])
     if WRITE_SUMS:  # each latent's coefficient sum (the encoder's bias gradient), from the first column block
-        tl.store(sums_ptr + lat, coef_sum, mask=lat_ok & (tl.program_id(1) == 0))
+        first = tl.program_id(1) == 0
+        tl.store(sums_ptr + dest, coef_sum, mask=whole & first)
+        tl.store(part_sums_ptr + (-1 - dest), coef_sum, mask=part & first)
+
+
+@triton.jit
+def _chunk_count_kernel(by_length_ptr, seg_ptr, chunks_ptr, n, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    slot = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = slot < n
+    lat = tl.load(by_length_ptr + slot, mask=ok, other=0)
+    length = tl.load(seg_ptr + lat + 1, mask=ok, other=0) - tl.load(seg_ptr + lat, mask=ok, other=0)
+    tl.store(chunks_ptr + slot, tl.maximum((length + CHUNK - 1) // CHUNK, 1), mask=ok)
+
+
+@triton.jit
+def _work_items_kernel(by_length_ptr, seg_ptr, item_end_ptr, item_begin_ptr, item_len_ptr, item_dest_ptr, n,
+                       n_items, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    # Slot s's items are [item_end[s − 1], item_end[s]): chunk c starts c·CHUNK entries into the segment.
+    # Items past the last one (the arrays have a static size) get length −1.
+    slot = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = slot < n
+    lat = tl.load(by_length_ptr + slot, mask=ok, other=0)
+    seg_begin = tl.load(seg_ptr + lat, mask=ok, other=0)
+    length = tl.load(seg_ptr + lat + 1, mask=ok, other=0) - seg_begin
+    chunks = tl.where(ok, tl.maximum((length + CHUNK - 1) // CHUNK, 1), 0)
+    end = tl.load(item_end_ptr + slot, mask=ok, other=0)
+    for c in range(0, tl.max(chunks, 0)):
+        live = c < chunks
+        item = end - chunks + c
+        tl.store(item_begin_ptr + item, seg_begin + c * CHUNK, mask=live)
+        tl.store(item_len_ptr + item, tl.minimum(length - c * CHUNK, CHUNK), mask=live)
+        tl.store(item_dest_ptr + item, tl.where(chunks == 1, lat, -1 - item), mask=live)
+    total = tl.load(item_end_ptr + n - 1)
+    for tail in range(tl.program_id(0) * BLOCK, n_items, tl.num_programs(0) * BLOCK):
+        item = tail + tl.arange(0, BLOCK)
+        tl.store(item_len_ptr + item, -1, mask=(item >= total) & (item < n_items))
+
+
+@triton.jit
+def _segment_reduce_kernel(item_end_ptr, lat_ptr, seg_ptr, part_ptr, part_sums_ptr, out_ptr, sums_ptr, d,
+                           stride_out, WRITE_SUMS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
+    # One program per (by-length slot, column block); only the slots of split latents have work.
+    slot = tl.program_id(0)
+    lat = tl.load(lat_ptr + slot)
+    seg_len = tl.load(seg_ptr + lat + 1) - tl.load(seg_ptr + lat)
+    n_chunks = (seg_len + CHUNK - 1) // CHUNK
+    if n_chunks > 1:
+        first = tl.load(item_end_ptr + slot) - n_chunks
+        d_offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        d_ok = d_offs < d
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        total = 0.0
+        for c in range(0, n_chunks):
+            acc += tl.load(part_ptr + (first + c).to(tl.int64) * d + d_offs, mask=d_ok, other=0.0)
+            if WRITE_SUMS:
+                total += tl.load(part_sums_ptr + first + c)
+        out = out_ptr + lat.to(tl.int64) * stride_out + d_offs
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=d_ok)
+        if WRITE_SUMS:
+            tl.store(sums_ptr + lat, total, mask=tl.program_id(1) == 0)
 
 
 def check_codes(w_BK: Tensor, idx_BK: Tensor) -> None:
@@ -215,8 +289,13 @@ def gather_dot(g_BD: Tensor, idx_BK: Tensor, table_ND: Tensor, out_dtype: torch.
 
 @dataclass(frozen=True)
 class LatentSort:
-    """The B·k entries of an index array in latent order: what both backward passes' segment matmuls
-    read, so one sort per step can serve the encoder's and the decoder's (`triton_ops`)."""
+    """The B·k entries of an index array in latent order, and the segment matmul's work items over them: what
+    both backward passes' segment matmuls read, so one sort per step serves the encoder's and the decoder's
+    (`triton_ops`).
+
+    A work item is one latent's segment, or a `SEGMENT_CHUNK` of it when longer, in the latents' by-length
+    order (longest first). The item arrays have a static size (n + B·k // CHUNK, a bound on the count), so
+    nothing here syncs the host and a CUDA graph can hold it."""
 
     order: Tensor
     """[B·k] int64: flat entry positions, sorted by latent."""
@@ -224,17 +303,50 @@ class LatentSort:
     """[B·k] int32: the token (row) of each sorted entry."""
     seg: Tensor
     """[n + 1] int32: latent i's entries are order[seg[i]:seg[i + 1]]."""
+    by_length: Tensor
+    """[n] int64: the latents, most entries first."""
+    item_end: Tensor
+    """[n] int32: work items up to and including each by-length slot."""
+    item_begin: Tensor
+    """[items] int32: each item's first sorted entry."""
+    item_len: Tensor
+    """[items] int32: its entry count (≤ CHUNK; −1 past the last item)."""
+    item_dest: Tensor
+    """[items] int32: its latent when it is the whole segment, else −1 − the partial-sum row it writes."""
+
+
+SEGMENT_CHUNK = 256
+"""Entries per work item of the segment matmul: a longer segment (a latent that fires on more than 256 of the
+batch's rows, as dense latents do in training) is split over several programs, and a second pass adds their
+partial sums: one program looping over thousands of rows while the others idle cost 3–4 ms (v12)."""
+_PLAN_BLOCK = 1024
 
 
 def sort_by_latent(idx_BK: Tensor, n: int) -> LatentSort:
+    entries = idx_BK.numel()
+    device = idx_BK.device
     # Narrow keys, fewer radix-sort passes in torch.sort (stable, so deterministic): int16 for up to 2¹⁶
     # latents (shifted by 2¹⁵ to keep the order), int32 beyond.
     shift, dtype = (1 << 15, torch.int16) if n <= 1 << 16 else (0, torch.int32)
     sorted_keys, order = torch.sort((idx_BK.flatten() - shift).to(dtype), stable=True)
     # Segment i of the sorted entries is [seg[i], seg[i+1]); the last bound is the entry count.
-    starts = torch.searchsorted(sorted_keys, (torch.arange(n, device=idx_BK.device) - shift).to(dtype))
-    seg = torch.cat([starts.to(torch.int32), starts.new_full((1,), idx_BK.numel(), dtype=torch.int32)])
-    return LatentSort(order, (order // idx_BK.shape[1]).to(torch.int32), seg)
+    starts = torch.searchsorted(sorted_keys, (torch.arange(n, device=device) - shift).to(dtype))
+    seg = torch.cat([starts.to(torch.int32), starts.new_full((1,), entries, dtype=torch.int32)])
+    # Longest first; a segment has at most B entries (a latent once per row), so −length fits int16 keys below
+    # 2¹⁵ rows: two radix passes instead of four.
+    neg_lengths = seg[:-1] - seg[1:]
+    by_length = torch.sort(neg_lengths.to(torch.int16) if idx_BK.shape[0] < 1 << 15 else neg_lengths,
+                           stable=True).indices
+    grid = (triton.cdiv(n, _PLAN_BLOCK),)
+    chunks = torch.empty(n, dtype=torch.int32, device=device)
+    _chunk_count_kernel[grid](by_length, seg, chunks, n, CHUNK=SEGMENT_CHUNK, BLOCK=_PLAN_BLOCK)
+    item_end = torch.cumsum(chunks, 0, dtype=torch.int32)
+    n_items = n + entries // SEGMENT_CHUNK  # Σ max(1, ⌈L / C⌉) ≤ n + Σ L / C
+    item_begin, item_len, item_dest = torch.empty(3, n_items, dtype=torch.int32, device=device).unbind()
+    _work_items_kernel[grid](by_length, seg, item_end, item_begin, item_len, item_dest, n, n_items,
+                             CHUNK=SEGMENT_CHUNK, BLOCK=_PLAN_BLOCK)
+    return LatentSort(order, (order // idx_BK.shape[1]).to(torch.int32), seg, by_length, item_end, item_begin,
+                      item_len, item_dest)
 
 
 def segment_matmul_into(w_BK: Tensor, idx_BK: Tensor, dense_BD: Tensor, out_ND: Tensor,
@@ -246,27 +358,27 @@ def segment_matmul_into(w_BK: Tensor, idx_BK: Tensor, dense_BD: Tensor, out_ND: 
     check_codes(w_BK, idx_BK)
     n, d = out_ND.shape
     by_latent = by_latent or sort_by_latent(idx_BK, n)
-    seg, rows = by_latent.seg, by_latent.rows
     coef = w_BK.flatten()[by_latent.order]
     if scale is not None:  # on the B·k coefficients (fp32), not on the n × d output
         coef = coef.float() * scale.reshape(1)
+    entries = idx_BK.numel()
+    # Split latents have > CHUNK entries each: fewer than entries / CHUNK of them, with < 2·entries / CHUNK
+    # items. They come first in by-length order, so their partial rows are item numbers below that bound.
+    n_parts, n_split = 2 * entries // SEGMENT_CHUNK + 1, min(n, entries // SEGMENT_CHUNK + 1)
+    part = torch.empty(n_parts, d, dtype=torch.float32, device=out_ND.device)
+    part_sums = torch.empty(n_parts if sums_N is not None else 1, dtype=torch.float32, device=out_ND.device)
+    sums = out_ND if sums_N is None else sums_N  # any pointer when no sums are wanted
     block_l, block_d = 16, _block_d(d, 128)
-    grid = (triton.cdiv(n, block_l), triton.cdiv(d, block_d))
-    _segment_matmul_kernel[grid](
-        seg,
-        rows,
-        coef,
-        dense_BD,
-        out_ND,
-        out_ND if sums_N is None else sums_N,  # any pointer when no sums are wanted
-        n,
-        d,
-        dense_BD.stride(0),
-        out_ND.stride(0),
-        WRITE_SUMS=sums_N is not None,
-        BLOCK_L=block_l,
-        BLOCK_D=block_d,
-        num_warps=4,
+    n_items = by_latent.item_len.numel()
+    _segment_matmul_kernel[(triton.cdiv(n_items, block_l), triton.cdiv(d, block_d))](
+        by_latent.item_begin, by_latent.item_len, by_latent.item_dest, by_latent.rows, coef, dense_BD, out_ND,
+        sums, part, part_sums, n_items, d, dense_BD.stride(0), out_ND.stride(0),
+        WRITE_SUMS=sums_N is not None, BLOCK_L=block_l, BLOCK_D=block_d, num_warps=4,
+    )
+    reduce_d = _block_d(d, 512)
+    _segment_reduce_kernel[(n_split, triton.cdiv(d, reduce_d))](
+        by_latent.item_end, by_latent.by_length, by_latent.seg, part, part_sums, out_ND, sums, d,
+        out_ND.stride(0), WRITE_SUMS=sums_N is not None, CHUNK=SEGMENT_CHUNK, BLOCK_D=reduce_d, num_warps=4,
     )
 
 

@@ -215,6 +215,37 @@ def test_segment_matmul_matches_dense_transpose(B: int, k: int, n: int, d: int) 
         assert (out_ND[never_chosen] == 0).all()
 
 
+@pytest.mark.parametrize("chunk", [4, None])  # None: the library's 256, reached by a latent in every row
+def test_segment_matmul_splits_long_segments(chunk: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Skewed latents, as in training (one fires on every row, a few on many): their segments are split into
+    work items whose partial sums a second pass adds; the result equals the dense reference, deterministic."""
+    from mmsae.kernels import triton_sparse
+
+    if chunk is not None:
+        monkeypatch.setattr(triton_sparse, "SEGMENT_CHUNK", chunk)
+    B, k, n, d = (37, 3, 11, 70) if chunk is not None else (600, 2, 9, 33)
+    idx_BK = torch.stack([torch.zeros(B, dtype=torch.long), torch.randint(1, 4, (B,))] +
+                         [torch.randint(4, n, (B,)) for _ in range(k - 2)], 1).to(DEVICE)
+    w_BK = torch.randn(B, k, device=DEVICE)
+    dense_BD = torch.randn(B, d, device=DEVICE).bfloat16()
+    codes_BN = torch.zeros(B, n, device=DEVICE, dtype=torch.float64).scatter_add(1, idx_BK, w_BK.double())
+    by_latent = sort_by_latent(idx_BK, n)
+    lengths = torch.bincount(idx_BK.flatten(), minlength=n)[by_latent.by_length]
+    size = triton_sparse.SEGMENT_CHUNK
+    assert torch.equal(by_latent.item_end.long(), ((lengths + size - 1) // size).clamp_min(1).cumsum(0))
+    assert lengths[0] == B > size, "a latent must be split"
+    scale = torch.tensor(0.5, device=DEVICE)
+    results = []
+    for _ in range(2):
+        out_ND = torch.full((n, d), float("nan"), device=DEVICE)
+        sums_N = torch.full((n,), float("nan"), device=DEVICE)
+        segment_matmul_into(w_BK, idx_BK, dense_BD, out_ND, by_latent, scale=scale, sums_N=sums_N)
+        assert rel_err(out_ND, 0.5 * codes_BN.T @ dense_BD.double()) < 1e-5
+        assert rel_err(sums_N, 0.5 * codes_BN.sum(0)) < 1e-6
+        results.append(out_ND)
+    assert torch.equal(results[0], results[1]), "fixed summation order"
+
+
 @pytest.mark.parametrize("n", [7, 1 << 16, (1 << 16) + 5])  # int16 keys up to 2¹⁶ latents, int32 beyond
 def test_sort_by_latent_is_stable_with_exact_segments(n: int) -> None:
     idx_BK = torch.randint(0, n, (50, 6), device=DEVICE)
@@ -226,6 +257,8 @@ def test_sort_by_latent_is_stable_with_exact_segments(n: int) -> None:
     assert by_latent.seg.dtype == torch.int32 and by_latent.seg.shape == (n + 1,)
     assert torch.equal(by_latent.seg.long().diff(), counts) and by_latent.seg[0] == 0
     assert torch.equal(by_latent.rows.long(), by_latent.order // 6)
+    lengths = counts[by_latent.by_length]
+    assert sorted(by_latent.by_length.tolist()) == list(range(n)) and (lengths.diff() <= 0).all()
 
 
 # ----------------------------------------------------------------------------- autograd
