@@ -220,21 +220,20 @@ class _DecodeMSE(torch.autograd.Function):
                 x_BD: Tensor) -> tuple[Tensor, Tensor]:
         table_ND, out_dtype = _decode_setup(ctx, values_BK, indices_BK, W_dec, bias_D)
         fused = decode_mse(values_BK, indices_BK, table_ND, x_BD, out_dtype, bias_D)
-        # The reference's per-row means and clamp, err/B / max(var/B, 1e-12), as sums: two kernels, not four.
-        var_sum = fused.var_sum.clamp_min(1e-12 * x_BD.shape[0])
-        ctx.save_for_backward(values_BK, indices_BK, W_dec, table_ND, fused.residual, fused.dots, var_sum)
+        denom = _loss_denominator(fused.var_sum, x_BD.shape[0])
+        ctx.save_for_backward(values_BK, indices_BK, W_dec, table_ND, fused.residual, fused.dots, denom)
         ctx.set_materialize_grads(False)
-        return fused.x_hat, fused.err_sum / var_sum
+        return fused.x_hat, fused.err_sum / denom
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_x_hat: Tensor | None, grad_mse: Tensor | None):
-        values_BK, indices_BK, W_dec, _, r_BD, dots_BK, var_sum = ctx.saved_tensors
+        values_BK, indices_BK, W_dec, _, r_BD, dots_BK, denom = ctx.saved_tensors
         if grad_mse is None:  # only x̂ was used
             if grad_x_hat is None:
                 return None, None, None, None, None
             return (*_split(_decode_backward(ctx, grad_x_hat)), None)
-        scale = grad_mse.float() * 2 / var_sum
+        scale = grad_mse.float() * 2 / denom
         if grad_x_hat is not None:
             grad_out = grad_x_hat.float() + scale * r_BD.float()
             return (*_split(_decode_backward(ctx, grad_out)), None)
@@ -261,16 +260,20 @@ class _NormalizedMSE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_BD: Tensor, x_hat_BD: Tensor) -> Tensor:
         err, var_sum = recon_sums(x_BD, x_hat_BD)
-        rows = x_BD.shape[0]
-        var = (var_sum / rows).clamp_min(1e-12)  # as the reference: per-row means, the same clamp
-        ctx.save_for_backward(x_BD, x_hat_BD, var)
-        ctx.rows = rows
-        return err / rows / var
+        denom = _loss_denominator(var_sum, x_BD.shape[0])
+        ctx.save_for_backward(x_BD, x_hat_BD, denom)
+        return err / denom
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x_BD, x_hat_BD, var = ctx.saved_tensors
-        return None, scaled_diff(x_BD, x_hat_BD, grad * 2 / (ctx.rows * var))
+        x_BD, x_hat_BD, denom = ctx.saved_tensors
+        return None, scaled_diff(x_BD, x_hat_BD, grad * 2 / denom)
+
+
+def _loss_denominator(var_sum: Tensor, rows: int) -> Tensor:
+    """Σ(x − x̄)², floored as the reference floors its per-row mean (at 1e-12): the normalised MSE is
+    err_sum / this, and its gradient w.r.t. x̂ is 2g·(x̂ − x) / this. Sums, not means: two kernels fewer."""
+    return var_sum.clamp_min(1e-12 * rows)
 
 
 def _check_weights(name: str, W: Tensor) -> None:

@@ -150,12 +150,21 @@ def _segment_matmul_kernel(
 
 
 @triton.jit
+def _slot_segment(by_length_ptr, seg_ptr, slot, ok, CHUNK: tl.constexpr):
+    """(latent, first sorted entry, entry count, work items = max(1, ⌈count / CHUNK⌉)) at by-length `slot`:
+    the one chunking rule of the three kernels below."""
+    lat = tl.load(by_length_ptr + slot, mask=ok, other=0)
+    begin = tl.load(seg_ptr + lat, mask=ok, other=0)
+    length = tl.load(seg_ptr + lat + 1, mask=ok, other=0) - begin
+    return lat, begin, length, tl.maximum((length + CHUNK - 1) // CHUNK, 1)
+
+
+@triton.jit
 def _chunk_count_kernel(by_length_ptr, seg_ptr, chunks_ptr, n, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     slot = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = slot < n
-    lat = tl.load(by_length_ptr + slot, mask=ok, other=0)
-    length = tl.load(seg_ptr + lat + 1, mask=ok, other=0) - tl.load(seg_ptr + lat, mask=ok, other=0)
-    tl.store(chunks_ptr + slot, tl.maximum((length + CHUNK - 1) // CHUNK, 1), mask=ok)
+    chunks = _slot_segment(by_length_ptr, seg_ptr, slot, ok, CHUNK)[3]
+    tl.store(chunks_ptr + slot, chunks, mask=ok)
 
 
 @triton.jit
@@ -165,10 +174,8 @@ def _work_items_kernel(by_length_ptr, seg_ptr, item_end_ptr, item_begin_ptr, ite
     # Items past the last one (the arrays have a static size) get length −1.
     slot = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = slot < n
-    lat = tl.load(by_length_ptr + slot, mask=ok, other=0)
-    seg_begin = tl.load(seg_ptr + lat, mask=ok, other=0)
-    length = tl.load(seg_ptr + lat + 1, mask=ok, other=0) - seg_begin
-    chunks = tl.where(ok, tl.maximum((length + CHUNK - 1) // CHUNK, 1), 0)
+    lat, seg_begin, length, chunks = _slot_segment(by_length_ptr, seg_ptr, slot, ok, CHUNK)
+    chunks = tl.where(ok, chunks, 0)
     end = tl.load(item_end_ptr + slot, mask=ok, other=0)
     for c in range(0, tl.max(chunks, 0)):
         live = c < chunks
@@ -187,9 +194,7 @@ def _segment_reduce_kernel(item_end_ptr, lat_ptr, seg_ptr, part_ptr, part_sums_p
                            stride_out, WRITE_SUMS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
     # One program per (by-length slot, column block); only the slots of split latents have work.
     slot = tl.program_id(0)
-    lat = tl.load(lat_ptr + slot)
-    seg_len = tl.load(seg_ptr + lat + 1) - tl.load(seg_ptr + lat)
-    n_chunks = (seg_len + CHUNK - 1) // CHUNK
+    lat, _, _, n_chunks = _slot_segment(lat_ptr, seg_ptr, slot, slot >= 0, CHUNK)
     if n_chunks > 1:
         first = tl.load(item_end_ptr + slot) - n_chunks
         d_offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
