@@ -126,6 +126,16 @@ def test_state_dicts_move_between_torch_adam_and_the_fused_one(triton_backend: N
     assert_same_state(q2, ref_params, ours_from_torch, theirs)
 
 
+def test_the_adam_kernel_names_mismatched_inputs() -> None:
+    from mmsae.kernels.triton_adam import adam_update_
+
+    p, g = torch.zeros(4, 3, device=DEVICE), torch.zeros(4, 3, device=DEVICE)
+    with pytest.raises(ValueError, match=r"exp_avg must be contiguous and of the weight's shape \(4, 3\)"):
+        adam_update_(p, g, torch.zeros(3, 4, device=DEVICE), torch.zeros_like(p), 1.0, 1e-3, 0.9, 0.999, 1e-8)
+    with pytest.raises(ValueError, match=r"fp32 gradients and moments; grad is torch\.bfloat16"):
+        adam_update_(p, g.bfloat16(), torch.zeros_like(p), torch.zeros_like(p), 1.0, 1e-3, 0.9, 0.999, 1e-8)
+
+
 def test_unsupported_options_run_torchs_step(monkeypatch: pytest.MonkeyPatch) -> None:
     """AMSGrad (and, under the auto backend, CPU weights) take torch's own step, not the kernel."""
     from mmsae.kernels import triton_adam
