@@ -1,8 +1,8 @@
 """`mmsae app search|steer|unlearn`: load the SAE, encoder and index, then serve the app on localhost.
 
-    mmsae app search  --sae runs/demo/sae/HOOK --index runs/demo/index [--model clip:ViT-B-32/openai]
-    mmsae app steer   --sae runs/sae --model clip:ViT-B-32/openai --data-dir photos/ [--index DIR]
-    mmsae app unlearn --sae runs/unet_sae --model unet:CompVis/stable-diffusion-v1-4
+mmsae app search  --sae runs/demo/sae/HOOK --index runs/demo/index [--model clip:ViT-B-32/openai]
+mmsae app steer   --sae runs/sae --model clip:ViT-B-32/openai --data-dir photos/ [--index DIR]
+mmsae app unlearn --sae runs/unet_sae --model unet:CompVis/stable-diffusion-v1-4
 """
 
 from __future__ import annotations
@@ -18,18 +18,27 @@ APPS = ("search", "steer", "unlearn")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mmsae app", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="mmsae app", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("app", choices=APPS)
     p.add_argument("--sae", required=True, help="SAE directory or Hub repo id")
     p.add_argument("--index", type=Path, help="concept index directory (required by search; names features)")
     p.add_argument("--model", help="encoder spec, e.g. clip:ViT-B-32/openai (default: the SAE's own)")
-    p.add_argument("--random-init", action="store_true",
-                   help="random encoder weights (demos without downloadable weights)")
+    p.add_argument(
+        "--random-init",
+        action="store_true",
+        help="random encoder weights (demos without downloadable weights)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: localhost only)")
     p.add_argument("--port", type=int, help="port (default: Gradio picks a free one from 7860)")
-    p.add_argument("--data-dir", type=Path, action="append", default=[],
-                   help="repeatable: extra image folder the app may read (also calibrates steering)")
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        action="append",
+        default=[],
+        help="repeatable: extra image folder the app may read (also calibrates steering)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
@@ -54,8 +63,11 @@ def build_app(args: argparse.Namespace):  # -> gr.Blocks (gradio imported lazily
         meta = json.loads(meta_path.read_text())
         spec = args.model or meta["encoder"]
         encoder = get_encoder(spec, pretrained=not args.random_init, device=args.device)
-        embedder = encoder if meta["embedder"] == spec else get_encoder(
-            meta["embedder"], pretrained=not args.random_init, device=args.device)
+        embedder = (
+            encoder
+            if meta["embedder"] == spec
+            else get_encoder(meta["embedder"], pretrained=not args.random_init, device=args.device)
+        )
         index = ConceptIndex.load(args.index, encoder=encoder, embedder=embedder, sae=sae)
     else:
         spec = args.model or sae.cfg.encoder
@@ -65,8 +77,10 @@ def build_app(args: argparse.Namespace):  # -> gr.Blocks (gradio imported lazily
     catalog = FeatureCatalog.from_index(index) if index is not None else None
     if args.app == "search":
         if index is None:
-            raise ValueError("The search app runs on a concept index: pass --index DIR "
-                             "(built by `make demo` or `mmsae index build`).")
+            raise ValueError(
+                "The search app runs on a concept index: pass --index DIR "
+                "(built by `make demo` or `mmsae index build`)."
+            )
         from mmsae.apps.search import build_search_app
 
         return build_search_app(index, settings), settings

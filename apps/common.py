@@ -35,8 +35,12 @@ class AppSettings:
     max_upload_mb: int = MAX_UPLOAD_MB
 
     def launch_kwargs(self) -> dict[str, Any]:
-        return {"server_name": self.host, "server_port": self.port,
-                "max_file_size": f"{self.max_upload_mb}mb", "allowed_paths": [str(d) for d in self.data_dirs]}
+        return {
+            "server_name": self.host,
+            "server_port": self.port,
+            "max_file_size": f"{self.max_upload_mb}mb",
+            "allowed_paths": [str(d) for d in self.data_dirs],
+        }
 
 
 def inside(path: str | Path, roots: list[Path]) -> Path:
@@ -113,6 +117,7 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a handler for Gradio: bad input becomes a gr.Error message, not a stack trace.
 
     functools.wraps keeps the signature, so Gradio still sees a `progress=gr.Progress()` parameter."""
+
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:

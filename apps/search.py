@@ -92,8 +92,10 @@ class SearchHandlers:
             feats = self.index.features_of(image_id, k=int(k))
             heatmaps = self._heatmaps(image_id, picture, [f.feature for f in feats[: self.n_heatmaps]])
         table = [[f.feature, f.name, round(f.activation, 4), round(f.contribution, 4)] for f in feats]
-        gallery = [(img, f"{self.catalog.label(f.feature)} ({f.contribution:.0%})")
-                   for img, f in zip(heatmaps, feats)]
+        gallery = [
+            (img, f"{self.catalog.label(f.feature)} ({f.contribution:.0%})")
+            for img, f in zip(heatmaps, feats)
+        ]
         return thumbnail(picture, 384), table, gallery, [f.feature for f in feats[: len(gallery)]]
 
     def _heatmaps(self, image_id: int, picture: Image.Image, features: list[int]) -> list[Image.Image]:
@@ -127,8 +129,13 @@ def build_search_app(index: ConceptIndex, settings: AppSettings | None = None) -
         with gr.Row():
             with gr.Column(scale=2):
                 text = gr.Textbox(label="Text query", placeholder="a photo of a cat", elem_id="search-text")
-                image = gr.Image(label="…or an image query", type="filepath", sources=["upload", "clipboard"],
-                                 height=160, elem_id="search-image")
+                image = gr.Image(
+                    label="…or an image query",
+                    type="filepath",
+                    sources=["upload", "clipboard"],
+                    height=160,
+                    elem_id="search-image",
+                )
             with gr.Column(scale=1):
                 k = gr.Slider(1, 64, value=12, step=1, label="Results")
                 filter_mode = gr.Radio(list(FILTERS), value="off", label="Concept filter")
@@ -140,33 +147,54 @@ def build_search_app(index: ConceptIndex, settings: AppSettings | None = None) -
         with gr.Row():
             image_id = gr.Number(label="Image id (click a result)", precision=0, elem_id="search-image-id")
             picture = gr.Image(label="Image", interactive=False, height=240)
-            table = gr.Dataframe(headers=["feature", "name", "activation", "contribution"],
-                                 label="Top features", interactive=False, elem_id="search-features")
-        heatmaps = gr.Gallery(label="Where its features fire (click one for its top images)", columns=6,
-                              height=220, elem_id="search-heatmaps")
+            table = gr.Dataframe(
+                headers=["feature", "name", "activation", "contribution"],
+                label="Top features",
+                interactive=False,
+                elem_id="search-features",
+            )
+        heatmaps = gr.Gallery(
+            label="Where its features fire (click one for its top images)",
+            columns=6,
+            height=220,
+            elem_id="search-heatmaps",
+        )
         heatmap_ids = gr.State([])
         feature = gr.Textbox(label="Feature (click a heatmap, or type a number)", elem_id="search-feature")
         feature_title = gr.Markdown()
-        top_images = gr.Gallery(label="Top images of the feature", columns=6, height=220,
-                                elem_id="search-feature-images")
+        top_images = gr.Gallery(
+            label="Top images of the feature", columns=6, height=220, elem_id="search-feature-images"
+        )
         top_ids = gr.State([])
 
-        search_event = dict(fn=user_errors(h.search), inputs=[text, image, k, filter_mode, filter_text],
-                            outputs=[results, result_ids, status])
+        search_event = dict(
+            fn=user_errors(h.search),
+            inputs=[text, image, k, filter_mode, filter_text],
+            outputs=[results, result_ids, status],
+        )
         go.click(**search_event, api_name="search")
         text.submit(**search_event, api_name=False)
-        show_features = dict(fn=user_errors(h.image_features), inputs=[image_id],
-                             outputs=[picture, table, heatmaps, heatmap_ids])
+        show_features = dict(
+            fn=user_errors(h.image_features),
+            inputs=[image_id],
+            outputs=[picture, table, heatmaps, heatmap_ids],
+        )
         image_id.submit(**show_features, api_name="image_features")
         results.select(h.pick, [result_ids], [image_id], api_name="pick_result").then(
-            **show_features, api_name=False)
+            **show_features, api_name=False
+        )
         top_images.select(h.pick, [top_ids], [image_id], api_name="pick_top_image").then(
-            **show_features, api_name=False)
-        show_images = dict(fn=user_errors(h.feature_images), inputs=[feature, k],
-                           outputs=[top_images, top_ids, feature_title])
+            **show_features, api_name=False
+        )
+        show_images = dict(
+            fn=user_errors(h.feature_images),
+            inputs=[feature, k],
+            outputs=[top_images, top_ids, feature_title],
+        )
         feature.submit(**show_images, api_name="feature_images")
         heatmaps.select(h.pick, [heatmap_ids], [feature], api_name="pick_feature").then(
-            **show_images, api_name=False)
+            **show_images, api_name=False
+        )
     return demo
 
 

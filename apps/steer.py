@@ -83,8 +83,10 @@ class SteerHandlers:
         """Per-feature maximum activation over the calibration set (the unit of the strength sliders)."""
         if self._max_acts is None:
             if not self.calibration:
-                raise InputError("Strengths are multiples of each feature's maximum activation, measured on "
-                                 "images: start the app with --data-dir <folder of images> (or --index).")
+                raise InputError(
+                    "Strengths are multiples of each feature's maximum activation, measured on "
+                    "images: start the app with --data-dir <folder of images> (or --index)."
+                )
             if self.is_diffusion:
                 batches: list[Any] = [self.calibration]
             else:
@@ -107,8 +109,9 @@ class SteerHandlers:
 
     def edits(self, slots: Sequence[Any]) -> list[Edit]:
         """(feature, strength) pairs from the slots → edits; empty feature slots are ignored."""
-        pairs = [(self.catalog.parse(f), float(s))
-                 for f, s in zip(slots[::2], slots[1::2]) if f not in (None, "")]
+        pairs = [
+            (self.catalog.parse(f), float(s)) for f, s in zip(slots[::2], slots[1::2]) if f not in (None, "")
+        ]
         if not pairs:
             raise InputError("Pick at least one feature to steer (search features by name above).")
         for _, s in pairs:
@@ -117,8 +120,10 @@ class SteerHandlers:
         max_acts = self.max_acts()
         dead = [f for f, _ in pairs if max_acts[f] <= 0]
         if dead:
-            raise InputError(f"Feature(s) {dead} never fired on the calibration data, so their maximum "
-                             "activation is 0 and steering them does nothing: pick other features.")
+            raise InputError(
+                f"Feature(s) {dead} never fired on the calibration data, so their maximum "
+                "activation is 0 and steering them does nothing: pick other features."
+            )
         if self.is_diffusion:
             return [Direction(f, s * float(max_acts[f])) for f, s in pairs]
         return [SetMax(f, s) for f, s in pairs]
@@ -134,8 +139,9 @@ class SteerHandlers:
         if clip and len(names) < 2:
             raise InputError("Give at least two comma-separated labels for CLIP's zero-shot classification.")
         with MODEL_LOCK:
-            r = steer_image(self.encoder, self.sae, [pil], edits, labels=names if clip else None,
-                            max_acts=self.max_acts())
+            r = steer_image(
+                self.encoder, self.sae, [pil], edits, labels=names if clip else None, max_acts=self.max_acts()
+            )
         if clip:
             before = dict(zip(names, r.probs_before_BL[0].tolist()))
             after = dict(zip(names, r.probs_after_BL[0].tolist()))
@@ -151,8 +157,15 @@ class SteerHandlers:
             raise InputError("Type a prompt for LLaVA, e.g. 'Describe the image.'")
         edits = self.edits(slots)
         with MODEL_LOCK:
-            r = steer_llava(self.encoder, self.sae, [pil], prompt.strip(), edits, int(max_new_tokens),
-                            max_acts=self.max_acts())
+            r = steer_llava(
+                self.encoder,
+                self.sae,
+                [pil],
+                prompt.strip(),
+                edits,
+                int(max_new_tokens),
+                max_acts=self.max_acts(),
+            )
         return r.before[0], r.after[0]
 
     def steer_diffusion(
@@ -166,8 +179,9 @@ class SteerHandlers:
         window = None if (int(t_low), int(t_high)) == (0, n - 1) else (int(t_low), int(t_high))
         splice = Splice(self.sae, edits, spatial_mask=mask_from_editor(mask), timesteps=window)
         with MODEL_LOCK:
-            r = steer_diffusion(self.encoder, splice, [prompt.strip()], seed=int(seed),
-                                num_inference_steps=int(steps))
+            r = steer_diffusion(
+                self.encoder, splice, [prompt.strip()], seed=int(seed), num_inference_steps=int(steps)
+            )
         return for_display(r.before[0]), for_display(r.after[0])
 
 
@@ -191,8 +205,10 @@ def build_steer_app(
     h = SteerHandlers(encoder, sae, settings, catalog, max_acts, calibration)
     first = h.catalog.choices(h.catalog.find(""))
     with gr.Blocks(title="mmsae steering") as demo:
-        gr.Markdown(f"## Steering {encoder.id} at `{sae.cfg.hook}` ({sae.cfg.n_latents} features)\n"
-                    "Strength = multiple of the feature's maximum activation (−10…10).")
+        gr.Markdown(
+            f"## Steering {encoder.id} at `{sae.cfg.hook}` ({sae.cfg.n_latents} features)\n"
+            "Strength = multiple of the feature's maximum activation (−10…10)."
+        )
         with gr.Row():
             query = gr.Textbox(label="Search features by name or number", elem_id="steer-feature-search")
             find = gr.Button("Find features")
@@ -200,11 +216,18 @@ def build_steer_app(
         with gr.Row():
             for i in range(N_SLOTS):
                 with gr.Column():
-                    slots.append(gr.Dropdown(first, value=first[0][1] if i == 0 and first else None,
-                                             allow_custom_value=True, label=f"Feature {i + 1}",
-                                             elem_id=f"steer-feature-{i}"))
-                    slots.append(gr.Slider(-MAX_STRENGTH, MAX_STRENGTH, value=5.0, step=0.5,
-                                           label=f"Strength {i + 1}"))
+                    slots.append(
+                        gr.Dropdown(
+                            first,
+                            value=first[0][1] if i == 0 and first else None,
+                            allow_custom_value=True,
+                            label=f"Feature {i + 1}",
+                            elem_id=f"steer-feature-{i}",
+                        )
+                    )
+                    slots.append(
+                        gr.Slider(-MAX_STRENGTH, MAX_STRENGTH, value=5.0, step=0.5, label=f"Strength {i + 1}")
+                    )
         find.click(user_errors(h.find_features), [query], slots[::2], api_name="find_features")
         query.submit(user_errors(h.find_features), [query], slots[::2], api_name=False)
         if h.is_diffusion:
@@ -214,46 +237,73 @@ def build_steer_app(
                     prompt = gr.Textbox(label="Prompt", value="a photo of a cat", elem_id="steer-prompt")
                     with gr.Row():
                         seed = gr.Number(0, precision=0, label="Seed")
-                        steps = gr.Slider(1, 100, value=encoder.sampling.num_inference_steps, step=1,
-                                          label="Steps")
+                        steps = gr.Slider(
+                            1, 100, value=encoder.sampling.num_inference_steps, step=1, label="Steps"
+                        )
                     t_low = gr.Slider(0, n - 1, value=0, step=1, label="Timestep window: from")
                     t_high = gr.Slider(0, n - 1, value=n - 1, step=1, label="Timestep window: to")
                     run = gr.Button("Steer", variant="primary", elem_id="steer-run")
-                mask = gr.ImageEditor(label="Optional mask: paint where to steer", type="numpy",
-                                      canvas_size=(256, 256), height=320, sources=(),
-                                      brush=gr.Brush(colors=["#ffffff"]), elem_id="steer-mask")
+                mask = gr.ImageEditor(
+                    label="Optional mask: paint where to steer",
+                    type="numpy",
+                    canvas_size=(256, 256),
+                    height=320,
+                    sources=(),
+                    brush=gr.Brush(colors=["#ffffff"]),
+                    elem_id="steer-mask",
+                )
             with gr.Row():
                 before = gr.Image(label="Original", height=320, elem_id="steer-before")
                 after = gr.Image(label="Steered", height=320, elem_id="steer-after")
-            run.click(user_errors(h.steer_diffusion), [prompt, seed, steps, t_low, t_high, mask, *slots],
-                      [before, after], api_name="steer")
+            run.click(
+                user_errors(h.steer_diffusion),
+                [prompt, seed, steps, t_low, t_high, mask, *slots],
+                [before, after],
+                api_name="steer",
+            )
             return demo
         with gr.Row():
             with gr.Column():
-                image = gr.Image(label="Image", type="filepath", sources=["upload", "clipboard"], height=220,
-                                 elem_id="steer-image")
+                image = gr.Image(
+                    label="Image",
+                    type="filepath",
+                    sources=["upload", "clipboard"],
+                    height=220,
+                    elem_id="steer-image",
+                )
                 if h.calibration:
                     gr.Examples([[p] for p in h.calibration[:8]], [image], label="…or pick one")
                 if encoder.family == "llava":
                     prompt = gr.Textbox(label="Prompt", value="Describe the image.", elem_id="steer-prompt")
                     max_new = gr.Slider(1, 128, value=20, step=1, label="Max new tokens")
                 else:
-                    labels = gr.Textbox(label="Zero-shot labels (CLIP)", value=DEFAULT_LABELS,
-                                        visible=hasattr(encoder, "encode_text"))
+                    labels = gr.Textbox(
+                        label="Zero-shot labels (CLIP)",
+                        value=DEFAULT_LABELS,
+                        visible=hasattr(encoder, "encode_text"),
+                    )
                 run = gr.Button("Steer", variant="primary", elem_id="steer-run")
             with gr.Column():
                 if encoder.family == "llava":
                     before = gr.Textbox(label="Original answer", elem_id="steer-before")
                     after = gr.Textbox(label="Steered answer", elem_id="steer-after")
-                    run.click(user_errors(h.steer_llava), [image, prompt, max_new, *slots], [before, after],
-                              api_name="steer")
+                    run.click(
+                        user_errors(h.steer_llava),
+                        [image, prompt, max_new, *slots],
+                        [before, after],
+                        api_name="steer",
+                    )
                 else:
                     with gr.Row():
                         before = gr.Label(label="Original", num_top_classes=4, elem_id="steer-before")
                         after = gr.Label(label="Steered", num_top_classes=4, elem_id="steer-after")
                     summary = gr.Markdown()
-                    run.click(user_errors(h.steer_image), [image, labels, *slots], [before, after, summary],
-                              api_name="steer")
+                    run.click(
+                        user_errors(h.steer_image),
+                        [image, labels, *slots],
+                        [before, after, summary],
+                        api_name="steer",
+                    )
     return demo
 
 

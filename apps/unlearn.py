@@ -76,28 +76,42 @@ class UnlearnHandlers:
             others = [p for p in self.other_prompts if concept not in p.lower()][: self.cfg.n_other_prompts]
             with MODEL_LOCK:
                 self._selections[key] = select_features(
-                    self.encoder, self.sae, {concept: [t.format(concept) for t in CONCEPT_TEMPLATES]},
-                    others, float(percentile), sampling=self.sampling())
+                    self.encoder,
+                    self.sae,
+                    {concept: [t.format(concept) for t in CONCEPT_TEMPLATES]},
+                    others,
+                    float(percentile),
+                    sampling=self.sampling(),
+                )
         return self._selections[key]
 
     def describe(self, concept: str, percentile: float) -> tuple[list[list[str]], str]:
         """(rows 'timestep | features', summary) of the concept's selected features."""
         chosen = self.selection(concept, percentile).concepts[concept.strip().lower()]
-        rows = [[str(t), ", ".join(self.catalog.label(f) for f in fs) or "–"]
-                for t, fs in sorted(chosen.latents.items(), reverse=True)]
+        rows = [
+            [str(t), ", ".join(self.catalog.label(f) for f in fs) or "–"]
+            for t, fs in sorted(chosen.latents.items(), reverse=True)
+        ]
         distinct = sorted({f for fs in chosen.latents.values() for f in fs})
         if not distinct:
             return rows, f"No feature passes percentile {percentile:g}: lower it."
         return rows, f"{len(distinct)} feature(s) over {len(rows)} timesteps at percentile {percentile:g}."
 
     # `progress` is never called: its presence makes Gradio mirror the selection's tqdm bars.
-    def select(self, concept: str, percentile: float, progress: gr.Progress = TRACK_TQDM
-               ) -> tuple[list[list[str]], str]:
+    def select(
+        self, concept: str, percentile: float, progress: gr.Progress = TRACK_TQDM
+    ) -> tuple[list[list[str]], str]:
         return self.describe(concept, percentile)
 
-    def generate(self, concept: str, prompt: str, percentile: float, multiplier: float, seed: int,
-                 progress: gr.Progress = TRACK_TQDM,
-                 ) -> tuple[Image.Image, Image.Image, list[list[str]], str]:
+    def generate(
+        self,
+        concept: str,
+        prompt: str,
+        percentile: float,
+        multiplier: float,
+        seed: int,
+        progress: gr.Progress = TRACK_TQDM,
+    ) -> tuple[Image.Image, Image.Image, list[list[str]], str]:
         """(sample without, sample with unlearning, feature table, summary), both from `seed`."""
         if not (prompt or "").strip():
             raise InputError("Type a prompt to generate from.")
@@ -108,8 +122,12 @@ class UnlearnHandlers:
         unlearner = Unlearner(self.encoder, self.sae, selection, [concept.strip().lower()], float(multiplier))
         sampling = self.sampling(seed)
         with MODEL_LOCK:
-            before = self.encoder.sample([prompt.strip()], num_inference_steps=sampling.num_inference_steps,
-                                         guidance_scale=sampling.guidance_scale, seed=sampling.seed)
+            before = self.encoder.sample(
+                [prompt.strip()],
+                num_inference_steps=sampling.num_inference_steps,
+                guidance_scale=sampling.guidance_scale,
+                seed=sampling.seed,
+            )
             after = unlearner.generate([prompt.strip()], sampling)
         return for_display(before[0]), for_display(after[0]), rows, summary
 
@@ -124,9 +142,11 @@ def build_unlearn_app(
     settings = settings or AppSettings()
     h = UnlearnHandlers(encoder, sae, settings, catalog, cfg)
     with gr.Blocks(title="mmsae concept unlearning") as demo:
-        gr.Markdown(f"## Concept unlearning on {encoder.id} at `{sae.cfg.hook}`\n"
-                    "Features are selected per timestep (SAeUron); where one fires above its mean it is "
-                    "set to its concept mean × multiplier.")
+        gr.Markdown(
+            f"## Concept unlearning on {encoder.id} at `{sae.cfg.hook}`\n"
+            "Features are selected per timestep (SAeUron); where one fires above its mean it is "
+            "set to its concept mean × multiplier."
+        )
         with gr.Row():
             concept = gr.Textbox(label="Concept", value="cat", elem_id="unlearn-concept")
             percentile = gr.Slider(90, 99.999, value=99.99, step=0.001, label="Percentile")
@@ -141,11 +161,19 @@ def build_unlearn_app(
         with gr.Row():
             before = gr.Image(label="Without unlearning", height=300, elem_id="unlearn-before")
             after = gr.Image(label="With unlearning", height=300, elem_id="unlearn-after")
-        table = gr.Dataframe(headers=["timestep", "features"], label="Selected features", interactive=False,
-                             elem_id="unlearn-features")
+        table = gr.Dataframe(
+            headers=["timestep", "features"],
+            label="Selected features",
+            interactive=False,
+            elem_id="unlearn-features",
+        )
         select.click(user_errors(h.select), [concept, percentile], [table, summary], api_name="select")
-        generate.click(user_errors(h.generate), [concept, prompt, percentile, multiplier, seed],
-                       [before, after, table, summary], api_name="generate")
+        generate.click(
+            user_errors(h.generate),
+            [concept, prompt, percentile, multiplier, seed],
+            [before, after, table, summary],
+            api_name="generate",
+        )
     return demo
 
 

@@ -57,8 +57,15 @@ class Setup:
 
 
 SETUPS = {
-    "cuda": Setup(("timm:vit_base_patch16_224", "clip:ViT-B-32"), 8192, 256, min(12, os.cpu_count() or 1),
-                  torch.bfloat16, 16384, 4_000_000),
+    "cuda": Setup(
+        ("timm:vit_base_patch16_224", "clip:ViT-B-32"),
+        8192,
+        256,
+        min(12, os.cpu_count() or 1),
+        torch.bfloat16,
+        16384,
+        4_000_000,
+    ),
     "cpu": Setup(("timm:test_vit", "clip:tiny"), 96, 16, 0, torch.float32, 256, 50_000),
 }
 
@@ -68,8 +75,24 @@ class Row:
     """One encoder's line of the extraction table (rates in images/s unless named GB/s)."""
 
     HEADER: ClassVar[tuple[str, ...]] = (
-        "encoder", "hook", "mode", "tokens", "d", "bare fwd", "hooked", "store", "store/bare", "store GB/s",
-        "disk GB/s", "PIL loader", "extract PIL", "PIL/bare", "dev decode", "extract dev", "dev/bare")
+        "encoder",
+        "hook",
+        "mode",
+        "tokens",
+        "d",
+        "bare fwd",
+        "hooked",
+        "store",
+        "store/bare",
+        "store GB/s",
+        "disk GB/s",
+        "PIL loader",
+        "extract PIL",
+        "PIL/bare",
+        "dev decode",
+        "extract dev",
+        "dev/bare",
+    )
     spec: str
     hook: str
     mode: str
@@ -86,12 +109,25 @@ class Row:
     dev: float
 
     def markdown(self) -> str:
-        cells = (self.spec, self.hook, self.mode, f"{self.n_tokens:,}", self.d, f"{self.bare:,.0f}",
-                 f"{self.hooked:,.0f}",
-                 f"{self.store:,.0f}", f"{self.store / self.bare:.2f}", f"{self.store_gbs:.2f}",
-                 f"{self.disk_gbs:.2f}", f"{self.pil_loader:,.0f}", f"{self.pil:,.0f}",
-                 f"{self.pil / self.bare:.2f}", f"{self.dev_loader:,.0f}", f"{self.dev:,.0f}",
-                 f"{self.dev / self.bare:.2f}")
+        cells = (
+            self.spec,
+            self.hook,
+            self.mode,
+            f"{self.n_tokens:,}",
+            self.d,
+            f"{self.bare:,.0f}",
+            f"{self.hooked:,.0f}",
+            f"{self.store:,.0f}",
+            f"{self.store / self.bare:.2f}",
+            f"{self.store_gbs:.2f}",
+            f"{self.disk_gbs:.2f}",
+            f"{self.pil_loader:,.0f}",
+            f"{self.pil:,.0f}",
+            f"{self.pil / self.bare:.2f}",
+            f"{self.dev_loader:,.0f}",
+            f"{self.dev:,.0f}",
+            f"{self.dev / self.bare:.2f}",
+        )
         return "| " + " | ".join(map(str, cells)) + " |"
 
 
@@ -194,12 +230,22 @@ def loader_rate(encoder: Encoder, dataset: ExampleDataset, setup: Setup, decode:
     return len(dataset) / timed(load, encoder.device)
 
 
-def extract_rate(encoder: Encoder, dataset: ExampleDataset, hook: str, setup: Setup, out: Path,
-                 decode: str, tokens: str) -> tuple[float, ActivationStore]:
+def extract_rate(
+    encoder: Encoder, dataset: ExampleDataset, hook: str, setup: Setup, out: Path, decode: str, tokens: str
+) -> tuple[float, ActivationStore]:
     """(b)/(c) images/s of `mmsae.extract` end to end from the JPEG files."""
     start = time.perf_counter()
-    store = extract(encoder, dataset, hook, out, tokens=tokens, batch_size=setup.batch_size,
-                    num_workers=setup.num_workers, progress=False, decode=decode)
+    store = extract(
+        encoder,
+        dataset,
+        hook,
+        out,
+        tokens=tokens,
+        batch_size=setup.batch_size,
+        num_workers=setup.num_workers,
+        progress=False,
+        decode=decode,
+    )
     _sync(encoder.device)
     return len(dataset) / (time.perf_counter() - start), store
 
@@ -208,6 +254,7 @@ def read_rate(store: ActivationStore, device: torch.device, batch_size: int, on_
     """GB/s of stored bytes delivered as shuffled fp32 batches on the device, moved as the trainer moves
     them: shuffled on the GPU (`on_gpu`, the trainer's default there), or on the host in the store dtype and
     copied through pinned memory, converted on the device."""
+
     def read() -> None:
         for batch in store.batches(batch_size, dtype=None, device=device if on_gpu else None):
             pinned = batch.pin_memory() if device.type == "cuda" and not on_gpu else batch
@@ -222,39 +269,60 @@ def train_rate(data: object, setup: Setup, batch_size: int, stage: bool | None =
     import mmsae
 
     start = time.perf_counter()
-    mmsae.train(data, sae="topk", n_latents=setup.sae_latents, k=32, tokens=setup.train_tokens,
-                batch_size=batch_size, warmup_steps=10, stage=stage)
+    mmsae.train(
+        data,
+        sae="topk",
+        n_latents=setup.sae_latents,
+        k=32,
+        tokens=setup.train_tokens,
+        batch_size=batch_size,
+        warmup_steps=10,
+        stage=stage,
+    )
     return setup.train_tokens / (time.perf_counter() - start)
 
 
 def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # keep the table readable
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--encoders", nargs="+", help="get_encoder specs (default: per device)")
     parser.add_argument("--n-images", type=int)
     parser.add_argument("--out", default=None, help="where the temp dir of JPEG files and stores goes")
-    parser.add_argument("--tokens", nargs="+", default=["all"],
-                        help="token modes, a row each (e.g. all cls: cls writes ~200× fewer bytes, so the "
-                             "store's own cost shows where the disk is not the limit); training reads the "
-                             "first encoder's store of the first mode")
+    parser.add_argument(
+        "--tokens",
+        nargs="+",
+        default=["all"],
+        help="token modes, a row each (e.g. all cls: cls writes ~200× fewer bytes, so the "
+        "store's own cost shows where the disk is not the limit); training reads the "
+        "first encoder's store of the first mode",
+    )
     args = parser.parse_args()
     setup = SETUPS[args.device]
-    setup = Setup(tuple(args.encoders or setup.encoders), args.n_images or setup.n_images,
-                  *list(vars(setup).values())[2:])
+    setup = Setup(
+        tuple(args.encoders or setup.encoders),
+        args.n_images or setup.n_images,
+        *list(vars(setup).values())[2:],
+    )
     device = torch.device(args.device)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else \
-        f"{platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)"
+    name = (
+        torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"{platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)"
+    )
     rows = []
     with tempfile.TemporaryDirectory(dir=args.out) as tmp_dir:
         tmp = Path(tmp_dir)
         dataset = write_jpegs(tmp / "jpegs", setup.n_images)
         kib = sum(p.stat().st_size for p in dataset.paths) / len(dataset.paths) / 1024
-        report = [f"device: {name}; {setup.n_images} JPEG files (photo crops, shorter side {SHORT_SIDE} px, "
-                  f"quality {JPEG_QUALITY}, mean {kib:.0f} KiB, in the page cache), "
-                  f"batch {setup.batch_size}, {setup.num_workers} loader workers, model dtype "
-                  f"{setup.model_dtype}, store fp16"]
+        report = [
+            f"device: {name}; {setup.n_images} JPEG files (photo crops, shorter side {SHORT_SIDE} px, "
+            f"quality {JPEG_QUALITY}, mean {kib:.0f} KiB, in the page cache), "
+            f"batch {setup.batch_size}, {setup.num_workers} loader workers, model dtype "
+            f"{setup.model_dtype}, store fp16"
+        ]
         stores = []
         for spec in setup.encoders:
             encoder = get_encoder(spec, pretrained=False, device=device, dtype=setup.model_dtype)
@@ -270,8 +338,24 @@ def main() -> None:
                 shutil.rmtree(dev_store.path)  # disk: only the PIL stores are read below
                 bytes_per_image = store.n_tokens * store.d_in * 2 / len(dataset)
                 disk = disk_rate(tmp, int(bytes_per_image * setup.n_images))
-                rows.append(Row(spec, hook, tokens, store.n_tokens, store.d_in, bare, hooked, store_only,
-                                store_only * bytes_per_image / 1e9, disk, pil_loader, pil, dev_loader, dev))
+                rows.append(
+                    Row(
+                        spec,
+                        hook,
+                        tokens,
+                        store.n_tokens,
+                        store.d_in,
+                        bare,
+                        hooked,
+                        store_only,
+                        store_only * bytes_per_image / 1e9,
+                        disk,
+                        pil_loader,
+                        pil,
+                        dev_loader,
+                        dev,
+                    )
+                )
             del encoder
         report.append("\n(images/s; ratios to the bare forward)")
         report += ["| " + " | ".join(Row.HEADER) + " |", "|---|---|" + "---:|" * (len(Row.HEADER) - 2)]
@@ -282,9 +366,12 @@ def main() -> None:
         token_batch = 4096
         host_gbs = read_rate(store, device, token_batch, on_gpu=False)
         gpu_gbs = read_rate(store, device, token_batch, on_gpu=True) if device.type == "cuda" else math.nan
-        print(f"\nstore read ({setup.encoders[0]}, {store.n_tokens} tokens × {store.d_in}, fp16, "
-              f"shuffled batches of {token_batch} → {device.type} fp32): shuffled on the host {host_gbs:.2f} "
-              f"GB/s, on the GPU {gpu_gbs:.2f} GB/s", flush=True)
+        print(
+            f"\nstore read ({setup.encoders[0]}, {store.n_tokens} tokens × {store.d_in}, fp16, "
+            f"shuffled batches of {token_batch} → {device.type} fp32): shuffled on the host {host_gbs:.2f} "
+            f"GB/s, on the GPU {gpu_gbs:.2f} GB/s",
+            flush=True,
+        )
         in_memory = torch.cat(list(store.batches(1 << 16, shuffle=False, dtype=None)))
         # A first short run pays CUDA init and the Triton JIT, which would otherwise bill whichever
         # source is timed first.
@@ -292,10 +379,12 @@ def main() -> None:
         from_store = train_rate(store, setup, token_batch)
         from_memory = train_rate(in_memory, setup, token_batch)
         host_store = train_rate(store, setup, token_batch, stage=False)
-        report.append(f"SAE training (TopK, {setup.sae_latents} latents, k=32, batch {token_batch}, "
-                      f"{setup.train_tokens} tokens): from store {from_store:,.0f} tok/s, from memory "
-                      f"{from_memory:,.0f} tok/s, ratio {from_store / from_memory:.2f}; from store shuffled "
-                      f"on the host (stage=False) {host_store:,.0f} tok/s")
+        report.append(
+            f"SAE training (TopK, {setup.sae_latents} latents, k=32, batch {token_batch}, "
+            f"{setup.train_tokens} tokens): from store {from_store:,.0f} tok/s, from memory "
+            f"{from_memory:,.0f} tok/s, ratio {from_store / from_memory:.2f}; from store shuffled "
+            f"on the host (stage=False) {host_store:,.0f} tok/s"
+        )
     print("\n".join(report))
 
 

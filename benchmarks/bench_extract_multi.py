@@ -88,9 +88,18 @@ def _rank(rank: int, job: Job, barrier: Any, results: Any) -> None:
     encoder = get_encoder(job.setup.encoder, pretrained=False, device=device, dtype=job.setup.model_dtype)
     barrier.wait()
     t0 = time.monotonic()
-    store = extract(encoder, NoiseImages(job.setup.n_images), encoder.default_hook, job.out_dir,
-                    tokens=job.tokens, batch_size=job.setup.batch_size, num_workers=job.num_workers,
-                    progress=False, rank=rank, world_size=job.world_size)
+    store = extract(
+        encoder,
+        NoiseImages(job.setup.n_images),
+        encoder.default_hook,
+        job.out_dir,
+        tokens=job.tokens,
+        batch_size=job.setup.batch_size,
+        num_workers=job.num_workers,
+        progress=False,
+        rank=rank,
+        world_size=job.world_size,
+    )
     results.put((rank, started, t0, time.monotonic(), str(store.path)))
 
 
@@ -135,8 +144,9 @@ def bare_rate(setup: Setup, device: str) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
     parser.add_argument("--devices", type=int, default=2, help="processes of the multi-process run")
     parser.add_argument("--encoder", help="get_encoder spec (default: per device)")
@@ -147,15 +157,20 @@ def main() -> None:
     if args.device == "cuda" and torch.cuda.device_count() < args.devices:
         parser.error(f"--devices {args.devices} needs that many GPUs; {torch.cuda.device_count()} visible.")
     base = SETUPS[args.device]
-    setup = Setup(args.encoder or base.encoder, args.n_images or base.n_images, base.batch_size,
-                  base.model_dtype)
+    setup = Setup(
+        args.encoder or base.encoder, args.n_images or base.n_images, base.batch_size, base.model_dtype
+    )
     name = torch.cuda.get_device_name() if args.device == "cuda" else f"{os.cpu_count()} CPU cores"
     bare = bare_rate(setup, args.device)
-    print(f"{setup.encoder} (random init, {setup.model_dtype}), {setup.n_images} noise images of 224², batch "
-          f"{setup.batch_size}, default hook, fp16 store in {args.out or tempfile.gettempdir()}; device: "
-          f"{name}; bare forward on one device {bare:,.0f} images/s")
-    print(f"{'tokens':>6} {'processes':>9} {'images/s':>10} {'speedup':>8} {'/ bare fwd':>10} "
-          f"{'start-up s':>11} {'loader workers':>15}")
+    print(
+        f"{setup.encoder} (random init, {setup.model_dtype}), {setup.n_images} noise images of 224², batch "
+        f"{setup.batch_size}, default hook, fp16 store in {args.out or tempfile.gettempdir()}; device: "
+        f"{name}; bare forward on one device {bare:,.0f} images/s"
+    )
+    print(
+        f"{'tokens':>6} {'processes':>9} {'images/s':>10} {'speedup':>8} {'/ bare fwd':>10} "
+        f"{'start-up s':>11} {'loader workers':>15}"
+    )
     identical = True
     with tempfile.TemporaryDirectory(dir=args.out) as tmp:
         for tokens in args.tokens:
@@ -168,8 +183,11 @@ def main() -> None:
                 rate, startup, path = run(Job(setup, args.device, world_size, workers, str(out), tokens))
                 rates[world_size], digests[world_size] = rate, tree_digest(Path(path))
                 shutil.rmtree(out)
-                print(f"{tokens:>6} {world_size:9d} {rate:10,.0f} {rate / rates[1]:8.2f} {rate / bare:10.2f} "
-                      f"{startup:11.1f} {workers:15d}", flush=True)
+                print(
+                    f"{tokens:>6} {world_size:9d} {rate:10,.0f} {rate / rates[1]:8.2f} {rate / bare:10.2f} "
+                    f"{startup:11.1f} {workers:15d}",
+                    flush=True,
+                )
             identical &= len(set(digests.values())) == 1
     print(f"stores byte-identical across process counts: {identical}")
 

@@ -71,9 +71,12 @@ def measure(
     bare = statistics.median(times["bare"])
     if args.profile:
         for mode, splice in modes.items():
-            with torch.inference_mode(), torch.profiler.profile(
-                activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-            ) as prof:
+            with (
+                torch.inference_mode(),
+                torch.profiler.profile(
+                    activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+                ) as prof,
+            ):
                 run_mode(splice)
             table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12)
             print(f"--- {case} {mode}\n{table}", flush=True)

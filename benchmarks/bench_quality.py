@@ -67,8 +67,9 @@ class Setup:
 
 
 @torch.no_grad()
-def device_stream(data: SyntheticActivations, n_tokens: int, device: str, chunk: int = 2**16,
-                  seed: int = 0) -> torch.Tensor:
+def device_stream(
+    data: SyntheticActivations, n_tokens: int, device: str, chunk: int = 2**16, seed: int = 0
+) -> torch.Tensor:
     """`n_tokens` fresh tokens [N, d] with the law of `data`'s stream, drawn on `device`.
 
     Same features, firing probabilities and coefficient law as `data.sample`, but not the same tokens
@@ -76,8 +77,10 @@ def device_stream(data: SyntheticActivations, n_tokens: int, device: str, chunk:
     evaluation still uses `data.sample` far from offset 0.
     """
     if data.n_parents or bool(data.is_signed.any()) or data.noise > 0:
-        raise ValueError(f"device_stream draws independent, unsigned, noise-free features only; {data} is "
-                         "not: generate it with data.batches(...) on the CPU instead.")
+        raise ValueError(
+            f"device_stream draws independent, unsigned, noise-free features only; {data} is "
+            "not: generate it with data.batches(...) on the CPU instead."
+        )
     gen = torch.Generator(device).manual_seed(seed)
     prob_F = data.root_prob.float().to(device)
     features_FD = data.features.to(device)
@@ -87,7 +90,7 @@ def device_stream(data: SyntheticActivations, n_tokens: int, device: str, chunk:
         rows = min(chunk, n_tokens - start)
         fire_CF = torch.rand(rows, data.n_features, generator=gen, device=device) < prob_F
         coef_CF = low + width * torch.rand(rows, data.n_features, generator=gen, device=device)
-        torch.mm(coef_CF * fire_CF, features_FD, out=out_ND[start:start + rows])
+        torch.mm(coef_CF * fire_CF, features_FD, out=out_ND[start : start + rows])
     return out_ND
 
 
@@ -111,8 +114,17 @@ def run_mmsae(name: str, s: Setup) -> SAE:
     arch, overrides = parse_variant(name)
     k_sparse = REGISTRY[arch].Config.__dataclass_fields__["k"].default is not None
     options = {"k": s.k, "dead_tokens": s.dead_tokens} if k_sparse else {"dead_tokens": s.dead_tokens}
-    return mmsae.train(s.train_ND, sae=arch, n_latents=s.n_latents, tokens=s.tokens, batch_size=s.batch_size,
-                       lr=s.lr_mult * default_lr(s.n_latents), devices=1, **options, **overrides)
+    return mmsae.train(
+        s.train_ND,
+        sae=arch,
+        n_latents=s.n_latents,
+        tokens=s.tokens,
+        batch_size=s.batch_size,
+        lr=s.lr_mult * default_lr(s.n_latents),
+        devices=1,
+        **options,
+        **overrides,
+    )
 
 
 class PeerSAE(SAE):
@@ -141,8 +153,9 @@ def run_sparsify(s: Setup) -> SAE:
     from sparsify.sign_sgd import SignSGD
 
     sae = SparseCoder(s.data.d, SparseCoderConfig(num_latents=s.n_latents, k=s.k), device=s.device)
-    opt = ScheduleFreeWrapper(SignSGD([{"params": sae.parameters(),
-                                        "lr": 5e-3 / (s.n_latents / 2**14) ** 0.5}]), momentum=0.95)
+    opt = ScheduleFreeWrapper(
+        SignSGD([{"params": sae.parameters(), "lr": 5e-3 / (s.n_latents / 2**14) ** 0.5}]), momentum=0.95
+    )
     opt.train()
     for step, x in enumerate(s.train_batches()):
         if step == 0:
@@ -160,8 +173,9 @@ def run_sparsify(s: Setup) -> SAE:
         top = sae.encode(x)
         return SparseCodes(top.top_acts, top.top_indices, s.n_latents)
 
-    return PeerSAE(s.n_latents, s.data.d, encode, lambda c: sae.decode(c.values, c.indices),
-                   sae.W_dec.detach()).to(s.device)
+    return PeerSAE(
+        s.n_latents, s.data.d, encode, lambda c: sae.decode(c.values, c.indices), sae.W_dec.detach()
+    ).to(s.device)
 
 
 def run_saelens(s: Setup) -> SAE:
@@ -172,10 +186,14 @@ def run_saelens(s: Setup) -> SAE:
 
     cfg = TopKTrainingSAEConfig(d_in=s.data.d, d_sae=s.n_latents, k=s.k, device=s.device)
     sae = TopKTrainingSAE(cfg)
-    trainer_cfg = SAETrainerConfig(total_training_samples=s.tokens, train_batch_size_samples=s.batch_size,
-                                   device=s.device, logger=LoggingConfig(log_to_wandb=False),
-                                   n_batches_for_norm_estimate=10,
-                                   lr_end=SAETrainerConfig.lr / 10)  # what SAELens' runner config sets
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=s.tokens,
+        train_batch_size_samples=s.batch_size,
+        device=s.device,
+        logger=LoggingConfig(log_to_wandb=False),
+        n_batches_for_norm_estimate=10,
+        lr_end=SAETrainerConfig.lr / 10,
+    )  # what SAELens' runner config sets
     SAETrainer(trainer_cfg, sae, iter(s.train_batches())).fit()
     sae.eval()
     W_dec = sae.W_dec.detach()
@@ -199,17 +217,22 @@ def benchmark(name: str, s: Setup) -> dict[str, float | str]:
 
 
 def table(rows: list[dict], s: Setup) -> str:
-    lines = [f"d={s.data.d}, {s.data.n_features} features, n_latents={s.n_latents}, k={s.k}, "
-             f"{s.tokens:,} training tokens, batch {s.batch_size}, {s.eval_tokens:,} held-out tokens, "
-             f"mmsae lr {s.lr_mult:g} × default_lr, device {s.device}.", "",
-             "| SAE | FVU | L0 | dead % | MMCS | recovered % (cos > 0.9) | train s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"d={s.data.d}, {s.data.n_features} features, n_latents={s.n_latents}, k={s.k}, "
+        f"{s.tokens:,} training tokens, batch {s.batch_size}, {s.eval_tokens:,} held-out tokens, "
+        f"mmsae lr {s.lr_mult:g} × default_lr, device {s.device}.",
+        "",
+        "| SAE | FVU | L0 | dead % | MMCS | recovered % (cos > 0.9) | train s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if "note" in r:
             lines.append(f"| {r['name']} | {r['note']} | | | | | |")
             continue
-        lines.append(f"| {r['name']} | {r['fvu']:.4f} | {r['l0']:.1f} | {100 * r['dead_fraction']:.1f} | "
-                     f"{r['mmcs']:.3f} | {100 * r['fraction_recovered']:.1f} | {r['seconds']:.0f} |")
+        lines.append(
+            f"| {r['name']} | {r['fvu']:.4f} | {r['l0']:.1f} | {100 * r['dead_fraction']:.1f} | "
+            f"{r['mmcs']:.3f} | {100 * r['fraction_recovered']:.1f} | {r['seconds']:.0f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -225,14 +248,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-features", type=int, default=4096, help="true features of the synthetic data")
     p.add_argument("--dead-tokens", type=int, default=1_000_000, help="AuxK dead window of mmsae variants")
     p.add_argument("--lr-mult", type=float, default=3.0, help="mmsae variants' lr = this × default_lr(n)")
-    p.add_argument("--only", nargs="*", help="SAE names to run (registered variants, 'sparsify', 'saelens'); "
-                   "config options as arch[key=value,...], e.g. 'relu[l1_coef=0.5]'")
+    p.add_argument(
+        "--only",
+        nargs="*",
+        help="SAE names to run (registered variants, 'sparsify', 'saelens'); "
+        "config options as arch[key=value,...], e.g. 'relu[l1_coef=0.5]'",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, help="write the Markdown table here")
     args = p.parse_args(argv)
     data = SyntheticActivations(d=args.d, n_features=args.n_features, mean_active=args.mean_active, seed=0)
-    s = Setup(data, args.n_latents, args.k, args.tokens, args.batch_size, args.eval_tokens, args.device,
-              args.dead_tokens, args.lr_mult)
+    s = Setup(
+        data,
+        args.n_latents,
+        args.k,
+        args.tokens,
+        args.batch_size,
+        args.eval_tokens,
+        args.device,
+        args.dead_tokens,
+        args.lr_mult,
+    )
     names = args.only or [*sorted(REGISTRY), *PEERS]
     rows = []
     for name in names:

@@ -172,8 +172,10 @@ def bench_adam(s: Size, reps: int) -> dict[str, float]:
 
     out = {}
     for name, adam in (("torch_fused_ms", torch.optim.Adam), ("mmsae_ms", Adam)):
-        params = [nn.Parameter(torch.randn(shape, device="cuda")) for shape in
-                  ((s.n, s.d), (s.n,), (s.n, s.d), (s.d,))]
+        params = [
+            nn.Parameter(torch.randn(shape, device="cuda"))
+            for shape in ((s.n, s.d), (s.n,), (s.n, s.d), (s.d,))
+        ]
         for p in params:
             p.grad = torch.randn_like(p)
         if adam is Adam:
@@ -278,8 +280,9 @@ def main() -> None:
             )
         cells.append(f"{row['floor']['mtok_s']:7.2f} Mt/s {row['floor']['tflops']:4.0f}TF")
         ratio = "-"
-        best = max((row[m]["mtok_s"] for m in ("mmsae", "mmsae_graph") if "mtok_s" in row.get(m, {})),
-                   default=None)
+        best = max(
+            (row[m]["mtok_s"] for m in ("mmsae", "mmsae_graph") if "mtok_s" in row.get(m, {})), default=None
+        )
         if best is not None and "mtok_s" in row.get("sparsify", {}):
             ratio = f"{best / row['sparsify']['mtok_s']:.2f}x"
         sel = row["select"]
@@ -293,8 +296,10 @@ def main() -> None:
     print(f"{'d':>5} {'n':>7} | torch fused |  mmsae | 28 B/weight at 3.0 TB/s")
     for row in results:
         s, adam = row["size"], row["adam"]
-        print(f"{s['d']:>5} {s['n']:>7} | {adam['torch_fused_ms']:11.3f} | {adam['mmsae_ms']:6.3f} | "
-              f"{adam['floor_ms']:8.3f}")
+        print(
+            f"{s['d']:>5} {s['n']:>7} | {adam['torch_fused_ms']:11.3f} | {adam['mmsae_ms']:6.3f} | "
+            f"{adam['floor_ms']:8.3f}"
+        )
 
 
 if __name__ == "__main__":

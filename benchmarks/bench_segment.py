@@ -49,8 +49,9 @@ def bench_case(s: Size, dist: str, reps: int) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", type=int, nargs="*", default=list(range(len(SIZES))))
     parser.add_argument("--reps", type=int, default=10)
     args = parser.parse_args()
@@ -62,8 +63,11 @@ def main() -> None:
         s = SIZES[i]
         for dist in ("uniform", "zipf"):
             r = bench_case(s, dist, args.reps)
-            print(f"{s.d:>5} {s.n:>7} {s.k:>3} {s.B:>6} {dist:>8} | {r['longest']:>7} | "
-                  f"{r['mmsae_ms']:6.3f} (+{r['sort_ms']:.3f})   | {r['torch_ms']:6.3f}", flush=True)
+            print(
+                f"{s.d:>5} {s.n:>7} {s.k:>3} {s.B:>6} {dist:>8} | {r['longest']:>7} | "
+                f"{r['mmsae_ms']:6.3f} (+{r['sort_ms']:.3f})   | {r['torch_ms']:6.3f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -11,5 +11,11 @@ from mmsae.datasets.images import (
 )
 
 __all__ = [
-    "Example", "ImageCaptions", "ImageFolder", "PromptList", "RandomCrops", "SkimagePhotos", "load_dataset",
+    "Example",
+    "ImageCaptions",
+    "ImageFolder",
+    "PromptList",
+    "RandomCrops",
+    "SkimagePhotos",
+    "load_dataset",
 ]

@@ -56,8 +56,10 @@ class DevicePreprocess:
     def from_transform(cls, transform: Any) -> DevicePreprocess:
         """Read the parameters of a torchvision `Compose` (timm's and open_clip's eval pipelines)."""
         if not isinstance(transform, T.Compose):
-            raise ValueError(f"decode='device' reproduces a torchvision Compose pipeline, got "
-                             f"{type(transform).__name__}; use decode='pil' for this encoder.")
+            raise ValueError(
+                f"decode='device' reproduces a torchvision Compose pipeline, got "
+                f"{type(transform).__name__}; use decode='pil' for this encoder."
+            )
         resize = crop = normalize = None
         to_unit = False
         for step in transform.transforms:
@@ -71,15 +73,25 @@ class DevicePreprocess:
             elif isinstance(step, T.Normalize) and to_unit and normalize is None:
                 normalize = step
             elif name not in RGB_STEPS or getattr(step, "mode", "RGB") != "RGB":  # decode_jpeg made RGB
-                raise ValueError(f"decode='device' cannot reproduce the step {step!r} of this encoder's "
-                                 "preprocessing (it handles Resize, CenterCrop, ToTensor, Normalize); use "
-                                 "decode='pil'.")
+                raise ValueError(
+                    f"decode='device' cannot reproduce the step {step!r} of this encoder's "
+                    "preprocessing (it handles Resize, CenterCrop, ToTensor, Normalize); use "
+                    "decode='pil'."
+                )
         if resize is None or normalize is None:
-            raise ValueError(f"decode='device' needs a Resize and a Normalize after ToTensor in {transform}; "
-                             "use decode='pil'.")
+            raise ValueError(
+                f"decode='device' needs a Resize and a Normalize after ToTensor in {transform}; "
+                "use decode='pil'."
+            )
         mean, std = (tuple(torch.as_tensor(v).tolist()) for v in (normalize.mean, normalize.std))
-        return cls(resize.size, resize.interpolation, resize.max_size,
-                   None if crop is None else list(crop.size), mean, std)
+        return cls(
+            resize.size,
+            resize.interpolation,
+            resize.max_size,
+            None if crop is None else list(crop.size),
+            mean,
+            std,
+        )
 
     def __call__(self, images: Sequence[Tensor]) -> Tensor:
         """uint8 [3, H_i, W_i] images (sizes may differ) → normalised float32 pixels [B, 3, H, W]."""
@@ -100,12 +112,16 @@ class DevicePreprocess:
         expected_CHW = transform(image)
         got_CHW = self([torch.from_numpy(np.array(image)).permute(2, 0, 1)])[0]
         if got_CHW.shape != expected_CHW.shape:
-            raise ValueError(f"decode='device' gives pixels {tuple(got_CHW.shape)}, the encoder's transform "
-                             f"{tuple(expected_CHW.shape)}; use decode='pil'.")
+            raise ValueError(
+                f"decode='device' gives pixels {tuple(got_CHW.shape)}, the encoder's transform "
+                f"{tuple(expected_CHW.shape)}; use decode='pil'."
+            )
         levels = (got_CHW - expected_CHW).abs() * torch.tensor(self.std).view(3, 1, 1) * 255
         if levels.mean() > MEAN_LEVELS:
-            raise ValueError(f"decode='device' differs from the encoder's transform by {levels.mean():.2f} "
-                             f"uint8 levels on average (tolerance {MEAN_LEVELS}); use decode='pil'.")
+            raise ValueError(
+                f"decode='device' differs from the encoder's transform by {levels.mean():.2f} "
+                f"uint8 levels on average (tolerance {MEAN_LEVELS}); use decode='pil'."
+            )
 
 
 def image_files(dataset: ExampleDataset) -> list[Path]:
@@ -114,8 +130,10 @@ def image_files(dataset: ExampleDataset) -> list[Path]:
         return dataset.paths
     if isinstance(dataset, ImageCaptions):
         return dataset.images
-    raise ValueError(f"decode='device' reads image files; {dataset.describe()} does not consist of files "
-                     "(use an ImageFolder or ImageCaptions data set, or decode='pil').")
+    raise ValueError(
+        f"decode='device' reads image files; {dataset.describe()} does not consist of files "
+        "(use an ImageFolder or ImageCaptions data set, or decode='pil')."
+    )
 
 
 def read_jpeg(path: Path) -> EncodedJpeg | None:

@@ -22,9 +22,26 @@ from torch.utils.data import Dataset
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 PROMPTS_DIR = Path(__file__).parent / "prompts"
 # Photographs bundled with scikit-image itself (no pooch download needed).
-SKIMAGE_PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "rocket", "hubble_deep_field",
-                  "immunohistochemistry", "moon", "page", "text", "coins", "grass", "gravel", "brick",
-                  "retina", "clock", "cell", "colorwheel")
+SKIMAGE_PHOTOS = (
+    "astronaut",
+    "camera",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "moon",
+    "page",
+    "text",
+    "coins",
+    "grass",
+    "gravel",
+    "brick",
+    "retina",
+    "clock",
+    "cell",
+    "colorwheel",
+)
 _HASH_CHUNK = 1 << 20
 
 
@@ -107,8 +124,10 @@ class ImageFolder(ExampleDataset):
             key=lambda p: p.relative_to(self.root).as_posix(),
         )
         if not self.paths:
-            raise ValueError(f"No images found in {self.root} (looked for {', '.join(sorted(exts))} files, "
-                             "recursively). Point the data set at a folder that contains images.")
+            raise ValueError(
+                f"No images found in {self.root} (looked for {', '.join(sorted(exts))} files, "
+                "recursively). Point the data set at a folder that contains images."
+            )
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -166,14 +185,17 @@ class ImageCaptions(ExampleDataset):
                     raise ValueError(f"{self.path}:{line_no} is not valid JSON ({e.msg}).") from e
             where = "JSON objects"
         else:
-            raise ValueError(f"Unsupported caption file {self.path}: use a .csv (with a header) "
-                             "or .jsonl file.")
+            raise ValueError(
+                f"Unsupported caption file {self.path}: use a .csv (with a header) or .jsonl file."
+            )
         rows = []
         for n, rec in enumerate(records, 1):
             if image_key not in rec or caption_key not in rec:
-                raise ValueError(f"{self.path} record {n} lacks {image_key!r}/{caption_key!r} (has "
-                                 f"{sorted(rec)}); name the columns in the {where} "
-                                 "or pass image_key=/caption_key=.")
+                raise ValueError(
+                    f"{self.path} record {n} lacks {image_key!r}/{caption_key!r} (has "
+                    f"{sorted(rec)}); name the columns in the {where} "
+                    "or pass image_key=/caption_key=."
+                )
             rows.append((str(rec[image_key]), str(rec[caption_key])))
         return rows
 
@@ -212,8 +234,10 @@ class PromptList(ExampleDataset):
             path = Path(prompts)
             if not path.is_file():
                 bundled = ", ".join(sorted(p.stem for p in PROMPTS_DIR.glob("*.txt")))
-                raise FileNotFoundError(f"Prompt file {path} does not exist (bundled lists: {bundled}; "
-                                        "use PromptList.bundled(name)).")
+                raise FileNotFoundError(
+                    f"Prompt file {path} does not exist (bundled lists: {bundled}; "
+                    "use PromptList.bundled(name))."
+                )
             name = path.name
             lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
             prompts = [ln for ln in lines if ln and not ln.startswith("#")]
@@ -254,8 +278,9 @@ class SkimagePhotos(ExampleDataset):
             raise ImportError("SkimagePhotos needs scikit-image: pip install scikit-image") from e
         unknown = sorted(set(names) - set(SKIMAGE_PHOTOS))
         if unknown:
-            raise ValueError(f"Unknown scikit-image photos {unknown}; "
-                             f"choose from {', '.join(SKIMAGE_PHOTOS)}.")
+            raise ValueError(
+                f"Unknown scikit-image photos {unknown}; choose from {', '.join(SKIMAGE_PHOTOS)}."
+            )
         if not names:
             raise ValueError("SkimagePhotos needs at least one photo name.")
         self.names = list(names)
@@ -297,8 +322,14 @@ class RandomCrops(ExampleDataset):
     worker order and a resumed extraction sees exactly the same crops.
     """
 
-    def __init__(self, base: ExampleDataset, n: int, scale: tuple[float, float] = (0.25, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3), seed: int = 0):
+    def __init__(
+        self,
+        base: ExampleDataset,
+        n: int,
+        scale: tuple[float, float] = (0.25, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        seed: int = 0,
+    ):
         if base.kind != "image":
             raise ValueError(f"RandomCrops needs an image data set, got {base.describe()}.")
         if n < 1:
@@ -355,5 +386,7 @@ def load_dataset(spec: str) -> ExampleDataset:
         return SkimagePhotos()
     if kind == "skimage-crops" and arg.isdigit():
         return RandomCrops(SkimagePhotos(), int(arg))
-    raise ValueError(f"Unknown data set spec {spec!r}. Use folder:PATH, captions:FILE.csv|.jsonl, "
-                     "prompts:FILE.txt|NAME, skimage or skimage-crops:N.")
+    raise ValueError(
+        f"Unknown data set spec {spec!r}. Use folder:PATH, captions:FILE.csv|.jsonl, "
+        "prompts:FILE.txt|NAME, skimage or skimage-crops:N."
+    )

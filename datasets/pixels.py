@@ -76,11 +76,14 @@ def split_pipeline(pipeline: Callable[[Any], Tensor] | None, probe: Any) -> Pixe
     at = next((i for i, s in enumerate(steps) if isinstance(s, T.ToTensor)), None)
     if at is None or not any(_step_name(s) in RGB_STEPS for s in steps[:at]):
         return None
-    tail = steps[at + 1:]
+    tail = steps[at + 1 :]
     if len(tail) > 1 or (tail and not isinstance(tail[0], T.Normalize)):
         return None
-    mean, std = (None, None) if not tail else \
-        (tuple(torch.as_tensor(v, dtype=torch.float64).tolist()) for v in (tail[0].mean, tail[0].std))
+    mean, std = (
+        (None, None)
+        if not tail
+        else (tuple(torch.as_tensor(v, dtype=torch.float64).tolist()) for v in (tail[0].mean, tail[0].std))
+    )
     handoff = PixelHandoff(HostPixels(T.Compose(steps[:at])), mean, std)
     expected = pipeline(probe)
     got = handoff.finish(handoff.host(probe)[None])[0]

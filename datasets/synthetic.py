@@ -36,10 +36,21 @@ class SyntheticActivations:
         batch_size / n_tokens: what `iter(ds)` yields; n_tokens=None streams forever.
     """
 
-    def __init__(self, d: int = 256, n_features: int = 4096, mean_active: float = 8.0,
-                 zipf_exponent: float = 0.5, hierarchical: float = 0.0, children_per_parent: int = 4,
-                 signed: float = 0.0, noise: float = 0.0, magnitude: float = 1.0, seed: int = 0,
-                 batch_size: int = 4096, n_tokens: int | None = None):
+    def __init__(
+        self,
+        d: int = 256,
+        n_features: int = 4096,
+        mean_active: float = 8.0,
+        zipf_exponent: float = 0.5,
+        hierarchical: float = 0.0,
+        children_per_parent: int = 4,
+        signed: float = 0.0,
+        noise: float = 0.0,
+        magnitude: float = 1.0,
+        seed: int = 0,
+        batch_size: int = 4096,
+        n_tokens: int | None = None,
+    ):
         if d <= 0 or n_features <= 0:
             raise ValueError(f"d and n_features must be positive, got d={d}, n_features={n_features}.")
         if not 0 < mean_active <= n_features:
@@ -63,10 +74,12 @@ class SyntheticActivations:
         self.n_parents = n_children // children_per_parent
         self.n_roots = n_features - n_children
         if self.n_parents > self.n_roots:
-            raise ValueError(f"hierarchical={hierarchical} leaves too few root features to parent "
-                             f"{n_children} children: lower it or raise children_per_parent.")
+            raise ValueError(
+                f"hierarchical={hierarchical} leaves too few root features to parent "
+                f"{n_children} children: lower it or raise children_per_parent."
+            )
         self.parent = torch.full((n_features,), -1, dtype=torch.long)
-        self.parent[self.n_roots:] = torch.arange(self.n_parents).repeat_interleave(children_per_parent)
+        self.parent[self.n_roots :] = torch.arange(self.n_parents).repeat_interleave(children_per_parent)
 
         # Power law over roots in a random rank order (so parents are not always the most frequent).
         rank = rng.permutation(self.n_roots) + 1
@@ -80,7 +93,7 @@ class SyntheticActivations:
     @property
     def frequencies(self) -> Tensor:
         """Marginal firing probability of every feature, [F] float64."""
-        child = self.root_prob[self.parent[self.n_roots:]] / self.children_per_parent
+        child = self.root_prob[self.parent[self.n_roots :]] / self.children_per_parent
         return torch.cat([self.root_prob, child])
 
     def _chunk(self, index: int) -> Tensor:
@@ -95,15 +108,21 @@ class SyntheticActivations:
         tokens = distinct_positions(rng, feats, C)
         if self.n_parents:
             is_parent = feats < self.n_parents
-            child = self.n_roots + feats[is_parent] * self.children_per_parent + rng.integers(
-                0, self.children_per_parent, size=int(is_parent.sum()))
+            child = (
+                self.n_roots
+                + feats[is_parent] * self.children_per_parent
+                + rng.integers(0, self.children_per_parent, size=int(is_parent.sum()))
+            )
             tokens, feats = np.concatenate([tokens, tokens[is_parent]]), np.concatenate([feats, child])
         half = self.magnitude / 2
         coef = rng.uniform(1 - half, 1 + half, size=feats.size)
         sign = np.where(self.is_signed.numpy()[feats] & (rng.random(feats.size) < 0.5), -1.0, 1.0)
-        coef_CF = torch.sparse_coo_tensor(torch.from_numpy(np.stack([tokens, feats])),
-                                          torch.from_numpy(coef * sign).float(), (C, self.n_features),
-                                          check_invariants=False)
+        coef_CF = torch.sparse_coo_tensor(
+            torch.from_numpy(np.stack([tokens, feats])),
+            torch.from_numpy(coef * sign).float(),
+            (C, self.n_features),
+            check_invariants=False,
+        )
         acts_CD = torch.sparse.mm(coef_CF.coalesce(), self.features)
         if self.noise > 0:
             acts_CD += self.noise * torch.from_numpy(rng.standard_normal((C, self.d), dtype=np.float32))
@@ -138,8 +157,10 @@ class SyntheticActivations:
             start += self.batch_size
 
     def __repr__(self) -> str:
-        return (f"SyntheticActivations(d={self.d}, n_features={self.n_features}, seed={self.seed}, "
-                f"parents={self.n_parents}, signed={int(self.is_signed.sum())})")
+        return (
+            f"SyntheticActivations(d={self.d}, n_features={self.n_features}, seed={self.seed}, "
+            f"parents={self.n_parents}, signed={int(self.is_signed.sum())})"
+        )
 
 
 def distinct_positions(rng: np.random.Generator, groups: np.ndarray, n_positions: int) -> np.ndarray:

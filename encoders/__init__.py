@@ -4,5 +4,12 @@ from mmsae.encoders.base import Encoder, TokenActs, TokenMode
 from mmsae.encoders.registry import FAMILIES, TINY_PRESETS, get_encoder
 from mmsae.encoders.weights import WeightsUnavailableError
 
-__all__ = ["FAMILIES", "TINY_PRESETS", "Encoder", "TokenActs", "TokenMode", "WeightsUnavailableError",
-           "get_encoder"]
+__all__ = [
+    "FAMILIES",
+    "TINY_PRESETS",
+    "Encoder",
+    "TokenActs",
+    "TokenMode",
+    "WeightsUnavailableError",
+    "get_encoder",
+]

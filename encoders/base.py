@@ -138,8 +138,9 @@ class Encoder(nn.Module):
         return "output"
 
     @torch.no_grad()
-    def activations(self, batch: Any, hooks: Sequence[str], tokens: TokenMode = "all",
-                    example_offset: int = 0) -> dict[str, TokenActs]:
+    def activations(
+        self, batch: Any, hooks: Sequence[str], tokens: TokenMode = "all", example_offset: int = 0
+    ) -> dict[str, TokenActs]:
         """Run the model once and return each hook's selected tokens, flattened to [N, D]."""
         if not hooks:
             raise ValueError(f"No hooks requested; valid hook points: {', '.join(self.hook_points()[:40])}")
@@ -165,8 +166,10 @@ class Encoder(nn.Module):
             for h in handles:
                 h.remove()
         if remaining:
-            raise RuntimeError(f"Hooks {sorted(remaining)} of {self.id} never ran for this batch; "
-                               "was the batch of the right kind (images vs. texts) for these hooks?")
+            raise RuntimeError(
+                f"Hooks {sorted(remaining)} of {self.id} never ran for this batch; "
+                "was the batch of the right kind (images vs. texts) for these hooks?"
+            )
         return {h: self._flatten(h, captured[h], tokens, example_offset) for h in hooks}
 
     def can_stop_early(self) -> bool:
@@ -195,6 +198,7 @@ class Encoder(nn.Module):
     @contextlib.contextmanager
     def edit(self, hook: str, fn: Callable[[Tensor], Tensor]) -> Iterator[None]:
         """Within the block, the output of `hook` is replaced by from_tokens(fn(to_tokens(out)))."""
+
         def hook_fn(_mod: nn.Module, _inp: Any, out: Any) -> Any:
             return self.from_tokens(hook, fn(self.to_tokens(hook, out)), out)
 
@@ -218,25 +222,32 @@ class Encoder(nn.Module):
         else:
             raise TypeError(f"{self.id} expects PIL images or pixels [B, 3, H, W], got {type(batch)}.")
         if pixels_BCHW.ndim != 4 or pixels_BCHW.shape[1] != 3:
-            raise ValueError(f"{self.id} expects pixels [B, 3, H, W], got {tuple(pixels_BCHW.shape)}; "
-                             "pass PIL images or use `encoder.transform(image)`.")
+            raise ValueError(
+                f"{self.id} expects pixels [B, 3, H, W], got {tuple(pixels_BCHW.shape)}; "
+                "pass PIL images or use `encoder.transform(image)`."
+            )
         if image_size is not None and tuple(pixels_BCHW.shape[-2:]) != tuple(image_size):
             H, W = pixels_BCHW.shape[-2:]
-            raise ValueError(f"{self.id} expects {image_size[0]}×{image_size[1]} pixels, got {H}×{W}; "
-                             "use `encoder.transform(image)`.")
+            raise ValueError(
+                f"{self.id} expects {image_size[0]}×{image_size[1]} pixels, got {H}×{W}; "
+                "use `encoder.transform(image)`."
+            )
         return pixels_BCHW.to(self.device, self.dtype)
 
 
 def rgb(image: Any) -> Any:
     """A PIL image in RGB, or a clear error for modes whose conversion would lose meaning."""
     if image.mode not in RGB_CONVERTIBLE_MODES:
-        raise ValueError(f"Image mode {image.mode!r} is not supported (16-bit/float images); convert it to "
-                         "8-bit RGB first, e.g. `Image.fromarray((arr / arr.max() * 255).astype('uint8'))`.")
+        raise ValueError(
+            f"Image mode {image.mode!r} is not supported (16-bit/float images); convert it to "
+            "8-bit RGB first, e.g. `Image.fromarray((arr / arr.max() * 255).astype('uint8'))`."
+        )
     return image.convert("RGB")
 
 
-def default_select(acts_BTD: Tensor, mode: TokenMode, n_prefix: int, family: str,
-                   n_cls: int | None = None) -> tuple[Tensor, Tensor]:
+def default_select(
+    acts_BTD: Tensor, mode: TokenMode, n_prefix: int, family: str, n_cls: int | None = None
+) -> tuple[Tensor, Tensor]:
     """Token selection for sequences with `n_prefix` leading special tokens (CLS first, then registers).
 
     `n_cls` is 1 when the first prefix token is a CLS token (default: whenever there is a prefix).
@@ -251,13 +262,17 @@ def default_select(acts_BTD: Tensor, mode: TokenMode, n_prefix: int, family: str
         return acts_BTD, torch.arange(T, device=dev)
     if mode == "cls":
         if n_cls == 0:
-            raise ValueError(f"tokens='cls' is not available for this {family} hook: it has no CLS token. "
-                             "Use 'all', 'mean' or a token index.")
+            raise ValueError(
+                f"tokens='cls' is not available for this {family} hook: it has no CLS token. "
+                "Use 'all', 'mean' or a token index."
+            )
         return acts_BTD[:, :1], torch.zeros(1, dtype=torch.long, device=dev)
     if mode == "registers":
         if n_prefix == n_cls:
-            raise ValueError(f"tokens='registers' is not available for this {family} hook: it has no "
-                             "register tokens. Use 'all', 'patch', 'cls' or 'mean'.")
+            raise ValueError(
+                f"tokens='registers' is not available for this {family} hook: it has no "
+                "register tokens. Use 'all', 'patch', 'cls' or 'mean'."
+            )
         return acts_BTD[:, n_cls:n_prefix], torch.arange(n_cls, n_prefix, device=dev)
     if mode == "patch":
         return acts_BTD[:, n_prefix:], torch.arange(n_prefix, T, device=dev)

@@ -35,8 +35,9 @@ class ClipEncoder(Encoder):
         super().__init__(model, id)
         self.image_pipeline = preprocess  # open_clip's own; its first step converts modes to RGB
         self.tokenizer = tokenizer
-        self.embed_dim: int = model.text_projection.shape[-1] if hasattr(model, "text_projection") \
-            else model.visual.output_dim
+        self.embed_dim: int = (
+            model.text_projection.shape[-1] if hasattr(model, "text_projection") else model.visual.output_dim
+        )
         self.image_size: tuple[int, int] = tuple(model.visual.image_size)
         text = _text_tower(model)
         self._text_prefix = "" if text is model else "text."
@@ -47,15 +48,19 @@ class ClipEncoder(Encoder):
         # open_clip 3.x runs its transformers batch-first; older configs ran blocks on [T, B, D].
         self._seq_first_hooks = {
             f"{owner}.resblocks.{i}"
-            for owner, tf in (("visual.transformer", model.visual.transformer),
-                              (f"{self._text_prefix}transformer", text.transformer))
-            if not getattr(tf, "batch_first", True) for i in range(len(tf.resblocks))
+            for owner, tf in (
+                ("visual.transformer", model.visual.transformer),
+                (f"{self._text_prefix}transformer", text.transformer),
+            )
+            if not getattr(tf, "batch_first", True)
+            for i in range(len(tf.resblocks))
         }
         self.default_hook = f"visual.transformer.resblocks.{max(n_visual - 2, 0)}"
 
     @classmethod
-    def from_spec(cls, name: str, pretrained: bool = True, cache_dir: str | None = None,
-                  **kw: Any) -> ClipEncoder:
+    def from_spec(
+        cls, name: str, pretrained: bool = True, cache_dir: str | None = None, **kw: Any
+    ) -> ClipEncoder:
         """`name`: 'ViT-B-32/openai' (architecture/tag), 'ViT-B-32//path/weights.safetensors' (local file),
         'hf-hub:org/repo', 'local-dir:/path' or 'tiny' (the bundled tiny config)."""
         if name == "tiny":
@@ -65,12 +70,18 @@ class ClipEncoder(Encoder):
         arch, _, tag = (name, "", "") if has_schema else name.partition("/")
         if pretrained and not has_schema and not tag:
             tags = [t for a, t in open_clip.list_pretrained() if a == arch]
-            raise ValueError(f"clip:{name} names no weights; use 'clip:{arch}/<tag>' with a tag from {tags}, "
-                             "a local file 'clip:ARCH//path/to/weights', or pretrained=False.")
+            raise ValueError(
+                f"clip:{name} names no weights; use 'clip:{arch}/<tag>' with a tag from {tags}, "
+                "a local file 'clip:ARCH//path/to/weights', or pretrained=False."
+            )
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(
-                arch, pretrained=tag if pretrained else None, load_weights=pretrained, cache_dir=cache_dir,
-                **kw)
+                arch,
+                pretrained=tag if pretrained else None,
+                load_weights=pretrained,
+                cache_dir=cache_dir,
+                **kw,
+            )
         except (OSError, RuntimeError) as err:  # hub download / cache miss
             if not pretrained:
                 raise
@@ -102,8 +113,10 @@ class ClipEncoder(Encoder):
     def select_tokens(self, hook: str, acts_BTD: Tensor, mode: TokenMode) -> tuple[Tensor, Tensor]:
         if hook == "visual":  # already the pooled, projected embedding: one token
             if mode not in ("all", "pooled", "mean"):
-                raise ValueError(f"Hook 'visual' is the pooled embedding (1 token); tokens={mode!r} does not "
-                                 "apply. Use 'pooled' here or a `visual.transformer.resblocks.{i}` hook.")
+                raise ValueError(
+                    f"Hook 'visual' is the pooled embedding (1 token); tokens={mode!r} does not "
+                    "apply. Use 'pooled' here or a `visual.transformer.resblocks.{i}` hook."
+                )
             return acts_BTD, torch.full((1,), -1, dtype=torch.long)
         if not self.is_text_hook(hook):
             if mode == "pooled" and self.model.visual.pool_type == "tok":

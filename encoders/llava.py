@@ -64,8 +64,9 @@ class LlavaEncoder(Encoder):
         super().__init__(model, id)
         self.processor = processor
         self.image_pipeline = ProcessorPixels(processor.image_processor)
-        self.vision_layers = _layer_list(model, ("vision_tower.encoder.layers",
-                                                 "vision_model.encoder.layers"))
+        self.vision_layers = _layer_list(
+            model, ("vision_tower.encoder.layers", "vision_model.encoder.layers")
+        )
         self.llm_layers = _layer_list(model, ("language_model.layers", "language_model.model.layers"))
         self.projector = next(n for n, _ in model.named_modules() if n.endswith("multi_modal_projector"))
         n_vision = len(model.get_submodule(self.vision_layers))
@@ -101,17 +102,23 @@ class LlavaEncoder(Encoder):
     def hook_points(self) -> list[str]:
         n_vision = len(self.model.get_submodule(self.vision_layers))
         n_llm = len(self.model.get_submodule(self.llm_layers))
-        return [*(f"{self.vision_layers}.{i}" for i in range(n_vision)), self.projector,
-                *(f"{self.llm_layers}.{i}" for i in range(n_llm))]
+        return [
+            *(f"{self.vision_layers}.{i}" for i in range(n_vision)),
+            self.projector,
+            *(f"{self.llm_layers}.{i}" for i in range(n_llm)),
+        ]
 
     def select_tokens(self, hook: str, acts_BTD: Tensor, mode: TokenMode) -> tuple[Tensor, Tensor]:
         if hook.startswith(self.vision_layers):  # CLIP vision: CLS, then patches
             if mode in ("image", "text"):
-                raise ValueError(f"tokens={mode!r} selects positions of the language model's sequence; the "
-                                 f"vision hook {hook!r} sees only the image (CLS + patches). Use 'all', "
-                                 f"'patch' or 'cls' here, or an LLM hook `{self.llm_layers}.{{i}}`.")
-            return default_select(acts_BTD, "cls" if mode == "pooled" else mode, n_prefix=1,
-                                  family=f"{self.family} vision")
+                raise ValueError(
+                    f"tokens={mode!r} selects positions of the language model's sequence; the "
+                    f"vision hook {hook!r} sees only the image (CLS + patches). Use 'all', "
+                    f"'patch' or 'cls' here, or an LLM hook `{self.llm_layers}.{{i}}`."
+                )
+            return default_select(
+                acts_BTD, "cls" if mode == "pooled" else mode, n_prefix=1, family=f"{self.family} vision"
+            )
         if mode == "image":
             if hook == self.projector:
                 return acts_BTD, torch.arange(acts_BTD.shape[1])
@@ -125,8 +132,10 @@ class LlavaEncoder(Encoder):
     def text_mask(self, hook: str) -> Tensor:
         """[B, T] True at the text positions of the last batch: not image features, not padding."""
         if hook == self.projector:
-            raise ValueError(f"tokens='text' does not apply to {hook!r}: it outputs image features only. "
-                             f"Use an LLM hook `{self.llm_layers}.{{i}}`.")
+            raise ValueError(
+                f"tokens='text' does not apply to {hook!r}: it outputs image features only. "
+                f"Use an LLM hook `{self.llm_layers}.{{i}}`."
+            )
         keep_BT = self._input_ids != self.model.config.image_token_index
         return keep_BT if self._attention_mask is None else keep_BT & self._attention_mask.bool()
 
@@ -134,10 +143,12 @@ class LlavaEncoder(Encoder):
         """The base flattening, except for "text": a different number of tokens per example."""
         if tokens != "text" or hook.startswith(self.vision_layers):
             return super()._flatten(hook, chunks, tokens, example_offset)
-        (acts_BTD, _), = chunks  # `activations` runs one forward: one call of each LLM layer
+        ((acts_BTD, _),) = chunks  # `activations` runs one forward: one call of each LLM layer
         pos_NK = self.text_mask(hook).nonzero()  # (example, position) pairs, row-major
-        return TokenActs(acts_BTD[pos_NK[:, 0], pos_NK[:, 1]],
-                         {"example_id": pos_NK[:, 0] + example_offset, "token_index": pos_NK[:, 1]})
+        return TokenActs(
+            acts_BTD[pos_NK[:, 0], pos_NK[:, 1]],
+            {"example_id": pos_NK[:, 0] + example_offset, "token_index": pos_NK[:, 1]},
+        )
 
     # ---------------------------------------------------------------- running
     def inputs(self, batch: Any) -> dict[str, Tensor]:
@@ -148,8 +159,10 @@ class LlavaEncoder(Encoder):
             prompts = [p if IMAGE_TOKEN in p else f"{IMAGE_TOKEN}\n{p}" for p in prompts]
             batch = self.processor(images=list(images), text=prompts, return_tensors="pt", padding=True)
         if not isinstance(batch, Mapping) or "input_ids" not in batch:
-            raise TypeError(f"{self.id} takes processor outputs (input_ids, pixel_values, ...) or a tuple "
-                            f"(images, prompts), got {type(batch).__name__}.")
+            raise TypeError(
+                f"{self.id} takes processor outputs (input_ids, pixel_values, ...) or a tuple "
+                f"(images, prompts), got {type(batch).__name__}."
+            )
         out = {k: v.to(self.device) for k, v in batch.items()}
         if "pixel_values" in out:
             out["pixel_values"] = out["pixel_values"].to(self.dtype)
@@ -161,14 +174,17 @@ class LlavaEncoder(Encoder):
         return self.model(**self.inputs(batch)).logits
 
     @torch.no_grad()
-    def generate(self, images: Sequence[Any], prompt: str | Sequence[str], max_new_tokens: int = 20,
-                 **generate_kw: Any) -> list[str]:
+    def generate(
+        self, images: Sequence[Any], prompt: str | Sequence[str], max_new_tokens: int = 20, **generate_kw: Any
+    ) -> list[str]:
         """Greedy answers (new text only) for each image; edits active around the call apply at every step."""
         self.processor.tokenizer.padding_side = "left"  # decoder-only generation continues the last column
         inputs = self.inputs((images, prompt))
         generate_kw.setdefault("do_sample", False)
         ids_BL = self.model.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kw)
-        return self.processor.batch_decode(ids_BL[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        return self.processor.batch_decode(
+            ids_BL[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+        )
 
 
 def tiny_llava() -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
@@ -176,19 +192,43 @@ def tiny_llava() -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     tokenizer = tiny_clip_tokenizer(vocab_size=1000)
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     image_size, patch = 32, 8
-    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=3,
-                              num_attention_heads=2, image_size=image_size, patch_size=patch,
-                              projection_dim=16)
-    text = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                       num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=256,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_seq_length=(image_size // patch) ** 2,
-                         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
-    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
-                                         crop_size={"height": image_size, "width": image_size})
+    vision = CLIPVisionConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch,
+        projection_dim=16,
+    )
+    text = LlamaConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_seq_length=(image_size // patch) ** 2,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+    )
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
     # num_additional_image_tokens=1: the CLS token the "default" strategy drops, as in llava-hf configs
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
-                               vision_feature_select_strategy="default", image_token=IMAGE_TOKEN,
-                               num_additional_image_tokens=1)
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=1,
+    )
     return LlavaForConditionalGeneration(config), processor

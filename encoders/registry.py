@@ -21,14 +21,21 @@ TINY_PRESETS = ("clip:tiny", "timm:test_vit", "llava:tiny", "unet:tiny")
 
 def encoder_class(family: str) -> type[Encoder]:
     if family not in FAMILIES:
-        raise ValueError(f"Unknown encoder family {family!r}; use one of {sorted(FAMILIES)} "
-                         "as '<family>:<model id or path>', e.g. 'clip:ViT-B-32/openai'.")
+        raise ValueError(
+            f"Unknown encoder family {family!r}; use one of {sorted(FAMILIES)} "
+            "as '<family>:<model id or path>', e.g. 'clip:ViT-B-32/openai'."
+        )
     module, cls = FAMILIES[family].split(":")
     return getattr(importlib.import_module(module), cls)
 
 
-def get_encoder(spec: str, pretrained: bool = True, device: str | torch.device = "cpu",
-                dtype: torch.dtype | None = None, **kw: Any) -> Encoder:
+def get_encoder(
+    spec: str,
+    pretrained: bool = True,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    **kw: Any,
+) -> Encoder:
     """The adapter for `spec` = '<family>:<name>'; tiny presets (TINY_PRESETS) are always random-init.
 
     Random init is seeded (`init_seed`, default 0) without touching the global RNG, so the same spec
@@ -37,8 +44,10 @@ def get_encoder(spec: str, pretrained: bool = True, device: str | torch.device =
     """
     family, sep, name = spec.partition(":")
     if not sep or not name:
-        raise ValueError(f"Encoder spec {spec!r} must look like '<family>:<name>', e.g. 'timm:test_vit'; "
-                         f"families: {sorted(FAMILIES)}; tiny presets: {TINY_PRESETS}.")
+        raise ValueError(
+            f"Encoder spec {spec!r} must look like '<family>:<name>', e.g. 'timm:test_vit'; "
+            f"families: {sorted(FAMILIES)}; tiny presets: {TINY_PRESETS}."
+        )
     if spec in TINY_PRESETS:
         pretrained = False
     init_seed = kw.pop("init_seed", 0)

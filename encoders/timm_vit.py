@@ -33,12 +33,14 @@ class TimmEncoder(Encoder):
         self.image_pipeline = T.Compose([rgb, *timm.data.create_transform(**self.data_config).transforms])
 
     @classmethod
-    def from_spec(cls, name: str, pretrained: bool = True, checkpoint_path: str = "",
-                  **kw: Any) -> TimmEncoder:
+    def from_spec(
+        cls, name: str, pretrained: bool = True, checkpoint_path: str = "", **kw: Any
+    ) -> TimmEncoder:
         """`name` is a timm model name or 'hf-hub:org/repo'; `checkpoint_path` loads a local weights file."""
         try:
-            model = timm.create_model(name, pretrained=pretrained and not checkpoint_path,
-                                      checkpoint_path=checkpoint_path, **kw)
+            model = timm.create_model(
+                name, pretrained=pretrained and not checkpoint_path, checkpoint_path=checkpoint_path, **kw
+            )
         except (OSError, RuntimeError) as err:  # hub download / cache miss
             if not pretrained:
                 raise
@@ -63,8 +65,11 @@ class TimmEncoder(Encoder):
         return output.flatten(1, 2) if self._nhwc(hook) else super().to_tokens(hook, output)
 
     def from_tokens(self, hook: str, tokens_BTD: Tensor, like: Any) -> Any:
-        return tokens_BTD.reshape(like.shape).to(like.dtype) if self._nhwc(hook) \
+        return (
+            tokens_BTD.reshape(like.shape).to(like.dtype)
+            if self._nhwc(hook)
             else super().from_tokens(hook, tokens_BTD, like)
+        )
 
     def prefix_tokens(self, hook: str) -> int:
         return self.n_prefix

@@ -58,13 +58,19 @@ class UNetEncoder(Encoder):
     family = "unet"
 
     def __init__(self, pipe: DiffusionPipeline, id: str, sampling: UNetSampling | None = None):
-        parts = {name: getattr(pipe, name) for name in ("unet", "vae", *TEXT_ENCODERS)
-                 if getattr(pipe, name, None) is not None}
+        parts = {
+            name: getattr(pipe, name)
+            for name in ("unet", "vae", *TEXT_ENCODERS)
+            if getattr(pipe, name, None) is not None
+        }
         super().__init__(nn.ModuleDict(parts), id)
         self.pipe = pipe
         self.sampling = sampling or UNetSampling()
-        self.default_hook = "up_blocks.1.attentions.1" if "up_blocks.1.attentions.1" in self.hook_points() \
+        self.default_hook = (
+            "up_blocks.1.attentions.1"
+            if "up_blocks.1.attentions.1" in self.hook_points()
             else self.unet_hooks()[0]
+        )
         self.current_timestep: int = -1
         self._step = -1
         self._calls: dict[str, int] = {}
@@ -78,8 +84,9 @@ class UNetEncoder(Encoder):
         """`name`: a diffusers hub id or local directory (SD-1.x/2.x or SDXL), or 'tiny'."""
         sampling = UNetSampling(**{k: kw.pop(k) for k in list(kw) if k in UNetSampling.__dataclass_fields__})
         if name == "tiny":
-            tiny = dataclasses.replace(sampling, num_inference_steps=2, height=sampling.height or 32,
-                                       width=sampling.width or 32)
+            tiny = dataclasses.replace(
+                sampling, num_inference_steps=2, height=sampling.height or 32, width=sampling.width or 32
+            )
             return cls(tiny_pipeline(), "unet:tiny", tiny)
         if "turbo" in name.lower() and not kw.get("keep_defaults"):  # SDXL-Turbo: 1 step, no CFG
             sampling = dataclasses.replace(sampling, num_inference_steps=1, guidance_scale=0.0)
@@ -91,8 +98,10 @@ class UNetEncoder(Encoder):
         except (OSError, ValueError) as err:  # hub download / cache miss
             raise weights_error(f"unet:{name}", name, err) from err
         if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
-            raise TypeError(f"unet:{name} loaded a {type(pipe).__name__}; UNetEncoder supports "
-                            "StableDiffusionPipeline and StableDiffusionXLPipeline checkpoints.")
+            raise TypeError(
+                f"unet:{name} loaded a {type(pipe).__name__}; UNetEncoder supports "
+                "StableDiffusionPipeline and StableDiffusionXLPipeline checkpoints."
+            )
         pipe.set_progress_bar_config(disable=True)
         return cls(pipe, f"unet:{name}", sampling)
 
@@ -105,17 +114,27 @@ class UNetEncoder(Encoder):
             parent = unet.get_submodule(name.rsplit(".", 1)[0])
             return name.count(".") <= 3 and isinstance(parent, nn.ModuleList)
 
-        return [name for name, mod in unet.named_modules()
-                if name and not isinstance(mod, nn.ModuleList) and ("." not in name or in_list(name))]
+        return [
+            name
+            for name, mod in unet.named_modules()
+            if name and not isinstance(mod, nn.ModuleList) and ("." not in name or in_list(name))
+        ]
 
     def text_layers(self, encoder: str) -> str:
         """Path of the text encoder's layer list: transformers 5 dropped the `text_model.` level."""
-        return f"{encoder}.text_model.encoder.layers" if hasattr(self.model[encoder], "text_model") \
+        return (
+            f"{encoder}.text_model.encoder.layers"
+            if hasattr(self.model[encoder], "text_model")
             else f"{encoder}.encoder.layers"
+        )
 
     def hook_points(self) -> list[str]:
-        text = [f"{self.text_layers(enc)}.{i}" for enc in TEXT_ENCODERS if enc in self.model
-                for i in range(len(self.model.get_submodule(self.text_layers(enc))))]
+        text = [
+            f"{self.text_layers(enc)}.{i}"
+            for enc in TEXT_ENCODERS
+            if enc in self.model
+            for i in range(len(self.model.get_submodule(self.text_layers(enc))))
+        ]
         return [*self.unet_hooks(), *text]
 
     def module(self, hook: str) -> nn.Module:
@@ -162,7 +181,8 @@ class UNetEncoder(Encoder):
             return [(acts_BTD, 1)]
         uncond, cond = acts_BTD.chunk(2)
         return {"cond": [(cond, 1)], "uncond": [(uncond, 0)], "both": [(uncond, 0), (cond, 1)]}[
-            self.sampling.cfg_half]
+            self.sampling.cfg_half
+        ]
 
     def captures(self, hook: str, args: tuple, kwargs: dict[str, Any], output: Any) -> list[Capture]:
         acts_BTD = self.to_tokens(hook, output)
@@ -179,19 +199,30 @@ class UNetEncoder(Encoder):
             self._grids[hook] = tuple(out.shape[-2:])
         if self.site(hook) == "update":
             acts_BTD = acts_BTD - self.input_tokens(hook, args, kwargs, acts_BTD, "update=True needs")
-        return [(half, {"timestep": torch.full((half.shape[0], 1), self.current_timestep),
-                        "cond": torch.full((half.shape[0], 1), c)}) for half, c in self._halves(acts_BTD)]
+        return [
+            (
+                half,
+                {
+                    "timestep": torch.full((half.shape[0], 1), self.current_timestep),
+                    "cond": torch.full((half.shape[0], 1), c),
+                },
+            )
+            for half, c in self._halves(acts_BTD)
+        ]
 
-    def input_tokens(self, hook: str, args: tuple, kwargs: dict[str, Any], out_BTD: Tensor,
-                     need: str) -> Tensor:
+    def input_tokens(
+        self, hook: str, args: tuple, kwargs: dict[str, Any], out_BTD: Tensor, need: str
+    ) -> Tensor:
         """The block's input (`hidden_states` / `sample`) as tokens; `need` opens the error when its shape
         differs from the output's (e.g. up/down-samplers), so no update exists."""
         inp = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
         in_BTD = self.to_tokens(hook, inp) if isinstance(inp, Tensor) else None
         if in_BTD is None or in_BTD.shape != out_BTD.shape:
-            raise ValueError(f"{need} a block whose output has its input's shape; {hook!r} maps "
-                             f"{tuple(getattr(inp, 'shape', ()))} → {tuple(out_BTD.shape)} tokens. Use a "
-                             "shape-preserving block (e.g. an `attentions.*` module) or the block's output.")
+            raise ValueError(
+                f"{need} a block whose output has its input's shape; {hook!r} maps "
+                f"{tuple(getattr(inp, 'shape', ()))} → {tuple(out_BTD.shape)} tokens. Use a "
+                "shape-preserving block (e.g. an `attentions.*` module) or the block's output."
+            )
         return in_BTD
 
     def hook_meta(self, hook: str) -> dict[str, Tensor]:
@@ -228,16 +259,24 @@ class UNetEncoder(Encoder):
         if new.cfg_half not in ("cond", "uncond", "both"):
             raise ValueError(f"cfg_half must be 'cond', 'uncond' or 'both', got {new.cfg_half!r}.")
         if new.cfg_half != "cond" and new.guidance_scale <= 1:
-            raise ValueError(f"cfg_half={new.cfg_half!r} needs classifier-free guidance, but "
-                             f"guidance_scale={new.guidance_scale} runs only the conditional pass.")
+            raise ValueError(
+                f"cfg_half={new.cfg_half!r} needs classifier-free guidance, but "
+                f"guidance_scale={new.guidance_scale} runs only the conditional pass."
+            )
         self.sampling = new
         try:
             yield
         finally:
             self.sampling = saved
 
-    def activations(self, batch: Sequence[str], hooks: Sequence[str], tokens: TokenMode = "all",
-                    example_offset: int = 0, **sampling: Any) -> dict[str, Any]:
+    def activations(
+        self,
+        batch: Sequence[str],
+        hooks: Sequence[str],
+        tokens: TokenMode = "all",
+        example_offset: int = 0,
+        **sampling: Any,
+    ) -> dict[str, Any]:
         """As `Encoder.activations`, over a whole sampling run; keyword overrides of `UNetSampling` apply."""
         with self._sampling_overrides(sampling):
             return super().activations(batch, hooks, tokens, example_offset)
@@ -253,9 +292,16 @@ class UNetEncoder(Encoder):
         self._n_prompts, self._step, self._calls, self.current_timestep = len(prompts), -1, {}, -1
         generator = torch.Generator(self.device).manual_seed(s.seed)
         negative = None if s.negative_prompt is None else [s.negative_prompt] * len(prompts)
-        return self.pipe(list(prompts), num_inference_steps=s.num_inference_steps,
-                         guidance_scale=s.guidance_scale, height=s.height, width=s.width,
-                         negative_prompt=negative, generator=generator, output_type=output_type)
+        return self.pipe(
+            list(prompts),
+            num_inference_steps=s.num_inference_steps,
+            guidance_scale=s.guidance_scale,
+            height=s.height,
+            width=s.width,
+            negative_prompt=negative,
+            generator=generator,
+            output_type=output_type,
+        )
 
     def run_model(self, batch: Sequence[str]) -> Tensor:
         """The final latents of a sampling run (no VAE decode) [B, C, h, w]."""
@@ -270,22 +316,56 @@ class UNetEncoder(Encoder):
 def tiny_pipeline() -> StableDiffusionPipeline:
     """SD-1.x with diffusers' own tiny test components (random init) and an offline CLIP tokenizer."""
     unet = UNet2DConditionModel(
-        block_out_channels=(4, 8), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=8, norm_num_groups=2)
-    vae = AutoencoderKL(block_out_channels=[4, 8], in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                        norm_num_groups=2)
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=8,
+        norm_num_groups=2,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[4, 8],
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        norm_num_groups=2,
+    )
     tokenizer = tiny_clip_tokenizer(vocab_size=1000)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        hidden_size=8, intermediate_size=16, num_attention_heads=2, num_hidden_layers=2, vocab_size=1000,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id))
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=8,
+            intermediate_size=16,
+            num_attention_heads=2,
+            num_hidden_layers=2,
+            vocab_size=1000,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -296,8 +376,11 @@ def random_init_pipeline(name: str) -> DiffusionPipeline:
     pipe_cls = StableDiffusionXLPipeline if "XL" in config["_class_name"] else StableDiffusionPipeline
     parts: dict[str, Any] = {}
     for part, (library, cls_name) in config.items():
-        if part.startswith("_") or library is None or part in ("safety_checker", "feature_extractor",
-                                                                "image_encoder"):
+        if (
+            part.startswith("_")
+            or library is None
+            or part in ("safety_checker", "feature_extractor", "image_encoder")
+        ):
             continue
         cls = getattr(__import__(library), cls_name)
         if part in ("unet", "vae"):
@@ -306,6 +389,9 @@ def random_init_pipeline(name: str) -> DiffusionPipeline:
             parts[part] = cls(cls.config_class.from_pretrained(name, subfolder=part))
         else:  # tokenizers and schedulers have no weights
             parts[part] = cls.from_pretrained(name, subfolder=part)
-    extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False} \
-        if pipe_cls is StableDiffusionPipeline else {}
+    extra = (
+        {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+        if pipe_cls is StableDiffusionPipeline
+        else {}
+    )
     return pipe_cls(**parts, **extra)

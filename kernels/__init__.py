@@ -50,8 +50,9 @@ def _triton_available() -> bool:
     return True
 
 
-def topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int,
-                b_dec: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def topk_encode(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, b_dec: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """(values, indices) of relu(topk((x − b_dec) W_encᵀ + b_enc)); without b_dec, x is already centred."""
     if _use_triton(x):
         from mmsae.kernels import triton_ops
@@ -69,8 +70,9 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, bias: Tensor |
     return reference.sparse_decode(values, indices, W_dec, bias)
 
 
-def decode_with_mse(values: Tensor, indices: Tensor, W_dec: Tensor, bias: Tensor | None,
-                    x: Tensor) -> tuple[Tensor, Tensor]:
+def decode_with_mse(
+    values: Tensor, indices: Tensor, W_dec: Tensor, bias: Tensor | None, x: Tensor
+) -> tuple[Tensor, Tensor]:
     """(x̂, normalized_mse(x, x̂)) with x̂ = `sparse_decode(values, indices, W_dec, bias)`: on the Triton path
     one fused pass whose backward needs no gather of its own (training's reconstruction term). Takes [B, k]
     codes and a [B, d] x that needs no gradient; anything else gets the two calls it stands for."""

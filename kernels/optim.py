@@ -42,9 +42,21 @@ class Adam(torch.optim.Adam):
             beta1, beta2 = group["betas"]
             for p, step in zip(params, steps):
                 state, copy = self.state[p], self._copy_of(p)
-                adam_update_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], step, group["lr"], beta1,
-                             beta2, group["eps"], group["weight_decay"], group["maximize"],
-                             group.get("decoupled_weight_decay", False), copy)
+                adam_update_(
+                    p,
+                    p.grad,
+                    state["exp_avg"],
+                    state["exp_avg_sq"],
+                    step,
+                    group["lr"],
+                    beta1,
+                    beta2,
+                    group["eps"],
+                    group["weight_decay"],
+                    group["maximize"],
+                    group.get("decoupled_weight_decay", False),
+                    copy,
+                )
                 # As torch's in-place step would: a backward through a graph that saved the old weight (or
                 # copy) now fails instead of using the new values. Then the copy is stamped as current.
                 for written in (p,) if copy is None else (p, copy):
@@ -58,9 +70,13 @@ class Adam(torch.optim.Adam):
         if group["amsgrad"] or group["differentiable"] or isinstance(group["betas"][0], Tensor):
             return False
         return all(
-            not p.grad.is_sparse and p.dtype == p.grad.dtype == torch.float32 and p.is_contiguous()
-            and p.grad.is_contiguous() and kernels._use_triton(p)
-            for p in group["params"] if p.grad is not None
+            not p.grad.is_sparse
+            and p.dtype == p.grad.dtype == torch.float32
+            and p.is_contiguous()
+            and p.grad.is_contiguous()
+            and kernels._use_triton(p)
+            for p in group["params"]
+            if p.grad is not None
         )
 
     def _state_of(self, p: Tensor) -> dict[str, Tensor]:

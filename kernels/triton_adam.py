@@ -27,10 +27,32 @@ def _one_minus_exp(x):
 
 
 @triton.jit
-def _adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, copy_ptr, lr_ptr, step_ptr, numel, lr, step,
-                 beta1, beta2, one_minus_beta1, one_minus_beta2, log_beta1, log_beta2, eps, weight_decay,
-                 MAXIMIZE: tl.constexpr, DECAY: tl.constexpr, LR_ON_DEVICE: tl.constexpr,
-                 STEP_ON_DEVICE: tl.constexpr, WRITE_COPY: tl.constexpr, BLOCK: tl.constexpr):
+def _adam_kernel(
+    p_ptr,
+    g_ptr,
+    m_ptr,
+    v_ptr,
+    copy_ptr,
+    lr_ptr,
+    step_ptr,
+    numel,
+    lr,
+    step,
+    beta1,
+    beta2,
+    one_minus_beta1,
+    one_minus_beta2,
+    log_beta1,
+    log_beta2,
+    eps,
+    weight_decay,
+    MAXIMIZE: tl.constexpr,
+    DECAY: tl.constexpr,
+    LR_ON_DEVICE: tl.constexpr,
+    STEP_ON_DEVICE: tl.constexpr,
+    WRITE_COPY: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < numel
     p = tl.load(p_ptr + offs, mask=ok, other=0.0)
@@ -60,34 +82,65 @@ def _adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, copy_ptr, lr_ptr, step_ptr, numel, 
         tl.store(copy_ptr + offs, p.to(copy_ptr.dtype.element_ty), mask=ok)
 
 
-def adam_update_(p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor | float,
-                 lr: Tensor | float, beta1: float, beta2: float, eps: float, weight_decay: float = 0.0,
-                 maximize: bool = False, decoupled_weight_decay: bool = False,
-                 copy: Tensor | None = None) -> None:
+def adam_update_(
+    p: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: Tensor | float,
+    lr: Tensor | float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float = 0.0,
+    maximize: bool = False,
+    decoupled_weight_decay: bool = False,
+    copy: Tensor | None = None,
+) -> None:
     """p, exp_avg, exp_avg_sq updated in place by one Adam (AdamW with `decoupled_weight_decay`) step
     numbered `step` (already incremented); `copy`, when given, receives p's new value in its dtype.
     Weight, gradient and moments: contiguous fp32 tensors of one shape."""
     for name, t in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("copy", copy)):
         if t is not None and (t.shape != p.shape or not (t.is_contiguous() and p.is_contiguous())):
-            raise ValueError(f"{name} must be contiguous and of the weight's shape {tuple(p.shape)}, "
-                             f"got {tuple(t.shape)}.")
+            raise ValueError(
+                f"{name} must be contiguous and of the weight's shape {tuple(p.shape)}, got {tuple(t.shape)}."
+            )
     for name, t in (("weight", p), ("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
         if t.dtype != torch.float32:
-            raise ValueError(f"the fused Adam updates fp32 weights from fp32 gradients and moments; {name} "
-                             f"is {t.dtype}.")
+            raise ValueError(
+                f"the fused Adam updates fp32 weights from fp32 gradients and moments; {name} is {t.dtype}."
+            )
     numel = p.numel()
     if numel == 0:
         return
     lr_on_device, step_on_device = isinstance(lr, Tensor), isinstance(step, Tensor)
     _adam_kernel[(triton.cdiv(numel, BLOCK),)](
-        p, grad, exp_avg, exp_avg_sq, p if copy is None else copy,
-        lr if lr_on_device else p, step if step_on_device else p, numel,
-        0.0 if lr_on_device else float(lr), 0.0 if step_on_device else float(step),
+        p,
+        grad,
+        exp_avg,
+        exp_avg_sq,
+        p if copy is None else copy,
+        lr if lr_on_device else p,
+        step if step_on_device else p,
+        numel,
+        0.0 if lr_on_device else float(lr),
+        0.0 if step_on_device else float(step),
         # 1 − β from the host in double: in fp32, 1 − fl(0.999) is off by 1.3e-5 relative.
-        beta1, beta2, 1.0 - beta1, 1.0 - beta2, _log(beta1), _log(beta2), eps, weight_decay,
-        MAXIMIZE=maximize, DECAY=0 if weight_decay == 0 else 2 if decoupled_weight_decay else 1,
-        LR_ON_DEVICE=lr_on_device, STEP_ON_DEVICE=step_on_device, WRITE_COPY=copy is not None,
-        BLOCK=BLOCK, num_warps=WARPS,
+        beta1,
+        beta2,
+        1.0 - beta1,
+        1.0 - beta2,
+        _log(beta1),
+        _log(beta2),
+        eps,
+        weight_decay,
+        MAXIMIZE=maximize,
+        DECAY=0 if weight_decay == 0 else 2 if decoupled_weight_decay else 1,
+        LR_ON_DEVICE=lr_on_device,
+        STEP_ON_DEVICE=step_on_device,
+        WRITE_COPY=copy is not None,
+        BLOCK=BLOCK,
+        num_warps=WARPS,
     )
 
 

@@ -34,8 +34,9 @@ def _tile(row0, col0, B, d, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _center_cast_kernel(x_ptr, b_ptr, out_ptr, B, d, stride_x, stride_out,
-                        BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+def _center_cast_kernel(
+    x_ptr, b_ptr, out_ptr, B, d, stride_x, stride_out, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr
+):
     rows, cols, ok = _tile(tl.program_id(0) * BLOCK_B, tl.program_id(1) * BLOCK_D, B, d, BLOCK_B, BLOCK_D)
     x = tl.load(x_ptr + rows * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + cols, mask=cols < d, other=0.0).to(tl.float32)
@@ -43,8 +44,9 @@ def _center_cast_kernel(x_ptr, b_ptr, out_ptr, B, d, stride_x, stride_out,
 
 
 @triton.jit
-def _recon_sums_kernel(x_ptr, xh_ptr, mean_ptr, part_ptr, B, d, stride_x, stride_xh,
-                       BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+def _recon_sums_kernel(
+    x_ptr, xh_ptr, mean_ptr, part_ptr, B, d, stride_x, stride_xh, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr
+):
     pid = tl.program_id(0)
     err = tl.zeros([BLOCK_B], dtype=tl.float32)
     var = tl.zeros([BLOCK_B], dtype=tl.float32)
@@ -62,8 +64,19 @@ def _recon_sums_kernel(x_ptr, xh_ptr, mean_ptr, part_ptr, B, d, stride_x, stride
 
 
 @triton.jit
-def _scaled_diff_kernel(x_ptr, xh_ptr, scale_ptr, out_ptr, B, d, stride_x, stride_xh, stride_out,
-                        BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+def _scaled_diff_kernel(
+    x_ptr,
+    xh_ptr,
+    scale_ptr,
+    out_ptr,
+    B,
+    d,
+    stride_x,
+    stride_xh,
+    stride_out,
+    BLOCK_B: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     rows, cols, ok = _tile(tl.program_id(0) * BLOCK_B, tl.program_id(1) * BLOCK_D, B, d, BLOCK_B, BLOCK_D)
     x = tl.load(x_ptr + rows * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
     xh = tl.load(xh_ptr + rows * stride_xh + cols, mask=ok, other=0.0).to(tl.float32)
@@ -72,8 +85,20 @@ def _scaled_diff_kernel(x_ptr, xh_ptr, scale_ptr, out_ptr, B, d, stride_x, strid
 
 
 @triton.jit
-def _col_sums_kernel(x_ptr, w_ptr, copy_ptr, part_ptr, B, d, stride_x, stride_copy, WEIGHTED: tl.constexpr,
-                     WRITE_COPY: tl.constexpr, SUM_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+def _col_sums_kernel(
+    x_ptr,
+    w_ptr,
+    copy_ptr,
+    part_ptr,
+    B,
+    d,
+    stride_x,
+    stride_copy,
+    WEIGHTED: tl.constexpr,
+    WRITE_COPY: tl.constexpr,
+    SUM_ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     # One tile per program and no loop: ~1.5k one-warp programs at size 1 keep enough loads in flight (a loop
     # over 128-row blocks ran at a third of the bandwidth on the H100).
     pid_b = tl.program_id(0)
@@ -100,8 +125,17 @@ def center_cast(x_BD: Tensor, b_D: Tensor, dtype: torch.dtype) -> Tensor:
     B, d = x_BD.shape
     out_BD = torch.empty(B, d, dtype=dtype, device=x_BD.device)
     grid = (triton.cdiv(B, BLOCK_B), triton.cdiv(d, BLOCK_D))
-    _center_cast_kernel[grid](x_BD, b_D.contiguous(), out_BD, B, d, x_BD.stride(0), out_BD.stride(0),
-                              BLOCK_B=BLOCK_B, BLOCK_D=BLOCK_D)
+    _center_cast_kernel[grid](
+        x_BD,
+        b_D.contiguous(),
+        out_BD,
+        B,
+        d,
+        x_BD.stride(0),
+        out_BD.stride(0),
+        BLOCK_B=BLOCK_B,
+        BLOCK_D=BLOCK_D,
+    )
     return out_BD
 
 
@@ -112,8 +146,18 @@ def recon_sums(x_BD: Tensor, x_hat_BD: Tensor) -> tuple[Tensor, Tensor]:
     mean_D = col_sums(x_BD)[0] / B
     n_programs = triton.cdiv(B, BLOCK_B)
     part = torch.empty(2, n_programs, dtype=torch.float32, device=x_BD.device)
-    _recon_sums_kernel[(n_programs,)](x_BD, x_hat_BD, mean_D, part, B, d, x_BD.stride(0), x_hat_BD.stride(0),
-                                      BLOCK_B=BLOCK_B, BLOCK_D=BLOCK_D)
+    _recon_sums_kernel[(n_programs,)](
+        x_BD,
+        x_hat_BD,
+        mean_D,
+        part,
+        B,
+        d,
+        x_BD.stride(0),
+        x_hat_BD.stride(0),
+        BLOCK_B=BLOCK_B,
+        BLOCK_D=BLOCK_D,
+    )
     err, var = part.sum(1).unbind()
     return err, var
 
@@ -125,13 +169,25 @@ def scaled_diff(x_BD: Tensor, x_hat_BD: Tensor, scale: Tensor) -> Tensor:
     B, d = x_BD.shape
     out_BD = torch.empty(B, d, dtype=x_hat_BD.dtype, device=x_BD.device)
     grid = (triton.cdiv(B, BLOCK_B), triton.cdiv(d, BLOCK_D))
-    _scaled_diff_kernel[grid](x_BD, x_hat_BD, scale.float().reshape(1), out_BD, B, d, x_BD.stride(0),
-                              x_hat_BD.stride(0), out_BD.stride(0), BLOCK_B=BLOCK_B, BLOCK_D=BLOCK_D)
+    _scaled_diff_kernel[grid](
+        x_BD,
+        x_hat_BD,
+        scale.float().reshape(1),
+        out_BD,
+        B,
+        d,
+        x_BD.stride(0),
+        x_hat_BD.stride(0),
+        out_BD.stride(0),
+        BLOCK_B=BLOCK_B,
+        BLOCK_D=BLOCK_D,
+    )
     return out_BD.reshape(shape)
 
 
-def col_sums(x_BD: Tensor, copy_dtype: torch.dtype | None = None,
-             weights_B: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+def col_sums(
+    x_BD: Tensor, copy_dtype: torch.dtype | None = None, weights_B: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
     """(Σ_b w[b]·x[b] in fp32 [d] (w = 1 without `weights_B`), x in `copy_dtype` or None), reading x once."""
     x_BD = _rows(x_BD)
     B, d = x_BD.shape
@@ -141,10 +197,19 @@ def col_sums(x_BD: Tensor, copy_dtype: torch.dtype | None = None,
     part = torch.empty(d, grid[0], dtype=torch.float32, device=x_BD.device)
     if weights_B is not None and weights_B.shape != (B,):
         raise ValueError(f"weights {tuple(weights_B.shape)} must be one per row of x {tuple(x_BD.shape)}.")
-    _col_sums_kernel[grid](x_BD, x_BD if weights_B is None else weights_B.contiguous(),
-                           x_BD if copy_BD is None else copy_BD, part, B, d, x_BD.stride(0),
-                           d if copy_BD is None else copy_BD.stride(0), WEIGHTED=weights_B is not None,
-                           WRITE_COPY=copy_BD is not None,
-                           SUM_ROWS=SUM_ROWS, BLOCK_D=SUM_COLS,
-                           num_warps=2 if x_BD.element_size() == 4 else 1)
+    _col_sums_kernel[grid](
+        x_BD,
+        x_BD if weights_B is None else weights_B.contiguous(),
+        x_BD if copy_BD is None else copy_BD,
+        part,
+        B,
+        d,
+        x_BD.stride(0),
+        d if copy_BD is None else copy_BD.stride(0),
+        WEIGHTED=weights_B is not None,
+        WRITE_COPY=copy_BD is not None,
+        SUM_ROWS=SUM_ROWS,
+        BLOCK_D=SUM_COLS,
+        num_warps=2 if x_BD.element_size() == 4 else 1,
+    )
     return part.sum(1), copy_BD

@@ -78,8 +78,12 @@ def _linear_topk(x_BD: Tensor, W_ND: Tensor, b_N: Tensor, k: int) -> tuple[Tenso
     """relu(top-k) of x·Wᵀ + b: on Hopper the GEMM's epilogue writes the group select's maxima."""
     n = W_ND.shape[0]
     cfg = group_config(n, k)
-    if x_BD.dtype in SELECT_DTYPES and k <= min(n, MAX_K) and group_select_fits(k, cfg) \
-            and fused_gemm_applies(x_BD, W_ND, cfg.group):
+    if (
+        x_BD.dtype in SELECT_DTYPES
+        and k <= min(n, MAX_K)
+        and group_select_fits(k, cfg)
+        and fused_gemm_applies(x_BD, W_ND, cfg.group)
+    ):
         pre_BN, gmax_BG = linear_group_maxima(x_BD, W_ND, b_N, cfg.group)
         values_BK = pre_BN.new_empty(pre_BN.shape[0], k)
         indices_BK = torch.empty(pre_BN.shape[0], k, dtype=torch.int64, device=pre_BN.device)
@@ -96,8 +100,9 @@ def _linear_topk(x_BD: Tensor, W_ND: Tensor, b_N: Tensor, k: int) -> tuple[Tenso
 class _TopKEncode(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x_BD: Tensor, b_dec: Tensor | None, W_enc: Tensor, b_enc: Tensor,
-                k: int) -> tuple[Tensor, Tensor]:
+    def forward(
+        ctx, x_BD: Tensor, b_dec: Tensor | None, W_enc: Tensor, b_enc: Tensor, k: int
+    ) -> tuple[Tensor, Tensor]:
         # Cast once ourselves (as autocast would) so backward's dx gathers the 16-bit rows.
         if torch.is_autocast_enabled("cuda"):
             dtype = torch.get_autocast_dtype("cuda")
@@ -130,8 +135,9 @@ class _TopKEncode(torch.autograd.Function):
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
             grad_b_N = torch.empty(n, dtype=torch.float32, device=g_BK.device)
         if ctx.needs_input_grad[2]:  # with db_enc's per-latent sums of the same coefficients, when wanted
-            grad_W = segment_matmul(g_BK, indices_BK, x_BD, n, ctx.W_dtype, ctx.latent_sort.get(),
-                                    sums_N=grad_b_N)
+            grad_W = segment_matmul(
+                g_BK, indices_BK, x_BD, n, ctx.W_dtype, ctx.latent_sort.get(), sums_N=grad_b_N
+            )
         elif grad_b_N is not None:
             grad_b_N.zero_().index_add_(0, indices_BK.flatten(), g_BK.flatten().float())
         if grad_b_N is not None:
@@ -157,8 +163,9 @@ def _decode_table(values_BK: Tensor, W_dec: Tensor) -> Tensor:
     return W_dec
 
 
-def _decode_setup(ctx, values_BK: Tensor, indices_BK: Tensor, W_dec: Tensor,
-                  bias_D: Tensor | None) -> tuple[Tensor, torch.dtype]:
+def _decode_setup(
+    ctx, values_BK: Tensor, indices_BK: Tensor, W_dec: Tensor, bias_D: Tensor | None
+) -> tuple[Tensor, torch.dtype]:
     """(the table to gather, the output dtype) of a decoder forward; records on `ctx` what `_decode_backward`
     reads besides the saved tensors."""
     ctx.latent_sort = _shared_sort(indices_BK, W_dec.shape[0])  # the encoder's, when it made them
@@ -186,8 +193,9 @@ def _decode_backward(ctx, grad_out_BD: Tensor) -> tuple[Tensor | None, Tensor | 
     if ctx.needs_input_grad[0]:
         grad_values = gather_dot(grad_out_BD, indices_BK, table_ND, values_BK.dtype)
     if ctx.needs_input_grad[2]:
-        grad_W = segment_matmul(values_BK, indices_BK, grad_out_BD, W_dec.shape[0], W_dec.dtype,
-                                ctx.latent_sort.get())
+        grad_W = segment_matmul(
+            values_BK, indices_BK, grad_out_BD, W_dec.shape[0], W_dec.dtype, ctx.latent_sort.get()
+        )
     return grad_values, grad_W, grad_bias
 
 
@@ -216,8 +224,9 @@ class _DecodeMSE(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, values_BK: Tensor, indices_BK: Tensor, W_dec: Tensor, bias_D: Tensor | None,
-                x_BD: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        ctx, values_BK: Tensor, indices_BK: Tensor, W_dec: Tensor, bias_D: Tensor | None, x_BD: Tensor
+    ) -> tuple[Tensor, Tensor]:
         table_ND, out_dtype = _decode_setup(ctx, values_BK, indices_BK, W_dec, bias_D)
         fused = decode_mse(values_BK, indices_BK, table_ND, x_BD, out_dtype, bias_D)
         denom = _loss_denominator(fused.var_sum, x_BD.shape[0])
@@ -241,8 +250,9 @@ class _DecodeMSE(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_values = torch.mul(dots_BK, scale, out=values_BK.new_empty(values_BK.shape))  # one pass
         if ctx.needs_input_grad[2]:
-            grad_W = segment_matmul(values_BK, indices_BK, r_BD, W_dec.shape[0], W_dec.dtype,
-                                    ctx.latent_sort.get(), scale)
+            grad_W = segment_matmul(
+                values_BK, indices_BK, r_BD, W_dec.shape[0], W_dec.dtype, ctx.latent_sort.get(), scale
+            )
         if ctx.needs_input_grad[3]:
             grad_bias = (col_sums(r_BD)[0] * scale).to(ctx.bias_dtype)
         return grad_values, None, grad_W, grad_bias, None
@@ -283,8 +293,9 @@ def _check_weights(name: str, W: Tensor) -> None:
         )
 
 
-def topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int,
-                b_dec: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def topk_encode(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, b_dec: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """(values, indices) of relu(topk((x − b_dec) W_encᵀ + b_enc)) per row; any leading dims of x."""
     _check_weights("W_enc", W_enc)
     lead = x.shape[:-1]
@@ -296,19 +307,22 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, bias: Tensor |
     """Σ_j values[..., j] · W_dec[indices[..., j]] (+ bias) without a dense [.., n] code tensor."""
     _check_weights("W_dec", W_dec)
     lead, k = values.shape[:-1], values.shape[-1]
-    out = _SparseDecode.apply(values.reshape(-1, k).contiguous(), indices.reshape(-1, k).contiguous(), W_dec,
-                              bias)
+    out = _SparseDecode.apply(
+        values.reshape(-1, k).contiguous(), indices.reshape(-1, k).contiguous(), W_dec, bias
+    )
     return out.reshape(*lead, W_dec.shape[1])
 
 
-def decode_with_mse(values: Tensor, indices: Tensor, W_dec: Tensor, bias: Tensor | None,
-                    x: Tensor) -> tuple[Tensor, Tensor]:
+def decode_with_mse(
+    values: Tensor, indices: Tensor, W_dec: Tensor, bias: Tensor | None, x: Tensor
+) -> tuple[Tensor, Tensor]:
     """(`sparse_decode`, `normalized_mse` of it against x) from one fused decoder pass; [B, k] codes and a
     [B, d] x, which gets no gradient."""
     _check_weights("W_dec", W_dec)
     x = x.detach()  # shapes are checked by `decode_mse`
-    return _DecodeMSE.apply(values.contiguous(), indices.contiguous(), W_dec, bias,
-                            x if x.stride(-1) == 1 else x.contiguous())
+    return _DecodeMSE.apply(
+        values.contiguous(), indices.contiguous(), W_dec, bias, x if x.stride(-1) == 1 else x.contiguous()
+    )
 
 
 def normalized_mse(x: Tensor, x_hat: Tensor) -> Tensor:

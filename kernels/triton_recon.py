@@ -28,10 +28,29 @@ warps per row or wider tiles were slower (fewer rows in flight per SM)."""
 
 
 @triton.jit
-def _decode_mse_kernel(w_ptr, idx_ptr, table_ptr, bias_ptr, x_ptr, mean_ptr,
-                       out_ptr, r_ptr, dots_ptr, part_ptr, B, k, d,
-                       stride_code, stride_table, stride_x, stride_out, stride_r,
-                       HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+def _decode_mse_kernel(
+    w_ptr,
+    idx_ptr,
+    table_ptr,
+    bias_ptr,
+    x_ptr,
+    mean_ptr,
+    out_ptr,
+    r_ptr,
+    dots_ptr,
+    part_ptr,
+    B,
+    k,
+    d,
+    stride_code,
+    stride_table,
+    stride_x,
+    stride_out,
+    stride_r,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, BLOCK_K)
     j_ok = j < k
@@ -43,8 +62,11 @@ def _decode_mse_kernel(w_ptr, idx_ptr, table_ptr, bias_ptr, x_ptr, mean_ptr,
     for d0 in range(0, d, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         c_ok = cols < d
-        atoms = tl.load(table_ptr + idx[:, None] * stride_table + cols[None, :],
-                        mask=j_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+        atoms = tl.load(
+            table_ptr + idx[:, None] * stride_table + cols[None, :],
+            mask=j_ok[:, None] & c_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)
         x_hat = tl.sum(atoms * w[:, None], 0)
         if HAS_BIAS:
             x_hat += tl.load(bias_ptr + cols, mask=c_ok, other=0.0).to(tl.float32)
@@ -86,15 +108,23 @@ def tile_config(k: int) -> tuple[int, int, int]:
     return block_k, block_d, max(1, block_k * block_d // TILE_ELEMENTS)
 
 
-def decode_mse(w_BK: Tensor, idx_BK: Tensor, table_ND: Tensor, x_BD: Tensor, out_dtype: torch.dtype,
-               bias_D: Tensor | None = None) -> DecodeMSE:
+def decode_mse(
+    w_BK: Tensor,
+    idx_BK: Tensor,
+    table_ND: Tensor,
+    x_BD: Tensor,
+    out_dtype: torch.dtype,
+    bias_D: Tensor | None = None,
+) -> DecodeMSE:
     """x̂ = Σ_j w[b, j] · table[idx[b, j]] (+ bias) with the loss sums, residual and dots of `DecodeMSE`."""
     check_codes(w_BK, idx_BK)
     B, k = w_BK.shape
     d = table_ND.shape[1]
     if x_BD.shape != (B, d) or x_BD.stride(-1) != 1:
-        raise ValueError(f"x {tuple(x_BD.shape)} must be [B, d] = [{B}, {d}] (the codes' rows, the decoder's "
-                         "width) with unit column stride.")
+        raise ValueError(
+            f"x {tuple(x_BD.shape)} must be [B, d] = [{B}, {d}] (the codes' rows, the decoder's "
+            "width) with unit column stride."
+        )
     mean_D = col_sums(x_BD)[0] / B
     x_hat = torch.empty(B, d, dtype=out_dtype, device=w_BK.device)
     residual = torch.empty(B, d, dtype=w_BK.dtype, device=w_BK.device)
@@ -102,10 +132,28 @@ def decode_mse(w_BK: Tensor, idx_BK: Tensor, table_ND: Tensor, x_BD: Tensor, out
     part = torch.empty(2, B, dtype=torch.float32, device=w_BK.device)  # summed along rows: fast in torch
     block_k, block_d, warps = tile_config(k)
     _decode_mse_kernel[(B,)](
-        w_BK, idx_BK, table_ND, table_ND if bias_D is None else bias_D.contiguous(), x_BD, mean_D,
-        x_hat, residual, dots, part, B, k, d, w_BK.stride(0), table_ND.stride(0), x_BD.stride(0),
-        x_hat.stride(0), residual.stride(0),
-        HAS_BIAS=bias_D is not None, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=warps,
+        w_BK,
+        idx_BK,
+        table_ND,
+        table_ND if bias_D is None else bias_D.contiguous(),
+        x_BD,
+        mean_D,
+        x_hat,
+        residual,
+        dots,
+        part,
+        B,
+        k,
+        d,
+        w_BK.stride(0),
+        table_ND.stride(0),
+        x_BD.stride(0),
+        x_hat.stride(0),
+        residual.stride(0),
+        HAS_BIAS=bias_D is not None,
+        BLOCK_K=block_k,
+        BLOCK_D=block_d,
+        num_warps=warps,
     )
     err_sum, var_sum = part.sum(1).unbind()
     return DecodeMSE(x_hat, residual, dots, err_sum, var_sum)

@@ -168,8 +168,18 @@ def _chunk_count_kernel(by_length_ptr, seg_ptr, chunks_ptr, n, CHUNK: tl.constex
 
 
 @triton.jit
-def _work_items_kernel(by_length_ptr, seg_ptr, item_end_ptr, item_begin_ptr, item_len_ptr, item_dest_ptr, n,
-                       n_items, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+def _work_items_kernel(
+    by_length_ptr,
+    seg_ptr,
+    item_end_ptr,
+    item_begin_ptr,
+    item_len_ptr,
+    item_dest_ptr,
+    n,
+    n_items,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     # Slot s's items are [item_end[s − 1], item_end[s]): chunk c starts c·CHUNK entries into the segment.
     # Items past the last one (the arrays have a static size) get length −1.
     slot = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -190,8 +200,20 @@ def _work_items_kernel(by_length_ptr, seg_ptr, item_end_ptr, item_begin_ptr, ite
 
 
 @triton.jit
-def _segment_reduce_kernel(item_end_ptr, lat_ptr, seg_ptr, part_ptr, part_sums_ptr, out_ptr, sums_ptr, d,
-                           stride_out, WRITE_SUMS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
+def _segment_reduce_kernel(
+    item_end_ptr,
+    lat_ptr,
+    seg_ptr,
+    part_ptr,
+    part_sums_ptr,
+    out_ptr,
+    sums_ptr,
+    d,
+    stride_out,
+    WRITE_SUMS: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     # One program per (by-length slot, column block); only the slots of split latents have work.
     slot = tl.program_id(0)
     lat, _, _, n_chunks = _slot_segment(lat_ptr, seg_ptr, slot, slot >= 0, CHUNK)
@@ -258,8 +280,9 @@ def gather_sum_into(
     )
 
 
-def gather_sum(w_BK: Tensor, idx_BK: Tensor, table_ND: Tensor, out_dtype: torch.dtype,
-               bias_D: Tensor | None = None) -> Tensor:
+def gather_sum(
+    w_BK: Tensor, idx_BK: Tensor, table_ND: Tensor, out_dtype: torch.dtype, bias_D: Tensor | None = None
+) -> Tensor:
     out_BD = torch.empty(w_BK.shape[0], table_ND.shape[1], dtype=out_dtype, device=w_BK.device)
     gather_sum_into(w_BK, idx_BK, table_ND, out_BD, bias_D=bias_D)
     return out_BD
@@ -340,23 +363,48 @@ def sort_by_latent(idx_BK: Tensor, n: int) -> LatentSort:
     # Longest first; a segment has at most B entries (a latent once per row), so −length fits int16 keys below
     # 2¹⁵ rows: two radix passes instead of four.
     neg_lengths = seg[:-1] - seg[1:]
-    by_length = torch.sort(neg_lengths.to(torch.int16) if idx_BK.shape[0] < 1 << 15 else neg_lengths,
-                           stable=True).indices
+    by_length = torch.sort(
+        neg_lengths.to(torch.int16) if idx_BK.shape[0] < 1 << 15 else neg_lengths, stable=True
+    ).indices
     grid = (triton.cdiv(n, _PLAN_BLOCK),)
     chunks = torch.empty(n, dtype=torch.int32, device=device)
     _chunk_count_kernel[grid](by_length, seg, chunks, n, CHUNK=SEGMENT_CHUNK, BLOCK=_PLAN_BLOCK)
     item_end = torch.cumsum(chunks, 0, dtype=torch.int32)
     n_items = n + entries // SEGMENT_CHUNK  # Σ max(1, ⌈L / C⌉) ≤ n + Σ L / C
     item_begin, item_len, item_dest = torch.empty(3, n_items, dtype=torch.int32, device=device).unbind()
-    _work_items_kernel[grid](by_length, seg, item_end, item_begin, item_len, item_dest, n, n_items,
-                             CHUNK=SEGMENT_CHUNK, BLOCK=_PLAN_BLOCK)
-    return LatentSort(order, (order // idx_BK.shape[1]).to(torch.int32), seg, by_length, item_end, item_begin,
-                      item_len, item_dest)
+    _work_items_kernel[grid](
+        by_length,
+        seg,
+        item_end,
+        item_begin,
+        item_len,
+        item_dest,
+        n,
+        n_items,
+        CHUNK=SEGMENT_CHUNK,
+        BLOCK=_PLAN_BLOCK,
+    )
+    return LatentSort(
+        order,
+        (order // idx_BK.shape[1]).to(torch.int32),
+        seg,
+        by_length,
+        item_end,
+        item_begin,
+        item_len,
+        item_dest,
+    )
 
 
-def segment_matmul_into(w_BK: Tensor, idx_BK: Tensor, dense_BD: Tensor, out_ND: Tensor,
-                        by_latent: LatentSort | None = None, scale: Tensor | None = None,
-                        sums_N: Tensor | None = None) -> None:
+def segment_matmul_into(
+    w_BK: Tensor,
+    idx_BK: Tensor,
+    dense_BD: Tensor,
+    out_ND: Tensor,
+    by_latent: LatentSort | None = None,
+    scale: Tensor | None = None,
+    sums_N: Tensor | None = None,
+) -> None:
     """out[i] = scale · Σ_{(b, j): idx[b, j] = i} w[b, j] · dense[b]; every row of out is written.
     `by_latent`, when given, must be `sort_by_latent(idx_BK, n)`; `scale` a one-element fp32 tensor;
     `sums_N`, an fp32 [n] tensor, receives scale · Σ_{(b, j): idx[b, j] = i} w[b, j] (deterministic)."""
@@ -376,20 +424,53 @@ def segment_matmul_into(w_BK: Tensor, idx_BK: Tensor, dense_BD: Tensor, out_ND: 
     block_l, block_d = 16, _block_d(d, 128)
     n_items = by_latent.item_len.numel()
     _segment_matmul_kernel[(triton.cdiv(n_items, block_l), triton.cdiv(d, block_d))](
-        by_latent.item_begin, by_latent.item_len, by_latent.item_dest, by_latent.rows, coef, dense_BD, out_ND,
-        sums, part, part_sums, n_items, d, dense_BD.stride(0), out_ND.stride(0),
-        WRITE_SUMS=sums_N is not None, BLOCK_L=block_l, BLOCK_D=block_d, num_warps=4,
+        by_latent.item_begin,
+        by_latent.item_len,
+        by_latent.item_dest,
+        by_latent.rows,
+        coef,
+        dense_BD,
+        out_ND,
+        sums,
+        part,
+        part_sums,
+        n_items,
+        d,
+        dense_BD.stride(0),
+        out_ND.stride(0),
+        WRITE_SUMS=sums_N is not None,
+        BLOCK_L=block_l,
+        BLOCK_D=block_d,
+        num_warps=4,
     )
     reduce_d = _block_d(d, 512)
     _segment_reduce_kernel[(n_split, triton.cdiv(d, reduce_d))](
-        by_latent.item_end, by_latent.by_length, by_latent.seg, part, part_sums, out_ND, sums, d,
-        out_ND.stride(0), WRITE_SUMS=sums_N is not None, CHUNK=SEGMENT_CHUNK, BLOCK_D=reduce_d, num_warps=4,
+        by_latent.item_end,
+        by_latent.by_length,
+        by_latent.seg,
+        part,
+        part_sums,
+        out_ND,
+        sums,
+        d,
+        out_ND.stride(0),
+        WRITE_SUMS=sums_N is not None,
+        CHUNK=SEGMENT_CHUNK,
+        BLOCK_D=reduce_d,
+        num_warps=4,
     )
 
 
-def segment_matmul(w_BK: Tensor, idx_BK: Tensor, dense_BD: Tensor, n: int, out_dtype: torch.dtype,
-                   by_latent: LatentSort | None = None, scale: Tensor | None = None,
-                   sums_N: Tensor | None = None) -> Tensor:
+def segment_matmul(
+    w_BK: Tensor,
+    idx_BK: Tensor,
+    dense_BD: Tensor,
+    n: int,
+    out_dtype: torch.dtype,
+    by_latent: LatentSort | None = None,
+    scale: Tensor | None = None,
+    sums_N: Tensor | None = None,
+) -> Tensor:
     out_ND = torch.empty(n, dense_BD.shape[1], dtype=out_dtype, device=dense_BD.device)
     segment_matmul_into(w_BK, idx_BK, dense_BD, out_ND, by_latent, scale, sums_N)
     return out_ND

@@ -65,8 +65,12 @@ def wanted(w: Tensor) -> torch.dtype | None:
 def buffer(w: Tensor, dtype: torch.dtype) -> Tensor:
     """The copy's storage, allocated on first use and reused after (CUDA graphs replay into it)."""
     copy = _COPIES.get(w)
-    if copy is None or copy.tensor.dtype != dtype or copy.tensor.shape != w.shape \
-            or copy.tensor.device != w.device:
+    if (
+        copy is None
+        or copy.tensor.dtype != dtype
+        or copy.tensor.shape != w.shape
+        or copy.tensor.device != w.device
+    ):
         copy = _COPIES[w] = _Copy(torch.empty_like(w, dtype=dtype, memory_format=torch.contiguous_format))
     copy.made_from = None  # being rewritten: not current until `mark_current`
     return copy.tensor

@@ -41,6 +41,18 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "SAE", "ActivationStore", "Encoder", "SAEConfig", "SparseCodes", "TokenActs", "__version__", "build_sae",
-    "extract", "get_encoder", "get_sae_class", "load_sae", "save_sae", *_LAZY,
+    "SAE",
+    "ActivationStore",
+    "Encoder",
+    "SAEConfig",
+    "SparseCodes",
+    "TokenActs",
+    "__version__",
+    "build_sae",
+    "extract",
+    "get_encoder",
+    "get_sae_class",
+    "load_sae",
+    "save_sae",
+    *_LAZY,
 ]

@@ -87,8 +87,9 @@ def sae_from_config(cfg: dict[str, Any]) -> SAE:
     return cls(cls.Config(**{**cls.Config.LEGACY_DEFAULTS, **cfg}))
 
 
-def resolve_dir(path_or_repo: str | os.PathLike, revision: str | None = None,
-                subfolder: str | None = None) -> Path:
+def resolve_dir(
+    path_or_repo: str | os.PathLike, revision: str | None = None, subfolder: str | None = None
+) -> Path:
     """A local directory as is, else a Hub repo id fetched (or found in the local HF cache)."""
     path = Path(path_or_repo)
     if subfolder:
@@ -107,8 +108,12 @@ def _reject_foreign(path: Path) -> None:
         )
 
 
-def load_sae(path_or_repo: str | os.PathLike, device: str | torch.device = "cpu", revision: str | None = None,
-             subfolder: str | None = None) -> SAE:
+def load_sae(
+    path_or_repo: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    revision: str | None = None,
+    subfolder: str | None = None,
+) -> SAE:
     """Load an SAE from a local directory or a Hugging Face Hub repo id (optionally a subfolder)."""
     path = resolve_dir(path_or_repo, revision, subfolder)
     _reject_foreign(path)
@@ -153,8 +158,14 @@ def _download(repo_id: str, revision: str | None, subfolder: str | None) -> Path
     return root / subfolder if subfolder else root
 
 
-def push_to_hub(sae: SAE, repo_id: str, subfolder: str | None = None, private: bool = False,
-                commit_message: str = "Upload SAE with mmsae", api: Any = None) -> str:
+def push_to_hub(
+    sae: SAE,
+    repo_id: str,
+    subfolder: str | None = None,
+    private: bool = False,
+    commit_message: str = "Upload SAE with mmsae",
+    api: Any = None,
+) -> str:
     """Upload cfg.json + sae.safetensors to `repo_id` (in `subfolder`, e.g. the hook name)."""
     from huggingface_hub import HfApi
 
@@ -162,6 +173,7 @@ def push_to_hub(sae: SAE, repo_id: str, subfolder: str | None = None, private: b
     api.create_repo(repo_id, private=private, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         save_sae(sae, tmp)
-        info = api.upload_folder(repo_id=repo_id, folder_path=tmp, path_in_repo=subfolder or "",
-                                 commit_message=commit_message)
+        info = api.upload_folder(
+            repo_id=repo_id, folder_path=tmp, path_in_repo=subfolder or "", commit_message=commit_message
+        )
     return str(getattr(info, "commit_url", info))

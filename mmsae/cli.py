@@ -27,7 +27,6 @@ EXTERNAL_COMMANDS: dict[str, tuple[str, bool, str]] = {
 }
 
 
-
 def trainer_defaults() -> dict[str, Any]:
     """Trainer defaults of `fit`/`validate` (configs and flags override them)."""
     from mmsae.trainer.api import default_precision
@@ -37,8 +36,10 @@ def trainer_defaults() -> dict[str, Any]:
         "max_epochs": 1,  # the data module's token budget is the whole run: one "epoch"
         "num_sanity_val_steps": 0,  # validation before the input scale exists is meaningless
         "precision": default_precision(),
-        "logger": [{"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": log_dir},
-                   {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": log_dir}],
+        "logger": [
+            {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": log_dir},
+            {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": log_dir},
+        ],
     }
 
 
@@ -55,8 +56,11 @@ def run_external(command: str, argv: list[str]) -> int:
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        print(f"mmsae {command}: cannot import {module_name} ({e}). This command needs that part of mmsae "
-              "its dependencies: install them, e.g. pip install 'mmsae[all]'.", file=sys.stderr)
+        print(
+            f"mmsae {command}: cannot import {module_name} ({e}). This command needs that part of mmsae "
+            "its dependencies: install them, e.g. pip install 'mmsae[all]'.",
+            file=sys.stderr,
+        )
         return 2
     cli_main = getattr(module, "cli_main", None)
     if cli_main is None:

@@ -84,8 +84,10 @@ def _fill(sae: SAE, weights: dict[str, Tensor], device: str | torch.device) -> S
     with torch.no_grad():
         for name, value in weights.items():
             if params[name].shape != value.shape:
-                raise ValueError(f"Converted tensor {name!r} has shape {tuple(value.shape)}, "
-                                 f"the mmsae {sae.arch!r} SAE expects {tuple(params[name].shape)}.")
+                raise ValueError(
+                    f"Converted tensor {name!r} has shape {tuple(value.shape)}, "
+                    f"the mmsae {sae.arch!r} SAE expects {tuple(params[name].shape)}."
+                )
             params[name].copy_(value)
     return sae.to(device)
 
@@ -116,9 +118,13 @@ def _saelens_config(cfg: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
-def from_saelens(path_or_repo: str | os.PathLike, device: str | torch.device = "cpu",
-                 norm_scaling_factor: float | None = None, subfolder: str | None = None,
-                 revision: str | None = None) -> SAE:
+def from_saelens(
+    path_or_repo: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    norm_scaling_factor: float | None = None,
+    subfolder: str | None = None,
+    revision: str | None = None,
+) -> SAE:
     """Load a SAELens SAE folder (local, or a Hub repo + subfolder) as an equivalent mmsae SAE.
 
     `norm_scaling_factor`: for SAEs trained with normalize_activations="expected_average_only_in"
@@ -129,15 +135,20 @@ def from_saelens(path_or_repo: str | os.PathLike, device: str | torch.device = "
     cfg = _saelens_config(_read_json(path / CFG_NAME))
     arch = cfg["architecture"]
     if arch not in SAELENS_ARCHS:
-        raise ValueError(f"SAELens architecture {arch!r} has no mmsae equivalent; "
-                         f"supported: {sorted(SAELENS_ARCHS)}.")
+        raise ValueError(
+            f"SAELens architecture {arch!r} has no mmsae equivalent; supported: {sorted(SAELENS_ARCHS)}."
+        )
     norm = cfg["normalize_activations"]
     if norm not in ("none", "expected_average_only_in"):
-        raise ValueError(f"SAELens normalize_activations={norm!r} is a per-token runtime transform that an "
-                         "mmsae SAE cannot represent; normalise inputs yourself before encoding.")
+        raise ValueError(
+            f"SAELens normalize_activations={norm!r} is a per-token runtime transform that an "
+            "mmsae SAE cannot represent; normalise inputs yourself before encoding."
+        )
     if norm == "expected_average_only_in" and norm_scaling_factor is None:
-        raise ValueError("This SAELens SAE was trained on rescaled inputs (normalize_activations="
-                         "'expected_average_only_in'): pass norm_scaling_factor= (from its release table).")
+        raise ValueError(
+            "This SAELens SAE was trained on rescaled inputs (normalize_activations="
+            "'expected_average_only_in'): pass norm_scaling_factor= (from its release table)."
+        )
 
     source = path / SAELENS_WEIGHTS
     state = _load_weights(source)
@@ -158,8 +169,11 @@ def from_saelens(path_or_repo: str | os.PathLike, device: str | torch.device = "
         if cfg.get("rescale_acts_by_decoder_norm", False):
             # topk(z ⊙ ‖W_dec‖) then decode with atoms / ‖W_dec‖: fold the norms into the encoder.
             norms_N = W_dec_ND.norm(dim=-1).clamp_min(1e-8)
-            weights.update(W_enc=W_enc_ND * norms_N[:, None], b_enc=weights["b_enc"] * norms_N,
-                           W_dec=W_dec_ND / norms_N[:, None])
+            weights.update(
+                W_enc=W_enc_ND * norms_N[:, None],
+                b_enc=weights["b_enc"] * norms_N,
+                W_dec=W_dec_ND / norms_N[:, None],
+            )
     elif arch == "jumprelu":
         theta_N = state["threshold"] if "threshold" in state else state["log_threshold"].exp()
         # SAELens computes relu(z)·1[z > θ]; with θ > 0 that is mmsae's z·1[z > θ].
@@ -169,12 +183,16 @@ def from_saelens(path_or_repo: str | os.PathLike, device: str | torch.device = "
         weights.update(r_mag=state["r_mag"], b_mag=state["b_mag"] + state["r_mag"].exp() * shift_N)
 
     meta = cfg.get("metadata") or {}
-    sae = build_sae(SAELENS_ARCHS[arch], W_dec_ND.shape[1], W_dec_ND.shape[0],
-                    unit_norm_decoder=_unit_norm(weights["W_dec"]),
-                    hook=meta.get("hook_name") or cfg.get("hook_name"),
-                    encoder=meta.get("model_name") or cfg.get("model_name"),
-                    extra={"converted_from": "saelens", "source": str(path_or_repo),
-                           "saelens_architecture": arch}, **options)
+    sae = build_sae(
+        SAELENS_ARCHS[arch],
+        W_dec_ND.shape[1],
+        W_dec_ND.shape[0],
+        unit_norm_decoder=_unit_norm(weights["W_dec"]),
+        hook=meta.get("hook_name") or cfg.get("hook_name"),
+        encoder=meta.get("model_name") or cfg.get("model_name"),
+        extra={"converted_from": "saelens", "source": str(path_or_repo), "saelens_architecture": arch},
+        **options,
+    )
     _fill(sae, weights, device)
     if norm_scaling_factor is not None and norm == "expected_average_only_in":
         sae.fold_input_scale(norm_scaling_factor)
@@ -182,8 +200,12 @@ def from_saelens(path_or_repo: str | os.PathLike, device: str | torch.device = "
 
 
 # ---------------------------------------------------------------------------------------------- sparsify
-def from_sparsify(path_or_repo: str | os.PathLike, hookpoint: str | None = None,
-                  device: str | torch.device = "cpu", revision: str | None = None) -> SAE:
+def from_sparsify(
+    path_or_repo: str | os.PathLike,
+    hookpoint: str | None = None,
+    device: str | torch.device = "cpu",
+    revision: str | None = None,
+) -> SAE:
     """Load one sparsify SAE: a hookpoint folder, or a run folder / Hub repo plus `hookpoint`."""
     path = resolve_dir(path_or_repo, revision, hookpoint)
     if not (path / CFG_NAME).is_file():
@@ -198,8 +220,9 @@ def from_sparsify(path_or_repo: str | os.PathLike, hookpoint: str | None = None,
     if cfg.get("activation", "topk") != "topk":
         unsupported["activation"] = cfg["activation"]
     if unsupported:
-        raise ValueError(f"sparsify options {unsupported} have no mmsae equivalent; "
-                         "only plain TopK SAEs convert.")
+        raise ValueError(
+            f"sparsify options {unsupported} have no mmsae equivalent; only plain TopK SAEs convert."
+        )
     d_in = int(cfg["d_in"])
     n = int(cfg.get("num_latents") or d_in * cfg["expansion_factor"])
 
@@ -207,11 +230,21 @@ def from_sparsify(path_or_repo: str | os.PathLike, hookpoint: str | None = None,
     state = _load_weights(source)
     _require(state, ["encoder.weight", "encoder.bias", "W_dec", "b_dec"], source, "sparsify")
     # sparsify: relu(encoder(x − b_dec)) then top-k; relu and top-k commute, as in mmsae's TopK.
-    weights = {"W_enc": state["encoder.weight"], "b_enc": state["encoder.bias"],
-               "W_dec": state["W_dec"], "b_dec": state["b_dec"]}
-    sae = build_sae("topk", d_in, n, k=int(cfg["k"]),
-                    unit_norm_decoder=bool(cfg.get("normalize_decoder", True)), hook=hookpoint or path.name,
-                    extra={"converted_from": "sparsify", "source": str(path_or_repo)})
+    weights = {
+        "W_enc": state["encoder.weight"],
+        "b_enc": state["encoder.bias"],
+        "W_dec": state["W_dec"],
+        "b_dec": state["b_dec"],
+    }
+    sae = build_sae(
+        "topk",
+        d_in,
+        n,
+        k=int(cfg["k"]),
+        unit_norm_decoder=bool(cfg.get("normalize_decoder", True)),
+        hook=hookpoint or path.name,
+        extra={"converted_from": "sparsify", "source": str(path_or_repo)},
+    )
     return _fill(sae, weights, device)
 
 

@@ -26,9 +26,12 @@ def load_encoder(spec: str, device: str):
     try:
         return get_encoder(spec, pretrained=True, device=device), True
     except WeightsUnavailableError as e:
-        print(f"{BANNER}\nNO PRETRAINED WEIGHTS for {spec}: running with RANDOM INIT.\n"
-              "Every stage runs, but features and names will be meaningless.\n"
-              f"{e}\n{BANNER}", file=sys.stderr)
+        print(
+            f"{BANNER}\nNO PRETRAINED WEIGHTS for {spec}: running with RANDOM INIT.\n"
+            "Every stage runs, but features and names will be meaningless.\n"
+            f"{e}\n{BANNER}",
+            file=sys.stderr,
+        )
         return get_encoder(spec, pretrained=False, device=device), False
 
 
@@ -54,14 +57,16 @@ def write_reports(sae, encoder, store, crops, index, out: Path, hook: str, n_das
     summary_report({"topk": stats}, out)
     images = [crops[i].image for i in range(len(crops))]
     for latent in stats.frequency.argsort(descending=True)[:n_dashboards].tolist():
-        feature_dashboard(latent, stats, images, out, names=index.names[latent], sae=sae, encoder=encoder,
-                          hook=hook)
+        feature_dashboard(
+            latent, stats, images, out, names=index.names[latent], sae=sae, encoder=encoder, hook=hook
+        )
     return out
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="mmsae demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="mmsae demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--encoder", default="clip:ViT-B-32/openai", help="encoder spec (family:name)")
     p.add_argument("--hook", default="visual.transformer.resblocks.8", help="hook point to train on")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
@@ -92,9 +97,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"      store: {store.path} ({store.n_tokens:,} tokens, d={store.d_in})")
 
     print(f"[3/6] training a TopK SAE (n={args.n_latents}, k={args.k}) on {args.tokens:,} tokens")
-    sae = train(store, sae="topk", n_latents=args.n_latents, k=args.k, tokens=args.tokens,
-                batch_size=args.batch_size, hook=args.hook, encoder=encoder.id, out_dir=str(out / "sae"),
-                warmup_steps=20, checkpoint_every=50)
+    sae = train(
+        store,
+        sae="topk",
+        n_latents=args.n_latents,
+        k=args.k,
+        tokens=args.tokens,
+        batch_size=args.batch_size,
+        hook=args.hook,
+        encoder=encoder.id,
+        out_dir=str(out / "sae"),
+        warmup_steps=20,
+        checkpoint_every=50,
+    )
     sae_dir = out / "sae" / args.hook
 
     print("[4/6] metrics on the store")
@@ -113,9 +128,11 @@ def main(argv: list[str] | None = None) -> int:
 
     weights = "pretrained" if pretrained else "RANDOM-INIT (no weights reachable)"
     print(f"\nDone ({weights} encoder). SAE: {sae_dir}  index: {index_dir}")
-    print("Open the concept-search app with:\n"
-          f"  .venv/bin/mmsae app search --sae {sae_dir} --index {index_dir} --model {encoder.id}"
-          + ("" if pretrained else " --random-init"))
+    print(
+        "Open the concept-search app with:\n"
+        f"  .venv/bin/mmsae app search --sae {sae_dir} --index {index_dir} --model {encoder.id}"
+        + ("" if pretrained else " --random-init")
+    )
     return 0
 
 

@@ -89,9 +89,16 @@ def preprocessing_fingerprint(encoder: Encoder) -> str:
     return hashlib.sha256(f"{tuple(pixels.shape)}".encode() + pixels.float().numpy().tobytes()).hexdigest()
 
 
-def forward_batches(encoder: Encoder, dataset: ExampleDataset, index_batches: Sequence[list[int]],
-                    hooks: list[str], tokens: TokenMode, modality: str, num_workers: int = 0,
-                    decode: str = "pil") -> Iterator[tuple[InputBatch, dict[str, TokenActs]]]:
+def forward_batches(
+    encoder: Encoder,
+    dataset: ExampleDataset,
+    index_batches: Sequence[list[int]],
+    hooks: list[str],
+    tokens: TokenMode,
+    modality: str,
+    num_workers: int = 0,
+    decode: str = "pil",
+) -> Iterator[tuple[InputBatch, dict[str, TokenActs]]]:
     """Run the encoder over the given batches of data set indices; activations stay on the device.
 
     Example ids in the returned metadata are data set indices (skipped examples leave gaps).
@@ -146,9 +153,12 @@ class _ShardWriter(threading.Thread):
         err = self.error
         if isinstance(err, OSError) and err.errno in _DISK_FULL:
             done = n_recorded(self.root, self.info)
-            raise OSError(err.errno, f"Out of disk space writing the activation store {self.root} ({err}). "
-                          f"The partial shard was deleted; {done} finished shards are kept. Free space or "
-                          "choose another out_dir, then run the same extraction again to resume.") from err
+            raise OSError(
+                err.errno,
+                f"Out of disk space writing the activation store {self.root} ({err}). "
+                f"The partial shard was deleted; {done} finished shards are kept. Free space or "
+                "choose another out_dir, then run the same extraction again to resume.",
+            ) from err
         raise err
 
     def run(self) -> None:
@@ -182,18 +192,25 @@ class _ShardWriter(threading.Thread):
     def _commit(self, shard: int) -> None:
         record: dict[str, Any] = {"skipped": self.skipped, "hooks": {}}
         if not self.files:  # every example of the shard was unreadable: still write empty files
-            self.files = {h: tuple(ShardFile(p) for p in shard_files(self.root, h, shard))
-                          for h in self.info["hooks"]}
+            self.files = {
+                h: tuple(ShardFile(p) for p in shard_files(self.root, h, shard)) for h in self.info["hooks"]
+            }
             self.counts = dict.fromkeys(self.info["hooks"], 0)
         for hook, (acts_file, meta_file) in self.files.items():
-            record["hooks"][hook] = {"n_tokens": self.counts[hook], "acts_crc32": acts_file.commit(),
-                                     "meta_crc32": meta_file.commit()}
+            record["hooks"][hook] = {
+                "n_tokens": self.counts[hook],
+                "acts_crc32": acts_file.commit(),
+                "meta_crc32": meta_file.commit(),
+            }
         self.files, self.skipped = {}, []
         write_record(self.root, shard, record)
 
 
-def _stage(acts: dict[str, TokenActs], dtype: torch.dtype, copy_stream: torch.cuda.Stream | None,
-           ) -> tuple[dict[str, tuple[Tensor, Tensor]], Any]:
+def _stage(
+    acts: dict[str, TokenActs],
+    dtype: torch.dtype,
+    copy_stream: torch.cuda.Stream | None,
+) -> tuple[dict[str, tuple[Tensor, Tensor]], Any]:
     """Cast on the device and start async copies into pinned host memory; returns the arrays + event.
 
     The copies run on `copy_stream`, so the next batch's forward overlaps them (on the compute stream a
@@ -205,8 +222,10 @@ def _stage(acts: dict[str, TokenActs], dtype: torch.dtype, copy_stream: torch.cu
         acts_ND = ta.acts_ND.to(dtype)
         meta_NM = torch.stack([meta[k].to(torch.int64) for k in sorted(meta)], 1)
         if acts_ND.is_cuda:
-            out[hook] = (torch.empty(acts_ND.shape, dtype=dtype, pin_memory=True),
-                         torch.empty(meta_NM.shape, dtype=torch.int64, pin_memory=True))
+            out[hook] = (
+                torch.empty(acts_ND.shape, dtype=dtype, pin_memory=True),
+                torch.empty(meta_NM.shape, dtype=torch.int64, pin_memory=True),
+            )
             copies += [(out[hook][0], acts_ND), (out[hook][1], meta_NM)]
         else:
             out[hook] = (acts_ND.contiguous(), meta_NM.contiguous())
@@ -241,8 +260,10 @@ class Ranks:
 def resolve_ranks(rank: int | None = None, world_size: int | None = None) -> Ranks:
     """Explicit values, else the torch.distributed group, else torchrun's RANK/WORLD_SIZE/LOCAL_RANK."""
     if (rank is None) != (world_size is None):
-        raise ValueError("Pass both rank= and world_size=, or neither (then they come from torch.distributed "
-                         "or torchrun's RANK/WORLD_SIZE environment variables).")
+        raise ValueError(
+            "Pass both rank= and world_size=, or neither (then they come from torch.distributed "
+            "or torchrun's RANK/WORLD_SIZE environment variables)."
+        )
     dist = torch.distributed
     group = dist.is_available() and dist.is_initialized()
     if rank is None:
@@ -260,8 +281,10 @@ def rank_device(device: str | torch.device, ranks: Ranks) -> torch.device:
     if device.type != "cuda" or ranks.world_size == 1:
         return device
     if ranks.local_rank >= torch.cuda.device_count():
-        raise ValueError(f"Rank {ranks.rank} needs cuda:{ranks.local_rank} but {torch.cuda.device_count()} "
-                         "GPUs are visible: start at most one process per GPU.")
+        raise ValueError(
+            f"Rank {ranks.rank} needs cuda:{ranks.local_rank} but {torch.cuda.device_count()} "
+            "GPUs are visible: start at most one process per GPU."
+        )
     return torch.device("cuda", ranks.local_rank)
 
 
@@ -279,19 +302,31 @@ def _poll(check: Callable[[], tuple[bool, int]], timeout: float, failure: Callab
         time.sleep(POLL_S)
 
 
-def _await_store(root: Path, config: dict[str, Any], digest: str, ranks: Ranks, timeout: float,
-                 ) -> dict[str, Any]:
+def _await_store(
+    root: Path,
+    config: dict[str, Any],
+    digest: str,
+    ranks: Ranks,
+    timeout: float,
+) -> dict[str, Any]:
     """store.json once rank 0 has created (or checked) it."""
     if ranks.distributed:
         torch.distributed.barrier()
     elif ranks.rank != 0:
-        _poll(lambda: ((root / STORE_JSON).is_file(), 0), timeout,
-              lambda: f"Rank {ranks.rank}: rank 0 did not create {root / STORE_JSON} within {timeout:.0f} s. "
-                      "Start rank 0 with the same configuration and out_dir, and check its log.")
+        _poll(
+            lambda: ((root / STORE_JSON).is_file(), 0),
+            timeout,
+            lambda: (
+                f"Rank {ranks.rank}: rank 0 did not create {root / STORE_JSON} within {timeout:.0f} s. "
+                "Start rank 0 with the same configuration and out_dir, and check its log."
+            ),
+        )
     info = _open_store(root, config, digest)
     if info is None:  # only when the ranks were given different out_dirs
-        raise StoreError(f"Rank {ranks.rank}: {root / STORE_JSON} does not exist after rank 0 created the "
-                         "store: give every rank the same out_dir.")
+        raise StoreError(
+            f"Rank {ranks.rank}: {root / STORE_JSON} does not exist after rank 0 created the "
+            "store: give every rank the same out_dir."
+        )
     return info
 
 
@@ -319,9 +354,11 @@ def _await_shards(root: Path, info: dict[str, Any], pending: list[int], ranks: R
 
     def failure() -> str:
         owners = sorted({s % ranks.world_size for s in waiting})
-        return (f"Rank 0: no shard of {root} was finished for {timeout:.0f} s; shards {sorted(waiting)[:8]} "
-                f"of ranks {owners} are missing. That process probably failed: check its log, then run the "
-                "same extraction again (with any number of processes) to resume.")
+        return (
+            f"Rank 0: no shard of {root} was finished for {timeout:.0f} s; shards {sorted(waiting)[:8]} "
+            f"of ranks {owners} are missing. That process probably failed: check its log, then run the "
+            "same extraction again (with any number of processes) to resume."
+        )
 
     _poll(check, timeout, failure)
 
@@ -332,15 +369,22 @@ def _await_merge(root: Path, pending: list[int], ranks: Ranks, timeout: float) -
     They cannot watch .done/ like rank 0: rank 0 deletes it when it merges. New records there count as
     progress for the timeout.
     """
+
     def check() -> tuple[bool, int]:
         info = read_info(root)
         if info["complete"] and all(_shard_done(root, info, s) for s in pending):
             return True, 0
         return False, len(list((root / DONE_DIR).glob("*.json")))
 
-    _poll(check, timeout, lambda: f"Rank {ranks.rank}: {root} was not finished for {timeout:.0f} s without "
-                                  "progress; check the other processes' logs, then run the same extraction "
-                                  "again (with any number of processes) to resume.")
+    _poll(
+        check,
+        timeout,
+        lambda: (
+            f"Rank {ranks.rank}: {root} was not finished for {timeout:.0f} s without "
+            "progress; check the other processes' logs, then run the same extraction "
+            "again (with any number of processes) to resume."
+        ),
+    )
 
 
 def _finalize(root: Path, info: dict[str, Any]) -> None:
@@ -352,8 +396,16 @@ def _finalize(root: Path, info: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------------ extract
-def _config(encoder: Encoder, dataset: ExampleDataset, hooks: list[str], tokens: TokenMode, dtype: str,
-            modality: str, preprocessing: dict[str, Any] | None, decode: str) -> dict[str, Any]:
+def _config(
+    encoder: Encoder,
+    dataset: ExampleDataset,
+    hooks: list[str],
+    tokens: TokenMode,
+    dtype: str,
+    modality: str,
+    preprocessing: dict[str, Any] | None,
+    decode: str,
+) -> dict[str, Any]:
     sites = {h: encoder.site(h) for h in hooks}
     # Only block updates are named (read back by ActivationStore.site), so output stores keep their hash.
     updates = {"sites": sites} if "update" in sites.values() else {}
@@ -388,8 +440,16 @@ def _store_dir(out_dir: Path, encoder: Encoder, digest: str) -> Path:
     return out_dir / f"{slug}-{digest[:16]}"
 
 
-def _layout(encoder: Encoder, dataset: ExampleDataset, hooks: list[str], tokens: TokenMode, modality: str,
-            batch_size: int, shard_tokens: int, decode: str = "pil") -> tuple[dict[str, Any], dict[str, Any]]:
+def _layout(
+    encoder: Encoder,
+    dataset: ExampleDataset,
+    hooks: list[str],
+    tokens: TokenMode,
+    modality: str,
+    batch_size: int,
+    shard_tokens: int,
+    decode: str = "pil",
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Probe the first readable batch for widths and tokens per example; fix the shard layout from it."""
     n = len(dataset)
     for start in range(0, n, batch_size):
@@ -398,16 +458,26 @@ def _layout(encoder: Encoder, dataset: ExampleDataset, hooks: list[str], tokens:
         if batch.indices:
             break
     else:
-        raise ValueError(f"None of the {n} examples of {dataset.describe()} could be read (first: "
-                         f"{batch.skipped[0]['reason']}). Check the files.")
-    hooks_info = {h: {"d": int(ta.acts_ND.shape[1]), "meta_columns": sorted(_per_token_meta(ta)),
-                      "extra": {k: v.tolist() for k, v in ta.meta.items() if k not in _per_token_meta(ta)}}
-                  for h, ta in acts.items()}
+        raise ValueError(
+            f"None of the {n} examples of {dataset.describe()} could be read (first: "
+            f"{batch.skipped[0]['reason']}). Check the files."
+        )
+    hooks_info = {
+        h: {
+            "d": int(ta.acts_ND.shape[1]),
+            "meta_columns": sorted(_per_token_meta(ta)),
+            "extra": {k: v.tolist() for k, v in ta.meta.items() if k not in _per_token_meta(ta)},
+        }
+        for h, ta in acts.items()
+    }
     tokens_per_example = max(ta.acts_ND.shape[0] for ta in acts.values()) / len(batch.indices)
     batches_per_shard = max(1, int(shard_tokens // (batch_size * tokens_per_example)))
     examples_per_shard = batches_per_shard * batch_size
-    layout = {"batch_size": batch_size, "examples_per_shard": examples_per_shard,
-              "tokens_per_example": tokens_per_example}
+    layout = {
+        "batch_size": batch_size,
+        "examples_per_shard": examples_per_shard,
+        "tokens_per_example": tokens_per_example,
+    }
     return layout, hooks_info
 
 
@@ -418,18 +488,32 @@ def _open_store(root: Path, config: dict[str, Any], digest: str) -> dict[str, An
     info = read_info(root)
     if info["config_hash"] != digest:
         changed = sorted(k for k in config if info["config"].get(k) != config[k])
-        raise StoreError(f"The activation store {root} was made with a different configuration (config hash "
-                         f"{info['config_hash'][:16]} != {digest[:16]}; differs in: {', '.join(changed)}). "
-                         "Use another out_dir (stores are named by their config hash) or delete that store.")
+        raise StoreError(
+            f"The activation store {root} was made with a different configuration (config hash "
+            f"{info['config_hash'][:16]} != {digest[:16]}; differs in: {', '.join(changed)}). "
+            "Use another out_dir (stores are named by their config hash) or delete that store."
+        )
     return info
 
 
-def extract(encoder: Encoder, dataset: ExampleDataset, hooks: str | Sequence[str] | None, out_dir: str | Path,
-            tokens: TokenMode = "all", dtype: str = "float16", batch_size: int = 64,
-            shard_tokens: int = DEFAULT_SHARD_TOKENS, num_workers: int = 0, modality: str | None = None,
-            preprocessing: dict[str, Any] | None = None, progress: bool = True, rank: int | None = None,
-            world_size: int | None = None, timeout: float = DEFAULT_WAIT_S, decode: str = "pil",
-            ) -> ActivationStore:
+def extract(
+    encoder: Encoder,
+    dataset: ExampleDataset,
+    hooks: str | Sequence[str] | None,
+    out_dir: str | Path,
+    tokens: TokenMode = "all",
+    dtype: str = "float16",
+    batch_size: int = 64,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    num_workers: int = 0,
+    modality: str | None = None,
+    preprocessing: dict[str, Any] | None = None,
+    progress: bool = True,
+    rank: int | None = None,
+    world_size: int | None = None,
+    timeout: float = DEFAULT_WAIT_S,
+    decode: str = "pil",
+) -> ActivationStore:
     """Extract `hooks` activations of `encoder` over `dataset` into a sharded store under `out_dir`.
 
     Resumes an interrupted extraction of the same configuration; returns at once if it is complete.
@@ -466,32 +550,62 @@ def extract(encoder: Encoder, dataset: ExampleDataset, hooks: str | Sequence[str
     digest = config_hash(config)
     root = _store_dir(Path(out_dir), encoder, digest)
     info = _open_store(root, config, digest)
-    if info is not None and info["complete"] and all(_shard_done(root, info, s)
-                                                     for s in range(len(info["shards"]))):
+    if (
+        info is not None
+        and info["complete"]
+        and all(_shard_done(root, info, s) for s in range(len(info["shards"])))
+    ):
         return ActivationStore(root)  # cache hit
     if info is None and ranks.rank == 0:
-        layout, hooks_info = _layout(encoder, dataset, hooks, tokens, modality, batch_size, shard_tokens,
-                                     decode)
+        layout, hooks_info = _layout(
+            encoder, dataset, hooks, tokens, modality, batch_size, shard_tokens, decode
+        )
         n_shards = -(-len(dataset) // layout["examples_per_shard"])
         root.mkdir(parents=True, exist_ok=True)
-        write_info(root, {"format": FORMAT, "config": config, "config_hash": digest,
-                          "dataset": dataset.describe(), "layout": layout, "hooks": hooks_info,
-                          "shards": [None] * n_shards, "complete": False})
+        write_info(
+            root,
+            {
+                "format": FORMAT,
+                "config": config,
+                "config_hash": digest,
+                "dataset": dataset.describe(),
+                "layout": layout,
+                "hooks": hooks_info,
+                "shards": [None] * n_shards,
+                "complete": False,
+            },
+        )
     info = _await_store(root, config, digest, ranks, timeout)
     pending = [s for s in range(len(info["shards"])) if not _shard_done(root, info, s)]
     desc = f"extract {encoder.id}" + (f" (rank 0 of {ranks.world_size})" if ranks.world_size > 1 else "")
-    fallback = _run(encoder, dataset, root, info, [s for s in pending if ranks.owns(s)], tokens, num_workers,
-                    progress and ranks.rank == 0, desc, decode)
+    fallback = _run(
+        encoder,
+        dataset,
+        root,
+        info,
+        [s for s in pending if ranks.owns(s)],
+        tokens,
+        num_workers,
+        progress and ranks.rank == 0,
+        desc,
+        decode,
+    )
     if fallback:
         first = dataset.source(fallback[0])
-        warnings.warn(f"decode='device': {len(fallback)} images were not complete JPEG files or failed to "
-                      f"decode on {device.type} and took the PIL path (first: {first}).", stacklevel=2)
+        warnings.warn(
+            f"decode='device': {len(fallback)} images were not complete JPEG files or failed to "
+            f"decode on {device.type} and took the PIL path (first: {first}).",
+            stacklevel=2,
+        )
     _finish(root, info, pending, ranks, timeout)
     store = ActivationStore(root)
     if store.skipped and ranks.rank == 0:
         first = store.skipped[0]
-        warnings.warn(f"Skipped {len(store.skipped)} unreadable examples of {dataset.describe()} (first: "
-                      f"{first['source']}: {first['reason']}); see store.skipped.", stacklevel=2)
+        warnings.warn(
+            f"Skipped {len(store.skipped)} unreadable examples of {dataset.describe()} (first: "
+            f"{first['source']}: {first['reason']}); see store.skipped.",
+            stacklevel=2,
+        )
     return store
 
 
@@ -510,8 +624,18 @@ def _shard_done(root: Path, info: dict[str, Any], shard: int) -> bool:
     return True
 
 
-def _run(encoder: Encoder, dataset: ExampleDataset, root: Path, info: dict[str, Any], shards: list[int],
-         tokens: TokenMode, num_workers: int, progress: bool, desc: str, decode: str) -> list[int]:
+def _run(
+    encoder: Encoder,
+    dataset: ExampleDataset,
+    root: Path,
+    info: dict[str, Any],
+    shards: list[int],
+    tokens: TokenMode,
+    num_workers: int,
+    progress: bool,
+    desc: str,
+    decode: str,
+) -> list[int]:
     """Compute and record `shards`; returns the indices that decode="device" left to PIL."""
     layout, n = info["layout"], len(dataset)
     bs, per_shard = layout["batch_size"], layout["examples_per_shard"]
@@ -526,17 +650,29 @@ def _run(encoder: Encoder, dataset: ExampleDataset, root: Path, info: dict[str, 
     if not plan:
         return []
     bar = tqdm(total=sum(map(len, index_batches)), unit="ex", desc=desc, disable=not progress)
-    batches = forward_batches(encoder, dataset, index_batches, list(info["hooks"]), tokens,
-                              info["config"]["modality"], num_workers, decode)
+    batches = forward_batches(
+        encoder,
+        dataset,
+        index_batches,
+        list(info["hooks"]),
+        tokens,
+        info["config"]["modality"],
+        num_workers,
+        decode,
+    )
     try:
         return write_shards(root, info, plan, batches, bar)
     finally:
         bar.close()
 
 
-def write_shards(root: Path, info: dict[str, Any], plan: Sequence[tuple[int, bool]],
-                 batches: Iterable[tuple[InputBatch, dict[str, TokenActs]]], bar: tqdm | None = None,
-                 ) -> list[int]:
+def write_shards(
+    root: Path,
+    info: dict[str, Any],
+    plan: Sequence[tuple[int, bool]],
+    batches: Iterable[tuple[InputBatch, dict[str, TokenActs]]],
+    bar: tqdm | None = None,
+) -> list[int]:
     """Stream forward results into shard files: batch i goes to shard plan[i][0] and commits it if plan[i][1].
 
     Casts and device→host copies are asynchronous; a background thread writes. Of the store's `info`, only
@@ -578,14 +714,23 @@ class ActivationStream:
     there). `batch_size` in the constructor is images per forward; in `.batches` it is tokens per batch.
     """
 
-    def __init__(self, encoder: Encoder, dataset: ExampleDataset, hooks: str | Sequence[str] | None = None,
-                 tokens: TokenMode = "all", batch_size: int = 64, num_workers: int = 0,
-                 modality: str | None = None, decode: str = "pil"):
+    def __init__(
+        self,
+        encoder: Encoder,
+        dataset: ExampleDataset,
+        hooks: str | Sequence[str] | None = None,
+        tokens: TokenMode = "all",
+        batch_size: int = 64,
+        num_workers: int = 0,
+        modality: str | None = None,
+        decode: str = "pil",
+    ):
         if len(dataset) == 0:
             raise ValueError(f"The data set {dataset.describe()} is empty: nothing to stream.")
         self.encoder, self.dataset, self.tokens = encoder, dataset, tokens
-        self.hooks = [encoder.default_hook] if hooks is None else [hooks] if isinstance(hooks, str) \
-            else list(hooks)
+        self.hooks = (
+            [encoder.default_hook] if hooks is None else [hooks] if isinstance(hooks, str) else list(hooks)
+        )
         for h in self.hooks:
             encoder.module(h)
         self.images_per_forward, self.num_workers = batch_size, num_workers
@@ -596,8 +741,16 @@ class ActivationStream:
 
     def dim(self, hook: str | None = None) -> int:
         if self._dims is None:  # one probe forward, cached
-            layout_probe = _layout(self.encoder, self.dataset, self.hooks, self.tokens, self.modality,
-                                   self.images_per_forward, DEFAULT_SHARD_TOKENS, self.decode)[1]
+            layout_probe = _layout(
+                self.encoder,
+                self.dataset,
+                self.hooks,
+                self.tokens,
+                self.modality,
+                self.images_per_forward,
+                DEFAULT_SHARD_TOKENS,
+                self.decode,
+            )[1]
             self._dims = {h: v["d"] for h, v in layout_probe.items()}
         (key,), _ = resolve_hooks(self.hooks, hook, None)
         return self._dims[key]
@@ -609,17 +762,32 @@ class ActivationStream:
             raise ValueError(f"Hooks {self.hooks} have different widths {dims}: use stream.dim(hook).")
         return dims.pop()
 
-    def batches(self, batch_size: int, hook: str | None = None, shuffle: bool = True, seed: int = 0,
-                buffer_tokens: int = DEFAULT_BUFFER_TOKENS, hooks: list[str] | None = None,
-                drop_last: bool = False, dtype: torch.dtype = torch.float32,
-                ) -> Iterator[Tensor | dict[str, Tensor]]:
+    def batches(
+        self,
+        batch_size: int,
+        hook: str | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        buffer_tokens: int = DEFAULT_BUFFER_TOKENS,
+        hooks: list[str] | None = None,
+        drop_last: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ) -> Iterator[Tensor | dict[str, Tensor]]:
         """One epoch over the data set (example order shuffled with `seed`), through a shuffle buffer."""
         keys, as_dict = resolve_hooks(self.hooks, hook, hooks)
         n = len(self.dataset)
         order = np.random.default_rng(seed).permutation(n).tolist() if shuffle else list(range(n))
         index_batches = [order[i : i + self.images_per_forward] for i in range(0, n, self.images_per_forward)]
-        forwards = forward_batches(self.encoder, self.dataset, index_batches, keys, self.tokens,
-                                   self.modality, self.num_workers, self.decode)
+        forwards = forward_batches(
+            self.encoder,
+            self.dataset,
+            index_batches,
+            keys,
+            self.tokens,
+            self.modality,
+            self.num_workers,
+            self.decode,
+        )
         chunks = ({h: acts[h].acts_ND for h in keys} for _, acts in forwards if acts)
         generator = torch.Generator().manual_seed(seed) if shuffle else None
         for batch in shuffle_batches(chunks, batch_size, buffer_tokens, generator, drop_last):
@@ -672,14 +840,19 @@ def _parse_config(argv: list[str]) -> ExtractConfig:
         values = loaded.get("extract", loaded)
         unknown = sorted(set(values) - {f.name for f in dataclasses.fields(ExtractConfig)})
         if unknown:
-            raise ValueError(f"Unknown keys {unknown} in {path}; valid: "
-                             f"{[f.name for f in dataclasses.fields(ExtractConfig)]}.")
+            raise ValueError(
+                f"Unknown keys {unknown} in {path}; valid: "
+                f"{[f.name for f in dataclasses.fields(ExtractConfig)]}."
+            )
     values.update({k: v for k, v in args.items() if v is not None})
     return ExtractConfig(**values)
 
 
-def run_config(cfg: ExtractConfig, rank: int | None = None, world_size: int | None = None,
-               ) -> ActivationStore:
+def run_config(
+    cfg: ExtractConfig,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> ActivationStore:
     """Build the encoder and data set a config names and extract (this process's share, see `extract`)."""
     from mmsae.datasets.images import load_dataset
     from mmsae.encoders import get_encoder
@@ -690,9 +863,20 @@ def run_config(cfg: ExtractConfig, rank: int | None = None, world_size: int | No
     model_dtype = getattr(torch, cfg.model_dtype) if cfg.model_dtype else None
     encoder = get_encoder(cfg.encoder, pretrained=cfg.pretrained, device=device, dtype=model_dtype)
     tokens: TokenMode = int(cfg.tokens) if cfg.tokens.lstrip("-").isdigit() else cfg.tokens
-    return extract(encoder, load_dataset(cfg.dataset), cfg.hooks or None, cfg.out_dir, tokens=tokens,
-                   dtype=cfg.dtype, batch_size=cfg.batch_size, shard_tokens=cfg.shard_tokens,
-                   num_workers=cfg.num_workers, rank=rank, world_size=world_size, decode=cfg.decode)
+    return extract(
+        encoder,
+        load_dataset(cfg.dataset),
+        cfg.hooks or None,
+        cfg.out_dir,
+        tokens=tokens,
+        dtype=cfg.dtype,
+        batch_size=cfg.batch_size,
+        shard_tokens=cfg.shard_tokens,
+        num_workers=cfg.num_workers,
+        rank=rank,
+        world_size=world_size,
+        decode=cfg.decode,
+    )
 
 
 def launch(cfg: ExtractConfig) -> ActivationStore:
@@ -706,14 +890,17 @@ def launch(cfg: ExtractConfig) -> ActivationStore:
     if cfg.devices == 1:
         return run_config(cfg)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        raise ValueError("devices > 1 spawns its own processes; under torchrun leave devices at 1 "
-                         "(--nproc_per_node sets the number of processes).")
+        raise ValueError(
+            "devices > 1 spawns its own processes; under torchrun leave devices at 1 "
+            "(--nproc_per_node sets the number of processes)."
+        )
     uses_cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
     if uses_cuda and cfg.devices > torch.cuda.device_count():
         raise ValueError(f"devices={cfg.devices} but {torch.cuda.device_count()} GPUs are visible.")
     paths = torch.multiprocessing.get_context("spawn").SimpleQueue()
-    torch.multiprocessing.start_processes(_launched_rank, args=(cfg, paths), nprocs=cfg.devices,
-                                          start_method="spawn")
+    torch.multiprocessing.start_processes(
+        _launched_rank, args=(cfg, paths), nprocs=cfg.devices, start_method="spawn"
+    )
     return ActivationStore(paths.get())
 
 

@@ -96,8 +96,10 @@ def image_pipeline(encoder: Encoder) -> Compose:
     """The torchvision pipeline behind `encoder.transform`; `DeviceDecoder` checks numerically that it is
     the one in use."""
     if not isinstance(encoder.image_pipeline, Compose):
-        raise ValueError(f"decode='device' replays the torchvision pipeline of the encoder's transform, and "
-                         f"{encoder.id} ({type(encoder).__name__}) has none. Use decode='pil'.")
+        raise ValueError(
+            f"decode='device' replays the torchvision pipeline of the encoder's transform, and "
+            f"{encoder.id} ({type(encoder).__name__}) has none. Use decode='pil'."
+        )
     return encoder.image_pipeline
 
 
@@ -118,8 +120,9 @@ class DeviceDecoder:
     def __call__(self, items: list[tuple[int, Any, dict[str, Any] | None]]) -> InputBatch:
         jpeg_at = [p for p, (_, x, _) in enumerate(items) if isinstance(x, EncodedJpeg)]
         decoded = dict(zip(jpeg_at, decode_jpegs([items[p][1] for p in jpeg_at], self.device)))
-        items = [self.pil[item[0]] if p in decoded and decoded[p] is None else item
-                 for p, item in enumerate(items)]
+        items = [
+            self.pil[item[0]] if p in decoded and decoded[p] is None else item for p, item in enumerate(items)
+        ]
         ok = [p for p, (_, _, err) in enumerate(items) if err is None]
         batch = InputBatch([items[p][0] for p in ok], None, [err for _, _, err in items if err is not None])
         if not ok:
@@ -151,15 +154,32 @@ def check_decode(decode: str, modality: str) -> None:
         raise ValueError("decode='device' decodes images; this extraction reads texts: use decode='pil'.")
 
 
-def _loader(dataset: Dataset, index_batches: Sequence[list[int]], num_workers: int,
-            collate: Callable[..., Any], pin_memory: bool = False) -> DataLoader:
+def _loader(
+    dataset: Dataset,
+    index_batches: Sequence[list[int]],
+    num_workers: int,
+    collate: Callable[..., Any],
+    pin_memory: bool = False,
+) -> DataLoader:
     fork = num_workers > 0 and sys.platform == "linux"  # see the module docstring
-    return DataLoader(dataset, batch_sampler=index_batches, num_workers=num_workers, collate_fn=collate,
-                      pin_memory=pin_memory, multiprocessing_context="fork" if fork else None)
+    return DataLoader(
+        dataset,
+        batch_sampler=index_batches,
+        num_workers=num_workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        multiprocessing_context="fork" if fork else None,
+    )
 
 
-def input_batches(encoder: Encoder, dataset: ExampleDataset, index_batches: Sequence[list[int]],
-                  modality: str, num_workers: int = 0, decode: str = "pil") -> Iterator[InputBatch]:
+def input_batches(
+    encoder: Encoder,
+    dataset: ExampleDataset,
+    index_batches: Sequence[list[int]],
+    modality: str,
+    num_workers: int = 0,
+    decode: str = "pil",
+) -> Iterator[InputBatch]:
     """The examples of each batch of data set indices as model inputs: pixels on the encoder's device
     (float32, as `encoder.transform` gives them), or texts."""
     check_decode(decode, modality)

@@ -143,8 +143,9 @@ def log10_density_histogram(density: Tensor, bins: int = 50) -> tuple[np.ndarray
     return np.histogram(np.log10(alive), bins=bins)
 
 
-def plot_density(density: Tensor, path: str | os.PathLike | None = None, bins: int = 50,
-                 title: str = "Feature density") -> bytes:
+def plot_density(
+    density: Tensor, path: str | os.PathLike | None = None, bins: int = 50, title: str = "Feature density"
+) -> bytes:
     """Histogram of log10 firing density as PNG bytes (also written atomically to `path` if given)."""
     # The object-oriented Agg API: no pyplot global state, no display needed, thread-safe.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -195,8 +196,9 @@ def mmcs(features_FD: Tensor, atoms_ND: Tensor, absolute: bool = False) -> float
     return max_cosine(features_FD, atoms_ND, absolute).mean().item()
 
 
-def fraction_recovered(features_FD: Tensor, atoms_ND: Tensor, threshold: float = RECOVERY_THRESHOLD,
-                       absolute: bool = False) -> float:
+def fraction_recovered(
+    features_FD: Tensor, atoms_ND: Tensor, threshold: float = RECOVERY_THRESHOLD, absolute: bool = False
+) -> float:
     """Share of known directions with some atom at cosine > threshold."""
     return (max_cosine(features_FD, atoms_ND, absolute) > threshold).double().mean().item()
 
@@ -212,8 +214,9 @@ def seed_stability(atoms_a_ND: Tensor, atoms_b_MD: Tensor) -> float:
 
 
 @torch.no_grad()
-def evaluate(sae: SAE, batches: Iterable[Tensor], features: Tensor | None = None,
-             threshold: float = RECOVERY_THRESHOLD) -> dict[str, float]:
+def evaluate(
+    sae: SAE, batches: Iterable[Tensor], features: Tensor | None = None, threshold: float = RECOVERY_THRESHOLD
+) -> dict[str, float]:
     """Run `sae` (in eval mode) over `batches` ([..., d] each) and report quality metrics.
 
     Keys: fvu, explained_variance, cosine, l0, dead_fraction (over the evaluated tokens), n_tokens;

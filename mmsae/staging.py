@@ -27,8 +27,10 @@ def stage_budget(device: torch.device, stage: bool | None) -> float:
     True = no limit, False (or no GPU) = none."""
     if stage is False or device.type != "cuda":
         if stage:
-            raise ValueError(f"stage=True keeps the training data on the GPU, but training runs on {device}: "
-                             "train on a CUDA device or leave stage unset.")
+            raise ValueError(
+                f"stage=True keeps the training data on the GPU, but training runs on {device}: "
+                "train on a CUDA device or leave stage unset."
+            )
         return 0.0
     return float("inf") if stage else STAGE_SHARE * torch.cuda.mem_get_info(device)[0]
 
@@ -68,11 +70,16 @@ class RowScreen:
         if n_bad == 0:
             return rows
         if n_bad == len(finite_N):
-            raise ValueError(f"{where} has only non-finite (NaN/Inf) activations: the data is corrupt "
-                             "(fp16 overflow during extraction?). Re-extract it in bf16/fp32.")
+            raise ValueError(
+                f"{where} has only non-finite (NaN/Inf) activations: the data is corrupt "
+                "(fp16 overflow during extraction?). Re-extract it in bf16/fp32."
+            )
         if not self.dropped_at:
-            warnings.warn(f"mmsae: skipping non-finite activation rows (first in {where}); their count is "
-                          "logged as train/skipped_rows.", stacklevel=2)
+            warnings.warn(
+                f"mmsae: skipping non-finite activation rows (first in {where}); their count is "
+                "logged as train/skipped_rows.",
+                stacklevel=2,
+            )
         self.dropped_at[where] = n_bad
         kept = {name: t[finite_N] for name, t in tensors.items()}
         return kept if isinstance(rows, dict) else kept[""]
@@ -93,8 +100,9 @@ class DeviceStager:
         self.device, self.screen = device, screen or RowScreen()
         self.stream = torch.cuda.Stream(device)
 
-    def __call__(self, host: dict[str, Tensor | np.ndarray], where: str) -> tuple[dict[str, Tensor],
-                                                                                   torch.cuda.Event]:
+    def __call__(
+        self, host: dict[str, Tensor | np.ndarray], where: str
+    ) -> tuple[dict[str, Tensor], torch.cuda.Event]:
         if any(isinstance(t, Tensor) and t.is_cuda for t in host.values()):
             # Already on a GPU (written by work queued on the caller's stream): screened, not copied.
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -118,11 +126,11 @@ class DeviceStager:
         out_N = torch.empty(host_N.shape, dtype=_torch_dtype(host_N), device=self.device)
         step = max(1, self.PIECE_BYTES // max(1, out_N[:1].numel() * out_N.element_size()))
         for i in range(0, len(host_N), step):
-            piece = host_N[i:i + step]
+            piece = host_N[i : i + step]
             if isinstance(piece, np.ndarray):  # a writable copy: torch refuses read-only (memmap) arrays
                 piece = torch.from_numpy(np.array(piece))
             # A fresh pinned piece each time: the host allocator reuses its block once this copy is done.
-            out_N[i:i + step].copy_(piece.pin_memory(), non_blocking=True)
+            out_N[i : i + step].copy_(piece.pin_memory(), non_blocking=True)
         return out_N
 
 

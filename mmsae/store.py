@@ -40,7 +40,9 @@ FORMAT = "mmsae-activations/1"
 STORE_JSON = "store.json"
 DONE_DIR = ".done"  # a dot name: no hook (a module path) can clash with it
 DTYPES: dict[str, torch.dtype] = {
-    "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
 }
 DEFAULT_BUFFER_TOKENS = 1 << 18
 
@@ -68,13 +70,16 @@ def shard_files(root: Path, hook: str, shard: int) -> tuple[Path, Path]:
 def read_info(root: Path) -> dict[str, Any]:
     path = root / STORE_JSON
     if not path.is_file():
-        raise FileNotFoundError(f"{root} is not an activation store (no {STORE_JSON}); create one with "
-                                "mmsae.extract(...) or `mmsae extract --config ...`.")
+        raise FileNotFoundError(
+            f"{root} is not an activation store (no {STORE_JSON}); create one with "
+            "mmsae.extract(...) or `mmsae extract --config ...`."
+        )
     try:
         info = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise StoreError(f"{path} is not valid JSON ({e}); delete the store directory and "
-                         "extract again.") from e
+        raise StoreError(
+            f"{path} is not valid JSON ({e}); delete the store directory and extract again."
+        ) from e
     if info.get("format") != FORMAT:
         raise StoreError(f"{path} has format {info.get('format')!r}, expected {FORMAT!r}: extract it again.")
     return info
@@ -167,9 +172,14 @@ def resolve_hooks(available: list[str], hook: str | None, hooks: list[str] | Non
     return keys, as_dict
 
 
-def shuffle_batches(chunks: Iterable[dict[str, Tensor]], batch_size: int, buffer_tokens: int,
-                    generator: torch.Generator | None, drop_last: bool = False, pin_memory: bool = False,
-                    ) -> Iterator[dict[str, Tensor]]:
+def shuffle_batches(
+    chunks: Iterable[dict[str, Tensor]],
+    batch_size: int,
+    buffer_tokens: int,
+    generator: torch.Generator | None,
+    drop_last: bool = False,
+    pin_memory: bool = False,
+) -> Iterator[dict[str, Tensor]]:
     """Re-batch token chunks (dicts of aligned [n, d] tensors, on the host or all on one GPU) through a
     shuffle buffer on the chunks' device.
 
@@ -218,8 +228,9 @@ def shuffle_batches(chunks: Iterable[dict[str, Tensor]], batch_size: int, buffer
     if pool is None and filling:
         pool = {h: torch.cat([c[h] for c in filling]) for h in filling[0]}
     if pool is not None:
-        yield from batches.take(pool, _on(torch.randperm(len(next(iter(pool.values()))), generator=generator),
-                                          pool))
+        yield from batches.take(
+            pool, _on(torch.randperm(len(next(iter(pool.values()))), generator=generator), pool)
+        )
     yield from batches.flush(drop_last)
 
 
@@ -249,9 +260,15 @@ class _BatchFiller:
         i = 0
         while i < len(rows):
             if self.batch is None:
-                self.batch = {h: torch.empty((self.batch_size, *p.shape[1:]), dtype=p.dtype, device=p.device,
-                                             pin_memory=self.pin_memory and p.device.type == "cpu")
-                              for h, p in pool.items()}
+                self.batch = {
+                    h: torch.empty(
+                        (self.batch_size, *p.shape[1:]),
+                        dtype=p.dtype,
+                        device=p.device,
+                        pin_memory=self.pin_memory and p.device.type == "cpu",
+                    )
+                    for h, p in pool.items()
+                }
             m = min(self.room(), len(rows) - i)
             for h, p in pool.items():
                 torch.index_select(p, 0, rows[i : i + m], out=self.batch[h][self.filled : self.filled + m])
@@ -347,9 +364,11 @@ class ActivationStore:
         shards = self.info["shards"]
         if not self.info.get("complete") or any(s is None for s in shards):
             done = n_recorded(self.path, self.info)
-            raise StoreError(f"Activation store {self.path} is incomplete ({done}/{len(shards)} shards): the "
-                             "extraction was interrupted or is still running. Run the same extraction again "
-                             "(with any number of processes) to resume it.")
+            raise StoreError(
+                f"Activation store {self.path} is incomplete ({done}/{len(shards)} shards): the "
+                "extraction was interrupted or is still running. Run the same extraction again "
+                "(with any number of processes) to resume it."
+            )
         self.dtype = self.info["config"]["dtype"]
 
     # ---------------------------------------------------------------- description
@@ -400,22 +419,28 @@ class ActivationStore:
         return [item for s in self.info["shards"] for item in s["skipped"]]
 
     def __repr__(self) -> str:
-        return (f"ActivationStore({str(self.path)!r}, encoder={self.info['config']['encoder']!r}, "
-                f"hooks={self.hooks}, tokens={self.token_counts()}, dtype={self.dtype})")
+        return (
+            f"ActivationStore({str(self.path)!r}, encoder={self.info['config']['encoder']!r}, "
+            f"hooks={self.hooks}, tokens={self.token_counts()}, dtype={self.dtype})"
+        )
 
     # ---------------------------------------------------------------- reading
-    def _read(self, path: Path, shape: tuple[int, int], dtype: torch.dtype, crc: str, hook: str,
-              shard: int) -> Tensor:
+    def _read(
+        self, path: Path, shape: tuple[int, int], dtype: torch.dtype, crc: str, hook: str, shard: int
+    ) -> Tensor:
         expected = shape[0] * shape[1] * dtype.itemsize
-        fix = (f"Delete {path} and run the same extraction again: it recomputes only missing shards "
-               f"(hook {hook!r}, shard {shard}).")
+        fix = (
+            f"Delete {path} and run the same extraction again: it recomputes only missing shards "
+            f"(hook {hook!r}, shard {shard})."
+        )
         try:
             stat = path.stat()
         except FileNotFoundError as e:
             raise StoreError(f"Shard file {path} is missing. {fix}") from e
         if stat.st_size != expected:
-            raise StoreError(f"Shard file {path} has {stat.st_size} bytes, expected {expected} (truncated?). "
-                             f"{fix}")
+            raise StoreError(
+                f"Shard file {path} has {stat.st_size} bytes, expected {expected} (truncated?). {fix}"
+            )
         if expected == 0:
             return torch.empty(shape, dtype=dtype)
         # Mapped, not read: the tensor is the page cache itself (no allocation, zero-fill or copy per pass).
@@ -449,8 +474,9 @@ class ActivationStore:
         meta = torch.cat([self.shard_meta(key, i) for i in range(self.n_shards)]).numpy()
         return {col: meta[:, j] for j, col in enumerate(self.info["hooks"][key]["meta_columns"])}
 
-    def token_acts(self, hook: str | None = None, batch_size: int = 8192,
-                   dtype: torch.dtype = torch.float32) -> Iterator[TokenActs]:
+    def token_acts(
+        self, hook: str | None = None, batch_size: int = 8192, dtype: torch.dtype = torch.float32
+    ) -> Iterator[TokenActs]:
         """The store in order as `TokenActs` (activations with their per-token metadata), e.g. for
         `mmsae.analysis.feature_stats`, whose top examples then point back to examples and patches."""
         (key,), _ = resolve_hooks(self.hooks, hook, None)
@@ -470,11 +496,21 @@ class ActivationStore:
         row_bytes = sum(self.dim(h) for h in keys) * DTYPES[self.dtype].itemsize
         return (min(buffer_tokens, n_tokens) + 2 * biggest) * row_bytes
 
-    def batches(self, batch_size: int, hook: str | None = None, shuffle: bool = True, seed: int = 0,
-                buffer_tokens: int = DEFAULT_BUFFER_TOKENS, hooks: list[str] | None = None,
-                drop_last: bool = False, dtype: torch.dtype | None = torch.float32, epochs: int | None = 1,
-                pin_memory: bool = False, device: str | torch.device | None = None,
-                screen: RowScreen | None = None) -> Iterator[Tensor | dict[str, Tensor]]:
+    def batches(
+        self,
+        batch_size: int,
+        hook: str | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        buffer_tokens: int = DEFAULT_BUFFER_TOKENS,
+        hooks: list[str] | None = None,
+        drop_last: bool = False,
+        dtype: torch.dtype | None = torch.float32,
+        epochs: int | None = 1,
+        pin_memory: bool = False,
+        device: str | torch.device | None = None,
+        screen: RowScreen | None = None,
+    ) -> Iterator[Tensor | dict[str, Tensor]]:
         """Token batches [batch_size, d] (dicts {hook: batch} when `hooks=[...]` is given) over `epochs`
         passes of the store (None: endlessly).
 
@@ -492,26 +528,34 @@ class ActivationStore:
         for i, s in enumerate(self.info["shards"]):
             counts = {s["hooks"][h]["n_tokens"] for h in keys}
             if len(counts) > 1:
-                raise ValueError(f"Hooks {keys} hold different token counts (shard {i}); "
-                                 "read them one at a time.")
+                raise ValueError(
+                    f"Hooks {keys} hold different token counts (shard {i}); read them one at a time."
+                )
         if epochs is not None and epochs < 1:
             raise ValueError(f"epochs={epochs}: read at least one pass, or None for an endless stream.")
         n_tokens = self.token_counts()[keys[0]]
         if epochs is None and n_tokens == 0:
-            raise ValueError(f"The store {self.path} holds no tokens: an endless stream of it would never "
-                             "yield. Extract some examples first.")
+            raise ValueError(
+                f"The store {self.path} holds no tokens: an endless stream of it would never "
+                "yield. Extract some examples first."
+            )
         passes = itertools.count() if epochs is None else range(epochs)
 
         def shard_order(p: int) -> Iterable[int]:
-            return np.random.default_rng(seed + p).permutation(self.n_shards) if shuffle else \
-                range(self.n_shards)
+            return (
+                np.random.default_rng(seed + p).permutation(self.n_shards)
+                if shuffle
+                else range(self.n_shards)
+            )
 
         order = ((p, int(i)) for p in passes for i in shard_order(p))
         device = torch.device(device) if device is not None else torch.device("cpu")
         if device.type == "cuda":
             stager = DeviceStager(device, screen)
-            staged = prefetch(stager({h: self.shard_acts(h, i) for h in keys},
-                                     f"pass {p}, shard {i} of {self.path}") for p, i in order)
+            staged = prefetch(
+                stager({h: self.shard_acts(h, i) for h in keys}, f"pass {p}, shard {i} of {self.path}")
+                for p, i in order
+            )
             chunks: Iterable[dict[str, Tensor]] = itertools.starmap(stager.handover, staged)
         elif device.type == "cpu":
             chunks = prefetch({h: self.shard_acts(h, i) for h in keys} for _, i in order)

@@ -165,6 +165,7 @@ def test_monosemanticity_linear_matches_pairwise() -> None:
 @pytest.fixture(scope="module")
 def photos():
     import skimage.data as skimage  # a dev dependency: missing it must fail, not skip
+
     return [
         Image.fromarray(getattr(skimage, n)()).convert("RGB")
         for n in ("astronaut", "camera", "chelsea", "coffee", "rocket", "coins")

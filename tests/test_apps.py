@@ -104,7 +104,8 @@ def test_load_image_guards(photos, tmp_path) -> None:
         load_image(tmp_path / "notes.txt", [tmp_path])
     with pytest.raises(InputError, match="larger than 1 MB"):
         Image.fromarray(np.random.default_rng(0).integers(0, 255, (800, 800, 3), np.uint8)).save(
-            tmp_path / "big.png")
+            tmp_path / "big.png"
+        )
         load_image(tmp_path / "big.png", [tmp_path], max_mb=1)
     with pytest.raises(InputError, match="No image given"):
         load_image(None, [photos])
@@ -181,8 +182,9 @@ def test_clip_steering(clip_steer, index, photos) -> None:
     max_acts = clip_steer.max_acts()  # measured lazily over the data-directory photos
     assert max_acts.shape == (64,) and (max_acts > 0).any()
     f = int(max_acts.argmax())
-    before, after, summary = clip_steer.steer_image(str(photos / "chelsea.png"), "cat, dog, car", f, 10.0,
-                                                    None, 0, "", 0)
+    before, after, summary = clip_steer.steer_image(
+        str(photos / "chelsea.png"), "cat, dog, car", f, 10.0, None, 0, "", 0
+    )
     assert set(before) == {"cat", "dog", "car"} and sum(before.values()) == pytest.approx(1, abs=1e-4)
     assert before != after and "Cosine" in summary
     updates = clip_steer.find_features(str(f))
@@ -257,8 +259,19 @@ def test_cli_builds_each_app(index, unet_sae, photos, tmp_path, capsys) -> None:
     assert args.host == "127.0.0.1"
     demo, settings = build_app(args)
     assert isinstance(demo, gr.Blocks) and settings.host == "127.0.0.1" and settings.data_dirs == []
-    args = build_parser().parse_args(["steer", "--sae", str(tmp_path / "clip_sae"), "--index", str(index_dir),
-                                      "--host", "0.0.0.0", "--data-dir", str(photos)])
+    args = build_parser().parse_args(
+        [
+            "steer",
+            "--sae",
+            str(tmp_path / "clip_sae"),
+            "--index",
+            str(index_dir),
+            "--host",
+            "0.0.0.0",
+            "--data-dir",
+            str(photos),
+        ]
+    )
     demo, settings = build_app(args)
     assert settings.host == "0.0.0.0" and settings.data_dirs == [photos.resolve()]
     assert cli_main(["search", "--sae", str(tmp_path / "clip_sae")]) == 2
@@ -276,8 +289,10 @@ def served(index, clip, unet, unet_sae, settings):
         "steer": build_steer_app(clip, index.sae, settings, FeatureCatalog.from_index(index)),
         "unlearn": build_unlearn_app(unet, unet_sae, settings, cfg=UnlearnAppConfig(n_other_prompts=4)),
     }
-    urls = {name: demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)[1]
-            for name, demo in demos.items()}
+    urls = {
+        name: demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)[1]
+        for name, demo in demos.items()
+    }
     yield urls
     for demo in demos.values():
         demo.close()
@@ -305,8 +320,9 @@ def test_client_steer_and_unlearn(served, photos) -> None:
     from gradio_client import Client, handle_file
 
     steer = Client(served["steer"], verbose=False)
-    before, after, summary = steer.predict(handle_file(str(photos / "chelsea.png")), "cat, dog", "0", 8.0,
-                                           None, 0, None, 0, api_name="/steer")
+    before, after, summary = steer.predict(
+        handle_file(str(photos / "chelsea.png")), "cat, dog", "0", 8.0, None, 0, None, 0, api_name="/steer"
+    )
     assert {c["label"] for c in before["confidences"]} == {"cat", "dog"} and "Cosine" in summary
     unlearn = Client(served["unlearn"], verbose=False)
     rows, summary = unlearn.predict("cat", 90.0, api_name="/select")

@@ -219,23 +219,35 @@ def write_saelens(path: Path, kind: str, cfg_extra: dict) -> tuple[dict, dict]:
         w["b_enc"] = torch.randn(N) * 0.1
     if kind == "jumprelu":
         w["threshold"] = torch.rand(N) * 0.3
-    cfg = {"architecture": kind, "d_in": D, "d_sae": N, "dtype": "float32", "device": "cpu",
-           "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
-           "metadata": {"model_name": "gpt2", "hook_name": "blocks.3.hook_resid_post"}, **cfg_extra}
+    cfg = {
+        "architecture": kind,
+        "d_in": D,
+        "d_sae": N,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": {"model_name": "gpt2", "hook_name": "blocks.3.hook_resid_post"},
+        **cfg_extra,
+    }
     path.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in w.items()}, path / "sae_weights.safetensors")
     (path / "cfg.json").write_text(json.dumps(cfg))
     return cfg, w
 
 
-@pytest.mark.parametrize("kind, extra", [
-    ("standard", {}),
-    ("standard", {"apply_b_dec_to_input": False}),
-    ("topk", {"k": 5}),
-    ("topk", {"k": 5, "rescale_acts_by_decoder_norm": True}),
-    ("jumprelu", {}),
-    ("gated", {"apply_b_dec_to_input": False}),
-])
+@pytest.mark.parametrize(
+    "kind, extra",
+    [
+        ("standard", {}),
+        ("standard", {"apply_b_dec_to_input": False}),
+        ("topk", {"k": 5}),
+        ("topk", {"k": 5, "rescale_acts_by_decoder_norm": True}),
+        ("jumprelu", {}),
+        ("gated", {"apply_b_dec_to_input": False}),
+    ],
+)
 def test_from_saelens_matches_saelens_formulas(tmp_path: Path, kind: str, extra: dict) -> None:
     cfg, w = write_saelens(tmp_path, kind, extra)
     sae = from_saelens(tmp_path)
@@ -252,8 +264,14 @@ def test_from_saelens_matches_saelens_formulas(tmp_path: Path, kind: str, extra:
 
 def test_from_saelens_pre_6_config_and_norm_scaling(tmp_path: Path) -> None:
     _, w = write_saelens(tmp_path, "topk", {})
-    legacy = {"d_in": D, "d_sae": N, "hook_point": "blocks.1.hook_resid_pre", "activation_fn_str": "topk",
-              "activation_fn_kwargs": {"k": 3}, "normalize_activations": True}
+    legacy = {
+        "d_in": D,
+        "d_sae": N,
+        "hook_point": "blocks.1.hook_resid_pre",
+        "activation_fn_str": "topk",
+        "activation_fn_kwargs": {"k": 3},
+        "normalize_activations": True,
+    }
     (tmp_path / "cfg.json").write_text(json.dumps(legacy))
     with pytest.raises(ValueError, match="norm_scaling_factor"):
         from_saelens(tmp_path)
@@ -277,10 +295,24 @@ def test_from_saelens_rejects_what_it_cannot_represent(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------ sparsify
 def write_sparsify(path: Path, **cfg_extra) -> dict:
-    w = {"encoder.weight": torch.randn(N, D) / D**0.5, "encoder.bias": torch.randn(N) * 0.1,
-         "W_dec": torch.nn.functional.normalize(torch.randn(N, D), dim=-1), "b_dec": torch.randn(D) * 0.1}
-    cfg = {"activation": "topk", "expansion_factor": N // D, "normalize_decoder": True, "num_latents": 0,
-           "k": 4, "multi_topk": False, "skip_connection": False, "transcode": False, "d_in": D, **cfg_extra}
+    w = {
+        "encoder.weight": torch.randn(N, D) / D**0.5,
+        "encoder.bias": torch.randn(N) * 0.1,
+        "W_dec": torch.nn.functional.normalize(torch.randn(N, D), dim=-1),
+        "b_dec": torch.randn(D) * 0.1,
+    }
+    cfg = {
+        "activation": "topk",
+        "expansion_factor": N // D,
+        "normalize_decoder": True,
+        "num_latents": 0,
+        "k": 4,
+        "multi_topk": False,
+        "skip_connection": False,
+        "transcode": False,
+        "d_in": D,
+        **cfg_extra,
+    }
     path.mkdir(parents=True, exist_ok=True)
     save_file({k: v.to(torch.bfloat16) for k, v in w.items()}, path / "sae.safetensors")
     (path / "cfg.json").write_text(json.dumps(cfg))

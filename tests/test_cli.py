@@ -14,8 +14,16 @@ from mmsae.checkpoint import load_sae
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # Shrink the synthetic benchmark to a few CPU steps.
-SMALL = ["--data.batch_size", "256", "--data.tokens", "768", "--model.init_batches", "1",
-         "--model.saes", '[{"arch": "topk", "n_latents": 512, "k": 8}]']
+SMALL = [
+    "--data.batch_size",
+    "256",
+    "--data.tokens",
+    "768",
+    "--model.init_batches",
+    "1",
+    "--model.saes",
+    '[{"arch": "topk", "n_latents": 512, "k": 8}]',
+]
 
 
 def test_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
@@ -37,19 +45,35 @@ def test_print_config_parses_every_shipped_config(config: str, capsys: pytest.Ca
 
 def test_fit_fast_dev_run_writes_the_sae(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # the config's relative run directory lands here
-    argv = ["fit", "--config", str(CONFIGS / "synthetic_topk.yaml"), "--trainer.fast_dev_run", "1",
-            "--model.out_dir", str(tmp_path / "saes"), *SMALL]
+    argv = [
+        "fit",
+        "--config",
+        str(CONFIGS / "synthetic_topk.yaml"),
+        "--trainer.fast_dev_run",
+        "1",
+        "--model.out_dir",
+        str(tmp_path / "saes"),
+        *SMALL,
+    ]
     assert cli.main(argv) == 0
     sae = load_sae(tmp_path / "saes" / "sae")
     assert (sae.cfg.d_in, sae.cfg.n_latents, sae.cfg.k, sae.cfg.training_tokens) == (256, 512, 8, 256)
     assert sae.cfg.normalization == "folded"
 
 
-def test_fit_logs_saves_config_then_validate_and_resume(tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fit_logs_saves_config_then_validate_and_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
-    config = ["--config", str(CONFIGS / "synthetic_topk.yaml"), *SMALL, "--data.val_tokens", "512",
-              "--trainer.log_every_n_steps", "1"]
+    config = [
+        "--config",
+        str(CONFIGS / "synthetic_topk.yaml"),
+        *SMALL,
+        "--data.val_tokens",
+        "512",
+        "--trainer.log_every_n_steps",
+        "1",
+    ]
     assert cli.main(["fit", *config]) == 0
     run = tmp_path / "runs" / "synthetic_topk" / "version_0"
     saved = yaml.safe_load((run / "config.yaml").read_text())  # SaveConfigCallback: the resolved config
@@ -69,10 +93,12 @@ def test_fit_logs_saves_config_then_validate_and_resume(tmp_path: Path,
     assert cli.main(["fit", *config, "--ckpt_path", "last"]) == 0
 
 
-def test_external_subcommands_dispatch_lazily(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_external_subcommands_dispatch_lazily(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "fake_cli.py").write_text(
-        "calls = []\ndef cli_main(argv):\n    calls.append(argv)\n    return 3\n")
+        "calls = []\ndef cli_main(argv):\n    calls.append(argv)\n    return 3\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setitem(cli.EXTERNAL_COMMANDS, "extract", ("fake_cli", False, "x"))
     monkeypatch.setitem(cli.EXTERNAL_COMMANDS, "steer", ("fake_cli", True, "x"))

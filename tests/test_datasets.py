@@ -36,8 +36,11 @@ def test_image_folder_sorted_recursive_and_filters_extensions(tmp_path: Path) ->
     _write_images(tmp_path / "a", 1)
     (tmp_path / "notes.txt").write_text("not an image")
     ds = ImageFolder(tmp_path)
-    assert [p.relative_to(tmp_path).as_posix() for p in ds.paths] == ["a/img_00.png", "b/img_00.png",
-                                                                       "b/img_01.png"]
+    assert [p.relative_to(tmp_path).as_posix() for p in ds.paths] == [
+        "a/img_00.png",
+        "b/img_00.png",
+        "b/img_01.png",
+    ]
     ex = ds[1]
     assert ex.index == 1 and ex.image is not None and ex.image.mode == "RGB" and ex.image.size == (40, 30)
     with pytest.raises(IndexError):
@@ -73,8 +76,9 @@ def test_fingerprint_is_a_content_hash(tmp_path: Path) -> None:
 
 def test_image_captions_csv_and_jsonl(tmp_path: Path) -> None:
     paths = _write_images(tmp_path / "imgs", 2)
-    (tmp_path / "pairs.csv").write_text('image,caption\nimgs/img_00.png,a cat\n'
-                                        'imgs/img_01.png,"a dog, running"\n')
+    (tmp_path / "pairs.csv").write_text(
+        'image,caption\nimgs/img_00.png,a cat\nimgs/img_01.png,"a dog, running"\n'
+    )
     rows = [{"image": f"imgs/{p.name}", "caption": f"caption {i}"} for i, p in enumerate(paths)]
     (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     csv_ds, jsonl_ds = ImageCaptions(tmp_path / "pairs.csv"), ImageCaptions(tmp_path / "pairs.jsonl")

@@ -12,10 +12,32 @@ from mmsae.demo import main
 
 
 def test_demo_pipeline_writes_sae_index_report_and_prints_app_command(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     hook = "visual.transformer.resblocks.1"
-    assert main(["--encoder", "clip:tiny", "--hook", hook, "--crops", "16", "--tokens", "4096",
-                 "--n-latents", "64", "--k", "4", "--batch-size", "128", "--out", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "--encoder",
+                "clip:tiny",
+                "--hook",
+                hook,
+                "--crops",
+                "16",
+                "--tokens",
+                "4096",
+                "--n-latents",
+                "64",
+                "--k",
+                "4",
+                "--batch-size",
+                "128",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     sae = load_sae(tmp_path / "sae" / hook)
     assert (sae.cfg.hook, sae.cfg.encoder, sae.cfg.normalization) == (hook, "clip:tiny", "folded")
     assert (tmp_path / "index").is_dir() and (tmp_path / "report" / "summary.png").stat().st_size > 0

@@ -19,8 +19,14 @@ def enc() -> ClipEncoder:
 
 
 def test_hook_names_and_dims(enc: ClipEncoder) -> None:
-    assert enc.hook_points() == ["visual.transformer.resblocks.0", "visual.transformer.resblocks.1", "visual",
-                                 "transformer.resblocks.0", "transformer.resblocks.1", "ln_final"]
+    assert enc.hook_points() == [
+        "visual.transformer.resblocks.0",
+        "visual.transformer.resblocks.1",
+        "visual",
+        "transformer.resblocks.0",
+        "transformer.resblocks.1",
+        "ln_final",
+    ]
     assert enc.embed_dim == 32 and enc.default_hook == "visual.transformer.resblocks.0"
     assert enc.model.visual.transformer.batch_first  # open_clip 3.3: blocks see [B, T, D]
 

@@ -13,14 +13,24 @@ from mmsae.encoders import Encoder, get_encoder
 # preset → (a batch its run_model accepts, hooks to read, one hook to edit)
 CASES: dict[str, tuple[Any, list[str], str]] = {
     "timm:test_vit": (lambda: torch.randn(2, 3, 160, 160), ["blocks.1", "blocks.3"], "blocks.2"),
-    "clip:tiny": (lambda: torch.randn(2, 3, 32, 32), ["visual.transformer.resblocks.0", "visual"],
-                  "visual.transformer.resblocks.0"),
-    "llava:tiny": (lambda: ([Image.new("RGB", (40, 30), "red"), Image.new("RGB", (30, 30), "blue")],
-                            ["what is it?", "describe"]), ["model.vision_tower.encoder.layers.1",
-                                                           "model.language_model.layers.0"],
-                   "model.vision_tower.encoder.layers.1"),
-    "unet:tiny": (lambda: ["a red cube", "a cat"], ["up_blocks.0.attentions.0", "mid_block"],
-                  "up_blocks.0.attentions.0"),
+    "clip:tiny": (
+        lambda: torch.randn(2, 3, 32, 32),
+        ["visual.transformer.resblocks.0", "visual"],
+        "visual.transformer.resblocks.0",
+    ),
+    "llava:tiny": (
+        lambda: (
+            [Image.new("RGB", (40, 30), "red"), Image.new("RGB", (30, 30), "blue")],
+            ["what is it?", "describe"],
+        ),
+        ["model.vision_tower.encoder.layers.1", "model.language_model.layers.0"],
+        "model.vision_tower.encoder.layers.1",
+    ),
+    "unet:tiny": (
+        lambda: ["a red cube", "a cat"],
+        ["up_blocks.0.attentions.0", "mid_block"],
+        "up_blocks.0.attentions.0",
+    ),
 }
 
 
@@ -55,8 +65,9 @@ def test_deterministic_and_metadata(case: tuple[Encoder, Any, list[str], str]) -
         assert set(meta["example_id"].tolist()) == {0, 1}
 
 
-def test_early_stop_keeps_values(case: tuple[Encoder, Any, list[str], str],
-                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_early_stop_keeps_values(
+    case: tuple[Encoder, Any, list[str], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     enc, batch, hooks, _ = case
     if enc.family == "unet":  # multi-step sampling never stops early (tested in test_encoders_unet.py)
         assert not enc.can_stop_early()

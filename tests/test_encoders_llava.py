@@ -27,8 +27,14 @@ def batch() -> tuple[list[Image.Image], list[str]]:
 
 
 def test_hooks_and_default_is_the_layer_llava_reads(enc: LlavaEncoder, batch: tuple) -> None:
-    assert enc.hook_points() == [f"{VISION}.0", f"{VISION}.1", f"{VISION}.2", "model.multi_modal_projector",
-                                 f"{LLM}.0", f"{LLM}.1"]
+    assert enc.hook_points() == [
+        f"{VISION}.0",
+        f"{VISION}.1",
+        f"{VISION}.2",
+        "model.multi_modal_projector",
+        f"{LLM}.0",
+        f"{LLM}.1",
+    ]
     assert enc.default_hook == f"{VISION}.1"  # hidden_states[-2] of a 3-layer tower
     acts = enc.activations(batch, [enc.default_hook])[enc.default_hook]
     pixels = torch.stack([enc.transform(im) for im in batch[0]])
@@ -73,8 +79,9 @@ def test_bad_batch(enc: LlavaEncoder) -> None:
 def test_llm_layers_text_tokens(enc: LlavaEncoder, batch: tuple, padding_side: str) -> None:
     images, _ = batch
     prompts = ["<image> hi", "<image> a much longer prompt than the first one"]
-    inputs = enc.processor(images=images, text=prompts, return_tensors="pt", padding=True,
-                           padding_side=padding_side)
+    inputs = enc.processor(
+        images=images, text=prompts, return_tensors="pt", padding=True, padding_side=padding_side
+    )
     mask_BT = inputs["attention_mask"].bool()
     assert not mask_BT.all()  # the short prompt is padded
     hook = f"{LLM}.0"  # not the last layer: hidden_states[-1] has the final norm applied

@@ -53,8 +53,17 @@ def test_hooked_values_equal_plain_forward(enc: TimmEncoder, pixels: torch.Tenso
 
 
 def test_registers_and_no_cls() -> None:
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2, embed_dim=32,
-                              num_heads=2, reg_tokens=2, class_token=False, global_pool="avg")
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        depth=2,
+        embed_dim=32,
+        num_heads=2,
+        reg_tokens=2,
+        class_token=False,
+        global_pool="avg",
+    )
     enc = TimmEncoder(model, "timm:registers")
     pixels = torch.randn(1, 3, 32, 32)
     regs = enc.activations(pixels, ["blocks.1"], tokens="registers")["blocks.1"]

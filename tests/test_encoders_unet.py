@@ -20,16 +20,23 @@ def enc() -> UNetEncoder:
 
 def test_hook_names(enc: UNetEncoder) -> None:
     hooks = enc.hook_points()
-    assert {BLOCK, "up_blocks.0.attentions.1", "mid_block.attentions.0", "down_blocks.1.attentions.0",
-            "text_encoder.encoder.layers.0", TEXT} <= set(hooks)
+    assert {
+        BLOCK,
+        "up_blocks.0.attentions.1",
+        "mid_block.attentions.0",
+        "down_blocks.1.attentions.0",
+        "text_encoder.encoder.layers.0",
+        TEXT,
+    } <= set(hooks)
     assert not any("attn1" in h for h in hooks)  # attention internals are not block-level hooks
     assert enc.default_hook in hooks
     assert enc.module("text_encoder.text_model.encoder.layers.1") is enc.module(TEXT)  # transformers-4 name
 
 
 def test_timesteps_cond_grid_and_update(enc: UNetEncoder) -> None:
-    acts = enc.activations(PROMPTS, [BLOCK, "up_blocks.0.resnets.0", TEXT], cfg_half="both",
-                           height=32, width=48)  # non-square: latents 16×24, this block runs at 8×12
+    acts = enc.activations(
+        PROMPTS, [BLOCK, "up_blocks.0.resnets.0", TEXT], cfg_half="both", height=32, width=48
+    )  # non-square: latents 16×24, this block runs at 8×12
     block = acts[BLOCK]
     steps = enc.pipe.scheduler.timesteps.tolist()
     assert len(steps) == 2 and block.meta["grid"].tolist() == [8, 12]
@@ -96,25 +103,55 @@ def test_sdxl_turbo_path() -> None:
 
     # diffusers' own tiny SDXL test components
     unet = UNet2DConditionModel(
-        block_out_channels=(2, 4), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        block_out_channels=(2, 4),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
-        use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=80, cross_attention_dim=64, norm_num_groups=1)
-    vae = AutoencoderKL(block_out_channels=[4, 8], latent_channels=4, norm_num_groups=2,
-                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64,
+        norm_num_groups=1,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[4, 8],
+        latent_channels=4,
+        norm_num_groups=2,
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+    )
     tok = tiny_clip_tokenizer(1000)
-    text_cfg = CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                              num_hidden_layers=2, vocab_size=1000, projection_dim=32,
-                              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                              pad_token_id=tok.pad_token_id)
+    text_cfg = CLIPTextConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=1000,
+        projection_dim=32,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     pipe = StableDiffusionXLPipeline(
-        vae=vae, text_encoder=CLIPTextModel(text_cfg), text_encoder_2=CLIPTextModelWithProjection(text_cfg),
-        tokenizer=tok, tokenizer_2=tok, unet=unet,
-        scheduler=EulerDiscreteScheduler(timestep_spacing="trailing"))
-    enc = UNetEncoder(pipe, "unet:sdxl-turbo-tiny", UNetSampling(num_inference_steps=1, guidance_scale=0.0,
-                                                                 height=32, width=32))
+        vae=vae,
+        text_encoder=CLIPTextModel(text_cfg),
+        text_encoder_2=CLIPTextModelWithProjection(text_cfg),
+        tokenizer=tok,
+        tokenizer_2=tok,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(timestep_spacing="trailing"),
+    )
+    enc = UNetEncoder(
+        pipe,
+        "unet:sdxl-turbo-tiny",
+        UNetSampling(num_inference_steps=1, guidance_scale=0.0, height=32, width=32),
+    )
     text_2 = "text_encoder_2.text_model.encoder.layers.1"  # CLIPTextModelWithProjection keeps `text_model`
     assert text_2 in enc.hook_points() and enc.can_stop_early()
     acts = enc.activations(PROMPTS, ["up_blocks.0.attentions.0", text_2])

@@ -24,7 +24,6 @@ N_IMAGES, TOKENS_PER_IMAGE = 12, 101  # timm test_vit: 100 patches + CLS
 LAYOUT = {"batch_size": 2, "shard_tokens": 4 * TOKENS_PER_IMAGE}  # 2 forwards per shard → 3 shards
 
 
-
 @pytest.fixture(scope="module")
 def encoder() -> Encoder:
     torch.manual_seed(0)  # the crash test's subprocess builds the same weights the same way
@@ -70,8 +69,9 @@ def _tree(root: Path) -> dict[str, bytes]:
 
 
 def test_round_trip_equals_encoder_activations(encoder: Encoder, folder: ImageFolder, tmp_path: Path) -> None:
-    store = extract(encoder, folder, ["blocks.2", "norm"], tmp_path, dtype="float32", progress=False,
-                    **LAYOUT)
+    store = extract(
+        encoder, folder, ["blocks.2", "norm"], tmp_path, dtype="float32", progress=False, **LAYOUT
+    )
     assert store.path.parent == tmp_path and store.path.name.startswith("timm-test_vit-")
     pixels = torch.stack([encoder.transform(folder[i].image) for i in range(N_IMAGES)])
     expected = encoder.activations(pixels, ["blocks.2", "norm"])
@@ -85,8 +85,12 @@ def test_round_trip_equals_encoder_activations(encoder: Encoder, folder: ImageFo
     cls = torch.cat(list(half.batches(100, shuffle=False)))
     torch.testing.assert_close(cls, expected["blocks.2"].acts_ND[::TOKENS_PER_IMAGE].half().float())
     bf16 = extract(encoder, folder, "norm", tmp_path, dtype="bfloat16", progress=False, **LAYOUT)
-    torch.testing.assert_close(torch.cat(list(bf16.batches(1000, shuffle=False, dtype=torch.bfloat16))),
-                               expected["norm"].acts_ND.bfloat16(), atol=0, rtol=0)
+    torch.testing.assert_close(
+        torch.cat(list(bf16.batches(1000, shuffle=False, dtype=torch.bfloat16))),
+        expected["norm"].acts_ND.bfloat16(),
+        atol=0,
+        rtol=0,
+    )
     # Same configuration again: a cache hit, nothing recomputed.
     assert extract(encoder, folder, "blocks.2", tmp_path, tokens="cls", progress=False).path == half.path
 
@@ -94,8 +98,14 @@ def test_round_trip_equals_encoder_activations(encoder: Encoder, folder: ImageFo
 def test_resume_after_crash_is_byte_identical(encoder: Encoder, folder: ImageFolder, tmp_path: Path) -> None:
     fresh = extract(encoder, folder, ["blocks.2", "norm"], tmp_path / "fresh", progress=False, **LAYOUT)
     with pytest.raises(RuntimeError, match="injected crash"):
-        extract(encoder, _FailAt(folder, index=9), ["blocks.2", "norm"], tmp_path / "crashed", progress=False,
-                **LAYOUT)
+        extract(
+            encoder,
+            _FailAt(folder, index=9),
+            ["blocks.2", "norm"],
+            tmp_path / "crashed",
+            progress=False,
+            **LAYOUT,
+        )
     (partial,) = (tmp_path / "crashed").iterdir()
     with pytest.raises(StoreError, match=r"incomplete \(2/3 shards\).*resume"):
         ActivationStore(partial)
@@ -104,8 +114,9 @@ def test_resume_after_crash_is_byte_identical(encoder: Encoder, folder: ImageFol
     assert _tree(resumed.path) == _tree(fresh.path)
 
 
-def test_resume_after_hard_kill_is_byte_identical(encoder: Encoder, folder: ImageFolder,
-                                                  tmp_path: Path) -> None:
+def test_resume_after_hard_kill_is_byte_identical(
+    encoder: Encoder, folder: ImageFolder, tmp_path: Path
+) -> None:
     # os._exit mid-run: no finally blocks, the writer thread dies wherever it is.
     script = textwrap.dedent(f"""
         import os, torch
@@ -133,8 +144,9 @@ def test_resume_after_hard_kill_is_byte_identical(encoder: Encoder, folder: Imag
     assert _tree(resumed.path) == _tree(fresh.path)
 
 
-def test_disk_full_mid_shard_keeps_nothing_half_written(encoder: Encoder, folder: ImageFolder,
-                                                        tmp_path: Path) -> None:
+def test_disk_full_mid_shard_keeps_nothing_half_written(
+    encoder: Encoder, folder: ImageFolder, tmp_path: Path
+) -> None:
     # A real OS write failure: a file-size limit makes write() fail with EFBIG once a shard file
     # outgrows 30 kB (a shard holds 4 × 101 × 64 fp16 values = 52 kB).
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
@@ -160,8 +172,9 @@ def test_deleted_shard_is_recomputed(encoder: Encoder, folder: ImageFolder, tmp_
     assert _tree(extract(encoder, folder, "norm", tmp_path, progress=False, **LAYOUT).path) == before
 
 
-def test_resuming_with_a_different_config_is_a_clear_error(encoder: Encoder, folder: ImageFolder,
-                                                           tmp_path: Path) -> None:
+def test_resuming_with_a_different_config_is_a_clear_error(
+    encoder: Encoder, folder: ImageFolder, tmp_path: Path
+) -> None:
     store = extract(encoder, folder, "norm", tmp_path, progress=False, **LAYOUT)
     with pytest.raises(StoreError, match=r"different configuration.*differs in: hooks, tokens"):
         extract(encoder, folder, "blocks.1", store.path, tokens="patch", progress=False, **LAYOUT)
@@ -199,23 +212,30 @@ def test_bad_input(encoder: Encoder, folder: ImageFolder, tmp_path: Path) -> Non
 
 
 def test_streaming_matches_the_store(encoder: Encoder, folder: ImageFolder, tmp_path: Path) -> None:
-    store = extract(encoder, folder, ["blocks.2", "norm"], tmp_path, dtype="float32", progress=False,
-                    **LAYOUT)
+    store = extract(
+        encoder, folder, ["blocks.2", "norm"], tmp_path, dtype="float32", progress=False, **LAYOUT
+    )
     stream = ActivationStream(encoder, folder, ["blocks.2", "norm"], batch_size=5)
     assert stream.d_in == store.d_in == 64
     for hook in ("blocks.2", "norm"):
-        torch.testing.assert_close(torch.cat(list(stream.batches(77, hook=hook, shuffle=False))),
-                                   torch.cat(list(store.batches(77, hook=hook, shuffle=False))),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            torch.cat(list(stream.batches(77, hook=hook, shuffle=False))),
+            torch.cat(list(store.batches(77, hook=hook, shuffle=False))),
+            atol=1e-5,
+            rtol=1e-5,
+        )
     shuffled = list(stream.batches(64, hooks=["norm"], seed=1, buffer_tokens=300))
     assert sum(len(b["norm"]) for b in shuffled) == N_IMAGES * TOKENS_PER_IMAGE
 
 
-def test_cli_extracts_from_a_config_file(folder: ImageFolder, tmp_path: Path,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_extracts_from_a_config_file(
+    folder: ImageFolder, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     cfg = tmp_path / "extract.yaml"
-    cfg.write_text(f"extract:\n  encoder: timm:test_vit\n  dataset: folder:{folder.root}\n"
-                   f"  out_dir: {tmp_path / 'acts'}\n  hooks: [norm]\n  tokens: '0'\n  device: cpu\n")
+    cfg.write_text(
+        f"extract:\n  encoder: timm:test_vit\n  dataset: folder:{folder.root}\n"
+        f"  out_dir: {tmp_path / 'acts'}\n  hooks: [norm]\n  tokens: '0'\n  device: cpu\n"
+    )
     assert cli_main(["--config", str(cfg), "--batch_size", "4"]) == 0
     path = Path(capsys.readouterr().out.splitlines()[0])
     store = ActivationStore(path)
@@ -225,14 +245,21 @@ def test_cli_extracts_from_a_config_file(folder: ImageFolder, tmp_path: Path,
     assert "Unknown keys ['layers']" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(),
-                    reason="needs CUDA; CPU twin: test_round_trip_equals_encoder_activations")
-def test_cuda_extraction_with_async_copies_matches_cpu(encoder: Encoder, folder: ImageFolder,
-                                                       tmp_path: Path) -> None:
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA; CPU twin: test_round_trip_equals_encoder_activations"
+)
+def test_cuda_extraction_with_async_copies_matches_cpu(
+    encoder: Encoder, folder: ImageFolder, tmp_path: Path
+) -> None:
     cpu, cuda = encoder, copy.deepcopy(encoder).to("cuda")
     on_cpu = extract(cpu, folder, "norm", tmp_path / "cpu", dtype="float32", progress=False, **LAYOUT)
-    on_gpu = extract(cuda, folder, "norm", tmp_path / "gpu", dtype="float32", num_workers=2, progress=False,
-                     **LAYOUT)
-    torch.testing.assert_close(torch.cat(list(on_gpu.batches(500, shuffle=False))),
-                               torch.cat(list(on_cpu.batches(500, shuffle=False))), atol=1e-3, rtol=1e-3)
+    on_gpu = extract(
+        cuda, folder, "norm", tmp_path / "gpu", dtype="float32", num_workers=2, progress=False, **LAYOUT
+    )
+    torch.testing.assert_close(
+        torch.cat(list(on_gpu.batches(500, shuffle=False))),
+        torch.cat(list(on_cpu.batches(500, shuffle=False))),
+        atol=1e-3,
+        rtol=1e-3,
+    )
     assert np.array_equal(on_gpu.meta()["example_id"], on_cpu.meta()["example_id"])

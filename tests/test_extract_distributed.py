@@ -66,19 +66,24 @@ def folder(noise_folder: Path) -> ImageFolder:
 
 
 @pytest.fixture(scope="module")
-def reference(encoder: Encoder, folder: ImageFolder, tmp_path_factory: pytest.TempPathFactory,
-              ) -> dict[str, bytes]:
+def reference(
+    encoder: Encoder,
+    folder: ImageFolder,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, bytes]:
     """The files of a single-process store of the same configuration."""
-    return _tree(extract(encoder, folder, "norm", tmp_path_factory.mktemp("single"), progress=False,
-                         **LAYOUT).path)
+    return _tree(
+        extract(encoder, folder, "norm", tmp_path_factory.mktemp("single"), progress=False, **LAYOUT).path
+    )
 
 
 def _tree(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def _start_ranks(folder: ImageFolder, out: Path, world_size: int, gloo: bool, die_at: dict[int, int],
-                 timeout: float = 60.0) -> list[subprocess.Popen[str]]:
+def _start_ranks(
+    folder: ImageFolder, out: Path, world_size: int, gloo: bool, die_at: dict[int, int], timeout: float = 60.0
+) -> list[subprocess.Popen[str]]:
     script = out.parent / "rank.py"
     script.write_text(RANK_SCRIPT)
     env = {**os.environ, "WORLD_SIZE": str(world_size)}
@@ -87,10 +92,15 @@ def _start_ranks(folder: ImageFolder, out: Path, world_size: int, gloo: bool, di
             s.bind(("127.0.0.1", 0))
             env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
     args = [sys.executable, str(script), str(folder.root), str(out)]
-    return [subprocess.Popen([*args, str(out.parent / f"log{r}"), str(die_at.get(r, -1)), str(timeout)],
-                             env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stderr=subprocess.PIPE,
-                             text=True)
-            for r in range(world_size)]
+    return [
+        subprocess.Popen(
+            [*args, str(out.parent / f"log{r}"), str(die_at.get(r, -1)), str(timeout)],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(world_size)
+    ]
 
 
 def _read_log(path: Path) -> set[int]:
@@ -98,7 +108,8 @@ def _read_log(path: Path) -> set[int]:
 
 
 def test_ranks_of_a_process_group_split_the_shards_and_match_one_process(
-        folder: ImageFolder, reference: dict[str, bytes], tmp_path: Path) -> None:
+    folder: ImageFolder, reference: dict[str, bytes], tmp_path: Path
+) -> None:
     procs = _start_ranks(folder, tmp_path / "out", 2, gloo=True, die_at={})
     errors = [p.communicate(timeout=120)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errors
@@ -110,8 +121,8 @@ def test_ranks_of_a_process_group_split_the_shards_and_match_one_process(
 
 
 def test_killed_rank_resumes_with_another_number_of_processes(
-        folder: ImageFolder, reference: dict[str, bytes], tmp_path: Path,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    folder: ImageFolder, reference: dict[str, bytes], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     # torchrun-style environment, no process group: rank 1 dies in shard 3 (its writer thread may or may
     # not have committed shard 1 by then); rank 0 finishes shards 0, 2, 4, then gives up once the others
     # have made no progress for 3 s.
@@ -126,19 +137,23 @@ def test_killed_rank_resumes_with_another_number_of_processes(
         ActivationStore(partial)
     # Resume with 3 spawned processes: they compute only the missing shards.
     cfg = tmp_path / "extract.yaml"
-    cfg.write_text(f"encoder: timm:test_vit\ndataset: folder:{folder.root}\nout_dir: {partial}\n"
-                   "hooks: [norm]\nbatch_size: 2\nshard_tokens: 202\ndevice: cpu\n")
+    cfg.write_text(
+        f"encoder: timm:test_vit\ndataset: folder:{folder.root}\nout_dir: {partial}\n"
+        "hooks: [norm]\nbatch_size: 2\nshard_tokens: 202\ndevice: cpu\n"
+    )
     assert cli_main(["--config", str(cfg), "--devices", "3"]) == 0
     assert Path(capsys.readouterr().out.splitlines()[0]) == partial
     assert _tree(partial) == reference
 
 
-def test_rank_that_gave_up_resumes_in_one_process(encoder: Encoder, folder: ImageFolder,
-                                                  reference: dict[str, bytes], tmp_path: Path) -> None:
+def test_rank_that_gave_up_resumes_in_one_process(
+    encoder: Encoder, folder: ImageFolder, reference: dict[str, bytes], tmp_path: Path
+) -> None:
     # Rank 0 of 2 alone: it computes its shards, then times out waiting for rank 1's.
     with pytest.raises(TimeoutError, match=r"shards \[1, 3, 5\] of ranks \[1\] are missing"):
-        extract(encoder, folder, "norm", tmp_path, progress=False, rank=0, world_size=2, timeout=0.5,
-                **LAYOUT)
+        extract(
+            encoder, folder, "norm", tmp_path, progress=False, rank=0, world_size=2, timeout=0.5, **LAYOUT
+        )
     (partial,) = tmp_path.iterdir()
     assert sorted(p.name for p in (partial / ".done").iterdir()) == ["00000.json", "00002.json", "00004.json"]
     assert _tree(extract(encoder, folder, "norm", tmp_path, progress=False, **LAYOUT).path) == reference
@@ -150,8 +165,9 @@ class _Slow(ImageFolder):
         return super().__getitem__(index)
 
 
-def test_rank_that_finishes_first_waits_for_the_merge(encoder: Encoder, folder: ImageFolder,
-                                                      reference: dict[str, bytes], tmp_path: Path) -> None:
+def test_rank_that_finishes_first_waits_for_the_merge(
+    encoder: Encoder, folder: ImageFolder, reference: dict[str, bytes], tmp_path: Path
+) -> None:
     # Rank 1 (a thread with its own encoder) is done long before the slow rank 0, which then merges the
     # records and deletes .done/: rank 1 must notice the merge, not wait for records that are gone.
     result: dict[str, ActivationStore | BaseException] = {}
@@ -159,16 +175,26 @@ def test_rank_that_finishes_first_waits_for_the_merge(encoder: Encoder, folder: 
 
     def rank1() -> None:
         try:
-            result["store"] = extract(encoder1, folder, "norm", tmp_path, progress=False, rank=1,
-                                      world_size=2, timeout=10, **LAYOUT)
+            result["store"] = extract(
+                encoder1, folder, "norm", tmp_path, progress=False, rank=1, world_size=2, timeout=10, **LAYOUT
+            )
         except BaseException as e:  # re-raised below
             result["store"] = e
 
     thread = threading.Thread(target=rank1)
     thread.start()
     try:
-        store0 = extract(encoder, _Slow(folder.root), "norm", tmp_path, progress=False, rank=0, world_size=2,
-                         timeout=10, **LAYOUT)
+        store0 = extract(
+            encoder,
+            _Slow(folder.root),
+            "norm",
+            tmp_path,
+            progress=False,
+            rank=0,
+            world_size=2,
+            timeout=10,
+            **LAYOUT,
+        )
     finally:
         thread.join(timeout=30)
     if isinstance(result["store"], BaseException):
@@ -177,7 +203,8 @@ def test_rank_that_finishes_first_waits_for_the_merge(encoder: Encoder, folder: 
 
 
 def test_ranks_come_from_arguments_torch_distributed_or_the_environment(
-        encoder: Encoder, folder: ImageFolder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    encoder: Encoder, folder: ImageFolder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert resolve_ranks() == Ranks(0, 1, 0, False)
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "4")
@@ -194,19 +221,32 @@ def test_ranks_come_from_arguments_torch_distributed_or_the_environment(
         launch(ExtractConfig(devices=0))
     # A rank other than 0 waits for rank 0 to create the store, and says so when it never does.
     with pytest.raises(TimeoutError, match=r"rank 0 did not create .*store\.json within 0 s"):
-        extract(encoder, folder, "norm", tmp_path, progress=False, rank=1, world_size=2, timeout=0.3,
-                **LAYOUT)
+        extract(
+            encoder, folder, "norm", tmp_path, progress=False, rank=1, world_size=2, timeout=0.3, **LAYOUT
+        )
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2,
-                    reason="needs 2 GPUs; CPU twin: test_ranks_of_a_process_group_split_the_shards_and_match_"
-                           "one_process")
+@pytest.mark.skipif(
+    torch.cuda.device_count() < 2,
+    reason="needs 2 GPUs; CPU twin: test_ranks_of_a_process_group_split_the_shards_and_match_one_process",
+)
 def test_two_gpus_match_one_process(folder: ImageFolder, tmp_path: Path) -> None:
     # Each rank on its own GPU (cuda:0, cuda:1): same values as one GPU, up to kernel differences.
-    cfg = ExtractConfig(encoder="timm:test_vit", dataset=f"folder:{folder.root}", hooks=["norm"],
-                        batch_size=2, shard_tokens=202, dtype="float32", device="cuda")
+    cfg = ExtractConfig(
+        encoder="timm:test_vit",
+        dataset=f"folder:{folder.root}",
+        hooks=["norm"],
+        batch_size=2,
+        shard_tokens=202,
+        dtype="float32",
+        device="cuda",
+    )
     one = launch(dataclasses.replace(cfg, out_dir=str(tmp_path / "one")))
     two = launch(dataclasses.replace(cfg, out_dir=str(tmp_path / "two"), devices=2))
     assert one.info["config_hash"] == two.info["config_hash"]
-    torch.testing.assert_close(torch.cat(list(two.batches(500, shuffle=False))),
-                               torch.cat(list(one.batches(500, shuffle=False))), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        torch.cat(list(two.batches(500, shuffle=False))),
+        torch.cat(list(one.batches(500, shuffle=False))),
+        atol=1e-4,
+        rtol=1e-4,
+    )

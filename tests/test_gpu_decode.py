@@ -57,8 +57,9 @@ def folder(tmp_path_factory: pytest.TempPathFactory, jpegs: Path) -> ImageFolder
 
 
 @pytest.mark.parametrize("spec", ["timm:test_vit", "clip:tiny"])
-def test_device_preprocess_matches_pil_on_photos(encoders: dict[str, Encoder], jpegs: Path,
-                                                 spec: str) -> None:
+def test_device_preprocess_matches_pil_on_photos(
+    encoders: dict[str, Encoder], jpegs: Path, spec: str
+) -> None:
     encoder = encoders[spec]
     preprocess = DevicePreprocess.from_transform(image_pipeline(encoder))
     paths = sorted(jpegs.glob("*.jpg"))
@@ -74,8 +75,9 @@ def test_device_preprocess_matches_pil_on_photos(encoders: dict[str, Encoder], j
     assert levels.mean() > 0  # the float resize is not PIL's: the tolerance is what is tested
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA; CPU twin: "
-                    "test_device_preprocess_matches_pil_on_photos")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA; CPU twin: test_device_preprocess_matches_pil_on_photos"
+)
 def test_nvjpeg_matches_pil_on_photos(encoders: dict[str, Encoder], jpegs: Path) -> None:
     encoder = encoders["clip:tiny"]
     preprocess = DevicePreprocess.from_transform(image_pipeline(encoder))
@@ -89,17 +91,26 @@ def test_nvjpeg_matches_pil_on_photos(encoders: dict[str, Encoder], jpegs: Path)
     assert levels.max() <= 2 * MAX_LEVELS and levels.mean() <= 2 * MEAN_LEVELS, (levels.max(), levels.mean())
 
 
-def test_extract_device_decode_skips_counts_and_is_deterministic(encoders: dict[str, Encoder],
-                                                                 folder: ImageFolder, tmp_path: Path) -> None:
+def test_extract_device_decode_skips_counts_and_is_deterministic(
+    encoders: dict[str, Encoder], folder: ImageFolder, tmp_path: Path
+) -> None:
     encoder = encoders["timm:test_vit"]
-    kw = {"hooks": "blocks.1", "dtype": "float32", "batch_size": 4, "shard_tokens": 4 * 101,
-          "progress": False}
+    kw = {
+        "hooks": "blocks.1",
+        "dtype": "float32",
+        "batch_size": 4,
+        "shard_tokens": 4 * 101,
+        "progress": False,
+    }
     with pytest.warns(UserWarning) as record:
         device = extract(encoder, folder, out_dir=tmp_path / "a", decode="device", **kw)
     messages = [str(w.message) for w in record]
     assert any("decode='device': 1 images" in m and "zz_coffee.png" in m for m in messages), messages
     assert sorted(Path(s["source"]).name for s in device.skipped) == [
-        "bad_header_only.jpg", "bad_not_an_image.jpg", "bad_truncated.jpg"]
+        "bad_header_only.jpg",
+        "bad_not_an_image.jpg",
+        "bad_truncated.jpg",
+    ]
     with pytest.warns(UserWarning, match="Skipped 3 unreadable"):
         pil = extract(encoder, folder, out_dir=tmp_path / "a", **kw)
     assert device.path != pil.path  # decoding enters the store hash
@@ -122,8 +133,9 @@ def test_extract_device_decode_skips_counts_and_is_deterministic(encoders: dict[
     torch.testing.assert_close(torch.cat(list(stream.batches(10_000, shuffle=False))), dev_ND, rtol=0, atol=0)
 
 
-def test_bad_settings_are_clear_errors(encoders: dict[str, Encoder], folder: ImageFolder,
-                                       tmp_path: Path) -> None:
+def test_bad_settings_are_clear_errors(
+    encoders: dict[str, Encoder], folder: ImageFolder, tmp_path: Path
+) -> None:
     encoder = encoders["timm:test_vit"]
     with pytest.raises(ValueError, match="decode must be one of"):
         extract(encoder, folder, None, tmp_path, decode="gpu")

@@ -33,9 +33,18 @@ def train(arch: str, options: dict[str, Any], accelerator: str = "cpu", **module
     spec = SAESpec(arch=arch, n_latents=N, options={**options, "dead_tokens": 4 * BATCH})
     # A small clip norm so that clipping acts (at 1.0 it never does here, and would go untested).
     module = SAEModule([spec], d_in=D, warmup_steps=5, grad_clip=0.01, **module_kw)
-    trainer = L.Trainer(max_epochs=1, accelerator=accelerator, devices=1, logger=False, log_every_n_steps=5,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, precision="32-true")
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator=accelerator,
+        devices=1,
+        logger=False,
+        log_every_n_steps=5,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        precision="32-true",
+    )
     trainer.fit(module, datamodule=SAEDataModule(data(), tokens=STEPS * BATCH, batch_size=BATCH, seed=0))
     assert trainer.global_step == STEPS
     return module

@@ -98,6 +98,7 @@ def test_text_to_features_through_text_tower(clip) -> None:
     import skimage.data as skimage  # a dev dependency: missing it must fail, not skip
 
     from mmsae.analysis.naming import text_embeddings
+
     words = ["dog", "sailing boat", "violin", "desert"]
     sae = build_sae("topk", 32, 4, k=1, hook="visual", encoder=clip.id)
     with torch.no_grad():

@@ -36,8 +36,9 @@ def _handoff(encoder: Encoder) -> PixelHandoff:
 
 
 @pytest.mark.parametrize("spec", SPECS)
-def test_handoff_is_bit_identical_to_the_transform(encoders: dict[str, Encoder], photos: list[Image.Image],
-                                                   spec: str) -> None:
+def test_handoff_is_bit_identical_to_the_transform(
+    encoders: dict[str, Encoder], photos: list[Image.Image], spec: str
+) -> None:
     encoder, handoff = encoders[spec], _handoff(encoders[spec])
     for image in photos:
         host_CHW = handoff.host(image)
@@ -45,11 +46,14 @@ def test_handoff_is_bit_identical_to_the_transform(encoders: dict[str, Encoder],
         assert torch.equal(handoff.finish(host_CHW[None])[0], encoder.transform(image)), image.mode
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA; CPU twin: "
-                    "test_handoff_is_bit_identical_to_the_transform")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs CUDA; CPU twin: test_handoff_is_bit_identical_to_the_transform",
+)
 @pytest.mark.parametrize("spec", SPECS)
-def test_handoff_on_gpu_is_bit_identical(encoders: dict[str, Encoder], photos: list[Image.Image],
-                                         spec: str) -> None:
+def test_handoff_on_gpu_is_bit_identical(
+    encoders: dict[str, Encoder], photos: list[Image.Image], spec: str
+) -> None:
     encoder, handoff = encoders[spec], _handoff(encoders[spec])
     host_BCHW = torch.stack([handoff.host(image) for image in photos])
     expected_BCHW = torch.stack([encoder.transform(image) for image in photos])

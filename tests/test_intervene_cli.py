@@ -21,8 +21,21 @@ def cat_png(tmp_path):
 
 def steer_image_argv(sae_dir, image, *extra: str) -> list[str]:
     """`mmsae steer image` on clip:tiny with one set edit, plus `extra` flags."""
-    return ["steer", "image", "--encoder", "clip:tiny", "--sae", str(sae_dir), "--device", "cpu",
-            "--image", str(image), "--edit", "set:3=10", *extra]
+    return [
+        "steer",
+        "image",
+        "--encoder",
+        "clip:tiny",
+        "--sae",
+        str(sae_dir),
+        "--device",
+        "cpu",
+        "--image",
+        str(image),
+        "--edit",
+        "set:3=10",
+        *extra,
+    ]
 
 
 def test_steer_image_cli(tmp_path, cat_png, capsys):

@@ -209,8 +209,10 @@ def test_update_splice_without_error_writes_input_plus_reconstructed_update(unet
         calls[-1]["spliced"] = unet.to_tokens(HOOK, out)
 
     with Intervention(unet, Splice(update_sae, keep_error=False)):
-        handles = [block.register_forward_hook(before, with_kwargs=True, prepend=True),
-                   block.register_forward_hook(after, with_kwargs=True)]
+        handles = [
+            block.register_forward_hook(before, with_kwargs=True, prepend=True),
+            block.register_forward_hook(after, with_kwargs=True),
+        ]
         unet.run_model(PROMPTS)
     for h in handles:
         h.remove()
@@ -239,8 +241,9 @@ def test_update_splice_honours_cfg_half_mask_and_window(unet, update_sae):
     delta = (edited - bare)[first].view(-1, H, W, 8)
     cond = meta["cond"][first].view(-1, H, W)[:, 0, 0] == 1
     expected = 5.0 * update_sae.W_dec[3].detach()
-    torch.testing.assert_close(delta[cond][:, : H // 2], expected.expand_as(delta[cond][:, : H // 2]),
-                               atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        delta[cond][:, : H // 2], expected.expand_as(delta[cond][:, : H // 2]), atol=1e-5, rtol=1e-4
+    )
     assert delta[cond][:, H // 2 :].abs().max() < 1e-6 and delta[~cond].abs().max() < 1e-6
 
 

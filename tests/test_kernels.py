@@ -224,8 +224,11 @@ def test_segment_matmul_splits_long_segments(chunk: int | None, monkeypatch: pyt
     if chunk is not None:
         monkeypatch.setattr(triton_sparse, "SEGMENT_CHUNK", chunk)
     B, k, n, d = (37, 3, 11, 70) if chunk is not None else (600, 2, 9, 33)
-    idx_BK = torch.stack([torch.zeros(B, dtype=torch.long), torch.randint(1, 4, (B,))] +
-                         [torch.randint(4, n, (B,)) for _ in range(k - 2)], 1).to(DEVICE)
+    idx_BK = torch.stack(
+        [torch.zeros(B, dtype=torch.long), torch.randint(1, 4, (B,))]
+        + [torch.randint(4, n, (B,)) for _ in range(k - 2)],
+        1,
+    ).to(DEVICE)
     w_BK = torch.randn(B, k, device=DEVICE)
     dense_BD = torch.randn(B, d, device=DEVICE).bfloat16()
     codes_BN = torch.zeros(B, n, device=DEVICE, dtype=torch.float64).scatter_add(1, idx_BK, w_BK.double())
@@ -262,8 +265,9 @@ def test_sort_by_latent_is_stable_with_exact_segments(n: int) -> None:
 
 
 # ----------------------------------------------------------------------------- autograd
-def check_encode_decode_grads(B: int, d: int, n: int, k: int, dtype: torch.dtype, autocast: bool,
-                              x_grad: bool = True) -> None:
+def check_encode_decode_grads(
+    B: int, d: int, n: int, k: int, dtype: torch.dtype, autocast: bool, x_grad: bool = True
+) -> None:
     """Triton encode+decode vs the same function in torch, evaluated at the indices the kernel chose.
 
     Comparing at the kernel's own indices keeps ties (common in 16-bit pre-activations) from
@@ -377,8 +381,9 @@ def test_decode_from_16bit_copy_of_fp32_atoms() -> None:
             assert rel_err(got_b, ref_b) < 2e-3
 
 
-def check_decode_with_mse(B: int, k: int, n: int, d: int, dtype: torch.dtype, use: str, bias: bool,
-                          autocast: bool = False) -> None:
+def check_decode_with_mse(
+    B: int, k: int, n: int, d: int, dtype: torch.dtype, use: str, bias: bool, autocast: bool = False
+) -> None:
     """`decode_with_mse` against `sparse_decode` + `normalized_mse` in torch: x̂, the loss and the gradients of
     values, W_dec and bias, for a backward through the loss only (the fused one), through x̂ only, and through
     both (x̂'s gradient plus the loss's). The data has a mean far from zero and the loss a non-unit weight."""
@@ -399,8 +404,11 @@ def check_decode_with_mse(B: int, k: int, n: int, d: int, dtype: torch.dtype, us
             else:
                 x_hat = reference.sparse_decode(values_BK, indices_BK, W_dec, bias_D)
                 mse = reference.normalized_mse(x_BD, x_hat)
-        total = {"loss": 3 * mse, "x_hat": (x_hat.float() * probe_BD).sum(),
-                 "both": 3 * mse + (x_hat.float() * probe_BD).sum() * 1e-3}[use]
+        total = {
+            "loss": 3 * mse,
+            "x_hat": (x_hat.float() * probe_BD).sum(),
+            "both": 3 * mse + (x_hat.float() * probe_BD).sum() * 1e-3,
+        }[use]
         total.backward()
         results.append((x_hat, mse, [t.grad for t in leaves]))
     (x_hat, mse, grads), (ref_x_hat, ref_mse, ref_grads) = results
@@ -413,13 +421,17 @@ def check_decode_with_mse(B: int, k: int, n: int, d: int, dtype: torch.dtype, us
 
 
 @pytest.mark.parametrize("use", ["loss", "x_hat", "both"])
-@pytest.mark.parametrize(("B", "k", "n", "d", "dtype", "bias"), [
-    (13, 5, 40, 70, torch.float32, True),  # ragged column chunk, k < BLOCK_K
-    (6, 40, 97, 33, torch.float32, False),  # BLOCK_K = 64: narrower chunks
-    (24, 5, 30, 19, torch.float16, True),  # 16-bit codes and atoms, fp32 bias: fp32 x̂
-])
-def test_decode_with_mse_matches_decode_then_loss(B: int, k: int, n: int, d: int, dtype: torch.dtype,
-                                                  bias: bool, use: str) -> None:
+@pytest.mark.parametrize(
+    ("B", "k", "n", "d", "dtype", "bias"),
+    [
+        (13, 5, 40, 70, torch.float32, True),  # ragged column chunk, k < BLOCK_K
+        (6, 40, 97, 33, torch.float32, False),  # BLOCK_K = 64: narrower chunks
+        (24, 5, 30, 19, torch.float16, True),  # 16-bit codes and atoms, fp32 bias: fp32 x̂
+    ],
+)
+def test_decode_with_mse_matches_decode_then_loss(
+    B: int, k: int, n: int, d: int, dtype: torch.dtype, bias: bool, use: str
+) -> None:
     check_decode_with_mse(B, k, n, d, dtype, use, bias)
 
 
@@ -445,7 +457,8 @@ def test_decode_with_mse_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_topk_sae_training_forward_computes_its_loss_with_the_decoder(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A TopK SAE in training mode takes its reconstruction loss from the fused decoder; loss and every
     parameter's gradient equal the torch backend's, and eval mode decodes without it."""
     from mmsae.sae import build_sae
@@ -498,8 +511,9 @@ def test_center_cast_equals_subtract_then_cast(x_dtype: torch.dtype, out_dtype: 
 
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("x_hat_dtype", [torch.bfloat16, torch.float32])
-def test_normalized_mse_and_gradient_match_the_reference(x_dtype: torch.dtype,
-                                                         x_hat_dtype: torch.dtype) -> None:
+def test_normalized_mse_and_gradient_match_the_reference(
+    x_dtype: torch.dtype, x_hat_dtype: torch.dtype
+) -> None:
     """Forward and x̂'s gradient against the torch reference, with a data mean far from zero (the variance
     is taken around the column means) and a non-unit upstream gradient."""
     x_BD = (torch.randn(37, 300, device=DEVICE) + 5 * torch.randn(300, device=DEVICE)).to(x_dtype)
@@ -535,7 +549,8 @@ def test_col_sums_and_16bit_copy(B: int) -> None:
 
 
 def test_normalized_mse_dispatch_keeps_the_reference_where_the_kernel_does_not_apply(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """[B, T, d] inputs (means over the first axis only) and an x that needs a gradient take the reference."""
     monkeypatch.setattr(kernels, "_BACKEND", "triton")
     x = torch.randn(4, 3, 8, device=DEVICE)

@@ -71,9 +71,13 @@ def test_plot_density_writes_png(tmp_path) -> None:
 
 def test_mmcs_and_fraction_recovered() -> None:
     features = torch.eye(4)
-    atoms = torch.tensor([[1.0, 0.0, 0.0, 0.0],  # exact
-                          [0.0, 0.8, 0.6, 0.0],  # cos 0.8 with e1, 0.6 with e2
-                          [0.0, 0.0, 0.0, -3.0]])  # −e3, scale must not matter
+    atoms = torch.tensor(
+        [
+            [1.0, 0.0, 0.0, 0.0],  # exact
+            [0.0, 0.8, 0.6, 0.0],  # cos 0.8 with e1, 0.6 with e2
+            [0.0, 0.0, 0.0, -3.0],
+        ]
+    )  # −e3, scale must not matter
     assert metrics.max_cosine(features, atoms).tolist() == pytest.approx([1.0, 0.8, 0.6, 0.0])
     assert metrics.mmcs(features, atoms) == pytest.approx(0.6)
     assert metrics.fraction_recovered(features, atoms) == pytest.approx(0.25)

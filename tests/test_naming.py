@@ -53,6 +53,7 @@ def test_atoms_on_final_embedding_get_their_words(clip) -> None:
 
 def test_inner_hook_is_named_through_top_images(clip) -> None:
     import skimage.data as skimage  # a dev dependency: missing it must fail, not skip
+
     photos = [Image.fromarray(getattr(skimage, n)()) for n in ("astronaut", "chelsea", "coffee", "rocket")]
     hook = "visual.transformer.resblocks.1"
     sae = build_sae("topk", 32, 16, k=4, hook=hook, encoder=clip.id)

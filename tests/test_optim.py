@@ -32,8 +32,11 @@ def make_params() -> list[torch.nn.Parameter]:
     return [torch.nn.Parameter(torch.randn(s, device=DEVICE)) for s in SHAPES]
 
 
-def run_steps(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], grads: list[list[torch.Tensor]],
-              ) -> None:
+def run_steps(
+    opt: torch.optim.Optimizer,
+    params: list[torch.nn.Parameter],
+    grads: list[list[torch.Tensor]],
+) -> None:
     for step_grads in grads:
         for p, g in zip(params, step_grads):
             p.grad = g.clone()
@@ -42,12 +45,18 @@ def run_steps(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], grad
 
 def random_grads(steps: int) -> list[list[torch.Tensor]]:
     # Gradients of very different scales per element: exercises √v / √bc2 + eps at both ends.
-    return [[torch.randn(s, device=DEVICE) * torch.rand(s, device=DEVICE).pow(6) for s in SHAPES]
-            for _ in range(steps)]
+    return [
+        [torch.randn(s, device=DEVICE) * torch.rand(s, device=DEVICE).pow(6) for s in SHAPES]
+        for _ in range(steps)
+    ]
 
 
-def assert_same_state(params: list[torch.Tensor], ref_params: list[torch.Tensor], opt: torch.optim.Optimizer,
-                      ref_opt: torch.optim.Optimizer) -> None:
+def assert_same_state(
+    params: list[torch.Tensor],
+    ref_params: list[torch.Tensor],
+    opt: torch.optim.Optimizer,
+    ref_opt: torch.optim.Optimizer,
+) -> None:
     for p, q in zip(params, ref_params):
         torch.testing.assert_close(p, q, rtol=2e-6, atol=1e-7)
         state, ref_state = opt.state[p], ref_opt.state[q]
@@ -85,8 +94,10 @@ def test_fused_adam_equals_torch_adam(triton_backend: None, config: str) -> None
     assert not torch.equal(params[0], make_params()[0]), "the weights must have moved"
 
 
-def test_fused_adam_catches_a_wrong_bias_correction(triton_backend: None, monkeypatch: pytest.MonkeyPatch,
-                                                    ) -> None:
+def test_fused_adam_catches_a_wrong_bias_correction(
+    triton_backend: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The comparison above is sharp enough to see a bias correction off by one step."""
     from mmsae.kernels import triton_adam
 
@@ -225,8 +236,11 @@ def test_the_decoder_gathers_the_optimizers_copy(triton_backend: None) -> None:
     assert triton_ops._decode_table(values, W_dec) is weight_copies.current(W_dec, torch.bfloat16)
 
 
-@pytest.mark.skipif(not CUDA, reason="GPU only (bf16 autocast on CUDA); CPU twins: "
-                    "test_adam_writes_the_16_bit_copy_a_forward_asked_for, test_fused_adam_equals_torch_adam")
+@pytest.mark.skipif(
+    not CUDA,
+    reason="GPU only (bf16 autocast on CUDA); CPU twins: "
+    "test_adam_writes_the_16_bit_copy_a_forward_asked_for, test_fused_adam_equals_torch_adam",
+)
 def test_topk_sae_trains_the_same_with_the_fused_adam_under_autocast() -> None:
     """Three bf16-autocast steps of a TopK SAE: the fused Adam (whose copies the forwards then read) leaves
     the same weights as torch's fused Adam with fresh casts."""

@@ -64,8 +64,15 @@ def test_jumprelu_sae_routes_the_input_ste_to_the_encoder() -> None:
     x = torch.randn(16, D)
     grads = {}
     for ste_inputs in (False, True):
-        sae = build_sae("jumprelu", D, N, ste_inputs=ste_inputs, sparsity_coef=1.0, sparsity_warmup_steps=0,
-                        bandwidth=10.0)
+        sae = build_sae(
+            "jumprelu",
+            D,
+            N,
+            ste_inputs=ste_inputs,
+            sparsity_coef=1.0,
+            sparsity_warmup_steps=0,
+            bandwidth=10.0,
+        )
         out = sae(x)
         with torch.no_grad():
             sae.threshold.copy_(out.aux["pre_acts"].max(0).values + 1.0)  # inside the window, never firing
@@ -129,12 +136,28 @@ def test_jumprelu_defaults_land_on_the_l0_target_and_recover_features() -> None:
     at L0 ≈ 18 for a target of 2 and recovered nothing; the defaults land at ≈ 2.2 and recover ~19 %."""
     data = SyntheticActivations(d=32, n_features=256, mean_active=2, seed=0)
     train_ND, eval_ND = data.sample(262_144), data.sample(16_384, offset=2**40)
-    old_recipe = {"ste_inputs": False, "threshold_init": 0.001, "bandwidth": 0.001, "sparsity_coef": 0.01,
-                  "sparsity_warmup_steps": 2000}
+    old_recipe = {
+        "ste_inputs": False,
+        "threshold_init": 0.001,
+        "bandwidth": 0.001,
+        "sparsity_coef": 0.01,
+        "sparsity_warmup_steps": 2000,
+    }
     results = {}
     for name, options in (("old", old_recipe), ("new", {})):
-        sae = mmsae.train(train_ND, sae="jumprelu", n_latents=256, tokens=len(train_ND), batch_size=512,
-                          lr=3e-3, devices=1, warmup_steps=100, dead_tokens=16_384, target_l0=2, **options)
+        sae = mmsae.train(
+            train_ND,
+            sae="jumprelu",
+            n_latents=256,
+            tokens=len(train_ND),
+            batch_size=512,
+            lr=3e-3,
+            devices=1,
+            warmup_steps=100,
+            dead_tokens=16_384,
+            target_l0=2,
+            **options,
+        )
         results[name] = metrics.evaluate(sae, eval_ND.split(4096), features=data.features)
     new, old = results["new"], results["old"]
     assert 1.5 < new["l0"] < 3.0 < 10 < old["l0"]

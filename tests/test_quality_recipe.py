@@ -16,7 +16,8 @@ from mmsae.sae import BatchTopKSAE, build_sae
 
 # benchmarks/ is a folder of scripts, not a package: load the script's module from its path.
 _spec = importlib.util.spec_from_file_location(
-    "bench_quality", Path(__file__).parents[1] / "benchmarks" / "bench_quality.py")
+    "bench_quality", Path(__file__).parents[1] / "benchmarks" / "bench_quality.py"
+)
 bench_quality = importlib.util.module_from_spec(_spec)
 sys.modules["bench_quality"] = bench_quality  # its dataclasses resolve annotations through it
 _spec.loader.exec_module(bench_quality)
@@ -73,8 +74,19 @@ def test_cosine_batchtopk_recovers_features_where_activation_ranking_does_not() 
     train_ND, eval_ND = data.sample(262_144), data.sample(16_384, offset=2**40)
     results = {}
     for score in ("activation", "cosine"):
-        sae = mmsae.train(train_ND, sae="batchtopk", n_latents=256, k=2, tokens=len(train_ND), batch_size=512,
-                          lr=3e-3, devices=1, warmup_steps=100, dead_tokens=16_384, score=score)
+        sae = mmsae.train(
+            train_ND,
+            sae="batchtopk",
+            n_latents=256,
+            k=2,
+            tokens=len(train_ND),
+            batch_size=512,
+            lr=3e-3,
+            devices=1,
+            warmup_steps=100,
+            dead_tokens=16_384,
+            score=score,
+        )
         results[score] = metrics.evaluate(sae, eval_ND.split(4096), features=data.features)
     new, old = results["cosine"], results["activation"]
     assert new["fraction_recovered"] > 0.6 and new["fraction_recovered"] > old["fraction_recovered"] + 0.3
@@ -97,7 +109,9 @@ def test_bench_variant_options_parse_and_reject_bad_spellings() -> None:
     """`--only 'relu[l1_coef=0.5]'` is how the benchmark sweeps the penalty variants' sparsity."""
     assert bench_quality.parse_variant("relu") == ("relu", {})
     assert bench_quality.parse_variant("jumprelu[target_l0=4, sparsity_coef=0.01]") == (
-        "jumprelu", {"target_l0": 4, "sparsity_coef": 0.01})
+        "jumprelu",
+        {"target_l0": 4, "sparsity_coef": 0.01},
+    )
     with pytest.raises(ValueError, match="key=value"):
         bench_quality.parse_variant("relu[l1_coef]")
     with pytest.raises(ValueError, match=r"arch\[key=value"):

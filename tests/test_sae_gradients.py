@@ -29,8 +29,9 @@ def test_auxk_matches_dense_autograd_twin() -> None:
     assert torch.equal(sae.dead_mask(), dead) and int(dead.sum()) > aux_k
     sae.loss(x, out).loss.backward()
 
-    W_enc, b_enc, W_dec, b_dec = (p.detach().clone().requires_grad_() for p in
-                                  (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec))
+    W_enc, b_enc, W_dec, b_dec = (
+        p.detach().clone().requires_grad_() for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)
+    )
     pre = (x - b_dec) @ W_enc.T + b_enc
     x_hat = (pre.relu() * dense_topk_mask(pre, k)) @ W_dec + b_dec
     var = (x - x.mean(0)).pow(2).sum(-1).mean()
@@ -77,8 +78,9 @@ def finite_difference(fn, theta: Tensor, h: float = 1e-7) -> Tensor:
     return grads
 
 
-@pytest.mark.parametrize(("fn", "smoothed"),
-                         [(JumpReLUFunction, smoothed_jumprelu), (StepFunction, smoothed_step)])
+@pytest.mark.parametrize(
+    ("fn", "smoothed"), [(JumpReLUFunction, smoothed_jumprelu), (StepFunction, smoothed_step)]
+)
 def test_threshold_ste_matches_formula_and_smoothed_finite_differences(fn, smoothed) -> None:
     eps = 0.1
     theta = torch.tensor([0.2, 0.5, 1.0, 0.05], dtype=torch.float64, requires_grad=True)
@@ -107,15 +109,17 @@ def test_jumprelu_ste_reads_pre_activations_not_codes() -> None:
 
 
 def test_jumprelu_sae_l0_penalty_and_target() -> None:
-    sae = build_sae("jumprelu", 8, 32, threshold_init=0.05, bandwidth=0.05, sparsity_coef=0.1,
-                    sparsity_warmup_steps=10)
+    sae = build_sae(
+        "jumprelu", 8, 32, threshold_init=0.05, bandwidth=0.05, sparsity_coef=0.1, sparsity_warmup_steps=10
+    )
     x = torch.randn(64, 8)
     out = sae(x)
     l0 = (out.aux["pre_acts"] > sae.threshold).float().sum(-1).mean()
     mse = normalized_mse(x, out.x_hat)
     torch.testing.assert_close(sae.loss(x, out, 5).loss, mse + 0.05 * l0)
-    target = build_sae("jumprelu", 8, 32, threshold_init=0.05, sparsity_coef=0.1, sparsity_warmup_steps=0,
-                       target_l0=4.0)
+    target = build_sae(
+        "jumprelu", 8, 32, threshold_init=0.05, sparsity_coef=0.1, sparsity_warmup_steps=0, target_l0=4.0
+    )
     target.load_state_dict(sae.state_dict())
     torch.testing.assert_close(target.loss(x, out, 0).loss, mse + 0.1 * (l0 / 4 - 1) ** 2)
     with torch.no_grad():
@@ -156,7 +160,7 @@ def test_thresholds_stay_fp32_and_learn_under_bf16_autocast(arch: str) -> None:
     data = torch.randn(256, 16)
     before = sae.threshold.detach().clone()
     for step in range(5):
-        x = data[step * 32:(step + 1) * 32]
+        x = data[step * 32 : (step + 1) * 32]
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = sae(x)
             lo = sae.loss(x, out, step)

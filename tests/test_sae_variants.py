@@ -28,8 +28,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "topk": ("topk", {"k": 4}),
     "relu": ("relu", {"l1_warmup_steps": 50, "l1_coef": 0.02}),
     "batchtopk": ("batchtopk", {"k": 4, "threshold_decay": 0.9}),
-    "jumprelu": ("jumprelu", {"threshold_init": 0.05, "bandwidth": 0.05, "sparsity_coef": 3e-3,
-                              "sparsity_warmup_steps": 50}),
+    "jumprelu": (
+        "jumprelu",
+        {"threshold_init": 0.05, "bandwidth": 0.05, "sparsity_coef": 3e-3, "sparsity_warmup_steps": 50},
+    ),
     "gated": ("gated", {"l1_warmup_steps": 50, "l1_coef": 0.02}),
     "matryoshka": ("matryoshka", {"k": 4}),
     "matryoshka_topk": ("matryoshka", {"k": 4, "selection": "topk"}),
@@ -39,7 +41,6 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "hierarchical_topk": ("hierarchical_topk", {"ks": (2, 4)}),
 }
 K_ARCHS = ["topk", "batchtopk", "matryoshka", "abstopk", "archetypal", "mp"]
-
 
 
 def make(name: str, **overrides: Any) -> SAE:
@@ -185,8 +186,17 @@ def test_wrong_input_width_is_refused(name: str) -> None:
 def test_unknown_arch_lists_valid_names() -> None:
     with pytest.raises(ValueError, match="Unknown SAE architecture 'topkk'") as err:
         build_sae("topkk", D, N)
-    for arch in ("relu", "batchtopk", "jumprelu", "gated", "matryoshka", "abstopk", "archetypal", "mp",
-                 "hierarchical_topk"):
+    for arch in (
+        "relu",
+        "batchtopk",
+        "jumprelu",
+        "gated",
+        "matryoshka",
+        "abstopk",
+        "archetypal",
+        "mp",
+        "hierarchical_topk",
+    ):
         assert arch in str(err.value)
 
 
@@ -219,8 +229,9 @@ def test_gated_codes_follow_the_gate_and_aux_leaves_decoder_alone() -> None:
     assert (out.codes[pi_gate > 0] >= 0).all()
     # With λ = 0 only the main MSE touches W_dec: the aux reconstruction uses a frozen decoder.
     sae.loss(x, out).loss.backward()
-    expected = torch.autograd.grad(normalized_mse(x, out.codes.detach() @ sae.W_dec + sae.b_dec.detach()),
-                                   sae.W_dec)[0]
+    expected = torch.autograd.grad(
+        normalized_mse(x, out.codes.detach() @ sae.W_dec + sae.b_dec.detach()), sae.W_dec
+    )[0]
     torch.testing.assert_close(sae.W_dec.grad, expected)
     assert sae.r_mag.grad is not None and sae.b_mag.grad is not None
 

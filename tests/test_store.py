@@ -20,7 +20,6 @@ from mmsae.trainer.data import StoreSource
 N_IMAGES, TOKENS_PER_IMAGE = 12, 101  # timm test_vit: 100 patches + CLS
 
 
-
 @pytest.fixture(scope="module")
 def encoder() -> Encoder:
     torch.manual_seed(0)
@@ -35,8 +34,15 @@ def folder(noise_folder: Path) -> ImageFolder:
 @pytest.fixture
 def store(encoder: Encoder, folder: ImageFolder, tmp_path: Path) -> ActivationStore:
     # 2 images per forward, 2 forwards per shard → 3 shards
-    return extract(encoder, folder, ["blocks.5", "norm"], tmp_path, batch_size=2,
-                   shard_tokens=4 * TOKENS_PER_IMAGE, progress=False)
+    return extract(
+        encoder,
+        folder,
+        ["blocks.5", "norm"],
+        tmp_path,
+        batch_size=2,
+        shard_tokens=4 * TOKENS_PER_IMAGE,
+        progress=False,
+    )
 
 
 def _rows(batches: list[torch.Tensor]) -> list[tuple[float, ...]]:
@@ -126,8 +132,10 @@ def test_trainer_reads_the_store_as_one_endless_stream(store: ActivationStore) -
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(),
-                    reason="needs CUDA (page-locked memory); CPU twin: test_passes_share_one_shuffle_buffer")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs CUDA (page-locked memory); CPU twin: test_passes_share_one_shuffle_buffer",
+)
 def test_pinned_batches_equal_pageable_ones_on_cuda(store: ActivationStore) -> None:
     pinned = list(store.batches(50, hook="norm", seed=1, buffer_tokens=300, pin_memory=True, dtype=None))
     plain = list(store.batches(50, hook="norm", seed=1, buffer_tokens=300, dtype=None))
@@ -146,8 +154,10 @@ def test_staging_bytes_count_the_buffer_and_two_shards(store: ActivationStore) -
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(),
-                    reason="needs CUDA; CPU twin: test_trainer_reads_the_store_as_one_endless_stream")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs CUDA; CPU twin: test_trainer_reads_the_store_as_one_endless_stream",
+)
 def test_gpu_shuffle_buffer_shuffles_exactly_as_the_host(store: ActivationStore) -> None:
     kwargs = dict(hooks=["blocks.5", "norm"], seed=1, buffer_tokens=300, epochs=None, dtype=None)
     n = 3 * store.token_counts()["norm"] // 50  # three passes
@@ -158,8 +168,10 @@ def test_gpu_shuffle_buffer_shuffles_exactly_as_the_host(store: ActivationStore)
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(),
-                    reason="needs CUDA; CPU twin: test_trainer.py::test_nan_rows_are_counted_and_skipped")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs CUDA; CPU twin: test_trainer.py::test_nan_rows_are_counted_and_skipped",
+)
 def test_training_from_a_gpu_staged_store_equals_host_reads(store: ActivationStore) -> None:
     import lightning as L
 
@@ -170,8 +182,16 @@ def test_training_from_a_gpu_staged_store_equals_host_reads(store: ActivationSto
         L.seed_everything(0)
         datamodule = SAEDataModule(store.path, hook="norm", tokens=40 * 64, batch_size=64, stage=stage)
         module = SAEModule([SAESpec(n_latents=64, k=4)], warmup_steps=2, cuda_graphs=False)
-        trainer = L.Trainer(max_epochs=1, accelerator="gpu", devices=1, precision="32-true", logger=False,
-                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer = L.Trainer(
+            max_epochs=1,
+            accelerator="gpu",
+            devices=1,
+            precision="32-true",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
         trainer.fit(module, datamodule=datamodule)
         assert (datamodule._staged is not None and datamodule._staged[1].on_gpu) == (stage is None)
         weights.append(module.saes[0].W_dec.detach().cpu())
@@ -197,8 +217,9 @@ def test_corrupt_shard_is_detected_and_named(store: ActivationStore) -> None:
     assert len(list(ActivationStore(store.path, verify=False).batches(64, hook="norm"))) > 0
 
 
-def test_each_shard_is_checksummed_once_until_rewritten(store: ActivationStore,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_each_shard_is_checksummed_once_until_rewritten(
+    store: ActivationStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls = []
     crc32 = zlib.crc32
     monkeypatch.setattr("mmsae.store.zlib.crc32", lambda buf: calls.append(1) or crc32(buf))

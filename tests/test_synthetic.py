@@ -80,12 +80,15 @@ def test_noise_and_iteration() -> None:
     assert all(next(stream).shape == (50, 16) for _ in range(3))
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"mean_active": 0}, "mean_active"),
-    ({"hierarchical": 1.0}, "hierarchical"),
-    ({"hierarchical": 0.9, "children_per_parent": 1}, "too few root"),
-    ({"d": 0}, "positive"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"mean_active": 0}, "mean_active"),
+        ({"hierarchical": 1.0}, "hierarchical"),
+        ({"hierarchical": 0.9, "children_per_parent": 1}, "too few root"),
+        ({"d": 0}, "positive"),
+    ],
+)
 def test_bad_arguments(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
         small(**kwargs)

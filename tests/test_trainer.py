@@ -32,8 +32,16 @@ def acts(n: int, scale: float = 1.0, seed: int = 0) -> torch.Tensor:
 
 
 def fit(module: SAEModule, datamodule: SAEDataModule, **kwargs) -> L.Trainer:
-    defaults = dict(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    defaults = dict(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     trainer = L.Trainer(**{**defaults, **kwargs})
     trainer.fit(module, datamodule=datamodule, weights_only=True)
     return trainer
@@ -85,8 +93,18 @@ def test_empty_or_bad_data_errors() -> None:
 def test_train_reduces_fvu_and_records_provenance(tmp_path: Path) -> None:
     x = acts(4096, scale=5.0)
     held_out = SyntheticActivations(d=D, n_features=64, mean_active=3, seed=0).sample(1024, offset=10**6) * 5
-    sae = mmsae.train(x, n_latents=64, k=4, tokens=60 * 128, batch_size=128, warmup_steps=5,
-                      hook="blocks.3", encoder="timm:test_vit", out_dir=str(tmp_path), checkpoint_every=1000)
+    sae = mmsae.train(
+        x,
+        n_latents=64,
+        k=4,
+        tokens=60 * 128,
+        batch_size=128,
+        warmup_steps=5,
+        hook="blocks.3",
+        encoder="timm:test_vit",
+        out_dir=str(tmp_path),
+        checkpoint_every=1000,
+    )
     with torch.no_grad():
         fvu = normalized_mse(held_out, sae(held_out).x_hat).item()
     assert fvu < 0.4, fvu  # an untrained SAE has FVU ≈ 1
@@ -98,8 +116,10 @@ def test_train_reduces_fvu_and_records_provenance(tmp_path: Path) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(),
-                    reason="needs CUDA; CPU twin: test_train_reduces_fvu_and_records_provenance")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs CUDA; CPU twin: test_train_reduces_fvu_and_records_provenance",
+)
 def test_train_bf16_mixed_on_cuda() -> None:
     x = acts(8192, scale=5.0)
     held_out = SyntheticActivations(d=D, n_features=64, mean_active=3, seed=0).sample(1024, offset=10**6) * 5
@@ -163,8 +183,15 @@ def test_rows_from_another_loader_are_screened_by_the_module() -> None:
     x[::16] = float("inf")  # 32 rows
     loader = torch.utils.data.DataLoader(list(x.split(128)), batch_size=None)
     module = SAEModule([SAESpec(n_latents=32, k=2)], d_in=D, warmup_steps=2, init_batches=2)
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     with pytest.warns(UserWarning, match="non-finite"):
         trainer.fit(module, train_dataloaders=loader)
     assert (module.skipped_rows.item(), module.tokens_seen.item()) == (32, 512 - 32)
@@ -189,13 +216,16 @@ def test_row_screen_counts_each_place_once_and_keeps_hooks_aligned() -> None:
 def test_stage_needs_a_gpu() -> None:
     assert stage_budget(torch.device("cpu"), None) == 0 == stage_budget(torch.device("cpu"), False)
     with pytest.raises(ValueError, match="stage=True"):
-        fit(SAEModule([SAESpec(n_latents=32, k=2)]), SAEDataModule(acts(512), tokens=256, batch_size=128,
-                                                                    stage=True))
+        fit(
+            SAEModule([SAESpec(n_latents=32, k=2)]),
+            SAEDataModule(acts(512), tokens=256, batch_size=128, stage=True),
+        )
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(),
-                    reason="needs CUDA; CPU twin: test_nan_rows_are_counted_and_skipped")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA; CPU twin: test_nan_rows_are_counted_and_skipped"
+)
 def test_gpu_staged_array_trains_as_host_batches_and_drops_bad_rows_once() -> None:
     x = acts(2048)
     weights = []
@@ -227,12 +257,19 @@ def test_huge_finite_rows_are_kept() -> None:
 def test_resume_continues_exactly(tmp_path: Path) -> None:
     def run(ckpt_path: str | None) -> tuple[SAEModule, L.Trainer]:
         L.seed_everything(0)
-        module = SAEModule([SAESpec(n_latents=32, k=2, options={"dead_tokens": 256, "aux_k": 8})],
-                           warmup_steps=3)
+        module = SAEModule(
+            [SAESpec(n_latents=32, k=2, options={"dead_tokens": 256, "aux_k": 8})], warmup_steps=3
+        )
         datamodule = SAEDataModule(acts(2048), tokens=16 * 64, batch_size=64)
         checkpoint = ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=8, save_top_k=-1)
-        trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, callbacks=[checkpoint],
-                            enable_progress_bar=False, enable_model_summary=False)
+        trainer = L.Trainer(
+            max_epochs=1,
+            accelerator="cpu",
+            logger=False,
+            callbacks=[checkpoint],
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         return module, trainer
 
@@ -249,8 +286,9 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
     opt_full = full_trainer.optimizers[0].state_dict()["state"]
     opt_resumed = resumed_trainer.optimizers[0].state_dict()["state"]
     for i in opt_full:
-        torch.testing.assert_close(opt_resumed[i]["exp_avg_sq"], opt_full[i]["exp_avg_sq"],
-                                   rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(
+            opt_resumed[i]["exp_avg_sq"], opt_full[i]["exp_avg_sq"], rtol=1e-5, atol=1e-9
+        )
 
 
 def test_validate_fvu_in_float64_on_held_out_rows() -> None:
@@ -270,7 +308,8 @@ def test_validate_fvu_in_float64_on_held_out_rows() -> None:
 def test_ddp_two_cpu_processes_share_dead_counters(tmp_path: Path) -> None:
     """strategy='ddp' over gloo: one input scale and identical (all-reduced) dead-latent clocks per rank."""
     script = tmp_path / "ddp_run.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import lightning as L, torch
         from mmsae.trainer import SAEDataModule, SAEModule, SAESpec
         torch.set_num_threads(1)
@@ -281,7 +320,8 @@ def test_ddp_two_cpu_processes_share_dead_counters(tmp_path: Path) -> None:
         trainer.fit(module, datamodule=SAEDataModule(x, tokens=12 * 64, batch_size=32))
         torch.save({{k: v for k, v in module.state_dict().items()}},
                    r"{tmp_path}/rank" + str(trainer.global_rank) + ".pt")
-    """))
+    """)
+    )
     subprocess.run([sys.executable, str(script)], check=True, timeout=120, capture_output=True, cwd=tmp_path)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     assert rank0["tokens_seen"].item() == 12 * 64  # both ranks' tokens counted on each
@@ -294,7 +334,8 @@ def test_store_smaller_than_a_batch_is_a_clear_error(tmp_path) -> None:
     from mmsae.datasets import RandomCrops, SkimagePhotos
 
     encoder = mmsae.get_encoder("timm:test_vit")
-    store = mmsae.extract(encoder, RandomCrops(SkimagePhotos(), n=2), hooks=["norm"], out_dir=tmp_path,
-                          progress=False)
+    store = mmsae.extract(
+        encoder, RandomCrops(SkimagePhotos(), n=2), hooks=["norm"], out_dir=tmp_path, progress=False
+    )
     with pytest.raises(ValueError, match="fewer tokens than one batch"):
         mmsae.train(store, sae="topk", n_latents=32, k=4, tokens=4096, batch_size=1024)

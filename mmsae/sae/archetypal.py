@@ -37,7 +37,8 @@ class ArchetypalConfig(TopKConfig):
         super().validate()
         if self.unit_norm_decoder:
             raise ValueError(
-                "Archetypal atoms are anchor mixtures of free norm: set unit_norm_decoder=False.")
+                "Archetypal atoms are anchor mixtures of free norm: set unit_norm_decoder=False."
+            )
         if self.simplex not in ("softmax", "relu"):
             raise ValueError(f"simplex={self.simplex!r}: use 'softmax' or 'relu'.")
         if self.n_anchors < 1 or self.delta < 0:

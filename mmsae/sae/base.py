@@ -210,8 +210,13 @@ class SAE(nn.Module):
     def forward(self, x: Tensor) -> SAEOutput:
         self.check_input(x)
         codes = self.encode(x)
-        if self.fused_recon and self.training and torch.is_grad_enabled() and isinstance(codes, SparseCodes) \
-                and x.dim() == 2:
+        if (
+            self.fused_recon
+            and self.training
+            and torch.is_grad_enabled()
+            and isinstance(codes, SparseCodes)
+            and x.dim() == 2
+        ):
             x_hat, mse = kernels.decode_with_mse(codes.values, codes.indices, self.W_dec, self.b_dec, x)
             return SAEOutput(x_hat, codes, {"mse": mse})
         return SAEOutput(self.decode(codes), codes, {})

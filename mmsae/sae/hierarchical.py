@@ -61,8 +61,12 @@ class HierarchicalTopKSAE(TopKSAE):
     def loss(self, x: Tensor, out: SAEOutput, step: int = 0) -> LossOutput:
         values, indices, n = out.codes
         budgets = [k for k in self.cfg.ks if k <= values.shape[-1]]
-        per_k = torch.stack([normalized_mse(x, self.decode(SparseCodes(values[..., :k], indices[..., :k], n)))
-                             for k in budgets])
+        per_k = torch.stack(
+            [
+                normalized_mse(x, self.decode(SparseCodes(values[..., :k], indices[..., :k], n)))
+                for k in budgets
+            ]
+        )
         loss = per_k.mean()
         metrics = {f"mse_k{k}": m.detach() for k, m in zip(budgets, per_k)}
         metrics["mse"] = per_k[-1].detach()

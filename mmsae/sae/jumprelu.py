@@ -141,8 +141,9 @@ class JumpReLUSAE(SAE):
 
     def loss(self, x: Tensor, out: SAEOutput, step: int = 0) -> LossOutput:
         mse = normalized_mse(x, out.x_hat)
-        fires_BN = StepFunction.apply(out.aux["pre_acts"], self.threshold, self.cfg.bandwidth,
-                                      self.cfg.ste_inputs)
+        fires_BN = StepFunction.apply(
+            out.aux["pre_acts"], self.threshold, self.cfg.bandwidth, self.cfg.ste_inputs
+        )
         l0 = fires_BN.sum(-1).mean()
         penalty = l0 if self.cfg.target_l0 is None else (l0 / self.cfg.target_l0 - 1).pow(2)
         loss = mse + self.sparsity_coef_at(step) * penalty

@@ -64,8 +64,9 @@ class MatryoshkaSAE(BatchTopKSAE):
         return outs
 
     def loss(self, x: Tensor, out: SAEOutput, step: int = 0) -> LossOutput:
-        prefix_mse = torch.stack([normalized_mse(x, x_hat) for x_hat in self.prefix_reconstructions(
-            as_dense(out.codes))])
+        prefix_mse = torch.stack(
+            [normalized_mse(x, x_hat) for x_hat in self.prefix_reconstructions(as_dense(out.codes))]
+        )
         loss = prefix_mse.mean()
         metrics = {"mse": prefix_mse[-1].detach(), "prefix_mse_mean": loss.detach()}
         return self.with_auxk(x, out.x_hat, loss, metrics)

@@ -42,8 +42,9 @@ class ActivationStoreLike(Protocol):
 
     d_in: int
 
-    def batches(self, batch_size: int, hook: str | None = None, shuffle: bool = True,
-                seed: int = 0) -> Iterator[Tensor]: ...
+    def batches(
+        self, batch_size: int, hook: str | None = None, shuffle: bool = True, seed: int = 0
+    ) -> Iterator[Tensor]: ...
 
 
 class Source:
@@ -71,11 +72,14 @@ class Source:
         """SAE config fields the data itself records (a store: encoder, hook, site); none for raw arrays."""
         return {}
 
-    def global_batches(self, batch_size: int, seed: int, n_tokens: int, start: int = 0,
-                       stride: int = 1) -> Iterator[Tensor]:
+    def global_batches(
+        self, batch_size: int, seed: int, n_tokens: int, start: int = 0, stride: int = 1
+    ) -> Iterator[Tensor]:
         """Batches start, start+stride, ... of the endless stream of passes (pass p is seeded seed+p)."""
-        passes = (self.stream(batch_size, seed + p, n_tokens)
-                  for p in (itertools.count() if self.replayable else range(1)))
+        passes = (
+            self.stream(batch_size, seed + p, n_tokens)
+            for p in (itertools.count() if self.replayable else range(1))
+        )
         return itertools.islice(itertools.chain.from_iterable(passes), start, None, stride)
 
 
@@ -94,7 +98,7 @@ class ArraySource(Source):
         self.on_gpu = on_gpu
 
     def stage(self, device: torch.device, budget: float, screen: RowScreen) -> Source:
-        data = self.data_ND[self.rows.start:self.rows.stop]
+        data = self.data_ND[self.rows.start : self.rows.stop]
         resident = isinstance(data, Tensor) and data.device == device
         if not resident and len(self.rows) * self.d_in * data.dtype.itemsize > budget:
             return self
@@ -105,8 +109,9 @@ class ArraySource(Source):
     def split(self, n_val: int) -> tuple[ArraySource, ArraySource]:
         """(train, held-out) with the last `n_val` rows held out."""
         if not 0 < n_val < len(self.rows):
-            raise ValueError(f"val_tokens={n_val} must be in 1..{len(self.rows) - 1} "
-                             f"for {len(self.rows)} rows.")
+            raise ValueError(
+                f"val_tokens={n_val} must be in 1..{len(self.rows) - 1} for {len(self.rows)} rows."
+            )
         cut = len(self.rows) - n_val
         return ArraySource(self.data_ND, self.rows[:cut]), ArraySource(self.data_ND, self.rows[cut:])
 
@@ -119,11 +124,13 @@ class ArraySource(Source):
         """One pass's index batches, each sorted (sequential-ish reads on a memmap; order within a batch is
         irrelevant); moved to the GPU in one copy when the data is there."""
         if len(self.rows) < batch_size:
-            raise ValueError(f"The activation array has {len(self.rows)} rows, fewer than "
-                             f"batch_size={batch_size}: lower batch_size or supply more tokens.")
+            raise ValueError(
+                f"The activation array has {len(self.rows)} rows, fewer than "
+                f"batch_size={batch_size}: lower batch_size or supply more tokens."
+            )
         n = len(self.rows) // batch_size
         perm = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(seed))
-        batches = perm[:n * batch_size].view(n, batch_size).sort(dim=1).values + self.rows.start
+        batches = perm[: n * batch_size].view(n, batch_size).sort(dim=1).values + self.rows.start
         if isinstance(self.data_ND, Tensor) and self.data_ND.is_cuda:
             batches = batches.pin_memory().to(self.data_ND.device, non_blocking=True)
         yield from batches
@@ -131,8 +138,9 @@ class ArraySource(Source):
     def stream(self, batch_size: int, seed: int, n_tokens: int) -> Iterator[Tensor]:
         return map(self._gather, self._index_batches(batch_size, seed))
 
-    def global_batches(self, batch_size: int, seed: int, n_tokens: int, start: int = 0,
-                       stride: int = 1) -> Iterator[Tensor]:
+    def global_batches(
+        self, batch_size: int, seed: int, n_tokens: int, start: int = 0, stride: int = 1
+    ) -> Iterator[Tensor]:
         # Skip and stride over index batches, so resuming or sharding never reads the rows it drops.
         passes = (self._index_batches(batch_size, seed + p) for p in itertools.count())
         kept = itertools.islice(itertools.chain.from_iterable(passes), start, None, stride)
@@ -141,7 +149,7 @@ class ArraySource(Source):
     def ordered(self, batch_size: int) -> Iterator[Tensor]:
         """Every row once, in order, last batch possibly short (for validation)."""
         for i in range(0, len(self.rows), batch_size):
-            yield self._gather(torch.as_tensor(self.rows[i:i + batch_size]))
+            yield self._gather(torch.as_tensor(self.rows[i : i + batch_size]))
 
 
 class IterableSource(Source):
@@ -153,8 +161,9 @@ class IterableSource(Source):
         it = iter(batches)
         first = next(it, None)
         if first is None:
-            raise ValueError("The training data yielded no batches: pass a non-empty iterable of [B, d] "
-                             "tensors.")
+            raise ValueError(
+                "The training data yielded no batches: pass a non-empty iterable of [B, d] tensors."
+            )
         self.d_in = int(first.shape[-1])
         # A one-shot iterator cannot be restarted, so keep the batch we peeked at.
         self._pending = None if self.replayable else itertools.chain([first], it)
@@ -177,8 +186,12 @@ class IterableSource(Source):
 class StoreSource(Source):
     """An activation store: it shuffles and shards its own files."""
 
-    def __init__(self, store: ActivationStoreLike, hook: str | None = None,
-                 staging: tuple[torch.device, RowScreen] | None = None):
+    def __init__(
+        self,
+        store: ActivationStoreLike,
+        hook: str | None = None,
+        staging: tuple[torch.device, RowScreen] | None = None,
+    ):
         self.store, self.hook, self.staging = store, hook, staging
         self.on_gpu = staging is not None
         # A multi-hook store may hold several widths: ask for the one being trained on.
@@ -192,8 +205,9 @@ class StoreSource(Source):
             return self
         return StoreSource(self.store, self.hook, (device, screen))
 
-    def global_batches(self, batch_size: int, seed: int, n_tokens: int, start: int = 0,
-                       stride: int = 1) -> Iterator[Tensor]:
+    def global_batches(
+        self, batch_size: int, seed: int, n_tokens: int, start: int = 0, stride: int = 1
+    ) -> Iterator[Tensor]:
         if not isinstance(self.store, ActivationStore):
             yield from super().global_batches(batch_size, seed, n_tokens, start, stride)
             return
@@ -207,14 +221,25 @@ class StoreSource(Source):
         # used, to spare the loader a second copy.
         device, screen = self.staging or (None, None)
         pin = device is None and stride == 1 and torch.cuda.is_available()
-        batches = self.store.batches(batch_size, hook=self.hook, shuffle=True, seed=seed, dtype=None,
-                                     epochs=None, pin_memory=pin, device=device, screen=screen)
+        batches = self.store.batches(
+            batch_size,
+            hook=self.hook,
+            shuffle=True,
+            seed=seed,
+            dtype=None,
+            epochs=None,
+            pin_memory=pin,
+            device=device,
+            screen=screen,
+        )
         yield from itertools.islice(batches, start, None, stride)
 
     @staticmethod
     def _too_small(batch_size: int) -> ValueError:
-        return ValueError("The activation store holds fewer tokens than one batch "
-                          f"(batch_size={batch_size}): lower batch_size or extract more examples.")
+        return ValueError(
+            "The activation store holds fewer tokens than one batch "
+            f"(batch_size={batch_size}): lower batch_size or extract more examples."
+        )
 
     def stream(self, batch_size: int, seed: int, n_tokens: int) -> Iterator[Tensor]:
         # One pass, for store-like objects without endless streams (and for validation).
@@ -260,8 +285,10 @@ def as_source(data: Any, hook: str | None = None) -> Source:
             return SyntheticSource(**data["synthetic"])
         if set(data) == {"store"}:
             return as_source(data["store"], hook)
-        raise ValueError(f"Data dict must be {{'synthetic': {{d, n_features, seed}}}} or {{'store': path}}, "
-                         f"got keys {sorted(data)}.")
+        raise ValueError(
+            f"Data dict must be {{'synthetic': {{d, n_features, seed}}}} or {{'store': path}}, "
+            f"got keys {sorted(data)}."
+        )
     if isinstance(data, (Tensor, np.ndarray)):
         return ArraySource(data)
     if isinstance(data, SyntheticActivations):
@@ -271,15 +298,26 @@ def as_source(data: Any, hook: str | None = None) -> Source:
         return StoreSource(data, hook)
     if isinstance(data, Iterable):
         return IterableSource(data)
-    raise TypeError(f"Cannot train on {type(data).__name__}: pass a Tensor/ndarray/memmap of [n, d], an "
-                    "iterable of [B, d] batches, an activation store (or its path) or {'synthetic': {...}}.")
+    raise TypeError(
+        f"Cannot train on {type(data).__name__}: pass a Tensor/ndarray/memmap of [n, d], an "
+        "iterable of [B, d] batches, an activation store (or its path) or {'synthetic': {...}}."
+    )
 
 
 class TokenBudget(IterableDataset):
     """One rank's share of a fixed token budget: `len(self)` batches of [batch_size, d]."""
 
-    def __init__(self, source: Source, batch_size: int, n_batches: int, seed: int, rank: int = 0,
-                 world_size: int = 1, start: int = 0, screen: RowScreen | None = None):
+    def __init__(
+        self,
+        source: Source,
+        batch_size: int,
+        n_batches: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        start: int = 0,
+        screen: RowScreen | None = None,
+    ):
         self.source, self.batch_size, self.n_batches = source, batch_size, n_batches
         self.seed, self.rank, self.world_size, self.start = seed, rank, world_size, start
         self.screen = screen or RowScreen()
@@ -321,8 +359,17 @@ class SAEDataModule(L.LightningDataModule):
     Batches come out with their non-finite (NaN/Inf) rows dropped, counted in `screen.dropped`.
     """
 
-    def __init__(self, source: Any, tokens: int = 10_000_000, batch_size: int = 4096, hook: str | None = None,
-                 val_source: Any = None, val_tokens: int = 0, seed: int = 0, stage: bool | None = None):
+    def __init__(
+        self,
+        source: Any,
+        tokens: int = 10_000_000,
+        batch_size: int = 4096,
+        hook: str | None = None,
+        val_source: Any = None,
+        val_tokens: int = 0,
+        seed: int = 0,
+        stage: bool | None = None,
+    ):
         super().__init__()
         if batch_size <= 0 or tokens <= 0:
             raise ValueError(f"tokens ({tokens}) and batch_size ({batch_size}) must be positive.")
@@ -351,12 +398,21 @@ class SAEDataModule(L.LightningDataModule):
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         n_batches = self.tokens // (self.batch_size * world)
         if n_batches == 0:
-            raise ValueError(f"tokens={self.tokens} is less than one batch "
-                             f"({self.batch_size} × {world} devices).")
+            raise ValueError(
+                f"tokens={self.tokens} is less than one batch ({self.batch_size} × {world} devices)."
+            )
         start = min(self._resume_batches // world, n_batches)
         device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
-        dataset = TokenBudget(self._train_source_on(device), self.batch_size, n_batches, self.seed, rank,
-                              world, start, self.screen)
+        dataset = TokenBudget(
+            self._train_source_on(device),
+            self.batch_size,
+            n_batches,
+            self.seed,
+            rank,
+            world,
+            start,
+            self.screen,
+        )
         # Lightning cautions that __len__ can be wrong with several workers; this loader has none.
         warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
         return DataLoader(dataset, batch_size=None)
@@ -378,8 +434,11 @@ class SAEDataModule(L.LightningDataModule):
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._resume_batches = int(state["batches_done"])
         # Lightning warns that a mid-epoch resume replays the loader from its start; this one does not.
-        warnings.filterwarnings("ignore", category=PossibleUserWarning,
-                                message="You're resuming from a checkpoint that ended before the epoch")
+        warnings.filterwarnings(
+            "ignore",
+            category=PossibleUserWarning,
+            message="You're resuming from a checkpoint that ended before the epoch",
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_source is None:
@@ -387,8 +446,10 @@ class SAEDataModule(L.LightningDataModule):
                 # Fitting without held-out data: no validation loop (and no warning that it is empty).
                 warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
                 return []
-            raise ValueError("No validation data: set val_source, or val_tokens > 0 with an array or "
-                             "synthetic source (e.g. --data.val_tokens 65536).")
+            raise ValueError(
+                "No validation data: set val_source, or val_tokens > 0 with an array or "
+                "synthetic source (e.g. --data.val_tokens 65536)."
+            )
         source = self.val_source
         if isinstance(source, ArraySource):
             batches: Iterable[Tensor] = list(source.ordered(self.batch_size))

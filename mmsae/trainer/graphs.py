@@ -91,9 +91,11 @@ class GraphedStep:
         except Exception as e:  # any capture failure means: train eagerly
             self.disabled = f"{type(e).__name__}: {e}".splitlines()[0]
             self.graphs.clear()
-            rank_zero_warn(f"mmsae: CUDA graph capture failed ({self.disabled}); training goes on without "
-                           "graphs. Something in the step reads the GPU on the host; pass cuda_graphs=False "
-                           "to skip the attempt.")
+            rank_zero_warn(
+                f"mmsae: CUDA graph capture failed ({self.disabled}); training goes on without "
+                "graphs. Something in the step reads the GPU on the host; pass cuda_graphs=False "
+                "to skip the attempt."
+            )
             return None
         self.pool = self.pool or graph.pool()
         self.graphs[key] = captured = _Captured(graph, static_x, outputs)

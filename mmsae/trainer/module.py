@@ -106,10 +106,20 @@ class SAEModule(L.LightningModule):
             error says what prevents it), False = never.
     """
 
-    def __init__(self, saes: list[SAESpec] | None = None, d_in: int | None = None, hook: str | None = None,
-                 encoder: str | None = None, warmup_steps: int = 1000, decay_fraction: float = 0.2,
-                 grad_clip: float | None = 1.0, normalize_inputs: bool = True, init_batches: int = 10,
-                 out_dir: str | None = None, cuda_graphs: bool | None = None):
+    def __init__(
+        self,
+        saes: list[SAESpec] | None = None,
+        d_in: int | None = None,
+        hook: str | None = None,
+        encoder: str | None = None,
+        warmup_steps: int = 1000,
+        decay_fraction: float = 0.2,
+        grad_clip: float | None = 1.0,
+        normalize_inputs: bool = True,
+        init_batches: int = 10,
+        out_dir: str | None = None,
+        cuda_graphs: bool | None = None,
+    ):
         super().__init__()
         self.specs = [s if isinstance(s, SAESpec) else SAESpec(**s) for s in (saes or [SAESpec()])]
         self.save_hyperparameters()
@@ -163,15 +173,19 @@ class SAEModule(L.LightningModule):
         known, cfg = self.data_provenance, sae.cfg
         site = known.get("site", cfg.site)
         if cfg.site not in ("output", site):  # "output" is the default, so only an explicit option can clash
-            raise ValueError(f"The SAE option site={cfg.site!r} contradicts the store, which holds {site!r} "
-                             "activations: drop the site option (the store records it).")
+            raise ValueError(
+                f"The SAE option site={cfg.site!r} contradicts the store, which holds {site!r} "
+                "activations: drop the site option (the store records it)."
+            )
         cfg.hook = cfg.hook or known.get("hook")
         cfg.encoder = cfg.encoder or known.get("encoder")
         cfg.site = site
 
     def configure_optimizers(self) -> dict[str, Any]:
-        groups = [{"params": list(sae.parameters()), "lr": spec.lr or default_lr(spec.n_latents)}
-                  for spec, sae in zip(self.specs, self.saes)]
+        groups = [
+            {"params": list(sae.parameters()), "lr": spec.lr or default_lr(spec.n_latents)}
+            for spec, sae in zip(self.specs, self.saes)
+        ]
         # torch's Adam with a Triton step on CUDA: one pass per weight that also writes the 16-bit weight
         # copies the next forward reads (`mmsae.kernels.optim`). Where that step does not apply, torch's
         # fused Adam on CUDA (bf16-mixed uses no grad scaler, so nothing stops it); CPU keeps the default.
@@ -197,16 +211,22 @@ class SAEModule(L.LightningModule):
         self._setup_graphs()
         if self.input_scale > 0:
             return  # restored from a checkpoint
-        batches = [b.to(self.device) for b in itertools.islice(iter(self.trainer.train_dataloader),
-                                                               self.init_batches)]
+        batches = [
+            b.to(self.device)
+            for b in itertools.islice(iter(self.trainer.train_dataloader), self.init_batches)
+        ]
         if not batches:
-            raise ValueError("The training data yielded no batches: check the source is not empty and "
-                             "that tokens >= batch_size × devices.")
+            raise ValueError(
+                "The training data yielded no batches: check the source is not empty and "
+                "that tokens >= batch_size × devices."
+            )
         # Rows a custom loader let through unscreened are dropped (and counted) in training, not here.
         sample = [b for b in (b[finite_rows_mask(b)] for b in batches) if len(b)]
         if not sample:
-            raise ValueError("The first training batches have only non-finite (NaN/Inf) activations: the "
-                             "data is corrupt (fp16 overflow in extraction?). Re-extract it in bf16/fp32.")
+            raise ValueError(
+                "The first training batches have only non-finite (NaN/Inf) activations: the "
+                "data is corrupt (fp16 overflow in extraction?). Re-extract it in bf16/fp32."
+            )
         d = sample[0].shape[-1]
         if self.normalize_inputs:
             norm_sum = sum(float(b.double().norm(dim=-1).sum()) for b in sample)
@@ -233,8 +253,9 @@ class SAEModule(L.LightningModule):
         # Rows dropped so far (by the data module's screen or this module's) join the checkpointed count. Host
         # integers: a kernel is launched only when the count changed, never a sync.
         datamodule = self.trainer.datamodule
-        dropped = self._row_screen.dropped + (datamodule.screen.dropped
-                                              if isinstance(datamodule, SAEDataModule) else 0)
+        dropped = self._row_screen.dropped + (
+            datamodule.screen.dropped if isinstance(datamodule, SAEDataModule) else 0
+        )
         if dropped > self._dropped_counted:
             self.skipped_rows += dropped - self._dropped_counted
             self._dropped_counted = dropped
@@ -252,8 +273,12 @@ class SAEModule(L.LightningModule):
             self._log_train(logs)
         return total
 
-    def _losses(self, batch_BD: Tensor, step: int | Tensor, metrics: bool,
-                ) -> tuple[Tensor, list[Tensor], dict[str, Tensor]]:
+    def _losses(
+        self,
+        batch_BD: Tensor,
+        step: int | Tensor,
+        metrics: bool,
+    ) -> tuple[Tensor, list[Tensor], dict[str, Tensor]]:
         """Summed loss of every SAE, the latents each fired, and (if `metrics`) the training metrics."""
         x_BD = batch_BD.float() * self.input_scale.float()
         total = x_BD.new_zeros((), dtype=torch.float32)
@@ -266,10 +291,14 @@ class SAEModule(L.LightningModule):
             fired.append(fired_mask(out.codes, sae.n_latents))
             if metrics:
                 with torch.no_grad():
-                    values = {**loss_out.metrics, "loss": loss_out.loss.float(),
-                              "mse": (x_BD.float() - out.x_hat.float()).pow(2).mean(),
-                              "fvu": normalized_mse(x_BD, out.x_hat), "l0": l0_tensor(out.codes),
-                              "dead_frac": sae.dead_mask().float().mean()}
+                    values = {
+                        **loss_out.metrics,
+                        "loss": loss_out.loss.float(),
+                        "mse": (x_BD.float() - out.x_hat.float()).pow(2).mean(),
+                        "fvu": normalized_mse(x_BD, out.x_hat),
+                        "l0": l0_tensor(out.codes),
+                        "dead_frac": sae.dead_mask().float().mean(),
+                    }
                 logs.update({f"train/{name}/{k}": v.float() for k, v in values.items()})
         return total, fired, logs
 
@@ -297,15 +326,19 @@ class SAEModule(L.LightningModule):
         for sae in self.saes:
             sae.remove_parallel_grads()
 
-    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer,
-                                    gradient_clip_val: float | None = None,
-                                    gradient_clip_algorithm: str | None = None) -> None:
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
         if self.grad_clip:
             for sae in self.saes:
                 nn.utils.clip_grad_norm_(sae.parameters(), self.grad_clip)
 
-    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any,
-                       optimizer_closure: Any = None) -> None:
+    def optimizer_step(
+        self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None
+    ) -> None:
         if self._graphed is not None:
             optimizer_closure()  # training_step runs the whole step; Lightning still counts it
             return
@@ -343,8 +376,10 @@ class SAEModule(L.LightningModule):
         blocker = self._graph_blocker()
         if blocker is not None:
             if self.cuda_graphs:
-                raise ValueError(f"cuda_graphs=True, but {blocker}. Pass cuda_graphs=None (use them where "
-                                 "possible) or False.")
+                raise ValueError(
+                    f"cuda_graphs=True, but {blocker}. Pass cuda_graphs=None (use them where "
+                    "possible) or False."
+                )
             return
         if self.device.type == "cuda":
             for group in self.trainer.optimizers[0].param_groups:
@@ -382,8 +417,11 @@ class SAEModule(L.LightningModule):
         # static ones instead cost a memset plus a read-add-write of every gradient: −13 % at d=4096.
         optimizer.zero_grad(set_to_none=True)
         device = self.device.type
-        amp = nullcontext() if self._autocast_dtype is None else \
-            torch.autocast(device, dtype=self._autocast_dtype, cache_enabled=False)
+        amp = (
+            nullcontext()
+            if self._autocast_dtype is None
+            else torch.autocast(device, dtype=self._autocast_dtype, cache_enabled=False)
+        )
         with amp:
             total, fired, logs = self._losses(batch_BD, self._step_t, metrics=True)
         with torch.autocast(device, enabled=False):
