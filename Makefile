@@ -22,12 +22,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/mmsae demo
 
-test: $(STAMP) browser
-	$(BIN)/ruff check .
+test: lint browser
 	$(BIN)/pytest -q --timeout=900
 
 lint: $(STAMP)
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean:
 	rm -rf $(VENV) runs lightning_logs .pytest_cache
