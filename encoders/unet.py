@@ -290,16 +290,10 @@ class UNetEncoder(Encoder):
     # ---------------------------------------------------------------- sampler settings
     def _resolved(self, sampling: UNetSampling) -> UNetSampling:
         """`sampling` with the settings left None set to the model's defaults."""
-        m = self.trained_for
-        return dataclasses.replace(
-            sampling,
-            num_inference_steps=(
-                m.num_inference_steps
-                if sampling.num_inference_steps is None
-                else sampling.num_inference_steps
-            ),
-            guidance_scale=m.guidance_scale if sampling.guidance_scale is None else sampling.guidance_scale,
-        )
+        m, s = self.trained_for, sampling
+        steps = m.num_inference_steps if s.num_inference_steps is None else s.num_inference_steps
+        guidance = m.guidance_scale if s.guidance_scale is None else s.guidance_scale
+        return dataclasses.replace(s, num_inference_steps=steps, guidance_scale=guidance)
 
     def _warn_contradictions(self, sampling: UNetSampling) -> None:
         """Warn where explicit settings leave what the model was trained for (they are still used)."""
