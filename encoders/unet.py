@@ -4,43 +4,71 @@ Every spatial position of a block is one token; (H, W) is kept in `meta["grid"]`
 UNet block once per step on the CFG batch [uncond, cond]; `timesteps` / `every_n` pick steps, `cfg_half` picks
 halves, `update=True` records output − input (the sdxl-unbox convention); `edit_update` edits such an update
 in place of the output (how an `Intervention` splices an SAE trained on updates).
+
+Sampler defaults come from the model (`model_sampling`): SD/SDXL-Turbo samples in 1 step without guidance,
+other checkpoints in 50 steps at guidance 7.5. Explicit settings are always used as given; those a model
+was not trained for (Turbo with CFG or more than 4 steps) warn.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from diffusers import (
-    AutoencoderKL,
-    DDIMScheduler,
-    DiffusionPipeline,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
-    UNet2DConditionModel,
-)
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils import BaseOutput
 from PIL import Image
 from torch import Tensor, nn
-from transformers import CLIPTextConfig, CLIPTextModel
 
 from mmsae.encoders.base import Capture, Encoder, TokenMode, default_select
-from mmsae.encoders.tiny_tokenizer import tiny_clip_tokenizer
+from mmsae.encoders.unet_pipelines import random_init_pipeline, tiny_pipeline
 from mmsae.encoders.weights import weights_error
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+
+
+@dataclass(frozen=True)
+class ModelSampling:
+    """The sampler settings a checkpoint was trained for: its defaults and the limits past which it breaks."""
+
+    kind: str
+    num_inference_steps: int
+    guidance_scale: float
+    max_steps: int | None = None  # step-distilled models: more steps drift off the distilled trajectory
+    max_guidance: float | None = None  # trained without classifier-free guidance: CFG over-saturates
+
+
+STABLE_DIFFUSION = ModelSampling("a Stable Diffusion checkpoint", 50, 7.5)
+TURBO = ModelSampling(
+    "an SD/SDXL-Turbo checkpoint (distilled for 1–4 steps without classifier-free guidance)",
+    num_inference_steps=1,
+    guidance_scale=0.0,
+    max_steps=4,
+    max_guidance=1.0,  # diffusers runs CFG only above 1
+)
+TINY = ModelSampling("the tiny test pipeline", 2, 7.5)
+
+
+def model_sampling(name: str) -> ModelSampling:
+    """What the checkpoint `name` (hub id, local path or encoder id) was trained for; Turbo checkpoints
+    (stabilityai/sdxl-turbo, stabilityai/sd-turbo, their cache and local copies) carry it in their name."""
+    if name in ("tiny", "unet:tiny"):
+        return TINY
+    return TURBO if "turbo" in name.lower() else STABLE_DIFFUSION
 
 
 @dataclass
 class UNetSampling:
     """How `activations` samples and what it records (override per call: `activations(..., every_n=5)`)."""
 
-    num_inference_steps: int = 50
-    guidance_scale: float = 7.5
+    num_inference_steps: int | None = None  # None: the model's default (`model_sampling`)
+    guidance_scale: float | None = None  # None: the model's default (`model_sampling`)
     seed: int = 0
     height: int | None = None
     width: int | None = None
@@ -57,7 +85,14 @@ class UNetEncoder(Encoder):
 
     family = "unet"
 
-    def __init__(self, pipe: DiffusionPipeline, id: str, sampling: UNetSampling | None = None):
+    def __init__(
+        self,
+        pipe: DiffusionPipeline,
+        id: str,
+        sampling: UNetSampling | None = None,
+        trained_for: ModelSampling | None = None,
+    ):
+        """`sampling` fields left None take `trained_for`'s defaults (default: `model_sampling(id)`)."""
         parts = {
             name: getattr(pipe, name)
             for name in ("unet", "vae", *TEXT_ENCODERS)
@@ -65,7 +100,9 @@ class UNetEncoder(Encoder):
         }
         super().__init__(nn.ModuleDict(parts), id)
         self.pipe = pipe
-        self.sampling = sampling or UNetSampling()
+        self.trained_for = trained_for or model_sampling(id)
+        self.sampling = self._resolved(sampling or UNetSampling())
+        self._warn_contradictions(self.sampling)
         self.default_hook = (
             "up_blocks.1.attentions.1"
             if "up_blocks.1.attentions.1" in self.hook_points()
@@ -82,14 +119,11 @@ class UNetEncoder(Encoder):
     @classmethod
     def from_spec(cls, name: str, pretrained: bool = True, **kw: Any) -> UNetEncoder:
         """`name`: a diffusers hub id or local directory (SD-1.x/2.x or SDXL), or 'tiny'."""
-        sampling = UNetSampling(**{k: kw.pop(k) for k in list(kw) if k in UNetSampling.__dataclass_fields__})
+        # Explicit settings are kept as given; the rest default to what the model was trained for.
+        explicit = {k: kw.pop(k) for k in list(kw) if k in UNetSampling.__dataclass_fields__}
         if name == "tiny":
-            tiny = dataclasses.replace(
-                sampling, num_inference_steps=2, height=sampling.height or 32, width=sampling.width or 32
-            )
-            return cls(tiny_pipeline(), "unet:tiny", tiny)
-        if "turbo" in name.lower() and not kw.get("keep_defaults"):  # SDXL-Turbo: 1 step, no CFG
-            sampling = dataclasses.replace(sampling, num_inference_steps=1, guidance_scale=0.0)
+            return cls(tiny_pipeline(), "unet:tiny", UNetSampling(**{"height": 32, "width": 32, **explicit}))
+        sampling = UNetSampling(**explicit)
         try:
             if pretrained:
                 pipe = DiffusionPipeline.from_pretrained(name, safety_checker=None, **kw)
@@ -253,9 +287,67 @@ class UNetEncoder(Encoder):
         finally:
             handle.remove()
 
+    # ---------------------------------------------------------------- sampler settings
+    def _resolved(self, sampling: UNetSampling) -> UNetSampling:
+        """`sampling` with the settings left None set to the model's defaults."""
+        m, s = self.trained_for, sampling
+        steps = m.num_inference_steps if s.num_inference_steps is None else s.num_inference_steps
+        guidance = m.guidance_scale if s.guidance_scale is None else s.guidance_scale
+        return dataclasses.replace(s, num_inference_steps=steps, guidance_scale=guidance)
+
+    def _warn_contradictions(self, sampling: UNetSampling) -> None:
+        """Warn where explicit settings leave what the model was trained for (they are still used)."""
+        m, s = self.trained_for, sampling
+        wrong = []
+        if m.max_guidance is not None and s.guidance_scale > m.max_guidance:
+            wrong.append(f"guidance_scale={s.guidance_scale:g}")
+        if m.max_steps is not None and s.num_inference_steps > m.max_steps:
+            wrong.append(f"num_inference_steps={s.num_inference_steps}")
+        if wrong:
+            warnings.warn(
+                f"Sampler settings contradict {self.id}, {m.kind}: {', '.join(wrong)}. They are used as "
+                f"given; its own are num_inference_steps={m.num_inference_steps}, "
+                f"guidance_scale={m.guidance_scale:g}.",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def resolution(self) -> tuple[int, int]:
+        """(height, width) in pixels that sampling runs at: the set one, else the pipeline's default."""
+        s, size = self.sampling, self.pipe.unet.config.sample_size
+        default_h, default_w = (size, size) if isinstance(size, int) else size
+        factor = self.pipe.vae_scale_factor
+        return s.height or default_h * factor, s.width or default_w * factor
+
+    def store_config(self) -> dict[str, Any]:
+        """Every sampler setting that changes the recorded bytes, for the activation store's identity."""
+        s, scheduler = self.sampling, self.pipe.scheduler
+        height, width = self.resolution()
+        return {
+            "pipeline": type(self.pipe).__name__,
+            "scheduler": type(scheduler).__name__,
+            # `_class_name`, `_diffusers_version` and the like describe the file, not the schedule
+            "scheduler_config": _jsonable(
+                {k: v for k, v in scheduler.config.items() if not k.startswith("_")}
+            ),
+            "num_inference_steps": s.num_inference_steps,
+            "guidance_scale": float(s.guidance_scale),
+            "seed": s.seed,
+            "noise_device": self.device.type,  # a CPU and a CUDA generator draw different noise for one seed
+            "height": height,
+            "width": width,
+            "negative_prompt": s.negative_prompt,
+            "timesteps": None if s.timesteps is None else sorted({int(t) for t in s.timesteps}),
+            "every_n": s.every_n,
+            "cfg_half": s.cfg_half,
+            "site": "update" if s.update else "output",
+        }
+
     @contextlib.contextmanager
     def _sampling_overrides(self, overrides: dict[str, Any]) -> Iterator[None]:
-        saved, new = self.sampling, dataclasses.replace(self.sampling, **overrides)
+        saved, new = self.sampling, self._resolved(dataclasses.replace(self.sampling, **overrides))
+        if {"num_inference_steps", "guidance_scale"} & set(overrides):
+            self._warn_contradictions(new)
         if new.cfg_half not in ("cond", "uncond", "both"):
             raise ValueError(f"cfg_half must be 'cond', 'uncond' or 'both', got {new.cfg_half!r}.")
         if new.cfg_half != "cond" and new.guidance_scale <= 1:
@@ -313,85 +405,6 @@ class UNetEncoder(Encoder):
             return self._pipe_call(prompts, output_type="pil").images
 
 
-def tiny_pipeline() -> StableDiffusionPipeline:
-    """SD-1.x with diffusers' own tiny test components (random init) and an offline CLIP tokenizer."""
-    unet = UNet2DConditionModel(
-        block_out_channels=(4, 8),
-        layers_per_block=1,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=8,
-        norm_num_groups=2,
-    )
-    vae = AutoencoderKL(
-        block_out_channels=[4, 8],
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2,
-        norm_num_groups=2,
-    )
-    tokenizer = tiny_clip_tokenizer(vocab_size=1000)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=8,
-            intermediate_size=16,
-            num_attention_heads=2,
-            num_hidden_layers=2,
-            vocab_size=1000,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def random_init_pipeline(name: str) -> DiffusionPipeline:
-    """The real architecture of `name` with random weights: configs and tokenizers come from `name`."""
-    config = DiffusionPipeline.load_config(name)
-    pipe_cls = StableDiffusionXLPipeline if "XL" in config["_class_name"] else StableDiffusionPipeline
-    parts: dict[str, Any] = {}
-    for part, (library, cls_name) in config.items():
-        if (
-            part.startswith("_")
-            or library is None
-            or part in ("safety_checker", "feature_extractor", "image_encoder")
-        ):
-            continue
-        cls = getattr(__import__(library), cls_name)
-        if part in ("unet", "vae"):
-            parts[part] = cls.from_config(cls.load_config(name, subfolder=part))
-        elif part.startswith("text_encoder"):
-            parts[part] = cls(cls.config_class.from_pretrained(name, subfolder=part))
-        else:  # tokenizers and schedulers have no weights
-            parts[part] = cls.from_pretrained(name, subfolder=part)
-    extra = (
-        {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-        if pipe_cls is StableDiffusionPipeline
-        else {}
-    )
-    return pipe_cls(**parts, **extra)
+def _jsonable(value: Any) -> Any:
+    """A JSON round trip of `value` (tuples become lists, arrays and other objects their list or repr)."""
+    return json.loads(json.dumps(value, default=lambda v: v.tolist() if hasattr(v, "tolist") else repr(v)))

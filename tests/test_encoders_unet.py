@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import warnings
+from pathlib import Path
+
 import pytest
 import torch
 
+import mmsae
+from mmsae.datasets.images import PromptList
 from mmsae.encoders import get_encoder
-from mmsae.encoders.unet import UNetEncoder
+from mmsae.encoders.unet import UNetEncoder, tiny_pipeline
+from mmsae.extract import extract
+from mmsae.intervene.cli import cli_main
 
 PROMPTS = ["a red cube", "a cat"]
 BLOCK = "up_blocks.0.attentions.0"  # a Transformer2DModel at the lowest resolution
@@ -159,3 +168,131 @@ def test_sdxl_turbo_path() -> None:
     assert block.meta["grid"].tolist() == [8, 8] and block.acts_ND.shape == (2 * 64, 4)
     assert set(block.meta["timestep"].tolist()) == {999} and set(block.meta["cond"].tolist()) == {1}
     assert acts[text_2].acts_ND.shape == (2 * 77, 32)
+
+
+# ---------------------------------------------------------------- what a store is made of
+SAMPLING_CHANGES = {  # store_config key → a UNetSampling change that alters the recorded bytes
+    "num_inference_steps": {"num_inference_steps": 3},
+    "guidance_scale": {"guidance_scale": 3.0},
+    "seed": {"seed": 1},
+    "height": {"height": 48},
+    "width": {"width": 48},
+    "negative_prompt": {"negative_prompt": "blurry"},
+    "timesteps": {"timesteps": [999]},
+    "every_n": {"every_n": 2},
+    "cfg_half": {"cfg_half": "both"},
+    "site": {"update": True},
+}
+
+
+def test_store_config_names_every_sampling_setting(enc: UNetEncoder) -> None:
+    config = enc.store_config()
+    assert json.loads(json.dumps(config)) == config  # the store hashes it as JSON
+    saved = enc.sampling
+    try:
+        for key, change in SAMPLING_CHANGES.items():
+            enc.sampling = dataclasses.replace(saved, **change)
+            other = enc.store_config()
+            assert other[key] != config[key], key
+            assert {k for k in config if other[k] != config[k]} == {key}, key
+    finally:
+        enc.sampling = saved
+    # constructor settings reach it too
+    assert get_encoder("unet:tiny", guidance_scale=3.0).store_config()["guidance_scale"] == 3.0
+
+
+def test_store_config_names_the_scheduler() -> None:
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler
+
+    enc = UNetEncoder(tiny_pipeline(), "unet:sd")
+    config = enc.store_config()
+    assert config["scheduler"] == "DDIMScheduler" and config["scheduler_config"]["steps_offset"] == 1
+    # None means the pipeline's default resolution: recorded as the resolution it is, one store for both
+    assert (config["height"], config["width"]) == (64, 64)  # UNet sample_size 32 × VAE scale factor 2
+    assert (
+        UNetEncoder(tiny_pipeline(), "unet:sd", dataclasses.replace(enc.sampling, height=64)).store_config()
+        == config
+    )
+    scheduler_config = enc.pipe.scheduler.config
+    enc.pipe.scheduler = DDIMScheduler.from_config(scheduler_config, timestep_spacing="trailing")
+    assert enc.store_config()["scheduler_config"] != config["scheduler_config"]
+    enc.pipe.scheduler = EulerDiscreteScheduler.from_config(scheduler_config)
+    assert enc.store_config()["scheduler"] == "EulerDiscreteScheduler"
+
+
+def test_extract_stores_differ_by_sampling(tmp_path: Path) -> None:
+    """Two extractions that differ only in how they sample land in two stores (no false cache hit)."""
+    prompts = PromptList(PROMPTS)
+    kw = {"batch_size": 2, "progress": False}
+    first = extract(get_encoder("unet:tiny"), prompts, [BLOCK], tmp_path, **kw)
+    other = extract(get_encoder("unet:tiny", guidance_scale=3.0), prompts, [BLOCK], tmp_path, **kw)
+    assert other.path != first.path
+
+
+# ---------------------------------------------------------------- SDXL-Turbo settings
+@pytest.fixture(scope="module")
+def turbo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny pipeline saved under a Turbo name (Turbo checkpoints are recognised by their name)."""
+    path = tmp_path_factory.mktemp("models") / "tiny-sdxl-turbo"
+    tiny_pipeline().save_pretrained(path)
+    return path
+
+
+def contradiction_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in caught if "contradict" in str(w.message)]
+
+
+def test_turbo_defaults_come_from_the_model(turbo_dir: Path) -> None:
+    enc = get_encoder(f"unet:{turbo_dir}")
+    assert (enc.sampling.num_inference_steps, enc.sampling.guidance_scale) == (1, 0.0)
+    assert enc.can_stop_early()
+    plain = UNetEncoder(tiny_pipeline(), "unet:sd")  # not Turbo: Stable Diffusion's own defaults
+    assert (plain.sampling.num_inference_steps, plain.sampling.guidance_scale) == (50, 7.5)
+
+
+def test_explicit_settings_survive_and_contradictions_warn(turbo_dir: Path) -> None:
+    spec = f"unet:{turbo_dir}"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        enc = get_encoder(spec, num_inference_steps=2)  # Turbo supports 1–4 steps
+        tiny = get_encoder("unet:tiny", num_inference_steps=3)
+    assert not contradiction_warnings(caught)
+    assert (enc.sampling.num_inference_steps, enc.sampling.guidance_scale) == (2, 0.0)
+    assert tiny.sampling.num_inference_steps == 3
+    steps = enc.activations(PROMPTS[:1], [BLOCK])[BLOCK].meta["timestep"].unique()
+    assert len(steps) == 2
+
+    with pytest.warns(UserWarning, match="contradict.*guidance_scale=7.5, num_inference_steps=8"):
+        cfg = get_encoder(spec, guidance_scale=7.5, num_inference_steps=8)
+    assert (cfg.sampling.num_inference_steps, cfg.sampling.guidance_scale) == (8, 7.5)  # used as given
+    with pytest.warns(UserWarning, match="contradict.*num_inference_steps=6"):
+        acts = enc.activations(PROMPTS[:1], [BLOCK], num_inference_steps=6)[BLOCK]
+    assert len(acts.meta["timestep"].unique()) == 6
+    with pytest.warns(UserWarning, match="contradict.*guidance_scale=5"):
+        enc.sample(PROMPTS[:1], guidance_scale=5.0)
+
+
+def test_steer_cli_takes_sampler_defaults_from_the_model(
+    turbo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = f"unet:{turbo_dir}"
+    sae_dir = tmp_path / "sae"
+    mmsae.build_sae("topk", 8, 16, k=2, hook=BLOCK, encoder=spec).save(sae_dir)
+    calls: list[tuple[int, float]] = []
+    real_sample = UNetEncoder.sample
+
+    def recording_sample(self: UNetEncoder, prompts: list[str], **kw: object) -> object:
+        calls.append((kw["num_inference_steps"], kw["guidance_scale"]))
+        return real_sample(self, prompts, **kw)
+
+    monkeypatch.setattr(UNetEncoder, "sample", recording_sample)
+    argv = ["steer", "diffusion", "--encoder", spec, "--sae", str(sae_dir), "--device", "cpu"]
+    argv += ["--prompt", "a cat", "--edit", "dir:1=2", "--out", str(tmp_path / "out")]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cli_main(argv) == 0
+    assert set(calls) == {(1, 0.0)} and not contradiction_warnings(caught)
+    calls.clear()
+    with pytest.warns(UserWarning, match="contradict.*guidance_scale=5"):
+        assert cli_main([*argv, "--steps", "2", "--guidance", "5"]) == 0
+    assert set(calls) == {(2, 5.0)}

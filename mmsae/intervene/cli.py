@@ -41,12 +41,26 @@ def _common(p: argparse.ArgumentParser, edits: bool = True) -> None:
         )
 
 
+def _sampler_settings(p: argparse.ArgumentParser) -> None:
+    # No fixed defaults: what a checkpoint needs differs (SDXL-Turbo: 1 step at guidance 0, else 50 at 7.5).
+    p.add_argument("--steps", type=int, help="sampling steps (default: the model's own, e.g. 1 for Turbo)")
+    p.add_argument("--guidance", type=float, help="guidance scale (default: the model's own, 0 for Turbo)")
+    p.add_argument("--seed", type=int, default=0)
+
+
 def _sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", action="append", required=True, help="repeatable")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--guidance", type=float, default=7.5)
+    _sampler_settings(p)
     p.add_argument("--out", type=Path, required=True, help="directory for before_*.png / after_*.png")
+
+
+def _steps_guidance(encoder: Any, args: argparse.Namespace) -> tuple[int, float]:
+    """--steps / --guidance as given, else the encoder's sampler defaults (which come from its model)."""
+    sampling = getattr(encoder, "sampling", None)
+    if sampling is None:
+        raise ValueError(f"{encoder.id} does not sample images; use a diffusion encoder (unet:...).")
+    steps = sampling.num_inference_steps if args.steps is None else args.steps
+    return steps, sampling.guidance_scale if args.guidance is None else args.guidance
 
 
 def _window(text: str) -> tuple[int, int]:
@@ -96,9 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--other", required=True, type=Path, help="file of other (retained) prompts, one a line"
     )
     select.add_argument("--percentile", type=float, default=99.99)
-    select.add_argument("--steps", type=int, default=50)
-    select.add_argument("--guidance", type=float, default=7.5)
-    select.add_argument("--seed", type=int, default=0)
+    _sampler_settings(select)
     generate = unlearn.add_parser(
         "generate", help="sample with concepts suppressed (and without, to compare)"
     )
@@ -161,12 +173,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         s = Splice(
             sae, args.edit, timesteps=args.timesteps, cfg_half=args.cfg_half, spatial_mask=mask, **splice
         )
-        gen = steering.steer_diffusion(encoder, s, args.prompt, args.seed, args.steps, args.guidance)
+        gen = steering.steer_diffusion(encoder, s, args.prompt, args.seed, *_steps_guidance(encoder, args))
         _save_pairs(args.out, gen.before, gen.after)
         return {"out": str(args.out)}
     if args.command == "steer" and args.target == "text":
         from mmsae.intervene.text_steer import steer_prompts
 
+        steps, guidance = _steps_guidance(encoder, args)
         gen = steer_prompts(
             encoder,
             sae,
@@ -175,13 +188,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             args.strength,
             hook=args.hook,
             seed=args.seed,
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
         )
         _save_pairs(args.out, gen.before, gen.after)
         return {"out": str(args.out)}
     from mmsae.intervene import unlearn
 
+    steps, guidance = _steps_guidance(encoder, args)
+    sampling = unlearn.SampleConfig(steps, guidance, args.seed)
     if args.target == "select":
         concepts = {}
         for item in args.concept:
@@ -189,7 +204,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if not sep or not name:
                 raise ValueError(f"--concept {item!r}: expected NAME=PROMPTS.txt")
             concepts[name] = _prompts(Path(path))
-        sampling = unlearn.SampleConfig(args.steps, args.guidance, args.seed)
         sae_dir = Path(args.sae)
         selection = unlearn.select_features(
             encoder,
@@ -204,10 +218,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return {name: {t: len(v) for t, v in c.latents.items()} for name, c in selection.concepts.items()}
     selection = args.selection or Path(args.sae)
     unlearner = unlearn.Unlearner(encoder, sae, selection, args.concepts.split(","), args.multiplier)
-    sampling = unlearn.SampleConfig(args.steps, args.guidance, args.seed)
-    before = encoder.sample(
-        args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed
-    )
+    before = encoder.sample(args.prompt, num_inference_steps=steps, guidance_scale=guidance, seed=args.seed)
     _save_pairs(args.out, before, unlearner.generate(args.prompt, sampling))
     return {"out": str(args.out)}
 
