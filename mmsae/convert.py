@@ -102,8 +102,7 @@ def _hook(given: str | None, recorded: str | None, source: Path) -> tuple[str, d
             f"{source} records no hook point: pass hook='<module path>' (the encoder module whose output "
             "the SAE was trained on, e.g. 'visual.transformer.resblocks.10')."
         )
-    hook = given or recorded
-    assert hook is not None
+    hook = given if given is not None else str(recorded)
     return hook, ({"source_hook": recorded} if recorded and recorded != hook else {})
 
 
@@ -230,12 +229,15 @@ def from_sparsify(
     device: str | torch.device = "cpu",
     revision: str | None = None,
     hook: str | None = None,
+    site: Literal["output", "update"] = "output",
 ) -> SAE:
     """Load one sparsify SAE (or one of SAeUron's, a sparsify fork): a hookpoint folder, or a run folder /
     Hub repo plus `hookpoint`.
 
     `hook`: the module path an Intervention splices it into; default: the hookpoint (the folder's name),
     less the `unet.` prefix of SAeUron's pipeline-level names, which mmsae's UNet encoder leaves out.
+    `site`: "update" for an SAE trained on a block's output − input (SAeUron's `output_or_diff="diff"`,
+    which its cfg.json does not record); the default reads the module's output.
     """
     path = resolve_dir(path_or_repo, revision, hookpoint)
     if not (path / CFG_NAME).is_file():
@@ -281,6 +283,7 @@ def from_sparsify(
         k=int(cfg["k"]),
         unit_norm_decoder=bool(cfg.get("normalize_decoder", True)),
         hook=hook,
+        site=site,
         extra={"converted_from": "sparsify", "source": str(path_or_repo)} | provenance,
     )
     return _fill(sae, weights, device)

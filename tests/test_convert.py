@@ -92,7 +92,9 @@ def test_saeuron_file_reproduces_saeuron_outputs() -> None:
     sae = from_sparsify(FIXTURES / "saeuron", hookpoint="unet.up_blocks.1.attentions.1")
     check_outputs(sae, "saeuron")
     assert sae.cfg.hook == "up_blocks.1.attentions.1"  # the module path mmsae's UNet encoder names
-    assert sae.cfg.extra["source_hook"] == "unet.up_blocks.1.attentions.1"
+    assert sae.cfg.extra["source_hook"] == "unet.up_blocks.1.attentions.1" and sae.cfg.site == "output"
+    diff = from_sparsify(FIXTURES / "saeuron", hookpoint="unet.up_blocks.1.attentions.1", site="update")
+    assert diff.cfg.site == "update"  # trained on output − input (SAeUron's output_or_diff="diff")
 
 
 def test_saeuron_input_unit_norm_is_refused_by_name() -> None:
