@@ -132,6 +132,42 @@ def _saelens_config(cfg: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
+def _saelens_weights(cfg: dict[str, Any], path: Path, arch: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """mmsae weights (and options) computing what the SAELens SAE in `path` computes."""
+    source = path / SAELENS_WEIGHTS
+    state = _load_weights(source)
+    scaling = state.pop("scaling_factor", None)
+    if scaling is not None and not torch.allclose(scaling, torch.ones_like(scaling)):
+        raise ValueError(f"{source} has a finetuning scaling_factor ≠ 1, which mmsae does not support.")
+    enc_bias = "b_gate" if arch == "gated" else "b_enc"
+    _require(state, ["W_enc", "W_dec", "b_dec", enc_bias], source, f"SAELens {arch}")
+    W_enc_ND, W_dec_ND, b_dec_D = state["W_enc"].T.contiguous(), state["W_dec"], state["b_dec"]
+    b_enc_N = state[enc_bias]
+    # SAELens encodes (x − a·b_dec) with a = apply_b_dec_to_input; mmsae always subtracts b_dec,
+    # so without it the encoder sees an extra +W_enc b_dec, folded into the encoder bias.
+    shift_N = torch.zeros_like(b_enc_N) if cfg["apply_b_dec_to_input"] else W_enc_ND @ b_dec_D
+    weights = {"W_enc": W_enc_ND, "W_dec": W_dec_ND, "b_dec": b_dec_D, "b_enc": b_enc_N + shift_N}
+    options: dict[str, Any] = {}
+    if arch == "topk":
+        options["k"] = int(cfg["k"])
+        if cfg.get("rescale_acts_by_decoder_norm", False):
+            # topk(z ⊙ ‖W_dec‖) then decode with atoms / ‖W_dec‖: fold the norms into the encoder.
+            norms_N = W_dec_ND.norm(dim=-1).clamp_min(1e-8)
+            weights.update(
+                W_enc=W_enc_ND * norms_N[:, None],
+                b_enc=weights["b_enc"] * norms_N,
+                W_dec=W_dec_ND / norms_N[:, None],
+            )
+    elif arch == "jumprelu":
+        theta_N = state["threshold"] if "threshold" in state else state["log_threshold"].exp()
+        # SAELens computes relu(z)·1[z > θ]; with θ > 0 that is mmsae's z·1[z > θ].
+        weights["threshold"] = theta_N.clamp_min(1e-6)
+    elif arch == "gated":
+        _require(state, ["b_mag", "r_mag"], source, "SAELens gated")
+        weights.update(r_mag=state["r_mag"], b_mag=state["b_mag"] + state["r_mag"].exp() * shift_N)
+    return weights, options
+
+
 def from_saelens(
     path_or_repo: str | os.PathLike,
     device: str | torch.device = "cpu",
@@ -171,44 +207,14 @@ def from_saelens(
             "'expected_average_only_in'): pass norm_scaling_factor= (from its release table)."
         )
 
-    source = path / SAELENS_WEIGHTS
-    state = _load_weights(source)
-    scaling = state.pop("scaling_factor", None)
-    if scaling is not None and not torch.allclose(scaling, torch.ones_like(scaling)):
-        raise ValueError(f"{source} has a finetuning scaling_factor ≠ 1, which mmsae does not support.")
-    enc_bias = "b_gate" if arch == "gated" else "b_enc"
-    _require(state, ["W_enc", "W_dec", "b_dec", enc_bias], source, f"SAELens {arch}")
-    W_enc_ND, W_dec_ND, b_dec_D = state["W_enc"].T.contiguous(), state["W_dec"], state["b_dec"]
-    b_enc_N = state[enc_bias]
-    # SAELens encodes (x − a·b_dec) with a = apply_b_dec_to_input; mmsae always subtracts b_dec,
-    # so without it the encoder sees an extra +W_enc b_dec, folded into the encoder bias.
-    shift_N = torch.zeros_like(b_enc_N) if cfg["apply_b_dec_to_input"] else W_enc_ND @ b_dec_D
-    weights = {"W_enc": W_enc_ND, "W_dec": W_dec_ND, "b_dec": b_dec_D, "b_enc": b_enc_N + shift_N}
-    options: dict[str, Any] = {}
-    if arch == "topk":
-        options["k"] = int(cfg["k"])
-        if cfg.get("rescale_acts_by_decoder_norm", False):
-            # topk(z ⊙ ‖W_dec‖) then decode with atoms / ‖W_dec‖: fold the norms into the encoder.
-            norms_N = W_dec_ND.norm(dim=-1).clamp_min(1e-8)
-            weights.update(
-                W_enc=W_enc_ND * norms_N[:, None],
-                b_enc=weights["b_enc"] * norms_N,
-                W_dec=W_dec_ND / norms_N[:, None],
-            )
-    elif arch == "jumprelu":
-        theta_N = state["threshold"] if "threshold" in state else state["log_threshold"].exp()
-        # SAELens computes relu(z)·1[z > θ]; with θ > 0 that is mmsae's z·1[z > θ].
-        weights["threshold"] = theta_N.clamp_min(1e-6)
-    elif arch == "gated":
-        _require(state, ["b_mag", "r_mag"], source, "SAELens gated")
-        weights.update(r_mag=state["r_mag"], b_mag=state["b_mag"] + state["r_mag"].exp() * shift_N)
-
+    weights, options = _saelens_weights(cfg, path, arch)
+    n_latents, d_in = weights["W_dec"].shape
     meta = cfg.get("metadata") or {}
     hook, provenance = _hook(hook, meta.get("hook_name") or cfg.get("hook_name"), path / CFG_NAME)
     sae = build_sae(
         SAELENS_ARCHS[arch],
-        W_dec_ND.shape[1],
-        W_dec_ND.shape[0],
+        d_in,
+        n_latents,
         unit_norm_decoder=_unit_norm(weights["W_dec"]),
         hook=hook,
         encoder=encoder or meta.get("model_name") or cfg.get("model_name"),
