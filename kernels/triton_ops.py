@@ -67,6 +67,10 @@ autograd context that holds it, and an in-place change of the indices bumps thei
 
 
 def _shared_sort(indices_BK: Tensor, n: int) -> _SharedSort:
+    if torch.is_inference(indices_BK):
+        # Inference tensors have no version counter to key on, and no backward will ever read their sort
+        # (autograd cannot save them): an unshared holder, which sorts nothing unless asked.
+        return _SharedSort(indices_BK, n)
     key = (indices_BK.device, indices_BK.data_ptr(), indices_BK._version, tuple(indices_BK.shape), n)
     holder = _SORTS.get(key)
     if holder is None:

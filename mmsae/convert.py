@@ -26,6 +26,8 @@ from mmsae.sae.base import SAE, build_sae
 
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 SPARSIFY_KEYS = ("expansion_factor", "num_latents")
+SAEURON_UNET_PREFIX = "unet."
+"""SAeUron names hookpoints by the pipeline's module path (`unet.up_blocks.1.attentions.1`)."""
 Format = Literal["mmsae", "saelens", "sparsify"]
 
 
@@ -89,7 +91,19 @@ def _fill(sae: SAE, weights: dict[str, Tensor], device: str | torch.device) -> S
                     f"the mmsae {sae.arch!r} SAE expects {tuple(params[name].shape)}."
                 )
             params[name].copy_(value)
-    return sae.to(device)
+    return sae.to(device).eval()  # handed to users for inference: BatchTopK-style variants act per token
+
+
+def _hook(given: str | None, recorded: str | None, source: Path) -> tuple[str, dict[str, str]]:
+    """The hook an Intervention splices the SAE into: `given` (an mmsae encoder's module path) or the one
+    the checkpoint records; the recorded name stays in the provenance when they differ."""
+    if given is None and not recorded:
+        raise ValueError(
+            f"{source} records no hook point: pass hook='<module path>' (the encoder module whose output "
+            "the SAE was trained on, e.g. 'visual.transformer.resblocks.10')."
+        )
+    hook = given if given is not None else str(recorded)
+    return hook, ({"source_hook": recorded} if recorded and recorded != hook else {})
 
 
 def _unit_norm(W_dec_ND: Tensor) -> bool:
@@ -118,38 +132,8 @@ def _saelens_config(cfg: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
-def from_saelens(
-    path_or_repo: str | os.PathLike,
-    device: str | torch.device = "cpu",
-    norm_scaling_factor: float | None = None,
-    subfolder: str | None = None,
-    revision: str | None = None,
-) -> SAE:
-    """Load a SAELens SAE folder (local, or a Hub repo + subfolder) as an equivalent mmsae SAE.
-
-    `norm_scaling_factor`: for SAEs trained with normalize_activations="expected_average_only_in"
-    SAELens keeps the input scale outside the checkpoint (in its release table); pass it here and it
-    is folded into the weights, so the mmsae SAE acts on raw activations.
-    """
-    path = resolve_dir(path_or_repo, revision, subfolder)
-    cfg = _saelens_config(_read_json(path / CFG_NAME))
-    arch = cfg["architecture"]
-    if arch not in SAELENS_ARCHS:
-        raise ValueError(
-            f"SAELens architecture {arch!r} has no mmsae equivalent; supported: {sorted(SAELENS_ARCHS)}."
-        )
-    norm = cfg["normalize_activations"]
-    if norm not in ("none", "expected_average_only_in"):
-        raise ValueError(
-            f"SAELens normalize_activations={norm!r} is a per-token runtime transform that an "
-            "mmsae SAE cannot represent; normalise inputs yourself before encoding."
-        )
-    if norm == "expected_average_only_in" and norm_scaling_factor is None:
-        raise ValueError(
-            "This SAELens SAE was trained on rescaled inputs (normalize_activations="
-            "'expected_average_only_in'): pass norm_scaling_factor= (from its release table)."
-        )
-
+def _saelens_weights(cfg: dict[str, Any], path: Path, arch: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """mmsae weights (and options) computing what the SAELens SAE in `path` computes."""
     source = path / SAELENS_WEIGHTS
     state = _load_weights(source)
     scaling = state.pop("scaling_factor", None)
@@ -181,16 +165,61 @@ def from_saelens(
     elif arch == "gated":
         _require(state, ["b_mag", "r_mag"], source, "SAELens gated")
         weights.update(r_mag=state["r_mag"], b_mag=state["b_mag"] + state["r_mag"].exp() * shift_N)
+    return weights, options
 
+
+def from_saelens(
+    path_or_repo: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    norm_scaling_factor: float | None = None,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    hook: str | None = None,
+    encoder: str | None = None,
+) -> SAE:
+    """Load a SAELens SAE folder (local, or a Hub repo + subfolder) as an equivalent mmsae SAE.
+
+    `hook`: the module path an Intervention splices it into; default: the cfg's `hook_name` (a
+    TransformerLens name for language-model SAEs: pass the matching module path of your encoder).
+    `encoder`: the mmsae encoder id it pairs with (default: the cfg's `model_name`).
+
+    `norm_scaling_factor`: for SAEs trained with normalize_activations="expected_average_only_in"
+    SAELens keeps the input scale outside the checkpoint (in its release table); pass it here and it
+    is folded into the weights, so the mmsae SAE acts on raw activations.
+    """
+    path = resolve_dir(path_or_repo, revision, subfolder)
+    cfg = _saelens_config(_read_json(path / CFG_NAME))
+    arch = cfg["architecture"]
+    if arch not in SAELENS_ARCHS:
+        raise ValueError(
+            f"SAELens architecture {arch!r} has no mmsae equivalent; supported: {sorted(SAELENS_ARCHS)}."
+        )
+    norm = cfg["normalize_activations"]
+    if norm not in ("none", "expected_average_only_in"):
+        raise ValueError(
+            f"{path / CFG_NAME}: SAELens normalize_activations={norm!r} is a per-token runtime transform "
+            "(each token rescaled on the way in and back on the way out) that an mmsae SAE cannot "
+            "represent; only 'none' and 'expected_average_only_in' convert."
+        )
+    if norm == "expected_average_only_in" and norm_scaling_factor is None:
+        raise ValueError(
+            "This SAELens SAE was trained on rescaled inputs (normalize_activations="
+            "'expected_average_only_in'): pass norm_scaling_factor= (from its release table)."
+        )
+
+    weights, options = _saelens_weights(cfg, path, arch)
+    n_latents, d_in = weights["W_dec"].shape
     meta = cfg.get("metadata") or {}
+    hook, provenance = _hook(hook, meta.get("hook_name") or cfg.get("hook_name"), path / CFG_NAME)
     sae = build_sae(
         SAELENS_ARCHS[arch],
-        W_dec_ND.shape[1],
-        W_dec_ND.shape[0],
+        d_in,
+        n_latents,
         unit_norm_decoder=_unit_norm(weights["W_dec"]),
-        hook=meta.get("hook_name") or cfg.get("hook_name"),
-        encoder=meta.get("model_name") or cfg.get("model_name"),
-        extra={"converted_from": "saelens", "source": str(path_or_repo), "saelens_architecture": arch},
+        hook=hook,
+        encoder=encoder or meta.get("model_name") or cfg.get("model_name"),
+        extra={"converted_from": "saelens", "source": str(path_or_repo), "saelens_architecture": arch}
+        | provenance,
         **options,
     )
     _fill(sae, weights, device)
@@ -205,8 +234,17 @@ def from_sparsify(
     hookpoint: str | None = None,
     device: str | torch.device = "cpu",
     revision: str | None = None,
+    hook: str | None = None,
+    site: Literal["output", "update"] = "output",
 ) -> SAE:
-    """Load one sparsify SAE: a hookpoint folder, or a run folder / Hub repo plus `hookpoint`."""
+    """Load one sparsify SAE (or one of SAeUron's, a sparsify fork): a hookpoint folder, or a run folder /
+    Hub repo plus `hookpoint`.
+
+    `hook`: the module path an Intervention splices it into; default: the hookpoint (the folder's name),
+    less the `unet.` prefix of SAeUron's pipeline-level names, which mmsae's UNet encoder leaves out.
+    `site`: "update" for an SAE trained on a block's output − input (SAeUron's `output_or_diff="diff"`,
+    which its cfg.json does not record); the default reads the module's output.
+    """
     path = resolve_dir(path_or_repo, revision, hookpoint)
     if not (path / CFG_NAME).is_file():
         hooks = sparsify_hookpoints(path)
@@ -219,9 +257,12 @@ def from_sparsify(
     unsupported = {key: cfg[key] for key in ("skip_connection", "transcode") if cfg.get(key)}
     if cfg.get("activation", "topk") != "topk":
         unsupported["activation"] = cfg["activation"]
+    if cfg.get("input_unit_norm"):  # SAeUron: (x − mean) / (std + 1e-5) per token, undone on the output
+        unsupported["input_unit_norm"] = True
     if unsupported:
         raise ValueError(
-            f"sparsify options {unsupported} have no mmsae equivalent; only plain TopK SAEs convert."
+            f"{path / CFG_NAME}: options {unsupported} have no mmsae equivalent (input_unit_norm is a "
+            "per-token runtime transform of SAeUron's); only plain TopK SAEs convert."
         )
     d_in = int(cfg["d_in"])
     n = int(cfg.get("num_latents") or d_in * cfg["expansion_factor"])
@@ -236,14 +277,20 @@ def from_sparsify(
         "W_dec": state["W_dec"],
         "b_dec": state["b_dec"],
     }
+    recorded = hookpoint or path.name
+    if hook is None and recorded.startswith(SAEURON_UNET_PREFIX):
+        hook = recorded.removeprefix(SAEURON_UNET_PREFIX)
+    hook, provenance = _hook(hook, recorded, path)
+    # SAeUron's batch_topk / sample_topk are training-time selections: its loader turns them off.
     sae = build_sae(
         "topk",
         d_in,
         n,
         k=int(cfg["k"]),
         unit_norm_decoder=bool(cfg.get("normalize_decoder", True)),
-        hook=hookpoint or path.name,
-        extra={"converted_from": "sparsify", "source": str(path_or_repo)},
+        hook=hook,
+        site=site,
+        extra={"converted_from": "sparsify", "source": str(path_or_repo)} | provenance,
     )
     return _fill(sae, weights, device)
 

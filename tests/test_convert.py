@@ -1,0 +1,150 @@
+"""Converters against files written by the real libraries (tests/fixtures/converters, made by its
+make_fixtures.py with SAELens, EleutherAI sparsify and SAeUron): mmsae reproduces each library's own
+codes and reconstructions on the stored inputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import mmsae
+from mmsae.convert import from_saelens, from_sparsify
+from mmsae.encoders.registry import get_encoder
+from mmsae.intervene.edits import Set
+from mmsae.intervene.intervention import Intervention, Splice
+
+FIXTURES = Path(__file__).parent / "fixtures" / "converters"
+SCALE = json.loads((FIXTURES / "versions.json").read_text())["norm_scaling_factor"]
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+
+
+def expected(name: str) -> dict[str, torch.Tensor]:
+    return load_file(FIXTURES / name / "expected.safetensors")
+
+
+def check_outputs(sae: mmsae.SAE, name: str, codes_match: bool = True) -> None:
+    ref = expected(name)
+    with torch.no_grad():
+        out = sae(ref["x"])
+        torch.testing.assert_close(out.x_hat, ref["recon"], **TOL)
+        if codes_match:
+            torch.testing.assert_close(sae.encode_dense(ref["x"]), ref["codes"], **TOL)
+    assert (ref["codes"] != 0).any() and (ref["codes"] == 0).any()
+    assert not sae.training
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "saelens_standard",
+        "saelens_standard_no_bdec",
+        "saelens_topk",
+        "saelens_jumprelu",
+        "saelens_jumprelu_no_bdec",
+        "saelens_gated",
+        "saelens_gated_no_bdec",
+    ],
+)
+def test_saelens_files_reproduce_saelens_outputs(name: str) -> None:
+    sae = from_saelens(FIXTURES / name)
+    check_outputs(sae, name)
+    assert sae.cfg.hook == "blocks.2.hook_resid_post" and sae.cfg.extra["converted_from"] == "saelens"
+
+
+def test_saelens_decoder_norm_rescaling_reproduces_reconstructions() -> None:
+    """rescale_acts_by_decoder_norm: SAELens' codes are z·‖W_dec‖, decoded with unit atoms."""
+    sae = from_saelens(FIXTURES / "saelens_topk_rescaled")
+    check_outputs(sae, "saelens_topk_rescaled")
+    raw = load_file(FIXTURES / "saelens_topk_rescaled" / "sae_weights.safetensors")
+    assert not torch.allclose(raw["W_dec"].norm(dim=-1), torch.ones(64))  # the flag changes the math here
+
+
+def test_saelens_expected_average_scale_is_folded() -> None:
+    name = "saelens_expected_average"
+    with pytest.raises(ValueError, match="norm_scaling_factor"):
+        from_saelens(FIXTURES / name)
+    check_outputs(from_saelens(FIXTURES / name, norm_scaling_factor=SCALE), name)
+
+
+@pytest.mark.parametrize("name", ["saelens_layer_norm", "saelens_constant_norm"])
+def test_saelens_per_token_normalisation_is_refused_by_name(name: str) -> None:
+    with pytest.raises(ValueError, match=r"normalize_activations=.*per-token"):
+        from_saelens(FIXTURES / name)
+
+
+@pytest.mark.parametrize("name", ["sparsify_topk", "sparsify_topk_free_decoder"])
+def test_sparsify_files_reproduce_sparsify_outputs(name: str) -> None:
+    for path, hookpoint in [(FIXTURES / name, "layers.3"), (FIXTURES / name / "layers.3", None)]:
+        sae = from_sparsify(path, hookpoint=hookpoint)
+        check_outputs(sae, name)
+        assert sae.cfg.hook == "layers.3" and sae.cfg.k == 6 and sae.cfg.n_latents == 64
+    assert sae.cfg.unit_norm_decoder == (name == "sparsify_topk")
+
+
+def test_saeuron_file_reproduces_saeuron_outputs() -> None:
+    """SAeUron's fork of sparsify: extra cfg fields (batch_topk is training-only: its loader encodes
+    per token), hookpoint folders named after the pipeline module (`unet.` + the UNet's module path)."""
+    sae = from_sparsify(FIXTURES / "saeuron", hookpoint="unet.up_blocks.1.attentions.1")
+    check_outputs(sae, "saeuron")
+    assert sae.cfg.hook == "up_blocks.1.attentions.1"  # the module path mmsae's UNet encoder names
+    assert sae.cfg.extra["source_hook"] == "unet.up_blocks.1.attentions.1" and sae.cfg.site == "output"
+    diff = from_sparsify(FIXTURES / "saeuron", hookpoint="unet.up_blocks.1.attentions.1", site="update")
+    assert diff.cfg.site == "update"  # trained on output − input (SAeUron's output_or_diff="diff")
+
+
+def test_saeuron_input_unit_norm_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match=r"input_unit_norm.*per-token"):
+        from_sparsify(FIXTURES / "saeuron_unit_norm" / "unet.up_blocks.1.attentions.1")
+
+
+def test_sparsify_groupmax_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "layers.3"
+    shutil.copytree(FIXTURES / "sparsify_topk" / "layers.3", folder)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    (folder / "cfg.json").write_text(json.dumps(cfg | {"activation": "groupmax"}))
+    with pytest.raises(ValueError, match="groupmax"):
+        from_sparsify(folder)
+
+
+def test_hook_is_user_given_inferred_or_a_clear_error(tmp_path: Path) -> None:
+    sae = from_saelens(FIXTURES / "saelens_topk", hook="visual.transformer.resblocks.1")
+    assert sae.cfg.hook == "visual.transformer.resblocks.1"
+    assert sae.cfg.extra["source_hook"] == "blocks.2.hook_resid_post"
+    assert from_sparsify(FIXTURES / "sparsify_topk", hookpoint="layers.3", hook="h.3").cfg.hook == "h.3"
+    bare = tmp_path / "bare"
+    shutil.copytree(FIXTURES / "saelens_topk", bare)
+    cfg = json.loads((bare / "cfg.json").read_text())
+    cfg["metadata"].pop("hook_name")
+    (bare / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"cfg\.json.*hook.*hook="):
+        from_saelens(bare)
+    assert from_saelens(bare, hook="blocks.0").cfg.hook == "blocks.0"
+
+
+def test_converted_sae_splices_into_an_encoder(tmp_path: Path) -> None:
+    """A SAELens SAE (layout of the golden files, at the tiny CLIP's width) records a TransformerLens hook
+    name, which no mmsae encoder has; with the module path given as hook= an Intervention accepts it."""
+    clip = get_encoder("clip:tiny")
+    folder = tmp_path / "lens"
+    shutil.copytree(FIXTURES / "saelens_topk", folder)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    (folder / "cfg.json").write_text(json.dumps(cfg | {"d_in": 32}))
+    gen = torch.Generator().manual_seed(0)
+    weights = {"W_enc": torch.randn(32, 64, generator=gen), "W_dec": torch.randn(64, 32, generator=gen)}
+    save_file(
+        weights | {"b_enc": torch.zeros(64), "b_dec": torch.zeros(32)}, folder / "sae_weights.safetensors"
+    )
+    pixels = torch.randn(2, 3, 32, 32)
+    with pytest.raises(KeyError, match=r"blocks\.2\.hook_resid_post"):  # the recorded name is no module
+        Intervention(clip, Splice(from_saelens(folder, encoder=clip.id), [Set(7, 10.0)]))
+    sae = from_saelens(folder, hook="visual.transformer.resblocks.0", encoder=clip.id)
+    with torch.no_grad():
+        bare = clip.encode_image(pixels)
+        with Intervention(clip, Splice(sae, [Set(7, 10.0)])):
+            steered = clip.encode_image(pixels)
+    assert steered.shape == bare.shape and not torch.allclose(bare, steered)
