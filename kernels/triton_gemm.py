@@ -139,7 +139,7 @@ def linear_group_maxima(x_BD: Tensor, W_ND: Tensor, b_N: Tensor, group: int) -> 
 
 def _stages(group: int) -> int:
     """Pipeline depth: 4 stages ran 3–12 % faster than 3 on H100, but with groups of 16 the
-    epilogue's layout-conversion scratch no longer fits next to them (1 KB over the 227 KB)."""
+    epilogue's layout-conversion scratch does not fit next to them (1 KB over the 227 KB)."""
     return 4 if group >= 32 else 3
 
 
