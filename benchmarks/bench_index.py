@@ -4,7 +4,7 @@ Data: N random-but-clustered unit vectors (Gaussian blobs around `--clusters` ra
 queries drawn from the same blobs. Ground truth is exact inner-product search (IndexFlatIP).
 Each index is built with `mmsae.index.ann.build_ann`, the code path `ConceptIndex` uses.
 
-    .venv/bin/python benchmarks/bench_index.py --n 1000000 --dim 512
+    python benchmarks/bench_index.py --n 1000000 --dim 512
 
 Prints a markdown table (paste into docs/benchmarks.md) and optionally writes JSON (`--json`).
 """

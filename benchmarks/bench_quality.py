@@ -5,9 +5,9 @@ SAE sees the same `--tokens` training tokens and is scored on `--eval-tokens` he
 dead %, MMCS, fraction of the true directions recovered at cos > 0.9). Prints a Markdown table and writes
 it (atomically) to `--out`.
 
-    python benchmarks/bench_quality.py --tokens 2000000 --out /tmp/quality.md
+    python benchmarks/bench_quality.py --tokens 2000000 --out quality.md
     python benchmarks/bench_quality.py --tokens 24000000 --n-latents 4096 --k 8 --only topk batchtopk sparsify
-    /tmp/benchvenv/bin/python benchmarks/bench_quality.py --only sparsify saelens   # peers (own venv)
+    peers/bin/python benchmarks/bench_quality.py --only sparsify saelens   # peers, in their own venv
 
 The peers are never project dependencies: install them in a separate venv that reuses this one's torch
 (`eai-sparsify`, `sae-lens`). A peer that is not importable is reported in the table, not skipped silently.

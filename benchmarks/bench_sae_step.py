@@ -9,7 +9,7 @@ CUDA step is one Triton pass per weight that also writes the 16-bit weight copie
 max allocated during the step; the ratio column takes the faster mmsae row. Times are per call of calls issued
 back to back, as in a training loop (`time_ms`).
 
-    python benchmarks/bench_sae_step.py                 # the four sizes of the issue
+    python benchmarks/bench_sae_step.py                 # the four benchmark sizes
     python benchmarks/bench_sae_step.py --sizes 0 --tune-select
 """
 
@@ -199,7 +199,7 @@ def bench_adam(s: Size, reps: int) -> dict[str, float]:
 
 
 def bench_select(s: Size, reps: int, tune: bool) -> dict[str, float]:
-    """torch.topk vs the group (v6), bound (v5) and bisection (v4) selects on bf16 pre-activations."""
+    """torch.topk vs the group, bound and bisection selects on bf16 pre-activations."""
     from mmsae.kernels.triton_select import GroupConfig, topk_select_into
 
     pre = torch.randn(s.B, s.n, device="cuda", dtype=torch.bfloat16)

@@ -4,7 +4,7 @@ pre = x·Wᵀ + b is written as cuBLAS writes it (fp32 accumulation, bias added 
 and while each output tile is still in registers the max key of every run of `group` contiguous
 columns goes to a [B, n / group] int16 array: the group select's first pass, which otherwise reads
 all of `pre` back from HBM (0.2–0.8 ms at the benchmark sizes). Persistent TMA kernel, one tile
-config measured on H100 (docs/kernels-notes.md, v10); `fused_gemm_applies` says where it runs.
+config measured on H100 (docs/kernels-notes.md); `fused_gemm_applies` says where it runs.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def _linear_group_max_kernel(
         # Rounding is monotone, so the max key of a group is the key of its rounded fp32 max: one fp32 max
         # per element instead of a key per element (the epilogue is ALU-bound). fp32 sums are never −0
         # (the accumulator starts at +0), so the −0 < +0 of the key order cannot be lost; NaNs are skipped
-        # by the max, which the select tolerates (kernels-notes v10).
+        # by the max, which the select tolerates.
         rows = pid_m * BM + tl.arange(0, BM)
         pre = tl.where(cols[None, :] < N, pre, float("-inf"))
         gmax = _ordered_key(tl.max(tl.reshape(pre, (BM, BN // GS, GS)), axis=2).to(out_desc.dtype))
@@ -138,8 +138,8 @@ def linear_group_maxima(x_BD: Tensor, W_ND: Tensor, b_N: Tensor, group: int) -> 
 
 
 def _stages(group: int) -> int:
-    """Pipeline depth: 4 stages ran 3–12 % faster than 3 on H100 (v10), but with groups of 16 the
-    epilogue's layout-conversion scratch no longer fits next to them (1 KB over the 227 KB)."""
+    """Pipeline depth: 4 stages ran 3–12 % faster than 3 on H100, but with groups of 16 the
+    epilogue's layout-conversion scratch does not fit next to them (1 KB over the 227 KB)."""
     return 4 if group >= 32 else 3
 
 

@@ -1,11 +1,12 @@
 """The decoder's forward fused with the normalised MSE and with its own backward's dot products.
 
 Training computes x̂ = Σ_j v[b, j] · W[idx[b, j]] + bias, then Σ(x − x̂)² / Σ(x − x̄)², then in backward the
-output gradient dy = s·(x̂ − x) (s = 2·g / Σ(x − x̄)²) and ⟨dy, W[idx[b, j]]⟩ for every code. The v10 chain
-read the k atoms of a row twice (the forward's gather-sum and the backward's gather-dot) and x̂ four more
-times (loss sums, gradient, its 16-bit copy and column sums). `decode_mse` reads each atom once: a column
-chunk of a row's atoms gives that chunk of x̂, of r = x̂ − x, and the chunk's share of every ⟨r, atom⟩, so the
-backward's dots are ready (up to the scalar s, known only in backward) when the forward ends.
+output gradient dy = s·(x̂ − x) (s = 2·g / Σ(x − x̄)²) and ⟨dy, W[idx[b, j]]⟩ for every code. Unfused,
+that chain reads the k atoms of a row twice (the forward's gather-sum and the backward's gather-dot) and x̂
+four more times (loss sums, gradient, its 16-bit copy and column sums). `decode_mse` reads each atom once:
+a column chunk of a row's atoms gives that chunk of x̂, of r = x̂ − x, and the chunk's share of every
+⟨r, atom⟩, so the backward's dots are ready (up to the scalar s, known only in backward) when
+the forward ends.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from mmsae.kernels.triton_sparse import check_codes
 
 TILE_ELEMENTS, MAX_BLOCK_D = 4096, 64
 """Atoms tile per warp (BLOCK_K × BLOCK_D ≤ TILE_ELEMENTS, BLOCK_D ≤ MAX_BLOCK_D). One warp per row with a
-[32, 64] or [64, 64] tile was the fastest on the H100 at the four benchmark sizes (kernels-notes v11): 234 /
+[32, 64] or [64, 64] tile was the fastest on the H100 at the four benchmark sizes: 234 /
 291 / 358 / 800 µs against 243 / 401 / 534 / 1301 µs for the gather-sum and gather-dot it replaces; more
 warps per row or wider tiles were slower (fewer rows in flight per SM)."""
 

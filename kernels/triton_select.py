@@ -12,7 +12,7 @@ The default "group" method never searches a whole row: one streaming pass (or th
 epilogue) writes the max of every run of 16–32 contiguous columns; the k-th largest maximum bounds
 the row's k-th largest from below, so exactly k groups hold the top k, and the bisection runs on the
 group maxima and then on those k groups' elements, each over the key range it can lie in.
-"bound" (v5) and "bisect" (v4) remain for large k (docs/kernels-notes.md).
+"bound" and "bisect" remain for k whose groups do not fit one program (docs/kernels-notes.md).
 """
 
 from __future__ import annotations
@@ -334,8 +334,8 @@ class GroupConfig:
 
 def group_config(n: int, k: int) -> GroupConfig:
     # ~64k groups per row, ≥ 16 columns (32 bytes: one sector per group read) and ≤ 4096 groups
-    # (step 1 stays in registers); the H100 sweeps' best at all four benchmark sizes (kernels-notes
-    # v6, v10: 2 warps up to 2048 groups, 4 beyond).
+    # (step 1 stays in registers); the H100 sweeps' best at all four benchmark sizes (2 warps up to 2048
+    # groups, 4 beyond).
     group = max(16, triton.next_power_of_2(triton.cdiv(n, 64 * k)))
     while triton.cdiv(n, group) > 4096:
         group *= 2
@@ -391,7 +391,7 @@ def group_select_fits(k: int, cfg: GroupConfig) -> bool:
 
 def select_config(n: int, k: int) -> tuple[int, int]:
     """(segment length, num_warps): one warp per 512 keys was fastest at all four benchmark sizes
-    on H100 (docs/kernels-notes.md, v3); segments grow only to keep seg ≥ 2k."""
+    on H100 (docs/kernels-notes.md); segments grow only to keep seg ≥ 2k."""
     seg = max(min(triton.next_power_of_2(n), 512), triton.next_power_of_2(2 * k))
     return seg, max(1, seg // 512)
 
@@ -439,9 +439,9 @@ def topk_select_into(
 ) -> None:
     """Write relu(top-k values) and their indices of each row of `pre_BN` (unsorted) into the outputs.
 
-    method "group" (v6/v10, default): maxima of contiguous column groups in one streaming pass, then
-    the exact select on the k groups that hold the top k; "bound" (v5): strided
-    group maxima and candidate compaction inside one program per row; "bisect" (v4): segmented
+    method "group" (default): maxima of contiguous column groups in one streaming pass, then
+    the exact select on the k groups that hold the top k; "bound": strided
+    group maxima and candidate compaction inside one program per row; "bisect": segmented
     bisection over the whole row, tuned by `seg` and `num_warps`.
     """
     if pre_BN.dtype not in SELECT_DTYPES:

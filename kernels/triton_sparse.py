@@ -257,8 +257,8 @@ def gather_sum_into(
     check_codes(w_BK, idx_BK)
     B, k = w_BK.shape
     d = table_ND.shape[1]
-    # H100 sweep (kernels-notes v6): 16-bit atoms want 512-column tiles (1 KB per gathered row) with
-    # 2 warps, 2.1–4.6× faster than their old 256-column default; 4-byte atoms keep 256 columns.
+    # H100 sweep: 16-bit atoms want 512-column tiles (1 KB per gathered row) with 2 warps, 2.1–4.6×
+    # faster than 256-column tiles; 4-byte atoms keep 256 columns.
     default_k, default_d, default_warps = (16, 512, 2) if table_ND.element_size() == 2 else (32, 256, 4)
     block_d = _block_d(d, block_d or default_d)
     grid = (B, triton.cdiv(d, block_d))
@@ -346,7 +346,7 @@ class LatentSort:
 SEGMENT_CHUNK = 256
 """Entries per work item of the segment matmul: a longer segment (a latent that fires on more than 256 of the
 batch's rows, as dense latents do in training) is split over several programs, and a second pass adds their
-partial sums: one program looping over thousands of rows while the others idle cost 3–4 ms (v12)."""
+partial sums: one program looping over thousands of rows while the others idle would cost 3–4 ms."""
 _PLAN_BLOCK = 1024
 
 

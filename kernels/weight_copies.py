@@ -1,7 +1,7 @@
 """16-bit copies of fp32 weights, written by the optimizer in the same pass that updates the weights.
 
 Under bf16 autocast every step casts W_enc and W_dec to 16 bits before the GEMM and the gathers: a read of
-4 bytes and a write of 2 per weight, 0.05 ms of a 1.9 ms step at benchmark size 1 (kernels-notes v12).
+4 bytes and a write of 2 per weight, 0.05 ms of a 1.8 ms step at benchmark size 1 (docs/kernels-notes.md).
 The optimizer (`mmsae.kernels.optim.Adam`) already reads and writes every weight; writing the 16-bit value
 there too costs 2 bytes per weight and no extra pass.
 

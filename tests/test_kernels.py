@@ -159,7 +159,7 @@ def test_linear_group_maxima_with_nan_pre_activations_still_selects_k_valid_late
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA; CPU twin: test_linear_group_maxima_matches_the_gemm_and_…")
 def test_fused_gemm_equals_cublas_at_a_benchmark_shape_gpu() -> None:
-    """Same fp32 accumulation, bias in fp32, one rounding: bit-identical to cuBLAS here (H100, v10)."""
+    """Same fp32 accumulation, bias in fp32, one rounding: bit-identical to cuBLAS here (H100)."""
     x_BD = torch.randn(2048, 768, device=DEVICE).bfloat16()
     W_ND = (torch.randn(16384, 768, device=DEVICE) / 768**0.5).bfloat16()
     b_N = (0.1 * torch.randn(16384, device=DEVICE)).bfloat16()
