@@ -269,7 +269,7 @@ def main() -> None:
     header = f"{'d':>5} {'n':>7} {'k':>3} {'B':>6} | " + " | ".join(
         f"{n:>18}" for n in [*args.impls, "GEMM floor"]
     )
-    print(header + " |  mmsae/sparsify  | select ms: torch.topk  v6 group  v5 bound  v4 bisect")
+    print(header + " |  mmsae/sparsify  | select ms: torch.topk  group  bound  bisect")
     for row in results:
         s = row["size"]
         cells = []

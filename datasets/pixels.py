@@ -1,8 +1,8 @@
 """Pixels cross from DataLoader workers to the device as uint8, and become floats there.
 
-Why: an encoder's torchvision pipeline ends in `ToTensor` + `Normalize`, so workers used to ship float32
-pixels, 602 KB per 224² image, through shared memory, the pin-memory thread and the host→device copy. On
-an H100 host the pinning alone capped a 12-worker loader at ~3.5k images/s (docs/benchmarks.md). Cut
+Why: an encoder's torchvision pipeline ends in `ToTensor` + `Normalize`, so shipping float32
+pixels moves 602 KB per 224² image through shared memory, the pin-memory thread and the host→device
+copy: on an H100 host the pinning alone capped a 12-worker loader at ~3.5k images/s (CHANGELOG.md). Cut
 before `ToTensor`, workers run the PIL steps (mode, resize, crop) and ship uint8 [3, H, W] (a quarter of
 the bytes); `ToTensor`'s scaling and `Normalize` run on the device, with the same fp32 operations in the
 same order, so the pixels are bit-identical to the whole pipeline on the host (checked when the hand-off

@@ -158,7 +158,7 @@ def _decode_table(values_BK: Tensor, W_dec: Tensor) -> Tensor:
     """The atoms the decoder gathers: W_dec, or its 16-bit copy under 16-bit codes when the optimizer keeps
     one, or when each atom is gathered often enough per step (B·k ≥ 4n) to repay one pass over W_dec."""
     if values_BK.element_size() == 2 < W_dec.element_size():
-        # 16-bit atoms gather at ~2× the rate of fp32 ones (512-column tiles, kernels-notes v6).
+        # 16-bit atoms gather at ~2× the rate of fp32 ones (512-column tiles, docs/kernels-notes.md).
         copy = weight_copies.current(W_dec, values_BK.dtype)
         if copy is not None:
             return copy
@@ -185,7 +185,7 @@ def _decode_backward(ctx, grad_out_BD: Tensor) -> tuple[Tensor | None, Tensor | 
     grad_out_BD = grad_out_BD.contiguous()
     grad_bias = None
     # With a bias the output is fp32 (16-bit codes + fp32 bias), and so is its gradient: the gathers read
-    # it in the codes' dtype, as they did the 16-bit output before the bias was fused in. One pass makes
+    # it in the codes' dtype, at half the bytes, as they read a 16-bit output. One pass makes
     # that copy and the bias gradient's column sums.
     wide = grad_out_BD.element_size() > values_BK.element_size()
     if ctx.needs_input_grad[3] or wide:
