@@ -20,18 +20,12 @@ from timm.models import split_model_name_tag
 from torch import Tensor, nn
 from torchvision import transforms as T
 
+from mmsae.datasets.photos import imagenet_class_names
 from mmsae.encoders.base import Encoder, TokenMode, default_select, rgb
 from mmsae.encoders.weights import WeightsUnavailableError, weights_error
 
 Step = tuple[str, Callable[[Tensor], Tensor]]
 VECTOR_HOOKS = ("global_pool", "classifier", "head")  # steps whose output is [B, D], not a map or tokens
-
-
-def imagenet_class_names() -> list[str]:
-    """The 1000 ImageNet-1k class names in index order (torchvision's weight metadata, no download)."""
-    from torchvision.models import MobileNet_V2_Weights
-
-    return list(MobileNet_V2_Weights.IMAGENET1K_V1.meta["categories"])
 
 
 class TimmEncoder(Encoder):
