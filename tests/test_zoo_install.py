@@ -144,3 +144,27 @@ def test_missing_photos_name_the_command(monkeypatch: pytest.MonkeyPatch, tmp_pa
         InteriorPhotos()
     with pytest.raises(ValueError, match="choose from"):
         FoolboxSamples("mnist-fashion")
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "reference evaluator"])
+def test_onnx_probe_reads_the_backbone_output(runtime: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The conversion check reads the final backbone LayerNorm's output, with onnxruntime or without it."""
+    import sys
+
+    from onnx import TensorProto, helper
+
+    from mmsae.zoo.convert import onnx_backbone_output, onnx_input_size
+
+    if runtime != "onnxruntime":
+        monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails → reference evaluator
+    x = helper.make_tensor_value_info("input_image", TensorProto.FLOAT, [1, 3, 4, 4])
+    y = helper.make_tensor_value_info("saliency", TensorProto.FLOAT, [1, 3, 4, 4])
+    nodes = [
+        helper.make_node("Mul", ["input_image", "two"], ["ln"], name="/backbone/layernorm/Mul"),
+        helper.make_node("Add", ["ln", "two"], ["saliency"], name="/decoder/Add"),
+    ]
+    two = helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])
+    graph = helper.make_model(helper.make_graph(nodes, "probe", [x], [y], [two]))
+    pixels = np.arange(48, dtype=np.float32).reshape(1, 3, 4, 4)
+    np.testing.assert_array_equal(onnx_backbone_output(graph, pixels), pixels * 2)
+    assert onnx_input_size(graph) == 4
