@@ -1,4 +1,5 @@
-"""Real photos with labels, read from the offline zoo (`mmsae zoo install`) — no download at run time.
+"""Real photos with labels, read from the offline zoo (`mmsae zoo install`) or from their pip-installed
+packages — no download at run time.
 
 - `FoolboxSamples`: foolbox's 20 ImageNet validation samples (class index in each file name), and its
   20 CIFAR-10 and 20 CIFAR-100 test samples.
@@ -90,10 +91,24 @@ class PhotoFiles(ExampleDataset):
         return f"{type(self).__name__}({self.name}, {len(self)} photos)"
 
 
-def _zoo_photos(name: str, zoo: str | Path | None) -> Path:
-    from mmsae.zoo import photo_dir
+# photo set → (importable package that ships it, its folder inside the package)
+PACKAGE_PHOTOS = {"foolbox": ("foolbox", "data"), "interior": ("interior_photos", "images")}
 
-    return photo_dir(name, Path(zoo) if zoo is not None else None)
+
+def _zoo_photos(name: str, zoo: str | Path | None) -> Path:
+    """The photo set's folder in the zoo; else in its pip-installed package (found without importing it)."""
+    import importlib.util
+
+    from mmsae.zoo import ZooError, photo_dir
+
+    try:
+        return photo_dir(name, Path(zoo) if zoo is not None else None)
+    except ZooError:
+        package, folder = PACKAGE_PHOTOS[name]
+        spec = importlib.util.find_spec(package) if zoo is None else None
+        if spec is None or spec.origin is None or not (Path(spec.origin).parent / folder).is_dir():
+            raise
+        return Path(spec.origin).parent / folder
 
 
 class FoolboxSamples(PhotoFiles):

@@ -135,9 +135,11 @@ def test_missing_zoo_errors_name_the_command(fake: tuple[Path, Path]) -> None:
 
 
 def test_missing_photos_name_the_command(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from mmsae.datasets import FoolboxSamples, InteriorPhotos
+    from mmsae.datasets import FoolboxSamples, InteriorPhotos, photos
 
     monkeypatch.setenv("MMSAE_ZOO", str(tmp_path))
+    for name in photos.PACKAGE_PHOTOS:  # as if the packages were not pip-installed either
+        monkeypatch.setitem(photos.PACKAGE_PHOTOS, name, (f"mmsae_absent_{name}", "data"))
     with pytest.raises(ZooError, match=r"foolbox photos are not installed.*mmsae zoo install"):
         FoolboxSamples()
     with pytest.raises(ZooError, match="interior photos are not installed"):
@@ -168,3 +170,19 @@ def test_onnx_probe_reads_the_backbone_output(runtime: str, monkeypatch: pytest.
     pixels = np.arange(48, dtype=np.float32).reshape(1, 3, 4, 4)
     np.testing.assert_array_equal(onnx_backbone_output(graph, pixels), pixels * 2)
     assert onnx_input_size(graph) == 4
+
+
+def test_photos_from_a_pip_installed_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Without the zoo, foolbox's samples are read from an installed `foolbox` package (never imported)."""
+    from mmsae.datasets import FoolboxSamples
+
+    data = tmp_path / "site" / "foolbox" / "data"
+    data.mkdir(parents=True)
+    (data.parent / "__init__.py").write_text("raise RuntimeError('must not be imported')\n")
+    for i, label in enumerate((285, 967)):
+        Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(data / f"imagenet_{i:02d}_{label}.jpg")
+    monkeypatch.setenv("MMSAE_ZOO", str(tmp_path / "no-zoo"))
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    samples = FoolboxSamples("imagenet")
+    assert samples.labels == [285, 967] and samples.label_name(0) == "Egyptian cat"
+    assert samples[1].image.size == (8, 8)
