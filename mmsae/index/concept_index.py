@@ -230,9 +230,11 @@ class ConceptIndex:
             )
             try:
                 pil.append(load_image(item))
-            except UnreadableImageError:
+            except UnreadableImageError as e:
                 if not self.cfg.skip_unreadable:
-                    raise
+                    raise UnreadableImageError(
+                        f"{e} Or build with IndexConfig(skip_unreadable=True) to leave it out."
+                    ) from e
                 self.skipped.append(label)
                 continue
             paths.append(label)
