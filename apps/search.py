@@ -19,10 +19,15 @@ from mmsae.apps.common import (
     AppSettings,
     FeatureCatalog,
     InputError,
+    banner,
+    check_number,
+    check_text,
     image_dirs,
     load_image,
+    shorten,
     thumbnail,
     upload_roots,
+    uploaded_image,
     user_errors,
 )
 from mmsae.index import ConceptIndex
@@ -60,21 +65,26 @@ class SearchHandlers:
         self, text: str, image: str | None, k: int, filter_mode: str, filter_text: str
     ) -> tuple[Gallery, list[int], str]:
         """Text or image query (an uploaded file) → (gallery, image ids, status line)."""
+        limits = self.settings.limits
         if filter_mode not in FILTERS:
-            raise InputError(f"Unknown filter {filter_mode!r}: use one of {', '.join(FILTERS)}.")
+            raise InputError(f"Unknown filter {shorten(filter_mode)}: use one of {', '.join(FILTERS)}.")
+        k = check_number(k, "Results", 1, limits.results, integer=True)
+        text = check_text(text, "The text query", limits.text_chars)
         features = self.catalog.resolve(filter_text or "") if filter_mode != "off" else []
         if filter_mode != "off" and not features:
             raise InputError(f"Filter '{filter_mode}' needs features: type feature numbers or concept words.")
         with_f, without_f = (features, []) if filter_mode == "with" else ([], features)
-        k = int(k)
-        with MODEL_LOCK:
-            if image:
-                query = load_image(image, self.upload_roots, self.settings.max_upload_mb)
-                hits, source = self.index.search_image(query, k, with_f, without_f), "the uploaded image"
-            elif text and text.strip():
-                hits, source = self.index.search_text(text.strip(), k, with_f, without_f), repr(text.strip())
-            else:
-                raise InputError("Type a text query or upload an image.")
+        if image:  # decoded before taking the model lock: a large upload does not hold the model
+            query = load_image(image, self.upload_roots, self.settings.max_upload_mb)
+            with MODEL_LOCK:
+                hits = self.index.search_image(query, k, with_f, without_f)
+            source = "the uploaded image"
+        elif text:
+            with MODEL_LOCK:
+                hits = self.index.search_text(text, k, with_f, without_f)
+            source = shorten(text)
+        else:
+            raise InputError("Type a text query or upload an image.")
         status = f"{len(hits)} images for {source}"
         if features:
             status += f", {filter_mode} " + ", ".join(self.catalog.label(f) for f in features)
@@ -84,13 +94,19 @@ class SearchHandlers:
         self, image_id: int, k: int = 10
     ) -> tuple[Image.Image, list[list[Any]], Gallery, list[int]]:
         """An indexed image → (its picture, feature table, heatmap gallery, feature ids)."""
-        image_id = int(image_id)
+        image_id = check_number(image_id, "Image id", -(2**62), 2**62, integer=True)
         if not 0 <= image_id < len(self.index):
             raise InputError(f"Image {image_id} is not in the index (ids 0..{len(self.index) - 1}).")
+        k = check_number(k, "Features", 1, self.settings.limits.results, integer=True)
         picture = self._image(image_id)
         with MODEL_LOCK:
-            feats = self.index.features_of(image_id, k=int(k))
-            heatmaps = self._heatmaps(image_id, picture, [f.feature for f in feats[: self.n_heatmaps]])
+            feats = self.index.features_of(image_id, k=k)
+            heat_maps = self._heat_maps(image_id, [f.feature for f in feats[: self.n_heatmaps]])
+        heatmaps = (
+            [overlay(picture, heat_HW) for heat_HW in heat_maps]
+            if heat_maps is not None
+            else [thumbnail(picture, 192) for _ in feats[: self.n_heatmaps]]
+        )
         table = [[f.feature, f.name, round(f.activation, 4), round(f.contribution, 4)] for f in feats]
         gallery = [
             (img, f"{self.catalog.label(f.feature)} ({f.contribution:.0%})")
@@ -98,17 +114,19 @@ class SearchHandlers:
         ]
         return thumbnail(picture, 384), table, gallery, [f.feature for f in feats[: len(gallery)]]
 
-    def _heatmaps(self, image_id: int, picture: Image.Image, features: list[int]) -> list[Image.Image]:
-        """Heatmap overlays; hooks without a patch grid (pooled embeddings) get the plain thumbnail."""
+    def _heat_maps(self, image_id: int, features: list[int]) -> list[np.ndarray] | None:
+        """[H, W] maps of `features` (under the model lock); None for hooks without a patch grid."""
         try:
-            return [overlay(picture, self.index.heatmap(image_id, f)) for f in features]
+            return [self.index.heatmap(image_id, f) for f in features]
         except ValueError:
-            return [thumbnail(picture, 192) for _ in features]
+            return None
 
     def feature_images(self, feature: Any, k: int) -> tuple[Gallery, list[int], str]:
         """A feature → (its top images, their ids, a title with its name candidates)."""
         f = self.catalog.parse(feature)
-        hits = self.index.images_of(f, int(k))
+        hits = self.index.images_of(
+            f, check_number(k, "Results", 1, self.settings.limits.results, integer=True)
+        )
         names = ", ".join(c.name for c in self.index.names[f]) or "unnamed"
         n_on = len(self.index.codes.images_with(f))
         title = f"Feature #{f}: {names}. Fires on {n_on} of {len(self.index)} images."
@@ -120,24 +138,34 @@ class SearchHandlers:
         return int(ids[evt.index])
 
 
+def describe_index(index: ConceptIndex) -> str:
+    """The page's subtitle: what the index holds, in words."""
+    meta = index.meta
+    embedder = "" if meta["embedder"] == meta["encoder"] else f"; search embeddings from `{meta['embedder']}`"
+    return (
+        f"{len(index):,} images, {index.sae.n_latents:,} SAE features on `{meta['encoder']}` "
+        f"at `{meta['hook']}`{embedder}."
+    )
+
+
 def build_search_app(index: ConceptIndex, settings: AppSettings | None = None) -> gr.Blocks:
     """The concept-search Blocks for a loaded index (with its encoder/embedder for new queries)."""
     settings = settings or AppSettings()
     h = SearchHandlers(index, settings)
     with gr.Blocks(title="mmsae concept search") as demo:
-        gr.Markdown(f"## Concept search\n{index!r}")
+        banner(settings)
+        gr.Markdown(f"## Concept search\n{describe_index(index)}", elem_id="search-subtitle")
         with gr.Row():
             with gr.Column(scale=2):
                 text = gr.Textbox(label="Text query", placeholder="a photo of a cat", elem_id="search-text")
-                image = gr.Image(
+                image = uploaded_image(
                     label="…or an image query",
-                    type="filepath",
                     sources=["upload", "clipboard"],
                     height=160,
                     elem_id="search-image",
                 )
             with gr.Column(scale=1):
-                k = gr.Slider(1, 64, value=12, step=1, label="Results")
+                k = gr.Slider(1, settings.limits.results, value=12, step=1, label="Results")
                 filter_mode = gr.Radio(list(FILTERS), value="off", label="Concept filter")
                 filter_text = gr.Textbox(label="Filter features (numbers or concept words, comma-separated)")
                 go = gr.Button("Search", variant="primary", elem_id="search-go")
@@ -198,4 +226,4 @@ def build_search_app(index: ConceptIndex, settings: AppSettings | None = None) -
     return demo
 
 
-__all__ = ["SearchHandlers", "build_search_app", "overlay"]
+__all__ = ["SearchHandlers", "build_search_app", "describe_index", "overlay"]
