@@ -163,7 +163,8 @@ def check_number(value: Any, field: str, low: float, high: float, integer: bool 
     except (TypeError, ValueError, OverflowError):
         raise InputError(f"{field} must be a number, got {shown}.") from None
     if not math.isfinite(number) or not low <= number <= high:
-        raise InputError(f"{field} must lie within {low:g}…{high:g}, got {shown}.")
+        bounds = f"{int(low)}…{int(high)}" if integer else f"{low:g}…{high:g}"
+        raise InputError(f"{field} must lie within {bounds}, got {shown}.")
     if integer:
         if number != int(number):
             raise InputError(f"{field} must be a whole number, got {shown}.")

@@ -169,8 +169,13 @@ def open_image(source: str | Path | Image.Image, max_pixels: int = MAX_IMAGE_PIX
         raise ImageReadError(
             name, "not an image file", f"Give an image ({', '.join(IMAGE_EXTENSIONS)})."
         ) from e
-    except Image.DecompressionBombError as e:
-        raise ImageReadError(name, f"too many pixels ({e})", "Downscale the image.") from e
+    except Image.DecompressionBombError as e:  # PIL's own limit, when set below `max_pixels`
+        raise ImageReadError(
+            name,
+            f"too many pixels: more than the limit of {min(max_pixels, 2 * (Image.MAX_IMAGE_PIXELS or 0)):,} "
+            "(a decompression bomb or a huge scan)",
+            "Downscale the image.",
+        ) from e
     except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data, unreadable file
         raise ImageReadError(name, f"cannot be decoded ({type(e).__name__}: {e})") from e
 
@@ -179,8 +184,8 @@ def _check_pixels(source: str, size: tuple[int, int], max_pixels: int) -> None:
     if size[0] * size[1] > max_pixels:
         raise ImageReadError(
             source,
-            f"{size[0]}×{size[1]} = {size[0] * size[1]:,} pixels, more than the limit of {max_pixels:,} "
-            "(a decompression bomb or a huge scan)",
+            f"too many pixels: {size[0]}×{size[1]} = {size[0] * size[1]:,}, more than the limit of "
+            f"{max_pixels:,} (a decompression bomb or a huge scan)",
             "Downscale the image.",
         )
 
