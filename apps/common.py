@@ -8,8 +8,14 @@ are opened through the project's one image path (`mmsae.datasets.images.open_ima
 
 from __future__ import annotations
 
+import atexit
 import functools
+import hashlib
+import io
 import math
+import os
+import shutil
+import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -243,6 +249,48 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             if len(message) > MAX_MESSAGE_CHARS:
                 message = message[:MAX_MESSAGE_CHARS] + f"… ({len(message):,} characters)"
             raise gr.Error(message) from e
+
+    return wrapper
+
+
+_output_dir: Path | None = None
+
+
+def image_file(image: Image.Image) -> str:
+    """`image` as a PNG file named by its content, written atomically, in this process's output folder.
+
+    Handlers' images reach Gradio as such files: Gradio would write a returned PIL image in place, under a
+    name of its own content hash, so two users receiving the same image at once could be served a file
+    that is being rewritten (a truncated response). A file path is copied atomically instead."""
+    global _output_dir
+    if _output_dir is None:
+        _output_dir = Path(tempfile.mkdtemp(prefix="mmsae-app-"))
+        atexit.register(shutil.rmtree, _output_dir, ignore_errors=True)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    data = buffer.getvalue()
+    path = _output_dir / f"{hashlib.sha256(data).hexdigest()[:32]}.png"
+    if not path.exists():
+        fd, staging = tempfile.mkstemp(dir=_output_dir, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(staging, path)
+    return str(path)
+
+
+def as_files(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a handler so the PIL images in its outputs (also inside lists and tuples) become `image_file`s."""
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, Image.Image):
+            return image_file(value)
+        if isinstance(value, (list, tuple)):
+            return type(value)(convert(v) for v in value)
+        return value
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return convert(fn(*args, **kwargs))
 
     return wrapper
 

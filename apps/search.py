@@ -19,6 +19,7 @@ from mmsae.apps.common import (
     AppSettings,
     FeatureCatalog,
     InputError,
+    as_files,
     banner,
     check_number,
     check_text,
@@ -196,14 +197,14 @@ def build_search_app(index: ConceptIndex, settings: AppSettings | None = None) -
         top_ids = gr.State([])
 
         search_event = dict(
-            fn=user_errors(h.search),
+            fn=user_errors(as_files(h.search)),
             inputs=[text, image, k, filter_mode, filter_text],
             outputs=[results, result_ids, status],
         )
         go.click(**search_event, api_name="search")
         text.submit(**search_event, api_name=False)
         show_features = dict(
-            fn=user_errors(h.image_features),
+            fn=user_errors(as_files(h.image_features)),
             inputs=[image_id],
             outputs=[picture, table, heatmaps, heatmap_ids],
         )
@@ -215,7 +216,7 @@ def build_search_app(index: ConceptIndex, settings: AppSettings | None = None) -
             **show_features, api_name=False
         )
         show_images = dict(
-            fn=user_errors(h.feature_images),
+            fn=user_errors(as_files(h.feature_images)),
             inputs=[feature, k],
             outputs=[top_images, top_ids, feature_title],
         )

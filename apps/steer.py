@@ -23,6 +23,7 @@ from mmsae.apps.common import (
     AppSettings,
     FeatureCatalog,
     InputError,
+    as_files,
     banner,
     check_number,
     check_text,
@@ -272,7 +273,7 @@ def build_steer_app(
                 before = gr.Image(label="Original", height=320, elem_id="steer-before")
                 after = gr.Image(label="Steered", height=320, elem_id="steer-after")
             run.click(
-                user_errors(h.steer_diffusion),
+                user_errors(as_files(h.steer_diffusion)),
                 [prompt, seed, steps, t_low, t_high, mask, *slots],
                 [before, after],
                 api_name="steer",

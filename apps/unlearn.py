@@ -21,6 +21,7 @@ from mmsae.apps.common import (
     AppSettings,
     FeatureCatalog,
     InputError,
+    as_files,
     banner,
     check_number,
     check_text,
@@ -187,7 +188,7 @@ def build_unlearn_app(
         )
         select.click(user_errors(h.select), [concept, percentile], [table, summary], api_name="select")
         generate.click(
-            user_errors(h.generate),
+            user_errors(as_files(h.generate)),
             [concept, prompt, percentile, multiplier, seed],
             [before, after, table, summary],
             api_name="generate",
