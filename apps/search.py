@@ -7,6 +7,8 @@ names a path; uploads are read only from Gradio's upload folder or the app's dat
 
 from __future__ import annotations
 
+import threading
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -24,6 +26,7 @@ from mmsae.apps.common import (
     check_number,
     check_text,
     image_dirs,
+    image_file,
     load_image,
     shorten,
     thumbnail,
@@ -34,7 +37,10 @@ from mmsae.apps.common import (
 from mmsae.index import ConceptIndex
 
 FILTERS = ("off", "with", "without")
-Gallery = list[tuple[Image.Image, str]]
+Gallery = list[tuple[Image.Image | str, str]]
+# Searches hold the model lock only for the query embedding; rendering runs beside other searches.
+SEARCH_CONCURRENCY = 4
+THUMBNAIL_CACHE = 4096  # gallery thumbnails kept as files (about 50 KB each); the oldest is dropped first
 
 
 def overlay(image: Image.Image, heat_HW: np.ndarray, size: int = 192, alpha: float = 0.55) -> Image.Image:
@@ -55,12 +61,25 @@ class SearchHandlers:
         # The index's own images are trusted (the server built it); uploads come from Gradio's folder.
         self.image_roots = [*settings.data_dirs, *image_dirs(index.paths)]
         self.upload_roots = upload_roots(settings)
+        self._thumbnails: dict[int, str] = {}
+        self._thumbnails_lock = threading.Lock()
 
     def _image(self, image_id: int) -> Image.Image:
         return load_image(self.index.paths[image_id], self.image_roots, self.settings.max_upload_mb)
 
+    def _thumbnail(self, image_id: int) -> str:
+        """The gallery thumbnail of an indexed image as a PNG file, rendered once per image."""
+        path = self._thumbnails.get(image_id)
+        if path is None or not Path(path).is_file():
+            path = image_file(thumbnail(self._image(image_id)))
+            with self._thumbnails_lock:  # searches run concurrently
+                if len(self._thumbnails) >= THUMBNAIL_CACHE:
+                    self._thumbnails.pop(next(iter(self._thumbnails)))
+                self._thumbnails[image_id] = path
+        return path
+
     def _gallery(self, hits: list[Any], what: str) -> Gallery:
-        return [(thumbnail(self._image(h.id)), f"{h.id}: {what} {h.score:.3f}") for h in hits]
+        return [(self._thumbnail(h.id), f"{h.id}: {what} {h.score:.3f}") for h in hits]
 
     def search(
         self, text: str, image: str | None, k: int, filter_mode: str, filter_text: str
@@ -201,7 +220,7 @@ def build_search_app(index: ConceptIndex, settings: AppSettings | None = None) -
             inputs=[text, image, k, filter_mode, filter_text],
             outputs=[results, result_ids, status],
         )
-        go.click(**search_event, api_name="search")
+        go.click(**search_event, api_name="search", concurrency_limit=SEARCH_CONCURRENCY)
         text.submit(**search_event, api_name=False)
         show_features = dict(
             fn=user_errors(as_files(h.image_features)),
