@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test lint clean browser
+.PHONY: demo test lint clean browser screenshots
 
 # The browser tests drive Debian's chromium headless; install it once if missing (root on CI machines).
 browser:
@@ -26,6 +26,11 @@ demo: $(STAMP)
 
 test: lint browser
 	$(BIN)/pytest -q --timeout=900
+
+# Regenerates the README's app screenshots (docs/screenshots/) by running the browser test; `make test`
+# writes its screenshots to a temporary folder instead.
+screenshots: $(STAMP) browser
+	MMSAE_SCREENSHOTS_DIR=docs/screenshots $(BIN)/pytest -q tests/test_apps_browser.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -8,7 +8,6 @@ mmsae app unlearn --sae runs/unet_sae --model unet:CompVis/stable-diffusion-v1-4
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -51,16 +50,22 @@ def build_app(args: argparse.Namespace):  # -> gr.Blocks (gradio imported lazily
     for d in args.data_dir:
         if not d.is_dir():
             raise FileNotFoundError(f"--data-dir {d} is not a directory.")
-    settings = AppSettings(host=args.host, port=args.port, data_dirs=[d.resolve() for d in args.data_dir])
+    settings = AppSettings(
+        host=args.host,
+        port=args.port,
+        data_dirs=[d.resolve() for d in args.data_dir],
+        random_weights=args.random_init,
+    )
     sae = load_sae(args.sae, device=args.device)
     index = None
     if args.index is not None:
         from mmsae.index import ConceptIndex
+        from mmsae.index.files import read_meta
 
         meta_path = args.index / "meta.json"
         if not meta_path.is_file():
             raise FileNotFoundError(f"No concept index at {args.index}: build one with `mmsae index build`.")
-        meta = json.loads(meta_path.read_text())
+        meta = read_meta(args.index)
         spec = args.model or meta["encoder"]
         encoder = get_encoder(spec, pretrained=not args.random_init, device=args.device)
         embedder = (

@@ -7,6 +7,8 @@ names a path; uploads are read only from Gradio's upload folder or the app's dat
 
 from __future__ import annotations
 
+import threading
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -19,16 +21,26 @@ from mmsae.apps.common import (
     AppSettings,
     FeatureCatalog,
     InputError,
+    as_files,
+    banner,
+    check_number,
+    check_text,
     image_dirs,
+    image_file,
     load_image,
+    shorten,
     thumbnail,
     upload_roots,
+    uploaded_image,
     user_errors,
 )
 from mmsae.index import ConceptIndex
 
 FILTERS = ("off", "with", "without")
-Gallery = list[tuple[Image.Image, str]]
+Gallery = list[tuple[Image.Image | str, str]]
+# Searches hold the model lock only for the query embedding; rendering runs beside other searches.
+SEARCH_CONCURRENCY = 4
+THUMBNAIL_CACHE = 4096  # gallery thumbnails kept as files (about 50 KB each); the oldest is dropped first
 
 
 def overlay(image: Image.Image, heat_HW: np.ndarray, size: int = 192, alpha: float = 0.55) -> Image.Image:
@@ -49,32 +61,50 @@ class SearchHandlers:
         # The index's own images are trusted (the server built it); uploads come from Gradio's folder.
         self.image_roots = [*settings.data_dirs, *image_dirs(index.paths)]
         self.upload_roots = upload_roots(settings)
+        self._thumbnails: dict[int, str] = {}
+        self._thumbnails_lock = threading.Lock()
 
     def _image(self, image_id: int) -> Image.Image:
         return load_image(self.index.paths[image_id], self.image_roots, self.settings.max_upload_mb)
 
+    def _thumbnail(self, image_id: int) -> str:
+        """The gallery thumbnail of an indexed image as a PNG file, rendered once per image."""
+        path = self._thumbnails.get(image_id)
+        if path is None or not Path(path).is_file():
+            path = image_file(thumbnail(self._image(image_id)))
+            with self._thumbnails_lock:  # searches run concurrently
+                if len(self._thumbnails) >= THUMBNAIL_CACHE:
+                    self._thumbnails.pop(next(iter(self._thumbnails)))
+                self._thumbnails[image_id] = path
+        return path
+
     def _gallery(self, hits: list[Any], what: str) -> Gallery:
-        return [(thumbnail(self._image(h.id)), f"{h.id}: {what} {h.score:.3f}") for h in hits]
+        return [(self._thumbnail(h.id), f"{h.id}: {what} {h.score:.3f}") for h in hits]
 
     def search(
         self, text: str, image: str | None, k: int, filter_mode: str, filter_text: str
     ) -> tuple[Gallery, list[int], str]:
         """Text or image query (an uploaded file) → (gallery, image ids, status line)."""
+        limits = self.settings.limits
         if filter_mode not in FILTERS:
-            raise InputError(f"Unknown filter {filter_mode!r}: use one of {', '.join(FILTERS)}.")
+            raise InputError(f"Unknown filter {shorten(filter_mode)}: use one of {', '.join(FILTERS)}.")
+        k = check_number(k, "Results", 1, limits.results, integer=True)
+        text = check_text(text, "The text query", limits.text_chars)
         features = self.catalog.resolve(filter_text or "") if filter_mode != "off" else []
         if filter_mode != "off" and not features:
             raise InputError(f"Filter '{filter_mode}' needs features: type feature numbers or concept words.")
         with_f, without_f = (features, []) if filter_mode == "with" else ([], features)
-        k = int(k)
-        with MODEL_LOCK:
-            if image:
-                query = load_image(image, self.upload_roots, self.settings.max_upload_mb)
-                hits, source = self.index.search_image(query, k, with_f, without_f), "the uploaded image"
-            elif text and text.strip():
-                hits, source = self.index.search_text(text.strip(), k, with_f, without_f), repr(text.strip())
-            else:
-                raise InputError("Type a text query or upload an image.")
+        if image:  # decoded before taking the model lock: a large upload does not hold the model
+            query = load_image(image, self.upload_roots, self.settings.max_upload_mb)
+            with MODEL_LOCK:
+                hits = self.index.search_image(query, k, with_f, without_f)
+            source = "the uploaded image"
+        elif text:
+            with MODEL_LOCK:
+                hits = self.index.search_text(text, k, with_f, without_f)
+            source = shorten(text)
+        else:
+            raise InputError("Type a text query or upload an image.")
         status = f"{len(hits)} images for {source}"
         if features:
             status += f", {filter_mode} " + ", ".join(self.catalog.label(f) for f in features)
@@ -84,13 +114,19 @@ class SearchHandlers:
         self, image_id: int, k: int = 10
     ) -> tuple[Image.Image, list[list[Any]], Gallery, list[int]]:
         """An indexed image → (its picture, feature table, heatmap gallery, feature ids)."""
-        image_id = int(image_id)
+        image_id = check_number(image_id, "Image id", -(2**62), 2**62, integer=True)
         if not 0 <= image_id < len(self.index):
             raise InputError(f"Image {image_id} is not in the index (ids 0..{len(self.index) - 1}).")
+        k = check_number(k, "Features", 1, self.settings.limits.results, integer=True)
         picture = self._image(image_id)
         with MODEL_LOCK:
-            feats = self.index.features_of(image_id, k=int(k))
-            heatmaps = self._heatmaps(image_id, picture, [f.feature for f in feats[: self.n_heatmaps]])
+            feats = self.index.features_of(image_id, k=k)
+            heat_maps = self._heat_maps(image_id, [f.feature for f in feats[: self.n_heatmaps]])
+        heatmaps = (
+            [overlay(picture, heat_HW) for heat_HW in heat_maps]
+            if heat_maps is not None
+            else [thumbnail(picture, 192) for _ in feats[: self.n_heatmaps]]
+        )
         table = [[f.feature, f.name, round(f.activation, 4), round(f.contribution, 4)] for f in feats]
         gallery = [
             (img, f"{self.catalog.label(f.feature)} ({f.contribution:.0%})")
@@ -98,17 +134,19 @@ class SearchHandlers:
         ]
         return thumbnail(picture, 384), table, gallery, [f.feature for f in feats[: len(gallery)]]
 
-    def _heatmaps(self, image_id: int, picture: Image.Image, features: list[int]) -> list[Image.Image]:
-        """Heatmap overlays; hooks without a patch grid (pooled embeddings) get the plain thumbnail."""
+    def _heat_maps(self, image_id: int, features: list[int]) -> list[np.ndarray] | None:
+        """[H, W] maps of `features` (under the model lock); None for hooks without a patch grid."""
         try:
-            return [overlay(picture, self.index.heatmap(image_id, f)) for f in features]
+            return [self.index.heatmap(image_id, f) for f in features]
         except ValueError:
-            return [thumbnail(picture, 192) for _ in features]
+            return None
 
     def feature_images(self, feature: Any, k: int) -> tuple[Gallery, list[int], str]:
         """A feature → (its top images, their ids, a title with its name candidates)."""
         f = self.catalog.parse(feature)
-        hits = self.index.images_of(f, int(k))
+        hits = self.index.images_of(
+            f, check_number(k, "Results", 1, self.settings.limits.results, integer=True)
+        )
         names = ", ".join(c.name for c in self.index.names[f]) or "unnamed"
         n_on = len(self.index.codes.images_with(f))
         title = f"Feature #{f}: {names}. Fires on {n_on} of {len(self.index)} images."
@@ -120,24 +158,34 @@ class SearchHandlers:
         return int(ids[evt.index])
 
 
+def describe_index(index: ConceptIndex) -> str:
+    """The page's subtitle: what the index holds, in words."""
+    meta = index.meta
+    embedder = "" if meta["embedder"] == meta["encoder"] else f"; search embeddings from `{meta['embedder']}`"
+    return (
+        f"{len(index):,} images, {index.sae.n_latents:,} SAE features on `{meta['encoder']}` "
+        f"at `{meta['hook']}`{embedder}."
+    )
+
+
 def build_search_app(index: ConceptIndex, settings: AppSettings | None = None) -> gr.Blocks:
     """The concept-search Blocks for a loaded index (with its encoder/embedder for new queries)."""
     settings = settings or AppSettings()
     h = SearchHandlers(index, settings)
     with gr.Blocks(title="mmsae concept search") as demo:
-        gr.Markdown(f"## Concept search\n{index!r}")
+        banner(settings)
+        gr.Markdown(f"## Concept search\n{describe_index(index)}", elem_id="search-subtitle")
         with gr.Row():
             with gr.Column(scale=2):
                 text = gr.Textbox(label="Text query", placeholder="a photo of a cat", elem_id="search-text")
-                image = gr.Image(
+                image = uploaded_image(
                     label="…or an image query",
-                    type="filepath",
                     sources=["upload", "clipboard"],
                     height=160,
                     elem_id="search-image",
                 )
             with gr.Column(scale=1):
-                k = gr.Slider(1, 64, value=12, step=1, label="Results")
+                k = gr.Slider(1, settings.limits.results, value=12, step=1, label="Results")
                 filter_mode = gr.Radio(list(FILTERS), value="off", label="Concept filter")
                 filter_text = gr.Textbox(label="Filter features (numbers or concept words, comma-separated)")
                 go = gr.Button("Search", variant="primary", elem_id="search-go")
@@ -168,14 +216,14 @@ def build_search_app(index: ConceptIndex, settings: AppSettings | None = None) -
         top_ids = gr.State([])
 
         search_event = dict(
-            fn=user_errors(h.search),
+            fn=user_errors(as_files(h.search)),
             inputs=[text, image, k, filter_mode, filter_text],
             outputs=[results, result_ids, status],
         )
-        go.click(**search_event, api_name="search")
+        go.click(**search_event, api_name="search", concurrency_limit=SEARCH_CONCURRENCY)
         text.submit(**search_event, api_name=False)
         show_features = dict(
-            fn=user_errors(h.image_features),
+            fn=user_errors(as_files(h.image_features)),
             inputs=[image_id],
             outputs=[picture, table, heatmaps, heatmap_ids],
         )
@@ -187,7 +235,7 @@ def build_search_app(index: ConceptIndex, settings: AppSettings | None = None) -
             **show_features, api_name=False
         )
         show_images = dict(
-            fn=user_errors(h.feature_images),
+            fn=user_errors(as_files(h.feature_images)),
             inputs=[feature, k],
             outputs=[top_images, top_ids, feature_title],
         )
@@ -198,4 +246,4 @@ def build_search_app(index: ConceptIndex, settings: AppSettings | None = None) -
     return demo
 
 
-__all__ = ["SearchHandlers", "build_search_app", "overlay"]
+__all__ = ["SearchHandlers", "build_search_app", "describe_index", "overlay"]

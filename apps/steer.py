@@ -23,10 +23,17 @@ from mmsae.apps.common import (
     AppSettings,
     FeatureCatalog,
     InputError,
+    as_files,
+    banner,
+    check_number,
+    check_text,
     for_display,
     load_image,
+    shorten,
     upload_roots,
+    uploaded_image,
     user_errors,
+    words,
 )
 from mmsae.datasets.images import PromptList
 from mmsae.encoders.base import Encoder
@@ -80,20 +87,28 @@ class SteerHandlers:
         return [str(p) for d in self.settings.data_dirs for p in list_images(d)][:CALIBRATION_IMAGES]
 
     def max_acts(self) -> Tensor:
-        """Per-feature maximum activation over the calibration set (the unit of the strength sliders)."""
-        if self._max_acts is None:
-            if not self.calibration:
-                raise InputError(
-                    "Strengths are multiples of each feature's maximum activation, measured on "
-                    "images: start the app with --data-dir <folder of images> (or --index)."
-                )
-            if self.is_diffusion:
-                batches: list[Any] = [self.calibration]
-            else:
-                pils = [load_image(p, self.settings.data_dirs) for p in self.calibration]
-                batches = [self._batch(pils[i : i + 16]) for i in range(0, len(pils), 16)]
-            self._max_acts = max_activations(self.encoder, self.sae, batches).cpu()
+        """Per-feature maximum activation over the calibration set (the unit of the strength sliders).
+
+        Measured once, under the model lock; call it before taking the lock, never while holding it."""
+        if self._max_acts is not None:
+            return self._max_acts
+        pils = [] if self.is_diffusion else [load_image(p, self.settings.data_dirs) for p in self.calibration]
+        with MODEL_LOCK:
+            if self._max_acts is None:
+                self._max_acts = self._measure(pils)
         return self._max_acts
+
+    def _measure(self, pils: list[Image.Image]) -> Tensor:
+        if not self.calibration:
+            raise InputError(
+                "Strengths are multiples of each feature's maximum activation, measured on "
+                "images: start the app with --data-dir <folder of images> (or --index)."
+            )
+        if self.is_diffusion:
+            batches: list[Any] = [self.calibration]
+        else:
+            batches = [self._batch(pils[i : i + 16]) for i in range(0, len(pils), 16)]
+        return max_activations(self.encoder, self.sae, batches).cpu()
 
     def _batch(self, pils: list[Image.Image]) -> Any:
         if self.encoder.family == "llava":
@@ -104,19 +119,20 @@ class SteerHandlers:
         """Name search → new choices for every feature dropdown."""
         choices = self.catalog.choices(self.catalog.find(query or ""))
         if not choices:
-            raise InputError(f"No feature matches {query!r}.")
+            raise InputError(f"No feature matches {shorten(query)}.")
         return tuple(gr.update(choices=choices) for _ in range(N_SLOTS))
 
     def edits(self, slots: Sequence[Any]) -> list[Edit]:
         """(feature, strength) pairs from the slots → edits; empty feature slots are ignored."""
+        if len(slots) > 2 * N_SLOTS:
+            raise InputError(f"At most {N_SLOTS} features are steered at once.")
         pairs = [
-            (self.catalog.parse(f), float(s)) for f, s in zip(slots[::2], slots[1::2]) if f not in (None, "")
+            (self.catalog.parse(f), check_number(s, f"Strength {i + 1}", -MAX_STRENGTH, MAX_STRENGTH))
+            for i, (f, s) in enumerate(zip(slots[::2], slots[1::2]))
+            if f not in (None, "")
         ]
         if not pairs:
             raise InputError("Pick at least one feature to steer (search features by name above).")
-        for _, s in pairs:
-            if abs(s) > MAX_STRENGTH:
-                raise InputError(f"Strength {s} is outside −{MAX_STRENGTH:g}…{MAX_STRENGTH:g}.")
         max_acts = self.max_acts()
         dead = [f for f, _ in pairs if max_acts[f] <= 0]
         if dead:
@@ -132,16 +148,15 @@ class SteerHandlers:
         self, image: Any, labels: str, *slots: Any
     ) -> tuple[dict[str, float], dict[str, float], str]:
         """CLIP/timm: (labels before, labels after, summary)."""
-        pil = load_image(image, self.upload_roots, self.settings.max_upload_mb)
-        edits = self.edits(slots)
-        names = [w.strip() for w in (labels or "").split(",") if w.strip()]
         clip = hasattr(self.encoder, "encode_text")
+        limits = self.settings.limits
+        names = words(labels, "Zero-shot labels", limits.labels, limits.word_chars) if clip else []
         if clip and len(names) < 2:
             raise InputError("Give at least two comma-separated labels for CLIP's zero-shot classification.")
+        pil = load_image(image, self.upload_roots, self.settings.max_upload_mb)
+        edits, max_acts = self.edits(slots), self.max_acts()
         with MODEL_LOCK:
-            r = steer_image(
-                self.encoder, self.sae, [pil], edits, labels=names if clip else None, max_acts=self.max_acts()
-            )
+            r = steer_image(self.encoder, self.sae, [pil], edits, labels=names or None, max_acts=max_acts)
         if clip:
             before = dict(zip(names, r.probs_before_BL[0].tolist()))
             after = dict(zip(names, r.probs_after_BL[0].tolist()))
@@ -152,36 +167,33 @@ class SteerHandlers:
 
     def steer_llava(self, image: Any, prompt: str, max_new_tokens: int, *slots: Any) -> tuple[str, str]:
         """LLaVA: (answer before, answer after) from greedy generation."""
+        limits = self.settings.limits
+        prompt = check_text(
+            prompt, "The prompt", limits.text_chars, "Type a prompt for LLaVA, e.g. 'Describe the image.'"
+        )
+        n_new = check_number(max_new_tokens, "Max new tokens", 1, limits.new_tokens, integer=True)
         pil = load_image(image, self.upload_roots, self.settings.max_upload_mb)
-        if not (prompt or "").strip():
-            raise InputError("Type a prompt for LLaVA, e.g. 'Describe the image.'")
-        edits = self.edits(slots)
+        edits, max_acts = self.edits(slots), self.max_acts()
         with MODEL_LOCK:
-            r = steer_llava(
-                self.encoder,
-                self.sae,
-                [pil],
-                prompt.strip(),
-                edits,
-                int(max_new_tokens),
-                max_acts=self.max_acts(),
-            )
+            r = steer_llava(self.encoder, self.sae, [pil], prompt, edits, n_new, max_acts=max_acts)
         return r.before[0], r.after[0]
 
     def steer_diffusion(
         self, prompt: str, seed: int, steps: int, t_low: int, t_high: int, mask: Any, *slots: Any
     ) -> tuple[Image.Image, Image.Image]:
         """Diffusion: (sample without, sample with steering), same seed."""
-        if not (prompt or "").strip():
-            raise InputError("Type a prompt to generate from.")
-        edits = self.edits(slots)
+        limits = self.settings.limits
+        prompt = check_text(prompt, "The prompt", limits.text_chars, "Type a prompt to generate from.")
+        seed = check_number(seed, "Seed", 0, limits.seed, integer=True)
+        steps = check_number(steps, "Steps", 1, limits.steps, integer=True)
         n = schedule_length(self.encoder) or 1000
-        window = None if (int(t_low), int(t_high)) == (0, n - 1) else (int(t_low), int(t_high))
+        low = check_number(t_low, "Timestep window: from", 0, n - 1, integer=True)
+        high = check_number(t_high, "Timestep window: to", low, n - 1, integer=True)
+        edits = self.edits(slots)
+        window = None if (low, high) == (0, n - 1) else (low, high)
         splice = Splice(self.sae, edits, spatial_mask=mask_from_editor(mask), timesteps=window)
         with MODEL_LOCK:
-            r = steer_diffusion(
-                self.encoder, splice, [prompt.strip()], seed=int(seed), num_inference_steps=int(steps)
-            )
+            r = steer_diffusion(self.encoder, splice, [prompt], seed=seed, num_inference_steps=steps)
         return for_display(r.before[0]), for_display(r.after[0])
 
 
@@ -205,6 +217,7 @@ def build_steer_app(
     h = SteerHandlers(encoder, sae, settings, catalog, max_acts, calibration)
     first = h.catalog.choices(h.catalog.find(""))
     with gr.Blocks(title="mmsae steering") as demo:
+        banner(settings)
         gr.Markdown(
             f"## Steering {encoder.id} at `{sae.cfg.hook}` ({sae.cfg.n_latents} features)\n"
             "Strength = multiple of the feature's maximum activation (−10…10)."
@@ -238,7 +251,11 @@ def build_steer_app(
                     with gr.Row():
                         seed = gr.Number(0, precision=0, label="Seed")
                         steps = gr.Slider(
-                            1, 100, value=encoder.sampling.num_inference_steps, step=1, label="Steps"
+                            1,
+                            settings.limits.steps,
+                            value=encoder.sampling.num_inference_steps,
+                            step=1,
+                            label="Steps",
                         )
                     t_low = gr.Slider(0, n - 1, value=0, step=1, label="Timestep window: from")
                     t_high = gr.Slider(0, n - 1, value=n - 1, step=1, label="Timestep window: to")
@@ -256,7 +273,7 @@ def build_steer_app(
                 before = gr.Image(label="Original", height=320, elem_id="steer-before")
                 after = gr.Image(label="Steered", height=320, elem_id="steer-after")
             run.click(
-                user_errors(h.steer_diffusion),
+                user_errors(as_files(h.steer_diffusion)),
                 [prompt, seed, steps, t_low, t_high, mask, *slots],
                 [before, after],
                 api_name="steer",
@@ -264,9 +281,8 @@ def build_steer_app(
             return demo
         with gr.Row():
             with gr.Column():
-                image = gr.Image(
+                image = uploaded_image(
                     label="Image",
-                    type="filepath",
                     sources=["upload", "clipboard"],
                     height=220,
                     elem_id="steer-image",
@@ -275,7 +291,9 @@ def build_steer_app(
                     gr.Examples([[p] for p in h.calibration[:8]], [image], label="…or pick one")
                 if encoder.family == "llava":
                     prompt = gr.Textbox(label="Prompt", value="Describe the image.", elem_id="steer-prompt")
-                    max_new = gr.Slider(1, 128, value=20, step=1, label="Max new tokens")
+                    max_new = gr.Slider(
+                        1, settings.limits.new_tokens, value=20, step=1, label="Max new tokens"
+                    )
                 else:
                     labels = gr.Textbox(
                         label="Zero-shot labels (CLIP)",

@@ -8,7 +8,9 @@ suppressed, next to a bare sample from the same seed.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import gradio as gr
 from PIL import Image
@@ -19,6 +21,10 @@ from mmsae.apps.common import (
     AppSettings,
     FeatureCatalog,
     InputError,
+    as_files,
+    banner,
+    check_number,
+    check_text,
     for_display,
     user_errors,
 )
@@ -29,6 +35,8 @@ from mmsae.sae import SAE
 
 CONCEPT_TEMPLATES = ("{}", "a photo of a {}", "a painting of a {}", "a {} in a city street")
 MAX_CONCEPT_CHARS = 60
+MAX_MULTIPLIER = 100.0
+CACHED_SELECTIONS = 16  # each holds per-timestep feature lists; the oldest is dropped beyond this
 
 
 @dataclass
@@ -57,22 +65,27 @@ class UnlearnHandlers:
         self.cfg = cfg or UnlearnAppConfig()
         self.steps = self.cfg.steps or encoder.sampling.num_inference_steps
         self.other_prompts = PromptList.bundled("demo").prompts
-        self._selections: dict[tuple[str, float], UnlearnSelection] = {}
+        self._selections: OrderedDict[tuple[str, float], UnlearnSelection] = OrderedDict()
 
-    def sampling(self, seed: int = 0) -> SampleConfig:
-        return SampleConfig(self.steps, self.cfg.guidance_scale, int(seed))
+    def sampling(self, seed: Any = 0) -> SampleConfig:
+        return SampleConfig(
+            self.steps,
+            self.cfg.guidance_scale,
+            check_number(seed, "Seed", 0, self.settings.limits.seed, True),
+        )
 
     def selection(self, concept: str, percentile: float) -> UnlearnSelection:
         """The concept's features at `percentile`, selected once per (concept, percentile)."""
-        concept = concept.strip().lower()
-        if not concept:
-            raise InputError("Type a concept to unlearn, e.g. 'cat'.")
-        if len(concept) > MAX_CONCEPT_CHARS:
-            raise InputError(f"The concept is longer than {MAX_CONCEPT_CHARS} characters: use a word or two.")
+        concept = check_text(
+            concept, "The concept", MAX_CONCEPT_CHARS, "Type a concept to unlearn, e.g. 'cat'."
+        ).lower()
+        percentile = check_number(percentile, "Percentile", 0, 100)
         if not 0 < percentile < 100:
-            raise InputError(f"Percentile {percentile} must lie strictly between 0 and 100.")
-        key = (concept, float(percentile))
-        if key not in self._selections:
+            raise InputError(f"Percentile {percentile:g} must lie strictly between 0 and 100.")
+        key = (concept, percentile)
+        if key in self._selections:
+            self._selections.move_to_end(key)
+        else:
             others = [p for p in self.other_prompts if concept not in p.lower()][: self.cfg.n_other_prompts]
             with MODEL_LOCK:
                 self._selections[key] = select_features(
@@ -83,11 +96,14 @@ class UnlearnHandlers:
                     float(percentile),
                     sampling=self.sampling(),
                 )
+            while len(self._selections) > CACHED_SELECTIONS:
+                self._selections.popitem(last=False)
         return self._selections[key]
 
     def describe(self, concept: str, percentile: float) -> tuple[list[list[str]], str]:
         """(rows 'timestep | features', summary) of the concept's selected features."""
         chosen = self.selection(concept, percentile).concepts[concept.strip().lower()]
+        percentile = float(percentile)
         rows = [
             [str(t), ", ".join(self.catalog.label(f) for f in fs) or "–"]
             for t, fs in sorted(chosen.latents.items(), reverse=True)
@@ -113,22 +129,24 @@ class UnlearnHandlers:
         progress: gr.Progress = TRACK_TQDM,
     ) -> tuple[Image.Image, Image.Image, list[list[str]], str]:
         """(sample without, sample with unlearning, feature table, summary), both from `seed`."""
-        if not (prompt or "").strip():
-            raise InputError("Type a prompt to generate from.")
+        prompt = check_text(
+            prompt, "The prompt", self.settings.limits.text_chars, "Type a prompt to generate from."
+        )
+        multiplier = check_number(multiplier, "Multiplier", -MAX_MULTIPLIER, MAX_MULTIPLIER)
         if multiplier >= 0:
-            raise InputError(f"Multiplier {multiplier} must be negative (SAeUron uses −1 … −30).")
+            raise InputError(f"Multiplier {multiplier:g} must be negative (SAeUron uses −1 … −30).")
+        sampling = self.sampling(seed)
         selection = self.selection(concept, percentile)
         rows, summary = self.describe(concept, percentile)
-        unlearner = Unlearner(self.encoder, self.sae, selection, [concept.strip().lower()], float(multiplier))
-        sampling = self.sampling(seed)
+        unlearner = Unlearner(self.encoder, self.sae, selection, [concept.strip().lower()], multiplier)
         with MODEL_LOCK:
             before = self.encoder.sample(
-                [prompt.strip()],
+                [prompt],
                 num_inference_steps=sampling.num_inference_steps,
                 guidance_scale=sampling.guidance_scale,
                 seed=sampling.seed,
             )
-            after = unlearner.generate([prompt.strip()], sampling)
+            after = unlearner.generate([prompt], sampling)
         return for_display(before[0]), for_display(after[0]), rows, summary
 
 
@@ -142,6 +160,7 @@ def build_unlearn_app(
     settings = settings or AppSettings()
     h = UnlearnHandlers(encoder, sae, settings, catalog, cfg)
     with gr.Blocks(title="mmsae concept unlearning") as demo:
+        banner(settings)
         gr.Markdown(
             f"## Concept unlearning on {encoder.id} at `{sae.cfg.hook}`\n"
             "Features are selected per timestep (SAeUron); where one fires above its mean it is "
@@ -169,7 +188,7 @@ def build_unlearn_app(
         )
         select.click(user_errors(h.select), [concept, percentile], [table, summary], api_name="select")
         generate.click(
-            user_errors(h.generate),
+            user_errors(as_files(h.generate)),
             [concept, prompt, percentile, multiplier, seed],
             [before, after, table, summary],
             api_name="generate",

@@ -18,8 +18,6 @@ from torch import Tensor, nn
 
 TokenMode = Literal["all", "cls", "patch", "registers", "pooled", "mean"] | int
 TOKEN_MODES = ("all", "cls", "patch", "registers", "pooled", "mean")
-# PIL modes that convert to RGB without losing meaning; 16-bit / float modes ("I", "F", "I;16") would clip.
-RGB_CONVERTIBLE_MODES = ("RGB", "RGBA", "L", "LA", "P", "PA", "1", "CMYK", "YCbCr", "RGBX")
 
 Capture = tuple[Tensor, dict[str, Tensor]]  # tokens [B, T, D] and per-token metadata ([B, T] or [B, 1])
 
@@ -225,7 +223,13 @@ class Encoder(nn.Module):
         elif isinstance(batch, Sequence) and batch and not isinstance(batch[0], str):
             pixels_BCHW = torch.stack([self.transform(im) for im in batch])
         else:
-            raise TypeError(f"{self.id} expects PIL images or pixels [B, 3, H, W], got {type(batch)}.")
+            got = type(batch).__name__ + (
+                f" of {type(batch[0]).__name__}" if isinstance(batch, Sequence) and batch else ""
+            )
+            raise TypeError(
+                f"{self.id} reads images: it expects PIL images or pixels [B, 3, H, W], got a {got}. "
+                "Give it an image data set; prompt lists need a diffusion encoder (unet:...)."
+            )
         if pixels_BCHW.ndim != 4 or pixels_BCHW.shape[1] != 3:
             raise ValueError(
                 f"{self.id} expects pixels [B, 3, H, W], got {tuple(pixels_BCHW.shape)}; "
@@ -241,13 +245,10 @@ class Encoder(nn.Module):
 
 
 def rgb(image: Any) -> Any:
-    """A PIL image in RGB, or a clear error for modes whose conversion would lose meaning."""
-    if image.mode not in RGB_CONVERTIBLE_MODES:
-        raise ValueError(
-            f"Image mode {image.mode!r} is not supported (16-bit/float images); convert it to "
-            "8-bit RGB first, e.g. `Image.fromarray((arr / arr.max() * 255).astype('uint8'))`."
-        )
-    return image.convert("RGB")
+    """A PIL image in 8-bit RGB through the project's one image path (16-bit/float modes are scaled)."""
+    from mmsae.datasets.images import to_rgb
+
+    return to_rgb(image)
 
 
 def default_select(

@@ -1,10 +1,13 @@
 """End to end: each app served on localhost, opened in headless Debian chromium, used once, screenshotted.
 
-The screenshots go to docs/screenshots/ (linked from the README), so they show what the tests saw.
+The screenshots go to a temporary folder, so running the tests never rewrites tracked files. `make
+screenshots` runs this same test with MMSAE_SCREENSHOTS_DIR=docs/screenshots to regenerate the README's
+screenshots, so they show what the test saw.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -18,7 +21,8 @@ from test_apps import clip, index, photos, served, settings, unet, unet_sae  # n
 from mmsae.checkpoint import atomic_write_bytes
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+SCREENSHOTS_ENV = "MMSAE_SCREENSHOTS_DIR"
+TRACKED = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
 WAIT_S = 60
 
 
@@ -69,15 +73,22 @@ def wait_for(driver, css: str, count: int = 1):
     return WebDriverWait(driver, WAIT_S).until(shown, message=f"{css} did not render within {WAIT_S} s")
 
 
-def screenshot(driver, name: str) -> Path:
-    path = SCREENSHOTS / f"{name}.png"
+@pytest.fixture
+def screenshots_dir(tmp_path) -> Path:
+    """Where screenshots go: a temporary folder, or $MMSAE_SCREENSHOTS_DIR (`make screenshots`)."""
+    return Path(os.environ[SCREENSHOTS_ENV]) if os.environ.get(SCREENSHOTS_ENV) else tmp_path
+
+
+def screenshot(driver, folder: Path, name: str) -> Path:
+    path = folder / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, driver.get_screenshot_as_png())
     return path
 
 
 @pytest.mark.browser
-def test_apps_in_chromium(browser, served, photos) -> None:  # noqa: F811
+def test_apps_in_chromium(browser, served, photos, screenshots_dir) -> None:  # noqa: F811
+    tracked = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in TRACKED.glob("*.png")}
     # Concept search: a text query fills the gallery with thumbnails.
     browser.get(served["search"])
     wait_for(browser, "#search-text textarea")[0].send_keys("a photo of a cat")
@@ -86,7 +97,7 @@ def test_apps_in_chromium(browser, served, photos) -> None:  # noqa: F811
     wait_for(browser, "#search-go")[0].click()
     wait_for(browser, "#search-gallery img", count=3)
     assert "images for 'a photo of a cat'" in wait_for(browser, "#search-status")[0].text
-    shots = [screenshot(browser, "search")]
+    shots = [screenshot(browser, screenshots_dir, "search")]
 
     # Image steering: upload a photo, steer feature 0, both label panels filled.
     browser.get(served["steer"])
@@ -98,7 +109,7 @@ def test_apps_in_chromium(browser, served, photos) -> None:  # noqa: F811
     for side in ("#steer-before", "#steer-after"):
         wait_for(browser, f"{side} .output-class")  # gr.Label's headline: the top label
     assert wait_for(browser, "#steer-feature-0")
-    shots.append(screenshot(browser, "steer"))
+    shots.append(screenshot(browser, screenshots_dir, "steer"))
 
     # Concept unlearning: generate the pair for the default concept and prompt.
     browser.get(served["unlearn"])
@@ -107,7 +118,9 @@ def test_apps_in_chromium(browser, served, photos) -> None:  # noqa: F811
     wait_for(browser, "#unlearn-before img")
     wait_for(browser, "#unlearn-after img")
     assert "feature" in wait_for(browser, "#unlearn-summary")[0].text
-    shots.append(screenshot(browser, "unlearn"))
+    shots.append(screenshot(browser, screenshots_dir, "unlearn"))
 
     for path in shots:
         assert path.stat().st_size > 10_000  # a real rendering, not a blank page
+    if not os.environ.get(SCREENSHOTS_ENV):  # the test suite leaves the tracked screenshots alone
+        assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in TRACKED.glob("*.png")} == tracked

@@ -140,3 +140,58 @@ def test_load_dataset_specs(tmp_path: Path) -> None:
     assert len(load_dataset("skimage-crops:7")) == 7
     with pytest.raises(ValueError, match="Unknown data set spec"):
         load_dataset("imagenet")
+
+
+def _gradient(dtype: type, top: float) -> np.ndarray:
+    """A 32×64 horizontal ramp from 0 to `top` in `dtype`."""
+    return np.tile(np.linspace(0, top, 64), (32, 1)).astype(dtype)
+
+
+@pytest.mark.parametrize(
+    ("array", "name"),
+    [
+        (_gradient(np.uint16, 65535), "ramp16.png"),  # PNG 16-bit grayscale: mode I;16
+        (_gradient(np.float32, 1.0), "ramp_float.tif"),  # float TIFF in [0, 1]: mode F
+        (_gradient(np.float32, 4000.0), "ramp_wide.tif"),  # float TIFF in [0, 65535]
+    ],
+)
+def test_high_bit_depth_images_are_scaled_not_clipped(tmp_path: Path, array: np.ndarray, name: str) -> None:
+    """A 16-bit PNG used to extract as almost white and a float TIFF as black (convert("RGB") clips)."""
+    from mmsae.analysis.images import load_image
+    from mmsae.encoders.base import rgb
+
+    path = tmp_path / "imgs" / name
+    path.parent.mkdir()
+    Image.fromarray(array).save(path)
+    assert Image.open(path).mode in ("I;16", "F")
+    top = 65535.0 if array.max() > 1 else 1.0
+    expected = np.rint(np.tile(np.linspace(0, array.max() / top * 255, 64), (32, 1)))
+    for image in (ImageFolder(path.parent)[0].image, load_image(path), rgb(Image.open(path))):
+        assert image is not None and image.mode == "RGB"
+        got = np.asarray(image)
+        assert (got[..., 0] == got[..., 2]).all()  # gray stays gray
+        np.testing.assert_allclose(got[..., 0], expected, atol=1)
+
+
+def test_open_image_min_max_for_values_outside_standard_ranges() -> None:
+    from mmsae.datasets.images import to_rgb
+
+    image = Image.fromarray(np.array([[-2.0, 0.0, 6.0]], np.float32))
+    assert np.asarray(to_rgb(image))[0, :, 0].tolist() == [0, 64, 255]
+
+
+def test_open_image_refuses_clearly(tmp_path: Path) -> None:
+    from mmsae.datasets.images import ImageReadError, open_image, to_rgb
+
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(ImageReadError, match=r"notes\.png: not an image file"):
+        open_image(tmp_path / "notes.png")
+    with pytest.raises(ImageReadError, match=r"gone\.png: no such file"):
+        open_image(tmp_path / "gone.png")
+    Image.new("L", (300, 200)).save(tmp_path / "big.png")
+    with pytest.raises(
+        ImageReadError, match=r"big\.png: too many pixels: 300×200 = 60,000, more than .*Downscale"
+    ):
+        open_image(tmp_path / "big.png", max_pixels=50_000)
+    with pytest.raises(ImageReadError, match="NaN or infinite"):
+        to_rgb(Image.fromarray(np.array([[0.0, np.nan]], np.float32)))

@@ -92,8 +92,10 @@ def test_transform_and_bad_inputs(enc: TimmEncoder) -> None:
     assert enc.activations([gray], ["blocks.0"])["blocks.0"].acts_ND.shape == (101, 64)
     with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
         enc.activations(torch.randn(1, 1, 160, 160), ["blocks.0"])
-    with pytest.raises(ValueError, match="mode 'F'"):
-        enc.transform(Image.fromarray(np.zeros((8, 8), dtype=np.float32)))
+    # float images are scaled to 8 bit by the one image path (datasets.images.to_rgb), not refused
+    assert enc.transform(Image.fromarray(np.zeros((8, 8), dtype=np.float32))).shape == (3, 160, 160)
+    with pytest.raises(TypeError, match=r"reads images.*got a list of str.*diffusion encoder"):
+        enc.activations(["a photo of a cat"], ["blocks.0"])
     with pytest.raises(ValueError, match="Unknown token mode"):
         enc.activations(torch.randn(1, 3, 160, 160), ["blocks.0"], tokens="everything")
 

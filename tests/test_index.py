@@ -189,6 +189,49 @@ def test_bad_input(tmp_path, folder, sae, clip) -> None:
         no_models.features_of(5)
 
 
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (("meta.json", b"{garbage"), r"meta\.json: not valid JSON"),
+        (("meta.json", b"[1, 2]"), r"meta\.json: holds a JSON list, expected a dict"),
+        (("faiss.index", b"\x00" * 64), r"faiss\.index: not a readable FAISS index"),
+        (("paths.json", b'["only-one.png"]'), r"disagree on the number of images \(paths\.json: 1, "),
+        (("paths.json", b"[1, 2, 3, 4, 5, 6, 7, 8]"), r"paths\.json: entry 0 is 1, not a path string"),
+        (("embeddings.npy", b"not numpy"), r"embeddings\.npy: not a readable NumPy array"),
+        (("features.json", b"[[]]"), r"features\.json: 1 name lists for an SAE of 64 latents"),
+    ],
+)
+def test_damaged_index_files_are_named_with_the_fix(tmp_path, index, damage, message) -> None:
+    """Each used to surface as a bare JSONDecodeError, FAISS's C++ error, or an IndexError in search."""
+    from mmsae.index.files import IndexFileError
+
+    index.save(tmp_path / "idx")
+    (tmp_path / "idx" / damage[0]).write_bytes(damage[1])
+    with pytest.raises(IndexFileError, match=message + r".*Rebuild the index"):
+        ConceptIndex.load(tmp_path / "idx")
+
+
+def test_result_counts_must_be_positive(index) -> None:
+    """k=-2 used to reach torch.topk (raw error) or slice results from the end (silently wrong)."""
+    for query in (
+        lambda k: index.search_features("a cat", k=k),
+        lambda k: index.images_of(0, k=k),
+        lambda k: index.features_of(0, k=k),
+        lambda k: index.search_image(0, k=k),
+    ):
+        for k in (-2, 0):
+            with pytest.raises(ValueError, match=r"k \(the number of results\) must be a positive integer"):
+                query(k)
+
+
+def test_unreadable_query_image_names_the_file_without_build_options(tmp_path, index) -> None:
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=r"broken\.png: not an image file") as info:
+        index.search_image(str(broken))
+    assert "skip_unreadable" not in str(info.value)  # search_image has no such parameter
+
+
 def test_cli_build_and_query(tmp_path, folder, sae, capsys) -> None:
     save_sae(sae, tmp_path / "sae")
     out = tmp_path / "idx"

@@ -111,6 +111,24 @@ def test_parse_edit():
             parse_edit(bad)
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: Set(1, float("nan")),
+        lambda: Add(1, float("inf")),
+        lambda: Scale(1, float("nan")),
+        lambda: SetMax(1, float("nan")),
+        lambda: Direction(1, float("-inf")),
+        lambda: Clamp(1, float("nan"), None),
+        lambda: parse_edit("max:1=nan"),
+    ],
+)
+def test_non_finite_strengths_are_refused(make):
+    """A NaN strength used to be accepted: replies held NaN and steered images got NaN edits."""
+    with pytest.raises(ValueError, match=r"edit of latent 1: \w+=(nan|inf|-inf) is not a finite number"):
+        make()
+
+
 def test_intervention_changes_output_and_restores_exactly(vit, sae, pixels):
     bare = vit.run_model(pixels).detach()
     module = vit.module("blocks.4")

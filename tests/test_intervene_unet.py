@@ -186,6 +186,14 @@ def update_sae(unet):
     return mmsae.build_sae("topk", 8, 32, k=4, hook=HOOK, encoder=unet.id, site="update")
 
 
+def test_unlearn_refuses_non_finite_multipliers(unet, sae):
+    """A NaN multiplier passed `multiplier >= 0` and turned suppressed activations into NaN."""
+    selection = UnlearnSelection(HOOK, unet.id, 32, 99.0)
+    for multiplier in (float("nan"), float("-inf")):
+        with pytest.raises(ValueError, match="must be negative and finite"):
+            Unlearner(unet, sae, selection, [], multiplier=multiplier)
+
+
 def test_update_splice_without_edits_is_exact_and_restores(unet, update_sae):
     bare = unet.run_model(PROMPTS)
     splice = Splice(update_sae)

@@ -1,7 +1,6 @@
 """Image collections → encoder inputs, SAE codes and embeddings, in bounded-size batches.
 
-`load_image` is the single place files are read; it can be swapped for the datasets package's
-loader without touching the analysis or the index.
+`load_image` is the single place files are read; it opens them with the data sets' `open_image`.
 """
 
 from __future__ import annotations
@@ -12,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 
-from mmsae.datasets.images import IMAGE_EXTENSIONS
+from mmsae.datasets.images import IMAGE_EXTENSIONS, ImageReadError, open_image
 from mmsae.encoders.base import Encoder, TokenActs, TokenMode
 from mmsae.sae import SAE, as_dense
 
@@ -27,17 +26,11 @@ class UnreadableImageError(ValueError):
 
 
 def load_image(item: ImageLike) -> Image.Image:
-    """An RGB PIL image from a path or a PIL image; a clear error names the unreadable file."""
-    if isinstance(item, Image.Image):
-        return item.convert("RGB")
+    """An RGB PIL image from a path or a PIL image, through the data sets' one image path."""
     try:
-        with Image.open(item) as im:
-            return im.convert("RGB")
-    except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
-        raise UnreadableImageError(
-            f"Cannot read image {os.fspath(item)!r} ({type(e).__name__}: {e}). Remove or fix the file, "
-            "or pass skip_unreadable=True to leave it out."
-        ) from e
+        return open_image(item)
+    except ImageReadError as e:
+        raise UnreadableImageError(f"Cannot read image {e}") from e
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:

@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -43,57 +43,24 @@ from mmsae.analysis.naming import (
     text_embeddings,
 )
 from mmsae.checkpoint import atomic_write_bytes, load_sae, save_sae
-from mmsae.encoders.base import Encoder, TokenMode
-from mmsae.index.ann import AnnConfig, build_ann, describe, set_search_params
+from mmsae.encoders.base import Encoder
+from mmsae.index.ann import build_ann, describe
 from mmsae.index.codes import SparseCodeStore
+from mmsae.index.config import (
+    FeatureContribution,
+    FeatureHit,
+    ImageHit,
+    IndexConfig,
+    check_k,
+    config_from_dict,
+)
+from mmsae.index.files import (
+    FILES,
+    FORMAT_VERSION,
+    read_meta,
+    read_parts,
+)
 from mmsae.sae import SAE
-
-FORMAT_VERSION = 1
-FILES = ("meta.json", "paths.json", "features.json", "embeddings.npy", "codes.npz", "faiss.index")
-
-
-@dataclass
-class IndexConfig:
-    hook: str | None = None
-    """Hook the SAE reads; None = the SAE's recorded hook, else the encoder's default."""
-    tokens: TokenMode = "all"
-    pool: str = "max"
-    """How token codes become one code per image: 'max' (a feature is on if it fires anywhere) or 'mean'."""
-    max_codes_per_image: int = 256
-    """Largest pooled codes kept per image: bounds storage at 8 bytes × this per image."""
-    batch_size: int = 32
-    skip_unreadable: bool = False
-    """Leave unreadable files out (listed in `ConceptIndex.skipped`) instead of failing."""
-    concept_images: int = 16
-    """Top images per latent whose embeddings give its direction (SAEs not on the final embedding)."""
-    names_per_feature: int = 5
-    ann: AnnConfig = field(default_factory=AnnConfig)
-
-
-@dataclass
-class ImageHit:
-    id: int
-    path: str
-    score: float
-    """Cosine similarity (text/image queries) or pooled activation (`images_of`)."""
-
-
-@dataclass
-class FeatureHit:
-    feature: int
-    name: str
-    score: float
-    """Cosine between the query's text embedding and the feature's CLIP-space direction."""
-
-
-@dataclass
-class FeatureContribution:
-    feature: int
-    name: str
-    activation: float
-    """Pooled SAE code of the image for this feature."""
-    contribution: float
-    """Share of the reconstruction carried by the feature: a·‖d‖ / Σ_j a_j·‖d_j‖ over the image's features."""
 
 
 class ConceptIndex:
@@ -116,7 +83,7 @@ class ConceptIndex:
         self.embeddings_NE, self.codes, self.ann = embeddings_NE, codes, ann
         self.names = names
         self.encoder, self.embedder = encoder, embedder
-        self.cfg = _config_from_dict(meta["config"])
+        self.cfg = config_from_dict(meta["config"])
         self._path_to_id = {p: i for i, p in enumerate(paths)}
         self._directions_nE: Tensor | None = None
         self.skipped: list[str] = []
@@ -230,9 +197,11 @@ class ConceptIndex:
             )
             try:
                 pil.append(load_image(item))
-            except UnreadableImageError:
+            except UnreadableImageError as e:
                 if not self.cfg.skip_unreadable:
-                    raise
+                    raise UnreadableImageError(
+                        f"{e} Or build with IndexConfig(skip_unreadable=True) to leave it out."
+                    ) from e
                 self.skipped.append(label)
                 continue
             paths.append(label)
@@ -289,6 +258,7 @@ class ConceptIndex:
 
     def search_features(self, text: str, k: int = 10) -> list[FeatureHit]:
         """Features whose CLIP-space direction is closest to a text (through the CLIP text tower)."""
+        check_k(k)
         directions = self.feature_directions()
         sims = directions @ torch.from_numpy(self._text_vector(text))
         sims = sims.masked_fill(
@@ -303,6 +273,7 @@ class ConceptIndex:
 
     def features_of(self, image: ImageLike | int, k: int = 10) -> list[FeatureContribution]:
         """An image's strongest features with their share of the reconstruction."""
+        check_k(k)
         latents, values = self._codes_of(image)
         norms = self.sae.W_dec.detach().float().norm(dim=-1).cpu().numpy()[latents]
         weight = np.abs(values) * norms
@@ -320,6 +291,7 @@ class ConceptIndex:
 
     def images_of(self, feature: int, k: int = 10) -> list[ImageHit]:
         """The images where `feature` is strongest (pooled activation as score)."""
+        check_k(k)
         self._check_feature(feature)
         ids, vals = self.codes.column(feature)
         return [ImageHit(int(i), self.paths[i], float(v)) for i, v in zip(ids[:k], vals[:k])]
@@ -334,8 +306,7 @@ class ConceptIndex:
     def _search(
         self, query_E: np.ndarray, k: int, with_features: Sequence[int], without_features: Sequence[int]
     ) -> list[ImageHit]:
-        if k <= 0:
-            raise ValueError(f"k must be positive, got {k}.")
+        check_k(k)
         allowed = self._allowed(with_features, without_features)
         q = query_E[None].astype(np.float32)
         if allowed is None:
@@ -476,8 +447,6 @@ class ConceptIndex:
         mmap: bool = False,
     ) -> ConceptIndex:
         """Reopen a saved index. Encoders are optional (needed for new images / text) but must match."""
-        import faiss
-
         path = Path(path)
         missing = [f for f in FILES if not (path / f).is_file()]
         if not path.is_dir() or missing:
@@ -485,12 +454,7 @@ class ConceptIndex:
                 f"No concept index at {path} (missing {', '.join(missing) or 'directory'}): "
                 "build one first with ConceptIndex.build(...).save(path) or `mmsae index build`."
             )
-        meta = json.loads((path / "meta.json").read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{path} has index format {meta.get('format_version')}, this mmsae reads "
-                f"{FORMAT_VERSION}: rebuild the index."
-            )
+        meta = read_meta(path)
         embedder = (
             embedder
             if embedder is not None
@@ -508,24 +472,8 @@ class ConceptIndex:
                 f"The index at {path} was built with an SAE of d_in={meta['d_in']}, "
                 f"n_latents={meta['n_latents']}; got d_in={sae.d_in}, n_latents={sae.n_latents}."
             )
-        embeddings = np.load(path / "embeddings.npy", mmap_mode="r" if mmap else None)
-        ann = faiss.read_index(str(path / "faiss.index"))
-        cfg = _config_from_dict(meta["config"])
-        set_search_params(ann, cfg.ann)
-        names = [
-            [NameCandidate(**c) for c in cands] for cands in json.loads((path / "features.json").read_text())
-        ]
-        index = cls(
-            sae=sae,
-            meta=meta,
-            paths=json.loads((path / "paths.json").read_text()),
-            embeddings_NE=embeddings,
-            codes=SparseCodeStore.load(path / "codes.npz"),
-            ann=ann,
-            names=names,
-            encoder=encoder,
-            embedder=embedder,
-        )
+        parts = read_parts(path, meta, sae.n_latents, mmap)
+        index = cls(sae=sae, meta=meta, **parts, encoder=encoder, embedder=embedder)
         index.skipped = meta.get("skipped", [])
         return index
 
@@ -535,9 +483,3 @@ class ConceptIndex:
             f"encoder={self.meta['encoder']}, hook={self.meta['hook']}, "
             f"embedder={self.meta['embedder']}, ann={self.meta.get('ann')})"
         )
-
-
-def _config_from_dict(d: dict[str, Any]) -> IndexConfig:
-    d = dict(d)
-    ann = AnnConfig(**d.pop("ann", {}))
-    return IndexConfig(**d, ann=ann)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mmsae.datasets.images import open_image
 from mmsae.intervene.edits import EDIT_SYNTAX, parse_edit
 
 
@@ -151,7 +152,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if hasattr(args, "drop_error"):
         splice["keep_error"] = not args.drop_error
     if args.command == "steer" and args.target == "image":
-        images = [Image.open(p).convert("RGB") for p in args.image]
+        images = [open_image(p) for p in args.image]
         labels = args.labels.split(",") if args.labels else None
         result = steering.steer_image(encoder, sae, images, args.edit, labels=labels, **splice)
         report: dict[str, Any] = {"cosine": result.cosine_B.tolist()}
@@ -159,7 +160,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             report["label_shift"] = result.label_shift()
         return report
     if args.command == "steer" and args.target == "llava":
-        images = [Image.open(p).convert("RGB") for p in args.image]
+        images = [open_image(p) for p in args.image]
         gen = steering.steer_llava(
             encoder, sae, images, args.prompt, args.edit, args.max_new_tokens, **splice
         )
@@ -169,7 +170,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         mask = None
         if args.mask:
-            mask = torch.from_numpy(np.asarray(Image.open(args.mask).convert("L"), dtype=np.float32) / 255)
+            mask = torch.from_numpy(np.asarray(open_image(args.mask).convert("L"), dtype=np.float32) / 255)
         s = Splice(
             sae, args.edit, timesteps=args.timesteps, cfg_half=args.cfg_half, spatial_mask=mask, **splice
         )

@@ -8,7 +8,8 @@ spelling ("set:12=5", "dir:3=-4", ...).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 from typing import ClassVar
 
 import torch
@@ -31,6 +32,16 @@ class Edit:
     op: ClassVar[str] = "edit"
     needs_codes: ClassVar[bool] = True
     """False for edits that never read the codes (the intervention can skip the encoder)."""
+
+    def __post_init__(self) -> None:
+        # A NaN or infinite strength would silently turn the edited activations (and images) into NaN.
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(
+                    f"{type(self).__name__} edit of latent {self.latent}: {f.name}={value} is not a finite "
+                    "number; give a real value."
+                )
 
     def apply(self, f_N: Tensor, ctx: EditContext) -> Tensor:
         """New activations [N] of this latent from the current ones [N] (fp32)."""

@@ -10,6 +10,7 @@ keeping the SAE error term. The selection is a small JSON beside the SAE.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -253,8 +254,8 @@ class Unlearner:
                 f"The selection was made for an SAE with {selection.n_latents} latents, this one has "
                 f"{sae.cfg.n_latents}: select features with this SAE."
             )
-        if multiplier >= 0:
-            raise ValueError(f"multiplier={multiplier} must be negative (SAeUron uses −1 … −30).")
+        if not (math.isfinite(multiplier) and multiplier < 0):  # NaN passes `multiplier >= 0`
+            raise ValueError(f"multiplier={multiplier} must be negative and finite (SAeUron uses −1 … −30).")
         self.encoder, self.sae, self.selection = encoder, sae, selection
         self.concepts = list(concepts) if concepts is not None else list(selection.concepts)
         self.splice = Splice(sae, suppress_edits(selection, self.concepts, multiplier), hook=selection.hook)
