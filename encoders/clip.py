@@ -93,6 +93,8 @@ class ClipEncoder(Encoder):
         )
         self.image_size: tuple[int, int] = tuple(to_2tuple(model.visual.image_size))
         self._text_pool_type: str = getattr(model, "text_pool_type", getattr(text, "pool_type", "argmax"))
+        if getattr(text, "cls_emb", None) is not None:  # CoCa pools its appended CLS token, the last one
+            self._text_pool_type = "last"
         self._text_eos_id: int | None = getattr(model, "text_eos_id", getattr(text, "eos_id", None))
         self._pad_id: int = getattr(getattr(text, "config", None), "pad_token_id", None) or 0
         self._text_BL: Tensor | None = None  # token ids of the text batch being run, for pooling
@@ -122,6 +124,8 @@ class ClipEncoder(Encoder):
                 "a local file 'clip:ARCH//path/to/weights', or pretrained=False."
             )
         build_kw = {**(tag_build_kwargs(arch, tag) if not has_schema else {}), **kw}
+        if not pretrained:  # random init throughout: open_clip would fetch an HF text tower's own weights
+            build_kw.setdefault("pretrained_text", False)
         guard = hub_access() if _may_use_hub(arch, tag, pretrained, has_schema) else contextlib.nullcontext()
         try:
             with guard:

@@ -80,6 +80,8 @@ def image_layouts(visual: nn.Module) -> dict[str, HookLayout]:
         out["visual.attnpool"] = HookLayout("image", "embedding")
     elif isinstance(visual, VisionTransformer):
         pool = {"tok": "cls", "avg": "mean"}.get(visual.pool_type, "attention")
+        if getattr(visual, "attn_pool", None) is not None:  # CoCa: attention pooling over all tokens
+            pool = "attention"
         seq_first = not getattr(visual.transformer, "batch_first", True)
         for hook in block_hooks(visual, "visual."):
             out[hook] = HookLayout("image", pool, n_prefix=1, n_cls=1, seq_first=seq_first)
@@ -119,7 +121,9 @@ def text_layouts(model: nn.Module) -> dict[str, HookLayout]:
         seq_first = not getattr(tower.transformer, "batch_first", True)
         for hook in block_hooks(tower.transformer, f"{prefix}transformer."):
             out[hook] = HookLayout("text", "text", seq_first=seq_first)
-        out[f"{prefix}ln_final"] = HookLayout("text", "text")  # applied after the blocks, batch-first
+        # CoCa appends a CLS token, pools it (the last token) and normalises only that one token.
+        pooled_first = getattr(tower, "cls_emb", None) is not None
+        out[f"{prefix}ln_final"] = HookLayout("text", "embedding" if pooled_first else "text")
     if prefix:
         out["text"] = HookLayout("text", "embedding")
     return out
