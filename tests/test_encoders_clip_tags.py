@@ -45,7 +45,7 @@ def test_quickgelu_tags_are_listed() -> None:
 
 @pytest.mark.parametrize(("arch", "tag"), QUICKGELU_TAGS, ids=[f"{a}/{t}" for a, t in QUICKGELU_TAGS])
 def test_quickgelu_tag_resolves_to_quickgelu(arch: str, tag: str) -> None:
-    """The config open_clip instantiates for every QuickGELU tag (its own flag or our override) runs QuickGELU."""
+    """The config open_clip builds for every QuickGELU tag (its own flag or our override) runs QuickGELU."""
     assert tag_build_kwargs(arch, tag).get("force_quick_gelu") or open_clip.get_model_config(arch).get(
         "quick_gelu"
     )
