@@ -35,7 +35,7 @@ def weights_error(spec: str, source: str, err: BaseException) -> WeightsUnavaila
         f"Could not load pretrained weights for {spec!r} from {source!r}: {type(err).__name__}: {err}\n"
         "Without network access, supply the weights in one of these ways:\n"
         f"  1. a local path: get_encoder('{spec.split(':', 1)[0]}:/path/to/weights-or-model-dir');\n"
-        f"  2. the Hugging Face cache: run `huggingface-cli download {source}` on a machine with internet "
+        f"  2. the Hugging Face cache: run `hf download {source}` on a machine with internet "
         f"and copy the cache to {hf_cache_dir()} (set HF_HOME to point elsewhere);\n"
         "  3. for tests and demos, pretrained=False builds the same architecture with random weights."
     )

@@ -42,7 +42,7 @@ def test_unreachable_hub_fails_fast_with_a_clear_error(
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
     start = time.perf_counter()
-    with pytest.raises(WeightsUnavailableError, match=f"huggingface-cli download {REPO}"):
+    with pytest.raises(WeightsUnavailableError, match=f"hf download {REPO}"):
         get_encoder("clip:ViT-B-32/openai", cache_dir=str(tmp_path))
     assert time.perf_counter() - start < 5.0
     assert "Hugging Face hub unreachable" in capsys.readouterr().err
