@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from mmsae.encoders.base import Encoder, TokenMode, default_select
 from mmsae.encoders.clip_towers import HookLayout, image_layouts, text_layouts, text_tower
-from mmsae.encoders.weights import hub_access, weights_error
+from mmsae.encoders.weights import WeightsUnavailableError, hf_cache_dir, hub_access, weights_error
 
 TINY_CONFIG = Path(__file__).with_name("mmsae-clip-tiny.json")  # shipped as package data
 TINY_NAME = TINY_CONFIG.stem
@@ -137,7 +137,15 @@ class ClipEncoder(Encoder):
                     **build_kw,
                 )
                 tokenizer = open_clip.get_tokenizer(arch)
-        except (OSError, RuntimeError) as err:  # hub download / cache miss
+        except OSError as err:  # random init, yet a tokenizer or HF text-tower config is not cached
+            if pretrained:
+                raise weights_error(f"clip:{name}", _weights_source(arch, tag, name), err) from err
+            raise WeightsUnavailableError(
+                f"clip:{name} needs files even with pretrained=False (its tokenizer or Hugging Face "
+                f"text-tower config), not found locally nor downloadable: {type(err).__name__}: {err}\n"
+                f"Fetch them once with network (they are kept in {hf_cache_dir()}), or use a local config."
+            ) from err
+        except RuntimeError as err:  # open_clip wraps failed downloads of the weights in RuntimeError
             if not pretrained:
                 raise
             raise weights_error(f"clip:{name}", _weights_source(arch, tag, name), err) from err

@@ -135,3 +135,13 @@ def test_offline_hf_cache_loads_through_the_user_spec(hf_home: tuple[Path, Path]
     assert result["clip:hf-hub:timm/vit_base_patch32_clip_224.openai"] == 0.0
     assert result["clip:ViT-B-32/openai mean"] == pytest.approx([0.48145466, 0.4578275, 0.40821073])
     assert result["clip:hf-hub:timm/vit_base_patch32_clip_224.openai mean"] == [0.5] * 3  # the repo's config
+
+
+def test_random_init_without_its_tokenizer_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An HF text tower's config and tokenizer are needed even for random init: offline, say so."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", "/nonexistent-hf-cache")  # nothing cached
+    with pytest.raises(WeightsUnavailableError, match="needs files even with pretrained=False"):
+        get_encoder("clip:roberta-ViT-B-32", pretrained=False)
