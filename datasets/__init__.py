@@ -1,5 +1,7 @@
-"""Data sets: images, captions and prompts for extraction; synthetic activations with known features."""
+"""Data sets: images, captions, prompts and (image, prompt) pairs for extraction; synthetic activations
+with known features."""
 
+from mmsae.datasets.image_prompts import ImagePrompts
 from mmsae.datasets.images import (
     Example,
     ImageCaptions,
@@ -14,6 +16,7 @@ __all__ = [
     "Example",
     "ImageCaptions",
     "ImageFolder",
+    "ImagePrompts",
     "PromptList",
     "RandomCrops",
     "SkimagePhotos",

@@ -372,8 +372,13 @@ def load_dataset(spec: str) -> ExampleDataset:
     """Build a data set from a string spec (used by configs and the CLI).
 
     "folder:PATH", "captions:FILE.csv|.jsonl", "prompts:FILE.txt" or "prompts:NAME" (bundled list),
-    "skimage", "skimage-crops:N" (N random crops of the scikit-image photos).
+    "skimage", "skimage-crops:N" (N random crops of the scikit-image photos); any image spec followed by
+    "+prompt:TEXT" or "+prompts:FILE.txt|NAME" pairs its images with prompts (`ImagePrompts`, for LLaVA).
     """
+    from mmsae.datasets.image_prompts import is_image_prompt_spec, load_image_prompts
+
+    if is_image_prompt_spec(spec):
+        return load_image_prompts(spec)
     kind, _, arg = spec.partition(":")
     if kind == "folder" and arg:
         return ImageFolder(arg)
@@ -388,5 +393,6 @@ def load_dataset(spec: str) -> ExampleDataset:
         return RandomCrops(SkimagePhotos(), int(arg))
     raise ValueError(
         f"Unknown data set spec {spec!r}. Use folder:PATH, captions:FILE.csv|.jsonl, "
-        "prompts:FILE.txt|NAME, skimage or skimage-crops:N."
+        "prompts:FILE.txt|NAME, skimage or skimage-crops:N; add +prompt:TEXT to an image spec for "
+        "(image, prompt) pairs."
     )
