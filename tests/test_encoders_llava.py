@@ -107,3 +107,28 @@ def test_llm_token_modes_on_vision_hooks_are_clear_errors(enc: LlavaEncoder, bat
             enc.activations(batch, [enc.default_hook], tokens=mode)
     with pytest.raises(ValueError, match="image features only"):
         enc.activations(batch, ["model.multi_modal_projector"], tokens="text")
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_llm_all_index_and_mean_skip_padding(enc: LlavaEncoder, batch: tuple, padding_side: str) -> None:
+    images, _ = batch
+    prompts = ["<image> hi", "<image> a much longer prompt than the first one"]
+    inputs = enc.processor(
+        images=images, text=prompts, return_tensors="pt", padding=True, padding_side=padding_side
+    )
+    mask_BT = inputs["attention_mask"].bool()
+    hook = f"{LLM}.0"
+    every = enc.activations(inputs, [hook], tokens="all")[hook]
+    assert every.acts_ND.shape[0] == mask_BT.sum()  # padding is no token of any example
+    last = enc.activations(inputs, [hook], tokens=-1)[hook]
+    alone = [
+        enc.activations(([im], [p]), [hook], tokens="all")[hook].acts_ND for im, p in zip(images, prompts)
+    ]
+    torch.testing.assert_close(last.acts_ND, torch.stack([a[-1] for a in alone]), rtol=1e-4, atol=1e-5)
+    first = enc.activations(inputs, [hook], tokens=0)[hook]
+    torch.testing.assert_close(first.acts_ND, torch.stack([a[0] for a in alone]), rtol=1e-4, atol=1e-5)
+    mean = enc.activations(inputs, [hook], tokens="mean")[hook]
+    torch.testing.assert_close(mean.acts_ND, torch.stack([a.mean(0) for a in alone]), rtol=1e-4, atol=1e-5)
+    assert mean.meta["token_index"].tolist() == [-1, -1]
+    with pytest.raises(ValueError, match="out of range"):
+        enc.activations(inputs, [hook], tokens=int(mask_BT.sum(1).min()))
