@@ -244,15 +244,16 @@ class LlavaEncoder(Encoder):
         )
 
 
-def tiny_llava() -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+def tiny_llava(
+    vision_layers: int = 3, image_size: int = 32, patch: int = 8
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """A random-init LLaVA (tiny CLIP vision + tiny Llama) and an offline processor for it."""
     tokenizer = tiny_clip_tokenizer(vocab_size=1000)
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    image_size, patch = 32, 8
     vision = CLIPVisionConfig(
         hidden_size=16,
         intermediate_size=32,
-        num_hidden_layers=3,
+        num_hidden_layers=vision_layers,
         num_attention_heads=2,
         image_size=image_size,
         patch_size=patch,
