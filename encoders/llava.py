@@ -149,10 +149,7 @@ class LlavaEncoder(Encoder):
             )
         if hook == self.projector:
             if mode == "text":
-                raise ValueError(
-                    f"tokens='text' does not apply to {hook!r}: it outputs image features only. "
-                    f"Use an LLM hook `{self.llm_layers}.{{i}}`."
-                )
+                raise self._image_features_only(hook)
             mode = "all" if mode == "image" else mode
             return default_select(acts_BTD, mode, n_prefix=0, family=f"{self.family} projector")
         raise ValueError(f"{hook!r} has a different number of tokens per example: use encoder.activations().")
@@ -160,8 +157,14 @@ class LlavaEncoder(Encoder):
     def text_mask(self, hook: str) -> Tensor:
         """[B, T] True at the text positions of the last batch: not image features, not padding."""
         if hook == self.projector:
-            self.select_tokens(hook, torch.empty(0, 0, 0), "text")  # the error for an image-only output
+            raise self._image_features_only(hook)
         return self.llm_mask("text")
+
+    def _image_features_only(self, hook: str) -> ValueError:
+        return ValueError(
+            f"tokens='text' does not apply to {hook!r}: it outputs image features only. "
+            f"Use an LLM hook `{self.llm_layers}.{{i}}`."
+        )
 
     def llm_mask(self, mode: TokenMode) -> Tensor:
         """[B, T] True at the positions of the last batch's sequences that `mode` selects, never padding:

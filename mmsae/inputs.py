@@ -223,9 +223,13 @@ def input_batches(
     (float32, as `encoder.transform` gives them), or texts."""
     check_decode(decode, modality)
     if encoder.pair_pipeline is not None:
-        yield from _pair_batches(
-            encoder, encoder.pair_pipeline, dataset, index_batches, modality, num_workers
-        )
+        if decode != "pil":
+            raise ValueError(
+                f"decode={decode!r} decodes images alone; {encoder.id} reads each image with its prompt "
+                "through its processor: use decode='pil'."
+            )
+        pair = encoder.pair_pipeline
+        yield from _pair_batches(encoder, pair, dataset, index_batches, modality, num_workers)
         return
     if decode == "device":
         decoder = DeviceDecoder(dataset, encoder)

@@ -129,6 +129,8 @@ def test_bad_data_and_token_modes_are_clear_errors(enc: LlavaEncoder, tmp_path: 
     with pytest.raises(ValueError, match="texts only"):
         mmsae.extract(enc, PromptList(["a cat"]), LLM, tmp_path, progress=False)
     pairs = ImagePrompts(SkimagePhotos(["camera"]), "hi")
+    with pytest.raises(ValueError, match="use decode='pil'"):
+        mmsae.extract(enc, pairs, LLM, tmp_path, decode="device", progress=False)
     with pytest.raises(ValueError, match="vision hook"):
         mmsae.extract(enc, pairs, VISION, tmp_path, tokens="image", progress=False)
     with pytest.raises(ValueError, match="no CLS token"):
