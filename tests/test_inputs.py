@@ -128,3 +128,18 @@ def test_llava_pairs_are_the_processor_batch_right_padded(num_workers: int) -> N
         assert torch.equal(batch.inputs[key], value), key
     with pytest.raises(ValueError, match="texts only"):
         next(input_batches(encoder, pairs, [[0]], "text"))
+
+
+def test_llava_workers_get_the_processor_not_the_model() -> None:
+    from mmsae.datasets import ImagePrompts
+    from mmsae.inputs import CollatePairs
+
+    encoder = get_encoder("llava:tiny")
+    model_bytes = sum(p.numel() * p.element_size() for p in encoder.model.parameters())
+    pairs = ImagePrompts(SkimagePhotos(["coffee"]), "What is this?")
+    items = EncoderInputs(pairs, None, encoder.pair_pipeline, who=encoder.id)
+    pickled = pickle.dumps((items, CollatePairs(encoder.pair_pipeline)))
+    assert len(pickled) < model_bytes / 4, (len(pickled), model_bytes)
+    index, inputs, err = pickle.loads(pickled)[0][0]
+    expected = encoder.pair_pipeline(pairs[0].image, "What is this?")
+    assert index == 0 and err is None and all(torch.equal(inputs[k], v) for k, v in expected.items())
