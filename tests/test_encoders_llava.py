@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from mmsae.encoders import get_encoder
 from mmsae.encoders.llava import IMAGE_TOKEN, LlavaEncoder, tiny_llava
+from mmsae.store import ActivationStore
 
 VISION = "model.vision_tower.encoder.layers"
 LLM = "model.language_model.layers"
@@ -224,43 +226,71 @@ def _as_hub_cache(snapshot_files: Path, cache: Path, repo: str, commit: str) -> 
 
 
 LOAD_OFFLINE = """
-import json, sys, torch
+import contextlib, io, json, sys
 from safetensors.torch import save_file
+from mmsae import cli
 from mmsae.encoders import get_encoder
-spec, hook, out = sys.argv[1:]
-enc = get_encoder(spec)
-save_file({k: v.contiguous() for k, v in enc.model.state_dict().items()}, out)
-random = get_encoder(spec, pretrained=False)
-image = torch.randint(0, 255, (30, 40, 3), dtype=torch.uint8).numpy()
-from PIL import Image
-acts = enc.activations(([Image.fromarray(image)], ["What is this?"]), [hook], tokens="patch")[hook]
+args = json.loads(sys.argv[1])
+enc = get_encoder(args["spec"])
+save_file({k: v.contiguous() for k, v in enc.model.state_dict().items()}, args["weights_out"])
+random = get_encoder(args["spec"], pretrained=False)
+printed = io.StringIO()
+with contextlib.redirect_stdout(printed):
+    rc = cli.main(args["extract_argv"])
 print(json.dumps({"hooks": enc.hook_points(), "default": enc.default_hook, "id": enc.id,
-                  "random_hooks": random.hook_points(), "n_patch": acts.acts_ND.shape[0]}))
+                  "random_hooks": random.hook_points(), "extract_rc": rc, "printed": printed.getvalue()}))
 """
+
+
+def _commented_extract_command(config_text: str) -> list[str]:
+    """The `mmsae extract ...` command in a config's comments (with its line continuations), as argv."""
+    lines = [line.lstrip("#").strip() for line in config_text.splitlines() if line.startswith("#")]
+    start = next(i for i, line in enumerate(lines) if line.startswith("mmsae extract"))
+    command = []
+    for line in lines[start:]:
+        command.append(line.rstrip("\\"))
+        if not line.endswith("\\"):
+            break
+    return shlex.split(" ".join(command))[1:]
 
 
 def test_hub_layout_of_llava_1_5_loads_offline_by_its_spec(tmp_path: Path) -> None:
     """The real from_pretrained resolution (refs/main → snapshot → sharded legacy-named weights, separate
-    preprocessor config) on a tiny-width copy of llava-hf/llava-1.5-7b-hf; with 24 vision layers as there,
-    the hook of configs/llava_vision.yaml is the layer LLaVA-1.5 reads."""
+    preprocessor config) on a tiny-width copy of llava-hf/llava-1.5-7b-hf, with its 24 vision layers; then
+    the extract command of configs/llava_vision.yaml, as written there, on two photos."""
     model, processor = tiny_llava(vision_layers=24, image_size=28, patch=14)
     model.config.vision_feature_layer = -2
     files = tmp_path / "files"
     files.mkdir()
     _write_llava_repo(files, model, processor)
     _as_hub_cache(files, tmp_path / "hub", HUB_REPO, HUB_COMMIT)
-    config = yaml.safe_load(CONFIG.read_text())
+    text = CONFIG.read_text()
+    config = yaml.safe_load(text)
     hook = config["model"]["hook"]
     assert config["data"]["hook"] == hook and config["model"]["encoder"] == f"llava:{HUB_REPO}"
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((30, 40, 3), 60 * i, dtype=np.uint8)).save(photos / f"{i}.png")
+    argv = [a.replace("folder:PATH", f"folder:{photos}") for a in _commented_extract_command(text)]
+    assert argv[argv.index("--hooks") + 1] == hook and any(str(photos) in a for a in argv)
+    argv += ["--out_dir", str(tmp_path / "acts"), "--device", "cpu"]  # the last value of an option wins
+    args = {
+        "spec": f"llava:{HUB_REPO}",
+        "weights_out": str(tmp_path / "sd.safetensors"),
+        "extract_argv": argv,
+    }
     env = {**os.environ, "HF_HOME": str(tmp_path / "home"), "HF_HUB_CACHE": str(tmp_path / "hub")}
     env["HF_HUB_OFFLINE"] = "1"
-    script = [sys.executable, "-c", LOAD_OFFLINE, f"llava:{HUB_REPO}", hook, str(tmp_path / "sd.safetensors")]
+    script = [sys.executable, "-c", LOAD_OFFLINE, json.dumps(args)]
     run = subprocess.run(script, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert out["id"] == f"llava:{HUB_REPO}" and out["default"] == hook == f"{VISION}.22"
     assert out["hooks"] == out["random_hooks"] and hook in out["hooks"]
-    assert out["n_patch"] == 4  # (28 / 14)² patches
+    assert out["extract_rc"] == 0, run.stderr[-3000:]
+    store = ActivationStore(out["printed"].splitlines()[0])
+    assert store.hooks == [hook] and store.n_tokens == 2 * 4  # (28 / 14)² patches of each photo
     loaded = load_file(tmp_path / "sd.safetensors")
     expected = model.state_dict()
     assert sorted(loaded) == sorted(expected)
