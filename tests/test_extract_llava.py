@@ -174,3 +174,14 @@ def test_cli_extract_then_train_an_sae(
     x_ND = store.shard_acts(LLM, 0)[:8].float()
     with torch.no_grad():
         torch.testing.assert_close(loaded.encode_dense(x_ND), sae.encode_dense(x_ND))
+
+
+def test_the_processor_text_side_names_the_store(pairs: ImagePrompts, tmp_path: Path) -> None:
+    """Same weights, same pixels, another image-token expansion: a new store, not a stale cache hit."""
+    enc = get_encoder("llava:tiny")
+    first = mmsae.extract(enc, pairs, LLM, tmp_path, tokens="image", progress=False)
+    assert first.n_tokens == N_IMAGE_TOKENS * len(pairs)
+    enc.processor.vision_feature_select_strategy = "full"  # keeps CLS: one more image token each
+    enc.model.config.vision_feature_select_strategy = "full"
+    second = mmsae.extract(enc, pairs, LLM, tmp_path, tokens="image", progress=False)
+    assert second.path != first.path and second.n_tokens == (N_IMAGE_TOKENS + 1) * len(pairs)
