@@ -1,7 +1,7 @@
 """LLaVA (transformers `LlavaForConditionalGeneration`): the vision layer LLaVA reads, LLM decoder layers.
 
 Batches are processor outputs (a mapping with input_ids, attention_mask, pixel_values) or `(images, prompts)`;
-prompts without "<image>" get one prepended.
+prompts without "<image>" go through the checkpoint's chat template (`format_prompt`).
 """
 
 from __future__ import annotations
@@ -49,9 +49,16 @@ class ProcessorPixels:
         return self.image_processor(image, return_tensors="pt")["pixel_values"][0]
 
 
-def with_image_token(prompt: str) -> str:
-    """The prompt as LLaVA's processor takes it: "<image>" where the image goes (prepended if absent)."""
-    return prompt if IMAGE_TOKEN in prompt else f"{IMAGE_TOKEN}\n{prompt}"
+def format_prompt(processor: Any, prompt: str) -> str:
+    """The text LLaVA reads for one image and `prompt`: as written if it places "<image>" itself; else
+    the checkpoint's chat template for one user turn (image, then the prompt) and the assistant's cue, as
+    in use (llava-1.5: "USER: <image>\\n... ASSISTANT:"); "<image>\\n" + prompt without a template."""
+    if IMAGE_TOKEN in prompt:
+        return prompt
+    if processor.chat_template:
+        turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        return processor.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+    return f"{IMAGE_TOKEN}\n{prompt}"
 
 
 @dataclass(frozen=True)
@@ -63,7 +70,9 @@ class ProcessorInputs:
     processor: Any
 
     def __call__(self, image: Any, prompt: str) -> dict[str, Tensor]:
-        out = self.processor(images=[image], text=[with_image_token(prompt)], return_tensors="pt")
+        out = self.processor(
+            images=[image], text=[format_prompt(self.processor, prompt)], return_tensors="pt"
+        )
         return {k: v[0] for k, v in out.items()}
 
     def collate(self, examples: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
@@ -216,7 +225,7 @@ class LlavaEncoder(Encoder):
         if isinstance(batch, tuple) and len(batch) == 2:
             images, prompts = batch
             prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
-            prompts = [with_image_token(p) for p in prompts]
+            prompts = [format_prompt(self.processor, p) for p in prompts]
             batch = self.processor(images=list(images), text=prompts, return_tensors="pt", padding=True)
         if not isinstance(batch, Mapping) or "input_ids" not in batch:
             raise TypeError(

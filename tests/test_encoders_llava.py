@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from mmsae.encoders import get_encoder
-from mmsae.encoders.llava import IMAGE_TOKEN, LlavaEncoder, tiny_llava
+from mmsae.encoders.llava import IMAGE_TOKEN, LlavaEncoder, format_prompt, tiny_llava
 from mmsae.store import ActivationStore
 
 VISION = "model.vision_tower.encoder.layers"
@@ -234,11 +234,15 @@ args = json.loads(sys.argv[1])
 enc = get_encoder(args["spec"])
 save_file({k: v.contiguous() for k, v in enc.model.state_dict().items()}, args["weights_out"])
 random = get_encoder(args["spec"], pretrained=False)
+from PIL import Image
+pair = enc.pair_pipeline(Image.new("RGB", (30, 40)), "What is this?")
+text = enc.processor.tokenizer.decode(pair["input_ids"])
 printed = io.StringIO()
 with contextlib.redirect_stdout(printed):
     rc = cli.main(args["extract_argv"])
 print(json.dumps({"hooks": enc.hook_points(), "default": enc.default_hook, "id": enc.id,
-                  "random_hooks": random.hook_points(), "extract_rc": rc, "printed": printed.getvalue()}))
+                  "random_hooks": random.hook_points(), "extract_rc": rc, "printed": printed.getvalue(),
+                  "text": text}))
 """
 
 
@@ -289,6 +293,8 @@ def test_hub_layout_of_llava_1_5_loads_offline_by_its_spec(tmp_path: Path) -> No
     assert out["id"] == f"llava:{HUB_REPO}" and out["default"] == hook == f"{VISION}.22"
     assert out["hooks"] == out["random_hooks"] and hook in out["hooks"]
     assert out["extract_rc"] == 0, run.stderr[-3000:]
+    text = out["text"].replace("</w>", "")  # the chat template, as in use: "USER: <image>\n... ASSISTANT:"
+    assert text == f"<|startoftext|>user:{'<image>' * 4}whatisthis?assistant:<|endoftext|>", out["text"]
     store = ActivationStore(out["printed"].splitlines()[0])
     assert store.hooks == [hook] and store.n_tokens == 2 * 4  # (28 / 14)² patches of each photo
     loaded = load_file(tmp_path / "sd.safetensors")
@@ -296,3 +302,11 @@ def test_hub_layout_of_llava_1_5_loads_offline_by_its_spec(tmp_path: Path) -> No
     assert sorted(loaded) == sorted(expected)
     for key, value in expected.items():  # the checkpoint's weights, not a random init
         assert torch.equal(loaded[key], value), key
+
+
+def test_prompts_take_the_chat_template(enc: LlavaEncoder) -> None:
+    processor = tiny_llava()[1]
+    assert format_prompt(processor, "What is this?") == "<image>\nWhat is this?"  # no template
+    processor.chat_template = CHAT_TEMPLATE
+    assert format_prompt(processor, "What is this?") == "USER: <image>\nWhat is this? ASSISTANT:"
+    assert format_prompt(processor, "Q: <image> what?") == "Q: <image> what?"  # placed by the user

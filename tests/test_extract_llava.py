@@ -17,7 +17,7 @@ from mmsae import cli
 from mmsae.checkpoint import load_sae
 from mmsae.datasets import ImagePrompts, PromptList, SkimagePhotos, load_dataset
 from mmsae.encoders import get_encoder
-from mmsae.encoders.llava import LlavaEncoder, with_image_token
+from mmsae.encoders.llava import LlavaEncoder, format_prompt
 from mmsae.store import ActivationStore
 
 VISION = "model.vision_tower.encoder.layers.1"  # the layer tiny LLaVA reads (its default hook)
@@ -39,7 +39,9 @@ def pairs() -> ImagePrompts:
 def _ids(enc: LlavaEncoder, pairs: ImagePrompts, index: int) -> torch.Tensor:
     """input_ids of one example processed alone (no padding)."""
     example = pairs[index]
-    inputs = enc.processor(images=[example.image], text=[with_image_token(example.text)], return_tensors="pt")
+    inputs = enc.processor(
+        images=[example.image], text=[format_prompt(enc.processor, example.text)], return_tensors="pt"
+    )
     return inputs["input_ids"][0]
 
 
@@ -147,7 +149,7 @@ def test_cli_extract_then_train_an_sae(
     assert extract("--hooks", LLM, VISION, "--tokens", "all", "--out_dir", str(tmp_path / "all")) == 0
     store = ActivationStore(capsys.readouterr().out.splitlines()[0])
     n, photo = len(SkimagePhotos()), SkimagePhotos()[0].image
-    seq = len(enc.processor(images=[photo], text=[with_image_token(PROMPTS[0])])["input_ids"][0])
+    seq = len(enc.processor(images=[photo], text=[format_prompt(enc.processor, PROMPTS[0])])["input_ids"][0])
     assert store.hooks == [LLM, VISION]
     assert store.token_counts() == {LLM: n * seq, VISION: n * (N_IMAGE_TOKENS + 1)}
     assert extract("--hooks", LLM, "--tokens", "image", "--out_dir", str(tmp_path / "image")) == 0

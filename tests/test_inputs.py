@@ -109,7 +109,7 @@ def test_llava_pairs_are_the_processor_batch_right_padded(num_workers: int) -> N
     """LLaVA's processor runs on each (image, prompt) in the workers; the batch equals one processor
     call on the whole batch, padded on the right."""
     from mmsae.datasets import ImagePrompts
-    from mmsae.encoders.llava import with_image_token
+    from mmsae.encoders.llava import format_prompt
 
     encoder = get_encoder("llava:tiny")
     pairs = ImagePrompts(SkimagePhotos(["astronaut", "camera"]), ["hi", "a much longer prompt than hi"])
@@ -117,7 +117,7 @@ def test_llava_pairs_are_the_processor_batch_right_padded(num_workers: int) -> N
     examples = [pairs[i] for i in (0, 1, 3)]
     expected = encoder.processor(
         images=[ex.image for ex in examples],
-        text=[with_image_token(ex.text) for ex in examples],
+        text=[format_prompt(encoder.processor, ex.text) for ex in examples],
         return_tensors="pt",
         padding=True,
         padding_side="right",
