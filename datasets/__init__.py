@@ -1,5 +1,7 @@
-"""Data sets: images, captions and prompts for extraction; synthetic activations with known features."""
+"""Data sets: images, captions, prompts and (image, prompt) pairs for extraction; synthetic activations
+with known features."""
 
+from mmsae.datasets.image_prompts import ImagePrompts
 from mmsae.datasets.images import (
     Example,
     ImageCaptions,
@@ -22,6 +24,7 @@ __all__ = [
     "FoolboxSamples",
     "ImageCaptions",
     "ImageFolder",
+    "ImagePrompts",
     "InteriorPhotos",
     "LabeledSkimagePhotos",
     "PhotoFiles",

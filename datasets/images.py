@@ -472,8 +472,14 @@ def load_dataset(spec: str) -> ExampleDataset:
 
     "folder:PATH", "captions:FILE.csv|.jsonl", "prompts:FILE.txt" or "prompts:NAME" (bundled list),
     "skimage", "skimage-crops:N" (N random crops of the scikit-image photos); the zoo's labelled photos
-    "skimage-labeled", "foolbox:imagenet|cifar10|cifar100", "interior" (`mmsae.datasets.photos`).
+    "skimage-labeled", "foolbox:imagenet|cifar10|cifar100", "interior" (`mmsae.datasets.photos`). Any image
+    spec followed by "+prompt:TEXT" or "+prompts:FILE.txt|NAME" pairs its images with prompts
+    (`ImagePrompts`, for LLaVA).
     """
+    from mmsae.datasets.image_prompts import is_image_prompt_spec, load_image_prompts
+
+    if is_image_prompt_spec(spec):
+        return load_image_prompts(spec)
     kind, _, arg = spec.partition(":")
     if kind == "folder" and arg:
         return ImageFolder(arg)
@@ -493,5 +499,5 @@ def load_dataset(spec: str) -> ExampleDataset:
     raise ValueError(
         f"Unknown data set spec {spec!r}. Use folder:PATH, captions:FILE.csv|.jsonl, "
         "prompts:FILE.txt|NAME, skimage, skimage-crops:N, skimage-labeled, foolbox:imagenet|cifar10|cifar100 "
-        "or interior."
+        "or interior; add +prompt:TEXT to an image spec for (image, prompt) pairs."
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +34,15 @@ class TokenActs:
     meta: dict[str, Tensor] = field(default_factory=dict)
 
 
+class PairPipeline(Protocol):
+    """(image, prompt) → one example's model inputs, in DataLoader workers (picklable, holds no model);
+    `collate` batches those into what `run_model` takes."""
+
+    def __call__(self, image: Any, prompt: str) -> dict[str, Tensor]: ...
+
+    def collate(self, examples: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]: ...
+
+
 class _StopForward(Exception):
     """Raised by the last requested hook to skip the rest of the model's forward."""
 
@@ -48,6 +57,9 @@ class Encoder(nn.Module):
     """What `transform` runs, PIL image → pixels: a picklable callable that holds no model, so DataLoader
     workers get it without a copy of the model. A torchvision `Compose` for timm and open_clip (which
     decode="device" and the uint8 hand-off of `mmsae.datasets.pixels` replay); None without images."""
+    pair_pipeline: PairPipeline | None = None
+    """For models that read an image and a prompt together (LLaVA): what extraction runs per example
+    instead of `image_pipeline`; None for models that read images or texts alone."""
 
     def __init__(self, model: nn.Module, id: str):
         super().__init__()

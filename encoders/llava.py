@@ -1,7 +1,7 @@
 """LLaVA (transformers `LlavaForConditionalGeneration`): the vision layer LLaVA reads, LLM decoder layers.
 
 Batches are processor outputs (a mapping with input_ids, attention_mask, pixel_values) or `(images, prompts)`;
-prompts without "<image>" get one prepended.
+prompts without "<image>" go through the checkpoint's chat template (`format_prompt`).
 """
 
 from __future__ import annotations
@@ -49,13 +49,48 @@ class ProcessorPixels:
         return self.image_processor(image, return_tensors="pt")["pixel_values"][0]
 
 
+def format_prompt(processor: Any, prompt: str) -> str:
+    """The text LLaVA reads for one image and `prompt`: as written if it places "<image>" itself; else
+    the checkpoint's chat template for one user turn (image, then the prompt) and the assistant's cue, as
+    in use (llava-1.5: "USER: <image>\\n... ASSISTANT:"); "<image>\\n" + prompt without a template."""
+    if IMAGE_TOKEN in prompt:
+        return prompt
+    if processor.chat_template:
+        turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        return processor.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+    return f"{IMAGE_TOKEN}\n{prompt}"
+
+
+@dataclass(frozen=True)
+class ProcessorInputs:
+    """The processor as a picklable per-example pipeline (the encoder's `pair_pipeline`): LLaVA's
+    processor reads image and prompt together, since it expands "<image>" into one token per image
+    feature. Batches are right-padded, so a token's column is its position in its own example."""
+
+    processor: Any
+
+    def __call__(self, image: Any, prompt: str) -> dict[str, Tensor]:
+        out = self.processor(
+            images=[image], text=[format_prompt(self.processor, prompt)], return_tensors="pt"
+        )
+        return {k: v[0] for k, v in out.items()}
+
+    def collate(self, examples: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+        text = [{k: v for k, v in ex.items() if k != "pixel_values"} for ex in examples]
+        batch = dict(self.processor.tokenizer.pad(text, padding_side="right", return_tensors="pt"))
+        batch["pixel_values"] = torch.stack([ex["pixel_values"] for ex in examples])
+        return batch
+
+
 class LlavaEncoder(Encoder):
     """Hooks: vision layers `model.vision_tower.encoder.layers.{i}` (default: the one LLaVA reads,
     `config.vision_feature_layer`), `model.multi_modal_projector`, LLM `model.language_model.layers.{i}`.
 
-    Extra token modes for LLM hooks: "image" = the positions holding the projected image features,
-    "text" = every other position the attention mask keeps (prompt tokens, BOS; not padding). Their
-    `token_index` is the column in the batch's `input_ids` (with left padding, shifted by the padding).
+    LLM hooks never return padding: "all" = every position the attention mask keeps, "image" = the
+    positions holding the projected image features, "text" = the others (prompt tokens, BOS), an int =
+    that position of each example's own sequence, "mean" = the mean over kept positions. Their
+    `token_index` is the column in the batch's `input_ids`: the position in the example's own sequence
+    for right-padded batches (extraction pads right), shifted by the padding for left-padded ones.
     """
 
     family = "llava"
@@ -64,6 +99,7 @@ class LlavaEncoder(Encoder):
         super().__init__(model, id)
         self.processor = processor
         self.image_pipeline = ProcessorPixels(processor.image_processor)
+        self.pair_pipeline = ProcessorInputs(processor)
         self.vision_layers = _layer_list(
             model, ("vision_tower.encoder.layers", "vision_model.encoder.layers")
         )
@@ -109,7 +145,8 @@ class LlavaEncoder(Encoder):
         ]
 
     def select_tokens(self, hook: str, acts_BTD: Tensor, mode: TokenMode) -> tuple[Tensor, Tensor]:
-        if hook.startswith(self.vision_layers):  # CLIP vision: CLS, then patches
+        """Vision and projector hooks; LLM hooks select a different count per example (`_flatten`)."""
+        if hook.startswith(f"{self.vision_layers}."):  # CLIP vision: CLS, then patches
             if mode in ("image", "text"):
                 raise ValueError(
                     f"tokens={mode!r} selects positions of the language model's sequence; the "
@@ -119,32 +156,64 @@ class LlavaEncoder(Encoder):
             return default_select(
                 acts_BTD, "cls" if mode == "pooled" else mode, n_prefix=1, family=f"{self.family} vision"
             )
-        if mode == "image":
-            if hook == self.projector:
-                return acts_BTD, torch.arange(acts_BTD.shape[1])
-            is_image_BT = self._input_ids == self.model.config.image_token_index
-            pos_BI = is_image_BT.nonzero()[:, 1].view(len(is_image_BT), -1)  # same count in every example
-            return acts_BTD.gather(1, pos_BI[..., None].expand(-1, -1, acts_BTD.shape[-1])), pos_BI
-        if mode == "text":  # ragged: selected in `_flatten`
-            raise ValueError("tokens='text' has a different count per example; use encoder.activations().")
-        return default_select(acts_BTD, mode, n_prefix=0, family=f"{self.family} language model")
+        if hook == self.projector:
+            if mode == "text":
+                raise self._image_features_only(hook)
+            mode = "all" if mode == "image" else mode
+            return default_select(acts_BTD, mode, n_prefix=0, family=f"{self.family} projector")
+        raise ValueError(f"{hook!r} has a different number of tokens per example: use encoder.activations().")
 
     def text_mask(self, hook: str) -> Tensor:
         """[B, T] True at the text positions of the last batch: not image features, not padding."""
         if hook == self.projector:
-            raise ValueError(
-                f"tokens='text' does not apply to {hook!r}: it outputs image features only. "
-                f"Use an LLM hook `{self.llm_layers}.{{i}}`."
-            )
-        keep_BT = self._input_ids != self.model.config.image_token_index
-        return keep_BT if self._attention_mask is None else keep_BT & self._attention_mask.bool()
+            raise self._image_features_only(hook)
+        return self.llm_mask("text")
+
+    def _image_features_only(self, hook: str) -> ValueError:
+        return ValueError(
+            f"tokens='text' does not apply to {hook!r}: it outputs image features only. "
+            f"Use an LLM hook `{self.llm_layers}.{{i}}`."
+        )
+
+    def llm_mask(self, mode: TokenMode) -> Tensor:
+        """[B, T] True at the positions of the last batch's sequences that `mode` selects, never padding:
+        "all", "image" (projected image features), "text" (the rest) or an int (that position of each
+        example's unpadded sequence, -1 = its last token)."""
+        keep_BT = torch.ones_like(self._input_ids, dtype=torch.bool)
+        if self._attention_mask is not None:
+            keep_BT = self._attention_mask.bool()
+        is_image_BT = self._input_ids == self.model.config.image_token_index
+        if mode == "all":
+            return keep_BT
+        if mode in ("image", "text"):
+            return keep_BT & (is_image_BT if mode == "image" else ~is_image_BT)
+        if isinstance(mode, int) and not isinstance(mode, bool):
+            length_B1 = keep_BT.sum(1, keepdim=True)
+            if not (-length_B1 <= mode).all() or not (mode < length_B1).all():
+                raise ValueError(
+                    f"Token index {mode} is out of range for an example of {int(length_B1.min())} tokens."
+                )
+            rank_BT = keep_BT.cumsum(1) - 1  # position within each example's unpadded sequence
+            return keep_BT & (rank_BT == mode % length_B1)
+        raise ValueError(
+            f"tokens={mode!r} does not apply to the language model's layers (its sequence has no CLS "
+            "token, patches or registers); use 'all', 'image' (image features), 'text' (prompt tokens), "
+            "'mean' or a token index."
+        )
 
     def _flatten(self, hook: str, chunks: list[Capture], tokens: TokenMode, example_offset: int) -> TokenActs:
-        """The base flattening, except for "text": a different number of tokens per example."""
-        if tokens != "text" or hook.startswith(self.vision_layers):
+        """LLM hooks: the tokens `llm_mask` selects (a different count per example, never padding), or
+        their masked mean for "mean"/"pooled"; `token_index` is the column in the batch's input_ids."""
+        if hook.startswith(f"{self.vision_layers}.") or hook == self.projector:
             return super()._flatten(hook, chunks, tokens, example_offset)
         ((acts_BTD, _),) = chunks  # `activations` runs one forward: one call of each LLM layer
-        pos_NK = self.text_mask(hook).nonzero()  # (example, position) pairs, row-major
+        if tokens in ("mean", "pooled"):
+            keep_BT1 = self.llm_mask("all")[..., None].to(acts_BTD.dtype)
+            mean_BD = (acts_BTD * keep_BT1).sum(1) / keep_BT1.sum(1)
+            B = len(mean_BD)
+            ids = torch.arange(B, device=mean_BD.device) + example_offset
+            return TokenActs(mean_BD, {"example_id": ids, "token_index": torch.full_like(ids, -1)})
+        pos_NK = self.llm_mask(tokens).nonzero()  # (example, position) pairs, row-major
         return TokenActs(
             acts_BTD[pos_NK[:, 0], pos_NK[:, 1]],
             {"example_id": pos_NK[:, 0] + example_offset, "token_index": pos_NK[:, 1]},
@@ -156,7 +225,7 @@ class LlavaEncoder(Encoder):
         if isinstance(batch, tuple) and len(batch) == 2:
             images, prompts = batch
             prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
-            prompts = [p if IMAGE_TOKEN in p else f"{IMAGE_TOKEN}\n{p}" for p in prompts]
+            prompts = [format_prompt(self.processor, p) for p in prompts]
             batch = self.processor(images=list(images), text=prompts, return_tensors="pt", padding=True)
         if not isinstance(batch, Mapping) or "input_ids" not in batch:
             raise TypeError(
@@ -187,15 +256,16 @@ class LlavaEncoder(Encoder):
         )
 
 
-def tiny_llava() -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+def tiny_llava(
+    vision_layers: int = 3, image_size: int = 32, patch: int = 8
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """A random-init LLaVA (tiny CLIP vision + tiny Llama) and an offline processor for it."""
     tokenizer = tiny_clip_tokenizer(vocab_size=1000)
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    image_size, patch = 32, 8
     vision = CLIPVisionConfig(
         hidden_size=16,
         intermediate_size=32,
-        num_hidden_layers=3,
+        num_hidden_layers=vision_layers,
         num_attention_heads=2,
         image_size=image_size,
         patch_size=patch,

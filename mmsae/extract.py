@@ -86,7 +86,11 @@ def weights_fingerprint(encoder: Encoder, n_samples: int = 64) -> str:
 
 def preprocessing_fingerprint(encoder: Encoder) -> str:
     pixels = encoder.transform(probe_image())
-    return hashlib.sha256(f"{tuple(pixels.shape)}".encode() + pixels.float().numpy().tobytes()).hexdigest()
+    digest = hashlib.sha256(f"{tuple(pixels.shape)}".encode() + pixels.float().numpy().tobytes())
+    if encoder.pair_pipeline is not None:  # the text side too (LLaVA: prompt format, image-token expansion)
+        for key, value in sorted(encoder.pair_pipeline(probe_image(), "a probe prompt").items()):
+            digest.update(key.encode() + f"{tuple(value.shape)}".encode() + value.float().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def forward_batches(

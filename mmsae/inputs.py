@@ -9,6 +9,10 @@ Workers get the data set and a transform, never the encoder: a worker started by
 process that torch.multiprocessing spawned, e.g. `mmsae extract --devices N`) would otherwise receive a
 copy of the model, through CUDA IPC when it is on a GPU. On Linux workers are forked anyway, as
 DataLoader does by default, so they start at once whatever the parent's start method.
+
+Models that read an image and a prompt together (LLaVA: its processor expands the image token by the
+prompt) have a `pair_pipeline` instead: workers run it on each (image, prompt) example and collate the
+results into one batch of model inputs (input_ids, attention_mask, pixel_values).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from torchvision.transforms import Compose
 from mmsae.datasets.gpu_decode import DevicePreprocess, EncodedJpeg, decode_jpegs, image_files, read_jpeg
 from mmsae.datasets.images import ExampleDataset, UnreadableExample
 from mmsae.datasets.pixels import PixelHandoff, split_pipeline
-from mmsae.encoders.base import Encoder
+from mmsae.encoders.base import Encoder, PairPipeline
 
 DECODERS = ("pil", "device")
 
@@ -36,7 +40,8 @@ DECODERS = ("pil", "device")
 @dataclass
 class InputBatch:
     indices: list[int]  # data set indices of the readable examples, in order
-    inputs: Tensor | list[str] | None  # stacked pixels, or texts for prompt/caption encoders
+    # stacked pixels, texts for prompt/caption encoders, or a pair pipeline's batch (LLaVA processor outputs)
+    inputs: Tensor | list[str] | dict[str, Tensor] | None
     skipped: list[dict[str, Any]] = field(default_factory=list)
     fallback: list[int] = field(default_factory=list)  # decode="device": indices decoded by PIL instead
 
@@ -50,10 +55,17 @@ def probe_image() -> Image.Image:
 class EncoderInputs(Dataset):
     """Data set items → model inputs (in DataLoader workers); unreadable items marked.
 
-    `transform` maps an image to pixels; None passes texts through."""
+    `transform` maps an image to pixels; None passes texts through; `pair` maps (image, prompt) to inputs.
+    `who` names the model in errors."""
 
-    def __init__(self, dataset: ExampleDataset, transform: Callable[[Any], Tensor] | None):
-        self.dataset, self.transform = dataset, transform
+    def __init__(
+        self,
+        dataset: ExampleDataset,
+        transform: Callable[[Any], Tensor] | None,
+        pair: PairPipeline | None = None,
+        who: str = "this model",
+    ):
+        self.dataset, self.transform, self.pair, self.who = dataset, transform, pair, who
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -63,9 +75,36 @@ class EncoderInputs(Dataset):
             example = self.dataset[index]
         except UnreadableExample as e:
             return index, None, {"index": e.index, "source": e.source, "reason": e.reason}
+        if self.pair is not None:
+            return index, self.pair(example.image, self._prompt(example)), None
         if self.transform is None:
             return index, example.text, None
         return index, self.transform(example.image), None
+
+    def _prompt(self, example: Any) -> str:
+        if example.image is None or example.text is None:
+            raise ValueError(
+                f"{self.who} reads an image with a prompt, but example {example.index} of "
+                f"{self.dataset.describe()} ({self.dataset.source(example.index)}) has "
+                f"{'no image' if example.image is None else 'no prompt'}. Pair images with prompts: "
+                "ImagePrompts(images, 'Describe the image.') or the data set spec "
+                "'<image spec>+prompt:Describe the image.' (e.g. 'skimage+prompt:Describe the image.')."
+            )
+        return example.text
+
+
+@dataclass(frozen=True)
+class CollatePairs:
+    """Batches a pair pipeline's examples (picklable: it runs in loader workers)."""
+
+    pair: PairPipeline
+
+    def __call__(self, items: list[tuple[int, Any, dict[str, Any] | None]]) -> InputBatch:
+        ok = [(i, x) for i, x, err in items if err is None]
+        skipped = [err for _, _, err in items if err is not None]
+        if not ok:
+            return InputBatch([], None, skipped)
+        return InputBatch([i for i, _ in ok], self.pair.collate([x for _, x in ok]), skipped)
 
 
 def collate_inputs(items: list[tuple[int, Any, dict[str, Any] | None]]) -> InputBatch:
@@ -183,6 +222,15 @@ def input_batches(
     """The examples of each batch of data set indices as model inputs: pixels on the encoder's device
     (float32, as `encoder.transform` gives them), or texts."""
     check_decode(decode, modality)
+    if encoder.pair_pipeline is not None:
+        if decode != "pil":
+            raise ValueError(
+                f"decode={decode!r} decodes images alone; {encoder.id} reads each image with its prompt "
+                "through its processor: use decode='pil'."
+            )
+        pair = encoder.pair_pipeline
+        yield from _pair_batches(encoder, pair, dataset, index_batches, modality, num_workers)
+        return
     if decode == "device":
         decoder = DeviceDecoder(dataset, encoder)
         yield from map(decoder, _loader(JpegFiles(dataset, encoder), index_batches, num_workers, list))
@@ -197,4 +245,27 @@ def input_batches(
         if batch.inputs is not None:
             pixels_BCHW = batch.inputs.to(encoder.device, non_blocking=True)
             batch.inputs = pixels_BCHW if handoff is None else handoff.finish(pixels_BCHW)
+        yield batch
+
+
+def _pair_batches(
+    encoder: Encoder,
+    pair: PairPipeline,
+    dataset: ExampleDataset,
+    index_batches: Sequence[list[int]],
+    modality: str,
+    num_workers: int,
+) -> Iterator[InputBatch]:
+    """(image, prompt) examples through the encoder's pair pipeline, batched, on the encoder's device."""
+    if modality != "image":
+        raise ValueError(
+            f"{encoder.id} reads an image with a prompt, and {dataset.describe()} gives texts only; "
+            "use an (image, prompt) data set: ImagePrompts(images, prompts) or the spec "
+            "'<image spec>+prompt:TEXT' (e.g. 'skimage+prompt:Describe the image.')."
+        )
+    cuda = encoder.device.type == "cuda"
+    items = EncoderInputs(dataset, None, pair, who=encoder.id)
+    for batch in _loader(items, index_batches, num_workers, CollatePairs(pair), cuda):
+        if isinstance(batch.inputs, dict):
+            batch.inputs = {k: v.to(encoder.device, non_blocking=True) for k, v in batch.inputs.items()}
         yield batch

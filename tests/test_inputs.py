@@ -102,3 +102,44 @@ def test_input_batches_equal_the_transform(encoders: dict[str, Encoder], num_wor
     for batch in got:
         expected_BCHW = torch.stack([encoder.transform(photos[i].image) for i in batch.indices])
         assert batch.inputs.dtype == torch.float32 and torch.equal(batch.inputs, expected_BCHW)
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_llava_pairs_are_the_processor_batch_right_padded(num_workers: int) -> None:
+    """LLaVA's processor runs on each (image, prompt) in the workers; the batch equals one processor
+    call on the whole batch, padded on the right."""
+    from mmsae.datasets import ImagePrompts
+    from mmsae.encoders.llava import format_prompt
+
+    encoder = get_encoder("llava:tiny")
+    pairs = ImagePrompts(SkimagePhotos(["astronaut", "camera"]), ["hi", "a much longer prompt than hi"])
+    (batch,) = input_batches(encoder, pairs, [[0, 1, 3]], "image", num_workers=num_workers)
+    examples = [pairs[i] for i in (0, 1, 3)]
+    expected = encoder.processor(
+        images=[ex.image for ex in examples],
+        text=[format_prompt(encoder.processor, ex.text) for ex in examples],
+        return_tensors="pt",
+        padding=True,
+        padding_side="right",
+    )
+    assert batch.indices == [0, 1, 3] and sorted(batch.inputs) == sorted(expected)
+    assert not batch.inputs["attention_mask"].all()  # "hi" is padded
+    for key, value in expected.items():
+        assert torch.equal(batch.inputs[key], value), key
+    with pytest.raises(ValueError, match="texts only"):
+        next(input_batches(encoder, pairs, [[0]], "text"))
+
+
+def test_llava_workers_get_the_processor_not_the_model() -> None:
+    from mmsae.datasets import ImagePrompts
+    from mmsae.inputs import CollatePairs
+
+    encoder = get_encoder("llava:tiny")
+    model_bytes = sum(p.numel() * p.element_size() for p in encoder.model.parameters())
+    pairs = ImagePrompts(SkimagePhotos(["coffee"]), "What is this?")
+    items = EncoderInputs(pairs, None, encoder.pair_pipeline, who=encoder.id)
+    pickled = pickle.dumps((items, CollatePairs(encoder.pair_pipeline)))
+    assert len(pickled) < model_bytes / 4, (len(pickled), model_bytes)
+    index, inputs, err = pickle.loads(pickled)[0][0]
+    expected = encoder.pair_pipeline(pairs[0].image, "What is this?")
+    assert index == 0 and err is None and all(torch.equal(inputs[k], v) for k, v in expected.items())
