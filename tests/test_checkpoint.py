@@ -354,3 +354,29 @@ def test_load_sae_recognises_peer_folders(tmp_path: Path) -> None:
         mmsae.load_sae(tmp_path / "sp" / "layers.0")
     with pytest.raises(ValueError, match="from_sparsify"):
         mmsae.load_sae(tmp_path / "sp")
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka", "jumprelu"])
+def test_built_and_loaded_saes_are_in_eval_mode(tmp_path: Path, arch: str) -> None:
+    built = build_sae(arch, D, N, k=4) if arch != "jumprelu" else build_sae(arch, D, N)
+    assert not built.training
+    built.save(tmp_path)
+    assert not checkpoint.load_sae(tmp_path).training
+
+
+def test_loaded_batchtopk_codes_of_a_token_do_not_depend_on_the_batch() -> None:
+    """In training mode BatchTopK ranks the whole batch and moves θ; a loaded SAE must use θ instead."""
+    sae = checkpoint.load_sae(FIXTURES / "legacy_batchtopk_sae")
+    theta = sae.threshold.clone()
+    torch.manual_seed(0)
+    token = torch.randn(1, D)
+    with torch.no_grad():
+        alone = sae.encode(token)
+        for others in (torch.randn(31, D), 10 * torch.randn(7, D), torch.zeros(3, D)):
+            in_batch = sae.encode(torch.cat([token, others]))[:1]
+            torch.testing.assert_close(in_batch, alone)  # GEMM rounding may differ with the batch size
+            assert torch.equal(in_batch != 0, alone != 0)
+    assert torch.equal(sae.threshold, theta)

@@ -130,7 +130,7 @@ def test_jumprelu_sae_l0_penalty_and_target() -> None:
 
 # ------------------------------------------------------------------------------- BatchTopK threshold
 def test_batchtopk_threshold_ema_and_batch_independent_eval() -> None:
-    sae = build_sae("batchtopk", 8, 32, k=3, threshold_decay=0.75, score="activation")
+    sae = build_sae("batchtopk", 8, 32, k=3, threshold_decay=0.75, score="activation").train()
     assert isinstance(sae, BatchTopKSAE)
     x1, x2 = torch.randn(16, 8), torch.randn(16, 8)
     codes1 = sae(x1).codes
@@ -155,7 +155,7 @@ def test_batchtopk_threshold_ema_and_batch_independent_eval() -> None:
 def test_thresholds_stay_fp32_and_learn_under_bf16_autocast(arch: str) -> None:
     jump_kw = {"threshold_init": 0.05, "bandwidth": 0.05, "sparsity_warmup_steps": 0}
     kw = jump_kw if arch == "jumprelu" else {"k": 4}
-    sae = build_sae(arch, 16, 64, **kw)
+    sae = build_sae(arch, 16, 64, **kw).train()
     opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
     data = torch.randn(256, 16)
     before = sae.threshold.detach().clone()

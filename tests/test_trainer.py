@@ -112,6 +112,7 @@ def test_train_reduces_fvu_and_records_provenance(tmp_path: Path) -> None:
     assert (sae.cfg.hook, sae.cfg.encoder) == ("blocks.3", "timm:test_vit")
     saved = load_sae(tmp_path / "blocks.3")
     assert torch.equal(saved.W_enc, sae.W_enc)
+    assert not sae.training and not saved.training  # handed out for inference
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file() and (tmp_path / "csv" / "metrics.csv").is_file()
 
 

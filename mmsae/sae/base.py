@@ -166,6 +166,9 @@ class SAE(nn.Module):
         self.register_buffer("tokens_since_fired", torch.zeros(n, dtype=torch.float64))
         self._num_dead: int | None = None  # host-side cache, see num_dead()
         self._dead_updates = 0
+        # Inference mode unless a trainer says otherwise (Lightning calls .train() when fitting): in training
+        # mode BatchTopK selects across the batch and moves its threshold, so a user's SAE must not be in it.
+        self.eval()
 
     # ----------------------------------------------------------------- construction
     @classmethod
