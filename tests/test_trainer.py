@@ -278,7 +278,7 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
     mid = tmp_path / "ckpt" / "epoch=0-step=8.ckpt"
     state = torch.load(mid, weights_only=True)  # no pickled objects anywhere in the checkpoint
     assert state["global_step"] == 8 and state["SAEDataModule"] == {"batches_done": 8}
-    assert state["state_dict"]["saes.0.tokens_since_fired"].max() > 0
+    assert state["state_dict"]["clocks.0.tokens_since_fired"].max() > 0
     resumed, resumed_trainer = run(str(mid))
     assert resumed_trainer.global_step == full_trainer.global_step == 16
     assert resumed.tokens_seen.item() == full.tokens_seen.item() == 16 * 64
@@ -326,7 +326,7 @@ def test_ddp_two_cpu_processes_share_dead_counters(tmp_path: Path) -> None:
     subprocess.run([sys.executable, str(script)], check=True, timeout=120, capture_output=True, cwd=tmp_path)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     assert rank0["tokens_seen"].item() == 12 * 64  # both ranks' tokens counted on each
-    assert rank0["saes.0.tokens_since_fired"].max() > 0  # with k=1 some latents skip a step
+    assert rank0["clocks.0.tokens_since_fired"].max() > 0  # with k=1 some latents skip a step
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
 
@@ -340,3 +340,30 @@ def test_store_smaller_than_a_batch_is_a_clear_error(tmp_path) -> None:
     )
     with pytest.raises(ValueError, match="fewer tokens than one batch"):
         mmsae.train(store, sae="topk", n_latents=32, k=4, tokens=4096, batch_size=1024)
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def test_resumes_a_checkpoint_written_before_the_clocks_left_the_sae(tmp_path: Path) -> None:
+    """tests/fixtures/legacy_trainer_step4.ckpt was written when the dead-latent clock was an SAE buffer
+    (`saes.0.tokens_since_fired`); resumed now, the run reaches the state that code reached at step 8."""
+    L.seed_everything(0)
+    x = torch.randn(1024, 8)
+    module = SAEModule(
+        [SAESpec(n_latents=16, k=2, options={"dead_tokens": 64})], warmup_steps=2, init_batches=2
+    )
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, max_epochs=1
+    )
+    datamodule = SAEDataModule(x, tokens=8 * 32, batch_size=32)
+    trainer.fit(
+        module, datamodule=datamodule, ckpt_path=FIXTURES / "legacy_trainer_step4.ckpt", weights_only=True
+    )
+    assert trainer.global_step == 8
+    expected = torch.load(FIXTURES / "legacy_trainer_step8_state.pt", weights_only=True)["state_dict"]
+    got = {k.replace("clocks.0.", "saes.0."): v for k, v in module.state_dict().items()}
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert "tokens_since_fired" not in module.folded_sae().state_dict()
