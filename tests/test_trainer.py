@@ -367,3 +367,85 @@ def test_resumes_a_checkpoint_written_before_the_clocks_left_the_sae(tmp_path: P
     for key, value in expected.items():
         torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
     assert "tokens_since_fired" not in module.folded_sae().state_dict()
+
+
+# ----------------------------------------------------------------------------- reruns into one out_dir
+def small_run(out_dir: Path, **kw) -> mmsae.SAE:
+    options = {"n_latents": 32, "k": 4, "tokens": 8 * 64, "batch_size": 64, "warmup_steps": 2}
+    return mmsae.train(acts(1024), out_dir=str(out_dir), checkpoint_every=4, **{**options, **kw})
+
+
+def test_rerun_with_another_configuration_is_refused_by_name(tmp_path: Path) -> None:
+    small_run(tmp_path)
+    for change, named in [
+        ({"k": 2}, r"saes\[0\]\.k: checkpoint 4, now 2"),
+        ({"lr": 1e-3}, r"saes\[0\]\.lr: checkpoint None, now 0\.001"),
+        ({"n_latents": 64}, r"saes\[0\]\.n_latents: checkpoint 32, now 64"),  # not a raw size mismatch
+    ]:
+        with pytest.raises(ValueError, match=named) as info:
+            small_run(tmp_path, **change)
+        assert "another out_dir" in str(info.value) and "last.ckpt" in str(info.value)
+    assert load_sae(tmp_path / "sae").cfg.k == 4  # the written SAE still says what trained it
+    small_run(tmp_path)  # the same configuration resumes (here: finds the run finished)
+
+
+def test_fit_cli_resume_with_another_configuration_is_refused(tmp_path: Path) -> None:
+    from mmsae.trainer.cli import SAECLI
+
+    checkpoint = f"{{class_path: ModelCheckpoint, init_args: {{dirpath: {tmp_path}, save_last: true}}}}"
+
+    def cli(k: int) -> None:
+        args = [
+            "fit",
+            f"--model.saes=[{{arch: topk, n_latents: 32, k: {k}}}]",
+            "--model.warmup_steps=2",
+            "--data.source={synthetic: {d: 16, n_features: 64, mean_active: 3}}",
+            "--data.tokens=256",
+            "--data.batch_size=64",
+            "--trainer.accelerator=cpu",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.callbacks=[{checkpoint}]",
+            "--ckpt_path=last",
+        ]
+        SAECLI(args=args, save_config_callback=None)  # writes nothing outside tmp_path
+
+    cli(4)
+    with pytest.raises(ValueError, match=r"saes\[0\]\.k: checkpoint 4, now 2"):
+        cli(2)
+
+
+def test_rerun_keeps_the_training_log(tmp_path: Path) -> None:
+    long_enough = {"tokens": 51 * 32, "batch_size": 32}  # Lightning writes the log every 50 steps
+    small_run(tmp_path, **long_enough)
+    log = tmp_path / "csv" / "metrics.csv"
+    rows = log.read_text()
+    assert rows.count("\n") >= 2
+    small_run(tmp_path, **long_enough)  # a rerun (a resume) must not delete the history
+    assert log.read_text() == rows
+
+
+def test_resumable_csv_logger_appends_across_runs(tmp_path: Path) -> None:
+    from mmsae.trainer.api import ResumableCSVLogger
+
+    for steps in (range(3), range(3, 5)):
+        logger = ResumableCSVLogger(tmp_path, name="", version="csv")
+        for step in steps:
+            logger.log_metrics({"fvu": 1.0 / (step + 1)} | ({"auxk": 0.5} if step == 4 else {}), step=step)
+        logger.save()
+    lines = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()
+    assert lines[0] == "auxk,fvu,step" and [line.split(",")[-1] for line in lines[1:]] == list("01234")
+
+
+def test_truncated_last_checkpoint_names_the_file_and_the_fix(tmp_path: Path) -> None:
+    small_run(tmp_path)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"last\.ckpt: the checkpoint is truncated or corrupt.*Delete it"):
+        small_run(tmp_path)
+
+
+def test_topk_without_k_on_a_small_dictionary_is_an_error() -> None:
+    with pytest.raises(ValueError, match=r"default k=32 would keep 32 of n_latents=32 .* pass k, e\.g\. k=2"):
+        mmsae.train(acts(256), sae="topk", n_latents=32, tokens=128, batch_size=64)
+    assert SAESpec(arch="topk", n_latents=256).build(D, None, None).cfg.k == 32  # a sparse default stays

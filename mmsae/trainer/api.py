@@ -2,17 +2,44 @@
 
 from __future__ import annotations
 
+import csv
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 from mmsae.sae import SAE
 from mmsae.trainer.data import SAEDataModule
 from mmsae.trainer.module import SAEModule, SAESpec
+from mmsae.trainer.state import check_readable
+
+
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that an existing metrics.csv is continued, not deleted."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self.metrics_keys = sorted(next(csv.reader(f), []))
+
+
+class ResumableCSVLogger(CSVLogger):
+    """A `CSVLogger` whose reruns into the same version append to its metrics.csv (Lightning's would delete
+    it), so a resumed run keeps the whole history: rows of steps retrained after a kill appear twice."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
 
 
 def default_precision() -> str:
@@ -64,6 +91,8 @@ def train(
     )
     with tempfile.TemporaryDirectory() as scratch:
         logging = out_dir is not None
+        if logging:
+            check_readable(Path(out_dir) / "checkpoints" / "last.ckpt")
         trainer = L.Trainer(
             max_epochs=1,
             devices=devices,
@@ -74,7 +103,7 @@ def train(
             # Fixed (unversioned) directories, so a rerun with the same out_dir finds last.ckpt and resumes.
             logger=[
                 TensorBoardLogger(out_dir, name="", version="tensorboard"),
-                CSVLogger(out_dir, name="", version="csv"),
+                ResumableCSVLogger(out_dir, name="", version="csv"),
             ]
             if logging
             else False,

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from mmsae.checkpoint import save_sae
 from mmsae.kernels.optim import Adam
 from mmsae.metrics import l0_tensor
-from mmsae.sae import SAE, build_sae, default_lr, fired_mask, normalized_mse
+from mmsae.sae import SAE, build_sae, default_lr, fired_mask, get_sae_class, normalized_mse
 from mmsae.staging import RowScreen, finite_rows_mask
 from mmsae.trainer.data import SAEDataModule
 from mmsae.trainer.graphs import GraphedStep
@@ -49,7 +49,8 @@ class SAESpec:
     arch: str = "topk"
     n_latents: int = 4096
     k: int | None = None
-    """Active latents per token; None keeps the architecture's default."""
+    """Active latents per token; None keeps the architecture's default (TopK family: 32) where that is at most
+    an eighth of n_latents, and is an error otherwise (it would make a nearly dense SAE)."""
     lr: float | None = None
     """None = default_lr(n_latents) = 2e-4 / √(n / 2¹⁴)."""
     name: str | None = None
@@ -61,6 +62,14 @@ class SAESpec:
         kwargs = dict(self.options)
         if self.k is not None:
             kwargs["k"] = self.k
+        elif "k" not in kwargs:
+            default_k = get_sae_class(self.arch).Config.k  # a dataclass default, read on the class
+            if default_k is not None and 8 * default_k > self.n_latents:
+                raise ValueError(
+                    f"No k given for the {self.arch!r} SAE, and its default k={default_k} would keep "
+                    f"{default_k} of n_latents={self.n_latents} latents per token (nearly dense): pass k, "
+                    f"e.g. k={max(1, self.n_latents // 16)}."
+                )
         return build_sae(self.arch, d_in, self.n_latents, hook=hook, encoder=encoder, **kwargs)
 
     def default_name(self, single: bool, hook: str | None) -> str:

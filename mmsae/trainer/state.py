@@ -68,10 +68,11 @@ def run_config(hparams: dict[str, Any]) -> dict[str, Any]:
 
 def check_resume(saved: dict[str, Any], now: dict[str, Any], checkpoint: str | Path | None) -> None:
     """Refuse to resume a checkpoint of another configuration: name each differing setting and the way out."""
+    old, new = _flatten(saved), _flatten(now)
     diffs = [
-        f"{name}: checkpoint {saved.get(name)!r}, now {now.get(name)!r}"
-        for name in sorted(set(saved) | set(now))
-        if saved.get(name) != now.get(name)
+        f"{name}: checkpoint {old.get(name, '(unset)')!r}, now {new.get(name, '(unset)')!r}"
+        for name in sorted(set(old) | set(new))
+        if old.get(name, "(unset)") != new.get(name, "(unset)")
     ]
     if diffs:
         where = f" {checkpoint}" if checkpoint else ""
@@ -97,3 +98,34 @@ def upgrade_checkpoint(checkpoint: dict[str, Any], n_saes: int) -> None:
     if manual is not None and "step" in automatic and manual["total"]["completed"] == 0:
         # The optimizer steps taken so far (global_step) are counted by the manual loop now.
         loop["epoch_loop.manual_optimization.optim_step_progress"] = automatic["step"]
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """{'saes': [{'k': 4}]} → {'saes[0].k': 4}: a difference is named by the setting, not its section."""
+    if isinstance(value, dict):
+        items = [(f"{prefix}.{k}" if prefix else str(k), v) for k, v in value.items()]
+    elif isinstance(value, list):
+        items = [(f"{prefix}[{i}]", v) for i, v in enumerate(value)]
+    else:
+        return {prefix: value}
+    flat: dict[str, Any] = {}
+    for name, v in items:
+        flat.update(_flatten(v, name) if isinstance(v, (dict, list)) else {name: v})  # {} adds nothing
+    return flat
+
+
+def check_readable(ckpt_path: str | Path) -> None:
+    """Fail early, naming the file and the fix, when a checkpoint to resume from cannot be read (a kill while
+    Lightning wrote it leaves a truncated file)."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        return  # Lightning reports a missing path itself
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # truncated zip, bad pickle stream, ...: all mean the file is unusable
+        raise ValueError(
+            f"Cannot resume from {path}: the checkpoint is truncated or corrupt ({type(e).__name__}: "
+            f"{str(e).splitlines()[0]}); a kill while it was written? Delete it and resume from another "
+            f"checkpoint in {path.parent} (pass its path as ckpt_path), or delete {path.parent} to start the "
+            "run over."
+        ) from e
