@@ -72,10 +72,11 @@ def train(
     `data` is anything `mmsae.trainer.data.as_source` accepts (tensor, array, memmap, iterable of batches,
     activation store or its path, {'synthetic': {...}}). `sae_kwargs` are options of the architecture
     (e.g. aux_k=256). With `out_dir`, the SAE is written to `out_dir/<hook or 'sae'>/`, TensorBoard/CSV logs
-    and a resumable checkpoint every `checkpoint_every` steps go there too (rerun to resume); without it
-    nothing is written. `cuda_graphs` replays each step as one CUDA graph (None: wherever possible; see
-    `SAEModule`); `stage` keeps the data (a store: its shuffle buffer) on the GPU (None: when it fits in a
-    quarter of the free memory; see `SAEDataModule`).
+    and a resumable checkpoint every `checkpoint_every` steps go there too (rerun with the same settings to
+    resume: the CSV log keeps growing; other settings are refused by name); without it nothing is written.
+    `cuda_graphs` replays each step as one CUDA graph (None: wherever possible; see `SAEModule`); `stage`
+    keeps the data (a store: its shuffle buffer) on the GPU (None: when it fits in a quarter of the free
+    memory; see `SAEDataModule`).
     """
     L.seed_everything(seed, verbose=False)
     datamodule = SAEDataModule(data, tokens=tokens, batch_size=batch_size, hook=hook, seed=seed, stage=stage)

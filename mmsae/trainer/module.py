@@ -490,8 +490,9 @@ class SAEModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Before Lightning loads the weights: another configuration is named, not a raw size mismatch.
-        if "mmsae_run" in checkpoint:
-            check_resume(checkpoint["mmsae_run"], self.run_config(), self._trainer and self.trainer.ckpt_path)
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"  # validate may use other data
+        if "mmsae_run" in checkpoint and fitting:
+            check_resume(checkpoint["mmsae_run"], self.run_config(), self.trainer.ckpt_path)
         upgrade_checkpoint(checkpoint, len(self.saes))
 
     def on_train_end(self) -> None:
