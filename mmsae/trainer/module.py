@@ -150,7 +150,6 @@ class SAEModule(L.LightningModule):
         self.automatic_optimization = False
         self.saes = nn.ModuleList()
         self.clocks = nn.ModuleList()  # a dead-latent clock per SAE: training state, not the SAE's
-        # Checkpointed state besides the SAEs.
         self.register_buffer("input_scale", torch.zeros((), dtype=torch.float64))  # 0 = not estimated yet
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.int64))
         self.register_buffer("skipped_rows", torch.zeros((), dtype=torch.int64))
@@ -330,8 +329,7 @@ class SAEModule(L.LightningModule):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False)
 
     def _count_replayed_step(self) -> None:
-        """Lightning's bookkeeping of one optimizer step (global_step, progress), for a replay: the optimizer
-        step inside it ran on the GPU, and the Python around it (LightningOptimizer.step) only at capture."""
+        """What LightningOptimizer.step counts (global_step), for a replay: its Python ran only at capture."""
         optimizer = self.optimizers()
         optimizer._on_before_step()
         optimizer._on_after_step()
