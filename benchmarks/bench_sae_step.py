@@ -101,7 +101,7 @@ def make_step(name: str, s: Size) -> tuple[nn.Module, Callable[[Tensor], Tensor]
         from mmsae.sae.base import build_sae
 
         kernels.set_backend("triton")
-        model = build_sae("topk", s.d, s.n, k=s.k, aux_k=0).cuda()
+        model = build_sae("topk", s.d, s.n, k=s.k, aux_k=0).cuda().train()
 
         def loss(x: Tensor) -> Tensor:
             # TopKSAE.loss without AuxK (aux_k=0), as sparsify's fvu (its AuxK check syncs the host every

@@ -6,8 +6,10 @@ import dataclasses
 import json
 import os
 import tempfile
+import types
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -16,6 +18,9 @@ from mmsae.sae.base import SAE, get_sae_class
 
 CFG_NAME = "cfg.json"
 WEIGHTS_NAME = "sae.safetensors"
+TRAINING_STATE = ("tokens_since_fired",)
+"""Tensors that files of earlier versions hold besides the SAE's own (the trainer's dead-latent clock):
+ignored on load."""
 
 
 def _version() -> str:
@@ -71,20 +76,72 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{cfg_file} is not valid JSON ({e}); the checkpoint is corrupt.") from e
 
 
-def sae_from_config(cfg: dict[str, Any]) -> SAE:
+def sae_from_config(cfg: dict[str, Any], source: str | os.PathLike = CFG_NAME) -> SAE:
+    """The SAE that `cfg` (a cfg.json's contents) describes, randomly initialised; errors name `source`."""
     cfg = dict(cfg)
     if "arch" not in cfg:
         raise ValueError(
-            "cfg.json has no 'arch' field: this is not an mmsae checkpoint. "
+            f"{source} has no 'arch' field: this is not an mmsae checkpoint. "
             "For SAELens or sparsify checkpoints use mmsae.convert.from_saelens / from_sparsify."
         )
     cls = get_sae_class(cfg.pop("arch"))
     cfg.pop("mmsae_version", None)
-    names = {f.name for f in dataclasses.fields(cls.Config)}
-    unknown = set(cfg) - names
+    fields = {f.name: f for f in dataclasses.fields(cls.Config)}
+    unknown = set(cfg) - set(fields)
     if unknown:
-        raise ValueError(f"cfg.json has fields {sorted(unknown)} unknown to the {cls.arch!r} SAE.")
-    return cls(cls.Config(**{**cls.Config.LEGACY_DEFAULTS, **cfg}))
+        raise ValueError(f"{source} has fields {sorted(unknown)} unknown to the {cls.arch!r} SAE.")
+    required = [
+        name
+        for name, f in fields.items()
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    missing = [name for name in required if name not in cfg]
+    if missing:
+        raise ValueError(
+            f"{source} lacks the field(s) {missing} that every {cls.arch!r} SAE needs: the file is "
+            "incomplete; restore it from the run that wrote the SAE (the weights' shapes give d_in and "
+            "n_latents)."
+        )
+    hints = typing.get_type_hints(cls.Config)
+    for name, value in cfg.items():
+        if not _has_type(value, hints[name]):
+            raise ValueError(
+                f"{source}: field {name!r} is {value!r} ({type(value).__name__}), but must be "
+                f"{_type_name(hints[name])}: correct it in the file."
+            )
+    try:
+        return cls(cls.Config(**{**cls.Config.LEGACY_DEFAULTS, **cfg}))
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from e
+
+
+def _has_type(value: Any, tp: Any) -> bool:
+    """Whether a JSON value fits a config field's annotation (ints count as floats; lists as tuples)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return True
+    if tp is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, a) for a in args)
+    if origin is Literal:
+        return value in args
+    if origin in (tuple, list):
+        items = args[:1] if origin is list or (len(args) == 2 and args[1] is Ellipsis) else args
+        return isinstance(value, (list, tuple)) and all(_has_type(v, items[0]) for v in value)
+    if origin is dict or tp is dict:
+        return isinstance(value, dict)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp) if isinstance(tp, type) else True
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(tp)))
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
 def resolve_dir(
@@ -117,7 +174,7 @@ def load_sae(
     """Load an SAE from a local directory or a Hugging Face Hub repo id (optionally a subfolder)."""
     path = resolve_dir(path_or_repo, revision, subfolder)
     _reject_foreign(path)
-    sae = sae_from_config(read_config(path))
+    sae = sae_from_config(read_config(path), path / CFG_NAME)
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(
@@ -127,6 +184,8 @@ def load_sae(
         state = load_file(weights, device=str(device))
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
         raise ValueError(f"{weights} is corrupt or truncated ({e}); re-download or re-save the SAE.") from e
+    for name in TRAINING_STATE:
+        state.pop(name, None)
     missing = set(sae.state_dict()) - set(state)
     if missing:
         raise ValueError(f"{weights} lacks tensors {sorted(missing)} required by a {sae.arch!r} SAE.")
@@ -136,7 +195,10 @@ def load_sae(
             raise ValueError(
                 f"{weights}: tensor {name!r} has shape {tuple(t.shape)}, cfg.json implies {tuple(ref.shape)}."
             )
-    sae.load_state_dict(state, strict=False)
+    unexpected = set(state) - set(sae.state_dict())
+    if unexpected:
+        raise ValueError(f"{weights} holds tensors {sorted(unexpected)} unknown to a {sae.arch!r} SAE.")
+    sae.load_state_dict(state)
     return sae.to(device)
 
 

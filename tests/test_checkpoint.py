@@ -34,7 +34,6 @@ def assert_same_outputs(a, b, x: torch.Tensor) -> None:
 
 def test_round_trip_preserves_weights_config_and_buffers(tmp_path: Path) -> None:
     sae = tiny_topk()
-    sae.update_dead(torch.zeros(N, dtype=torch.bool), 123)
     mmsae.save_sae(sae, tmp_path / "sae")
     loaded = mmsae.load_sae(tmp_path / "sae")
     assert type(loaded) is type(sae) and loaded.cfg == sae.cfg
@@ -354,3 +353,78 @@ def test_load_sae_recognises_peer_folders(tmp_path: Path) -> None:
         mmsae.load_sae(tmp_path / "sp" / "layers.0")
     with pytest.raises(ValueError, match="from_sparsify"):
         mmsae.load_sae(tmp_path / "sp")
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka", "jumprelu"])
+def test_built_and_loaded_saes_are_in_eval_mode(tmp_path: Path, arch: str) -> None:
+    built = build_sae(arch, D, N, k=4) if arch != "jumprelu" else build_sae(arch, D, N)
+    assert not built.training
+    built.save(tmp_path)
+    assert not checkpoint.load_sae(tmp_path).training
+
+
+def test_loaded_batchtopk_codes_of_a_token_do_not_depend_on_the_batch() -> None:
+    """In training mode BatchTopK ranks the whole batch and moves θ; a loaded SAE must use θ instead."""
+    sae = checkpoint.load_sae(FIXTURES / "legacy_batchtopk_sae")
+    theta = sae.threshold.clone()
+    torch.manual_seed(0)
+    token = torch.randn(1, D)
+    with torch.no_grad():
+        alone = sae.encode(token)
+        for others in (torch.randn(31, D), 10 * torch.randn(7, D), torch.zeros(3, D)):
+            in_batch = sae.encode(torch.cat([token, others]))[:1]
+            torch.testing.assert_close(in_batch, alone)  # GEMM rounding may differ with the batch size
+            assert torch.equal(in_batch != 0, alone != 0)
+    assert torch.equal(sae.threshold, theta)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_published_weights_hold_only_the_saes_own_tensors_and_old_files_load(
+    tmp_path: Path, arch: str
+) -> None:
+    """The fixtures were written when the dead-latent clock (`tokens_since_fired`) was an SAE buffer."""
+    from safetensors import safe_open
+
+    old_dir = FIXTURES / f"legacy_{arch}_sae"
+    with safe_open(str(old_dir / "sae.safetensors"), "pt") as f:
+        old = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+    assert "tokens_since_fired" in old
+    sae = checkpoint.load_sae(old_dir)
+    for name, t in sae.state_dict().items():
+        assert torch.equal(t, old[name]), name
+    sae.save(tmp_path)
+    with safe_open(str(tmp_path / "sae.safetensors"), "pt") as f:
+        own = {"W_enc", "b_enc", "W_dec", "b_dec"} | ({"threshold"} if arch == "batchtopk" else set())
+        assert set(f.keys()) == own
+
+
+def test_unknown_tensors_in_weights_are_an_error(tmp_path: Path) -> None:
+    sae = tiny_topk()
+    sae.save(tmp_path)
+    save_file({**sae.state_dict(), "surprise": torch.zeros(3)}, str(tmp_path / "sae.safetensors"))
+    with pytest.raises(ValueError, match=r"sae.safetensors holds tensors \['surprise'\] unknown"):
+        checkpoint.load_sae(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        ({"k": "eight"}, r"cfg.json: field 'k' is 'eight' \(str\), but must be int \| None"),
+        ({"n_latents": 32.5}, r"cfg.json: field 'n_latents' is 32.5 \(float\), but must be int"),
+        ({"unit_norm_decoder": "yes"}, r"field 'unit_norm_decoder' is 'yes' \(str\), but must be bool"),
+        ({"site": "input"}, r"field 'site' is 'input' \(str\), but must be one of 'output', 'update'"),
+        ({"d_in": None}, r"cfg.json lacks the field\(s\) \['d_in'\]"),
+        ({"k": 64}, r"cfg.json: k=64 must be in 1..n_latents=32"),
+    ],
+)
+def test_bad_cfg_json_names_the_file_and_field(tmp_path: Path, edit: dict, match: str) -> None:
+    tiny_topk().save(tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    cfg.update(edit)
+    cfg = {k: v for k, v in cfg.items() if v is not None or k != "d_in"}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=match):
+        checkpoint.load_sae(tmp_path)

@@ -1,8 +1,9 @@
 """CUDA-graphed training steps (`mmsae.trainer.graphs`): the graphed path trains exactly as the eager one.
 
-On CPU nothing can be captured, so the CPU twins run the function a graph would capture (`_full_step`:
-forward, backward, clipping, Adam, renormalisation, dead clocks in one call) against Lightning's eager path,
-for every SAE variant. The GPU tests capture and replay it.
+Eager and graphed training run one step function (`SAEModule._step`: forward, backward, clipping, Adam,
+renormalisation, dead clocks). On CPU nothing can be captured, so the CPU twins run it through `GraphedStep`
+(as a GPU run would, minus the capture) against the plain eager path, for every SAE variant. The GPU tests
+capture and replay it.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from mmsae.datasets.synthetic import SyntheticActivations
 from mmsae.sae import REGISTRY, TopKSAE
 from mmsae.sae.topk import TopKConfig
 from mmsae.trainer import SAEDataModule, SAEModule, SAESpec
+from mmsae.trainer.state import DeadLatentClock
 
 D, N, BATCH, STEPS = 16, 64, 64, 40
-NEEDS_CUDA = "needs CUDA; CPU twin: test_full_step_trains_like_lightning"
+NEEDS_CUDA = "needs CUDA; CPU twin: test_step_through_graphed_step_trains_like_eager"
 
 
 def data(n: int = STEPS * BATCH) -> torch.Tensor:
@@ -55,7 +57,7 @@ def state(module: SAEModule) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
-def test_full_step_trains_like_lightning(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_step_through_graphed_step_trains_like_eager(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     arch, options = VARIANTS[name]
     eager = train(arch, options, cuda_graphs=False)
     assert eager._graphed is None
@@ -79,14 +81,17 @@ def test_cuda_graphs_required_off_cuda_names_the_reason() -> None:
 
 def test_aux_size_rounds_dead_count_up_to_a_power_of_two() -> None:
     sae = REGISTRY["topk"](TopKConfig(d_in=D, n_latents=N, k=4, aux_k=8, dead_tokens=10))
-    assert sae.aux_size() == 0  # nothing dead: AuxK off
+    clock = DeadLatentClock(N, dead_tokens=10)
+    assert sae.aux_size(clock.count()) == 0  # nothing dead: AuxK off
     for dead, size in [(1, 1), (3, 4), (5, 8), (40, 8)]:
         fired = torch.ones(N, dtype=torch.bool)
         fired[:dead] = False
-        sae.tokens_since_fired.zero_()
-        sae.update_dead(fired, 10)
-        sae.expire_dead_count()
-        assert sae.aux_size() == size and sae.step_structure() == size
+        clock.tokens_since_fired.zero_()
+        clock.update(fired, 10)
+        assert clock.count() != dead  # a cached count: only expire_count() makes it count again
+        clock.expire_count()
+        assert clock.count() == dead
+        assert sae.aux_size(clock.count()) == size and sae.loss_structure(clock.count()) == size
 
 
 # ------------------------------------------------------------------------------------------- GPU
@@ -95,8 +100,8 @@ class SyncingTopK(TopKSAE):
 
     arch = "_test_syncing_topk"
 
-    def loss(self, x, out, step=0):
-        result = super().loss(x, out, step)
+    def loss(self, x, out, step=0, dead=None):
+        result = super().loss(x, out, step, dead)
         if float(result.loss) < 0:  # a host read of a device scalar
             raise AssertionError
         return result

@@ -464,7 +464,7 @@ def test_topk_sae_training_forward_computes_its_loss_with_the_decoder(
     from mmsae.sae import build_sae
 
     torch.manual_seed(0)
-    sae = build_sae("topk", 24, 64, k=4, aux_k=0).to(DEVICE)
+    sae = build_sae("topk", 24, 64, k=4, aux_k=0).to(DEVICE).train()
     x_BD = torch.randn(33, 24, device=DEVICE) + 2
     results = []
     for backend in ("triton", "torch"):
@@ -482,7 +482,7 @@ def test_topk_sae_training_forward_computes_its_loss_with_the_decoder(
     sae.eval()
     assert "mse" not in sae(x_BD).aux
     # Matryoshka's loss is over prefix reconstructions: its forward leaves the loss to it.
-    matryoshka = build_sae("matryoshka", 24, 64, k=4, selection="topk").to(DEVICE)
+    matryoshka = build_sae("matryoshka", 24, 64, k=4, selection="topk").to(DEVICE).train()
     assert "mse" not in matryoshka(x_BD).aux
 
 

@@ -26,7 +26,7 @@ device_stream = bench_quality.device_stream
 
 def identity_batchtopk(score: str) -> BatchTopKSAE:
     """d = n = 4, atoms = encoder rows = the basis, no biases: pre-activations are the inputs themselves."""
-    sae = build_sae("batchtopk", 4, 4, k=1, score=score)
+    sae = build_sae("batchtopk", 4, 4, k=1, score=score).train()  # training: selection over the batch
     with torch.no_grad():
         sae.W_enc.copy_(torch.eye(4))
         sae.W_dec.copy_(torch.eye(4))

@@ -6,7 +6,15 @@ import pytest
 import torch
 from torch import Tensor
 
-from mmsae.sae import BatchTopKSAE, JumpReLUSAE, TopKSAE, build_sae, fired_mask, normalized_mse
+from mmsae.sae import (
+    BatchTopKSAE,
+    DeadLatents,
+    JumpReLUSAE,
+    TopKSAE,
+    build_sae,
+    fired_mask,
+    normalized_mse,
+)
 from mmsae.sae.jumprelu import JumpReLUFunction, StepFunction
 
 
@@ -25,9 +33,8 @@ def test_auxk_matches_dense_autograd_twin() -> None:
     x = torch.randn(16, d)
     out = sae(x)
     dead = ~fired_mask(out.codes, n)  # the latents this batch did not use are the dead ones
-    sae.update_dead(~dead, 100)
-    assert torch.equal(sae.dead_mask(), dead) and int(dead.sum()) > aux_k
-    sae.loss(x, out).loss.backward()
+    assert int(dead.sum()) > aux_k
+    sae.loss(x, out, dead=DeadLatents(dead, int(dead.sum()))).loss.backward()
 
     W_enc, b_enc, W_dec, b_dec = (
         p.detach().clone().requires_grad_() for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)
@@ -45,7 +52,7 @@ def test_auxk_matches_dense_autograd_twin() -> None:
 
     # AuxK alone never reaches the live atoms: its target is detached and it decodes dead latents only.
     sae.zero_grad()
-    sae.auxk_loss(x, sae(x).x_hat).backward()
+    sae.auxk_loss(x, sae(x).x_hat, DeadLatents(dead, int(dead.sum()))).backward()
     assert (sae.W_dec.grad[~dead] == 0).all() and (sae.W_dec.grad[dead] != 0).any()
 
 
@@ -53,7 +60,9 @@ def test_auxk_is_off_without_dead_latents() -> None:
     sae = build_sae("topk", 8, 32, k=3)
     x = torch.randn(16, 8)
     out = sae(x)
-    assert sae.auxk_loss(x, out.x_hat) is None and "auxk" not in sae.loss(x, out).metrics
+    none_dead = DeadLatents(torch.zeros(32, dtype=torch.bool), 0)
+    assert sae.auxk_loss(x, out.x_hat, none_dead) is None
+    assert "auxk" not in sae.loss(x, out, dead=none_dead).metrics and "auxk" not in sae.loss(x, out).metrics
 
 
 # ------------------------------------------------------------------------------------- JumpReLU STE
@@ -130,7 +139,7 @@ def test_jumprelu_sae_l0_penalty_and_target() -> None:
 
 # ------------------------------------------------------------------------------- BatchTopK threshold
 def test_batchtopk_threshold_ema_and_batch_independent_eval() -> None:
-    sae = build_sae("batchtopk", 8, 32, k=3, threshold_decay=0.75, score="activation")
+    sae = build_sae("batchtopk", 8, 32, k=3, threshold_decay=0.75, score="activation").train()
     assert isinstance(sae, BatchTopKSAE)
     x1, x2 = torch.randn(16, 8), torch.randn(16, 8)
     codes1 = sae(x1).codes
@@ -155,7 +164,7 @@ def test_batchtopk_threshold_ema_and_batch_independent_eval() -> None:
 def test_thresholds_stay_fp32_and_learn_under_bf16_autocast(arch: str) -> None:
     jump_kw = {"threshold_init": 0.05, "bandwidth": 0.05, "sparsity_warmup_steps": 0}
     kw = jump_kw if arch == "jumprelu" else {"k": 4}
-    sae = build_sae(arch, 16, 64, **kw)
+    sae = build_sae(arch, 16, 64, **kw).train()
     opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
     data = torch.randn(256, 16)
     before = sae.threshold.detach().clone()

@@ -21,6 +21,7 @@ from mmsae.sae import (
     fired_mask,
     normalized_mse,
 )
+from mmsae.trainer.state import DeadLatentClock
 
 D, N = 16, 64
 # name -> (arch, options); matryoshka also runs with per-token TopK selection.
@@ -134,18 +135,21 @@ def test_fold_input_scale(name: str) -> None:
 def train(sae: SAE, data: torch.Tensor, steps: int, lr: float = 3e-3, batch: int = 128) -> list[float]:
     """The trainer's contract, inline: init, forward, loss, projections around the Adam step, dead clock."""
     sae.init_from_data(data[:512])
+    sae.train()
     opt = torch.optim.Adam([p for p in sae.parameters() if p.requires_grad], lr=lr)
+    clock = DeadLatentClock(sae.n_latents, sae.cfg.dead_tokens)
     losses = []
     for step in range(steps):
         x = data[torch.randint(len(data), (batch,))]
         out = sae(x)
-        lo = sae.loss(x, out, step)
+        clock.expire_count()
+        lo = sae.loss(x, out, step, dead=clock.dead())
         opt.zero_grad()
         lo.loss.backward()
         sae.remove_parallel_grads()
         opt.step()
         sae.normalize_decoder()
-        sae.update_dead(fired_mask(out.codes, sae.n_latents), batch)
+        clock.update(fired_mask(out.codes, sae.n_latents), batch)
         losses.append(lo.loss.item())
     return losses
 
@@ -259,7 +263,7 @@ def test_hierarchical_budgets_are_prefixes() -> None:
         assert torch.equal(part.indices, full.indices[:, :k]) and torch.equal(part.values, full.values[:, :k])
     out = sae(x)
     expected = torch.stack([normalized_mse(x, sae(x, k=k).x_hat) for k in (1, 2, 4)]).mean()
-    sae.tokens_since_fired.zero_()  # no dead latents, so no AuxK term
+    # no dead latents given, so no AuxK term
     torch.testing.assert_close(sae.loss(x, out).loss, expected)
     with pytest.raises(ValueError, match="max\\(ks\\)=4"):
         sae.encode(x, k=5)
@@ -274,7 +278,7 @@ def test_matryoshka_loss_is_mean_of_prefix_losses() -> None:
     assert sae.cfg.prefix_widths() == [4, 8, 16, 36, 64]
     perturb(sae)
     x = torch.randn(32, D)
-    out = sae(x)
+    out = sae.train()(x)  # training: BatchTopK selection over the batch
     f = out.codes
     widths = (4, 8, 16, 36, 64)
     expected = torch.stack([normalized_mse(x, f[:, :m] @ sae.W_dec[:m] + sae.b_dec) for m in widths])
@@ -296,7 +300,7 @@ def test_mp_residual_and_adaptive_stop() -> None:
     assert all(len(set(row.tolist())) == D for row in codes.indices)  # no atom picked twice
     torch.testing.assert_close(sae(x).x_hat, x, atol=1e-5, rtol=1e-5)
 
-    sae = build_sae("mp", D, N, k=8, stop_tol=0.5)
+    sae = build_sae("mp", D, N, k=8, stop_tol=0.5).train()  # the tolerance applies only at inference
     perturb(sae)
     sae.normalize_decoder()
     x = torch.randn(64, D)

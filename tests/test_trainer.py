@@ -112,6 +112,7 @@ def test_train_reduces_fvu_and_records_provenance(tmp_path: Path) -> None:
     assert (sae.cfg.hook, sae.cfg.encoder) == ("blocks.3", "timm:test_vit")
     saved = load_sae(tmp_path / "blocks.3")
     assert torch.equal(saved.W_enc, sae.W_enc)
+    assert not sae.training and not saved.training  # handed out for inference
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file() and (tmp_path / "csv" / "metrics.csv").is_file()
 
 
@@ -277,7 +278,7 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
     mid = tmp_path / "ckpt" / "epoch=0-step=8.ckpt"
     state = torch.load(mid, weights_only=True)  # no pickled objects anywhere in the checkpoint
     assert state["global_step"] == 8 and state["SAEDataModule"] == {"batches_done": 8}
-    assert state["state_dict"]["saes.0.tokens_since_fired"].max() > 0
+    assert state["state_dict"]["clocks.0.tokens_since_fired"].max() > 0
     resumed, resumed_trainer = run(str(mid))
     assert resumed_trainer.global_step == full_trainer.global_step == 16
     assert resumed.tokens_seen.item() == full.tokens_seen.item() == 16 * 64
@@ -325,7 +326,7 @@ def test_ddp_two_cpu_processes_share_dead_counters(tmp_path: Path) -> None:
     subprocess.run([sys.executable, str(script)], check=True, timeout=120, capture_output=True, cwd=tmp_path)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     assert rank0["tokens_seen"].item() == 12 * 64  # both ranks' tokens counted on each
-    assert rank0["saes.0.tokens_since_fired"].max() > 0  # with k=1 some latents skip a step
+    assert rank0["clocks.0.tokens_since_fired"].max() > 0  # with k=1 some latents skip a step
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
 
@@ -339,3 +340,112 @@ def test_store_smaller_than_a_batch_is_a_clear_error(tmp_path) -> None:
     )
     with pytest.raises(ValueError, match="fewer tokens than one batch"):
         mmsae.train(store, sae="topk", n_latents=32, k=4, tokens=4096, batch_size=1024)
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def test_resumes_a_checkpoint_written_before_the_clocks_left_the_sae(tmp_path: Path) -> None:
+    """tests/fixtures/legacy_trainer_step4.ckpt was written when the dead-latent clock was an SAE buffer
+    (`saes.0.tokens_since_fired`); resumed now, the run reaches the state that code reached at step 8."""
+    L.seed_everything(0)
+    x = torch.randn(1024, 8)
+    module = SAEModule(
+        [SAESpec(n_latents=16, k=2, options={"dead_tokens": 64})], warmup_steps=2, init_batches=2
+    )
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, max_epochs=1
+    )
+    datamodule = SAEDataModule(x, tokens=8 * 32, batch_size=32)
+    trainer.fit(
+        module, datamodule=datamodule, ckpt_path=FIXTURES / "legacy_trainer_step4.ckpt", weights_only=True
+    )
+    assert trainer.global_step == 8
+    expected = torch.load(FIXTURES / "legacy_trainer_step8_state.pt", weights_only=True)["state_dict"]
+    got = {k.replace("clocks.0.", "saes.0."): v for k, v in module.state_dict().items()}
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert "tokens_since_fired" not in module.folded_sae().state_dict()
+
+
+# ----------------------------------------------------------------------------- reruns into one out_dir
+def small_run(out_dir: Path, **kw) -> mmsae.SAE:
+    options = {"n_latents": 32, "k": 4, "tokens": 8 * 64, "batch_size": 64, "warmup_steps": 2}
+    return mmsae.train(acts(1024), out_dir=str(out_dir), checkpoint_every=4, **{**options, **kw})
+
+
+def test_rerun_with_another_configuration_is_refused_by_name(tmp_path: Path) -> None:
+    small_run(tmp_path)
+    for change, named in [
+        ({"k": 2}, r"saes\[0\]\.k: checkpoint 4, now 2"),
+        ({"lr": 1e-3}, r"saes\[0\]\.lr: checkpoint None, now 0\.001"),
+        ({"n_latents": 64}, r"saes\[0\]\.n_latents: checkpoint 32, now 64"),  # not a raw size mismatch
+    ]:
+        with pytest.raises(ValueError, match=named) as info:
+            small_run(tmp_path, **change)
+        assert "another out_dir" in str(info.value) and "last.ckpt" in str(info.value)
+    assert load_sae(tmp_path / "sae").cfg.k == 4  # the written SAE still says what trained it
+    small_run(tmp_path)  # the same configuration resumes (here: finds the run finished)
+
+
+def test_fit_cli_resume_with_another_configuration_is_refused(tmp_path: Path) -> None:
+    from mmsae.trainer.cli import SAECLI
+
+    checkpoint = f"{{class_path: ModelCheckpoint, init_args: {{dirpath: {tmp_path}, save_last: true}}}}"
+
+    def cli(k: int) -> None:
+        args = [
+            "fit",
+            f"--model.saes=[{{arch: topk, n_latents: 32, k: {k}}}]",
+            "--model.warmup_steps=2",
+            "--data.source={synthetic: {d: 16, n_features: 64, mean_active: 3}}",
+            "--data.tokens=256",
+            "--data.batch_size=64",
+            "--trainer.accelerator=cpu",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.callbacks=[{checkpoint}]",
+            "--ckpt_path=last",
+        ]
+        SAECLI(args=args, save_config_callback=None)  # writes nothing outside tmp_path
+
+    cli(4)
+    with pytest.raises(ValueError, match=r"saes\[0\]\.k: checkpoint 4, now 2"):
+        cli(2)
+
+
+def test_rerun_keeps_the_training_log(tmp_path: Path) -> None:
+    long_enough = {"tokens": 51 * 32, "batch_size": 32}  # Lightning writes the log every 50 steps
+    small_run(tmp_path, **long_enough)
+    log = tmp_path / "csv" / "metrics.csv"
+    rows = log.read_text()
+    assert rows.count("\n") >= 2
+    small_run(tmp_path, **long_enough)  # a rerun (a resume) must not delete the history
+    assert log.read_text() == rows
+
+
+def test_resumable_csv_logger_appends_across_runs(tmp_path: Path) -> None:
+    from mmsae.trainer.api import ResumableCSVLogger
+
+    for steps in (range(3), range(3, 5)):
+        logger = ResumableCSVLogger(tmp_path, name="", version="csv")
+        for step in steps:
+            logger.log_metrics({"fvu": 1.0 / (step + 1)} | ({"auxk": 0.5} if step == 4 else {}), step=step)
+        logger.save()
+    lines = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()
+    assert lines[0] == "auxk,fvu,step" and [line.split(",")[-1] for line in lines[1:]] == list("01234")
+
+
+def test_truncated_last_checkpoint_names_the_file_and_the_fix(tmp_path: Path) -> None:
+    small_run(tmp_path)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"last\.ckpt: the checkpoint is truncated or corrupt.*Delete it"):
+        small_run(tmp_path)
+
+
+def test_topk_without_k_on_a_small_dictionary_is_an_error() -> None:
+    with pytest.raises(ValueError, match=r"default k=32 would keep 32 of n_latents=32 .* pass k, e\.g\. k=2"):
+        mmsae.train(acts(256), sae="topk", n_latents=32, tokens=128, batch_size=64)
+    assert SAESpec(arch="topk", n_latents=256).build(D, None, None).cfg.k == 32  # a sparse default stays

@@ -19,7 +19,6 @@ from torch import Tensor, nn
 from mmsae import kernels
 
 REGISTRY: dict[str, type[SAE]] = {}
-DEAD_COUNT_EVERY = 100
 
 
 def register(name: str):
@@ -114,6 +113,15 @@ class LossOutput(NamedTuple):
     metrics: dict[str, Tensor]
 
 
+class DeadLatents(NamedTuple):
+    """Which latents a trainer counts as dead (it keeps the clocks; the SAE only reads this in `loss`)."""
+
+    mask: Tensor
+    """[n] bool, current."""
+    count: int
+    """Dead latents on the host; may lag the mask by some steps, so reading it never syncs the GPU."""
+
+
 def as_dense(codes: Codes) -> Tensor:
     return codes.dense() if isinstance(codes, SparseCodes) else codes
 
@@ -137,9 +145,9 @@ def normalized_mse(x: Tensor, x_hat: Tensor) -> Tensor:
 class SAE(nn.Module):
     """Base sparse autoencoder: x̂ = decode(encode(x)).
 
-    Subclasses implement `encode`. The base supplies the linear decoder, the training
-    machinery every variant shares (decoder normalisation, dead-latent tracking, data init,
-    input-scale folding) and checkpoint I/O.
+    Subclasses implement `encode`. The base supplies the linear decoder, what training needs of the SAE
+    itself (the objective, decoder normalisation, data init, input-scale folding) and checkpoint I/O. An SAE
+    is its weights and its config: training state such as dead-latent clocks belongs to the trainer.
     """
 
     arch: ClassVar[str] = "base"
@@ -147,9 +155,6 @@ class SAE(nn.Module):
     fused_recon: ClassVar[bool] = False
     """Its loss takes the reconstruction term from `recon_loss`, so a training forward with sparse codes may
     compute it with the decoder (`kernels.decode_with_mse`: one pass, and a backward without a gather)."""
-    graph_safe: ClassVar[bool] = True
-    """Its training step never reads the GPU on the host, so the trainer may capture it in a CUDA graph
-    (tests/test_graphs.py checks every registered variant on a GPU)."""
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -162,10 +167,9 @@ class SAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(n))
         self.b_dec = nn.Parameter(torch.zeros(d))
         self.init_decoder(W_dec)
-        # Tokens since each latent last fired; float so that DDP all-reduce and bf16 never matter.
-        self.register_buffer("tokens_since_fired", torch.zeros(n, dtype=torch.float64))
-        self._num_dead: int | None = None  # host-side cache, see num_dead()
-        self._dead_updates = 0
+        # Inference mode unless a trainer says otherwise (Lightning calls .train() when fitting): in training
+        # mode BatchTopK selects across the batch and moves its threshold, so a user's SAE must not be in it.
+        self.eval()
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -226,8 +230,14 @@ class SAE(nn.Module):
         return as_dense(self.encode(x))
 
     # ----------------------------------------------------------------- training
-    def loss(self, x: Tensor, out: SAEOutput, step: int = 0) -> LossOutput:
-        """Training objective; default is normalised MSE. `step` drives warm-ups."""
+    def loss(
+        self, x: Tensor, out: SAEOutput, step: int | Tensor = 0, dead: DeadLatents | None = None
+    ) -> LossOutput:
+        """Training objective; default is normalised MSE. `step` drives warm-ups; `dead` (from the trainer's
+        clocks) feeds auxiliary losses on dead latents, none when None.
+
+        It must not read the GPU on the host: the trainer may capture it in a CUDA graph (tests/test_graphs.py
+        checks every registered variant on a GPU)."""
         mse = self.recon_loss(x, out)
         return LossOutput(mse, {"mse": mse.detach()})
 
@@ -235,41 +245,12 @@ class SAE(nn.Module):
         """normalized_mse(x, out.x_hat), where `out = self(x)`: the forward's own when it computed it."""
         return out.aux["mse"] if "mse" in out.aux else normalized_mse(x, out.x_hat)
 
-    def dead_mask(self) -> Tensor:
-        return self.tokens_since_fired >= self.cfg.dead_tokens
+    def loss_structure(self, num_dead: int) -> Hashable:
+        """The host-side choices `loss` makes for `num_dead` dead latents (None: it makes none).
 
-    def num_dead(self) -> int:
-        """Dead-latent count on the host, refreshed every `DEAD_COUNT_EVERY` clock updates.
-
-        Reading it forces a GPU sync, which would stall every training step (AuxK needs the count
-        to size its top-k). Latents die over millions of tokens, so a count ≤ 100 steps old is exact
-        enough; the mask itself is always current.
-        """
-        if self._num_dead is None:
-            self._num_dead = int(self.dead_mask().sum())
-        return self._num_dead
-
-    def expire_dead_count(self) -> None:
-        """Make the next `num_dead()` count again (the trainer calls this every `DEAD_COUNT_EVERY` steps)."""
-        self._num_dead = None
-
-    def step_structure(self) -> Hashable:
-        """The host-side decisions that shape the next training step's kernels (None: there are none).
-
-        The trainer replays one captured CUDA graph per distinct value, so it must change rarely and must not
-        read the GPU except through caches such as `num_dead()`.
+        A trainer that replays captured steps needs one capture per distinct value, so it must change rarely.
         """
         return None
-
-    @torch.no_grad()
-    def update_dead(self, fired: Tensor, n_tokens: int | Tensor) -> None:
-        """Advance the dead-latent clock by `n_tokens` and reset latents in `fired` ([n] bool)."""
-        # masked_fill_, not clock[fired] = 0: boolean indexing sizes its result on the host (a stream sync,
-        # and illegal inside a CUDA graph capture).
-        self.tokens_since_fired.add_(n_tokens).masked_fill_(fired, 0)
-        self._dead_updates += 1
-        if self._dead_updates % DEAD_COUNT_EVERY == 0:
-            self.expire_dead_count()
 
     @torch.no_grad()
     def init_from_data(self, x: Tensor) -> None:

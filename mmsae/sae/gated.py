@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from mmsae.sae.base import LossOutput, SAEOutput, normalized_mse, register
+from mmsae.sae.base import DeadLatents, LossOutput, SAEOutput, normalized_mse, register
 from mmsae.sae.relu import ReLUConfig, ReLUSAE, weighted_l1
 
 
@@ -52,7 +52,9 @@ class GatedSAE(ReLUSAE):
         pi_gate_BN, codes_BN = self.gate_and_codes(x)
         return SAEOutput(self.decode(codes_BN), codes_BN, {"pi_gate": pi_gate_BN})
 
-    def loss(self, x: Tensor, out: SAEOutput, step: int = 0) -> LossOutput:
+    def loss(
+        self, x: Tensor, out: SAEOutput, step: int | Tensor = 0, dead: DeadLatents | None = None
+    ) -> LossOutput:
         mse = normalized_mse(x, out.x_hat)
         gate_BN = out.aux["pi_gate"].relu()
         l1 = weighted_l1(gate_BN, self.W_dec)

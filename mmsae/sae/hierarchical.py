@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from mmsae import kernels
-from mmsae.sae.base import LossOutput, SAEOutput, SparseCodes, normalized_mse, register
+from mmsae.sae.base import DeadLatents, LossOutput, SAEOutput, SparseCodes, normalized_mse, register
 from mmsae.sae.topk import TopKConfig, TopKSAE
 
 
@@ -58,7 +58,9 @@ class HierarchicalTopKSAE(TopKSAE):
         codes = self.encode(x, k)
         return SAEOutput(self.decode(codes), codes, {})
 
-    def loss(self, x: Tensor, out: SAEOutput, step: int = 0) -> LossOutput:
+    def loss(
+        self, x: Tensor, out: SAEOutput, step: int | Tensor = 0, dead: DeadLatents | None = None
+    ) -> LossOutput:
         values, indices, n = out.codes
         budgets = [k for k in self.cfg.ks if k <= values.shape[-1]]
         per_k = torch.stack(
@@ -70,7 +72,7 @@ class HierarchicalTopKSAE(TopKSAE):
         loss = per_k.mean()
         metrics = {f"mse_k{k}": m.detach() for k, m in zip(budgets, per_k)}
         metrics["mse"] = per_k[-1].detach()
-        return self.with_auxk(x, out.x_hat, loss, metrics)
+        return self.with_auxk(x, out.x_hat, loss, metrics, dead)
 
 
 __all__ = ["HierarchicalTopKConfig", "HierarchicalTopKSAE"]

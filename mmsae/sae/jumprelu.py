@@ -23,7 +23,16 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from mmsae.sae.base import SAE, LossOutput, SAEConfig, SAEOutput, linear_warmup, normalized_mse, register
+from mmsae.sae.base import (
+    SAE,
+    DeadLatents,
+    LossOutput,
+    SAEConfig,
+    SAEOutput,
+    linear_warmup,
+    normalized_mse,
+    register,
+)
 
 
 def rectangle(u: Tensor) -> Tensor:
@@ -139,7 +148,9 @@ class JumpReLUSAE(SAE):
             coef = 1.0 if self.cfg.target_l0 is not None else 1e-3
         return coef * linear_warmup(step, self.cfg.sparsity_warmup_steps)
 
-    def loss(self, x: Tensor, out: SAEOutput, step: int = 0) -> LossOutput:
+    def loss(
+        self, x: Tensor, out: SAEOutput, step: int | Tensor = 0, dead: DeadLatents | None = None
+    ) -> LossOutput:
         mse = normalized_mse(x, out.x_hat)
         fires_BN = StepFunction.apply(
             out.aux["pre_acts"], self.threshold, self.cfg.bandwidth, self.cfg.ste_inputs

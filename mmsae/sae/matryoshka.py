@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from mmsae.sae.base import LossOutput, SAEOutput, SparseCodes, as_dense, normalized_mse, register
+from mmsae.sae.base import DeadLatents, LossOutput, SAEOutput, SparseCodes, as_dense, normalized_mse, register
 from mmsae.sae.batchtopk import BatchTopKConfig, BatchTopKSAE
 from mmsae.sae.topk import TopKSAE
 
@@ -63,13 +63,15 @@ class MatryoshkaSAE(BatchTopKSAE):
             outs.append(x_hat)
         return outs
 
-    def loss(self, x: Tensor, out: SAEOutput, step: int = 0) -> LossOutput:
+    def loss(
+        self, x: Tensor, out: SAEOutput, step: int | Tensor = 0, dead: DeadLatents | None = None
+    ) -> LossOutput:
         prefix_mse = torch.stack(
             [normalized_mse(x, x_hat) for x_hat in self.prefix_reconstructions(as_dense(out.codes))]
         )
         loss = prefix_mse.mean()
         metrics = {"mse": prefix_mse[-1].detach(), "prefix_mse_mean": loss.detach()}
-        return self.with_auxk(x, out.x_hat, loss, metrics)
+        return self.with_auxk(x, out.x_hat, loss, metrics, dead)
 
 
 __all__ = ["MatryoshkaConfig", "MatryoshkaSAE"]

@@ -6,7 +6,16 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from mmsae.sae.base import SAE, LossOutput, SAEConfig, SAEOutput, linear_warmup, normalized_mse, register
+from mmsae.sae.base import (
+    SAE,
+    DeadLatents,
+    LossOutput,
+    SAEConfig,
+    SAEOutput,
+    linear_warmup,
+    normalized_mse,
+    register,
+)
 
 
 @dataclass
@@ -44,7 +53,9 @@ class ReLUSAE(SAE):
         coef = 5.0 / self.cfg.d_in if self.cfg.l1_coef is None else self.cfg.l1_coef
         return coef * linear_warmup(step, self.cfg.l1_warmup_steps)
 
-    def loss(self, x: Tensor, out: SAEOutput, step: int = 0) -> LossOutput:
+    def loss(
+        self, x: Tensor, out: SAEOutput, step: int | Tensor = 0, dead: DeadLatents | None = None
+    ) -> LossOutput:
         mse = normalized_mse(x, out.x_hat)
         l1 = weighted_l1(out.codes, self.W_dec)
         loss = mse + self.l1_coef_at(step) * l1

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from mmsae import kernels
-from mmsae.sae.base import SAE, LossOutput, SAEConfig, SAEOutput, SparseCodes, register
+from mmsae.sae.base import SAE, DeadLatents, LossOutput, SAEConfig, SAEOutput, SparseCodes, register
 
 
 @dataclass
@@ -35,13 +35,22 @@ class TopKSAE(SAE):
         values, indices = kernels.topk_encode(x, self.W_enc, self.b_enc, self.cfg.k, b_dec=self.b_dec)
         return SparseCodes(values, indices, self.cfg.n_latents)
 
-    def loss(self, x: Tensor, out: SAEOutput, step: int = 0) -> LossOutput:
+    def loss(
+        self, x: Tensor, out: SAEOutput, step: int | Tensor = 0, dead: DeadLatents | None = None
+    ) -> LossOutput:
         mse = self.recon_loss(x, out)
-        return self.with_auxk(x, out.x_hat, mse, {"mse": mse.detach()})
+        return self.with_auxk(x, out.x_hat, mse, {"mse": mse.detach()}, dead)
 
-    def with_auxk(self, x: Tensor, x_hat: Tensor, loss: Tensor, metrics: dict[str, Tensor]) -> LossOutput:
+    def with_auxk(
+        self,
+        x: Tensor,
+        x_hat: Tensor,
+        loss: Tensor,
+        metrics: dict[str, Tensor],
+        dead: DeadLatents | None,
+    ) -> LossOutput:
         """`loss` plus aux_coef × AuxK when latents are dead (shared by the TopK family's objectives)."""
-        aux = self.auxk_loss(x, x_hat)
+        aux = None if dead is None else self.auxk_loss(x, x_hat, dead)
         if aux is None:
             return LossOutput(loss, metrics)
         return LossOutput(loss + self.cfg.aux_coef * aux, {**metrics, "auxk": aux.detach()})
@@ -50,32 +59,31 @@ class TopKSAE(SAE):
         """The configured AuxK budget: `aux_k`, or d_in // 2 (Gao et al.) when None; 0 disables AuxK."""
         return self.cfg.d_in // 2 if self.cfg.aux_k is None else self.cfg.aux_k
 
-    def aux_size(self) -> int:
-        """Dead latents AuxK selects per token this step (0: AuxK is off).
+    def aux_size(self, num_dead: int) -> int:
+        """Dead latents AuxK selects per token for `num_dead` dead latents (0: AuxK is off).
 
-        min(aux_k, #dead) rounded up to a power of two, from the host's cached dead count: a captured CUDA
-        graph then serves every count up to that size (the extra slots pick live latents masked to −∞, whose
-        codes are 0), and the trainer captures a handful of graphs over a run, not one per count.
+        min(aux_k, num_dead) rounded up to a power of two: with the trainer's host-side dead count (which may
+        lag), a captured CUDA graph then serves every count up to that size (the extra slots pick live latents
+        masked to −∞, whose codes are 0), and a run captures a handful of graphs, not one per count.
         """
         aux_k = self.max_aux_k()
-        num_dead = self.num_dead()
         if aux_k == 0 or num_dead == 0:
             return 0
         return min(aux_k, 1 << (num_dead - 1).bit_length())
 
-    def step_structure(self) -> int:
-        return self.aux_size()
+    def loss_structure(self, num_dead: int) -> int:
+        return self.aux_size(num_dead)
 
-    def auxk_loss(self, x: Tensor, x_hat: Tensor) -> Tensor | None:
+    def auxk_loss(self, x: Tensor, x_hat: Tensor, dead: DeadLatents) -> Tensor | None:
         """Reconstruct the residual from the top `aux_k` dead latents.
 
         The target is the *detached* residual and the aux reconstruction has no b_dec
         (sparsify #132 re-added it). Scaled by min(#dead / aux_k, 1), with #dead counted on the device now.
         """
-        size = self.aux_size()
+        size = self.aux_size(dead.count)
         if size == 0:
             return None
-        dead_N = self.dead_mask()
+        dead_N = dead.mask
         values, indices = self.select_aux(self.pre_acts(x), dead_N, size)
         e_hat = kernels.sparse_decode(values, indices, self.W_dec)
         residual = (x - x_hat).detach().float()

@@ -2,17 +2,44 @@
 
 from __future__ import annotations
 
+import csv
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 from mmsae.sae import SAE
 from mmsae.trainer.data import SAEDataModule
 from mmsae.trainer.module import SAEModule, SAESpec
+from mmsae.trainer.state import check_readable
+
+
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that an existing metrics.csv is continued, not deleted."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self.metrics_keys = sorted(next(csv.reader(f), []))
+
+
+class ResumableCSVLogger(CSVLogger):
+    """A `CSVLogger` whose reruns into the same version append to its metrics.csv (Lightning's would delete
+    it), so a resumed run keeps the whole history: rows of steps retrained after a kill appear twice."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
 
 
 def default_precision() -> str:
@@ -45,10 +72,11 @@ def train(
     `data` is anything `mmsae.trainer.data.as_source` accepts (tensor, array, memmap, iterable of batches,
     activation store or its path, {'synthetic': {...}}). `sae_kwargs` are options of the architecture
     (e.g. aux_k=256). With `out_dir`, the SAE is written to `out_dir/<hook or 'sae'>/`, TensorBoard/CSV logs
-    and a resumable checkpoint every `checkpoint_every` steps go there too (rerun to resume); without it
-    nothing is written. `cuda_graphs` replays each step as one CUDA graph (None: wherever possible; see
-    `SAEModule`); `stage` keeps the data (a store: its shuffle buffer) on the GPU (None: when it fits in a
-    quarter of the free memory; see `SAEDataModule`).
+    and a resumable checkpoint every `checkpoint_every` steps go there too (rerun with the same settings to
+    resume: the CSV log keeps growing; other settings are refused by name); without it nothing is written.
+    `cuda_graphs` replays each step as one CUDA graph (None: wherever possible; see `SAEModule`); `stage`
+    keeps the data (a store: its shuffle buffer) on the GPU (None: when it fits in a quarter of the free
+    memory; see `SAEDataModule`).
     """
     L.seed_everything(seed, verbose=False)
     datamodule = SAEDataModule(data, tokens=tokens, batch_size=batch_size, hook=hook, seed=seed, stage=stage)
@@ -64,6 +92,8 @@ def train(
     )
     with tempfile.TemporaryDirectory() as scratch:
         logging = out_dir is not None
+        if logging:
+            check_readable(Path(out_dir) / "checkpoints" / "last.ckpt")
         trainer = L.Trainer(
             max_epochs=1,
             devices=devices,
@@ -74,7 +104,7 @@ def train(
             # Fixed (unversioned) directories, so a rerun with the same out_dir finds last.ckpt and resumes.
             logger=[
                 TensorBoardLogger(out_dir, name="", version="tensorboard"),
-                CSVLogger(out_dir, name="", version="csv"),
+                ResumableCSVLogger(out_dir, name="", version="csv"),
             ]
             if logging
             else False,

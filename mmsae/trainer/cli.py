@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from mmsae.trainer.data import SAEDataModule
 from mmsae.trainer.module import SAEModule
+from mmsae.trainer.state import check_readable
 
 
 class SAECLI(LightningCLI):
@@ -31,12 +34,24 @@ class SAECLI(LightningCLI):
         ckpt_path: str | None = None,
         weights_only: bool | None = None,
     ) -> None:
+        if ckpt_path is not None:
+            check_readable(self._resolve(ckpt_path))
         self.trainer.fit(
             model,
             datamodule=datamodule,
             ckpt_path=ckpt_path,
             weights_only=True if weights_only is None else weights_only,
         )
+
+    def _resolve(self, ckpt_path: str) -> Path:
+        """Where `last` is, for a ModelCheckpoint with a set dirpath (as the shipped configs have)."""
+        if ckpt_path == "last":
+            for callback in self.trainer.checkpoint_callbacks:
+                if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+                    return (
+                        Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+                    )
+        return Path(ckpt_path)
 
     def validate(
         self,

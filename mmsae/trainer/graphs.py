@@ -51,8 +51,12 @@ class GraphedStep:
         self.disabled: str | None = None
         self.pool: tuple[int, int] | None = None
         self.replays = 0
+        self.ran_step_fn = False
+        """Whether the last call ran `step_fn`'s Python (eagerly, or to capture it): False for a pure replay,
+        after which the caller does any host-side bookkeeping the step would have done."""
 
     def __call__(self, x: Tensor, key: Hashable = None) -> dict[str, Tensor]:
+        self.ran_step_fn = True
         if x.device.type != "cuda" or self.disabled:
             return self.step_fn(x)  # nothing to capture (the tests' CPU twin), or capture failed: eagerly
         self.shape = self.shape or x.shape
@@ -65,6 +69,8 @@ class GraphedStep:
             captured = self._capture(full_key, x)
             if captured is None:
                 return self._eager(x)
+        else:
+            self.ran_step_fn = False
         self.graphs.move_to_end(full_key)
         captured.static_x.copy_(x)
         captured.graph.replay()

@@ -4,6 +4,10 @@ Recipe (method notes): inputs scaled so E‖s·x‖ = √d, b_dec at the geometr
 Adam(0.9, 0.999) with one param group per SAE, linear warm-up then linear decay to 0 over the last 20%,
 per-SAE grad clipping, decoder-parallel gradients removed before the step and atoms renormalised after.
 The scale is folded into a *copy* of each SAE when it is written out, so the live SAE keeps training on s·x.
+
+One step function (`SAEModule._step`) runs under Lightning's manual optimisation, eagerly or captured and
+replayed as one CUDA graph (`mmsae.trainer.graphs`). Dead-latent clocks and the run's configuration are the
+module's state (`mmsae.trainer.state`), saved in the Lightning checkpoint, not in the published SAEs.
 """
 
 from __future__ import annotations
@@ -12,8 +16,7 @@ import copy
 import dataclasses
 import itertools
 import math
-import warnings
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,11 +29,17 @@ from torch import Tensor, nn
 from mmsae.checkpoint import save_sae
 from mmsae.kernels.optim import Adam
 from mmsae.metrics import l0_tensor
-from mmsae.sae import SAE, build_sae, default_lr, fired_mask, normalized_mse
-from mmsae.sae.base import DEAD_COUNT_EVERY
+from mmsae.sae import SAE, build_sae, default_lr, fired_mask, get_sae_class, normalized_mse
 from mmsae.staging import RowScreen, finite_rows_mask
 from mmsae.trainer.data import SAEDataModule
 from mmsae.trainer.graphs import GraphedStep
+from mmsae.trainer.state import (
+    DEAD_COUNT_EVERY,
+    DeadLatentClock,
+    check_resume,
+    run_config,
+    upgrade_checkpoint,
+)
 
 
 @dataclass
@@ -40,7 +49,8 @@ class SAESpec:
     arch: str = "topk"
     n_latents: int = 4096
     k: int | None = None
-    """Active latents per token; None keeps the architecture's default."""
+    """Active latents per token; None keeps the architecture's default (TopK family: 32) where that is at most
+    an eighth of n_latents, and is an error otherwise (it would make a nearly dense SAE)."""
     lr: float | None = None
     """None = default_lr(n_latents) = 2e-4 / √(n / 2¹⁴)."""
     name: str | None = None
@@ -52,6 +62,14 @@ class SAESpec:
         kwargs = dict(self.options)
         if self.k is not None:
             kwargs["k"] = self.k
+        elif "k" not in kwargs:
+            default_k = get_sae_class(self.arch).Config.k  # a dataclass default, read on the class
+            if default_k is not None and 8 * default_k > self.n_latents:
+                raise ValueError(
+                    f"No k given for the {self.arch!r} SAE, and its default k={default_k} would keep "
+                    f"{default_k} of n_latents={self.n_latents} latents per token (nearly dense): pass k, "
+                    f"e.g. k={max(1, self.n_latents // 16)}."
+                )
         return build_sae(self.arch, d_in, self.n_latents, hook=hook, encoder=encoder, **kwargs)
 
     def default_name(self, single: bool, hook: str | None) -> str:
@@ -79,13 +97,6 @@ class WarmupDecay:
         return max(0.0, min(1.0, warm, decay))
 
 
-# SAEModule.on_before_batch_transfer makes Lightning warn that it overrides a DataModule hook of the
-# same name; SAEDataModule defines none.
-warnings.filterwarnings("ignore", message="You have overridden `on_before_batch_transfer`")
-# A graphed step returns None on purpose: it ran its own backward and optimizer step.
-warnings.filterwarnings("ignore", message="`training_step` returned `None`")
-
-
 class SAEModule(L.LightningModule):
     """Train SAEs on activations from `SAEDataModule` (or any loader of [B, d] batches).
 
@@ -102,8 +113,8 @@ class SAEModule(L.LightningModule):
         out_dir: where SAEs are written (`<out_dir>/<name>/{cfg.json,sae.safetensors}`) with every
             checkpoint and at the end; None = `<log_dir>/saes` when logging, nothing when not.
         cuda_graphs: replay each training step as one CUDA graph (`mmsae.trainer.graphs`): None = wherever
-            possible (one CUDA device, no fp16 loss scaling, every SAE `graph_safe`), True = required (an
-            error says what prevents it), False = never.
+            possible (one CUDA device, no fp16 loss scaling; a step that fails to capture runs eagerly with a
+            warning), True = required (an error says what prevents it), False = never.
     """
 
     def __init__(
@@ -135,8 +146,10 @@ class SAEModule(L.LightningModule):
         self.normalize_inputs, self.init_batches, self.out_dir = normalize_inputs, init_batches, out_dir
         self.cuda_graphs = cuda_graphs
         self._graphed: GraphedStep | None = None
+        # One step function, run eagerly or replayed as a CUDA graph, drives Adam itself (`_step`).
+        self.automatic_optimization = False
         self.saes = nn.ModuleList()
-        # Checkpointed state besides the SAEs (their dead-latent clocks are SAE buffers).
+        self.clocks = nn.ModuleList()  # a dead-latent clock per SAE: training state, not the SAE's
         self.register_buffer("input_scale", torch.zeros((), dtype=torch.float64))  # 0 = not estimated yet
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.int64))
         self.register_buffer("skipped_rows", torch.zeros((), dtype=torch.int64))
@@ -157,9 +170,10 @@ class SAEModule(L.LightningModule):
                 raise ValueError("SAEModule needs d_in: pass d_in=... or train with an SAEDataModule.")
             d_in = int(datamodule.d_in)
         for spec in self.specs:
-            sae = spec.build(d_in, self.hook, self.encoder)
+            sae = spec.build(d_in, self.hook, self.encoder).train()  # SAEs are built for inference
             self._record_provenance(sae)
             self.saes.append(sae)
+            self.clocks.append(DeadLatentClock(sae.n_latents, sae.cfg.dead_tokens))
 
     def setup(self, stage: str) -> None:
         # A store records what it holds (encoder, hook, site): SAEs trained on it inherit what this run was
@@ -168,6 +182,12 @@ class SAEModule(L.LightningModule):
         self.data_provenance = datamodule.provenance() if isinstance(datamodule, SAEDataModule) else {}
         for sae in self.saes:
             self._record_provenance(sae)
+        if isinstance(datamodule, SAEDataModule):
+            # It screens its own batches: Lightning's identity hook, bound on this instance, so that Lightning
+            # sees no module hook competing with the data module's.
+            self.on_before_batch_transfer = super().on_before_batch_transfer
+        else:
+            self.__dict__.pop("on_before_batch_transfer", None)
 
     def _record_provenance(self, sae: SAE) -> None:
         known, cfg = self.data_provenance, sae.cfg
@@ -261,17 +281,58 @@ class SAEModule(L.LightningModule):
             self._dropped_counted = dropped
 
     # ----------------------------------------------------------------- training
-    def training_step(self, batch_BD: Tensor, batch_idx: int) -> Tensor | None:
-        if self._graphed is not None:
-            self._graphed_training_step(batch_BD)
-            return None  # the step ran whole (backward and optimizer included); see optimizer_step
-        # Lightning's log() costs ~1 ms of Python per metric: compute and log only on logging steps.
-        log_now = self.global_step % self.trainer.log_every_n_steps == 0
-        total, fired, logs = self._losses(batch_BD, self.global_step, metrics=log_now)
-        self._update_dead(fired, len(batch_BD))
+    def training_step(self, batch_BD: Tensor, batch_idx: int) -> None:
+        """One optimizer step, by `_step`: eagerly, or as a CUDA graph replay (`_setup_graphs`)."""
+        step = self.global_step
+        if step % DEAD_COUNT_EVERY == 0:
+            for clock in self.clocks:
+                clock.expire_count()  # the host-side counts, re-read here (outside any capture)
+        self._step_t.fill_(step)
+        # Lightning's log() costs ~1 ms of Python per metric: eagerly, metrics are made only on logging steps.
+        log_now = step % self.trainer.log_every_n_steps == 0
+        if self._graphed is None:
+            logs = self._step(batch_BD, metrics=log_now)
+        else:
+            key = tuple(sae.loss_structure(clock.count()) for sae, clock in zip(self.saes, self.clocks))
+            logs = self._graphed(batch_BD, key)
+            if not self._graphed.ran_step_fn:
+                self._count_replayed_step()
+            logs = (
+                {k: v.clone() for k, v in logs.items()} if log_now else {}
+            )  # the next replay overwrites them
+        self.lr_schedulers().step()
         if log_now:
             self._log_train(logs)
-        return total
+
+    def _step(self, batch_BD: Tensor, metrics: bool = True) -> dict[str, Tensor]:
+        """The training step: forward, backward, grad projection and clipping, Adam, atom renormalisation and
+        dead clocks, with no host sync (so `GraphedStep` can capture it); returns the training metrics."""
+        optimizer = self.optimizers()
+        # Fresh gradients (in a capture: in the graph's pool, where every replay rewrites them). Zeroing
+        # static ones instead cost a memset plus a read-add-write of every gradient: −13 % at d=4096.
+        optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            total, fired, logs = self._losses(batch_BD, self._step_t, metrics)
+        with torch.autocast(self.device.type, enabled=False):
+            self.manual_backward(total)
+            optimizer.step()  # runs on_before_optimizer_step: parallel-gradient removal, clipping
+            for sae in self.saes:
+                sae.normalize_decoder()  # right after the step, before any callback sees the weights
+            self._update_dead(fired, len(batch_BD))
+        return logs
+
+    def _autocast(self) -> AbstractContextManager:
+        """Autocast as Lightning's precision plugin applies it, with its weight-cast cache off: cached casts
+        made during a capture would outlive it."""
+        if self.trainer.precision != "bf16-mixed":
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False)
+
+    def _count_replayed_step(self) -> None:
+        """What LightningOptimizer.step counts (global_step), for a replay: its Python ran only at capture."""
+        optimizer = self.optimizers()
+        optimizer._on_before_step()
+        optimizer._on_after_step()
 
     def _losses(
         self,
@@ -284,9 +345,9 @@ class SAEModule(L.LightningModule):
         total = x_BD.new_zeros((), dtype=torch.float32)
         fired = []
         logs: dict[str, Tensor] = {}
-        for name, sae in zip(self.names, self.saes):
+        for name, sae, clock in zip(self.names, self.saes, self.clocks):
             out = sae(x_BD)
-            loss_out = sae.loss(x_BD, out, step)
+            loss_out = sae.loss(x_BD, out, step, dead=clock.dead())
             total = total + loss_out.loss.float()
             fired.append(fired_mask(out.codes, sae.n_latents))
             if metrics:
@@ -297,7 +358,7 @@ class SAEModule(L.LightningModule):
                         "mse": (x_BD.float() - out.x_hat.float()).pow(2).mean(),
                         "fvu": normalized_mse(x_BD, out.x_hat),
                         "l0": l0_tensor(out.codes),
-                        "dead_frac": sae.dead_mask().float().mean(),
+                        "dead_frac": clock.mask().float().mean(),
                     }
                 logs.update({f"train/{name}/{k}": v.float() for k, v in values.items()})
         return total, fired, logs
@@ -318,38 +379,15 @@ class SAEModule(L.LightningModule):
         # Made on the device (torch.full, not torch.tensor(n_rows, device=...): that is a blocking host→device
         # copy, a full stream sync every step) and never read back on the host.
         n_tokens = strategy.reduce(torch.full((), n_rows, device=self.device), reduce_op="sum")
-        for sae, fired_n in zip(self.saes, fired_N.split([s.n_latents for s in self.saes])):
-            sae.update_dead(fired_n, n_tokens)
+        for clock, fired_n in zip(self.clocks, fired_N.split([s.n_latents for s in self.saes])):
+            clock.update(fired_n, n_tokens)
         self.tokens_seen += n_tokens
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         for sae in self.saes:
             sae.remove_parallel_grads()
-
-    def configure_gradient_clipping(
-        self,
-        optimizer: torch.optim.Optimizer,
-        gradient_clip_val: float | None = None,
-        gradient_clip_algorithm: str | None = None,
-    ) -> None:
-        if self.grad_clip:
-            for sae in self.saes:
+            if self.grad_clip:  # per SAE: a sweep member never clips another
                 nn.utils.clip_grad_norm_(sae.parameters(), self.grad_clip)
-
-    def optimizer_step(
-        self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None
-    ) -> None:
-        if self._graphed is not None:
-            optimizer_closure()  # training_step runs the whole step; Lightning still counts it
-            return
-        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        # Right after the step, before any callback (ModelCheckpoint) sees the weights.
-        for sae in self.saes:
-            sae.normalize_decoder()
-
-    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
-        if self._graphed is None:  # a graphed step drops its gradients itself
-            optimizer.zero_grad()
 
     # ----------------------------------------------------------------- CUDA graphs
     def _graph_blocker(self) -> str | None:
@@ -361,16 +399,12 @@ class SAEModule(L.LightningModule):
             return "DDP all-reduces gradients from hooks a graph cannot hold; graphs are single-device"
         if getattr(trainer.precision_plugin, "scaler", None) is not None:
             return "fp16 loss scaling checks for inf on the host every step; use bf16-mixed or 32-true"
-        if trainer.accumulate_grad_batches != 1:
-            return "gradient accumulation splits the step"
-        unsafe = sorted({sae.arch for sae in self.saes if not sae.graph_safe})
-        if unsafe:
-            return f"the {', '.join(unsafe)} SAE step reads the GPU on the host"
         return None
 
     def _setup_graphs(self) -> None:
         """Decide on CUDA graphs for this run (`cuda_graphs`: None = where possible, True = required)."""
         self._graphed = None
+        self._step_t = torch.zeros((), dtype=torch.int64, device=self.device)
         if self.cuda_graphs is False:
             return
         blocker = self._graph_blocker()
@@ -387,52 +421,7 @@ class SAEModule(L.LightningModule):
                 # frozen into the graph. Capturable Adam likewise keeps its step count on the device.
                 group["lr"] = torch.tensor(float(group["lr"]), device=self.device)
                 group["capturable"] = True
-        # Autocast as Lightning's precision plugin applies it, with its weight-cast cache off: cached casts
-        # made during a capture would outlive it.
-        self._autocast_dtype = torch.bfloat16 if self.trainer.precision == "bf16-mixed" else None
-        self._step_t = torch.zeros((), dtype=torch.int64, device=self.device)
-        self._graphed = GraphedStep(self._full_step)
-
-    def _graphed_training_step(self, batch_BD: Tensor) -> None:
-        step = self.global_step
-        if step % DEAD_COUNT_EVERY == 0:
-            for sae in self.saes:
-                sae.expire_dead_count()  # re-read here, outside any capture
-        key = tuple(sae.step_structure() for sae in self.saes)
-        self._step_t.fill_(step)
-        outputs = self._graphed(batch_BD, key)
-        if step % self.trainer.log_every_n_steps == 0:
-            # Clones: the next replay overwrites the graph's outputs.
-            self._log_train({k: v.clone() for k, v in outputs.items()})
-
-    def _full_step(self, batch_BD: Tensor) -> dict[str, Tensor]:
-        """Forward, backward, clipping, Adam, atom renormalisation and dead clocks, with no host sync;
-        returns the training metrics.
-
-        The same pieces as the eager path (training_step, then Lightning's backward and the hooks below);
-        `GraphedStep` captures this function and replays it.
-        """
-        optimizer = self.trainer.optimizers[0]
-        # Fresh gradients (in a capture: in the graph's pool, where every replay rewrites them). Zeroing
-        # static ones instead cost a memset plus a read-add-write of every gradient: −13 % at d=4096.
-        optimizer.zero_grad(set_to_none=True)
-        device = self.device.type
-        amp = (
-            nullcontext()
-            if self._autocast_dtype is None
-            else torch.autocast(device, dtype=self._autocast_dtype, cache_enabled=False)
-        )
-        with amp:
-            total, fired, logs = self._losses(batch_BD, self._step_t, metrics=True)
-        with torch.autocast(device, enabled=False):
-            total.backward()
-            self.on_before_optimizer_step(optimizer)
-            self.configure_gradient_clipping(optimizer)
-            optimizer.step()
-            for sae in self.saes:
-                sae.normalize_decoder()
-            self._update_dead(fired, len(batch_BD))
-        return logs
+        self._graphed = GraphedStep(self._step)
 
     # ----------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:
@@ -482,9 +471,27 @@ class SAEModule(L.LightningModule):
         """Write every SAE (scale folded) to `out_dir/<name>/`."""
         return [save_sae(self.folded_sae(i), Path(out_dir) / name) for i, name in enumerate(self.names)]
 
+    def run_config(self) -> dict[str, Any]:
+        """What this run trains: the module's settings and, from an `SAEDataModule`, the data budget."""
+        config = run_config(dict(self.hparams))
+        if len(self.saes):
+            config["d_in"] = self.saes[0].d_in  # None in the hparams when the data module tells it
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
+        if isinstance(datamodule, SAEDataModule):
+            config["data"] = {k: getattr(datamodule, k) for k in ("tokens", "batch_size", "seed")}
+        return config
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["mmsae_run"] = self.run_config()
         if self._export_dir is not None and self.trainer.is_global_zero:
             self.export(self._export_dir)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Before Lightning loads the weights: another configuration is named, not a raw size mismatch.
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"  # validate may use other data
+        if "mmsae_run" in checkpoint and fitting:
+            check_resume(checkpoint["mmsae_run"], self.run_config(), self.trainer.ckpt_path)
+        upgrade_checkpoint(checkpoint, len(self.saes))
 
     def on_train_end(self) -> None:
         if self._export_dir is not None and self.trainer.is_global_zero:

@@ -1,0 +1,131 @@
+"""Training state that is not the SAE: dead-latent clocks, and the run configuration a resume must match.
+
+Both live in the Lightning checkpoint (the `SAEModule`'s buffers and its `mmsae_run` entry), never in a
+published `sae.safetensors`: an SAE is its weights and its config (as in sparsify and SAELens, whose trainers
+keep these counters).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mmsae.sae import DeadLatents
+
+DEAD_COUNT_EVERY = 100
+"""Steps between two host-side dead counts (each is a GPU sync)."""
+
+
+class DeadLatentClock(nn.Module):
+    """Tokens since each latent of one SAE last fired; a latent idle for `dead_tokens` tokens is dead.
+
+    The clock is float64, so DDP all-reduce and bf16 never matter. The trainer advances it every step and
+    asks for a fresh host-side count every `DEAD_COUNT_EVERY` steps: latents die over millions of tokens, so
+    a count ≤ 100 steps old is exact enough for sizing AuxK, and the mask itself is always current.
+    """
+
+    def __init__(self, n_latents: int, dead_tokens: int):
+        super().__init__()
+        self.dead_tokens = dead_tokens
+        self.register_buffer("tokens_since_fired", torch.zeros(n_latents, dtype=torch.float64))
+        self._count: int | None = None
+
+    def mask(self) -> Tensor:
+        return self.tokens_since_fired >= self.dead_tokens
+
+    def count(self) -> int:
+        """Dead latents on the host, counted (a GPU sync) only after `expire_count`."""
+        if self._count is None:
+            self._count = int(self.mask().sum())
+        return self._count
+
+    def expire_count(self) -> None:
+        self._count = None
+
+    def dead(self) -> DeadLatents:
+        """What an SAE's `loss` reads."""
+        return DeadLatents(self.mask(), self.count())
+
+    @torch.no_grad()
+    def update(self, fired_N: Tensor, n_tokens: int | Tensor) -> None:
+        """Advance the clock by `n_tokens` and reset latents in `fired_N` ([n] bool)."""
+        # masked_fill_, not clock[fired] = 0: boolean indexing sizes its result on the host (a stream sync,
+        # and illegal inside a CUDA graph capture).
+        self.tokens_since_fired.add_(n_tokens).masked_fill_(fired_N, 0)
+
+
+# Hyperparameters that only say where or how fast a run goes, not what it trains: a resume may change them.
+RESUMABLE = frozenset({"out_dir", "cuda_graphs", "init_batches"})
+
+
+def run_config(hparams: dict[str, Any]) -> dict[str, Any]:
+    """The settings that define what a run trains (a resume must match them), as plain JSON-able values."""
+    return {k: v for k, v in hparams.items() if k not in RESUMABLE}
+
+
+def check_resume(saved: dict[str, Any], now: dict[str, Any], checkpoint: str | Path | None) -> None:
+    """Refuse to resume a checkpoint of another configuration: name each differing setting and the way out."""
+    old, new = _flatten(saved), _flatten(now)
+    diffs = [
+        f"{name}: checkpoint {old.get(name, '(unset)')!r}, now {new.get(name, '(unset)')!r}"
+        for name in sorted(set(old) | set(new))
+        if old.get(name, "(unset)") != new.get(name, "(unset)")
+    ]
+    if diffs:
+        where = f" {checkpoint}" if checkpoint else ""
+        raise ValueError(
+            f"The checkpoint{where} belongs to a run with another configuration ("
+            + "; ".join(diffs)
+            + "). Train into another out_dir, or delete that run's checkpoints to start over; to resume it, "
+            "rerun with its settings."
+        )
+
+
+def upgrade_checkpoint(checkpoint: dict[str, Any], n_saes: int) -> None:
+    """Rewrite, in place, a Lightning checkpoint of an earlier version, which kept the dead-latent clocks on
+    the SAEs and stepped under Lightning's automatic optimisation, into the present layout."""
+    state = checkpoint["state_dict"]
+    for i in range(n_saes):
+        legacy = state.pop(f"saes.{i}.tokens_since_fired", None)
+        if legacy is not None:
+            state.setdefault(f"clocks.{i}.tokens_since_fired", legacy)
+    loop = checkpoint.get("loops", {}).get("fit_loop", {})
+    automatic = loop.get("epoch_loop.automatic_optimization.optim_progress", {}).get("optimizer", {})
+    manual = loop.get("epoch_loop.manual_optimization.optim_step_progress")
+    if manual is not None and "step" in automatic and manual["total"]["completed"] == 0:
+        # The optimizer steps taken so far (global_step) are counted by the manual loop now.
+        loop["epoch_loop.manual_optimization.optim_step_progress"] = automatic["step"]
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """{'saes': [{'k': 4}]} → {'saes[0].k': 4}: a difference is named by the setting, not its section."""
+    if isinstance(value, dict):
+        items = [(f"{prefix}.{k}" if prefix else str(k), v) for k, v in value.items()]
+    elif isinstance(value, list):
+        items = [(f"{prefix}[{i}]", v) for i, v in enumerate(value)]
+    else:
+        return {prefix: value}
+    flat: dict[str, Any] = {}
+    for name, v in items:
+        flat.update(_flatten(v, name) if isinstance(v, (dict, list)) else {name: v})  # {} adds nothing
+    return flat
+
+
+def check_readable(ckpt_path: str | Path) -> None:
+    """Fail early, naming the file and the fix, when a checkpoint to resume from cannot be read (a kill while
+    Lightning wrote it leaves a truncated file)."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        return  # Lightning reports a missing path itself
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # truncated zip, bad pickle stream, ...: all mean the file is unusable
+        raise ValueError(
+            f"Cannot resume from {path}: the checkpoint is truncated or corrupt ({type(e).__name__}: "
+            f"{str(e).splitlines()[0]}); a kill while it was written? Delete it and resume from another "
+            f"checkpoint in {path.parent} (pass its path as ckpt_path), or delete {path.parent} to start the "
+            "run over."
+        ) from e
