@@ -6,6 +6,8 @@ prompts without "<image>" go through the checkpoint's chat template (`format_pro
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +27,7 @@ from transformers import (
 
 from mmsae.encoders.base import Capture, Encoder, TokenActs, TokenMode, default_select
 from mmsae.encoders.tiny_tokenizer import tiny_clip_tokenizer
-from mmsae.encoders.weights import weights_error
+from mmsae.encoders.weights import hub_access, weights_error
 
 IMAGE_TOKEN = "<image>"
 
@@ -125,11 +127,12 @@ class LlavaEncoder(Encoder):
         if name == "tiny":
             return cls(*tiny_llava(), "llava:tiny")
         try:
-            processor = AutoProcessor.from_pretrained(name)
-            if pretrained:
-                model = LlavaForConditionalGeneration.from_pretrained(name, **kw)
-            else:  # the real architecture, random weights
-                model = LlavaForConditionalGeneration(AutoConfig.from_pretrained(name))
+            with contextlib.nullcontext() if os.path.isdir(name) else hub_access():
+                processor = AutoProcessor.from_pretrained(name)
+                if pretrained:
+                    model = LlavaForConditionalGeneration.from_pretrained(name, **kw)
+                else:  # the real architecture, random weights
+                    model = LlavaForConditionalGeneration(AutoConfig.from_pretrained(name))
         except OSError as err:  # hub download / cache miss
             raise weights_error(f"llava:{name}", name, err) from err
         return cls(model, processor, f"llava:{name}")

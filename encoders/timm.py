@@ -9,6 +9,7 @@ architectures it holds, before trying the hub.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 
 from mmsae.datasets.photos import imagenet_class_names
 from mmsae.encoders.base import Encoder, TokenMode, default_select, rgb
-from mmsae.encoders.weights import WeightsUnavailableError, weights_error
+from mmsae.encoders.weights import WeightsUnavailableError, hub_access, weights_error
 
 Step = tuple[str, Callable[[Tensor], Tensor]]
 VECTOR_HOOKS = ("global_pool", "classifier", "head")  # steps whose output is [B, D], not a map or tokens
@@ -86,10 +87,10 @@ class TimmEncoder(Encoder):
                 encoder = cls(model, f"timm:{name}")
                 encoder.default_hook = weights.model.default_hook or encoder.default_hook
                 return encoder
+        from_hub = pretrained and not checkpoint_path
         try:
-            model = timm.create_model(
-                name, pretrained=pretrained and not checkpoint_path, checkpoint_path=checkpoint_path, **kw
-            )
+            with hub_access() if from_hub else contextlib.nullcontext():
+                model = timm.create_model(name, pretrained=from_hub, checkpoint_path=checkpoint_path, **kw)
         except (OSError, RuntimeError) as err:  # hub download / cache miss
             if not pretrained:
                 raise

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from torch import Tensor, nn
 
 from mmsae.encoders.base import Capture, Encoder, TokenMode, default_select
 from mmsae.encoders.unet_pipelines import random_init_pipeline, tiny_pipeline
-from mmsae.encoders.weights import weights_error
+from mmsae.encoders.weights import hub_access, weights_error
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
@@ -125,10 +126,11 @@ class UNetEncoder(Encoder):
             return cls(tiny_pipeline(), "unet:tiny", UNetSampling(**{"height": 32, "width": 32, **explicit}))
         sampling = UNetSampling(**explicit)
         try:
-            if pretrained:
-                pipe = DiffusionPipeline.from_pretrained(name, safety_checker=None, **kw)
-            else:
-                pipe = random_init_pipeline(name)
+            with contextlib.nullcontext() if os.path.isdir(name) else hub_access():
+                if pretrained:
+                    pipe = DiffusionPipeline.from_pretrained(name, safety_checker=None, **kw)
+                else:
+                    pipe = random_init_pipeline(name)
         except (OSError, ValueError) as err:  # hub download / cache miss
             raise weights_error(f"unet:{name}", name, err) from err
         if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):

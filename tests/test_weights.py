@@ -145,3 +145,51 @@ def test_random_init_without_its_tokenizer_is_a_clear_error(monkeypatch: pytest.
     monkeypatch.setattr(constants, "HF_HUB_CACHE", "/nonexistent-hf-cache")  # nothing cached
     with pytest.raises(WeightsUnavailableError, match="needs files even with pretrained=False"):
         get_encoder("clip:roberta-ViT-B-32", pretrained=False)
+
+
+_LOAD_TIMED = """
+import sys, time
+from mmsae.encoders import WeightsUnavailableError, get_encoder
+from mmsae.encoders.registry import encoder_class
+spec = sys.argv[1]
+encoder_class(spec.split(":")[0])  # imports (seconds for diffusers) are not the load
+start = time.perf_counter()
+try:
+    get_encoder(spec)
+except WeightsUnavailableError as err:
+    print("pretrained=False" in str(err), time.perf_counter() - start)
+"""
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "timm:vit_tiny_patch16_224.augreg_in21k_ft_in1k",
+        "llava:llava-hf/llava-1.5-7b-hf",
+        "unet:stable-diffusion-v1-5/stable-diffusion-v1-5",
+    ],
+)
+def test_every_family_fails_fast_without_a_hub(spec: str, tmp_path: Path) -> None:
+    """timm, transformers and diffusers loads skip the hub's retries once it is known to be unreachable.
+
+    A fresh process, as a user's: the hub clients read HF_HUB_OFFLINE at import, which this test process
+    sets. A name that does not resolve is what a machine without network sees; the clients retry it with
+    back-off (~50 s for one timm checkpoint), where a refused connection fails at once."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(
+        HF_ENDPOINT="http://hub.invalid",  # RFC 2606: never resolves
+        HF_HOME=str(tmp_path / "hf"),
+        MMSAE_ZOO=str(tmp_path / "zoo"),  # an installed zoo must not answer for the hub
+    )
+    env.pop("HF_HUB_CACHE", None)
+    run = subprocess.run(
+        [sys.executable, "-c", _LOAD_TIMED, spec],
+        env=env,
+        cwd=tmp_path,  # `-c` puts the working directory first on sys.path: the repo's kernels/ would shadow
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.stdout.split()[:1] == ["True"], run.stderr[-2000:]
+    seconds = run.stdout.split()[1]
+    assert float(seconds) < 5.0
