@@ -19,7 +19,7 @@ TRAINER_COMMANDS = {
 # and so receives the subcommand name as argv[0], help line)
 EXTERNAL_COMMANDS: dict[str, tuple[str, bool, str]] = {
     "demo": ("mmsae.demo", False, "Whole pipeline on the bundled photos: extract, train, index."),
-    "extract": ("mmsae.extract", False, "Run an encoder over images/prompts and store activations."),
+    "extract": ("mmsae.extract_cli", False, "Run an encoder over images/prompts and store activations."),
     "index": ("mmsae.index", False, "Build or query the concept index (FAISS) of a trained SAE."),
     "app": ("mmsae.apps.cli", False, "Launch a Gradio app (explorer, steering, unlearning)."),
     "steer": ("mmsae.intervene.cli", True, "Generate with SAE latents clamped or added."),
