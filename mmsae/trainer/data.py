@@ -359,6 +359,14 @@ class TokenBudget(IterableDataset):
     def __len__(self) -> int:
         return self.n_batches
 
+    # Lightning checks loaders for these to know that a mid-epoch resume continues where it stopped. The
+    # position itself travels in SAEDataModule's state (restored before this loader is built, as `start`).
+    def state_dict(self) -> dict[str, int]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        pass
+
     def __iter__(self) -> Iterator[Tensor]:
         n_tokens = self.n_batches * self.batch_size * self.world_size
         first = self.start * self.world_size + self.rank
@@ -426,7 +434,7 @@ class SAEDataModule(L.LightningDataModule):
     def provenance(self) -> dict[str, str]:
         return self.train_source.provenance()
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> TokenBudget:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         n_batches = self.tokens // (self.batch_size * world)
         if n_batches == 0:
@@ -445,7 +453,10 @@ class SAEDataModule(L.LightningDataModule):
             start,
             self.screen,
         )
-        return DataLoader(dataset, batch_size=None)
+        # The dataset itself, not a DataLoader around it: batches are already made (and prefetched in a
+        # thread), and Lightning would warn that a sized IterableDataset under a DataLoader can have a wrong
+        # length with several workers.
+        return dataset
 
     def _train_source_on(self, device: torch.device) -> Source:
         """The training source, staged on `device` if allowed and it fits (decided once per device)."""
