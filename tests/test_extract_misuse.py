@@ -17,7 +17,7 @@ from PIL import Image
 from mmsae.datasets.images import Example, ExampleDataset, ImageFolder
 from mmsae.encoders import Encoder, get_encoder
 from mmsae.extract import extract
-from mmsae.fileio import atomic_write_bytes
+from mmsae.fileio import atomic_write, atomic_write_bytes
 from mmsae.store import STORE_JSON, ActivationStore, StoreError
 
 HOOKS = ["norm"]
@@ -187,5 +187,9 @@ def test_written_files_honour_the_umask(
     # mkstemp alone gives 0600: a group sharing the directory could not read stores or SAE configs.
     store = extract(encoder, folder, HOOKS, tmp_path / "acts", progress=False, **LAYOUT)
     atomic_write_bytes(tmp_path / "cfg.json", b"{}")
-    files = [p for p in store.path.rglob("*") if p.is_file()] + [tmp_path / "cfg.json"]
+    atomic_write(tmp_path / "sae.safetensors", lambda tmp: tmp.write_bytes(b"weights"))  # writers with a path
+    files = [p for p in store.path.rglob("*") if p.is_file()] + [
+        tmp_path / "cfg.json",
+        tmp_path / "sae.safetensors",
+    ]
     assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {oct(0o640)}
