@@ -38,9 +38,9 @@ from PIL import Image
 
 from mmsae.datasets.images import ExampleDataset, ImageFolder, RandomCrops, SkimagePhotos
 from mmsae.encoders import Encoder, get_encoder
-from mmsae.extract import extract, write_shards
+from mmsae.extract import extract
 from mmsae.inputs import InputBatch, input_batches
-from mmsae.store import ActivationStore
+from mmsae.store import ActivationStore, write_shards
 
 SHORT_SIDE, JPEG_QUALITY = 375, 90
 

@@ -89,6 +89,12 @@ class Encoder(nn.Module):
         """Pick tokens from [B, T, D]: acts [B, T', D] and token indices [T'] or [B, T'] (−1 = pooled)."""
         return default_select(acts_BTD, mode, n_prefix=0, family=self.family)
 
+    def store_config(self) -> dict[str, Any]:
+        """Settings beyond the weights, hooks, tokens and preprocessing that change the activations this
+        encoder records (a sampler's steps, guidance scale, seed ...): JSON-serialisable, they enter an
+        activation store's content hash and its store.json, so other settings give another store."""
+        return {}
+
     # ---------------------------------------------------------------- generic machinery
     @property
     def device(self) -> torch.device:

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import load_file, save_file
 
+from mmsae.fileio import atomic_write_bytes
 from mmsae.sae.base import SAE, get_sae_class
 
 CFG_NAME = "cfg.json"
@@ -27,21 +28,6 @@ def _version() -> str:
     from mmsae import __version__
 
     return __version__
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same directory, fsync, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_sae(sae: SAE, path: str | os.PathLike) -> Path:

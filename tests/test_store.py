@@ -222,7 +222,7 @@ def test_each_shard_is_checksummed_once_until_rewritten(
 ) -> None:
     calls = []
     crc32 = zlib.crc32
-    monkeypatch.setattr("mmsae.store.zlib.crc32", lambda buf: calls.append(1) or crc32(buf))
+    monkeypatch.setattr("mmsae.store.reader.zlib.crc32", lambda buf: calls.append(1) or crc32(buf))
     for _ in range(2):  # two passes: only the first checks
         list(store.batches(64, hook="norm"))
     assert len(calls) == store.n_shards

@@ -3,12 +3,15 @@
 Accepted sources (`as_source`):
 - a torch Tensor, numpy array or `np.memmap` of shape [..., d] (reshuffled every pass),
 - any iterable of [B, d] batches (re-batched to the requested batch size),
-- a store-like object with `.d_in` and `.batches(batch_size, hook=None, shuffle=True, seed=0)`
-  (`mmsae.store.ActivationStore`; a path string opens one),
+- an `mmsae.store.ActivationStore`, or a path to one (the store directory, or the out_dir an
+  extraction wrote it into),
+- any other store-like object with `.d_in` and `.batches(batch_size, hook=None, shuffle=True, seed=0)`
+  (e.g. `mmsae.store.ActivationStream`),
 - a dict `{"synthetic": {"d": ..., "n_features": ..., "seed": ...}}` building
   `mmsae.datasets.synthetic.SyntheticActivations` lazily, so YAML configs can ask for it
   (or `{"store": path}`), or a `SyntheticActivations` itself.
 
+Each becomes a `Source`, the one interface through which the trainer reads data.
 `SAEDataModule` turns a source into a `DataLoader` over `TokenBudget`, an IterableDataset that yields
 exactly `tokens // (batch_size · world_size)` batches per rank, takes every world_size-th batch of one
 global stream (so DDP ranks never see the same batch) and skips the batches already trained on when a
@@ -21,14 +24,12 @@ import inspect
 import itertools
 import math
 import os
-import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -72,6 +73,17 @@ class Source:
         """SAE config fields the data itself records (a store: encoder, hook, site); none for raw arrays."""
         return {}
 
+    def with_held_out(self, n_tokens: int) -> tuple[Source, Source | None]:
+        """(training source, held-out source) when no validation data is given: by default none."""
+        return self, None
+
+    def validation_batches(self, batch_size: int, seed: int, n_tokens: int) -> list[Tensor]:
+        """The held-out batches `validate` reads: one fixed-seed pass, so every validation run sees the
+        same tokens; `n_tokens`=0 means all of it."""
+        stream = self.stream(batch_size, seed, n_tokens)
+        n_batches = math.ceil(n_tokens / batch_size) if n_tokens else None
+        return list(itertools.islice(stream, n_batches))
+
     def global_batches(
         self, batch_size: int, seed: int, n_tokens: int, start: int = 0, stride: int = 1
     ) -> Iterator[Tensor]:
@@ -105,6 +117,9 @@ class ArraySource(Source):
         stager = DeviceStager(device, screen)  # rows holding NaN/Inf are dropped once, here
         staged = stager.handover(*stager({"acts": data}, "the activation array"))["acts"]
         return ArraySource(staged, on_gpu=True)
+
+    def with_held_out(self, n_tokens: int) -> tuple[Source, Source | None]:
+        return self.split(n_tokens) if n_tokens > 0 else (self, None)
 
     def split(self, n_val: int) -> tuple[ArraySource, ArraySource]:
         """(train, held-out) with the last `n_val` rows held out."""
@@ -146,10 +161,10 @@ class ArraySource(Source):
         kept = itertools.islice(itertools.chain.from_iterable(passes), start, None, stride)
         return map(self._gather, kept)
 
-    def ordered(self, batch_size: int) -> Iterator[Tensor]:
-        """Every row once, in order, last batch possibly short (for validation)."""
-        for i in range(0, len(self.rows), batch_size):
-            yield self._gather(torch.as_tensor(self.rows[i : i + batch_size]))
+    def validation_batches(self, batch_size: int, seed: int, n_tokens: int) -> list[Tensor]:
+        """Every row once, in order, last batch possibly short."""
+        starts = range(0, len(self.rows), batch_size)
+        return [self._gather(torch.as_tensor(self.rows[i : i + batch_size])) for i in starts]
 
 
 class IterableSource(Source):
@@ -184,36 +199,33 @@ class IterableSource(Source):
 
 
 class StoreSource(Source):
-    """An activation store: it shuffles and shards its own files."""
+    """An `ActivationStore`: it shuffles and shards its own files, and can stage its buffer on a GPU."""
 
     def __init__(
         self,
-        store: ActivationStoreLike,
+        store: ActivationStore,
         hook: str | None = None,
         staging: tuple[torch.device, RowScreen] | None = None,
     ):
         self.store, self.hook, self.staging = store, hook, staging
         self.on_gpu = staging is not None
         # A multi-hook store may hold several widths: ask for the one being trained on.
-        self.d_in = int(store.dim(hook) if hook is not None and hasattr(store, "dim") else store.d_in)
+        self.d_in = int(store.dim(hook) if hook is not None else store.d_in)
 
     def provenance(self) -> dict[str, str]:
-        return self.store.provenance(self.hook) if isinstance(self.store, ActivationStore) else {}
+        return self.store.provenance(self.hook)
 
     def stage(self, device: torch.device, budget: float, screen: RowScreen) -> Source:
-        if not isinstance(self.store, ActivationStore) or self.store.staging_bytes(self.hook) > budget:
+        if self.store.staging_bytes(self.hook) > budget:
             return self
         return StoreSource(self.store, self.hook, (device, screen))
 
     def global_batches(
         self, batch_size: int, seed: int, n_tokens: int, start: int = 0, stride: int = 1
     ) -> Iterator[Tensor]:
-        if not isinstance(self.store, ActivationStore):
-            yield from super().global_batches(batch_size, seed, n_tokens, start, stride)
-            return
         tokens = self.store.token_counts()
         if (tokens[self.hook] if self.hook else sum(tokens.values())) < batch_size:
-            raise self._too_small(batch_size)
+            raise _too_small(batch_size)
         # One endless stream: its shuffle buffer carries over between passes, where a new stream per pass
         # stalled the trainer while it refilled (256k tokens at the start of every pass). Stored dtype
         # (fp16/bf16): half the bytes through the buffer and the copy to the GPU; SAEModule converts to
@@ -234,22 +246,39 @@ class StoreSource(Source):
         )
         yield from itertools.islice(batches, start, None, stride)
 
-    @staticmethod
-    def _too_small(batch_size: int) -> ValueError:
-        return ValueError(
-            "The activation store holds fewer tokens than one batch "
-            f"(batch_size={batch_size}): lower batch_size or extract more examples."
-        )
+    def stream(self, batch_size: int, seed: int, n_tokens: int) -> Iterator[Tensor]:
+        return _full_batches(self.store, self.hook, batch_size, seed)
+
+
+class StoreLikeSource(Source):
+    """Any other object with `.d_in` and `.batches(batch_size, hook=, shuffle=, seed=, dtype=)` (e.g. an
+    `ActivationStream`): each pass is one call of `batches`."""
+
+    def __init__(self, store: ActivationStoreLike, hook: str | None = None):
+        self.store, self.hook = store, hook
+        dim = getattr(store, "dim", None)  # a multi-hook source may hold several widths
+        self.d_in = int(dim(hook) if hook is not None and dim is not None else store.d_in)
 
     def stream(self, batch_size: int, seed: int, n_tokens: int) -> Iterator[Tensor]:
-        # One pass, for store-like objects without endless streams (and for validation).
-        n_full = 0
-        for b in self.store.batches(batch_size, hook=self.hook, shuffle=True, seed=seed, dtype=None):
-            if len(b) == batch_size:  # the store's short last batch would break the fixed batch size
-                n_full += 1
-                yield b
-        if n_full == 0:  # else every further pass would come back empty too, forever
-            raise self._too_small(batch_size)
+        return _full_batches(self.store, self.hook, batch_size, seed)
+
+
+def _too_small(batch_size: int) -> ValueError:
+    return ValueError(
+        "The activation store holds fewer tokens than one batch "
+        f"(batch_size={batch_size}): lower batch_size or extract more examples."
+    )
+
+
+def _full_batches(store: Any, hook: str | None, batch_size: int, seed: int) -> Iterator[Tensor]:
+    """One shuffled pass of a store's full batches (its short last batch would break the fixed size)."""
+    n_full = 0
+    for b in store.batches(batch_size, hook=hook, shuffle=True, seed=seed, dtype=None):
+        if len(b) == batch_size:
+            n_full += 1
+            yield b
+    if n_full == 0:  # else every further pass would come back empty too, forever
+        raise _too_small(batch_size)
 
 
 class SyntheticSource(Source):
@@ -270,6 +299,9 @@ class SyntheticSource(Source):
     def held_out(self) -> SyntheticSource:
         return SyntheticSource(self.generator, offset=self.HELD_OUT_OFFSET)
 
+    def with_held_out(self, n_tokens: int) -> tuple[Source, Source | None]:
+        return self, self.held_out() if n_tokens > 0 else None
+
     def stream(self, batch_size: int, seed: int, n_tokens: int) -> Iterator[Tensor]:
         return (b.float() for b in self.generator.batches(batch_size, n_tokens, offset=self.offset))
 
@@ -280,6 +312,8 @@ def as_source(data: Any, hook: str | None = None) -> Source:
         return data
     if isinstance(data, (str, os.PathLike)):
         return StoreSource(ActivationStore(data), hook)
+    if isinstance(data, ActivationStore):
+        return StoreSource(data, hook)
     if isinstance(data, dict):
         if set(data) == {"synthetic"}:
             return SyntheticSource(**data["synthetic"])
@@ -295,7 +329,7 @@ def as_source(data: Any, hook: str | None = None) -> Source:
         return SyntheticSource(data)
     # getattr_static: a store's d_in may be a property that raises for multi-width stores.
     if callable(getattr(data, "batches", None)) and inspect.getattr_static(data, "d_in", None) is not None:
-        return StoreSource(data, hook)
+        return StoreLikeSource(data, hook)
     if isinstance(data, Iterable):
         return IterableSource(data)
     raise TypeError(
@@ -324,6 +358,14 @@ class TokenBudget(IterableDataset):
 
     def __len__(self) -> int:
         return self.n_batches
+
+    # Lightning checks loaders for these to know that a mid-epoch resume continues where it stopped. The
+    # position itself travels in SAEDataModule's state (restored before this loader is built, as `start`).
+    def state_dict(self) -> dict[str, int]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        pass
 
     def __iter__(self) -> Iterator[Tensor]:
         n_tokens = self.n_batches * self.batch_size * self.world_size
@@ -380,10 +422,8 @@ class SAEDataModule(L.LightningDataModule):
         self._resume_batches = 0  # global batches already trained on (set when resuming)
         self.train_source = as_source(source, hook)
         self.val_source = None if val_source is None else as_source(val_source, hook)
-        if self.val_source is None and val_tokens > 0 and isinstance(self.train_source, ArraySource):
-            self.train_source, self.val_source = self.train_source.split(val_tokens)
-        elif self.val_source is None and val_tokens > 0 and isinstance(self.train_source, SyntheticSource):
-            self.val_source = self.train_source.held_out()
+        if self.val_source is None:
+            self.train_source, self.val_source = self.train_source.with_held_out(val_tokens)
         if self.val_source is not None and self.val_source.d_in != self.d_in:
             raise ValueError(f"val_source has d={self.val_source.d_in}, the training data d={self.d_in}.")
 
@@ -394,7 +434,7 @@ class SAEDataModule(L.LightningDataModule):
     def provenance(self) -> dict[str, str]:
         return self.train_source.provenance()
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> TokenBudget:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         n_batches = self.tokens // (self.batch_size * world)
         if n_batches == 0:
@@ -413,9 +453,10 @@ class SAEDataModule(L.LightningDataModule):
             start,
             self.screen,
         )
-        # Lightning cautions that __len__ can be wrong with several workers; this loader has none.
-        warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
-        return DataLoader(dataset, batch_size=None)
+        # The dataset itself, not a DataLoader around it: batches are already made (and prefetched in a
+        # thread), and Lightning would warn that a sized IterableDataset under a DataLoader can have a wrong
+        # length with several workers.
+        return dataset
 
     def _train_source_on(self, device: torch.device) -> Source:
         """The training source, staged on `device` if allowed and it fits (decided once per device)."""
@@ -433,31 +474,16 @@ class SAEDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._resume_batches = int(state["batches_done"])
-        # Lightning warns that a mid-epoch resume replays the loader from its start; this one does not.
-        warnings.filterwarnings(
-            "ignore",
-            category=PossibleUserWarning,
-            message="You're resuming from a checkpoint that ended before the epoch",
-        )
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_source is None:
             if self.trainer is not None and self.trainer.state.fn == "fit":
-                # Fitting without held-out data: no validation loop (and no warning that it is empty).
-                warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
-                return []
+                return []  # fitting without held-out data: no validation loop
             raise ValueError(
                 "No validation data: set val_source, or val_tokens > 0 with an array or "
                 "synthetic source (e.g. --data.val_tokens 65536)."
             )
-        source = self.val_source
-        if isinstance(source, ArraySource):
-            batches: Iterable[Tensor] = list(source.ordered(self.batch_size))
-        else:
-            # One fixed-seed pass, so every validation run sees the same tokens; val_tokens=0 means all of it.
-            stream = source.stream(self.batch_size, self.seed, self.val_tokens)
-            n_batches = math.ceil(self.val_tokens / self.batch_size) if self.val_tokens else None
-            batches = list(itertools.islice(stream, n_batches))
+        batches = self.val_source.validation_batches(self.batch_size, self.seed, self.val_tokens)
         if not batches:
             raise ValueError("The validation data yielded no batches: check val_source / val_tokens.")
         screen = RowScreen()
