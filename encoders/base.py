@@ -153,11 +153,6 @@ class Encoder(nn.Module):
         """What `activations` records at `hook`: 'output' (the module's output), 'update' (output − input)."""
         return "output"
 
-    def store_config(self) -> dict[str, Any]:
-        """Settings beyond the weights that change the activations this encoder records; hashed into the
-        store's identity."""
-        return {}
-
     @torch.no_grad()
     def activations(
         self, batch: Any, hooks: Sequence[str], tokens: TokenMode = "all", example_offset: int = 0

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import load_file, save_file
 
-from mmsae.fileio import atomic_write_bytes
+from mmsae.fileio import atomic_write, atomic_write_bytes
 from mmsae.sae.base import SAE, get_sae_class
 
 CFG_NAME = "cfg.json"
@@ -36,14 +36,7 @@ def save_sae(sae: SAE, path: str | os.PathLike) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     cfg = {"arch": sae.arch, **sae.cfg.to_dict(), "mmsae_version": _version()}
     tensors = {k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path, prefix=".sae.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"arch": sae.arch})
-        os.replace(tmp, path / WEIGHTS_NAME)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"arch": sae.arch}))
     atomic_write_bytes(path / CFG_NAME, json.dumps(cfg, indent=2).encode())
     return path
 

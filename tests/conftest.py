@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -62,3 +63,18 @@ def zoo() -> Path:
 
     assert main(["zoo", "install"]) == 0, "`mmsae zoo install` failed; see its output above"
     return zoo_dir()
+
+
+def commented_extract_command(config_text: str) -> list[str] | None:
+    """The `mmsae extract ...` command a shipped config gives in its comments (line continuations
+    joined), as argv after `mmsae extract`; None when it gives none."""
+    lines = [line.lstrip("#").strip() for line in config_text.splitlines() if line.startswith("#")]
+    start = next((i for i, line in enumerate(lines) if "mmsae extract " in line), None)
+    if start is None:
+        return None
+    command = [lines[start][lines[start].index("mmsae extract ") :]]
+    for line in lines[start + 1 :]:
+        if not command[-1].endswith("\\"):
+            break
+        command.append(line)
+    return shlex.split(" ".join(part.rstrip("\\") for part in command))[2:]

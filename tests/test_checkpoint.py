@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -428,3 +429,14 @@ def test_bad_cfg_json_names_the_file_and_field(tmp_path: Path, edit: dict, match
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=match):
         checkpoint.load_sae(tmp_path)
+
+
+def test_saved_sae_files_honour_the_umask(tmp_path: Path) -> None:
+    """A shared group directory can read what save_sae writes (mkstemp alone makes 0600 files)."""
+    old = os.umask(0o022)
+    try:
+        path = mmsae.save_sae(build_sae("topk", d_in=8, n_latents=16, k=2), tmp_path / "sae")
+    finally:
+        os.umask(old)
+    for name in ("cfg.json", "sae.safetensors"):
+        assert (path / name).stat().st_mode & 0o777 == 0o644, name

@@ -3,12 +3,12 @@ then `mmsae fit` on the path the config names, then the SAEs load."""
 
 from __future__ import annotations
 
-import shlex
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from conftest import commented_extract_command
 from PIL import Image
 
 from mmsae import cli
@@ -22,11 +22,10 @@ TINY = {"clip": "clip:tiny", "timm": "timm:test_vit", "unet": "unet:tiny", "llav
 
 
 def extract_command(config: Path) -> list[str]:
-    """The arguments of the `# First: mmsae extract ...` line of a config."""
-    for line in config.read_text().splitlines():
-        if line.startswith("# First: mmsae extract "):
-            return shlex.split(line.removeprefix("# First: mmsae extract "))
-    raise AssertionError(f"{config.name} trains on a store but says no `# First: mmsae extract ...` command.")
+    """The arguments of the `mmsae extract ...` command in a config's comments."""
+    argv = commented_extract_command(config.read_text())
+    assert argv is not None, f"{config.name} trains on a store but gives no `mmsae extract ...` command."
+    return argv
 
 
 def _tiny_overrides(argv: list[str]) -> tuple[list[str], str, str]:
@@ -36,15 +35,7 @@ def _tiny_overrides(argv: list[str]) -> tuple[list[str], str, str]:
     return ["--encoder", spec, "--hooks", hook, "--batch_size", "4", "--device", "cpu"], spec, hook
 
 
-# configs/llava_vision.yaml still says `--hook ... ...` and no --out_dir: LLaVA extraction is being fixed
-# (issue 18, item 3) together with that config. Strict: once it runs, this mark must go.
-LLAVA_PENDING = pytest.mark.xfail(
-    strict=True, reason="llava_vision.yaml's extract command awaits the LLaVA fix"
-)
-NAMES = [
-    pytest.param(p.name, marks=LLAVA_PENDING) if p.name == "llava_vision.yaml" else p.name
-    for p in sorted(CONFIGS.glob("*.yaml"))
-]
+NAMES = [p.name for p in sorted(CONFIGS.glob("*.yaml"))]
 
 
 @pytest.mark.slow

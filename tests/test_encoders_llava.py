@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shlex
 import shutil
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import commented_extract_command
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -246,18 +246,6 @@ print(json.dumps({"hooks": enc.hook_points(), "default": enc.default_hook, "id":
 """
 
 
-def _commented_extract_command(config_text: str) -> list[str]:
-    """The `mmsae extract ...` command in a config's comments (with its line continuations), as argv."""
-    lines = [line.lstrip("#").strip() for line in config_text.splitlines() if line.startswith("#")]
-    start = next(i for i, line in enumerate(lines) if line.startswith("mmsae extract"))
-    command = []
-    for line in lines[start:]:
-        command.append(line.rstrip("\\"))
-        if not line.endswith("\\"):
-            break
-    return shlex.split(" ".join(command))[1:]
-
-
 def test_hub_layout_of_llava_1_5_loads_offline_by_its_spec(tmp_path: Path) -> None:
     """The real from_pretrained resolution (refs/main → snapshot → sharded legacy-named weights, separate
     preprocessor config) on a tiny-width copy of llava-hf/llava-1.5-7b-hf, with its 24 vision layers; then
@@ -276,7 +264,7 @@ def test_hub_layout_of_llava_1_5_loads_offline_by_its_spec(tmp_path: Path) -> No
     photos.mkdir()
     for i in range(2):
         Image.fromarray(np.full((30, 40, 3), 60 * i, dtype=np.uint8)).save(photos / f"{i}.png")
-    argv = [a.replace("folder:PATH", f"folder:{photos}") for a in _commented_extract_command(text)]
+    argv = [a.replace("folder:images", f"folder:{photos}") for a in commented_extract_command(text)]
     assert argv[argv.index("--hooks") + 1] == hook and any(str(photos) in a for a in argv)
     argv += ["--out_dir", str(tmp_path / "acts"), "--device", "cpu"]  # the last value of an option wins
     args = {
