@@ -270,7 +270,7 @@ def test_hub_layout_of_llava_1_5_loads_offline_by_its_spec(tmp_path: Path) -> No
     args = {
         "spec": f"llava:{HUB_REPO}",
         "weights_out": str(tmp_path / "sd.safetensors"),
-        "extract_argv": argv,
+        "extract_argv": ["extract", *argv],
     }
     env = {**os.environ, "HF_HOME": str(tmp_path / "home"), "HF_HUB_CACHE": str(tmp_path / "hub")}
     env["HF_HUB_OFFLINE"] = "1"
