@@ -22,6 +22,8 @@ from mmsae import kernels
 from mmsae.kernels import reference
 
 CUDA = torch.cuda.is_available()
+# Triton runs on the GPU where there is one, in its interpreter on CPU tensors elsewhere.
+DEVICE = "cuda" if CUDA else "cpu"
 MODES: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
     "inference_mode": torch.inference_mode,
     "no_grad": torch.no_grad,
@@ -75,21 +77,21 @@ def check_entry_points(
 def test_kernel_entry_points_run_under_inference_mode_and_no_grad(
     triton_backend: None, mode: str, dtype: torch.dtype
 ) -> None:
-    check_entry_points("cpu", dtype, mode, B=6, d=24, n=72, k=5)
+    check_entry_points(DEVICE, dtype, mode, B=6, d=24, n=72, k=5)
 
 
 @pytest.mark.parametrize("mode", list(MODES))
 def test_topk_sae_made_or_used_under_inference_mode(triton_backend: None, mode: str) -> None:
     """A TopK SAE loaded inside the mode (inference-tensor weights) or before it, encoding and decoding
     there, and codes made under inference_mode decoded later outside it."""
-    sae = mmsae.build_sae("topk", 16, 48, k=4).eval()
-    x_BD = torch.randn(5, 16)
+    sae = mmsae.build_sae("topk", 16, 48, k=4).to(DEVICE)
+    x_BD = torch.randn(5, 16, device=DEVICE)
     with torch.no_grad():
         kernels.set_backend("torch")
         expected = sae(x_BD)
         kernels.set_backend("triton")
     with MODES[mode]():
-        inside = mmsae.build_sae("topk", 16, 48, k=4).eval()
+        inside = mmsae.build_sae("topk", 16, 48, k=4).to(DEVICE)
         inside.load_state_dict(sae.state_dict())
         for model in (sae, inside):
             out = model(x_BD)
