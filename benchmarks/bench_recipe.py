@@ -2,7 +2,8 @@
 
 Every recipe trains on the same tokens and is scored on the same held-out tokens at `--points` token counts
 during the run (the curve) and at the end (FVU, L0, dead %, and for synthetic data the fraction of the true
-directions recovered at cos > 0.9). Prints a Markdown table; `--json` keeps the curves, `--plot` draws them.
+directions recovered at cos > 0.9). Prints a Markdown table; `--json` keeps the curves, `--plot` draws them
+(`--plot-from a.json b.json --plot curves.png` draws saved runs side by side).
 
 Recipes (`--recipes`, each `name[key=value,...]`):
 - `mmsae[...]`: `SAEModule` as `mmsae.train` runs it; keys: arch, lr (absolute), lr_mult (× Gao et al.'s
@@ -325,21 +326,25 @@ def table(rows: list[dict], p: Problem) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], p: Problem, path: Path) -> None:
+def plot(panels: list[dict], path: Path) -> None:
+    """One panel per run (`{"label", "rows"}`, as `--json` writes): held-out FVU against tokens, log-log."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for r in rows:
-        t, f = zip(*r["curve"])
-        ax.plot(t, f, marker="o", ms=3, label=r["recipe"])
-    ax.set(xscale="log", yscale="log", xlabel="training tokens", ylabel="held-out FVU", title=p.label)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.0 * len(panels), 4.2), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        for r in panel["rows"]:
+            t, f = zip(*r["curve"])
+            ax.plot(t, f, marker="o", ms=3, label=r["recipe"])
+        ax.set(
+            xscale="log", yscale="log", xlabel="training tokens", ylabel="held-out FVU", title=panel["label"]
+        )
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -360,7 +365,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, help="write the Markdown table here")
     ap.add_argument("--json", type=Path, help="write the rows (curves included) here")
     ap.add_argument("--plot", type=Path, help="draw the curves into this PNG")
+    ap.add_argument("--plot-from", type=Path, nargs="+", help="only draw these --json files (one panel each)")
     args = ap.parse_args(argv)
+    if args.plot_from:
+        plot([json.loads(f.read_text()) for f in args.plot_from], args.plot or Path("recipe_curves.png"))
+        return
     torch.set_num_threads(args.threads)
     train_ND, eval_ND, features = synthetic_problem(args) if args.data == "synthetic" else real_problem(args)
     label = f"synthetic d={args.d}, {args.n_features} features" if args.data == "synthetic" else args.data
@@ -382,7 +391,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.json:
             atomic_write_bytes(args.json, json.dumps({"label": label, "rows": rows}, indent=1).encode())
     if args.plot:
-        plot(rows, p, args.plot)
+        plot([{"label": label, "rows": rows}], args.plot)
 
 
 if __name__ == "__main__":
