@@ -8,10 +8,12 @@ directions recovered at cos > 0.9). Prints a Markdown table; `--json` keeps the 
 Recipes (`--recipes`, each `name[key=value,...]`):
 - `mmsae[...]`: `SAEModule` as `mmsae.train` runs it; keys: arch, lr (absolute), lr_mult (× Gao et al.'s
   2e-4/√(n/2¹⁴), the long-run rule), warmup (steps), decay (fraction), clip, norm (0/1: input scaling),
-  bdec ('median' | 'mean'), and any SAE option (aux_k, dead_tokens, ...). Unset keys keep mmsae's defaults.
+  bdec ('median' | 'mean'), enc ('fit': the encoder rescaled so that the first batch's reconstruction has
+  the least-squares scale), and any SAE option (aux_k, dead_tokens, ...). Unset keys keep mmsae's defaults.
 - `plain[...]`: a plain Adam TopK loop modelled on sparsify's trainer (unit-norm decoder, parallel-gradient
-  removal, b_dec = mean of the first batch, raw inputs); keys: lr, warmup, decay, enc_init ('transpose' |
-  'linear': nn.Linear's init, as sparsify's SparseCoder), aux (0/1: AuxK, k_aux = d/2, coef 1/32).
+  removal, b_dec = mean of the first batch, raw inputs); keys: lr (default sparsify's 2e-4/√(n/2¹⁴)),
+  warmup, decay, enc_init ('transpose' | 'linear': nn.Linear's init, as sparsify's SparseCoder), aux (0/1:
+  AuxK, k_aux = d/2, coef 1/32), dead_tokens.
 
 Data (`--data`): `synthetic` (`SyntheticActivations`, `--d`, `--n-features`), or real activations of
 augmented crops of the zoo's photos (`mmsae zoo install`): `dinov2:blocks.9`, `mobilenet:blocks.5`, ... —
@@ -127,14 +129,25 @@ def run_mmsae(p: Problem, opts: dict[str, Any], points: int) -> tuple[Any, list[
             module_kw[field] = opts.pop(key)
     if "norm" in opts:
         module_kw["normalize_inputs"] = bool(opts.pop("norm"))
-    bdec = opts.pop("bdec", "median")
+    bdec, enc = opts.pop("bdec", "median"), opts.pop("enc", "transpose")
     L.seed_everything(0, verbose=False)
     datamodule = SAEDataModule(p.train_ND, tokens=p.tokens, batch_size=p.batch_size, seed=0)
     spec = SAESpec(arch=arch, n_latents=p.n_latents, k=p.k, lr=lr, options=opts)
     module = SAEModule([spec], d_in=p.train_ND.shape[1], **module_kw)
+    sae = module.saes[0]
     if bdec == "mean":
-        sae = module.saes[0]
         sae.init_from_data = lambda x: sae.b_dec.data.copy_(x.float().mean(0))
+    if enc == "fit":  # then scale the encoder so that the first batch's reconstruction has the best scale
+        median_init = sae.init_from_data
+
+        @torch.no_grad()
+        def fitted(x: Tensor) -> None:
+            median_init(x)
+            e_ND = sae.decode(sae.encode(x)) - sae.b_dec
+            c = float(((x - sae.b_dec) * e_ND).sum() / e_ND.pow(2).sum().clamp_min(1e-12))
+            sae.W_enc.mul_(c)
+
+        sae.init_from_data = fitted
     curve = Curve(p.eval_ND, checkpoints(p.tokens // p.batch_size, points), p.batch_size)
     trainer = L.Trainer(
         max_epochs=1,
@@ -183,7 +196,7 @@ class PlainTopK(torch.nn.Module):
 def run_plain(p: Problem, opts: dict[str, Any], points: int) -> tuple[Any, list[tuple[int, float]]]:
     torch.manual_seed(0)
     d = p.train_ND.shape[1]
-    lr = opts.get("lr", default_lr(p.n_latents, p.tokens // p.batch_size))
+    lr = opts.get("lr", default_lr(p.n_latents))  # sparsify's rule, 2e-4/√(n/2¹⁴)
     warmup, decay = opts.get("warmup", 0), opts.get("decay", 0.0)
     model = PlainTopK(d, p.n_latents, p.k, opts.get("enc_init", "transpose"))
     with torch.no_grad():
@@ -279,6 +292,10 @@ def zoo_activations(model_hook: str, n_tokens: int, seed: int, photos: list[Path
         ]
     )
     images = [Image.open(f).convert("RGB") for f in photos]
+    for (
+        image
+    ) in images:  # crops are resized to `size` anyway; full-size photos would make that the bottleneck
+        image.thumbnail((2 * size, 2 * size))
     torch.manual_seed(seed)
     out, got = [], 0
     while got < n_tokens:
