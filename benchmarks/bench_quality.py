@@ -30,7 +30,7 @@ import mmsae
 from mmsae import metrics
 from mmsae.checkpoint import atomic_write_bytes
 from mmsae.datasets.synthetic import SyntheticActivations
-from mmsae.sae import REGISTRY, SAE, SparseCodes, default_lr
+from mmsae.sae import REGISTRY, SAE, SparseCodes
 
 HELD_OUT = 2**40  # evaluation tokens come from far beyond any training stream
 COLUMNS = ["fvu", "l0", "dead_fraction", "mmcs", "fraction_recovered"]
@@ -47,9 +47,8 @@ class Setup:
     device: str
     dead_tokens: int = 1_000_000
     """AuxK's dead window: the 10M-token default is meant for runs of billions of tokens."""
-    lr_mult: float = 3.0
-    """mmsae variants train at lr_mult × default_lr(n_latents): 3× reached 93 % (TopK) and 95.5 % (BatchTopK)
-    recovered on the d=64 / 1024-feature problem where 1× gave 65 % / 64 % at the same tokens."""
+    lr: float | None = None
+    """mmsae variants' lr; None = the library's default (`default_lr` of the run's size), what users get."""
 
     def __post_init__(self) -> None:
         # Generated once, on the device: every SAE trains on the same tokens. On a GPU the stream is drawn
@@ -120,7 +119,7 @@ def run_mmsae(name: str, s: Setup) -> SAE:
         n_latents=s.n_latents,
         tokens=s.tokens,
         batch_size=s.batch_size,
-        lr=s.lr_mult * default_lr(s.n_latents),
+        lr=s.lr,
         devices=1,
         **options,
         **overrides,
@@ -220,7 +219,7 @@ def table(rows: list[dict], s: Setup) -> str:
     lines = [
         f"d={s.data.d}, {s.data.n_features} features, n_latents={s.n_latents}, k={s.k}, "
         f"{s.tokens:,} training tokens, batch {s.batch_size}, {s.eval_tokens:,} held-out tokens, "
-        f"mmsae lr {s.lr_mult:g} × default_lr, device {s.device}.",
+        f"mmsae lr {s.lr if s.lr is not None else 'default'}, device {s.device}.",
         "",
         "| SAE | FVU | L0 | dead % | MMCS | recovered % (cos > 0.9) | train s |",
         "|---|---|---|---|---|---|---|",
@@ -247,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--d", type=int, default=256, help="activation width of the synthetic data")
     p.add_argument("--n-features", type=int, default=4096, help="true features of the synthetic data")
     p.add_argument("--dead-tokens", type=int, default=1_000_000, help="AuxK dead window of mmsae variants")
-    p.add_argument("--lr-mult", type=float, default=3.0, help="mmsae variants' lr = this × default_lr(n)")
+    p.add_argument("--lr", type=float, default=None, help="mmsae variants' lr (default: the library's)")
     p.add_argument(
         "--only",
         nargs="*",
@@ -267,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
         args.eval_tokens,
         args.device,
         args.dead_tokens,
-        args.lr_mult,
+        args.lr,
     )
     names = args.only or [*sorted(REGISTRY), *PEERS]
     rows = []

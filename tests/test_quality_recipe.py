@@ -116,3 +116,20 @@ def test_bench_variant_options_parse_and_reject_bad_spellings() -> None:
         bench_quality.parse_variant("relu[l1_coef]")
     with pytest.raises(ValueError, match=r"arch\[key=value"):
         bench_quality.parse_variant("relu[l1_coef=1")
+
+
+def test_default_recipe_recovers_the_synthetic_features_from_800k_tokens() -> None:
+    """What a new user gets: `mmsae.train` with every default but the size of the run.
+
+    d=64 data with 512 known directions, 800k tokens in batches of 1024: a plain Adam TopK loop recovers
+    > 97 % of the directions; the former default lr, 2e-4/√(n/2¹⁴), recovered 0.2 % (docs/benchmarks.md,
+    "Default recipe").
+    """
+    data = SyntheticActivations(d=64, n_features=512, seed=0)
+    train_ND = torch.cat(list(data.batches(2**16, 800_000)))
+    eval_ND = data.sample(65_536, offset=2**40)  # enough tokens that a rare live latent fires
+    torch.manual_seed(0)
+    sae = mmsae.train(train_ND, sae="topk", n_latents=1024, k=8, tokens=800_000, batch_size=1024, devices=1)
+    result = metrics.evaluate(sae, eval_ND.split(8192), features=data.features)
+    assert result["fraction_recovered"] >= 0.9, result
+    assert result["dead_fraction"] < 0.01, result

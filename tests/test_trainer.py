@@ -152,7 +152,7 @@ def test_sweep_trains_two_saes_from_one_stream(tmp_path: Path) -> None:
     assert len(module.saes) == 0  # built lazily from the datamodule's d_in
     trainer = fit(module, SAEDataModule(acts(2048), tokens=15 * 128, batch_size=128))
     groups = trainer.optimizers[0].param_groups
-    assert [g["initial_lr"] for g in groups] == [default_lr(32), 1e-3]
+    assert [g["initial_lr"] for g in groups] == [default_lr(32, 15), 1e-3]
     assert {id(p) for p in groups[0]["params"]}.isdisjoint({id(p) for p in groups[1]["params"]})
     assert module.names == ["topk_n32_k2", "topk_n128_k4"]
     for name, n in [("topk_n32_k2", 32), ("topk_n128_k4", 128)]:

@@ -351,6 +351,18 @@ def geometric_median(x: Tensor, iters: int = 100, eps: float = 1e-6) -> Tensor:
     return m
 
 
-def default_lr(n_latents: int) -> float:
-    """2e-4 / √(n / 2¹⁴) (Gao et al. scaling), the default when `lr=None`."""
-    return 2e-4 / math.sqrt(n_latents / 2**14)
+LR_SHORT_RUN_STEPS = 80_000
+"""Runs shorter than this many steps train at a raised lr: ×√(LR_SHORT_RUN_STEPS / steps), at most
+×`LR_SHORT_RUN_MAX_BOOST`. Gao et al.'s rule was tuned on runs of billions of tokens; on runs of ~10³ steps it
+learns ~10× too slowly (docs/benchmarks.md, "Default recipe")."""
+LR_SHORT_RUN_MAX_BOOST = 10.0
+
+
+def default_lr(n_latents: int, total_steps: int | None = None) -> float:
+    """The lr when `lr=None`: 2e-4 / √(n / 2¹⁴) (Gao et al.), raised for runs of fewer than
+    `LR_SHORT_RUN_STEPS` optimizer steps (up to 10×, at ≤ 800 steps); `total_steps=None` = a long run."""
+    lr = 2e-4 / math.sqrt(n_latents / 2**14)
+    if total_steps is None:
+        return lr
+    boost = math.sqrt(LR_SHORT_RUN_STEPS / max(1, total_steps))
+    return lr * min(LR_SHORT_RUN_MAX_BOOST, max(1.0, boost))

@@ -52,7 +52,7 @@ class SAESpec:
     """Active latents per token; None keeps the architecture's default (TopK family: 32) where that is at most
     an eighth of n_latents, and is an error otherwise (it would make a nearly dense SAE)."""
     lr: float | None = None
-    """None = default_lr(n_latents) = 2e-4 / √(n / 2¹⁴)."""
+    """None = default_lr(n_latents, steps of the run): 2e-4 / √(n / 2¹⁴), raised up to 10× for short runs."""
     name: str | None = None
     """Output folder name; None = the hook (single SAE) or '<arch>_n<n>_k<k>' (sweeps)."""
     options: dict[str, Any] = field(default_factory=dict)
@@ -202,8 +202,9 @@ class SAEModule(L.LightningModule):
         cfg.site = site
 
     def configure_optimizers(self) -> dict[str, Any]:
+        total = int(self.trainer.estimated_stepping_batches)
         groups = [
-            {"params": list(sae.parameters()), "lr": spec.lr or default_lr(spec.n_latents)}
+            {"params": list(sae.parameters()), "lr": spec.lr or default_lr(spec.n_latents, total)}
             for spec, sae in zip(self.specs, self.saes)
         ]
         # torch's Adam with a Triton step on CUDA: one pass per weight that also writes the 16-bit weight
@@ -211,7 +212,6 @@ class SAEModule(L.LightningModule):
         # fused Adam on CUDA (bf16-mixed uses no grad scaler, so nothing stops it); CPU keeps the default.
         fused = all(p.is_cuda for g in groups for p in g["params"])
         optimizer = Adam(groups, betas=(0.9, 0.999), fused=fused or None)
-        total = int(self.trainer.estimated_stepping_batches)
         warmup = min(self.warmup_steps, max(1, total // 10))
         if warmup < self.warmup_steps:
             rank_zero_info(f"mmsae: warm-up shortened to {warmup} steps (10% of a {total}-step run).")
