@@ -59,8 +59,9 @@ def run(args: argparse.Namespace) -> list[dict[str, float]]:
     device = torch.device(args.device)
     sae = build_sae("topk", args.d, args.n, k=args.k).to(device, DTYPES[args.dtype]).eval()
     batches = make_batches(args, device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(
-        f"feature_stats on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}): "
+        f"feature_stats on {device} ({name}): "
         f"d={args.d} n={args.n} k={args.k} {args.dtype}, {args.tokens:,} tokens in batches of {args.batch}, "
         f"{args.tokens_per_example} token(s) per example, top_k={args.top_k}"
     )
@@ -89,7 +90,7 @@ def run(args: argparse.Namespace) -> list[dict[str, float]]:
         }
         rows.append(row)
         print(
-            f"{chunk:>7} {t_stats:>9.3f} {row['stats_mtok_s']:>13.2f} {row['encode_mtok_s']:>14.2f} "
+            f"{chunk:>7} {t_stats:>9.3f} {row['stats_mtok_s']:>13.3f} {row['encode_mtok_s']:>14.3f} "
             f"{t_enc / t_stats:>13.2f}"
         )
     return rows
