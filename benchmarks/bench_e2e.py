@@ -1,7 +1,8 @@
 """The user's path end to end, stage by stage: image folder → extract → train → feature stats → index.
 
 Input: `--n-images` real JPEG files written once to a temp folder (random crops of the scikit-image photos
-scaled to a 375 px shorter side, quality 90: ~500 × 375, ImageNet-like sizes; `bench_extract.write_jpegs`).
+scaled to a 375 px shorter side (`--short-side`), quality 90: ~500 × 375, ImageNet-like sizes;
+`bench_extract.write_jpegs`).
 Stages, each timed with its throughput:
   inputs      the extraction input path alone (`mmsae.inputs.input_batches`: decode + transform in loader
               workers, uint8 hand-off, pixels on the device), per `--decode` mode;
@@ -17,6 +18,7 @@ crop, to uint8 tensor, in the main process.
     python benchmarks/bench_e2e.py --device cuda                       # CLIP ViT-B/32, 8192 images, bf16
     python benchmarks/bench_e2e.py --device cuda --encoder timm:vit_base_patch16_224 --embedder clip:ViT-B-32
     python benchmarks/bench_e2e.py --small                             # CPU smoke run: tiny models
+    python benchmarks/bench_e2e.py --small --encoder timm:test_vit --short-side 1500 --inputs-only
 """
 
 from __future__ import annotations
@@ -25,20 +27,22 @@ import argparse
 import logging
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_extract import JPEG_QUALITY, SHORT_SIDE, write_jpegs  # a sibling script
+from bench_extract import JPEG_QUALITY, write_jpegs  # a sibling script
 
 from mmsae.datasets.images import ExampleDataset, ImageFolder, open_image
-from mmsae.datasets.pixels import HostPixels, draft_size_of, split_pipeline
+from mmsae.datasets.pixels import draft_size_of, split_pipeline
 from mmsae.encoders import Encoder, get_encoder
 from mmsae.inputs import input_batches, probe_image
 
@@ -63,38 +67,32 @@ def line(stage: str, seconds: float, amount: float, unit: str, extra: str = "") 
 
 
 def profile_inputs(encoder: Encoder, dataset: ImageFolder, n: int) -> None:
-    """Per-image ms of each step of the PIL input path, in this process (one core)."""
+    """Median ms per image of each step of the PIL input path, in this process (one core)."""
     handoff = split_pipeline(encoder.image_pipeline, probe_image())
     if handoff is None:
         print("profile: the encoder's pipeline has no uint8 hand-off; skipped")
         return
     steps, draft = handoff.host.steps, draft_size_of(encoder.image_pipeline)
-    paths = dataset.paths[:n]
-    cost = dict.fromkeys(("read", "decode", "decode draft", "resize+crop", "to uint8", "finish"), 0.0)
-    for p in paths:
-        t0 = time.perf_counter()
-        p.read_bytes()
-        t1 = time.perf_counter()
-        image = open_image(p)
-        t2 = time.perf_counter()
+    cost: dict[str, list[float]] = {}
+
+    def step(name: str, fn: Callable[[], object]) -> object:
+        start = time.perf_counter()
+        out = fn()
+        cost.setdefault(name, []).append(time.perf_counter() - start)
+        return out
+
+    for p in dataset.paths[:n]:
+        step("read", p.read_bytes)
+        image = step("decode", lambda p=p: open_image(p))
+        small = step("resize+crop", lambda image=image: steps(image))
+        pixels = step("to uint8", lambda small=small: torch.from_numpy(np.array(small)).permute(2, 0, 1))
+        step("finish (float, normalise)", lambda pixels=pixels: handoff.finish(pixels[None]))
         if draft is not None:
-            open_image(p, draft_size=draft)
-        t3 = time.perf_counter()
-        small = steps(image)
-        t4 = time.perf_counter()
-        pixels = HostPixels(steps.__class__([]))(small) if small.mode == "RGB" else None
-        t5 = time.perf_counter()
-        if pixels is not None:
-            handoff.finish(pixels[None])
-        t6 = time.perf_counter()
-        for key, dt in zip(cost, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5)):
-            cost[key] += dt
-    w, h = Image.open(paths[0]).size
-    print(
-        f"profile, ms per image ({len(paths)} files, first {w}×{h}; draft decodes to ≥ {draft}; "
-        "decode includes the RGB conversion):"
-    )
-    print("  " + ", ".join(f"{k} {v / len(paths) * 1e3:.2f}" for k, v in cost.items()))
+            drafted = step("decode draft", lambda p=p: open_image(p, draft_size=draft))
+            step("resize+crop after draft", lambda drafted=drafted: steps(drafted))
+    w, h = Image.open(dataset.paths[0]).size
+    print(f"profile, median ms per image ({n} files, first {w}×{h}; draft decodes to ≥ {draft} px):")
+    print("  " + ", ".join(f"{k} {statistics.median(v) * 1e3:.2f}" for k, v in cost.items()))
 
 
 def forward_rate(encoder: Encoder, batch: int, n_batches: int) -> float:
@@ -140,10 +138,12 @@ def run(args: argparse.Namespace) -> None:
     print(f"device: {name} ({os.cpu_count()} CPU cores, torch {torch.__version__})", flush=True)
     with tempfile.TemporaryDirectory(dir=args.out) as tmp_dir:
         tmp = Path(tmp_dir)
-        seconds, dataset = timed(lambda: write_jpegs(tmp / "jpegs", args.n_images), torch.device("cpu"))
+        seconds, dataset = timed(
+            lambda: write_jpegs(tmp / "jpegs", args.n_images, args.short_side), torch.device("cpu")
+        )
         kib = sum(p.stat().st_size for p in dataset.paths) / len(dataset) / 1024
         print(
-            f"{len(dataset)} JPEG files (shorter side {SHORT_SIDE} px, quality {JPEG_QUALITY}, mean "
+            f"{len(dataset)} JPEG files (shorter side {args.short_side} px, quality {JPEG_QUALITY}, mean "
             f"{kib:.0f} KiB) written in {seconds:.1f} s; encoder {args.encoder} ({args.dtype}), batch "
             f"{args.batch_size}, {args.num_workers} loader workers",
             flush=True,
@@ -156,6 +156,8 @@ def run(args: argparse.Namespace) -> None:
         bare = forward_rate(encoder, args.batch_size, args.forward_batches)
         for decode in args.decode:
             input_rate(encoder, dataset, args, decode)
+        if args.inputs_only:
+            return
         total, stores = 0.0, {}
         for tokens in args.tokens:
             seconds, store = timed(
@@ -222,7 +224,7 @@ def run(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
-    p.add_argument("--encoder", default="clip:ViT-B-32")
+    p.add_argument("--encoder", default=None, help="default: clip:ViT-B-32 (clip:tiny with --small)")
     p.add_argument("--embedder", default=None, help="CLIP encoder for the index (default: the encoder)")
     p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     p.add_argument("--n-images", type=int, default=8192)
@@ -235,15 +237,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--train-batch", type=int, default=4096)
     p.add_argument("--train-tokens", type=int, default=None, help="default: the store's tokens (≥ 8 batches)")
     p.add_argument("--forward-batches", type=int, default=20)
+    p.add_argument("--short-side", type=int, default=375, help="of the JPEG files (375: ~500 × 375)")
+    p.add_argument("--inputs-only", action="store_true", help="stop after the input path and the forward")
     p.add_argument("--profile", action="store_true", help="split one image's input cost first")
     p.add_argument("--out", default=None, help="where the temp folder goes")
     p.add_argument("--small", action="store_true", help="CPU smoke run: tiny CLIP, 64 images, 2 workers")
     args = p.parse_args(argv)
     if args.small:
-        args.device, args.encoder, args.dtype, args.n_images = "cpu", "clip:tiny", "fp32", 64
+        args.device, args.encoder = "cpu", args.encoder or "clip:tiny"
+        args.dtype, args.n_images = "fp32", 64 if args.n_images == 8192 else args.n_images
         args.batch_size, args.num_workers, args.decode = 16, 2, ["pil", "draft"]
         args.n_latents, args.k, args.train_batch, args.forward_batches = 256, 8, 64, 2
         args.profile = True
+    args.encoder = args.encoder or "clip:ViT-B-32"
     run(args)
 
 
