@@ -202,8 +202,8 @@ def run(args: argparse.Namespace) -> None:
         line(
             "train",
             seconds,
-            train_tokens / 1e6,
-            "Mtok",
+            train_tokens,
+            "tok",
             f"n={args.n_latents} k={args.k} batch {args.train_batch}",
         )
         sae = sae.to(device, dtype).eval()
