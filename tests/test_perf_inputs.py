@@ -114,3 +114,15 @@ def test_loader_workers_run_one_torch_thread() -> None:
         assert [n for batch in loader for n in batch] == [1, 1, 1, 1]
     finally:
         torch.set_num_threads(before)
+
+
+def test_extract_with_draft_decoding_makes_its_own_store(jpegs: Path, tmp_path: Path) -> None:
+    from mmsae.extract import extract
+
+    encoder = get_encoder("timm:test_vit", pretrained=False)
+    folder = ImageFolder(jpegs)
+    pil = extract(encoder, folder, "blocks.5", tmp_path, tokens="cls", batch_size=4, progress=False)
+    draft = extract(
+        encoder, folder, "blocks.5", tmp_path, tokens="cls", batch_size=4, progress=False, decode="draft"
+    )
+    assert draft.path != pil.path and draft.n_tokens == pil.n_tokens == len(folder)
