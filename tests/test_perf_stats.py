@@ -137,3 +137,11 @@ def test_one_key_sort_orders_like_two_stable_sorts() -> None:
     assert torch.equal(group[fast], group[slow])
     assert torch.equal(val[fast], val[slow])
     assert (group[fast][1:] >= group[fast][:-1]).all()
+
+
+def test_a_chunk_where_nothing_fires_changes_only_the_token_count() -> None:
+    stats = FeatureStats(N_LAT, D, StatsConfig(top_k=2))
+    x = torch.randn(5, D)
+    stats.update(x, x, torch.zeros(5, N_LAT), torch.arange(5), torch.zeros(5, dtype=torch.long))
+    assert stats.n_tokens == 5 and stats.dead.all() and stats.l0 == 0
+    assert stats.top_examples(0).example_ids.size == 0

@@ -118,14 +118,12 @@ class FeatureStats:
     ) -> None:
         """Add one chunk: inputs, reconstructions, codes ([N, n] dense or SparseCodes) and metadata [N].
 
-        Everything is computed on the (value, latent) pairs, O(N·k) for TopK codes, with fixed-size
-        scatters and sorts: no boolean indexing, `unique` or `bincount`, whose output sizes depend on
-        the data and so wait for the device on every chunk.
+        Everything is computed on the (token, latent, value) pairs, O(N·k) for sparse (TopK) codes, with
+        fixed-size scatters and sorts: no boolean indexing, `unique` or `bincount`, whose output sizes
+        depend on the data and so wait for the device on every chunk. Dense codes give their nonzero
+        entries (one wait per chunk).
         """
-        values_Nk, latents_Nk = _pairs(codes)
-        N, dev = values_Nk.shape[0], values_Nk.device
-        rows = torch.arange(N, device=dev)[:, None].expand_as(latents_Nk).reshape(-1)
-        lat, raw = latents_Nk.reshape(-1), values_Nk.reshape(-1).float()
+        rows, lat, raw = _pairs(codes)
         active = raw != 0  # != rather than > so signed (AbsTopK) codes count as firing
         on = active.double()
         self.fire_count.index_add_(0, lat, on)
@@ -138,10 +136,10 @@ class FeatureStats:
         self.sq_err += (x64 - x_hat_ND.double()).pow(2).sum()
         self.x_sum += x64.sum(0)
         self.x_sq += x64.pow(2).sum()
-        self.n_tokens += N
+        self.n_tokens += x_ND.shape[0]
         if timestep is not None:
             self.has_timesteps = True
-        self._update_top(rows, lat, val, example_id.to(dev), token_index.to(dev), timestep)
+        self._update_top(rows, lat, val, example_id.to(lat.device), token_index.to(lat.device), timestep)
 
     def _update_hist(self, lat: Tensor, val: Tensor, on: Tensor) -> None:
         lo, hi = self.cfg.hist_log10_range
@@ -293,11 +291,15 @@ class FeatureStats:
         return stats
 
 
-def _pairs(codes: Codes) -> tuple[Tensor, Tensor]:
-    """(values, latent ids) [N, k] of SAE codes; a dense [N, n] code is the pair (codes, 0..n−1)."""
+def _pairs(codes: Codes) -> tuple[Tensor, Tensor, Tensor]:
+    """Flat (token row, latent id, float32 value) of SAE codes: all N·k pairs of sparse codes, without a
+    device wait; the nonzero entries of dense [N, n] codes (one wait, which spares N·n-sized buffers)."""
     if isinstance(codes, SparseCodes):
-        return codes.values, codes.indices
-    return codes, torch.arange(codes.shape[-1], device=codes.device).expand_as(codes)
+        N, k = codes.values.shape
+        rows = torch.arange(N, device=codes.values.device).repeat_interleave(k)
+        return rows, codes.indices.reshape(-1), codes.values.reshape(-1).float()
+    rows, lat = codes.nonzero(as_tuple=True)
+    return rows, lat, codes[rows, lat].float()
 
 
 def _group_then_descending(group: Tensor, val: Tensor, n_groups: int) -> Tensor:
