@@ -33,6 +33,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -126,11 +127,71 @@ def input_rate(encoder: Encoder, dataset: ExampleDataset, args: argparse.Namespa
     return len(dataset) / seconds
 
 
-def run(args: argparse.Namespace) -> None:
+def extract_stages(encoder: Encoder, dataset: ImageFolder, args: argparse.Namespace, out: Path, bare: float):
+    """`mmsae.extract` per token mode: (total seconds, the stores by mode)."""
+    import mmsae
+
+    total, stores = 0.0, {}
+    for tokens in args.tokens:
+        seconds, store = timed(
+            lambda tokens=tokens: mmsae.extract(
+                encoder,
+                dataset,
+                encoder.default_hook,
+                out,
+                tokens=tokens,
+                batch_size=args.batch_size,
+                num_workers=args.num_workers,
+                progress=False,
+                decode=args.decode[0],
+            ),
+            encoder.device,
+        )
+        total, stores[tokens] = total + seconds, store
+        extra = f"{store.n_tokens:,} tokens; extraction/forward {len(dataset) / seconds / bare:.2f}"
+        line(f"extract (tokens={tokens})", seconds, len(dataset), "img", extra)
+    return total, stores
+
+
+def downstream_stages(encoder: Encoder, store: Any, folder: Path, args: argparse.Namespace) -> float:
+    """train → feature stats → index build on `store`; their total seconds."""
     import mmsae
     from mmsae.analysis import feature_stats
     from mmsae.index import ConceptIndex
 
+    device, dtype = encoder.device, DTYPES[args.dtype]
+    train_tokens = args.train_tokens or max(store.n_tokens, 8 * args.train_batch)
+    seconds, sae = timed(
+        lambda: mmsae.train(
+            store,
+            sae="topk",
+            n_latents=args.n_latents,
+            k=args.k,
+            tokens=train_tokens,
+            batch_size=args.train_batch,
+            warmup_steps=10,
+        ),
+        device,
+    )
+    total = seconds
+    line("train", seconds, train_tokens, "tok", f"n={args.n_latents} k={args.k} batch {args.train_batch}")
+    sae = sae.to(device, dtype).eval()
+    hook = encoder.default_hook
+    seconds, _ = timed(lambda: feature_stats(sae, store.token_acts(hook, batch_size=16384)), device)
+    total += seconds
+    line("feature stats", seconds, store.n_tokens, "tok", f"{store.n_tokens:,} tokens")
+    embedder = (
+        encoder
+        if args.embedder is None
+        else get_encoder(args.embedder, pretrained=False, device=device, dtype=dtype)
+    )
+    seconds, index = timed(lambda: ConceptIndex.build(folder, sae, encoder, embedder=embedder), device)
+    total += seconds
+    line("index build", seconds, len(index), "img")
+    return total
+
+
+def run(args: argparse.Namespace) -> None:
     for name in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)  # keep the stage table readable
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
@@ -149,7 +210,6 @@ def run(args: argparse.Namespace) -> None:
             flush=True,
         )
         encoder = get_encoder(args.encoder, pretrained=False, device=device, dtype=dtype)
-        hook = encoder.default_hook
         if args.profile:
             profile_inputs(encoder, dataset, min(64, len(dataset)))
         print(f"{'stage':<26} {'time':>11} {'throughput':>19}", flush=True)
@@ -158,66 +218,8 @@ def run(args: argparse.Namespace) -> None:
             input_rate(encoder, dataset, args, decode)
         if args.inputs_only:
             return
-        total, stores = 0.0, {}
-        for tokens in args.tokens:
-            seconds, store = timed(
-                lambda tokens=tokens: mmsae.extract(
-                    encoder,
-                    dataset,
-                    hook,
-                    tmp / "stores",
-                    tokens=tokens,
-                    batch_size=args.batch_size,
-                    num_workers=args.num_workers,
-                    progress=False,
-                    decode=args.decode[0],
-                ),
-                device,
-            )
-            total += seconds
-            stores[tokens] = store
-            rate = len(dataset) / seconds
-            line(
-                f"extract (tokens={tokens})",
-                seconds,
-                len(dataset),
-                "img",
-                f"{store.n_tokens:,} tokens; extraction/forward {rate / bare:.2f}",
-            )
-        store = stores[args.tokens[0]]
-        train_tokens = args.train_tokens or max(store.n_tokens, 8 * args.train_batch)
-        seconds, sae = timed(
-            lambda: mmsae.train(
-                store,
-                sae="topk",
-                n_latents=args.n_latents,
-                k=args.k,
-                tokens=train_tokens,
-                batch_size=args.train_batch,
-                warmup_steps=10,
-            ),
-            device,
-        )
-        total += seconds
-        line(
-            "train",
-            seconds,
-            train_tokens,
-            "tok",
-            f"n={args.n_latents} k={args.k} batch {args.train_batch}",
-        )
-        sae = sae.to(device, dtype).eval()
-        seconds, _ = timed(lambda: feature_stats(sae, store.token_acts(hook, batch_size=16384)), device)
-        total += seconds
-        line("feature stats", seconds, store.n_tokens, "tok", f"{store.n_tokens:,} tokens")
-        embedder = (
-            encoder
-            if args.embedder is None
-            else get_encoder(args.embedder, pretrained=False, device=device, dtype=dtype)
-        )
-        seconds, _ = timed(lambda: ConceptIndex.build(tmp / "jpegs", sae, encoder, embedder=embedder), device)
-        total += seconds
-        line("index build", seconds, len(dataset), "img")
+        total, stores = extract_stages(encoder, dataset, args, tmp / "stores", bare)
+        total += downstream_stages(encoder, stores[args.tokens[0]], tmp / "jpegs", args)
         print(f"{'whole (extract→index)':<26} {total:9.2f} s", flush=True)
 
 
