@@ -131,8 +131,8 @@ class Row:
         return "| " + " | ".join(map(str, cells)) + " |"
 
 
-def write_jpegs(root: Path, n: int) -> ImageFolder:
-    """`n` JPEG files: random crops of the scikit-image photos scaled to a 375 px shorter side.
+def write_jpegs(root: Path, n: int, short_side: int = SHORT_SIDE) -> ImageFolder:
+    """`n` JPEG files: random crops of the scikit-image photos scaled to a `short_side` px shorter side.
 
     Noise would compress badly (3× the bytes of a photo), so decode cost would not be typical."""
     crops = RandomCrops(SkimagePhotos(), n, scale=(0.4, 1.0))
@@ -140,7 +140,7 @@ def write_jpegs(root: Path, n: int) -> ImageFolder:
 
     def write(i: int) -> None:
         image = crops[i].image
-        scale = SHORT_SIDE / min(image.size)
+        scale = short_side / min(image.size)
         size = (round(image.width * scale), round(image.height * scale))
         image = image.resize(size, Image.Resampling.LANCZOS)
         image.save(root / f"{i:06d}.jpg", quality=JPEG_QUALITY)

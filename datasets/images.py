@@ -43,6 +43,7 @@ SKIMAGE_PHOTOS = (
     "colorwheel",
 )
 _HASH_CHUNK = 1 << 20
+DraftSize = int | tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,8 @@ class ExampleDataset(Dataset[Example]):
     """Base class: `kind` is "image" (items carry images) or "prompt" (items are texts only)."""
 
     kind: str = "image"
+    draft_size: DraftSize | None = None
+    """Data sets that read image files pass it to `open_image` (extraction's decode="draft" sets it)."""
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -92,22 +95,7 @@ class ExampleDataset(Dataset[Example]):
 # PIL's own hard limit (2 × Image.MAX_IMAGE_PIXELS): larger files are decompression bombs, not photos.
 MAX_IMAGE_PIXELS = 2 * 89_478_485
 # Modes with 8 bits per channel: PIL's convert("RGB") is exact for them.
-EIGHT_BIT_MODES = (
-    "1",
-    "L",
-    "LA",
-    "La",
-    "P",
-    "PA",
-    "RGB",
-    "RGBA",
-    "RGBa",
-    "RGBX",
-    "CMYK",
-    "YCbCr",
-    "LAB",
-    "HSV",
-)
+EIGHT_BIT_MODES = tuple("1 L LA La P PA RGB RGBA RGBa RGBX CMYK YCbCr LAB HSV".split())  # noqa: SIM905
 # Modes without a fixed value range: scaled by the narrowest standard range that holds every pixel.
 _OPEN_RANGES = {"F": (1.0, 255.0, 65535.0), "I": (255.0, 65535.0)}
 
@@ -146,12 +134,19 @@ def to_rgb(image: Image.Image, source: str = "image") -> Image.Image:
     return Image.fromarray(gray, "L").convert("RGB")
 
 
-def open_image(source: str | Path | Image.Image, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+def open_image(
+    source: str | Path | Image.Image, max_pixels: int = MAX_IMAGE_PIXELS, draft_size: DraftSize | None = None
+) -> Image.Image:
     """The project's one way to open an image: a file (or PIL image) → fully decoded 8-bit RGB.
 
     Refuses, with an `ImageReadError` naming the file: missing files, non-images, truncated files,
     images of more than `max_pixels` pixels (checked from the header, before decoding), and modes
-    that cannot be scaled to 8 bit (see `to_rgb`)."""
+    that cannot be scaled to 8 bit (see `to_rgb`).
+
+    `draft_size` lets a JPEG decode at 1/2, 1/4 or 1/8 scale in the DCT (much faster) while staying at
+    least that large: an int is the least shorter side (what a following `Resize(int)` needs), a pair the
+    least (width, height). Other formats ignore it. A resize after it then differs from one after a full
+    decode by the two downscaling filters (bounded in tests/test_perf_inputs.py)."""
     if isinstance(source, Image.Image):
         _check_pixels("image", source.size, max_pixels)
         return to_rgb(source)
@@ -159,6 +154,10 @@ def open_image(source: str | Path | Image.Image, max_pixels: int = MAX_IMAGE_PIX
     try:
         with Image.open(source) as img:
             _check_pixels(name, img.size, max_pixels)
+            if draft_size is not None and img.format == "JPEG":
+                (w, h), s = img.size, draft_size
+                least = s if isinstance(s, tuple) else (w * s // min(w, h), h * s // min(w, h))
+                img.draft("RGB", least)  # the least (width, height) PIL may decode to
             img.load()
             return to_rgb(img, name)
     except ImageReadError:
@@ -190,10 +189,10 @@ def _check_pixels(source: str, size: tuple[int, int], max_pixels: int) -> None:
         )
 
 
-def open_rgb(path: Path, index: int) -> Image.Image:
+def open_rgb(path: Path, index: int, draft_size: DraftSize | None = None) -> Image.Image:
     """Decode an image fully (so truncated files fail here, not later) and convert it to RGB."""
     try:
-        return open_image(path)
+        return open_image(path, draft_size=draft_size)
     except ImageReadError as e:
         raise UnreadableExample(index, str(path), e.reason) from e
 
@@ -233,7 +232,7 @@ class ImageFolder(ExampleDataset):
 
     def __getitem__(self, index: int) -> Example:
         self._check_index(index)
-        return Example(index, image=open_rgb(self.paths[index], index))
+        return Example(index, image=open_rgb(self.paths[index], index, self.draft_size))
 
     def source(self, index: int) -> str:
         return str(self.paths[index])
@@ -303,7 +302,9 @@ class ImageCaptions(ExampleDataset):
 
     def __getitem__(self, index: int) -> Example:
         self._check_index(index)
-        return Example(index, image=open_rgb(self.images[index], index), text=self.captions[index])
+        return Example(
+            index, image=open_rgb(self.images[index], index, self.draft_size), text=self.captions[index]
+        )
 
     def source(self, index: int) -> str:
         return str(self.images[index])

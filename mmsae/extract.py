@@ -143,7 +143,8 @@ def extract(
     `decode="device"` (image files only) decodes JPEGs batch-wise on the encoder's device (nvJPEG on CUDA)
     and preprocesses them there: pixels within a few uint8 levels of the PIL path (see
     `mmsae.datasets.gpu_decode`), so the store gets its own hash. Other files take the PIL path; a
-    warning counts them.
+    warning counts them. `decode="draft"` is the PIL path with large JPEGs decoded at 1/2–1/8 scale
+    (`mmsae.inputs`): pixels within ~1 level on average, its own hash too.
 
     Several processes: call this in each with the same arguments. `rank`/`world_size` default to the
     torch.distributed group, else to torchrun's RANK/WORLD_SIZE; the process extracts the shards

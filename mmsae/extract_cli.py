@@ -49,7 +49,8 @@ HELP = {
     "batch_size": "examples per forward",
     "shard_tokens": "tokens per shard file (approximately)",
     "num_workers": "DataLoader workers decoding inputs",
-    "decode": "pil (in loader workers) | device (JPEG files decoded on the device)",
+    "decode": "pil (in loader workers) | draft (pil, big JPEGs decoded at reduced scale) | device (JPEG "
+    "files decoded on the device)",
     "device": "auto (cuda when available) | cpu | cuda[:i]",
     "devices": "processes on disjoint shards, one per GPU (on CPU: CPU processes)",
     "model_dtype": "model dtype, e.g. bfloat16; empty keeps the model's",

@@ -41,9 +41,16 @@ class StatsConfig:
     hist_bins: int = 64
     hist_log10_range: tuple[float, float] = (-4.0, 4.0)
     """Per-latent histogram of log10(activation) over firing tokens; values outside fall in the edge bins."""
-    chunk_tokens: int = 2048
-    """Tokens encoded at once; per-chunk buffers are [examples in chunk, n]. On a GPU raise it: on an H100
-    (n = 32768, k = 32, bf16) 2048 → 0.6, 8192 → 1.2, 16384 → 1.9 M tokens/s."""
+    chunk_tokens: int | None = None
+    """Tokens encoded at once (None: 16384 on a GPU, 2048 on the CPU, where the reference encoder holds a
+    dense [chunk, n] pre-activation). Per-chunk work is O(chunk · k), so on a GPU bigger is faster."""
+
+    def chunk_for(self, device: torch.device) -> int:
+        if self.chunk_tokens is not None:
+            if self.chunk_tokens < 1:
+                raise ValueError(f"StatsConfig.chunk_tokens must be >= 1, got {self.chunk_tokens}.")
+            return self.chunk_tokens
+        return 16384 if device.type == "cuda" else 2048
 
 
 @dataclass
@@ -99,7 +106,7 @@ class FeatureStats:
         self.has_timesteps = False
 
     # ------------------------------------------------------------------ accumulation
-    @torch.no_grad()
+    @torch.inference_mode()
     def update(
         self,
         x_ND: Tensor,
@@ -111,21 +118,20 @@ class FeatureStats:
     ) -> None:
         """Add one chunk: inputs, reconstructions, codes ([N, n] dense or SparseCodes) and metadata [N].
 
-        Everything is computed on the (value, latent) pairs that fired, O(N·k) for TopK codes: dense
-        [N, n] reductions and scatters dominated the pass on GPU.
+        Everything is computed on the (token, latent, value) pairs, O(N·k) for sparse (TopK) codes, with
+        fixed-size scatters and sorts: no boolean indexing, `unique` or `bincount`, whose output sizes
+        depend on the data and so wait for the device on every chunk. Dense codes give their nonzero
+        entries (one wait per chunk).
         """
-        values_Nk, latents_Nk = _pairs(codes)
-        active = values_Nk != 0  # != rather than > so signed (AbsTopK) codes count as firing
-        rows = torch.arange(values_Nk.shape[0], device=values_Nk.device)[:, None].expand_as(latents_Nk)[
-            active
-        ]
-        lat, val = latents_Nk[active], values_Nk[active].float()
-        n = self.n_latents
-        self.fire_count += torch.bincount(lat, minlength=n).double()
-        self.act_sum += torch.bincount(lat, weights=val.double(), minlength=n)
+        rows, lat, raw = _pairs(codes)
+        active = raw != 0  # != rather than > so signed (AbsTopK) codes count as firing
+        on = active.double()
+        self.fire_count.index_add_(0, lat, on)
+        self.act_sum.index_add_(0, lat, raw.double() * on)
+        val = raw.masked_fill(~active, -math.inf)  # silent pairs never win a maximum
         self.act_max.scatter_reduce_(0, lat, val, "amax")
-        self.l0_sum += lat.numel()
-        self._update_hist(lat, val)
+        self.l0_sum += on.sum()
+        self._update_hist(lat, raw, on)
         x64 = x_ND.double()
         self.sq_err += (x64 - x_hat_ND.double()).pow(2).sum()
         self.x_sum += x64.sum(0)
@@ -133,14 +139,14 @@ class FeatureStats:
         self.n_tokens += x_ND.shape[0]
         if timestep is not None:
             self.has_timesteps = True
-        self._update_top(rows, lat, val, example_id, token_index, timestep)
+        self._update_top(rows, lat, val, example_id.to(lat.device), token_index.to(lat.device), timestep)
 
-    def _update_hist(self, lat: Tensor, val: Tensor) -> None:
+    def _update_hist(self, lat: Tensor, val: Tensor, on: Tensor) -> None:
         lo, hi = self.cfg.hist_log10_range
         bins = self.cfg.hist_bins
+        # Silent pairs (log10 0 = −inf) land in bin 0 with weight 0.
         b = ((val.abs().log10() - lo) / (hi - lo) * bins).floor().clamp(0, bins - 1).long()
-        flat = torch.bincount(lat * bins + b, minlength=self.n_latents * bins)
-        self.hist += flat.view(self.n_latents, bins).double()
+        self.hist.view(-1).index_add_(0, lat * bins + b, on)
 
     def _update_top(
         self,
@@ -151,29 +157,40 @@ class FeatureStats:
         token_index: Tensor,
         timestep: Tensor | None,
     ) -> None:
-        # 1. Per example in the chunk: max over its tokens, and the token (timestep) attaining it.
-        #    Scatters go into a flat [U·n] buffer keyed by (example, latent).
-        uniq, inv = torch.unique(example_id, return_inverse=True)
-        n, dev = self.n_latents, val.device
-        key = inv.to(dev)[rows] * n + lat
-        ex_max_Un = torch.full((len(uniq) * n,), -math.inf, device=dev).scatter_reduce_(0, key, val, "amax")
-        is_max = val == ex_max_Un[key]
-        ex_tok_Un = torch.full((len(uniq) * n,), -1, dtype=torch.long, device=dev)
-        ex_tok_Un.scatter_reduce_(0, key[is_max], token_index.to(dev)[rows][is_max], "amax")
-        ex_ts_Un = torch.full_like(ex_tok_Un, -1)
-        if timestep is not None:
-            ex_ts_Un.scatter_reduce_(0, key[is_max], timestep.to(dev)[rows][is_max], "amax")
-        ex_max_Un, ex_tok_Un, ex_ts_Un = (t.view(len(uniq), n) for t in (ex_max_Un, ex_tok_Un, ex_ts_Un))
-        # 2. Keep the chunk's best k examples per latent (no others can reach the running top k).
-        kb = min(self.cfg.top_k, len(uniq))
-        best_v, best_i = ex_max_Un.topk(kb, dim=0)
+        """Merge the chunk's best k examples per latent into the running top k. `rows`, `lat`, `val`:
+        one entry per (token, latent) pair, −inf where the latent is silent."""
+        k, n = self.cfg.top_k, self.n_latents
+        # 1. Per (example, latent), keep the pair with the largest value: sort by value, then (stably)
+        #    by (latent, example); the first of each run is the example's maximum and its token.
+        N = example_id.shape[0]
+        pair_key = lat * N + _example_rank(example_id)[rows]
+        perm = _group_then_descending(pair_key, val, n * N)
+        key = pair_key[perm]
+        first = torch.ones_like(key, dtype=torch.bool)
+        first[1:] = key[1:] != key[:-1]
+        best = val[perm].masked_fill(~first, -math.inf)
+        # 2. Per latent, its pairs best first: the first k of each latent's run are the chunk's top k.
+        order = _group_then_descending(lat[perm], best, n)
+        sel = perm[order]
+        lat_s, v_s = lat[sel], best[order]
+        count = torch.zeros(n, dtype=torch.long, device=lat.device).index_add_(0, lat, torch.ones_like(lat))
+        rank = torch.arange(lat.numel(), device=lat.device) - (count.cumsum(0) - count)[lat_s]
+        slot = rank.clamp(max=k) * n + lat_s  # row k collects every pair past the k-th, and is dropped
+        r = rows[sel]
+        ts = timestep.to(lat.device)[r] if timestep is not None else torch.full_like(r, -1)
+        chunk = [
+            torch.full(((k + 1) * n,), fill, dtype=src.dtype, device=lat.device).scatter_(0, slot, src)
+            for src, fill in ((v_s, -math.inf), (example_id[r], -1), (token_index[r], -1), (ts, -1))
+        ]
+        best_v, best_id, best_tok, best_ts = (t.view(k + 1, n)[:k] for t in chunk)
+        # 3. Merge with the running top k; an example split across chunks may appear twice: keep only
+        #    its best entry.
         cand_v = torch.cat([self.top_values, best_v])
-        cand_id = torch.cat([self.top_ids, uniq[best_i]])
-        cand_tok = torch.cat([self.top_tokens, ex_tok_Un.gather(0, best_i)])
-        cand_ts = torch.cat([self.top_timesteps, ex_ts_Un.gather(0, best_i)])
-        # 3. An example split across chunks may appear twice: keep only its best entry.
+        cand_id = torch.cat([self.top_ids, best_id.masked_fill(best_v == -math.inf, -1)])
+        cand_tok = torch.cat([self.top_tokens, best_tok])
+        cand_ts = torch.cat([self.top_timesteps, best_ts])
         cand_v = cand_v.masked_fill(_duplicates(cand_v, cand_id), -math.inf)
-        top_v, top_i = cand_v.topk(self.cfg.top_k, dim=0)
+        top_v, top_i = cand_v.topk(k, dim=0)
         empty = top_v == -math.inf
         self.top_values = top_v
         self.top_ids = cand_id.gather(0, top_i).masked_fill(empty, -1)
@@ -274,11 +291,37 @@ class FeatureStats:
         return stats
 
 
-def _pairs(codes: Codes) -> tuple[Tensor, Tensor]:
-    """(values, latent ids) [N, k] of SAE codes; a dense [N, n] code is the pair (codes, 0..n−1)."""
+def _pairs(codes: Codes) -> tuple[Tensor, Tensor, Tensor]:
+    """Flat (token row, latent id, float32 value) of SAE codes: all N·k pairs of sparse codes, without a
+    device wait; the nonzero entries of dense [N, n] codes (one wait, which spares N·n-sized buffers)."""
     if isinstance(codes, SparseCodes):
-        return codes.values, codes.indices
-    return codes, torch.arange(codes.shape[-1], device=codes.device).expand_as(codes)
+        N, k = codes.values.shape
+        rows = torch.arange(N, device=codes.values.device).repeat_interleave(k)
+        return rows, codes.indices.reshape(-1), codes.values.reshape(-1).float()
+    rows, lat = codes.nonzero(as_tuple=True)
+    return rows, lat, codes[rows, lat].float()
+
+
+def _group_then_descending(group: Tensor, val: Tensor, n_groups: int) -> Tensor:
+    """The permutation sorting pairs by `group` (int, < n_groups), then by float32 `val`, largest first.
+
+    One sort of an int64 key (group, then the value's bits mapped to a descending integer) where the
+    groups fit in 31 bits, else two stable sorts."""
+    if n_groups < 2**31:
+        bits = val.float().view(torch.int32).long()
+        ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # increases with the float value
+        return (group * 2**32 + (2**31 - 1 - ordered)).argsort(stable=True)
+    by_val = val.argsort(descending=True, stable=True)
+    return by_val[group[by_val].argsort(stable=True)]
+
+
+def _example_rank(example_id: Tensor) -> Tensor:
+    """[N] → each token's example as a rank 0..N−1 (equal ids, equal ranks): `unique`'s inverse without
+    its data-dependent output size."""
+    ids_s, order = example_id.sort(stable=True)
+    new = torch.ones_like(ids_s, dtype=torch.long)
+    new[1:] = (ids_s[1:] != ids_s[:-1]).long()
+    return torch.empty_like(new).scatter_(0, order, new.cumsum(0) - 1)
 
 
 def _duplicates(values_Mn: Tensor, ids_Mn: Tensor) -> Tensor:
@@ -312,7 +355,7 @@ def _as_token_acts(batch: Batch, offset: int) -> TokenActs:
     )
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def feature_stats(
     sae: SAE,
     batches: Iterable[Batch],
@@ -323,7 +366,9 @@ def feature_stats(
 ) -> FeatureStats:
     """One pass of `sae` over `batches` (TokenActs from an encoder/store, or [N, D] tensors).
 
-    Runs on the SAE's device (CUDA if the SAE is there). With `checkpoint`, the accumulator is saved
+    Runs on the SAE's device (CUDA if the SAE is there), in the SAE's dtype (a bf16 SAE encodes in bf16
+    with the fused kernels of `mmsae.kernels`); nothing waits for the device between checkpoints. With
+    `checkpoint`, the accumulator is saved
     every `checkpoint_every` batches and at the end; rerunning with the same, deterministic
     `batches` resumes after the last saved batch.
     """
@@ -341,21 +386,23 @@ def feature_stats(
         stats = FeatureStats(sae.n_latents, sae.d_in, cfg, device=device)
     source: Iterator[Batch] = itertools.islice(iter(batches), stats.n_batches, None)
     remaining = None if total is None else max(total - stats.n_batches, 0)
+    chunk = cfg.chunk_for(device)
     for batch in tqdm(source, total=remaining, desc="feature stats", unit="batch"):
         acts = _as_token_acts(batch, offset=stats.n_tokens)
-        meta = acts.meta
-        timestep = meta.get("timestep")
-        for s in range(0, acts.acts_ND.shape[0], cfg.chunk_tokens):
-            sl = slice(s, s + cfg.chunk_tokens)
-            x = acts.acts_ND[sl].to(device=device, dtype=sae.W_dec.dtype)
+        meta = {key: v.to(device) for key, v in acts.meta.items() if isinstance(v, Tensor)}
+        acts_ND = acts.acts_ND.to(device=device, dtype=sae.W_dec.dtype)
+        for s in range(0, acts_ND.shape[0], chunk):
+            sl = slice(s, s + chunk)
+            x = acts_ND[sl]
             out = sae(x)
+            timestep = meta.get("timestep")
             stats.update(
                 x,
                 out.x_hat,
                 out.codes,
-                meta["example_id"][sl].to(device),
-                meta["token_index"][sl].to(device),
-                None if timestep is None else timestep[sl].to(device),
+                meta["example_id"][sl],
+                meta["token_index"][sl],
+                None if timestep is None else timestep[sl],
             )
         stats.n_batches += 1
         if ckpt is not None and stats.n_batches % checkpoint_every == 0:

@@ -36,13 +36,15 @@ class SparseCodeStore:
 
     def append(self, codes_Bn: Tensor, max_per_row: int) -> None:
         """Add rows, keeping each image's `max_per_row` largest codes (bounded storage per image)."""
-        codes = codes_Bn.detach().float().cpu()
-        kk = min(max_per_row, codes.shape[1])
-        vals, idx = codes.topk(kk, dim=1)
+        # Select on the codes' device: only [B, max_per_row] values and ids cross to the host, not [B, n].
+        kk = min(max_per_row, codes_Bn.shape[1])
+        vals, idx = (t.cpu() for t in codes_Bn.detach().float().topk(kk, dim=1))
         keep = vals != 0
-        rows = torch.arange(codes.shape[0])[:, None].expand_as(idx)[keep]
+        rows = torch.arange(codes_Bn.shape[0])[:, None].expand_as(idx)[keep]
         block = sp.csr_matrix(
-            (vals[keep].numpy(), (rows.numpy(), idx[keep].numpy())), shape=codes.shape, dtype=np.float32
+            (vals[keep].numpy(), (rows.numpy(), idx[keep].numpy())),
+            shape=tuple(codes_Bn.shape),
+            dtype=np.float32,
         )
         self.csr = sp.vstack([self.csr, block], format="csr")
         self._csc = None

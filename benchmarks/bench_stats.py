@@ -1,0 +1,120 @@
+"""M tokens/s of the feature-statistics pass (`mmsae.analysis.feature_stats`) against the bare encode.
+
+Activations already on the device (so the pass itself is timed, not a store), TopK SAE at random init.
+For each chunk size: one untimed warm-up pass (kernel compilation, allocator), then a timed pass over
+`--tokens` tokens. The encode-only floor is `SAE.encode` (`mmsae.kernels.topk_encode`) over the same
+chunks under inference_mode; the ratio column is stats / encode.
+
+    python benchmarks/bench_stats.py --device cuda                    # d=768, n=32768, k=32, bf16
+    python benchmarks/bench_stats.py --device cuda --dtype fp32 --chunks 2048 16384
+    python benchmarks/bench_stats.py --small                          # CPU smoke run, tiny sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+
+from mmsae.analysis import StatsConfig, feature_stats
+from mmsae.encoders.base import TokenActs
+from mmsae.sae import build_sae
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds of one call, the device drained before and after."""
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def make_batches(args: argparse.Namespace, device: torch.device) -> list[TokenActs]:
+    """`--tokens` tokens in batches of `--batch`, `--tokens-per-example` consecutive tokens per example."""
+    g = torch.Generator(device=device).manual_seed(0)
+    out = []
+    for start in range(0, args.tokens, args.batch):
+        n = min(args.batch, args.tokens - start)
+        ids = torch.arange(start, start + n, device=device)
+        out.append(
+            TokenActs(
+                torch.randn(n, args.d, device=device, generator=g, dtype=DTYPES[args.dtype]),
+                {"example_id": ids // args.tokens_per_example, "token_index": ids % args.tokens_per_example},
+            )
+        )
+    return out
+
+
+def run(args: argparse.Namespace) -> list[dict[str, float]]:
+    device = torch.device(args.device)
+    sae = build_sae("topk", args.d, args.n, k=args.k).to(device, DTYPES[args.dtype]).eval()
+    batches = make_batches(args, device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(
+        f"feature_stats on {device} ({name}): "
+        f"d={args.d} n={args.n} k={args.k} {args.dtype}, {args.tokens:,} tokens in batches of {args.batch}, "
+        f"{args.tokens_per_example} token(s) per example, top_k={args.top_k}"
+    )
+    print(f"{'chunk':>7} {'stats s':>9} {'stats Mtok/s':>13} {'encode Mtok/s':>14} {'stats/encode':>13}")
+    rows = []
+    for chunk in args.chunks:
+        cfg = StatsConfig(top_k=args.top_k, chunk_tokens=chunk)
+
+        def stats_pass(cfg: StatsConfig = cfg) -> object:
+            return feature_stats(sae, batches, cfg)
+
+        def encode_pass(chunk: int = chunk) -> None:
+            with torch.inference_mode():
+                for b in batches:
+                    for s in range(0, b.acts_ND.shape[0], chunk):
+                        sae.encode(b.acts_ND[s : s + chunk])
+
+        timed(stats_pass, device)  # warm-up
+        timed(encode_pass, device)
+        t_stats, t_enc = timed(stats_pass, device), timed(encode_pass, device)
+        row = {
+            "chunk": chunk,
+            "stats_s": t_stats,
+            "stats_mtok_s": args.tokens / t_stats / 1e6,
+            "encode_mtok_s": args.tokens / t_enc / 1e6,
+        }
+        rows.append(row)
+        print(
+            f"{chunk:>7} {t_stats:>9.3f} {row['stats_mtok_s']:>13.3f} {row['encode_mtok_s']:>14.3f} "
+            f"{t_enc / t_stats:>13.2f}"
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
+    p.add_argument("--d", type=int, default=768)
+    p.add_argument("--n", type=int, default=32768)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    p.add_argument("--tokens", type=int, default=2**21, help="tokens per timed pass")
+    p.add_argument("--batch", type=int, default=16384, help="tokens per batch handed to feature_stats")
+    p.add_argument("--tokens-per-example", type=int, default=1, help="1: CLS tokens; 257: ViT-B/16 all")
+    p.add_argument("--top-k", type=int, default=16, help="top examples kept per latent")
+    p.add_argument("--chunks", type=int, nargs="+", default=[2048, 8192, 16384])
+    p.add_argument("--small", action="store_true", help="CPU smoke run: d=64, n=1024, k=8, 16k tokens")
+    args = p.parse_args(argv)
+    if args.small:
+        args.device, args.dtype, args.d, args.n, args.k = "cpu", "fp32", 64, 1024, 8
+        args.tokens, args.batch, args.chunks = 16384, 4096, [512, 2048]
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
