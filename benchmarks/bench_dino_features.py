@@ -86,7 +86,8 @@ def write_dashboards(
     labels = {f: [s.obj.label for s in scores if f in s.bases["sae"].features] for f in latents}
     for latent in latents:
         names = [
-            NameCandidate(f"fires on the {label}", best[latent]) for label in dict.fromkeys(labels[latent])
+            NameCandidate(f"energy in the {label} box", best[latent])
+            for label in dict.fromkeys(labels[latent])
         ]
         feature_dashboard(latent, stats, images, out, names=names, sae=sae, encoder=encoder, hook=args.hook)
     return latents

@@ -93,9 +93,10 @@ def feature_dashboard(
         ax.imshow(im)
         if maps:
             ax.imshow(
-                maps[col],
+                np.ma.masked_less_equal(maps[col], 0),  # silent patches stay clear
                 cmap="inferno",
-                alpha=0.5,
+                alpha=0.7,
+                vmin=0,
                 extent=(0, im.width, im.height, 0),
                 interpolation="nearest",
             )
@@ -161,7 +162,9 @@ def _overlay(ax: plt.Axes, view: Image.Image, heat_HW: np.ndarray | None, covera
     extent = (0, view.width, view.height, 0)
     ax.imshow(view)
     if heat_HW is not None:
-        ax.imshow(heat_HW, cmap="inferno", alpha=0.6, extent=extent, interpolation="nearest")
+        # Silent patches stay clear, so the photo shows where the feature does not fire.
+        heat = np.ma.masked_less_equal(heat_HW, 0)
+        ax.imshow(heat, cmap="inferno", alpha=0.7, extent=extent, interpolation="nearest", vmin=0)
     ax.contour(
         coverage_HW,
         levels=[0.5],
