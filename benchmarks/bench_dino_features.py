@@ -37,7 +37,7 @@ from mmsae.analysis.objects import OBJECT_BOXES, PhotoList, real_photo_specs
 from mmsae.analysis.stats import StatsConfig, feature_stats
 from mmsae.checkpoint import atomic_write_bytes, load_sae, save_sae
 from mmsae.datasets.images import RandomCrops
-from mmsae.encoders import get_encoder
+from mmsae.encoders import Encoder, get_encoder
 from mmsae.extract import extract
 from mmsae.sae import SAE
 from mmsae.store import ActivationStore
@@ -72,7 +72,13 @@ def token_mean(store: ActivationStore, hook: str) -> torch.Tensor:
 
 
 def write_dashboards(
-    sae: SAE, encoder, store: ActivationStore, crops: RandomCrops, scores: list[ObjectScore], args, out: Path
+    sae: SAE,
+    encoder: Encoder,
+    store: ActivationStore,
+    crops: RandomCrops,
+    scores: list[ObjectScore],
+    args: argparse.Namespace,
+    out: Path,
 ) -> list[int]:
     """Dashboards of the SAE features in the table, best-localized first (at most `--features`)."""
     best: dict[int, float] = {}

@@ -104,8 +104,8 @@ def test_sae_features_localize_on_objects_better_than_random(dino: TimmEncoder, 
 
 def test_dashboards_render_for_the_real_model(tmp_path: Path, dino: TimmEncoder, dino_sae) -> None:
     sae, center, images = dino_sae
-    rocket = [o for o in OBJECT_BOXES if o.label in ("rocket", "cup")]
-    scores = localization_scores(dino, HOOK, sae_and_random(sae, center), rocket, k=2)
+    two = [o for o in OBJECT_BOXES if o.label in ("rocket", "cup")]
+    scores = localization_scores(dino, HOOK, sae_and_random(sae, center), two, k=2)
     png = localization_grid(scores, tmp_path / "objects.png")
     assert Image.open(png).size[0] > 400
     stats = feature_stats(sae, [_token_acts(dino, images[:8])], StatsConfig(top_k=4))

@@ -38,6 +38,8 @@ def patch_codes(
 ) -> Tensor:
     """Codes of every patch token, float32 [B, H, W, n]: `encode` maps the hook's [N, D] tokens to [N, n]
     (an SAE's dense codes, or any other feature basis, e.g. random directions for a baseline)."""
+    if not images:
+        raise ValueError("patch_codes needs at least one image.")
     maps = []
     for start in range(0, len(images), batch_size):
         pixels = stack_pixels(encoder, [load_image(im) for im in images[start : start + batch_size]])

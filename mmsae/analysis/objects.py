@@ -50,12 +50,13 @@ OBJECT_BOXES: tuple[ObjectBox, ...] = (
     ObjectBox("foolbox:imagenet:17", "eagle", (0, 120, 512, 365)),
     ObjectBox("foolbox:imagenet:19", "beetle", (100, 135, 435, 395)),
 )
-# Every photo of the scikit-image, foolbox ImageNet and interior sets that shows a scene or object.
+# The scikit-image photos of scenes and objects (the others are textures, microscopy, text and charts).
 SKIMAGE_SCENES = ("astronaut", "camera", "chelsea", "coffee", "rocket", "motorcycle_left")
 
 
 def real_photo_specs(n_foolbox: int = 20, n_interior: int = 39) -> list[str]:
-    """Specs of the real photos: the scikit-image scenes, foolbox's ImageNet samples, interior photos."""
+    """Specs of the real photos: the scikit-image scenes, the first `n_foolbox` of foolbox's 20 ImageNet
+    samples and the first `n_interior` of the 39 interior photos."""
     specs = [f"skimage:{n}" for n in SKIMAGE_SCENES]
     specs += [f"foolbox:imagenet:{i}" for i in range(n_foolbox)]
     return specs + [f"interior:{i}" for i in range(n_interior)]
