@@ -63,7 +63,7 @@ def test_box_coverage_follows_the_encoder_crop() -> None:
         box_coverage(vit, image, ObjectBox("x", "too wide", (0, 0, 301, 10)), (10, 10))
 
 
-def test_every_object_box_fits_its_photo() -> None:
+def test_every_object_box_fits_its_photo(zoo: Path) -> None:  # foolbox photos come with the zoo
     for obj in OBJECT_BOXES:
         W, H = load_photo(obj.photo).size
         x0, y0, x1, y1 = obj.box
