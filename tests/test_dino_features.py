@@ -30,6 +30,7 @@ from mmsae.analysis.objects import (
     PhotoList,
     box_coverage,
     load_photo,
+    model_view,
     real_photo_specs,
 )
 from mmsae.analysis.stats import StatsConfig, feature_stats
@@ -59,6 +60,10 @@ def test_box_coverage_follows_the_encoder_crop() -> None:
     assert left[:, :5].min() > 0.99 and left[:, 5:].max() < 0.01  # the square crop is centred
     outer = box_coverage(vit, image, ObjectBox("x", "outside the crop", (0, 0, 40, 200)), (10, 10))
     assert outer.max() < 0.01  # the centre crop drops x < 50
+    red_left = Image.new("RGB", (300, 200), "white")
+    red_left.paste((255, 0, 0), (0, 0, 50, 200))
+    view = np.asarray(model_view(vit, red_left))  # what dashboards draw heatmaps on
+    assert view.shape == (160, 160, 3) and view[..., 1].min() > 250  # the red strip is cropped away
     with pytest.raises(ValueError, match="does not fit its 300×200 photo"):
         box_coverage(vit, image, ObjectBox("x", "too wide", (0, 0, 301, 10)), (10, 10))
 

@@ -25,6 +25,7 @@ from mmsae.analysis.heatmap import latent_heatmaps
 from mmsae.analysis.images import ImageLike, load_image
 from mmsae.analysis.localization import ObjectScore
 from mmsae.analysis.naming import NameCandidate
+from mmsae.analysis.objects import model_view
 from mmsae.analysis.stats import FeatureStats
 from mmsae.checkpoint import atomic_write_bytes
 from mmsae.encoders.base import Encoder
@@ -79,11 +80,11 @@ def feature_dashboard(
             "collection the stats were computed on."
         )
     pil = [load_image(images[i]) for i in ids]
-    maps = (
-        latent_heatmaps(sae, encoder, pil, latent, hook)
-        if sae is not None and encoder is not None and pil
-        else []
-    )
+    maps = []
+    if sae is not None and encoder is not None and pil:
+        maps = latent_heatmaps(sae, encoder, pil, latent, hook)
+        # Draw on what the model saw: its centre crop of a non-square image, not the whole image.
+        pil = [model_view(encoder, im) for im in pil]
 
     n_cols = max(len(pil), 1)
     fig = plt.figure(figsize=(2.2 * max(n_cols, 4), 5.2))
