@@ -1,24 +1,33 @@
-"""Feature analysis: statistics pass, monosemanticity, concept naming, heatmaps and dashboards."""
+"""Feature analysis: statistics pass, monosemanticity, concept naming, heatmaps, object localization and
+dashboards."""
 
-from mmsae.analysis.heatmap import latent_heatmaps
+from mmsae.analysis.heatmap import latent_heatmaps, patch_codes
+from mmsae.analysis.localization import energy_in_box, localization_scores
 from mmsae.analysis.monosemanticity import (
     MonosemanticityAccumulator,
     monosemanticity,
     monosemanticity_pairwise,
 )
 from mmsae.analysis.naming import NameCandidate, load_vocabulary, name_features
+from mmsae.analysis.objects import OBJECT_BOXES, ObjectBox, PhotoList
 from mmsae.analysis.stats import FeatureStats, StatsConfig, TopExamples, feature_stats
 
 __all__ = [
+    "OBJECT_BOXES",
     "FeatureStats",
     "MonosemanticityAccumulator",
     "NameCandidate",
+    "ObjectBox",
+    "PhotoList",
     "StatsConfig",
     "TopExamples",
+    "energy_in_box",
     "feature_stats",
     "latent_heatmaps",
     "load_vocabulary",
+    "localization_scores",
     "monosemanticity",
     "monosemanticity_pairwise",
     "name_features",
+    "patch_codes",
 ]

@@ -19,10 +19,13 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt
 import numpy as np
+from PIL import Image
 
 from mmsae.analysis.heatmap import latent_heatmaps
 from mmsae.analysis.images import ImageLike, load_image
+from mmsae.analysis.localization import ObjectScore
 from mmsae.analysis.naming import NameCandidate
+from mmsae.analysis.objects import model_view
 from mmsae.analysis.stats import FeatureStats
 from mmsae.checkpoint import atomic_write_bytes
 from mmsae.encoders.base import Encoder
@@ -44,6 +47,14 @@ def _html_page(title: str, png: bytes, table_rows: Sequence[tuple[str, str]]) ->
         f"<body><h1>{html.escape(title)}</h1><table>{rows}</table>"
         f"<img alt='{html.escape(title)}' src='data:image/png;base64,{img}'></body></html>"
     ).encode()
+
+
+def _mark_top_patch(ax: plt.Axes, heat_HW: np.ndarray, size: tuple[int, int]) -> None:
+    """Outline the patch where the latent fires most (the top-activating patch of this image)."""
+    h, w = heat_HW.shape
+    r, c = np.unravel_index(int(np.argmax(heat_HW)), heat_HW.shape)
+    pw, ph = size[0] / w, size[1] / h
+    ax.add_patch(plt.Rectangle((c * pw, r * ph), pw, ph, fill=False, edgecolor="cyan", linewidth=1.2))
 
 
 def feature_dashboard(
@@ -69,11 +80,11 @@ def feature_dashboard(
             "collection the stats were computed on."
         )
     pil = [load_image(images[i]) for i in ids]
-    maps = (
-        latent_heatmaps(sae, encoder, pil, latent, hook)
-        if sae is not None and encoder is not None and pil
-        else []
-    )
+    maps = []
+    if sae is not None and encoder is not None and pil:
+        maps = latent_heatmaps(sae, encoder, pil, latent, hook)
+        # Draw on what the model saw: its centre crop of a non-square image, not the whole image.
+        pil = [model_view(encoder, im) for im in pil]
 
     n_cols = max(len(pil), 1)
     fig = plt.figure(figsize=(2.2 * max(n_cols, 4), 5.2))
@@ -83,12 +94,14 @@ def feature_dashboard(
         ax.imshow(im)
         if maps:
             ax.imshow(
-                maps[col],
+                np.ma.masked_less_equal(maps[col], 0),  # silent patches stay clear
                 cmap="inferno",
-                alpha=0.5,
+                alpha=0.7,
+                vmin=0,
                 extent=(0, im.width, im.height, 0),
                 interpolation="nearest",
             )
+            _mark_top_patch(ax, maps[col], im.size)
         step = f" t={top.timestep[col]}" if top.timestep is not None else ""
         ax.set_title(f"#{ids[col]} {top.values[col]:.2f}{step}", fontsize=8)
         ax.axis("off")
@@ -143,3 +156,58 @@ def summary_report(
     atomic_write_bytes(out / "summary.png", png)
     atomic_write_bytes(out / "summary.html", _html_page("SAE summary", png, rows))
     return out / "summary.png", out / "summary.html"
+
+
+def _overlay(ax: plt.Axes, view: Image.Image, heat_HW: np.ndarray | None, coverage_HW: np.ndarray) -> None:
+    """The model's view of a photo, a patch heatmap over it, and the object box outlined."""
+    extent = (0, view.width, view.height, 0)
+    ax.imshow(view)
+    if heat_HW is not None:
+        # Silent patches stay clear, so the photo shows where the feature does not fire.
+        heat = np.ma.masked_less_equal(heat_HW, 0)
+        ax.imshow(heat, cmap="inferno", alpha=0.7, extent=extent, interpolation="nearest", vmin=0)
+    ax.contour(
+        coverage_HW,
+        levels=[0.5],
+        colors="cyan",
+        linewidths=1.2,
+        extent=(0, view.width, 0, view.height),
+        origin="upper",
+    )
+    ax.axis("off")
+
+
+def localization_grid(
+    scores: Sequence[ObjectScore], out_path: str | os.PathLike, dpi: int = 100, cell: float = 1.7
+) -> Path:
+    """PNG grid: one row per object (its photo with the box, then each basis' top features' heatmaps,
+    titled with the feature id and its energy in the box)."""
+    if not scores:
+        raise ValueError("localization_grid needs at least one object score.")
+    names = list(scores[0].bases)
+    n_cols = 1 + sum(max(len(s.bases[n].features) for s in scores) for n in names)
+    fig, axes = plt.subplots(len(scores), n_cols, figsize=(cell * n_cols, cell * len(scores) + 0.3))
+    axes = np.asarray(axes).reshape(len(scores), n_cols)
+    for row, s in zip(axes, scores):
+        _overlay(row[0], s.view, None, s.coverage)
+        row[0].set_title(f"{s.obj.label} (box {s.area:.0%})", fontsize=8)
+        col = 1
+        for name in names:
+            width = max(len(t.bases[name].features) for t in scores)
+            basis = s.bases[name]
+            for j in range(width):
+                if j < len(basis.features):
+                    _overlay(row[col + j], s.view, basis.maps[j], s.coverage)
+                    row[col + j].set_title(
+                        f"{name} {basis.features[j]}: {basis.energy[j]:.0%} in box", fontsize=7
+                    )
+                else:
+                    row[col + j].axis("off")
+            col += width
+    fig.suptitle("activation heatmaps of the features with most mass inside each object box", fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    atomic_write_bytes(Path(out_path), buf.getvalue())
+    return Path(out_path)

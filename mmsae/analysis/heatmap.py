@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from mmsae.analysis.images import ImageLike, load_image, stack_pixels
 from mmsae.encoders.base import Encoder
@@ -28,6 +29,34 @@ def patch_grid(encoder: Encoder, n_patches: int) -> tuple[int, int]:
 
 
 @torch.no_grad()
+def patch_codes(
+    encode: Callable[[Tensor], Tensor],
+    encoder: Encoder,
+    images: Sequence[ImageLike],
+    hook: str,
+    batch_size: int = 16,
+) -> Tensor:
+    """Codes of every patch token, float32 [B, H, W, n]: `encode` maps the hook's [N, D] tokens to [N, n]
+    (an SAE's dense codes, or any other feature basis, e.g. random directions for a baseline)."""
+    if not images:
+        raise ValueError("patch_codes needs at least one image.")
+    maps = []
+    for start in range(0, len(images), batch_size):
+        pixels = stack_pixels(encoder, [load_image(im) for im in images[start : start + batch_size]])
+        acts = encoder.activations(pixels, [hook], tokens="patch")[hook]
+        codes_Nn = encode(acts.acts_ND).float().cpu()
+        maps.append(codes_Nn.view(pixels.shape[0], -1, codes_Nn.shape[-1]))
+    codes_BTn = torch.cat(maps)
+    h, w = patch_grid(encoder, codes_BTn.shape[1])
+    return codes_BTn.view(len(images), h, w, -1)
+
+
+def sae_encoder(sae: SAE) -> Callable[[Tensor], Tensor]:
+    """`encode` for `patch_codes`: the SAE's dense codes, on its device and dtype."""
+    return lambda x_ND: as_dense(sae.encode(x_ND.to(device=sae.W_dec.device, dtype=sae.W_dec.dtype)))
+
+
+@torch.no_grad()
 def latent_heatmaps(
     sae: SAE, encoder: Encoder, images: Sequence[ImageLike], latent: int, hook: str | None = None
 ) -> list[np.ndarray]:
@@ -35,10 +64,6 @@ def latent_heatmaps(
     if not 0 <= latent < sae.n_latents:
         raise IndexError(f"Latent {latent} is out of range for an SAE with {sae.n_latents} latents.")
     hook = hook or sae.cfg.hook or encoder.default_hook
-    pixels = stack_pixels(encoder, [load_image(im) for im in images])
-    acts = encoder.activations(pixels, [hook], tokens="patch")[hook]
-    x = acts.acts_ND.to(device=sae.W_dec.device, dtype=sae.W_dec.dtype)
-    codes_N = as_dense(sae.encode(x))[:, latent].float().cpu()
-    maps_BT = codes_N.view(len(images), -1)
-    h, w = patch_grid(encoder, maps_BT.shape[1])
-    return [m.view(h, w).numpy() for m in maps_BT]
+    encode = sae_encoder(sae)
+    maps_BHW = patch_codes(lambda x_ND: encode(x_ND)[:, latent : latent + 1], encoder, images, hook)
+    return [m[..., 0].numpy() for m in maps_BHW]
