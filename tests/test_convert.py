@@ -17,6 +17,7 @@ from mmsae.convert import from_saelens, from_sparsify
 from mmsae.encoders.registry import get_encoder
 from mmsae.intervene.edits import Set
 from mmsae.intervene.intervention import Intervention, Splice
+from mmsae.sae.base import REGISTRY
 
 FIXTURES = Path(__file__).parent / "fixtures" / "converters"
 SCALE = json.loads((FIXTURES / "versions.json").read_text())["norm_scaling_factor"]
@@ -200,3 +201,30 @@ def test_input_norm_is_inference_only_and_old_configs_load(tmp_path: Path) -> No
     old = mmsae.load_sae(tmp_path / "old")
     assert old.cfg.input_norm == "none"
     check_outputs(old, "saelens_standard")
+
+
+VARIANT_OPTIONS = {
+    "relu": {},
+    "jumprelu": {},
+    "gated": {},
+    "archetypal": {"k": 4, "n_anchors": 32},
+    "hierarchical_topk": {"ks": (2, 4)},
+}
+"""Options each registered variant needs at d=16, n=64 (the others take k)."""
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+@pytest.mark.parametrize("mode", ["layer_norm", "constant_norm_rescale"])
+def test_every_variant_normalises_once(name: str, mode: str) -> None:
+    """encode(x) codes normalize(x), once (variants call encode and pre_acts from their own forward), and
+    forward(x) is decode(encode(x)) denormalised."""
+    options = VARIANT_OPTIONS.get(name, {"k": 4})
+    sae = mmsae.build_sae(name, 16, 64, input_norm=mode, **options)
+    plain = mmsae.build_sae(name, 16, 64, **options)
+    plain.load_state_dict(sae.state_dict())
+    x = torch.randn(5, 16) * torch.tensor([1.0, 6.0, 0.3, 1.0, 2.0])[:, None] + 0.5
+    x_n, stats = sae.normalize(x)
+    with torch.no_grad():
+        torch.testing.assert_close(sae.encode_dense(x), plain.encode_dense(x_n))
+        torch.testing.assert_close(sae(x).x_hat, sae.denormalize(plain(x_n).x_hat, stats))
+        torch.testing.assert_close(sae(x).x_hat, sae.denormalize(sae.decode(sae.encode(x)), stats))

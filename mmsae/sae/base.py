@@ -7,12 +7,11 @@ Every variant is a small subclass: it sets `arch`, may extend `Config`, and over
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, NamedTuple
 
@@ -145,8 +144,11 @@ def _with_input_norm(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(self, x, *args, **kwargs)
         self.check_input(x)
         x_n, stats = self.normalize(x)
-        with self._on_normalized():
+        token = _NORMALIZED.set(self)
+        try:
             out = fn(self, x_n, *args, **kwargs)
+        finally:
+            _NORMALIZED.reset(token)
         return out._replace(x_hat=self.denormalize(out.x_hat, stats)) if name == "forward" else out
 
     return wrapped
@@ -206,16 +208,16 @@ class SAE(nn.Module):
 
     arch: ClassVar[str] = "base"
     Config: ClassVar[type[SAEConfig]] = SAEConfig
+    fused_recon: ClassVar[bool] = False
+    """Its loss takes the reconstruction term from `recon_loss`, so a training forward with sparse codes may
+    compute it with the decoder (`kernels.decode_with_mse`: one pass, and a backward without a gather)."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Every variant's own encode/forward honours cfg.input_norm without knowing about it.
         super().__init_subclass__(**kwargs)
         for name in ("encode", "forward"):
             if name in cls.__dict__:
                 setattr(cls, name, _with_input_norm(name, cls.__dict__[name]))
-
-    fused_recon: ClassVar[bool] = False
-    """Its loss takes the reconstruction term from `recon_loss`, so a training forward with sparse codes may
-    compute it with the decoder (`kernels.decode_with_mse`: one pass, and a backward without a gather)."""
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -285,14 +287,6 @@ class SAE(nn.Module):
         out = y.float() * stats.scale
         return (out if stats.shift is None else out + stats.shift).to(y.dtype)
 
-    @contextlib.contextmanager
-    def _on_normalized(self) -> Iterator[None]:
-        token = _NORMALIZED.set(self)
-        try:
-            yield
-        finally:
-            _NORMALIZED.reset(token)
-
     def pre_acts(self, x: Tensor) -> Tensor:
         """W_enc (x − b_dec) + b_enc, [B, n], of the SAE's own input (xₙ under `cfg.input_norm`)."""
         return (x - self.b_dec) @ self.W_enc.T + self.b_enc
@@ -301,17 +295,15 @@ class SAE(nn.Module):
         raise NotImplementedError
 
     def decode(self, codes: Codes) -> Tensor:
+        """x̂ₙ = codes·W_dec + b_dec: the reconstruction of the input the SAE encodes (x itself unless
+        `cfg.input_norm`; then `denormalize` it with the tokens' statistics)."""
         if isinstance(codes, SparseCodes):
             return kernels.sparse_decode(codes.values, codes.indices, self.W_dec, self.b_dec)
         return codes @ self.W_dec + self.b_dec
 
+    @functools.partial(_with_input_norm, "forward")
     def forward(self, x: Tensor) -> SAEOutput:
         self.check_input(x)
-        if self.cfg.input_norm != "none" and _NORMALIZED.get() is not self:
-            x_n, stats = self.normalize(x)
-            with self._on_normalized():
-                out = self.forward(x_n)
-            return out._replace(x_hat=self.denormalize(out.x_hat, stats))
         codes = self.encode(x)
         if (
             self.fused_recon
