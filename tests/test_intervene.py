@@ -16,6 +16,7 @@ from mmsae.intervene.intervention import (
     latent_columns,
     spatial_gate,
 )
+from mmsae.intervene.text_steer import concept_delta
 from mmsae.sae.base import as_dense
 
 
@@ -293,3 +294,11 @@ def test_identity_edit_on_a_normalising_sae_keeps_the_model_exact(mode, vit, pix
         with Intervention(vit, Splice(sae, [Set(3, 50.0)])):
             steered = vit.run_model(pixels)
     assert torch.equal(same, bare) and not torch.allclose(steered, bare)
+
+
+def test_text_concept_delta_on_a_normalising_sae_is_scaled_per_token(vit):
+    sae, plain = normalised_sae("layer_norm", vit)
+    h = torch.randn(4, 64) * torch.tensor([1.0, 5.0, 0.5, 2.0])[:, None]
+    h_n, scale, _ = hand_stats("layer_norm", h)
+    expected = scale * (0.5 * plain.pre_acts(h_n).relu() @ sae.W_dec)
+    torch.testing.assert_close(concept_delta(sae, h, 0.5), expected, atol=1e-5, rtol=1e-5)
