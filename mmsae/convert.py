@@ -5,9 +5,12 @@ On-disk formats:
   rescale_acts_by_decoder_norm, metadata) + `sae_weights.safetensors` with W_enc [d, n], W_dec [n, d],
   b_enc, b_dec, and `threshold` (jumprelu) or `b_gate`/`b_mag`/`r_mag` (gated). Pre-6.0 configs
   name the hook `hook_point` and TopK as activation_fn_str="topk" + activation_fn_kwargs.k.
+  Per-token `normalize_activations` ("layer_norm", "constant_norm_rescale") become the SAE's
+  `input_norm`, applied at run time; "expected_average_only_in" is a global scale, folded in.
 - sparsify: one folder per hookpoint with `cfg.json` (d_in, expansion_factor, num_latents, k,
   normalize_decoder, activation, skip_connection, transcode, ...) + `sae.safetensors` with
-  encoder.weight [n, d], encoder.bias, W_dec [n, d], b_dec.
+  encoder.weight [n, d], encoder.bias, W_dec [n, d], b_dec. SAeUron (a fork) adds `input_unit_norm`,
+  the same per-token normalisation as SAELens' "layer_norm".
 """
 
 from __future__ import annotations
@@ -112,6 +115,13 @@ def _unit_norm(W_dec_ND: Tensor) -> bool:
 
 # ---------------------------------------------------------------------------------------------- SAELens
 SAELENS_ARCHS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}
+SAELENS_NORMS = {
+    "none": "none",
+    "expected_average_only_in": "none",  # a global input scale: folded into the weights
+    "layer_norm": "layer_norm",
+    "constant_norm_rescale": "constant_norm_rescale",
+}
+"""SAELens normalize_activations → mmsae `input_norm` (per-token, applied by the SAE at run time)."""
 
 
 def _saelens_config(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -195,11 +205,20 @@ def from_saelens(
             f"SAELens architecture {arch!r} has no mmsae equivalent; supported: {sorted(SAELENS_ARCHS)}."
         )
     norm = cfg["normalize_activations"]
-    if norm not in ("none", "expected_average_only_in"):
+    if norm == "covariance_whitening":
+        # Global and affine, so foldable, but its mean and whitening matrix are not in the SAE folder:
+        # SAELens folds them into the weights when training ends (and saves "none"), so a folder that
+        # still says covariance_whitening is a mid-training checkpoint whose statistics are in the
+        # trainer's activation-scaler file.
         raise ValueError(
-            f"{path / CFG_NAME}: SAELens normalize_activations={norm!r} is a per-token runtime transform "
-            "(each token rescaled on the way in and back on the way out) that an mmsae SAE cannot "
-            "represent; only 'none' and 'expected_average_only_in' convert."
+            f"{path / CFG_NAME}: normalize_activations='covariance_whitening' needs whitening statistics "
+            "that the SAE folder does not hold: fold them in with SAELens (sae.fold_activation_whitening"
+            "(mean, matrix, inverse_matrix) from the run's activation scaler), save, and convert that."
+        )
+    if norm not in SAELENS_NORMS:
+        raise ValueError(
+            f"{path / CFG_NAME}: SAELens normalize_activations={norm!r} is unknown; supported: "
+            f"{sorted(SAELENS_NORMS)}."
         )
     if norm == "expected_average_only_in" and norm_scaling_factor is None:
         raise ValueError(
@@ -216,6 +235,7 @@ def from_saelens(
         d_in,
         n_latents,
         unit_norm_decoder=_unit_norm(weights["W_dec"]),
+        input_norm=SAELENS_NORMS[norm],
         hook=hook,
         encoder=encoder or meta.get("model_name") or cfg.get("model_name"),
         extra={"converted_from": "saelens", "source": str(path_or_repo), "saelens_architecture": arch}
@@ -257,12 +277,9 @@ def from_sparsify(
     unsupported = {key: cfg[key] for key in ("skip_connection", "transcode") if cfg.get(key)}
     if cfg.get("activation", "topk") != "topk":
         unsupported["activation"] = cfg["activation"]
-    if cfg.get("input_unit_norm"):  # SAeUron: (x − mean) / (std + 1e-5) per token, undone on the output
-        unsupported["input_unit_norm"] = True
     if unsupported:
         raise ValueError(
-            f"{path / CFG_NAME}: options {unsupported} have no mmsae equivalent (input_unit_norm is a "
-            "per-token runtime transform of SAeUron's); only plain TopK SAEs convert."
+            f"{path / CFG_NAME}: options {unsupported} have no mmsae equivalent; only TopK SAEs convert."
         )
     d_in = int(cfg["d_in"])
     n = int(cfg.get("num_latents") or d_in * cfg["expansion_factor"])
@@ -288,6 +305,8 @@ def from_sparsify(
         n,
         k=int(cfg["k"]),
         unit_norm_decoder=bool(cfg.get("normalize_decoder", True)),
+        # SAeUron's input_unit_norm: (x − μ)/(σ + 1e-5) per token, x̂ₙ·σ + μ on the way out.
+        input_norm="layer_norm" if cfg.get("input_unit_norm") else "none",
         hook=hook,
         site=site,
         extra={"converted_from": "sparsify", "source": str(path_or_repo)} | provenance,

@@ -285,9 +285,9 @@ def test_from_saelens_pre_6_config_and_norm_scaling(tmp_path: Path) -> None:
 
 
 def test_from_saelens_rejects_what_it_cannot_represent(tmp_path: Path) -> None:
-    write_saelens(tmp_path / "ln", "standard", {"normalize_activations": "layer_norm"})
-    with pytest.raises(ValueError, match="per-token runtime transform"):
-        from_saelens(tmp_path / "ln")
+    write_saelens(tmp_path / "cw", "standard", {"normalize_activations": "covariance_whitening"})
+    with pytest.raises(ValueError, match="covariance_whitening"):
+        from_saelens(tmp_path / "cw")
     write_saelens(tmp_path / "tc", "transcoder", {})
     with pytest.raises(ValueError, match="no mmsae equivalent"):
         from_saelens(tmp_path / "tc")

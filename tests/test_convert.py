@@ -17,6 +17,7 @@ from mmsae.convert import from_saelens, from_sparsify
 from mmsae.encoders.registry import get_encoder
 from mmsae.intervene.edits import Set
 from mmsae.intervene.intervention import Intervention, Splice
+from mmsae.sae.base import REGISTRY
 
 FIXTURES = Path(__file__).parent / "fixtures" / "converters"
 SCALE = json.loads((FIXTURES / "versions.json").read_text())["norm_scaling_factor"]
@@ -71,10 +72,39 @@ def test_saelens_expected_average_scale_is_folded() -> None:
     check_outputs(from_saelens(FIXTURES / name, norm_scaling_factor=SCALE), name)
 
 
-@pytest.mark.parametrize("name", ["saelens_layer_norm", "saelens_constant_norm"])
-def test_saelens_per_token_normalisation_is_refused_by_name(name: str) -> None:
-    with pytest.raises(ValueError, match=r"normalize_activations=.*per-token"):
-        from_saelens(FIXTURES / name)
+@pytest.mark.parametrize(
+    ("name", "mode"),
+    [("saelens_layer_norm", "layer_norm"), ("saelens_constant_norm", "constant_norm_rescale")],
+)
+def test_saelens_per_token_normalisation_reproduces_saelens_outputs(
+    name: str, mode: str, tmp_path: Path
+) -> None:
+    """SAELens normalises each token on the way in and undoes it on x̂: mmsae's `input_norm` does the same
+    (the fixture inputs include a token at 7× scale), and the mode survives a save and load."""
+    sae = from_saelens(FIXTURES / name)
+    assert sae.cfg.input_norm == mode
+    check_outputs(sae, name)
+    ref = expected(name)
+    _, stats = sae.normalize(ref["x"])
+    with torch.no_grad():  # decode gives x̂ₙ; denormalize with the tokens' statistics gives x̂
+        torch.testing.assert_close(
+            sae.denormalize(sae.decode(sae.encode(ref["x"])), stats), ref["recon"], **TOL
+        )
+    sae.save(str(tmp_path / "sae"))
+    loaded = mmsae.load_sae(tmp_path / "sae")
+    assert loaded.cfg.input_norm == mode
+    check_outputs(loaded, name)
+
+
+def test_saelens_covariance_whitening_is_refused_by_name(tmp_path: Path) -> None:
+    """Its statistics live in SAELens' activation-scaler file, not the SAE folder (SAELens folds them into
+    the weights when training ends), so there is nothing to convert them from."""
+    folder = tmp_path / "whitened"
+    shutil.copytree(FIXTURES / "saelens_standard", folder)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    (folder / "cfg.json").write_text(json.dumps(cfg | {"normalize_activations": "covariance_whitening"}))
+    with pytest.raises(ValueError, match=r"cfg\.json.*covariance_whitening.*fold_activation_whitening"):
+        from_saelens(folder)
 
 
 @pytest.mark.parametrize("name", ["sparsify_topk", "sparsify_topk_free_decoder"])
@@ -97,9 +127,15 @@ def test_saeuron_file_reproduces_saeuron_outputs() -> None:
     assert diff.cfg.site == "update"  # trained on output − input (SAeUron's output_or_diff="diff")
 
 
-def test_saeuron_input_unit_norm_is_refused_by_name() -> None:
-    with pytest.raises(ValueError, match=r"input_unit_norm.*per-token"):
-        from_sparsify(FIXTURES / "saeuron_unit_norm" / "unet.up_blocks.1.attentions.1")
+def test_saeuron_input_unit_norm_reproduces_saeuron_outputs() -> None:
+    """input_unit_norm: (x − μ)/(σ + 1e-5) per token in, x̂ₙ·σ + μ out, as SAELens' layer_norm."""
+    sae = from_sparsify(FIXTURES / "saeuron_unit_norm" / "unet.up_blocks.1.attentions.1")
+    assert sae.cfg.input_norm == "layer_norm"
+    check_outputs(sae, "saeuron_unit_norm")
+    assert (
+        from_sparsify(FIXTURES / "saeuron", hookpoint="unet.up_blocks.1.attentions.1").cfg.input_norm
+        == "none"
+    )
 
 
 def test_sparsify_groupmax_is_refused(tmp_path: Path) -> None:
@@ -148,3 +184,47 @@ def test_converted_sae_splices_into_an_encoder(tmp_path: Path) -> None:
         with Intervention(clip, Splice(sae, [Set(7, 10.0)])):
             steered = clip.encode_image(pixels)
     assert steered.shape == bare.shape and not torch.allclose(bare, steered)
+
+
+def test_input_norm_is_inference_only_and_old_configs_load(tmp_path: Path) -> None:
+    sae = from_saelens(FIXTURES / "saelens_layer_norm")
+    with pytest.raises(ValueError, match=r"input_norm='layer_norm'.*inference only.*folded"):
+        sae.train()
+    assert not sae.training
+    with pytest.raises(ValueError, match=r"input_norm='unit'.*layer_norm"):
+        mmsae.build_sae("relu", 16, 64, input_norm="unit")
+    plain = from_saelens(FIXTURES / "saelens_standard")
+    plain.save(str(tmp_path / "old"))
+    cfg = json.loads((tmp_path / "old" / "cfg.json").read_text())
+    cfg.pop("input_norm")  # a cfg.json written before the field existed
+    (tmp_path / "old" / "cfg.json").write_text(json.dumps(cfg))
+    old = mmsae.load_sae(tmp_path / "old")
+    assert old.cfg.input_norm == "none"
+    check_outputs(old, "saelens_standard")
+
+
+VARIANT_OPTIONS = {
+    "relu": {},
+    "jumprelu": {},
+    "gated": {},
+    "archetypal": {"k": 4, "n_anchors": 32},
+    "hierarchical_topk": {"ks": (2, 4)},
+}
+"""Options each registered variant needs at d=16, n=64 (the others take k)."""
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+@pytest.mark.parametrize("mode", ["layer_norm", "constant_norm_rescale"])
+def test_every_variant_normalises_once(name: str, mode: str) -> None:
+    """encode(x) codes normalize(x), once (variants call encode and pre_acts from their own forward), and
+    forward(x) is decode(encode(x)) denormalised."""
+    options = VARIANT_OPTIONS.get(name, {"k": 4})
+    sae = mmsae.build_sae(name, 16, 64, input_norm=mode, **options)
+    plain = mmsae.build_sae(name, 16, 64, **options)
+    plain.load_state_dict(sae.state_dict())
+    x = torch.randn(5, 16) * torch.tensor([1.0, 6.0, 0.3, 1.0, 2.0])[:, None] + 0.5
+    x_n, stats = sae.normalize(x)
+    with torch.no_grad():
+        torch.testing.assert_close(sae.encode_dense(x), plain.encode_dense(x_n))
+        torch.testing.assert_close(sae(x).x_hat, sae.denormalize(plain(x_n).x_hat, stats))
+        torch.testing.assert_close(sae(x).x_hat, sae.denormalize(sae.decode(sae.encode(x)), stats))

@@ -16,6 +16,7 @@ from mmsae.intervene.intervention import (
     latent_columns,
     spatial_gate,
 )
+from mmsae.intervene.text_steer import concept_delta
 from mmsae.sae.base import as_dense
 
 
@@ -237,3 +238,67 @@ def test_bad_latent_window_half_and_mask(vit, sae, pixels):
         vit.run_model(pixels)
     with pytest.raises(ValueError, match="max_acts has shape"):
         Intervention(vit, Splice(sae, [SetMax(1, 1.0)], max_acts=torch.ones(3)))
+
+
+def normalised_sae(mode: str, vit) -> tuple[mmsae.SAE, mmsae.SAE]:
+    """A TopK SAE with per-token input normalisation, and its twin without (same weights)."""
+    sae = mmsae.build_sae("topk", 64, 256, k=8, hook="blocks.4", encoder=vit.id, input_norm=mode)
+    plain = mmsae.build_sae("topk", 64, 256, k=8, hook="blocks.4", encoder=vit.id)
+    with torch.no_grad():
+        sae.b_dec.copy_(torch.randn(64, generator=torch.Generator().manual_seed(3)) * 0.1)
+    plain.load_state_dict(sae.state_dict())
+    return sae, plain
+
+
+def hand_stats(mode: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(xₙ, scale, shift) of SAELens' formulas: x̂ = x̂ₙ·scale + shift."""
+    if mode == "layer_norm":
+        mu = x.mean(-1, keepdim=True)
+        sigma = (x - mu).std(-1, keepdim=True)
+        return (x - mu) / (sigma + 1e-5), sigma, mu
+    norm = x.norm(dim=-1, keepdim=True)
+    return x * 64**0.5 / norm, norm / 64**0.5, torch.zeros_like(norm)
+
+
+@pytest.mark.parametrize("mode", ["layer_norm", "constant_norm_rescale"])
+def test_edits_on_a_normalising_sae_match_a_hand_computation(mode, vit):
+    sae, plain = normalised_sae(mode, vit)
+    x = torch.randn(6, 64) * torch.tensor([1.0, 7.0, 0.2, 1.0, 3.0, 1.0])[:, None] + 0.5
+    x_n, scale, shift = hand_stats(mode, x)
+    f = as_dense(plain.encode(x_n))  # the codes are those of the normalised tokens
+    torch.testing.assert_close(sae.encode_dense(x), f)
+    f_new = f.clone()
+    f_new[:, 3] = 5.0
+    recon = (f @ sae.W_dec + sae.b_dec) * scale + shift
+    edited = (f_new @ sae.W_dec + sae.b_dec) * scale + shift
+    tol = {"atol": 1e-5, "rtol": 1e-5}
+    torch.testing.assert_close(sae(x).x_hat, recon, **tol)
+    torch.testing.assert_close(apply_edits(sae, x, [Set(3, 5.0)], EditContext()), x - recon + edited, **tol)
+    torch.testing.assert_close(
+        apply_edits(sae, x, [Set(3, 5.0)], EditContext(), keep_error=False), edited, **tol
+    )
+    torch.testing.assert_close(
+        apply_edits(sae, x, [Direction(5, 3.0)], EditContext()), x + 3.0 * scale * sae.W_dec[5], **tol
+    )
+
+
+@pytest.mark.parametrize("mode", ["layer_norm", "constant_norm_rescale"])
+def test_identity_edit_on_a_normalising_sae_keeps_the_model_exact(mode, vit, pixels):
+    sae, _ = normalised_sae(mode, vit)
+    x = torch.randn(5, 64) * 4.0
+    assert torch.equal(apply_edits(sae, x, [Scale(3, 1.0), Add(9, 0.0)], EditContext()), x)
+    with torch.no_grad():
+        bare = vit.run_model(pixels)
+        with Intervention(vit, Splice(sae, [Scale(3, 1.0)])):
+            same = vit.run_model(pixels)
+        with Intervention(vit, Splice(sae, [Set(3, 50.0)])):
+            steered = vit.run_model(pixels)
+    assert torch.equal(same, bare) and not torch.allclose(steered, bare)
+
+
+def test_text_concept_delta_on_a_normalising_sae_is_scaled_per_token(vit):
+    sae, plain = normalised_sae("layer_norm", vit)
+    h = torch.randn(4, 64) * torch.tensor([1.0, 5.0, 0.5, 2.0])[:, None]
+    h_n, scale, _ = hand_stats("layer_norm", h)
+    expected = scale * (0.5 * plain.pre_acts(h_n).relu() @ sae.W_dec)
+    torch.testing.assert_close(concept_delta(sae, h, 0.5), expected, atol=1e-5, rtol=1e-5)

@@ -8,7 +8,10 @@ At each hook the output x (as tokens [B, T, D]) becomes
 with f = encode(x) and f′ the codes after the edits. The decoder is linear, so both reduce to a
 base (x or x̂) plus Σ_i (f′_i − f_i)·W_dec[i] over the edited latents only: no dense code tensor is
 built, and with the error kept and no code edits the encoder is not run at all. `Direction` edits
-add s·W_dec[i]. Masks, the timestep window and the CFG half restrict *where* x is replaced:
+add s·W_dec[i]. An SAE with per-token input normalisation (`sae.cfg.input_norm`) codes and decodes
+xₙ = normalize(x) and x̂ is x̂ₙ denormalised, so every change above is scaled by the token's scale
+(and the error term is that of x). Masks, the timestep window and the CFG half restrict *where* x is
+replaced:
 x_out = x + gate·(x′ − x). Leaving the block removes every hook, restoring the model exactly.
 
 An SAE trained on block updates (`sae.cfg.site == "update"`, UNet stores extracted with `update=True`)
@@ -92,11 +95,18 @@ def apply_edits(
     sae.check_input(x_ND)
     x_ND = x_ND.to(sae.W_dec.dtype)
     code_edits = [e for e in edits if e.needs_codes]
+    # An SAE with per-token input normalisation codes and decodes xₙ; denormalising is affine per token
+    # (x̂ = x̂ₙ·scale + shift), so a change Δₙ of x̂ₙ moves x̂, and thus x′, by scale·Δₙ.
+    stats = sae.normalize(x_ND)[1] if sae.cfg.input_norm != "none" else None
+
+    def in_x_space(delta_ND: Tensor) -> Tensor:
+        return delta_ND if stats is None else (delta_ND.float() * stats.scale).to(x_ND.dtype)
+
     out_ND = x_ND
     if code_edits or not keep_error:
         codes = sae.encode(x_ND)
         if not keep_error:
-            out_ND = sae.decode(codes)
+            out_ND = sae.decode(codes) if stats is None else sae.denormalize(sae.decode(codes), stats)
         if code_edits:
             if latents_E is None:
                 latents_E = code_latents(code_edits, x_ND.device)
@@ -105,10 +115,10 @@ def apply_edits(
             new_NE = f_NE.clone()
             for e in code_edits:  # in order: two edits of one latent compose
                 new_NE[:, pos[e.latent]] = e.apply(new_NE[:, pos[e.latent]], ctx)
-            out_ND = out_ND + (new_NE - f_NE).to(out_ND.dtype) @ sae.W_dec[latents_E]
+            out_ND = out_ND + in_x_space((new_NE - f_NE).to(out_ND.dtype) @ sae.W_dec[latents_E])
     for e in edits:
         if not e.needs_codes:
-            out_ND = out_ND + e.strength * sae.W_dec[e.latent]
+            out_ND = out_ND + in_x_space(e.strength * sae.W_dec[e.latent])
     return out_ND
 
 

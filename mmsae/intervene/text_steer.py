@@ -24,8 +24,11 @@ from mmsae.sae.base import SAE
 def concept_delta(sae: SAE, concept_TD: Tensor, strength: float) -> Tensor:
     """δ [T, D] = strength · relu(pre_acts(h_c)) · W_dec: the dense (not top-k) codes, no b_dec."""
     sae.check_input(concept_TD)
-    codes_TN = sae.pre_acts(concept_TD.to(sae.W_dec.dtype)).relu()
-    return strength * codes_TN @ sae.W_dec
+    # An SAE with per-token input normalisation codes xₙ; its atoms move x by each token's scale.
+    concept_n_TD, stats = sae.normalize(concept_TD.to(sae.W_dec.dtype))
+    codes_TN = sae.pre_acts(concept_n_TD).relu()
+    delta_TD = strength * codes_TN @ sae.W_dec
+    return delta_TD if sae.cfg.input_norm == "none" else delta_TD * stats.scale.to(delta_TD.dtype)
 
 
 def _text_hook(encoder: Encoder, sae: SAE, hook: str | None) -> str:

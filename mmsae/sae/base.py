@@ -7,9 +7,11 @@ Every variant is a small subclass: it sets `arch`, may extend `Config`, and over
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+import functools
 import math
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, NamedTuple
 
@@ -19,6 +21,10 @@ from torch import Tensor, nn
 from mmsae import kernels
 
 REGISTRY: dict[str, type[SAE]] = {}
+InputNorm = Literal["none", "layer_norm", "constant_norm_rescale"]
+INPUT_NORMS: tuple[str, ...] = ("none", "layer_norm", "constant_norm_rescale")
+LAYER_NORM_EPS = 1e-5
+"""Added to σ on the way in only, as SAELens and SAeUron do (their outputs multiply by σ alone)."""
 
 
 def register(name: str):
@@ -64,6 +70,12 @@ class SAEConfig:
     UNet blocks), which an `Intervention` then edits as out′ = in + edit(out − in)."""
     normalization: str = "none"
     """How inputs were scaled in training. 'folded': the scale to E‖x‖=√d is folded into the weights."""
+    input_norm: InputNorm = "none"
+    """Per-token normalisation of the input, undone on the output (SAEs converted from libraries that
+    train that way; see `SAE.normalize`). 'layer_norm': (x − μ)/(σ + 1e-5) with the token's mean μ and
+    (unbiased) standard deviation σ, x̂ = x̂ₙ·σ + μ (SAELens `normalize_activations="layer_norm"`, SAeUron
+    `input_unit_norm`). 'constant_norm_rescale': x·√d/‖x‖, x̂ = x̂ₙ·‖x‖/√d (SAELens). Unlike the global
+    scale of `normalization`, it depends on each token, so it cannot be folded into the weights."""
     training_tokens: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form provenance (data set fingerprint, run id, ...)."""
@@ -78,6 +90,8 @@ class SAEConfig:
             raise ValueError(
                 f"k={self.k} must be in 1..n_latents={self.n_latents}: lower k or raise n_latents."
             )
+        if self.input_norm not in INPUT_NORMS:
+            raise ValueError(f"input_norm={self.input_norm!r} must be one of {', '.join(INPUT_NORMS)}.")
         if self.site not in ("output", "update"):
             raise ValueError(
                 f"site={self.site!r} must be 'output' (module outputs) or 'update' (output − input)."
@@ -106,6 +120,38 @@ class SAEOutput(NamedTuple):
     x_hat: Tensor
     codes: Codes
     aux: dict[str, Tensor]
+
+
+class NormStats(NamedTuple):
+    """Per-token statistics of `SAE.normalize`: x̂ = x̂ₙ·scale + shift undoes it on an output."""
+
+    scale: Tensor  # [..., 1]
+    shift: Tensor | None  # [..., 1], None where the normalisation does not centre
+
+
+_NORMALIZED: contextvars.ContextVar[SAE | None] = contextvars.ContextVar("mmsae_normalized_sae", default=None)
+"""The SAE whose variant code is running on an already normalised input (per thread): its own nested
+`encode`/`forward` calls must not normalise a second time."""
+
+
+def _with_input_norm(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a variant's `encode` or `forward` so that it runs on `self.normalize(x)` (and a forward's x̂
+    is denormalised): variants stay written for the space they encode in and honour `cfg.input_norm`."""
+
+    @functools.wraps(fn)
+    def wrapped(self: SAE, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+        if self.cfg.input_norm == "none" or _NORMALIZED.get() is self:
+            return fn(self, x, *args, **kwargs)
+        self.check_input(x)
+        x_n, stats = self.normalize(x)
+        token = _NORMALIZED.set(self)
+        try:
+            out = fn(self, x_n, *args, **kwargs)
+        finally:
+            _NORMALIZED.reset(token)
+        return out._replace(x_hat=self.denormalize(out.x_hat, stats)) if name == "forward" else out
+
+    return wrapped
 
 
 class LossOutput(NamedTuple):
@@ -145,6 +191,16 @@ def normalized_mse(x: Tensor, x_hat: Tensor) -> Tensor:
 class SAE(nn.Module):
     """Base sparse autoencoder: x̂ = decode(encode(x)).
 
+    With per-token input normalisation (`cfg.input_norm`, SAEs converted from SAELens or SAeUron) the SAE
+    works on xₙ = normalize(x): `encode(x)` takes raw activations and returns the codes of xₙ, `forward(x)`
+    returns x̂ in the space of x, while `decode(codes)` returns the reconstruction x̂ₙ in the normalised
+    space, because undoing the normalisation needs the token's statistics:
+
+        x_n, stats = sae.normalize(x)
+        x_hat = sae.denormalize(sae.decode(sae.encode(x)), stats)   # == sae(x).x_hat
+
+    Without it (the default) normalize and denormalize are the identity.
+
     Subclasses implement `encode`. The base supplies the linear decoder, what training needs of the SAE
     itself (the objective, decoder normalisation, data init, input-scale folding) and checkpoint I/O. An SAE
     is its weights and its config: training state such as dead-latent clocks belongs to the trainer.
@@ -155,6 +211,13 @@ class SAE(nn.Module):
     fused_recon: ClassVar[bool] = False
     """Its loss takes the reconstruction term from `recon_loss`, so a training forward with sparse codes may
     compute it with the decoder (`kernels.decode_with_mse`: one pass, and a backward without a gather)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Every variant's own encode/forward honours cfg.input_norm without knowing about it.
+        super().__init_subclass__(**kwargs)
+        for name in ("encode", "forward"):
+            if name in cls.__dict__:
+                setattr(cls, name, _with_input_norm(name, cls.__dict__[name]))
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -199,18 +262,46 @@ class SAE(nn.Module):
         if not x.is_floating_point():
             raise TypeError(f"SAE input must be a floating-point tensor, got {x.dtype}.")
 
+    def normalize(self, x: Tensor) -> tuple[Tensor, NormStats]:
+        """The input the SAE encodes, xₙ, and the per-token statistics that `denormalize` needs.
+
+        Computed in fp32 whatever x's dtype. A zero token stays zero (the libraries divide by zero)."""
+        mode = self.cfg.input_norm
+        x32 = x.float()
+        if mode == "layer_norm":
+            mu = x32.mean(dim=-1, keepdim=True)
+            centred = x32 - mu
+            sigma = centred.std(dim=-1, keepdim=True)
+            return (centred / (sigma + LAYER_NORM_EPS)).to(x.dtype), NormStats(sigma, mu)
+        if mode == "constant_norm_rescale":
+            coeff = self.cfg.d_in**0.5 / x32.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+            return (x32 * coeff).to(x.dtype), NormStats(1.0 / coeff, None)
+        return x, NormStats(x32.new_ones(*x.shape[:-1], 1), None)
+
+    def denormalize(self, y: Tensor, stats: NormStats) -> Tensor:
+        """Undo `normalize` on an output y (a reconstruction x̂ₙ) of the tokens `stats` came from.
+
+        It is affine per token, so a change Δ of y becomes scale·Δ: an edit's effect on x."""
+        if self.cfg.input_norm == "none":
+            return y
+        out = y.float() * stats.scale
+        return (out if stats.shift is None else out + stats.shift).to(y.dtype)
+
     def pre_acts(self, x: Tensor) -> Tensor:
-        """W_enc (x − b_dec) + b_enc, [B, n]."""
+        """W_enc (x − b_dec) + b_enc, [B, n], of the SAE's own input (xₙ under `cfg.input_norm`)."""
         return (x - self.b_dec) @ self.W_enc.T + self.b_enc
 
     def encode(self, x: Tensor) -> Codes:
         raise NotImplementedError
 
     def decode(self, codes: Codes) -> Tensor:
+        """x̂ₙ = codes·W_dec + b_dec: the reconstruction of the input the SAE encodes (x itself unless
+        `cfg.input_norm`; then `denormalize` it with the tokens' statistics)."""
         if isinstance(codes, SparseCodes):
             return kernels.sparse_decode(codes.values, codes.indices, self.W_dec, self.b_dec)
         return codes @ self.W_dec + self.b_dec
 
+    @functools.partial(_with_input_norm, "forward")
     def forward(self, x: Tensor) -> SAEOutput:
         self.check_input(x)
         codes = self.encode(x)
@@ -230,6 +321,16 @@ class SAE(nn.Module):
         return as_dense(self.encode(x))
 
     # ----------------------------------------------------------------- training
+    def train(self, mode: bool = True) -> SAE:
+        if mode and self.cfg.input_norm != "none":
+            # Its losses compare x with x̂ₙ-space terms (gated, AuxK), and mmsae scales inputs globally.
+            raise ValueError(
+                f"This SAE normalises every token (input_norm={self.cfg.input_norm!r}), which mmsae uses "
+                "for inference only: train with input_norm='none' (the trainer's normalization='folded' "
+                "scales inputs globally)."
+            )
+        return super().train(mode)
+
     def loss(
         self, x: Tensor, out: SAEOutput, step: int | Tensor = 0, dead: DeadLatents | None = None
     ) -> LossOutput:
