@@ -148,7 +148,12 @@ class ArchetypalSAE(TopKSAE):
         centred_ND = x.float() - self.b_dec.float()
         self.anchors.copy_(kmeans(centred_ND, self.cfg.n_anchors, self.cfg.kmeans_iters))
         atoms_ND = self.W_dec
-        self.W_enc.copy_(atoms_ND / atoms_ND.norm(dim=-1, keepdim=True).clamp_min(1e-8))
+        # Atoms are data points (norm ‖a‖, not 1 as in TopK's tied init), and a token's k nearest atoms point
+        # nearly the same way: unit rows over k·mean‖a‖ make those k codes sum to about the token (the plain
+        # tied init overshoots by ~k‖a‖, an FVU in the hundreds), and one scale for all rows keeps the TopK
+        # ranking by cosine (rows a/‖a‖² would favour short atoms and starve the rest).
+        norms_N1 = atoms_ND.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        self.W_enc.copy_(atoms_ND / norms_N1 / (self.cfg.k * norms_N1.mean()))
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
