@@ -89,7 +89,7 @@ def run(arch: str, train_ND: torch.Tensor, eval_ND: torch.Tensor, args: argparse
         sae=arch,
         n_latents=args.n_latents,
         k=args.k,
-        tokens=len(train_ND) * args.epochs,
+        tokens=len(train_ND),
         batch_size=args.batch_size,
         warmup_steps=args.warmup_steps,
         dead_tokens=args.dead_tokens,
@@ -111,17 +111,17 @@ def main() -> None:
     parser.add_argument("--n-latents", type=int, default=2048)
     parser.add_argument("--k", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=1024)
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--tokens", type=int, default=None, help="training tokens (default: all train rows)")
     parser.add_argument("--warmup-steps", type=int, default=50)
     parser.add_argument("--dead-tokens", type=int, default=50_000, help="AuxK's dead window")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
     acts_ND = load_or_extract(args.cache, args.images)
-    train_ND, eval_ND = acts_ND[: -args.eval_tokens], acts_ND[-args.eval_tokens :]
+    train_ND, eval_ND = acts_ND[: -args.eval_tokens][: args.tokens], acts_ND[-args.eval_tokens :]
     lines = [
         f"DINOv2-S/14 blocks 6–9 patch tokens: {len(train_ND)} train / {len(eval_ND)} held-out, "
-        f"n_latents {args.n_latents}, k {args.k}, batch {args.batch_size}, {args.epochs} epoch(s), "
+        f"n_latents {args.n_latents}, k {args.k}, batch {args.batch_size}, "
         f"dead window {args.dead_tokens} tokens",
         "",
         "| SAE | FVU | L0 | dead % (held-out) | train s |",

@@ -75,8 +75,12 @@ def test_kmeans_covers_the_whole_sample_and_is_seeded() -> None:
     assert torch.equal(found_MD, kmeans(x_ND, 8, iters=3, chunk=512))
 
 
-# Measured on this problem: the anchor pass and peaked atoms leave 0-2 % dead; anchors from the first batch
-# and atoms blending many anchors left 30-50 % dead.
+# Measured on this problem (256 latents, k 8, 60k tokens): AbsTopK 0 % dead; archetypal 18 % dead at FVU 0.31,
+# where anchors from the first batch, blended atoms and the unit tied encoder gave 0 % dead at FVU 0.93 (an
+# SAE that barely reconstructs: every atom near the anchors' mean). Bounds: (dead, FVU).
+BOUNDS = {"abstopk": (0.05, 0.5), "archetypal": (0.25, 0.5)}
+
+
 @pytest.mark.parametrize("arch", ["archetypal", "abstopk"])
 def test_few_dead_latents_after_a_short_run(arch: str) -> None:
     data = SyntheticActivations(d=32, n_features=512, mean_active=4, seed=0)
@@ -91,5 +95,6 @@ def test_few_dead_latents_after_a_short_run(arch: str) -> None:
         warmup_steps=10,
         dead_tokens=5_000,
     )
-    dead = metrics.evaluate(sae, eval_ND.split(4096))["dead_fraction"]
-    assert dead < 0.05, f"{arch}: {100 * dead:.1f} % dead"
+    result = metrics.evaluate(sae, eval_ND.split(4096))
+    max_dead, max_fvu = BOUNDS[arch]
+    assert result["dead_fraction"] < max_dead and result["fvu"] < max_fvu, result
