@@ -353,6 +353,10 @@ class SAE(nn.Module):
         """
         return None
 
+    def init_sample_rows(self) -> int:
+        """Rows of training data `init_from_data` wants; 0: the trainer's first batch is enough."""
+        return 0
+
     @torch.no_grad()
     def init_from_data(self, x: Tensor) -> None:
         """Data-dependent init from a sample [N, d]: b_dec at the geometric median."""

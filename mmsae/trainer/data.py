@@ -382,6 +382,17 @@ class TokenBudget(IterableDataset):
         return prefetch(batches, depth=2)
 
 
+def first_batches(loader: Iterable[Tensor], n_batches: int, rows: int, device: torch.device) -> list[Tensor]:
+    """The loader's first `n_batches` batches on `device`, and more until they hold ≥ `rows` rows (or it
+    ends): the sample a trainer's data-dependent init reads (input scale, b_dec, e.g. archetypal anchors)."""
+    batches: list[Tensor] = []
+    for batch_BD in loader:
+        batches.append(batch_BD.to(device))
+        if len(batches) >= n_batches and sum(map(len, batches)) >= rows:
+            break
+    return batches
+
+
 class SAEDataModule(L.LightningDataModule):
     """Training and held-out activations for `SAEModule`.
 

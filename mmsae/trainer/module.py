@@ -31,7 +31,7 @@ from mmsae.kernels.optim import Adam
 from mmsae.metrics import l0_tensor
 from mmsae.sae import SAE, build_sae, default_lr, fired_mask, get_sae_class, normalized_mse
 from mmsae.staging import RowScreen, finite_rows_mask
-from mmsae.trainer.data import SAEDataModule
+from mmsae.trainer.data import SAEDataModule, first_batches
 from mmsae.trainer.graphs import GraphedStep
 from mmsae.trainer.state import (
     DEAD_COUNT_EVERY,
@@ -231,10 +231,8 @@ class SAEModule(L.LightningModule):
         self._setup_graphs()
         if self.input_scale > 0:
             return  # restored from a checkpoint
-        batches = [
-            b.to(self.device)
-            for b in itertools.islice(iter(self.trainer.train_dataloader), self.init_batches)
-        ]
+        wanted = max(sae.init_sample_rows() for sae in self.saes)  # 0: the SAEs' init needs one batch
+        batches = first_batches(self.trainer.train_dataloader, self.init_batches, wanted, self.device)
         if not batches:
             raise ValueError(
                 "The training data yielded no batches: check the source is not empty and "
@@ -256,11 +254,12 @@ class SAEModule(L.LightningModule):
             self.input_scale.fill_(math.sqrt(d) / (stats[0] / stats[1]).item())
         else:
             self.input_scale.fill_(1.0)
-        first_BD = sample[0].float() * self.input_scale.float()
-        for sae in self.saes:
-            sae.init_from_data(first_BD)
+        for sae in self.saes:  # the first batch, or the rows an SAE wants (all there are, if fewer)
+            rows_ND = torch.cat(sample)[: sae.init_sample_rows()] if sae.init_sample_rows() else sample[0]
+            sae.init_from_data(rows_ND.float() * self.input_scale.float())
             if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.broadcast(sae.b_dec.data, src=0)  # every rank starts from rank 0's init
+                for tensor in itertools.chain(sae.parameters(), sae.buffers()):
+                    torch.distributed.broadcast(tensor.data, src=0)  # every rank starts from rank 0's init
         rank_zero_info(f"mmsae: input scale s = {self.input_scale.item():.4g} (E‖s·x‖ = √{d})")
 
     def on_before_batch_transfer(self, batch_BD: Tensor, dataloader_idx: int) -> Tensor:
