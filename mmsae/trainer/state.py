@@ -31,6 +31,9 @@ class DeadLatentClock(nn.Module):
         super().__init__()
         self.dead_tokens = dead_tokens
         self.register_buffer("tokens_since_fired", torch.zeros(n_latents, dtype=torch.float64))
+        # The count in force (−1: none yet), checkpointed: a resumed run sizes AuxK with the count the
+        # uninterrupted run was using, not a fresh one, so it continues exactly.
+        self.register_buffer("count_in_force", torch.full((), -1, dtype=torch.int64))
         self._count: int | None = None
 
     def mask(self) -> Tensor:
@@ -39,11 +42,15 @@ class DeadLatentClock(nn.Module):
     def count(self) -> int:
         """Dead latents on the host, counted (a GPU sync) only after `expire_count`."""
         if self._count is None:
-            self._count = int(self.mask().sum())
+            self._count = int(self.count_in_force)
+            if self._count < 0:
+                self._count = int(self.mask().sum())
+                self.count_in_force.fill_(self._count)
         return self._count
 
     def expire_count(self) -> None:
         self._count = None
+        self.count_in_force.fill_(-1)
 
     def dead(self) -> DeadLatents:
         """What an SAE's `loss` reads."""
@@ -92,6 +99,7 @@ def upgrade_checkpoint(checkpoint: dict[str, Any], n_saes: int) -> None:
         legacy = state.pop(f"saes.{i}.tokens_since_fired", None)
         if legacy is not None:
             state.setdefault(f"clocks.{i}.tokens_since_fired", legacy)
+        state.setdefault(f"clocks.{i}.count_in_force", torch.full((), -1, dtype=torch.int64))
     loop = checkpoint.get("loops", {}).get("fit_loop", {})
     automatic = loop.get("epoch_loop.automatic_optimization.optim_progress", {}).get("optimizer", {})
     manual = loop.get("epoch_loop.manual_optimization.optim_step_progress")
