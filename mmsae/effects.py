@@ -24,10 +24,11 @@ from mmsae.intervene.classifier import (
     ablation_edits,
     block_edits,
     class_probs,
-    select_class_features,
+    select_from_means,
     steering_edits,
     top1_rate,
 )
+from mmsae.intervene.unlearn import latent_sums
 from mmsae.sae import SAE
 from mmsae.sae.base import as_dense
 
@@ -97,6 +98,9 @@ class EffectsConfig:
     """Crops whose activations serve as the base of the logit effects."""
     steer_multiple: float = 3.0
     """Steering adds each feature at this multiple of its typical activation."""
+    name_rank: int = 1
+    """Steering uses the features with the target among their first `name_rank` logit names (where
+    none has, those with it among their first five)."""
     percentile: float = 99.0
     multiplier: float = -5.0
     seed: int = 0
@@ -203,7 +207,7 @@ def steering_effect(
     photos that are. Error term kept."""
     from mmsae.analysis.logit_naming import typical_activations
 
-    latents = features_named(t.names, target)
+    latents = features_named(t.names, target, cfg.name_rank) or features_named(t.names, target, 5)
     c = class_index(encoder, target)
     is_x = [target in p.labels for p in photos]
     pos = [p.image for p, x in zip(photos, is_x) if x]
@@ -222,6 +226,21 @@ def steering_effect(
     return result
 
 
+def crop_means(t: TrainedSAE, concepts: Sequence[str]) -> dict[str, tuple[Tensor, int]]:
+    """Token-mean activation of every latent over the training crops of each concept and of the rest
+    (the input of SAeUron's selection), from the activations already at hand."""
+    groups = [next((n for n in concepts if c.labels[:1] == (n,)), "") for c in t.crops]
+    out = {}
+    for name in [*concepts, ""]:
+        rows = [i for i, g in enumerate(groups) if g == name]
+        if not rows:
+            raise ValueError(f"No training crop shows {name or 'anything else'!r}: add photos of it.")
+        x_ND = t.acts_NTD[rows].flatten(0, 1).to(t.sae.W_dec.dtype)
+        sums = latent_sums(t.sae.encode(x_ND), t.sae.n_latents).cpu()
+        out[name] = (sums / x_ND.shape[0], len(rows))
+    return out
+
+
 def unlearning_effect(
     t: TrainedSAE,
     encoder: Encoder,
@@ -234,9 +253,7 @@ def unlearning_effect(
 
     `held_out`: crops of the concepts' photos (top-1 on them should fall); `others`: the other labelled
     photos (their top-1 correctness should stay)."""
-    concept_imgs = {name: [c.image for c in t.crops if c.labels[:1] == (name,)] for name in concepts}
-    rest = [c.image for c in t.crops if c.labels[:1] not in [(n,) for n in concepts]]
-    selection = select_class_features(encoder, t.sae, concept_imgs, rest, cfg.percentile)
+    selection = select_from_means(t.sae, t.sae.cfg.hook, crop_means(t, concepts), cfg.percentile, encoder.id)
     edits = block_edits(selection, list(concepts), cfg.multiplier)
     idx = [class_index(encoder, n) for n in concepts]
     mine = [c for c in held_out if c.labels and c.labels[0] in concepts]

@@ -80,7 +80,7 @@ def test_logit_effect_after_the_linear_head_is_the_classifier_row_times_the_atom
 def test_pooled_sae_reconstructs_and_its_logit_names_match_its_top_crops(pooled: TrainedSAE) -> None:
     m = sae_metrics(pooled)
     print(m)
-    assert m["fvu"] < 0.15 and m["l0"] == pytest.approx(8) and m["dead_fraction"] <= 0.1
+    assert m["fvu"] < 0.15 and m["l0"] == pytest.approx(8, abs=0.1) and m["dead_fraction"] <= 0.1
     assert m["latents_with_labelled_images"] >= 40
     assert m["name_agreement_top1"] >= 0.10 and m["name_agreement_top5"] >= 0.2
 
@@ -88,7 +88,7 @@ def test_pooled_sae_reconstructs_and_its_logit_names_match_its_top_crops(pooled:
 def test_spatial_sae_reconstructs_and_its_logit_names_match_its_top_crops(spatial: TrainedSAE) -> None:
     m = sae_metrics(spatial)
     print(m)
-    assert m["fvu"] < 0.3 and m["l0"] == pytest.approx(16) and m["dead_fraction"] <= 0.2
+    assert m["fvu"] < 0.3 and m["l0"] == pytest.approx(16, abs=0.1) and m["dead_fraction"] <= 0.2
     assert m["name_agreement_top5"] >= 0.02
 
 
@@ -103,7 +103,7 @@ def test_concept_search_by_class_name_returns_the_photo_first(
     assert index.classifier_backed
     for target, photo in {"espresso": "coffee", "Egyptian cat": "chelsea"}.items():
         features = index.search_features(target, k=3)
-        assert features and features[0].name == target
+        assert features and target in [c.name for c in index.names[features[0].feature]]
         hits = index.search_text(target, k=1)
         print(target, [h.path for h in hits])
         assert hits and Path(hits[0].path).stem.endswith(photo)  # precision@1 = 1

@@ -391,12 +391,8 @@ class ConceptIndex:
         class_name = clf.match_class(text, self.embedder.class_names)
         first = clf.named_features(self.names, class_name, rank=1)
         seen = {j for j, _ in first}
-        more = [
-            h
-            for h in clf.named_features(self.names, class_name, rank=len(self.names[0] or [0]))
-            if h[0] not in seen
-        ]
-        return first + more
+        rank = self.cfg.names_per_feature
+        return first + [h for h in clf.named_features(self.names, class_name, rank) if h[0] not in seen]
 
     def _search_class(
         self, text: str, k: int, with_features: Sequence[int], without_features: Sequence[int]
@@ -404,7 +400,9 @@ class ConceptIndex:
         if k <= 0:
             raise ValueError(f"k must be positive, got {k}.")
         class_name = clf.match_class(text, self.embedder.class_names)
-        latents = clf.named_features(self.names, class_name, rank=1)
+        latents = clf.named_features(self.names, class_name, rank=1) or clf.named_features(
+            self.names, class_name, rank=self.cfg.names_per_feature
+        )  # no feature names it first: those that name it at all
         score = clf.images_by_features(self.codes, latents, len(self))
         allowed = self._allowed(with_features, without_features)
         ids = (

@@ -93,25 +93,40 @@ def select_class_features(
     if hook is None:
         raise ValueError("The SAE's cfg records no hook point: pass hook='<module path>'.")
     check_compatible(encoder, sae, hook)
-    if not 0 < percentile < 100:
-        raise ValueError(f"percentile={percentile} must lie strictly between 0 and 100.")
     if not concepts or any(len(v) == 0 for v in concepts.values()) or len(other_images) == 0:
         raise ValueError("Give every concept at least one image, and at least one other (retained) image.")
     sets = {**{name: list(v) for name, v in concepts.items()}, "": list(other_images)}
-    means = {name: token_means(encoder, sae, hook, imgs) for name, imgs in sets.items()}
-    sizes = {name: len(imgs) for name, imgs in sets.items()}
+    means = {name: (token_means(encoder, sae, hook, imgs), len(imgs)) for name, imgs in sets.items()}
+    return select_from_means(sae, hook, means, percentile, encoder.id)
+
+
+def select_from_means(
+    sae: SAE,
+    hook: str,
+    means: Mapping[str, tuple[Tensor, int]],
+    percentile: float = 99.0,
+    encoder_id: str | None = None,
+) -> UnlearnSelection:
+    """The selection from per-set token means: `means[name]` = (mean activation [n], number of images)
+    for every concept and, under "", for the other images."""
+    if not 0 < percentile < 100:
+        raise ValueError(f"percentile={percentile} must lie strictly between 0 and 100.")
+    if "" not in means or len(means) < 2:
+        raise ValueError('means needs at least one concept and the other images under "".')
 
     def mean_of(names: Sequence[str]) -> Tensor:  # image-weighted mean of the sets' token means
-        return sum(means[n] * sizes[n] for n in names) / sum(sizes[n] for n in names)
+        return sum(means[n][0] * means[n][1] for n in names) / sum(means[n][1] for n in names)
 
-    selection = UnlearnSelection(hook, sae.cfg.encoder or encoder.id, sae.n_latents, percentile)
-    m_all = mean_of(list(sets))
-    for name in concepts:
-        score_n = score_features(means[name], mean_of([n for n in sets if n != name]))
+    selection = UnlearnSelection(hook, sae.cfg.encoder or encoder_id, sae.n_latents, percentile)
+    m_all = mean_of(list(means))
+    for name in (n for n in means if n):
+        score_n = score_features(means[name][0], mean_of([n for n in means if n != name]))
         threshold = torch.quantile(score_n, percentile / 100)
         latents = torch.nonzero((score_n > threshold) & (score_n > 0)).flatten()
         selection.concepts[name] = ConceptFeatures(
-            {STEP: latents.tolist()}, {STEP: means[name][latents].tolist()}, {STEP: m_all[latents].tolist()}
+            {STEP: latents.tolist()},
+            {STEP: means[name][0][latents].tolist()},
+            {STEP: m_all[latents].tolist()},
         )
     return selection
 
@@ -188,6 +203,7 @@ __all__ = [
     "describe_selection",
     "require_classify",
     "select_class_features",
+    "select_from_means",
     "steering_edits",
     "token_means",
     "top1_rate",
