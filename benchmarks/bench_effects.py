@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
+from itertools import product
 from pathlib import Path
 
 import torch
@@ -67,16 +69,16 @@ def run_hook(encoder, hook: str, args: argparse.Namespace, photos, labelled, hel
         )
     rows += [
         "",
-        "| unlearned | latents blocked | top-1 on its crops before → after (drop) "
-        "| top-1 on other labelled photos before → after (kept) |",
-        "|---|---|---|---|",
+        f"| unlearned (percentile {cfg.percentile}) | multiplier | latents blocked "
+        "| top-1 on its crops before → after (drop) | top-1 on other labelled photos before → after (kept) |",
+        "|---|---|---|---|---|",
     ]
     others = [p for p in labelled if not set(p.labels[:1]) & set(cfg.targets)]
-    for concepts in [(c,) for c in cfg.targets] + [cfg.targets]:
-        u = unlearning_effect(t, encoder, concepts, held_out, others, cfg)
+    for concepts, multiplier in product([(c,) for c in cfg.targets] + [cfg.targets], (-1.0, -5.0)):
+        u = unlearning_effect(t, encoder, concepts, held_out, others, replace(cfg, multiplier=multiplier))
         mine = f"{u['top1_before']:.2f} → {u['top1_after']:.2f} ({u['drop']:.0%})"
         rest = f"{u['other_before']:.2f} → {u['other_after']:.2f} ({u['other_kept']:.0%})"
-        rows.append(f"| {' + '.join(concepts)} | {len(u['latents'])} | {mine} | {rest} |")
+        rows.append(f"| {' + '.join(concepts)} | {multiplier:g} | {len(u['latents'])} | {mine} | {rest} |")
     return [*rows, ""]
 
 
@@ -93,10 +95,12 @@ def main() -> None:
     targets = EffectsConfig().targets
     held_out = crops_of([ph for ph in labelled if ph.labels[0] in targets], 16, seed=1)
     lines = ["## Real effects on MobileNetV2\n"]
+    print(lines[0], flush=True)
     for hook in args.hooks:
-        lines += run_hook(encoder, hook, args, photos, labelled, held_out)
+        section = run_hook(encoder, hook, args, photos, labelled, held_out)
+        print("\n".join(section), flush=True)  # each hook's table as soon as it is measured
+        lines += section
     report = "\n".join(lines)
-    print(report)
     if args.out is not None:
         atomic_write_bytes(args.out, report.encode())
 

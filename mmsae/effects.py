@@ -96,7 +96,7 @@ class EffectsConfig:
     batch_size: int = 256
     references: int = 8
     """Crops whose activations serve as the base of the logit effects."""
-    steer_multiple: float = 3.0
+    steer_multiple: float = 10.0
     """Steering adds each feature at this multiple of its typical activation."""
     name_rank: int = 1
     """Steering uses the features with the target among their first `name_rank` logit names (where

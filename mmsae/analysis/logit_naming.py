@@ -34,6 +34,7 @@ def require_classifier(encoder: Encoder) -> None:
         )
 
 
+@torch.no_grad()
 def typical_activations(sae: SAE, acts_ND: Tensor) -> Tensor:
     """Mean non-zero activation of every latent over `acts_ND` [n]; 0 for latents that never fire."""
     codes_Nn = as_dense(sae.encode(acts_ND.to(sae.W_dec.device, sae.W_dec.dtype))).float()
