@@ -98,13 +98,14 @@ def write_reports(sae, encoder, store, crops, index, out: Path, hook: str, n_das
 def named_effects(sae, encoder, crops, hook: str, n_show: int = 8) -> None:
     """Logit names of the most frequent features, and the measured effect of steering with the
     features named `STEER_TARGET` (mean Δp over the photos that are not it, error term kept)."""
-    from mmsae.analysis.logit_naming import name_features_by_logits
+    from mmsae.analysis.logit_naming import name_features_by_logits, typical_activations
     from mmsae.effects import EffectsConfig, TrainedSAE, hook_activations, steering_effect
 
     acts_NTD = hook_activations(encoder, [c.image for c in crops[:64]], hook)
 
     trained = TrainedSAE(sae, list(crops[:64]), acts_NTD)
-    trained.names = name_features_by_logits(sae, encoder, acts_NTD[:8], hook=hook)
+    scales_n = typical_activations(sae, acts_NTD.flatten(0, 1))
+    trained.names = name_features_by_logits(sae, encoder, acts_NTD[:8], hook=hook, scales_n=scales_n)
     frequency = (trained.pooled_Nn > 0).float().mean(0)
     print("      feature  frequency  logit names (logit change)")
     for j in frequency.argsort(descending=True)[:n_show].tolist():

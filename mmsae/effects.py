@@ -16,7 +16,12 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from mmsae.analysis.logit_naming import features_named, label_agreement, name_features_by_logits
+from mmsae.analysis.logit_naming import (
+    features_named,
+    label_agreement,
+    name_features_by_logits,
+    typical_activations,
+)
 from mmsae.analysis.naming import NameCandidate
 from mmsae.datasets.images import Example, ExampleDataset, RandomCrops
 from mmsae.encoders.base import Encoder
@@ -155,7 +160,8 @@ def train_sae(encoder: Encoder, cfg: EffectsConfig, photos: Sequence[Photo] | No
     trained = TrainedSAE(sae, crops, acts_NTD)
     g = torch.Generator().manual_seed(cfg.seed)
     refs = acts_NTD[torch.randperm(len(crops), generator=g)[: cfg.references]]
-    trained.names = name_features_by_logits(sae, encoder, refs, hook=cfg.hook)
+    scales_n = typical_activations(sae, acts_NTD.flatten(0, 1))  # every crop: rare latents get names
+    trained.names = name_features_by_logits(sae, encoder, refs, hook=cfg.hook, scales_n=scales_n)
     return trained
 
 
@@ -205,8 +211,6 @@ def steering_effect(
 ) -> dict[str, Any]:
     """Mean Δp(target): adding the features named `target` on photos that are not it; ablating them on
     photos that are. Error term kept."""
-    from mmsae.analysis.logit_naming import typical_activations
-
     latents = features_named(t.names, target, cfg.name_rank) or features_named(t.names, target, 5)
     c = class_index(encoder, target)
     is_x = [target in p.labels for p in photos]

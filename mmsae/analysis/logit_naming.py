@@ -99,13 +99,20 @@ def logit_names(
 
 
 def name_features_by_logits(
-    sae: SAE, encoder: Encoder, acts_BTD: Tensor, top: int = 5, hook: str | None = None
+    sae: SAE,
+    encoder: Encoder,
+    acts_BTD: Tensor,
+    top: int = 5,
+    hook: str | None = None,
+    scales_n: Tensor | None = None,
 ) -> list[list[NameCandidate]]:
     """Logit names of every latent of `sae` from reference activations [B, T, D] of its hook.
 
-    Latents that never fire on the references get no name (their scale would be a guess)."""
+    `scales_n`: each latent's typical activation (default: on the references; pass it from a larger
+    pass so that rare latents get a name). Latents with scale 0 never fired and get no name."""
     require_classifier(encoder)
-    scales_n = typical_activations(sae, acts_BTD.flatten(0, 1))
+    if scales_n is None:
+        scales_n = typical_activations(sae, acts_BTD.flatten(0, 1))
     effects = logit_effects(sae, encoder, acts_BTD, torch.where(scales_n > 0, scales_n, 1.0), hook)
     return logit_names(effects, encoder.class_names, top, live=scales_n > 0)
 
