@@ -88,9 +88,17 @@ def write_reports(sae, encoder, store, crops, index, out: Path, hook: str, n_das
     stats = feature_stats(sae, store.token_acts(hook))
     summary_report({"topk": stats}, out)
     images = [crops[i].image for i in range(len(crops))]
+    spatial = store.n_tokens > len(crops)  # pooled features (one token per image) have no heatmap
     for latent in stats.frequency.argsort(descending=True)[:n_dashboards].tolist():
         feature_dashboard(
-            latent, stats, images, out, names=index.names[latent], sae=sae, encoder=encoder, hook=hook
+            latent,
+            stats,
+            images,
+            out,
+            names=index.names[latent],
+            sae=sae if spatial else None,
+            encoder=encoder if spatial else None,
+            hook=hook,
         )
     return out
 
