@@ -80,16 +80,16 @@ def test_logit_effect_after_the_linear_head_is_the_classifier_row_times_the_atom
 def test_pooled_sae_reconstructs_and_its_logit_names_match_its_top_crops(pooled: TrainedSAE) -> None:
     m = sae_metrics(pooled)
     print(m)
-    # measured: FVU 0.017, L0 7.98, dead 0 %, 36 latents counted, agreement 8 % (top-1 name) / 28 % (top-5);
+    # measured: FVU 0.017, L0 7.98, dead 0 %, 95 latents counted, agreement 14 % (top-1 name) / 38 % (top-5);
     # chance for a top-1 name among 1000 classes is ≈ 0.1 % per label
     assert m["fvu"] < 0.05 and m["l0"] == pytest.approx(8, abs=0.1) and m["dead_fraction"] <= 0.05
-    assert m["latents_with_labelled_images"] >= 25
-    assert m["name_agreement_top1"] >= 0.05 and m["name_agreement_top5"] >= 0.15
+    assert m["latents_with_labelled_images"] >= 60
+    assert m["name_agreement_top1"] >= 0.08 and m["name_agreement_top5"] >= 0.25
 
 
 def test_spatial_sae_reconstructs_and_its_logit_names_match_its_top_crops(spatial: TrainedSAE) -> None:
     m = sae_metrics(spatial)
-    print(m)
+    print(m)  # measured: FVU 0.065, L0 16, dead 0 %, agreement 0.5 % (top-1 name) / 10 % (top-5)
     assert m["fvu"] < 0.3 and m["l0"] == pytest.approx(16, abs=0.1) and m["dead_fraction"] <= 0.2
     assert m["name_agreement_top5"] >= 0.02
 
