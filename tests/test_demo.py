@@ -46,3 +46,18 @@ def test_demo_pipeline_writes_sae_index_report_and_prints_app_command(
     assert command[:3] == [".venv/bin/mmsae", "app", "search"]
     args = build_parser().parse_args(command[2:])  # the printed command is one the app CLI accepts
     assert Path(args.index) == tmp_path / "index"
+
+
+def test_demo_on_the_zoo_classifier_prints_logit_names_steering_and_a_class_query(
+    zoo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--encoder", "timm:mobilenetv2_100", "--crops", "32", "--tokens", "4096", "--n-latents", "64"]
+    assert main([*args, "--k", "8", "--batch-size", "32", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    sae = load_sae(tmp_path / "sae" / "global_pool")
+    assert (sae.cfg.encoder, sae.cfg.hook) == ("timm:mobilenetv2_100", "global_pool")
+    assert "by their effect on the ImageNet logits" in out and "logit names" in out
+    assert "query 'espresso' →" in out and "(pretrained encoder)" in out
+    assert len(list((tmp_path / "report").glob("latent_*.html"))) == 4
+    command = out.rsplit("Open the concept-search app with:\n", 1)[1].split()
+    assert "--random-init" not in command and command[command.index("--model") + 1] == "timm:mobilenetv2_100"

@@ -44,6 +44,7 @@ from mmsae.analysis.naming import (
 )
 from mmsae.checkpoint import atomic_write_bytes, load_sae, save_sae
 from mmsae.encoders.base import Encoder
+from mmsae.index import classifier as clf
 from mmsae.index.ann import build_ann, describe
 from mmsae.index.codes import SparseCodeStore
 from mmsae.index.config import (
@@ -86,6 +87,7 @@ class ConceptIndex:
         self.cfg = config_from_dict(meta["config"])
         self._path_to_id = {p: i for i, p in enumerate(paths)}
         self._directions_nE: Tensor | None = None
+        self._reference_BTD: Tensor | None = None  # classifier-backed: the base of the logit effects
         self.skipped: list[str] = []
 
     # ================================================================== building
@@ -102,11 +104,13 @@ class ConceptIndex:
         """Index `images` (paths, PIL images or a folder) with `sae` reading `encoder`.
 
         `embedder` (a CLIP encoder; default `encoder` when it is one) gives the search embeddings,
-        the text queries and the feature names (`vocab`, default: mmsae's vocabulary).
+        the text queries and the feature names (`vocab`, default: mmsae's vocabulary). An encoder with a
+        classifier head and no CLIP embedder makes a classifier-backed index (see index/classifier.py).
         """
         cfg = cfg or IndexConfig()
         embedder = embedder or encoder
-        require_image_embedder(embedder)
+        if not clf.is_classifier_embedder(embedder):
+            require_image_embedder(embedder)
         hook = cfg.hook or sae.cfg.hook or encoder.default_hook
         if sae.cfg.encoder is not None and sae.cfg.encoder != encoder.id:
             raise ValueError(
@@ -178,7 +182,10 @@ class ConceptIndex:
             acts = encoder.activations(stack_pixels(encoder, pil), [hook], tokens=cfg.tokens)[hook]
             self.sae.check_input(acts.acts_ND)
             self.codes.append(pooled_codes(self.sae, acts, len(pil), cfg.pool), cfg.max_codes_per_image)
-            chunks.append(embed_images(embedder, stack_pixels(embedder, pil)).cpu().numpy())
+            chunks.append(self._embed(stack_pixels(embedder, pil)).cpu().numpy())
+            if self._reference_BTD is None and acts.acts_ND.shape[0] % len(pil) == 0:
+                refs = acts.acts_ND.view(len(pil), -1, acts.acts_ND.shape[-1])[: clf.REFERENCE_IMAGES]
+                self._reference_BTD = refs.float().cpu()
             self.paths.extend(paths)
         if chunks:
             new = np.concatenate(chunks).astype(np.float32)
@@ -187,6 +194,17 @@ class ConceptIndex:
             )
             self.meta["embed_dim"] = int(new.shape[1])
         self._path_to_id = {p: i for i, p in enumerate(self.paths)}
+
+    def _embed(self, pixels_BCHW: Tensor) -> Tensor:
+        embedder = self._need_embedder()
+        if clf.is_classifier_embedder(embedder):
+            return clf.classifier_embeddings(embedder, pixels_BCHW)
+        return embed_images(embedder, pixels_BCHW)
+
+    @property
+    def classifier_backed(self) -> bool:
+        """Names and text queries come from a classifier's classes, not from a CLIP text tower."""
+        return self.embedder is not None and clf.is_classifier_embedder(self.embedder)
 
     def _read(self, batch: Sequence[ImageLike], first_id: int) -> tuple[list, list[str]]:
         """PIL images of a batch and their labels (path, or `<image i>` for in-memory images)."""
@@ -221,6 +239,16 @@ class ConceptIndex:
     def name_features(self, vocab: Sequence[str] | None = None) -> None:
         """(Re)compute name candidates for every latent from `vocab` (default: mmsae's vocabulary)."""
         embedder = self._need_embedder()
+        if clf.is_classifier_embedder(embedder):
+            if self._reference_BTD is None:
+                raise RuntimeError(
+                    "Logit names are computed while building a classifier-backed index; rebuild it with "
+                    "ConceptIndex.build to rename its features."
+                )
+            self.names = clf.classifier_names(
+                self.sae, embedder, self._reference_BTD, self.meta["hook"], self.cfg.names_per_feature
+            )
+            return
         if not hasattr(embedder, "encode_text"):
             self.names = [[] for _ in range(self.sae.n_latents)]
             return
@@ -243,7 +271,11 @@ class ConceptIndex:
     def search_text(
         self, text: str, k: int = 10, with_features: Sequence[int] = (), without_features: Sequence[int] = ()
     ) -> list[ImageHit]:
-        """Images closest to a text, optionally only those with/without given features on."""
+        """Images closest to a text, optionally only those with/without given features on.
+
+        Classifier-backed: the text names a class; images rank by the codes of the features named it."""
+        if self.classifier_backed:
+            return self._search_class(text, k, with_features, without_features)
         return self._search(self._text_vector(text), k, with_features, without_features)
 
     def search_image(
@@ -257,8 +289,13 @@ class ConceptIndex:
         return self._search(self._image_vector(image), k, with_features, without_features)
 
     def search_features(self, text: str, k: int = 10) -> list[FeatureHit]:
-        """Features whose CLIP-space direction is closest to a text (through the CLIP text tower)."""
+        """Features whose CLIP-space direction is closest to a text (through the CLIP text tower).
+
+        Classifier-backed: the features whose logit names include the class the text names (score =
+        logit change), those with it as first name first."""
         check_k(k)
+        if self.classifier_backed:
+            return [FeatureHit(j, self.feature_name(j), s) for j, s in self._class_features(text)[:k]]
         directions = self.feature_directions()
         sims = directions @ torch.from_numpy(self._text_vector(text))
         sims = sims.masked_fill(
@@ -321,6 +358,32 @@ class ConceptIndex:
             hits = self._filtered_ann(q, k, allowed)
         return [ImageHit(int(i), self.paths[i], float(s)) for i, s in hits if i >= 0]
 
+    def _class_features(self, text: str) -> list[tuple[int, float]]:
+        class_name = clf.match_class(text, self.embedder.class_names)
+        first = clf.named_features(self.names, class_name, rank=1)
+        seen = {j for j, _ in first}
+        rank = self.cfg.names_per_feature
+        return first + [h for h in clf.named_features(self.names, class_name, rank) if h[0] not in seen]
+
+    def _search_class(
+        self, text: str, k: int, with_features: Sequence[int], without_features: Sequence[int]
+    ) -> list[ImageHit]:
+        if k <= 0:
+            raise ValueError(f"k must be positive, got {k}.")
+        class_name = clf.match_class(text, self.embedder.class_names)
+        latents = clf.named_features(self.names, class_name, rank=1) or clf.named_features(
+            self.names, class_name, rank=self.cfg.names_per_feature
+        )  # no feature names it first: those that name it at all
+        score = clf.images_by_features(self.codes, latents, len(self))
+        allowed = self._allowed(with_features, without_features)
+        ids = (
+            np.flatnonzero(score > 0)
+            if allowed is None
+            else np.intersect1d(np.flatnonzero(score > 0), allowed)
+        )
+        top = ids[np.argsort(-score[ids], kind="stable")][:k]
+        return [ImageHit(int(i), self.paths[i], float(score[i])) for i in top]
+
     def _filtered_ann(self, q: np.ndarray, k: int, allowed: np.ndarray) -> list[tuple[int, float]]:
         """Most images pass the filter: over-fetch from the ANN index until k of them survive."""
         keep = np.zeros(len(self), dtype=bool)
@@ -357,7 +420,7 @@ class ConceptIndex:
         if known is not None:
             return self.embeddings_NE[known]
         embedder = self._need_embedder()
-        return embed_images(embedder, stack_pixels(embedder, [load_image(image)]))[0].cpu().numpy()
+        return self._embed(stack_pixels(embedder, [load_image(image)]))[0].cpu().numpy()
 
     @torch.no_grad()
     def _codes_of(self, image: ImageLike | int) -> tuple[np.ndarray, np.ndarray]:
