@@ -143,7 +143,7 @@ def test_bad_settings_are_clear_errors(
         extract(encoder, folder, None, tmp_path, decode="gpu")
     with pytest.raises(ValueError, match="does not consist of files"):
         extract(encoder, SkimagePhotos(["camera"]), None, tmp_path, decode="device", progress=False)
-    with pytest.raises(ValueError, match="has none"):
+    with pytest.raises(ValueError, match="decodes images alone"):
         extract(get_encoder("llava:tiny"), folder, None, tmp_path, decode="device", progress=False)
     half = T.Normalize([0.5] * 3, [0.5] * 3)
     flip = T.Compose([T.Resize(32), T.RandomHorizontalFlip(), T.ToTensor(), half])

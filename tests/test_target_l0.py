@@ -31,7 +31,7 @@ def test_target_l0_gives_the_asked_l0_on_held_out_tokens(arch: str) -> None:
 
 
 def test_calibration_moves_lambda_towards_the_target_and_is_saved(tmp_path) -> None:
-    sae = build_sae("relu", 8, 16, target_l0=2, l1_warmup_steps=0)
+    sae = build_sae("relu", 8, 16, target_l0=2, l1_warmup_steps=0).train()  # calibrated in training only
     dense = torch.ones(4, 16)  # L0 16, far above the target: λ must grow
     sae.calibrate(dense)
     assert sae.l1_scale.item() == pytest.approx(torch.e**0.01)
@@ -41,7 +41,7 @@ def test_calibration_moves_lambda_towards_the_target_and_is_saved(tmp_path) -> N
     assert sae.l1_coef_at(10).item() == pytest.approx(3 * 5 / 8)
     save_sae(sae, tmp_path / "sae")
     assert load_sae(tmp_path / "sae").l1_scale.item() == 3.0
-    plain = build_sae("relu", 8, 16)  # without a target: no calibration, nothing extra in the checkpoint
+    plain = build_sae("relu", 8, 16).train()  # no target: no calibration, nothing extra in the checkpoint
     plain.calibrate(dense)
     assert plain.l1_scale.item() == 1.0 and "l1_scale" not in plain.state_dict()
 

@@ -130,7 +130,7 @@ def test_failed_conversion_leaves_nothing_behind(
 def test_missing_zoo_errors_name_the_command(fake: tuple[Path, Path]) -> None:
     with pytest.raises(WeightsUnavailableError, match="mmsae zoo install"):
         get_encoder("timm:test_vit.fake")  # a zoo-only tag: the hub cannot have it
-    with pytest.raises(WeightsUnavailableError, match=r"(?s)huggingface-cli.*mmsae zoo install"):
+    with pytest.raises(WeightsUnavailableError, match=r"(?s)hf download.*mmsae zoo install"):
         TimmEncoder.from_spec("test_vit", pretrained=True)  # bare name: hub tried, zoo named too
 
 
