@@ -22,6 +22,9 @@ torch.set_num_threads(1)
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# After the environment above: importing mmsae imports the hub clients and triton, which read it once.
+from mmsae.datasets.images import Example, ExampleDataset  # noqa: E402
+
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
@@ -78,3 +81,28 @@ def commented_extract_command(config_text: str) -> list[str] | None:
             break
         command.append(line)
     return shlex.split(" ".join(part.rstrip("\\") for part in command))[2:]
+
+
+class FailAt(ExampleDataset):
+    """The same data (same fingerprint) but reading item `index` raises, like a crash mid-run."""
+
+    def __init__(self, base: ExampleDataset, index: int):
+        self.base, self.index = base, index
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> Example:
+        if index == self.index:
+            raise RuntimeError("injected crash")
+        return self.base[index]
+
+    def fingerprint(self) -> str:
+        return self.base.fingerprint()
+
+    def describe(self) -> str:
+        return self.base.describe()
+
+
+def file_tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}

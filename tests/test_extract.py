@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import FailAt, file_tree
 from PIL import Image
 
-from mmsae.datasets.images import Example, ExampleDataset, ImageFolder
+from mmsae.datasets.images import ImageFolder
 from mmsae.encoders import Encoder, get_encoder
 from mmsae.extract import extract
 from mmsae.extract_cli import cli_main
@@ -42,31 +43,6 @@ def _write_images(root: Path, n: int) -> Path:
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> ImageFolder:
     return ImageFolder(_write_images(tmp_path_factory.mktemp("images"), N_IMAGES))
-
-
-class _FailAt(ExampleDataset):
-    """The same data (same fingerprint) but reading item `index` raises, like a crash mid-run."""
-
-    def __init__(self, base: ExampleDataset, index: int):
-        self.base, self.index = base, index
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, index: int) -> Example:
-        if index == self.index:
-            raise RuntimeError("injected crash")
-        return self.base[index]
-
-    def fingerprint(self) -> str:
-        return self.base.fingerprint()
-
-    def describe(self) -> str:
-        return self.base.describe()
-
-
-def _tree(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_round_trip_equals_encoder_activations(encoder: Encoder, folder: ImageFolder, tmp_path: Path) -> None:
@@ -101,7 +77,7 @@ def test_resume_after_crash_is_byte_identical(encoder: Encoder, folder: ImageFol
     with pytest.raises(RuntimeError, match="injected crash"):
         extract(
             encoder,
-            _FailAt(folder, index=9),
+            FailAt(folder, index=9),
             ["blocks.2", "norm"],
             tmp_path / "crashed",
             progress=False,
@@ -112,7 +88,7 @@ def test_resume_after_crash_is_byte_identical(encoder: Encoder, folder: ImageFol
         ActivationStore(partial)
     assert not list(partial.rglob("*.tmp"))  # the unfinished shard left nothing behind
     resumed = extract(encoder, folder, ["blocks.2", "norm"], tmp_path / "crashed", progress=False, **LAYOUT)
-    assert _tree(resumed.path) == _tree(fresh.path)
+    assert file_tree(resumed.path) == file_tree(fresh.path)
 
 
 def test_resume_after_hard_kill_is_byte_identical(
@@ -142,7 +118,7 @@ def test_resume_after_hard_kill_is_byte_identical(
         ActivationStore(partial)
     resumed = extract(encoder, folder, "norm", tmp_path / "killed", progress=False, **LAYOUT)
     fresh = extract(encoder, folder, "norm", tmp_path / "fresh", progress=False, **LAYOUT)
-    assert _tree(resumed.path) == _tree(fresh.path)
+    assert file_tree(resumed.path) == file_tree(fresh.path)
 
 
 def test_disk_full_mid_shard_keeps_nothing_half_written(
@@ -163,14 +139,14 @@ def test_disk_full_mid_shard_keeps_nothing_half_written(
     assert [p.name for p in root.rglob("*") if p.is_file()] == ["store.json"]  # no partial shard, no temps
     resumed = extract(encoder, folder, "norm", tmp_path / "full", progress=False, **LAYOUT)
     fresh = extract(encoder, folder, "norm", tmp_path / "fresh", progress=False, **LAYOUT)
-    assert _tree(resumed.path) == _tree(fresh.path)
+    assert file_tree(resumed.path) == file_tree(fresh.path)
 
 
 def test_deleted_shard_is_recomputed(encoder: Encoder, folder: ImageFolder, tmp_path: Path) -> None:
     store = extract(encoder, folder, "norm", tmp_path, progress=False, **LAYOUT)
-    before = _tree(store.path)
+    before = file_tree(store.path)
     shard_files(store.path, "norm", 1)[0].unlink()  # what the corrupt-shard error tells users to do
-    assert _tree(extract(encoder, folder, "norm", tmp_path, progress=False, **LAYOUT).path) == before
+    assert file_tree(extract(encoder, folder, "norm", tmp_path, progress=False, **LAYOUT).path) == before
 
 
 def test_resuming_with_a_different_config_is_a_clear_error(
@@ -195,7 +171,7 @@ def test_unreadable_images_are_skipped_and_counted(encoder: Encoder, tmp_path: P
 
 
 def test_bad_input(encoder: Encoder, folder: ImageFolder, tmp_path: Path) -> None:
-    class Empty(_FailAt):
+    class Empty(FailAt):
         def __len__(self) -> int:
             return 0
 

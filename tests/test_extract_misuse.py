@@ -12,9 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import FailAt, file_tree
 from PIL import Image
 
-from mmsae.datasets.images import Example, ExampleDataset, ImageFolder
+from mmsae.datasets.images import ImageFolder
 from mmsae.encoders import Encoder, get_encoder
 from mmsae.extract import extract
 from mmsae.fileio import atomic_write, atomic_write_bytes
@@ -23,31 +24,6 @@ from mmsae.store import STORE_JSON, ActivationStore, StoreError
 HOOKS = ["norm"]
 N_IMAGES, TOKENS_PER_IMAGE = 12, 101  # timm test_vit: 100 patches + CLS
 LAYOUT = {"batch_size": 2, "shard_tokens": 4 * TOKENS_PER_IMAGE}  # 2 forwards per shard → 3 shards
-
-
-class _FailAt(ExampleDataset):
-    """The same data (same fingerprint) but reading item `index` raises, like a crash mid-run."""
-
-    def __init__(self, base: ExampleDataset, index: int):
-        self.base, self.index = base, index
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, index: int) -> Example:
-        if index == self.index:
-            raise RuntimeError("injected crash")
-        return self.base[index]
-
-    def fingerprint(self) -> str:
-        return self.base.fingerprint()
-
-    def describe(self) -> str:
-        return self.base.describe()
-
-
-def _tree(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +50,7 @@ def reference(
 def _crash(encoder: Encoder, folder: ImageFolder, out: Path, index: int) -> Path:
     """A partial store: the extraction fails reading example `index` (shard 2 of 3 at index 9)."""
     with pytest.raises(RuntimeError, match="injected crash"):
-        extract(encoder, _FailAt(folder, index), HOOKS, out, progress=False, **LAYOUT)
+        extract(encoder, FailAt(folder, index), HOOKS, out, progress=False, **LAYOUT)
     (partial,) = out.iterdir()
     return partial
 
@@ -95,7 +71,7 @@ def test_duplicate_extraction_says_at_once_that_one_is_running(
             extract(encoder, folder, HOOKS, tmp_path, progress=False, **LAYOUT)
         assert time.monotonic() - start < 10
     # Once it has ended (a killed one releases the lock too), the same call resumes and finishes the store.
-    assert _tree(extract(encoder, folder, HOOKS, tmp_path, progress=False, **LAYOUT).path) == _tree(
+    assert file_tree(extract(encoder, folder, HOOKS, tmp_path, progress=False, **LAYOUT).path) == file_tree(
         reference.path
     )
 
@@ -118,7 +94,7 @@ def test_kill_between_merge_and_cleanup_leaves_no_residue(
     assert json.loads((store / STORE_JSON).read_text())["complete"] and (store / ".done").is_dir()
     again = extract(encoder, folder, HOOKS, tmp_path, progress=False, **LAYOUT)
     assert not (store / ".done").exists()
-    assert _tree(again.path) == _tree(reference.path)
+    assert file_tree(again.path) == file_tree(reference.path)
 
 
 def test_stale_temp_files_are_removed_when_the_extraction_is_opened_again(
@@ -142,7 +118,7 @@ def test_stale_temp_files_are_removed_when_the_extraction_is_opened_again(
 @pytest.fixture
 def store_copy(reference: ActivationStore, tmp_path: Path) -> Path:
     copy = tmp_path / "store"
-    for name, data in _tree(reference.path).items():
+    for name, data in file_tree(reference.path).items():
         (copy / name).parent.mkdir(parents=True, exist_ok=True)
         (copy / name).write_bytes(data)
     return copy
