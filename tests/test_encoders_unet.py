@@ -272,6 +272,23 @@ def test_explicit_settings_survive_and_contradictions_warn(turbo_dir: Path) -> N
         enc.sample(PROMPTS[:1], guidance_scale=5.0)
 
 
+def test_python_api_takes_sampler_defaults_from_the_model(turbo_dir: Path) -> None:
+    """steer_diffusion, steer_prompts and unlearning sample a Turbo model at its own 1 step, guidance 0
+    (they defaulted to 4 steps at 7.5, or 50 at 7.5), and keep explicit settings."""
+    from mmsae.intervene import SampleConfig
+    from mmsae.intervene.steer import sampler_settings
+
+    enc = get_encoder(f"unet:{turbo_dir}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        enc.sample(PROMPTS[:1], **sampler_settings(None, None, seed=0))
+    assert not contradiction_warnings(caught)
+    assert sampler_settings(3, None, seed=1) == {"num_inference_steps": 3, "seed": 1}
+    resolved = SampleConfig().for_encoder(enc)
+    assert (resolved.num_inference_steps, resolved.guidance_scale) == (1, 0.0)
+    assert SampleConfig(num_inference_steps=2).for_encoder(enc).num_inference_steps == 2
+
+
 def test_steer_cli_takes_sampler_defaults_from_the_model(
     turbo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -155,6 +155,13 @@ def sampled_timesteps(encoder: Encoder, num_inference_steps: int) -> list[int]:
     return [int(t) for t in scheduler.timesteps]
 
 
+def sampler_settings(num_inference_steps: int | None, guidance_scale: float | None, **sample: Any) -> dict:
+    """Keyword overrides for `encoder.sample`: steps and guidance only where given, so the encoder's own
+    settings (the model's defaults unless set) apply otherwise."""
+    given = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale}
+    return {**{k: v for k, v in given.items() if v is not None}, **sample}
+
+
 def check_window_hits(encoder: Encoder, splices: Sequence[Splice], num_inference_steps: int) -> None:
     """A timestep window that contains no sampled step would silently do nothing: refuse it."""
     steps = sampled_timesteps(encoder, num_inference_steps)
@@ -172,25 +179,17 @@ def steer_diffusion(
     splices: Splice | Sequence[Splice],
     prompts: Sequence[str],
     seed: int = 0,
-    num_inference_steps: int = 4,
-    guidance_scale: float = 7.5,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
     **sample: Any,
 ) -> GenerationSteerResult:
     """Sample with the same seed bare and steered (e.g. `Splice(sae, [Direction(i, 8.0)], spatial_mask=m,
-    timesteps=(500, 999), cfg_half="cond")`); several splices (hooks, SAEs) apply at once."""
+    timesteps=(500, 999), cfg_half="cond")`); several splices (hooks, SAEs) apply at once. Steps and
+    guidance left None are the encoder's (the model's own: SDXL-Turbo samples 1 step at guidance 0)."""
     splices = [splices] if isinstance(splices, Splice) else list(splices)
-    check_window_hits(encoder, splices, num_inference_steps)
-    before, after = with_and_without(
-        encoder,
-        splices,
-        lambda: encoder.sample(
-            list(prompts),
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            seed=seed,
-            **sample,
-        ),
-    )
+    kw = sampler_settings(num_inference_steps, guidance_scale, seed=seed, **sample)
+    check_window_hits(encoder, splices, kw.get("num_inference_steps", encoder.sampling.num_inference_steps))
+    before, after = with_and_without(encoder, splices, lambda: encoder.sample(list(prompts), **kw))
     return GenerationSteerResult(before, after)
 
 

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from mmsae.encoders.base import Encoder
 from mmsae.intervene.intervention import check_compatible
-from mmsae.intervene.steer import GenerationSteerResult
+from mmsae.intervene.steer import GenerationSteerResult, sampler_settings
 from mmsae.sae.base import SAE
 
 
@@ -106,14 +106,15 @@ def steer_prompts(
     strength: float,
     hook: str | None = None,
     seed: int = 0,
-    num_inference_steps: int = 4,
-    guidance_scale: float = 7.5,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
     **sample: Any,
 ) -> GenerationSteerResult:
-    """Same-seed samples of `prompts`, bare and steered toward (strength > 0) or away from `concept`."""
+    """Same-seed samples of `prompts`, bare and steered toward (strength > 0) or away from `concept`; steps
+    and guidance left None are the encoder's (the model's own)."""
     hook = _text_hook(encoder, sae, hook)
     delta_TD = text_concept_delta(encoder, sae, concept, strength, hook)
-    kw = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed, **sample)
+    kw = sampler_settings(num_inference_steps, guidance_scale, seed=seed, **sample)
     before = encoder.sample(list(prompts), **kw)
     with text_steering(encoder, hook, delta_TD):
         after = encoder.sample(list(prompts), **kw)

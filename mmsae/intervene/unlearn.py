@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -36,10 +36,19 @@ SELECTION_NAME = "unlearn_selection.json"
 class SampleConfig:
     """How prompts are sampled, for selection and unlearning alike."""
 
-    num_inference_steps: int = 50
-    guidance_scale: float = 7.5
+    num_inference_steps: int | None = None
+    """None: the encoder's (the model's own unless set: SDXL-Turbo 1 step, SD 50)."""
+    guidance_scale: float | None = None
+    """None: the encoder's (SDXL-Turbo 0, SD 7.5)."""
     seed: int = 0
     batch_size: int = 4
+
+    def for_encoder(self, encoder: Encoder) -> SampleConfig:
+        """These settings with the steps and guidance left None taken from the encoder."""
+        own = encoder.sampling
+        steps = own.num_inference_steps if self.num_inference_steps is None else self.num_inference_steps
+        guidance = own.guidance_scale if self.guidance_scale is None else self.guidance_scale
+        return replace(self, num_inference_steps=steps, guidance_scale=guidance)
 
 
 @dataclass
@@ -112,6 +121,7 @@ def timestep_sums(
     """Per-timestep latent sums [n] and token counts over sampling runs of `prompts`.
 
     SAeUron records the conditional CFG half only (`cond_only`)."""
+    sampling = sampling.for_encoder(encoder)
     sums: dict[int, Tensor] = {}
     counts: dict[int, int] = {}
 
@@ -165,7 +175,7 @@ def select_features(
         raise ValueError(f"percentile={percentile} must lie strictly between 0 and 100 (SAeUron uses 99.99).")
     if not concepts or any(not p for p in concepts.values()) or not other_prompts:
         raise ValueError("Give every concept at least one prompt, and at least one other (retained) prompt.")
-    sampling = sampling or SampleConfig()
+    sampling = (sampling or SampleConfig()).for_encoder(encoder)
     stats = {
         name: timestep_sums(encoder, sae, hook, prompts, sampling, desc=name)
         for name, prompts in concepts.items()
@@ -264,7 +274,7 @@ class Unlearner:
     def generate(
         self, prompts: Sequence[str], sampling: SampleConfig | None = None, **sample: Any
     ) -> list[Image.Image]:
-        sampling = sampling or SampleConfig()
+        sampling = (sampling or SampleConfig()).for_encoder(self.encoder)
         with self.intervention:
             return self.encoder.sample(
                 list(prompts),
@@ -308,7 +318,7 @@ def evaluate(
     similarity_encoder: Encoder | None = None,
 ) -> UnlearnReport:
     """Retained-prompt image similarity, and with a `classifier` (images → bool [B]) the concept rate."""
-    sampling = sampling or SampleConfig()
+    sampling = (sampling or SampleConfig()).for_encoder(unlearner.encoder)
     kw = dict(
         num_inference_steps=sampling.num_inference_steps,
         guidance_scale=sampling.guidance_scale,
