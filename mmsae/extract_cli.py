@@ -22,8 +22,8 @@ class ExtractConfig:
 
     Each field's help text (`mmsae extract --help`) is in HELP."""
 
-    encoder: str = "timm:test_vit"
-    dataset: str = "skimage"
+    encoder: str = ""
+    dataset: str = ""
     out_dir: str = "runs/activations"
     hooks: list[str] = field(default_factory=list)
     tokens: str = "all"
@@ -115,6 +115,13 @@ def _parse_config(argv: list[str]) -> ExtractConfig:
             **_key_values(args["encoder_options"]),
         }
     values.update({k: v for k, v in args.items() if v is not None})
+    missing = [name for name in ("encoder", "dataset") if not values.get(name)]
+    if missing:  # no hidden defaults: an extraction says what it runs on
+        raise ValueError(
+            f"mmsae extract needs {' and '.join('--' + m for m in missing)} (or a --config file that sets "
+            "them), e.g. `mmsae extract --encoder timm:vit_base_patch16_224 --dataset folder:images "
+            "--out_dir activations/vit`; see `mmsae extract --help`."
+        )
     return ExtractConfig(**values)
 
 

@@ -69,8 +69,30 @@ def test_unet_sampling_settings_give_two_stores(tmp_path: Path) -> None:
 
 def test_cli_passes_encoder_options() -> None:
     cfg = _parse_config(
-        ["--encoder", "unet:tiny", "--encoder-options", "guidance_scale=0", "timesteps=[999, 500]"]
+        [
+            "--encoder",
+            "unet:tiny",
+            "--dataset",
+            "prompts:x.txt",
+            "--encoder-options",
+            "guidance_scale=0",
+            "timesteps=[999, 500]",
+        ]
     )
     assert cfg.encoder_options == {"guidance_scale": 0, "timesteps": [999, 500]}
     with pytest.raises(ValueError, match="key=value"):
         _parse_config(["--encoder_options", "guidance_scale"])
+
+
+def test_extract_without_encoder_or_data_says_what_it_needs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`mmsae extract` alone ran a real extraction of hidden defaults into ./runs."""
+    from mmsae.extract_cli import cli_main
+
+    monkeypatch.chdir(tmp_path)
+    assert cli_main([]) == 1
+    assert "needs --encoder and --dataset" in capsys.readouterr().err
+    assert cli_main(["--encoder", "timm:test_vit"]) == 1
+    assert "needs --dataset" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing written

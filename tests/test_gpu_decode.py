@@ -161,9 +161,10 @@ def test_bad_settings_are_clear_errors(
 
 def test_cli_config_key(tmp_path: Path) -> None:
     cfg_file = tmp_path / "extract.yaml"
-    cfg_file.write_text("extract:\n  decode: device\n")
+    cfg_file.write_text("extract:\n  encoder: timm:test_vit\n  dataset: skimage\n  decode: device\n")
     assert _parse_config(["--config", str(cfg_file)]).decode == "device"
-    assert _parse_config(["--decode", "device"]).decode == "device"
+    given = ["--encoder", "timm:test_vit", "--dataset", "skimage"]
+    assert _parse_config([*given, "--decode", "device"]).decode == "device"
     assert ExtractConfig().decode == "pil"
 
 
