@@ -16,6 +16,7 @@ from torch import Tensor
 
 from mmsae.datasets.images import IMAGE_EXTENSIONS, ImageReadError, open_image
 from mmsae.encoders.base import Encoder, TokenActs, TokenMode
+from mmsae.encoders.capabilities import ImageEmbedder, require
 from mmsae.sae import SAE, as_dense
 
 ImageLike = str | os.PathLike | Image.Image
@@ -78,15 +79,15 @@ def pooled_codes(sae: SAE, acts: TokenActs, n_examples: int, pool: str = "max") 
     return out.index_add_(0, ids, codes_Nn) / counts[:, None]
 
 
-def require_image_embedder(embedder: Encoder) -> None:
-    if not hasattr(embedder, "encode_image"):
-        raise TypeError(
-            f"Encoder {embedder.id!r} gives no image embeddings (no encode_image): pass a CLIP encoder "
-            "as the embedder, e.g. embedder=get_encoder('clip:ViT-B-32/openai')."
-        )
+def require_image_embedder(embedder: Encoder) -> ImageEmbedder:
+    return require(
+        embedder,
+        ImageEmbedder,
+        what="Image embeddings",
+        hint="Pass a CLIP encoder as the embedder, e.g. embedder=get_encoder('clip:ViT-B-32/openai').",
+    )
 
 
 def embed_images(embedder: Encoder, pixels_BCHW: Tensor) -> Tensor:
-    """Unit image embeddings [B, E] from a CLIP-like encoder (one with `encode_image`)."""
-    require_image_embedder(embedder)
-    return embedder.encode_image(pixels_BCHW, normalize=True).float()
+    """Unit image embeddings [B, E] from an `ImageEmbedder` (a CLIP encoder)."""
+    return require_image_embedder(embedder).encode_image(pixels_BCHW, normalize=True).float()

@@ -20,6 +20,7 @@ from torch import Tensor
 from mmsae.analysis.images import ImageLike, batched, embed_images, load_image, stack_pixels
 from mmsae.analysis.stats import FeatureStats
 from mmsae.encoders.base import Encoder
+from mmsae.encoders.capabilities import ImageEmbedder, TextEmbedder, require
 from mmsae.sae import SAE
 
 DEFAULT_VOCAB = Path(__file__).resolve().parent.parent / "data" / "vocab.txt"
@@ -47,12 +48,13 @@ def load_vocabulary(path: str | os.PathLike | None = None) -> list[str]:
     return vocab
 
 
-def require_text_tower(clip: Encoder) -> None:
-    if not hasattr(clip, "encode_text"):
-        raise TypeError(
-            f"Encoder {clip.id!r} has no text tower (encode_text): naming and text queries need a "
-            "CLIP encoder, e.g. get_encoder('clip:ViT-B-32/openai')."
-        )
+def require_text_tower(clip: Encoder) -> TextEmbedder:
+    return require(
+        clip,
+        TextEmbedder,
+        what="Naming and text queries",
+        hint="Pass a CLIP encoder, e.g. get_encoder('clip:ViT-B-32/openai').",
+    )
 
 
 @torch.no_grad()
@@ -60,11 +62,11 @@ def text_embeddings(
     clip: Encoder, texts: Sequence[str], template: str = "a photo of {}.", batch_size: int = 256
 ) -> Tensor:
     """Unit CLIP text embeddings [V, E] of `template.format(text)`."""
-    require_text_tower(clip)
+    text_tower = require_text_tower(clip)
     if not texts:
         raise ValueError("No texts to embed.")
     chunks = [
-        clip.encode_text([template.format(t) for t in chunk], normalize=True).float().cpu()
+        text_tower.encode_text([template.format(t) for t in chunk], normalize=True).float().cpu()
         for chunk in batched(list(texts), batch_size)
     ]
     return torch.cat(chunks)
@@ -72,7 +74,8 @@ def text_embeddings(
 
 def atom_directions(sae: SAE, clip: Encoder) -> Tensor | None:
     """Unit decoder atoms [n, E] when the SAE sits on `clip`'s final image embedding, else None."""
-    on_final = sae.cfg.hook == FINAL_EMBEDDING_HOOK and sae.d_in == getattr(clip, "embed_dim", None)
+    embed_dim = clip.embed_dim if isinstance(clip, ImageEmbedder) else None
+    on_final = sae.cfg.hook == FINAL_EMBEDDING_HOOK and sae.d_in == embed_dim
     if not on_final or (sae.cfg.encoder is not None and sae.cfg.encoder != clip.id):
         return None
     W = sae.W_dec.detach().float().cpu()
@@ -155,4 +158,6 @@ def _embed_subset(clip: Encoder, images: Sequence[ImageLike], ids: Tensor, batch
         if out is None:
             out = torch.zeros(len(images), emb.shape[-1])
         out[torch.as_tensor(chunk)] = emb
-    return out if out is not None else torch.zeros(len(images), getattr(clip, "embed_dim", 1))
+    if out is None:
+        out = torch.zeros(len(images), clip.embed_dim if isinstance(clip, ImageEmbedder) else 1)
+    return out
