@@ -37,6 +37,7 @@ from mmsae.apps.common import (
 )
 from mmsae.datasets.images import PromptList
 from mmsae.encoders.base import Encoder
+from mmsae.encoders.capabilities import Sampler, TextEmbedder
 from mmsae.intervene import Direction, Edit, SetMax, Splice, max_activations
 from mmsae.intervene.intervention import schedule_length
 from mmsae.intervene.steer import steer_diffusion, steer_image, steer_llava
@@ -78,11 +79,11 @@ class SteerHandlers:
         self.upload_roots = upload_roots(settings)
         self._max_acts = max_acts
         self.calibration = list(calibration) if calibration is not None else self._default_calibration()
-        self.is_diffusion = hasattr(encoder, "sample")
+        self.is_diffusion = isinstance(encoder, Sampler)
 
     def _default_calibration(self) -> list[str]:
         """Images of the data directories (image models) or the bundled demo prompts (diffusion)."""
-        if hasattr(self.encoder, "sample"):
+        if isinstance(self.encoder, Sampler):
             return PromptList.bundled("demo").prompts[:CALIBRATION_PROMPTS]
         return [str(p) for d in self.settings.data_dirs for p in list_images(d)][:CALIBRATION_IMAGES]
 
@@ -148,7 +149,7 @@ class SteerHandlers:
         self, image: Any, labels: str, *slots: Any
     ) -> tuple[dict[str, float], dict[str, float], str]:
         """CLIP/timm: (labels before, labels after, summary)."""
-        clip = hasattr(self.encoder, "encode_text")
+        clip = isinstance(self.encoder, TextEmbedder)
         limits = self.settings.limits
         names = words(labels, "Zero-shot labels", limits.labels, limits.word_chars) if clip else []
         if clip and len(names) < 2:
@@ -298,7 +299,7 @@ def build_steer_app(
                     labels = gr.Textbox(
                         label="Zero-shot labels (CLIP)",
                         value=DEFAULT_LABELS,
-                        visible=hasattr(encoder, "encode_text"),
+                        visible=isinstance(encoder, TextEmbedder),
                     )
                 run = gr.Button("Steer", variant="primary", elem_id="steer-run")
             with gr.Column():

@@ -44,6 +44,7 @@ from mmsae.analysis.naming import (
 )
 from mmsae.checkpoint import atomic_write_bytes, load_sae, save_sae
 from mmsae.encoders.base import Encoder
+from mmsae.encoders.capabilities import TextEmbedder
 from mmsae.index.ann import build_ann, describe
 from mmsae.index.codes import SparseCodeStore
 from mmsae.index.config import (
@@ -221,7 +222,7 @@ class ConceptIndex:
     def name_features(self, vocab: Sequence[str] | None = None) -> None:
         """(Re)compute name candidates for every latent from `vocab` (default: mmsae's vocabulary)."""
         embedder = self._need_embedder()
-        if not hasattr(embedder, "encode_text"):
+        if not isinstance(embedder, TextEmbedder):
             self.names = [[] for _ in range(self.sae.n_latents)]
             return
         vocab = list(vocab) if vocab is not None else load_vocabulary()
