@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Hashable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from mmsae import kernels
+from mmsae.sae.files import push_to_hub, save_sae
 
 REGISTRY: dict[str, type[SAE]] = {}
 
@@ -291,20 +294,14 @@ class SAE(nn.Module):
         self.W_dec *= factor
 
     # ----------------------------------------------------------------- I/O
-    def save(self, path: str) -> None:
-        from mmsae.checkpoint import save_sae
-
-        save_sae(self, path)
-
-    @classmethod
-    def load(cls, path: str, device: str | torch.device = "cpu") -> SAE:
-        from mmsae.checkpoint import load_sae
-
-        return load_sae(path, device=device)
+    # Loading is `mmsae.load_sae` (mmsae.checkpoint): it builds the class a file names, so it sits above
+    # every variant; saving needs only this SAE and lives below (mmsae.sae.files).
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write `path/cfg.json` + `path/sae.safetensors`; load them with `mmsae.load_sae(path)`."""
+        return save_sae(self, path)
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
-        from mmsae.checkpoint import push_to_hub
-
+        """Upload cfg.json + sae.safetensors to the Hub (`subfolder=`, `private=`, …)."""
         return push_to_hub(self, repo_id, **kwargs)
 
     def extra_repr(self) -> str:
