@@ -28,7 +28,7 @@ from mmsae.apps.common import (
     check_number,
     check_text,
     for_display,
-    load_image,
+    open_app_image,
     shorten,
     upload_roots,
     uploaded_image,
@@ -93,7 +93,11 @@ class SteerHandlers:
         Measured once, under the model lock; call it before taking the lock, never while holding it."""
         if self._max_acts is not None:
             return self._max_acts
-        pils = [] if self.is_diffusion else [load_image(p, self.settings.data_dirs) for p in self.calibration]
+        pils = (
+            []
+            if self.is_diffusion
+            else [open_app_image(p, self.settings.data_dirs) for p in self.calibration]
+        )
         with MODEL_LOCK:
             if self._max_acts is None:
                 self._max_acts = self._measure(pils)
@@ -154,7 +158,7 @@ class SteerHandlers:
         names = words(labels, "Zero-shot labels", limits.labels, limits.word_chars) if clip else []
         if clip and len(names) < 2:
             raise InputError("Give at least two comma-separated labels for CLIP's zero-shot classification.")
-        pil = load_image(image, self.upload_roots, self.settings.max_upload_mb)
+        pil = open_app_image(image, self.upload_roots, self.settings.max_upload_mb)
         edits, max_acts = self.edits(slots), self.max_acts()
         with MODEL_LOCK:
             r = steer_image(self.encoder, self.sae, [pil], edits, labels=names or None, max_acts=max_acts)
@@ -173,7 +177,7 @@ class SteerHandlers:
             prompt, "The prompt", limits.text_chars, "Type a prompt for LLaVA, e.g. 'Describe the image.'"
         )
         n_new = check_number(max_new_tokens, "Max new tokens", 1, limits.new_tokens, integer=True)
-        pil = load_image(image, self.upload_roots, self.settings.max_upload_mb)
+        pil = open_app_image(image, self.upload_roots, self.settings.max_upload_mb)
         edits, max_acts = self.edits(slots), self.max_acts()
         with MODEL_LOCK:
             r = steer_llava(self.encoder, self.sae, [pil], prompt, edits, n_new, max_acts=max_acts)

@@ -150,7 +150,7 @@ def test_ann_kinds_recall() -> None:
 
 
 def test_bad_input(tmp_path, folder, sae, clip) -> None:
-    from mmsae.analysis.images import UnreadableImageError
+    from mmsae.datasets.images import ImageReadError
 
     with pytest.raises(ValueError, match="collection is empty"):
         ConceptIndex.build([], sae, clip)
@@ -159,7 +159,7 @@ def test_bad_input(tmp_path, folder, sae, clip) -> None:
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
     good = [folder / "chelsea.png", broken]
-    with pytest.raises(UnreadableImageError, match=r"broken\.png.*skip_unreadable=True"):
+    with pytest.raises(ImageReadError, match=r"broken\.png.*skip_unreadable=True"):
         ConceptIndex.build(good, sae, clip)
     idx = ConceptIndex.build(good, sae, clip, cfg=IndexConfig(skip_unreadable=True))
     assert len(idx) == 1 and idx.skipped == [str(broken)]

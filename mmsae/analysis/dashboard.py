@@ -21,10 +21,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from mmsae.analysis.heatmap import latent_heatmaps
-from mmsae.analysis.images import ImageLike, load_image
+from mmsae.analysis.images import ImageLike
 from mmsae.analysis.naming import NameCandidate
 from mmsae.analysis.stats import FeatureStats
 from mmsae.checkpoint import atomic_write_bytes
+from mmsae.datasets.images import open_image
 from mmsae.encoders.base import Encoder
 from mmsae.sae import SAE
 
@@ -68,7 +69,7 @@ def feature_dashboard(
             f"Stats refer to example {ids.max()} but {len(images)} images were given: pass the "
             "collection the stats were computed on."
         )
-    pil = [load_image(images[i]) for i in ids]
+    pil = [open_image(images[i]) for i in ids]
     maps = (
         latent_heatmaps(sae, encoder, pil, latent, hook)
         if sae is not None and encoder is not None and pil

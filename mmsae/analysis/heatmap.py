@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from mmsae.analysis.images import ImageLike, load_image, stack_pixels
+from mmsae.analysis.images import ImageLike, stack_pixels
+from mmsae.datasets.images import open_image
 from mmsae.encoders.base import Encoder
 from mmsae.sae import SAE, as_dense
 
@@ -35,7 +36,7 @@ def latent_heatmaps(
     if not 0 <= latent < sae.n_latents:
         raise IndexError(f"Latent {latent} is out of range for an SAE with {sae.n_latents} latents.")
     hook = hook or sae.cfg.hook or encoder.default_hook
-    pixels = stack_pixels(encoder, [load_image(im) for im in images])
+    pixels = stack_pixels(encoder, [open_image(im) for im in images])
     acts = encoder.activations(pixels, [hook], tokens="patch")[hook]
     x = acts.acts_ND.to(device=sae.W_dec.device, dtype=sae.W_dec.dtype)
     codes_N = as_dense(sae.encode(x))[:, latent].float().cpu()

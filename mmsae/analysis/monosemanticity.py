@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mmsae.analysis.images import ImageLike, embed_images, load_image, pooled_codes, stack_pixels
+from mmsae.analysis.images import ImageLike, embed_images, pooled_codes, stack_pixels
+from mmsae.datasets.images import open_image
 from mmsae.encoders.base import Encoder, TokenMode
 from mmsae.sae import SAE
 
@@ -97,7 +98,7 @@ def monosemanticity(
     hook = hook or sae.cfg.hook or encoder.default_hook
     acc: MonosemanticityAccumulator | None = None
     for start in tqdm(range(0, len(images), batch_size), desc="monosemanticity", unit="batch"):
-        pil = [load_image(p) for p in images[start : start + batch_size]]
+        pil = [open_image(p) for p in images[start : start + batch_size]]
         acts = encoder.activations(stack_pixels(encoder, pil), [hook], tokens=tokens)[hook]
         a_Bn = pooled_codes(sae, acts, len(pil), pool)
         p_BE = embed_images(embedder, stack_pixels(embedder, pil))

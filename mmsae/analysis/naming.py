@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mmsae.analysis.images import ImageLike, batched, embed_images, load_image, stack_pixels
+from mmsae.analysis.images import ImageLike, batched, embed_images, stack_pixels
 from mmsae.analysis.stats import FeatureStats
+from mmsae.datasets.images import open_image
 from mmsae.encoders.base import Encoder
 from mmsae.encoders.capabilities import ImageEmbedder, TextEmbedder, require
 from mmsae.sae import SAE
@@ -154,7 +155,7 @@ def _embed_subset(clip: Encoder, images: Sequence[ImageLike], ids: Tensor, batch
         )
     out: Tensor | None = None
     for chunk in batched(wanted, batch_size):
-        emb = embed_images(clip, stack_pixels(clip, [load_image(images[i]) for i in chunk])).cpu()
+        emb = embed_images(clip, stack_pixels(clip, [open_image(images[i]) for i in chunk])).cpu()
         if out is None:
             out = torch.zeros(len(images), emb.shape[-1])
         out[torch.as_tensor(chunk)] = emb

@@ -25,10 +25,8 @@ from tqdm.auto import tqdm
 from mmsae.analysis.heatmap import latent_heatmaps
 from mmsae.analysis.images import (
     ImageLike,
-    UnreadableImageError,
     embed_images,
     list_images,
-    load_image,
     pooled_codes,
     require_image_embedder,
     stack_pixels,
@@ -43,6 +41,7 @@ from mmsae.analysis.naming import (
     text_embeddings,
 )
 from mmsae.checkpoint import atomic_write_bytes, load_sae, save_sae
+from mmsae.datasets.images import ImageReadError, open_image
 from mmsae.encoders.base import Encoder
 from mmsae.encoders.capabilities import TextEmbedder
 from mmsae.index.ann import build_ann, describe
@@ -197,11 +196,14 @@ class ConceptIndex:
                 os.fspath(item) if isinstance(item, (str, os.PathLike)) else f"<image {first_id + offset}>"
             )
             try:
-                pil.append(load_image(item))
-            except UnreadableImageError as e:
+                pil.append(open_image(item))
+            except ImageReadError as e:
                 if not self.cfg.skip_unreadable:
-                    raise UnreadableImageError(
-                        f"{e} Or build with IndexConfig(skip_unreadable=True) to leave it out."
+                    raise ImageReadError(
+                        e.source,
+                        e.reason,
+                        "Fix or remove the file, or build with IndexConfig(skip_unreadable=True) to leave it "
+                        "out.",
                     ) from e
                 self.skipped.append(label)
                 continue
@@ -358,7 +360,7 @@ class ConceptIndex:
         if known is not None:
             return self.embeddings_NE[known]
         embedder = self._need_embedder()
-        return embed_images(embedder, stack_pixels(embedder, [load_image(image)]))[0].cpu().numpy()
+        return embed_images(embedder, stack_pixels(embedder, [open_image(image)]))[0].cpu().numpy()
 
     @torch.no_grad()
     def _codes_of(self, image: ImageLike | int) -> tuple[np.ndarray, np.ndarray]:
@@ -367,7 +369,7 @@ class ConceptIndex:
             return self.codes.row(known)
         encoder, hook = self._need_encoder(), self.meta["hook"]
         acts = encoder.activations(
-            stack_pixels(encoder, [load_image(image)]), [hook], tokens=self.cfg.tokens
+            stack_pixels(encoder, [open_image(image)]), [hook], tokens=self.cfg.tokens
         )[hook]
         codes = pooled_codes(self.sae, acts, 1, self.cfg.pool)[0].cpu()
         nz = codes.nonzero().flatten()
