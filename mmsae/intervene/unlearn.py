@@ -302,7 +302,7 @@ class UnlearnReport:
     concept_rate_after: float | None = None
 
 
-def evaluate(
+def evaluate_unlearning(
     unlearner: Unlearner,
     concept_prompts: Sequence[str],
     retained_prompts: Sequence[str],
@@ -341,7 +341,7 @@ __all__ = [
     "UnlearnSelection",
     "Unlearner",
     "clip_concept_classifier",
-    "evaluate",
+    "evaluate_unlearning",
     "score_features",
     "select_features",
     "suppress_edits",
