@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from mmsae import kernels
+from mmsae.kernels.weight_copies import WeightCopies
 from mmsae.sae.files import push_to_hub, save_sae
 
 REGISTRY: dict[str, type[SAE]] = {}
@@ -158,6 +159,9 @@ class SAE(nn.Module):
     fused_recon: ClassVar[bool] = False
     """Its loss takes the reconstruction term from `recon_loss`, so a training forward with sparse codes may
     compute it with the decoder (`kernels.decode_with_mse`: one pass, and a backward without a gather)."""
+    weight_copies: WeightCopies | None = None
+    """The training optimizer's 16-bit copies of the weights (`Adam.weight_copies`), which the kernels then
+    read instead of casting; set by the trainer, None outside training. Not part of the SAE's state."""
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -211,7 +215,9 @@ class SAE(nn.Module):
 
     def decode(self, codes: Codes) -> Tensor:
         if isinstance(codes, SparseCodes):
-            return kernels.sparse_decode(codes.values, codes.indices, self.W_dec, self.b_dec)
+            return kernels.sparse_decode(
+                codes.values, codes.indices, self.W_dec, self.b_dec, self.weight_copies
+            )
         return codes @ self.W_dec + self.b_dec
 
     def forward(self, x: Tensor) -> SAEOutput:
@@ -224,7 +230,9 @@ class SAE(nn.Module):
             and isinstance(codes, SparseCodes)
             and x.dim() == 2
         ):
-            x_hat, mse = kernels.decode_with_mse(codes.values, codes.indices, self.W_dec, self.b_dec, x)
+            x_hat, mse = kernels.decode_with_mse(
+                codes.values, codes.indices, self.W_dec, self.b_dec, x, self.weight_copies
+            )
             return SAEOutput(x_hat, codes, {"mse": mse})
         return SAEOutput(self.decode(codes), codes, {})
 
