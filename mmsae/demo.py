@@ -48,7 +48,7 @@ def save_photos(out: Path) -> Path:
     return folder
 
 
-def write_reports(sae, encoder, store, crops, index, out: Path, hook: str, n_dashboards: int = 4) -> Path:
+def write_reports(encoder, sae, store, crops, index, out: Path, hook: str, n_dashboards: int = 4) -> Path:
     """Summary report (density histogram, FVU vs L0) and dashboards of the most frequent latents."""
     from mmsae.analysis import feature_stats
     from mmsae.analysis.dashboard import feature_dashboard, summary_report
@@ -118,12 +118,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"      {name:<20} {metrics[name]:.4g}")
 
     print("[5/6] building the concept index over the photos")
-    index = ConceptIndex.build(save_photos(out), sae, encoder)
+    index = ConceptIndex.build(encoder, sae, save_photos(out))
     index_dir = index.save(out / "index")
     print(f"      {index}")
 
     print("[6/6] feature statistics and dashboards")
-    report_dir = write_reports(sae, encoder, store, crops, index, out / "report", args.hook)
+    report_dir = write_reports(encoder, sae, store, crops, index, out / "report", args.hook)
     print(f"      {report_dir}/summary.html and latent_*.html")
 
     weights = "pretrained" if pretrained else "RANDOM-INIT (no weights reachable)"

@@ -45,7 +45,7 @@ def clip():
 def index(photos, clip) -> ConceptIndex:
     torch.manual_seed(0)
     sae = build_sae("topk", 32, 64, k=4, hook=CLIP_HOOK, encoder=clip.id)
-    return ConceptIndex.build(photos, sae, clip, cfg=IndexConfig(batch_size=6))
+    return ConceptIndex.build(clip, sae, photos, cfg=IndexConfig(batch_size=6))
 
 
 @pytest.fixture(scope="module")

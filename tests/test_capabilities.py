@@ -128,3 +128,31 @@ def test_no_capability_probes_left() -> None:
                     found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert not found, found
     assert len(CAPABILITIES) == 6
+
+
+def test_encoder_comes_before_the_sae_and_the_old_order_warns(encoders) -> None:
+    """One argument order, (encoder, sae, ...); calls in the earlier (sae, encoder) order still work for one
+    release, with a DeprecationWarning."""
+    from mmsae.analysis.heatmap import latent_heatmaps
+    from mmsae.analysis.naming import atom_directions
+    from mmsae.index import ConceptIndex, IndexConfig
+
+    clip = encoders["clip:tiny"]
+    sae = mmsae.build_sae("topk", clip.embed_dim, 16, k=2, hook="visual", encoder=clip.id)
+    assert atom_directions(clip, sae) is not None
+    with pytest.deprecated_call(match=r"atom_directions takes \(encoder, sae, \.\.\.\)"):
+        assert torch.equal(atom_directions(sae, clip), atom_directions(clip, sae))
+    image = torch.rand(3, *clip.image_size)
+    from PIL import Image
+
+    pil = Image.fromarray((image.permute(1, 2, 0).numpy() * 255).astype("uint8"))
+    patch_sae = mmsae.build_sae("topk", clip.model.visual.transformer.width, 16, k=2, encoder=clip.id)
+    hook = clip.default_hook
+    new = latent_heatmaps(clip, patch_sae, [pil], 0, hook)
+    with pytest.deprecated_call(match="latent_heatmaps"):
+        old = latent_heatmaps(patch_sae, clip, [pil], 0, hook)
+    assert all((a == b).all() for a, b in zip(new, old))
+    cfg = IndexConfig(concept_images=1)
+    assert len(ConceptIndex.build(clip, sae, [pil], cfg=cfg, vocab=["cat"])) == 1
+    with pytest.deprecated_call(match="ConceptIndex.build"):
+        assert len(ConceptIndex.build([pil], sae, clip, cfg=cfg, vocab=["cat"])) == 1

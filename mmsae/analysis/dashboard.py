@@ -71,7 +71,7 @@ def feature_dashboard(
         )
     pil = [open_image(images[i]) for i in ids]
     maps = (
-        latent_heatmaps(sae, encoder, pil, latent, hook)
+        latent_heatmaps(encoder, sae, pil, latent, hook)
         if sae is not None and encoder is not None and pil
         else []
     )

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from mmsae.analysis.images import ImageLike, stack_pixels
+from mmsae.argorder import encoder_and_sae
 from mmsae.datasets.images import open_image
 from mmsae.encoders.base import Encoder
 from mmsae.sae import SAE, as_dense
@@ -30,9 +31,10 @@ def patch_grid(encoder: Encoder, n_patches: int) -> tuple[int, int]:
 
 @torch.no_grad()
 def latent_heatmaps(
-    sae: SAE, encoder: Encoder, images: Sequence[ImageLike], latent: int, hook: str | None = None
+    encoder: Encoder, sae: SAE, images: Sequence[ImageLike], latent: int, hook: str | None = None
 ) -> list[np.ndarray]:
     """Activation of `latent` on each patch token, one float32 [H, W] array per image."""
+    encoder, sae = encoder_and_sae(encoder, sae, "latent_heatmaps")
     if not 0 <= latent < sae.n_latents:
         raise IndexError(f"Latent {latent} is out of range for an SAE with {sae.n_latents} latents.")
     hook = hook or sae.cfg.hook or encoder.default_hook

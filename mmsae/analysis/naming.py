@@ -19,6 +19,7 @@ from torch import Tensor
 
 from mmsae.analysis.images import ImageLike, batched, embed_images, stack_pixels
 from mmsae.analysis.stats import FeatureStats
+from mmsae.argorder import encoder_and_sae
 from mmsae.datasets.images import open_image
 from mmsae.encoders.base import Encoder
 from mmsae.encoders.capabilities import ImageEmbedder, TextEmbedder, require
@@ -73,8 +74,9 @@ def text_embeddings(
     return torch.cat(chunks)
 
 
-def atom_directions(sae: SAE, clip: Encoder) -> Tensor | None:
+def atom_directions(clip: Encoder, sae: SAE) -> Tensor | None:
     """Unit decoder atoms [n, E] when the SAE sits on `clip`'s final image embedding, else None."""
+    clip, sae = encoder_and_sae(clip, sae, "atom_directions")
     embed_dim = clip.embed_dim if isinstance(clip, ImageEmbedder) else None
     on_final = sae.cfg.hook == FINAL_EMBEDDING_HOOK and sae.d_in == embed_dim
     if not on_final or (sae.cfg.encoder is not None and sae.cfg.encoder != clip.id):
@@ -114,8 +116,8 @@ def rank_names(
 
 @torch.no_grad()
 def name_features(
-    sae: SAE,
     clip: Encoder,
+    sae: SAE,
     vocab: Sequence[str] | None = None,
     stats: FeatureStats | None = None,
     images: Sequence[ImageLike] | None = None,
@@ -127,9 +129,10 @@ def name_features(
     SAEs on CLIP's final embedding use their atoms; others need `stats` from a pass over `images`
     (stats example ids index `images`), whose top images are embedded with `clip`.
     """
+    clip, sae = encoder_and_sae(clip, sae, "name_features")
     vocab = list(vocab) if vocab is not None else load_vocabulary()
     text_VE = text_embeddings(clip, vocab)
-    directions = atom_directions(sae, clip)
+    directions = atom_directions(clip, sae)
     if directions is None:
         if stats is None or images is None:
             raise ValueError(

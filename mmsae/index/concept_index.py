@@ -40,6 +40,7 @@ from mmsae.analysis.naming import (
     require_text_tower,
     text_embeddings,
 )
+from mmsae.argorder import warn_order
 from mmsae.checkpoint import atomic_write_bytes, load_sae, save_sae
 from mmsae.datasets.images import ImageReadError, open_image
 from mmsae.encoders.base import Encoder
@@ -92,9 +93,9 @@ class ConceptIndex:
     @classmethod
     def build(
         cls,
-        images: Sequence[ImageLike] | str | os.PathLike,
-        sae: SAE,
         encoder: Encoder,
+        sae: SAE,
+        images: Sequence[ImageLike] | str | os.PathLike,
         embedder: Encoder | None = None,
         cfg: IndexConfig | None = None,
         vocab: Sequence[str] | None = None,
@@ -104,6 +105,9 @@ class ConceptIndex:
         `embedder` (a CLIP encoder; default `encoder` when it is one) gives the search embeddings,
         the text queries and the feature names (`vocab`, default: mmsae's vocabulary).
         """
+        if isinstance(images, Encoder) and not isinstance(encoder, Encoder):  # (images, sae, encoder)
+            warn_order("ConceptIndex.build")
+            encoder, images = images, encoder
         cfg = cfg or IndexConfig()
         embedder = embedder or encoder
         require_image_embedder(embedder)
@@ -214,7 +218,7 @@ class ConceptIndex:
     def feature_directions(self) -> Tensor:
         """Unit CLIP-space direction of every latent [n, E] (zero rows for latents never on)."""
         if self._directions_nE is None:
-            directions = atom_directions(self.sae, self.embedder) if self.embedder is not None else None
+            directions = atom_directions(self.embedder, self.sae) if self.embedder is not None else None
             if directions is None:
                 values, ids = self.codes.top_per_latent(self.cfg.concept_images)
                 directions = image_concept_vectors(values, ids, torch.from_numpy(self.embeddings_NE))
@@ -302,7 +306,7 @@ class ConceptIndex:
     def heatmap(self, image: ImageLike | int, feature: int) -> np.ndarray:
         """[H, W] activation of `feature` over the image's patches (needs the encoder)."""
         return latent_heatmaps(
-            self.sae, self._need_encoder(), [self._as_image(image)], feature, hook=self.meta["hook"]
+            self._need_encoder(), self.sae, [self._as_image(image)], feature, hook=self.meta["hook"]
         )[0]
 
     # ------------------------------------------------------------------ query helpers
