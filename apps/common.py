@@ -95,7 +95,7 @@ def inside(path: str | Path, roots: list[Path]) -> Path:
     raise InputError(f"Refusing to open {path}: it is outside the app's data directories.")
 
 
-def load_image(value: Any, roots: list[Path], max_mb: int = MAX_UPLOAD_MB) -> Image.Image:
+def open_app_image(value: Any, roots: list[Path], max_mb: int = MAX_UPLOAD_MB) -> Image.Image:
     """An RGB image from a Gradio value (PIL image, numpy array or file path inside `roots`)."""
     if value is None:
         raise InputError("No image given: upload one or pick one from the gallery.")
@@ -128,7 +128,7 @@ def uploaded_image(**kwargs: Any) -> gr.Image:
     """A gr.Image whose upload reaches the handler as the uploaded file's path, unopened.
 
     gr.Image opens every upload with PIL before the handler runs, so a non-image or a decompression
-    bomb failed there with Gradio's generic error; here the handler's `load_image` gives the reason.
+    bomb failed there with Gradio's generic error; here the handler's `open_app_image` gives the reason.
     The instance's `preprocess` is replaced rather than subclassing gr.Image: Gradio writes a .pyi
     stub beside the source file of every Component subclass."""
     image = gr.Image(type="filepath", **kwargs)

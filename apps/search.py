@@ -27,7 +27,7 @@ from mmsae.apps.common import (
     check_text,
     image_dirs,
     image_file,
-    load_image,
+    open_app_image,
     shorten,
     thumbnail,
     upload_roots,
@@ -65,7 +65,7 @@ class SearchHandlers:
         self._thumbnails_lock = threading.Lock()
 
     def _image(self, image_id: int) -> Image.Image:
-        return load_image(self.index.paths[image_id], self.image_roots, self.settings.max_upload_mb)
+        return open_app_image(self.index.paths[image_id], self.image_roots, self.settings.max_upload_mb)
 
     def _thumbnail(self, image_id: int) -> str:
         """The gallery thumbnail of an indexed image as a PNG file, rendered once per image."""
@@ -95,7 +95,7 @@ class SearchHandlers:
             raise InputError(f"Filter '{filter_mode}' needs features: type feature numbers or concept words.")
         with_f, without_f = (features, []) if filter_mode == "with" else ([], features)
         if image:  # decoded before taking the model lock: a large upload does not hold the model
-            query = load_image(image, self.upload_roots, self.settings.max_upload_mb)
+            query = open_app_image(image, self.upload_roots, self.settings.max_upload_mb)
             with MODEL_LOCK:
                 hits = self.index.search_image(query, k, with_f, without_f)
             source = "the uploaded image"

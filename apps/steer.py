@@ -28,7 +28,7 @@ from mmsae.apps.common import (
     check_number,
     check_text,
     for_display,
-    load_image,
+    open_app_image,
     shorten,
     upload_roots,
     uploaded_image,
@@ -37,6 +37,7 @@ from mmsae.apps.common import (
 )
 from mmsae.datasets.images import PromptList
 from mmsae.encoders.base import Encoder
+from mmsae.encoders.capabilities import Sampler, TextEmbedder
 from mmsae.intervene import Direction, Edit, SetMax, Splice, max_activations
 from mmsae.intervene.intervention import schedule_length
 from mmsae.intervene.steer import steer_diffusion, steer_image, steer_llava
@@ -78,11 +79,11 @@ class SteerHandlers:
         self.upload_roots = upload_roots(settings)
         self._max_acts = max_acts
         self.calibration = list(calibration) if calibration is not None else self._default_calibration()
-        self.is_diffusion = hasattr(encoder, "sample")
+        self.is_diffusion = isinstance(encoder, Sampler)
 
     def _default_calibration(self) -> list[str]:
         """Images of the data directories (image models) or the bundled demo prompts (diffusion)."""
-        if hasattr(self.encoder, "sample"):
+        if isinstance(self.encoder, Sampler):
             return PromptList.bundled("demo").prompts[:CALIBRATION_PROMPTS]
         return [str(p) for d in self.settings.data_dirs for p in list_images(d)][:CALIBRATION_IMAGES]
 
@@ -92,7 +93,11 @@ class SteerHandlers:
         Measured once, under the model lock; call it before taking the lock, never while holding it."""
         if self._max_acts is not None:
             return self._max_acts
-        pils = [] if self.is_diffusion else [load_image(p, self.settings.data_dirs) for p in self.calibration]
+        pils = (
+            []
+            if self.is_diffusion
+            else [open_app_image(p, self.settings.data_dirs) for p in self.calibration]
+        )
         with MODEL_LOCK:
             if self._max_acts is None:
                 self._max_acts = self._measure(pils)
@@ -148,12 +153,12 @@ class SteerHandlers:
         self, image: Any, labels: str, *slots: Any
     ) -> tuple[dict[str, float], dict[str, float], str]:
         """CLIP/timm: (labels before, labels after, summary)."""
-        clip = hasattr(self.encoder, "encode_text")
+        clip = isinstance(self.encoder, TextEmbedder)
         limits = self.settings.limits
         names = words(labels, "Zero-shot labels", limits.labels, limits.word_chars) if clip else []
         if clip and len(names) < 2:
             raise InputError("Give at least two comma-separated labels for CLIP's zero-shot classification.")
-        pil = load_image(image, self.upload_roots, self.settings.max_upload_mb)
+        pil = open_app_image(image, self.upload_roots, self.settings.max_upload_mb)
         edits, max_acts = self.edits(slots), self.max_acts()
         with MODEL_LOCK:
             r = steer_image(self.encoder, self.sae, [pil], edits, labels=names or None, max_acts=max_acts)
@@ -172,7 +177,7 @@ class SteerHandlers:
             prompt, "The prompt", limits.text_chars, "Type a prompt for LLaVA, e.g. 'Describe the image.'"
         )
         n_new = check_number(max_new_tokens, "Max new tokens", 1, limits.new_tokens, integer=True)
-        pil = load_image(image, self.upload_roots, self.settings.max_upload_mb)
+        pil = open_app_image(image, self.upload_roots, self.settings.max_upload_mb)
         edits, max_acts = self.edits(slots), self.max_acts()
         with MODEL_LOCK:
             r = steer_llava(self.encoder, self.sae, [pil], prompt, edits, n_new, max_acts=max_acts)
@@ -298,7 +303,7 @@ def build_steer_app(
                     labels = gr.Textbox(
                         label="Zero-shot labels (CLIP)",
                         value=DEFAULT_LABELS,
-                        visible=hasattr(encoder, "encode_text"),
+                        visible=isinstance(encoder, TextEmbedder),
                     )
                 run = gr.Button("Steer", variant="primary", elem_id="steer-run")
             with gr.Column():

@@ -30,6 +30,7 @@ from mmsae.apps.common import (
 )
 from mmsae.datasets.images import PromptList
 from mmsae.encoders.base import Encoder
+from mmsae.encoders.capabilities import Sampler, require
 from mmsae.intervene.unlearn import SampleConfig, Unlearner, UnlearnSelection, select_features
 from mmsae.sae import SAE
 
@@ -58,12 +59,11 @@ class UnlearnHandlers:
         catalog: FeatureCatalog | None = None,
         cfg: UnlearnAppConfig | None = None,
     ):
-        if not hasattr(encoder, "sample"):
-            raise ValueError(f"Concept unlearning needs a diffusion encoder (unet:...), got {encoder.id!r}.")
+        self.sampler = require(encoder, Sampler, what="Concept unlearning")
         self.encoder, self.sae, self.settings = encoder, sae, settings
         self.catalog = catalog or FeatureCatalog.unnamed(sae.cfg.n_latents)
         self.cfg = cfg or UnlearnAppConfig()
-        self.steps = self.cfg.steps or encoder.sampling.num_inference_steps
+        self.steps = self.cfg.steps or self.sampler.sampling.num_inference_steps
         self.other_prompts = PromptList.bundled("demo").prompts
         self._selections: OrderedDict[tuple[str, float], UnlearnSelection] = OrderedDict()
 
@@ -140,7 +140,7 @@ class UnlearnHandlers:
         rows, summary = self.describe(concept, percentile)
         unlearner = Unlearner(self.encoder, self.sae, selection, [concept.strip().lower()], multiplier)
         with MODEL_LOCK:
-            before = self.encoder.sample(
+            before = self.sampler.sample(
                 [prompt],
                 num_inference_steps=sampling.num_inference_steps,
                 guidance_scale=sampling.guidance_scale,

@@ -105,7 +105,7 @@ def serve(photos_dir: Path) -> Iterator[tuple[str, list[int]]]:
     torch.manual_seed(0)
     clip = get_encoder("clip:tiny")
     sae = build_sae("topk", 32, 64, k=4, hook="visual.transformer.resblocks.1", encoder=clip.id)
-    index = ConceptIndex.build(photos_dir, sae, clip, cfg=IndexConfig(batch_size=6))
+    index = ConceptIndex.build(clip, sae, photos_dir, cfg=IndexConfig(batch_size=6))
     settings = AppSettings(data_dirs=[photos_dir])
     search = build_search_app(index, settings)
     steer = build_steer_app(clip, sae, settings, FeatureCatalog.from_index(index))

@@ -185,7 +185,7 @@ def downstream_stages(encoder: Encoder, store: Any, folder: Path, args: argparse
         if args.embedder is None
         else get_encoder(args.embedder, pretrained=False, device=device, dtype=dtype)
     )
-    seconds, index = timed(lambda: ConceptIndex.build(folder, sae, encoder, embedder=embedder), device)
+    seconds, index = timed(lambda: ConceptIndex.build(encoder, sae, folder, embedder=embedder), device)
     total += seconds
     line("index build", seconds, len(index), "img")
     return total

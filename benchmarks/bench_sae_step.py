@@ -168,8 +168,6 @@ def bench_adam(s: Size, reps: int) -> dict[str, float]:
     time, as in the graphed step): torch's fused Adam, then mmsae's writing the bf16 copies of both matrices
     (what a forward under autocast asks for), against Adam's bandwidth floor (28 bytes per fp32 weight: read
     weight, gradient and moments, write weight and moments)."""
-    from mmsae.kernels import weight_copies
-
     out = {}
     for name, adam in (("torch_fused_ms", torch.optim.Adam), ("mmsae_ms", Adam)):
         params = [
@@ -178,10 +176,10 @@ def bench_adam(s: Size, reps: int) -> dict[str, float]:
         ]
         for p in params:
             p.grad = torch.randn_like(p)
+        opt = adam(params, lr=torch.tensor(1e-4, device="cuda"), fused=True, capturable=True)
         if adam is Adam:
             for W in (params[0], params[2]):
-                weight_copies.cast(W, torch.bfloat16)
-        opt = adam(params, lr=torch.tensor(1e-4, device="cuda"), fused=True, capturable=True)
+                opt.weight_copies.cast(W, torch.bfloat16)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):

@@ -81,6 +81,10 @@ class Encoder(nn.Module):
         """One forward of the model on a batch (already on device)."""
         raise NotImplementedError
 
+    def is_text_hook(self, hook: str) -> bool:
+        """Whether `hook` lies in a text tower (whose batches are prompts, not images)."""
+        return False
+
     def prefix_tokens(self, hook: str) -> int:
         """Leading non-spatial tokens (CLS, registers) in the output of `hook`; the rest form the grid."""
         return 0

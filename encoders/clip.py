@@ -18,6 +18,7 @@ from open_clip.utils import to_2tuple
 from torch import Tensor, nn
 
 from mmsae.encoders.base import Encoder, TokenMode, default_select
+from mmsae.encoders.capabilities import ImageEmbedder, TextEmbedder
 from mmsae.encoders.clip_towers import HookLayout, image_layouts, text_layouts, text_tower
 from mmsae.encoders.weights import WeightsUnavailableError, hf_cache_dir, hub_access, weights_error
 
@@ -69,7 +70,7 @@ def _weights_source(arch: str, tag: str, name: str) -> str:
     return os.path.split(hf_hub)[0] if hf_hub else name
 
 
-class ClipEncoder(Encoder):
+class ClipEncoder(Encoder, ImageEmbedder, TextEmbedder):
     """An open_clip model. Hooks (module paths): image blocks or stages (`visual.transformer.resblocks.{i}`,
     `visual.trunk.blocks.{i}`, `visual.trunk.stages.{i}`, `visual.layer{i}` …), `visual` (pooled and
     projected, 1 token), text blocks (`transformer.resblocks.{i}`, `text.transformer.encoder.layer.{i}` …),
@@ -238,3 +239,8 @@ class ClipEncoder(Encoder):
             raise TypeError("encode_text takes a list of strings, got one string; wrap it: [text].")
         self._text_BL = self.tokenizer(texts).to(self.device)
         return self.model.encode_text(self._text_BL, normalize=normalize)
+
+    def logit_scale(self) -> float:
+        """The model's learned zero-shot temperature (100 for towers trained without one)."""
+        scale = getattr(self.model, "logit_scale", None)  # an optional parameter of open_clip models
+        return float(scale.exp()) if scale is not None else 100.0

@@ -26,6 +26,7 @@ from transformers import (
 )
 
 from mmsae.encoders.base import Capture, Encoder, TokenActs, TokenMode, default_select
+from mmsae.encoders.capabilities import Generator
 from mmsae.encoders.tiny_tokenizer import tiny_clip_tokenizer
 from mmsae.encoders.weights import hub_access, weights_error
 
@@ -84,7 +85,7 @@ class ProcessorInputs:
         return batch
 
 
-class LlavaEncoder(Encoder):
+class LlavaEncoder(Encoder, Generator):
     """Hooks: vision layers `model.vision_tower.encoder.layers.{i}` (default: the one LLaVA reads,
     `config.vision_feature_layer`), `model.multi_modal_projector`, LLM `model.language_model.layers.{i}`.
 

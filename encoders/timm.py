@@ -26,13 +26,14 @@ if TYPE_CHECKING:
 
 from mmsae.datasets.photos import imagenet_class_names
 from mmsae.encoders.base import Encoder, TokenMode, default_select, rgb
+from mmsae.encoders.capabilities import Classifier
 from mmsae.encoders.weights import WeightsUnavailableError, hub_access, weights_error
 
 Step = tuple[str, Callable[[Tensor], Tensor]]
 VECTOR_HOOKS = ("global_pool", "classifier", "head")  # steps whose output is [B, D], not a map or tokens
 
 
-class TimmEncoder(Encoder):
+class TimmEncoder(Encoder, Classifier):
     """A timm ViT or CNN (`timm.create_model`); hooks are module paths of the model."""
 
     family = "timm"

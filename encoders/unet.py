@@ -28,6 +28,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from mmsae.encoders.base import Capture, Encoder, TokenMode, default_select
+from mmsae.encoders.capabilities import Sampler, UpdateEditor
 from mmsae.encoders.unet_pipelines import random_init_pipeline, tiny_pipeline
 from mmsae.encoders.weights import hub_access, weights_error
 
@@ -80,7 +81,7 @@ class UNetSampling:
     update: bool = False  # record output − input of each block instead of its output
 
 
-class UNetEncoder(Encoder):
+class UNetEncoder(Encoder, Sampler, UpdateEditor):
     """A diffusers Stable Diffusion (XL) pipeline. Batches are lists of prompts; hooks are module paths
     inside the UNet (`up_blocks.1.attentions.1`) or text-encoder paths (`text_encoder.text_model...`)."""
 

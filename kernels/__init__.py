@@ -14,6 +14,7 @@ from typing import Literal
 from torch import Tensor
 
 from mmsae.kernels import reference
+from mmsae.kernels.weight_copies import WeightCopies
 
 Backend = Literal["auto", "torch", "triton"]
 _BACKEND: Backend = os.environ.get("MMSAE_KERNELS", "auto")  # type: ignore[assignment]
@@ -51,27 +52,45 @@ def _triton_available() -> bool:
 
 
 def topk_encode(
-    x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, b_dec: Tensor | None = None
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    k: int,
+    b_dec: Tensor | None = None,
+    copies: WeightCopies | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """(values, indices) of relu(topk((x − b_dec) W_encᵀ + b_enc)); without b_dec, x is already centred."""
+    """(values, indices) of relu(topk((x − b_dec) W_encᵀ + b_enc)); without b_dec, x is already centred.
+
+    `copies` (the training optimizer's `WeightCopies`) lets the Triton path read its 16-bit weight copies."""
     if _use_triton(x):
         from mmsae.kernels import triton_ops
 
-        return triton_ops.topk_encode(x, W_enc, b_enc, k, b_dec)
+        return triton_ops.topk_encode(x, W_enc, b_enc, k, b_dec, copies)
     return reference.topk_encode(x if b_dec is None else x - b_dec, W_enc, b_enc, k)
 
 
-def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, bias: Tensor | None = None) -> Tensor:
+def sparse_decode(
+    values: Tensor,
+    indices: Tensor,
+    W_dec: Tensor,
+    bias: Tensor | None = None,
+    copies: WeightCopies | None = None,
+) -> Tensor:
     """Σ_j values[:, j] · W_dec[indices[:, j]] (+ bias), [B, d], differentiable in values, W_dec and bias."""
     if _use_triton(values):
         from mmsae.kernels import triton_ops
 
-        return triton_ops.sparse_decode(values, indices, W_dec, bias)
+        return triton_ops.sparse_decode(values, indices, W_dec, bias, copies)
     return reference.sparse_decode(values, indices, W_dec, bias)
 
 
 def decode_with_mse(
-    values: Tensor, indices: Tensor, W_dec: Tensor, bias: Tensor | None, x: Tensor
+    values: Tensor,
+    indices: Tensor,
+    W_dec: Tensor,
+    bias: Tensor | None,
+    x: Tensor,
+    copies: WeightCopies | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(x̂, normalized_mse(x, x̂)) with x̂ = `sparse_decode(values, indices, W_dec, bias)`: on the Triton path
     one fused pass whose backward needs no gather of its own (training's reconstruction term). Takes [B, k]
@@ -79,8 +98,8 @@ def decode_with_mse(
     if _use_triton(values) and values.dim() == 2 and x.dim() == 2 and not x.requires_grad:
         from mmsae.kernels import triton_ops
 
-        return triton_ops.decode_with_mse(values, indices, W_dec, bias, x)
-    x_hat = sparse_decode(values, indices, W_dec, bias)
+        return triton_ops.decode_with_mse(values, indices, W_dec, bias, x, copies)
+    x_hat = sparse_decode(values, indices, W_dec, bias, copies)
     return x_hat, normalized_mse(x, x_hat)
 
 

@@ -10,16 +10,24 @@ that copy as well (`weight_copies`), so the next forward does not cast. Anything
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from mmsae import kernels
-from mmsae.kernels import weight_copies
+from mmsae.kernels.weight_copies import WeightCopies
 
 
 class Adam(torch.optim.Adam):
-    """`torch.optim.Adam` (same arguments) with a fused Triton step that also writes 16-bit weight copies."""
+    """`torch.optim.Adam` (same arguments) with a fused Triton step that also writes 16-bit weight copies.
+
+    The copies are `self.weight_copies`; a forward reads them when it is handed that object (the trainer
+    sets `sae.weight_copies = optimizer.weight_copies`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.weight_copies = WeightCopies()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -62,7 +70,7 @@ class Adam(torch.optim.Adam):
                 for written in (p,) if copy is None else (p, copy):
                     torch.autograd.graph.increment_version(written)
                 if copy is not None:
-                    weight_copies.mark_current(p)
+                    self.weight_copies.mark_current(p)
         return loss
 
     @staticmethod
@@ -91,12 +99,12 @@ class Adam(torch.optim.Adam):
             state["step"] = state["step"].to(p.device, torch.float32)
         return state
 
-    @staticmethod
-    def _copy_of(p: Tensor) -> Tensor | None:
+    def _copy_of(self, p: Tensor) -> Tensor | None:
         """Where this step writes p's 16-bit copy, if a forward casts p (never allocated inside a capture)."""
-        dtype = weight_copies.wanted(p)
+        copies = self.weight_copies
+        dtype = copies.wanted(p)
         if dtype is None:
             return None
-        if p.is_cuda and torch.cuda.is_current_stream_capturing() and not weight_copies.has_buffer(p, dtype):
+        if p.is_cuda and torch.cuda.is_current_stream_capturing() and not copies.has_buffer(p, dtype):
             return None
-        return weight_copies.buffer(p, dtype)
+        return copies.buffer(p, dtype)

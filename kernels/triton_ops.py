@@ -38,6 +38,7 @@ from mmsae.kernels.triton_select import (
     topk_select,
 )
 from mmsae.kernels.triton_sparse import LatentSort, gather_dot, gather_sum, segment_matmul, sort_by_latent
+from mmsae.kernels.weight_copies import WeightCopies
 
 LOW_PRECISION_TABLE_MIN_REUSE = 4
 """Decode from a 16-bit copy of an fp32 W_dec when B·k ≥ this × n (gathers per atom per step)."""
@@ -105,7 +106,13 @@ class _TopKEncode(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(
-        ctx, x_BD: Tensor, b_dec: Tensor | None, W_enc: Tensor, b_enc: Tensor, k: int
+        ctx,
+        x_BD: Tensor,
+        b_dec: Tensor | None,
+        W_enc: Tensor,
+        b_enc: Tensor,
+        k: int,
+        copies: WeightCopies | None,
     ) -> tuple[Tensor, Tensor]:
         # Cast once ourselves (as autocast would) so backward's dx gathers the 16-bit rows.
         if torch.is_autocast_enabled("cuda"):
@@ -115,8 +122,8 @@ class _TopKEncode(torch.autograd.Function):
             dtype = torch.promote_types(x_dtype, W_enc.dtype)
         # Centring and cast in one pass: (x − b_dec) in fp32, rounded once, as (x - b_dec).to(dtype).
         x_lp = x_BD.to(dtype) if b_dec is None else center_cast(x_BD, b_dec, dtype)
-        W_lp = weight_copies.cast(W_enc, dtype)  # the optimizer's 16-bit copy when it keeps one
-        values_BK, indices_BK = _linear_topk(x_lp, W_lp, weight_copies.cast(b_enc, dtype), k)
+        W_lp = weight_copies.cast(copies, W_enc, dtype)  # the optimizer's 16-bit copy when it keeps one
+        values_BK, indices_BK = _linear_topk(x_lp, W_lp, weight_copies.cast(copies, b_enc, dtype), k)
         # dW_enc is built from the input the GEMM actually consumed (bf16 under autocast).
         ctx.save_for_backward(x_lp, W_lp, values_BK, indices_BK)
         ctx.x_dtype, ctx.W_dtype = x_BD.dtype, W_enc.dtype
@@ -151,31 +158,36 @@ class _TopKEncode(torch.autograd.Function):
                 # −db_encᵀ·W over the W the GEMM read (16 bits under autocast, as autograd's dx would use):
                 # fp32 sums, half the bytes of an fp32 GEMV over W_enc.
                 grad_b_dec = -col_sums(W_lp, weights_B=grad_b_N)[0].to(ctx.b_dec_dtype)
-        return grad_x, grad_b_dec, grad_W, grad_b, None
+        return grad_x, grad_b_dec, grad_W, grad_b, None, None
 
 
-def _decode_table(values_BK: Tensor, W_dec: Tensor) -> Tensor:
+def _decode_table(values_BK: Tensor, W_dec: Tensor, copies: WeightCopies | None = None) -> Tensor:
     """The atoms the decoder gathers: W_dec, or its 16-bit copy under 16-bit codes when the optimizer keeps
     one, or when each atom is gathered often enough per step (B·k ≥ 4n) to repay one pass over W_dec."""
     if values_BK.element_size() == 2 < W_dec.element_size():
         # 16-bit atoms gather at ~2× the rate of fp32 ones (512-column tiles, docs/kernels-notes.md).
-        copy = weight_copies.current(W_dec, values_BK.dtype)
+        copy = None if copies is None else copies.current(W_dec, values_BK.dtype)
         if copy is not None:
             return copy
         if values_BK.numel() >= LOW_PRECISION_TABLE_MIN_REUSE * W_dec.shape[0]:
-            return weight_copies.cast(W_dec, values_BK.dtype)
+            return weight_copies.cast(copies, W_dec, values_BK.dtype)
     return W_dec
 
 
 def _decode_setup(
-    ctx, values_BK: Tensor, indices_BK: Tensor, W_dec: Tensor, bias_D: Tensor | None
+    ctx,
+    values_BK: Tensor,
+    indices_BK: Tensor,
+    W_dec: Tensor,
+    bias_D: Tensor | None,
+    copies: WeightCopies | None,
 ) -> tuple[Tensor, torch.dtype]:
     """(the table to gather, the output dtype) of a decoder forward; records on `ctx` what `_decode_backward`
     reads besides the saved tensors."""
     ctx.latent_sort = _shared_sort(indices_BK, W_dec.shape[0])  # the encoder's, when it made them
     ctx.bias_dtype = None if bias_D is None else bias_D.dtype
     out_dtype = values_BK.dtype if bias_D is None else torch.promote_types(values_BK.dtype, bias_D.dtype)
-    return _decode_table(values_BK, W_dec), out_dtype
+    return _decode_table(values_BK, W_dec, copies), out_dtype
 
 
 def _decode_backward(ctx, grad_out_BD: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -206,8 +218,15 @@ def _decode_backward(ctx, grad_out_BD: Tensor) -> tuple[Tensor | None, Tensor | 
 class _SparseDecode(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, values_BK: Tensor, indices_BK: Tensor, W_dec: Tensor, bias_D: Tensor | None) -> Tensor:
-        table_ND, out_dtype = _decode_setup(ctx, values_BK, indices_BK, W_dec, bias_D)
+    def forward(
+        ctx,
+        values_BK: Tensor,
+        indices_BK: Tensor,
+        W_dec: Tensor,
+        bias_D: Tensor | None,
+        copies: WeightCopies | None,
+    ) -> Tensor:
+        table_ND, out_dtype = _decode_setup(ctx, values_BK, indices_BK, W_dec, bias_D, copies)
         ctx.save_for_backward(values_BK, indices_BK, W_dec, table_ND)
         return gather_sum(values_BK, indices_BK, table_ND, out_dtype, bias_D)
 
@@ -215,7 +234,7 @@ class _SparseDecode(torch.autograd.Function):
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out_BD: Tensor):
         grad_values, grad_W, grad_bias = _decode_backward(ctx, grad_out_BD)
-        return grad_values, None, grad_W, grad_bias
+        return grad_values, None, grad_W, grad_bias, None
 
 
 class _DecodeMSE(torch.autograd.Function):
@@ -229,9 +248,15 @@ class _DecodeMSE(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(
-        ctx, values_BK: Tensor, indices_BK: Tensor, W_dec: Tensor, bias_D: Tensor | None, x_BD: Tensor
+        ctx,
+        values_BK: Tensor,
+        indices_BK: Tensor,
+        W_dec: Tensor,
+        bias_D: Tensor | None,
+        x_BD: Tensor,
+        copies: WeightCopies | None,
     ) -> tuple[Tensor, Tensor]:
-        table_ND, out_dtype = _decode_setup(ctx, values_BK, indices_BK, W_dec, bias_D)
+        table_ND, out_dtype = _decode_setup(ctx, values_BK, indices_BK, W_dec, bias_D, copies)
         fused = decode_mse(values_BK, indices_BK, table_ND, x_BD, out_dtype, bias_D)
         denom = _loss_denominator(fused.var_sum, x_BD.shape[0])
         ctx.save_for_backward(values_BK, indices_BK, W_dec, table_ND, fused.residual, fused.dots, denom)
@@ -244,12 +269,12 @@ class _DecodeMSE(torch.autograd.Function):
         values_BK, indices_BK, W_dec, _, r_BD, dots_BK, denom = ctx.saved_tensors
         if grad_mse is None:  # only x̂ was used
             if grad_x_hat is None:
-                return None, None, None, None, None
-            return (*_split(_decode_backward(ctx, grad_x_hat)), None)
+                return None, None, None, None, None, None
+            return (*_split(_decode_backward(ctx, grad_x_hat)), None, None)
         scale = grad_mse.float() * 2 / denom
         if grad_x_hat is not None:
             grad_out = grad_x_hat.float() + scale * r_BD.float()
-            return (*_split(_decode_backward(ctx, grad_out)), None)
+            return (*_split(_decode_backward(ctx, grad_out)), None, None)
         grad_values = grad_W = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_values = torch.mul(dots_BK, scale, out=values_BK.new_empty(values_BK.shape))  # one pass
@@ -259,7 +284,7 @@ class _DecodeMSE(torch.autograd.Function):
             )
         if ctx.needs_input_grad[3]:
             grad_bias = (col_sums(r_BD)[0] * scale).to(ctx.bias_dtype)
-        return grad_values, None, grad_W, grad_bias, None
+        return grad_values, None, grad_W, grad_bias, None, None
 
 
 def _split(grads: tuple[Tensor | None, Tensor | None, Tensor | None]) -> tuple[Tensor | None, ...]:
@@ -298,34 +323,58 @@ def _check_weights(name: str, W: Tensor) -> None:
 
 
 def topk_encode(
-    x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, b_dec: Tensor | None = None
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    k: int,
+    b_dec: Tensor | None = None,
+    copies: WeightCopies | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """(values, indices) of relu(topk((x − b_dec) W_encᵀ + b_enc)) per row; any leading dims of x."""
+    """(values, indices) of relu(topk((x − b_dec) W_encᵀ + b_enc)) per row; any leading dims of x. With
+    `copies`, 16-bit casts of the weights read the optimizer's copies (`weight_copies`)."""
     _check_weights("W_enc", W_enc)
     lead = x.shape[:-1]
-    values, indices = _TopKEncode.apply(x.reshape(-1, x.shape[-1]).contiguous(), b_dec, W_enc, b_enc, k)
+    values, indices = _TopKEncode.apply(
+        x.reshape(-1, x.shape[-1]).contiguous(), b_dec, W_enc, b_enc, k, copies
+    )
     return values.reshape(*lead, k), indices.reshape(*lead, k)
 
 
-def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, bias: Tensor | None = None) -> Tensor:
+def sparse_decode(
+    values: Tensor,
+    indices: Tensor,
+    W_dec: Tensor,
+    bias: Tensor | None = None,
+    copies: WeightCopies | None = None,
+) -> Tensor:
     """Σ_j values[..., j] · W_dec[indices[..., j]] (+ bias) without a dense [.., n] code tensor."""
     _check_weights("W_dec", W_dec)
     lead, k = values.shape[:-1], values.shape[-1]
     out = _SparseDecode.apply(
-        values.reshape(-1, k).contiguous(), indices.reshape(-1, k).contiguous(), W_dec, bias
+        values.reshape(-1, k).contiguous(), indices.reshape(-1, k).contiguous(), W_dec, bias, copies
     )
     return out.reshape(*lead, W_dec.shape[1])
 
 
 def decode_with_mse(
-    values: Tensor, indices: Tensor, W_dec: Tensor, bias: Tensor | None, x: Tensor
+    values: Tensor,
+    indices: Tensor,
+    W_dec: Tensor,
+    bias: Tensor | None,
+    x: Tensor,
+    copies: WeightCopies | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(`sparse_decode`, `normalized_mse` of it against x) from one fused decoder pass; [B, k] codes and a
     [B, d] x, which gets no gradient."""
     _check_weights("W_dec", W_dec)
     x = x.detach()  # shapes are checked by `decode_mse`
     return _DecodeMSE.apply(
-        values.contiguous(), indices.contiguous(), W_dec, bias, x if x.stride(-1) == 1 else x.contiguous()
+        values.contiguous(),
+        indices.contiguous(),
+        W_dec,
+        bias,
+        x if x.stride(-1) == 1 else x.contiguous(),
+        copies,
     )
 
 

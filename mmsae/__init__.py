@@ -10,13 +10,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from mmsae._version import __version__
 from mmsae.checkpoint import load_sae, save_sae
 from mmsae.encoders import Encoder, TokenActs, get_encoder
 from mmsae.extract import extract  # eager: a lazy "extract" would resolve to the submodule
 from mmsae.sae import SAE, SAEConfig, SparseCodes, build_sae, get_sae_class
 from mmsae.store import ActivationStore
-
-__version__ = "0.1.0"
 
 # name -> module that defines it; resolved on first attribute access.
 _LAZY = {

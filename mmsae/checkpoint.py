@@ -5,40 +5,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from mmsae.fileio import atomic_write, atomic_write_bytes
+from mmsae.fileio import atomic_write_bytes
 from mmsae.sae.base import SAE, get_sae_class
+from mmsae.sae.files import CFG_NAME, WEIGHTS_NAME, push_to_hub, save_sae
 
-CFG_NAME = "cfg.json"
-WEIGHTS_NAME = "sae.safetensors"
+SAELENS_WEIGHTS = "sae_weights.safetensors"
+SPARSIFY_KEYS = ("expansion_factor", "num_latents")
+Format = Literal["mmsae", "saelens", "sparsify"]
 TRAINING_STATE = ("tokens_since_fired",)
 """Tensors that files of earlier versions hold besides the SAE's own (the trainer's dead-latent clock):
 ignored on load."""
-
-
-def _version() -> str:
-    from mmsae import __version__
-
-    return __version__
-
-
-def save_sae(sae: SAE, path: str | os.PathLike) -> Path:
-    """Write `path/cfg.json` and `path/sae.safetensors` (each atomically)."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    cfg = {"arch": sae.arch, **sae.cfg.to_dict(), "mmsae_version": _version()}
-    tensors = {k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()}
-    atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"arch": sae.arch}))
-    atomic_write_bytes(path / CFG_NAME, json.dumps(cfg, indent=2).encode())
-    return path
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -133,9 +117,42 @@ def resolve_dir(
     return path if path.exists() else _download(str(path_or_repo), revision, subfolder)
 
 
-def _reject_foreign(path: Path) -> None:
-    from mmsae.convert import detect_format
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); the checkpoint is corrupt.") from e
 
+
+def detect_format(path: str | os.PathLike) -> Format | None:
+    """Which library wrote the SAE folder `path` (None if it is not recognisably an SAE folder)."""
+    path = Path(path)
+    cfg_file = path / CFG_NAME
+    if (path / SAELENS_WEIGHTS).is_file():
+        return "saelens"
+    if not cfg_file.is_file():
+        # sparsify saves one folder per hookpoint under the run directory.
+        return "sparsify" if sparsify_hookpoints(path) else None
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError:
+        return None
+    if "arch" in cfg:
+        return "mmsae"
+    if "d_sae" in cfg or "architecture" in cfg:
+        return "saelens"
+    if any(key in cfg for key in SPARSIFY_KEYS):
+        return "sparsify"
+    return None
+
+
+def sparsify_hookpoints(path: Path) -> list[str]:
+    if not path.is_dir():
+        return []
+    return sorted(p.name for p in path.iterdir() if (p / CFG_NAME).is_file() and (p / WEIGHTS_NAME).is_file())
+
+
+def _reject_foreign(path: Path) -> None:
     fmt = detect_format(path)
     if fmt in ("saelens", "sparsify"):
         raise ValueError(
@@ -199,22 +216,15 @@ def _download(repo_id: str, revision: str | None, subfolder: str | None) -> Path
     return root / subfolder if subfolder else root
 
 
-def push_to_hub(
-    sae: SAE,
-    repo_id: str,
-    subfolder: str | None = None,
-    private: bool = False,
-    commit_message: str = "Upload SAE with mmsae",
-    api: Any = None,
-) -> str:
-    """Upload cfg.json + sae.safetensors to `repo_id` (in `subfolder`, e.g. the hook name)."""
-    from huggingface_hub import HfApi
-
-    api = api or HfApi()
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        save_sae(sae, tmp)
-        info = api.upload_folder(
-            repo_id=repo_id, folder_path=tmp, path_in_repo=subfolder or "", commit_message=commit_message
-        )
-    return str(getattr(info, "commit_url", info))
+__all__ = [  # save_sae, push_to_hub and atomic_write_bytes live below (mmsae.sae.files, mmsae.fileio)
+    "CFG_NAME",
+    "WEIGHTS_NAME",
+    "atomic_write_bytes",
+    "detect_format",
+    "load_sae",
+    "push_to_hub",
+    "read_config",
+    "resolve_dir",
+    "sae_from_config",
+    "save_sae",
+]

@@ -15,7 +15,6 @@ On-disk formats:
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -24,49 +23,19 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from mmsae.checkpoint import CFG_NAME, WEIGHTS_NAME, resolve_dir
+from mmsae.checkpoint import (  # detect_format is re-exported: mmsae.convert.detect_format
+    CFG_NAME,
+    SAELENS_WEIGHTS,
+    WEIGHTS_NAME,
+    detect_format,
+    read_json,
+    resolve_dir,
+    sparsify_hookpoints,
+)
 from mmsae.sae.base import SAE, build_sae
 
-SAELENS_WEIGHTS = "sae_weights.safetensors"
-SPARSIFY_KEYS = ("expansion_factor", "num_latents")
 SAEURON_UNET_PREFIX = "unet."
 """SAeUron names hookpoints by the pipeline's module path (`unet.up_blocks.1.attentions.1`)."""
-Format = Literal["mmsae", "saelens", "sparsify"]
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); the checkpoint is corrupt.") from e
-
-
-def detect_format(path: str | os.PathLike) -> Format | None:
-    """Which library wrote the SAE folder `path` (None if it is not recognisably an SAE folder)."""
-    path = Path(path)
-    cfg_file = path / CFG_NAME
-    if (path / SAELENS_WEIGHTS).is_file():
-        return "saelens"
-    if not cfg_file.is_file():
-        # sparsify saves one folder per hookpoint under the run directory.
-        return "sparsify" if sparsify_hookpoints(path) else None
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError:
-        return None
-    if "arch" in cfg:
-        return "mmsae"
-    if "d_sae" in cfg or "architecture" in cfg:
-        return "saelens"
-    if any(key in cfg for key in SPARSIFY_KEYS):
-        return "sparsify"
-    return None
-
-
-def sparsify_hookpoints(path: Path) -> list[str]:
-    if not path.is_dir():
-        return []
-    return sorted(p.name for p in path.iterdir() if (p / CFG_NAME).is_file() and (p / WEIGHTS_NAME).is_file())
 
 
 def _load_weights(path: Path) -> dict[str, Tensor]:
@@ -198,7 +167,7 @@ def from_saelens(
     is folded into the weights, so the mmsae SAE acts on raw activations.
     """
     path = resolve_dir(path_or_repo, revision, subfolder)
-    cfg = _saelens_config(_read_json(path / CFG_NAME))
+    cfg = _saelens_config(read_json(path / CFG_NAME))
     arch = cfg["architecture"]
     if arch not in SAELENS_ARCHS:
         raise ValueError(
@@ -271,7 +240,7 @@ def from_sparsify(
         if hooks:
             raise ValueError(f"{path} holds several sparsify SAEs; pick one with hookpoint=, one of {hooks}.")
         raise FileNotFoundError(f"No {CFG_NAME} in {path}: not a sparsify SAE folder.")
-    cfg = _read_json(path / CFG_NAME)
+    cfg = read_json(path / CFG_NAME)
     if "d_in" not in cfg:
         raise ValueError(f"{path / CFG_NAME} has no 'd_in': not a sparsify SparseCoder config.")
     unsupported = {key: cfg[key] for key in ("skip_connection", "transcode") if cfg.get(key)}

@@ -80,7 +80,7 @@ def save_photos(photos, out: Path) -> Path:
     return folder
 
 
-def write_reports(sae, encoder, store, crops, index, out: Path, hook: str, n_dashboards: int = 4) -> Path:
+def write_reports(encoder, sae, store, crops, index, out: Path, hook: str, n_dashboards: int = 4) -> Path:
     """Summary report (density histogram, FVU vs L0) and dashboards of the most frequent latents."""
     from mmsae.analysis import feature_stats
     from mmsae.analysis.dashboard import feature_dashboard, summary_report
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         print("      CLIP text names: see the index and the dashboards below")
 
     print("[6/7] building the concept index over the photos")
-    index = ConceptIndex.build(save_photos(photos, out), sae, encoder)
+    index = ConceptIndex.build(encoder, sae, save_photos(photos, out))
     index_dir = index.save(out / "index")
     print(f"      {index}")
     if classifier:
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"      query {STEER_TARGET!r} → {[Path(h.path).name for h in hits]}")
 
     print("[7/7] feature statistics and dashboards")
-    report_dir = write_reports(sae, encoder, store, crops, index, out / "report", hook)
+    report_dir = write_reports(encoder, sae, store, crops, index, out / "report", hook)
     print(f"      {report_dir}/summary.html and latent_*.html")
 
     weights = "pretrained" if pretrained else "RANDOM-INIT (no weights reachable)"

@@ -183,7 +183,7 @@ def vit_and_clip():
 def test_monosemanticity_end_to_end(photos, vit_and_clip) -> None:
     vit, clip = vit_and_clip
     sae = build_sae("topk", 64, 48, k=8, hook="blocks.4")
-    scores = monosemanticity(sae, vit, clip, photos, batch_size=4)
+    scores = monosemanticity(vit, sae, clip, photos, batch_size=4)
     acts = vit.activations(torch.stack([vit.transform(p) for p in photos]), ["blocks.4"])["blocks.4"]
     image_acts = pooled_codes(sae, acts, len(photos), "max")
     emb = clip.encode_image(torch.stack([clip.transform(p) for p in photos]))

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmsae.apps.common import AppSettings, FeatureCatalog, InputError, image_dirs, load_image
+from mmsae.apps.common import AppSettings, FeatureCatalog, InputError, image_dirs, open_app_image
 from mmsae.apps.search import SearchHandlers, build_search_app, overlay
 from mmsae.apps.steer import SteerHandlers, build_steer_app, mask_from_editor
 from mmsae.apps.unlearn import UnlearnAppConfig, UnlearnHandlers, build_unlearn_app
@@ -45,7 +45,7 @@ def clip():
 def index(photos, clip) -> ConceptIndex:
     torch.manual_seed(0)
     sae = build_sae("topk", 32, 64, k=4, hook=CLIP_HOOK, encoder=clip.id)
-    return ConceptIndex.build(photos, sae, clip, cfg=IndexConfig(batch_size=6))
+    return ConceptIndex.build(clip, sae, photos, cfg=IndexConfig(batch_size=6))
 
 
 @pytest.fixture(scope="module")
@@ -94,21 +94,21 @@ def bomb_png(path: Path, width: int, height: int) -> Path:
 
 
 def test_load_image_guards(photos, tmp_path) -> None:
-    assert load_image(photos / "coffee.png", [photos]).mode == "RGB"
+    assert open_app_image(photos / "coffee.png", [photos]).mode == "RGB"
     with pytest.raises(InputError, match="outside the app's data directories"):
-        load_image(photos / ".." / "elsewhere.png", [photos])
+        open_app_image(photos / ".." / "elsewhere.png", [photos])
     with pytest.raises(InputError, match="too many pixels"):
-        load_image(bomb_png(tmp_path / "bomb.png", 30_000, 30_000), [tmp_path])
+        open_app_image(bomb_png(tmp_path / "bomb.png", 30_000, 30_000), [tmp_path])
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(InputError, match="not an image file"):
-        load_image(tmp_path / "notes.txt", [tmp_path])
+        open_app_image(tmp_path / "notes.txt", [tmp_path])
     with pytest.raises(InputError, match="larger than 1 MB"):
         Image.fromarray(np.random.default_rng(0).integers(0, 255, (800, 800, 3), np.uint8)).save(
             tmp_path / "big.png"
         )
-        load_image(tmp_path / "big.png", [tmp_path], max_mb=1)
+        open_app_image(tmp_path / "big.png", [tmp_path], max_mb=1)
     with pytest.raises(InputError, match="No image given"):
-        load_image(None, [photos])
+        open_app_image(None, [photos])
 
 
 def test_image_dirs_never_widen_to_a_common_root(tmp_path) -> None:

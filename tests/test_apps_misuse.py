@@ -15,7 +15,7 @@ from PIL import Image
 # The apps' fixtures (tiny models, tiny index) are shared with the handler tests.
 from test_apps import bomb_png, clip, index, photos, settings, unet, unet_sae  # noqa: F401
 
-from mmsae.apps.common import MODEL_LOCK, AppSettings, FeatureCatalog, InputError, load_image, user_errors
+from mmsae.apps.common import MODEL_LOCK, AppSettings, FeatureCatalog, InputError, open_app_image, user_errors
 from mmsae.apps.search import SearchHandlers, build_search_app
 from mmsae.apps.steer import SteerHandlers, build_steer_app
 from mmsae.apps.unlearn import UnlearnAppConfig, UnlearnHandlers, build_unlearn_app
@@ -179,9 +179,9 @@ def test_high_bit_depth_uploads_are_scaled(tmp_path) -> None:
     Image.fromarray((ramp / 65535).astype(np.float32)).save(tmp_path / "ramp.tif")
     expected = np.rint(np.linspace(0, 255, 64))
     for name in ("ramp16.png", "ramp.tif"):
-        got = np.asarray(load_image(tmp_path / name, [tmp_path]))[0, :, 1]
+        got = np.asarray(open_app_image(tmp_path / name, [tmp_path]))[0, :, 1]
         np.testing.assert_allclose(got, expected, atol=1)
-    got = np.asarray(load_image(ramp, [tmp_path]))[0, :, 1]  # an array keeps its 16-bit values
+    got = np.asarray(open_app_image(ramp, [tmp_path]))[0, :, 1]  # an array keeps its 16-bit values
     np.testing.assert_allclose(got, expected, atol=1)
 
 

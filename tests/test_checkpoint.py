@@ -12,9 +12,9 @@ from huggingface_hub import HfApi, constants
 from safetensors.torch import save_file
 
 import mmsae
-from mmsae import checkpoint
+from mmsae import checkpoint, fileio
 from mmsae.convert import detect_format, from_saelens, from_sparsify
-from mmsae.sae import build_sae
+from mmsae.sae import build_sae, files
 
 D, N = 8, 32
 
@@ -87,7 +87,7 @@ def test_failed_weight_write_leaves_previous_checkpoint_and_no_temp_file(tmp_pat
         Path(filename).write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint, "save_file", half_write)
+    monkeypatch.setattr(files, "save_file", half_write)
     with pytest.raises(OSError, match="disk full"):
         checkpoint.save_sae(tiny_topk(), tmp_path)
     assert (tmp_path / "sae.safetensors").read_bytes() == before
@@ -101,7 +101,7 @@ def test_atomic_write_bytes_failure_keeps_old_file(tmp_path, monkeypatch) -> Non
     def broken_fsync(fd):
         raise OSError("io error")
 
-    monkeypatch.setattr(checkpoint.os, "fsync", broken_fsync)
+    monkeypatch.setattr(fileio.os, "fsync", broken_fsync)
     with pytest.raises(OSError, match="io error"):
         checkpoint.atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"old"

@@ -157,7 +157,7 @@ def _gradient(dtype: type, top: float) -> np.ndarray:
 )
 def test_high_bit_depth_images_are_scaled_not_clipped(tmp_path: Path, array: np.ndarray, name: str) -> None:
     """A 16-bit PNG used to extract as almost white and a float TIFF as black (convert("RGB") clips)."""
-    from mmsae.analysis.images import load_image
+    from mmsae.datasets.images import open_image
     from mmsae.encoders.base import rgb
 
     path = tmp_path / "imgs" / name
@@ -166,7 +166,7 @@ def test_high_bit_depth_images_are_scaled_not_clipped(tmp_path: Path, array: np.
     assert Image.open(path).mode in ("I;16", "F")
     top = 65535.0 if array.max() > 1 else 1.0
     expected = np.rint(np.tile(np.linspace(0, array.max() / top * 255, 64), (32, 1)))
-    for image in (ImageFolder(path.parent)[0].image, load_image(path), rgb(Image.open(path))):
+    for image in (ImageFolder(path.parent)[0].image, open_image(path), rgb(Image.open(path))):
         assert image is not None and image.mode == "RGB"
         got = np.asarray(image)
         assert (got[..., 0] == got[..., 2]).all()  # gray stays gray

@@ -102,7 +102,7 @@ def test_concept_search_by_class_name_returns_the_photo_first(
     for i, p in enumerate(labelled):
         paths.append(tmp_path / f"{i:02d}_{p.name}.png")
         p.image.save(paths[-1])
-    index = ConceptIndex.build(tmp_path, pooled.sae, mobilenet)
+    index = ConceptIndex.build(mobilenet, pooled.sae, tmp_path)
     assert index.classifier_backed
     for target, photo in {"espresso": "coffee", "Egyptian cat": "chelsea"}.items():
         features = index.search_features(target, k=3)

@@ -39,7 +39,7 @@ def sae():
 
 @pytest.fixture(scope="module")
 def index(folder, sae, clip):
-    return ConceptIndex.build(folder, sae, clip, cfg=IndexConfig(batch_size=3))
+    return ConceptIndex.build(clip, sae, folder, cfg=IndexConfig(batch_size=3))
 
 
 def test_build_records_everything(index, folder) -> None:
@@ -103,7 +103,7 @@ def test_text_to_features_through_text_tower(clip) -> None:
     sae = build_sae("topk", 32, 4, k=1, hook="visual", encoder=clip.id)
     with torch.no_grad():
         sae.W_dec.copy_(text_embeddings(clip, words))
-    idx = ConceptIndex.build([Image.fromarray(skimage.astronaut())], sae, clip, vocab=words)
+    idx = ConceptIndex.build(clip, sae, [Image.fromarray(skimage.astronaut())], vocab=words)
     for j, word in enumerate(words):
         assert idx.search_features(f"a photo of {word}.", k=1)[0].feature == j
         assert idx.feature_name(j) == word
@@ -120,7 +120,7 @@ def test_save_load_and_incremental_add(tmp_path, index, folder, sae, clip) -> No
     assert loaded.names == index.names
 
     files = sorted(folder.glob("*.png"))
-    part = ConceptIndex.build(files[:5], sae, clip)
+    part = ConceptIndex.build(clip, sae, files[:5])
     assert part.add(files[5:]) == 3
     np.testing.assert_allclose(part.embeddings_NE, index.embeddings_NE, atol=1e-6)
     np.testing.assert_allclose(part.codes.csr.toarray(), index.codes.csr.toarray(), atol=1e-5)
@@ -150,25 +150,25 @@ def test_ann_kinds_recall() -> None:
 
 
 def test_bad_input(tmp_path, folder, sae, clip) -> None:
-    from mmsae.analysis.images import UnreadableImageError
+    from mmsae.datasets.images import ImageReadError
 
     with pytest.raises(ValueError, match="collection is empty"):
-        ConceptIndex.build([], sae, clip)
+        ConceptIndex.build(clip, sae, [])
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        ConceptIndex.build(tmp_path / "nope", sae, clip)
+        ConceptIndex.build(clip, sae, tmp_path / "nope")
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
     good = [folder / "chelsea.png", broken]
-    with pytest.raises(UnreadableImageError, match=r"broken\.png.*skip_unreadable=True"):
-        ConceptIndex.build(good, sae, clip)
-    idx = ConceptIndex.build(good, sae, clip, cfg=IndexConfig(skip_unreadable=True))
+    with pytest.raises(ImageReadError, match=r"broken\.png.*skip_unreadable=True"):
+        ConceptIndex.build(clip, sae, good)
+    idx = ConceptIndex.build(clip, sae, good, cfg=IndexConfig(skip_unreadable=True))
     assert len(idx) == 1 and idx.skipped == [str(broken)]
 
     wide = build_sae("topk", 48, 64, k=4, hook=HOOK)
     with pytest.raises(ValueError, match="expects d_in=48"):
-        ConceptIndex.build(good[:1], wide, clip)
+        ConceptIndex.build(clip, wide, good[:1])
     with pytest.raises(ValueError, match="trained on 'timm:test_vit'"):
-        ConceptIndex.build(good[:1], build_sae("topk", 32, 8, k=2, encoder="timm:test_vit"), clip)
+        ConceptIndex.build(clip, build_sae("topk", 32, 8, k=2, encoder="timm:test_vit"), good[:1])
 
     with pytest.raises(FileNotFoundError, match="build one first"):
         ConceptIndex.load(tmp_path / "never-built")

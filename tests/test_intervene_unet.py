@@ -23,7 +23,7 @@ from mmsae.intervene.unlearn import (
     Unlearner,
     UnlearnSelection,
     clip_concept_classifier,
-    evaluate,
+    evaluate_unlearning,
     select_features,
     timestep_sums,
 )
@@ -159,7 +159,7 @@ def test_select_features_and_unlearn(unet, sae, tmp_path):
     assert image_similarity(bare, forgotten)[0] < 1
 
     clip = get_encoder("clip:tiny")
-    report = evaluate(
+    report = evaluate_unlearning(
         unlearner, ["a cat"], ["a house"], clip_concept_classifier(clip, "cat", ["house"]), sampling
     )
     assert 0 <= report.retained_similarity <= 1

@@ -46,7 +46,7 @@ def test_atoms_on_final_embedding_get_their_words(clip) -> None:
     text = text_embeddings(clip, WORDS)
     with torch.no_grad():
         sae.W_dec.copy_(3.0 * text[[1, 0, 3, 2, 5, 4]])  # a permutation, and norms ≠ 1
-    names = name_features(sae, clip, vocab=WORDS, top=2)
+    names = name_features(clip, sae, vocab=WORDS, top=2)
     assert [n[0].name for n in names] == [WORDS[i] for i in (1, 0, 3, 2, 5, 4)]
     assert all(n[0].score == pytest.approx(1.0, abs=1e-5) and n[0].score >= n[1].score for n in names)
 
@@ -58,14 +58,14 @@ def test_inner_hook_is_named_through_top_images(clip) -> None:
     hook = "visual.transformer.resblocks.1"
     sae = build_sae("topk", 32, 16, k=4, hook=hook, encoder=clip.id)
     with pytest.raises(ValueError, match="pass the FeatureStats"):
-        name_features(sae, clip, vocab=WORDS)
+        name_features(clip, sae, vocab=WORDS)
     stats = feature_stats(sae, token_acts(clip, photos, hook, batch_size=2), StatsConfig(top_k=2))
-    names = name_features(sae, clip, vocab=WORDS, stats=stats, images=photos, top=3)
+    names = name_features(clip, sae, vocab=WORDS, stats=stats, images=photos, top=3)
     assert len(names) == 16
     for j, cands in enumerate(names):
         assert (len(cands) == 3) == (not bool(stats.dead[j]))
     with pytest.raises(ValueError, match="only 1 images were given"):
-        name_features(sae, clip, vocab=WORDS, stats=stats, images=photos[:1])
+        name_features(clip, sae, vocab=WORDS, stats=stats, images=photos[:1])
 
 
 def test_image_concept_vectors_weighting() -> None:

@@ -199,16 +199,20 @@ def test_adam_writes_the_16_bit_copy_a_forward_asked_for(triton_backend: None) -
     tensor) holding exactly the weight's rounded values. An in-place change of the weight makes it stale."""
     w = torch.nn.Parameter(torch.randn(37, 19, device=DEVICE))
     frozen = torch.randn(8, device=DEVICE)  # not trained: never gets a copy
-    assert weight_copies.cast(frozen, torch.bfloat16) is not weight_copies.cast(frozen, torch.bfloat16)
-    first = weight_copies.cast(w, torch.bfloat16)  # no copy yet: a fresh cast, and a request for one
-    assert weight_copies.wanted(w) == torch.bfloat16 and weight_copies.wanted(frozen) is None
     opt = Adam([w], lr=1e-2)
+    copies = opt.weight_copies
+    assert isinstance(copies, weight_copies.WeightCopies)
+    assert copies.cast(frozen, torch.bfloat16) is not copies.cast(frozen, torch.bfloat16)
+    first = copies.cast(w, torch.bfloat16)  # no copy yet: a fresh cast, and a request for one
+    assert copies.wanted(w) == torch.bfloat16 and copies.wanted(frozen) is None
+    assert Adam([w], lr=1e-2).weight_copies.wanted(w) is None, "each optimizer owns its copies"
     w.grad = torch.randn_like(w)
     version = w._version
     opt.step()
     assert w._version > version, "as torch's in-place step: a backward through the old weight must fail"
-    kept = weight_copies.cast(w, torch.bfloat16)
-    assert kept is weight_copies.cast(w, torch.bfloat16), "a current copy is returned, not recast"
+    kept = copies.cast(w, torch.bfloat16)
+    assert kept is copies.cast(w, torch.bfloat16), "a current copy is returned, not recast"
+    assert weight_copies.cast(None, w, torch.bfloat16) is not kept, "without the copies: a plain cast"
     assert not torch.equal(kept, first), "the copy holds the updated weight"
     expected = w.detach().to(torch.bfloat16)
     if CUDA:
@@ -217,23 +221,25 @@ def test_adam_writes_the_16_bit_copy_a_forward_asked_for(triton_backend: None) -
         assert ((kept.float() - expected.float()).abs() <= 2**-7 * expected.float().abs()).all()
     with torch.no_grad():
         w.mul_(2)  # e.g. atom renormalisation
-    stale = weight_copies.cast(w, torch.bfloat16)
+    stale = copies.cast(w, torch.bfloat16)
     assert stale is not kept and torch.equal(stale, w.detach().to(torch.bfloat16))
-    weight_copies.forget(w)
-    assert weight_copies.wanted(w) is None
+    copies.forget(w)
+    assert copies.wanted(w) is None
 
 
 def test_the_decoder_gathers_the_optimizers_copy(triton_backend: None) -> None:
     """16-bit codes gather from a current copy of W_dec even where casting would not pay (few rows)."""
     W_dec = torch.nn.Parameter(torch.randn(64, 24, device=DEVICE))
     values = torch.randn(3, 4, device=DEVICE).to(torch.bfloat16)
-    assert triton_ops._decode_table(values, W_dec) is W_dec  # B·k = 12 < 4n: fp32 atoms, no request
-    big = torch.randn(64, 4, device=DEVICE).to(torch.bfloat16)
-    assert triton_ops._decode_table(big, W_dec).dtype == torch.bfloat16  # B·k = 256 ≥ 4n: cast, request
     opt = Adam([W_dec], lr=1e-2)
+    copies = opt.weight_copies
+    assert triton_ops._decode_table(values, W_dec, copies) is W_dec  # B·k = 12 < 4n: fp32 atoms, no request
+    big = torch.randn(64, 4, device=DEVICE).to(torch.bfloat16)
+    assert triton_ops._decode_table(big, W_dec, copies).dtype == torch.bfloat16  # B·k ≥ 4n: cast, request
     W_dec.grad = torch.randn_like(W_dec)
     opt.step()
-    assert triton_ops._decode_table(values, W_dec) is weight_copies.current(W_dec, torch.bfloat16)
+    assert triton_ops._decode_table(values, W_dec, copies) is copies.current(W_dec, torch.bfloat16)
+    assert triton_ops._decode_table(values, W_dec) is W_dec, "without the copies, no copy is read"
 
 
 @pytest.mark.skipif(
@@ -252,6 +258,7 @@ def test_topk_sae_trains_the_same_with_the_fused_adam_under_autocast() -> None:
         torch.manual_seed(0)
         sae = build_sae("topk", 256, 2048, k=16, aux_k=0).cuda()
         opt = optimizer(sae.parameters(), lr=1e-3, fused=True)
+        sae.weight_copies = getattr(opt, "weight_copies", None)
         for _ in range(3):
             opt.zero_grad(set_to_none=True)
             with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -259,8 +266,8 @@ def test_topk_sae_trains_the_same_with_the_fused_adam_under_autocast() -> None:
             loss.backward()
             opt.step()
         if optimizer is Adam:
-            assert weight_copies.current(sae.W_enc, torch.bfloat16) is not None
-            assert weight_copies.current(sae.W_dec, torch.bfloat16) is not None
+            assert opt.weight_copies.current(sae.W_enc, torch.bfloat16) is not None
+            assert opt.weight_copies.current(sae.W_dec, torch.bfloat16) is not None
         results.append({name: p.detach().clone() for name, p in sae.named_parameters()})
     # Whole-tensor errors: a last-bit difference in a weight can flip one top-k choice, which moves that
     # latent's few gradient rows; everything else agrees to fp32 rounding.

@@ -22,12 +22,13 @@ import numpy as np
 from PIL import Image
 
 from mmsae.analysis.heatmap import latent_heatmaps
-from mmsae.analysis.images import ImageLike, load_image
+from mmsae.analysis.images import ImageLike
 from mmsae.analysis.localization import ObjectScore
 from mmsae.analysis.naming import NameCandidate
 from mmsae.analysis.objects import model_view
 from mmsae.analysis.stats import FeatureStats
 from mmsae.checkpoint import atomic_write_bytes
+from mmsae.datasets.images import open_image
 from mmsae.encoders.base import Encoder
 from mmsae.sae import SAE
 
@@ -79,10 +80,10 @@ def feature_dashboard(
             f"Stats refer to example {ids.max()} but {len(images)} images were given: pass the "
             "collection the stats were computed on."
         )
-    pil = [load_image(images[i]) for i in ids]
+    pil = [open_image(images[i]) for i in ids]
     maps = []
     if sae is not None and encoder is not None and pil:
-        maps = latent_heatmaps(sae, encoder, pil, latent, hook)
+        maps = latent_heatmaps(encoder, sae, pil, latent, hook)
         # Draw on what the model saw: its centre crop of a non-square image, not the whole image.
         pil = [model_view(encoder, im) for im in pil]
 

@@ -8,7 +8,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mmsae.analysis.images import ImageLike, load_image, stack_pixels
+from mmsae.analysis.images import ImageLike, stack_pixels
+from mmsae.argorder import encoder_and_sae
+from mmsae.datasets.images import open_image
 from mmsae.encoders.base import Encoder
 from mmsae.sae import SAE, as_dense
 
@@ -42,7 +44,7 @@ def patch_codes(
         raise ValueError("patch_codes needs at least one image.")
     maps = []
     for start in range(0, len(images), batch_size):
-        pixels = stack_pixels(encoder, [load_image(im) for im in images[start : start + batch_size]])
+        pixels = stack_pixels(encoder, [open_image(im) for im in images[start : start + batch_size]])
         acts = encoder.activations(pixels, [hook], tokens="patch")[hook]
         codes_Nn = encode(acts.acts_ND).float().cpu()
         maps.append(codes_Nn.view(pixels.shape[0], -1, codes_Nn.shape[-1]))
@@ -58,9 +60,10 @@ def sae_encoder(sae: SAE) -> Callable[[Tensor], Tensor]:
 
 @torch.no_grad()
 def latent_heatmaps(
-    sae: SAE, encoder: Encoder, images: Sequence[ImageLike], latent: int, hook: str | None = None
+    encoder: Encoder, sae: SAE, images: Sequence[ImageLike], latent: int, hook: str | None = None
 ) -> list[np.ndarray]:
     """Activation of `latent` on each patch token, one float32 [H, W] array per image."""
+    encoder, sae = encoder_and_sae(encoder, sae, "latent_heatmaps")
     if not 0 <= latent < sae.n_latents:
         raise IndexError(f"Latent {latent} is out of range for an SAE with {sae.n_latents} latents.")
     hook = hook or sae.cfg.hook or encoder.default_hook

@@ -1,6 +1,6 @@
 """Image collections → encoder inputs, SAE codes and embeddings, in bounded-size batches.
 
-`load_image` is the single place files are read; it opens them with the data sets' `open_image`.
+Files are read by the data sets' `open_image`, the project's one way to open an image.
 """
 
 from __future__ import annotations
@@ -14,23 +14,12 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from mmsae.datasets.images import IMAGE_EXTENSIONS, ImageReadError, open_image
+from mmsae.datasets.images import IMAGE_EXTENSIONS, open_image
 from mmsae.encoders.base import Encoder, TokenActs, TokenMode
+from mmsae.encoders.capabilities import ImageEmbedder, require
 from mmsae.sae import SAE, as_dense
 
 ImageLike = str | os.PathLike | Image.Image
-
-
-class UnreadableImageError(ValueError):
-    """An image file of a collection cannot be decoded."""
-
-
-def load_image(item: ImageLike) -> Image.Image:
-    """An RGB PIL image from a path or a PIL image, through the data sets' one image path."""
-    try:
-        return open_image(item)
-    except ImageReadError as e:
-        raise UnreadableImageError(f"Cannot read image {e}") from e
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
@@ -55,7 +44,7 @@ def token_acts(
 ) -> Iterator[TokenActs]:
     """Activations of `hook` for a collection, one TokenActs per batch, example ids = collection index."""
     for start in range(0, len(images), batch_size):
-        pixels = stack_pixels(encoder, (load_image(p) for p in images[start : start + batch_size]))
+        pixels = stack_pixels(encoder, (open_image(p) for p in images[start : start + batch_size]))
         yield encoder.activations(pixels, [hook], tokens=tokens, example_offset=start)[hook]
 
 
@@ -78,15 +67,15 @@ def pooled_codes(sae: SAE, acts: TokenActs, n_examples: int, pool: str = "max") 
     return out.index_add_(0, ids, codes_Nn) / counts[:, None]
 
 
-def require_image_embedder(embedder: Encoder) -> None:
-    if not hasattr(embedder, "encode_image"):
-        raise TypeError(
-            f"Encoder {embedder.id!r} gives no image embeddings (no encode_image): pass a CLIP encoder "
-            "as the embedder, e.g. embedder=get_encoder('clip:ViT-B-32/openai')."
-        )
+def require_image_embedder(embedder: Encoder) -> ImageEmbedder:
+    return require(
+        embedder,
+        ImageEmbedder,
+        what="Image embeddings",
+        hint="Pass a CLIP encoder as the embedder, e.g. embedder=get_encoder('clip:ViT-B-32/openai').",
+    )
 
 
 def embed_images(embedder: Encoder, pixels_BCHW: Tensor) -> Tensor:
-    """Unit image embeddings [B, E] from a CLIP-like encoder (one with `encode_image`)."""
-    require_image_embedder(embedder)
-    return embedder.encode_image(pixels_BCHW, normalize=True).float()
+    """Unit image embeddings [B, E] from an `ImageEmbedder` (a CLIP encoder)."""
+    return require_image_embedder(embedder).encode_image(pixels_BCHW, normalize=True).float()

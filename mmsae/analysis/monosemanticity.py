@@ -19,7 +19,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mmsae.analysis.images import ImageLike, embed_images, load_image, pooled_codes, stack_pixels
+from mmsae.analysis.images import ImageLike, embed_images, pooled_codes, stack_pixels
+from mmsae.argorder import encoder_and_sae
+from mmsae.datasets.images import open_image
 from mmsae.encoders.base import Encoder, TokenMode
 from mmsae.sae import SAE
 
@@ -80,8 +82,8 @@ def monosemanticity_pairwise(acts_Nn: Tensor, embeds_NE: Tensor) -> Tensor:
 
 @torch.no_grad()
 def monosemanticity(
-    sae: SAE,
     encoder: Encoder,
+    sae: SAE,
     embedder: Encoder,
     images: Sequence[ImageLike],
     hook: str | None = None,
@@ -94,10 +96,11 @@ def monosemanticity(
     The embedder should differ from the encoder the SAE reads (sae-for-vlm uses DINOv2 for CLIP SAEs);
     any encoder with `encode_image` works.
     """
+    encoder, sae = encoder_and_sae(encoder, sae, "monosemanticity")
     hook = hook or sae.cfg.hook or encoder.default_hook
     acc: MonosemanticityAccumulator | None = None
     for start in tqdm(range(0, len(images), batch_size), desc="monosemanticity", unit="batch"):
-        pil = [load_image(p) for p in images[start : start + batch_size]]
+        pil = [open_image(p) for p in images[start : start + batch_size]]
         acts = encoder.activations(stack_pixels(encoder, pil), [hook], tokens=tokens)[hook]
         a_Bn = pooled_codes(sae, acts, len(pil), pool)
         p_BE = embed_images(embedder, stack_pixels(embedder, pil))

@@ -17,9 +17,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mmsae.analysis.images import ImageLike, batched, embed_images, load_image, stack_pixels
+from mmsae.analysis.images import ImageLike, batched, embed_images, stack_pixels
 from mmsae.analysis.stats import FeatureStats
+from mmsae.argorder import encoder_and_sae
+from mmsae.datasets.images import open_image
 from mmsae.encoders.base import Encoder
+from mmsae.encoders.capabilities import ImageEmbedder, TextEmbedder, require
 from mmsae.sae import SAE
 
 DEFAULT_VOCAB = Path(__file__).resolve().parent.parent / "data" / "vocab.txt"
@@ -47,12 +50,13 @@ def load_vocabulary(path: str | os.PathLike | None = None) -> list[str]:
     return vocab
 
 
-def require_text_tower(clip: Encoder) -> None:
-    if not hasattr(clip, "encode_text"):
-        raise TypeError(
-            f"Encoder {clip.id!r} has no text tower (encode_text): naming and text queries need a "
-            "CLIP encoder, e.g. get_encoder('clip:ViT-B-32/openai')."
-        )
+def require_text_tower(clip: Encoder) -> TextEmbedder:
+    return require(
+        clip,
+        TextEmbedder,
+        what="Naming and text queries",
+        hint="Pass a CLIP encoder, e.g. get_encoder('clip:ViT-B-32/openai').",
+    )
 
 
 @torch.no_grad()
@@ -60,19 +64,21 @@ def text_embeddings(
     clip: Encoder, texts: Sequence[str], template: str = "a photo of {}.", batch_size: int = 256
 ) -> Tensor:
     """Unit CLIP text embeddings [V, E] of `template.format(text)`."""
-    require_text_tower(clip)
+    text_tower = require_text_tower(clip)
     if not texts:
         raise ValueError("No texts to embed.")
     chunks = [
-        clip.encode_text([template.format(t) for t in chunk], normalize=True).float().cpu()
+        text_tower.encode_text([template.format(t) for t in chunk], normalize=True).float().cpu()
         for chunk in batched(list(texts), batch_size)
     ]
     return torch.cat(chunks)
 
 
-def atom_directions(sae: SAE, clip: Encoder) -> Tensor | None:
+def atom_directions(clip: Encoder, sae: SAE) -> Tensor | None:
     """Unit decoder atoms [n, E] when the SAE sits on `clip`'s final image embedding, else None."""
-    on_final = sae.cfg.hook == FINAL_EMBEDDING_HOOK and sae.d_in == getattr(clip, "embed_dim", None)
+    clip, sae = encoder_and_sae(clip, sae, "atom_directions")
+    embed_dim = clip.embed_dim if isinstance(clip, ImageEmbedder) else None
+    on_final = sae.cfg.hook == FINAL_EMBEDDING_HOOK and sae.d_in == embed_dim
     if not on_final or (sae.cfg.encoder is not None and sae.cfg.encoder != clip.id):
         return None
     W = sae.W_dec.detach().float().cpu()
@@ -110,8 +116,8 @@ def rank_names(
 
 @torch.no_grad()
 def name_features(
-    sae: SAE,
     clip: Encoder,
+    sae: SAE,
     vocab: Sequence[str] | None = None,
     stats: FeatureStats | None = None,
     images: Sequence[ImageLike] | None = None,
@@ -123,9 +129,10 @@ def name_features(
     SAEs on CLIP's final embedding use their atoms; others need `stats` from a pass over `images`
     (stats example ids index `images`), whose top images are embedded with `clip`.
     """
+    clip, sae = encoder_and_sae(clip, sae, "name_features")
     vocab = list(vocab) if vocab is not None else load_vocabulary()
     text_VE = text_embeddings(clip, vocab)
-    directions = atom_directions(sae, clip)
+    directions = atom_directions(clip, sae)
     if directions is None:
         if stats is None or images is None:
             raise ValueError(
@@ -151,8 +158,10 @@ def _embed_subset(clip: Encoder, images: Sequence[ImageLike], ids: Tensor, batch
         )
     out: Tensor | None = None
     for chunk in batched(wanted, batch_size):
-        emb = embed_images(clip, stack_pixels(clip, [load_image(images[i]) for i in chunk])).cpu()
+        emb = embed_images(clip, stack_pixels(clip, [open_image(images[i]) for i in chunk])).cpu()
         if out is None:
             out = torch.zeros(len(images), emb.shape[-1])
         out[torch.as_tensor(chunk)] = emb
-    return out if out is not None else torch.zeros(len(images), getattr(clip, "embed_dim", 1))
+    if out is None:
+        out = torch.zeros(len(images), clip.embed_dim if isinstance(clip, ImageEmbedder) else 1)
+    return out

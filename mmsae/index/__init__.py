@@ -1,6 +1,6 @@
 """Concept index: FAISS over CLIP image embeddings + sparse SAE codes per image + named features.
 
-`ConceptIndex.build(images, sae, encoder)` then `.search_text`, `.search_image`, `.features_of`,
+`ConceptIndex.build(encoder, sae, images)` then `.search_text`, `.search_image`, `.features_of`,
 `.images_of`, `.search_features`; `mmsae index build|query` on the command line (`cli_main`).
 """
 

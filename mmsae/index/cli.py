@@ -94,7 +94,7 @@ def _build(args: argparse.Namespace) -> int:
         ann=AnnConfig(kind=args.ann),
     )
     vocab = load_vocabulary(args.vocab) if args.vocab else None
-    index = ConceptIndex.build(args.images, sae, encoder, embedder=embedder, cfg=cfg, vocab=vocab)
+    index = ConceptIndex.build(encoder, sae, args.images, embedder=embedder, cfg=cfg, vocab=vocab)
     index.save(args.out)
     print(f"{index!r} -> {args.out}")
     for path in index.skipped:

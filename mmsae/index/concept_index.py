@@ -25,10 +25,8 @@ from tqdm.auto import tqdm
 from mmsae.analysis.heatmap import latent_heatmaps
 from mmsae.analysis.images import (
     ImageLike,
-    UnreadableImageError,
     embed_images,
     list_images,
-    load_image,
     pooled_codes,
     require_image_embedder,
     stack_pixels,
@@ -42,8 +40,11 @@ from mmsae.analysis.naming import (
     require_text_tower,
     text_embeddings,
 )
+from mmsae.argorder import warn_order
 from mmsae.checkpoint import atomic_write_bytes, load_sae, save_sae
+from mmsae.datasets.images import ImageReadError, open_image
 from mmsae.encoders.base import Encoder
+from mmsae.encoders.capabilities import TextEmbedder
 from mmsae.index import classifier as clf
 from mmsae.index.ann import build_ann, describe
 from mmsae.index.codes import SparseCodeStore
@@ -94,9 +95,9 @@ class ConceptIndex:
     @classmethod
     def build(
         cls,
-        images: Sequence[ImageLike] | str | os.PathLike,
-        sae: SAE,
         encoder: Encoder,
+        sae: SAE,
+        images: Sequence[ImageLike] | str | os.PathLike,
         embedder: Encoder | None = None,
         cfg: IndexConfig | None = None,
         vocab: Sequence[str] | None = None,
@@ -107,6 +108,9 @@ class ConceptIndex:
         the text queries and the feature names (`vocab`, default: mmsae's vocabulary). An encoder with a
         classifier head and no CLIP embedder makes a classifier-backed index (see index/classifier.py).
         """
+        if isinstance(images, Encoder) and not isinstance(encoder, Encoder):  # (images, sae, encoder)
+            warn_order("ConceptIndex.build")
+            encoder, images = images, encoder
         cfg = cfg or IndexConfig()
         embedder = embedder or encoder
         if not clf.is_classifier_embedder(embedder):
@@ -214,11 +218,14 @@ class ConceptIndex:
                 os.fspath(item) if isinstance(item, (str, os.PathLike)) else f"<image {first_id + offset}>"
             )
             try:
-                pil.append(load_image(item))
-            except UnreadableImageError as e:
+                pil.append(open_image(item))
+            except ImageReadError as e:
                 if not self.cfg.skip_unreadable:
-                    raise UnreadableImageError(
-                        f"{e} Or build with IndexConfig(skip_unreadable=True) to leave it out."
+                    raise ImageReadError(
+                        e.source,
+                        e.reason,
+                        "Fix or remove the file, or build with IndexConfig(skip_unreadable=True) to leave it "
+                        "out.",
                     ) from e
                 self.skipped.append(label)
                 continue
@@ -229,7 +236,7 @@ class ConceptIndex:
     def feature_directions(self) -> Tensor:
         """Unit CLIP-space direction of every latent [n, E] (zero rows for latents never on)."""
         if self._directions_nE is None:
-            directions = atom_directions(self.sae, self.embedder) if self.embedder is not None else None
+            directions = atom_directions(self.embedder, self.sae) if self.embedder is not None else None
             if directions is None:
                 values, ids = self.codes.top_per_latent(self.cfg.concept_images)
                 directions = image_concept_vectors(values, ids, torch.from_numpy(self.embeddings_NE))
@@ -249,7 +256,7 @@ class ConceptIndex:
                 self.sae, embedder, self._reference_BTD, self.meta["hook"], self.cfg.names_per_feature
             )
             return
-        if not hasattr(embedder, "encode_text"):
+        if not isinstance(embedder, TextEmbedder):
             self.names = [[] for _ in range(self.sae.n_latents)]
             return
         vocab = list(vocab) if vocab is not None else load_vocabulary()
@@ -336,7 +343,7 @@ class ConceptIndex:
     def heatmap(self, image: ImageLike | int, feature: int) -> np.ndarray:
         """[H, W] activation of `feature` over the image's patches (needs the encoder)."""
         return latent_heatmaps(
-            self.sae, self._need_encoder(), [self._as_image(image)], feature, hook=self.meta["hook"]
+            self._need_encoder(), self.sae, [self._as_image(image)], feature, hook=self.meta["hook"]
         )[0]
 
     # ------------------------------------------------------------------ query helpers
@@ -420,7 +427,7 @@ class ConceptIndex:
         if known is not None:
             return self.embeddings_NE[known]
         embedder = self._need_embedder()
-        return self._embed(stack_pixels(embedder, [load_image(image)]))[0].cpu().numpy()
+        return self._embed(stack_pixels(embedder, [open_image(image)]))[0].cpu().numpy()
 
     @torch.no_grad()
     def _codes_of(self, image: ImageLike | int) -> tuple[np.ndarray, np.ndarray]:
@@ -429,7 +436,7 @@ class ConceptIndex:
             return self.codes.row(known)
         encoder, hook = self._need_encoder(), self.meta["hook"]
         acts = encoder.activations(
-            stack_pixels(encoder, [load_image(image)]), [hook], tokens=self.cfg.tokens
+            stack_pixels(encoder, [open_image(image)]), [hook], tokens=self.cfg.tokens
         )[hook]
         codes = pooled_codes(self.sae, acts, 1, self.cfg.pool)[0].cpu()
         nz = codes.nonzero().flatten()

@@ -23,6 +23,8 @@ import torch
 from PIL import Image
 
 from mmsae.datasets.images import open_image
+from mmsae.encoders.base import Encoder
+from mmsae.encoders.capabilities import Sampler, require
 from mmsae.intervene.edits import EDIT_SYNTAX, parse_edit
 
 
@@ -55,11 +57,9 @@ def _sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="directory for before_*.png / after_*.png")
 
 
-def _steps_guidance(encoder: Any, args: argparse.Namespace) -> tuple[int, float]:
+def _steps_guidance(encoder: Encoder, args: argparse.Namespace) -> tuple[int, float]:
     """--steps / --guidance as given, else the encoder's sampler defaults (which come from its model)."""
-    sampling = getattr(encoder, "sampling", None)
-    if sampling is None:
-        raise ValueError(f"{encoder.id} does not sample images; use a diffusion encoder (unet:...).")
+    sampling = require(encoder, Sampler, what="Sampling images").sampling
     steps = sampling.num_inference_steps if args.steps is None else args.steps
     return steps, sampling.guidance_scale if args.guidance is None else args.guidance
 
@@ -219,7 +219,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return {name: {t: len(v) for t, v in c.latents.items()} for name, c in selection.concepts.items()}
     selection = args.selection or Path(args.sae)
     unlearner = unlearn.Unlearner(encoder, sae, selection, args.concepts.split(","), args.multiplier)
-    before = encoder.sample(args.prompt, num_inference_steps=steps, guidance_scale=guidance, seed=args.seed)
+    before = unlearner.sampler.sample(
+        args.prompt, num_inference_steps=steps, guidance_scale=guidance, seed=args.seed
+    )
     _save_pairs(args.out, before, unlearner.generate(args.prompt, sampling))
     return {"out": str(args.out)}
 

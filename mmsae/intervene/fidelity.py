@@ -16,6 +16,7 @@ from PIL import Image
 from torch import Tensor
 
 from mmsae.encoders.base import Encoder
+from mmsae.encoders.capabilities import Sampler, require
 from mmsae.intervene.intervention import Splice
 from mmsae.intervene.steer import Images, image_outputs, to_pixels, with_and_without, zero_shot_probs
 from mmsae.sae.base import SAE
@@ -102,10 +103,11 @@ def generation_fidelity(
     **sample: Any,
 ) -> Tensor:
     """Similarity [B] of same-seed UNet generations: SAE reconstruction spliced in vs the original."""
+    sampler = require(encoder, Sampler, what="generation_fidelity")
     before, after = with_and_without(
         encoder,
         Splice(sae, hook=hook, keep_error=False),
-        lambda: encoder.sample(
+        lambda: sampler.sample(
             list(prompts),
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmsae.encoders.base import Encoder
+from mmsae.encoders.capabilities import Sampler, UpdateEditor, require
 from mmsae.intervene.edits import Edit, EditContext
 from mmsae.sae.base import SAE, SparseCodes, as_dense
 
@@ -146,11 +147,13 @@ def check_compatible(encoder: Encoder, sae: SAE, hook: str) -> None:
 
 def check_site(encoder: Encoder, sae: SAE, hook: str) -> None:
     """Refuse an SAE trained on block updates where the encoder cannot splice updates."""
-    if sae.cfg.site == "update" and not hasattr(encoder, "edit_update"):
-        raise ValueError(
-            f"This SAE was trained on block updates (output − input, site='update'), but {encoder.id!r} "
-            f"({encoder.family}) can only splice module outputs at {hook!r}. Use an SAE trained on that "
-            "hook's outputs (extracted without update=True), or a diffusion UNet encoder."
+    if sae.cfg.site == "update":
+        require(
+            encoder,
+            UpdateEditor,
+            what="An SAE trained on block updates (output − input, site='update')",
+            hint=f"It can only splice module outputs at {hook!r}: use an SAE trained on that hook's outputs "
+            "(extracted without update=True), or a diffusion UNet encoder.",
         )
 
 
@@ -159,23 +162,24 @@ def site_edit(
 ) -> contextlib.AbstractContextManager:
     """`encoder.edit(hook, fn)`, or for an SAE on updates the encoder's edit of out − in (`edit_update`)."""
     check_site(encoder, sae, hook)
-    return encoder.edit_update(hook, fn) if sae.cfg.site == "update" else encoder.edit(hook, fn)
+    if isinstance(encoder, UpdateEditor) and sae.cfg.site == "update":
+        return encoder.edit_update(hook, fn)
+    return encoder.edit(hook, fn)
 
 
 def schedule_length(encoder: Encoder) -> int | None:
     """Number of training timesteps of a diffusion encoder's scheduler (None for other families)."""
-    pipe = getattr(encoder, "pipe", None)
-    scheduler = getattr(pipe, "scheduler", None)
-    return None if scheduler is None else int(scheduler.config.num_train_timesteps)
+    return encoder.schedule_length() if isinstance(encoder, Sampler) else None
 
 
 def check_timestep_window(encoder: Encoder, window: tuple[int, int]) -> None:
     low, high = window
-    if not hasattr(encoder, "current_timestep"):
-        raise ValueError(
-            f"A timestep window needs a diffusion encoder; {encoder.id!r} ({encoder.family}) has no "
-            "timesteps. Drop `timesteps=`."
-        )
+    require(
+        encoder,
+        Sampler,
+        what="A timestep window",
+        hint="Other encoders have no timesteps: drop `timesteps=`.",
+    )
     n = schedule_length(encoder)
     if low > high or low < 0 or (n is not None and low >= n):
         limit = f"0..{n - 1}" if n is not None else "non-negative"
@@ -210,12 +214,13 @@ def cond_rows(encoder: Encoder, hook: str, B: int, T: int) -> Tensor:
     cond = encoder.extra_meta(hook, B, T).get("cond")
     if cond is not None:
         return cond[:, 0].bool()
-    pipe = getattr(encoder, "pipe", None)
-    if pipe is None:
-        raise ValueError(
-            f"A cfg_half needs a diffusion encoder that runs classifier-free guidance; {encoder.id!r} "
-            "has none. Use cfg_half='both'."
-        )
+    pipe = require(
+        encoder,
+        Sampler,
+        what="A cfg_half (a half of classifier-free guidance)",
+        hint="Use cfg_half='both'.",
+    ).pipe
+    # A diffusers pipeline property, absent from pipelines that never run guidance.
     if not getattr(pipe, "do_classifier_free_guidance", False):
         return torch.ones(B, dtype=torch.bool)
     return torch.arange(B) >= B // 2
@@ -277,7 +282,7 @@ class Intervention(contextlib.AbstractContextManager):
 
     def _edit(self, hook: str, s: Splice, acts_BTD: Tensor, latents_E: Tensor) -> Tensor:
         """x′ for one call of `hook`: x is the block output, or its update for an SAE on updates."""
-        timestep = getattr(self.encoder, "current_timestep", None)
+        timestep = self.encoder.current_timestep if isinstance(self.encoder, Sampler) else None
         if s.timesteps is not None:
             if timestep is None:
                 raise RuntimeError(

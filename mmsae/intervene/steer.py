@@ -17,6 +17,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mmsae.encoders.base import Encoder
+from mmsae.encoders.capabilities import Generator, ImageEmbedder, Sampler, TextEmbedder, require
 from mmsae.intervene.edits import Edit
 from mmsae.intervene.intervention import Intervention, Splice, check_site, schedule_length
 from mmsae.sae.base import SAE, SparseCodes
@@ -49,7 +50,7 @@ def to_pixels(encoder: Encoder, images: Images) -> Tensor:
 @torch.no_grad()
 def image_outputs(encoder: Encoder, pixels_BCHW: Tensor) -> Tensor:
     """What the image model produces: CLIP's unit image embedding, or a timm model's logits."""
-    if hasattr(encoder, "encode_image"):
+    if isinstance(encoder, ImageEmbedder):
         return encoder.encode_image(pixels_BCHW, normalize=True).float()
     return encoder.run_model(pixels_BCHW).float()
 
@@ -59,16 +60,16 @@ def zero_shot_probs(
     encoder: Encoder, emb_BE: Tensor, labels: Sequence[str], template: str = "a photo of a {}."
 ) -> Tensor:
     """CLIP zero-shot label probabilities [B, L] from unit image embeddings."""
-    if not hasattr(encoder, "encode_text"):
-        raise ValueError(
-            f"Zero-shot labels need a CLIP encoder with a text tower; {encoder.id!r} has none. "
-            "Drop `labels` (the result then compares the model's outputs)."
-        )
+    clip = require(
+        encoder,
+        TextEmbedder,
+        what="Zero-shot labels",
+        hint="Drop `labels` (the result then compares the model's outputs).",
+    )
     if not labels:
         raise ValueError("labels is empty: pass at least two class names for zero-shot classification.")
-    text_LE = encoder.encode_text([template.format(label) for label in labels], normalize=True).float()
-    scale = encoder.model.logit_scale.exp().float() if hasattr(encoder.model, "logit_scale") else 100.0
-    return (scale * emb_BE @ text_LE.T).softmax(-1)
+    text_LE = clip.encode_text([template.format(label) for label in labels], normalize=True).float()
+    return (clip.logit_scale() * emb_BE @ text_LE.T).softmax(-1)
 
 
 @dataclass
@@ -137,20 +138,19 @@ def steer_llava(
 ) -> GenerationSteerResult:
     """Steer LLaVA through an SAE on the vision-tower layer it reads (sae-for-vlm): e.g. `Set(i, high)` on
     every image token. The hook defaults to the SAE's own (normally the encoder's `default_hook`)."""
-    if not hasattr(encoder, "generate"):
-        raise ValueError(f"steer_llava needs a LLaVA encoder (with .generate); got {encoder.id!r}.")
+    vlm = require(encoder, Generator, what="steer_llava")
     images = images if isinstance(images, (Tensor, list, tuple)) else [images]
     before, after = with_and_without(
         encoder,
         Splice(sae, edits, **splice),
-        lambda: encoder.generate(images, prompt, max_new_tokens=max_new_tokens),
+        lambda: vlm.generate(images, prompt, max_new_tokens=max_new_tokens),
     )
     return GenerationSteerResult(list(before), list(after))
 
 
 def sampled_timesteps(encoder: Encoder, num_inference_steps: int) -> list[int]:
     """The timesteps the encoder's scheduler visits for `num_inference_steps` (scheduler left untouched)."""
-    scheduler = copy.deepcopy(encoder.pipe.scheduler)
+    scheduler = copy.deepcopy(require(encoder, Sampler, what="A timestep schedule").pipe.scheduler)
     scheduler.set_timesteps(num_inference_steps)
     return [int(t) for t in scheduler.timesteps]
 
@@ -186,10 +186,11 @@ def steer_diffusion(
     """Sample with the same seed bare and steered (e.g. `Splice(sae, [Direction(i, 8.0)], spatial_mask=m,
     timesteps=(500, 999), cfg_half="cond")`); several splices (hooks, SAEs) apply at once. Steps and
     guidance left None are the encoder's (the model's own: SDXL-Turbo samples 1 step at guidance 0)."""
+    sampler = require(encoder, Sampler, what="steer_diffusion")
     splices = [splices] if isinstance(splices, Splice) else list(splices)
     kw = sampler_settings(num_inference_steps, guidance_scale, seed=seed, **sample)
-    check_window_hits(encoder, splices, kw.get("num_inference_steps", encoder.sampling.num_inference_steps))
-    before, after = with_and_without(encoder, splices, lambda: encoder.sample(list(prompts), **kw))
+    check_window_hits(encoder, splices, kw.get("num_inference_steps", sampler.sampling.num_inference_steps))
+    before, after = with_and_without(encoder, splices, lambda: sampler.sample(list(prompts), **kw))
     return GenerationSteerResult(before, after)
 
 

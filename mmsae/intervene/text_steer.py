@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from mmsae.encoders.base import Encoder
+from mmsae.encoders.capabilities import Sampler, require
 from mmsae.intervene.intervention import check_compatible
 from mmsae.intervene.steer import GenerationSteerResult, sampler_settings
 from mmsae.sae.base import SAE
@@ -37,7 +38,8 @@ def _text_hook(encoder: Encoder, sae: SAE, hook: str | None) -> str:
         raise ValueError(
             "The SAE's cfg records no hook point: pass hook='text_encoder.text_model.encoder.layers.9'."
         )
-    if not getattr(encoder, "is_text_hook", lambda _h: False)(hook):
+    require(encoder, Sampler, what="Text steering")
+    if not encoder.is_text_hook(hook):
         raise ValueError(
             f"Text steering needs an SAE on a text-encoder hook of a diffusion encoder; {hook!r} of "
             f"{encoder.id!r} is not one (hooks like 'text_encoder.text_model.encoder.layers.9')."
@@ -58,8 +60,9 @@ def text_concept_delta(
         captured.append(acts_BTD)
         return acts_BTD
 
+    pipe = require(encoder, Sampler, what="text_concept_delta").pipe
     with encoder.edit(hook, record):
-        encoder.pipe.encode_prompt(
+        pipe.encode_prompt(
             prompt=[concept],
             device=encoder.device,
             num_images_per_prompt=1,
@@ -90,7 +93,7 @@ def text_steering(encoder: Encoder, hook: str, delta_TD: Tensor) -> Iterator[Non
     def reset(_mod: nn.Module, _args: Any) -> None:
         calls[0] = 0
 
-    handle = encoder.pipe.unet.register_forward_pre_hook(reset)
+    handle = require(encoder, Sampler, what="text_steering").pipe.unet.register_forward_pre_hook(reset)
     try:
         with encoder.edit(hook, steer):
             yield
@@ -115,9 +118,10 @@ def steer_prompts(
     hook = _text_hook(encoder, sae, hook)
     delta_TD = text_concept_delta(encoder, sae, concept, strength, hook)
     kw = sampler_settings(num_inference_steps, guidance_scale, seed=seed, **sample)
-    before = encoder.sample(list(prompts), **kw)
+    sampler = require(encoder, Sampler, what="steer_prompts")
+    before = sampler.sample(list(prompts), **kw)
     with text_steering(encoder, hook, delta_TD):
-        after = encoder.sample(list(prompts), **kw)
+        after = sampler.sample(list(prompts), **kw)
     return GenerationSteerResult(before, after)
 
 

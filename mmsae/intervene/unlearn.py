@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from mmsae.checkpoint import atomic_write_bytes
 from mmsae.encoders.base import Encoder
+from mmsae.encoders.capabilities import Sampler, require
 from mmsae.intervene.edits import Edit, EditContext
 from mmsae.intervene.fidelity import image_similarity
 from mmsae.intervene.intervention import Intervention, Splice, check_compatible, cond_rows, site_edit
@@ -121,6 +122,7 @@ def timestep_sums(
     """Per-timestep latent sums [n] and token counts over sampling runs of `prompts`.
 
     SAeUron records the conditional CFG half only (`cond_only`)."""
+    sampler = require(encoder, Sampler, what="Per-timestep latent statistics")
     sampling = sampling.for_encoder(encoder)
     sums: dict[int, Tensor] = {}
     counts: dict[int, int] = {}
@@ -131,7 +133,7 @@ def timestep_sums(
         if cond_only and sampling.guidance_scale > 1:
             x_BTD = acts_BTD[cond_rows(encoder, hook, B, T).to(acts_BTD.device)]
         x_ND = x_BTD.reshape(-1, D).to(sae.W_dec.dtype)
-        t = int(encoder.current_timestep)
+        t = int(sampler.current_timestep)
         s = latent_sums(sae.encode(x_ND), sae.cfg.n_latents)
         sums[t] = sums[t] + s if t in sums else s
         counts[t] = counts.get(t, 0) + x_ND.shape[0]
@@ -139,7 +141,7 @@ def timestep_sums(
 
     with site_edit(encoder, sae, hook, record):  # an SAE on block updates reads out − in
         for start in tqdm(range(0, len(prompts), sampling.batch_size), desc=desc, leave=False):
-            encoder.sample(
+            sampler.sample(
                 list(prompts[start : start + sampling.batch_size]),
                 num_inference_steps=sampling.num_inference_steps,
                 guidance_scale=sampling.guidance_scale,
@@ -257,6 +259,7 @@ class Unlearner:
         concepts: Sequence[str] | None = None,
         multiplier: float = -5.0,
     ):
+        self.sampler = require(encoder, Sampler, what="Concept unlearning")
         if not isinstance(selection, UnlearnSelection):
             selection = UnlearnSelection.load(selection)
         if selection.n_latents != sae.cfg.n_latents:
@@ -276,7 +279,7 @@ class Unlearner:
     ) -> list[Image.Image]:
         sampling = (sampling or SampleConfig()).for_encoder(self.encoder)
         with self.intervention:
-            return self.encoder.sample(
+            return self.sampler.sample(
                 list(prompts),
                 num_inference_steps=sampling.num_inference_steps,
                 guidance_scale=sampling.guidance_scale,
@@ -309,7 +312,7 @@ class UnlearnReport:
     concept_rate_after: float | None = None
 
 
-def evaluate(
+def evaluate_unlearning(
     unlearner: Unlearner,
     concept_prompts: Sequence[str],
     retained_prompts: Sequence[str],
@@ -324,14 +327,14 @@ def evaluate(
         guidance_scale=sampling.guidance_scale,
         seed=sampling.seed,
     )
-    retained_before = unlearner.encoder.sample(list(retained_prompts), **kw)
+    retained_before = unlearner.sampler.sample(list(retained_prompts), **kw)
     retained_after = unlearner.generate(retained_prompts, sampling)
     report = UnlearnReport(
         float(image_similarity(retained_before, retained_after, similarity_encoder).mean())
     )
     if classifier is not None:
         report.concept_rate_before = float(
-            classifier(unlearner.encoder.sample(list(concept_prompts), **kw)).float().mean()
+            classifier(unlearner.sampler.sample(list(concept_prompts), **kw)).float().mean()
         )
         report.concept_rate_after = float(
             classifier(unlearner.generate(concept_prompts, sampling)).float().mean()
@@ -348,7 +351,7 @@ __all__ = [
     "UnlearnSelection",
     "Unlearner",
     "clip_concept_classifier",
-    "evaluate",
+    "evaluate_unlearning",
     "score_features",
     "select_features",
     "suppress_edits",

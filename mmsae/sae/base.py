@@ -11,14 +11,18 @@ import contextvars
 import dataclasses
 import functools
 import math
+import os
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from mmsae import kernels
+from mmsae.kernels.weight_copies import WeightCopies
+from mmsae.sae.files import push_to_hub, save_sae
 
 REGISTRY: dict[str, type[SAE]] = {}
 InputNorm = Literal["none", "layer_norm", "constant_norm_rescale"]
@@ -211,6 +215,9 @@ class SAE(nn.Module):
     fused_recon: ClassVar[bool] = False
     """Its loss takes the reconstruction term from `recon_loss`, so a training forward with sparse codes may
     compute it with the decoder (`kernels.decode_with_mse`: one pass, and a backward without a gather)."""
+    weight_copies: WeightCopies | None = None
+    """The training optimizer's 16-bit copies of the weights (`Adam.weight_copies`), which the kernels then
+    read instead of casting; set by the trainer, None outside training. Not part of the SAE's state."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # Every variant's own encode/forward honours cfg.input_norm without knowing about it.
@@ -298,7 +305,9 @@ class SAE(nn.Module):
         """x̂ₙ = codes·W_dec + b_dec: the reconstruction of the input the SAE encodes (x itself unless
         `cfg.input_norm`; then `denormalize` it with the tokens' statistics)."""
         if isinstance(codes, SparseCodes):
-            return kernels.sparse_decode(codes.values, codes.indices, self.W_dec, self.b_dec)
+            return kernels.sparse_decode(
+                codes.values, codes.indices, self.W_dec, self.b_dec, self.weight_copies
+            )
         return codes @ self.W_dec + self.b_dec
 
     @functools.partial(_with_input_norm, "forward")
@@ -312,7 +321,9 @@ class SAE(nn.Module):
             and isinstance(codes, SparseCodes)
             and x.dim() == 2
         ):
-            x_hat, mse = kernels.decode_with_mse(codes.values, codes.indices, self.W_dec, self.b_dec, x)
+            x_hat, mse = kernels.decode_with_mse(
+                codes.values, codes.indices, self.W_dec, self.b_dec, x, self.weight_copies
+            )
             return SAEOutput(x_hat, codes, {"mse": mse})
         return SAEOutput(self.decode(codes), codes, {})
 
@@ -396,20 +407,14 @@ class SAE(nn.Module):
         self.W_dec *= factor
 
     # ----------------------------------------------------------------- I/O
-    def save(self, path: str) -> None:
-        from mmsae.checkpoint import save_sae
-
-        save_sae(self, path)
-
-    @classmethod
-    def load(cls, path: str, device: str | torch.device = "cpu") -> SAE:
-        from mmsae.checkpoint import load_sae
-
-        return load_sae(path, device=device)
+    # Loading is `mmsae.load_sae` (mmsae.checkpoint): it builds the class a file names, so it sits above
+    # every variant; saving needs only this SAE and lives below (mmsae.sae.files).
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write `path/cfg.json` + `path/sae.safetensors`; load them with `mmsae.load_sae(path)`."""
+        return save_sae(self, path)
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
-        from mmsae.checkpoint import push_to_hub
-
+        """Upload cfg.json + sae.safetensors to the Hub (`subfolder=`, `private=`, …)."""
         return push_to_hub(self, repo_id, **kwargs)
 
     def extra_repr(self) -> str:

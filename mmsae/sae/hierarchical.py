@@ -48,7 +48,9 @@ class HierarchicalTopKSAE(TopKSAE):
         k = self.cfg.k if k is None else k
         if not 0 < k <= self.cfg.k:
             raise ValueError(f"k={k} is outside 1..max(ks)={self.cfg.k}, the largest budget trained.")
-        values, indices = kernels.topk_encode(x, self.W_enc, self.b_enc, self.cfg.k, b_dec=self.b_dec)
+        values, indices = kernels.topk_encode(
+            x, self.W_enc, self.b_enc, self.cfg.k, b_dec=self.b_dec, copies=self.weight_copies
+        )
         values, order = values.sort(dim=-1, descending=True)
         indices = indices.gather(-1, order)
         return SparseCodes(values[..., :k], indices[..., :k], self.cfg.n_latents)

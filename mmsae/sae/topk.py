@@ -32,7 +32,9 @@ class TopKSAE(SAE):
     fused_recon = True
 
     def encode(self, x: Tensor) -> SparseCodes:
-        values, indices = kernels.topk_encode(x, self.W_enc, self.b_enc, self.cfg.k, b_dec=self.b_dec)
+        values, indices = kernels.topk_encode(
+            x, self.W_enc, self.b_enc, self.cfg.k, b_dec=self.b_dec, copies=self.weight_copies
+        )
         return SparseCodes(values, indices, self.cfg.n_latents)
 
     def loss(
@@ -85,7 +87,7 @@ class TopKSAE(SAE):
             return None
         dead_N = dead.mask
         values, indices = self.select_aux(self.pre_acts(x), dead_N, size)
-        e_hat = kernels.sparse_decode(values, indices, self.W_dec)
+        e_hat = kernels.sparse_decode(values, indices, self.W_dec, copies=self.weight_copies)
         residual = (x - x_hat).detach().float()
         var = (x.float() - x.float().mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
         aux = (e_hat.float() - residual).pow(2).sum(-1).mean() / var

@@ -212,6 +212,8 @@ class SAEModule(L.LightningModule):
         # fused Adam on CUDA (bf16-mixed uses no grad scaler, so nothing stops it); CPU keeps the default.
         fused = all(p.is_cuda for g in groups for p in g["params"])
         optimizer = Adam(groups, betas=(0.9, 0.999), fused=fused or None)
+        for sae in self.saes:  # the forwards read the copies this optimizer writes
+            sae.weight_copies = optimizer.weight_copies
         warmup = min(self.warmup_steps, max(1, total // 10))
         if warmup < self.warmup_steps:
             rank_zero_info(f"mmsae: warm-up shortened to {warmup} steps (10% of a {total}-step run).")
