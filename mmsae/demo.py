@@ -165,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[1/7] encoder {args.encoder} on {args.device}")
     encoder, pretrained = load_encoder(args.encoder, args.device)
     hook = args.hook or HOOKS.get(encoder.id, encoder.default_hook)
-    classifier = getattr(encoder, "has_classifier", False) and not hasattr(encoder, "encode_image")
+    from mmsae.index.classifier import is_classifier_embedder
+
+    classifier = is_classifier_embedder(encoder)
 
     photos = demo_photos()
     print(f"[2/7] extracting {hook} of {encoder.id} over {args.crops} crops of {len(photos)} real photos")

@@ -16,6 +16,7 @@ from torch import Tensor
 from mmsae.analysis.logit_naming import logit_effects, logit_names, typical_activations
 from mmsae.analysis.naming import NameCandidate
 from mmsae.encoders.base import Encoder
+from mmsae.encoders.capabilities import Classifier, ImageEmbedder
 from mmsae.index.codes import SparseCodeStore
 from mmsae.sae import SAE
 
@@ -25,7 +26,9 @@ REFERENCE_IMAGES = 8
 
 def is_classifier_embedder(embedder: Encoder) -> bool:
     """True for encoders that classify but give no CLIP image / text embeddings."""
-    return not hasattr(embedder, "encode_image") and bool(getattr(embedder, "has_classifier", False))
+    if isinstance(embedder, ImageEmbedder) or not isinstance(embedder, Classifier):
+        return False
+    return embedder.has_classifier  # a timm model may have no head
 
 
 @torch.no_grad()
