@@ -20,10 +20,10 @@ import torch
 
 import mmsae
 from mmsae import metrics
-from mmsae.checkpoint import atomic_write_bytes
 from mmsae.datasets import FoolboxSamples, InteriorPhotos, RandomCrops, SkimagePhotos
 from mmsae.datasets.images import Example, ExampleDataset
 from mmsae.encoders import get_encoder
+from mmsae.fileio import atomic_write_bytes
 
 ENCODER = "timm:vit_small_patch14_dinov2"
 HOOKS = ("blocks.6", "blocks.7", "blocks.8", "blocks.9")

@@ -35,10 +35,11 @@ from mmsae.analysis.localization import (
 from mmsae.analysis.naming import NameCandidate
 from mmsae.analysis.objects import OBJECT_BOXES, PhotoList, real_photo_specs
 from mmsae.analysis.stats import StatsConfig, feature_stats
-from mmsae.checkpoint import atomic_write_bytes, load_sae, save_sae
+from mmsae.checkpoint import load_sae, save_sae
 from mmsae.datasets.images import RandomCrops
 from mmsae.encoders import Encoder, get_encoder
 from mmsae.extract import extract
+from mmsae.fileio import atomic_write_bytes
 from mmsae.sae import SAE
 from mmsae.store import ActivationStore
 from mmsae.trainer.api import train

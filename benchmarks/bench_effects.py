@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 
-from mmsae.checkpoint import atomic_write_bytes
 from mmsae.effects import (
     EffectsConfig,
     crops_of,
@@ -34,6 +33,7 @@ from mmsae.effects import (
     unlearning_effect,
 )
 from mmsae.encoders import get_encoder
+from mmsae.fileio import atomic_write_bytes
 
 HOOKS = {  # hook → (n_latents, k, training tokens, batch size)
     "global_pool": (256, 16, 40_000, 256),

@@ -28,8 +28,8 @@ import torch
 
 import mmsae
 from mmsae import metrics
-from mmsae.checkpoint import atomic_write_bytes
 from mmsae.datasets.synthetic import SyntheticActivations
+from mmsae.fileio import atomic_write_bytes
 from mmsae.sae import REGISTRY, SAE, SparseCodes
 
 HELD_OUT = 2**40  # evaluation tokens come from far beyond any training stream

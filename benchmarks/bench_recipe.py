@@ -40,8 +40,8 @@ import torch
 from torch import Tensor
 
 from mmsae import metrics
-from mmsae.checkpoint import atomic_write_bytes
 from mmsae.datasets.synthetic import SyntheticActivations
+from mmsae.fileio import atomic_write_bytes
 from mmsae.sae import default_lr
 from mmsae.trainer.data import SAEDataModule
 from mmsae.trainer.module import SAEModule, SAESpec

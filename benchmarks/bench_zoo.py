@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmsae.checkpoint import atomic_write_bytes
 from mmsae.datasets import FoolboxSamples, LabeledSkimagePhotos
 from mmsae.encoders import get_encoder
 from mmsae.encoders.timm import TimmEncoder
+from mmsae.fileio import atomic_write_bytes
 from mmsae.zoo import MODELS, WHEELS, install, zoo_dir
 
 CLASSIFIERS = ("timm:mobilenetv2_100", "timm:tf_efficientnet_lite0")

@@ -164,7 +164,7 @@ def plot_density(
     fig.savefig(buf, format="png", bbox_inches="tight")
     png = buf.getvalue()
     if path is not None:
-        from mmsae.checkpoint import atomic_write_bytes
+        from mmsae.fileio import atomic_write_bytes
 
         atomic_write_bytes(Path(path), png)
     return png

@@ -18,7 +18,7 @@ import pytest
 # The apps' fixtures (tiny models, tiny index, the three servers) are shared with the handler tests.
 from test_apps import clip, index, photos, served, settings, unet, unet_sae  # noqa: F401
 
-from mmsae.checkpoint import atomic_write_bytes
+from mmsae.fileio import atomic_write_bytes
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 SCREENSHOTS_ENV = "MMSAE_SCREENSHOTS_DIR"

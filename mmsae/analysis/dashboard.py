@@ -27,9 +27,9 @@ from mmsae.analysis.localization import ObjectScore
 from mmsae.analysis.naming import NameCandidate
 from mmsae.analysis.objects import model_view
 from mmsae.analysis.stats import FeatureStats
-from mmsae.checkpoint import atomic_write_bytes
 from mmsae.datasets.images import open_image
 from mmsae.encoders.base import Encoder
+from mmsae.fileio import atomic_write_bytes
 from mmsae.sae import SAE
 
 

@@ -27,8 +27,8 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mmsae.checkpoint import atomic_write_bytes
 from mmsae.encoders.base import TokenActs
+from mmsae.fileio import atomic_write_bytes
 from mmsae.sae import SAE, Codes, SparseCodes
 
 Batch = TokenActs | Tensor

@@ -13,7 +13,7 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor
 
-from mmsae.checkpoint import atomic_write_bytes
+from mmsae.fileio import atomic_write_bytes
 
 
 class SparseCodeStore:

@@ -41,10 +41,11 @@ from mmsae.analysis.naming import (
     text_embeddings,
 )
 from mmsae.argorder import warn_order
-from mmsae.checkpoint import atomic_write_bytes, load_sae, save_sae
+from mmsae.checkpoint import load_sae, save_sae
 from mmsae.datasets.images import ImageReadError, open_image
 from mmsae.encoders.base import Encoder
 from mmsae.encoders.capabilities import TextEmbedder
+from mmsae.fileio import atomic_write_bytes
 from mmsae.index import classifier as clf
 from mmsae.index.ann import build_ann, describe
 from mmsae.index.codes import SparseCodeStore

@@ -21,9 +21,9 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mmsae.checkpoint import atomic_write_bytes
 from mmsae.encoders.base import Encoder
 from mmsae.encoders.capabilities import Sampler, require
+from mmsae.fileio import atomic_write_bytes
 from mmsae.intervene.edits import Edit, EditContext
 from mmsae.intervene.fidelity import image_similarity
 from mmsae.intervene.intervention import Intervention, Splice, check_compatible, cond_rows, site_edit
