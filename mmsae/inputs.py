@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import copy
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +34,15 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import Compose
 
-from mmsae.datasets.gpu_decode import DevicePreprocess, EncodedJpeg, decode_jpegs, image_files, read_jpeg
+from mmsae.datasets.gpu_decode import (
+    DevicePreprocess,
+    EncodedJpeg,
+    PackedJpegs,
+    decode_jpegs,
+    image_files,
+    pack_jpegs,
+    read_jpeg,
+)
 from mmsae.datasets.images import ExampleDataset, UnreadableExample
 from mmsae.datasets.pixels import PixelHandoff, draft_size_of, split_pipeline
 from mmsae.encoders.base import Encoder, PairPipeline
@@ -159,8 +168,19 @@ class DeviceDecoder:
         probe = probe_image()
         self.preprocess.check_matches(encoder.transform, probe)
         self.shape = tuple(encoder.transform(probe).shape)
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
-    def __call__(self, items: list[tuple[int, Any, dict[str, Any] | None]]) -> InputBatch:
+    def __call__(self, packed: PackedJpegs) -> InputBatch:
+        """Decode and preprocess one batch; on CUDA on a stream of its own, waited for before returning, so
+        that it can run in a thread while the model runs the previous batch (`decoded_ahead`)."""
+        if self.stream is None:
+            return self._decode(packed.unpack())
+        with torch.cuda.stream(self.stream):
+            batch = self._decode(packed.unpack())
+        self.stream.synchronize()
+        return batch
+
+    def _decode(self, items: list[tuple[int, Any, dict[str, Any] | None]]) -> InputBatch:
         jpeg_at = [p for p, (_, x, _) in enumerate(items) if isinstance(x, EncodedJpeg)]
         decoded = dict(zip(jpeg_at, decode_jpegs([items[p][1] for p in jpeg_at], self.device)))
         items = [
@@ -179,6 +199,28 @@ class DeviceDecoder:
             pixels_BCHW[on_host] = torch.stack([items[ok[r]][1] for r in on_host]).to(self.device)
         batch.inputs, batch.fallback = pixels_BCHW, [batch.indices[r] for r in on_host]
         return batch
+
+
+def decoded_ahead(decoder: DeviceDecoder, packed: Iterable[PackedJpegs]) -> Iterator[InputBatch]:
+    """`map(decoder, packed)`, one batch ahead in a thread: nvJPEG and the resizes of the next batch overlap
+    the model's forward of this one (on CUDA, on the decoder's stream)."""
+    with ThreadPoolExecutor(1, thread_name_prefix="mmsae-decode") as pool:
+        pending: Future[InputBatch] | None = None
+        for item in packed:
+            ahead = pool.submit(decoder, item)
+            if pending is not None:
+                yield _on_current_stream(pending.result())
+            pending = ahead
+        if pending is not None:
+            yield _on_current_stream(pending.result())
+
+
+def _on_current_stream(batch: InputBatch) -> InputBatch:
+    """Pixels made on the decoder's stream are read on the consumer's: tell the allocator, so their memory
+    is not reused by the next decode before the consumer's kernels are done with it."""
+    if isinstance(batch.inputs, Tensor) and batch.inputs.is_cuda:
+        batch.inputs.record_stream(torch.cuda.current_stream(batch.inputs.device))
+    return batch
 
 
 def with_draft(dataset: ExampleDataset, encoder: Encoder) -> ExampleDataset:
@@ -250,7 +292,9 @@ def input_batches(
         return
     if decode == "device":
         decoder = DeviceDecoder(dataset, encoder)
-        yield from map(decoder, _loader(JpegFiles(dataset, encoder), index_batches, num_workers, list))
+        yield from decoded_ahead(
+            decoder, _loader(JpegFiles(dataset, encoder), index_batches, num_workers, pack_jpegs)
+        )
         return
     if modality == "text":
         yield from _loader(EncoderInputs(dataset, None), index_batches, num_workers, collate_inputs)

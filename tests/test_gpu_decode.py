@@ -176,3 +176,104 @@ def test_read_jpeg_only_takes_complete_jpeg_files(folder: ImageFolder) -> None:
     good = names[folder.paths[0].name]
     decoded = decode_jpegs([good, data, good], torch.device("cpu"))  # one bad file fails the batched call
     assert decoded[1] is None and torch.equal(decoded[0], decoded[2]) and decoded[0].shape[0] == 3
+
+
+def _torchvision_preprocess(pre: DevicePreprocess, images: list[torch.Tensor]) -> torch.Tensor:
+    """The preprocessing through torchvision's own tensor functions, image by image."""
+    from torchvision.transforms import functional as F
+
+    from mmsae.datasets.pixels import unit_normalize
+
+    size = [pre.resize] if isinstance(pre.resize, int) else list(pre.resize)
+    out = []
+    for image_CHW in images:
+        x_CHW = F.resize(image_CHW.float(), size, pre.interpolation, pre.max_size, antialias=True)
+        x_CHW = x_CHW.clamp_(0, 255).round_()
+        out.append(x_CHW if pre.crop is None else F.center_crop(x_CHW, pre.crop))
+    return unit_normalize(torch.stack(out), pre.mean, pre.std)
+
+
+@pytest.mark.parametrize(
+    "pipeline",
+    [
+        T.Compose(
+            [
+                T.Resize(24, interpolation=T.InterpolationMode.BICUBIC),
+                T.CenterCrop(24),
+                T.ToTensor(),
+                T.Normalize([0.5] * 3, [0.25] * 3),
+            ]
+        ),
+        T.Compose(
+            [
+                T.Resize(20, max_size=26),
+                T.CenterCrop([18, 22]),
+                T.ToTensor(),
+                T.Normalize([0.4] * 3, [0.2] * 3),
+            ]
+        ),
+        T.Compose([T.Resize((24, 40)), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)]),
+        T.Compose(
+            [
+                T.Resize(16, interpolation=T.InterpolationMode.NEAREST),
+                T.CenterCrop(30),
+                T.ToTensor(),
+                T.Normalize([0.5] * 3, [0.5] * 3),
+            ]
+        ),
+    ],
+)
+def test_device_preprocess_equals_torchvision_resize(pipeline: T.Compose) -> None:
+    """The batched preprocessing (one interpolate per image, the rest on the stacked batch) gives exactly
+    torchvision's per-image Resize → CenterCrop, for tall, wide, square and already-sized images."""
+    pre = DevicePreprocess.from_transform(pipeline)
+    g = torch.Generator().manual_seed(0)
+    shapes = [(37, 53), (53, 37), (24, 24), (24, 40), (20, 31), (90, 19)]
+    images = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for h, w in shapes]
+    torch.testing.assert_close(pre(images), _torchvision_preprocess(pre, images), rtol=0, atol=0)
+
+
+def test_packed_jpegs_round_trip(folder: ImageFolder) -> None:
+    """A worker packs a batch's JPEG bytes into one tensor; the main process gets every file's bytes back,
+    other entries (PIL fallbacks, errors) unchanged and in order."""
+    from mmsae.datasets.gpu_decode import EncodedJpeg, pack_jpegs
+
+    items = []
+    for i, path in enumerate(folder.paths):
+        jpeg = read_jpeg(path)
+        items.append((i, jpeg, None) if jpeg is not None else (i, None, {"index": i, "reason": "x"}))
+    packed = pack_jpegs(items)
+    assert packed.blob.dtype == torch.uint8 and packed.blob.ndim == 1
+    back = packed.unpack()
+    assert [(i, err) for i, _, err in back] == [(i, err) for i, _, err in items]
+    for (_, a, _), (_, b, _) in zip(items, back):
+        if isinstance(a, EncodedJpeg):
+            assert torch.equal(a.data, b.data)
+        else:
+            assert b is a
+    assert pack_jpegs([(0, None, {"reason": "x"})]).unpack() == [(0, None, {"reason": "x"})]
+
+
+def test_device_decoding_runs_one_batch_ahead_in_order(
+    encoders: dict[str, Encoder], folder: ImageFolder
+) -> None:
+    """`input_batches(decode='device')` decodes the next batch in a thread: batches still come in order,
+    equal to decoding them one by one, and a decoder error reaches the caller."""
+    from mmsae.inputs import DeviceDecoder, JpegFiles, decoded_ahead, input_batches, pack_jpegs
+
+    encoder = encoders["timm:test_vit"]
+    index_batches = [[0, 1, 2], [3, 4], [5, 6, 7, 8], [9, 10, 11]]
+    got = list(input_batches(encoder, folder, index_batches, "image", decode="device"))
+    files, decoder = JpegFiles(folder, encoder), DeviceDecoder(folder, encoder)
+    want = [decoder(pack_jpegs([files[i] for i in b])) for b in index_batches]
+    assert [b.indices for b in got] == [b.indices for b in want]
+    for a, b in zip(got, want):
+        assert (a.inputs is None) == (b.inputs is None)
+        if a.inputs is not None:
+            torch.testing.assert_close(a.inputs, b.inputs, rtol=0, atol=0)
+
+    def broken(packed: object) -> object:
+        raise RuntimeError("decoder failed")
+
+    with pytest.raises(RuntimeError, match="decoder failed"):
+        list(decoded_ahead(broken, [pack_jpegs([files[0]])]))  # type: ignore[arg-type]
