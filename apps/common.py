@@ -2,8 +2,9 @@
 
 Every user-controlled size is bounded (`Limits`): text lengths, label and feature counts, result counts,
 steps, seeds; a value past its bound is refused with a message naming the field and the bound, so no
-single request can hold the shared model for long. Uploads arrive as file paths (`uploaded_image`) and
-are opened through the project's one image path (`mmsae.datasets.images.open_image`).
+single request can hold the shared model for long. Uploads arrive as file paths (`uploaded_image`; the
+mask editor's images as files or bytes, `mmsae.apps.editor`) and are opened through the project's one
+image path (`mmsae.datasets.images.open_image`).
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ MAX_PIXELS = 40_000_000  # well above any photo, far below a decompression bomb
 MAX_MESSAGE_CHARS = 400
 ECHO_CHARS = 60
 
-# Uploads are opened by `open_image` with MAX_PIXELS; this also caps what Gradio's own components decode
-# (the mask editor): PIL refuses more than 2 × this.
+# Uploads are opened by `open_image` with MAX_PIXELS, checked from the header before decoding; this also
+# caps any decode that bypassed it: PIL refuses more than 2 × this.
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 
@@ -108,20 +109,30 @@ def open_app_image(value: Any, roots: list[Path], max_mb: int = MAX_UPLOAD_MB) -
             # 16-bit and float arrays keep their values: to_rgb scales them, a cast to uint8 would wrap
             array = value.astype(np.float32) if value.dtype == np.float64 else value
             return to_rgb(Image.fromarray(array))
-        path = inside(value, roots)
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
-            raise InputError(f"{path.name}: not an image file (allowed: {', '.join(IMAGE_SUFFIXES)}).")
-        if path.stat().st_size > max_mb * 2**20:
-            raise InputError(f"{path.name} is larger than {max_mb} MB.")
-        return open_image(path, MAX_PIXELS)
+        return open_image(upload_path(value, roots, max_mb), MAX_PIXELS)
     except ImageReadError as e:
-        # The message starts with the server-side path: show the file's name only.
-        name = Path(e.source).name if e.source != "image" else "The image"
-        raise InputError(f"{name}: {e.reason}.") from e
+        raise read_error(e) from e
     except (TypeError, ValueError) as e:  # an array PIL cannot represent
         if isinstance(e, InputError):
             raise
         raise InputError(f"Unsupported image array ({e}).") from e
+
+
+def upload_path(value: str | Path, roots: list[Path], max_mb: int = MAX_UPLOAD_MB) -> Path:
+    """The image file `value`, refused unless it lies inside `roots`, has an image suffix and ≤ max_mb."""
+    path = inside(value, roots)
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise InputError(f"{path.name}: not an image file (allowed: {', '.join(IMAGE_SUFFIXES)}).")
+    if path.stat().st_size > max_mb * 2**20:
+        raise InputError(f"{path.name} is larger than {max_mb} MB.")
+    return path
+
+
+def read_error(e: ImageReadError) -> InputError:
+    """The user's message for an unreadable image: its reason, after the file's name only (the
+    server-side path in `e`'s message is not the user's business)."""
+    name = Path(e.source).name if e.source != "image" else "The image"
+    return InputError(f"{name}: {e.reason}.")
 
 
 def uploaded_image(**kwargs: Any) -> gr.Image:

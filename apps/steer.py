@@ -35,6 +35,7 @@ from mmsae.apps.common import (
     user_errors,
     words,
 )
+from mmsae.apps.editor import mask_editor
 from mmsae.datasets.images import PromptList
 from mmsae.encoders.base import Encoder
 from mmsae.encoders.capabilities import Sampler, TextEmbedder
@@ -265,7 +266,8 @@ def build_steer_app(
                     t_low = gr.Slider(0, n - 1, value=0, step=1, label="Timestep window: from")
                     t_high = gr.Slider(0, n - 1, value=n - 1, step=1, label="Timestep window: to")
                     run = gr.Button("Steer", variant="primary", elem_id="steer-run")
-                mask = gr.ImageEditor(
+                mask = mask_editor(
+                    settings,
                     label="Optional mask: paint where to steer",
                     type="numpy",
                     canvas_size=(256, 256),

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -135,9 +136,13 @@ def to_rgb(image: Image.Image, source: str = "image") -> Image.Image:
 
 
 def open_image(
-    source: str | Path | Image.Image, max_pixels: int = MAX_IMAGE_PIXELS, draft_size: DraftSize | None = None
+    source: str | Path | BinaryIO | Image.Image,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    draft_size: DraftSize | None = None,
+    alpha: bool = False,
 ) -> Image.Image:
-    """The project's one way to open an image: a file (or PIL image) → fully decoded 8-bit RGB.
+    """The project's one way to open an image: a file (path or open binary file, or a PIL image) → fully
+    decoded 8-bit RGB.
 
     Refuses, with an `ImageReadError` naming the file: missing files, non-images, truncated files,
     images of more than `max_pixels` pixels (checked from the header, before decoding), and modes
@@ -146,11 +151,15 @@ def open_image(
     `draft_size` lets a JPEG decode at 1/2, 1/4 or 1/8 scale in the DCT (much faster) while staying at
     least that large: an int is the least shorter side (what a following `Resize(int)` needs), a pair the
     least (width, height). Other formats ignore it. A resize after it then differs from one after a full
-    decode by the two downscaling filters (bounded in tests/test_perf_inputs.py)."""
+    decode by the two downscaling filters (bounded in tests/test_perf_inputs.py).
+
+    `alpha` gives 8-bit RGBA instead, keeping the image's transparency (an image without any is opaque):
+    what a painted mask layer needs."""
+    convert = _to_rgba if alpha else to_rgb
     if isinstance(source, Image.Image):
         _check_pixels("image", source.size, max_pixels)
-        return to_rgb(source)
-    name = str(source)
+        return convert(source)
+    name = str(source) if isinstance(source, (str, Path)) else "image"
     try:
         with Image.open(source) as img:
             _check_pixels(name, img.size, max_pixels)
@@ -159,7 +168,7 @@ def open_image(
                 least = s if isinstance(s, tuple) else (w * s // min(w, h), h * s // min(w, h))
                 img.draft("RGB", least)  # the least (width, height) PIL may decode to
             img.load()
-            return to_rgb(img, name)
+            return convert(img, name)
     except ImageReadError:
         raise
     except FileNotFoundError as e:
@@ -177,6 +186,13 @@ def open_image(
         ) from e
     except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data, unreadable file
         raise ImageReadError(name, f"cannot be decoded ({type(e).__name__}: {e})") from e
+
+
+def _to_rgba(image: Image.Image, source: str = "image") -> Image.Image:
+    """`to_rgb` with the image's transparency kept as an alpha channel."""
+    if image.mode in EIGHT_BIT_MODES and ("A" in image.getbands() or "transparency" in image.info):
+        return image.convert("RGBA")
+    return to_rgb(image, source).convert("RGBA")
 
 
 def _check_pixels(source: str, size: tuple[int, int], max_pixels: int) -> None:
