@@ -131,15 +131,15 @@ class PeerSAE(SAE):
 
     def __init__(self, n_latents: int, d_in: int, encode: Callable, decode: Callable, W_dec: torch.Tensor):
         super().__init__(mmsae.SAEConfig(d_in=d_in, n_latents=n_latents))
-        self._encode, self._decode = encode, decode
+        self.peer_encode, self.peer_decode = encode, decode
         with torch.no_grad():
             self.W_dec.copy_(W_dec)
 
-    def encode(self, x):
-        return self._encode(x)
+    def _encode(self, x):
+        return self.peer_encode(x)
 
     def decode(self, codes):
-        return self._decode(codes)
+        return self.peer_decode(codes)
 
 
 def run_sparsify(s: Setup) -> SAE:

@@ -17,7 +17,7 @@ from mmsae.convert import from_saelens, from_sparsify
 from mmsae.encoders.registry import get_encoder
 from mmsae.intervene.edits import Set
 from mmsae.intervene.intervention import Intervention, Splice
-from mmsae.sae.base import REGISTRY
+from mmsae.sae.base import REGISTRY, SAE, SAEConfig, SAEOutput
 
 FIXTURES = Path(__file__).parent / "fixtures" / "converters"
 SCALE = json.loads((FIXTURES / "versions.json").read_text())["norm_scaling_factor"]
@@ -216,8 +216,8 @@ VARIANT_OPTIONS = {
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 @pytest.mark.parametrize("mode", ["layer_norm", "constant_norm_rescale"])
 def test_every_variant_normalises_once(name: str, mode: str) -> None:
-    """encode(x) codes normalize(x), once (variants call encode and pre_acts from their own forward), and
-    forward(x) is decode(encode(x)) denormalised."""
+    """encode(x) codes normalize(x), once (variants' hooks call each other and pre_acts from their own
+    forward), and forward(x) is decode(encode(x)) denormalised."""
     options = VARIANT_OPTIONS.get(name, {"k": 4})
     sae = mmsae.build_sae(name, 16, 64, input_norm=mode, **options)
     plain = mmsae.build_sae(name, 16, 64, **options)
@@ -228,3 +228,71 @@ def test_every_variant_normalises_once(name: str, mode: str) -> None:
         torch.testing.assert_close(sae.encode_dense(x), plain.encode_dense(x_n))
         torch.testing.assert_close(sae(x).x_hat, sae.denormalize(plain(x_n).x_hat, stats))
         torch.testing.assert_close(sae(x).x_hat, sae.denormalize(sae.decode(sae.encode(x)), stats))
+
+
+def test_hierarchical_budget_passes_through_the_normalisation() -> None:
+    sae = mmsae.build_sae("hierarchical_topk", 16, 64, ks=(2, 4), input_norm="layer_norm")
+    plain = mmsae.build_sae("hierarchical_topk", 16, 64, ks=(2, 4))
+    plain.load_state_dict(sae.state_dict())
+    x = torch.randn(5, 16) * 3 + 0.5
+    x_n, stats = sae.normalize(x)
+    with torch.no_grad():
+        torch.testing.assert_close(sae.encode(x, k=2).dense(), plain.encode(x_n, 2).dense())
+        torch.testing.assert_close(sae(x, 2).x_hat, sae.denormalize(plain(x_n, k=2).x_hat, stats))
+        assert sae(x, k=2).codes.values.shape == (5, 2)
+
+
+class _GateSAE(SAE):
+    """A variant defined outside mmsae: only hooks on its own input, no knowledge of `cfg.input_norm`."""
+
+    arch = "_test_gate"
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        pre_BN = self.pre_acts(x)
+        return pre_BN * (pre_BN > 0.1)
+
+    def _forward(self, x: torch.Tensor) -> SAEOutput:
+        codes_BN = self._encode(x)
+        return SAEOutput(self.decode(codes_BN), codes_BN, {"input_norm": x.norm(dim=-1)})
+
+
+def test_new_variant_gets_input_norm_without_doing_anything() -> None:
+    """A variant that implements only the hooks is normalised by the base class's encode and forward."""
+    sae = _GateSAE(SAEConfig(d_in=16, n_latents=64, input_norm="constant_norm_rescale"))
+    plain = _GateSAE(SAEConfig(d_in=16, n_latents=64))
+    plain.load_state_dict(sae.state_dict())
+    x = torch.randn(5, 16) * torch.tensor([1.0, 6.0, 0.3, 1.0, 2.0])[:, None] + 0.5
+    x_n, stats = sae.normalize(x)
+    with torch.no_grad():
+        out = sae(x)
+        torch.testing.assert_close(out.aux["input_norm"], torch.full((5,), 16**0.5))  # its hook saw xₙ
+        torch.testing.assert_close(sae.encode(x), plain.encode(x_n))
+        torch.testing.assert_close(out.x_hat, sae.denormalize(plain(x_n).x_hat, stats))
+        with pytest.raises(ValueError, match="d_in=16"):
+            sae.encode(x[:, :8])
+
+
+def test_variant_replacing_an_entry_point_is_refused() -> None:
+    """A variant that defined encode or forward itself would skip `cfg.input_norm`: a clear error instead."""
+    with pytest.raises(TypeError, match=r"_Bad defines encode: .*_encode"):
+
+        class _Bad(SAE):
+            def encode(self, x: torch.Tensor) -> torch.Tensor:
+                return self.pre_acts(x)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_no_input_norm_adds_nothing_to_the_forward(name: str) -> None:
+    """Without `cfg.input_norm` (every training run) encode and forward never normalise."""
+    options = VARIANT_OPTIONS.get(name, {"k": 4})
+    sae = mmsae.build_sae(name, 16, 64, **options)
+    x = torch.randn(6, 16)
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("normalised an input of an SAE without input_norm")
+
+    sae.normalize = sae.denormalize = refuse  # type: ignore[method-assign]
+    with torch.no_grad():
+        sae(x)
+        sae.encode(x)
+    sae.train()(x).x_hat.sum().backward()  # the training forward, fused decoder included

@@ -33,7 +33,7 @@ class AbsTopKSAE(TopKSAE):
     Config = TopKConfig
     cfg: TopKConfig
 
-    def encode(self, x: Tensor) -> SparseCodes:
+    def _encode(self, x: Tensor) -> SparseCodes:
         values, indices = signed_topk(self.pre_acts(x), self.cfg.k)
         return SparseCodes(values, indices, self.cfg.n_latents)
 

@@ -1,18 +1,16 @@
 """The `SAE` base class, its config, the (values, indices) code type and the registry.
 
-Every variant is a small subclass: it sets `arch`, may extend `Config`, and overrides
-`encode` (and `loss` where its objective differs). Weights are `W_enc` (n×d), `b_enc` (n),
-`W_dec` (n×d, rows are atoms) and `b_dec` (d), as in the method notes.
+Every variant is a small subclass: it sets `arch`, may extend `Config`, and implements the hook
+`_encode` (`_forward` and `loss` where its forward or objective differs). Weights are `W_enc` (n×d),
+`b_enc` (n), `W_dec` (n×d, rows are atoms) and `b_dec` (d), as in the method notes.
 """
 
 from __future__ import annotations
 
-import contextvars
 import dataclasses
-import functools
 import math
 import os
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, NamedTuple
@@ -133,31 +131,6 @@ class NormStats(NamedTuple):
     shift: Tensor | None  # [..., 1], None where the normalisation does not centre
 
 
-_NORMALIZED: contextvars.ContextVar[SAE | None] = contextvars.ContextVar("mmsae_normalized_sae", default=None)
-"""The SAE whose variant code is running on an already normalised input (per thread): its own nested
-`encode`/`forward` calls must not normalise a second time."""
-
-
-def _with_input_norm(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a variant's `encode` or `forward` so that it runs on `self.normalize(x)` (and a forward's x̂
-    is denormalised): variants stay written for the space they encode in and honour `cfg.input_norm`."""
-
-    @functools.wraps(fn)
-    def wrapped(self: SAE, x: Tensor, *args: Any, **kwargs: Any) -> Any:
-        if self.cfg.input_norm == "none" or _NORMALIZED.get() is self:
-            return fn(self, x, *args, **kwargs)
-        self.check_input(x)
-        x_n, stats = self.normalize(x)
-        token = _NORMALIZED.set(self)
-        try:
-            out = fn(self, x_n, *args, **kwargs)
-        finally:
-            _NORMALIZED.reset(token)
-        return out._replace(x_hat=self.denormalize(out.x_hat, stats)) if name == "forward" else out
-
-    return wrapped
-
-
 class LossOutput(NamedTuple):
     loss: Tensor
     metrics: dict[str, Tensor]
@@ -205,7 +178,9 @@ class SAE(nn.Module):
 
     Without it (the default) normalize and denormalize are the identity.
 
-    Subclasses implement `encode`. The base supplies the linear decoder, what training needs of the SAE
+    Subclasses implement `_encode` (and `_forward` where the forward differs): hooks on the SAE's own input
+    xₙ, which the public `encode` and `forward` normalise around, so a new variant honours `cfg.input_norm`
+    without doing anything itself. The base supplies the linear decoder, what training needs of the SAE
     itself (the objective, decoder normalisation, data init, input-scale folding) and checkpoint I/O. An SAE
     is its weights and its config: training state such as dead-latent clocks belongs to the trainer.
     """
@@ -220,11 +195,16 @@ class SAE(nn.Module):
     read instead of casting; set by the trainer, None outside training. Not part of the SAE's state."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
-        # Every variant's own encode/forward honours cfg.input_norm without knowing about it.
+        # `encode` and `forward` are the entry points that apply cfg.input_norm around the variant's hooks: a
+        # variant that replaced them would silently skip the normalisation of converted SAEs.
         super().__init_subclass__(**kwargs)
-        for name in ("encode", "forward"):
-            if name in cls.__dict__:
-                setattr(cls, name, _with_input_norm(name, cls.__dict__[name]))
+        replaced = [name for name in ("encode", "forward") if name in cls.__dict__]
+        if replaced:
+            raise TypeError(
+                f"{cls.__name__} defines {' and '.join(replaced)}: SAE variants implement the hooks _encode "
+                "(and _forward where their forward differs), which the base class's encode and forward call "
+                "on the normalised input (cfg.input_norm). Rename the method(s) to _encode / _forward."
+            )
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -298,8 +278,13 @@ class SAE(nn.Module):
         """W_enc (x − b_dec) + b_enc, [B, n], of the SAE's own input (xₙ under `cfg.input_norm`)."""
         return (x - self.b_dec) @ self.W_enc.T + self.b_enc
 
-    def encode(self, x: Tensor) -> Codes:
-        raise NotImplementedError
+    def encode(self, x: Tensor, *args: Any, **kwargs: Any) -> Codes:
+        """The codes of raw activations x: the variant's `_encode` of xₙ = normalize(x) (of x itself unless
+        `cfg.input_norm`). Further arguments go to `_encode` (a hierarchical SAE's budget k)."""
+        if self.cfg.input_norm != "none":
+            self.check_input(x)
+            x = self.normalize(x)[0]
+        return self._encode(x, *args, **kwargs)
 
     def decode(self, codes: Codes) -> Tensor:
         """x̂ₙ = codes·W_dec + b_dec: the reconstruction of the input the SAE encodes (x itself unless
@@ -310,10 +295,28 @@ class SAE(nn.Module):
             )
         return codes @ self.W_dec + self.b_dec
 
-    @functools.partial(_with_input_norm, "forward")
-    def forward(self, x: Tensor) -> SAEOutput:
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> SAEOutput:
+        """x̂ of raw activations x (in x's space), with the codes and the variant's aux terms: the variant's
+        `_forward` of xₙ = normalize(x), its x̂ₙ denormalised. Without `cfg.input_norm` (every training run)
+        it is `_forward(x)` and nothing more. Further arguments go to `_forward`."""
         self.check_input(x)
-        codes = self.encode(x)
+        if self.cfg.input_norm == "none":
+            return self._forward(x, *args, **kwargs)
+        x_n, stats = self.normalize(x)
+        out = self._forward(x_n, *args, **kwargs)
+        return out._replace(x_hat=self.denormalize(out.x_hat, stats))
+
+    # Variant hooks: they work on the SAE's own input (xₙ under `cfg.input_norm`, already checked), so they
+    # call each other and `pre_acts`, never `encode`/`forward`, which would normalise a second time.
+    def _encode(self, x: Tensor) -> Codes:
+        """The variant's codes of its own input."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _encode(x), its codes of x.")
+
+    def _forward(self, x: Tensor) -> SAEOutput:
+        """(x̂ₙ, codes, aux) of the SAE's own input: decode(_encode(x)), or in a training forward with sparse
+        codes and `fused_recon` the decoder fused with the reconstruction loss. Variants whose loss needs
+        more of the forward (pre-activations, gates) override it."""
+        codes = self._encode(x)
         if (
             self.fused_recon
             and self.training

@@ -58,7 +58,7 @@ class BatchTopKSAE(TopKSAE):
         # 0 = not yet estimated; the first training batch sets it directly.
         self.register_buffer("threshold", torch.zeros((), dtype=torch.float32))
 
-    def encode(self, x: Tensor) -> Tensor:
+    def _encode(self, x: Tensor) -> Tensor:
         acts_BN = self.pre_acts(x).relu()
         score_BN = self.selection_score(x, acts_BN)
         if not self.training:

@@ -44,11 +44,10 @@ class GatedSAE(ReLUSAE):
         magnitude_BN = (self.r_mag.exp() * (pi_gate_BN - self.b_enc) + self.b_mag).relu()
         return pi_gate_BN, (pi_gate_BN > 0).to(magnitude_BN.dtype) * magnitude_BN
 
-    def encode(self, x: Tensor) -> Tensor:
+    def _encode(self, x: Tensor) -> Tensor:
         return self.gate_and_codes(x)[1]
 
-    def forward(self, x: Tensor) -> SAEOutput:
-        self.check_input(x)
+    def _forward(self, x: Tensor) -> SAEOutput:
         pi_gate_BN, codes_BN = self.gate_and_codes(x)
         return SAEOutput(self.decode(codes_BN), codes_BN, {"pi_gate": pi_gate_BN})
 

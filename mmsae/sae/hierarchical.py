@@ -43,7 +43,7 @@ class HierarchicalTopKSAE(TopKSAE):
     Config = HierarchicalTopKConfig
     cfg: HierarchicalTopKConfig
 
-    def encode(self, x: Tensor, k: int | None = None) -> SparseCodes:
+    def _encode(self, x: Tensor, k: int | None = None) -> SparseCodes:
         """Top-k codes sorted by value (largest first); k defaults to max(ks)."""
         k = self.cfg.k if k is None else k
         if not 0 < k <= self.cfg.k:
@@ -55,9 +55,8 @@ class HierarchicalTopKSAE(TopKSAE):
         indices = indices.gather(-1, order)
         return SparseCodes(values[..., :k], indices[..., :k], self.cfg.n_latents)
 
-    def forward(self, x: Tensor, k: int | None = None) -> SAEOutput:
-        self.check_input(x)
-        codes = self.encode(x, k)
+    def _forward(self, x: Tensor, k: int | None = None) -> SAEOutput:
+        codes = self._encode(x, k)
         return SAEOutput(self.decode(codes), codes, {})
 
     def loss(

@@ -130,14 +130,13 @@ class JumpReLUSAE(SAE):
         super().__init__(cfg)
         self.threshold = nn.Parameter(torch.full((cfg.n_latents,), cfg.threshold_init, dtype=torch.float32))
 
-    def encode(self, x: Tensor) -> Tensor:
+    def _encode(self, x: Tensor) -> Tensor:
         return self.jump(self.pre_acts(x))
 
     def jump(self, pre_BN: Tensor) -> Tensor:
         return JumpReLUFunction.apply(pre_BN, self.threshold, self.cfg.bandwidth, self.cfg.ste_inputs)
 
-    def forward(self, x: Tensor) -> SAEOutput:
-        self.check_input(x)
+    def _forward(self, x: Tensor) -> SAEOutput:
         pre_BN = self.pre_acts(x)
         codes_BN = self.jump(pre_BN)
         return SAEOutput(self.decode(codes_BN), codes_BN, {"pre_acts": pre_BN})

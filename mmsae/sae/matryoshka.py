@@ -48,10 +48,10 @@ class MatryoshkaSAE(BatchTopKSAE):
     cfg: MatryoshkaConfig
     fused_recon = False  # its loss is over prefix reconstructions, not the forward's x̂
 
-    def encode(self, x: Tensor) -> Tensor | SparseCodes:
+    def _encode(self, x: Tensor) -> Tensor | SparseCodes:
         if self.cfg.selection == "topk":
-            return TopKSAE.encode(self, x)  # per-token selection; the batch threshold stays unused
-        return super().encode(x)
+            return TopKSAE._encode(self, x)  # per-token selection; the batch threshold stays unused
+        return super()._encode(x)
 
     def prefix_reconstructions(self, codes_BN: Tensor) -> list[Tensor]:
         """x̂ of each dictionary prefix, built as cumulative sums of the block contributions."""

@@ -41,7 +41,7 @@ class MPSAE(SAE):
         self.W_enc = None
         self.b_enc = None
 
-    def encode(self, x: Tensor) -> SparseCodes:
+    def _encode(self, x: Tensor) -> SparseCodes:
         residual_BD = x - self.b_dec
         norms_N = self.W_dec.norm(dim=-1).clamp_min(1e-8)
         stop_B = residual_BD.norm(dim=-1) * self.cfg.stop_tol

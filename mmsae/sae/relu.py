@@ -61,7 +61,7 @@ class ReLUSAE(SAE):
         # λ's calibrated multiplier under `target_l0`; saved only then (older checkpoints lack it).
         self.register_buffer("l1_scale", torch.ones(()), persistent=cfg.target_l0 is not None)
 
-    def encode(self, x: Tensor) -> Tensor:
+    def _encode(self, x: Tensor) -> Tensor:
         return self.pre_acts(x).relu()
 
     def l1_coef_at(self, step: int) -> float | Tensor:

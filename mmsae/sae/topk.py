@@ -31,7 +31,7 @@ class TopKSAE(SAE):
     cfg: TopKConfig
     fused_recon = True
 
-    def encode(self, x: Tensor) -> SparseCodes:
+    def _encode(self, x: Tensor) -> SparseCodes:
         values, indices = kernels.topk_encode(
             x, self.W_enc, self.b_enc, self.cfg.k, b_dec=self.b_dec, copies=self.weight_copies
         )
