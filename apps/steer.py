@@ -221,115 +221,125 @@ def build_steer_app(
     """The steering Blocks; the layout follows the encoder family (image models vs diffusion)."""
     settings = settings or AppSettings()
     h = SteerHandlers(encoder, sae, settings, catalog, max_acts, calibration)
-    first = h.catalog.choices(h.catalog.find(""))
     with gr.Blocks(title="mmsae steering") as demo:
         banner(settings)
         gr.Markdown(
             f"## Steering {encoder.id} at `{sae.cfg.hook}` ({sae.cfg.n_latents} features)\n"
             "Strength = multiple of the feature's maximum activation (−10…10)."
         )
-        with gr.Row():
-            query = gr.Textbox(label="Search features by name or number", elem_id="steer-feature-search")
-            find = gr.Button("Find features")
-        slots: list[gr.components.Component] = []
-        with gr.Row():
-            for i in range(N_SLOTS):
-                with gr.Column():
-                    slots.append(
-                        gr.Dropdown(
-                            first,
-                            value=first[0][1] if i == 0 and first else None,
-                            allow_custom_value=True,
-                            label=f"Feature {i + 1}",
-                            elem_id=f"steer-feature-{i}",
-                        )
-                    )
-                    slots.append(
-                        gr.Slider(-MAX_STRENGTH, MAX_STRENGTH, value=5.0, step=0.5, label=f"Strength {i + 1}")
-                    )
-        find.click(user_errors(h.find_features), [query], slots[::2], api_name="find_features")
-        query.submit(user_errors(h.find_features), [query], slots[::2], api_name=False)
+        slots = _feature_slots(h)
         if h.is_diffusion:
-            n = schedule_length(encoder) or 1000
-            with gr.Row():
-                with gr.Column():
-                    prompt = gr.Textbox(label="Prompt", value="a photo of a cat", elem_id="steer-prompt")
-                    with gr.Row():
-                        seed = gr.Number(0, precision=0, label="Seed")
-                        steps = gr.Slider(
-                            1,
-                            settings.limits.steps,
-                            value=encoder.sampling.num_inference_steps,
-                            step=1,
-                            label="Steps",
-                        )
-                    t_low = gr.Slider(0, n - 1, value=0, step=1, label="Timestep window: from")
-                    t_high = gr.Slider(0, n - 1, value=n - 1, step=1, label="Timestep window: to")
-                    run = gr.Button("Steer", variant="primary", elem_id="steer-run")
-                mask = mask_editor(
-                    settings,
-                    label="Optional mask: paint where to steer",
-                    type="numpy",
-                    canvas_size=(256, 256),
-                    height=320,
-                    sources=(),
-                    brush=gr.Brush(colors=["#ffffff"]),
-                    elem_id="steer-mask",
-                )
-            with gr.Row():
-                before = gr.Image(label="Original", height=320, elem_id="steer-before")
-                after = gr.Image(label="Steered", height=320, elem_id="steer-after")
-            run.click(
-                user_errors(as_files(h.steer_diffusion)),
-                [prompt, seed, steps, t_low, t_high, mask, *slots],
-                [before, after],
-                api_name="steer",
-            )
-            return demo
-        with gr.Row():
-            with gr.Column():
-                image = uploaded_image(
-                    label="Image",
-                    sources=["upload", "clipboard"],
-                    height=220,
-                    elem_id="steer-image",
-                )
-                if h.calibration:
-                    gr.Examples([[p] for p in h.calibration[:8]], [image], label="…or pick one")
-                if encoder.family == "llava":
-                    prompt = gr.Textbox(label="Prompt", value="Describe the image.", elem_id="steer-prompt")
-                    max_new = gr.Slider(
-                        1, settings.limits.new_tokens, value=20, step=1, label="Max new tokens"
-                    )
-                else:
-                    labels = gr.Textbox(
-                        label="Zero-shot labels (CLIP)",
-                        value=DEFAULT_LABELS,
-                        visible=isinstance(encoder, TextEmbedder),
-                    )
-                run = gr.Button("Steer", variant="primary", elem_id="steer-run")
-            with gr.Column():
-                if encoder.family == "llava":
-                    before = gr.Textbox(label="Original answer", elem_id="steer-before")
-                    after = gr.Textbox(label="Steered answer", elem_id="steer-after")
-                    run.click(
-                        user_errors(h.steer_llava),
-                        [image, prompt, max_new, *slots],
-                        [before, after],
-                        api_name="steer",
-                    )
-                else:
-                    with gr.Row():
-                        before = gr.Label(label="Original", num_top_classes=4, elem_id="steer-before")
-                        after = gr.Label(label="Steered", num_top_classes=4, elem_id="steer-after")
-                    summary = gr.Markdown()
-                    run.click(
-                        user_errors(h.steer_image),
-                        [image, labels, *slots],
-                        [before, after, summary],
-                        api_name="steer",
-                    )
+            _diffusion_panel(h, slots)
+        else:
+            _image_panel(h, slots)
     return demo
+
+
+def _feature_slots(h: SteerHandlers) -> list[gr.components.Component]:
+    """The feature search and, per slot, a feature dropdown and its strength slider (interleaved)."""
+    first = h.catalog.choices(h.catalog.find(""))
+    with gr.Row():
+        query = gr.Textbox(label="Search features by name or number", elem_id="steer-feature-search")
+        find = gr.Button("Find features")
+    slots: list[gr.components.Component] = []
+    with gr.Row():
+        for i in range(N_SLOTS):
+            with gr.Column():
+                slots.append(
+                    gr.Dropdown(
+                        first,
+                        value=first[0][1] if i == 0 and first else None,
+                        allow_custom_value=True,
+                        label=f"Feature {i + 1}",
+                        elem_id=f"steer-feature-{i}",
+                    )
+                )
+                slots.append(
+                    gr.Slider(-MAX_STRENGTH, MAX_STRENGTH, value=5.0, step=0.5, label=f"Strength {i + 1}")
+                )
+    find.click(user_errors(h.find_features), [query], slots[::2], api_name="find_features")
+    query.submit(user_errors(h.find_features), [query], slots[::2], api_name=False)
+    return slots
+
+
+def _diffusion_panel(h: SteerHandlers, slots: list[gr.components.Component]) -> None:
+    """Prompt, sampler settings, timestep window and optional mask → same-seed samples before/after."""
+    encoder, limits = h.encoder, h.settings.limits
+    n = schedule_length(encoder) or 1000
+    with gr.Row():
+        with gr.Column():
+            prompt = gr.Textbox(label="Prompt", value="a photo of a cat", elem_id="steer-prompt")
+            with gr.Row():
+                seed = gr.Number(0, precision=0, label="Seed")
+                steps = gr.Slider(
+                    1, limits.steps, value=encoder.sampling.num_inference_steps, step=1, label="Steps"
+                )
+            t_low = gr.Slider(0, n - 1, value=0, step=1, label="Timestep window: from")
+            t_high = gr.Slider(0, n - 1, value=n - 1, step=1, label="Timestep window: to")
+            run = gr.Button("Steer", variant="primary", elem_id="steer-run")
+        mask = mask_editor(
+            h.settings,
+            label="Optional mask: paint where to steer",
+            type="numpy",
+            canvas_size=(256, 256),
+            height=320,
+            sources=(),
+            brush=gr.Brush(colors=["#ffffff"]),
+            elem_id="steer-mask",
+        )
+    with gr.Row():
+        before = gr.Image(label="Original", height=320, elem_id="steer-before")
+        after = gr.Image(label="Steered", height=320, elem_id="steer-after")
+    run.click(
+        user_errors(as_files(h.steer_diffusion)),
+        [prompt, seed, steps, t_low, t_high, mask, *slots],
+        [before, after],
+        api_name="steer",
+    )
+
+
+def _image_panel(h: SteerHandlers, slots: list[gr.components.Component]) -> None:
+    """An image (and a LLaVA prompt or CLIP labels) → the model's output before/after."""
+    encoder, limits = h.encoder, h.settings.limits
+    llava = encoder.family == "llava"
+    with gr.Row():
+        with gr.Column():
+            image = uploaded_image(
+                label="Image", sources=["upload", "clipboard"], height=220, elem_id="steer-image"
+            )
+            if h.calibration:
+                gr.Examples([[p] for p in h.calibration[:8]], [image], label="…or pick one")
+            if llava:
+                prompt = gr.Textbox(label="Prompt", value="Describe the image.", elem_id="steer-prompt")
+                max_new = gr.Slider(1, limits.new_tokens, value=20, step=1, label="Max new tokens")
+            else:
+                labels = gr.Textbox(
+                    label="Zero-shot labels (CLIP)",
+                    value=DEFAULT_LABELS,
+                    visible=isinstance(encoder, TextEmbedder),
+                )
+            run = gr.Button("Steer", variant="primary", elem_id="steer-run")
+        with gr.Column():
+            if llava:
+                before = gr.Textbox(label="Original answer", elem_id="steer-before")
+                after = gr.Textbox(label="Steered answer", elem_id="steer-after")
+                run.click(
+                    user_errors(h.steer_llava),
+                    [image, prompt, max_new, *slots],
+                    [before, after],
+                    api_name="steer",
+                )
+            else:
+                with gr.Row():
+                    before = gr.Label(label="Original", num_top_classes=4, elem_id="steer-before")
+                    after = gr.Label(label="Steered", num_top_classes=4, elem_id="steer-after")
+                summary = gr.Markdown()
+                run.click(
+                    user_errors(h.steer_image),
+                    [image, labels, *slots],
+                    [before, after, summary],
+                    api_name="steer",
+                )
 
 
 __all__ = ["SteerHandlers", "build_steer_app", "mask_from_editor", "top_classes"]

@@ -282,8 +282,7 @@ def train_rate(data: object, setup: Setup, batch_size: int, stage: bool | None =
     return setup.train_tokens / (time.perf_counter() - start)
 
 
-def main() -> None:
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # keep the table readable
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -299,7 +298,79 @@ def main() -> None:
         "store's own cost shows where the disk is not the limit); training reads the "
         "first encoder's store of the first mode",
     )
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def extraction_rows(
+    setup: Setup, device: torch.device, dataset: ImageFolder, tmp: Path, token_modes: list[str]
+) -> tuple[list[Row], list[ActivationStore]]:
+    """A table row per (encoder, token mode), and the PIL-path stores they wrote."""
+    rows, stores = [], []
+    for spec in setup.encoders:
+        encoder = get_encoder(spec, pretrained=False, device=device, dtype=setup.model_dtype)
+        hook = encoder.default_hook
+        bare, hooked = forward_rates(encoder, hook, setup)
+        pil_loader = loader_rate(encoder, dataset, setup, "pil")
+        dev_loader = loader_rate(encoder, dataset, setup, "device")
+        for tokens in token_modes:
+            store_only = store_rate(encoder, hook, setup, tmp / "pixels", tokens)
+            pil, store = extract_rate(encoder, dataset, hook, setup, tmp / "pil", "pil", tokens)
+            stores.append(store)
+            dev, dev_store = extract_rate(encoder, dataset, hook, setup, tmp / "device", "device", tokens)
+            shutil.rmtree(dev_store.path)  # disk: only the PIL stores are read below
+            bytes_per_image = store.n_tokens * store.d_in * 2 / len(dataset)
+            disk = disk_rate(tmp, int(bytes_per_image * setup.n_images))
+            rows.append(
+                Row(
+                    spec,
+                    hook,
+                    tokens,
+                    store.n_tokens,
+                    store.d_in,
+                    bare,
+                    hooked,
+                    store_only,
+                    store_only * bytes_per_image / 1e9,
+                    disk,
+                    pil_loader,
+                    pil,
+                    dev_loader,
+                    dev,
+                )
+            )
+        del encoder
+    return rows, stores
+
+
+def training_report(store: ActivationStore, setup: Setup, device: torch.device) -> str:
+    """Store read rates (printed as measured) and SAE training from the store vs from memory."""
+    token_batch = 4096
+    host_gbs = read_rate(store, device, token_batch, on_gpu=False)
+    gpu_gbs = read_rate(store, device, token_batch, on_gpu=True) if device.type == "cuda" else math.nan
+    print(
+        f"\nstore read ({setup.encoders[0]}, {store.n_tokens} tokens × {store.d_in}, fp16, "
+        f"shuffled batches of {token_batch} → {device.type} fp32): shuffled on the host {host_gbs:.2f} "
+        f"GB/s, on the GPU {gpu_gbs:.2f} GB/s",
+        flush=True,
+    )
+    in_memory = torch.cat(list(store.batches(1 << 16, shuffle=False, dtype=None)))
+    # A first short run pays CUDA init and the Triton JIT, which would otherwise bill whichever
+    # source is timed first.
+    train_rate(in_memory, dataclasses.replace(setup, train_tokens=20 * token_batch), token_batch)
+    from_store = train_rate(store, setup, token_batch)
+    from_memory = train_rate(in_memory, setup, token_batch)
+    host_store = train_rate(store, setup, token_batch, stage=False)
+    return (
+        f"SAE training (TopK, {setup.sae_latents} latents, k=32, batch {token_batch}, "
+        f"{setup.train_tokens} tokens): from store {from_store:,.0f} tok/s, from memory "
+        f"{from_memory:,.0f} tok/s, ratio {from_store / from_memory:.2f}; from store shuffled "
+        f"on the host (stage=False) {host_store:,.0f} tok/s"
+    )
+
+
+def main() -> None:
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # keep the table readable
+    args = parse_args()
     setup = SETUPS[args.device]
     setup = Setup(
         tuple(args.encoders or setup.encoders),
@@ -312,7 +383,6 @@ def main() -> None:
         if device.type == "cuda"
         else f"{platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)"
     )
-    rows = []
     with tempfile.TemporaryDirectory(dir=args.out) as tmp_dir:
         tmp = Path(tmp_dir)
         dataset = write_jpegs(tmp / "jpegs", setup.n_images)
@@ -323,69 +393,12 @@ def main() -> None:
             f"batch {setup.batch_size}, {setup.num_workers} loader workers, model dtype "
             f"{setup.model_dtype}, store fp16"
         ]
-        stores = []
-        for spec in setup.encoders:
-            encoder = get_encoder(spec, pretrained=False, device=device, dtype=setup.model_dtype)
-            hook = encoder.default_hook
-            bare, hooked = forward_rates(encoder, hook, setup)
-            pil_loader = loader_rate(encoder, dataset, setup, "pil")
-            dev_loader = loader_rate(encoder, dataset, setup, "device")
-            for tokens in args.tokens:
-                store_only = store_rate(encoder, hook, setup, tmp / "pixels", tokens)
-                pil, store = extract_rate(encoder, dataset, hook, setup, tmp / "pil", "pil", tokens)
-                stores.append(store)
-                dev, dev_store = extract_rate(encoder, dataset, hook, setup, tmp / "device", "device", tokens)
-                shutil.rmtree(dev_store.path)  # disk: only the PIL stores are read below
-                bytes_per_image = store.n_tokens * store.d_in * 2 / len(dataset)
-                disk = disk_rate(tmp, int(bytes_per_image * setup.n_images))
-                rows.append(
-                    Row(
-                        spec,
-                        hook,
-                        tokens,
-                        store.n_tokens,
-                        store.d_in,
-                        bare,
-                        hooked,
-                        store_only,
-                        store_only * bytes_per_image / 1e9,
-                        disk,
-                        pil_loader,
-                        pil,
-                        dev_loader,
-                        dev,
-                    )
-                )
-            del encoder
+        rows, stores = extraction_rows(setup, device, dataset, tmp, args.tokens)
         report.append("\n(images/s; ratios to the bare forward)")
         report += ["| " + " | ".join(Row.HEADER) + " |", "|---|---|" + "---:|" * (len(Row.HEADER) - 2)]
         report += [r.markdown() for r in rows]
         print("\n".join(report), flush=True)  # the extraction table, before the slower training part
-        report = []
-        store = stores[0]
-        token_batch = 4096
-        host_gbs = read_rate(store, device, token_batch, on_gpu=False)
-        gpu_gbs = read_rate(store, device, token_batch, on_gpu=True) if device.type == "cuda" else math.nan
-        print(
-            f"\nstore read ({setup.encoders[0]}, {store.n_tokens} tokens × {store.d_in}, fp16, "
-            f"shuffled batches of {token_batch} → {device.type} fp32): shuffled on the host {host_gbs:.2f} "
-            f"GB/s, on the GPU {gpu_gbs:.2f} GB/s",
-            flush=True,
-        )
-        in_memory = torch.cat(list(store.batches(1 << 16, shuffle=False, dtype=None)))
-        # A first short run pays CUDA init and the Triton JIT, which would otherwise bill whichever
-        # source is timed first.
-        train_rate(in_memory, dataclasses.replace(setup, train_tokens=20 * token_batch), token_batch)
-        from_store = train_rate(store, setup, token_batch)
-        from_memory = train_rate(in_memory, setup, token_batch)
-        host_store = train_rate(store, setup, token_batch, stage=False)
-        report.append(
-            f"SAE training (TopK, {setup.sae_latents} latents, k=32, batch {token_batch}, "
-            f"{setup.train_tokens} tokens): from store {from_store:,.0f} tok/s, from memory "
-            f"{from_memory:,.0f} tok/s, ratio {from_store / from_memory:.2f}; from store shuffled "
-            f"on the host (stage=False) {host_store:,.0f} tok/s"
-        )
-    print("\n".join(report))
+        print(training_report(stores[0], setup, device))
 
 
 if __name__ == "__main__":

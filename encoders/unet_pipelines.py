@@ -30,28 +30,9 @@ def tiny_pipeline() -> StableDiffusionPipeline:
         cross_attention_dim=8,
         norm_num_groups=2,
     )
-    vae = AutoencoderKL(
-        block_out_channels=[4, 8],
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2,
-        norm_num_groups=2,
-    )
+    vae = tiny_vae()  # before the text encoder: seeded weights depend on the order of random inits
     tokenizer = tiny_clip_tokenizer(vocab_size=1000)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=8,
-            intermediate_size=16,
-            num_attention_heads=2,
-            num_hidden_layers=2,
-            vocab_size=1000,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = CLIPTextModel(tiny_text_config(tokenizer))
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -72,6 +53,33 @@ def tiny_pipeline() -> StableDiffusionPipeline:
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_vae() -> AutoencoderKL:
+    """diffusers' tiny test VAE: 4 latent channels, two blocks (random init)."""
+    return AutoencoderKL(
+        block_out_channels=[4, 8],
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        norm_num_groups=2,
+    )
+
+
+def tiny_text_config(tokenizer: Any, **sizes: int) -> CLIPTextConfig:
+    """diffusers' tiny CLIP text-encoder config with `tokenizer`'s special tokens (a 1000-token
+    vocabulary, as `tiny_clip_tokenizer(1000)`); `sizes` overrides the SD-1.x test sizes (hidden 8,
+    intermediate 16, 2 heads, 2 layers), e.g. for SDXL's wider encoders."""
+    defaults = {"hidden_size": 8, "intermediate_size": 16, "num_attention_heads": 2, "num_hidden_layers": 2}
+    return CLIPTextConfig(
+        **{**defaults, **sizes},
+        vocab_size=1000,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
 
 
 def random_init_pipeline(name: str) -> DiffusionPipeline:

@@ -99,16 +99,12 @@ def test_sample_images(enc: UNetEncoder) -> None:
 
 def test_sdxl_turbo_path() -> None:
     """SDXL (two text encoders, text_time conditioning) with Turbo sampling: 1 step, no CFG, early stop."""
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     from mmsae.encoders.tiny_tokenizer import tiny_clip_tokenizer
     from mmsae.encoders.unet import UNetSampling
+    from mmsae.encoders.unet_pipelines import tiny_text_config, tiny_vae
 
     # diffusers' own tiny SDXL test components
     unet = UNet2DConditionModel(
@@ -128,24 +124,11 @@ def test_sdxl_turbo_path() -> None:
         cross_attention_dim=64,
         norm_num_groups=1,
     )
-    vae = AutoencoderKL(
-        block_out_channels=[4, 8],
-        latent_channels=4,
-        norm_num_groups=2,
-        down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2,
-    )
+    vae = tiny_vae()
     tok = tiny_clip_tokenizer(1000)
-    text_cfg = CLIPTextConfig(
-        hidden_size=32,
-        intermediate_size=37,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        vocab_size=1000,
-        projection_dim=32,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
+    # SDXL's two text encoders feed the UNet's 64-wide cross-attention: 32 each, and a 32-d pooled projection.
+    text_cfg = tiny_text_config(
+        tok, hidden_size=32, intermediate_size=37, num_attention_heads=4, projection_dim=32
     )
     pipe = StableDiffusionXLPipeline(
         vae=vae,

@@ -82,11 +82,42 @@ def images_by_features(
     return score
 
 
+def class_features(
+    names: Sequence[Sequence[NameCandidate]], class_name: str, names_per_feature: int
+) -> list[tuple[int, float]]:
+    """(latent, logit change) of the latents naming `class_name`: first those with it as their first name,
+    then those with it among their first `names_per_feature` names."""
+    first = named_features(names, class_name, rank=1)
+    seen = {j for j, _ in first}
+    later = named_features(names, class_name, names_per_feature)
+    return first + [h for h in later if h[0] not in seen]
+
+
+def images_of_class(
+    codes: SparseCodeStore,
+    names: Sequence[Sequence[NameCandidate]],
+    class_name: str,
+    names_per_feature: int,
+    k: int,
+    allowed: np.ndarray | None,
+) -> list[tuple[int, float]]:
+    """(image id, score) of the k (allowed) images where the latents named `class_name` fire most."""
+    latents = named_features(names, class_name, rank=1) or named_features(
+        names, class_name, rank=names_per_feature
+    )  # no latent names it first: those that name it at all
+    score = images_by_features(codes, latents, len(codes))
+    ids = np.flatnonzero(score > 0) if allowed is None else np.intersect1d(np.flatnonzero(score > 0), allowed)
+    top = ids[np.argsort(-score[ids], kind="stable")][:k]
+    return [(int(i), float(score[i])) for i in top]
+
+
 __all__ = [
     "REFERENCE_IMAGES",
+    "class_features",
     "classifier_embeddings",
     "classifier_names",
     "images_by_features",
+    "images_of_class",
     "is_classifier_embedder",
     "match_class",
     "named_features",

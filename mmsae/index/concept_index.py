@@ -8,10 +8,7 @@ are large): `load` takes them and checks their ids against the ones recorded at 
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -41,11 +38,10 @@ from mmsae.analysis.naming import (
     text_embeddings,
 )
 from mmsae.argorder import warn_order
-from mmsae.checkpoint import load_sae, save_sae
+from mmsae.checkpoint import load_sae
 from mmsae.datasets.images import ImageReadError, open_image
 from mmsae.encoders.base import Encoder
 from mmsae.encoders.capabilities import TextEmbedder
-from mmsae.fileio import atomic_write_bytes
 from mmsae.index import classifier as clf
 from mmsae.index.ann import build_ann, describe
 from mmsae.index.codes import SparseCodeStore
@@ -57,12 +53,8 @@ from mmsae.index.config import (
     check_k,
     config_from_dict,
 )
-from mmsae.index.files import (
-    FILES,
-    FORMAT_VERSION,
-    read_meta,
-    read_parts,
-)
+from mmsae.index.files import FORMAT_VERSION, read_meta, read_parts, require_index_dir, write_index
+from mmsae.index.search import allowed_images, nearest_images
 from mmsae.sae import SAE
 
 
@@ -353,25 +345,12 @@ class ConceptIndex:
     ) -> list[ImageHit]:
         check_k(k)
         allowed = self._allowed(with_features, without_features)
-        q = query_E[None].astype(np.float32)
-        if allowed is None:
-            scores, ids = self.ann.search(q, min(k, len(self)))
-            hits = zip(ids[0], scores[0])
-        elif len(allowed) <= max(self.cfg.ann.exact_below, len(self) // 2):
-            # Selective filter: exact search over the few allowed images beats filtering ANN results.
-            sims = self.embeddings_NE[allowed] @ query_E
-            top = np.argsort(-sims, kind="stable")[:k]
-            hits = zip(allowed[top], sims[top])
-        else:
-            hits = self._filtered_ann(q, k, allowed)
-        return [ImageHit(int(i), self.paths[i], float(s)) for i, s in hits if i >= 0]
+        hits = nearest_images(self.ann, self.embeddings_NE, query_E, k, allowed, self.cfg.ann.exact_below)
+        return [ImageHit(i, self.paths[i], s) for i, s in hits]
 
     def _class_features(self, text: str) -> list[tuple[int, float]]:
         class_name = clf.match_class(text, self.embedder.class_names)
-        first = clf.named_features(self.names, class_name, rank=1)
-        seen = {j for j, _ in first}
-        rank = self.cfg.names_per_feature
-        return first + [h for h in clf.named_features(self.names, class_name, rank) if h[0] not in seen]
+        return clf.class_features(self.names, class_name, self.cfg.names_per_feature)
 
     def _search_class(
         self, text: str, k: int, with_features: Sequence[int], without_features: Sequence[int]
@@ -379,44 +358,14 @@ class ConceptIndex:
         if k <= 0:
             raise ValueError(f"k must be positive, got {k}.")
         class_name = clf.match_class(text, self.embedder.class_names)
-        latents = clf.named_features(self.names, class_name, rank=1) or clf.named_features(
-            self.names, class_name, rank=self.cfg.names_per_feature
-        )  # no feature names it first: those that name it at all
-        score = clf.images_by_features(self.codes, latents, len(self))
         allowed = self._allowed(with_features, without_features)
-        ids = (
-            np.flatnonzero(score > 0)
-            if allowed is None
-            else np.intersect1d(np.flatnonzero(score > 0), allowed)
-        )
-        top = ids[np.argsort(-score[ids], kind="stable")][:k]
-        return [ImageHit(int(i), self.paths[i], float(score[i])) for i in top]
-
-    def _filtered_ann(self, q: np.ndarray, k: int, allowed: np.ndarray) -> list[tuple[int, float]]:
-        """Most images pass the filter: over-fetch from the ANN index until k of them survive."""
-        keep = np.zeros(len(self), dtype=bool)
-        keep[allowed] = True
-        fetch = 2 * k
-        while True:
-            scores, ids = self.ann.search(q, min(fetch, len(self)))
-            hits = [(i, s) for i, s in zip(ids[0], scores[0]) if i >= 0 and keep[i]]
-            if len(hits) >= k or fetch >= len(self):
-                return hits[:k]
-            fetch *= 4
+        hits = clf.images_of_class(self.codes, self.names, class_name, self.cfg.names_per_feature, k, allowed)
+        return [ImageHit(i, self.paths[i], s) for i, s in hits]
 
     def _allowed(self, with_features: Sequence[int], without_features: Sequence[int]) -> np.ndarray | None:
-        if not with_features and not without_features:
-            return None
         for f in (*with_features, *without_features):
             self._check_feature(f)
-        mask = np.ones(len(self), dtype=bool)
-        for f in with_features:
-            on = np.zeros(len(self), dtype=bool)
-            on[self.codes.images_with(f)] = True
-            mask &= on
-        for f in without_features:
-            mask[self.codes.images_with(f)] = False
-        return np.flatnonzero(mask)
+        return allowed_images(self.codes, len(self), with_features, without_features)
 
     def _text_vector(self, text: str) -> np.ndarray:
         embedder = self._need_embedder()
@@ -479,34 +428,9 @@ class ConceptIndex:
     # ================================================================== persistence
     def save(self, path: str | os.PathLike) -> Path:
         """Write the index to directory `path`, atomically: readers see the old or the new index, whole."""
-        import faiss
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-        try:
-            meta = {**self.meta, "n_images": len(self), "skipped": self.skipped}
-            atomic_write_bytes(tmp / "meta.json", json.dumps(meta, indent=2).encode())
-            atomic_write_bytes(tmp / "paths.json", json.dumps(self.paths).encode())
-            atomic_write_bytes(
-                tmp / "features.json",
-                json.dumps([[asdict(c) for c in cands] for cands in self.names]).encode(),
-            )
-            np.save(tmp / "embeddings.npy", self.embeddings_NE)
-            self.codes.save(tmp / "codes.npz")
-            faiss.write_index(self.ann, str(tmp / "faiss.index"))
-            save_sae(self.sae, tmp / "sae")
-            old = None
-            if path.exists():
-                old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
-                os.replace(path, old / "index")
-            os.replace(tmp, path)
-            if old is not None:
-                shutil.rmtree(old)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return path
+        meta = {**self.meta, "n_images": len(self), "skipped": self.skipped}
+        parts = {"paths": self.paths, "names": self.names, "embeddings_NE": self.embeddings_NE}
+        return write_index(Path(path), meta, **parts, codes=self.codes, ann=self.ann, sae=self.sae)
 
     @classmethod
     def load(
@@ -519,12 +443,7 @@ class ConceptIndex:
     ) -> ConceptIndex:
         """Reopen a saved index. Encoders are optional (needed for new images / text) but must match."""
         path = Path(path)
-        missing = [f for f in FILES if not (path / f).is_file()]
-        if not path.is_dir() or missing:
-            raise FileNotFoundError(
-                f"No concept index at {path} (missing {', '.join(missing) or 'directory'}): "
-                "build one first with ConceptIndex.build(...).save(path) or `mmsae index build`."
-            )
+        require_index_dir(path)
         meta = read_meta(path)
         embedder = (
             embedder

@@ -1,22 +1,30 @@
-"""Reading a saved concept index, file by file: a damaged or inconsistent file is named, with the fix.
+"""A saved concept index on disk: written atomically as a whole, read file by file.
 
-Every reader raises `IndexFileError` (a ValueError) naming the file, what is wrong with it and how to
-recover, instead of a bare JSONDecodeError, FAISS's C++ message or an IndexError at query time.
+A damaged or inconsistent file is named, with the fix: every reader raises `IndexFileError` (a
+ValueError) naming the file, what is wrong with it and how to recover, instead of a bare
+JSONDecodeError, FAISS's C++ message or an IndexError at query time.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 
 from mmsae.analysis.naming import NameCandidate
+from mmsae.checkpoint import save_sae
+from mmsae.fileio import atomic_write_bytes
 from mmsae.index.ann import set_search_params
 from mmsae.index.codes import SparseCodeStore
 from mmsae.index.config import config_from_dict
+from mmsae.sae import SAE
 
 FORMAT_VERSION = 1
 FILES = ("meta.json", "paths.json", "features.json", "embeddings.npy", "codes.npz", "faiss.index")
@@ -39,6 +47,56 @@ class IndexFileError(ValueError):
     def __init__(self, path: Path, problem: str):
         super().__init__(f"{path}: {problem}. {REBUILD}")
         self.path = path
+
+
+def write_index(
+    path: Path,
+    meta: dict[str, Any],
+    *,
+    paths: list[str],
+    names: list[list[NameCandidate]],
+    embeddings_NE: np.ndarray,
+    codes: SparseCodeStore,
+    ann: Any,
+    sae: SAE,
+) -> Path:
+    """Write an index to directory `path`, atomically: readers see the old or the new index, whole."""
+    import faiss
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        atomic_write_bytes(tmp / "meta.json", json.dumps(meta, indent=2).encode())
+        atomic_write_bytes(tmp / "paths.json", json.dumps(paths).encode())
+        atomic_write_bytes(
+            tmp / "features.json",
+            json.dumps([[asdict(c) for c in cands] for cands in names]).encode(),
+        )
+        np.save(tmp / "embeddings.npy", embeddings_NE)
+        codes.save(tmp / "codes.npz")
+        faiss.write_index(ann, str(tmp / "faiss.index"))
+        save_sae(sae, tmp / "sae")
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
+            os.replace(path, old / "index")
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def require_index_dir(path: Path) -> None:
+    """A directory holding every file of an index, else a FileNotFoundError saying how to make one."""
+    missing = [f for f in FILES if not (path / f).is_file()]
+    if not path.is_dir() or missing:
+        raise FileNotFoundError(
+            f"No concept index at {path} (missing {', '.join(missing) or 'directory'}): "
+            "build one first with ConceptIndex.build(...).save(path) or `mmsae index build`."
+        )
 
 
 def read_json(path: Path, expect: type) -> Any:
@@ -145,4 +203,6 @@ __all__ = [
     "read_meta",
     "read_parts",
     "read_paths",
+    "require_index_dir",
+    "write_index",
 ]

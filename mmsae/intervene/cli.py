@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ from mmsae.datasets.images import open_image
 from mmsae.encoders.base import Encoder
 from mmsae.encoders.capabilities import Sampler, require
 from mmsae.intervene.edits import EDIT_SYNTAX, parse_edit
+
+if TYPE_CHECKING:
+    from mmsae.sae import SAE
 
 
 def _common(p: argparse.ArgumentParser, edits: bool = True) -> None:
@@ -144,14 +147,22 @@ def _save_pairs(out: Path, before: list[Image.Image], after: list[Image.Image]) 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from mmsae.checkpoint import load_sae
     from mmsae.encoders.registry import get_encoder
-    from mmsae.intervene import steer as steering
 
     encoder = get_encoder(args.encoder, device=args.device)
     sae = load_sae(args.sae, device=args.device)
+    if args.command == "steer":
+        return _steer(args, encoder, sae)
+    return _unlearn(args, encoder, sae)
+
+
+def _steer(args: argparse.Namespace, encoder: Encoder, sae: SAE) -> dict[str, Any]:
+    """`mmsae steer image|llava|diffusion|text`: the report printed as JSON."""
+    from mmsae.intervene import steer as steering
+
     splice: dict[str, Any] = {"hook": args.hook}
     if hasattr(args, "drop_error"):
         splice["keep_error"] = not args.drop_error
-    if args.command == "steer" and args.target == "image":
+    if args.target == "image":
         images = [open_image(p) for p in args.image]
         labels = args.labels.split(",") if args.labels else None
         result = steering.steer_image(encoder, sae, images, args.edit, labels=labels, **splice)
@@ -159,13 +170,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if labels:
             report["label_shift"] = result.label_shift()
         return report
-    if args.command == "steer" and args.target == "llava":
+    if args.target == "llava":
         images = [open_image(p) for p in args.image]
         gen = steering.steer_llava(
             encoder, sae, images, args.prompt, args.edit, args.max_new_tokens, **splice
         )
         return {"before": gen.before, "after": gen.after}
-    if args.command == "steer" and args.target == "diffusion":
+    if args.target == "diffusion":
         from mmsae.intervene.intervention import Splice
 
         mask = None
@@ -177,23 +188,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         gen = steering.steer_diffusion(encoder, s, args.prompt, args.seed, *_steps_guidance(encoder, args))
         _save_pairs(args.out, gen.before, gen.after)
         return {"out": str(args.out)}
-    if args.command == "steer" and args.target == "text":
-        from mmsae.intervene.text_steer import steer_prompts
+    from mmsae.intervene.text_steer import steer_prompts
 
-        steps, guidance = _steps_guidance(encoder, args)
-        gen = steer_prompts(
-            encoder,
-            sae,
-            args.prompt,
-            args.concept,
-            args.strength,
-            hook=args.hook,
-            seed=args.seed,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-        )
-        _save_pairs(args.out, gen.before, gen.after)
-        return {"out": str(args.out)}
+    steps, guidance = _steps_guidance(encoder, args)
+    gen = steer_prompts(
+        encoder,
+        sae,
+        args.prompt,
+        args.concept,
+        args.strength,
+        hook=args.hook,
+        seed=args.seed,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+    )
+    _save_pairs(args.out, gen.before, gen.after)
+    return {"out": str(args.out)}
+
+
+def _unlearn(args: argparse.Namespace, encoder: Encoder, sae: SAE) -> dict[str, Any]:
+    """`mmsae unlearn select|generate`: the selection's latent counts, or where the samples went."""
     from mmsae.intervene import unlearn
 
     steps, guidance = _steps_guidance(encoder, args)

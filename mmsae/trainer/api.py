@@ -69,7 +69,7 @@ def train(
 ) -> SAE:
     """Train one SAE on `data` and return it, input scale folded in (it acts on raw activations).
 
-    `data` is anything `mmsae.trainer.data.as_source` accepts (tensor, array, memmap, iterable of batches,
+    `data` is anything `mmsae.trainer.sources.as_source` accepts (tensor, array, memmap, iterable of batches,
     activation store or its path, {'synthetic': {...}}). `sae_kwargs` are options of the architecture
     (e.g. aux_k=256). With `out_dir`, the SAE is written to `out_dir/<hook or 'sae'>/`, TensorBoard/CSV logs
     and a resumable checkpoint every `checkpoint_every` steps go there too (rerun with the same settings to
