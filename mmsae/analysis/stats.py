@@ -8,7 +8,9 @@ batches it has already seen.
 
 Top-k examples are *examples* (meta['example_id']: an image, or a UNet sample), not tokens: an
 example's value for latent j is its largest activation over its tokens, and the token (and, for
-UNets, the timestep) where that maximum occurs is kept for patch heatmaps.
+UNets, the timestep) where that maximum occurs is kept for patch heatmaps. Equal values rank the
+example seen first (an earlier chunk; within a chunk, the earlier token for [N, D] tensors, the smaller
+example id for TokenActs) and an example keeps the first token that reached its maximum.
 """
 
 from __future__ import annotations
