@@ -7,6 +7,7 @@ chunks under inference_mode; the ratio column is stats / encode.
 
     python benchmarks/bench_stats.py --device cuda                    # d=768, n=32768, k=32, bf16
     python benchmarks/bench_stats.py --device cuda --dtype fp32 --chunks 2048 16384
+    python benchmarks/bench_stats.py --device cuda --plain            # bare [N, D] tensors, no metadata
     python benchmarks/bench_stats.py --small                          # CPU smoke run, tiny sizes
 """
 
@@ -58,12 +59,15 @@ def make_batches(args: argparse.Namespace, device: torch.device) -> list[TokenAc
 def run(args: argparse.Namespace) -> list[dict[str, float]]:
     device = torch.device(args.device)
     sae = build_sae("topk", args.d, args.n, k=args.k).to(device, DTYPES[args.dtype]).eval()
-    batches = make_batches(args, device)
+    batches: list = make_batches(args, device)
+    if args.plain:  # one example per token, known without looking at ids: the lighter top-k path
+        batches = [b.acts_ND for b in batches]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(
         f"feature_stats on {device} ({name}): "
         f"d={args.d} n={args.n} k={args.k} {args.dtype}, {args.tokens:,} tokens in batches of {args.batch}, "
-        f"{args.tokens_per_example} token(s) per example, top_k={args.top_k}"
+        f"{args.tokens_per_example} token(s) per example{' (plain tensors)' if args.plain else ''}, "
+        f"top_k={args.top_k}"
     )
     print(f"{'chunk':>7} {'stats s':>9} {'stats Mtok/s':>13} {'encode Mtok/s':>14} {'stats/encode':>13}")
     rows = []
@@ -76,8 +80,9 @@ def run(args: argparse.Namespace) -> list[dict[str, float]]:
         def encode_pass(chunk: int = chunk) -> None:
             with torch.inference_mode():
                 for b in batches:
-                    for s in range(0, b.acts_ND.shape[0], chunk):
-                        sae.encode(b.acts_ND[s : s + chunk])
+                    acts_ND = b if isinstance(b, torch.Tensor) else b.acts_ND
+                    for s in range(0, acts_ND.shape[0], chunk):
+                        sae.encode(acts_ND[s : s + chunk])
 
         timed(stats_pass, device)  # warm-up
         timed(encode_pass, device)
@@ -108,8 +113,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens-per-example", type=int, default=1, help="1: CLS tokens; 257: ViT-B/16 all")
     p.add_argument("--top-k", type=int, default=16, help="top examples kept per latent")
     p.add_argument("--chunks", type=int, nargs="+", default=[2048, 8192, 16384])
+    p.add_argument("--plain", action="store_true", help="bare [N, D] tensors (needs --tokens-per-example 1)")
     p.add_argument("--small", action="store_true", help="CPU smoke run: d=64, n=1024, k=8, 16k tokens")
     args = p.parse_args(argv)
+    if args.plain and args.tokens_per_example != 1:
+        p.error("--plain batches hold one example per token: drop --tokens-per-example.")
     if args.small:
         args.device, args.dtype, args.d, args.n, args.k = "cpu", "fp32", 64, 1024, 8
         args.tokens, args.batch, args.chunks = 16384, 4096, [512, 2048]

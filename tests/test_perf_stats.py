@@ -104,7 +104,8 @@ def test_stats_from_inference_mode_can_be_updated_and_reloaded(tmp_path) -> None
     not torch.cuda.is_available(),
     reason="needs CUDA; CPU twin: test_stats_equal_the_brute_force_reference",
 )
-def test_stats_update_never_waits_for_the_device() -> None:
+@pytest.mark.parametrize("tokens_are_examples", [False, True])
+def test_stats_update_never_waits_for_the_device(tokens_are_examples: bool) -> None:
     sae = build_sae("topk", 64, 512, k=8).cuda().bfloat16()
     x = torch.randn(4096, 64, device="cuda", dtype=torch.bfloat16)
     meta = {
@@ -117,7 +118,15 @@ def test_stats_update_never_waits_for_the_device() -> None:
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            stats.update(x, out.x_hat, out.codes, meta["example_id"], meta["token_index"])
+            for _ in range(2):  # the second merges with a filled running top k
+                stats.update(
+                    x,
+                    out.x_hat,
+                    out.codes,
+                    meta["example_id"],
+                    meta["token_index"],
+                    tokens_are_examples=tokens_are_examples,
+                )
         finally:
             torch.cuda.set_sync_debug_mode("default")
 
@@ -145,3 +154,121 @@ def test_a_chunk_where_nothing_fires_changes_only_the_token_count() -> None:
     stats.update(x, x, torch.zeros(5, N_LAT), torch.arange(5), torch.zeros(5, dtype=torch.long))
     assert stats.n_tokens == 5 and stats.dead.all() and stats.l0 == 0
     assert stats.top_examples(0).example_ids.size == 0
+
+
+def test_one_16_bit_key_sort_orders_like_two_stable_sorts() -> None:
+    """bf16 values sort with a 32-bit key (group, 16 value bits) as floats do, up to 2¹⁶ groups."""
+    from mmsae.analysis.stats_ops import group_then_descending
+
+    g = torch.Generator().manual_seed(4)
+    val = (torch.randn(3000, generator=g) * 100).bfloat16()
+    val[::7] = -math.inf
+    val[1::11] = -0.0
+    val[2::13] = 0.0
+    val[3::17] = math.inf
+    group = torch.randint(0, 2**16, (3000,), generator=g)
+    group[:50] = 2**16 - 1
+    fast = group_then_descending(group, val.float(), 2**16, val)
+    slow = group_then_descending(group, val.float(), 2**31)
+    assert torch.equal(group[fast], group[slow])
+    assert torch.equal(val[fast], val[slow])
+
+
+def test_cross_chunk_duplicates_pairwise_match_the_sort() -> None:
+    """The [k, k, n] comparison and the two-sort fallback drop the same entries (ties: the older one
+    stays)."""
+    from mmsae.analysis.stats_ops import cross_duplicates, duplicates
+
+    g = torch.Generator().manual_seed(5)
+    k, n = 6, 40
+
+    def side() -> tuple[torch.Tensor, torch.Tensor]:
+        v = torch.randint(0, 4, (k, n), generator=g).float()  # many equal values
+        ids = torch.stack([torch.randperm(12, generator=g)[:k] for _ in range(n)], 1) - 2  # unique per column
+        return v.masked_fill(ids < 0, -math.inf), ids.clamp_min(-1)
+
+    (old_v, old_ids), (new_v, new_ids) = side(), side()
+    drop_old, drop_new = cross_duplicates(old_v, old_ids, new_v, new_ids)
+    dup = duplicates(torch.cat([old_v, new_v]), torch.cat([old_ids, new_ids]))
+    assert torch.equal(torch.cat([drop_old, drop_new]), dup)
+    assert drop_new.any() and drop_old.any()
+
+
+def test_equal_values_keep_the_order_examples_were_seen() -> None:
+    """bf16 codes tie often: equal values rank the earlier token first, across chunks too (as a stable
+    sort of the reference would)."""
+    torch.manual_seed(1)
+    sae = build_sae("topk", 16, 64, k=4).bfloat16()
+    batches = [(torch.randn(50, 16) * 2 + 5).bfloat16() for _ in range(4)]
+    stats = feature_stats(sae, batches, StatsConfig(top_k=5, chunk_tokens=7))
+    with torch.no_grad():
+        dense = sae(torch.cat(batches)).codes.dense().float()
+    ties = 0
+    for j in range(64):
+        col = dense[:, j]
+        ranked = sorted(col.nonzero().flatten().tolist(), key=lambda r: -col[r].item())[:5]
+        assert stats.top_examples(j).example_ids.tolist() == ranked, j
+        ties += len(set(col[ranked].tolist())) < len(ranked)
+    assert ties > 0  # the case under test occurs
+
+
+def test_plain_batches_skip_the_example_merge_with_the_same_result() -> None:
+    """[N, D] tensors (one example per token) take the path without per-example maxima and duplicate
+    checks; the same data as TokenActs with those ids takes the full path: equal results."""
+    torch.manual_seed(2)
+    sae = build_sae("abstopk", D, N_LAT, k=3).bfloat16()
+    plain = [torch.randn(30, D).bfloat16() for _ in range(3)]
+    acts = [
+        TokenActs(b, {"example_id": torch.arange(30 * i, 30 * i + 30), "token_index": torch.full((30,), -1)})
+        for i, b in enumerate(plain)
+    ]
+    fast = feature_stats(sae, plain, StatsConfig(top_k=4, chunk_tokens=8))
+    full = feature_stats(sae, acts, StatsConfig(top_k=4, chunk_tokens=8))
+    assert not fast.split_examples and full.split_examples
+    for name in FeatureStats._TENSORS:
+        assert torch.equal(getattr(fast, name), getattr(full, name)), name
+
+
+def _fvu64(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    x64 = x.double()
+    return float((x64 - x_hat.double()).pow(2).sum() / (x64 - x64.mean(0)).pow(2).sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fvu_matches_float64_on_inputs_with_a_large_mean(dtype: torch.dtype) -> None:
+    """Float32 chunk sums shifted by the first chunk's mean: the FVU agrees with a float64 computation
+    where the mean is 300 standard deviations (unshifted float32 sums of squares would cancel)."""
+    g = torch.Generator().manual_seed(6)
+    x = (torch.randn(3000, 32, generator=g) + 300 * torch.randn(32, generator=g).sign()).to(dtype)
+    x_hat = (x.float() + 0.3 * torch.randn(3000, 32, generator=g)).to(dtype)
+    stats = FeatureStats(N_LAT, 32)
+    codes = torch.zeros(3000, N_LAT)
+    for s in range(0, 3000, 512):
+        stats.update(
+            x[s : s + 512], x_hat[s : s + 512], codes[s : s + 512], torch.arange(512), torch.arange(512)
+        )
+    assert stats.fvu == pytest.approx(_fvu64(x, x_hat), rel=1e-5)
+
+
+def test_files_without_a_shift_hold_plain_sums(tmp_path) -> None:
+    """Stats files written before the shift (x_sum = Σx, x_sq = Σ‖x‖²) load as a zero shift and keep
+    accumulating correctly."""
+    from safetensors.torch import load_file, save_file
+
+    x, x_hat = torch.randn(40, D) + 3, torch.randn(40, D) + 3
+    codes = torch.zeros(40, N_LAT)
+    stats = FeatureStats(N_LAT, D)
+    stats.update(x[:20], x_hat[:20], codes[:20], torch.arange(20), torch.arange(20))
+    path = tmp_path / "s.safetensors"
+    stats.save(path)
+    tensors = load_file(path)
+    shift = tensors.pop("x_shift").double()
+    tensors["x_sq"] += 2 * shift @ tensors["x_sum"] + 20 * shift @ shift  # the unshifted sums
+    tensors["x_sum"] += 20 * shift
+    meta = dict(stats.state()[1])
+    del meta["split_examples"]
+    save_file(tensors, path, metadata=meta)
+    old = FeatureStats.load(path)
+    assert old.split_examples and torch.equal(old.x_shift, torch.zeros(D))
+    old.update(x[20:], x_hat[20:], codes[20:], torch.arange(20), torch.arange(20))
+    assert old.fvu == pytest.approx(_fvu64(x, x_hat), rel=1e-6)

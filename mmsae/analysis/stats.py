@@ -8,7 +8,9 @@ batches it has already seen.
 
 Top-k examples are *examples* (meta['example_id']: an image, or a UNet sample), not tokens: an
 example's value for latent j is its largest activation over its tokens, and the token (and, for
-UNets, the timestep) where that maximum occurs is kept for patch heatmaps.
+UNets, the timestep) where that maximum occurs is kept for patch heatmaps. Equal values rank the
+example seen first (an earlier chunk; within a chunk, the earlier token for [N, D] tensors, the smaller
+example id for TokenActs) and an example keeps the first token that reached its maximum.
 """
 
 from __future__ import annotations
@@ -22,14 +24,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save as st_save
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mmsae.analysis.stats_ops import (
+    Pairs,
+    best_per_example,
+    chunk_top,
+    group_then_descending,
+    merge_top,
+    pairs_of,
+)
 from mmsae.encoders.base import TokenActs
 from mmsae.fileio import atomic_write_bytes
-from mmsae.sae import SAE, Codes, SparseCodes
+from mmsae.sae import SAE, Codes
+
+_group_then_descending = group_then_descending  # the name tests and older callers import
 
 Batch = TokenActs | Tensor
 
@@ -79,6 +92,7 @@ class FeatureStats:
         "x_sum",
         "x_sq",
         "l0_sum",
+        "x_shift",
     )
 
     def __init__(
@@ -87,23 +101,37 @@ class FeatureStats:
         self.cfg = cfg or StatsConfig()
         self.n_latents, self.d_in = n_latents, d_in
         n, k, dev = n_latents, self.cfg.top_k, torch.device(device)
-        # Counts and sums in float64: 1e9 tokens must not round away single firings.
-        self.fire_count = torch.zeros(n, dtype=torch.float64, device=dev)
-        self.act_sum = torch.zeros(n, dtype=torch.float64, device=dev)
-        self.act_max = torch.full((n,), -math.inf, dtype=torch.float32, device=dev)
-        self.hist = torch.zeros(n, self.cfg.hist_bins, dtype=torch.float64, device=dev)
+        # Per-latent accumulators have one spare entry, n, where silent pairs land (see stats_ops); the
+        # public tensors are views of the first n. Counts and sums in float64: 1e9 tokens must not round
+        # away single firings.
+        self._fire_ext = torch.zeros(n + 1, dtype=torch.float64, device=dev)
+        self._sum_ext = torch.zeros(n + 1, dtype=torch.float64, device=dev)
+        self._max_ext = torch.full((n + 1,), -math.inf, dtype=torch.float32, device=dev)
+        self._hist_ext = torch.zeros(n + 1, self.cfg.hist_bins, dtype=torch.float64, device=dev)
+        self.fire_count, self.act_sum = self._fire_ext[:n], self._sum_ext[:n]
+        self.act_max, self.hist = self._max_ext[:n], self._hist_ext[:n]
         self.top_values = torch.full((k, n), -math.inf, dtype=torch.float32, device=dev)
-        self.top_ids = torch.full((k, n), -1, dtype=torch.long, device=dev)
-        self.top_tokens = torch.full((k, n), -1, dtype=torch.long, device=dev)
-        self.top_timesteps = torch.full((k, n), -1, dtype=torch.long, device=dev)
-        # Reconstruction totals for FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖² and L0 (the summary report's axes).
+        self._top_meta = torch.full((k, n, 3), -1, dtype=torch.long, device=dev)  # example, token, timestep
+        # Reconstruction totals for FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖² (the summary report's axis), with x
+        # shifted by the first chunk's mean (see `_update_fvu`).
         self.sq_err = torch.zeros((), dtype=torch.float64, device=dev)
         self.x_sum = torch.zeros(d_in, dtype=torch.float64, device=dev)
         self.x_sq = torch.zeros((), dtype=torch.float64, device=dev)
-        self.l0_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        self.x_shift = torch.zeros(d_in, dtype=torch.float32, device=dev)
+        self._ones = torch.ones(1, dtype=torch.float64, device=dev)
         self.n_tokens = 0
         self.n_batches = 0
         self.has_timesteps = False
+        self.split_examples = False
+        """Whether an update may have shared an example with another (so top-k merges look for it twice)."""
+
+    top_ids = property(lambda self: self._top_meta[..., 0])
+    top_tokens = property(lambda self: self._top_meta[..., 1])
+    top_timesteps = property(lambda self: self._top_meta[..., 2])
+
+    @property
+    def l0_sum(self) -> Tensor:
+        return self.fire_count.sum()  # every firing pair counts once in both
 
     # ------------------------------------------------------------------ accumulation
     @torch.inference_mode()
@@ -115,87 +143,80 @@ class FeatureStats:
         example_id: Tensor,
         token_index: Tensor,
         timestep: Tensor | None = None,
+        *,
+        tokens_are_examples: bool = False,
     ) -> None:
         """Add one chunk: inputs, reconstructions, codes ([N, n] dense or SparseCodes) and metadata [N].
+
+        `tokens_are_examples`: every token is an example of its own that no other update holds (plain
+        [N, D] batches): the per-example maxima and duplicate checks are then skipped.
 
         Everything is computed on the (token, latent, value) pairs, O(N·k) for sparse (TopK) codes, with
         fixed-size scatters and sorts: no boolean indexing, `unique` or `bincount`, whose output sizes
         depend on the data and so wait for the device on every chunk. Dense codes give their nonzero
         entries (one wait per chunk).
         """
-        rows, lat, raw = _pairs(codes)
-        active = raw != 0  # != rather than > so signed (AbsTopK) codes count as firing
-        on = active.double()
-        self.fire_count.index_add_(0, lat, on)
-        self.act_sum.index_add_(0, lat, raw.double() * on)
-        val = raw.masked_fill(~active, -math.inf)  # silent pairs never win a maximum
-        self.act_max.scatter_reduce_(0, lat, val, "amax")
-        self.l0_sum += on.sum()
-        self._update_hist(lat, raw, on)
-        x64 = x_ND.double()
-        self.sq_err += (x64 - x_hat_ND.double()).pow(2).sum()
-        self.x_sum += x64.sum(0)
-        self.x_sq += x64.pow(2).sum()
+        pairs = pairs_of(codes)
+        n = self.n_latents
+        # != rather than > so signed (AbsTopK) codes count as firing; silent pairs go to group n.
+        grp = torch.where(pairs.raw != 0, pairs.lat, n)
+        self._fire_ext.index_add_(0, grp, self._ones.expand(grp.shape[0]))
+        self._sum_ext.index_add_(0, grp, pairs.raw.double())
+        self._max_ext.scatter_reduce_(0, grp, pairs.raw, "amax")
+        self._update_hist(grp, pairs.raw)
+        self._update_fvu(x_ND, x_hat_ND)
         self.n_tokens += x_ND.shape[0]
         if timestep is not None:
             self.has_timesteps = True
-        self._update_top(rows, lat, val, example_id.to(lat.device), token_index.to(lat.device), timestep)
+        self.split_examples |= not tokens_are_examples
+        cols = [example_id, token_index] + ([timestep] if timestep is not None else [])
+        meta_N3 = F.pad(
+            torch.stack([c.to(grp.device, torch.long) for c in cols], 1), (0, 3 - len(cols)), value=-1
+        )
+        self._update_top(pairs, grp, meta_N3, tokens_are_examples)
 
-    def _update_hist(self, lat: Tensor, val: Tensor, on: Tensor) -> None:
+    def _update_hist(self, grp: Tensor, val: Tensor) -> None:
         lo, hi = self.cfg.hist_log10_range
         bins = self.cfg.hist_bins
-        # Silent pairs (log10 0 = −inf) land in bin 0 with weight 0.
-        b = ((val.abs().log10() - lo) / (hi - lo) * bins).floor().clamp(0, bins - 1).long()
-        self.hist.view(-1).index_add_(0, lat * bins + b, on)
+        # Same arithmetic as log10 → bin index written out-of-place, in place: no temporaries.
+        b = val.abs().log10_().sub_(lo).div_(hi - lo).mul_(bins).floor_().clamp_(0, bins - 1).long()
+        self._hist_ext.view(-1).index_add_(0, b.add_(grp, alpha=bins), self._ones.expand(grp.shape[0]))
 
-    def _update_top(
-        self,
-        rows: Tensor,
-        lat: Tensor,
-        val: Tensor,
-        example_id: Tensor,
-        token_index: Tensor,
-        timestep: Tensor | None,
-    ) -> None:
-        """Merge the chunk's best k examples per latent into the running top k. `rows`, `lat`, `val`:
-        one entry per (token, latent) pair, −inf where the latent is silent."""
+    def _update_fvu(self, x_ND: Tensor, x_hat_ND: Tensor) -> None:
+        """Σ(x − s), Σ‖x − s‖² and Σ‖x − x̂‖² in float32 per chunk, accumulated in float64.
+
+        No float64 [N, d] temporaries: one float32 one. The shift s (the first chunk's mean) keeps the
+        variance Σ‖x − s‖² − ‖Σ(x − s)‖²/N free of cancellation for inputs with a large mean (its
+        float32 sums would otherwise lose digits in proportion to mean²/variance). Row norms reduce d
+        values each and the N row sums are added pairwise, so a chunk's float32 totals are within
+        ~1e-7 relative of float64 ones (a flat float32 dot product over N·d values, as torch.dot on
+        the CPU, was 3e-4 off at 16384 × 768); float64 accumulation keeps chunks from adding up error.
+        """
+        if self.n_tokens == 0:
+            self.x_shift.copy_(x_ND.mean(0, dtype=torch.float32))
+        xc_ND = torch.sub(x_ND, self.x_shift)  # float32 whatever x's (lower) precision
+        self.x_sum += xc_ND.sum(0)
+        self.x_sq += torch.linalg.vector_norm(xc_ND, dim=1).square_().sum()
+        r_ND = xc_ND.sub_(x_hat_ND).add_(self.x_shift)  # x − x̂, rounded to float32 once per step
+        self.sq_err += torch.linalg.vector_norm(r_ND, dim=1).square_().sum()
+
+    def _update_top(self, pairs: Pairs, grp: Tensor, meta_N3: Tensor, tokens_are_examples: bool) -> None:
+        """Merge the chunk's best k examples per latent into the running top k."""
         k, n = self.cfg.top_k, self.n_latents
-        # 1. Per (example, latent), keep the pair with the largest value: sort by value, then (stably)
-        #    by (latent, example); the first of each run is the example's maximum and its token.
-        N = example_id.shape[0]
-        pair_key = lat * N + _example_rank(example_id)[rows]
-        perm = _group_then_descending(pair_key, val, n * N)
-        key = pair_key[perm]
-        first = torch.ones_like(key, dtype=torch.bool)
-        first[1:] = key[1:] != key[:-1]
-        best = val[perm].masked_fill(~first, -math.inf)
-        # 2. Per latent, its pairs best first: the first k of each latent's run are the chunk's top k.
-        order = _group_then_descending(lat[perm], best, n)
-        sel = perm[order]
-        lat_s, v_s = lat[sel], best[order]
-        count = torch.zeros(n, dtype=torch.long, device=lat.device).index_add_(0, lat, torch.ones_like(lat))
-        rank = torch.arange(lat.numel(), device=lat.device) - (count.cumsum(0) - count)[lat_s]
-        slot = rank.clamp(max=k) * n + lat_s  # row k collects every pair past the k-th, and is dropped
-        r = rows[sel]
-        ts = timestep.to(lat.device)[r] if timestep is not None else torch.full_like(r, -1)
-        chunk = [
-            torch.full(((k + 1) * n,), fill, dtype=src.dtype, device=lat.device).scatter_(0, slot, src)
-            for src, fill in ((v_s, -math.inf), (example_id[r], -1), (token_index[r], -1), (ts, -1))
-        ]
-        best_v, best_id, best_tok, best_ts = (t.view(k + 1, n)[:k] for t in chunk)
-        # 3. Merge with the running top k; an example split across chunks may appear twice: keep only
-        #    its best entry.
-        cand_v = torch.cat([self.top_values, best_v])
-        cand_id = torch.cat([self.top_ids, best_id.masked_fill(best_v == -math.inf, -1)])
-        cand_tok = torch.cat([self.top_tokens, best_tok])
-        cand_ts = torch.cat([self.top_timesteps, best_ts])
-        cand_v = cand_v.masked_fill(_duplicates(cand_v, cand_id), -math.inf)
-        top_v, top_i = cand_v.topk(k, dim=0)
-        empty = top_v == -math.inf
-        self.top_values = top_v
-        self.top_ids = cand_id.gather(0, top_i).masked_fill(empty, -1)
-        self.top_tokens = cand_tok.gather(0, top_i).masked_fill(empty, -1)
-        self.top_timesteps = cand_ts.gather(0, top_i).masked_fill(empty, -1)
+        if tokens_are_examples:  # one pair per (example, latent) already
+            perm, grp_p = None, grp
+            v_p, v16_p = pairs.raw, pairs.raw16
+        else:  # 1. per (example, latent), its largest value and the token where it occurs
+            perm, grp_p = best_per_example(pairs, grp, meta_N3[:, 0], n)
+            v_p, v16_p = pairs.raw[perm], None if pairs.raw16 is None else pairs.raw16[perm]
+        # 2. per latent, its examples best first: the first k of each latent's run are the chunk's top k
+        order = group_then_descending(grp_p, v_p, n + 1, v16_p)
+        sel = order if perm is None else perm[order]
+        best_v, best_meta = chunk_top(grp_p[order], v_p[order], pairs.row_of(sel), meta_N3, k, n)
+        # 3. merge with the running top k; an example split across chunks keeps its best entry.
+        self.top_values, self._top_meta = merge_top(
+            self.top_values, self._top_meta, best_v, best_meta, self.split_examples
+        )
 
     # ------------------------------------------------------------------ results
     @property
@@ -266,6 +287,7 @@ class FeatureStats:
             "n_tokens": str(self.n_tokens),
             "n_batches": str(self.n_batches),
             "has_timesteps": str(int(self.has_timesteps)),
+            "split_examples": str(int(self.split_examples)),
         }
         return tensors, meta
 
@@ -285,70 +307,28 @@ class FeatureStats:
         cfg["hist_log10_range"] = tuple(cfg["hist_log10_range"])
         stats = cls(int(meta["n_latents"]), int(meta["d_in"]), StatsConfig(**cfg), device=device)
         for name, t in tensors.items():
-            setattr(stats, name, t)
+            if name != "l0_sum":  # derived from fire_count
+                getattr(stats, name).copy_(t)  # (views of the accumulators)
         stats.n_tokens, stats.n_batches = int(meta["n_tokens"]), int(meta["n_batches"])
         stats.has_timesteps = meta["has_timesteps"] == "1"
+        # Files without x_shift hold unshifted sums, which a zero shift continues; files from before
+        # split_examples was recorded may hold split examples.
+        stats.split_examples = meta.get("split_examples", "1") == "1"
         return stats
 
 
-def _pairs(codes: Codes) -> tuple[Tensor, Tensor, Tensor]:
-    """Flat (token row, latent id, float32 value) of SAE codes: all N·k pairs of sparse codes, without a
-    device wait; the nonzero entries of dense [N, n] codes (one wait, which spares N·n-sized buffers)."""
-    if isinstance(codes, SparseCodes):
-        N, k = codes.values.shape
-        rows = torch.arange(N, device=codes.values.device).repeat_interleave(k)
-        return rows, codes.indices.reshape(-1), codes.values.reshape(-1).float()
-    rows, lat = codes.nonzero(as_tuple=True)
-    return rows, lat, codes[rows, lat].float()
-
-
-def _group_then_descending(group: Tensor, val: Tensor, n_groups: int) -> Tensor:
-    """The permutation sorting pairs by `group` (int, < n_groups), then by float32 `val`, largest first.
-
-    One sort of an int64 key (group, then the value's bits mapped to a descending integer) where the
-    groups fit in 31 bits, else two stable sorts."""
-    if n_groups < 2**31:
-        bits = val.float().view(torch.int32).long()
-        ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # increases with the float value
-        return (group * 2**32 + (2**31 - 1 - ordered)).argsort(stable=True)
-    by_val = val.argsort(descending=True, stable=True)
-    return by_val[group[by_val].argsort(stable=True)]
-
-
-def _example_rank(example_id: Tensor) -> Tensor:
-    """[N] → each token's example as a rank 0..N−1 (equal ids, equal ranks): `unique`'s inverse without
-    its data-dependent output size."""
-    ids_s, order = example_id.sort(stable=True)
-    new = torch.ones_like(ids_s, dtype=torch.long)
-    new[1:] = (ids_s[1:] != ids_s[:-1]).long()
-    return torch.empty_like(new).scatter_(0, order, new.cumsum(0) - 1)
-
-
-def _duplicates(values_Mn: Tensor, ids_Mn: Tensor) -> Tensor:
-    """Bool [M, n]: entries whose example id already appears with a larger value in the same column."""
-    by_value = values_Mn.argsort(dim=0, descending=True)
-    ids_v = ids_Mn.gather(0, by_value)
-    by_id = ids_v.argsort(dim=0, stable=True)  # stable: equal ids stay in descending-value order
-    ids_s = ids_v.gather(0, by_id)
-    dup_s = torch.zeros_like(ids_s, dtype=torch.bool)
-    dup_s[1:] = (ids_s[1:] == ids_s[:-1]) & (ids_s[1:] >= 0)
-    perm = by_value.gather(0, by_id)
-    return torch.zeros_like(dup_s).scatter_(0, perm, dup_s)
-
-
-def _as_token_acts(batch: Batch, offset: int) -> TokenActs:
-    """Plain [N, D] tensors (e.g. from an activation store without metadata): one example per token."""
+def _as_token_acts(batch: Batch, offset: int, device: torch.device) -> tuple[TokenActs, bool]:
+    """(TokenActs, whether each token is an example of its own): plain [N, D] tensors (e.g. from an
+    activation store without metadata) make one example per token, numbered from `offset`."""
     if isinstance(batch, TokenActs):
-        return batch
+        return batch, False
     if isinstance(batch, Tensor) and batch.ndim == 2:
         n = batch.shape[0]
-        return TokenActs(
-            batch,
-            {
-                "example_id": torch.arange(offset, offset + n),
-                "token_index": torch.full((n,), -1, dtype=torch.long),
-            },
-        )
+        meta = {
+            "example_id": torch.arange(offset, offset + n, device=device),
+            "token_index": torch.full((n,), -1, dtype=torch.long, device=device),
+        }
+        return TokenActs(batch, meta), True
     raise TypeError(
         f"Expected TokenActs or an [N, D] tensor per batch, got {type(batch).__name__} "
         f"{tuple(getattr(batch, 'shape', ()))}."
@@ -388,7 +368,7 @@ def feature_stats(
     remaining = None if total is None else max(total - stats.n_batches, 0)
     chunk = cfg.chunk_for(device)
     for batch in tqdm(source, total=remaining, desc="feature stats", unit="batch"):
-        acts = _as_token_acts(batch, offset=stats.n_tokens)
+        acts, tokens_are_examples = _as_token_acts(batch, stats.n_tokens, device)
         meta = {key: v.to(device) for key, v in acts.meta.items() if isinstance(v, Tensor)}
         acts_ND = acts.acts_ND.to(device=device, dtype=sae.W_dec.dtype)
         for s in range(0, acts_ND.shape[0], chunk):
@@ -403,6 +383,7 @@ def feature_stats(
                 meta["example_id"][sl],
                 meta["token_index"][sl],
                 None if timestep is None else timestep[sl],
+                tokens_are_examples=tokens_are_examples,
             )
         stats.n_batches += 1
         if ckpt is not None and stats.n_batches % checkpoint_every == 0:
