@@ -99,22 +99,33 @@ class DevicePreprocess:
         Per image only the cast and the resize (the sources have different sizes), called straight into
         `interpolate`: torchvision's per-call Python cost, not the GPU, bounded the batch. Crop, clamp,
         rounding and normalisation run once on the stacked batch."""
-        mode = self.interpolation.value
-        smooth = mode in ("bilinear", "bicubic")
-        resized = []
-        for image_CHW in images:
-            x_1CHW = image_CHW.unsqueeze(0).float()
-            size = self.resized_size(image_CHW.shape[-2], image_CHW.shape[-1])
-            if size != list(image_CHW.shape[-2:]):  # torchvision leaves an image of the target size as is
-                x_1CHW = torch.nn.functional.interpolate(
-                    x_1CHW, size=size, mode=mode, align_corners=False if smooth else None, antialias=smooth
-                )
-            resized.append(x_1CHW)
+        resized = [self._resize(image_CHW.unsqueeze(0).float()) for image_CHW in images]
         if self.crop is not None:
-            resized = [F.center_crop(x, self.crop) for x in resized]  # views unless the crop pads
+            resized = [self._center_crop(x_1CHW) for x_1CHW in resized]
         # PIL returns uint8: clamp the bicubic overshoot and round as it does
         x_BCHW = torch.cat(resized).clamp_(0, 255).round_()
         return unit_normalize(x_BCHW, self.mean, self.std)
+
+    def _resize(self, x_1CHW: Tensor) -> Tensor:
+        """torchvision's tensor `Resize`, without its per-call Python: the antialiased ATen ops directly."""
+        size = self.resized_size(x_1CHW.shape[-2], x_1CHW.shape[-1])
+        if size == list(x_1CHW.shape[-2:]):  # torchvision leaves an image of the target size as is
+            return x_1CHW
+        mode = self.interpolation.value
+        if mode == "bicubic":
+            return torch.ops.aten._upsample_bicubic2d_aa(x_1CHW, size, False)
+        if mode == "bilinear":
+            return torch.ops.aten._upsample_bilinear2d_aa(x_1CHW, size, False)
+        return torch.nn.functional.interpolate(x_1CHW, size=size, mode=mode)
+
+    def _center_crop(self, x_1CHW: Tensor) -> Tensor:
+        """torchvision's `center_crop` (same offsets), a view where the image is at least the crop's size."""
+        crop_h, crop_w = self.crop if len(self.crop) == 2 else (self.crop[0], self.crop[0])
+        h, w = x_1CHW.shape[-2:]
+        if crop_h > h or crop_w > w:
+            return F.center_crop(x_1CHW, self.crop)  # pads
+        top, left = round((h - crop_h) / 2.0), round((w - crop_w) / 2.0)
+        return x_1CHW[..., top : top + crop_h, left : left + crop_w]
 
     def resized_size(self, height: int, width: int) -> list[int]:
         """The output size of torchvision's `Resize(self.resize, max_size=self.max_size)` for an image."""
