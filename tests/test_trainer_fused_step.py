@@ -9,6 +9,7 @@ Triton path while the SAE's own kernels keep torch's, which the interpreter woul
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -136,3 +137,67 @@ def test_variants_with_their_own_dictionary_are_not_the_optimizers() -> None:
         sae = build_sae(arch, D, N, **({} if arch in ("gated", "hierarchical_topk") else {"k": 4}))
         assert unit_rows_of(sae) is sae.W_dec, arch
     assert trainer_optim.WarmupDecay(10, 2, 2)(0) == 0.5
+
+
+# ------------------------------------------------------------------------- metrics only on logging steps
+LOG_EVERY = 4
+
+
+def train_logged(
+    monkeypatch: pytest.MonkeyPatch, graphed: bool, log_dir: str
+) -> tuple[SAEModule, L.Trainer, list]:
+    """A run with the graph runner (on CPU it runs the step eagerly, with the arguments a capture would
+    get) or without it; records each step's `metrics` argument and the outputs it returned."""
+    steps: list[tuple[bool, dict]] = []
+    real = SAEModule._step
+
+    def step(self: SAEModule, batch_BD: torch.Tensor, metrics: bool = True) -> dict:
+        logs = real(self, batch_BD, metrics=metrics)
+        steps.append((metrics, logs))
+        return logs
+
+    monkeypatch.setattr(SAEModule, "_step", step)
+    if graphed:
+        monkeypatch.setattr(SAEModule, "_graph_blocker", lambda self: None)  # as on a GPU
+    torch.manual_seed(0)
+    module = SAEModule(
+        [SAESpec(n_latents=N, k=4)], d_in=D, warmup_steps=3, cuda_graphs=None if graphed else False
+    )
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=L.pytorch.loggers.CSVLogger(log_dir),
+        log_every_n_steps=LOG_EVERY,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        precision="32-true",
+    )
+    trainer.fit(module, datamodule=SAEDataModule(data(), tokens=STEPS * BATCH, batch_size=BATCH, seed=0))
+    return module, trainer, steps
+
+
+def test_graphed_steps_compute_metrics_only_on_logging_steps(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The graph runner is asked for the metrics on logging steps only (its key then holds `metrics`, so a
+    GPU run captures two graphs); the logged values are those of the eager run."""
+    with monkeypatch.context() as m:
+        _, eager_trainer, _ = train_logged(m, graphed=False, log_dir=str(tmp_path / "eager"))
+    module, trainer, steps = train_logged(monkeypatch, graphed=True, log_dir=str(tmp_path / "graphed"))
+    assert module._graphed is not None
+    assert [metrics for metrics, _ in steps] == [i % LOG_EVERY == 0 for i in range(STEPS)]
+    assert all(logs == {} for metrics, logs in steps if not metrics)
+    assert all("train/sae/fvu" in logs for metrics, logs in steps if metrics)
+    logged, expected = trainer.logged_metrics, eager_trainer.logged_metrics
+    assert logged.keys() == expected.keys() and "train/sae/fvu" in logged
+    for key, value in expected.items():
+        torch.testing.assert_close(logged[key], value, rtol=1e-5, atol=1e-7, msg=key)
+
+
+def test_graph_keys_tell_metrics_from_no_metrics() -> None:
+    from mmsae.trainer.graphs import GraphedStep
+
+    x = torch.zeros(2, 3)
+    keys = {GraphedStep.full_key(x, (4,), {"metrics": m}) for m in (True, False)}
+    assert len(keys) == 2 and GraphedStep.full_key(x, (4,), {"metrics": True}) in keys
