@@ -201,3 +201,34 @@ def test_graph_keys_tell_metrics_from_no_metrics() -> None:
     x = torch.zeros(2, 3)
     keys = {GraphedStep.full_key(x, (4,), {"metrics": m}) for m in (True, False)}
     assert len(keys) == 2 and GraphedStep.full_key(x, (4,), {"metrics": True}) in keys
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs CUDA; CPU twins: test_mmsae_train_gives_the_same_sae_with_the_fused_step, "
+    "test_graphed_steps_compute_metrics_only_on_logging_steps",
+)
+def test_graphed_fused_training_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16-mixed, captured and replayed: the SAE equals the run whose optimizer takes the torch ops (within
+    bf16 training noise); 120 steps log at 0, 50 and 100, so the metrics graph is captured as well."""
+    kwargs: dict[str, Any] = dict(
+        n_latents=256, k=8, tokens=120 * 256, batch_size=256, warmup_steps=3, precision="bf16-mixed"
+    )
+    x = SyntheticActivations(d=64, n_features=512, mean_active=4, seed=0).sample(120 * 256) * 3.0
+    fused = mmsae.train(x.cuda(), cuda_graphs=True, **kwargs)
+    with monkeypatch.context() as m:
+        torch_ops_only(m)
+        reference = mmsae.train(x.cuda(), cuda_graphs=True, **kwargs)
+    for key, value in reference.state_dict().items():
+        err = float((fused.state_dict()[key] - value).norm() / value.norm().clamp_min(1e-12))
+        assert err < 1e-3, (key, err)
+    real = SAEModule._setup_graphs
+    runners: list = []
+    monkeypatch.setattr(SAEModule, "_setup_graphs", lambda self: real(self) or runners.append(self))
+    mmsae.train(x.cuda(), cuda_graphs=True, **kwargs)
+    graphed = runners[0]._graphed
+    assert graphed.replays > 20 and {key[2] for key in graphed.graphs} == {
+        (("metrics", False),),
+        (("metrics", True),),
+    }
