@@ -215,21 +215,16 @@ def test_fused_step_is_captured_and_replayed_on_cuda() -> None:
     static = [torch.zeros_like(p) for p in params]
     for p, s in zip(params, static):
         p.grad = s
-    opt.step()  # warm-up (JIT) before the capture, then undo: rerun from fresh state below
-    params_0 = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    opt.step()  # warm-up (JIT, state allocated) outside the capture; then back to the start
     with torch.no_grad():
-        for p, q in zip(params, params_0):
-            p.copy_(q)
-    opt.state.clear()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        opt.step()
-    with torch.no_grad():
-        for p, q in zip(params, params_0):
+        for p, q in zip(params, ref):
             p.copy_(q)
     for state in opt.state.values():
         for t in state.values():
             t.zero_()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # records the step; runs nothing
+        opt.step()
     for step_grads in grads:
         for s, g in zip(static, step_grads):
             s.copy_(g)
