@@ -3,7 +3,10 @@
 Compares a plain dense torch TopK, sparsify's SparseCoder (EleutherAI, PyPI `eai-sparsify`,
 installed only in the benchmark environment), mmsae's TopKSAE with the Triton kernels, and the
 encoder-GEMM floor (x·W_encᵀ in bf16 alone). `mmsae_graph` is the same mmsae step replayed as one CUDA
-graph (`mmsae.trainer.graphs.GraphedStep`, what the trainer does). The peers step torch's fused Adam; mmsae
+graph (`mmsae.trainer.graphs.GraphedStep`, what the trainer does); `mmsae_trainer_step` is the trainer's own
+graphed step (`SAEModule._step`, timed inside a Lightning fit: input scaling, AuxK, grad clipping, decoder
+projection and renormalisation, dead-latent clocks, no metrics as on non-logging steps), so the cost of the
+trainer's extras shows beside the bare step. The peers step torch's fused Adam; mmsae
 steps the Adam its trainer uses (`mmsae.kernels.optim.Adam`: torch's Adam, same arithmetic and state, whose
 CUDA step is one Triton pass per weight that also writes the 16-bit weight copies). Peak memory is torch's
 max allocated during the step; the ratio column takes the faster mmsae row. Times are per call of calls issued
@@ -112,7 +115,60 @@ def make_step(name: str, s: Size) -> tuple[nn.Module, Callable[[Tensor], Tensor]
     raise ValueError(f"unknown implementation {name!r}")
 
 
+def bench_trainer_step(s: Size, x: Tensor, reps: int, warm_steps: int = 8) -> dict[str, float]:
+    """GPU time of the trainer's graphed step (`SAEModule._step` as `training_step` replays it on a
+    non-logging step), timed from inside a bf16-mixed Lightning fit once its graph is captured."""
+    import lightning as L
+
+    from mmsae import kernels
+    from mmsae.trainer import SAEDataModule, SAEModule, SAESpec
+
+    kernels.set_backend("auto")
+    result: dict[str, float] = {}
+
+    class TimeStep(L.Callback):
+        def on_train_batch_end(
+            self, trainer: L.Trainer, module: SAEModule, outputs: object, batch: Tensor, batch_idx: int
+        ) -> None:
+            if batch_idx + 1 != warm_steps:
+                return
+            graphed = module._graphed
+            assert graphed is not None and graphed.disabled is None and graphed.graphs, graphed.disabled
+            key = tuple(sae.loss_structure(c.count()) for sae, c in zip(module.saes, module.clocks))
+            replays = graphed.replays
+            # The training batches' dtype and shape: the same captured graph.
+            result["ms"] = time_ms(lambda: graphed(x16, key, metrics=False), warmup=2, reps=reps)
+            assert graphed.replays > replays + reps, "the timed calls must be replays"
+            result["dead"] = float(module.clocks[0].count())
+            trainer.should_stop = True
+
+    x16 = x.half()
+    module = SAEModule([SAESpec("topk", s.n, s.k)], d_in=s.d, warmup_steps=10, cuda_graphs=True)
+    data = SAEDataModule(x16.repeat(2, 1), tokens=4 * warm_steps * s.B, batch_size=s.B)
+    trainer = L.Trainer(
+        accelerator="gpu",
+        devices=1,
+        max_epochs=1,
+        precision="bf16-mixed",
+        logger=False,
+        log_every_n_steps=10**6,  # no logging step after the first: the metrics-free graph is timed
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[TimeStep()],
+    )
+    torch.cuda.reset_peak_memory_stats()
+    trainer.fit(module, datamodule=data)
+    return {
+        **result,
+        "mtok_s": s.B / result["ms"] / 1e3,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+    }
+
+
 def bench_impl(name: str, s: Size, x: Tensor, reps: int, profile: bool = False) -> dict[str, float]:
+    if name == "mmsae_trainer_step":
+        return bench_trainer_step(s, x, reps)
     model, loss_fn = make_step(name, s)
     # mmsae_graph: the mmsae step replayed as one CUDA graph by the trainer's GraphedStep, which needs a
     # capturable Adam with a device LR and autocast without its weight-cast cache.
@@ -227,7 +283,12 @@ def main() -> None:
     parser.add_argument(
         "--sizes", type=int, nargs="*", default=list(range(len(SIZES))), help="indices into SIZES"
     )
-    parser.add_argument("--impls", nargs="*", default=["dense_torch", "sparsify", "mmsae", "mmsae_graph"])
+    parser.add_argument(
+        "--impls",
+        nargs="*",
+        default=["dense_torch", "sparsify", "mmsae", "mmsae_graph", "mmsae_trainer_step"],
+        help="also: mmsae_trainer_step (the trainer's full graphed step)",
+    )
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--tune-select", action="store_true", help="also time select and gather tile configs")
     parser.add_argument("--profile", nargs="*", default=[], help="print the CUDA kernel table of these impls")
@@ -281,6 +342,9 @@ def main() -> None:
         best = max(
             (row[m]["mtok_s"] for m in ("mmsae", "mmsae_graph") if "mtok_s" in row.get(m, {})), default=None
         )
+        if "mtok_s" in row.get("mmsae_graph", {}) and "mtok_s" in row.get("mmsae_trainer_step", {}):
+            trainer_ratio = row["mmsae_trainer_step"]["mtok_s"] / row["mmsae_graph"]["mtok_s"]
+            row["trainer_over_step"] = trainer_ratio
         if best is not None and "mtok_s" in row.get("sparsify", {}):
             ratio = f"{best / row['sparsify']['mtok_s']:.2f}x"
         sel = row["select"]
@@ -290,6 +354,13 @@ def main() -> None:
             + f" | {ratio:>15} | {sel['torch_topk_ms']:20.3f}"
             + f"  {sel['group_ms']:8.3f}  {sel['bound_ms']:8.3f}  {sel['bisect_ms']:9.3f}"
         )
+    print(
+        "\nThe trainer's graphed step (clip, projection, renormalisation, AuxK, dead clocks) / the bare one"
+    )
+    for row in results:
+        if "trainer_over_step" in row:
+            s = row["size"]
+            print(f"{s['d']:>5} {s['n']:>7} {s['k']:>3} {s['B']:>6} | {row['trainer_over_step']:.2f}")
     print("\nAdam step over W_enc, W_dec and biases, graph replays, ms (mmsae's writes both bf16 copies too)")
     print(f"{'d':>5} {'n':>7} | torch fused |  mmsae | 28 B/weight at 3.0 TB/s")
     for row in results:

@@ -8,9 +8,10 @@ so the trainer was host-bound. Captured once and replayed, the step costs one la
 A graph freezes everything the host decided while it was captured: tensor shapes, Python scalars and which
 kernels run. So the step function must read the GPU only through tensors (no `.item()`, no boolean
 indexing), every per-step scalar it uses lives in a device tensor (the LR, the step counter), and whatever
-host-side choice does shape it (e.g. how many dead latents AuxK selects) goes into the `key`: one graph is
-captured per key, after the key has run eagerly `warmup` times (JIT compilation, allocator and cuBLAS
-workspaces must happen outside a capture). Batches of another shape than the first (rows dropped as
+host-side choice does shape it (e.g. how many dead latents AuxK selects) goes into the `key`, which the
+step's keyword arguments join (e.g. whether it computes the training metrics): one graph is captured per key,
+after the key has run eagerly `warmup` times (JIT compilation, allocator and cuBLAS workspaces must happen
+outside a capture). Batches of another shape than the first (rows dropped as
 non-finite) run eagerly.
 """
 
@@ -24,7 +25,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-StepFn = Callable[[Tensor], dict[str, Tensor]]
+StepFn = Callable[..., dict[str, Tensor]]
 
 
 class _Captured(NamedTuple):
@@ -34,7 +35,8 @@ class _Captured(NamedTuple):
 
 
 class GraphedStep:
-    """Run `step_fn(x) -> {name: tensor}` eagerly or as a replayed CUDA graph, per structure `key`.
+    """Run `step_fn(x, **step_kwargs) -> {name: tensor}` eagerly or as a replayed CUDA graph, one per
+    structure `key` and keyword arguments (hashable values that shape the captured kernels: `metrics=False`).
 
     Outputs of a replay are the graph's static tensors: the next call overwrites them, so clone what must
     outlive it. Graphs share one memory pool, which is safe because they never run concurrently and
@@ -55,20 +57,21 @@ class GraphedStep:
         """Whether the last call ran `step_fn`'s Python (eagerly, or to capture it): False for a pure replay,
         after which the caller does any host-side bookkeeping the step would have done."""
 
-    def __call__(self, x: Tensor, key: Hashable = None) -> dict[str, Tensor]:
+    def __call__(self, x: Tensor, key: Hashable = None, **step_kwargs: Hashable) -> dict[str, Tensor]:
         self.ran_step_fn = True
         if x.device.type != "cuda" or self.disabled:
-            return self.step_fn(x)  # nothing to capture (the tests' CPU twin), or capture failed: eagerly
+            # nothing to capture (the tests' CPU twin), or capture failed: eagerly
+            return self.step_fn(x, **step_kwargs)
         self.shape = self.shape or x.shape
-        full_key = (key, x.dtype)
+        full_key = self.full_key(x, key, step_kwargs)
         captured = self.graphs.get(full_key)
         if captured is None:
             if x.shape != self.shape or self.eager_runs[full_key] < self.warmup:
                 self.eager_runs[full_key] += 1
-                return self._eager(x)
-            captured = self._capture(full_key, x)
+                return self._eager(x, step_kwargs)
+            captured = self._capture(full_key, x, step_kwargs)
             if captured is None:
-                return self._eager(x)
+                return self._eager(x, step_kwargs)
         else:
             self.ran_step_fn = False
         self.graphs.move_to_end(full_key)
@@ -77,23 +80,28 @@ class GraphedStep:
         self.replays += 1
         return captured.outputs
 
-    def _eager(self, x: Tensor) -> dict[str, Tensor]:
+    @staticmethod
+    def full_key(x: Tensor, key: Hashable, step_kwargs: dict[str, Hashable]) -> Hashable:
+        """What one captured graph stands for: the caller's key, the batch dtype and the step's arguments."""
+        return (key, x.dtype, tuple(sorted(step_kwargs.items())))
+
+    def _eager(self, x: Tensor, step_kwargs: dict[str, Hashable]) -> dict[str, Tensor]:
         # On a side stream, as torch's capture recipe asks of the warm-up runs that precede a capture.
         current, side = torch.cuda.current_stream(), torch.cuda.Stream()
         side.wait_stream(current)
         with torch.cuda.stream(side):
-            outputs = self.step_fn(x)
+            outputs = self.step_fn(x, **step_kwargs)
         current.wait_stream(side)
         x.record_stream(side)
         return outputs
 
-    def _capture(self, key: Hashable, x: Tensor) -> _Captured | None:
+    def _capture(self, key: Hashable, x: Tensor, step_kwargs: dict[str, Hashable]) -> _Captured | None:
         static_x = x.clone()
         graph = torch.cuda.CUDAGraph()
         try:
             # thread_local: the data loader's thread may pin memory (cudaHostAlloc) while this one captures.
             with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                outputs = self.step_fn(static_x)
+                outputs = self.step_fn(static_x, **step_kwargs)
         except Exception as e:  # any capture failure means: train eagerly
             self.disabled = f"{type(e).__name__}: {e}".splitlines()[0]
             self.graphs.clear()

@@ -27,12 +27,12 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from mmsae.checkpoint import save_sae
-from mmsae.kernels.optim import Adam
 from mmsae.metrics import l0_tensor
 from mmsae.sae import SAE, build_sae, default_lr, fired_mask, get_sae_class, normalized_mse
 from mmsae.staging import RowScreen, finite_rows_mask
 from mmsae.trainer.data import SAEDataModule, first_batches
 from mmsae.trainer.graphs import GraphedStep
+from mmsae.trainer.optim import WarmupDecay, keeps_unit_rows, make_optimizer
 from mmsae.trainer.state import (
     DEAD_COUNT_EVERY,
     DeadLatentClock,
@@ -78,23 +78,6 @@ class SAESpec:
         if single:
             return hook or "sae"
         return f"{self.arch}_n{self.n_latents}" + (f"_k{self.k}" if self.k is not None else "")
-
-
-@dataclass
-class WarmupDecay:
-    """LR factor: linear warm-up, flat, linear decay to 0 over the last `decay_steps`.
-
-    A dataclass rather than a lambda so LambdaLR's state_dict (plain ints) is checkpointed weights-only safe.
-    """
-
-    total_steps: int
-    warmup_steps: int
-    decay_steps: int
-
-    def __call__(self, step: int) -> float:
-        warm = (step + 1) / max(1, self.warmup_steps)
-        decay = (self.total_steps - step) / max(1, self.decay_steps)
-        return max(0.0, min(1.0, warm, decay))
 
 
 class SAEModule(L.LightningModule):
@@ -203,17 +186,10 @@ class SAEModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         total = int(self.trainer.estimated_stepping_batches)
-        groups = [
-            {"params": list(sae.parameters()), "lr": spec.lr or default_lr(spec.n_latents, total)}
-            for spec, sae in zip(self.specs, self.saes)
-        ]
-        # torch's Adam with a Triton step on CUDA: one pass per weight that also writes the 16-bit weight
-        # copies the next forward reads (`mmsae.kernels.optim`). Where that step does not apply, torch's
-        # fused Adam on CUDA (bf16-mixed uses no grad scaler, so nothing stops it); CPU keeps the default.
-        fused = all(p.is_cuda for g in groups for p in g["params"])
-        optimizer = Adam(groups, betas=(0.9, 0.999), fused=fused or None)
-        for sae in self.saes:  # the forwards read the copies this optimizer writes
-            sae.weight_copies = optimizer.weight_copies
+        lrs = [spec.lr or default_lr(spec.n_latents, total) for spec in self.specs]
+        # Clipping, and for plain unit-norm decoders the projection and renormalisation, are the optimizer's:
+        # one Triton pass per weight on CUDA (`mmsae.trainer.optim`).
+        optimizer = make_optimizer(list(self.saes), lrs, self.grad_clip)
         warmup = min(self.warmup_steps, max(1, total // 10))
         if warmup < self.warmup_steps:
             rank_zero_info(f"mmsae: warm-up shortened to {warmup} steps (10% of a {total}-step run).")
@@ -295,7 +271,8 @@ class SAEModule(L.LightningModule):
             logs = self._step(batch_BD, metrics=log_now)
         else:
             key = tuple(sae.loss_structure(clock.count()) for sae, clock in zip(self.saes, self.clocks))
-            logs = self._graphed(batch_BD, key)
+            # Two graphs per structure: with the metrics (logging steps) and without (all the others).
+            logs = self._graphed(batch_BD, key, metrics=log_now)
             if not self._graphed.ran_step_fn:
                 self._count_replayed_step()
             logs = (
@@ -316,9 +293,10 @@ class SAEModule(L.LightningModule):
             total, fired, logs = self._losses(batch_BD, self._step_t, metrics)
         with torch.autocast(self.device.type, enabled=False):
             self.manual_backward(total)
-            optimizer.step()  # runs on_before_optimizer_step: parallel-gradient removal, clipping
+            optimizer.step()  # after on_before_optimizer_step; clips, and keeps plain atoms unit norm
             for sae in self.saes:
-                sae.normalize_decoder()  # right after the step, before any callback sees the weights
+                if not keeps_unit_rows(optimizer, sae):
+                    sae.normalize_decoder()  # right after the step, before any callback sees the weights
             self._update_dead(fired, len(batch_BD))
         return logs
 
@@ -385,10 +363,9 @@ class SAEModule(L.LightningModule):
         self.tokens_seen += n_tokens
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        for sae in self.saes:
-            sae.remove_parallel_grads()
-            if self.grad_clip:  # per SAE: a sweep member never clips another
-                nn.utils.clip_grad_norm_(sae.parameters(), self.grad_clip)
+        for sae in self.saes:  # the optimizer clips each SAE's group (`mmsae.trainer.optim`)
+            if not keeps_unit_rows(optimizer, sae):
+                sae.remove_parallel_grads()
 
     # ----------------------------------------------------------------- CUDA graphs
     def _graph_blocker(self) -> str | None:
