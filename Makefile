@@ -27,10 +27,13 @@ demo: $(STAMP)
 test: lint browser
 	$(BIN)/pytest -q --timeout=900
 
-# Regenerates the README's app screenshots (docs/screenshots/) by running the browser test; `make test`
-# writes its screenshots to a temporary folder instead.
+# Regenerates the README's app screenshots (docs/screenshots/) from real weights: `make demo`'s SAE and
+# concept index on the zoo's MobileNetV2 (built once under runs/screenshots), each app driven in headless
+# chromium. `make test`'s browser test drives the same apps on tiny models and keeps its screenshots in a
+# temporary folder.
 screenshots: $(STAMP) browser
-	MMSAE_SCREENSHOTS_DIR=docs/screenshots $(BIN)/pytest -q tests/test_apps_browser.py
+	$(BIN)/mmsae zoo install
+	$(BIN)/python tests/screenshots.py --out docs/screenshots --work runs/screenshots
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

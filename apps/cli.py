@@ -3,6 +3,7 @@
 mmsae app search  --sae runs/demo/sae/HOOK --index runs/demo/index [--model clip:ViT-B-32/openai]
 mmsae app steer   --sae runs/sae --model clip:ViT-B-32/openai --data-dir photos/ [--index DIR]
 mmsae app unlearn --sae runs/unet_sae --model unet:CompVis/stable-diffusion-v1-4
+mmsae app unlearn --sae runs/demo/sae/global_pool --index runs/demo/index   # a classifier's classes
 """
 
 from __future__ import annotations
@@ -97,6 +98,8 @@ def build_app(args: argparse.Namespace):  # -> gr.Blocks (gradio imported lazily
         return build_steer_app(encoder, sae, settings, catalog), settings
     from mmsae.apps.unlearn import build_unlearn_app
 
+    if index is not None:  # a classifier's class features are selected on the indexed images
+        settings.data_dirs = list(dict.fromkeys([*settings.data_dirs, *image_dirs(index.paths)]))
     return build_unlearn_app(encoder, sae, settings, catalog), settings
 
 

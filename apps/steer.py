@@ -38,7 +38,7 @@ from mmsae.apps.common import (
 from mmsae.apps.editor import mask_editor
 from mmsae.datasets.images import PromptList
 from mmsae.encoders.base import Encoder
-from mmsae.encoders.capabilities import Sampler, TextEmbedder
+from mmsae.encoders.capabilities import Classifier, Sampler, TextEmbedder
 from mmsae.intervene import Direction, Edit, SetMax, Splice, max_activations
 from mmsae.intervene.intervention import schedule_length
 from mmsae.intervene.steer import steer_diffusion, steer_image, steer_llava
@@ -167,7 +167,8 @@ class SteerHandlers:
             before = dict(zip(names, r.probs_before_BL[0].tolist()))
             after = dict(zip(names, r.probs_after_BL[0].tolist()))
         else:
-            before, after = top_classes(r.before_BE[0]), top_classes(r.after_BE[0])
+            names = self.encoder.class_names if isinstance(self.encoder, Classifier) else None
+            before, after = top_classes(r.before_BE[0], names=names), top_classes(r.after_BE[0], names=names)
         summary = f"Cosine(before, after) of the model output: {float(r.cosine_B[0]):.4f}"
         return before, after, summary
 
@@ -203,11 +204,12 @@ class SteerHandlers:
         return for_display(r.before[0]), for_display(r.after[0])
 
 
-def top_classes(logits: Tensor, k: int = 5) -> dict[str, float]:
-    """A classifier's top-k classes with probabilities, for gr.Label."""
+def top_classes(logits: Tensor, k: int = 5, names: Sequence[str] | None = None) -> dict[str, float]:
+    """A classifier's top-k classes with probabilities, for gr.Label (by name when `names` are known)."""
     probs = logits.float().softmax(-1)
     values, idx = probs.topk(min(k, len(probs)))
-    return {f"class {i}": float(v) for v, i in zip(values.tolist(), idx.tolist())}
+    label = (lambda i: names[i]) if names else (lambda i: f"class {i}")
+    return {label(i): float(v) for v, i in zip(values.tolist(), idx.tolist())}
 
 
 def build_steer_app(

@@ -1,5 +1,7 @@
 """Concept unlearning (SAeUron) on a diffusion UNet: type a concept, see its features, compare samples.
 
+(On an image classifier the app unlearns a class instead: `mmsae.apps.unlearn_classifier`.)
+
 A concept becomes a few templated prompts; the bundled demo prompts that do not mention it are the
 "other" prompts. `select_features` picks the concept's features per timestep at the chosen percentile
 (cached per concept and percentile, it samples every prompt once); `Unlearner` then samples with them
@@ -30,7 +32,7 @@ from mmsae.apps.common import (
 )
 from mmsae.datasets.images import PromptList
 from mmsae.encoders.base import Encoder
-from mmsae.encoders.capabilities import Sampler, require
+from mmsae.encoders.capabilities import Classifier, Sampler, require
 from mmsae.intervene.unlearn import SampleConfig, Unlearner, UnlearnSelection, select_features
 from mmsae.sae import SAE
 
@@ -157,7 +159,12 @@ def build_unlearn_app(
     catalog: FeatureCatalog | None = None,
     cfg: UnlearnAppConfig | None = None,
 ) -> gr.Blocks:
+    """The unlearning Blocks: concepts of a diffusion UNet, or classes of an image classifier."""
     settings = settings or AppSettings()
+    if not isinstance(encoder, Sampler) and isinstance(encoder, Classifier):
+        from mmsae.apps.unlearn_classifier import build_classifier_unlearn_app
+
+        return build_classifier_unlearn_app(encoder, sae, settings, catalog)
     h = UnlearnHandlers(encoder, sae, settings, catalog, cfg)
     with gr.Blocks(title="mmsae concept unlearning") as demo:
         banner(settings)

@@ -3,7 +3,8 @@
 For each hook (the pooled features before the head, one spatial block): a TopK SAE on augmented crops of
 the real photos (foolbox ImageNet samples, labelled scikit-image photos, interior photos), its FVU / L0 /
 dead fraction, how often a latent's logit name agrees with the labels of its top-activating crops;
-concept search by class name (precision@1 on the labelled photos); steering (mean Δp(X) from adding the
+concept search by class name (precision@1 on the labelled photos, by the features with the class as
+first logit name and as any of the first five); steering (mean Δp(X) from adding the
 features named X on photos that are not X, and from ablating them on held-out crops of X); SAeUron
 unlearning of one and of two classes (top-1 drop on held-out crops, kept top-1 on the other photos).
 Prints a Markdown report and writes it (atomically) to `--out`.
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from mmsae.analysis.logit_naming import features_named
 from mmsae.effects import (
     EffectsConfig,
     crops_of,
@@ -55,15 +57,17 @@ def run_hook(encoder, hook: str, args: argparse.Namespace, photos, labelled, hel
         "|---|---|---|---|---|",
         f"| {m['fvu']:.3f} | {m['l0']:.1f} | {m['dead_fraction']:.1%} | {m['name_agreement_top1']:.1%} / "
         f"{m['name_agreement_top5']:.1%} | {m['latents_with_labelled_images']} |\n",
-        "| target | features named it | precision@1 | Δp(X) adding (not-X photos) "
+        "| target | features named it (first name / any of first five) "
+        "| precision@1 (first name / any of first five) | Δp(X) adding (not-X photos) "
         "| Δp(X) ablating (X crops) |",
         "|---|---|---|---|---|",
     ]
     for target in cfg.targets:
         s = steering_effect(t, encoder, target, [*labelled, *held_out], cfg)
-        p1 = precision_at_k(t, encoder, labelled, target, k=1)
+        p1 = [precision_at_k(t, encoder, labelled, target, k=1, rank=r) for r in (1, 5)]
+        named = [len(features_named(t.names, target, r)) for r in (1, 5)]
         rows.append(
-            f"| {target} | {len(s['latents'])} | {p1:.2f} | {s['add_delta']:+.3f} "
+            f"| {target} | {named[0]} / {named[1]} | {p1[0]:.2f} / {p1[1]:.2f} | {s['add_delta']:+.3f} "
             f"(from {s.get('p_neg_before', float('nan')):.3f}) | {s['ablate_delta']:+.3f} "
             f"(from {s.get('p_pos_before', float('nan')):.3f}) |"
         )

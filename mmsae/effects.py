@@ -184,9 +184,10 @@ def sae_metrics(t: TrainedSAE) -> dict[str, float]:
     }
 
 
-def search_by_name(t: TrainedSAE, pooled_Nn: Tensor, query: str, k: int = 5) -> list[int]:
-    """Images (rows of `pooled_Nn`) ranked by the summed codes of the latents whose logit name is `query`."""
-    latents = features_named(t.names, query)
+def search_by_name(t: TrainedSAE, pooled_Nn: Tensor, query: str, k: int = 5, rank: int = 1) -> list[int]:
+    """Images (rows of `pooled_Nn`) ranked by the summed codes of the latents with `query` among their
+    first `rank` logit names."""
+    latents = features_named(t.names, query, rank)
     if not latents:
         return []
     score = pooled_Nn[:, latents].sum(-1)
@@ -194,11 +195,14 @@ def search_by_name(t: TrainedSAE, pooled_Nn: Tensor, query: str, k: int = 5) -> 
     return [int(i) for i in order[:k] if score[i] > 0]
 
 
-def precision_at_k(t: TrainedSAE, encoder: Encoder, photos: Sequence[Photo], query: str, k: int = 1) -> float:
-    """Share of the top-`k` photos for `query` (by logit-named features) that show it."""
+def precision_at_k(
+    t: TrainedSAE, encoder: Encoder, photos: Sequence[Photo], query: str, k: int = 1, rank: int = 1
+) -> float:
+    """Share of the top-`k` photos for `query` (by the features with it among their first `rank` logit
+    names) that show it."""
     acts = hook_activations(encoder, [p.image for p in photos], t.sae.cfg.hook)
     codes = as_dense(t.sae.encode(acts.flatten(0, 1))).float().view(len(photos), acts.shape[1], -1)
-    hits = search_by_name(t, codes.amax(1), query, k)
+    hits = search_by_name(t, codes.amax(1), query, k, rank)
     return sum(query in photos[i].labels for i in hits) / k
 
 

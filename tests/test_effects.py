@@ -149,3 +149,24 @@ def test_unlearning_blocks_the_class_and_keeps_the_others(
     # 19): one photo short of the 90 % target. Gentler blocking (−0.25) keeps 100 % but drops top-1 on
     # the classes by only 25–50 %, so −1 is the furthest this SAE reaches.
     assert u["other_kept"] >= (0.9 if len(concepts) == 1 else 0.85)
+
+
+def test_the_unlearning_app_unlearns_a_class_of_the_real_classifier(
+    mobilenet: TimmEncoder, pooled: TrainedSAE, photos: list[Photo], tmp_path: Path
+) -> None:
+    from mmsae.apps.common import AppSettings
+    from mmsae.apps.unlearn_classifier import ClassifierUnlearnHandlers
+
+    for i, p in enumerate(photos):
+        p.image.save(tmp_path / f"{i:02d}_{p.name}.png")
+    h = ClassifierUnlearnHandlers(mobilenet, pooled.sae, AppSettings(data_dirs=[tmp_path]))
+    chelsea = next(tmp_path.glob("*_chelsea.png"))
+    before, after, rows, summary = h.predict("egyptian cat", str(chelsea), 99.0, -1.0)
+    print(before, after, rows, summary)
+    e = h.effect("Egyptian cat", str(chelsea), 99.0, -1.0)
+    cat = mobilenet.class_names.index("Egyptian cat")
+    assert next(iter(before)) == "Egyptian cat" and next(iter(after)) != "Egyptian cat"
+    # measured: p(Egyptian cat) on chelsea 0.717 → 0.000; 56 of the other 62 photos (90 %) keep their
+    # top-1 (92 % with the demo's larger SAE, docs/screenshots/unlearn.png)
+    assert float(e.after_K[cat]) < 0.5 * float(e.before_K[cat])
+    assert e.others_kept >= 0.85
