@@ -16,12 +16,12 @@ peaked atoms reach 0.31: tests/test_dead_latents.py).
 Why atoms of one norm: the encoder is TopK, which ranks codes, and an atom's share of a token is code × atom
 norm. With atoms of the data's norms (D_i itself, 2 to 35 on DINOv2-S tokens scaled to E‖x‖ = √d) the long
 atoms, those of the outlying clusters, need small codes, lose the ranking and die: 45 % of 2048 latents after
-256 steps there, where TopK lost none. Why g = 1/k: a token's k nearest atoms point nearly the same way, so
-their k codes sum to about the token only if each is ≈ ‖x‖/k in atom units; with g = 1/k the encoder rows
-have unit norm, as TopK's. Putting that 1/k in the encoder instead (rows of norm ≈ 0.006) failed: Adam's step
-is about the learning rate per weight whatever the weight's size, so it rewrote such an encoder within a step
-(15 % dead after 32 steps). Λ stays in input units. SAEs saved before `normalize_atoms` existed keep D itself
-as their dictionary.
+256 steps there, 4.2 % with atoms of one norm (docs/benchmarks.md, "Dead latents on real activations"). Why
+g = 1/k: a token's k nearest atoms point nearly the same way, so their k codes sum to about the token only if
+each is ≈ ‖x‖/k in atom units; with g = 1/k the encoder rows have unit norm, as TopK's. Putting that 1/k in
+the encoder instead (rows of norm ≈ 0.006) failed: Adam's step is about the learning rate per weight whatever
+the weight's size, so it rewrote such an encoder within a step (15 % dead after 32 steps). Λ stays in input
+units. SAEs saved before `normalize_atoms` existed keep D itself as their dictionary.
 
 The encoder is TopK; `W_dec` is computed, so decode, AuxK, save/load and `fold_input_scale` work unchanged
 through the base class hooks.
