@@ -325,7 +325,8 @@ def test_archetypal_dictionary_constraints() -> None:
     mixing = sae.mixing()
     assert (mixing >= 0).all()
     torch.testing.assert_close(mixing.sum(-1), torch.ones(N))
-    torch.testing.assert_close(sae.W_dec, mixing @ sae.anchors + sae.relax)
+    atoms = mixing @ sae.anchors + sae.relax
+    torch.testing.assert_close(sae.W_dec, atoms / atoms.norm(dim=-1, keepdim=True) / 4)  # g = 1/k
     # Anchors are k-means centroids of the centred sample: inside its bounding box, and distinct.
     centred = data - sae.b_dec
     assert (sae.anchors >= centred.min(0).values - 1e-5).all()
@@ -340,3 +341,31 @@ def test_archetypal_dictionary_constraints() -> None:
         make("archetypal").init_from_data(data[:10])
     with pytest.raises(ValueError, match="unit_norm_decoder=False"):
         build_sae("archetypal", D, N, k=4, unit_norm_decoder=True)
+
+
+def test_archetypal_atoms_share_one_norm_and_the_encoder_has_topk_scale() -> None:
+    """Every atom has norm g = 1/k whatever its anchors' norms (TopK ranks codes, so a long atom's small codes
+    would lose), and the encoder rows unit norm (rows of ≈ 1/(k‖a‖) were rewritten by Adam's first step)."""
+    sae = make("archetypal")
+    sae.init_from_data(sparse_data(512) * 5)
+    mixture_norms = (sae.mixing() @ sae.anchors).norm(dim=-1)
+    assert mixture_norms.max() > 5 * mixture_norms.min()  # the anchors' own norms differ widely
+    torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.full((N,), 1 / 4))
+    torch.testing.assert_close(sae.W_enc.norm(dim=-1), torch.ones(N))
+
+
+def test_archetypal_saved_before_atom_normalisation_loads_unchanged() -> None:
+    """A cfg.json without `normalize_atoms`/`atom_scale` means the dictionary D = C·A + Λ itself."""
+    from mmsae.checkpoint import sae_from_config
+
+    cfg = {
+        "arch": "archetypal",
+        "d_in": D,
+        "n_latents": N,
+        "k": 4,
+        "n_anchors": 32,
+        "unit_norm_decoder": False,
+    }
+    sae = sae_from_config(cfg)
+    assert (sae.cfg.normalize_atoms, sae.cfg.atom_scale) == (False, 1.0)
+    torch.testing.assert_close(sae.W_dec, sae.mixing() @ sae.anchors + sae.relax)

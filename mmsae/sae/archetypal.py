@@ -1,9 +1,10 @@
 """Relaxed archetypal SAE (RA-SAE, Fel et al. 2025): atoms are near-convex combinations of data.
 
-D = C·A + Λ: A (m×d) are fixed anchors, the k-means centroids of the centred init sample; each row
-of C lies on the simplex (softmax or relu-normalised logits); the relaxation Λ is kept within
-‖Λ_i‖ ≤ δ after every optimizer step. Anchoring atoms in the data hull makes dictionaries far more
-stable across seeds.
+Atom i is g·D_i/‖D_i‖ with D = C·A + Λ: A (m×d) are fixed anchors, the k-means centroids of the centred init
+sample; each row of C lies on the simplex (softmax or relu-normalised logits); the relaxation Λ is kept within
+‖Λ_i‖ ≤ δ after every optimizer step. The archetypal constraint is on the atoms' directions (each lies in the
+cone of the data hull); g (`atom_scale`) is one norm for all. Anchoring atoms in the data hull makes
+dictionaries far more stable across seeds.
 
 The init sample is `anchor_sample` rows (default max(16·m, 65536)), which the trainer draws from the first
 training batches (`init_sample_rows`) and, under DDP, computes on rank 0 and broadcasts. Each atom starts
@@ -12,6 +13,16 @@ rate per step, so the dictionary stays near its init for a long time, and atoms 
 anchors sit near the anchors' mean, where the SAE barely reconstructs (FVU 0.93 on synthetic data, where
 peaked atoms reach 0.31: tests/test_dead_latents.py).
 
+Why atoms of one norm: the encoder is TopK, which ranks codes, and an atom's share of a token is code × atom
+norm. With atoms of the data's norms (D_i itself, 2 to 35 on DINOv2-S tokens scaled to E‖x‖ = √d) the long
+atoms, those of the outlying clusters, need small codes, lose the ranking and die: 45 % of 2048 latents after
+256 steps there, 4.2 % with atoms of one norm (docs/benchmarks.md, "Dead latents on real activations"). Why
+g = 1/k: a token's k nearest atoms point nearly the same way, so their k codes sum to about the token only if
+each is ≈ ‖x‖/k in atom units; with g = 1/k the encoder rows have unit norm, as TopK's. Putting that 1/k in
+the encoder instead (rows of norm ≈ 0.006) failed: Adam's step is about the learning rate per weight whatever
+the weight's size, so it rewrote such an encoder within a step (15 % dead after 32 steps). Λ stays in input
+units. SAEs saved before `normalize_atoms` existed keep D itself as their dictionary.
+
 The encoder is TopK; `W_dec` is computed, so decode, AuxK, save/load and `fold_input_scale` work unchanged
 through the base class hooks.
 """
@@ -19,7 +30,7 @@ through the base class hooks.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -43,8 +54,15 @@ class ArchetypalConfig(TopKConfig):
     peak: float = 8.0
     """Softmax simplex: init logit of each atom's own anchor over N(0, 1) noise on the others (weight ≈ 0.6
     for m = 1024)."""
+    normalize_atoms: bool = True
+    """Atoms g·D_i/‖D_i‖ (module docstring); False: g·D_i, as SAEs saved before this option existed."""
+    atom_scale: float | None = None
+    """g, the norm of every atom; None = 1/k. SAEs saved before it existed: 1."""
+    LEGACY_DEFAULTS: ClassVar[dict[str, Any]] = {"normalize_atoms": False, "atom_scale": 1.0}
 
     def __post_init__(self) -> None:
+        if self.atom_scale is None and self.k is not None:
+            self.atom_scale = 1.0 / self.k
         if self.n_anchors is None:
             self.n_anchors = min(self.n_latents, 1024)
         if self.anchor_sample is None:
@@ -58,6 +76,8 @@ class ArchetypalConfig(TopKConfig):
             )
         if self.simplex not in ("softmax", "relu"):
             raise ValueError(f"simplex={self.simplex!r}: use 'softmax' or 'relu'.")
+        if self.atom_scale is None or self.atom_scale <= 0:
+            raise ValueError(f"atom_scale={self.atom_scale} must be > 0 (None: 1/k).")
         if self.n_anchors < 1 or self.delta < 0:
             raise ValueError(f"n_anchors={self.n_anchors} must be ≥ 1 and delta={self.delta} ≥ 0.")
         if self.anchor_sample < self.n_anchors or self.kmeans_iters < 0:
@@ -132,14 +152,17 @@ class ArchetypalSAE(TopKSAE):
 
     @property
     def W_dec(self) -> Tensor:  # type: ignore[override]
-        return self.mixing() @ self.anchors + self.relax
+        atoms_ND = self.mixing() @ self.anchors + self.relax
+        if self.cfg.normalize_atoms:
+            atoms_ND = atoms_ND / atoms_ND.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return atoms_ND * self.cfg.atom_scale
 
     def init_sample_rows(self) -> int:
         return self.cfg.anchor_sample
 
     @torch.no_grad()
     def init_from_data(self, x: Tensor) -> None:
-        """b_dec at the sample's geometric median, anchors its centred k-means, W_enc the atoms' unit rows."""
+        """b_dec at the sample's geometric median, anchors its centred k-means, W_enc along the atoms."""
         if x.shape[0] < self.cfg.n_anchors:
             raise ValueError(
                 f"init sample has {x.shape[0]} rows but n_anchors={self.cfg.n_anchors}: "
@@ -149,11 +172,11 @@ class ArchetypalSAE(TopKSAE):
         centred_ND = x.float() - self.b_dec.float()
         self.anchors.copy_(kmeans(centred_ND, self.cfg.n_anchors, self.cfg.kmeans_iters))
         atoms_ND = self.W_dec
-        # Atoms are data points (norm ‖a‖, not 1 as in TopK's tied init), and a token's k nearest atoms point
-        # nearly the same way: unit rows over k·mean‖a‖ make those k codes sum to about the token (the plain
-        # tied init overshoots by ~k‖a‖, an FVU in the hundreds), and one scale for all rows keeps the TopK
-        # ranking by cosine (rows a/‖a‖² would favour short atoms and starve the rest).
-        norms_N1 = atoms_ND.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        # A token's k nearest atoms point nearly the same way: rows u_i/(k·mean‖W_dec,i‖) (u_i the atom's
+        # direction) make those k codes sum to about the token (the plain tied init overshoots by ~k, an FVU
+        # in the hundreds). They have unit norm with g = 1/k; one scale for all rows keeps TopK's ranking by
+        # cosine.
+        norms_N1 = atoms_ND.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         self.W_enc.copy_(atoms_ND / norms_N1 / (self.cfg.k * norms_N1.mean()))
 
     @torch.no_grad()
@@ -167,6 +190,8 @@ class ArchetypalSAE(TopKSAE):
         self.anchors *= factor
         self.relax *= factor
         self.cfg.delta *= factor
+        if self.cfg.normalize_atoms:  # the atoms' norm is g alone
+            self.cfg.atom_scale *= factor
 
 
 __all__ = ["ArchetypalConfig", "ArchetypalSAE", "kmeans"]

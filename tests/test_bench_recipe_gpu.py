@@ -1,0 +1,41 @@
+"""benchmarks/bench_recipe_gpu.py: the batch variants' θ calibration and the tokens-to-reach interpolation."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from mmsae.sae import build_sae
+
+# benchmarks/ is a folder of scripts, not a package: load the script's module from its path.
+_spec = importlib.util.spec_from_file_location(
+    "bench_recipe_gpu", Path(__file__).parents[1] / "benchmarks" / "bench_recipe_gpu.py"
+)
+bench = importlib.util.module_from_spec(_spec)
+sys.modules["bench_recipe_gpu"] = bench
+_spec.loader.exec_module(bench)
+
+
+def test_calibrated_threshold_gives_l0_k_on_the_calibration_tokens() -> None:
+    """θ = the k·N-th largest selection score: in eval mode the N calibration tokens keep k codes each on
+    average (chunked, so the running top-k·N merge is exercised), whatever θ training left."""
+    torch.manual_seed(0)
+    for arch in ("batchtopk", "matryoshka"):
+        sae = build_sae(arch, 16, 64, k=4)
+        sae.threshold.fill_(10.0)  # a θ that keeps almost nothing
+        calib_ND = torch.randn(1000, 16)
+        bench.calibrate_threshold(sae, calib_ND, chunk=256)
+        l0 = (sae.encode(calib_ND) != 0).sum(-1).float().mean()
+        assert abs(float(l0) - 4) <= 0.01, (arch, float(l0))
+
+
+def test_tokens_to_reach_interpolates_log_linearly() -> None:
+    curve = [(1_000_000, 0.4), (2_000_000, 0.2), (4_000_000, 0.1)]
+    assert math.isclose(bench.tokens_to_reach(0.2, curve), 2e6)
+    assert math.isclose(bench.tokens_to_reach(0.3, curve), math.sqrt(2) * 1e6)
+    assert bench.tokens_to_reach(0.5, curve) == 1_000_000
+    assert bench.tokens_to_reach(0.05, curve) == math.inf
