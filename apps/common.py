@@ -311,13 +311,13 @@ class FeatureCatalog:
     """Feature names of an SAE and search over them: by id, by name substring, or semantically."""
 
     names: list[str]
-    """One name per latent ('' when unnamed)."""
+    """One name per feature ('' when unnamed)."""
     semantic: Callable[[str, int], list[int]] | None = None
     """Optional text → nearest features (e.g. the concept index's CLIP-space search)."""
 
     @classmethod
-    def unnamed(cls, n_latents: int) -> FeatureCatalog:
-        return cls([""] * n_latents)
+    def unnamed(cls, n_features: int) -> FeatureCatalog:
+        return cls([""] * n_features)
 
     @classmethod
     def from_index(cls, index: Any) -> FeatureCatalog:

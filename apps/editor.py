@@ -28,7 +28,7 @@ from mmsae.datasets.images import ImageReadError, open_image
 
 MAX_LAYERS = 8
 MAX_MASK_PIXELS = 2048 * 2048
-"""Per image: a mask is interpolated to the latent grid, so more detail is never used."""
+"""Per image: a mask is interpolated to the feature grid, so more detail is never used."""
 PENDING_MB = 128
 """Blobs waiting for an event, all users together; the oldest edits are dropped beyond this."""
 KINDS = ("background", "layer", "composite")

@@ -163,7 +163,7 @@ def describe_index(index: ConceptIndex) -> str:
     meta = index.meta
     embedder = "" if meta["embedder"] == meta["encoder"] else f"; search embeddings from `{meta['embedder']}`"
     return (
-        f"{len(index):,} images, {index.sae.n_latents:,} SAE features on `{meta['encoder']}` "
+        f"{len(index):,} images, {index.sae.n_features:,} SAE features on `{meta['encoder']}` "
         f"at `{meta['hook']}`{embedder}."
     )
 

@@ -76,7 +76,7 @@ class SteerHandlers:
         calibration: Sequence[str] | None = None,
     ):
         self.encoder, self.sae, self.settings = encoder, sae, settings
-        self.catalog = catalog or FeatureCatalog.unnamed(sae.cfg.n_latents)
+        self.catalog = catalog or FeatureCatalog.unnamed(sae.cfg.n_features)
         self.upload_roots = upload_roots(settings)
         self._max_acts = max_acts
         self.calibration = list(calibration) if calibration is not None else self._default_calibration()
@@ -226,7 +226,7 @@ def build_steer_app(
     with gr.Blocks(title="mmsae steering") as demo:
         banner(settings)
         gr.Markdown(
-            f"## Steering {encoder.id} at `{sae.cfg.hook}` ({sae.cfg.n_latents} features)\n"
+            f"## Steering {encoder.id} at `{sae.cfg.hook}` ({sae.cfg.n_features} features)\n"
             "Strength = multiple of the feature's maximum activation (−10…10)."
         )
         slots = _feature_slots(h)

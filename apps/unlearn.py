@@ -63,7 +63,7 @@ class UnlearnHandlers:
     ):
         self.sampler = require(encoder, Sampler, what="Concept unlearning")
         self.encoder, self.sae, self.settings = encoder, sae, settings
-        self.catalog = catalog or FeatureCatalog.unnamed(sae.cfg.n_latents)
+        self.catalog = catalog or FeatureCatalog.unnamed(sae.cfg.n_features)
         self.cfg = cfg or UnlearnAppConfig()
         self.steps = self.cfg.steps or self.sampler.sampling.num_inference_steps
         self.other_prompts = PromptList.bundled("demo").prompts
@@ -108,9 +108,9 @@ class UnlearnHandlers:
         percentile = float(percentile)
         rows = [
             [str(t), ", ".join(self.catalog.label(f) for f in fs) or "–"]
-            for t, fs in sorted(chosen.latents.items(), reverse=True)
+            for t, fs in sorted(chosen.features.items(), reverse=True)
         ]
-        distinct = sorted({f for fs in chosen.latents.values() for f in fs})
+        distinct = sorted({f for fs in chosen.features.values() for f in fs})
         if not distinct:
             return rows, f"No feature passes percentile {percentile:g}: lower it."
         return rows, f"{len(distinct)} feature(s) over {len(rows)} timesteps at percentile {percentile:g}."

@@ -77,7 +77,7 @@ class ClassifierUnlearnHandlers:
     ):
         self.classifier = require(encoder, Classifier, what="Class unlearning")
         self.encoder, self.sae, self.settings = encoder, sae, settings
-        self.catalog = catalog or FeatureCatalog.unnamed(sae.cfg.n_latents)
+        self.catalog = catalog or FeatureCatalog.unnamed(sae.cfg.n_features)
         self.upload_roots = upload_roots(settings)
         self.images = (
             list(images)
@@ -142,14 +142,14 @@ class ClassifierUnlearnHandlers:
         percentile = check_number(percentile, "Percentile", 0, 100)
         if not 0 < percentile < 100:
             raise InputError(f"Percentile {percentile:g} must lie strictly between 0 and 100.")
-        latents = self.selection(name, percentile).concepts[name].latents[STEP]
-        rows = [[str(j), self.catalog.names[j] or "–"] for j in latents]
+        features = self.selection(name, percentile).concepts[name].features[STEP]
+        rows = [[str(j), self.catalog.names[j] or "–"] for j in features]
         _, probs_NK = self.image_probs()
         n_mine = int((probs_NK.argmax(-1) == self.classifier.class_names.index(name)).sum())
-        if not latents:
+        if not features:
             return rows, f"No feature of {name!r} passes percentile {percentile:g}: lower it."
         return rows, (
-            f"{len(latents)} feature(s) of {name!r} at percentile {percentile:g}, selected on the "
+            f"{len(features)} feature(s) of {name!r} at percentile {percentile:g}, selected on the "
             f"{n_mine} image(s) the classifier calls {name!r} against the other {len(probs_NK) - n_mine}."
         )
 

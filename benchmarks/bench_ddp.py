@@ -18,13 +18,13 @@ from mmsae.sae import default_lr
 
 logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 devices, tokens = int(sys.argv[1]), 16_000_000
-gen = SyntheticActivations(d=256, n_features=4096, mean_active=8, seed=0)
+gen = SyntheticActivations(d=256, n_directions=4096, mean_active=8, seed=0)
 x = gen.sample(1 << 21)  # identical on every rank (a pure function of the seed)
 start = time.perf_counter()
 sae = mmsae.train(
     x,
     sae="topk",
-    n_latents=4096,
+    n_features=4096,
     k=8,
     tokens=tokens,
     batch_size=4096 // devices,

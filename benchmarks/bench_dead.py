@@ -1,9 +1,9 @@
-"""Dead latents on real activations: TopK, AbsTopK and archetypal (RA-SAE) SAEs on DINOv2-S/14 patch tokens.
+"""Dead features on real activations: TopK, AbsTopK and archetypal (RA-SAE) SAEs on DINOv2-S/14 patch tokens.
 
 Data: patch tokens of blocks 6–9 of the offline zoo's DINOv2-S/14 (d = 384) over `--images` random crops of
 the zoo's real photos (scikit-image, foolbox ImageNet samples, interiors), pooled and shuffled. They are
 extracted once and cached (`--cache`); the last `--eval-tokens` rows are held out. Each SAE trains with
-`mmsae.train` on the same tokens and is scored on the held-out rows: FVU, L0, and dead % (latents that never
+`mmsae.train` on the same tokens and is scored on the held-out rows: FVU, L0, and dead % (features that never
 fire on the held-out tokens). Prints a Markdown table and writes it (atomically) to `--out`.
 
     mmsae zoo install            # once; then
@@ -87,7 +87,7 @@ def run(arch: str, train_ND: torch.Tensor, eval_ND: torch.Tensor, args: argparse
     sae = mmsae.train(
         train_ND,
         sae=arch,
-        n_latents=args.n_latents,
+        n_features=args.n_features,
         k=args.k,
         tokens=len(train_ND),
         batch_size=args.batch_size,
@@ -108,7 +108,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=320, help="crops to extract (1024 tokens each)")
     parser.add_argument("--eval-tokens", type=int, default=65_536)
     parser.add_argument("--archs", nargs="+", default=["topk", "abstopk", "archetypal"])
-    parser.add_argument("--n-latents", type=int, default=2048)
+    parser.add_argument("--n-features", type=int, default=2048)
     parser.add_argument("--k", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--tokens", type=int, default=None, help="training tokens (default: all train rows)")
@@ -121,7 +121,7 @@ def main() -> None:
     train_ND, eval_ND = acts_ND[: -args.eval_tokens][: args.tokens], acts_ND[-args.eval_tokens :]
     lines = [
         f"DINOv2-S/14 blocks 6–9 patch tokens: {len(train_ND)} train / {len(eval_ND)} held-out, "
-        f"n_latents {args.n_latents}, k {args.k}, batch {args.batch_size}, "
+        f"n_features {args.n_features}, k {args.k}, batch {args.batch_size}, "
         f"dead window {args.dead_tokens} tokens",
         "",
         "| SAE | FVU | L0 | dead % (held-out) | train s |",

@@ -6,7 +6,7 @@ and the SAE are cached under `--cache`, so a rerun only redoes the analysis. The
 hand-drawn object box (`mmsae.analysis.objects.OBJECT_BOXES`), it scores the energy in the box of the
 features with the most mass inside it, for the SAE and for as many random directions
 (`mmsae.analysis.localization`), prints the Markdown table and writes under `--out`: `objects.png` (every
-object's top features as heatmaps), `latent_<i>.png/.html` dashboards of the SAE features in the table
+object's top features as heatmaps), `feature_<i>.png/.html` dashboards of the SAE features in the table
 (top-activating crops with heatmaps, the top patch outlined), `summary.png/.html` and `index.html`.
 
     mmsae zoo install            # once; then
@@ -52,12 +52,12 @@ FIGURE_OBJECTS = ("rocket", "space shuttle model", "cup", "motorcycle", "dog", "
 
 def cached_sae(store: ActivationStore, args: argparse.Namespace, cache: Path) -> SAE:
     """Train the SAE once per (store, settings); later runs load it from the cache."""
-    key = json.dumps([str(store.path), args.hook, args.n_latents, args.k, args.tokens, args.seed])
+    key = json.dumps([str(store.path), args.hook, args.n_features, args.k, args.tokens, args.seed])
     path = cache / "sae" / hashlib.sha256(key.encode()).hexdigest()[:16]
     if (path / "cfg.json").is_file():
         return load_sae(path)
     sae = train(
-        store, sae="topk", n_latents=args.n_latents, k=args.k, tokens=args.tokens, batch_size=2048,
+        store, sae="topk", n_features=args.n_features, k=args.k, tokens=args.tokens, batch_size=2048,
         hook=args.hook, encoder=DINO, seed=args.seed, warmup_steps=50,
     )  # fmt: skip
     save_sae(sae, path)
@@ -86,22 +86,22 @@ def write_dashboards(
     for s in scores:
         for f, e in zip(s.bases["sae"].features, s.bases["sae"].energy):
             best[f] = max(best.get(f, 0.0), e)
-    latents = sorted(best, key=best.get, reverse=True)[: args.features]
+    features = sorted(best, key=best.get, reverse=True)[: args.features]
     stats = feature_stats(sae, store.token_acts(args.hook), StatsConfig(top_k=8))
-    summary_report({f"topk n={sae.n_latents} k={args.k}": stats}, out)
+    summary_report({f"topk n={sae.n_features} k={args.k}": stats}, out)
     images = [crops[i].image for i in range(len(crops))]
-    labels = {f: [s.obj.label for s in scores if f in s.bases["sae"].features] for f in latents}
-    for latent in latents:
+    labels = {f: [s.obj.label for s in scores if f in s.bases["sae"].features] for f in features}
+    for feature in features:
         names = [
-            NameCandidate(f"energy in the {label} box", best[latent])
-            for label in dict.fromkeys(labels[latent])
+            NameCandidate(f"energy in the {label} box", best[feature])
+            for label in dict.fromkeys(labels[feature])
         ]
-        feature_dashboard(latent, stats, images, out, names=names, sae=sae, encoder=encoder, hook=args.hook)
-    return latents
+        feature_dashboard(feature, stats, images, out, names=names, sae=sae, encoder=encoder, hook=args.hook)
+    return features
 
 
-def index_page(table: str, latents: list[int], out: Path) -> None:
-    links = "".join(f"<li><a href='latent_{i}.html'>latent {i}</a></li>" for i in latents)
+def index_page(table: str, features: list[int], out: Path) -> None:
+    links = "".join(f"<li><a href='feature_{i}.html'>feature {i}</a></li>" for i in features)
     body = (
         "<!doctype html><html><head><meta charset='utf-8'><title>DINOv2-S features</title></head><body>"
         "<h1>DINOv2-S/14 SAE features on real photos</h1>"
@@ -118,7 +118,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "mmsae" / "bench_dino")
     parser.add_argument("--hook", default="blocks.9", help="DINOv2 block whose patch tokens the SAE reads.")
     parser.add_argument("--crops", type=int, default=256, help="Random augmented crops of the photos.")
-    parser.add_argument("--n-latents", type=int, default=1536)
+    parser.add_argument("--n-features", type=int, default=1536)
     parser.add_argument("--k", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=400_000, help="Training tokens (repeats the store).")
     parser.add_argument("--top-k", type=int, default=3, help="Features scored per object and basis.")
@@ -142,10 +142,10 @@ def main() -> None:
     if args.figure is not None:
         rows = [s for label in FIGURE_OBJECTS for s in scores if s.obj.label == label][: len(FIGURE_OBJECTS)]
         localization_grid(rows, args.figure, dpi=60)
-    latents = write_dashboards(sae, encoder, store, crops, scores, args, args.out)
-    index_page(table, latents, args.out)
+    features = write_dashboards(sae, encoder, store, crops, scores, args, args.out)
+    index_page(table, features, args.out)
     gain = mean_energy(scores, "sae") - mean_energy(scores, "random")
-    print(f"{DINO} {args.hook}, {args.crops} crops ({store.n_tokens} patch tokens), TopK n={args.n_latents} "
+    print(f"{DINO} {args.hook}, {args.crops} crops ({store.n_tokens} patch tokens), TopK n={args.n_features} "
           f"k={args.k}, {args.tokens} training tokens; {time.perf_counter() - start:.0f} s\n")  # fmt: skip
     print(table)
     print(f"\nSAE − random mean energy in box: {gain:+.2f}; dashboards in {args.out}/index.html")

@@ -165,7 +165,7 @@ def downstream_stages(encoder: Encoder, store: Any, folder: Path, args: argparse
         lambda: mmsae.train(
             store,
             sae="topk",
-            n_latents=args.n_latents,
+            n_features=args.n_features,
             k=args.k,
             tokens=train_tokens,
             batch_size=args.train_batch,
@@ -174,7 +174,7 @@ def downstream_stages(encoder: Encoder, store: Any, folder: Path, args: argparse
         device,
     )
     total = seconds
-    line("train", seconds, train_tokens, "tok", f"n={args.n_latents} k={args.k} batch {args.train_batch}")
+    line("train", seconds, train_tokens, "tok", f"n={args.n_features} k={args.k} batch {args.train_batch}")
     sae = sae.to(device, dtype).eval()
     hook = encoder.default_hook
     seconds, _ = timed(lambda: feature_stats(sae, store.token_acts(hook, batch_size=16384)), device)
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-workers", type=int, default=min(16, os.cpu_count() or 1))
     p.add_argument("--decode", nargs="+", default=["pil", "draft", "device"], help="first: used by extract")
     p.add_argument("--tokens", nargs="+", default=["cls", "all"], help="first: trained on")
-    p.add_argument("--n-latents", type=int, default=32768)
+    p.add_argument("--n-features", type=int, default=32768)
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--train-batch", type=int, default=4096)
     p.add_argument("--train-tokens", type=int, default=None, help="default: the store's tokens (≥ 8 batches)")
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
         args.device, args.encoder = "cpu", args.encoder or "clip:tiny"
         args.dtype, args.n_images = "fp32", 64 if args.n_images == 8192 else args.n_images
         args.batch_size, args.num_workers, args.decode = 16, 2, ["pil", "draft"]
-        args.n_latents, args.k, args.train_batch, args.forward_batches = 256, 8, 64, 2
+        args.n_features, args.k, args.train_batch, args.forward_batches = 256, 8, 64, 2
         args.profile = True
     args.encoder = args.encoder or "clip:ViT-B-32"
     run(args)

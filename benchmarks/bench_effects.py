@@ -2,7 +2,7 @@
 
 For each hook (the pooled features before the head, one spatial block): a TopK SAE on augmented crops of
 the real photos (foolbox ImageNet samples, labelled scikit-image photos, interior photos), its FVU / L0 /
-dead fraction, how often a latent's logit name agrees with the labels of its top-activating crops;
+dead fraction, how often a feature's logit name agrees with the labels of its top-activating crops;
 concept search by class name (precision@1 on the labelled photos, by the features with the class as
 first logit name and as any of the first five); steering (mean Δp(X) from adding the
 features named X on photos that are not X, and from ablating them on held-out crops of X); SAeUron
@@ -37,7 +37,7 @@ from mmsae.effects import (
 from mmsae.encoders import get_encoder
 from mmsae.fileio import atomic_write_bytes
 
-HOOKS = {  # hook → (n_latents, k, training tokens, batch size)
+HOOKS = {  # hook → (n_features, k, training tokens, batch size)
     "global_pool": (256, 16, 40_000, 256),
     "blocks.5": (512, 16, 200_000, 1024),
 }
@@ -45,18 +45,18 @@ HOOKS = {  # hook → (n_latents, k, training tokens, batch size)
 
 def run_hook(encoder, hook: str, args: argparse.Namespace, photos, labelled, held_out) -> list[str]:
     n, k, tokens, batch = HOOKS[hook]
-    cfg = EffectsConfig(hook=hook, n_crops=args.crops, n_latents=n, k=k, tokens=tokens, batch_size=batch)
+    cfg = EffectsConfig(hook=hook, n_crops=args.crops, n_features=n, k=k, tokens=tokens, batch_size=batch)
     start = time.perf_counter()
     t = train_sae(encoder, cfg, photos)
     m = sae_metrics(t)
     rows = [
-        f"### `{hook}` ({n} latents, k={k}, {args.crops} crops; trained and named in "
+        f"### `{hook}` ({n} features, k={k}, {args.crops} crops; trained and named in "
         f"{time.perf_counter() - start:.0f} s)\n",
         "| FVU | L0 | dead | logit name = majority label of top-5 crops (top-1 name / any of top-5) "
-        "| latents with labelled top crops |",
+        "| features with labelled top crops |",
         "|---|---|---|---|---|",
         f"| {m['fvu']:.3f} | {m['l0']:.1f} | {m['dead_fraction']:.1%} | {m['name_agreement_top1']:.1%} / "
-        f"{m['name_agreement_top5']:.1%} | {m['latents_with_labelled_images']} |\n",
+        f"{m['name_agreement_top5']:.1%} | {m['features_with_labelled_images']} |\n",
         "| target | features named it (first name / any of first five) "
         "| precision@1 (first name / any of first five) | Δp(X) adding (not-X photos) "
         "| Δp(X) ablating (X crops) |",
@@ -73,7 +73,7 @@ def run_hook(encoder, hook: str, args: argparse.Namespace, photos, labelled, hel
         )
     rows += [
         "",
-        f"| unlearned (percentile {cfg.percentile}) | multiplier | latents blocked "
+        f"| unlearned (percentile {cfg.percentile}) | multiplier | features blocked "
         "| top-1 on its crops before → after (drop) | top-1 on other labelled photos before → after (kept) |",
         "|---|---|---|---|---|",
     ]
@@ -82,7 +82,7 @@ def run_hook(encoder, hook: str, args: argparse.Namespace, photos, labelled, hel
         u = unlearning_effect(t, encoder, concepts, held_out, others, replace(cfg, multiplier=multiplier))
         mine = f"{u['top1_before']:.2f} → {u['top1_after']:.2f} ({u['drop']:.0%})"
         rest = f"{u['other_before']:.2f} → {u['other_after']:.2f} ({u['other_kept']:.0%})"
-        rows.append(f"| {' + '.join(concepts)} | {multiplier:g} | {len(u['latents'])} | {mine} | {rest} |")
+        rows.append(f"| {' + '.join(concepts)} | {multiplier:g} | {len(u['features'])} | {mine} | {rest} |")
     return [*rows, ""]
 
 

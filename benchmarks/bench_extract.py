@@ -52,7 +52,7 @@ class Setup:
     batch_size: int
     num_workers: int
     model_dtype: torch.dtype
-    sae_latents: int
+    sae_features: int
     train_tokens: int
 
 
@@ -272,7 +272,7 @@ def train_rate(data: object, setup: Setup, batch_size: int, stage: bool | None =
     mmsae.train(
         data,
         sae="topk",
-        n_latents=setup.sae_latents,
+        n_features=setup.sae_features,
         k=32,
         tokens=setup.train_tokens,
         batch_size=batch_size,
@@ -361,7 +361,7 @@ def training_report(store: ActivationStore, setup: Setup, device: torch.device) 
     from_memory = train_rate(in_memory, setup, token_batch)
     host_store = train_rate(store, setup, token_batch, stage=False)
     return (
-        f"SAE training (TopK, {setup.sae_latents} latents, k=32, batch {token_batch}, "
+        f"SAE training (TopK, {setup.sae_features} features, k=32, batch {token_batch}, "
         f"{setup.train_tokens} tokens): from store {from_store:,.0f} tok/s, from memory "
         f"{from_memory:,.0f} tok/s, ratio {from_store / from_memory:.2f}; from store shuffled "
         f"on the host (stage=False) {host_store:,.0f} tok/s"

@@ -2,7 +2,7 @@
 
 Cases: CLIP ViT-B/32 image tower, batch 256, SAE on `visual.transformer.resblocks.10`; an SD-1.5-sized
 random-init UNet, one sampling step (CFG batch 2 at 64×64 latents), SAE on `up_blocks.1.attentions.1`.
-Modes: `splice` (x̂ replaces x, the fidelity setting) and `steer` (error kept, one latent set).
+Modes: `splice` (x̂ replaces x, the fidelity setting) and `steer` (error kept, one feature set).
 
     python benchmarks/bench_intervene.py --device cuda            # the real sizes
     python benchmarks/bench_intervene.py --device cpu --small     # a quick CPU version
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> list[Timing]:
         choices=["auto", "fp32", "bf16", "fp16"],
         help="model and SAE dtype; auto = bf16 on CUDA, fp32 on CPU",
     )
-    parser.add_argument("--expansion", type=int, default=16, help="SAE latents = expansion × d")
+    parser.add_argument("--expansion", type=int, default=16, help="SAE features = expansion × d")
     parser.add_argument("--small", action="store_true", help="CPU-sized inputs (batch 8, 16×16 latents)")
     parser.add_argument("--cases", default="clip,unet")
     parser.add_argument("--warmup", type=int, default=3)

@@ -1,12 +1,12 @@
 """Quality on synthetic data: every registered SAE variant, plus sparsify and SAELens TopK, at equal tokens.
 
-Data: `SyntheticActivations(d=256, n_features=4096)` (`--d`, `--n-features` for smaller problems); each
+Data: `SyntheticActivations(d=256, n_directions=4096)` (`--d`, `--n-directions` for smaller problems); each
 SAE sees the same `--tokens` training tokens and is scored on `--eval-tokens` held-out tokens (FVU, L0,
 dead %, MMCS, fraction of the true directions recovered at cos > 0.9). Prints a Markdown table and writes
 it (atomically) to `--out`.
 
     python benchmarks/bench_quality.py --tokens 2000000 --out quality.md
-    python benchmarks/bench_quality.py --tokens 24000000 --n-latents 4096 --k 8 --only topk batchtopk sparsify
+    python benchmarks/bench_quality.py --tokens 24000000 --n-features 4096 --k 8 --only topk batchtopk sparsify
     peers/bin/python benchmarks/bench_quality.py --only sparsify saelens   # peers, in their own venv
 
 The peers are never project dependencies: install them in a separate venv that reuses this one's torch
@@ -39,7 +39,7 @@ COLUMNS = ["fvu", "l0", "dead_fraction", "mmcs", "fraction_recovered"]
 @dataclass
 class Setup:
     data: SyntheticActivations
-    n_latents: int
+    n_features: int
     k: int
     tokens: int
     batch_size: int
@@ -87,8 +87,8 @@ def device_stream(
     out_ND = torch.empty(n_tokens, data.d, device=device)
     for start in range(0, n_tokens, chunk):
         rows = min(chunk, n_tokens - start)
-        fire_CF = torch.rand(rows, data.n_features, generator=gen, device=device) < prob_F
-        coef_CF = low + width * torch.rand(rows, data.n_features, generator=gen, device=device)
+        fire_CF = torch.rand(rows, data.n_directions, generator=gen, device=device) < prob_F
+        coef_CF = low + width * torch.rand(rows, data.n_directions, generator=gen, device=device)
         torch.mm(coef_CF * fire_CF, features_FD, out=out_ND[start : start + rows])
     return out_ND
 
@@ -116,7 +116,7 @@ def run_mmsae(name: str, s: Setup) -> SAE:
     return mmsae.train(
         s.train_ND,
         sae=arch,
-        n_latents=s.n_latents,
+        n_features=s.n_features,
         tokens=s.tokens,
         batch_size=s.batch_size,
         lr=s.lr,
@@ -129,8 +129,8 @@ def run_mmsae(name: str, s: Setup) -> SAE:
 class PeerSAE(SAE):
     """Wraps a peer's encode/decode so `metrics.evaluate` scores every library the same way."""
 
-    def __init__(self, n_latents: int, d_in: int, encode: Callable, decode: Callable, W_dec: torch.Tensor):
-        super().__init__(mmsae.SAEConfig(d_in=d_in, n_latents=n_latents))
+    def __init__(self, n_features: int, d_in: int, encode: Callable, decode: Callable, W_dec: torch.Tensor):
+        super().__init__(mmsae.SAEConfig(d_in=d_in, n_features=n_features))
         self.peer_encode, self.peer_decode = encode, decode
         with torch.no_grad():
             self.W_dec.copy_(W_dec)
@@ -151,9 +151,9 @@ def run_sparsify(s: Setup) -> SAE:
     from sparsify import SparseCoder, SparseCoderConfig
     from sparsify.sign_sgd import SignSGD
 
-    sae = SparseCoder(s.data.d, SparseCoderConfig(num_latents=s.n_latents, k=s.k), device=s.device)
+    sae = SparseCoder(s.data.d, SparseCoderConfig(num_latents=s.n_features, k=s.k), device=s.device)
     opt = ScheduleFreeWrapper(
-        SignSGD([{"params": sae.parameters(), "lr": 5e-3 / (s.n_latents / 2**14) ** 0.5}]), momentum=0.95
+        SignSGD([{"params": sae.parameters(), "lr": 5e-3 / (s.n_features / 2**14) ** 0.5}]), momentum=0.95
     )
     opt.train()
     for step, x in enumerate(s.train_batches()):
@@ -170,10 +170,10 @@ def run_sparsify(s: Setup) -> SAE:
 
     def encode(x):
         top = sae.encode(x)
-        return SparseCodes(top.top_acts, top.top_indices, s.n_latents)
+        return SparseCodes(top.top_acts, top.top_indices, s.n_features)
 
     return PeerSAE(
-        s.n_latents, s.data.d, encode, lambda c: sae.decode(c.values, c.indices), sae.W_dec.detach()
+        s.n_features, s.data.d, encode, lambda c: sae.decode(c.values, c.indices), sae.W_dec.detach()
     ).to(s.device)
 
 
@@ -183,7 +183,7 @@ def run_saelens(s: Setup) -> SAE:
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.training.sae_trainer import SAETrainer, SAETrainerConfig
 
-    cfg = TopKTrainingSAEConfig(d_in=s.data.d, d_sae=s.n_latents, k=s.k, device=s.device)
+    cfg = TopKTrainingSAEConfig(d_in=s.data.d, d_sae=s.n_features, k=s.k, device=s.device)
     sae = TopKTrainingSAE(cfg)
     trainer_cfg = SAETrainerConfig(
         total_training_samples=s.tokens,
@@ -196,7 +196,7 @@ def run_saelens(s: Setup) -> SAE:
     SAETrainer(trainer_cfg, sae, iter(s.train_batches())).fit()
     sae.eval()
     W_dec = sae.W_dec.detach()
-    return PeerSAE(s.n_latents, s.data.d, sae.encode, sae.decode, W_dec).to(s.device)
+    return PeerSAE(s.n_features, s.data.d, sae.encode, sae.decode, W_dec).to(s.device)
 
 
 PEERS: dict[str, Callable[[Setup], SAE]] = {"sparsify": run_sparsify, "saelens": run_saelens}
@@ -217,7 +217,7 @@ def benchmark(name: str, s: Setup) -> dict[str, float | str]:
 
 def table(rows: list[dict], s: Setup) -> str:
     lines = [
-        f"d={s.data.d}, {s.data.n_features} features, n_latents={s.n_latents}, k={s.k}, "
+        f"d={s.data.d}, {s.data.n_directions} directions, n_features={s.n_features}, k={s.k}, "
         f"{s.tokens:,} training tokens, batch {s.batch_size}, {s.eval_tokens:,} held-out tokens, "
         f"mmsae lr {s.lr if s.lr is not None else 'default'}, device {s.device}.",
         "",
@@ -240,11 +240,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens", type=int, default=2_000_000)
     p.add_argument("--eval-tokens", type=int, default=262_144)
     p.add_argument("--batch-size", type=int, default=4096)
-    p.add_argument("--n-latents", type=int, default=8192)
+    p.add_argument("--n-features", type=int, default=8192)
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--mean-active", type=float, default=8.0)
     p.add_argument("--d", type=int, default=256, help="activation width of the synthetic data")
-    p.add_argument("--n-features", type=int, default=4096, help="true features of the synthetic data")
+    p.add_argument("--n-directions", type=int, default=4096, help="true directions of the synthetic data")
     p.add_argument("--dead-tokens", type=int, default=1_000_000, help="AuxK dead window of mmsae variants")
     p.add_argument("--lr", type=float, default=None, help="mmsae variants' lr (default: the library's)")
     p.add_argument(
@@ -256,10 +256,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, help="write the Markdown table here")
     args = p.parse_args(argv)
-    data = SyntheticActivations(d=args.d, n_features=args.n_features, mean_active=args.mean_active, seed=0)
+    data = SyntheticActivations(
+        d=args.d, n_directions=args.n_directions, mean_active=args.mean_active, seed=0
+    )
     s = Setup(
         data,
-        args.n_latents,
+        args.n_features,
         args.k,
         args.tokens,
         args.batch_size,

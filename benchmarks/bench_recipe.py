@@ -15,13 +15,13 @@ Recipes (`--recipes`, each `name[key=value,...]`):
   warmup, decay, enc_init ('transpose' | 'linear': nn.Linear's init, as sparsify's SparseCoder), aux (0/1:
   AuxK, k_aux = d/2, coef 1/32), dead_tokens.
 
-Data (`--data`): `synthetic` (`SyntheticActivations`, `--d`, `--n-features`), or real activations of
+Data (`--data`): `synthetic` (`SyntheticActivations`, `--d`, `--n-directions`), or real activations of
 augmented crops of the zoo's photos (`mmsae zoo install`): `dinov2:blocks.9`, `mobilenet:blocks.5`, ... —
 extracted once into `--cache`. Held-out tokens come from photos the training crops never use.
 
-    python benchmarks/bench_recipe.py --data synthetic --d 64 --n-features 512 --n-latents 1024 --k 8 \\
+    python benchmarks/bench_recipe.py --data synthetic --d 64 --n-directions 512 --n-features 1024 --k 8 \\
         --tokens 800000 --batch-size 1024 --recipes mmsae 'plain[lr=8e-3]'
-    python benchmarks/bench_recipe.py --data dinov2:blocks.9 --n-latents 1024 --k 16 --tokens 500000 \\
+    python benchmarks/bench_recipe.py --data dinov2:blocks.9 --n-features 1024 --k 16 --tokens 500000 \\
         --batch-size 1024 --recipes mmsae 'plain[lr=1e-3,warmup=100]' --plot curves.png
 """
 
@@ -54,7 +54,7 @@ ZOO_MODELS = {"dinov2": "timm:vit_small_patch14_dinov2", "mobilenet": "timm:mobi
 class Problem:
     train_ND: Tensor
     eval_ND: Tensor
-    n_latents: int
+    n_features: int
     k: int
     batch_size: int
     features: Tensor | None
@@ -122,7 +122,7 @@ def run_mmsae(p: Problem, opts: dict[str, Any], points: int) -> tuple[Any, list[
     arch = opts.pop("arch", "topk")
     lr = opts.pop("lr", None)
     if "lr_mult" in opts:
-        lr = opts.pop("lr_mult") * default_lr(p.n_latents)
+        lr = opts.pop("lr_mult") * default_lr(p.n_features)
     module_kw = {}
     for key, field in (("warmup", "warmup_steps"), ("decay", "decay_fraction"), ("clip", "grad_clip")):
         if key in opts:
@@ -132,7 +132,7 @@ def run_mmsae(p: Problem, opts: dict[str, Any], points: int) -> tuple[Any, list[
     bdec, enc = opts.pop("bdec", "median"), opts.pop("enc", "transpose")
     L.seed_everything(0, verbose=False)
     datamodule = SAEDataModule(p.train_ND, tokens=p.tokens, batch_size=p.batch_size, seed=0)
-    spec = SAESpec(arch=arch, n_latents=p.n_latents, k=p.k, lr=lr, options=opts)
+    spec = SAESpec(arch=arch, n_features=p.n_features, k=p.k, lr=lr, options=opts)
     module = SAEModule([spec], d_in=p.train_ND.shape[1], **module_kw)
     sae = module.saes[0]
     if bdec == "mean":
@@ -196,15 +196,15 @@ class PlainTopK(torch.nn.Module):
 def run_plain(p: Problem, opts: dict[str, Any], points: int) -> tuple[Any, list[tuple[int, float]]]:
     torch.manual_seed(0)
     d = p.train_ND.shape[1]
-    lr = opts.get("lr", default_lr(p.n_latents))  # sparsify's rule, 2e-4/√(n/2¹⁴)
+    lr = opts.get("lr", default_lr(p.n_features))  # sparsify's rule, 2e-4/√(n/2¹⁴)
     warmup, decay = opts.get("warmup", 0), opts.get("decay", 0.0)
-    model = PlainTopK(d, p.n_latents, p.k, opts.get("enc_init", "transpose"))
+    model = PlainTopK(d, p.n_features, p.k, opts.get("enc_init", "transpose"))
     with torch.no_grad():
         model.b_dec.copy_(p.train_ND[: p.batch_size].mean(0))
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     total = p.tokens // p.batch_size
     sample = set(checkpoints(total, points))
-    since_fired = torch.zeros(p.n_latents)
+    since_fired = torch.zeros(p.n_features)
     dead_after, k_aux = opts.get("dead_tokens", 10_000_000), d // 2
     curve = []
     for step, x in enumerate(p.train_ND.split(p.batch_size)[:total]):
@@ -216,7 +216,7 @@ def run_plain(p: Problem, opts: dict[str, Any], points: int) -> tuple[Any, list[
         x_hat, indices, pre = model(x)
         var = (x - x.mean(0)).pow(2).sum(-1).mean()
         loss = (x_hat - x).pow(2).sum(-1).mean() / var
-        fired = torch.zeros(p.n_latents, dtype=torch.bool)
+        fired = torch.zeros(p.n_features, dtype=torch.bool)
         fired[indices.flatten()] = True
         since_fired += len(x)
         since_fired[fired] = 0
@@ -244,7 +244,7 @@ def run_plain(p: Problem, opts: dict[str, Any], points: int) -> tuple[Any, list[
 @torch.no_grad()
 def final_metrics(sae: Any, p: Problem) -> dict[str, float]:
     if isinstance(sae, PlainTopK):
-        fires = torch.zeros(p.n_latents, dtype=torch.bool)
+        fires = torch.zeros(p.n_features, dtype=torch.bool)
         for x in p.eval_ND.split(8192):
             fires[sae(x)[1].flatten()] = True
         out = {"fvu": heldout_fvu(lambda x: sae(x)[0], p.eval_ND), "l0": float(p.k)}
@@ -258,7 +258,9 @@ def final_metrics(sae: Any, p: Problem) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------------------- data
 def synthetic_problem(args: argparse.Namespace) -> tuple[Tensor, Tensor, Tensor]:
-    data = SyntheticActivations(d=args.d, n_features=args.n_features, mean_active=args.mean_active, seed=0)
+    data = SyntheticActivations(
+        d=args.d, n_directions=args.n_directions, mean_active=args.mean_active, seed=0
+    )
     train_ND = torch.cat(list(data.batches(2**16, args.tokens)))
     eval_ND = torch.cat(list(data.batches(2**14, args.eval_tokens, offset=HELD_OUT)))
     return train_ND, eval_ND, data.features
@@ -326,7 +328,7 @@ def table(rows: list[dict], p: Problem) -> str:
     tokens = [t for t, _ in rows[0]["curve"]] if rows else []
     head = " | ".join(f"{t / 1000:.0f}k" for t in tokens)
     lines = [
-        f"{p.label}: n_latents={p.n_latents}, k={p.k}, {p.tokens:,} tokens, batch {p.batch_size}, "
+        f"{p.label}: n_features={p.n_features}, k={p.k}, {p.tokens:,} tokens, batch {p.batch_size}, "
         f"{len(p.eval_ND):,} held-out tokens. Held-out FVU after the given training tokens.",
         "",
         f"| recipe | {head} | final FVU | L0 | dead % | recovered % | s |",
@@ -368,9 +370,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="synthetic", help="'synthetic' or '<dinov2|mobilenet>:<hook>'")
     ap.add_argument("--d", type=int, default=64)
-    ap.add_argument("--n-features", type=int, default=512)
+    ap.add_argument("--n-directions", type=int, default=512)
     ap.add_argument("--mean-active", type=float, default=8.0)
-    ap.add_argument("--n-latents", type=int, default=1024)
+    ap.add_argument("--n-features", type=int, default=1024)
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=800_000)
     ap.add_argument("--eval-tokens", type=int, default=65_536)
@@ -389,8 +391,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     torch.set_num_threads(args.threads)
     train_ND, eval_ND, features = synthetic_problem(args) if args.data == "synthetic" else real_problem(args)
-    label = f"synthetic d={args.d}, {args.n_features} features" if args.data == "synthetic" else args.data
-    p = Problem(train_ND, eval_ND, args.n_latents, args.k, args.batch_size, features, label)
+    label = f"synthetic d={args.d}, {args.n_directions} directions" if args.data == "synthetic" else args.data
+    p = Problem(train_ND, eval_ND, args.n_features, args.k, args.batch_size, features, label)
     rows = []
     for spec in args.recipes:
         name, opts = parse_recipe(spec)

@@ -5,10 +5,10 @@ Data: patch tokens of one block of the offline zoo's DINOv2-S/14 (`timm:vit_smal
 foolbox and interior photos; every tenth photo is held out and only its crops are scored. Extracted once
 into `--cache`.
 
-Every recipe trains n_latents=4096, k=32, batch 4096 at each token budget of `--budgets` (each budget a whole
+Every recipe trains n_features=4096, k=32, batch 4096 at each token budget of `--budgets` (each budget a whole
 run with its own schedule, so the table is final FVU against training tokens) and is scored on the held-out
-tokens (FVU, L0, dead %: latents that never fire there):
-- `mmsae topk`, `mmsae batchtopk`, `mmsae matryoshka`: `mmsae.train(X, sae=..., n_latents, k, tokens,
+tokens (FVU, L0, dead %: features that never fire there):
+- `mmsae topk`, `mmsae batchtopk`, `mmsae matryoshka`: `mmsae.train(X, sae=..., n_features, k, tokens,
   batch_size)` and nothing else, as a new user runs it (bf16 autocast and CUDA graphs on a GPU). The batch
   variants' inference threshold θ is then set so that the k·N largest selection scores of N calibration tokens
   (training tokens, never held-out ones) pass it, so their held-out L0 ≈ k, as TopK's; their L0 with the θ
@@ -154,7 +154,7 @@ def run_mmsae(arch: str, train_ND: Tensor, budget: int, args: argparse.Namespace
     return mmsae.train(
         train_ND[:budget],
         sae=arch,
-        n_latents=args.n_latents,
+        n_features=args.n_features,
         k=args.k,
         tokens=budget,
         batch_size=args.batch_size,
@@ -193,8 +193,8 @@ def import_sparsify() -> types.ModuleType:
 class PeerSAE(SAE):
     """A peer's encode/decode as an mmsae SAE, so that `metrics.evaluate` scores every library alike."""
 
-    def __init__(self, d_in: int, n_latents: int, encode: Callable, decode: Callable, W_dec: Tensor):
-        super().__init__(SAEConfig(d_in=d_in, n_latents=n_latents))
+    def __init__(self, d_in: int, n_features: int, encode: Callable, decode: Callable, W_dec: Tensor):
+        super().__init__(SAEConfig(d_in=d_in, n_features=n_features))
         self._encode, self._decode = encode, decode
         with torch.no_grad():
             self.W_dec.copy_(W_dec)
@@ -216,7 +216,7 @@ def run_sparsify(recipe: str, train_ND: Tensor, budget: int, args: argparse.Name
     from sparsify.sign_sgd import SignSGD
 
     torch.manual_seed(0)
-    d, n, bs = train_ND.shape[1], args.n_latents, args.batch_size
+    d, n, bs = train_ND.shape[1], args.n_features, args.batch_size
     sae = sc.SparseCoder(
         d, SparseCoderConfig(num_latents=n, k=args.k), device=args.device, dtype=torch.float32
     )
@@ -267,7 +267,7 @@ def run_saelens(train_ND: Tensor, budget: int, args: argparse.Namespace) -> SAE:
     from sae_lens.training.sae_trainer import SAETrainer, SAETrainerConfig
 
     d, bs = train_ND.shape[1], args.batch_size
-    cfg = TopKTrainingSAEConfig(d_in=d, d_sae=args.n_latents, k=args.k, device=args.device)
+    cfg = TopKTrainingSAEConfig(d_in=d, d_sae=args.n_features, k=args.k, device=args.device)
     sae = TopKTrainingSAE(cfg)
     trainer_cfg = SAETrainerConfig(
         total_training_samples=budget,
@@ -280,7 +280,7 @@ def run_saelens(train_ND: Tensor, budget: int, args: argparse.Namespace) -> SAE:
     batches = (train_ND[i : i + bs].to(args.device).float() for i in range(0, budget - bs + 1, bs))
     SAETrainer(trainer_cfg, sae, batches).fit()
     sae.eval()
-    return PeerSAE(d, args.n_latents, sae.encode, sae.decode, sae.W_dec.detach()).to(args.device)
+    return PeerSAE(d, args.n_features, sae.encode, sae.decode, sae.W_dec.detach()).to(args.device)
 
 
 # ----------------------------------------------------------------------------------------- runs and report
@@ -299,7 +299,7 @@ def run_one(name: str, budget: int, data: tuple[Tensor, Tensor, Tensor], args: a
         if library == "mmsae":
             arch, _, mult = variant.partition(" lr×")
             steps = budget // args.batch_size
-            lr = float(mult) * default_lr(args.n_latents, steps) if mult else None
+            lr = float(mult) * default_lr(args.n_features, steps) if mult else None
             sae = run_mmsae(arch, train_ND, budget, args, lr)
             if hasattr(sae, "threshold"):  # the BatchTopK family: L0 as trained, then θ calibrated
                 extra["l0_learnt_theta"] = score(sae, eval_ND, args)["l0"]
@@ -347,7 +347,7 @@ def report(rows: list[dict], eff: list[dict], args: argparse.Namespace, n_eval: 
     names = list(dict.fromkeys(r["recipe"] for r in rows))
     cell = {(r["recipe"], r["tokens"]): r for r in rows}
     lines = [
-        f"{args.encoder} `{args.hook}` patch tokens (d = {args.d_in}), n_latents={args.n_latents}, "
+        f"{args.encoder} `{args.hook}` patch tokens (d = {args.d_in}), n_features={args.n_features}, "
         f"k={args.k}, batch {args.batch_size}, {n_eval:,} held-out tokens, device {args.device}. "
         "Held-out FVU (L0, dead %) of a whole run at each token budget.",
         "",
@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr-mults", type=float, nargs="*", default=[0.5, 2.0], help="the tuning sweep")
     ap.add_argument("--eval-tokens", type=int, default=262_144)
     ap.add_argument("--calib-tokens", type=int, default=65_536, help="training tokens for θ (not trained on)")
-    ap.add_argument("--n-latents", type=int, default=4096)
+    ap.add_argument("--n-features", type=int, default=4096)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=4096)
     ap.add_argument("--dead-tokens", type=int, default=10_000_000, help="sparsify adam's AuxK dead window")
@@ -407,7 +407,7 @@ def main(argv: list[str] | None = None) -> None:
     args.encoder = ENCODER
     if args.tiny:  # timm's test_vit: d = 64, 8×8 patches of 128 px, blocks.0 and .1
         args.encoder, args.hook, args.budgets, args.lr_mults = TINY_ENCODER, "blocks.1", [8192, 16384], [2.0]
-        args.eval_tokens, args.calib_tokens, args.n_latents, args.k = 4096, 2048, 256, 8
+        args.eval_tokens, args.calib_tokens, args.n_features, args.k = 4096, 2048, 256, 8
         args.batch_size, args.workers = 1024, 0
     torch.manual_seed(0)
     start = time.perf_counter()

@@ -5,7 +5,7 @@ installed only in the benchmark environment), mmsae's TopKSAE with the Triton ke
 encoder-GEMM floor (x·W_encᵀ in bf16 alone). `mmsae_graph` is the same mmsae step replayed as one CUDA
 graph (`mmsae.trainer.graphs.GraphedStep`, what the trainer does); `mmsae_trainer_step` is the trainer's own
 graphed step (`SAEModule._step`, timed inside a Lightning fit: input scaling, AuxK, grad clipping, decoder
-projection and renormalisation, dead-latent clocks, no metrics as on non-logging steps), so the cost of the
+projection and renormalisation, dead-feature clocks, no metrics as on non-logging steps), so the cost of the
 trainer's extras shows beside the bare step. The peers step torch's fused Adam; mmsae
 steps the Adam its trainer uses (`mmsae.kernels.optim.Adam`: torch's Adam, same arithmetic and state, whose
 CUDA step is one Triton pass per weight that also writes the 16-bit weight copies). Peak memory is torch's

@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens", type=int, default=2**21, help="tokens per timed pass")
     p.add_argument("--batch", type=int, default=16384, help="tokens per batch handed to feature_stats")
     p.add_argument("--tokens-per-example", type=int, default=1, help="1: CLS tokens; 257: ViT-B/16 all")
-    p.add_argument("--top-k", type=int, default=16, help="top examples kept per latent")
+    p.add_argument("--top-k", type=int, default=16, help="top examples kept per feature")
     p.add_argument("--chunks", type=int, nargs="+", default=[2048, 8192, 16384])
     p.add_argument("--plain", action="store_true", help="bare [N, D] tensors (needs --tokens-per-example 1)")
     p.add_argument("--small", action="store_true", help="CPU smoke run: d=64, n=1024, k=8, 16k tokens")

@@ -37,7 +37,7 @@ def train_rate(
     (after a short run that pays CUDA init and Triton JIT)."""
     kwargs = dict(
         sae="topk",
-        n_latents=s.n,
+        n_features=s.n,
         k=s.k,
         batch_size=s.B,
         warmup_steps=10,

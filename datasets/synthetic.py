@@ -1,7 +1,7 @@
 """Synthetic activations with known ground-truth features, for measuring dictionary recovery.
 
 Each token is a sparse, non-negative (or, for bidirectional features, signed) combination of
-`n_features` unit directions in `d` dimensions (superposition when n_features > d), plus
+`n_directions` unit directions in `d` dimensions (superposition when n_directions > d), plus
 isotropic noise. Feature frequencies follow a power law. Optional hierarchical families: a child
 fires only together with its parent (exactly one child of a firing parent), the setting where
 feature absorption shows up. The stream is a pure function of (seed, token position).
@@ -24,7 +24,7 @@ class SyntheticActivations:
 
     Args:
         d: activation dimension.
-        n_features: number of ground-truth directions (rows of `.features`).
+        n_directions: number of ground-truth directions (rows of `.features`).
         mean_active: expected number of active features per token (before clipping probabilities at 1).
         zipf_exponent: feature of frequency rank r fires with probability ∝ r^(−zipf_exponent).
         hierarchical: fraction of features that are children in parent/child families.
@@ -39,7 +39,7 @@ class SyntheticActivations:
     def __init__(
         self,
         d: int = 256,
-        n_features: int = 4096,
+        n_directions: int = 4096,
         mean_active: float = 8.0,
         zipf_exponent: float = 0.5,
         hierarchical: float = 0.0,
@@ -51,34 +51,34 @@ class SyntheticActivations:
         batch_size: int = 4096,
         n_tokens: int | None = None,
     ):
-        if d <= 0 or n_features <= 0:
-            raise ValueError(f"d and n_features must be positive, got d={d}, n_features={n_features}.")
-        if not 0 < mean_active <= n_features:
-            raise ValueError(f"mean_active={mean_active} must be in (0, n_features={n_features}].")
+        if d <= 0 or n_directions <= 0:
+            raise ValueError(f"d and n_directions must be positive, got d={d}, n_directions={n_directions}.")
+        if not 0 < mean_active <= n_directions:
+            raise ValueError(f"mean_active={mean_active} must be in (0, n_directions={n_directions}].")
         if not (0.0 <= hierarchical < 1.0 and 0.0 <= signed <= 1.0):
             raise ValueError(f"hierarchical={hierarchical} must be in [0, 1) and signed={signed} in [0, 1].")
         if children_per_parent < 1 or not 0.0 <= magnitude < 2.0 or noise < 0:
             raise ValueError("children_per_parent must be ≥ 1, magnitude in [0, 2) and noise ≥ 0.")
-        self.d, self.n_features, self.seed = d, n_features, seed
+        self.d, self.n_directions, self.seed = d, n_directions, seed
         self.noise, self.magnitude = noise, magnitude
         self.batch_size, self.n_tokens = batch_size, n_tokens
         self.children_per_parent = children_per_parent
 
         rng = np.random.default_rng([seed, 0])
-        features_FD = rng.standard_normal((n_features, d))
+        features_FD = rng.standard_normal((n_directions, d))
         features_FD /= np.linalg.norm(features_FD, axis=1, keepdims=True)
         self.features = torch.from_numpy(features_FD).float()
 
         # Layout: [roots (independent features, parents first) | children, grouped by parent].
-        n_children = round(hierarchical * n_features) // children_per_parent * children_per_parent
+        n_children = round(hierarchical * n_directions) // children_per_parent * children_per_parent
         self.n_parents = n_children // children_per_parent
-        self.n_roots = n_features - n_children
+        self.n_roots = n_directions - n_children
         if self.n_parents > self.n_roots:
             raise ValueError(
                 f"hierarchical={hierarchical} leaves too few root features to parent "
                 f"{n_children} children: lower it or raise children_per_parent."
             )
-        self.parent = torch.full((n_features,), -1, dtype=torch.long)
+        self.parent = torch.full((n_directions,), -1, dtype=torch.long)
         self.parent[self.n_roots :] = torch.arange(self.n_parents).repeat_interleave(children_per_parent)
 
         # Power law over roots in a random rank order (so parents are not always the most frequent).
@@ -87,7 +87,7 @@ class SyntheticActivations:
         # A firing parent brings one child along: parents count twice towards mean_active.
         load = weight.sum() + weight[: self.n_parents].sum()
         self.root_prob = torch.from_numpy(np.clip(weight * mean_active / load, 0.0, 1.0))
-        self.is_signed = torch.from_numpy(rng.random(n_features) < signed)
+        self.is_signed = torch.from_numpy(rng.random(n_directions) < signed)
         self._last_chunk: tuple[int, Tensor] | None = None  # batches smaller than a chunk reuse it
 
     @property
@@ -120,7 +120,7 @@ class SyntheticActivations:
         coef_CF = torch.sparse_coo_tensor(
             torch.from_numpy(np.stack([tokens, feats])),
             torch.from_numpy(coef * sign).float(),
-            (C, self.n_features),
+            (C, self.n_directions),
             check_invariants=False,
         )
         acts_CD = torch.sparse.mm(coef_CF.coalesce(), self.features)
@@ -158,7 +158,7 @@ class SyntheticActivations:
 
     def __repr__(self) -> str:
         return (
-            f"SyntheticActivations(d={self.d}, n_features={self.n_features}, seed={self.seed}, "
+            f"SyntheticActivations(d={self.d}, n_directions={self.n_directions}, seed={self.seed}, "
             f"parents={self.n_parents}, signed={int(self.is_signed.sum())})"
         )
 

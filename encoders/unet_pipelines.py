@@ -56,7 +56,7 @@ def tiny_pipeline() -> StableDiffusionPipeline:
 
 
 def tiny_vae() -> AutoencoderKL:
-    """diffusers' tiny test VAE: 4 latent channels, two blocks (random init)."""
+    """diffusers' tiny test VAE: 4 feature channels, two blocks (random init)."""
     return AutoencoderKL(
         block_out_channels=[4, 8],
         in_channels=3,

@@ -3,7 +3,7 @@
 Encode: one GEMM for the pre-activations (autocast picks its dtype, as in the reference), then
 the top-k select of `triton_select` instead of torch.topk; on Hopper the GEMM is `triton_gemm`'s,
 whose epilogue does the select's first pass, elsewhere cuBLAS. Backward never forms a dense B×n
-gradient: dW_enc only has rows at selected latents (`segment_matmul`), db_enc is the sum of each latent's
+gradient: dW_enc only has rows at selected features (`segment_matmul`), db_enc is the sum of each feature's
 entries in that same pass, and the centring bias gets db_dec = −db_encᵀ·W_enc (every selected entry reaches
 x − b_dec through its encoder row), a GEMV (over the 16-bit W_enc under autocast) instead of a B×d
 gather-sum; dx, when x itself needs a gradient, is that gather-sum of k encoder rows.
@@ -37,7 +37,7 @@ from mmsae.kernels.triton_select import (
     select_from_group_maxima,
     topk_select,
 )
-from mmsae.kernels.triton_sparse import LatentSort, gather_dot, gather_sum, segment_matmul, sort_by_latent
+from mmsae.kernels.triton_sparse import FeatureSort, gather_dot, gather_sum, segment_matmul, sort_by_feature
 from mmsae.kernels.weight_copies import WeightCopies
 
 LOW_PRECISION_TABLE_MIN_REUSE = 4
@@ -45,20 +45,20 @@ LOW_PRECISION_TABLE_MIN_REUSE = 4
 
 
 class _SharedSort:
-    """`sort_by_latent` of one index array, made by whichever backward pass needs it first.
+    """`sort_by_feature` of one index array, made by whichever backward pass needs it first.
 
     Both segment matmuls (dW_enc in the encoder's backward, dW_dec in the decoder's) read the same
-    indices in latent order; sharing the sort saves a radix sort, a searchsorted and the tokens'
+    indices in feature order; sharing the sort saves a radix sort, a searchsorted and the tokens'
     row numbers per step (~40 µs at benchmark size 1). The holder keeps the indices' storage alive,
     so its address cannot be reused by another index array while it is registered."""
 
     def __init__(self, indices_BK: Tensor, n: int):
         self.indices_BK, self.n = indices_BK.detach(), n
-        self._sorted: LatentSort | None = None
+        self._sorted: FeatureSort | None = None
 
-    def get(self) -> LatentSort:
+    def get(self) -> FeatureSort:
         if self._sorted is None:
-            self._sorted = sort_by_latent(self.indices_BK, self.n)
+            self._sorted = sort_by_feature(self.indices_BK, self.n)
         return self._sorted
 
 
@@ -129,7 +129,7 @@ class _TopKEncode(torch.autograd.Function):
         ctx.x_dtype, ctx.W_dtype = x_BD.dtype, W_enc.dtype
         ctx.b_dec_dtype = None if b_dec is None else b_dec.dtype
         ctx.mark_non_differentiable(indices_BK)
-        ctx.latent_sort = _shared_sort(indices_BK, W_enc.shape[0])
+        ctx.feature_sort = _shared_sort(indices_BK, W_enc.shape[0])
         return values_BK, indices_BK
 
     @staticmethod
@@ -145,9 +145,9 @@ class _TopKEncode(torch.autograd.Function):
         grad_b_N = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
             grad_b_N = torch.empty(n, dtype=torch.float32, device=g_BK.device)
-        if ctx.needs_input_grad[2]:  # with db_enc's per-latent sums of the same coefficients, when wanted
+        if ctx.needs_input_grad[2]:  # with db_enc's per-feature sums of the same coefficients, when wanted
             grad_W = segment_matmul(
-                g_BK, indices_BK, x_BD, n, ctx.W_dtype, ctx.latent_sort.get(), sums_N=grad_b_N
+                g_BK, indices_BK, x_BD, n, ctx.W_dtype, ctx.feature_sort.get(), sums_N=grad_b_N
             )
         elif grad_b_N is not None:
             grad_b_N.zero_().index_add_(0, indices_BK.flatten(), g_BK.flatten().float())
@@ -184,7 +184,7 @@ def _decode_setup(
 ) -> tuple[Tensor, torch.dtype]:
     """(the table to gather, the output dtype) of a decoder forward; records on `ctx` what `_decode_backward`
     reads besides the saved tensors."""
-    ctx.latent_sort = _shared_sort(indices_BK, W_dec.shape[0])  # the encoder's, when it made them
+    ctx.feature_sort = _shared_sort(indices_BK, W_dec.shape[0])  # the encoder's, when it made them
     ctx.bias_dtype = None if bias_D is None else bias_D.dtype
     out_dtype = values_BK.dtype if bias_D is None else torch.promote_types(values_BK.dtype, bias_D.dtype)
     return _decode_table(values_BK, W_dec, copies), out_dtype
@@ -192,7 +192,7 @@ def _decode_setup(
 
 def _decode_backward(ctx, grad_out_BD: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """(d values, dW_dec, d bias) of the decoder from its output gradient; `ctx` saved values, indices,
-    W_dec and the gathered table, and holds the shared latent sort and the bias dtype."""
+    W_dec and the gathered table, and holds the shared feature sort and the bias dtype."""
     values_BK, indices_BK, W_dec, table_ND = ctx.saved_tensors[:4]
     grad_out_BD = grad_out_BD.contiguous()
     grad_bias = None
@@ -210,7 +210,7 @@ def _decode_backward(ctx, grad_out_BD: Tensor) -> tuple[Tensor | None, Tensor | 
         grad_values = gather_dot(grad_out_BD, indices_BK, table_ND, values_BK.dtype)
     if ctx.needs_input_grad[2]:
         grad_W = segment_matmul(
-            values_BK, indices_BK, grad_out_BD, W_dec.shape[0], W_dec.dtype, ctx.latent_sort.get()
+            values_BK, indices_BK, grad_out_BD, W_dec.shape[0], W_dec.dtype, ctx.feature_sort.get()
         )
     return grad_values, grad_W, grad_bias
 
@@ -280,7 +280,7 @@ class _DecodeMSE(torch.autograd.Function):
             grad_values = torch.mul(dots_BK, scale, out=values_BK.new_empty(values_BK.shape))  # one pass
         if ctx.needs_input_grad[2]:
             grad_W = segment_matmul(
-                values_BK, indices_BK, r_BD, W_dec.shape[0], W_dec.dtype, ctx.latent_sort.get(), scale
+                values_BK, indices_BK, r_BD, W_dec.shape[0], W_dec.dtype, ctx.feature_sort.get(), scale
             )
         if ctx.needs_input_grad[3]:
             grad_bias = (col_sums(r_BD)[0] * scale).to(ctx.bias_dtype)

@@ -1,13 +1,13 @@
 """Sparse (values, indices) × dense-table kernels: everything a TopK SAE needs besides the encoder GEMM.
 
-With codes of k entries per row out of n latents, and a table W of n rows × d:
+With codes of k entries per row out of n features, and a table W of n rows × d:
 - `gather_sum`:   out[b] = Σ_j w[b, j] · W[idx[b, j]] (+ bias)    (decoder forward, encoder dx)
 - `gather_dot`:   out[b, j] = ⟨g[b], W[idx[b, j]]⟩                 (decoder d values)
 - `segment_matmul`: out[i] = Σ_{(b, j): idx[b, j] = i} w[b, j] · X[b]  (dW_dec, dW_enc)
 
-`segment_matmul` sorts the B·k entries by latent once, then one program owns a block of latents
-and sums their rows: every output row is written exactly once (zeros for latents nobody chose),
-so there are no atomics and no dense B×n gradient. A latent with more than 256 entries is split over
+`segment_matmul` sorts the B·k entries by feature once, then one program owns a block of features
+and sums their rows: every output row is written exactly once (zeros for features nobody chose),
+so there are no atomics and no dense B×n gradient. A feature with more than 256 entries is split over
 several programs whose partial sums a second pass adds in order. Accumulation is fp32 everywhere.
 """
 
@@ -110,9 +110,9 @@ def _segment_matmul_kernel(
     BLOCK_L: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    # A tile of BLOCK_L work items × BLOCK_D columns (`LatentSort`: a latent's segment, or a chunk of a long
+    # A tile of BLOCK_L work items × BLOCK_D columns (`FeatureSort`: a feature's segment, or a chunk of a long
     # one); step t adds the t-th entry of every item at once, so BLOCK_L independent row gathers are in flight
-    # instead of one. Items follow the latents' by-length order, so a tile's items have about the same length
+    # instead of one. Items follow the features' by-length order, so a tile's items have about the same length
     # and the loop, which runs to the longest, wastes little.
     item = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
     item_ok = item < n_items
@@ -134,7 +134,7 @@ def _segment_matmul_kernel(
         )
         acc += x.to(tl.float32) * coef[:, None]
         coef_sum += coef
-    # A whole segment goes to its latent's output row (dest ≥ 0); a chunk of a long one to fp32 partial row
+    # A whole segment goes to its feature's output row (dest ≥ 0); a chunk of a long one to fp32 partial row
     # −1 − dest, which `_segment_reduce_kernel` adds up in order: deterministic, no atomics. Length −1: no
     # item (the arrays' static tail).
     whole = (length >= 0) & (dest >= 0)
@@ -143,7 +143,9 @@ def _segment_matmul_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=whole[:, None] & d_ok[None, :])
     parts = part_ptr + (-1 - dest[:, None]).to(tl.int64) * d + d_offs[None, :]
     tl.store(parts, acc, mask=part[:, None] & d_ok[None, :])
-    if WRITE_SUMS:  # each latent's coefficient sum (the encoder's bias gradient), from the first column block
+    if (
+        WRITE_SUMS
+    ):  # each feature's coefficient sum (the encoder's bias gradient), from the first column block
         first = tl.program_id(1) == 0
         tl.store(sums_ptr + dest, coef_sum, mask=whole & first)
         tl.store(part_sums_ptr + (-1 - dest), coef_sum, mask=part & first)
@@ -151,7 +153,7 @@ def _segment_matmul_kernel(
 
 @triton.jit
 def _slot_segment(by_length_ptr, seg_ptr, slot, ok, CHUNK: tl.constexpr):
-    """(latent, first sorted entry, entry count, work items = max(1, ⌈count / CHUNK⌉)) at by-length `slot`:
+    """(feature, first sorted entry, entry count, work items = max(1, ⌈count / CHUNK⌉)) at by-length `slot`:
     the one chunking rule of the three kernels below."""
     lat = tl.load(by_length_ptr + slot, mask=ok, other=0)
     begin = tl.load(seg_ptr + lat, mask=ok, other=0)
@@ -214,7 +216,7 @@ def _segment_reduce_kernel(
     CHUNK: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    # One program per (by-length slot, column block); only the slots of split latents have work.
+    # One program per (by-length slot, column block); only the slots of split features have work.
     slot = tl.program_id(0)
     lat, _, _, n_chunks = _slot_segment(lat_ptr, seg_ptr, slot, slot >= 0, CHUNK)
     if n_chunks > 1:
@@ -316,23 +318,23 @@ def gather_dot(g_BD: Tensor, idx_BK: Tensor, table_ND: Tensor, out_dtype: torch.
 
 
 @dataclass(frozen=True)
-class LatentSort:
-    """The B·k entries of an index array in latent order, and the segment matmul's work items over them: what
+class FeatureSort:
+    """The B·k entries of an index array in feature order, and the segment matmul's work items over them: what
     both backward passes' segment matmuls read, so one sort per step serves the encoder's and the decoder's
     (`triton_ops`).
 
-    A work item is one latent's segment, or a `SEGMENT_CHUNK` of it when longer, in the latents' by-length
+    A work item is one feature's segment, or a `SEGMENT_CHUNK` of it when longer, in the features' by-length
     order (longest first). The item arrays have a static size (n + B·k // CHUNK, a bound on the count), so
     nothing here syncs the host and a CUDA graph can hold it."""
 
     order: Tensor
-    """[B·k] int64: flat entry positions, sorted by latent."""
+    """[B·k] int64: flat entry positions, sorted by feature."""
     rows: Tensor
     """[B·k] int32: the token (row) of each sorted entry."""
     seg: Tensor
-    """[n + 1] int32: latent i's entries are order[seg[i]:seg[i + 1]]."""
+    """[n + 1] int32: feature i's entries are order[seg[i]:seg[i + 1]]."""
     by_length: Tensor
-    """[n] int64: the latents, most entries first."""
+    """[n] int64: the features, most entries first."""
     item_end: Tensor
     """[n] int32: work items up to and including each by-length slot."""
     item_begin: Tensor
@@ -340,27 +342,27 @@ class LatentSort:
     item_len: Tensor
     """[items] int32: its entry count (≤ CHUNK; −1 past the last item)."""
     item_dest: Tensor
-    """[items] int32: its latent when it is the whole segment, else −1 − the partial-sum row it writes."""
+    """[items] int32: its feature when it is the whole segment, else −1 − the partial-sum row it writes."""
 
 
 SEGMENT_CHUNK = 256
-"""Entries per work item of the segment matmul: a longer segment (a latent that fires on more than 256 of the
-batch's rows, as dense latents do in training) is split over several programs, and a second pass adds their
+"""Entries per work item of the segment matmul: a longer segment (a feature that fires on more than 256 of the
+batch's rows, as dense features do in training) is split over several programs, and a second pass adds their
 partial sums: one program looping over thousands of rows while the others idle would cost 3–4 ms."""
 _PLAN_BLOCK = 1024
 
 
-def sort_by_latent(idx_BK: Tensor, n: int) -> LatentSort:
+def sort_by_feature(idx_BK: Tensor, n: int) -> FeatureSort:
     entries = idx_BK.numel()
     device = idx_BK.device
     # Narrow keys, fewer radix-sort passes in torch.sort (stable, so deterministic): int16 for up to 2¹⁶
-    # latents (shifted by 2¹⁵ to keep the order), int32 beyond.
+    # features (shifted by 2¹⁵ to keep the order), int32 beyond.
     shift, dtype = (1 << 15, torch.int16) if n <= 1 << 16 else (0, torch.int32)
     sorted_keys, order = torch.sort((idx_BK.flatten() - shift).to(dtype), stable=True)
     # Segment i of the sorted entries is [seg[i], seg[i+1]); the last bound is the entry count.
     starts = torch.searchsorted(sorted_keys, (torch.arange(n, device=device) - shift).to(dtype))
     seg = torch.cat([starts.to(torch.int32), starts.new_full((1,), entries, dtype=torch.int32)])
-    # Longest first; a segment has at most B entries (a latent once per row), so −length fits int16 keys below
+    # Longest first; a segment has at most B entries (a feature once per row), so −length fits int16 keys below
     # 2¹⁵ rows: two radix passes instead of four.
     neg_lengths = seg[:-1] - seg[1:]
     by_length = torch.sort(
@@ -384,7 +386,7 @@ def sort_by_latent(idx_BK: Tensor, n: int) -> LatentSort:
         CHUNK=SEGMENT_CHUNK,
         BLOCK=_PLAN_BLOCK,
     )
-    return LatentSort(
+    return FeatureSort(
         order,
         (order // idx_BK.shape[1]).to(torch.int32),
         seg,
@@ -401,33 +403,33 @@ def segment_matmul_into(
     idx_BK: Tensor,
     dense_BD: Tensor,
     out_ND: Tensor,
-    by_latent: LatentSort | None = None,
+    by_feature: FeatureSort | None = None,
     scale: Tensor | None = None,
     sums_N: Tensor | None = None,
 ) -> None:
     """out[i] = scale · Σ_{(b, j): idx[b, j] = i} w[b, j] · dense[b]; every row of out is written.
-    `by_latent`, when given, must be `sort_by_latent(idx_BK, n)`; `scale` a one-element fp32 tensor;
+    `by_feature`, when given, must be `sort_by_feature(idx_BK, n)`; `scale` a one-element fp32 tensor;
     `sums_N`, an fp32 [n] tensor, receives scale · Σ_{(b, j): idx[b, j] = i} w[b, j] (deterministic)."""
     check_codes(w_BK, idx_BK)
     n, d = out_ND.shape
-    by_latent = by_latent or sort_by_latent(idx_BK, n)
-    coef = w_BK.flatten()[by_latent.order]
+    by_feature = by_feature or sort_by_feature(idx_BK, n)
+    coef = w_BK.flatten()[by_feature.order]
     if scale is not None:  # on the B·k coefficients (fp32), not on the n × d output
         coef = coef.float() * scale.reshape(1)
     entries = idx_BK.numel()
-    # Split latents have > CHUNK entries each: fewer than entries / CHUNK of them, with < 2·entries / CHUNK
+    # Split features have > CHUNK entries each: fewer than entries / CHUNK of them, with < 2·entries / CHUNK
     # items. They come first in by-length order, so their partial rows are item numbers below that bound.
     n_parts, n_split = 2 * entries // SEGMENT_CHUNK + 1, min(n, entries // SEGMENT_CHUNK + 1)
     part = torch.empty(n_parts, d, dtype=torch.float32, device=out_ND.device)
     part_sums = torch.empty(n_parts if sums_N is not None else 1, dtype=torch.float32, device=out_ND.device)
     sums = out_ND if sums_N is None else sums_N  # any pointer when no sums are wanted
     block_l, block_d = 16, _block_d(d, 128)
-    n_items = by_latent.item_len.numel()
+    n_items = by_feature.item_len.numel()
     _segment_matmul_kernel[(triton.cdiv(n_items, block_l), triton.cdiv(d, block_d))](
-        by_latent.item_begin,
-        by_latent.item_len,
-        by_latent.item_dest,
-        by_latent.rows,
+        by_feature.item_begin,
+        by_feature.item_len,
+        by_feature.item_dest,
+        by_feature.rows,
         coef,
         dense_BD,
         out_ND,
@@ -445,9 +447,9 @@ def segment_matmul_into(
     )
     reduce_d = _block_d(d, 512)
     _segment_reduce_kernel[(n_split, triton.cdiv(d, reduce_d))](
-        by_latent.item_end,
-        by_latent.by_length,
-        by_latent.seg,
+        by_feature.item_end,
+        by_feature.by_length,
+        by_feature.seg,
         part,
         part_sums,
         out_ND,
@@ -467,10 +469,10 @@ def segment_matmul(
     dense_BD: Tensor,
     n: int,
     out_dtype: torch.dtype,
-    by_latent: LatentSort | None = None,
+    by_feature: FeatureSort | None = None,
     scale: Tensor | None = None,
     sums_N: Tensor | None = None,
 ) -> Tensor:
     out_ND = torch.empty(n, dense_BD.shape[1], dtype=out_dtype, device=dense_BD.device)
-    segment_matmul_into(w_BK, idx_BK, dense_BD, out_ND, by_latent, scale, sums_N)
+    segment_matmul_into(w_BK, idx_BK, dense_BD, out_ND, by_feature, scale, sums_N)
     return out_ND

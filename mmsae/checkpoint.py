@@ -21,7 +21,7 @@ SAELENS_WEIGHTS = "sae_weights.safetensors"
 SPARSIFY_KEYS = ("expansion_factor", "num_latents")
 Format = Literal["mmsae", "saelens", "sparsify"]
 TRAINING_STATE = ("tokens_since_fired",)
-"""Tensors that files of earlier versions hold besides the SAE's own (the trainer's dead-latent clock):
+"""Tensors that files of earlier versions hold besides the SAE's own (the trainer's dead-feature clock):
 ignored on load."""
 
 
@@ -63,7 +63,7 @@ def sae_from_config(cfg: dict[str, Any], source: str | os.PathLike = CFG_NAME) -
         raise ValueError(
             f"{source} lacks the field(s) {missing} that every {cls.arch!r} SAE needs: the file is "
             "incomplete; restore it from the run that wrote the SAE (the weights' shapes give d_in and "
-            "n_latents)."
+            "n_features)."
         )
     hints = typing.get_type_hints(cls.Config)
     for name, value in cfg.items():

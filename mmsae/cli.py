@@ -23,7 +23,7 @@ EXTERNAL_COMMANDS: dict[str, tuple[str, bool, str]] = {
     "extract": ("mmsae.extract_cli", False, "Run an encoder over images/prompts and store activations."),
     "index": ("mmsae.index", False, "Build or query the concept index (FAISS) of a trained SAE."),
     "app": ("mmsae.apps.cli", False, "Launch a Gradio app (explorer, steering, unlearning)."),
-    "steer": ("mmsae.intervene.cli", True, "Generate with SAE latents clamped or added."),
+    "steer": ("mmsae.intervene.cli", True, "Generate with SAE features clamped or added."),
     "unlearn": ("mmsae.intervene.cli", True, "Suppress a concept in a diffusion model via SAE features."),
 }
 

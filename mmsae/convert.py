@@ -196,13 +196,13 @@ def from_saelens(
         )
 
     weights, options = _saelens_weights(cfg, path, arch)
-    n_latents, d_in = weights["W_dec"].shape
+    n_features, d_in = weights["W_dec"].shape
     meta = cfg.get("metadata") or {}
     hook, provenance = _hook(hook, meta.get("hook_name") or cfg.get("hook_name"), path / CFG_NAME)
     sae = build_sae(
         SAELENS_ARCHS[arch],
         d_in,
-        n_latents,
+        n_features,
         unit_norm_decoder=_unit_norm(weights["W_dec"]),
         input_norm=SAELENS_NORMS[norm],
         hook=hook,

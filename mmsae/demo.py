@@ -81,7 +81,7 @@ def save_photos(photos, out: Path) -> Path:
 
 
 def write_reports(encoder, sae, store, crops, index, out: Path, hook: str, n_dashboards: int = 4) -> Path:
-    """Summary report (density histogram, FVU vs L0) and dashboards of the most frequent latents."""
+    """Summary report (density histogram, FVU vs L0) and dashboards of the most frequent features."""
     from mmsae.analysis import feature_stats
     from mmsae.analysis.dashboard import feature_dashboard, summary_report
 
@@ -89,13 +89,13 @@ def write_reports(encoder, sae, store, crops, index, out: Path, hook: str, n_das
     summary_report({"topk": stats}, out)
     images = [crops[i].image for i in range(len(crops))]
     spatial = store.n_tokens > len(crops)  # pooled features (one token per image) have no heatmap
-    for latent in stats.frequency.argsort(descending=True)[:n_dashboards].tolist():
+    for feature in stats.frequency.argsort(descending=True)[:n_dashboards].tolist():
         feature_dashboard(
-            latent,
+            feature,
             stats,
             images,
             out,
-            names=index.names[latent],
+            names=index.names[feature],
             sae=sae if spatial else None,
             encoder=encoder if spatial else None,
             hook=hook,
@@ -121,11 +121,11 @@ def named_effects(sae, encoder, crops, hook: str, n_show: int = 8) -> None:
         print(f"      {j:>7}  {frequency[j]:>9.2f}  {names}")
     photos = [c for c in demo_photos() if c.labels]
     s = steering_effect(trained, encoder, STEER_TARGET, photos, EffectsConfig(hook=hook))
-    if not s["latents"]:
+    if not s["features"]:
         print(f"      no feature is named {STEER_TARGET!r} in this SAE: nothing to steer")
         return
     print(
-        f"      steering with the {len(s['latents'])} feature(s) named {STEER_TARGET!r} "
+        f"      steering with the {len(s['features'])} feature(s) named {STEER_TARGET!r} "
         f"(error term kept): p({STEER_TARGET}) on the other photos {s['p_neg_before']:.3f} → "
         f"{s['p_neg_before'] + s['add_delta']:.3f}; ablating them on {STEER_TARGET} photos "
         f"{s['p_pos_before']:.3f} → {s['p_pos_before'] + s['ablate_delta']:.3f}"
@@ -144,7 +144,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--hook", help=f"hook point to train on (default per encoder: {HOOKS})")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("--crops", type=int, default=256, help="augmented crops of the photos to extract")
-    p.add_argument("--n-latents", type=int, default=256)
+    p.add_argument("--n-features", type=int, default=256)
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--tokens", type=int, default=40_000, help="training tokens (the store is cycled)")
     p.add_argument("--batch-size", type=int, default=256)
@@ -175,11 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     store = extract(encoder, crops, hooks=[hook], out_dir=out / "store", tokens="all")
     print(f"      store: {store.path} ({store.n_tokens:,} tokens, d={store.d_in})")
 
-    print(f"[3/7] training a TopK SAE (n={args.n_latents}, k={args.k}) on {args.tokens:,} tokens")
+    print(f"[3/7] training a TopK SAE (n={args.n_features}, k={args.k}) on {args.tokens:,} tokens")
     sae = train(
         store,
         sae="topk",
-        n_latents=args.n_latents,
+        n_features=args.n_features,
         k=args.k,
         tokens=args.tokens,
         batch_size=args.batch_size,
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print("[7/7] feature statistics and dashboards")
     report_dir = write_reports(encoder, sae, store, crops, index, out / "report", hook)
-    print(f"      {report_dir}/summary.html and latent_*.html")
+    print(f"      {report_dir}/summary.html and feature_*.html")
 
     weights = "pretrained" if pretrained else "RANDOM-INIT (no weights reachable)"
     print(f"\nDone ({weights} encoder). SAE: {sae_dir}  index: {index_dir}")

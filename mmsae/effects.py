@@ -33,7 +33,7 @@ from mmsae.intervene.classifier import (
     steering_edits,
     top1_rate,
 )
-from mmsae.intervene.unlearn import latent_sums
+from mmsae.intervene.unlearn import feature_sums
 from mmsae.sae import SAE
 from mmsae.sae.base import as_dense
 
@@ -95,7 +95,7 @@ def crops_of(photos: Sequence[Photo], n: int, seed: int = 0, size: int = 224) ->
 class EffectsConfig:
     hook: str = "global_pool"
     n_crops: int = 256
-    n_latents: int = 256
+    n_features: int = 256
     k: int = 16
     tokens: int = 40_000
     batch_size: int = 256
@@ -139,7 +139,7 @@ def hook_activations(encoder: Encoder, images: Sequence[Image.Image], hook: str,
 
 
 def train_sae(encoder: Encoder, cfg: EffectsConfig, photos: Sequence[Photo] | None = None) -> TrainedSAE:
-    """Crops → activations → TopK SAE (in memory) → logit names of every latent."""
+    """Crops → activations → TopK SAE (in memory) → logit names of every feature."""
     from mmsae import train
 
     crops = crops_of(photos if photos is not None else real_photos(), cfg.n_crops, cfg.seed)
@@ -147,7 +147,7 @@ def train_sae(encoder: Encoder, cfg: EffectsConfig, photos: Sequence[Photo] | No
     sae = train(
         acts_NTD.flatten(0, 1),
         sae="topk",
-        n_latents=cfg.n_latents,
+        n_features=cfg.n_features,
         k=cfg.k,
         tokens=cfg.tokens,
         batch_size=cfg.batch_size,
@@ -160,7 +160,7 @@ def train_sae(encoder: Encoder, cfg: EffectsConfig, photos: Sequence[Photo] | No
     trained = TrainedSAE(sae, crops, acts_NTD)
     g = torch.Generator().manual_seed(cfg.seed)
     refs = acts_NTD[torch.randperm(len(crops), generator=g)[: cfg.references]]
-    scales_n = typical_activations(sae, acts_NTD.flatten(0, 1))  # every crop: rare latents get names
+    scales_n = typical_activations(sae, acts_NTD.flatten(0, 1))  # every crop: rare features get names
     trained.names = name_features_by_logits(sae, encoder, refs, hook=cfg.hook, scales_n=scales_n)
     return trained
 
@@ -180,17 +180,17 @@ def sae_metrics(t: TrainedSAE) -> dict[str, float]:
         "dead_fraction": m["dead_fraction"],
         "name_agreement_top1": agree1,
         "name_agreement_top5": agree5,
-        "latents_with_labelled_images": counted,
+        "features_with_labelled_images": counted,
     }
 
 
 def search_by_name(t: TrainedSAE, pooled_Nn: Tensor, query: str, k: int = 5, rank: int = 1) -> list[int]:
-    """Images (rows of `pooled_Nn`) ranked by the summed codes of the latents with `query` among their
+    """Images (rows of `pooled_Nn`) ranked by the summed codes of the features with `query` among their
     first `rank` logit names."""
-    latents = features_named(t.names, query, rank)
-    if not latents:
+    features = features_named(t.names, query, rank)
+    if not features:
         return []
-    score = pooled_Nn[:, latents].sum(-1)
+    score = pooled_Nn[:, features].sum(-1)
     order = score.argsort(descending=True, stable=True)
     return [int(i) for i in order[:k] if score[i] > 0]
 
@@ -215,27 +215,27 @@ def steering_effect(
 ) -> dict[str, Any]:
     """Mean Δp(target): adding the features named `target` on photos that are not it; ablating them on
     photos that are. Error term kept."""
-    latents = features_named(t.names, target, cfg.name_rank) or features_named(t.names, target, 5)
+    features = features_named(t.names, target, cfg.name_rank) or features_named(t.names, target, 5)
     c = class_index(encoder, target)
     is_x = [target in p.labels for p in photos]
     pos = [p.image for p, x in zip(photos, is_x) if x]
     neg = [p.image for p, x in zip(photos, is_x) if not x]
-    result: dict[str, Any] = {"target": target, "latents": latents}
-    if not latents:
+    result: dict[str, Any] = {"target": target, "features": features}
+    if not features:
         return {**result, "add_delta": float("nan"), "ablate_delta": float("nan")}
-    scale = typical_activations(t.sae, t.acts_NTD.flatten(0, 1))[latents] * cfg.steer_multiple
-    add = steering_edits(latents, scale)
+    scale = typical_activations(t.sae, t.acts_NTD.flatten(0, 1))[features] * cfg.steer_multiple
+    add = steering_edits(features, scale)
     base_neg, base_pos = class_probs(encoder, neg)[:, c], class_probs(encoder, pos)[:, c]
     result["add_delta"] = float((class_probs(encoder, neg, t.sae, add)[:, c] - base_neg).mean())
     result["ablate_delta"] = float(
-        (class_probs(encoder, pos, t.sae, ablation_edits(latents))[:, c] - base_pos).mean()
+        (class_probs(encoder, pos, t.sae, ablation_edits(features))[:, c] - base_pos).mean()
     )
     result["p_neg_before"], result["p_pos_before"] = float(base_neg.mean()), float(base_pos.mean())
     return result
 
 
 def crop_means(t: TrainedSAE, concepts: Sequence[str]) -> dict[str, tuple[Tensor, int]]:
-    """Token-mean activation of every latent over the training crops of each concept and of the rest
+    """Token-mean activation of every feature over the training crops of each concept and of the rest
     (the input of SAeUron's selection), from the activations already at hand."""
     groups = [next((n for n in concepts if c.labels[:1] == (n,)), "") for c in t.crops]
     out = {}
@@ -244,7 +244,7 @@ def crop_means(t: TrainedSAE, concepts: Sequence[str]) -> dict[str, tuple[Tensor
         if not rows:
             raise ValueError(f"No training crop shows {name or 'anything else'!r}: add photos of it.")
         x_ND = t.acts_NTD[rows].flatten(0, 1).to(t.sae.W_dec.dtype)
-        sums = latent_sums(t.sae.encode(x_ND), t.sae.n_latents).cpu()
+        sums = feature_sums(t.sae.encode(x_ND), t.sae.n_features).cpu()
         out[name] = (sums / x_ND.shape[0], len(rows))
     return out
 
@@ -275,7 +275,7 @@ def unlearning_effect(
     return {
         "concepts": list(concepts),
         "classes": idx,
-        "latents": sorted({e.latent for e in edits}),
+        "features": sorted({e.feature for e in edits}),
         "top1_before": before,
         "top1_after": after,
         "drop": 1 - after / before if before else float("nan"),

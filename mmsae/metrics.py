@@ -83,7 +83,7 @@ def cosine(x: Tensor, x_hat: Tensor, eps: float = 1e-12) -> Tensor:
 
 
 def active_mask(codes: Codes) -> tuple[Tensor, Tensor | None]:
-    """(non-zero mask, latent indices or None for dense codes), flattened to tokens."""
+    """(non-zero mask, feature indices or None for dense codes), flattened to tokens."""
     if isinstance(codes, SparseCodes):
         k = codes.values.shape[-1]
         return codes.values.reshape(-1, k) != 0, codes.indices.reshape(-1, k)
@@ -91,25 +91,25 @@ def active_mask(codes: Codes) -> tuple[Tensor, Tensor | None]:
 
 
 def l0_tensor(codes: Codes) -> Tensor:
-    """Mean number of non-zero latents per token, left on the device (no host sync in training loops)."""
+    """Mean number of non-zero features per token, left on the device (no host sync in training loops)."""
     active, _ = active_mask(codes)
     return active.sum(-1).double().mean()
 
 
 def l0(codes: Codes) -> float:
-    """Mean number of non-zero latents per token (signed codes count as active when < 0)."""
+    """Mean number of non-zero features per token (signed codes count as active when < 0)."""
     return l0_tensor(codes).item()
 
 
 class FeatureDensity:
-    """Per-latent firing counts over a token window: density, dead fraction, log10 histogram.
+    """Per-feature firing counts over a token window: density, dead fraction, log10 histogram.
 
-    A latent is dead *for this window* if it never fired in it; evaluate on at least ~10/p tokens
-    to tell a rare latent (density p) from a dead one.
+    A feature is dead *for this window* if it never fired in it; evaluate on at least ~10/p tokens
+    to tell a rare feature (density p) from a dead one.
     """
 
-    def __init__(self, n_latents: int) -> None:
-        self.fires_N = torch.zeros(n_latents, dtype=torch.float64)
+    def __init__(self, n_features: int) -> None:
+        self.fires_N = torch.zeros(n_features, dtype=torch.float64)
         self.n_tokens = 0
 
     @torch.no_grad()
@@ -123,7 +123,7 @@ class FeatureDensity:
         self.n_tokens += active.shape[0]
 
     def density(self) -> Tensor:
-        """Firing frequency per latent, [n] float64."""
+        """Firing frequency per feature, [n] float64."""
         return self.fires_N / max(self.n_tokens, 1)
 
     def dead_fraction(self) -> float:
@@ -132,7 +132,7 @@ class FeatureDensity:
         return (self.fires_N == 0).double().mean().item()
 
     def log10_histogram(self, bins: int = 50) -> tuple[np.ndarray, np.ndarray]:
-        """(counts, bin edges) of log10 density over latents that fired at least once."""
+        """(counts, bin edges) of log10 density over features that fired at least once."""
         return log10_density_histogram(self.density(), bins)
 
 
@@ -158,7 +158,7 @@ def plot_density(
     ax = fig.add_subplot()
     ax.stairs(counts, edges, fill=True)
     ax.set_xlabel("log10 firing density")
-    ax.set_ylabel("latents")
+    ax.set_ylabel("features")
     ax.set_title(f"{title} ({n_dead} dead of {density.numel()})")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")
@@ -224,7 +224,7 @@ def evaluate(
     (AbsTopK-style signed codes) an atom's sign is arbitrary, so recovery compares |cos|.
     """
     device = sae.W_dec.device
-    fvu, density = FVU(), FeatureDensity(sae.n_latents)
+    fvu, density = FVU(), FeatureDensity(sae.n_features)
     cos_sum, l0_sum, signed = 0.0, 0.0, False
     was_training = sae.training
     sae.eval()

@@ -42,7 +42,7 @@ def _batches(
 
 
 def _brute_force_top(batches: list[TokenActs], codes: torch.Tensor, k: int):
-    """Per-example max over tokens, then top-k examples per latent, with the arg-max token (and timestep)."""
+    """Per-example max over tokens, then top-k examples per feature, with the arg-max token (and timestep)."""
     ids = torch.cat([b.meta["example_id"] for b in batches])
     n_ex = int(ids.max()) + 1
     vals = codes.masked_fill(codes == 0, -math.inf)
@@ -128,7 +128,7 @@ def test_stats_resume_after_interruption(tmp_path) -> None:
 def test_stats_plain_tensors_and_density_histogram() -> None:
     sae = build_sae("topk", D, N_LAT, k=K)
     with torch.no_grad():
-        sae.b_enc[:4] = -100.0  # four latents that can never fire
+        sae.b_enc[:4] = -100.0  # four features that can never fire
     stats = feature_stats(sae, [torch.randn(50, D), torch.randn(30, D)])
     counts, edges, n_dead = stats.density_histogram(bins=10)
     assert n_dead == int(stats.dead.sum()) >= 4
@@ -144,7 +144,7 @@ def test_monosemanticity_linear_matches_pairwise() -> None:
     g = torch.Generator().manual_seed(3)
     n_img, n_lat, e = 40, 12, 8
     acts = torch.rand(n_img, n_lat, generator=g) * (torch.rand(n_img, n_lat, generator=g) < 0.4)
-    acts[:, 0] = 0  # dead latent: undefined
+    acts[:, 0] = 0  # dead feature: undefined
     acts[:, 1] = 0
     acts[5, 1] = 2.0  # fires on one image only: no pairs, undefined
     acts[:, 2] += 0.5  # min > 0: the min-max normalisation matters
@@ -156,7 +156,7 @@ def test_monosemanticity_linear_matches_pairwise() -> None:
     fast, slow = acc.compute(), monosemanticity_pairwise(acts, emb)
     assert fast[:2].isnan().all() and slow[:2].isnan().all()
     torch.testing.assert_close(fast[2:], slow[2:], rtol=1e-4, atol=1e-5)
-    # identical embeddings ⇒ every live latent scores exactly 1
+    # identical embeddings ⇒ every live feature scores exactly 1
     acc1 = MonosemanticityAccumulator(n_lat, e)
     acc1.update(acts, emb[:1].expand(n_img, -1))
     torch.testing.assert_close(acc1.compute()[2:], torch.ones(n_lat - 2))
@@ -202,16 +202,16 @@ def test_dashboard_and_summary(tmp_path, photos, vit_and_clip) -> None:
     stats = feature_stats(
         sae, token_acts(vit, photos, "blocks.4", tokens="patch", batch_size=3), StatsConfig(top_k=4)
     )
-    latent = int(stats.fire_count.argmax())
+    feature = int(stats.fire_count.argmax())
     png, page = feature_dashboard(
-        latent, stats, photos, tmp_path, names=[NameCandidate("cat", 0.3)], sae=sae, encoder=vit
+        feature, stats, photos, tmp_path, names=[NameCandidate("cat", 0.3)], sae=sae, encoder=vit
     )
     assert Image.open(png).size[0] > 200
     text = page.read_text()
     assert "cat (0.30)" in text and "data:image/png;base64," in text
-    assert str(stats.top_examples(latent).example_ids[0]) in text
+    assert str(stats.top_examples(feature).example_ids[0]) in text
     with pytest.raises(ValueError, match="collection the stats were computed on"):
-        feature_dashboard(latent, stats, photos[:1], tmp_path)
+        feature_dashboard(feature, stats, photos[:1], tmp_path)
 
     other = feature_stats(build_sae("topk", 64, 48, k=2), token_acts(vit, photos, "blocks.4", batch_size=3))
     png, page = summary_report({"k=8": stats, "k=2": other}, tmp_path)

@@ -76,7 +76,7 @@ def unlearn(unet, unet_sae, settings) -> UnlearnHandlers:
 
 def live_feature(index: ConceptIndex) -> int:
     """A feature that fires on some but not all indexed images (so filters have an effect)."""
-    counts = [len(index.codes.images_with(f)) for f in range(index.sae.n_latents)]
+    counts = [len(index.codes.images_with(f)) for f in range(index.sae.n_features)]
     return next(f for f, c in enumerate(counts) if 0 < c < len(index))
 
 

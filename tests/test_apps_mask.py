@@ -57,7 +57,7 @@ def bad_files(tmp_path) -> list[tuple[str, str]]:
 @pytest.fixture(scope="module")
 def diffusion_app(unet, unet_sae, settings):  # noqa: F811
     """The diffusion steering app on 127.0.0.1 with the apps' launch settings; yields (demo, url)."""
-    demo = build_steer_app(unet, unet_sae, settings, max_acts=torch.ones(unet_sae.cfg.n_latents))
+    demo = build_steer_app(unet, unet_sae, settings, max_acts=torch.ones(unet_sae.cfg.n_features))
     kwargs = {**settings.launch_kwargs(), "server_name": "127.0.0.1"}
     _, url, _ = demo.queue().launch(prevent_thread_lock=True, quiet=True, **kwargs)
     yield demo, url
@@ -141,7 +141,7 @@ def test_mask_editor_scales_16_bit_images_and_bounds_layers(unet, unet_sae, phot
     """Gradio converted a 16-bit upload with PIL's convert('RGBA'), clipping every value above 255."""
     # uploads reach preprocess from Gradio's upload folder; here from a data directory
     app_settings = AppSettings(data_dirs=[photos, tmp_path])
-    demo = build_steer_app(unet, unet_sae, app_settings, max_acts=torch.ones(unet_sae.cfg.n_latents))
+    demo = build_steer_app(unet, unet_sae, app_settings, max_acts=torch.ones(unet_sae.cfg.n_features))
     editor = editor_of(demo)
     ramp = np.tile(np.linspace(0, 65535, 64), (16, 1)).astype(np.uint16)
     Image.fromarray(ramp).save(tmp_path / "ramp16.png")

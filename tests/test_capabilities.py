@@ -95,7 +95,7 @@ def test_product_code_asks_for_declared_capabilities(encoders) -> None:
         steer_llava(vit, sae, torch.zeros(1, 3, 224, 224), "What is this?", [Set(0, 1.0)])
     with pytest.raises(MissingCapabilityError, match=r"Naming and text queries needs .* TextEmbedder"):
         text_embeddings(vit, ["dog"])
-    selection = UnlearnSelection(hook="blocks.1", encoder=vit.id, n_latents=32, percentile=99.0)
+    selection = UnlearnSelection(hook="blocks.1", encoder=vit.id, n_features=32, percentile=99.0)
     with pytest.raises(MissingCapabilityError, match=r"Concept unlearning needs .* Sampler"):
         Unlearner(clip, sae, selection)
     with pytest.raises(MissingCapabilityError, match=r"A timestep window needs .* Sampler"):
@@ -133,7 +133,7 @@ def test_no_capability_probes_left() -> None:
 def test_encoder_comes_before_the_sae_and_the_old_order_warns(encoders) -> None:
     """One argument order, (encoder, sae, ...); calls in the earlier (sae, encoder) order still work for one
     release, with a DeprecationWarning."""
-    from mmsae.analysis.heatmap import latent_heatmaps
+    from mmsae.analysis.heatmap import feature_heatmaps
     from mmsae.analysis.naming import atom_directions
     from mmsae.index import ConceptIndex, IndexConfig
 
@@ -148,9 +148,9 @@ def test_encoder_comes_before_the_sae_and_the_old_order_warns(encoders) -> None:
     pil = Image.fromarray((image.permute(1, 2, 0).numpy() * 255).astype("uint8"))
     patch_sae = mmsae.build_sae("topk", clip.model.visual.transformer.width, 16, k=2, encoder=clip.id)
     hook = clip.default_hook
-    new = latent_heatmaps(clip, patch_sae, [pil], 0, hook)
-    with pytest.deprecated_call(match="latent_heatmaps"):
-        old = latent_heatmaps(patch_sae, clip, [pil], 0, hook)
+    new = feature_heatmaps(clip, patch_sae, [pil], 0, hook)
+    with pytest.deprecated_call(match="feature_heatmaps"):
+        old = feature_heatmaps(patch_sae, clip, [pil], 0, hook)
     assert all((a == b).all() for a, b in zip(new, old))
     cfg = IndexConfig(concept_images=1)
     assert len(ConceptIndex.build(clip, sae, [pil], cfg=cfg, vocab=["cat"])) == 1

@@ -122,7 +122,7 @@ def test_truncated_or_corrupt_weights_give_clear_error(tmp_path: Path) -> None:
 def test_missing_weights_and_shape_mismatch(tmp_path: Path) -> None:
     checkpoint.save_sae(tiny_topk(), tmp_path)
     cfg = json.loads((tmp_path / "cfg.json").read_text())
-    (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "n_latents": N * 2}))
+    (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "n_features": N * 2}))
     with pytest.raises(ValueError, match="shape"):
         checkpoint.load_sae(tmp_path)
     (tmp_path / "sae.safetensors").unlink()
@@ -134,10 +134,10 @@ def test_foreign_cfg_json_is_rejected_with_guidance(tmp_path: Path) -> None:
     (tmp_path / "cfg.json").write_text(json.dumps({"hidden": 3}))
     with pytest.raises(ValueError, match="not an mmsae checkpoint"):
         checkpoint.load_sae(tmp_path)
-    (tmp_path / "cfg.json").write_text(json.dumps({"arch": "topk", "d_in": 4, "n_latents": 8, "bogus": 1}))
+    (tmp_path / "cfg.json").write_text(json.dumps({"arch": "topk", "d_in": 4, "n_features": 8, "bogus": 1}))
     with pytest.raises(ValueError, match="bogus"):
         checkpoint.load_sae(tmp_path)
-    (tmp_path / "cfg.json").write_text(json.dumps({"arch": "nope", "d_in": 4, "n_latents": 8}))
+    (tmp_path / "cfg.json").write_text(json.dumps({"arch": "nope", "d_in": 4, "n_features": 8}))
     with pytest.raises(ValueError, match="Unknown SAE architecture 'nope'"):
         checkpoint.load_sae(tmp_path)
 
@@ -332,7 +332,7 @@ def test_from_sparsify_matches_sparsify_formula(tmp_path: Path) -> None:
     recon = torch.zeros(16, N).scatter(-1, idx, vals) @ w["W_dec"] + w["b_dec"]
     with torch.no_grad():
         torch.testing.assert_close(sae(x).x_hat, recon, rtol=1e-4, atol=1e-5)
-    assert sae.cfg.n_latents == N and sae.cfg.k == 4 and sae.cfg.hook == "layers.6"
+    assert sae.cfg.n_features == N and sae.cfg.k == 4 and sae.cfg.hook == "layers.6"
 
 
 def test_from_sparsify_rejects_unsupported_options(tmp_path: Path) -> None:
@@ -386,7 +386,7 @@ def test_loaded_batchtopk_codes_of_a_token_do_not_depend_on_the_batch() -> None:
 def test_published_weights_hold_only_the_saes_own_tensors_and_old_files_load(
     tmp_path: Path, arch: str
 ) -> None:
-    """The fixtures were written when the dead-latent clock (`tokens_since_fired`) was an SAE buffer."""
+    """The fixtures were written when the dead-feature clock (`tokens_since_fired`) was an SAE buffer."""
     from safetensors import safe_open
 
     old_dir = FIXTURES / f"legacy_{arch}_sae"
@@ -414,11 +414,11 @@ def test_unknown_tensors_in_weights_are_an_error(tmp_path: Path) -> None:
     ("edit", "match"),
     [
         ({"k": "eight"}, r"cfg.json: field 'k' is 'eight' \(str\), but must be int \| None"),
-        ({"n_latents": 32.5}, r"cfg.json: field 'n_latents' is 32.5 \(float\), but must be int"),
+        ({"n_features": 32.5}, r"cfg.json: field 'n_features' is 32.5 \(float\), but must be int"),
         ({"unit_norm_decoder": "yes"}, r"field 'unit_norm_decoder' is 'yes' \(str\), but must be bool"),
         ({"site": "input"}, r"field 'site' is 'input' \(str\), but must be one of 'output', 'update'"),
         ({"d_in": None}, r"cfg.json lacks the field\(s\) \['d_in'\]"),
-        ({"k": 64}, r"cfg.json: k=64 must be in 1..n_latents=32"),
+        ({"k": 64}, r"cfg.json: k=64 must be in 1..n_features=32"),
     ],
 )
 def test_bad_cfg_json_names_the_file_and_field(tmp_path: Path, edit: dict, match: str) -> None:
@@ -435,7 +435,7 @@ def test_saved_sae_files_honour_the_umask(tmp_path: Path) -> None:
     """A shared group directory can read what save_sae writes (mkstemp alone makes 0600 files)."""
     old = os.umask(0o022)
     try:
-        path = mmsae.save_sae(build_sae("topk", d_in=8, n_latents=16, k=2), tmp_path / "sae")
+        path = mmsae.save_sae(build_sae("topk", d_in=8, n_features=16, k=2), tmp_path / "sae")
     finally:
         os.umask(old)
     for name in ("cfg.json", "sae.safetensors"):

@@ -22,7 +22,7 @@ SMALL = [
     "--model.init_batches",
     "1",
     "--model.saes",
-    '[{"arch": "topk", "n_latents": 512, "k": 8}]',
+    '[{"arch": "topk", "n_features": 512, "k": 8}]',
 ]
 
 
@@ -57,7 +57,7 @@ def test_fit_fast_dev_run_writes_the_sae(tmp_path: Path, monkeypatch: pytest.Mon
     ]
     assert cli.main(argv) == 0
     sae = load_sae(tmp_path / "saes" / "sae")
-    assert (sae.cfg.d_in, sae.cfg.n_latents, sae.cfg.k, sae.cfg.training_tokens) == (256, 512, 8, 256)
+    assert (sae.cfg.d_in, sae.cfg.n_features, sae.cfg.k, sae.cfg.training_tokens) == (256, 512, 8, 256)
     assert sae.cfg.normalization == "folded"
 
 
@@ -77,7 +77,7 @@ def test_fit_logs_saves_config_then_validate_and_resume(
     assert cli.main(["fit", *config]) == 0
     run = tmp_path / "runs" / "synthetic_topk" / "version_0"
     saved = yaml.safe_load((run / "config.yaml").read_text())  # SaveConfigCallback: the resolved config
-    assert saved["data"]["tokens"] == 768 and saved["model"]["saes"][0]["n_latents"] == 512
+    assert saved["data"]["tokens"] == 768 and saved["model"]["saes"][0]["n_features"] == 512
     assert list(run.glob("events.out.tfevents.*"))
     csv_dir = tmp_path / "runs" / "synthetic_topk" / "csv"
     rows = list(csv.DictReader((csv_dir / "version_0" / "metrics.csv").open()))
@@ -103,8 +103,8 @@ def test_external_subcommands_dispatch_lazily(
     monkeypatch.setitem(cli.EXTERNAL_COMMANDS, "extract", ("fake_cli", False, "x"))
     monkeypatch.setitem(cli.EXTERNAL_COMMANDS, "steer", ("fake_cli", True, "x"))
     assert cli.main(["extract", "--hook", "blocks.3"]) == 3
-    assert cli.main(["steer", "--latent", "7"]) == 3
-    assert sys.modules["fake_cli"].calls == [["--hook", "blocks.3"], ["steer", "--latent", "7"]]
+    assert cli.main(["steer", "--feature", "7"]) == 3
+    assert sys.modules["fake_cli"].calls == [["--hook", "blocks.3"], ["steer", "--feature", "7"]]
 
     monkeypatch.setitem(cli.EXTERNAL_COMMANDS, "index", ("mmsae.no_such_module", False, "x"))
     assert cli.main(["index", "build"]) == 2

@@ -112,7 +112,7 @@ def test_sparsify_files_reproduce_sparsify_outputs(name: str) -> None:
     for path, hookpoint in [(FIXTURES / name, "layers.3"), (FIXTURES / name / "layers.3", None)]:
         sae = from_sparsify(path, hookpoint=hookpoint)
         check_outputs(sae, name)
-        assert sae.cfg.hook == "layers.3" and sae.cfg.k == 6 and sae.cfg.n_latents == 64
+        assert sae.cfg.hook == "layers.3" and sae.cfg.k == 6 and sae.cfg.n_features == 64
     assert sae.cfg.unit_norm_decoder == (name == "sparsify_topk")
 
 
@@ -258,8 +258,8 @@ class _GateSAE(SAE):
 
 def test_new_variant_gets_input_norm_without_doing_anything() -> None:
     """A variant that implements only the hooks is normalised by the base class's encode and forward."""
-    sae = _GateSAE(SAEConfig(d_in=16, n_latents=64, input_norm="constant_norm_rescale"))
-    plain = _GateSAE(SAEConfig(d_in=16, n_latents=64))
+    sae = _GateSAE(SAEConfig(d_in=16, n_features=64, input_norm="constant_norm_rescale"))
+    plain = _GateSAE(SAEConfig(d_in=16, n_features=64))
     plain.load_state_dict(sae.state_dict())
     x = torch.randn(5, 16) * torch.tensor([1.0, 6.0, 0.3, 1.0, 2.0])[:, None] + 0.5
     x_n, stats = sae.normalize(x)

@@ -1,8 +1,8 @@
 """DINOv2-S/14 (the zoo's real weights) SAE features on real photos: localization and dashboards.
 
 The margin comes from measured numbers (benchmarks/bench_dino_features.py, docs/benchmarks.md): with the
-benchmark's SAE (1536 latents, 256 crops) the top-3 SAE features keep 0.78 of their mass inside the object
-boxes on average, random directions 0.60. The test's smaller SAE (768 latents, 64 crops) measured 0.83
+benchmark's SAE (1536 features, 256 crops) the top-3 SAE features keep 0.78 of their mass inside the object
+boxes on average, random directions 0.60. The test's smaller SAE (768 features, 64 crops) measured 0.83
 against 0.63 (gain 0.20); other crop/training seeds gave gains of 0.08-0.13, so the test asks for 0.08.
 """
 
@@ -93,7 +93,7 @@ def dino_sae(dino: TimmEncoder):
     crops = RandomCrops(PhotoList(real_photo_specs(n_interior=8)), 64, scale=(0.1, 1.0))
     images = [crops[i].image for i in range(len(crops))]
     acts_ND = patch_codes(lambda x: x, dino, images, HOOK).flatten(0, 2)
-    sae = train(acts_ND, n_latents=768, k=16, tokens=6 * len(acts_ND), batch_size=1024, warmup_steps=10)
+    sae = train(acts_ND, n_features=768, k=16, tokens=6 * len(acts_ND), batch_size=1024, warmup_steps=10)
     return sae, acts_ND.mean(0), images
 
 
@@ -113,8 +113,8 @@ def test_dashboards_render_for_the_real_model(tmp_path: Path, dino: TimmEncoder,
     png = localization_grid(scores, tmp_path / "objects.png")
     assert Image.open(png).size[0] > 400
     stats = feature_stats(sae, [_token_acts(dino, images[:8])], StatsConfig(top_k=4))
-    latent = scores[0].bases["sae"].features[0]
-    page_png, page = feature_dashboard(latent, stats, images[:8], tmp_path, sae=sae, encoder=dino, hook=HOOK)
+    feature = scores[0].bases["sae"].features[0]
+    page_png, page = feature_dashboard(feature, stats, images[:8], tmp_path, sae=sae, encoder=dino, hook=HOOK)
     assert Image.open(page_png).size[0] > 400 and "data:image/png;base64," in page.read_text()
     assert random_directions(4, 3, torch.zeros(4))(torch.ones(2, 4)).shape == (2, 3)
 

@@ -54,14 +54,14 @@ def held_out(labelled: list[Photo]) -> list[Photo]:
 
 @pytest.fixture(scope="module")
 def pooled(mobilenet: TimmEncoder, photos: list[Photo]) -> TrainedSAE:
-    cfg = EffectsConfig(hook="global_pool", n_crops=128, n_latents=128, k=8, tokens=20_000, batch_size=128)
+    cfg = EffectsConfig(hook="global_pool", n_crops=128, n_features=128, k=8, tokens=20_000, batch_size=128)
     return train_sae(mobilenet, cfg, photos)
 
 
 @pytest.fixture(scope="module")
 def spatial(mobilenet: TimmEncoder, photos: list[Photo]) -> TrainedSAE:
     cfg = EffectsConfig(
-        hook="blocks.5", n_crops=64, n_latents=256, k=16, tokens=60_000, batch_size=512, references=4
+        hook="blocks.5", n_crops=64, n_features=256, k=16, tokens=60_000, batch_size=512, references=4
     )
     return train_sae(mobilenet, cfg, photos)
 
@@ -80,11 +80,11 @@ def test_logit_effect_after_the_linear_head_is_the_classifier_row_times_the_atom
 def test_pooled_sae_reconstructs_and_its_logit_names_match_its_top_crops(pooled: TrainedSAE) -> None:
     m = sae_metrics(pooled)
     print(m)
-    # measured: FVU 0.017, L0 7.98, dead 0 %, 95 latents counted, agreement 14 % (top-1 name) / 38 % (top-5);
+    # measured: FVU 0.017, L0 7.98, dead 0 %, 95 features counted, agreement 14 % (top-1 name) / 38 % (top-5);
     # chance for a top-1 name among 1000 classes is ≈ 0.1 % per label
     # TopK keeps k = 8 codes; ReLU zeroes the non-positive ones (measured L0 6.0 at the default lr).
     assert m["fvu"] < 0.05 and 5 <= m["l0"] <= 8 and m["dead_fraction"] <= 0.05
-    assert m["latents_with_labelled_images"] >= 60
+    assert m["features_with_labelled_images"] >= 60
     assert m["name_agreement_top1"] >= 0.08 and m["name_agreement_top5"] >= 0.25
 
 
@@ -122,7 +122,7 @@ def test_steering_with_the_features_named_x_moves_p_x(
 ) -> None:
     s = steering_effect(pooled, mobilenet, target, [*labelled, *held_out], EffectsConfig())
     print(s)
-    assert s["latents"] and set(s["latents"]) <= set(features_named(pooled.names, target, rank=5))
+    assert s["features"] and set(s["features"]) <= set(features_named(pooled.names, target, rank=5))
     # measured (espresso): adding at 10× the typical activation +0.97 from 2e-6; ablating −0.036 from 0.99
     assert s["add_delta"] >= 0.5
     assert s["ablate_delta"] <= -0.02
@@ -137,8 +137,8 @@ def test_unlearning_blocks_the_class_and_keeps_the_others(
     concepts: tuple[str, ...],
 ) -> None:
     others = [p for p in labelled if p.labels[0] not in TARGETS]
-    # One latent per class (128 latents, 99.5th percentile) and a gentle multiplier: at the 99th percentile
-    # (2 latents per class) or at −5 the cat's latents also carry the dog photos' evidence, and top-1 on
+    # One feature per class (128 features, 99.5th percentile) and a gentle multiplier: at the 99th percentile
+    # (2 features per class) or at −5 the cat's features also carry the dog photos' evidence, and top-1 on
     # the other 22 photos fell to 84–89 % of baseline (measured; see docs/benchmarks.md).
     cfg = EffectsConfig(percentile=99.5, multiplier=-1.0)
     u = unlearning_effect(pooled, mobilenet, concepts, held_out, others, cfg)

@@ -164,7 +164,7 @@ def test_cli_extract_then_train_an_sae(
         store,
         hook=LLM,
         sae="topk",
-        n_latents=32,
+        n_features=32,
         k=4,
         tokens=256,
         batch_size=64,
@@ -172,7 +172,7 @@ def test_cli_extract_then_train_an_sae(
     )
     (saved,) = [p.parent for p in (tmp_path / "sae").rglob("cfg.json")]
     loaded = load_sae(saved)
-    assert (loaded.cfg.d_in, loaded.cfg.n_latents) == (16, 32) == (sae.cfg.d_in, sae.cfg.n_latents)
+    assert (loaded.cfg.d_in, loaded.cfg.n_features) == (16, 32) == (sae.cfg.d_in, sae.cfg.n_features)
     x_ND = store.shard_acts(LLM, 0)[:8].float()
     with torch.no_grad():
         torch.testing.assert_close(loaded.encode_dense(x_ND), sae.encode_dense(x_ND))

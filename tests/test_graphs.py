@@ -19,20 +19,20 @@ from mmsae.datasets.synthetic import SyntheticActivations
 from mmsae.sae import REGISTRY, TopKSAE
 from mmsae.sae.topk import TopKConfig
 from mmsae.trainer import SAEDataModule, SAEModule, SAESpec
-from mmsae.trainer.state import DeadLatentClock
+from mmsae.trainer.state import DeadFeatureClock
 
 D, N, BATCH, STEPS = 16, 64, 64, 40
 NEEDS_CUDA = "needs CUDA; CPU twin: test_step_through_graphed_step_trains_like_eager"
 
 
 def data(n: int = STEPS * BATCH) -> torch.Tensor:
-    return SyntheticActivations(d=D, n_features=64, mean_active=3, seed=0).sample(n) * 3.0
+    return SyntheticActivations(d=D, n_directions=64, mean_active=3, seed=0).sample(n) * 3.0
 
 
 def train(arch: str, options: dict[str, Any], accelerator: str = "cpu", **module_kw: Any) -> SAEModule:
     torch.manual_seed(0)
-    # dead_tokens of a few batches: latents die and revive during the run, so AuxK's size changes.
-    spec = SAESpec(arch=arch, n_latents=N, options={**options, "dead_tokens": 4 * BATCH})
+    # dead_tokens of a few batches: features die and revive during the run, so AuxK's size changes.
+    spec = SAESpec(arch=arch, n_features=N, options={**options, "dead_tokens": 4 * BATCH})
     # A small clip norm so that clipping acts (at 1.0 it never does here, and would go untested).
     module = SAEModule([spec], d_in=D, warmup_steps=5, grad_clip=0.01, **module_kw)
     trainer = L.Trainer(
@@ -80,8 +80,8 @@ def test_cuda_graphs_required_off_cuda_names_the_reason() -> None:
 
 
 def test_aux_size_rounds_dead_count_up_to_a_power_of_two() -> None:
-    sae = REGISTRY["topk"](TopKConfig(d_in=D, n_latents=N, k=4, aux_k=8, dead_tokens=10))
-    clock = DeadLatentClock(N, dead_tokens=10)
+    sae = REGISTRY["topk"](TopKConfig(d_in=D, n_features=N, k=4, aux_k=8, dead_tokens=10))
+    clock = DeadFeatureClock(N, dead_tokens=10)
     assert sae.aux_size(clock.count()) == 0  # nothing dead: AuxK off
     for dead, size in [(1, 1), (3, 4), (5, 8), (40, 8)]:
         fired = torch.ones(N, dtype=torch.bool)

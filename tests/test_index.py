@@ -177,13 +177,13 @@ def test_bad_input(tmp_path, folder, sae, clip) -> None:
 
     with pytest.raises(ValueError, match="built with encoder 'clip:tiny', got 'timm:test_vit'"):
         ConceptIndex.load(tmp_path / "idx", encoder=get_encoder("timm:test_vit"))
-    with pytest.raises(ValueError, match="n_latents=64; got d_in=48"):
+    with pytest.raises(ValueError, match="n_features=64; got d_in=48"):
         ConceptIndex.load(tmp_path / "idx", sae=wide)
     no_models = ConceptIndex.load(tmp_path / "idx")
     assert no_models.images_of(int(no_models.codes.csr.indices[0]))  # sparse queries need no model
     with pytest.raises(RuntimeError, match="embedder=get_encoder"):
         no_models.search_text("cat")
-    with pytest.raises(IndexError, match="64 latents"):
+    with pytest.raises(IndexError, match="64 features"):
         no_models.images_of(64)
     with pytest.raises(IndexError, match="holds 1 images"):
         no_models.features_of(5)
@@ -198,7 +198,7 @@ def test_bad_input(tmp_path, folder, sae, clip) -> None:
         (("paths.json", b'["only-one.png"]'), r"disagree on the number of images \(paths\.json: 1, "),
         (("paths.json", b"[1, 2, 3, 4, 5, 6, 7, 8]"), r"paths\.json: entry 0 is 1, not a path string"),
         (("embeddings.npy", b"not numpy"), r"embeddings\.npy: not a readable NumPy array"),
-        (("features.json", b"[[]]"), r"features\.json: 1 name lists for an SAE of 64 latents"),
+        (("features.json", b"[[]]"), r"features\.json: 1 name lists for an SAE of 64 features"),
     ],
 )
 def test_damaged_index_files_are_named_with_the_fix(tmp_path, index, damage, message) -> None:

@@ -12,8 +12,8 @@ from mmsae.intervene.intervention import (
     Intervention,
     Splice,
     apply_edits,
+    feature_columns,
     grid_for,
-    latent_columns,
     spatial_gate,
 )
 from mmsae.intervene.text_steer import concept_delta
@@ -72,19 +72,19 @@ def test_direction_adds_scaled_decoder_row(sae):
     torch.testing.assert_close(out, x + 3.0 * sae.W_dec[5])
 
 
-def test_edits_of_one_latent_compose_in_order(sae):
+def test_edits_of_one_feature_compose_in_order(sae):
     x = torch.randn(5, 64)
     codes = sae.encode(x)
-    f_i = latent_columns(codes, torch.tensor([9]))[:, 0]
+    f_i = feature_columns(codes, torch.tensor([9]))[:, 0]
     out = apply_edits(sae, x, [Set(9, 2.0), Add(9, 1.0), Scale(9, 2.0)], EditContext())
     torch.testing.assert_close(out, x + (6.0 - f_i)[:, None] * sae.W_dec[9], atol=1e-5, rtol=1e-5)
 
 
-def test_latent_columns_sparse_matches_dense(sae):
+def test_feature_columns_sparse_matches_dense(sae):
     x = torch.randn(7, 64)
     codes = sae.encode(x)
-    latents = torch.arange(0, 256, 5)
-    torch.testing.assert_close(latent_columns(codes, latents), codes.dense()[:, latents])
+    features = torch.arange(0, 256, 5)
+    torch.testing.assert_close(feature_columns(codes, features), codes.dense()[:, features])
 
 
 def test_column_ops():
@@ -126,7 +126,7 @@ def test_parse_edit():
 )
 def test_non_finite_strengths_are_refused(make):
     """A NaN strength used to be accepted: replies held NaN and steered images got NaN edits."""
-    with pytest.raises(ValueError, match=r"edit of latent 1: \w+=(nan|inf|-inf) is not a finite number"):
+    with pytest.raises(ValueError, match=r"edit of feature 1: \w+=(nan|inf|-inf) is not a finite number"):
         make()
 
 
@@ -219,10 +219,10 @@ def test_refuses_sae_from_another_hook_or_encoder(vit, sae):
         Intervention(vit, Splice(nohook, hook="blocks.99"))
 
 
-def test_bad_latent_window_half_and_mask(vit, sae, pixels):
-    with pytest.raises(IndexError, match="256 latents"):
+def test_bad_feature_window_half_and_mask(vit, sae, pixels):
+    with pytest.raises(IndexError, match="256 features"):
         Intervention(vit, Splice(sae, [Set(256, 1.0)]))
-    with pytest.raises(IndexError, match="256 latents"):
+    with pytest.raises(IndexError, match="256 features"):
         Intervention(vit, Splice(sae, [Direction(-1, 1.0)]))
     with pytest.raises(ValueError, match="diffusion encoder"):
         Intervention(vit, Splice(sae, [Set(1, 1.0)], timesteps=(0, 10)))

@@ -27,7 +27,7 @@ def photos():
 
 
 def concept_sae(clip, concept: str):
-    """An SAE on the pooled embedding whose latent 0 decodes to the text embedding of `concept`."""
+    """An SAE on the pooled embedding whose feature 0 decodes to the text embedding of `concept`."""
     sae = mmsae.build_sae("topk", clip.embed_dim, 16, k=4, hook="visual", encoder=clip.id)
     with torch.no_grad():
         sae.W_dec[0] = clip.encode_text([f"a photo of a {concept}."], normalize=True)[0]
@@ -67,8 +67,8 @@ def test_set_max_uses_observed_maximum(clip, photos):
     max_n = max_activations(clip, sae, [pixels[:2], pixels[2:]])
     codes = sae.encode(clip.activations(pixels, [sae.cfg.hook])[sae.cfg.hook].acts_ND)
     assert torch.allclose(max_n, codes.dense().amax(0).clamp_min(0))
-    latent = int(max_n.argmax())
-    result = steer_image(clip, sae, pixels, [SetMax(latent, 5.0)], max_acts=max_n)
+    feature = int(max_n.argmax())
+    result = steer_image(clip, sae, pixels, [SetMax(feature, 5.0)], max_acts=max_n)
     assert (result.cosine_B < 0.999).all()
 
 

@@ -24,7 +24,7 @@ def images():
     return [Image.fromarray(data.chelsea())]
 
 
-def test_set_latent_high_on_all_image_tokens_changes_generation(llava, images):
+def test_set_feature_high_on_all_image_tokens_changes_generation(llava, images):
     hook = llava.default_hook  # the vision-tower layer LLaVA reads
     d = llava.activations((images, PROMPT), [hook])[hook].acts_ND.shape[1]
     sae = mmsae.build_sae("topk", d, 64, k=4, hook=hook, encoder=llava.id)

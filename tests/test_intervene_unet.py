@@ -147,9 +147,9 @@ def test_select_features_and_unlearn(unet, sae, tmp_path):
     assert saved["hook"] == HOOK and set(saved["concepts"]) == {"cat", "dog"}
     loaded = UnlearnSelection.load(tmp_path)
     assert loaded == selection
-    assert set(loaded.concepts["cat"].latents) == {501, 1}
-    for t, latents in loaded.concepts["cat"].latents.items():
-        assert 1 <= len(latents) <= 4 and all(0 <= i < 32 for i in latents)
+    assert set(loaded.concepts["cat"].features) == {501, 1}
+    for t, features in loaded.concepts["cat"].features.items():
+        assert 1 <= len(features) <= 4 and all(0 <= i < 32 for i in features)
         assert all(m > 0 for m in loaded.concepts["cat"].mean_concept[t])
 
     unlearner = Unlearner(unet, sae, tmp_path, ["cat", "dog"], multiplier=-30.0)
@@ -293,9 +293,9 @@ def test_extract_train_splice_on_block_updates(tmp_path):
     enc.sampling = dataclasses.replace(enc.sampling, update=True)
     assert outputs.path != store.path and outputs.site() == "output"
     with pytest.raises(ValueError, match="site='update' contradicts the store"):
-        mmsae.train(outputs.path, n_latents=32, k=4, tokens=256, batch_size=256, site="update")
+        mmsae.train(outputs.path, n_features=32, k=4, tokens=256, batch_size=256, site="update")
 
-    sae = mmsae.train(store.path, n_latents=32, k=4, tokens=8192, batch_size=256, warmup_steps=10)
+    sae = mmsae.train(store.path, n_features=32, k=4, tokens=8192, batch_size=256, warmup_steps=10)
     assert (sae.cfg.site, sae.cfg.hook, sae.cfg.encoder) == ("update", HOOK, enc.id)
     sae.save(tmp_path / "sae")
     sae = mmsae.load_sae(tmp_path / "sae")

@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
 from mmsae import kernels
 from mmsae.kernels import reference, triton_ops
 from mmsae.kernels.triton_dense import center_cast, col_sums
-from mmsae.kernels.triton_sparse import gather_dot_into, gather_sum_into, segment_matmul_into, sort_by_latent
+from mmsae.kernels.triton_sparse import gather_dot_into, gather_sum_into, segment_matmul_into, sort_by_feature
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -33,7 +33,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def random_codes(
     B: int, k: int, n: int, dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """k distinct latents per row out of n (like top-k output), with random signed values."""
+    """k distinct features per row out of n (like top-k output), with random signed values."""
     indices_BK = torch.rand(B, n, device=DEVICE).argsort(-1)[:, :k].contiguous()
     return torch.randn(B, k, device=DEVICE).to(dtype), indices_BK
 
@@ -70,13 +70,13 @@ def test_segment_matmul_matches_dense_transpose(B: int, k: int, n: int, d: int) 
         segment_matmul_into(w_BK, idx_BK, dense_BD, out_ND, scale=scale, sums_N=sums_N)
         s = 1.0 if scale is None else scale.item()
         assert rel_err(out_ND, s * codes_BN.T @ dense_BD.double()) < 1e-5
-        assert rel_err(sums_N, s * codes_BN.sum(0)) < 1e-6  # every latent written, zero where never chosen
+        assert rel_err(sums_N, s * codes_BN.sum(0)) < 1e-6  # every feature written, zero where never chosen
         assert (out_ND[never_chosen] == 0).all()
 
 
-@pytest.mark.parametrize("chunk", [4, None])  # None: the library's 256, reached by a latent in every row
+@pytest.mark.parametrize("chunk", [4, None])  # None: the library's 256, reached by a feature in every row
 def test_segment_matmul_splits_long_segments(chunk: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Skewed latents, as in training (one fires on every row, a few on many): their segments are split into
+    """Skewed features, as in training (one fires on every row, a few on many): their segments are split into
     work items whose partial sums a second pass adds; the result equals the dense reference, deterministic."""
     from mmsae.kernels import triton_sparse
 
@@ -91,36 +91,36 @@ def test_segment_matmul_splits_long_segments(chunk: int | None, monkeypatch: pyt
     w_BK = torch.randn(B, k, device=DEVICE)
     dense_BD = torch.randn(B, d, device=DEVICE).bfloat16()
     codes_BN = torch.zeros(B, n, device=DEVICE, dtype=torch.float64).scatter_add(1, idx_BK, w_BK.double())
-    by_latent = sort_by_latent(idx_BK, n)
-    lengths = torch.bincount(idx_BK.flatten(), minlength=n)[by_latent.by_length]
+    by_feature = sort_by_feature(idx_BK, n)
+    lengths = torch.bincount(idx_BK.flatten(), minlength=n)[by_feature.by_length]
     size = triton_sparse.SEGMENT_CHUNK
-    assert torch.equal(by_latent.item_end.long(), ((lengths + size - 1) // size).clamp_min(1).cumsum(0))
-    assert lengths[0] == B > size, "a latent must be split"
+    assert torch.equal(by_feature.item_end.long(), ((lengths + size - 1) // size).clamp_min(1).cumsum(0))
+    assert lengths[0] == B > size, "a feature must be split"
     scale = torch.tensor(0.5, device=DEVICE)
     results = []
     for _ in range(2):
         out_ND = torch.full((n, d), float("nan"), device=DEVICE)
         sums_N = torch.full((n,), float("nan"), device=DEVICE)
-        segment_matmul_into(w_BK, idx_BK, dense_BD, out_ND, by_latent, scale=scale, sums_N=sums_N)
+        segment_matmul_into(w_BK, idx_BK, dense_BD, out_ND, by_feature, scale=scale, sums_N=sums_N)
         assert rel_err(out_ND, 0.5 * codes_BN.T @ dense_BD.double()) < 1e-5
         assert rel_err(sums_N, 0.5 * codes_BN.sum(0)) < 1e-6
         results.append(out_ND)
     assert torch.equal(results[0], results[1]), "fixed summation order"
 
 
-@pytest.mark.parametrize("n", [7, 1 << 16, (1 << 16) + 5])  # int16 keys up to 2¹⁶ latents, int32 beyond
-def test_sort_by_latent_is_stable_with_exact_segments(n: int) -> None:
+@pytest.mark.parametrize("n", [7, 1 << 16, (1 << 16) + 5])  # int16 keys up to 2¹⁶ features, int32 beyond
+def test_sort_by_feature_is_stable_with_exact_segments(n: int) -> None:
     idx_BK = torch.randint(0, n, (50, 6), device=DEVICE)
     idx_BK[0, :2] = torch.tensor([0, n - 1])  # both ends of the key range
-    by_latent = sort_by_latent(idx_BK, n)
+    by_feature = sort_by_feature(idx_BK, n)
     flat = idx_BK.flatten()
-    assert torch.equal(by_latent.order, flat.sort(stable=True).indices)
+    assert torch.equal(by_feature.order, flat.sort(stable=True).indices)
     counts = torch.bincount(flat, minlength=n)
-    assert by_latent.seg.dtype == torch.int32 and by_latent.seg.shape == (n + 1,)
-    assert torch.equal(by_latent.seg.long().diff(), counts) and by_latent.seg[0] == 0
-    assert torch.equal(by_latent.rows.long(), by_latent.order // 6)
-    lengths = counts[by_latent.by_length]
-    assert sorted(by_latent.by_length.tolist()) == list(range(n)) and (lengths.diff() <= 0).all()
+    assert by_feature.seg.dtype == torch.int32 and by_feature.seg.shape == (n + 1,)
+    assert torch.equal(by_feature.seg.long().diff(), counts) and by_feature.seg[0] == 0
+    assert torch.equal(by_feature.rows.long(), by_feature.order // 6)
+    lengths = counts[by_feature.by_length]
+    assert sorted(by_feature.by_length.tolist()) == list(range(n)) and (lengths.diff() <= 0).all()
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -188,11 +188,11 @@ def test_autograd_matches_torch_bf16_autocast_gpu(x_grad: bool) -> None:
 
 
 @pytest.mark.parametrize("edit", [False, True])
-def test_one_latent_sort_serves_both_backward_passes(monkeypatch: pytest.MonkeyPatch, edit: bool) -> None:
+def test_one_feature_sort_serves_both_backward_passes(monkeypatch: pytest.MonkeyPatch, edit: bool) -> None:
     """The decoder's backward reuses the encoder's sort of the indices; indices changed in place after
     that sort was made (a retained graph keeps it alive) are sorted anew for the next decode."""
     calls = []
-    monkeypatch.setattr(triton_ops, "sort_by_latent", lambda *a: calls.append(1) or sort_by_latent(*a))
+    monkeypatch.setattr(triton_ops, "sort_by_feature", lambda *a: calls.append(1) or sort_by_feature(*a))
     B, d, n, k = 9, 21, 40, 5
     x_BD = torch.randn(B, d, device=DEVICE)
     W_enc = torch.randn(n, d, device=DEVICE, requires_grad=True)

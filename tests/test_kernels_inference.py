@@ -1,7 +1,7 @@
 """Every kernel entry point under `torch.inference_mode()` and `torch.no_grad()`, where users run SAEs.
 
 Inference tensors carry no version counter: a kernel that keys a cache on `_version` (the decoder's shared
-latent sort did) raises "Inference tensors do not track version counter" there. Without CUDA the Triton
+feature sort did) raises "Inference tensors do not track version counter" there. Without CUDA the Triton
 kernels run in Triton's interpreter (TRITON_INTERPRET, set by conftest before triton is imported).
 """
 

@@ -119,9 +119,9 @@ def test_linear_group_maxima_matches_the_gemm_and_the_group_pass(
     assert torch.equal(pre_BN.gather(1, indices_BK).relu(), values_BK)
 
 
-def test_linear_group_maxima_with_nan_pre_activations_still_selects_k_valid_latents() -> None:
+def test_linear_group_maxima_with_nan_pre_activations_still_selects_k_valid_features() -> None:
     """The epilogue's maxima skip NaNs (a NaN encoder row makes a NaN column): the select need not rank
-    them first, as torch.topk does, but it writes k distinct in-range latents, their values, and no more."""
+    them first, as torch.topk does, but it writes k distinct in-range features, their values, and no more."""
     dtype = torch.bfloat16 if CUDA else torch.float16
     x_BD = torch.randn(64, 32, device=DEVICE).to(dtype)
     W_ND = torch.randn(256, 32, device=DEVICE).to(dtype)

@@ -75,7 +75,7 @@ def test_image_concept_vectors_weighting() -> None:
     v = image_concept_vectors(values, ids, emb)
     torch.testing.assert_close(v[0], torch.tensor([3.0, 1.0, 0.0]) / 10**0.5)
     torch.testing.assert_close(v[1], torch.tensor([0.0, 0.0, 1.0]))
-    assert rank_names(torch.zeros(1, 3), emb, ["a", "b", "c"]) == [[]]  # dead latent: no names
+    assert rank_names(torch.zeros(1, 3), emb, ["a", "b", "c"]) == [[]]  # dead feature: no names
 
 
 def test_text_tower_required() -> None:

@@ -270,7 +270,7 @@ def test_topk_sae_trains_the_same_with_the_fused_adam_under_autocast() -> None:
             assert opt.weight_copies.current(sae.W_dec, torch.bfloat16) is not None
         results.append({name: p.detach().clone() for name, p in sae.named_parameters()})
     # Whole-tensor errors: a last-bit difference in a weight can flip one top-k choice, which moves that
-    # latent's few gradient rows; everything else agrees to fp32 rounding.
+    # feature's few gradient rows; everything else agrees to fp32 rounding.
     for name, value in results[0].items():
         err = float((value - results[1][name]).norm() / results[1][name].norm())
         assert err < 1e-4, (name, err)

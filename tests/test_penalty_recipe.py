@@ -60,7 +60,7 @@ def test_jumprelu_input_ste_adds_the_jump_and_mirrors_the_threshold_gradient() -
 
 
 def test_jumprelu_sae_routes_the_input_ste_to_the_encoder() -> None:
-    """A latent just below θ on every token: only with ste_inputs does the L0 penalty reach W_enc."""
+    """A feature just below θ on every token: only with ste_inputs does the L0 penalty reach W_enc."""
     x = torch.randn(16, D)
     grads = {}
     for ste_inputs in (False, True):
@@ -134,7 +134,7 @@ def test_gated_atoms_stay_unit_norm_through_training_steps() -> None:
 def test_jumprelu_defaults_land_on_the_l0_target_and_recover_features() -> None:
     """Same data, tokens and lr: the old recipe (paper STE, θ₀ = ε = 0.001, coef 0.01, 2000-step warm-up) sat
     at L0 ≈ 18 for a target of 2 and recovered nothing; the defaults land at ≈ 2.2 and recover ~19 %."""
-    data = SyntheticActivations(d=32, n_features=256, mean_active=2, seed=0)
+    data = SyntheticActivations(d=32, n_directions=256, mean_active=2, seed=0)
     train_ND, eval_ND = data.sample(262_144), data.sample(16_384, offset=2**40)
     old_recipe = {
         "ste_inputs": False,
@@ -148,7 +148,7 @@ def test_jumprelu_defaults_land_on_the_l0_target_and_recover_features() -> None:
         sae = mmsae.train(
             train_ND,
             sae="jumprelu",
-            n_latents=256,
+            n_features=256,
             tokens=len(train_ND),
             batch_size=512,
             lr=3e-3,

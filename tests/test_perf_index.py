@@ -19,8 +19,8 @@ def test_append_keeps_each_rows_largest_nonzero_codes() -> None:
     for r in range(6):
         row = codes_Bn[r].to(torch.bfloat16).float()
         expected = sorted(row[row != 0].tolist(), reverse=True)[:3]
-        latents, values = store.row(r)
+        features, values = store.row(r)
         assert sorted(values.tolist(), reverse=True) == expected
-        assert np.array_equal(row[latents].numpy(), values)
-        latents, values = store.row(6 + r)  # wide enough to keep every nonzero code
-        assert np.array_equal(np.sort(latents), codes_Bn[r].nonzero().flatten().numpy())
+        assert np.array_equal(row[features].numpy(), values)
+        features, values = store.row(6 + r)  # wide enough to keep every nonzero code
+        assert np.array_equal(np.sort(features), codes_Bn[r].nonzero().flatten().numpy())

@@ -33,7 +33,7 @@ def _shuffled_batches(n_batches: int = 4, tokens: int = 30, n_examples: int = 9)
 
 
 def _reference(batches: list[TokenActs], dense_NL: torch.Tensor, k: int):
-    """Brute force, one latent at a time: per example its largest activation and the token attaining it,
+    """Brute force, one feature at a time: per example its largest activation and the token attaining it,
     then the k best examples."""
     ids = torch.cat([b.meta["example_id"] for b in batches])
     tok = torch.cat([b.meta["token_index"] for b in batches])

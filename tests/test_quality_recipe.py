@@ -35,9 +35,9 @@ def identity_batchtopk(score: str) -> BatchTopKSAE:
     return sae
 
 
-def test_cosine_score_gives_a_single_feature_token_its_latent() -> None:
+def test_cosine_score_gives_a_single_feature_token_its_feature() -> None:
     # Token 0 holds two strong features, token 1 one weak feature; B·k = 2 slots. Ranking raw activations
-    # hands both slots to token 0 (token 1 gets no latent, hence no gradient: the old failure); the cosine
+    # hands both slots to token 0 (token 1 gets no feature, hence no gradient: the old failure); the cosine
     # score ranks token 1's clean match first.
     x = torch.tensor([[5.0, 5.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
     old = identity_batchtopk("activation").encode(x)
@@ -70,14 +70,14 @@ def test_bad_score_name_is_a_clear_error() -> None:
 
 def test_cosine_batchtopk_recovers_features_where_activation_ranking_does_not() -> None:
     """Same data, recipe and tokens: 'activation' ranking recovered ~12 % of the features, 'cosine' ~69 %."""
-    data = SyntheticActivations(d=32, n_features=256, mean_active=2, seed=0)
+    data = SyntheticActivations(d=32, n_directions=256, mean_active=2, seed=0)
     train_ND, eval_ND = data.sample(262_144), data.sample(16_384, offset=2**40)
     results = {}
     for score in ("activation", "cosine"):
         sae = mmsae.train(
             train_ND,
             sae="batchtopk",
-            n_latents=256,
+            n_features=256,
             k=2,
             tokens=len(train_ND),
             batch_size=512,
@@ -95,7 +95,7 @@ def test_cosine_batchtopk_recovers_features_where_activation_ranking_does_not() 
 
 
 def test_device_stream_matches_the_generator_statistics() -> None:
-    data = SyntheticActivations(d=16, n_features=64, mean_active=3, seed=0)
+    data = SyntheticActivations(d=16, n_directions=64, mean_active=3, seed=0)
     x_ND = device_stream(data, 65_536, "cpu", chunk=8192)
     assert x_ND.shape == (65_536, 16) and x_ND.dtype == torch.float32
     reference_ND = data.sample(65_536)
@@ -125,11 +125,11 @@ def test_default_recipe_recovers_the_synthetic_features_from_800k_tokens() -> No
     > 97 % of the directions; the former default lr, 2e-4/√(n/2¹⁴), recovered 0.2 % (docs/benchmarks.md,
     "Default recipe").
     """
-    data = SyntheticActivations(d=64, n_features=512, seed=0)
+    data = SyntheticActivations(d=64, n_directions=512, seed=0)
     train_ND = torch.cat(list(data.batches(2**16, 800_000)))
-    eval_ND = data.sample(65_536, offset=2**40)  # enough tokens that a rare live latent fires
+    eval_ND = data.sample(65_536, offset=2**40)  # enough tokens that a rare live feature fires
     torch.manual_seed(0)
-    sae = mmsae.train(train_ND, sae="topk", n_latents=1024, k=8, tokens=800_000, batch_size=1024, devices=1)
+    sae = mmsae.train(train_ND, sae="topk", n_features=1024, k=8, tokens=800_000, batch_size=1024, devices=1)
     result = metrics.evaluate(sae, eval_ND.split(8192), features=data.features)
     assert result["fraction_recovered"] >= 0.9, result
     assert result["dead_fraction"] < 0.01, result

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from mmsae.sae import (
     BatchTopKSAE,
-    DeadLatents,
+    DeadFeatures,
     JumpReLUSAE,
     TopKSAE,
     build_sae,
@@ -32,9 +32,9 @@ def test_auxk_matches_dense_autograd_twin() -> None:
             p.add_(0.1 * torch.randn_like(p))
     x = torch.randn(16, d)
     out = sae(x)
-    dead = ~fired_mask(out.codes, n)  # the latents this batch did not use are the dead ones
+    dead = ~fired_mask(out.codes, n)  # the features this batch did not use are the dead ones
     assert int(dead.sum()) > aux_k
-    sae.loss(x, out, dead=DeadLatents(dead, int(dead.sum()))).loss.backward()
+    sae.loss(x, out, dead=DeadFeatures(dead, int(dead.sum()))).loss.backward()
 
     W_enc, b_enc, W_dec, b_dec = (
         p.detach().clone().requires_grad_() for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)
@@ -50,17 +50,17 @@ def test_auxk_matches_dense_autograd_twin() -> None:
     for ref, p in zip((W_enc, b_enc, W_dec, b_dec), (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)):
         torch.testing.assert_close(p.grad, ref.grad, rtol=1e-5, atol=1e-6)
 
-    # AuxK alone never reaches the live atoms: its target is detached and it decodes dead latents only.
+    # AuxK alone never reaches the live atoms: its target is detached and it decodes dead features only.
     sae.zero_grad()
-    sae.auxk_loss(x, sae(x).x_hat, DeadLatents(dead, int(dead.sum()))).backward()
+    sae.auxk_loss(x, sae(x).x_hat, DeadFeatures(dead, int(dead.sum()))).backward()
     assert (sae.W_dec.grad[~dead] == 0).all() and (sae.W_dec.grad[dead] != 0).any()
 
 
-def test_auxk_is_off_without_dead_latents() -> None:
+def test_auxk_is_off_without_dead_features() -> None:
     sae = build_sae("topk", 8, 32, k=3)
     x = torch.randn(16, 8)
     out = sae(x)
-    none_dead = DeadLatents(torch.zeros(32, dtype=torch.bool), 0)
+    none_dead = DeadFeatures(torch.zeros(32, dtype=torch.bool), 0)
     assert sae.auxk_loss(x, out.x_hat, none_dead) is None
     assert "auxk" not in sae.loss(x, out, dead=none_dead).metrics and "auxk" not in sae.loss(x, out).metrics
 

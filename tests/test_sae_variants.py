@@ -21,7 +21,7 @@ from mmsae.sae import (
     fired_mask,
     normalized_mse,
 )
-from mmsae.trainer.state import DeadLatentClock
+from mmsae.trainer.state import DeadFeatureClock
 
 D, N = 16, 64
 # name -> (arch, options); matryoshka also runs with per-token TopK selection.
@@ -92,7 +92,7 @@ def test_shapes(name: str) -> None:
 
 
 def test_fired_mask_ignores_selected_zeros() -> None:
-    # TopK's relu can select a latent with value 0: it did not fire. Latent 2 appears only as such a zero.
+    # TopK's relu can select a feature with value 0: it did not fire. Feature 2 appears only as such a zero.
     codes = SparseCodes(torch.tensor([[1.0, 0.0], [0.5, 2.0]]), torch.tensor([[0, 2], [0, 5]]), 6)
     assert fired_mask(codes, 6).tolist() == [True, False, False, False, False, True]
 
@@ -137,7 +137,7 @@ def train(sae: SAE, data: torch.Tensor, steps: int, lr: float = 3e-3, batch: int
     sae.init_from_data(data[:512])
     sae.train()
     opt = torch.optim.Adam([p for p in sae.parameters() if p.requires_grad], lr=lr)
-    clock = DeadLatentClock(sae.n_latents, sae.cfg.dead_tokens)
+    clock = DeadFeatureClock(sae.n_features, sae.cfg.dead_tokens)
     losses = []
     for step in range(steps):
         x = data[torch.randint(len(data), (batch,))]
@@ -149,7 +149,7 @@ def train(sae: SAE, data: torch.Tensor, steps: int, lr: float = 3e-3, batch: int
         sae.remove_parallel_grads()
         opt.step()
         sae.normalize_decoder()
-        clock.update(fired_mask(out.codes, sae.n_latents), batch)
+        clock.update(fired_mask(out.codes, sae.n_features), batch)
         losses.append(lo.loss.item())
     return losses
 
@@ -171,12 +171,12 @@ def test_training_reduces_loss(name: str) -> None:
 
 
 @pytest.mark.parametrize("arch", K_ARCHS)
-def test_k_larger_than_n_latents_is_refused(arch: str) -> None:
+def test_k_larger_than_n_features_is_refused(arch: str) -> None:
     with pytest.raises(ValueError, match="k=65"):
         build_sae(arch, D, N, k=N + 1)
 
 
-def test_hierarchical_budget_larger_than_n_latents_is_refused() -> None:
+def test_hierarchical_budget_larger_than_n_features_is_refused() -> None:
     with pytest.raises(ValueError, match="k=65"):
         build_sae("hierarchical_topk", D, N, ks=(4, N + 1))
 
@@ -263,7 +263,7 @@ def test_hierarchical_budgets_are_prefixes() -> None:
         assert torch.equal(part.indices, full.indices[:, :k]) and torch.equal(part.values, full.values[:, :k])
     out = sae(x)
     expected = torch.stack([normalized_mse(x, sae(x, k=k).x_hat) for k in (1, 2, 4)]).mean()
-    # no dead latents given, so no AuxK term
+    # no dead features given, so no AuxK term
     torch.testing.assert_close(sae.loss(x, out).loss, expected)
     with pytest.raises(ValueError, match="max\\(ks\\)=4"):
         sae.encode(x, k=5)
@@ -361,7 +361,7 @@ def test_archetypal_saved_before_atom_normalisation_loads_unchanged() -> None:
     cfg = {
         "arch": "archetypal",
         "d_in": D,
-        "n_latents": N,
+        "n_features": N,
         "k": 4,
         "n_anchors": 32,
         "unit_norm_decoder": False,

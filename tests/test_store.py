@@ -181,7 +181,7 @@ def test_training_from_a_gpu_staged_store_equals_host_reads(store: ActivationSto
     for stage in (None, False):
         L.seed_everything(0)
         datamodule = SAEDataModule(store.path, hook="norm", tokens=40 * 64, batch_size=64, stage=stage)
-        module = SAEModule([SAESpec(n_latents=64, k=4)], warmup_steps=2, cuda_graphs=False)
+        module = SAEModule([SAESpec(n_features=64, k=4)], warmup_steps=2, cuda_graphs=False)
         trainer = L.Trainer(
             max_epochs=1,
             accelerator="gpu",

@@ -9,7 +9,7 @@ from mmsae.datasets.synthetic import CHUNK_TOKENS, SyntheticActivations
 
 
 def small(**kw) -> SyntheticActivations:
-    return SyntheticActivations(**{"d": 16, "n_features": 64, "mean_active": 3.0, **kw})
+    return SyntheticActivations(**{"d": 16, "n_directions": 64, "mean_active": 3.0, **kw})
 
 
 def test_same_seed_same_features_and_stream_different_seed_differs() -> None:
@@ -38,7 +38,7 @@ def codes_by_least_squares(ds: SyntheticActivations, x: torch.Tensor) -> torch.T
 
 
 def test_frequencies_mean_active_and_power_law() -> None:
-    ds = SyntheticActivations(d=48, n_features=32, mean_active=4.0, zipf_exponent=1.0)
+    ds = SyntheticActivations(d=48, n_directions=32, mean_active=4.0, zipf_exponent=1.0)
     codes = codes_by_least_squares(ds, ds.sample(8 * CHUNK_TOKENS))
     active = codes.abs() > 1e-6
     assert ds.frequencies.sum().item() == pytest.approx(4.0)
@@ -50,7 +50,7 @@ def test_frequencies_mean_active_and_power_law() -> None:
 
 
 def test_children_fire_only_with_their_parent_and_one_at_a_time() -> None:
-    ds = SyntheticActivations(d=48, n_features=40, mean_active=4.0, hierarchical=0.4, children_per_parent=4)
+    ds = SyntheticActivations(d=48, n_directions=40, mean_active=4.0, hierarchical=0.4, children_per_parent=4)
     assert ds.n_parents == 4 and ds.n_roots == 24
     active = codes_by_least_squares(ds, ds.sample(CHUNK_TOKENS)).abs() > 1e-6
     children = active[:, ds.n_roots :].reshape(-1, ds.n_parents, 4)
@@ -60,7 +60,7 @@ def test_children_fire_only_with_their_parent_and_one_at_a_time() -> None:
 
 
 def test_signed_features_take_both_signs_others_stay_positive() -> None:
-    ds = SyntheticActivations(d=48, n_features=32, mean_active=4.0, signed=0.5, magnitude=0.5)
+    ds = SyntheticActivations(d=48, n_directions=32, mean_active=4.0, signed=0.5, magnitude=0.5)
     codes = codes_by_least_squares(ds, ds.sample(CHUNK_TOKENS))
     signed, unsigned = codes[:, ds.is_signed], codes[:, ~ds.is_signed]
     assert 0 < ds.is_signed.sum() < 32

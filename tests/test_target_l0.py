@@ -14,12 +14,12 @@ from mmsae.sae import build_sae
 
 @pytest.mark.parametrize("arch", ["relu", "gated"])
 def test_target_l0_gives_the_asked_l0_on_held_out_tokens(arch: str) -> None:
-    data = SyntheticActivations(d=32, n_features=256, mean_active=4, seed=0)
+    data = SyntheticActivations(d=32, n_directions=256, mean_active=4, seed=0)
     train_ND, eval_ND = data.sample(262_144), data.sample(16_384, offset=2**40)
     sae = mmsae.train(
         train_ND,
         sae=arch,
-        n_latents=256,
+        n_features=256,
         tokens=len(train_ND),
         batch_size=512,
         devices=1,

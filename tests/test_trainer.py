@@ -30,7 +30,7 @@ D = 16
 
 def acts(n: int, scale: float = 1.0, seed: int = 0) -> torch.Tensor:
     """Sparse superposition data: 64 features in d=16, ~3 active per token."""
-    return SyntheticActivations(d=D, n_features=64, mean_active=3, seed=seed).sample(n) * scale
+    return SyntheticActivations(d=D, n_directions=64, mean_active=3, seed=seed).sample(n) * scale
 
 
 def fit(module: SAEModule, datamodule: SAEDataModule, **kwargs) -> L.Trainer:
@@ -82,22 +82,24 @@ def test_iterable_source_rebatches_one_shot_iterators() -> None:
 
 def test_empty_or_bad_data_errors() -> None:
     with pytest.raises(ValueError, match="no rows"):
-        mmsae.train(torch.empty(0, D), n_latents=32, k=2, tokens=64, batch_size=8)
+        mmsae.train(torch.empty(0, D), n_features=32, k=2, tokens=64, batch_size=8)
     with pytest.raises(ValueError, match="no batches"):
-        mmsae.train([], n_latents=32, k=2, tokens=64, batch_size=8)
+        mmsae.train([], n_features=32, k=2, tokens=64, batch_size=8)
     with pytest.raises(ValueError, match="less than one batch"):
-        mmsae.train(acts(64), n_latents=32, k=2, tokens=4, batch_size=8)
+        mmsae.train(acts(64), n_features=32, k=2, tokens=4, batch_size=8)
     with pytest.raises(TypeError, match="Cannot train on int"):
-        mmsae.train(3, n_latents=32, k=2)
+        mmsae.train(3, n_features=32, k=2)
 
 
 # ----------------------------------------------------------------------------- training
 def test_train_reduces_fvu_and_records_provenance(tmp_path: Path) -> None:
     x = acts(4096, scale=5.0)
-    held_out = SyntheticActivations(d=D, n_features=64, mean_active=3, seed=0).sample(1024, offset=10**6) * 5
+    held_out = (
+        SyntheticActivations(d=D, n_directions=64, mean_active=3, seed=0).sample(1024, offset=10**6) * 5
+    )
     sae = mmsae.train(
         x,
-        n_latents=64,
+        n_features=64,
         k=4,
         tokens=60 * 128,
         batch_size=128,
@@ -125,8 +127,10 @@ def test_train_reduces_fvu_and_records_provenance(tmp_path: Path) -> None:
 )
 def test_train_bf16_mixed_on_cuda() -> None:
     x = acts(8192, scale=5.0)
-    held_out = SyntheticActivations(d=D, n_features=64, mean_active=3, seed=0).sample(1024, offset=10**6) * 5
-    sae = mmsae.train(x, n_latents=64, k=4, tokens=60 * 128, batch_size=128, warmup_steps=5, devices=1)
+    held_out = (
+        SyntheticActivations(d=D, n_directions=64, mean_active=3, seed=0).sample(1024, offset=10**6) * 5
+    )
+    sae = mmsae.train(x, n_features=64, k=4, tokens=60 * 128, batch_size=128, warmup_steps=5, devices=1)
     assert mmsae.trainer.default_precision() == "bf16-mixed"
     assert sae.W_enc.dtype == torch.float32 and sae.W_enc.device.type == "cpu"
     with torch.no_grad():
@@ -135,7 +139,7 @@ def test_train_bf16_mixed_on_cuda() -> None:
 
 def test_scale_folding_matches_training_fvu() -> None:
     x = acts(2048, scale=300.0)  # far from E‖x‖ = √d, so the scale matters
-    module = SAEModule([SAESpec(n_latents=64, k=4)], warmup_steps=2)
+    module = SAEModule([SAESpec(n_features=64, k=4)], warmup_steps=2)
     fit(module, SAEDataModule(x, tokens=20 * 128, batch_size=128))
     s = module.input_scale.item()
     assert s == pytest.approx(math.sqrt(D) / x.norm(dim=-1).mean().item(), rel=0.05)
@@ -149,7 +153,7 @@ def test_scale_folding_matches_training_fvu() -> None:
 
 
 def test_sweep_trains_two_saes_from_one_stream(tmp_path: Path) -> None:
-    specs = [SAESpec(n_latents=32, k=2), SAESpec(n_latents=128, k=4, lr=1e-3, options={"aux_k": 0})]
+    specs = [SAESpec(n_features=32, k=2), SAESpec(n_features=128, k=4, lr=1e-3, options={"aux_k": 0})]
     module = SAEModule(specs, warmup_steps=2, out_dir=str(tmp_path))
     assert len(module.saes) == 0  # built lazily from the datamodule's d_in
     trainer = fit(module, SAEDataModule(acts(2048), tokens=15 * 128, batch_size=128))
@@ -159,7 +163,7 @@ def test_sweep_trains_two_saes_from_one_stream(tmp_path: Path) -> None:
     assert module.names == ["topk_n32_k2", "topk_n128_k4"]
     for name, n in [("topk_n32_k2", 32), ("topk_n128_k4", 128)]:
         cfg = json.loads((tmp_path / name / "cfg.json").read_text())
-        assert (cfg["n_latents"], cfg["training_tokens"]) == (n, 15 * 128)
+        assert (cfg["n_features"], cfg["training_tokens"]) == (n, 15 * 128)
     metrics = trainer.callback_metrics
     assert metrics["train/topk_n32_k2/l0"] <= 2 and metrics["train/topk_n128_k4/l0"] <= 4
     with pytest.raises(ValueError, match="collide"):
@@ -170,7 +174,7 @@ def test_nan_rows_are_counted_and_skipped() -> None:
     x = acts(1024)
     x[::10] = float("nan")  # 103 rows
     x[5, 3] = float("inf")
-    module = SAEModule([SAESpec(n_latents=32, k=2)], warmup_steps=2, init_batches=2)
+    module = SAEModule([SAESpec(n_features=32, k=2)], warmup_steps=2, init_batches=2)
     with pytest.warns(UserWarning, match="non-finite"):
         fit(module, SAEDataModule(x, tokens=1024, batch_size=128))  # exactly one pass over the rows
     assert module.skipped_rows.item() == 104
@@ -178,14 +182,14 @@ def test_nan_rows_are_counted_and_skipped() -> None:
     assert all(torch.isfinite(p).all() for p in module.parameters())
     x[:] = float("nan")
     with pytest.raises(ValueError, match="only non-finite"):
-        fit(SAEModule([SAESpec(n_latents=32, k=2)]), SAEDataModule(x, tokens=256, batch_size=128))
+        fit(SAEModule([SAESpec(n_features=32, k=2)]), SAEDataModule(x, tokens=256, batch_size=128))
 
 
 def test_rows_from_another_loader_are_screened_by_the_module() -> None:
     x = acts(512)
     x[::16] = float("inf")  # 32 rows
     loader = torch.utils.data.DataLoader(list(x.split(128)), batch_size=None)
-    module = SAEModule([SAESpec(n_latents=32, k=2)], d_in=D, warmup_steps=2, init_batches=2)
+    module = SAEModule([SAESpec(n_features=32, k=2)], d_in=D, warmup_steps=2, init_batches=2)
     trainer = L.Trainer(
         max_epochs=1,
         accelerator="cpu",
@@ -220,7 +224,7 @@ def test_stage_needs_a_gpu() -> None:
     assert stage_budget(torch.device("cpu"), None) == 0 == stage_budget(torch.device("cpu"), False)
     with pytest.raises(ValueError, match="stage=True"):
         fit(
-            SAEModule([SAESpec(n_latents=32, k=2)]),
+            SAEModule([SAESpec(n_features=32, k=2)]),
             SAEDataModule(acts(512), tokens=256, batch_size=128, stage=True),
         )
 
@@ -234,7 +238,7 @@ def test_gpu_staged_array_trains_as_host_batches_and_drops_bad_rows_once() -> No
     weights = []
     for stage in (None, False):
         L.seed_everything(0)
-        module = SAEModule([SAESpec(n_latents=32, k=2)], warmup_steps=2, cuda_graphs=False)
+        module = SAEModule([SAESpec(n_features=32, k=2)], warmup_steps=2, cuda_graphs=False)
         datamodule = SAEDataModule(x, tokens=2 * 2048, batch_size=128, stage=stage)
         fit(module, datamodule, accelerator="gpu", precision="32-true")
         assert (datamodule._staged is not None and datamodule._staged[1].on_gpu) == (stage is None)
@@ -242,7 +246,7 @@ def test_gpu_staged_array_trains_as_host_batches_and_drops_bad_rows_once() -> No
     torch.testing.assert_close(weights[0], weights[1], rtol=1e-5, atol=1e-6)
     x[::10] = float("nan")  # 205 rows, dropped once when the array is staged, then two passes without them
     for data in (x, x.cuda()):  # copied to the GPU, or already there (screened only)
-        module = SAEModule([SAESpec(n_latents=32, k=2)], warmup_steps=2)
+        module = SAEModule([SAESpec(n_features=32, k=2)], warmup_steps=2)
         with pytest.warns(UserWarning, match="non-finite"):
             fit(module, SAEDataModule(data, tokens=2 * 1792, batch_size=128), accelerator="gpu")
         assert (module.skipped_rows.item(), module.tokens_seen.item()) == (205, 2 * 1792)
@@ -266,14 +270,14 @@ TRITON_ON_CPU = pytest.mark.skipif(
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=TRITON_ON_CPU)])
 def test_resume_continues_exactly(tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Latents die within these 16 steps: AuxK's host-side dead count must resume as it stood, or the
+    # Features die within these 16 steps: AuxK's host-side dead count must resume as it stood, or the
     # resumed run sizes AuxK differently and drifts (it did on the torch kernels, the CPU default).
     monkeypatch.setattr(kernels, "_BACKEND", backend)
 
     def run(ckpt_path: str | None) -> tuple[SAEModule, L.Trainer]:
         L.seed_everything(0)
         module = SAEModule(
-            [SAESpec(n_latents=32, k=2, options={"dead_tokens": 256, "aux_k": 8})], warmup_steps=3
+            [SAESpec(n_features=32, k=2, options={"dead_tokens": 256, "aux_k": 8})], warmup_steps=3
         )
         datamodule = SAEDataModule(acts(2048), tokens=16 * 64, batch_size=64)
         checkpoint = ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=8, save_top_k=-1)
@@ -296,7 +300,7 @@ def test_resume_continues_exactly(tmp_path: Path, backend: str, monkeypatch: pyt
     resumed, resumed_trainer = run(str(mid))
     assert resumed_trainer.global_step == full_trainer.global_step == 16
     assert resumed.tokens_seen.item() == full.tokens_seen.item() == 16 * 64
-    for key, value in full.state_dict().items():  # weights, scale, dead-latent clocks
+    for key, value in full.state_dict().items():  # weights, scale, dead-feature clocks
         torch.testing.assert_close(resumed.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
     opt_full = full_trainer.optimizers[0].state_dict()["state"]
     opt_resumed = resumed_trainer.optimizers[0].state_dict()["state"]
@@ -309,7 +313,7 @@ def test_resume_continues_exactly(tmp_path: Path, backend: str, monkeypatch: pyt
 def test_validate_fvu_in_float64_on_held_out_rows() -> None:
     x = acts(1536, scale=3.0)
     datamodule = SAEDataModule(x, tokens=10 * 128, batch_size=128, val_tokens=512)
-    module = SAEModule([SAESpec(n_latents=32, k=2)], warmup_steps=2)
+    module = SAEModule([SAESpec(n_features=32, k=2)], warmup_steps=2)
     trainer = fit(module, datamodule)
     (metrics,) = trainer.validate(module, datamodule=datamodule, verbose=False)
     val = x[-512:].double() * module.input_scale
@@ -321,7 +325,7 @@ def test_validate_fvu_in_float64_on_held_out_rows() -> None:
 
 
 def test_ddp_two_cpu_processes_share_dead_counters(tmp_path: Path) -> None:
-    """strategy='ddp' over gloo: one input scale and identical (all-reduced) dead-latent clocks per rank."""
+    """strategy='ddp' over gloo: one input scale and identical (all-reduced) dead-feature clocks per rank."""
     script = tmp_path / "ddp_run.py"
     script.write_text(
         textwrap.dedent(f"""
@@ -329,7 +333,7 @@ def test_ddp_two_cpu_processes_share_dead_counters(tmp_path: Path) -> None:
         from mmsae.trainer import SAEDataModule, SAEModule, SAESpec
         torch.set_num_threads(1)
         x = torch.randn(4096, 8)
-        module = SAEModule([SAESpec(n_latents=64, k=1)], warmup_steps=2, init_batches=2)
+        module = SAEModule([SAESpec(n_features=64, k=1)], warmup_steps=2, init_batches=2)
         trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp", logger=False,
                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
         trainer.fit(module, datamodule=SAEDataModule(x, tokens=12 * 64, batch_size=32))
@@ -340,7 +344,7 @@ def test_ddp_two_cpu_processes_share_dead_counters(tmp_path: Path) -> None:
     subprocess.run([sys.executable, str(script)], check=True, timeout=120, capture_output=True, cwd=tmp_path)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     assert rank0["tokens_seen"].item() == 12 * 64  # both ranks' tokens counted on each
-    assert rank0["clocks.0.tokens_since_fired"].max() > 0  # with k=1 some latents skip a step
+    assert rank0["clocks.0.tokens_since_fired"].max() > 0  # with k=1 some features skip a step
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
 
@@ -353,19 +357,19 @@ def test_store_smaller_than_a_batch_is_a_clear_error(tmp_path) -> None:
         encoder, RandomCrops(SkimagePhotos(), n=2), hooks=["norm"], out_dir=tmp_path, progress=False
     )
     with pytest.raises(ValueError, match="fewer tokens than one batch"):
-        mmsae.train(store, sae="topk", n_latents=32, k=4, tokens=4096, batch_size=1024)
+        mmsae.train(store, sae="topk", n_features=32, k=4, tokens=4096, batch_size=1024)
 
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def test_resumes_a_checkpoint_written_before_the_clocks_left_the_sae(tmp_path: Path) -> None:
-    """tests/fixtures/legacy_trainer_step4.ckpt was written when the dead-latent clock was an SAE buffer
+    """tests/fixtures/legacy_trainer_step4.ckpt was written when the dead-feature clock was an SAE buffer
     (`saes.0.tokens_since_fired`); resumed now, the run reaches the state that code reached at step 8."""
     L.seed_everything(0)
     x = torch.randn(1024, 8)
     module = SAEModule(
-        [SAESpec(n_latents=16, k=2, options={"dead_tokens": 64})], warmup_steps=2, init_batches=2
+        [SAESpec(n_features=16, k=2, options={"dead_tokens": 64})], warmup_steps=2, init_batches=2
     )
     trainer = L.Trainer(
         accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, max_epochs=1
@@ -385,7 +389,7 @@ def test_resumes_a_checkpoint_written_before_the_clocks_left_the_sae(tmp_path: P
 
 # ----------------------------------------------------------------------------- reruns into one out_dir
 def small_run(out_dir: Path, **kw) -> mmsae.SAE:
-    options = {"n_latents": 32, "k": 4, "tokens": 8 * 64, "batch_size": 64, "warmup_steps": 2}
+    options = {"n_features": 32, "k": 4, "tokens": 8 * 64, "batch_size": 64, "warmup_steps": 2}
     return mmsae.train(acts(1024), out_dir=str(out_dir), checkpoint_every=4, **{**options, **kw})
 
 
@@ -394,7 +398,7 @@ def test_rerun_with_another_configuration_is_refused_by_name(tmp_path: Path) -> 
     for change, named in [
         ({"k": 2}, r"saes\[0\]\.k: checkpoint 4, now 2"),
         ({"lr": 1e-3}, r"saes\[0\]\.lr: checkpoint None, now 0\.001"),
-        ({"n_latents": 64}, r"saes\[0\]\.n_latents: checkpoint 32, now 64"),  # not a raw size mismatch
+        ({"n_features": 64}, r"saes\[0\]\.n_features: checkpoint 32, now 64"),  # not a raw size mismatch
     ]:
         with pytest.raises(ValueError, match=named) as info:
             small_run(tmp_path, **change)
@@ -411,9 +415,9 @@ def test_fit_cli_resume_with_another_configuration_is_refused(tmp_path: Path) ->
     def cli(k: int) -> None:
         args = [
             "fit",
-            f"--model.saes=[{{arch: topk, n_latents: 32, k: {k}}}]",
+            f"--model.saes=[{{arch: topk, n_features: 32, k: {k}}}]",
             "--model.warmup_steps=2",
-            "--data.source={synthetic: {d: 16, n_features: 64, mean_active: 3}}",
+            "--data.source={synthetic: {d: 16, n_directions: 64, mean_active: 3}}",
             "--data.tokens=256",
             "--data.batch_size=64",
             "--trainer.accelerator=cpu",
@@ -460,6 +464,8 @@ def test_truncated_last_checkpoint_names_the_file_and_the_fix(tmp_path: Path) ->
 
 
 def test_topk_without_k_on_a_small_dictionary_is_an_error() -> None:
-    with pytest.raises(ValueError, match=r"default k=32 would keep 32 of n_latents=32 .* pass k, e\.g\. k=2"):
-        mmsae.train(acts(256), sae="topk", n_latents=32, tokens=128, batch_size=64)
-    assert SAESpec(arch="topk", n_latents=256).build(D, None, None).cfg.k == 32  # a sparse default stays
+    with pytest.raises(
+        ValueError, match=r"default k=32 would keep 32 of n_features=32 .* pass k, e\.g\. k=2"
+    ):
+        mmsae.train(acts(256), sae="topk", n_features=32, tokens=128, batch_size=64)
+    assert SAESpec(arch="topk", n_features=256).build(D, None, None).cfg.k == 32  # a sparse default stays

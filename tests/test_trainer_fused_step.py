@@ -33,7 +33,7 @@ D, N, BATCH, STEPS = 16, 32, 64, 10
 
 
 def data(n: int = STEPS * BATCH) -> torch.Tensor:
-    return SyntheticActivations(d=D, n_features=64, mean_active=3, seed=0).sample(n) * 3.0
+    return SyntheticActivations(d=D, n_directions=64, mean_active=3, seed=0).sample(n) * 3.0
 
 
 def count_fused_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -68,7 +68,7 @@ def torch_ops_only(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_mmsae_train_gives_the_same_sae_with_the_fused_step(monkeypatch: pytest.MonkeyPatch) -> None:
     fused_optimizer(monkeypatch)
-    kwargs: dict[str, Any] = dict(n_latents=N, k=4, tokens=STEPS * BATCH, batch_size=BATCH, warmup_steps=3)
+    kwargs: dict[str, Any] = dict(n_features=N, k=4, tokens=STEPS * BATCH, batch_size=BATCH, warmup_steps=3)
     calls = count_fused_calls(monkeypatch)
     fused = mmsae.train(data(), aux_k=8, dead_tokens=2 * BATCH, **kwargs)
     assert "unit_rows_adam_update_" in calls and "unit_rows_grad_norm" in calls  # grad_clip=1.0: clipping on
@@ -84,7 +84,7 @@ def test_mmsae_train_gives_the_same_sae_with_the_fused_step(monkeypatch: pytest.
 
 def train_module(arch: str, options: dict[str, Any]) -> SAEModule:
     torch.manual_seed(0)
-    spec = SAESpec(arch=arch, n_latents=N, options=options)
+    spec = SAESpec(arch=arch, n_features=N, options=options)
     # A small clip norm so that clipping acts.
     module = SAEModule([spec], d_in=D, warmup_steps=3, grad_clip=0.01, cuda_graphs=False)
     trainer = L.Trainer(
@@ -161,7 +161,7 @@ def train_logged(
         monkeypatch.setattr(SAEModule, "_graph_blocker", lambda self: None)  # as on a GPU
     torch.manual_seed(0)
     module = SAEModule(
-        [SAESpec(n_latents=N, k=4)], d_in=D, warmup_steps=3, cuda_graphs=None if graphed else False
+        [SAESpec(n_features=N, k=4)], d_in=D, warmup_steps=3, cuda_graphs=None if graphed else False
     )
     trainer = L.Trainer(
         max_epochs=1,
@@ -213,9 +213,9 @@ def test_graphed_fused_training_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None
     """bf16-mixed, captured and replayed: the SAE equals the run whose optimizer takes the torch ops (within
     bf16 training noise); 120 steps log at 0, 50 and 100, so the metrics graph is captured as well."""
     kwargs: dict[str, Any] = dict(
-        n_latents=256, k=8, tokens=120 * 256, batch_size=256, warmup_steps=3, precision="bf16-mixed"
+        n_features=256, k=8, tokens=120 * 256, batch_size=256, warmup_steps=3, precision="bf16-mixed"
     )
-    x = SyntheticActivations(d=64, n_features=512, mean_active=4, seed=0).sample(120 * 256) * 3.0
+    x = SyntheticActivations(d=64, n_directions=512, mean_active=4, seed=0).sample(120 * 256) * 3.0
     fused = mmsae.train(x.cuda(), cuda_graphs=True, **kwargs)
     with monkeypatch.context() as m:
         torch_ops_only(m)

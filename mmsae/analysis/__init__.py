@@ -1,7 +1,7 @@
 """Feature analysis: statistics pass, monosemanticity, concept naming, heatmaps, object localization and
 dashboards."""
 
-from mmsae.analysis.heatmap import latent_heatmaps, patch_codes
+from mmsae.analysis.heatmap import feature_heatmaps, patch_codes
 from mmsae.analysis.localization import energy_in_box, localization_scores
 from mmsae.analysis.monosemanticity import (
     MonosemanticityAccumulator,
@@ -22,8 +22,8 @@ __all__ = [
     "StatsConfig",
     "TopExamples",
     "energy_in_box",
+    "feature_heatmaps",
     "feature_stats",
-    "latent_heatmaps",
     "load_vocabulary",
     "localization_scores",
     "monosemanticity",

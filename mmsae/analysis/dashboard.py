@@ -1,6 +1,6 @@
-"""Feature dashboards (PNG + HTML per latent) and a summary report over one or several SAEs.
+"""Feature dashboards (PNG + HTML per feature) and a summary report over one or several SAEs.
 
-A latent's page: its top-activating images with the patch heatmap overlaid, the histogram of its
+A feature's page: its top-activating images with the patch heatmap overlaid, the histogram of its
 activations, its name candidates and frequency/mean/max. The summary: the log-density histogram
 of every SAE and where each sits on the FVU-vs-L0 plane.
 """
@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from PIL import Image
 
-from mmsae.analysis.heatmap import latent_heatmaps
+from mmsae.analysis.heatmap import feature_heatmaps
 from mmsae.analysis.images import ImageLike
 from mmsae.analysis.localization import ObjectScore
 from mmsae.analysis.naming import NameCandidate
@@ -51,7 +51,7 @@ def _html_page(title: str, png: bytes, table_rows: Sequence[tuple[str, str]]) ->
 
 
 def _mark_top_patch(ax: plt.Axes, heat_HW: np.ndarray, size: tuple[int, int]) -> None:
-    """Outline the patch where the latent fires most (the top-activating patch of this image)."""
+    """Outline the patch where the feature fires most (the top-activating patch of this image)."""
     h, w = heat_HW.shape
     r, c = np.unravel_index(int(np.argmax(heat_HW)), heat_HW.shape)
     pw, ph = size[0] / w, size[1] / h
@@ -59,7 +59,7 @@ def _mark_top_patch(ax: plt.Axes, heat_HW: np.ndarray, size: tuple[int, int]) ->
 
 
 def feature_dashboard(
-    latent: int,
+    feature: int,
     stats: FeatureStats,
     images: Sequence[ImageLike],
     out_dir: str | os.PathLike,
@@ -69,11 +69,11 @@ def feature_dashboard(
     hook: str | None = None,
     max_images: int = 8,
 ) -> tuple[Path, Path]:
-    """Write `latent_{i}.png` and `latent_{i}.html`; heatmaps are drawn when `sae` and `encoder` are given.
+    """Write `feature_{i}.png` and `feature_{i}.html`; heatmaps are drawn when `sae` and `encoder` are given.
 
     `images` is the collection the stats pass ran over (stats example ids index it).
     """
-    top = stats.top_examples(latent)
+    top = stats.top_examples(feature)
     ids = top.example_ids[:max_images]
     if len(ids) and ids.max() >= len(images):
         raise ValueError(
@@ -83,7 +83,7 @@ def feature_dashboard(
     pil = [open_image(images[i]) for i in ids]
     maps = []
     if sae is not None and encoder is not None and pil:
-        maps = latent_heatmaps(encoder, sae, pil, latent, hook)
+        maps = feature_heatmaps(encoder, sae, pil, feature, hook)
         # Draw on what the model saw: its centre crop of a non-square image, not the whole image.
         pil = [model_view(encoder, im) for im in pil]
 
@@ -106,26 +106,26 @@ def feature_dashboard(
         step = f" t={top.timestep[col]}" if top.timestep is not None else ""
         ax.set_title(f"#{ids[col]} {top.values[col]:.2f}{step}", fontsize=8)
         ax.axis("off")
-    counts, edges = stats.activation_histogram(latent)
+    counts, edges = stats.activation_histogram(feature)
     ax = fig.add_subplot(grid[1, :])
     ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge")
     ax.set_xlabel("log10 activation (firing tokens)")
     ax.set_ylabel("tokens")
     label = ", ".join(f"{c.name} ({c.score:.2f})" for c in names) or "no names"
-    fig.suptitle(f"latent {latent}: {label}", fontsize=10)
+    fig.suptitle(f"feature {feature}: {label}", fontsize=10)
     png = _png_bytes(fig)
 
     out = Path(out_dir)
-    png_path, html_path = out / f"latent_{latent}.png", out / f"latent_{latent}.html"
+    png_path, html_path = out / f"feature_{feature}.png", out / f"feature_{feature}.html"
     atomic_write_bytes(png_path, png)
     rows = [
         ("names", label),
-        ("firing frequency", f"{stats.frequency[latent].item():.3g}"),
-        ("mean activation (when firing)", f"{stats.mean_activation[latent].item():.4g}"),
-        ("max activation", f"{stats.max_activation[latent].item():.4g}"),
+        ("firing frequency", f"{stats.frequency[feature].item():.3g}"),
+        ("mean activation (when firing)", f"{stats.mean_activation[feature].item():.4g}"),
+        ("max activation", f"{stats.max_activation[feature].item():.4g}"),
         ("top examples", ", ".join(f"{i}@tok{t}" for i, t in zip(top.example_ids, top.token_index))),
     ]
-    atomic_write_bytes(html_path, _html_page(f"latent {latent}", png, rows))
+    atomic_write_bytes(html_path, _html_page(f"feature {feature}", png, rows))
     return png_path, html_path
 
 
@@ -145,12 +145,12 @@ def summary_report(
         rows.append(
             (
                 name,
-                f"FVU {stats.fvu:.4f}, L0 {stats.l0:.1f}, dead {n_dead}/{stats.n_latents}, "
+                f"FVU {stats.fvu:.4f}, L0 {stats.l0:.1f}, dead {n_dead}/{stats.n_features}, "
                 f"tokens {stats.n_tokens}",
             )
         )
-    ax_d.set(xlabel="log10 firing frequency", ylabel="latents", title="feature density")
-    ax_f.set(xlabel="L0 (active latents per token)", ylabel="FVU", title="reconstruction vs sparsity")
+    ax_d.set(xlabel="log10 firing frequency", ylabel="features", title="feature density")
+    ax_f.set(xlabel="L0 (active features per token)", ylabel="FVU", title="reconstruction vs sparsity")
     ax_d.legend(fontsize=8)
     png = _png_bytes(fig)
     out = Path(out_dir)

@@ -1,4 +1,4 @@
-"""Where in an image a latent fires: its activation on every patch token, as an [H, W] array."""
+"""Where in an image a feature fires: its activation on every patch token, as an [H, W] array."""
 
 from __future__ import annotations
 
@@ -59,14 +59,14 @@ def sae_encoder(sae: SAE) -> Callable[[Tensor], Tensor]:
 
 
 @torch.no_grad()
-def latent_heatmaps(
-    encoder: Encoder, sae: SAE, images: Sequence[ImageLike], latent: int, hook: str | None = None
+def feature_heatmaps(
+    encoder: Encoder, sae: SAE, images: Sequence[ImageLike], feature: int, hook: str | None = None
 ) -> list[np.ndarray]:
-    """Activation of `latent` on each patch token, one float32 [H, W] array per image."""
-    encoder, sae = encoder_and_sae(encoder, sae, "latent_heatmaps")
-    if not 0 <= latent < sae.n_latents:
-        raise IndexError(f"Latent {latent} is out of range for an SAE with {sae.n_latents} latents.")
+    """Activation of `feature` on each patch token, one float32 [H, W] array per image."""
+    encoder, sae = encoder_and_sae(encoder, sae, "feature_heatmaps")
+    if not 0 <= feature < sae.n_features:
+        raise IndexError(f"Feature {feature} is out of range for an SAE with {sae.n_features} features.")
     hook = hook or sae.cfg.hook or encoder.default_hook
     encode = sae_encoder(sae)
-    maps_BHW = patch_codes(lambda x_ND: encode(x_ND)[:, latent : latent + 1], encoder, images, hook)
+    maps_BHW = patch_codes(lambda x_ND: encode(x_ND)[:, feature : feature + 1], encoder, images, hook)
     return [m[..., 0].numpy() for m in maps_BHW]

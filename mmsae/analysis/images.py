@@ -59,7 +59,7 @@ def pooled_codes(sae: SAE, acts: TokenActs, n_examples: int, pool: str = "max") 
     device = sae.W_dec.device
     codes_Nn = as_dense(sae.encode(acts.acts_ND.to(device=device, dtype=sae.W_dec.dtype))).float()
     ids = acts.meta["example_id"].to(device)
-    out = torch.zeros(n_examples, sae.n_latents, device=device)
+    out = torch.zeros(n_examples, sae.n_features, device=device)
     index = ids[:, None].expand_as(codes_Nn)
     if pool == "max":
         return out.scatter_reduce_(0, index, codes_Nn, "amax", include_self=False)

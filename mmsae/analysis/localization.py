@@ -5,7 +5,7 @@ share of its activation mass on the photo (Σ over patches of max(a, 0)) that fa
 object, the `k` features with the most mass inside the box (the features that describe the object most)
 are scored: a feature of the object keeps its mass there, a feature of the whole scene (texture, light,
 position) spreads it over the background. The same rule scores a baseline basis of random directions (as
-many as the SAE has latents, activation max((x − x̄)·d, 0), x̄ the mean training token), so the two differ
+many as the SAE has features, activation max((x − x̄)·d, 0), x̄ the mean training token), so the two differ
 only in the basis; the box's area fraction is what a feature blind to the object would score on average.
 """
 
@@ -45,8 +45,8 @@ def random_directions(d: int, n: int, center_D: Tensor, seed: int = 0) -> Encode
 
 
 def sae_and_random(sae: SAE, center_D: Tensor, seed: int = 0) -> dict[str, Encode]:
-    """The two bases compared: the SAE's latents and as many random directions."""
-    return {"sae": sae_encoder(sae), "random": random_directions(sae.d_in, sae.n_latents, center_D, seed)}
+    """The two bases compared: the SAE's features and as many random directions."""
+    return {"sae": sae_encoder(sae), "random": random_directions(sae.d_in, sae.n_features, center_D, seed)}
 
 
 @dataclass

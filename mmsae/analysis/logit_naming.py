@@ -1,14 +1,14 @@
-"""Logit naming: name an SAE's latents by what they do to a classifier's logits.
+"""Logit naming: name an SAE's features by what they do to a classifier's logits.
 
-For an encoder with a classifier head (`encoder.has_classifier`, e.g. an ImageNet CNN), a latent's
+For an encoder with a classifier head (`encoder.has_classifier`, e.g. an ImageNet CNN), a feature's
 decoder atom is pushed through the rest of the network and the head (`encoder.logits_from_hook`):
 
     effect_j = mean_b [ logits(x_b + s_j · W_dec[j]) − logits(x_b) ]
 
-added at every token of reference activations x_b of the hook, with s_j the latent's typical
+added at every token of reference activations x_b of the hook, with s_j the feature's typical
 activation. After a linear head (the pooled features) this is exact and the same for every x_b; after
 a spatial block it is the finite-difference effect through the remaining non-linear layers. The
-classes with the largest logit increase name the latent — next to the CLIP-text names of naming.py,
+classes with the largest logit increase name the feature — next to the CLIP-text names of naming.py,
 and usable where no text tower exists.
 """
 
@@ -36,7 +36,7 @@ def require_classifier(encoder: Encoder) -> None:
 
 @torch.no_grad()
 def typical_activations(sae: SAE, acts_ND: Tensor) -> Tensor:
-    """Mean non-zero activation of every latent over `acts_ND` [n]; 0 for latents that never fire."""
+    """Mean non-zero activation of every feature over `acts_ND` [n]; 0 for features that never fire."""
     codes_Nn = as_dense(sae.encode(acts_ND.to(sae.W_dec.device, sae.W_dec.dtype))).float()
     on_n = (codes_Nn > 0).sum(0)
     return torch.where(on_n > 0, codes_Nn.sum(0) / on_n.clamp_min(1), 0.0).cpu()
@@ -51,11 +51,11 @@ def logit_effects(
     hook: str | None = None,
     chunk: int = 32,
 ) -> Tensor:
-    """Logit change [n, K] of adding each latent's atom × its scale at every token of `acts_BTD`.
+    """Logit change [n, K] of adding each feature's atom × its scale at every token of `acts_BTD`.
 
     `acts_BTD` are reference activations of the SAE's hook, every token as `to_tokens` gives it (a few
     images suffice: after a linear head every reference gives the same effect). `scales_n` default: the
-    latents' typical activation on these references (latents that never fire there get scale 1)."""
+    features' typical activation on these references (features that never fire there get scale 1)."""
     require_classifier(encoder)
     hook = hook or sae.cfg.hook
     if hook is None:
@@ -73,10 +73,10 @@ def logit_effects(
     logits0_BK = encoder.logits_from_hook(hook, base_BTD).float()
     B = base_BTD.shape[0]
     out = []
-    for start in range(0, sae.n_latents, chunk):
+    for start in range(0, sae.n_features, chunk):
         a_cD = atoms_nD[start : start + chunk]
         c = a_cD.shape[0]
-        x_cBTD = base_BTD[None] + a_cD[:, None, None, :]  # every (latent, reference) pair
+        x_cBTD = base_BTD[None] + a_cD[:, None, None, :]  # every (feature, reference) pair
         logits = encoder.logits_from_hook(hook, x_cBTD.flatten(0, 1)).float().view(c, B, -1)
         out.append((logits - logits0_BK[None]).mean(1).cpu())
     return torch.cat(out)
@@ -85,7 +85,7 @@ def logit_effects(
 def logit_names(
     effects_nK: Tensor, class_names: Sequence[str], top: int = 5, live: Tensor | None = None
 ) -> list[list[NameCandidate]]:
-    """The `top` classes by logit increase for each latent (score = logit change); empty where not `live`."""
+    """The `top` classes by logit increase for each feature (score = logit change); empty where not `live`."""
     if effects_nK.shape[-1] != len(class_names):
         raise ValueError(
             f"Effects have {effects_nK.shape[-1]} classes but {len(class_names)} class names were given."
@@ -106,10 +106,10 @@ def name_features_by_logits(
     hook: str | None = None,
     scales_n: Tensor | None = None,
 ) -> list[list[NameCandidate]]:
-    """Logit names of every latent of `sae` from reference activations [B, T, D] of its hook.
+    """Logit names of every feature of `sae` from reference activations [B, T, D] of its hook.
 
-    `scales_n`: each latent's typical activation (default: on the references; pass it from a larger
-    pass so that rare latents get a name). Latents with scale 0 never fired and get no name."""
+    `scales_n`: each feature's typical activation (default: on the references; pass it from a larger
+    pass so that rare features get a name). Features with scale 0 never fired and get no name."""
     require_classifier(encoder)
     if scales_n is None:
         scales_n = typical_activations(sae, acts_BTD.flatten(0, 1))
@@ -118,7 +118,7 @@ def name_features_by_logits(
 
 
 def features_named(names: Sequence[Sequence[NameCandidate]], label: str, rank: int = 1) -> list[int]:
-    """Latents with `label` (case-insensitive) among their first `rank` names, strongest effect first."""
+    """Features with `label` (case-insensitive) among their first `rank` names, strongest effect first."""
     want = label.strip().lower()
     hits = [
         (cands[r].score, j)
@@ -136,12 +136,12 @@ def label_agreement(
     top_images: int = 5,
     rank: int = 1,
 ) -> tuple[float, int]:
-    """How often a latent's logit name agrees with the labels of its top-activating images.
+    """How often a feature's logit name agrees with the labels of its top-activating images.
 
     `pooled_Nn`: per-image codes (e.g. max over tokens); `labels[i]`: the correct class names of image i
-    (empty = unlabelled). A latent counts when some of its `top_images` images (activation > 0) are
+    (empty = unlabelled). A feature counts when some of its `top_images` images (activation > 0) are
     labelled; it agrees when one of its first `rank` names is the most frequent label among them.
-    Returns (agreement fraction, number of latents counted)."""
+    Returns (agreement fraction, number of features counted)."""
     if pooled_Nn.shape[0] != len(labels):
         raise ValueError(f"{pooled_Nn.shape[0]} images of codes but {len(labels)} label lists.")
     agree = counted = 0

@@ -1,6 +1,6 @@
 """Monosemanticity score (sae-for-vlm) in linear time, streamed over images.
 
-Definition, with ã_k(i) the min-max normalised activation of latent k on image i and s_ij the
+Definition, with ã_k(i) the min-max normalised activation of feature k on image i and s_ij the
 cosine of image embeddings from a *separate* image encoder:
 
     MS_k = Σ_{i<j} ã_k(i) ã_k(j) s_ij / Σ_{i<j} ã_k(i) ã_k(j).
@@ -27,16 +27,16 @@ from mmsae.sae import SAE
 
 
 class MonosemanticityAccumulator:
-    """Streams (image activations [B, n], unit image embeddings [B, E]) into per-latent MS scores."""
+    """Streams (image activations [B, n], unit image embeddings [B, E]) into per-feature MS scores."""
 
-    def __init__(self, n_latents: int, embed_dim: int, device: str | torch.device = "cpu"):
+    def __init__(self, n_features: int, embed_dim: int, device: str | torch.device = "cpu"):
         f64 = {"dtype": torch.float64, "device": device}
-        self.S_nE = torch.zeros(n_latents, embed_dim, **f64)  # Σ_i a_k(i) p̂_i
+        self.S_nE = torch.zeros(n_features, embed_dim, **f64)  # Σ_i a_k(i) p̂_i
         self.P_E = torch.zeros(embed_dim, **f64)  # Σ_i p̂_i
-        self.sum_a = torch.zeros(n_latents, **f64)
-        self.sum_a2 = torch.zeros(n_latents, **f64)
-        self.min_a = torch.full((n_latents,), torch.inf, **f64)
-        self.max_a = torch.full((n_latents,), -torch.inf, **f64)
+        self.sum_a = torch.zeros(n_features, **f64)
+        self.sum_a2 = torch.zeros(n_features, **f64)
+        self.min_a = torch.full((n_features,), torch.inf, **f64)
+        self.max_a = torch.full((n_features,), -torch.inf, **f64)
         self.n_images = 0
 
     @torch.no_grad()
@@ -54,7 +54,7 @@ class MonosemanticityAccumulator:
         self.n_images += a.shape[0]
 
     def compute(self) -> Tensor:
-        """MS_k per latent, float32 [n]; NaN where undefined (never fired, or fired on one image only)."""
+        """MS_k per feature, float32 [n]; NaN where undefined (never fired, or fired on one image only)."""
         m, N = self.min_a, self.n_images
         V = self.S_nE - m[:, None] * self.P_E  # (M − m)·V_k
         sum_t = self.sum_a - N * m  # (M − m)·Σ ã
@@ -105,7 +105,7 @@ def monosemanticity(
         a_Bn = pooled_codes(sae, acts, len(pil), pool)
         p_BE = embed_images(embedder, stack_pixels(embedder, pil))
         if acc is None:
-            acc = MonosemanticityAccumulator(sae.n_latents, p_BE.shape[-1], device=a_Bn.device)
+            acc = MonosemanticityAccumulator(sae.n_features, p_BE.shape[-1], device=a_Bn.device)
         acc.update(a_Bn, p_BE)
     if acc is None:
         raise ValueError("No images given: the monosemanticity score needs at least two images.")

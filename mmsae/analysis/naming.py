@@ -1,9 +1,9 @@
-"""Concept naming: each latent's direction in CLIP space, compared with CLIP text embeddings of a vocabulary.
+"""Concept naming: each feature's direction in CLIP space, compared with CLIP text embeddings of a vocabulary.
 
-Two routes to a latent's CLIP-space direction:
+Two routes to a feature's CLIP-space direction:
 - the SAE reads CLIP's final image embedding (hook 'visual'): its decoder atoms already live there;
 - any other hook (inner CLIP layer, timm ViT, UNet): the activation-weighted mean of the CLIP
-  embeddings of the latent's top-activating images.
+  embeddings of the feature's top-activating images.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ FINAL_EMBEDDING_HOOK = "visual"
 class NameCandidate:
     name: str
     score: float
-    """Cosine between the latent's CLIP-space direction and the text embedding."""
+    """Cosine between the feature's CLIP-space direction and the text embedding."""
 
 
 def load_vocabulary(path: str | os.PathLike | None = None) -> list[str]:
@@ -86,9 +86,9 @@ def atom_directions(clip: Encoder, sae: SAE) -> Tensor | None:
 
 
 def image_concept_vectors(values_Kn: Tensor, ids_Kn: Tensor, embeds_NE: Tensor) -> Tensor:
-    """Activation-weighted mean of each latent's top images' unit embeddings, normalised, [n, E].
+    """Activation-weighted mean of each feature's top images' unit embeddings, normalised, [n, E].
 
-    `ids_Kn` index rows of `embeds_NE` (−1 = empty slot); latents without images get a zero row.
+    `ids_Kn` index rows of `embeds_NE` (−1 = empty slot); features without images get a zero row.
     """
     w = torch.where(ids_Kn >= 0, values_Kn.float().clamp_min(0), 0.0)  # [K, n]
     e = embeds_NE.float()[ids_Kn.clamp_min(0)]  # [K, n, E]
@@ -99,10 +99,10 @@ def image_concept_vectors(values_Kn: Tensor, ids_Kn: Tensor, embeds_NE: Tensor) 
 def rank_names(
     directions_nE: Tensor, text_VE: Tensor, vocab: Sequence[str], top: int = 5
 ) -> list[list[NameCandidate]]:
-    """The `top` vocabulary entries by cosine for each latent; empty for all-zero (dead) directions."""
+    """The `top` vocabulary entries by cosine for each feature; empty for all-zero (dead) directions."""
     if directions_nE.shape[-1] != text_VE.shape[-1]:
         raise ValueError(
-            f"Latent directions have E={directions_nE.shape[-1]} but text embeddings E={text_VE.shape[-1]}:"
+            f"Feature directions have E={directions_nE.shape[-1]} but text embeddings E={text_VE.shape[-1]}:"
             " both must come from the same CLIP model."
         )
     sims = directions_nE.float() @ text_VE.float().T
@@ -124,7 +124,7 @@ def name_features(
     top: int = 5,
     batch_size: int = 32,
 ) -> list[list[NameCandidate]]:
-    """Name candidates for every latent of `sae`.
+    """Name candidates for every feature of `sae`.
 
     SAEs on CLIP's final embedding use their atoms; others need `stats` from a pass over `images`
     (stats example ids index `images`), whose top images are embedded with `clip`.
@@ -137,7 +137,7 @@ def name_features(
         if stats is None or images is None:
             raise ValueError(
                 f"The SAE reads hook {sae.cfg.hook!r}, not {clip.id}'s final embedding: pass the "
-                "FeatureStats of a pass over `images` and the images, to name latents by their "
+                "FeatureStats of a pass over `images` and the images, to name features by their "
                 "top-activating images."
             )
         directions = image_concept_vectors(

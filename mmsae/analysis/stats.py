@@ -1,13 +1,13 @@
-"""Per-latent feature statistics from one streaming pass of an SAE over activations.
+"""Per-feature statistics from one streaming pass of an SAE over activations.
 
-Memory is O(n_latents · (top_k + hist_bins)) whatever the number of tokens: counts, sums and maxima
+Memory is O(n_features · (top_k + hist_bins)) whatever the number of tokens: counts, sums and maxima
 are running reductions, the top-k activating examples are merged batch by batch, and the
 activation histogram has fixed log-spaced bins. The pass is resumable: `feature_stats` writes the
 accumulator to a checkpoint every few batches and, given the same deterministic source, skips the
 batches it has already seen.
 
 Top-k examples are *examples* (meta['example_id']: an image, or a UNet sample), not tokens: an
-example's value for latent j is its largest activation over its tokens, and the token (and, for
+example's value for feature j is its largest activation over its tokens, and the token (and, for
 UNets, the timestep) where that maximum occurs is kept for patch heatmaps. Equal values rank the
 example seen first (an earlier chunk; within a chunk, the earlier token for [N, D] tensors, the smaller
 example id for TokenActs) and an example keeps the first token that reached its maximum.
@@ -50,10 +50,10 @@ Batch = TokenActs | Tensor
 @dataclass
 class StatsConfig:
     top_k: int = 16
-    """Top-activating examples kept per latent."""
+    """Top-activating examples kept per feature."""
     hist_bins: int = 64
     hist_log10_range: tuple[float, float] = (-4.0, 4.0)
-    """Per-latent histogram of log10(activation) over firing tokens; values outside fall in the edge bins."""
+    """Per-feature histogram of log10(activation) over firing tokens; values outside fall in the edge bins."""
     chunk_tokens: int | None = None
     """Tokens encoded at once (None: 16384 on a GPU, 2048 on the CPU, where the reference encoder holds a
     dense [chunk, n] pre-activation). Per-chunk work is O(chunk · k), so on a GPU bigger is faster."""
@@ -68,7 +68,7 @@ class StatsConfig:
 
 @dataclass
 class TopExamples:
-    """Top-k examples of one latent, best first (fewer than k if it fired on fewer examples)."""
+    """Top-k examples of one feature, best first (fewer than k if it fired on fewer examples)."""
 
     values: np.ndarray
     example_ids: np.ndarray
@@ -77,7 +77,7 @@ class TopExamples:
 
 
 class FeatureStats:
-    """Running per-latent statistics; `update` with SAE codes, read the properties at any time."""
+    """Running per-feature statistics; `update` with SAE codes, read the properties at any time."""
 
     _TENSORS = (
         "fire_count",
@@ -96,12 +96,12 @@ class FeatureStats:
     )
 
     def __init__(
-        self, n_latents: int, d_in: int, cfg: StatsConfig | None = None, device: str | torch.device = "cpu"
+        self, n_features: int, d_in: int, cfg: StatsConfig | None = None, device: str | torch.device = "cpu"
     ):
         self.cfg = cfg or StatsConfig()
-        self.n_latents, self.d_in = n_latents, d_in
-        n, k, dev = n_latents, self.cfg.top_k, torch.device(device)
-        # Per-latent accumulators have one spare entry, n, where silent pairs land (see stats_ops); the
+        self.n_features, self.d_in = n_features, d_in
+        n, k, dev = n_features, self.cfg.top_k, torch.device(device)
+        # Per-feature accumulators have one spare entry, n, where silent pairs land (see stats_ops); the
         # public tensors are views of the first n. Counts and sums in float64: 1e9 tokens must not round
         # away single firings.
         self._fire_ext = torch.zeros(n + 1, dtype=torch.float64, device=dev)
@@ -151,13 +151,13 @@ class FeatureStats:
         `tokens_are_examples`: every token is an example of its own that no other update holds (plain
         [N, D] batches): the per-example maxima and duplicate checks are then skipped.
 
-        Everything is computed on the (token, latent, value) pairs, O(N·k) for sparse (TopK) codes, with
+        Everything is computed on the (token, feature, value) pairs, O(N·k) for sparse (TopK) codes, with
         fixed-size scatters and sorts: no boolean indexing, `unique` or `bincount`, whose output sizes
         depend on the data and so wait for the device on every chunk. Dense codes give their nonzero
         entries (one wait per chunk).
         """
         pairs = pairs_of(codes)
-        n = self.n_latents
+        n = self.n_features
         # != rather than > so signed (AbsTopK) codes count as firing; silent pairs go to group n.
         grp = torch.where(pairs.raw != 0, pairs.lat, n)
         self._fire_ext.index_add_(0, grp, self._ones.expand(grp.shape[0]))
@@ -201,15 +201,15 @@ class FeatureStats:
         self.sq_err += torch.linalg.vector_norm(r_ND, dim=1).square_().sum()
 
     def _update_top(self, pairs: Pairs, grp: Tensor, meta_N3: Tensor, tokens_are_examples: bool) -> None:
-        """Merge the chunk's best k examples per latent into the running top k."""
-        k, n = self.cfg.top_k, self.n_latents
-        if tokens_are_examples:  # one pair per (example, latent) already
+        """Merge the chunk's best k examples per feature into the running top k."""
+        k, n = self.cfg.top_k, self.n_features
+        if tokens_are_examples:  # one pair per (example, feature) already
             perm, grp_p = None, grp
             v_p, v16_p = pairs.raw, pairs.raw16
-        else:  # 1. per (example, latent), its largest value and the token where it occurs
+        else:  # 1. per (example, feature), its largest value and the token where it occurs
             perm, grp_p = best_per_example(pairs, grp, meta_N3[:, 0], n)
             v_p, v16_p = pairs.raw[perm], None if pairs.raw16 is None else pairs.raw16[perm]
-        # 2. per latent, its examples best first: the first k of each latent's run are the chunk's top k
+        # 2. per feature, its examples best first: the first k of each feature's run are the chunk's top k
         order = group_then_descending(grp_p, v_p, n + 1, v16_p)
         sel = order if perm is None else perm[order]
         best_v, best_meta = chunk_top(grp_p[order], v_p[order], pairs.row_of(sel), meta_N3, k, n)
@@ -221,17 +221,17 @@ class FeatureStats:
     # ------------------------------------------------------------------ results
     @property
     def frequency(self) -> Tensor:
-        """Share of tokens on which each latent fired, [n]."""
+        """Share of tokens on which each feature fired, [n]."""
         return (self.fire_count / max(self.n_tokens, 1)).float().cpu()
 
     @property
     def mean_activation(self) -> Tensor:
-        """Mean activation over the tokens where the latent fired (0 for dead latents), [n]."""
+        """Mean activation over the tokens where the feature fired (0 for dead features), [n]."""
         return (self.act_sum / self.fire_count.clamp_min(1)).float().cpu()
 
     @property
     def max_activation(self) -> Tensor:
-        """Largest activation seen, [n]; 0 for latents that never fired."""
+        """Largest activation seen, [n]; 0 for features that never fired."""
         m = self.act_max.cpu()
         return torch.where(self.fire_count.cpu() > 0, m, torch.zeros_like(m))
 
@@ -249,23 +249,23 @@ class FeatureStats:
         return float(self.l0_sum) / max(self.n_tokens, 1)
 
     def density_histogram(self, bins: int = 50) -> tuple[np.ndarray, np.ndarray, int]:
-        """Histogram of log10(firing frequency) over live latents: (counts, edges, n_dead)."""
+        """Histogram of log10(firing frequency) over live features: (counts, edges, n_dead)."""
         freq = self.frequency.numpy()
         live = freq > 0
         lo = math.floor(np.log10(1 / max(self.n_tokens, 1)))
         counts, edges = np.histogram(np.log10(freq[live]), bins=bins, range=(lo, 0))
         return counts, edges, int((~live).sum())
 
-    def activation_histogram(self, latent: int) -> tuple[np.ndarray, np.ndarray]:
-        """Counts of log10(activation) over firing tokens for one latent: (counts, log10 edges)."""
-        self._check_latent(latent)
+    def activation_histogram(self, feature: int) -> tuple[np.ndarray, np.ndarray]:
+        """Counts of log10(activation) over firing tokens for one feature: (counts, log10 edges)."""
+        self._check_feature(feature)
         lo, hi = self.cfg.hist_log10_range
-        return self.hist[latent].cpu().numpy(), np.linspace(lo, hi, self.cfg.hist_bins + 1)
+        return self.hist[feature].cpu().numpy(), np.linspace(lo, hi, self.cfg.hist_bins + 1)
 
-    def top_examples(self, latent: int) -> TopExamples:
-        self._check_latent(latent)
-        keep = (self.top_ids[:, latent] >= 0).cpu().numpy()
-        col = lambda t: t[:, latent].cpu().numpy()[keep]
+    def top_examples(self, feature: int) -> TopExamples:
+        self._check_feature(feature)
+        keep = (self.top_ids[:, feature] >= 0).cpu().numpy()
+        col = lambda t: t[:, feature].cpu().numpy()[keep]
         return TopExamples(
             col(self.top_values),
             col(self.top_ids),
@@ -273,16 +273,16 @@ class FeatureStats:
             col(self.top_timesteps) if self.has_timesteps else None,
         )
 
-    def _check_latent(self, latent: int) -> None:
-        if not 0 <= latent < self.n_latents:
-            raise IndexError(f"Latent {latent} is out of range for an SAE with {self.n_latents} latents.")
+    def _check_feature(self, feature: int) -> None:
+        if not 0 <= feature < self.n_features:
+            raise IndexError(f"Feature {feature} is out of range for an SAE with {self.n_features} features.")
 
     # ------------------------------------------------------------------ persistence
     def state(self) -> tuple[dict[str, Tensor], dict[str, str]]:
         tensors = {name: getattr(self, name).detach().cpu().contiguous() for name in self._TENSORS}
         meta = {
             "cfg": json.dumps(asdict(self.cfg)),
-            "n_latents": str(self.n_latents),
+            "n_features": str(self.n_features),
             "d_in": str(self.d_in),
             "n_tokens": str(self.n_tokens),
             "n_batches": str(self.n_batches),
@@ -301,11 +301,11 @@ class FeatureStats:
         with safe_open(str(path), "pt", device=str(device)) as f:
             meta = f.metadata() or {}
             tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is no dict)
-        if "n_latents" not in meta:
-            raise ValueError(f"{path} is not a FeatureStats file (no n_latents metadata).")
+        if "n_features" not in meta:
+            raise ValueError(f"{path} is not a FeatureStats file (no n_features metadata).")
         cfg = json.loads(meta["cfg"])
         cfg["hist_log10_range"] = tuple(cfg["hist_log10_range"])
-        stats = cls(int(meta["n_latents"]), int(meta["d_in"]), StatsConfig(**cfg), device=device)
+        stats = cls(int(meta["n_features"]), int(meta["d_in"]), StatsConfig(**cfg), device=device)
         for name, t in tensors.items():
             if name != "l0_sum":  # derived from fire_count
                 getattr(stats, name).copy_(t)  # (views of the accumulators)
@@ -357,13 +357,13 @@ def feature_stats(
     ckpt = Path(checkpoint) if checkpoint is not None else None
     if ckpt is not None and ckpt.exists():
         stats = FeatureStats.load(ckpt, device=device)
-        if (stats.n_latents, stats.d_in) != (sae.n_latents, sae.d_in):
+        if (stats.n_features, stats.d_in) != (sae.n_features, sae.d_in):
             raise ValueError(
-                f"Checkpoint {ckpt} holds stats for n={stats.n_latents}, d={stats.d_in}, but the SAE "
-                f"has n={sae.n_latents}, d={sae.d_in}: delete it or pass another checkpoint path."
+                f"Checkpoint {ckpt} holds stats for n={stats.n_features}, d={stats.d_in}, but the SAE "
+                f"has n={sae.n_features}, d={sae.d_in}: delete it or pass another checkpoint path."
             )
     else:
-        stats = FeatureStats(sae.n_latents, sae.d_in, cfg, device=device)
+        stats = FeatureStats(sae.n_features, sae.d_in, cfg, device=device)
     source: Iterator[Batch] = itertools.islice(iter(batches), stats.n_batches, None)
     remaining = None if total is None else max(total - stats.n_batches, 0)
     chunk = cfg.chunk_for(device)

@@ -1,9 +1,9 @@
-"""Fixed-size tensor steps of `FeatureStats.update`: (token, latent) pairs, sort keys, the top-k merge.
+"""Fixed-size tensor steps of `FeatureStats.update`: (token, feature) pairs, sort keys, the top-k merge.
 
 Every step has an output size known before the device runs it (no boolean indexing, `unique`,
 `nonzero` on sparse codes or `bincount`), so a pass over many chunks never waits for the device.
-Pairs whose latent is silent, or that cannot be an example's best, are sent to an extra group `n`
-(one past the last latent) instead of being removed: buffers have one spare row or column that
+Pairs whose feature is silent, or that cannot be an example's best, are sent to an extra group `n`
+(one past the last feature) instead of being removed: buffers have one spare row or column that
 collects them and is never read.
 """
 
@@ -20,12 +20,12 @@ from mmsae.sae import Codes, SparseCodes
 
 
 class Pairs(NamedTuple):
-    """Flat (token, latent, value) entries of one chunk's codes."""
+    """Flat (token, feature, value) entries of one chunk's codes."""
 
     lat: Tensor
-    """[M] int64 latent of each pair."""
+    """[M] int64 feature of each pair."""
     raw: Tensor
-    """[M] float32 value (0 where the latent is silent)."""
+    """[M] float32 value (0 where the feature is silent)."""
     raw16: Tensor | None
     """The same values as bfloat16 (exactly) where the codes are bf16: they sort with 32-bit keys."""
     rows: Tensor | None
@@ -83,8 +83,8 @@ def example_rank(example_id: Tensor) -> Tensor:
 
 
 def best_per_example(pairs: Pairs, grp: Tensor, example_id: Tensor, n: int) -> tuple[Tensor, Tensor]:
-    """Per (example, latent), the pair with the largest value: returns (perm, grp_p), pairs sorted by
-    (latent, example, value descending) and their group, `n` for all but the first of each run (the
+    """Per (example, feature), the pair with the largest value: returns (perm, grp_p), pairs sorted by
+    (feature, example, value descending) and their group, `n` for all but the first of each run (the
     example's maximum and its token) and for silent pairs."""
     N = example_id.shape[0]
     pair_key = pairs.lat * N + pairs.per_pair(example_rank(example_id))
@@ -98,7 +98,7 @@ def best_per_example(pairs: Pairs, grp: Tensor, example_id: Tensor, n: int) -> t
 def chunk_top(
     grp_s: Tensor, v_s: Tensor, rows_s: Tensor, meta_N3: Tensor, k: int, n: int
 ) -> tuple[Tensor, Tensor]:
-    """The chunk's best k per latent, from pairs sorted by (group, value descending): values [k, n]
+    """The chunk's best k per feature, from pairs sorted by (group, value descending): values [k, n]
     (−inf where fewer) and (example_id, token_index, timestep) [k, n, 3] (−1 where fewer)."""
     N = meta_N3.shape[0]
     start = torch.searchsorted(grp_s, grp_s)  # first position of each pair's group
@@ -113,8 +113,8 @@ def chunk_top(
 
 def cross_duplicates(old_v: Tensor, old_ids: Tensor, new_v: Tensor, new_ids: Tensor) -> tuple[Tensor, Tensor]:
     """Bool masks [k, n] of the entries to drop where an example is both in the running top (old) and
-    the chunk's best (new) of a latent, split across chunks: the smaller value; the new one on a tie
-    (the first token seen keeps it). Each side holds an example at most once per latent."""
+    the chunk's best (new) of a feature, split across chunks: the smaller value; the new one on a tie
+    (the first token seen keeps it). Each side holds an example at most once per feature."""
     k, n = old_v.shape
     if k * k * n > 2**26:  # [k, k, n] comparisons would take too much memory: sort instead
         dup = duplicates(torch.cat([old_v, new_v]), torch.cat([old_ids, new_ids]))

@@ -1,8 +1,8 @@
 """Classifier-backed concept indexes: an encoder with a classifier head and no CLIP text tower.
 
 Such an index embeds images by their unit logit vectors (image-to-image search in class space), names
-latents by their effect on the logits (`mmsae.analysis.logit_naming`), and answers a text query with
-the class names: "espresso" → the latents whose logit name is espresso → the images where they fire.
+features by their effect on the logits (`mmsae.analysis.logit_naming`), and answers a text query with
+the class names: "espresso" → the features whose logit name is espresso → the images where they fire.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def classifier_embeddings(encoder: Encoder, pixels_BCHW: Tensor) -> Tensor:
 def classifier_names(
     sae: SAE, encoder: Encoder, reference_BTD: Tensor, hook: str, top: int
 ) -> list[list[NameCandidate]]:
-    """Logit names of every latent; latents silent on the references are scaled by 1 (unit atom)."""
+    """Logit names of every feature; features silent on the references are scaled by 1 (unit atom)."""
     scales = typical_activations(sae, reference_BTD.flatten(0, 1))
     effects = logit_effects(sae, encoder, reference_BTD, torch.where(scales > 0, scales, 1.0), hook)
     return logit_names(effects, encoder.class_names, top)
@@ -66,18 +66,18 @@ def match_class(text: str, class_names: Sequence[str]) -> str:
 def named_features(
     names: Sequence[Sequence[NameCandidate]], class_name: str, rank: int
 ) -> list[tuple[int, float]]:
-    """(latent, logit change) of latents with `class_name` among their first `rank` names, strongest first."""
+    """(feature, logit change) of features with `class_name` among their first `rank` names, strongest first."""
     hits = [(j, c.score) for j, cands in enumerate(names) for c in cands[:rank] if c.name == class_name]
     return sorted(hits, key=lambda h: -h[1])
 
 
 def images_by_features(
-    codes: SparseCodeStore, latents: Sequence[tuple[int, float]], n_images: int
+    codes: SparseCodeStore, features: Sequence[tuple[int, float]], n_images: int
 ) -> np.ndarray:
-    """Score [N] of every image: Σ over the latents of (pooled code × the latent's logit change)."""
+    """Score [N] of every image: Σ over the features of (pooled code × the feature's logit change)."""
     score = np.zeros(n_images, dtype=np.float64)
-    for latent, weight in latents:
-        ids, vals = codes.column(latent)
+    for feature, weight in features:
+        ids, vals = codes.column(feature)
         np.add.at(score, ids, np.asarray(vals, dtype=np.float64) * weight)
     return score
 
@@ -85,7 +85,7 @@ def images_by_features(
 def class_features(
     names: Sequence[Sequence[NameCandidate]], class_name: str, names_per_feature: int
 ) -> list[tuple[int, float]]:
-    """(latent, logit change) of the latents naming `class_name`: first those with it as their first name,
+    """(feature, logit change) of the features naming `class_name`: first those with it as their first name,
     then those with it among their first `names_per_feature` names."""
     first = named_features(names, class_name, rank=1)
     seen = {j for j, _ in first}
@@ -101,11 +101,11 @@ def images_of_class(
     k: int,
     allowed: np.ndarray | None,
 ) -> list[tuple[int, float]]:
-    """(image id, score) of the k (allowed) images where the latents named `class_name` fire most."""
-    latents = named_features(names, class_name, rank=1) or named_features(
+    """(image id, score) of the k (allowed) images where the features named `class_name` fire most."""
+    features = named_features(names, class_name, rank=1) or named_features(
         names, class_name, rank=names_per_feature
-    )  # no latent names it first: those that name it at all
-    score = images_by_features(codes, latents, len(codes))
+    )  # no feature names it first: those that name it at all
+    score = images_by_features(codes, features, len(codes))
     ids = np.flatnonzero(score > 0) if allowed is None else np.intersect1d(np.flatnonzero(score > 0), allowed)
     top = ids[np.argsort(-score[ids], kind="stable")][:k]
     return [(int(i), float(score[i])) for i in top]

@@ -1,7 +1,7 @@
 """The sparse half of the concept index: pooled SAE codes per image, as CSR rows plus inverted lists.
 
-FAISS has no sparse vectors, so codes live beside it: rows (image → its latents) in CSR, and the
-transpose in CSC (latent → its images), built lazily and dropped on every append.
+FAISS has no sparse vectors, so codes live beside it: rows (image → its features) in CSR, and the
+transpose in CSC (feature → its images), built lazily and dropped on every append.
 """
 
 from __future__ import annotations
@@ -17,18 +17,18 @@ from mmsae.fileio import atomic_write_bytes
 
 
 class SparseCodeStore:
-    """Pooled SAE codes of N images over n latents."""
+    """Pooled SAE codes of N images over n features."""
 
     def __init__(self, csr: sp.csr_matrix):
         self.csr = csr.astype(np.float32).tocsr()
         self._csc: sp.csc_matrix | None = None
 
     @classmethod
-    def empty(cls, n_latents: int) -> SparseCodeStore:
-        return cls(sp.csr_matrix((0, n_latents), dtype=np.float32))
+    def empty(cls, n_features: int) -> SparseCodeStore:
+        return cls(sp.csr_matrix((0, n_features), dtype=np.float32))
 
     @property
-    def n_latents(self) -> int:
+    def n_features(self) -> int:
         return self.csr.shape[1]
 
     def __len__(self) -> int:
@@ -56,27 +56,27 @@ class SparseCodeStore:
         return self._csc
 
     def row(self, image: int) -> tuple[np.ndarray, np.ndarray]:
-        """(latent ids, values) of one image."""
+        """(feature ids, values) of one image."""
         r = self.csr.getrow(image)
         return r.indices, r.data
 
-    def column(self, latent: int) -> tuple[np.ndarray, np.ndarray]:
-        """(image ids, values) where `latent` is on, best first."""
+    def column(self, feature: int) -> tuple[np.ndarray, np.ndarray]:
+        """(image ids, values) where `feature` is on, best first."""
         c = self.csc
-        lo, hi = c.indptr[latent], c.indptr[latent + 1]
+        lo, hi = c.indptr[feature], c.indptr[feature + 1]
         ids, vals = c.indices[lo:hi], c.data[lo:hi]
         order = np.argsort(-vals, kind="stable")
         return ids[order], vals[order]
 
-    def images_with(self, latent: int) -> np.ndarray:
+    def images_with(self, feature: int) -> np.ndarray:
         c = self.csc
-        return c.indices[c.indptr[latent] : c.indptr[latent + 1]]
+        return c.indices[c.indptr[feature] : c.indptr[feature + 1]]
 
-    def top_per_latent(self, m: int) -> tuple[Tensor, Tensor]:
-        """Each latent's top-m images as ([m, n] values, [m, n] ids with −1 for empty slots)."""
-        values = torch.zeros(m, self.n_latents)
-        ids = torch.full((m, self.n_latents), -1, dtype=torch.long)
-        for j in range(self.n_latents):
+    def top_per_feature(self, m: int) -> tuple[Tensor, Tensor]:
+        """Each feature's top-m images as ([m, n] values, [m, n] ids with −1 for empty slots)."""
+        values = torch.zeros(m, self.n_features)
+        ids = torch.full((m, self.n_features), -1, dtype=torch.long)
+        for j in range(self.n_features):
             img, val = self.column(j)
             values[: len(img[:m]), j] = torch.from_numpy(val[:m])
             ids[: len(img[:m]), j] = torch.from_numpy(img[:m].astype(np.int64))

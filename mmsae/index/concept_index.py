@@ -1,7 +1,7 @@
 """`ConceptIndex`: search an image collection by text, image or SAE feature.
 
 It holds, for every image: a unit CLIP embedding (FAISS, dense search), the SAE's codes pooled
-over the image's tokens (sparse, CSR + inverted lists), its path; and for every latent: a
+over the image's tokens (sparse, CSR + inverted lists), its path; and for every feature: a
 CLIP-space direction and a name. The SAE is saved inside the index; the encoders are not (they
 are large): `load` takes them and checks their ids against the ones recorded at build time.
 """
@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mmsae.analysis.heatmap import latent_heatmaps
+from mmsae.analysis.heatmap import feature_heatmaps
 from mmsae.analysis.images import (
     ImageLike,
     embed_images,
@@ -127,7 +127,7 @@ class ConceptIndex:
             "embedder": embedder.id,
             "hook": hook,
             "d_in": sae.d_in,
-            "n_latents": sae.n_latents,
+            "n_features": sae.n_features,
             "embed_dim": None,
             "config": asdict(cfg),
         }
@@ -136,7 +136,7 @@ class ConceptIndex:
             meta=meta,
             paths=[],
             embeddings_NE=np.zeros((0, 0), np.float32),
-            codes=SparseCodeStore.empty(sae.n_latents),
+            codes=SparseCodeStore.empty(sae.n_features),
             ann=None,
             names=[],
             encoder=encoder,
@@ -227,17 +227,17 @@ class ConceptIndex:
 
     # ================================================================== features
     def feature_directions(self) -> Tensor:
-        """Unit CLIP-space direction of every latent [n, E] (zero rows for latents never on)."""
+        """Unit CLIP-space direction of every feature [n, E] (zero rows for features never on)."""
         if self._directions_nE is None:
             directions = atom_directions(self.embedder, self.sae) if self.embedder is not None else None
             if directions is None:
-                values, ids = self.codes.top_per_latent(self.cfg.concept_images)
+                values, ids = self.codes.top_per_feature(self.cfg.concept_images)
                 directions = image_concept_vectors(values, ids, torch.from_numpy(self.embeddings_NE))
             self._directions_nE = directions
         return self._directions_nE
 
     def name_features(self, vocab: Sequence[str] | None = None) -> None:
-        """(Re)compute name candidates for every latent from `vocab` (default: mmsae's vocabulary)."""
+        """(Re)compute name candidates for every feature from `vocab` (default: mmsae's vocabulary)."""
         embedder = self._need_embedder()
         if clf.is_classifier_embedder(embedder):
             if self._reference_BTD is None:
@@ -250,7 +250,7 @@ class ConceptIndex:
             )
             return
         if not isinstance(embedder, TextEmbedder):
-            self.names = [[] for _ in range(self.sae.n_latents)]
+            self.names = [[] for _ in range(self.sae.n_features)]
             return
         vocab = list(vocab) if vocab is not None else load_vocabulary()
         text_VE = text_embeddings(embedder, vocab)
@@ -311,15 +311,15 @@ class ConceptIndex:
     def features_of(self, image: ImageLike | int, k: int = 10) -> list[FeatureContribution]:
         """An image's strongest features with their share of the reconstruction."""
         check_k(k)
-        latents, values = self._codes_of(image)
-        norms = self.sae.W_dec.detach().float().norm(dim=-1).cpu().numpy()[latents]
+        features, values = self._codes_of(image)
+        norms = self.sae.W_dec.detach().float().norm(dim=-1).cpu().numpy()[features]
         weight = np.abs(values) * norms
         total = max(float(weight.sum()), 1e-12)
         order = np.argsort(-weight, kind="stable")[:k]
         return [
             FeatureContribution(
-                int(latents[i]),
-                self.feature_name(int(latents[i])),
+                int(features[i]),
+                self.feature_name(int(features[i])),
                 float(values[i]),
                 float(weight[i] / total),
             )
@@ -335,7 +335,7 @@ class ConceptIndex:
 
     def heatmap(self, image: ImageLike | int, feature: int) -> np.ndarray:
         """[H, W] activation of `feature` over the image's patches (needs the encoder)."""
-        return latent_heatmaps(
+        return feature_heatmaps(
             self._need_encoder(), self.sae, [self._as_image(image)], feature, hook=self.meta["hook"]
         )[0]
 
@@ -406,8 +406,10 @@ class ConceptIndex:
         return self.paths[known] if known is not None else image
 
     def _check_feature(self, feature: int) -> None:
-        if not 0 <= feature < self.sae.n_latents:
-            raise IndexError(f"Feature {feature} is out of range: the SAE has {self.sae.n_latents} latents.")
+        if not 0 <= feature < self.sae.n_features:
+            raise IndexError(
+                f"Feature {feature} is out of range: the SAE has {self.sae.n_features} features."
+            )
 
     def _need_encoder(self) -> Encoder:
         if self.encoder is None:
@@ -457,19 +459,19 @@ class ConceptIndex:
                     f"pass get_encoder({meta[role]!r})."
                 )
         sae = sae if sae is not None else load_sae(path / "sae")
-        if (sae.d_in, sae.n_latents) != (meta["d_in"], meta["n_latents"]):
+        if (sae.d_in, sae.n_features) != (meta["d_in"], meta["n_features"]):
             raise ValueError(
                 f"The index at {path} was built with an SAE of d_in={meta['d_in']}, "
-                f"n_latents={meta['n_latents']}; got d_in={sae.d_in}, n_latents={sae.n_latents}."
+                f"n_features={meta['n_features']}; got d_in={sae.d_in}, n_features={sae.n_features}."
             )
-        parts = read_parts(path, meta, sae.n_latents, mmap)
+        parts = read_parts(path, meta, sae.n_features, mmap)
         index = cls(sae=sae, meta=meta, **parts, encoder=encoder, embedder=embedder)
         index.skipped = meta.get("skipped", [])
         return index
 
     def __repr__(self) -> str:
         return (
-            f"ConceptIndex({len(self)} images, {self.sae.n_latents} features, "
+            f"ConceptIndex({len(self)} images, {self.sae.n_features} features, "
             f"encoder={self.meta['encoder']}, hook={self.meta['hook']}, "
             f"embedder={self.meta['embedder']}, ann={self.meta.get('ann')})"
         )

@@ -24,7 +24,7 @@ class IndexConfig:
     skip_unreadable: bool = False
     """Leave unreadable files out (listed in `ConceptIndex.skipped`) instead of failing."""
     concept_images: int = 16
-    """Top images per latent whose embeddings give its direction (SAEs not on the final embedding)."""
+    """Top images per feature whose embeddings give its direction (SAEs not on the final embedding)."""
     names_per_feature: int = 5
     ann: AnnConfig = field(default_factory=AnnConfig)
 

@@ -35,7 +35,7 @@ META_KEYS: dict[str, type | tuple[type, ...]] = {
     "embedder": str,
     "hook": str,
     "d_in": int,
-    "n_latents": int,
+    "n_features": int,
     "config": dict,
 }
 T = TypeVar("T")
@@ -151,18 +151,18 @@ def read_faiss(path: Path) -> Any:
     return read_file(path, "FAISS index", lambda p: faiss.read_index(str(p)))
 
 
-def check_counts(path: Path, counts: dict[str, int], n_latents: int, n_names: int) -> None:
-    """Every per-image file must hold one entry per image, features.json one per latent."""
+def check_counts(path: Path, counts: dict[str, int], n_features: int, n_names: int) -> None:
+    """Every per-image file must hold one entry per image, features.json one per feature."""
     if len(set(counts.values())) > 1:
         listing = ", ".join(f"{f}: {n}" for f, n in counts.items())
         raise IndexFileError(path, f"its files disagree on the number of images ({listing})")
-    if n_names != n_latents:
+    if n_names != n_features:
         raise IndexFileError(
-            path / "features.json", f"{n_names} name lists for an SAE of {n_latents} latents"
+            path / "features.json", f"{n_names} name lists for an SAE of {n_features} features"
         )
 
 
-def read_parts(path: Path, meta: dict[str, Any], n_latents: int, mmap: bool) -> dict[str, Any]:
+def read_parts(path: Path, meta: dict[str, Any], n_features: int, mmap: bool) -> dict[str, Any]:
     """Everything of a saved index but its meta and SAE, checked for agreement on the image count."""
     embeddings_NE = read_file(
         path / "embeddings.npy", "NumPy array", lambda p: np.load(p, mmap_mode="r" if mmap else None)
@@ -179,7 +179,7 @@ def read_parts(path: Path, meta: dict[str, Any], n_latents: int, mmap: bool) -> 
     paths = read_paths(path)
     codes = read_file(path / "codes.npz", "sparse-code file", SparseCodeStore.load)
     counts = {"paths.json": len(paths), "embeddings.npy": len(embeddings_NE), "codes.npz": len(codes)}
-    check_counts(path, {**counts, "faiss.index": int(ann.ntotal)}, n_latents, len(names))
+    check_counts(path, {**counts, "faiss.index": int(ann.ntotal)}, n_features, len(names))
     return {"paths": paths, "embeddings_NE": embeddings_NE, "codes": codes, "ann": ann, "names": names}
 
 

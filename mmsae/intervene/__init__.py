@@ -1,4 +1,4 @@
-"""Interventions: splice SAEs into models, edit latents, steer, unlearn.
+"""Interventions: splice SAEs into models, edit features, steer, unlearn.
 
 `Intervention` + `Splice` are the mechanism (intervention.py), edits are in edits.py; the
 applications compose them: image/LLaVA/diffusion steering (steer.py), text-embedding steering

@@ -1,12 +1,12 @@
 """Steering and unlearning on an image classifier (an encoder with `classify`, e.g. an ImageNet CNN).
 
-The SAE is spliced at its hook with the error term kept, so only the edited latents change the
+The SAE is spliced at its hook with the error term kept, so only the edited features change the
 network: `class_probs(..., edits)` reads the classifier's softmax with the edits in place.
 
 Unlearning follows SAeUron's selection and blocking, with images instead of prompts and no timesteps:
-each latent's mean activation over the tokens of a concept's images and of the other images, each
-normalised to sum 1; score = concept − other; keep latents scoring above the `percentile` (and > 0).
-Blocking: where a selected latent fires above its mean over all images, set it to (its mean on the
+each feature's mean activation over the tokens of a concept's images and of the other images, each
+normalised to sum 1; score = concept − other; keep features scoring above the `percentile` (and > 0).
+Blocking: where a selected feature fires above its mean over all images, set it to (its mean on the
 concept) × `multiplier` (< 0). The selection is an `UnlearnSelection` with a single step, 0.
 """
 
@@ -23,7 +23,7 @@ from torch import Tensor
 from mmsae.encoders.base import Encoder
 from mmsae.intervene.edits import Edit, EditContext
 from mmsae.intervene.intervention import Intervention, Splice, check_compatible
-from mmsae.intervene.unlearn import ConceptFeatures, UnlearnSelection, latent_sums, score_features
+from mmsae.intervene.unlearn import ConceptFeatures, UnlearnSelection, feature_sums, score_features
 from mmsae.sae.base import SAE
 
 STEP = 0  # the one "timestep" of a classifier selection
@@ -66,13 +66,13 @@ def class_probs(
 def token_means(
     encoder: Encoder, sae: SAE, hook: str, images: Sequence[Image.Image], batch_size: int = 32
 ) -> Tensor:
-    """Mean activation [n] of every latent over all tokens of `images` at `hook` (fp64)."""
-    sums = torch.zeros(sae.n_latents, dtype=torch.float64)
+    """Mean activation [n] of every feature over all tokens of `images` at `hook` (fp64)."""
+    sums = torch.zeros(sae.n_features, dtype=torch.float64)
     count = 0
     for start in range(0, len(images), batch_size):
         acts = encoder.activations(list(images[start : start + batch_size]), [hook])[hook].acts_ND
         x_ND = acts.to(sae.W_dec.device, sae.W_dec.dtype)
-        sums += latent_sums(sae.encode(x_ND), sae.n_latents).cpu()
+        sums += feature_sums(sae.encode(x_ND), sae.n_features).cpu()
         count += x_ND.shape[0]
     return sums / max(count, 1)
 
@@ -85,7 +85,7 @@ def select_class_features(
     percentile: float = 99.0,
     hook: str | None = None,
 ) -> UnlearnSelection:
-    """SAeUron's score-based selection on images: each concept's latents (see the module docstring).
+    """SAeUron's score-based selection on images: each concept's features (see the module docstring).
 
     A concept's "other" images are `other_images` plus every other concept's images."""
     require_classify(encoder)
@@ -117,23 +117,23 @@ def select_from_means(
     def mean_of(names: Sequence[str]) -> Tensor:  # image-weighted mean of the sets' token means
         return sum(means[n][0] * means[n][1] for n in names) / sum(means[n][1] for n in names)
 
-    selection = UnlearnSelection(hook, sae.cfg.encoder or encoder_id, sae.n_latents, percentile)
+    selection = UnlearnSelection(hook, sae.cfg.encoder or encoder_id, sae.n_features, percentile)
     m_all = mean_of(list(means))
     for name in (n for n in means if n):
         score_n = score_features(means[name][0], mean_of([n for n in means if n != name]))
         threshold = torch.quantile(score_n, percentile / 100)
-        latents = torch.nonzero((score_n > threshold) & (score_n > 0)).flatten()
+        features = torch.nonzero((score_n > threshold) & (score_n > 0)).flatten()
         selection.concepts[name] = ConceptFeatures(
-            {STEP: latents.tolist()},
-            {STEP: means[name][0][latents].tolist()},
-            {STEP: m_all[latents].tolist()},
+            {STEP: features.tolist()},
+            {STEP: means[name][0][features].tolist()},
+            {STEP: m_all[features].tolist()},
         )
     return selection
 
 
 @dataclass(frozen=True)
 class Block(Edit):
-    """SAeUron's blocking for one latent: where it fires above `mean_all`, set mean_concept × multiplier."""
+    """SAeUron's blocking for one feature: where it fires above `mean_all`, set mean_concept × multiplier."""
 
     mean_concept: float = 0.0
     mean_all: float = 0.0
@@ -148,30 +148,30 @@ class Block(Edit):
 def block_edits(
     selection: UnlearnSelection, concepts: Sequence[str], multiplier: float = -5.0
 ) -> list[Block]:
-    """One `Block` per selected latent of `concepts` (a latent shared by two keeps the first's means)."""
+    """One `Block` per selected feature of `concepts` (a feature shared by two keeps the first's means)."""
     selection.check_concepts(concepts)
     if multiplier >= 0:
         raise ValueError(f"multiplier={multiplier} must be negative (SAeUron uses −1 … −30).")
     edits: dict[int, Block] = {}
     for name in concepts:
         c = selection.concepts[name]
-        for latent, m_c, m_a in zip(c.latents[STEP], c.mean_concept[STEP], c.mean_all[STEP]):
-            edits.setdefault(latent, Block(latent, m_c, m_a, multiplier))
+        for feature, m_c, m_a in zip(c.features[STEP], c.mean_concept[STEP], c.mean_all[STEP]):
+            edits.setdefault(feature, Block(feature, m_c, m_a, multiplier))
     return [edits[j] for j in sorted(edits)]
 
 
-def steering_edits(latents: Sequence[int], strengths: Tensor | Sequence[float]) -> list[Edit]:
-    """Adding features: + strength_j · W_dec[j] at every token (a `Direction` edit per latent)."""
+def steering_edits(features: Sequence[int], strengths: Tensor | Sequence[float]) -> list[Edit]:
+    """Adding features: + strength_j · W_dec[j] at every token (a `Direction` edit per feature)."""
     from mmsae.intervene.edits import Direction
 
-    return [Direction(int(j), float(s)) for j, s in zip(latents, strengths)]
+    return [Direction(int(j), float(s)) for j, s in zip(features, strengths)]
 
 
-def ablation_edits(latents: Sequence[int]) -> list[Edit]:
+def ablation_edits(features: Sequence[int]) -> list[Edit]:
     """Removing features: their codes set to 0 (with the error term kept, x − Σ f_j · W_dec[j])."""
     from mmsae.intervene.edits import Zero
 
-    return [Zero(int(j)) for j in latents]
+    return [Zero(int(j)) for j in features]
 
 
 def top1_rate(probs_NK: Tensor, accepted: Sequence[Sequence[int]]) -> float:
@@ -186,11 +186,11 @@ def agreement_rate(probs_NK: Tensor, reference_NK: Tensor) -> float:
 
 
 def describe_selection(selection: UnlearnSelection, names: Sequence[Any] | None = None) -> dict[str, list]:
-    """Each concept's selected latents (with their first logit name when `names` is given)."""
+    """Each concept's selected features (with their first logit name when `names` is given)."""
     out: dict[str, list] = {}
     for concept, c in selection.concepts.items():
-        latents = c.latents[STEP]
-        out[concept] = [(j, names[j][0].name if names and names[j] else "") for j in latents]
+        features = c.features[STEP]
+        out[concept] = [(j, names[j][0].name if names and names[j] else "") for j in features]
     return out
 
 

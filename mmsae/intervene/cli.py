@@ -78,7 +78,7 @@ def _window(text: str) -> tuple[int, int]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmsae", description="Steer models and unlearn concepts with SAEs.")
     top = parser.add_subparsers(dest="command", required=True)
-    steer = top.add_parser("steer", help="steer a model through SAE latents").add_subparsers(
+    steer = top.add_parser("steer", help="steer a model through SAE features").add_subparsers(
         dest="target", required=True
     )
     image = steer.add_parser("image", help="CLIP / timm ViT: outputs and zero-shot labels before vs after")
@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="target", required=True
     )
     select = unlearn.add_parser(
-        "select", help="select each concept's latents per timestep; writes the JSON beside the SAE"
+        "select", help="select each concept's features per timestep; writes the JSON beside the SAE"
     )
     _common(select, edits=False)
     select.add_argument("--concept", action="append", required=True, metavar="NAME=PROMPTS.txt")
@@ -207,7 +207,7 @@ def _steer(args: argparse.Namespace, encoder: Encoder, sae: SAE) -> dict[str, An
 
 
 def _unlearn(args: argparse.Namespace, encoder: Encoder, sae: SAE) -> dict[str, Any]:
-    """`mmsae unlearn select|generate`: the selection's latent counts, or where the samples went."""
+    """`mmsae unlearn select|generate`: the selection's feature counts, or where the samples went."""
     from mmsae.intervene import unlearn
 
     steps, guidance = _steps_guidance(encoder, args)
@@ -230,7 +230,7 @@ def _unlearn(args: argparse.Namespace, encoder: Encoder, sae: SAE) -> dict[str, 
             sampling=sampling,
             save_to=sae_dir if sae_dir.is_dir() else Path(unlearn.SELECTION_NAME),
         )
-        return {name: {t: len(v) for t, v in c.latents.items()} for name, c in selection.concepts.items()}
+        return {name: {t: len(v) for t, v in c.features.items()} for name, c in selection.concepts.items()}
     selection = args.selection or Path(args.sae)
     unlearner = unlearn.Unlearner(encoder, sae, selection, args.concepts.split(","), args.multiplier)
     before = unlearner.sampler.sample(

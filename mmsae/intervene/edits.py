@@ -1,7 +1,7 @@
-"""Latent edits: what an `Intervention` does to an SAE's codes at a hook point.
+"""Feature edits: what an `Intervention` does to an SAE's codes at a hook point.
 
-Every edit names one latent. Code edits (`Set`, `Add`, `Scale`, `Clamp`, `SetMax`, `Zero`)
-map that latent's activation column to a new column; `Direction` adds s·W_dec[i] to the
+Every edit names one feature. Code edits (`Set`, `Add`, `Scale`, `Clamp`, `SetMax`, `Zero`)
+map that feature's activation column to a new column; `Direction` adds s·W_dec[i] to the
 activation without encoding (sdxl-unbox's additive steering). `parse_edit` reads the CLI
 spelling ("set:12=5", "dir:3=-4", ...).
 """
@@ -18,7 +18,7 @@ from torch import Tensor
 
 @dataclass
 class EditContext:
-    """What an edit may need besides the column: per-latent max activations, the UNet timestep."""
+    """What an edit may need besides the column: per-feature max activations, the UNet timestep."""
 
     max_acts: Tensor | None = None
     timestep: int | None = None
@@ -26,9 +26,9 @@ class EditContext:
 
 @dataclass(frozen=True)
 class Edit:
-    """Base class: an edit of latent `latent`. Subclasses implement `apply`."""
+    """Base class: an edit of feature `feature`. Subclasses implement `apply`."""
 
-    latent: int
+    feature: int
     op: ClassVar[str] = "edit"
     needs_codes: ClassVar[bool] = True
     """False for edits that never read the codes (the intervention can skip the encoder)."""
@@ -39,19 +39,19 @@ class Edit:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(
-                    f"{type(self).__name__} edit of latent {self.latent}: {f.name}={value} is not a finite "
+                    f"{type(self).__name__} edit of feature {self.feature}: {f.name}={value} is not a finite "
                     "number; give a real value."
                 )
 
     def apply(self, f_N: Tensor, ctx: EditContext) -> Tensor:
-        """New activations [N] of this latent from the current ones [N] (fp32)."""
+        """New activations [N] of this feature from the current ones [N] (fp32)."""
         raise NotImplementedError
 
-    def check(self, n_latents: int) -> None:
-        if not 0 <= self.latent < n_latents:
+    def check(self, n_features: int) -> None:
+        if not 0 <= self.feature < n_features:
             raise IndexError(
-                f"{type(self).__name__} edit names latent {self.latent}, but the SAE has {n_latents} latents "
-                f"(valid: 0..{n_latents - 1})."
+                f"{type(self).__name__} edit names feature {self.feature}, but the SAE has {n_features} features "
+                f"(valid: 0..{n_features - 1})."
             )
 
 
@@ -98,7 +98,7 @@ class Clamp(Edit):
 
 @dataclass(frozen=True)
 class SetMax(Edit):
-    """f_i := s × (max observed activation of latent i), saev's steering (s from −10 to 10)."""
+    """f_i := s × (max observed activation of feature i), saev's steering (s from −10 to 10)."""
 
     multiple: float = 1.0
     op: ClassVar[str] = "max"
@@ -106,10 +106,10 @@ class SetMax(Edit):
     def apply(self, f_N: Tensor, ctx: EditContext) -> Tensor:
         if ctx.max_acts is None:
             raise ValueError(
-                f"SetMax on latent {self.latent} needs the maximum activation of each latent: pass "
+                f"SetMax on feature {self.feature} needs the maximum activation of each feature: pass "
                 "max_acts=mmsae.intervene.max_activations(encoder, sae, batches) to the Splice."
             )
-        return torch.full_like(f_N, self.multiple * float(ctx.max_acts[self.latent]))
+        return torch.full_like(f_N, self.multiple * float(ctx.max_acts[self.feature]))
 
 
 @dataclass(frozen=True)
@@ -150,15 +150,17 @@ def parse_edit(spec: str) -> Edit:
     op, sep, rest = spec.partition(":")
     if not sep or op not in _PARSERS:
         raise ValueError(f"Cannot parse edit {spec!r}; expected one of: {EDIT_SYNTAX}.")
-    latent, _, values = rest.partition("=")
+    feature, _, values = rest.partition("=")
     parts = values.split(":") if values else []
     if len(parts) != _ARITY[op]:
         raise ValueError(f"Edit {spec!r}: {op!r} takes {_ARITY[op]} value(s); syntax: {EDIT_SYNTAX}.")
     try:
         nums = [float(p) if p else None for p in parts]
-        index = int(latent)
+        index = int(feature)
     except ValueError:
-        raise ValueError(f"Edit {spec!r} has a non-numeric latent or value; syntax: {EDIT_SYNTAX}.") from None
+        raise ValueError(
+            f"Edit {spec!r} has a non-numeric feature or value; syntax: {EDIT_SYNTAX}."
+        ) from None
     if op != "clamp" and None in nums:
         raise ValueError(f"Edit {spec!r}: {op!r} needs a value; syntax: {EDIT_SYNTAX}.")
     return _PARSERS[op](index, nums)

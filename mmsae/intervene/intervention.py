@@ -1,4 +1,4 @@
-"""`Intervention`: splice SAEs into a model at their hook points, edit latents, restore on exit.
+"""`Intervention`: splice SAEs into a model at their hook points, edit features, restore on exit.
 
 At each hook the output x (as tokens [B, T, D]) becomes
 
@@ -6,7 +6,7 @@ At each hook the output x (as tokens [B, T, D]) becomes
     x′ = decode(f′)              otherwise                  — the "spliced" model of fidelity metrics
 
 with f = encode(x) and f′ the codes after the edits. The decoder is linear, so both reduce to a
-base (x or x̂) plus Σ_i (f′_i − f_i)·W_dec[i] over the edited latents only: no dense code tensor is
+base (x or x̂) plus Σ_i (f′_i − f_i)·W_dec[i] over the edited features only: no dense code tensor is
 built, and with the error kept and no code edits the encoder is not run at all. `Direction` edits
 add s·W_dec[i]. An SAE with per-token input normalisation (`sae.cfg.input_norm`) codes and decodes
 xₙ = normalize(x) and x̂ is x̂ₙ denormalised, so every change above is scaled by the token's scale
@@ -58,26 +58,26 @@ class Splice:
     cfg_half: CfgHalf = "both"
     """Which classifier-free-guidance half to edit (UNets): 'cond', 'uncond' or 'both'."""
     max_acts: Tensor | None = None
-    """[n_latents] maximum observed activations, needed by `SetMax` edits."""
+    """[n_features] maximum observed activations, needed by `SetMax` edits."""
     n_applied: int = field(default=0, init=False)
     """How many forward calls this splice edited (skipped timesteps do not count)."""
 
 
-def latent_columns(codes: SparseCodes | Tensor, latents: Tensor) -> Tensor:
-    """Activations [N, E] of the latents `latents` ([E] int64), whatever form the codes take."""
+def feature_columns(codes: SparseCodes | Tensor, features: Tensor) -> Tensor:
+    """Activations [N, E] of the features `features` ([E] int64), whatever form the codes take."""
     if isinstance(codes, SparseCodes):
-        hit_NKE = codes.indices.unsqueeze(-1) == latents
+        hit_NKE = codes.indices.unsqueeze(-1) == features
         return (codes.values.unsqueeze(-1) * hit_NKE).sum(-2)
-    return as_dense(codes)[:, latents]
+    return as_dense(codes)[:, features]
 
 
-def _code_latent_list(edits: Sequence[Edit]) -> list[int]:
-    return sorted({e.latent for e in edits if e.needs_codes})
+def _code_feature_list(edits: Sequence[Edit]) -> list[int]:
+    return sorted({e.feature for e in edits if e.needs_codes})
 
 
-def code_latents(edits: Sequence[Edit], device: torch.device | str) -> Tensor:
-    """Sorted distinct latents [E] that the code edits of `edits` read, on `device`."""
-    return torch.tensor(_code_latent_list(edits), dtype=torch.int64, device=device)
+def code_features(edits: Sequence[Edit], device: torch.device | str) -> Tensor:
+    """Sorted distinct features [E] that the code edits of `edits` read, on `device`."""
+    return torch.tensor(_code_feature_list(edits), dtype=torch.int64, device=device)
 
 
 def apply_edits(
@@ -86,11 +86,11 @@ def apply_edits(
     edits: Sequence[Edit],
     ctx: EditContext,
     keep_error: bool = True,
-    latents_E: Tensor | None = None,
+    features_E: Tensor | None = None,
 ) -> Tensor:
     """x′ for tokens [N, D] (see the module docstring); computed in the SAE's dtype.
 
-    `latents_E` is `code_latents(edits, device)`; hooks that run every forward pass it precomputed,
+    `features_E` is `code_features(edits, device)`; hooks that run every forward pass it precomputed,
     because building it from a list is a blocking host→device copy that stalls the model's launches.
     """
     sae.check_input(x_ND)
@@ -109,17 +109,17 @@ def apply_edits(
         if not keep_error:
             out_ND = sae.decode(codes) if stats is None else sae.denormalize(sae.decode(codes), stats)
         if code_edits:
-            if latents_E is None:
-                latents_E = code_latents(code_edits, x_ND.device)
-            pos = {latent: j for j, latent in enumerate(_code_latent_list(code_edits))}
-            f_NE = latent_columns(codes, latents_E).float()  # edits and thresholds in fp32
+            if features_E is None:
+                features_E = code_features(code_edits, x_ND.device)
+            pos = {feature: j for j, feature in enumerate(_code_feature_list(code_edits))}
+            f_NE = feature_columns(codes, features_E).float()  # edits and thresholds in fp32
             new_NE = f_NE.clone()
-            for e in code_edits:  # in order: two edits of one latent compose
-                new_NE[:, pos[e.latent]] = e.apply(new_NE[:, pos[e.latent]], ctx)
-            out_ND = out_ND + in_x_space((new_NE - f_NE).to(out_ND.dtype) @ sae.W_dec[latents_E])
+            for e in code_edits:  # in order: two edits of one feature compose
+                new_NE[:, pos[e.feature]] = e.apply(new_NE[:, pos[e.feature]], ctx)
+            out_ND = out_ND + in_x_space((new_NE - f_NE).to(out_ND.dtype) @ sae.W_dec[features_E])
     for e in edits:
         if not e.needs_codes:
-            out_ND = out_ND + in_x_space(e.strength * sae.W_dec[e.latent])
+            out_ND = out_ND + in_x_space(e.strength * sae.W_dec[e.feature])
     return out_ND
 
 
@@ -128,7 +128,7 @@ def check_compatible(encoder: Encoder, sae: SAE, hook: str) -> None:
     if sae.cfg.hook is not None and sae.cfg.hook != hook:
         raise ValueError(
             f"This SAE was trained on hook {sae.cfg.hook!r} but is being spliced into {hook!r}: its "
-            "latents mean nothing there. Use an SAE trained on that hook, or leave Splice.hook unset "
+            "features mean nothing there. Use an SAE trained on that hook, or leave Splice.hook unset "
             "to use the SAE's own hook."
         )
     if sae.cfg.encoder is not None and sae.cfg.encoder != encoder.id:
@@ -249,15 +249,15 @@ class Intervention(contextlib.AbstractContextManager):
                 check_compatible(encoder, s.sae, hook)
             check_site(encoder, s.sae, hook)
             for e in s.edits:
-                e.check(s.sae.cfg.n_latents)
+                e.check(s.sae.cfg.n_features)
             if s.timesteps is not None:
                 check_timestep_window(encoder, s.timesteps)
-            if s.max_acts is not None and s.max_acts.shape != (s.sae.cfg.n_latents,):
+            if s.max_acts is not None and s.max_acts.shape != (s.sae.cfg.n_features,):
                 raise ValueError(
-                    f"max_acts has shape {tuple(s.max_acts.shape)}; expected ({s.sae.cfg.n_latents},)."
+                    f"max_acts has shape {tuple(s.max_acts.shape)}; expected ({s.sae.cfg.n_features},)."
                 )
             self.hooks.append(hook)
-        self._latents = [code_latents(s.edits, s.sae.W_dec.device) for s in self.splices]
+        self._features = [code_features(s.edits, s.sae.W_dec.device) for s in self.splices]
         self._stack: contextlib.ExitStack | None = None
 
     def __enter__(self) -> Intervention:
@@ -265,9 +265,9 @@ class Intervention(contextlib.AbstractContextManager):
             raise RuntimeError("This Intervention is already active; it cannot be entered twice.")
         stack = contextlib.ExitStack()
         try:
-            for hook, s, latents_E in zip(self.hooks, self.splices, self._latents):
+            for hook, s, features_E in zip(self.hooks, self.splices, self._features):
                 # The same hook twice: applied in list order.
-                fn = lambda acts, h=hook, s=s, lat=latents_E: self._edit(h, s, acts, lat)
+                fn = lambda acts, h=hook, s=s, lat=features_E: self._edit(h, s, acts, lat)
                 stack.enter_context(site_edit(self.encoder, s.sae, hook, fn))
         except BaseException:
             stack.close()
@@ -280,7 +280,7 @@ class Intervention(contextlib.AbstractContextManager):
         if stack is not None:
             stack.close()
 
-    def _edit(self, hook: str, s: Splice, acts_BTD: Tensor, latents_E: Tensor) -> Tensor:
+    def _edit(self, hook: str, s: Splice, acts_BTD: Tensor, features_E: Tensor) -> Tensor:
         """x′ for one call of `hook`: x is the block output, or its update for an SAE on updates."""
         timestep = self.encoder.current_timestep if isinstance(self.encoder, Sampler) else None
         if s.timesteps is not None:
@@ -294,7 +294,7 @@ class Intervention(contextlib.AbstractContextManager):
         B, T, D = acts_BTD.shape
         gate_BT = self._gate(hook, s, B, T, acts_BTD.device)
         ctx = EditContext(max_acts=s.max_acts, timestep=None if timestep is None else int(timestep))
-        new_ND = apply_edits(s.sae, acts_BTD.reshape(B * T, D), s.edits, ctx, s.keep_error, latents_E)
+        new_ND = apply_edits(s.sae, acts_BTD.reshape(B * T, D), s.edits, ctx, s.keep_error, features_E)
         new_BTD = new_ND.view(B, T, D).to(acts_BTD.dtype)
         s.n_applied += 1
         if gate_BT is None:
@@ -331,10 +331,10 @@ __all__ = [
     "apply_edits",
     "check_compatible",
     "check_site",
-    "code_latents",
+    "code_features",
     "cond_rows",
+    "feature_columns",
     "grid_for",
-    "latent_columns",
     "site_edit",
     "spatial_gate",
 ]

@@ -196,14 +196,14 @@ def steer_diffusion(
 
 @torch.no_grad()
 def max_activations(encoder: Encoder, sae: SAE, batches: Iterable[Any], hook: str | None = None) -> Tensor:
-    """Per-latent maximum activation [n_latents] (fp32) over the tokens of `batches`, for `SetMax` edits."""
+    """Per-feature maximum activation [n_features] (fp32) over the tokens of `batches`, for `SetMax` edits."""
     hook = hook or sae.cfg.hook
     if hook is None:
         raise ValueError("The SAE's cfg records no hook point: pass hook='<module path>'.")
     check_site(encoder, sae, hook)
     # An SAE on block updates sees updates here too (UNet encoders record them on request).
     site = {"update": True} if sae.cfg.site == "update" else {}
-    max_n = torch.zeros(sae.cfg.n_latents, device=sae.W_dec.device)
+    max_n = torch.zeros(sae.cfg.n_features, device=sae.W_dec.device)
     for batch in tqdm(batches, desc="max activations", leave=False):
         acts_ND = encoder.activations(batch, [hook], **site)[hook].acts_ND.to(sae.W_dec)
         codes = sae.encode(acts_ND)

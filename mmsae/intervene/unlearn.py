@@ -1,8 +1,8 @@
 """Concept unlearning with SAE features (SAeUron) on a diffusion UNet.
 
-Selection: sample concept prompts and other prompts, record each latent's mean activation per
-timestep, normalise each mean vector to sum 1, score = concept − other, keep latents scoring above
-the `percentile` (and > 0). Sampling: at every step and both CFG halves, where a selected latent
+Selection: sample concept prompts and other prompts, record each feature's mean activation per
+timestep, normalise each mean vector to sum 1, score = concept − other, keep features scoring above
+the `percentile` (and > 0). Sampling: at every step and both CFG halves, where a selected feature
 fires above its mean over all prompts, set it to (its mean on the concept) × `multiplier` (< 0),
 keeping the SAE error term. The selection is a small JSON beside the SAE.
 """
@@ -54,9 +54,9 @@ class SampleConfig:
 
 @dataclass
 class ConceptFeatures:
-    """Selected latents of one concept per timestep, with the means the suppression rule needs."""
+    """Selected features of one concept per timestep, with the means the suppression rule needs."""
 
-    latents: dict[int, list[int]]
+    features: dict[int, list[int]]
     mean_concept: dict[int, list[float]]
     mean_all: dict[int, list[float]]
 
@@ -65,7 +65,7 @@ class ConceptFeatures:
 class UnlearnSelection:
     hook: str
     encoder: str | None
-    n_latents: int
+    n_features: int
     percentile: float
     concepts: dict[str, ConceptFeatures] = field(default_factory=dict)
 
@@ -101,10 +101,10 @@ class UnlearnSelection:
             )
 
 
-def latent_sums(codes: SparseCodes | Tensor, n_latents: int) -> Tensor:
-    """Σ over tokens of each latent's activation, [n] in fp64 (long runs accumulate many tokens)."""
+def feature_sums(codes: SparseCodes | Tensor, n_features: int) -> Tensor:
+    """Σ over tokens of each feature's activation, [n] in fp64 (long runs accumulate many tokens)."""
     if isinstance(codes, SparseCodes):
-        sums = torch.zeros(n_latents, dtype=torch.float64, device=codes.values.device)
+        sums = torch.zeros(n_features, dtype=torch.float64, device=codes.values.device)
         return sums.index_add_(0, codes.indices.flatten(), codes.values.flatten().double())
     return codes.double().sum(0)
 
@@ -119,10 +119,10 @@ def timestep_sums(
     cond_only: bool = True,
     desc: str = "prompts",
 ) -> tuple[dict[int, Tensor], dict[int, int]]:
-    """Per-timestep latent sums [n] and token counts over sampling runs of `prompts`.
+    """Per-timestep feature sums [n] and token counts over sampling runs of `prompts`.
 
     SAeUron records the conditional CFG half only (`cond_only`)."""
-    sampler = require(encoder, Sampler, what="Per-timestep latent statistics")
+    sampler = require(encoder, Sampler, what="Per-timestep feature statistics")
     sampling = sampling.for_encoder(encoder)
     sums: dict[int, Tensor] = {}
     counts: dict[int, int] = {}
@@ -134,7 +134,7 @@ def timestep_sums(
             x_BTD = acts_BTD[cond_rows(encoder, hook, B, T).to(acts_BTD.device)]
         x_ND = x_BTD.reshape(-1, D).to(sae.W_dec.dtype)
         t = int(sampler.current_timestep)
-        s = latent_sums(sae.encode(x_ND), sae.cfg.n_latents)
+        s = feature_sums(sae.encode(x_ND), sae.cfg.n_features)
         sums[t] = sums[t] + s if t in sums else s
         counts[t] = counts.get(t, 0) + x_ND.shape[0]
         return acts_BTD
@@ -167,7 +167,7 @@ def select_features(
     sampling: SampleConfig | None = None,
     save_to: str | Path | None = None,
 ) -> UnlearnSelection:
-    """Select each concept's latents per timestep. A concept's "other" prompts are `other_prompts` plus
+    """Select each concept's features per timestep. A concept's "other" prompts are `other_prompts` plus
     every other concept's prompts. `save_to` (the SAE directory or a file) writes the JSON atomically."""
     hook = hook or sae.cfg.hook
     if hook is None:
@@ -188,7 +188,7 @@ def select_features(
     def mean_of(names: Sequence[str], t: int) -> Tensor:
         return sum(stats[n][0][t] for n in names) / sum(stats[n][1][t] for n in names)
 
-    selection = UnlearnSelection(hook, sae.cfg.encoder or encoder.id, sae.cfg.n_latents, percentile)
+    selection = UnlearnSelection(hook, sae.cfg.encoder or encoder.id, sae.cfg.n_features, percentile)
     for name in concepts:
         others = [n for n in stats if n != name]
         chosen = ConceptFeatures({}, {}, {})
@@ -196,10 +196,10 @@ def select_features(
             m_concept, m_all = mean_of([name], t), mean_of(list(stats), t)
             score_n = score_features(m_concept, mean_of(others, t))
             threshold = torch.quantile(score_n, percentile / 100)
-            latents = torch.nonzero((score_n > threshold) & (score_n > 0)).flatten()
-            chosen.latents[t] = latents.tolist()
-            chosen.mean_concept[t] = m_concept[latents].tolist()
-            chosen.mean_all[t] = m_all[latents].tolist()
+            features = torch.nonzero((score_n > threshold) & (score_n > 0)).flatten()
+            chosen.features[t] = features.tolist()
+            chosen.mean_concept[t] = m_concept[features].tolist()
+            chosen.mean_all[t] = m_all[features].tolist()
         selection.concepts[name] = chosen
     if save_to is not None:
         selection.save(save_to)
@@ -208,9 +208,9 @@ def select_features(
 
 @dataclass(frozen=True)
 class Suppress(Edit):
-    """SAeUron's rule for one latent: where it fires above its all-prompt mean, set mean_concept × multiplier.
+    """SAeUron's rule for one feature: where it fires above its all-prompt mean, set mean_concept × multiplier.
 
-    `rules` = ((timestep, mean_concept, mean_all), ...) for the timesteps that selected this latent;
+    `rules` = ((timestep, mean_concept, mean_all), ...) for the timesteps that selected this feature;
     `recorded` = every timestep of the selection. A sampling timestep maps to the nearest recorded one,
     so a different number of steps than at selection time still works.
     """
@@ -231,17 +231,18 @@ class Suppress(Edit):
 
 
 def suppress_edits(selection: UnlearnSelection, concepts: Sequence[str], multiplier: float) -> list[Suppress]:
-    """One `Suppress` per selected latent; a latent shared by two concepts gets the first concept's means."""
+    """One `Suppress` per selected feature; a feature shared by two concepts gets the first concept's means."""
     selection.check_concepts(concepts)
     rules: dict[int, dict[int, tuple[int, float, float]]] = {}
     for name in concepts:
         c = selection.concepts[name]
-        for t, latents in c.latents.items():
-            for latent, m_c, m_a in zip(latents, c.mean_concept[t], c.mean_all[t]):
-                rules.setdefault(latent, {}).setdefault(t, (t, m_c, m_a))
-    recorded = tuple(sorted({t for name in concepts for t in selection.concepts[name].latents}))
+        for t, features in c.features.items():
+            for feature, m_c, m_a in zip(features, c.mean_concept[t], c.mean_all[t]):
+                rules.setdefault(feature, {}).setdefault(t, (t, m_c, m_a))
+    recorded = tuple(sorted({t for name in concepts for t in selection.concepts[name].features}))
     return [
-        Suppress(latent, tuple(by_t.values()), recorded, multiplier) for latent, by_t in sorted(rules.items())
+        Suppress(feature, tuple(by_t.values()), recorded, multiplier)
+        for feature, by_t in sorted(rules.items())
     ]
 
 
@@ -262,10 +263,10 @@ class Unlearner:
         self.sampler = require(encoder, Sampler, what="Concept unlearning")
         if not isinstance(selection, UnlearnSelection):
             selection = UnlearnSelection.load(selection)
-        if selection.n_latents != sae.cfg.n_latents:
+        if selection.n_features != sae.cfg.n_features:
             raise ValueError(
-                f"The selection was made for an SAE with {selection.n_latents} latents, this one has "
-                f"{sae.cfg.n_latents}: select features with this SAE."
+                f"The selection was made for an SAE with {selection.n_features} features, this one has "
+                f"{sae.cfg.n_features}: select features with this SAE."
             )
         if not (math.isfinite(multiplier) and multiplier < 0):  # NaN passes `multiplier >= 0`
             raise ValueError(f"multiplier={multiplier} must be negative and finite (SAeUron uses −1 … −30).")

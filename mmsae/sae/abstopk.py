@@ -11,7 +11,7 @@ from mmsae.sae.topk import TopKConfig, TopKSAE
 def signed_topk(pre_BN: Tensor, k: int, allowed_N: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(values, indices) of the k entries of largest magnitude, signs kept.
 
-    With `allowed_N`, only those latents; when fewer than k are allowed, the extra slots hold value 0.
+    With `allowed_N`, only those features; when fewer than k are allowed, the extra slots hold value 0.
     """
     scores_BN = pre_BN.detach().abs()
     if allowed_N is not None:
@@ -35,7 +35,7 @@ class AbsTopKSAE(TopKSAE):
 
     def _encode(self, x: Tensor) -> SparseCodes:
         values, indices = signed_topk(self.pre_acts(x), self.cfg.k)
-        return SparseCodes(values, indices, self.cfg.n_latents)
+        return SparseCodes(values, indices, self.cfg.n_features)
 
     def select_aux(self, pre_BN: Tensor, dead_N: Tensor, k_aux: int) -> tuple[Tensor, Tensor]:
         return signed_topk(pre_BN, k_aux, dead_N)

@@ -11,12 +11,12 @@ training batches (`init_sample_rows`) and, under DDP, computes on rank 0 and bro
 peaked on one anchor (every anchor gets ⌈n/m⌉ or ⌊n/m⌋ atoms): Adam moves C's logits by about the learning
 rate per step, so the dictionary stays near its init for a long time, and atoms that start as blends of many
 anchors sit near the anchors' mean, where the SAE barely reconstructs (FVU 0.93 on synthetic data, where
-peaked atoms reach 0.31: tests/test_dead_latents.py).
+peaked atoms reach 0.31: tests/test_dead_features.py).
 
 Why atoms of one norm: the encoder is TopK, which ranks codes, and an atom's share of a token is code × atom
 norm. With atoms of the data's norms (D_i itself, 2 to 35 on DINOv2-S tokens scaled to E‖x‖ = √d) the long
-atoms, those of the outlying clusters, need small codes, lose the ranking and die: 45 % of 2048 latents after
-256 steps there, 4.2 % with atoms of one norm (docs/benchmarks.md, "Dead latents on real activations"). Why
+atoms, those of the outlying clusters, need small codes, lose the ranking and die: 45 % of 2048 features after
+256 steps there, 4.2 % with atoms of one norm (docs/benchmarks.md, "Dead features on real activations"). Why
 g = 1/k: a token's k nearest atoms point nearly the same way, so their k codes sum to about the token only if
 each is ≈ ‖x‖/k in atom units; with g = 1/k the encoder rows have unit norm, as TopK's. Putting that 1/k in
 the encoder instead (rows of norm ≈ 0.006) failed: Adam's step is about the learning rate per weight whatever
@@ -43,7 +43,7 @@ from mmsae.sae.topk import TopKConfig, TopKSAE
 class ArchetypalConfig(TopKConfig):
     unit_norm_decoder: bool = False
     n_anchors: int | None = None
-    """m, the number of k-means anchors; None = min(n_latents, 1024). The init sample needs ≥ m rows."""
+    """m, the number of k-means anchors; None = min(n_features, 1024). The init sample needs ≥ m rows."""
     delta: float = 1.0
     """Bound on each relaxation row ‖Λ_i‖, in input units (divided by s when the input scale is folded)."""
     simplex: Literal["softmax", "relu"] = "softmax"
@@ -64,7 +64,7 @@ class ArchetypalConfig(TopKConfig):
         if self.atom_scale is None and self.k is not None:
             self.atom_scale = 1.0 / self.k
         if self.n_anchors is None:
-            self.n_anchors = min(self.n_latents, 1024)
+            self.n_anchors = min(self.n_features, 1024)
         if self.anchor_sample is None:
             self.anchor_sample = max(16 * self.n_anchors, 65536)
 
@@ -132,7 +132,7 @@ class ArchetypalSAE(TopKSAE):
         self.register_buffer("anchors", anchors_MD / anchors_MD.norm(dim=-1, keepdim=True))
         # Each atom peaked on one anchor (anchors shared out evenly, in random order): blends of many
         # anchors sit near their mean and die (module docstring).
-        n = self.cfg.n_latents
+        n = self.cfg.n_features
         own_N = torch.randperm(n) % m if n >= m else torch.randperm(m)[:n]
         if self.cfg.simplex == "softmax":
             logits_NM = torch.randn(n, m)
@@ -141,7 +141,7 @@ class ArchetypalSAE(TopKSAE):
             logits_NM = torch.rand(n, m) / m
             logits_NM[torch.arange(n), own_N] += 1.0
         self.C = nn.Parameter(logits_NM)
-        self.relax = nn.Parameter(torch.zeros(self.cfg.n_latents, d))
+        self.relax = nn.Parameter(torch.zeros(self.cfg.n_features, d))
 
     def mixing(self) -> Tensor:
         """Rows of C mapped onto the simplex, [n, m]."""

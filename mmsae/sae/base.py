@@ -59,12 +59,12 @@ class SAEConfig:
     """
 
     d_in: int
-    n_latents: int
+    n_features: int
     k: int | None = None
-    """Active latents per token (TopK-style variants); None where sparsity comes from a penalty."""
+    """Active features per token (TopK-style variants); None where sparsity comes from a penalty."""
     unit_norm_decoder: bool = True
     dead_tokens: int = 10_000_000
-    """A latent that has not fired for this many training tokens counts as dead (AuxK, metrics)."""
+    """A feature that has not fired for this many training tokens counts as dead (AuxK, metrics)."""
     hook: str | None = None
     encoder: str | None = None
     site: Literal["output", "update"] = "output"
@@ -86,11 +86,13 @@ class SAEConfig:
     of that older version differs from the field's default for new SAEs."""
 
     def validate(self) -> None:
-        if self.d_in <= 0 or self.n_latents <= 0:
-            raise ValueError(f"d_in and n_latents must be positive, got d_in={self.d_in}, n={self.n_latents}")
-        if self.k is not None and not 0 < self.k <= self.n_latents:
+        if self.d_in <= 0 or self.n_features <= 0:
             raise ValueError(
-                f"k={self.k} must be in 1..n_latents={self.n_latents}: lower k or raise n_latents."
+                f"d_in and n_features must be positive, got d_in={self.d_in}, n={self.n_features}"
+            )
+        if self.k is not None and not 0 < self.k <= self.n_features:
+            raise ValueError(
+                f"k={self.k} must be in 1..n_features={self.n_features}: lower k or raise n_features."
             )
         if self.input_norm not in INPUT_NORMS:
             raise ValueError(f"input_norm={self.input_norm!r} must be one of {', '.join(INPUT_NORMS)}.")
@@ -104,14 +106,14 @@ class SAEConfig:
 
 
 class SparseCodes(NamedTuple):
-    """Codes of a TopK-style SAE: the `k` kept values per token and their latent indices."""
+    """Codes of a TopK-style SAE: the `k` kept values per token and their feature indices."""
 
     values: Tensor  # [B, k]
     indices: Tensor  # [B, k] int64
-    n_latents: int
+    n_features: int
 
     def dense(self) -> Tensor:
-        out = self.values.new_zeros(*self.values.shape[:-1], self.n_latents)
+        out = self.values.new_zeros(*self.values.shape[:-1], self.n_features)
         return out.scatter(-1, self.indices, self.values)
 
 
@@ -136,25 +138,25 @@ class LossOutput(NamedTuple):
     metrics: dict[str, Tensor]
 
 
-class DeadLatents(NamedTuple):
-    """Which latents a trainer counts as dead (it keeps the clocks; the SAE only reads this in `loss`)."""
+class DeadFeatures(NamedTuple):
+    """Which features a trainer counts as dead (it keeps the clocks; the SAE only reads this in `loss`)."""
 
     mask: Tensor
     """[n] bool, current."""
     count: int
-    """Dead latents on the host; may lag the mask by some steps, so reading it never syncs the GPU."""
+    """Dead features on the host; may lag the mask by some steps, so reading it never syncs the GPU."""
 
 
 def as_dense(codes: Codes) -> Tensor:
     return codes.dense() if isinstance(codes, SparseCodes) else codes
 
 
-def fired_mask(codes: Codes, n_latents: int) -> Tensor:
-    """Bool [n]: which latents were non-zero for at least one token of the batch."""
+def fired_mask(codes: Codes, n_features: int) -> Tensor:
+    """Bool [n]: which features were non-zero for at least one token of the batch."""
     if isinstance(codes, SparseCodes):
-        # Count non-zero uses per latent: boolean-mask indexing (indices[values != 0]) would need its
+        # Count non-zero uses per feature: boolean-mask indexing (indices[values != 0]) would need its
         # size on the host, a full stream sync every training step.
-        uses = torch.zeros(n_latents, dtype=torch.int32, device=codes.values.device)
+        uses = torch.zeros(n_features, dtype=torch.int32, device=codes.values.device)
         return uses.index_add_(0, codes.indices.flatten(), (codes.values != 0).flatten().int()) > 0
     return (codes != 0).flatten(0, -2).any(0)
 
@@ -182,7 +184,7 @@ class SAE(nn.Module):
     xₙ, which the public `encode` and `forward` normalise around, so a new variant honours `cfg.input_norm`
     without doing anything itself. The base supplies the linear decoder, what training needs of the SAE
     itself (the objective, decoder normalisation, data init, input-scale folding) and checkpoint I/O. An SAE
-    is its weights and its config: training state such as dead-latent clocks belongs to the trainer.
+    is its weights and its config: training state such as dead-feature clocks belongs to the trainer.
     """
 
     arch: ClassVar[str] = "base"
@@ -210,7 +212,7 @@ class SAE(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        d, n = cfg.d_in, cfg.n_latents
+        d, n = cfg.d_in, cfg.n_features
         W_dec = torch.randn(n, d)
         W_dec /= W_dec.norm(dim=-1, keepdim=True)
         self.W_enc = nn.Parameter(W_dec.clone())  # W_enc = W_decᵀ at init (stored n×d)
@@ -235,8 +237,8 @@ class SAE(nn.Module):
         return self.cfg.d_in
 
     @property
-    def n_latents(self) -> int:
-        return self.cfg.n_latents
+    def n_features(self) -> int:
+        return self.cfg.n_features
 
     # ----------------------------------------------------------------- forward path
     def check_input(self, x: Tensor) -> None:
@@ -346,10 +348,10 @@ class SAE(nn.Module):
         return super().train(mode)
 
     def loss(
-        self, x: Tensor, out: SAEOutput, step: int | Tensor = 0, dead: DeadLatents | None = None
+        self, x: Tensor, out: SAEOutput, step: int | Tensor = 0, dead: DeadFeatures | None = None
     ) -> LossOutput:
         """Training objective; default is normalised MSE. `step` drives warm-ups; `dead` (from the trainer's
-        clocks) feeds auxiliary losses on dead latents, none when None.
+        clocks) feeds auxiliary losses on dead features, none when None.
 
         It must not read the GPU on the host: the trainer may capture it in a CUDA graph (tests/test_graphs.py
         checks every registered variant on a GPU)."""
@@ -361,7 +363,7 @@ class SAE(nn.Module):
         return out.aux["mse"] if "mse" in out.aux else normalized_mse(x, out.x_hat)
 
     def loss_structure(self, num_dead: int) -> Hashable:
-        """The host-side choices `loss` makes for `num_dead` dead latents (None: it makes none).
+        """The host-side choices `loss` makes for `num_dead` dead features (None: it makes none).
 
         A trainer that replays captured steps needs one capture per distinct value, so it must change rarely.
         """
@@ -422,7 +424,7 @@ class SAE(nn.Module):
 
     def extra_repr(self) -> str:
         k = f", k={self.cfg.k}" if self.cfg.k is not None else ""
-        return f"arch={self.arch}, d_in={self.cfg.d_in}, n_latents={self.cfg.n_latents}{k}"
+        return f"arch={self.arch}, d_in={self.cfg.d_in}, n_features={self.cfg.n_features}{k}"
 
 
 def linear_warmup(step: int | Tensor, warmup_steps: int) -> float | Tensor:
@@ -438,7 +440,7 @@ def linear_warmup(step: int | Tensor, warmup_steps: int) -> float | Tensor:
     return min(1.0, step / warmup_steps)
 
 
-def build_sae(arch: str, d_in: int, n_latents: int, **kwargs: Any) -> SAE:
+def build_sae(arch: str, d_in: int, n_features: int, **kwargs: Any) -> SAE:
     """Construct a registered SAE by name, e.g. `build_sae("topk", 768, 16384, k=32)`."""
     cls = get_sae_class(arch)
     names = {f.name for f in dataclasses.fields(cls.Config)}
@@ -446,9 +448,9 @@ def build_sae(arch: str, d_in: int, n_latents: int, **kwargs: Any) -> SAE:
     if unknown:
         raise TypeError(
             f"{arch!r} SAE has no option(s) {sorted(unknown)}; "
-            f"valid options: {sorted(names - {'d_in', 'n_latents'})}"
+            f"valid options: {sorted(names - {'d_in', 'n_features'})}"
         )
-    return cls(cls.Config(d_in=d_in, n_latents=n_latents, **kwargs))
+    return cls(cls.Config(d_in=d_in, n_features=n_features, **kwargs))
 
 
 @torch.no_grad()
@@ -471,10 +473,10 @@ learns ~10× too slowly (docs/benchmarks.md, "Default recipe")."""
 LR_SHORT_RUN_MAX_BOOST = 10.0
 
 
-def default_lr(n_latents: int, total_steps: int | None = None) -> float:
+def default_lr(n_features: int, total_steps: int | None = None) -> float:
     """The lr when `lr=None`: 2e-4 / √(n / 2¹⁴) (Gao et al.), raised for runs of fewer than
     `LR_SHORT_RUN_STEPS` optimizer steps (up to 10×, at ≤ 800 steps); `total_steps=None` = a long run."""
-    lr = 2e-4 / math.sqrt(n_latents / 2**14)
+    lr = 2e-4 / math.sqrt(n_features / 2**14)
     if total_steps is None:
         return lr
     boost = math.sqrt(LR_SHORT_RUN_STEPS / max(1, total_steps))

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from mmsae.sae.base import DeadLatents, LossOutput, SAEOutput, normalized_mse, register
+from mmsae.sae.base import DeadFeatures, LossOutput, SAEOutput, normalized_mse, register
 from mmsae.sae.relu import ReLUConfig, ReLUSAE, weighted_l1
 
 
@@ -22,7 +22,7 @@ class GatedConfig(ReLUConfig):
 
 @register("gated")
 class GatedSAE(ReLUSAE):
-    """Gate path decides *which* latents fire, magnitude path *how much*; they share W_enc.
+    """Gate path decides *which* features fire, magnitude path *how much*; they share W_enc.
 
     π_gate = W_enc(x − b_dec) + b_enc (W_gate = W_enc, b_gate = b_enc);
     magnitude = relu(exp(r_mag) ⊙ W_enc(x − b_dec) + b_mag); f = 1[π_gate > 0] · magnitude.
@@ -35,8 +35,8 @@ class GatedSAE(ReLUSAE):
 
     def __init__(self, cfg: GatedConfig):
         super().__init__(cfg)
-        self.r_mag = nn.Parameter(torch.zeros(cfg.n_latents))
-        self.b_mag = nn.Parameter(torch.zeros(cfg.n_latents))
+        self.r_mag = nn.Parameter(torch.zeros(cfg.n_features))
+        self.b_mag = nn.Parameter(torch.zeros(cfg.n_features))
 
     def gate_and_codes(self, x: Tensor) -> tuple[Tensor, Tensor]:
         pi_gate_BN = self.pre_acts(x)
@@ -52,7 +52,7 @@ class GatedSAE(ReLUSAE):
         return SAEOutput(self.decode(codes_BN), codes_BN, {"pi_gate": pi_gate_BN})
 
     def loss(
-        self, x: Tensor, out: SAEOutput, step: int | Tensor = 0, dead: DeadLatents | None = None
+        self, x: Tensor, out: SAEOutput, step: int | Tensor = 0, dead: DeadFeatures | None = None
     ) -> LossOutput:
         mse = normalized_mse(x, out.x_hat)
         gate_BN = out.aux["pi_gate"].relu()
@@ -60,7 +60,7 @@ class GatedSAE(ReLUSAE):
         # Frozen decoder: this term trains only the gate path, not the dictionary.
         aux = normalized_mse(x, gate_BN @ self.W_dec.detach() + self.b_dec.detach())
         loss = mse + self.l1_coef_at(step) * l1 + aux
-        self.calibrate(out.aux["pi_gate"])  # a latent fires where its gate is open
+        self.calibrate(out.aux["pi_gate"])  # a feature fires where its gate is open
         return LossOutput(loss, {"mse": mse.detach(), "l1": l1.detach(), "aux_recon": aux.detach()})
 
 

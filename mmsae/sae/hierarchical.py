@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from mmsae import kernels
-from mmsae.sae.base import DeadLatents, LossOutput, SAEOutput, SparseCodes, normalized_mse, register
+from mmsae.sae.base import DeadFeatures, LossOutput, SAEOutput, SparseCodes, normalized_mse, register
 from mmsae.sae.topk import TopKConfig, TopKSAE
 
 
@@ -53,14 +53,14 @@ class HierarchicalTopKSAE(TopKSAE):
         )
         values, order = values.sort(dim=-1, descending=True)
         indices = indices.gather(-1, order)
-        return SparseCodes(values[..., :k], indices[..., :k], self.cfg.n_latents)
+        return SparseCodes(values[..., :k], indices[..., :k], self.cfg.n_features)
 
     def _forward(self, x: Tensor, k: int | None = None) -> SAEOutput:
         codes = self._encode(x, k)
         return SAEOutput(self.decode(codes), codes, {})
 
     def loss(
-        self, x: Tensor, out: SAEOutput, step: int | Tensor = 0, dead: DeadLatents | None = None
+        self, x: Tensor, out: SAEOutput, step: int | Tensor = 0, dead: DeadFeatures | None = None
     ) -> LossOutput:
         values, indices, n = out.codes
         budgets = [k for k in self.cfg.ks if k <= values.shape[-1]]

@@ -1,14 +1,14 @@
 """JumpReLU SAE (Rajamanoharan et al. 2024) with rectangle-kernel straight-through estimators.
 
-f = z·1[z > θ] with z = W_enc(x − b_dec) + b_enc and a raw (not log) per-latent threshold θ.
+f = z·1[z > θ] with z = W_enc(x − b_dec) + b_enc and a raw (not log) per-feature threshold θ.
 The step has no useful gradient, so both JumpReLU and the L0 count use pseudo-derivatives
 evaluated at the *pre-activations* z (dictionary_learning #55 applied them to f):
     ∂JumpReLU/∂θ = −(θ/ε)·K((z − θ)/ε),   ∂H(z − θ)/∂θ = −(1/ε)·K((z − θ)/ε),   K = 1[|u| < ½].
 They are the exact θ-derivatives of the objective with z smoothed by a width-ε box (tested).
 With `ste_inputs` (the default, as in Anthropic's January 2025 recipe) the same pseudo-derivatives,
-sign flipped, also reach z and through it W_enc and b_enc: a latent just below θ on a token it would
+sign flipped, also reach z and through it W_enc and b_enc: a feature just below θ on a token it would
 help learns to fire there, one just above on a token it hurts learns not to. Without that (the paper's
-STE) only θ sees the jump, and on the synthetic benchmark most tokens' best latents stayed below θ and
+STE) only θ sees the jump, and on the synthetic benchmark most tokens' best features stayed below θ and
 never trained (23 % vs 49 % of the features recovered at 2M tokens, docs/benchmarks.md).
 θ stays an fp32 Parameter: in bf16 its small updates round away and it silently stops learning.
 Units: the trainer scales inputs to E‖x‖ = √d, where a random unit encoder row gives pre-activations of
@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from mmsae.sae.base import (
     SAE,
-    DeadLatents,
+    DeadFeatures,
     LossOutput,
     SAEConfig,
     SAEOutput,
@@ -91,7 +91,7 @@ class JumpReLUConfig(SAEConfig):
     threshold_init: float = 1.0
     """Initial θ, in the trainer's input units (pre-activation std ≈ 1). The paper's 0.001 is meant for
     inputs scaled to E‖x‖² = 1: here θ would have to climb ~2000× at ≤ lr per Adam step while the encoder
-    moves much faster (L0 still 64 for a target of 4 after 0.5M tokens); 0.1 left 83 % of latents dead,
+    moves much faster (L0 still 64 for a target of 4 after 0.5M tokens); 0.1 left 83 % of features dead,
     2.0 recovered 35 % of the features against 49 % for 1.0 (synthetic benchmark, docs/benchmarks.md)."""
     bandwidth: float = 1.0
     """ε, the width of the rectangle kernel, in the same units. The paper's 0.001 (for E‖x‖² = 1) lets
@@ -117,8 +117,8 @@ class JumpReLUConfig(SAEConfig):
             raise ValueError("bandwidth, threshold_init and min_threshold must be positive.")
         if self.sparsity_coef is not None and self.sparsity_coef < 0:
             raise ValueError(f"sparsity_coef={self.sparsity_coef} must be ≥ 0 (None picks the default).")
-        if self.target_l0 is not None and not 0 < self.target_l0 <= self.n_latents:
-            raise ValueError(f"target_l0={self.target_l0} must be in (0, n_latents={self.n_latents}].")
+        if self.target_l0 is not None and not 0 < self.target_l0 <= self.n_features:
+            raise ValueError(f"target_l0={self.target_l0} must be in (0, n_features={self.n_features}].")
 
 
 @register("jumprelu")
@@ -128,7 +128,7 @@ class JumpReLUSAE(SAE):
 
     def __init__(self, cfg: JumpReLUConfig):
         super().__init__(cfg)
-        self.threshold = nn.Parameter(torch.full((cfg.n_latents,), cfg.threshold_init, dtype=torch.float32))
+        self.threshold = nn.Parameter(torch.full((cfg.n_features,), cfg.threshold_init, dtype=torch.float32))
 
     def _encode(self, x: Tensor) -> Tensor:
         return self.jump(self.pre_acts(x))
@@ -148,7 +148,7 @@ class JumpReLUSAE(SAE):
         return coef * linear_warmup(step, self.cfg.sparsity_warmup_steps)
 
     def loss(
-        self, x: Tensor, out: SAEOutput, step: int | Tensor = 0, dead: DeadLatents | None = None
+        self, x: Tensor, out: SAEOutput, step: int | Tensor = 0, dead: DeadFeatures | None = None
     ) -> LossOutput:
         mse = normalized_mse(x, out.x_hat)
         fires_BN = StepFunction.apply(

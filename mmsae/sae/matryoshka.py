@@ -1,7 +1,7 @@
 """Matryoshka SAE (Bussmann et al. 2025; Nabeshima 2024): every dictionary prefix must reconstruct alone.
 
 Widths m_1 < … < m_J = n come from `prefix_fractions`; the loss is the mean over prefixes of the
-normalised MSE of f[:, :m_j] W_dec[:m_j] + b_dec, so early latents learn general features and
+normalised MSE of f[:, :m_j] W_dec[:m_j] + b_dec, so early features learn general concepts and
 later ones refine them. Selection is BatchTopK (default, with its inference threshold) or TopK.
 """
 
@@ -14,7 +14,15 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from mmsae.sae.base import DeadLatents, LossOutput, SAEOutput, SparseCodes, as_dense, normalized_mse, register
+from mmsae.sae.base import (
+    DeadFeatures,
+    LossOutput,
+    SAEOutput,
+    SparseCodes,
+    as_dense,
+    normalized_mse,
+    register,
+)
 from mmsae.sae.batchtopk import BatchTopKConfig, BatchTopKSAE
 from mmsae.sae.topk import TopKSAE
 
@@ -32,14 +40,14 @@ class MatryoshkaConfig(BatchTopKConfig):
         if self.selection not in ("batchtopk", "topk"):
             raise ValueError(f"selection={self.selection!r}: use 'batchtopk' or 'topk'.")
         widths = self.prefix_widths()
-        if widths[-1] != self.n_latents or any(a >= b for a, b in pairwise(widths)) or widths[0] < 1:
+        if widths[-1] != self.n_features or any(a >= b for a, b in pairwise(widths)) or widths[0] < 1:
             raise ValueError(
-                f"prefix_fractions={self.prefix_fractions} → widths {widths} of n_latents={self.n_latents}: "
-                "they must increase strictly, start at ≥ 1 latent and end at 1.0."
+                f"prefix_fractions={self.prefix_fractions} → widths {widths} of n_features={self.n_features}: "
+                "they must increase strictly, start at ≥ 1 feature and end at 1.0."
             )
 
     def prefix_widths(self) -> list[int]:
-        return [round(f * self.n_latents) for f in self.prefix_fractions]
+        return [round(f * self.n_features) for f in self.prefix_fractions]
 
 
 @register("matryoshka")
@@ -64,7 +72,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         return outs
 
     def loss(
-        self, x: Tensor, out: SAEOutput, step: int | Tensor = 0, dead: DeadLatents | None = None
+        self, x: Tensor, out: SAEOutput, step: int | Tensor = 0, dead: DeadFeatures | None = None
     ) -> LossOutput:
         prefix_mse = torch.stack(
             [normalized_mse(x, x_hat) for x_hat in self.prefix_reconstructions(as_dense(out.codes))]

@@ -45,7 +45,7 @@ class MPSAE(SAE):
         residual_BD = x - self.b_dec
         norms_N = self.W_dec.norm(dim=-1).clamp_min(1e-8)
         stop_B = residual_BD.norm(dim=-1) * self.cfg.stop_tol
-        chosen_BN = torch.zeros(*x.shape[:-1], self.cfg.n_latents, dtype=torch.bool, device=x.device)
+        chosen_BN = torch.zeros(*x.shape[:-1], self.cfg.n_features, dtype=torch.bool, device=x.device)
         values, indices = [], []
         for _ in range(self.cfg.k):
             corr_BN = residual_BD @ self.W_dec.T
@@ -59,7 +59,7 @@ class MPSAE(SAE):
             chosen_BN.scatter_(-1, idx_B1, True)
             values.append(coef_B1)
             indices.append(idx_B1)
-        return SparseCodes(torch.cat(values, -1), torch.cat(indices, -1), self.cfg.n_latents)
+        return SparseCodes(torch.cat(values, -1), torch.cat(indices, -1), self.cfg.n_features)
 
 
 __all__ = ["MPSAE", "MPConfig"]

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from mmsae.sae.base import (
     SAE,
-    DeadLatents,
+    DeadFeatures,
     LossOutput,
     SAEConfig,
     SAEOutput,
@@ -38,8 +38,8 @@ class ReLUConfig(SAEConfig):
         super().validate()
         if self.l1_coef is not None and self.l1_coef < 0:
             raise ValueError(f"l1_coef={self.l1_coef} must be ≥ 0.")
-        if self.target_l0 is not None and not 0 < self.target_l0 <= self.n_latents:
-            raise ValueError(f"target_l0={self.target_l0} must be in (0, n_latents={self.n_latents}].")
+        if self.target_l0 is not None and not 0 < self.target_l0 <= self.n_features:
+            raise ValueError(f"target_l0={self.target_l0} must be in (0, n_features={self.n_features}].")
         if self.l0_adapt_rate <= 0:
             raise ValueError(f"l0_adapt_rate={self.l0_adapt_rate} must be > 0.")
 
@@ -72,7 +72,7 @@ class ReLUSAE(SAE):
 
     @torch.no_grad()
     def calibrate(self, active_BN: Tensor) -> None:
-        """Move λ towards `target_l0` from this batch's L0 (latents with active_BN > 0); on the device."""
+        """Move λ towards `target_l0` from this batch's L0 (features with active_BN > 0); on the device."""
         if self.cfg.target_l0 is None or not self.training:
             return
         l0 = (active_BN > 0).float().sum(-1).mean()
@@ -80,7 +80,7 @@ class ReLUSAE(SAE):
         self.l1_scale.mul_(torch.exp(self.cfg.l0_adapt_rate * error))
 
     def loss(
-        self, x: Tensor, out: SAEOutput, step: int | Tensor = 0, dead: DeadLatents | None = None
+        self, x: Tensor, out: SAEOutput, step: int | Tensor = 0, dead: DeadFeatures | None = None
     ) -> LossOutput:
         mse = normalized_mse(x, out.x_hat)
         l1 = weighted_l1(out.codes, self.W_dec)

@@ -1,4 +1,4 @@
-"""TopK SAE with AuxK on dead latents (Gao et al. 2024, "Scaling and evaluating sparse autoencoders")."""
+"""TopK SAE with AuxK on dead features (Gao et al. 2024, "Scaling and evaluating sparse autoencoders")."""
 
 from __future__ import annotations
 
@@ -7,19 +7,19 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from mmsae import kernels
-from mmsae.sae.base import SAE, DeadLatents, LossOutput, SAEConfig, SAEOutput, SparseCodes, register
+from mmsae.sae.base import SAE, DeadFeatures, LossOutput, SAEConfig, SAEOutput, SparseCodes, register
 
 
 @dataclass
 class TopKConfig(SAEConfig):
     k: int | None = 32
     aux_k: int | None = None
-    """Dead latents used by AuxK; None = d_in // 2 (Gao et al.), 0 disables AuxK."""
+    """Dead features used by AuxK; None = d_in // 2 (Gao et al.), 0 disables AuxK."""
     aux_coef: float = 1 / 32
 
     def validate(self) -> None:
         if self.k is None:
-            raise ValueError(f"{type(self).__name__} needs k (active latents per token).")
+            raise ValueError(f"{type(self).__name__} needs k (active features per token).")
         super().validate()
 
 
@@ -35,10 +35,10 @@ class TopKSAE(SAE):
         values, indices = kernels.topk_encode(
             x, self.W_enc, self.b_enc, self.cfg.k, b_dec=self.b_dec, copies=self.weight_copies
         )
-        return SparseCodes(values, indices, self.cfg.n_latents)
+        return SparseCodes(values, indices, self.cfg.n_features)
 
     def loss(
-        self, x: Tensor, out: SAEOutput, step: int | Tensor = 0, dead: DeadLatents | None = None
+        self, x: Tensor, out: SAEOutput, step: int | Tensor = 0, dead: DeadFeatures | None = None
     ) -> LossOutput:
         mse = self.recon_loss(x, out)
         return self.with_auxk(x, out.x_hat, mse, {"mse": mse.detach()}, dead)
@@ -49,9 +49,9 @@ class TopKSAE(SAE):
         x_hat: Tensor,
         loss: Tensor,
         metrics: dict[str, Tensor],
-        dead: DeadLatents | None,
+        dead: DeadFeatures | None,
     ) -> LossOutput:
-        """`loss` plus aux_coef × AuxK when latents are dead (shared by the TopK family's objectives)."""
+        """`loss` plus aux_coef × AuxK when features are dead (shared by the TopK family's objectives)."""
         aux = None if dead is None else self.auxk_loss(x, x_hat, dead)
         if aux is None:
             return LossOutput(loss, metrics)
@@ -62,10 +62,10 @@ class TopKSAE(SAE):
         return self.cfg.d_in // 2 if self.cfg.aux_k is None else self.cfg.aux_k
 
     def aux_size(self, num_dead: int) -> int:
-        """Dead latents AuxK selects per token for `num_dead` dead latents (0: AuxK is off).
+        """Dead features AuxK selects per token for `num_dead` dead features (0: AuxK is off).
 
         min(aux_k, num_dead) rounded up to a power of two: with the trainer's host-side dead count (which may
-        lag), a captured CUDA graph then serves every count up to that size (the extra slots pick live latents
+        lag), a captured CUDA graph then serves every count up to that size (the extra slots pick live features
         masked to −∞, whose codes are 0), and a run captures a handful of graphs, not one per count.
         """
         aux_k = self.max_aux_k()
@@ -76,8 +76,8 @@ class TopKSAE(SAE):
     def loss_structure(self, num_dead: int) -> int:
         return self.aux_size(num_dead)
 
-    def auxk_loss(self, x: Tensor, x_hat: Tensor, dead: DeadLatents) -> Tensor | None:
-        """Reconstruct the residual from the top `aux_k` dead latents.
+    def auxk_loss(self, x: Tensor, x_hat: Tensor, dead: DeadFeatures) -> Tensor | None:
+        """Reconstruct the residual from the top `aux_k` dead features.
 
         The target is the *detached* residual and the aux reconstruction has no b_dec
         (sparsify #132 re-added it). Scaled by min(#dead / aux_k, 1), with #dead counted on the device now.
@@ -94,7 +94,7 @@ class TopKSAE(SAE):
         return aux * (dead_N.sum() / self.max_aux_k()).clamp(max=1.0)
 
     def select_aux(self, pre_BN: Tensor, dead_N: Tensor, k_aux: int) -> tuple[Tensor, Tensor]:
-        """The AuxK codes: relu of the `k_aux` largest pre-activations among dead latents (0 past #dead)."""
+        """The AuxK codes: relu of the `k_aux` largest pre-activations among dead features (0 past #dead)."""
         values, indices = pre_BN.masked_fill(~dead_N, float("-inf")).topk(k_aux, dim=-1, sorted=False)
         return values.relu(), indices
 

@@ -50,7 +50,7 @@ def default_precision() -> str:
 def train(
     data: Any,
     sae: str = "topk",
-    n_latents: int = 4096,
+    n_features: int = 4096,
     k: int | None = None,
     tokens: int = 10_000_000,
     batch_size: int = 4096,
@@ -80,7 +80,7 @@ def train(
     """
     L.seed_everything(seed, verbose=False)
     datamodule = SAEDataModule(data, tokens=tokens, batch_size=batch_size, hook=hook, seed=seed, stage=stage)
-    spec = SAESpec(arch=sae, n_latents=n_latents, k=k, lr=lr, options=sae_kwargs)
+    spec = SAESpec(arch=sae, n_features=n_features, k=k, lr=lr, options=sae_kwargs)
     module = SAEModule(
         [spec],
         d_in=datamodule.d_in,

@@ -1,14 +1,14 @@
 """`GraphedStep`: a whole training step replayed as one CUDA graph.
 
 An SAE step is ~100 small kernels (encoder, top-k, sparse decoder, losses, backward, clipping, Adam, atom
-renormalisation, dead-latent clocks). Launched one by one from Python, they cost more host time than GPU
+renormalisation, dead-feature clocks). Launched one by one from Python, they cost more host time than GPU
 time at common sizes (d=768, batch 4096: ~6 ms of Python and launches for ~1 ms of GPU work on an H100),
 so the trainer was host-bound. Captured once and replayed, the step costs one launch.
 
 A graph freezes everything the host decided while it was captured: tensor shapes, Python scalars and which
 kernels run. So the step function must read the GPU only through tensors (no `.item()`, no boolean
 indexing), every per-step scalar it uses lives in a device tensor (the LR, the step counter), and whatever
-host-side choice does shape it (e.g. how many dead latents AuxK selects) goes into the `key`, which the
+host-side choice does shape it (e.g. how many dead features AuxK selects) goes into the `key`, which the
 step's keyword arguments join (e.g. whether it computes the training metrics): one graph is captured per key,
 after the key has run eagerly `warmup` times (JIT compilation, allocator and cuBLAS workspaces must happen
 outside a capture). Batches of another shape than the first (rows dropped as

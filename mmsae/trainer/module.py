@@ -6,7 +6,7 @@ per-SAE grad clipping, decoder-parallel gradients removed before the step and at
 The scale is folded into a *copy* of each SAE when it is written out, so the live SAE keeps training on s·x.
 
 One step function (`SAEModule._step`) runs under Lightning's manual optimisation, eagerly or captured and
-replayed as one CUDA graph (`mmsae.trainer.graphs`). Dead-latent clocks and the run's configuration are the
+replayed as one CUDA graph (`mmsae.trainer.graphs`). Dead-feature clocks and the run's configuration are the
 module's state (`mmsae.trainer.state`), saved in the Lightning checkpoint, not in the published SAEs.
 """
 
@@ -35,7 +35,7 @@ from mmsae.trainer.graphs import GraphedStep
 from mmsae.trainer.optim import WarmupDecay, keeps_unit_rows, make_optimizer
 from mmsae.trainer.state import (
     DEAD_COUNT_EVERY,
-    DeadLatentClock,
+    DeadFeatureClock,
     check_resume,
     run_config,
     upgrade_checkpoint,
@@ -47,12 +47,12 @@ class SAESpec:
     """One SAE of a run: architecture plus options."""
 
     arch: str = "topk"
-    n_latents: int = 4096
+    n_features: int = 4096
     k: int | None = None
-    """Active latents per token; None keeps the architecture's default (TopK family: 32) where that is at most
-    an eighth of n_latents, and is an error otherwise (it would make a nearly dense SAE)."""
+    """Active features per token; None keeps the architecture's default (TopK family: 32) where that is at most
+    an eighth of n_features, and is an error otherwise (it would make a nearly dense SAE)."""
     lr: float | None = None
-    """None = default_lr(n_latents, steps of the run): 2e-4 / √(n / 2¹⁴), raised up to 10× for short runs."""
+    """None = default_lr(n_features, steps of the run): 2e-4 / √(n / 2¹⁴), raised up to 10× for short runs."""
     name: str | None = None
     """Output folder name; None = the hook (single SAE) or '<arch>_n<n>_k<k>' (sweeps)."""
     options: dict[str, Any] = field(default_factory=dict)
@@ -64,20 +64,20 @@ class SAESpec:
             kwargs["k"] = self.k
         elif "k" not in kwargs:
             default_k = get_sae_class(self.arch).Config.k  # a dataclass default, read on the class
-            if default_k is not None and 8 * default_k > self.n_latents:
+            if default_k is not None and 8 * default_k > self.n_features:
                 raise ValueError(
                     f"No k given for the {self.arch!r} SAE, and its default k={default_k} would keep "
-                    f"{default_k} of n_latents={self.n_latents} latents per token (nearly dense): pass k, "
-                    f"e.g. k={max(1, self.n_latents // 16)}."
+                    f"{default_k} of n_features={self.n_features} features per token (nearly dense): pass k, "
+                    f"e.g. k={max(1, self.n_features // 16)}."
                 )
-        return build_sae(self.arch, d_in, self.n_latents, hook=hook, encoder=encoder, **kwargs)
+        return build_sae(self.arch, d_in, self.n_features, hook=hook, encoder=encoder, **kwargs)
 
     def default_name(self, single: bool, hook: str | None) -> str:
         if self.name:
             return self.name
         if single:
             return hook or "sae"
-        return f"{self.arch}_n{self.n_latents}" + (f"_k{self.k}" if self.k is not None else "")
+        return f"{self.arch}_n{self.n_features}" + (f"_k{self.k}" if self.k is not None else "")
 
 
 class SAEModule(L.LightningModule):
@@ -132,7 +132,7 @@ class SAEModule(L.LightningModule):
         # One step function, run eagerly or replayed as a CUDA graph, drives Adam itself (`_step`).
         self.automatic_optimization = False
         self.saes = nn.ModuleList()
-        self.clocks = nn.ModuleList()  # a dead-latent clock per SAE: training state, not the SAE's
+        self.clocks = nn.ModuleList()  # a dead-feature clock per SAE: training state, not the SAE's
         self.register_buffer("input_scale", torch.zeros((), dtype=torch.float64))  # 0 = not estimated yet
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.int64))
         self.register_buffer("skipped_rows", torch.zeros((), dtype=torch.int64))
@@ -156,7 +156,7 @@ class SAEModule(L.LightningModule):
             sae = spec.build(d_in, self.hook, self.encoder).train()  # SAEs are built for inference
             self._record_provenance(sae)
             self.saes.append(sae)
-            self.clocks.append(DeadLatentClock(sae.n_latents, sae.cfg.dead_tokens))
+            self.clocks.append(DeadFeatureClock(sae.n_features, sae.cfg.dead_tokens))
 
     def setup(self, stage: str) -> None:
         # A store records what it holds (encoder, hook, site): SAEs trained on it inherit what this run was
@@ -186,7 +186,7 @@ class SAEModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         total = int(self.trainer.estimated_stepping_batches)
-        lrs = [spec.lr or default_lr(spec.n_latents, total) for spec in self.specs]
+        lrs = [spec.lr or default_lr(spec.n_features, total) for spec in self.specs]
         # Clipping, and for plain unit-norm decoders the projection and renormalisation, are the optimizer's:
         # one Triton pass per weight on CUDA (`mmsae.trainer.optim`).
         optimizer = make_optimizer(list(self.saes), lrs, self.grad_clip)
@@ -319,7 +319,7 @@ class SAEModule(L.LightningModule):
         step: int | Tensor,
         metrics: bool,
     ) -> tuple[Tensor, list[Tensor], dict[str, Tensor]]:
-        """Summed loss of every SAE, the latents each fired, and (if `metrics`) the training metrics."""
+        """Summed loss of every SAE, the features each fired, and (if `metrics`) the training metrics."""
         x_BD = batch_BD.float() * self.input_scale.float()
         total = x_BD.new_zeros((), dtype=torch.float32)
         fired = []
@@ -328,7 +328,7 @@ class SAEModule(L.LightningModule):
             out = sae(x_BD)
             loss_out = sae.loss(x_BD, out, step, dead=clock.dead())
             total = total + loss_out.loss.float()
-            fired.append(fired_mask(out.codes, sae.n_latents))
+            fired.append(fired_mask(out.codes, sae.n_features))
             if metrics:
                 with torch.no_grad():
                     values = {
@@ -352,13 +352,13 @@ class SAEModule(L.LightningModule):
 
     @torch.no_grad()
     def _update_dead(self, fired: list[Tensor], n_rows: int) -> None:
-        """Advance each dead-latent clock by all ranks' tokens; a latent fired if it fired on any rank."""
+        """Advance each dead-feature clock by all ranks' tokens; a feature fired if it fired on any rank."""
         strategy = self.trainer.strategy
         fired_N = strategy.reduce(torch.cat(fired).float(), reduce_op="max").bool()
         # Made on the device (torch.full, not torch.tensor(n_rows, device=...): that is a blocking host→device
         # copy, a full stream sync every step) and never read back on the host.
         n_tokens = strategy.reduce(torch.full((), n_rows, device=self.device), reduce_op="sum")
-        for clock, fired_n in zip(self.clocks, fired_N.split([s.n_latents for s in self.saes])):
+        for clock, fired_n in zip(self.clocks, fired_N.split([s.n_features for s in self.saes])):
             clock.update(fired_n, n_tokens)
         self.tokens_seen += n_tokens
 

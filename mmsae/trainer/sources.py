@@ -7,7 +7,7 @@ Accepted data (`as_source`):
   extraction wrote it into),
 - any other store-like object with `.d_in` and `.batches(batch_size, hook=None, shuffle=True, seed=0)`
   (e.g. `mmsae.store.ActivationStream`),
-- a dict `{"synthetic": {"d": ..., "n_features": ..., "seed": ...}}` building
+- a dict `{"synthetic": {"d": ..., "n_directions": ..., "seed": ...}}` building
   `mmsae.datasets.synthetic.SyntheticActivations` lazily, so YAML configs can ask for it
   (or `{"store": path}`), or a `SyntheticActivations` itself.
 
@@ -314,7 +314,7 @@ def as_source(data: Any, hook: str | None = None) -> Source:
         if set(data) == {"store"}:
             return as_source(data["store"], hook)
         raise ValueError(
-            f"Data dict must be {{'synthetic': {{d, n_features, seed}}}} or {{'store': path}}, "
+            f"Data dict must be {{'synthetic': {{d, n_directions, seed}}}} or {{'store': path}}, "
             f"got keys {sorted(data)}."
         )
     if isinstance(data, (Tensor, np.ndarray)):

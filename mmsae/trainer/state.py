@@ -1,4 +1,4 @@
-"""Training state that is not the SAE: dead-latent clocks, and the run configuration a resume must match.
+"""Training state that is not the SAE: dead-feature clocks, and the run configuration a resume must match.
 
 Both live in the Lightning checkpoint (the `SAEModule`'s buffers and its `mmsae_run` entry), never in a
 published `sae.safetensors`: an SAE is its weights and its config (as in sparsify and SAELens, whose trainers
@@ -13,24 +13,24 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mmsae.sae import DeadLatents
+from mmsae.sae import DeadFeatures
 
 DEAD_COUNT_EVERY = 100
 """Steps between two host-side dead counts (each is a GPU sync)."""
 
 
-class DeadLatentClock(nn.Module):
-    """Tokens since each latent of one SAE last fired; a latent idle for `dead_tokens` tokens is dead.
+class DeadFeatureClock(nn.Module):
+    """Tokens since each feature of one SAE last fired; a feature idle for `dead_tokens` tokens is dead.
 
     The clock is float64, so DDP all-reduce and bf16 never matter. The trainer advances it every step and
-    asks for a fresh host-side count every `DEAD_COUNT_EVERY` steps: latents die over millions of tokens, so
+    asks for a fresh host-side count every `DEAD_COUNT_EVERY` steps: features die over millions of tokens, so
     a count ≤ 100 steps old is exact enough for sizing AuxK, and the mask itself is always current.
     """
 
-    def __init__(self, n_latents: int, dead_tokens: int):
+    def __init__(self, n_features: int, dead_tokens: int):
         super().__init__()
         self.dead_tokens = dead_tokens
-        self.register_buffer("tokens_since_fired", torch.zeros(n_latents, dtype=torch.float64))
+        self.register_buffer("tokens_since_fired", torch.zeros(n_features, dtype=torch.float64))
         # The count in force (−1: none yet), checkpointed: a resumed run sizes AuxK with the count the
         # uninterrupted run was using, not a fresh one, so it continues exactly.
         self.register_buffer("count_in_force", torch.full((), -1, dtype=torch.int64))
@@ -40,7 +40,7 @@ class DeadLatentClock(nn.Module):
         return self.tokens_since_fired >= self.dead_tokens
 
     def count(self) -> int:
-        """Dead latents on the host, counted (a GPU sync) only after `expire_count`."""
+        """Dead features on the host, counted (a GPU sync) only after `expire_count`."""
         if self._count is None:
             self._count = int(self.count_in_force)
             if self._count < 0:
@@ -52,13 +52,13 @@ class DeadLatentClock(nn.Module):
         self._count = None
         self.count_in_force.fill_(-1)
 
-    def dead(self) -> DeadLatents:
+    def dead(self) -> DeadFeatures:
         """What an SAE's `loss` reads."""
-        return DeadLatents(self.mask(), self.count())
+        return DeadFeatures(self.mask(), self.count())
 
     @torch.no_grad()
     def update(self, fired_N: Tensor, n_tokens: int | Tensor) -> None:
-        """Advance the clock by `n_tokens` and reset latents in `fired_N` ([n] bool)."""
+        """Advance the clock by `n_tokens` and reset features in `fired_N` ([n] bool)."""
         # masked_fill_, not clock[fired] = 0: boolean indexing sizes its result on the host (a stream sync,
         # and illegal inside a CUDA graph capture).
         self.tokens_since_fired.add_(n_tokens).masked_fill_(fired_N, 0)
@@ -92,7 +92,7 @@ def check_resume(saved: dict[str, Any], now: dict[str, Any], checkpoint: str | P
 
 
 def upgrade_checkpoint(checkpoint: dict[str, Any], n_saes: int) -> None:
-    """Rewrite, in place, a Lightning checkpoint of an earlier version, which kept the dead-latent clocks on
+    """Rewrite, in place, a Lightning checkpoint of an earlier version, which kept the dead-feature clocks on
     the SAEs and stepped under Lightning's automatic optimisation, into the present layout."""
     state = checkpoint["state_dict"]
     for i in range(n_saes):

@@ -1,4 +1,4 @@
-"""Dead latents of the k-sparse variants: archetypal anchors from a data pass, identical on every DDP rank."""
+"""Dead features of the k-sparse variants: archetypal anchors from a data pass, identical on every DDP rank."""
 
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ def test_archetypal_anchors_come_from_more_than_the_first_batch(monkeypatch: pyt
 
         monkeypatch.setattr(cls, "init_from_data", spy)
     specs = [
-        SAESpec("archetypal", n_latents=64, k=2, options={"n_anchors": 16, "anchor_sample": 200}),
-        SAESpec("topk", n_latents=64, k=2),
+        SAESpec("archetypal", n_features=64, k=2, options={"n_anchors": 16, "anchor_sample": 200}),
+        SAESpec("topk", n_features=64, k=2),
     ]
     module = SAEModule(specs, warmup_steps=2, init_batches=2)
     trainer = L.Trainer(
@@ -50,7 +50,7 @@ def test_ddp_ranks_start_from_the_same_archetypal_anchors(tmp_path: Path) -> Non
         from mmsae.trainer import SAEDataModule, SAEModule, SAESpec
         torch.set_num_threads(1)
         x = torch.randn(4096, 8)
-        spec = SAESpec("archetypal", n_latents=64, k=2, options={{"n_anchors": 16, "anchor_sample": 128}})
+        spec = SAESpec("archetypal", n_features=64, k=2, options={{"n_anchors": 16, "anchor_sample": 128}})
         module = SAEModule([spec], warmup_steps=2, init_batches=1)
         trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp", logger=False,
                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
@@ -75,20 +75,20 @@ def test_kmeans_covers_the_whole_sample_and_is_seeded() -> None:
     assert torch.equal(found_MD, kmeans(x_ND, 8, iters=3, chunk=512))
 
 
-# Measured on this problem (256 latents, k 8, 60k tokens) at the run-length-scaled default lr: AbsTopK 8.6 %
+# Measured on this problem (256 features, k 8, 60k tokens) at the run-length-scaled default lr: AbsTopK 8.6 %
 # dead at FVU 0.29; archetypal 0.4 % dead at FVU 0.28 (45 % dead when its atoms had the data's norms, under
 # TopK's ranking of codes, and its encoder rows norm ≈ 1/(k‖a‖)). Bounds: (dead, FVU).
 BOUNDS = {"abstopk": (0.12, 0.5), "archetypal": (0.02, 0.35)}
 
 
 @pytest.mark.parametrize("arch", ["archetypal", "abstopk"])
-def test_few_dead_latents_after_a_short_run(arch: str) -> None:
-    data = SyntheticActivations(d=32, n_features=512, mean_active=4, seed=0)
+def test_few_dead_features_after_a_short_run(arch: str) -> None:
+    data = SyntheticActivations(d=32, n_directions=512, mean_active=4, seed=0)
     train_ND, eval_ND = data.sample(60_000), data.sample(20_000, offset=60_000)
     sae = mmsae.train(
         train_ND,
         sae=arch,
-        n_latents=256,
+        n_features=256,
         k=8,
         tokens=60_000,
         batch_size=512,
