@@ -6,7 +6,8 @@ dead %, MMCS, fraction of the true directions recovered at cos > 0.9). Prints a 
 it (atomically) to `--out`.
 
     python benchmarks/bench_quality.py --tokens 2000000 --out quality.md
-    python benchmarks/bench_quality.py --tokens 24000000 --n-features 4096 --k 8 --only topk batchtopk sparsify
+    python benchmarks/bench_quality.py --tokens 24000000 --n-features 4096 --k 8 \\
+        --only topk batchtopk sparsify
     peers/bin/python benchmarks/bench_quality.py --only sparsify saelens   # peers, in their own venv
 
 The peers are never project dependencies: install them in a separate venv that reuses this one's torch

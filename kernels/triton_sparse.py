@@ -362,8 +362,8 @@ def sort_by_feature(idx_BK: Tensor, n: int) -> FeatureSort:
     # Segment i of the sorted entries is [seg[i], seg[i+1]); the last bound is the entry count.
     starts = torch.searchsorted(sorted_keys, (torch.arange(n, device=device) - shift).to(dtype))
     seg = torch.cat([starts.to(torch.int32), starts.new_full((1,), entries, dtype=torch.int32)])
-    # Longest first; a segment has at most B entries (a feature once per row), so −length fits int16 keys below
-    # 2¹⁵ rows: two radix passes instead of four.
+    # Longest first; a segment has at most B entries (a feature once per row), so −length fits int16 keys
+    # below 2¹⁵ rows: two radix passes instead of four.
     neg_lengths = seg[:-1] - seg[1:]
     by_length = torch.sort(
         neg_lengths.to(torch.int16) if idx_BK.shape[0] < 1 << 15 else neg_lengths, stable=True

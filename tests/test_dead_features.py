@@ -1,4 +1,4 @@
-"""Dead features of the k-sparse variants: archetypal anchors from a data pass, identical on every DDP rank."""
+"""Dead features of the k-sparse variants: archetypal anchors from a data pass, the same on every DDP rank."""
 
 from __future__ import annotations
 

@@ -66,7 +66,7 @@ def match_class(text: str, class_names: Sequence[str]) -> str:
 def named_features(
     names: Sequence[Sequence[NameCandidate]], class_name: str, rank: int
 ) -> list[tuple[int, float]]:
-    """(feature, logit change) of features with `class_name` among their first `rank` names, strongest first."""
+    """(feature, logit change) of features with `class_name` in their first `rank` names, strongest first."""
     hits = [(j, c.score) for j, cands in enumerate(names) for c in cands[:rank] if c.name == class_name]
     return sorted(hits, key=lambda h: -h[1])
 

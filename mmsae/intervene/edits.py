@@ -50,8 +50,8 @@ class Edit:
     def check(self, n_features: int) -> None:
         if not 0 <= self.feature < n_features:
             raise IndexError(
-                f"{type(self).__name__} edit names feature {self.feature}, but the SAE has {n_features} features "
-                f"(valid: 0..{n_features - 1})."
+                f"{type(self).__name__} edit names feature {self.feature}, but the SAE has {n_features} "
+                f"features (valid: 0..{n_features - 1})."
             )
 
 

@@ -208,7 +208,7 @@ def select_features(
 
 @dataclass(frozen=True)
 class Suppress(Edit):
-    """SAeUron's rule for one feature: where it fires above its all-prompt mean, set mean_concept × multiplier.
+    """SAeUron's rule for one feature: where it fires above its all-prompt mean, set mean_concept×multiplier.
 
     `rules` = ((timestep, mean_concept, mean_all), ...) for the timesteps that selected this feature;
     `recorded` = every timestep of the selection. A sampling timestep maps to the nearest recorded one,
@@ -231,7 +231,7 @@ class Suppress(Edit):
 
 
 def suppress_edits(selection: UnlearnSelection, concepts: Sequence[str], multiplier: float) -> list[Suppress]:
-    """One `Suppress` per selected feature; a feature shared by two concepts gets the first concept's means."""
+    """One `Suppress` per selected feature; a feature of two concepts gets the first concept's means."""
     selection.check_concepts(concepts)
     rules: dict[int, dict[int, tuple[int, float, float]]] = {}
     for name in concepts:

@@ -25,10 +25,10 @@ class BatchTopKConfig(TopKConfig):
     """What the batch ranks: 'activation' (the paper) relu(z_i); 'cosine' relu(z_i) / (‖x − b_dec‖·‖W_enc,i‖).
 
     Ranking raw activations across tokens lets high-norm tokens (many features at once) and large encoder rows
-    take most of the B·k slots: tokens of a single true feature get no SAE feature and no gradient, features learn mixtures,
-    and rows that lose the race shrink and die where AuxK cannot lift them back over the global θ. On the
-    synthetic benchmark (d=64, 1024 features, 2M tokens) 'activation' recovered 18 % of the features with
-    5–15 % dead features, 'cosine' 95.5 % with none. Kept values are relu(z) either way.
+    take most of the B·k slots: tokens of a single true feature get no SAE feature and no gradient, features
+    learn mixtures, and rows that lose the race shrink and die where AuxK cannot lift them back over the
+    global θ. On the synthetic benchmark (d=64, 1024 features, 2M tokens) 'activation' recovered 18 % of the
+    features with 5–15 % dead features, 'cosine' 95.5 % with none. Kept values are relu(z) either way.
     """
 
     # Checkpoints from before `score` existed ranked activations and hold θ in activation units.

@@ -42,8 +42,9 @@ class MatryoshkaConfig(BatchTopKConfig):
         widths = self.prefix_widths()
         if widths[-1] != self.n_features or any(a >= b for a, b in pairwise(widths)) or widths[0] < 1:
             raise ValueError(
-                f"prefix_fractions={self.prefix_fractions} → widths {widths} of n_features={self.n_features}: "
-                "they must increase strictly, start at ≥ 1 feature and end at 1.0."
+                f"prefix_fractions={self.prefix_fractions} → widths {widths} of "
+                f"n_features={self.n_features}: they must increase strictly, start at ≥ 1 feature and end at "
+                "1.0."
             )
 
     def prefix_widths(self) -> list[int]:

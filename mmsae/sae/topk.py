@@ -65,8 +65,8 @@ class TopKSAE(SAE):
         """Dead features AuxK selects per token for `num_dead` dead features (0: AuxK is off).
 
         min(aux_k, num_dead) rounded up to a power of two: with the trainer's host-side dead count (which may
-        lag), a captured CUDA graph then serves every count up to that size (the extra slots pick live features
-        masked to −∞, whose codes are 0), and a run captures a handful of graphs, not one per count.
+        lag), a captured CUDA graph then serves every count up to that size (the extra slots pick live
+        features masked to −∞, whose codes are 0), and a run captures a handful of graphs, not one per count.
         """
         aux_k = self.max_aux_k()
         if aux_k == 0 or num_dead == 0:

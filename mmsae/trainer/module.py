@@ -49,8 +49,8 @@ class SAESpec:
     arch: str = "topk"
     n_features: int = 4096
     k: int | None = None
-    """Active features per token; None keeps the architecture's default (TopK family: 32) where that is at most
-    an eighth of n_features, and is an error otherwise (it would make a nearly dense SAE)."""
+    """Active features per token; None keeps the architecture's default (TopK family: 32) where that is at
+    most an eighth of n_features, and is an error otherwise (it would make a nearly dense SAE)."""
     lr: float | None = None
     """None = default_lr(n_features, steps of the run): 2e-4 / √(n / 2¹⁴), raised up to 10× for short runs."""
     name: str | None = None
