@@ -9,6 +9,7 @@ feature absorption shows up. The stream is a pure function of (seed, token posit
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -50,7 +51,10 @@ class SyntheticActivations:
         seed: int = 0,
         batch_size: int = 4096,
         n_tokens: int | None = None,
+        **renamed: int,
     ):
+        if renamed:
+            n_directions = _renamed_directions(renamed)
         if d <= 0 or n_directions <= 0:
             raise ValueError(f"d and n_directions must be positive, got d={d}, n_directions={n_directions}.")
         if not 0 < mean_active <= n_directions:
@@ -161,6 +165,22 @@ class SyntheticActivations:
             f"SyntheticActivations(d={self.d}, n_directions={self.n_directions}, seed={self.seed}, "
             f"parents={self.n_parents}, signed={int(self.is_signed.sum())})"
         )
+
+
+def _renamed_directions(renamed: dict[str, int]) -> int:
+    """The direction count passed under its old keyword, which now means an SAE's dictionary size."""
+    old = "n_features"
+    if set(renamed) != {old}:
+        raise TypeError(
+            f"SyntheticActivations got unexpected keyword argument(s) {sorted(set(renamed) - {old})}."
+        )
+    warnings.warn(
+        "SyntheticActivations: 'n_features' is deprecated, use 'n_directions' (the number of ground-truth "
+        "directions; 'n_features' is an SAE's dictionary size); the old name goes in a later release.",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return renamed[old]
 
 
 def distinct_positions(rng: np.random.Generator, groups: np.ndarray, n_positions: int) -> np.ndarray:

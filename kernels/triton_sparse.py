@@ -20,6 +20,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from mmsae.legacy_names import module_getattr
+
 
 @triton.jit
 def _gather_sum_kernel(
@@ -476,3 +478,6 @@ def segment_matmul(
     out_ND = torch.empty(n, dense_BD.shape[1], dtype=out_dtype, device=dense_BD.device)
     segment_matmul_into(w_BK, idx_BK, dense_BD, out_ND, by_feature, scale, sums_N)
     return out_ND
+
+
+__getattr__ = module_getattr(__name__)  # old public names (mmsae.legacy_names)

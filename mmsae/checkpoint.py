@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from mmsae.fileio import atomic_write_bytes
+from mmsae.legacy_names import legacy_keys
 from mmsae.sae.base import SAE, get_sae_class
 from mmsae.sae.files import CFG_NAME, WEIGHTS_NAME, push_to_hub, save_sae
 
@@ -41,7 +42,7 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
 
 def sae_from_config(cfg: dict[str, Any], source: str | os.PathLike = CFG_NAME) -> SAE:
     """The SAE that `cfg` (a cfg.json's contents) describes, randomly initialised; errors name `source`."""
-    cfg = dict(cfg)
+    cfg = legacy_keys(cfg)  # a cfg.json of an earlier version uses old key names
     if "arch" not in cfg:
         raise ValueError(
             f"{source} has no 'arch' field: this is not an mmsae checkpoint. "

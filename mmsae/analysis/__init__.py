@@ -11,6 +11,7 @@ from mmsae.analysis.monosemanticity import (
 from mmsae.analysis.naming import NameCandidate, load_vocabulary, name_features
 from mmsae.analysis.objects import OBJECT_BOXES, ObjectBox, PhotoList
 from mmsae.analysis.stats import FeatureStats, StatsConfig, TopExamples, feature_stats
+from mmsae.legacy_names import module_getattr
 
 __all__ = [
     "OBJECT_BOXES",
@@ -31,3 +32,5 @@ __all__ = [
     "name_features",
     "patch_codes",
 ]
+
+__getattr__ = module_getattr(__name__)  # old public names (mmsae.legacy_names)

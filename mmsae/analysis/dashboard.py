@@ -30,6 +30,7 @@ from mmsae.analysis.stats import FeatureStats
 from mmsae.datasets.images import open_image
 from mmsae.encoders.base import Encoder
 from mmsae.fileio import atomic_write_bytes
+from mmsae.legacy_names import legacy_kwargs
 from mmsae.sae import SAE
 
 
@@ -58,6 +59,7 @@ def _mark_top_patch(ax: plt.Axes, heat_HW: np.ndarray, size: tuple[int, int]) ->
     ax.add_patch(plt.Rectangle((c * pw, r * ph), pw, ph, fill=False, edgecolor="cyan", linewidth=1.2))
 
 
+@legacy_kwargs
 def feature_dashboard(
     feature: int,
     stats: FeatureStats,

@@ -12,6 +12,7 @@ from mmsae.analysis.images import ImageLike, stack_pixels
 from mmsae.argorder import encoder_and_sae
 from mmsae.datasets.images import open_image
 from mmsae.encoders.base import Encoder
+from mmsae.legacy_names import legacy_kwargs, module_getattr
 from mmsae.sae import SAE, as_dense
 
 
@@ -59,6 +60,7 @@ def sae_encoder(sae: SAE) -> Callable[[Tensor], Tensor]:
 
 
 @torch.no_grad()
+@legacy_kwargs
 def feature_heatmaps(
     encoder: Encoder, sae: SAE, images: Sequence[ImageLike], feature: int, hook: str | None = None
 ) -> list[np.ndarray]:
@@ -70,3 +72,6 @@ def feature_heatmaps(
     encode = sae_encoder(sae)
     maps_BHW = patch_codes(lambda x_ND: encode(x_ND)[:, feature : feature + 1], encoder, images, hook)
     return [m[..., 0].numpy() for m in maps_BHW]
+
+
+__getattr__ = module_getattr(__name__)  # old public names (mmsae.legacy_names)

@@ -40,6 +40,7 @@ from mmsae.analysis.stats_ops import (
 )
 from mmsae.encoders.base import TokenActs
 from mmsae.fileio import atomic_write_bytes
+from mmsae.legacy_names import legacy_keys, legacy_kwargs, renamed_from
 from mmsae.sae import SAE, Codes
 
 _group_then_descending = group_then_descending  # the name tests and older callers import
@@ -76,6 +77,7 @@ class TopExamples:
     timestep: np.ndarray | None
 
 
+@renamed_from("n_features")
 class FeatureStats:
     """Running per-feature statistics; `update` with SAE codes, read the properties at any time."""
 
@@ -95,6 +97,7 @@ class FeatureStats:
         "x_shift",
     )
 
+    @legacy_kwargs
     def __init__(
         self, n_features: int, d_in: int, cfg: StatsConfig | None = None, device: str | torch.device = "cpu"
     ):
@@ -301,6 +304,7 @@ class FeatureStats:
         with safe_open(str(path), "pt", device=str(device)) as f:
             meta = f.metadata() or {}
             tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+        meta = legacy_keys(meta)  # files of earlier versions use the old key names
         if "n_features" not in meta:
             raise ValueError(f"{path} is not a FeatureStats file (no n_features metadata).")
         cfg = json.loads(meta["cfg"])

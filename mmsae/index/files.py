@@ -24,6 +24,7 @@ from mmsae.fileio import atomic_write_bytes
 from mmsae.index.ann import set_search_params
 from mmsae.index.codes import SparseCodeStore
 from mmsae.index.config import config_from_dict
+from mmsae.legacy_names import legacy_keys
 from mmsae.sae import SAE
 
 FORMAT_VERSION = 1
@@ -113,7 +114,7 @@ def read_json(path: Path, expect: type) -> Any:
 def read_meta(path: Path) -> dict[str, Any]:
     """meta.json with its format version and the keys the loader needs checked."""
     meta_path = path / "meta.json"
-    meta = read_json(meta_path, dict)
+    meta = legacy_keys(read_json(meta_path, dict))  # indexes of earlier versions: old key names
     if meta.get("format_version") != FORMAT_VERSION:
         raise IndexFileError(
             meta_path, f"index format {meta.get('format_version')!r}, this mmsae reads {FORMAT_VERSION}"

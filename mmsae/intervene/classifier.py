@@ -24,6 +24,7 @@ from mmsae.encoders.base import Encoder
 from mmsae.intervene.edits import Edit, EditContext
 from mmsae.intervene.intervention import Intervention, Splice, check_compatible
 from mmsae.intervene.unlearn import ConceptFeatures, UnlearnSelection, feature_sums, score_features
+from mmsae.legacy_names import legacy_kwargs
 from mmsae.sae.base import SAE
 
 STEP = 0  # the one "timestep" of a classifier selection
@@ -160,6 +161,7 @@ def block_edits(
     return [edits[j] for j in sorted(edits)]
 
 
+@legacy_kwargs
 def steering_edits(features: Sequence[int], strengths: Tensor | Sequence[float]) -> list[Edit]:
     """Adding features: + strength_j · W_dec[j] at every token (a `Direction` edit per feature)."""
     from mmsae.intervene.edits import Direction
@@ -167,6 +169,7 @@ def steering_edits(features: Sequence[int], strengths: Tensor | Sequence[float])
     return [Direction(int(j), float(s)) for j, s in zip(features, strengths)]
 
 
+@legacy_kwargs
 def ablation_edits(features: Sequence[int]) -> list[Edit]:
     """Removing features: their codes set to 0 (with the error term kept, x − Σ f_j · W_dec[j])."""
     from mmsae.intervene.edits import Zero

@@ -15,6 +15,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from mmsae.legacy_names import LegacyKwargsMeta, renamed_from
+
 
 @dataclass
 class EditContext:
@@ -24,8 +26,9 @@ class EditContext:
     timestep: int | None = None
 
 
+@renamed_from("feature")
 @dataclass(frozen=True)
-class Edit:
+class Edit(metaclass=LegacyKwargsMeta):
     """Base class: an edit of feature `feature`. Subclasses implement `apply`."""
 
     feature: int

@@ -35,6 +35,7 @@ from torch import Tensor
 from mmsae.encoders.base import Encoder
 from mmsae.encoders.capabilities import Sampler, UpdateEditor, require
 from mmsae.intervene.edits import Edit, EditContext
+from mmsae.legacy_names import legacy_kwargs, module_getattr
 from mmsae.sae.base import SAE, SparseCodes, as_dense
 
 CfgHalf = Literal["both", "cond", "uncond"]
@@ -63,6 +64,7 @@ class Splice:
     """How many forward calls this splice edited (skipped timesteps do not count)."""
 
 
+@legacy_kwargs
 def feature_columns(codes: SparseCodes | Tensor, features: Tensor) -> Tensor:
     """Activations [N, E] of the features `features` ([E] int64), whatever form the codes take."""
     if isinstance(codes, SparseCodes):
@@ -338,3 +340,5 @@ __all__ = [
     "site_edit",
     "spatial_gate",
 ]
+
+__getattr__ = module_getattr(__name__)  # old public names (mmsae.legacy_names)

@@ -28,6 +28,7 @@ from mmsae.intervene.edits import Edit, EditContext
 from mmsae.intervene.fidelity import image_similarity
 from mmsae.intervene.intervention import Intervention, Splice, check_compatible, cond_rows, site_edit
 from mmsae.intervene.steer import zero_shot_probs
+from mmsae.legacy_names import LegacyKwargsMeta, legacy_keys, legacy_kwargs, module_getattr, renamed_from
 from mmsae.sae.base import SAE, SparseCodes
 
 SELECTION_NAME = "unlearn_selection.json"
@@ -52,8 +53,9 @@ class SampleConfig:
         return replace(self, num_inference_steps=steps, guidance_scale=guidance)
 
 
+@renamed_from("features")
 @dataclass
-class ConceptFeatures:
+class ConceptFeatures(metaclass=LegacyKwargsMeta):
     """Selected features of one concept per timestep, with the means the suppression rule needs."""
 
     features: dict[int, list[int]]
@@ -61,8 +63,9 @@ class ConceptFeatures:
     mean_all: dict[int, list[float]]
 
 
+@renamed_from("n_features")
 @dataclass
-class UnlearnSelection:
+class UnlearnSelection(metaclass=LegacyKwargsMeta):
     hook: str
     encoder: str | None
     n_features: int
@@ -85,9 +88,11 @@ class UnlearnSelection:
                 f"No unlearning selection at {path}: run `mmsae unlearn select` (or "
                 "mmsae.intervene.unlearn.select_features) first."
             )
-        raw = json.loads(path.read_text())
+        raw = legacy_keys(json.loads(path.read_text()))  # files of earlier versions: old key names
         concepts = {
-            name: ConceptFeatures(**{key: {int(t): v for t, v in table.items()} for key, table in c.items()})
+            name: ConceptFeatures(
+                **{key: {int(t): v for t, v in table.items()} for key, table in legacy_keys(c).items()}
+            )
             for name, c in raw.pop("concepts").items()
         }
         return cls(**raw, concepts=concepts)
@@ -101,6 +106,7 @@ class UnlearnSelection:
             )
 
 
+@legacy_kwargs
 def feature_sums(codes: SparseCodes | Tensor, n_features: int) -> Tensor:
     """Σ over tokens of each feature's activation, [n] in fp64 (long runs accumulate many tokens)."""
     if isinstance(codes, SparseCodes):
@@ -358,3 +364,5 @@ __all__ = [
     "suppress_edits",
     "timestep_sums",
 ]
+
+__getattr__ = module_getattr(__name__)  # old public names (mmsae.legacy_names)

@@ -4,6 +4,7 @@ Importing this package registers every variant, so `build_sae(name, ...)` and ch
 work for all of them after `import mmsae`.
 """
 
+from mmsae.legacy_names import module_getattr
 from mmsae.sae.abstopk import AbsTopKSAE
 from mmsae.sae.archetypal import ArchetypalConfig, ArchetypalSAE
 from mmsae.sae.base import (
@@ -72,3 +73,5 @@ __all__ = [
     "normalized_mse",
     "register",
 ]
+
+__getattr__ = module_getattr(__name__)  # old public names (mmsae.legacy_names)

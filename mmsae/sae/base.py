@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from mmsae import kernels
 from mmsae.kernels.weight_copies import WeightCopies
+from mmsae.legacy_names import LegacyKwargsMeta, legacy_kwargs, module_getattr, renamed_from
 from mmsae.sae.files import push_to_hub, save_sae
 
 REGISTRY: dict[str, type[SAE]] = {}
@@ -51,8 +52,9 @@ def get_sae_class(name: str) -> type[SAE]:
         ) from None
 
 
+@renamed_from("n_features")
 @dataclass
-class SAEConfig:
+class SAEConfig(metaclass=LegacyKwargsMeta):
     """Fields shared by every variant; variants add theirs in a subclass.
 
     Everything here is written to `cfg.json` beside `sae.safetensors`.
@@ -151,6 +153,7 @@ def as_dense(codes: Codes) -> Tensor:
     return codes.dense() if isinstance(codes, SparseCodes) else codes
 
 
+@legacy_kwargs
 def fired_mask(codes: Codes, n_features: int) -> Tensor:
     """Bool [n]: which features were non-zero for at least one token of the batch."""
     if isinstance(codes, SparseCodes):
@@ -167,6 +170,7 @@ def normalized_mse(x: Tensor, x_hat: Tensor) -> Tensor:
     return kernels.normalized_mse(x, x_hat)
 
 
+@renamed_from("n_features")
 class SAE(nn.Module):
     """Base sparse autoencoder: x̂ = decode(encode(x)).
 
@@ -440,6 +444,7 @@ def linear_warmup(step: int | Tensor, warmup_steps: int) -> float | Tensor:
     return min(1.0, step / warmup_steps)
 
 
+@legacy_kwargs
 def build_sae(arch: str, d_in: int, n_features: int, **kwargs: Any) -> SAE:
     """Construct a registered SAE by name, e.g. `build_sae("topk", 768, 16384, k=32)`."""
     cls = get_sae_class(arch)
@@ -473,6 +478,7 @@ learns ~10× too slowly (docs/benchmarks.md, "Default recipe")."""
 LR_SHORT_RUN_MAX_BOOST = 10.0
 
 
+@legacy_kwargs
 def default_lr(n_features: int, total_steps: int | None = None) -> float:
     """The lr when `lr=None`: 2e-4 / √(n / 2¹⁴) (Gao et al.), raised for runs of fewer than
     `LR_SHORT_RUN_STEPS` optimizer steps (up to 10×, at ≤ 800 steps); `total_steps=None` = a long run."""
@@ -481,3 +487,6 @@ def default_lr(n_features: int, total_steps: int | None = None) -> float:
         return lr
     boost = math.sqrt(LR_SHORT_RUN_STEPS / max(1, total_steps))
     return lr * min(LR_SHORT_RUN_MAX_BOOST, max(1.0, boost))
+
+
+__getattr__ = module_getattr(__name__)  # old public names (mmsae.legacy_names)

@@ -14,6 +14,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
+from mmsae.legacy_names import legacy_kwargs
 from mmsae.sae import SAE
 from mmsae.trainer.data import SAEDataModule
 from mmsae.trainer.module import SAEModule, SAESpec
@@ -47,6 +48,7 @@ def default_precision() -> str:
     return "bf16-mixed" if torch.cuda.is_available() else "32-true"
 
 
+@legacy_kwargs
 def train(
     data: Any,
     sae: str = "topk",

@@ -27,6 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from mmsae.checkpoint import save_sae
+from mmsae.legacy_names import LegacyKwargsMeta, renamed_from, upgrade_run_config
 from mmsae.metrics import l0_tensor
 from mmsae.sae import SAE, build_sae, default_lr, fired_mask, get_sae_class, normalized_mse
 from mmsae.staging import RowScreen, finite_rows_mask
@@ -42,8 +43,9 @@ from mmsae.trainer.state import (
 )
 
 
+@renamed_from("n_features")
 @dataclass
-class SAESpec:
+class SAESpec(metaclass=LegacyKwargsMeta):
     """One SAE of a run: architecture plus options."""
 
     arch: str = "topk"
@@ -467,6 +469,10 @@ class SAEModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Before Lightning loads the weights: another configuration is named, not a raw size mismatch.
         fitting = self._trainer is not None and self.trainer.state.fn == "fit"  # validate may use other data
+        if "mmsae_run" in checkpoint:  # runs of earlier versions: old key names
+            checkpoint["mmsae_run"] = upgrade_run_config(checkpoint["mmsae_run"])
+        if "hyper_parameters" in checkpoint:
+            checkpoint["hyper_parameters"] = upgrade_run_config(checkpoint["hyper_parameters"])
         if "mmsae_run" in checkpoint and fitting:
             check_resume(checkpoint["mmsae_run"], self.run_config(), self.trainer.ckpt_path)
         upgrade_checkpoint(checkpoint, len(self.saes))

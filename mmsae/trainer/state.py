@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mmsae.legacy_names import module_getattr
 from mmsae.sae import DeadFeatures
 
 DEAD_COUNT_EVERY = 100
@@ -137,3 +138,6 @@ def check_readable(ckpt_path: str | Path) -> None:
             f"checkpoint in {path.parent} (pass its path as ckpt_path), or delete {path.parent} to start the "
             "run over."
         ) from e
+
+
+__getattr__ = module_getattr(__name__)  # old public names (mmsae.legacy_names)
