@@ -5,18 +5,48 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import yaml
+from jsonargparse import set_loader
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from mmsae.legacy_names import RENAMED, warn_renamed
 from mmsae.trainer.data import SAEDataModule
 from mmsae.trainer.module import SAEModule
 from mmsae.trainer.state import check_readable
+
+PARSER_MODE = "mmsae_yaml"
+
+
+def load_yaml(text: str) -> Any:
+    """YAML as LightningCLI reads it, with the renamed keys of SAE specs (configs of earlier versions) under
+    their new names and a DeprecationWarning."""
+    value = yaml.safe_load(text)
+    return _renamed(value)
+
+
+def _renamed(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_renamed(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    out = {}
+    for key, v in value.items():
+        if key in RENAMED:  # only SAE specs have such keys in a fit config
+            warn_renamed(key, RENAMED[key], "mmsae fit config", stacklevel=2)
+            key = RENAMED[key]
+        out[key] = _renamed(v)
+    return out
+
+
+set_loader(PARSER_MODE, load_yaml, exceptions=(yaml.YAMLError,))
 
 
 class SAECLI(LightningCLI):
     """`mmsae fit|validate`; run resumes with `--ckpt_path last` (needs a ModelCheckpoint with save_last)."""
 
     def __init__(self, **kwargs: Any):
+        kwargs.setdefault("parser_kwargs", {"parser_mode": PARSER_MODE})
         super().__init__(SAEModule, SAEDataModule, auto_configure_optimizers=False, **kwargs)
 
     @staticmethod
