@@ -24,7 +24,7 @@ from mmsae import kernels
 from mmsae.datasets.synthetic import SyntheticActivations
 from mmsae.kernels import triton_adam
 from mmsae.kernels.optim import Adam
-from mmsae.sae import build_sae
+from mmsae.sae import build_sae, normalized_mse
 from mmsae.trainer import SAEDataModule, SAEModule, SAESpec
 from mmsae.trainer import optim as trainer_optim
 from mmsae.trainer.optim import keeps_unit_rows, unit_rows_of
@@ -210,23 +210,29 @@ def test_graph_keys_tell_metrics_from_no_metrics() -> None:
     "test_graphed_steps_compute_metrics_only_on_logging_steps",
 )
 def test_graphed_fused_training_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
-    """bf16-mixed, captured and replayed: the SAE equals the run whose optimizer takes the torch ops (within
-    bf16 training noise); 120 steps log at 0, 50 and 100, so the metrics graph is captured as well."""
-    kwargs: dict[str, Any] = dict(
-        n_features=256, k=8, tokens=120 * 256, batch_size=256, warmup_steps=3, precision="bf16-mixed"
-    )
-    x = SyntheticActivations(d=64, n_directions=512, mean_active=4, seed=0).sample(120 * 256) * 3.0
-    fused = mmsae.train(x.cuda(), cuda_graphs=True, **kwargs)
-    with monkeypatch.context() as m:
-        torch_ops_only(m)
-        reference = mmsae.train(x.cuda(), cuda_graphs=True, **kwargs)
-    for key, value in reference.state_dict().items():
-        err = float((fused.state_dict()[key] - value).norm() / value.norm().clamp_min(1e-12))
-        assert err < 1e-3, (key, err)
+    """Captured and replayed on the GPU, the fused step trains the SAE the torch ops train: in fp32 to
+    within float rounding; in bf16-mixed to the same held-out FVU, not the same weights: a bf16 copy one ulp
+    apart flips top-k choices, which the short-run LR amplifies (on an H200 the two runs ended 0.52 apart in
+    W_enc at FVU 0.360 and 0.355, where fp32 runs agreed to 2e-3). 120 steps log at 0, 50 and 100, so the
+    metrics graph is captured as well."""
+    data = SyntheticActivations(d=64, n_directions=512, mean_active=4, seed=0).sample(121 * 256) * 3.0
+    x, held = data[: 120 * 256].cuda(), data[120 * 256 :].cuda()
+    kwargs: dict[str, Any] = dict(n_features=256, k=8, tokens=120 * 256, batch_size=256, warmup_steps=3)
+    for precision in ("32-true", "bf16-mixed"):
+        fused = mmsae.train(x, cuda_graphs=True, precision=precision, **kwargs)
+        with monkeypatch.context() as m:
+            torch_ops_only(m)
+            reference = mmsae.train(x, cuda_graphs=True, precision=precision, **kwargs)
+        if precision == "32-true":
+            for key, value in reference.state_dict().items():
+                err = float((fused.state_dict()[key] - value).norm() / value.norm().clamp_min(1e-12))
+                assert err < 1e-2, (key, err)
+        fvu = [float(normalized_mse(held, sae.cuda()(held).x_hat)) for sae in (fused, reference)]
+        assert abs(fvu[0] - fvu[1]) < 0.05 * fvu[1], (precision, fvu)
     real = SAEModule._setup_graphs
     runners: list = []
     monkeypatch.setattr(SAEModule, "_setup_graphs", lambda self: real(self) or runners.append(self))
-    mmsae.train(x.cuda(), cuda_graphs=True, **kwargs)
+    mmsae.train(x, cuda_graphs=True, precision="bf16-mixed", **kwargs)
     graphed = runners[0]._graphed
     assert graphed.replays > 20 and {key[2] for key in graphed.graphs} == {
         (("metrics", False),),

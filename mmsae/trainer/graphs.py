@@ -17,6 +17,7 @@ non-finite) run eagerly.
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable
 from typing import NamedTuple
@@ -105,6 +106,7 @@ class GraphedStep:
         except Exception as e:  # any capture failure means: train eagerly
             self.disabled = f"{type(e).__name__}: {e}".splitlines()[0]
             self.graphs.clear()
+            _release_generators()
             rank_zero_warn(
                 f"mmsae: CUDA graph capture failed ({self.disabled}); training goes on without "
                 "graphs. Something in the step reads the GPU on the host; pass cuda_graphs=False "
@@ -116,3 +118,16 @@ class GraphedStep:
         while len(self.graphs) > self.max_graphs:
             self.graphs.popitem(last=False)
         return captured
+
+
+def _release_generators() -> None:
+    """After an aborted capture the CUDA generators still count as captured, and any later random call on
+    the device (torch.randn, dropout) fails with "Offset increment outside graph capture". One empty capture
+    registers and releases them again."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "the CUDA graph is empty"
+        try:
+            with torch.cuda.graph(torch.cuda.CUDAGraph()):
+                pass
+        except RuntimeError:
+            pass  # nothing more to undo: the generators were not left captured
