@@ -17,11 +17,23 @@ from mmsae.fileio import atomic_write_bytes
 
 
 class SparseCodeStore:
-    """Pooled SAE codes of N images over n features."""
+    """Pooled SAE codes of N images over n features.
+
+    Appends are cheap: a batch's selected codes stay on their device (no wait for it) until
+    `PENDING_ROWS` rows wait or `csr` is read; they then cross to the host as one CSR block, and the
+    blocks are stacked into one matrix when `csr` is read (stacking on every append made building
+    quadratic in the number of images).
+    """
+
+    PENDING_ROWS = 16384
+    """Rows kept on their device before they move to the host (max_per_row × 12 bytes each)."""
 
     def __init__(self, csr: sp.csr_matrix):
-        self.csr = csr.astype(np.float32).tocsr()
+        self._blocks = [csr.astype(np.float32).tocsr()]  # stacked into one when `csr` is read
+        self._n_rows = csr.shape[0]  # in the blocks
         self._csc: sp.csc_matrix | None = None
+        self._pending: list[tuple[Tensor, Tensor, Tensor]] = []  # flat values, feature ids, rows
+        self._n_pending = 0
 
     @classmethod
     def empty(cls, n_features: int) -> SparseCodeStore:
@@ -29,25 +41,49 @@ class SparseCodeStore:
 
     @property
     def n_features(self) -> int:
-        return self.csr.shape[1]
+        return self._blocks[0].shape[1]
 
     def __len__(self) -> int:
-        return self.csr.shape[0]
+        return self._n_rows + self._n_pending
+
+    @property
+    def csr(self) -> sp.csr_matrix:
+        """[N, n] float32 CSR: each image's kept codes."""
+        self._flush()
+        if len(self._blocks) > 1:
+            self._blocks = [sp.vstack(self._blocks, format="csr")]
+        return self._blocks[0]
 
     def append(self, codes_Bn: Tensor, max_per_row: int) -> None:
         """Add rows, keeping each image's `max_per_row` largest codes (bounded storage per image)."""
-        # Select on the codes' device: only [B, max_per_row] values and ids cross to the host, not [B, n].
+        if codes_Bn.ndim != 2 or codes_Bn.shape[1] != self.n_features:
+            raise ValueError(
+                f"Codes of shape {tuple(codes_Bn.shape)} do not fit a store of {self.n_features} features."
+            )
+        # Select on the codes' device: only [B, max_per_row] values and ids will cross to the host.
         kk = min(max_per_row, codes_Bn.shape[1])
-        vals, idx = (t.cpu() for t in codes_Bn.detach().float().topk(kk, dim=1))
+        vals_Bk, idx_Bk = codes_Bn.detach().float().topk(kk, dim=1)
+        rows_B = torch.arange(self._n_pending, self._n_pending + len(codes_Bn), device=idx_Bk.device)
+        self._pending.append((vals_Bk.flatten(), idx_Bk.int().flatten(), rows_B.int().repeat_interleave(kk)))
+        self._n_pending += codes_Bn.shape[0]
+        self._csc = None
+        if self._n_pending >= self.PENDING_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Pending rows → host (one device wait) → one CSR block."""
+        if not self._pending:
+            return
+        vals, cols, rows = (torch.cat(t).cpu() for t in zip(*self._pending))
         keep = vals != 0
-        rows = torch.arange(codes_Bn.shape[0])[:, None].expand_as(idx)[keep]
         block = sp.csr_matrix(
-            (vals[keep].numpy(), (rows.numpy(), idx[keep].numpy())),
-            shape=tuple(codes_Bn.shape),
+            (vals[keep].numpy(), (rows[keep].numpy(), cols[keep].numpy())),
+            shape=(self._n_pending, self.n_features),
             dtype=np.float32,
         )
-        self.csr = sp.vstack([self.csr, block], format="csr")
-        self._csc = None
+        self._blocks.append(block)
+        self._n_rows += self._n_pending
+        self._pending, self._n_pending = [], 0
 
     @property
     def csc(self) -> sp.csc_matrix:
