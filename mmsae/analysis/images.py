@@ -17,7 +17,7 @@ from torch import Tensor
 from mmsae.datasets.images import IMAGE_EXTENSIONS, open_image
 from mmsae.encoders.base import Encoder, TokenActs, TokenMode
 from mmsae.encoders.capabilities import ImageEmbedder, require
-from mmsae.sae import SAE, as_dense
+from mmsae.sae import SAE, SparseCodes
 
 ImageLike = str | os.PathLike | Image.Image
 
@@ -52,19 +52,41 @@ def token_acts(
 def pooled_codes(sae: SAE, acts: TokenActs, n_examples: int, pool: str = "max") -> Tensor:
     """Per-example SAE codes [n_examples, n], max- or mean-pooled over each example's tokens.
 
-    `acts.meta['example_id']` must be relative to the batch (0..n_examples−1).
+    `acts.meta['example_id']` must be relative to the batch (0..n_examples−1). Pooling counts every
+    token, with 0 where a feature is off: the max of an example's codes is the largest (signed codes:
+    negative only if the feature is on, negative, at every token), the mean divides by its tokens.
+    TopK-style codes are pooled from their N·k (token, feature) pairs, never as a dense [N, n] tensor.
     """
     if pool not in ("max", "mean"):
         raise ValueError(f"Unknown pooling {pool!r}; use 'max' or 'mean'.")
     device = sae.W_dec.device
-    codes_Nn = as_dense(sae.encode(acts.acts_ND.to(device=device, dtype=sae.W_dec.dtype))).float()
-    ids = acts.meta["example_id"].to(device)
-    out = torch.zeros(n_examples, sae.n_features, device=device)
-    index = ids[:, None].expand_as(codes_Nn)
+    codes = sae.encode(acts.acts_ND.to(device=device, dtype=sae.W_dec.dtype))
+    ids_N = acts.meta["example_id"].to(device)
+    tokens_E = torch.zeros(n_examples, device=device).index_add_(
+        0, ids_N, torch.ones(len(ids_N), device=device)
+    )
+    if not isinstance(codes, SparseCodes):
+        return _pool_dense(codes.float(), ids_N, tokens_E, pool)
+    vals_P = codes.values.float().flatten()
+    # Flat (example, feature) cell of every pair: fixed-size scatters, no wait for the device.
+    cell_P = (ids_N[:, None] * sae.n_features + codes.indices).flatten()
+    out_En = torch.zeros(n_examples, sae.n_features, device=device)
+    if pool == "mean":
+        return out_En.view(-1).index_add_(0, cell_P, vals_P).view_as(out_En) / tokens_E.clamp_min(1)[:, None]
+    best_En = torch.full_like(out_En, -torch.inf).view(-1).scatter_reduce_(0, cell_P, vals_P, "amax")
+    on_En = torch.zeros_like(out_En).view(-1).index_add_(0, cell_P, torch.ones_like(vals_P))
+    best_En, on_En = best_En.view_as(out_En), on_En.view_as(out_En)
+    # A feature off at some token of the example pools with that token's 0.
+    everywhere = (on_En == tokens_E[:, None]) & (tokens_E[:, None] > 0)
+    return torch.where(everywhere, best_En, best_En.clamp_min(0))
+
+
+def _pool_dense(codes_Nn: Tensor, ids_N: Tensor, tokens_E: Tensor, pool: str) -> Tensor:
+    out_En = codes_Nn.new_zeros(len(tokens_E), codes_Nn.shape[1])
     if pool == "max":
-        return out.scatter_reduce_(0, index, codes_Nn, "amax", include_self=False)
-    counts = torch.bincount(ids, minlength=n_examples).clamp_min(1)
-    return out.index_add_(0, ids, codes_Nn) / counts[:, None]
+        index = ids_N[:, None].expand_as(codes_Nn)
+        return out_En.scatter_reduce_(0, index, codes_Nn, "amax", include_self=False)
+    return out_En.index_add_(0, ids_N, codes_Nn) / tokens_E.clamp_min(1)[:, None]
 
 
 def require_image_embedder(embedder: Encoder) -> ImageEmbedder:
