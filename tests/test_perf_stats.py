@@ -212,9 +212,24 @@ def test_equal_values_keep_the_order_examples_were_seen() -> None:
     assert ties > 0  # the case under test occurs
 
 
-def test_plain_batches_skip_the_example_merge_with_the_same_result() -> None:
-    """[N, D] tensors (one example per token) take the path without per-example maxima and duplicate
-    checks; the same data as TokenActs with those ids takes the full path: equal results."""
+def _general_path(sae, batches: list[torch.Tensor], cfg: StatsConfig) -> FeatureStats:
+    """Every chunk through the per-example maxima and duplicate checks."""
+    stats, offset = FeatureStats(sae.n_features, sae.d_in, cfg), 0
+    with torch.inference_mode():
+        for b in batches:
+            for s in range(0, len(b), cfg.chunk_tokens):
+                x = b[s : s + cfg.chunk_tokens]
+                out = sae(x)
+                ids = torch.arange(offset + s, offset + s + len(x))
+                stats.update(x, out.x_hat, out.codes, ids, torch.full_like(ids, -1))
+            offset += len(b)
+    return stats
+
+
+def test_one_token_per_example_skips_the_example_merge_with_the_same_result() -> None:
+    """[N, D] tensors (one example per token) and TokenActs with host-side, strictly increasing example ids
+    (an activation store of tokens="cls") take the path without per-example maxima and duplicate checks:
+    the results of the general path."""
     torch.manual_seed(2)
     sae = build_sae("abstopk", D, N_LAT, k=3).bfloat16()
     plain = [torch.randn(30, D).bfloat16() for _ in range(3)]
@@ -222,11 +237,30 @@ def test_plain_batches_skip_the_example_merge_with_the_same_result() -> None:
         TokenActs(b, {"example_id": torch.arange(30 * i, 30 * i + 30), "token_index": torch.full((30,), -1)})
         for i, b in enumerate(plain)
     ]
-    fast = feature_stats(sae, plain, StatsConfig(top_k=4, chunk_tokens=8))
-    full = feature_stats(sae, acts, StatsConfig(top_k=4, chunk_tokens=8))
-    assert not fast.split_examples and full.split_examples
+    cfg = StatsConfig(top_k=4, chunk_tokens=8)
+    fast, cls_store = feature_stats(sae, plain, cfg), feature_stats(sae, acts, cfg)
+    full = _general_path(sae, plain, cfg)
+    assert not fast.split_examples and not cls_store.split_examples and full.split_examples
     for name in FeatureStats._TENSORS:
         assert torch.equal(getattr(fast, name), getattr(full, name)), name
+        assert torch.equal(getattr(cls_store, name), getattr(full, name)), name
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [
+        [[0, 1, 2], [2, 3, 4]],  # an example split across batches
+        [[0, 2, 1], [3, 4, 5]],  # not in order
+        [[0, 1, 1], [2, 3, 4]],  # two tokens of one example
+    ],
+)
+def test_other_example_orders_take_the_general_path(ids: list[list[int]]) -> None:
+    sae = build_sae("topk", D, N_LAT, k=3)
+    batches = [
+        TokenActs(torch.randn(3, D), {"example_id": torch.tensor(b), "token_index": torch.zeros(3)})
+        for b in ids
+    ]
+    assert feature_stats(sae, batches, StatsConfig(top_k=2)).split_examples
 
 
 def _fvu64(x: torch.Tensor, x_hat: torch.Tensor) -> float:

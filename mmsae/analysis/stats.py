@@ -321,17 +321,45 @@ class FeatureStats:
         return stats
 
 
-def _as_token_acts(batch: Batch, offset: int, device: torch.device) -> tuple[TokenActs, bool]:
-    """(TokenActs, whether each token is an example of its own): plain [N, D] tensors (e.g. from an
-    activation store without metadata) make one example per token, numbered from `offset`."""
+class SeenExamples:
+    """Tells, on the host, batches whose tokens are each an example of its own that no other batch holds
+    (activation stores with one token per image, e.g. tokens="cls": their example ids are on the host,
+    strictly increasing): those skip the per-example maxima and duplicate checks of `FeatureStats.update`.
+
+    Only host-side ids are read (no wait for the device): a batch with ids on a device, or before which
+    the ids seen are unknown (a resumed pass), makes every later batch take the general path."""
+
+    def __init__(self, known: bool = True):
+        self.last: int | None = -1 if known else None  # largest example id seen; None: unknown
+
+    def one_token_each(self, example_id: Tensor) -> bool:
+        if self.last is None or example_id.device.type != "cpu":
+            self.last = None
+            return False
+        if len(example_id) == 0:
+            return True
+        ids = example_id.view(-1)
+        fresh = bool(ids[0] > self.last) and bool((ids[1:] > ids[:-1]).all())
+        self.last = max(self.last, int(ids.max()))
+        return fresh
+
+
+def _as_token_acts(
+    batch: Batch, offset: int, device: torch.device, seen: SeenExamples
+) -> tuple[TokenActs, bool]:
+    """(TokenActs, whether each token is an example of its own that no other batch holds): plain [N, D]
+    tensors (e.g. from an activation store without metadata) make one example per token, numbered from
+    `offset`; TokenActs are when `seen` says so."""
     if isinstance(batch, TokenActs):
-        return batch, False
+        return batch, seen.one_token_each(batch.meta["example_id"])
     if isinstance(batch, Tensor) and batch.ndim == 2:
         n = batch.shape[0]
         meta = {
             "example_id": torch.arange(offset, offset + n, device=device),
             "token_index": torch.full((n,), -1, dtype=torch.long, device=device),
         }
+        if seen.last is not None:
+            seen.last = max(seen.last, offset + n - 1)
         return TokenActs(batch, meta), True
     raise TypeError(
         f"Expected TokenActs or an [N, D] tensor per batch, got {type(batch).__name__} "
@@ -371,8 +399,9 @@ def feature_stats(
     source: Iterator[Batch] = itertools.islice(iter(batches), stats.n_batches, None)
     remaining = None if total is None else max(total - stats.n_batches, 0)
     chunk = cfg.chunk_for(device)
+    seen = SeenExamples(known=stats.n_batches == 0)
     for batch in tqdm(source, total=remaining, desc="feature stats", unit="batch"):
-        acts, tokens_are_examples = _as_token_acts(batch, stats.n_tokens, device)
+        acts, tokens_are_examples = _as_token_acts(batch, stats.n_tokens, device, seen)
         meta = {key: v.to(device) for key, v in acts.meta.items() if isinstance(v, Tensor)}
         acts_ND = acts.acts_ND.to(device=device, dtype=sae.W_dec.dtype)
         for s in range(0, acts_ND.shape[0], chunk):
