@@ -11,7 +11,8 @@ Stages, each timed with its throughput:
   extract     `mmsae.extract` from the files, per `--tokens` mode (cls, all);
   train       `mmsae.train` (TopK) on the store of the first token mode;
   stats       `mmsae.analysis.feature_stats` over that store (`store.token_acts`);
-  index       `ConceptIndex.build` over the folder (encoder forward, SAE codes, CLIP embeddings, names).
+  index       `ConceptIndex.build` over the folder (encoder forward, SAE codes, CLIP embeddings, names),
+              with extraction's batch size, loader workers and first decode mode.
 Then the whole. `--profile` first splits one image's input cost: read, decode (full and draft), resize +
 crop, to uint8 tensor, in the main process.
 
@@ -157,7 +158,7 @@ def downstream_stages(encoder: Encoder, store: Any, folder: Path, args: argparse
     """train → feature stats → index build on `store`; their total seconds."""
     import mmsae
     from mmsae.analysis import feature_stats
-    from mmsae.index import ConceptIndex
+    from mmsae.index import ConceptIndex, IndexConfig
 
     device, dtype = encoder.device, DTYPES[args.dtype]
     train_tokens = args.train_tokens or max(store.n_tokens, 8 * args.train_batch)
@@ -185,9 +186,10 @@ def downstream_stages(encoder: Encoder, store: Any, folder: Path, args: argparse
         if args.embedder is None
         else get_encoder(args.embedder, pretrained=False, device=device, dtype=dtype)
     )
-    seconds, index = timed(lambda: ConceptIndex.build(encoder, sae, folder, embedder=embedder), device)
+    cfg = IndexConfig(batch_size=args.batch_size, num_workers=args.num_workers, decode=args.decode[0])
+    seconds, index = timed(lambda: ConceptIndex.build(encoder, sae, folder, embedder, cfg), device)
     total += seconds
-    line("index build", seconds, len(index), "img")
+    line("index build", seconds, len(index), "img", f"decode={cfg.decode}, {cfg.num_workers} workers")
     return total
 
 

@@ -27,7 +27,7 @@ from torchvision import transforms as T
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import functional as F
 
-from mmsae.datasets.images import ExampleDataset, ImageCaptions, ImageFolder
+from mmsae.datasets.images import ExampleDataset, ImageCaptions, ImageFolder, ImageList
 from mmsae.datasets.pixels import RGB_STEPS, unit_normalize
 
 JPEG_START, JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
@@ -196,6 +196,8 @@ def image_files(dataset: ExampleDataset) -> list[Path]:
         return dataset.paths
     if isinstance(dataset, ImageCaptions):
         return dataset.images
+    if isinstance(dataset, ImageList) and (files := dataset.files()) is not None:
+        return files
     raise ValueError(
         f"decode='device' reads image files; {dataset.describe()} does not consist of files "
         "(use an ImageFolder or ImageCaptions data set, or decode='pil')."
@@ -217,6 +219,8 @@ def read_jpeg(path: Path) -> EncodedJpeg | None:
 def decode_jpegs(jpegs: Sequence[EncodedJpeg], device: torch.device) -> list[Tensor | None]:
     """uint8 RGB [3, H, W] on `device` per file; None where the decoder rejects one."""
     data = [j.data for j in jpegs]
+    if not data:  # a batch without JPEG files (torchvision refuses an empty list)
+        return []
     try:  # one batched call (nvJPEG batches on CUDA)
         return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
     except RuntimeError:  # a bad file fails the whole batch: find it

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -161,6 +162,49 @@ class ImageFolder(ExampleDataset):
 
     def describe(self) -> str:
         return f"ImageFolder({self.root}, {len(self)} images)"
+
+
+class ImageList(ExampleDataset):
+    """Given images in the given order: files (paths) and/or images already in memory (PIL)."""
+
+    def __init__(self, images: Sequence[str | os.PathLike | Image.Image]):
+        self.images = list(images)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> Example:
+        self._check_index(index)
+        item = self.images[index]
+        if isinstance(item, Image.Image):
+            try:
+                return Example(index, image=open_image(item))
+            except ImageReadError as e:
+                raise UnreadableExample(index, self.source(index), e.reason) from e
+        return Example(index, image=open_rgb(Path(item), index, self.draft_size))
+
+    def source(self, index: int) -> str:
+        item = self.images[index]
+        return f"<image {index}>" if isinstance(item, Image.Image) else os.fspath(item)
+
+    def files(self) -> list[Path] | None:
+        """The image files, if every item is one."""
+        if any(isinstance(item, Image.Image) for item in self.images):
+            return None
+        return [Path(item) for item in self.images]
+
+    @cached_property
+    def _fingerprint(self) -> str:
+        digest = hashlib.sha256(b"image-list")
+        for item in self.images:
+            if isinstance(item, Image.Image):
+                digest.update(f"{item.mode} {item.size}".encode() + b"\0" + item.tobytes())
+            else:
+                digest.update(os.fspath(item).encode() + b"\0" + file_digest(Path(item)))
+        return digest.hexdigest()
+
+    def fingerprint(self) -> str:
+        return self._fingerprint
 
 
 class ImageCaptions(ExampleDataset):

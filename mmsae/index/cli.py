@@ -38,6 +38,14 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--vocab", default=None, help="concept vocabulary file, one per line (default: mmsae's)")
     b.add_argument("--ann", choices=("auto", "flat", "ivf", "hnsw"), default="auto")
     b.add_argument("--batch-size", type=int, default=32)
+    b.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding images")
+    b.add_argument(
+        "--decode",
+        choices=("pil", "draft", "device"),
+        default="pil",
+        help="pil (in loader workers) | draft (pil, big JPEGs decoded at reduced scale) | device (JPEG files "
+        "decoded on the device)",
+    )
     b.add_argument("--skip-unreadable", action="store_true")
     b.add_argument("--device", default="cpu")
 
@@ -90,6 +98,8 @@ def _build(args: argparse.Namespace) -> int:
         tokens=tokens,
         pool=args.pool,
         batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        decode=args.decode,
         skip_unreadable=args.skip_unreadable,
         ann=AnnConfig(kind=args.ann),
     )

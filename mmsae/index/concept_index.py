@@ -39,7 +39,7 @@ from mmsae.analysis.naming import (
 )
 from mmsae.argorder import warn_order
 from mmsae.checkpoint import load_sae
-from mmsae.datasets.images import ImageReadError, open_image
+from mmsae.datasets.images import ImageList, ImageReadError, open_image
 from mmsae.encoders.base import Encoder
 from mmsae.encoders.capabilities import TextEmbedder
 from mmsae.index import classifier as clf
@@ -54,6 +54,7 @@ from mmsae.index.config import (
     config_from_dict,
 )
 from mmsae.index.files import FORMAT_VERSION, read_meta, read_parts, require_index_dir, write_index
+from mmsae.index.inputs import index_batches
 from mmsae.index.search import allowed_images, nearest_images
 from mmsae.sae import SAE
 
@@ -169,28 +170,45 @@ class ConceptIndex:
     def _append(self, items: list[ImageLike]) -> None:
         encoder, embedder = self._need_encoder(), self._need_embedder()
         hook, cfg = self.meta["hook"], self.cfg
-        chunks: list[np.ndarray] = []
-        first_id = len(self)
-        for start in tqdm(range(0, len(items), cfg.batch_size), desc="indexing", unit="batch"):
-            batch = items[start : start + cfg.batch_size]
-            pil, paths = self._read(batch, first_id + start)
-            if not pil:
+        chunks: list[Tensor] = []
+        first_id, collection = len(self), ImageList(items)
+        batches = index_batches(encoder, embedder, collection, cfg.batch_size, cfg.num_workers, cfg.decode)
+        n_batches = -(-len(items) // cfg.batch_size)
+        for batch in tqdm(batches, total=n_batches, desc="indexing", unit="batch"):
+            self._skip(batch.skipped, collection, first_id)
+            if batch.pixels is None or batch.embed_pixels is None:
                 continue
-            acts = encoder.activations(stack_pixels(encoder, pil), [hook], tokens=cfg.tokens)[hook]
+            n = len(batch.indices)
+            acts = encoder.activations(batch.pixels, [hook], tokens=cfg.tokens)[hook]
             self.sae.check_input(acts.acts_ND)
-            self.codes.append(pooled_codes(self.sae, acts, len(pil), cfg.pool), cfg.max_codes_per_image)
-            chunks.append(self._embed(stack_pixels(embedder, pil)).cpu().numpy())
-            if self._reference_BTD is None and acts.acts_ND.shape[0] % len(pil) == 0:
-                refs = acts.acts_ND.view(len(pil), -1, acts.acts_ND.shape[-1])[: clf.REFERENCE_IMAGES]
+            self.codes.append(pooled_codes(self.sae, acts, n, cfg.pool), cfg.max_codes_per_image)
+            # Copied to pinned host memory without waiting for the device; waited for once at the end.
+            chunks.append(self._embed(batch.embed_pixels).to("cpu", non_blocking=True))
+            if self._reference_BTD is None and acts.acts_ND.shape[0] % n == 0:
+                refs = acts.acts_ND.view(n, -1, acts.acts_ND.shape[-1])[: clf.REFERENCE_IMAGES]
                 self._reference_BTD = refs.float().cpu()
-            self.paths.extend(paths)
+            self.paths.extend(_label(collection, i, first_id) for i in batch.indices)
+        if embedder.device.type == "cuda":
+            torch.cuda.current_stream(embedder.device).synchronize()
         if chunks:
-            new = np.concatenate(chunks).astype(np.float32)
+            new = torch.cat(chunks).numpy().astype(np.float32)
             self.embeddings_NE = (
                 new if self.embeddings_NE.size == 0 else np.concatenate([self.embeddings_NE, new])
             )
             self.meta["embed_dim"] = int(new.shape[1])
         self._path_to_id = {p: i for i, p in enumerate(self.paths)}
+
+    def _skip(self, skipped: list[dict[str, Any]], collection: ImageList, first_id: int) -> None:
+        """Record unreadable images, or fail on the first one unless `skip_unreadable`."""
+        for err in sorted(skipped, key=lambda e: e["index"]):
+            if not self.cfg.skip_unreadable:
+                raise ImageReadError(
+                    err["source"],
+                    err["reason"],
+                    "Fix or remove the file, or build with IndexConfig(skip_unreadable=True) to leave it "
+                    "out.",
+                )
+            self.skipped.append(_label(collection, err["index"], first_id))
 
     def _embed(self, pixels_BCHW: Tensor) -> Tensor:
         embedder = self._need_embedder()
@@ -202,28 +220,6 @@ class ConceptIndex:
     def classifier_backed(self) -> bool:
         """Names and text queries come from a classifier's classes, not from a CLIP text tower."""
         return self.embedder is not None and clf.is_classifier_embedder(self.embedder)
-
-    def _read(self, batch: Sequence[ImageLike], first_id: int) -> tuple[list, list[str]]:
-        """PIL images of a batch and their labels (path, or `<image i>` for in-memory images)."""
-        pil, paths = [], []
-        for offset, item in enumerate(batch):
-            label = (
-                os.fspath(item) if isinstance(item, (str, os.PathLike)) else f"<image {first_id + offset}>"
-            )
-            try:
-                pil.append(open_image(item))
-            except ImageReadError as e:
-                if not self.cfg.skip_unreadable:
-                    raise ImageReadError(
-                        e.source,
-                        e.reason,
-                        "Fix or remove the file, or build with IndexConfig(skip_unreadable=True) to leave it "
-                        "out.",
-                    ) from e
-                self.skipped.append(label)
-                continue
-            paths.append(label)
-        return pil, paths
 
     # ================================================================== features
     def feature_directions(self) -> Tensor:
@@ -475,3 +471,9 @@ class ConceptIndex:
             f"encoder={self.meta['encoder']}, hook={self.meta['hook']}, "
             f"embedder={self.meta['embedder']}, ann={self.meta.get('ann')})"
         )
+
+
+def _label(collection: ImageList, index: int, first_id: int) -> str:
+    """An image's path, or `<image i>` (its id in the index) for an image given in memory."""
+    item = collection.images[index]
+    return os.fspath(item) if isinstance(item, (str, os.PathLike)) else f"<image {first_id + index}>"

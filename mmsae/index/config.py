@@ -21,6 +21,11 @@ class IndexConfig:
     max_codes_per_image: int = 256
     """Largest pooled codes kept per image: bounds storage at 8 bytes × this per image."""
     batch_size: int = 32
+    num_workers: int = 0
+    """DataLoader workers that read and preprocess the images, as in extraction (0: this process)."""
+    decode: str = "pil"
+    """How images are decoded, as in extraction: 'pil', 'draft' (large JPEGs at reduced size) or 'device'
+    (JPEG files batch-wise on the encoder's device; see `mmsae.extract`)."""
     skip_unreadable: bool = False
     """Leave unreadable files out (listed in `ConceptIndex.skipped`) instead of failing."""
     concept_images: int = 16
