@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import ast
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,6 +33,9 @@ from mmsae import metrics
 from mmsae.datasets.synthetic import SyntheticActivations
 from mmsae.fileio import atomic_write_bytes
 from mmsae.sae import REGISTRY, SAE, SparseCodes
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling; `-P` leaves the script's folder out
+from peers import PeerSAE, import_sparsify
 
 HELD_OUT = 2**40  # evaluation tokens come from far beyond any training stream
 COLUMNS = ["fvu", "l0", "dead_fraction", "mmcs", "fraction_recovered"]
@@ -127,32 +131,18 @@ def run_mmsae(name: str, s: Setup) -> SAE:
     )
 
 
-class PeerSAE(SAE):
-    """Wraps a peer's encode/decode so `metrics.evaluate` scores every library the same way."""
-
-    def __init__(self, n_features: int, d_in: int, encode: Callable, decode: Callable, W_dec: torch.Tensor):
-        super().__init__(mmsae.SAEConfig(d_in=d_in, n_features=n_features))
-        self.peer_encode, self.peer_decode = encode, decode
-        with torch.no_grad():
-            self.W_dec.copy_(W_dec)
-
-    def _encode(self, x):
-        return self.peer_encode(x)
-
-    def decode(self, codes):
-        return self.peer_decode(codes)
-
-
 def run_sparsify(s: Setup) -> SAE:
     """sparsify's default recipe (its Trainer's step, minus the LM plumbing): SignSGD + schedule-free,
     lr 5e-3/√(n/2¹⁴), b_dec = mean of the first batch, unit-norm decoder, AuxK off (auxk_alpha=0)."""
     if s.device == "cpu":  # sparsify picks its Triton decoder whenever triton imports, even for CPU tensors
         os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
     from schedulefree import ScheduleFreeWrapper
-    from sparsify import SparseCoder, SparseCoderConfig
+
+    sparse_coder = import_sparsify()  # without its trainer's `datasets`/`transformers` imports
     from sparsify.sign_sgd import SignSGD
 
-    sae = SparseCoder(s.data.d, SparseCoderConfig(num_latents=s.n_features, k=s.k), device=s.device)
+    config = sparse_coder.SparseCoderConfig(num_latents=s.n_features, k=s.k)
+    sae = sparse_coder.SparseCoder(s.data.d, config, device=s.device)
     opt = ScheduleFreeWrapper(
         SignSGD([{"params": sae.parameters(), "lr": 5e-3 / (s.n_features / 2**14) ** 0.5}]), momentum=0.95
     )
@@ -174,7 +164,7 @@ def run_sparsify(s: Setup) -> SAE:
         return SparseCodes(top.top_acts, top.top_indices, s.n_features)
 
     return PeerSAE(
-        s.n_features, s.data.d, encode, lambda c: sae.decode(c.values, c.indices), sae.W_dec.detach()
+        s.data.d, s.n_features, encode, lambda c: sae.decode(c.values, c.indices), sae.W_dec.detach()
     ).to(s.device)
 
 
@@ -197,7 +187,7 @@ def run_saelens(s: Setup) -> SAE:
     SAETrainer(trainer_cfg, sae, iter(s.train_batches())).fit()
     sae.eval()
     W_dec = sae.W_dec.detach()
-    return PeerSAE(s.n_features, s.data.d, sae.encode, sae.decode, W_dec).to(s.device)
+    return PeerSAE(s.data.d, s.n_features, sae.encode, sae.decode, W_dec).to(s.device)
 
 
 PEERS: dict[str, Callable[[Setup], SAE]] = {"sparsify": run_sparsify, "saelens": run_saelens}

@@ -45,8 +45,6 @@ import math
 import os
 import sys
 import time
-import types
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +54,11 @@ from torch import Tensor
 import mmsae
 from mmsae import metrics
 from mmsae.fileio import atomic_write_bytes
-from mmsae.sae import SAE, SAEConfig, SparseCodes, default_lr
+from mmsae.sae import SAE, SparseCodes, default_lr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling; `-P` leaves the script's folder out
 from bench_recipe import zoo_photos
+from peers import PeerSAE, import_sparsify
 
 ENCODER = "timm:vit_small_patch14_dinov2"
 TINY_ENCODER = "timm:test_vit"
@@ -165,47 +164,6 @@ def run_mmsae(arch: str, train_ND: Tensor, budget: int, args: argparse.Namespace
 
 
 # ----------------------------------------------------------------------------------------- peers
-def import_sparsify() -> types.ModuleType:
-    """sparsify's `SparseCoder` and its optimiser, without its package `__init__` (which imports the trainer,
-    and so `datasets` and `transformers`). `sparsify.utils` imports `accelerate` and `transformers` for its
-    trainer helpers; where they are missing, each missing name is a placeholder that is never called."""
-    if "sparsify.sparse_coder" in sys.modules:
-        return sys.modules["sparsify.sparse_coder"]
-    spec = importlib.util.find_spec("sparsify")
-    if spec is None or spec.submodule_search_locations is None:
-        raise ImportError("sparsify (eai-sparsify) is not installed")
-    package = types.ModuleType("sparsify")
-    package.__path__ = list(spec.submodule_search_locations)
-    sys.modules["sparsify"] = package
-    for module, name in (("accelerate.utils", "send_to_device"), ("transformers", "PreTrainedModel")):
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            for part in (module.split(".")[0], module):
-                sys.modules.setdefault(part, types.ModuleType(part))
-            setattr(sys.modules[module], name, type(name, (), {}))
-    import sparsify.sign_sgd
-    import sparsify.sparse_coder
-
-    return sparsify.sparse_coder
-
-
-class PeerSAE(SAE):
-    """A peer's encode/decode as an mmsae SAE, so that `metrics.evaluate` scores every library alike."""
-
-    def __init__(self, d_in: int, n_features: int, encode: Callable, decode: Callable, W_dec: Tensor):
-        super().__init__(SAEConfig(d_in=d_in, n_features=n_features))
-        self._encode, self._decode = encode, decode
-        with torch.no_grad():
-            self.W_dec.copy_(W_dec)
-
-    def encode(self, x: Tensor) -> SparseCodes:
-        return self._encode(x)
-
-    def decode(self, codes: SparseCodes) -> Tensor:
-        return self._decode(codes)
-
-
 def run_sparsify(recipe: str, train_ND: Tensor, budget: int, args: argparse.Namespace) -> SAE:
     """sparsify's `SparseCoder` under its default recipe ('signum') or the plain Adam one ('adam')."""
     if args.device == "cpu":  # sparsify picks its Triton decoder whenever triton imports, even on a CPU

@@ -21,9 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -93,11 +95,12 @@ def make_step(name: str, s: Size) -> tuple[nn.Module, Callable[[Tensor], Tensor]
         model = DenseTopK(s.d, s.n, s.k).cuda()
         return model, model.loss
     if name == "sparsify":
-        from sparsify import SparseCoder, SparseCoderConfig
+        sys.path.insert(0, str(Path(__file__).resolve().parent))  # `-P` leaves the script's folder out
+        from peers import import_sparsify
 
-        model = SparseCoder(
-            s.d, SparseCoderConfig(num_latents=s.n, k=s.k), device="cuda", dtype=torch.float32
-        )
+        sparse_coder = import_sparsify()  # without its trainer's `datasets`/`transformers` imports
+        config = sparse_coder.SparseCoderConfig(num_latents=s.n, k=s.k)
+        model = sparse_coder.SparseCoder(s.d, config, device="cuda", dtype=torch.float32)
         return model, lambda x: model(x).fvu
     if name in ("mmsae", "mmsae_graph"):
         from mmsae import kernels
@@ -296,7 +299,18 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_sae_step needs a CUDA GPU.")
+    results = measure(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results},
+                f,
+                indent=1,
+            )
+    print_tables(args, results)
 
+
+def measure(args: argparse.Namespace) -> list[dict[str, object]]:
     results = []
     for i in args.sizes:
         s = SIZES[i]
@@ -312,15 +326,10 @@ def main() -> None:
             torch.cuda.empty_cache()
         results.append(row)
         print(json.dumps(row), flush=True)
+    return results
 
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results},
-                f,
-                indent=1,
-            )
 
+def print_tables(args: argparse.Namespace, results: list[dict]) -> None:
     print(
         f"\n{torch.cuda.get_device_name()}  torch {torch.__version__}  "
         f"bf16 autocast, Adam (peers: torch's fused), {args.reps} steps back to back, median of 3"
