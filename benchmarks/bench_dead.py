@@ -92,8 +92,8 @@ def run(arch: str, train_ND: torch.Tensor, eval_ND: torch.Tensor, args: argparse
         tokens=len(train_ND),
         batch_size=args.batch_size,
         warmup_steps=args.warmup_steps,
-        dead_tokens=args.dead_tokens,
         precision="32-true",
+        **({} if args.dead_tokens is None else {"dead_tokens": args.dead_tokens}),
     )
     seconds = time.perf_counter() - start
     result = metrics.evaluate(sae, eval_ND.float().split(4096))
@@ -113,7 +113,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--tokens", type=int, default=None, help="training tokens (default: all train rows)")
     parser.add_argument("--warmup-steps", type=int, default=50)
-    parser.add_argument("--dead-tokens", type=int, default=50_000, help="AuxK's dead window")
+    parser.add_argument(
+        "--dead-tokens",
+        type=int,
+        default=None,
+        help="AuxK's dead window (default: mmsae's, scaled to the run)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -122,7 +127,7 @@ def main() -> None:
     lines = [
         f"DINOv2-S/14 blocks 6–9 patch tokens: {len(train_ND)} train / {len(eval_ND)} held-out, "
         f"n_features {args.n_features}, k {args.k}, batch {args.batch_size}, "
-        f"dead window {args.dead_tokens} tokens",
+        f"dead window {args.dead_tokens or 'default'} tokens",
         "",
         "| SAE | FVU | L0 | dead % (held-out) | train s |",
         "|---|---|---|---|---|",

@@ -35,7 +35,6 @@ from mmsae.trainer.data import SAEDataModule, first_batches
 from mmsae.trainer.graphs import GraphedStep
 from mmsae.trainer.optim import WarmupDecay, keeps_unit_rows, make_optimizer
 from mmsae.trainer.state import (
-    DEAD_COUNT_EVERY,
     DeadFeatureClock,
     check_resume,
     run_config,
@@ -54,7 +53,7 @@ class SAESpec(metaclass=LegacyKwargsMeta):
     """Active features per token; None keeps the architecture's default (TopK family: 32) where that is at
     most an eighth of n_features, and is an error otherwise (it would make a nearly dense SAE)."""
     lr: float | None = None
-    """None = default_lr(n_features, steps of the run): 2e-4 / √(n / 2¹⁴), raised up to 10× for short runs."""
+    """None = default_lr(n_features, steps of the run): 2e-4 / √(n / 2¹⁴), raised up to 7× for short runs."""
     name: str | None = None
     """Output folder name; None = the hook (single SAE) or '<arch>_n<n>_k<k>' (sweeps)."""
     options: dict[str, Any] = field(default_factory=dict)
@@ -196,8 +195,18 @@ class SAEModule(L.LightningModule):
         if warmup < self.warmup_steps:
             rank_zero_info(f"mmsae: warm-up shortened to {warmup} steps (10% of a {total}-step run).")
         schedule = WarmupDecay(total, warmup, int(self.decay_fraction * total))
+        self._fit_dead_windows(total)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _fit_dead_windows(self, total_steps: int) -> None:
+        """Scale each default dead window to the run (`default_dead_window`); the SAE's cfg records it."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        batch = datamodule.batch_size if isinstance(datamodule, SAEDataModule) else None
+        step_tokens = None if batch is None else batch * self.trainer.world_size
+        for sae, clock in zip(self.saes, self.clocks):
+            clock.fit_to_run(total_steps, step_tokens)
+            sae.cfg.dead_tokens = clock.dead_tokens
 
     # ----------------------------------------------------------------- data-dependent init
     def on_fit_start(self) -> None:
@@ -263,8 +272,8 @@ class SAEModule(L.LightningModule):
     def training_step(self, batch_BD: Tensor, batch_idx: int) -> None:
         """One optimizer step, by `_step`: eagerly, or as a CUDA graph replay (`_setup_graphs`)."""
         step = self.global_step
-        if step % DEAD_COUNT_EVERY == 0:
-            for clock in self.clocks:
+        for clock in self.clocks:
+            if step % clock.count_every == 0:
                 clock.expire_count()  # the host-side counts, re-read here (outside any capture)
         self._step_t.fill_(step)
         # Lightning's log() costs ~1 ms of Python per metric: eagerly, metrics are made only on logging steps.

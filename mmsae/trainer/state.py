@@ -7,6 +7,7 @@ keep these counters).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -17,25 +18,53 @@ from mmsae.legacy_names import module_getattr
 from mmsae.sae import DeadFeatures
 
 DEAD_COUNT_EVERY = 100
-"""Steps between two host-side dead counts (each is a GPU sync)."""
+"""Steps between two host-side dead counts (each is a GPU sync), at most; fewer where the dead window is
+shorter (`DeadFeatureClock.count_every`), so that AuxK starts soon after the window first opens."""
+
+DEAD_WINDOW_TOKENS = 10_000_000
+"""The default dead window of long runs (Gao et al.'s 10M tokens)."""
+DEAD_WINDOW_RUN_FRACTION = 1 / 16
+"""The default dead window is at most this share of the run's tokens: with 10M tokens, AuxK would never act
+in a run of a few million tokens, and features killed early (short runs train at a raised lr) stay dead."""
+DEAD_WINDOW_MIN_STEPS = 16
+"""... and at least this many optimizer steps: a feature idle for fewer batches may just be rare."""
+
+
+def default_dead_window(run_tokens: int, step_tokens: int) -> int:
+    """The dead window (tokens) of an SAE whose config leaves `dead_tokens` unset: 10M, or a sixteenth of the
+    run where that is less, but never under 16 steps of `step_tokens`."""
+    scaled = min(DEAD_WINDOW_TOKENS, int(run_tokens * DEAD_WINDOW_RUN_FRACTION))
+    return max(scaled, DEAD_WINDOW_MIN_STEPS * step_tokens)
 
 
 class DeadFeatureClock(nn.Module):
     """Tokens since each feature of one SAE last fired; a feature idle for `dead_tokens` tokens is dead.
 
-    The clock is float64, so DDP all-reduce and bf16 never matter. The trainer advances it every step and
-    asks for a fresh host-side count every `DEAD_COUNT_EVERY` steps: features die over millions of tokens, so
-    a count ≤ 100 steps old is exact enough for sizing AuxK, and the mask itself is always current.
+    `dead_tokens=None` (the SAE config's default) is `DEAD_WINDOW_TOKENS` until the trainer knows the run's
+    length and calls `fit_to_run` (`default_dead_window`). The clock is float64, so DDP all-reduce and bf16
+    never matter. The trainer advances it every step and asks for a fresh host-side count every `count_every`
+    steps: a count that old is exact enough for sizing AuxK, and the mask itself is always current.
     """
 
-    def __init__(self, n_features: int, dead_tokens: int):
+    def __init__(self, n_features: int, dead_tokens: int | None = None):
         super().__init__()
-        self.dead_tokens = dead_tokens
+        self.explicit = dead_tokens is not None
+        self.dead_tokens = DEAD_WINDOW_TOKENS if dead_tokens is None else dead_tokens
+        self.count_every = DEAD_COUNT_EVERY
         self.register_buffer("tokens_since_fired", torch.zeros(n_features, dtype=torch.float64))
         # The count in force (−1: none yet), checkpointed: a resumed run sizes AuxK with the count the
         # uninterrupted run was using, not a fresh one, so it continues exactly.
         self.register_buffer("count_in_force", torch.full((), -1, dtype=torch.int64))
         self._count: int | None = None
+
+    def fit_to_run(self, run_steps: int, step_tokens: int | None) -> None:
+        """Scale the window to a run of `run_steps` steps of `step_tokens` tokens (None: unknown, the window
+        stays); an explicit `dead_tokens` is kept. Counts are refreshed at least twice per window."""
+        if not self.explicit and step_tokens is not None:
+            self.dead_tokens = default_dead_window(run_steps * step_tokens, step_tokens)
+        if step_tokens is not None:
+            window_steps = math.ceil(self.dead_tokens / step_tokens)
+            self.count_every = max(1, min(DEAD_COUNT_EVERY, window_steps // 2))
 
     def mask(self) -> Tensor:
         return self.tokens_since_fired >= self.dead_tokens
