@@ -132,4 +132,6 @@ def test_default_recipe_recovers_the_synthetic_features_from_800k_tokens() -> No
     sae = mmsae.train(train_ND, sae="topk", n_features=1024, k=8, tokens=800_000, batch_size=1024, devices=1)
     result = metrics.evaluate(sae, eval_ND.split(8192), features=data.features)
     assert result["fraction_recovered"] >= 0.9, result
-    assert result["dead_fraction"] < 0.01, result
+    # 1.66 % measured (17 of 1024 features; the dictionary has twice as many features as true directions):
+    # the short-run lr cap of 7× (0.39 % at the former 10×), chosen for real activations (docs/benchmarks.md).
+    assert result["dead_fraction"] < 0.02, result
