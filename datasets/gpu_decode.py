@@ -186,7 +186,7 @@ def pack_jpegs(items: list[Item]) -> PackedJpegs:
     jpeg_at = [p for p, (_, x, _) in enumerate(items) if isinstance(x, EncodedJpeg)]
     datas = [items[p][1].data for p in jpeg_at]
     blob = torch.cat(datas) if datas else torch.empty(0, dtype=torch.uint8)
-    stripped = [(i, None, err) if p in set(jpeg_at) else (i, x, err) for p, (i, x, err) in enumerate(items)]
+    stripped = [(i, None, err) if isinstance(x, EncodedJpeg) else (i, x, err) for i, x, err in items]
     return PackedJpegs(stripped, jpeg_at, [len(d) for d in datas], blob)
 
 

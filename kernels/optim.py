@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from mmsae import kernels
+from mmsae.kernels.reference import normalize_rows_, remove_parallel_rows_
 from mmsae.kernels.weight_copies import WeightCopies
 
 CONSTRAINT_KEYS = ("max_grad_norm", "unit_rows")
@@ -107,14 +108,14 @@ class Adam(torch.optim.Adam):
         for group in self.param_groups:
             for w in group.get("unit_rows", ()):
                 if w.grad is not None:  # SAE.remove_parallel_grads
-                    w.grad -= (w.grad * w).sum(-1, keepdim=True) * w
+                    remove_parallel_rows_(w, w.grad)
             grads = [p for p in group["params"] if p.grad is not None]
             if group.get("max_grad_norm") and grads:
                 torch.nn.utils.clip_grad_norm_(grads, group["max_grad_norm"])
         super().step()
         for group in self.param_groups:
             for w in group.get("unit_rows", ()):  # SAE.normalize_decoder
-                w /= w.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+                normalize_rows_(w)
 
     def _fused_group_step(self, group: dict[str, Any]) -> None:
         from mmsae.kernels.triton_adam import adam_update_, unit_rows_adam_update_
@@ -153,7 +154,7 @@ class Adam(torch.optim.Adam):
                 self.weight_copies.mark_current(p)
         for w in group.get("unit_rows", ()):
             if w.grad is None:  # not stepped, still renormalised (as the trainer's call would)
-                w /= w.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+                normalize_rows_(w)
 
     @staticmethod
     def _clip_coefficient(group: dict[str, Any], params: list[Tensor], unit: set[int]) -> Tensor | None:

@@ -24,3 +24,13 @@ def normalized_mse(x: Tensor, x_hat: Tensor) -> Tensor:
     x, x_hat = x.float(), x_hat.float()
     var = (x - x.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
     return (x - x_hat).pow(2).sum(-1).mean() / var
+
+
+def remove_parallel_rows_(W: Tensor, grad: Tensor) -> None:
+    """grad −= (grad·w) w per row: the component along each unit-norm row would only change its norm."""
+    grad -= (grad * W).sum(-1, keepdim=True) * W
+
+
+def normalize_rows_(W: Tensor) -> None:
+    """Each row of W divided by its norm (at least 1e-8), in place."""
+    W /= W.norm(dim=-1, keepdim=True).clamp_min(1e-8)

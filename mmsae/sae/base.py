@@ -391,15 +391,14 @@ class SAE(nn.Module):
     @torch.no_grad()
     def normalize_decoder(self) -> None:
         if self.cfg.unit_norm_decoder:
-            self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+            kernels.reference.normalize_rows_(self.W_dec)
 
     @torch.no_grad()
     def remove_parallel_grads(self) -> None:
         """Project out the gradient component along each unit-norm atom (it would only change the norm)."""
         if not self.cfg.unit_norm_decoder or self.W_dec.grad is None:
             return
-        W, g = self.W_dec, self.W_dec.grad
-        g -= (g * W).sum(-1, keepdim=True) * W
+        kernels.reference.remove_parallel_rows_(self.W_dec, self.W_dec.grad)
 
     @torch.no_grad()
     def fold_input_scale(self, scale: float) -> None:
