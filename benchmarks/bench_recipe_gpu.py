@@ -12,7 +12,8 @@ tokens (FVU, L0, dead %: features that never fire there):
   batch_size)` and nothing else, as a new user runs it (bf16 autocast and CUDA graphs on a GPU). The batch
   variants' inference threshold θ is then set so that the k·N largest selection scores of N calibration tokens
   (training tokens, never held-out ones) pass it, so their held-out L0 ≈ k, as TopK's; their L0 with the θ
-  learnt in training is reported beside it.
+  learnt in training is reported beside it, and their FVU at the θ that gives held-out L0 = k exactly (the
+  point of their FVU–L0 frontier at TopK's L0: held-out photos fire more features than training ones).
 - `mmsae topk lr×m`: the same with lr = m × the default lr of that run (`mmsae.sae.default_lr`): the tuning
   sweep. "Best tuned" is, at each budget, the best of the sweep and the default.
 - `sparsify signum`: eai-sparsify's `SparseCoder` with its trainer's default recipe (SignSGD + schedule-free,
@@ -22,6 +23,8 @@ tokens (FVU, L0, dead %: features that never fire there):
   linear decay to 0 over the last 20 %, AuxK at 1/32 (sparsify's 10M-token dead window), decoder renormalised
   each step.
 - `saelens`: SAELens' TopK SAE through its own `SAETrainer` with its default config, where `sae_lens` imports.
+- `mmsae abstopk`, `mmsae archetypal` (`--more-archs`): the other k-sparse variants at the top budget only,
+  for their dead %.
 
 Then "within 1.5× the tokens": for each budget b, the tokens the default TopK needs to reach the best tuned
 FVU at b (log-linear interpolation between budgets), divided by b.
@@ -261,6 +264,8 @@ def run_one(name: str, budget: int, data: tuple[Tensor, Tensor, Tensor], args: a
             sae = run_mmsae(arch, train_ND, budget, args, lr)
             if hasattr(sae, "threshold"):  # the BatchTopK family: L0 as trained, then θ calibrated
                 extra["l0_learnt_theta"] = score(sae, eval_ND, args)["l0"]
+                calibrate_threshold(sae, eval_ND)  # the frontier point: held-out L0 = k exactly
+                extra["fvu_at_k"] = score(sae, eval_ND, args)["fvu"]
                 extra["theta"] = calibrate_threshold(sae, calib_ND)
         elif library == "sparsify":
             sae = run_sparsify(variant, train_ND, budget, args)
@@ -321,7 +326,11 @@ def report(rows: list[dict], eff: list[dict], args: argparse.Namespace, n_eval: 
             elif "note" in r:
                 cells.append(r["note"])
             else:
-                learnt = f", θ learnt: L0 {r['l0_learnt_theta']:.1f}" if "l0_learnt_theta" in r else ""
+                learnt = (
+                    f", θ learnt: L0 {r['l0_learnt_theta']:.1f}; at held-out L0 {args.k}: {r['fvu_at_k']:.4f}"
+                    if "l0_learnt_theta" in r
+                    else ""
+                )
                 cells.append(f"{r['fvu']:.4f} (L0 {r['l0']:.1f}, {100 * r['dead']:.2f} %{learnt})")
         lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
     lines += [
@@ -339,6 +348,7 @@ def recipes(args: argparse.Namespace) -> list[tuple[str, int]]:
     plan = [("mmsae topk", b) for b in args.budgets]
     plan += [(f"mmsae topk lr×{m:g}", b) for m in args.lr_mults for b in args.budgets]
     plan += [(f"mmsae {a}", b) for a in ("batchtopk", "matryoshka") for b in args.budgets]
+    plan += [(f"mmsae {a}", top) for a in args.more_archs]  # their dead % on these tokens
     plan += [(f"sparsify {r}", b) for r in ("signum", "adam") for b in args.budgets]
     plan += [("saelens", top)] if importlib.util.find_spec("sae_lens") else []
     return plan
@@ -347,10 +357,13 @@ def recipes(args: argparse.Namespace) -> list[tuple[str, int]]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hook", default="blocks.9")
-    ap.add_argument("--budgets", type=int, nargs="+", default=[500_000, 1_000_000, 2_000_000, 4_000_000])
+    ap.add_argument(
+        "--budgets", type=int, nargs="+", default=[500_000, 1_000_000, 2_000_000, 4_000_000, 8_000_000]
+    )
     ap.add_argument("--lr-mults", type=float, nargs="*", default=[0.5, 2.0], help="the tuning sweep")
     ap.add_argument("--eval-tokens", type=int, default=262_144)
     ap.add_argument("--calib-tokens", type=int, default=65_536, help="training tokens for θ (not trained on)")
+    ap.add_argument("--more-archs", nargs="*", default=["abstopk", "archetypal"], help="at the top budget")
     ap.add_argument("--n-features", type=int, default=4096)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=4096)

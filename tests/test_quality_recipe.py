@@ -13,6 +13,7 @@ import mmsae
 from mmsae import metrics
 from mmsae.datasets.synthetic import SyntheticActivations
 from mmsae.sae import BatchTopKSAE, build_sae
+from mmsae.trainer.state import threshold_decay_for_run
 
 # benchmarks/ is a folder of scripts, not a package: load the script's module from its path.
 _spec = importlib.util.spec_from_file_location(
@@ -92,6 +93,33 @@ def test_cosine_batchtopk_recovers_features_where_activation_ranking_does_not() 
     assert new["fraction_recovered"] > 0.6 and new["fraction_recovered"] > old["fraction_recovered"] + 0.3
     assert new["fvu"] < 0.3 < old["fvu"]
     assert new["dead_fraction"] < 0.02
+
+
+def test_batchtopk_threshold_of_a_short_run_keeps_held_out_l0_near_k() -> None:
+    """θ is an EMA of the smallest kept score; activations shrink early in training. A fixed 100-step horizon
+    (the former default, 0.99) spans most of a 60-step run, so θ stays high and held-out L0 falls well below
+    k; the run-fitted horizon (half the lr-decay phase) describes the final weights."""
+    data = SyntheticActivations(d=32, n_directions=256, mean_active=4, seed=0)
+    train_ND, eval_ND = data.sample(60 * 512), data.sample(16_384, offset=2**40)
+    l0 = {}
+    for name, decay in (("fitted", None), ("fixed 0.99", 0.99)):
+        sae = mmsae.train(
+            train_ND, sae="batchtopk", n_features=256, k=8, tokens=len(train_ND), batch_size=512,
+            devices=1, threshold_decay=decay,
+        )  # fmt: skip
+        l0[name] = metrics.evaluate(sae, eval_ND.split(4096))["l0"]
+        if decay is None:
+            assert sae.cfg.threshold_decay == pytest.approx(threshold_decay_for_run(60, 12))
+    assert 0.8 * 8 < l0["fitted"] < 1.25 * 8, l0
+    assert l0["fixed 0.99"] < l0["fitted"] - 1, l0
+
+
+def test_threshold_horizon_is_half_the_decay_phase_within_1_to_100_steps() -> None:
+    assert threshold_decay_for_run(1000, 200) == pytest.approx(1 - 1 / 100)
+    assert threshold_decay_for_run(120, 24) == pytest.approx(1 - 1 / 12)
+    assert threshold_decay_for_run(100_000, 20_000) == pytest.approx(0.99)
+    assert threshold_decay_for_run(200, 0) == pytest.approx(1 - 1 / 10)  # no decay phase: a tenth of the run
+    assert threshold_decay_for_run(3, 0) == 0.0  # horizon 1: θ is the last batch's
 
 
 def test_device_stream_matches_the_generator_statistics() -> None:

@@ -11,15 +11,20 @@ from torch import Tensor
 from mmsae.sae.base import register
 from mmsae.sae.topk import TopKConfig, TopKSAE
 
+DEFAULT_THRESHOLD_DECAY = 0.99
+"""θ's EMA decay where neither the config nor a trainer set one (a ~100-step horizon)."""
+
 
 @dataclass
 class BatchTopKConfig(TopKConfig):
-    threshold_decay: float = 0.99
-    """θ ← decay·θ + (1 − decay)·(smallest kept score of the batch).
+    threshold_decay: float | None = None
+    """θ ← decay·θ + (1 − decay)·(smallest kept score of the batch). None: the trainer fits it to the run
+    (`mmsae.trainer.state.threshold_decay_for_run`: a horizon of half the lr-decay phase, at most 100 steps),
+    and `DEFAULT_THRESHOLD_DECAY` outside a trainer.
 
-    A ~100-step horizon: activations shrink a lot early in training, and a 0.999 EMA (dictionary_learning's
-    choice) still remembers those large early minima after 1000 steps, leaving θ too high at inference
-    (held-out L0 far below k).
+    Activations shrink a lot early in training; θ must describe the final weights. A 0.999 EMA
+    (dictionary_learning's choice) still remembers the large early minima after 1000 steps, and a fixed
+    100-step horizon spans most of a short run: either leaves θ too high at inference (held-out L0 below k).
     """
     score: Literal["cosine", "activation"] = "cosine"
     """What the batch ranks: 'activation' (the paper) relu(z_i); 'cosine' relu(z_i) / (‖x − b_dec‖·‖W_enc,i‖).
@@ -36,7 +41,7 @@ class BatchTopKConfig(TopKConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not 0.0 <= self.threshold_decay < 1.0:
+        if self.threshold_decay is not None and not 0.0 <= self.threshold_decay < 1.0:
             raise ValueError(f"threshold_decay={self.threshold_decay} must be in [0, 1).")
         if self.score not in ("cosine", "activation"):
             raise ValueError(f"score={self.score!r}: use 'cosine' or 'activation'.")
@@ -91,9 +96,10 @@ class BatchTopKSAE(TopKSAE):
         with torch.autocast(device_type=kept_scores.device.type, enabled=False):
             kept = kept_scores.float()
             batch_min = kept.masked_fill(kept <= 0, float("inf")).min()
-            ema = self.threshold.lerp(batch_min, 1.0 - self.cfg.threshold_decay)
+            decay = self.cfg.threshold_decay
+            ema = self.threshold.lerp(batch_min, 1.0 - (DEFAULT_THRESHOLD_DECAY if decay is None else decay))
             ema = torch.where(self.threshold > 0, ema, batch_min)
             self.threshold.copy_(torch.where(batch_min.isfinite(), ema, self.threshold))
 
 
-__all__ = ["BatchTopKConfig", "BatchTopKSAE"]
+__all__ = ["DEFAULT_THRESHOLD_DECAY", "BatchTopKConfig", "BatchTopKSAE"]

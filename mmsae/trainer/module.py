@@ -38,6 +38,7 @@ from mmsae.trainer.state import (
     DeadFeatureClock,
     check_resume,
     run_config,
+    threshold_decay_for_run,
     upgrade_checkpoint,
 )
 
@@ -195,18 +196,21 @@ class SAEModule(L.LightningModule):
         if warmup < self.warmup_steps:
             rank_zero_info(f"mmsae: warm-up shortened to {warmup} steps (10% of a {total}-step run).")
         schedule = WarmupDecay(total, warmup, int(self.decay_fraction * total))
-        self._fit_dead_windows(total)
+        self._fit_to_run(total, schedule.decay_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def _fit_dead_windows(self, total_steps: int) -> None:
-        """Scale each default dead window to the run (`default_dead_window`); the SAE's cfg records it."""
+    def _fit_to_run(self, total_steps: int, decay_steps: int) -> None:
+        """Scale each default dead window (`default_dead_window`) and BatchTopK θ horizon
+        (`threshold_decay_for_run`) to the run; the SAE's cfg records them."""
         datamodule = getattr(self.trainer, "datamodule", None)
         batch = datamodule.batch_size if isinstance(datamodule, SAEDataModule) else None
         step_tokens = None if batch is None else batch * self.trainer.world_size
         for sae, clock in zip(self.saes, self.clocks):
             clock.fit_to_run(total_steps, step_tokens)
             sae.cfg.dead_tokens = clock.dead_tokens
+            if getattr(sae.cfg, "threshold_decay", 0.0) is None:
+                sae.cfg.threshold_decay = threshold_decay_for_run(total_steps, decay_steps)
 
     # ----------------------------------------------------------------- data-dependent init
     def on_fit_start(self) -> None:
