@@ -23,8 +23,8 @@ tokens (FVU, L0, dead %: features that never fire there):
   linear decay to 0 over the last 20 %, AuxK at 1/32 (sparsify's 10M-token dead window), decoder renormalised
   each step.
 - `saelens`: SAELens' TopK SAE through its own `SAETrainer` with its default config, where `sae_lens` imports.
-- `mmsae abstopk`, `mmsae archetypal` (`--more-archs`): the other k-sparse variants at the top budget only,
-  for their dead %.
+- `mmsae abstopk`, `mmsae archetypal`, `mmsae batchtopk[score=activation]` (`--more-archs`): the other
+  k-sparse variants at the top budget only, for their dead %, and BatchTopK ranking raw activations.
 
 Then "within 1.5× the tokens": for each budget b, the tokens the default TopK needs to reach the best tuned
 FVU at b (log-linear interpolation between budgets), divided by b.
@@ -153,8 +153,12 @@ def calibrate_threshold(sae: SAE, calib_ND: Tensor, chunk: int = 4096) -> float:
 
 
 def run_mmsae(arch: str, train_ND: Tensor, budget: int, args: argparse.Namespace, lr: float | None) -> SAE:
+    """`arch` may carry config options: 'batchtopk[score=activation]'."""
+    arch, _, options = arch.rstrip("]").partition("[")
+    kwargs = dict(option.split("=", 1) for option in options.split(",") if option)
     return mmsae.train(
         train_ND[:budget],
+        **kwargs,
         sae=arch,
         n_features=args.n_features,
         k=args.k,
@@ -363,7 +367,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr-mults", type=float, nargs="*", default=[0.5, 2.0], help="the tuning sweep")
     ap.add_argument("--eval-tokens", type=int, default=262_144)
     ap.add_argument("--calib-tokens", type=int, default=65_536, help="training tokens for θ (not trained on)")
-    ap.add_argument("--more-archs", nargs="*", default=["abstopk", "archetypal"], help="at the top budget")
+    ap.add_argument(
+        "--more-archs",
+        nargs="*",
+        default=["abstopk", "archetypal", "batchtopk[score=activation]"],
+        help="at the top budget",
+    )
     ap.add_argument("--n-features", type=int, default=4096)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=4096)
