@@ -16,7 +16,7 @@ Recipes (`--recipes`, each `name[key=value,...]`):
   AuxK, k_aux = d/2, coef 1/32), dead_tokens.
 
 Data (`--data`): `synthetic` (`SyntheticActivations`, `--d`, `--n-directions`), or real activations of
-augmented crops of the zoo's photos (`mmsae zoo install`): `dinov2:blocks.9`, `mobilenet:blocks.5`, ... —
+augmented crops of the zoo's photos (`mmsae zoo install`): `dinov2:blocks.9`, `mobilenet:blocks.5`, `efficientnet:blocks.4`, ... —
 extracted once into `--cache`. Held-out tokens come from photos the training crops never use.
 
     python benchmarks/bench_recipe.py --data synthetic --d 64 --n-directions 512 --n-features 1024 --k 8 \\
@@ -47,7 +47,11 @@ from mmsae.trainer.data import SAEDataModule
 from mmsae.trainer.module import SAEModule, SAESpec
 
 HELD_OUT = 2**40
-ZOO_MODELS = {"dinov2": "timm:vit_small_patch14_dinov2", "mobilenet": "timm:mobilenetv2_100"}
+ZOO_MODELS = {
+    "dinov2": "timm:vit_small_patch14_dinov2",
+    "mobilenet": "timm:mobilenetv2_100",
+    "efficientnet": "timm:tf_efficientnet_lite0",
+}
 
 
 @dataclass
@@ -368,7 +372,9 @@ def plot(panels: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default="synthetic", help="'synthetic' or '<dinov2|mobilenet>:<hook>'")
+    ap.add_argument(
+        "--data", default="synthetic", help="'synthetic' or '<dinov2|mobilenet|efficientnet>:<hook>'"
+    )
     ap.add_argument("--d", type=int, default=64)
     ap.add_argument("--n-directions", type=int, default=512)
     ap.add_argument("--mean-active", type=float, default=8.0)
