@@ -236,12 +236,23 @@ def machine(device: torch.device) -> str:
     except OSError:  # not Linux
         pass
     gpu = f"; {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
-    return f"{cpu}, {os.cpu_count()} logical cores{gpu}"
+    return f"{cpu}, {usable_cores()} usable cores of {os.cpu_count()} logical{gpu}"
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity, capped by a cgroup v2 CPU quota (containers
+    often see all of the host's cores in `os.cpu_count()`)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+    except (OSError, ValueError):  # no cgroup v2 limit file here
+        return cores
+    return cores if quota == "max" else max(1, min(cores, -(-int(quota) // int(period))))
 
 
 def default_workers(small: bool) -> list[int]:
-    """1, 2, 4, ... up to the machine's cores, and the core count itself (at most 2 for `--small`)."""
-    cores = min(os.cpu_count() or 1, 2) if small else os.cpu_count() or 1
+    """1, 2, 4, ... up to the usable cores, and their count itself (at most 2 for `--small`)."""
+    cores = min(usable_cores(), 2) if small else usable_cores()
     powers = [1 << i for i in range(cores.bit_length()) if 1 << i <= cores]
     return powers + ([cores] if powers[-1] != cores else [])
 

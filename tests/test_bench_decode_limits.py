@@ -53,7 +53,7 @@ def test_small_run_measures_every_row(tmp_path: Path, capsys: pytest.CaptureFixt
     for row in rows:  # every row in the Markdown table, with its rate as printed
         assert f"| {row.section} | {row.what} | {row.images_per_s:,.0f} |" in table
     assert "| section | what | images/s | note |" in table
-    assert f"{os.cpu_count()} logical cores" in table
+    assert f"{bench.usable_cores()} usable cores of {os.cpu_count()} logical" in table
     report = json.loads(out.read_text())
     assert [(r["section"], r["what"]) for r in report["rows"]] == EXPECTED
     assert "timm:test_vit: Resize 168 bicubic, crop 160" in rows[4].note
@@ -62,11 +62,15 @@ def test_small_run_measures_every_row(tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 def test_default_workers_double_up_to_the_core_count(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(bench.os, "cpu_count", lambda: 12)
+    monkeypatch.setattr(bench, "usable_cores", lambda: 12)
     assert bench.default_workers(small=False) == [1, 2, 4, 8, 12]
     assert bench.default_workers(small=True) == [1, 2]
-    monkeypatch.setattr(bench.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(bench, "usable_cores", lambda: 16)
     assert bench.default_workers(small=False) == [1, 2, 4, 8, 16]
+
+
+def test_usable_cores_is_within_the_affinity() -> None:
+    assert 1 <= bench.usable_cores() <= len(os.sched_getaffinity(0))
 
 
 def test_bad_options_name_the_fix(capsys: pytest.CaptureFixture[str]) -> None:
