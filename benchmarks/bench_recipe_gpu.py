@@ -118,6 +118,12 @@ def extract(args: argparse.Namespace, photos: list[Path], n_tokens: int, seed: i
 
 def tokens(args: argparse.Namespace) -> tuple[Tensor, Tensor]:
     """(train, held-out) tokens, from `--cache` when it holds this configuration."""
+    if args.tokens_file:  # [N, d] tokens already extracted: the last `--eval-tokens` rows are held out
+        rows_ND = torch.load(args.tokens_file, weights_only=True)
+        need = max(args.budgets) + args.calib_tokens + args.eval_tokens
+        if not isinstance(rows_ND, Tensor) or rows_ND.ndim != 2 or len(rows_ND) < need:
+            raise SystemExit(f"--tokens-file {args.tokens_file}: expected a [N ≥ {need:,}, d] tensor.")
+        return rows_ND[: -args.eval_tokens], rows_ND[-args.eval_tokens :]
     key = f"{args.encoder}|{args.hook}|{max(args.budgets)}|{args.eval_tokens}|{args.calib_tokens}"
     if args.cache and args.cache.exists():
         saved = torch.load(args.cache, weights_only=True)
@@ -380,6 +386,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--workers", type=int, default=8, help="crop loader processes")
     ap.add_argument("--cache", type=Path, default=None, help="keep the extracted tokens here")
+    ap.add_argument(
+        "--tokens-file", type=Path, default=None, help="a saved [N, d] tensor instead of extracting"
+    )
     ap.add_argument("--tiny", action="store_true", help="random-init tiny ViT, 2 small budgets: a smoke run")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None, help="write the Markdown tables here")
@@ -392,6 +401,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     start = time.perf_counter()
     all_ND, eval_ND = tokens(args)
+    if args.tokens_file:
+        args.encoder, args.hook = str(args.tokens_file.name), "given"
     train_ND, calib_ND = all_ND[: max(args.budgets)], all_ND[max(args.budgets) :]
     args.d_in = train_ND.shape[1]
     if args.device != "cpu":  # one copy (fp16) for every run; mmsae.train takes data already on the GPU
