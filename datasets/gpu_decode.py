@@ -27,6 +27,7 @@ from torchvision import transforms as T
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import functional as F
 
+from mmsae.datasets.batched_resize import resize_crop
 from mmsae.datasets.images import ExampleDataset, ImageCaptions, ImageFolder, ImageList
 from mmsae.datasets.pixels import RGB_STEPS, unit_normalize
 
@@ -96,15 +97,38 @@ class DevicePreprocess:
     def __call__(self, images: Sequence[Tensor]) -> Tensor:
         """uint8 [3, H_i, W_i] images (sizes may differ) → normalised float32 pixels [B, 3, H, W].
 
-        Per image only the cast and the resize (the sources have different sizes), called straight into
-        `interpolate`: torchvision's per-call Python cost, not the GPU, bounded the batch. Crop, clamp,
+        Antialiased bicubic/bilinear resizes with a crop inside every resized image run batched
+        (`mmsae.datasets.batched_resize`): image by image, the per-call host cost, not the GPU, bounded the
+        batch. Otherwise per image the cast and the resize, called straight into the ATen ops. Clamp,
         rounding and normalisation run once on the stacked batch."""
+        batched = self._batched(images)
+        if batched is not None:
+            return unit_normalize(batched.clamp_(0, 255).round_(), self.mean, self.std)
         resized = [self._resize(image_CHW.unsqueeze(0).float()) for image_CHW in images]
         if self.crop is not None:
             resized = [self._center_crop(x_1CHW) for x_1CHW in resized]
         # PIL returns uint8: clamp the bicubic overshoot and round as it does
         x_BCHW = torch.cat(resized).clamp_(0, 255).round_()
         return unit_normalize(x_BCHW, self.mean, self.std)
+
+    def _batched(self, images: Sequence[Tensor]) -> Tensor | None:
+        """The batch resized and cropped by `resize_crop`; None where that path does not apply (another
+        interpolation, no crop and sizes that differ, a crop past a resized image: torchvision pads)."""
+        mode = self.interpolation.value
+        if mode not in ("bicubic", "bilinear") or not images:
+            return None
+        sizes = [tuple(self.resized_size(*x.shape[-2:])) for x in images]
+        if self.crop is None:
+            if len(set(sizes)) > 1:
+                return None
+            crop = sizes[0]
+        else:
+            crop = tuple(self.crop) if len(self.crop) == 2 else (self.crop[0], self.crop[0])
+        if any(h < crop[0] or w < crop[1] for h, w in sizes):
+            return None
+        # torchvision's `center_crop` offsets (Python's round, as there)
+        tops = [(round((h - crop[0]) / 2.0), round((w - crop[1]) / 2.0)) for h, w in sizes]
+        return resize_crop(images, sizes, tops, crop, mode)
 
     def _resize(self, x_1CHW: Tensor) -> Tensor:
         """torchvision's tensor `Resize`, without its per-call Python: the antialiased ATen ops directly."""
