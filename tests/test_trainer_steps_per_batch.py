@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import csv
 import itertools
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -195,3 +198,38 @@ def test_k_with_another_loader_is_refused_when_fitting(tmp_path: Path) -> None:
     loader = torch.utils.data.DataLoader(list(data().split(BATCH)), batch_size=None)
     with pytest.raises(ValueError, match="steps_per_iteration=2 needs an SAEDataModule"):
         trainer(max_epochs=1, default_root_dir=tmp_path, log_every_n_steps=2).fit(module, loader)
+
+
+def test_ddp_ranks_train_blocks_as_single_batches(tmp_path: Path) -> None:
+    """strategy='ddp' over gloo, two CPU processes: each rank takes the same K, and K=4 ends where K=1 does
+    (the dead clocks are all-reduced every step, inside a block as between blocks)."""
+    script = tmp_path / "ddp_run.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import sys, lightning as L, torch
+        from mmsae.trainer import SAEDataModule, SAEModule, SAESpec
+        torch.set_num_threads(1)
+        L.seed_everything(0)
+        k = int(sys.argv[1])
+        spec = SAESpec(n_features=64, k=1, options={{"aux_k": 4, "dead_tokens": 256}})
+        module = SAEModule([spec], warmup_steps=2, init_batches=2, steps_per_iteration=k)
+        trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp", logger=False,
+                            log_every_n_steps=4, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False)
+        trainer.fit(module, datamodule=SAEDataModule(torch.randn(4096, 8), tokens=14 * 64, batch_size=32))
+        assert module._steps_per_iteration == k and trainer.global_step == 14
+        torch.save(dict(module.state_dict()), f"{tmp_path}/k{{k}}_rank{{trainer.global_rank}}.pt")
+    """)
+    )
+    for k in (1, 4):
+        subprocess.run(
+            [sys.executable, str(script), str(k)], check=True, timeout=120, capture_output=True, cwd=tmp_path
+        )
+    states = {
+        (k, r): torch.load(tmp_path / f"k{k}_rank{r}.pt", weights_only=True) for k in (1, 4) for r in (0, 1)
+    }
+    reference = states[1, 0]
+    assert reference["tokens_seen"].item() == 14 * 64 and reference["clocks.0.tokens_since_fired"].max() > 0
+    for state in states.values():
+        for key, value in reference.items():
+            assert torch.equal(state[key], value), key
