@@ -49,9 +49,10 @@ def _validates_mid_epoch(trainer: L.Trainer) -> bool:
 
 def choose_steps_per_iteration(requested: int | None, trainer: L.Trainer, graphs: bool, blocks: bool) -> int:
     """K for this run: `requested`, checked, or (None) the largest K ≤ `MAX_AUTO_STEPS` that divides every
-    period of `step_periods` where it pays (`graphs`: steps replayed as CUDA graphs, whose host time is
-    Lightning's loop; eager steps cost ~20× more Python, so K=1 there). `blocks`: whether the data comes
-    from an `SAEDataModule`, the only loader that makes blocks."""
+    period of `step_periods` where it pays (`graphs`: steps replayed as CUDA graphs, whose host time is then
+    mostly Lightning's loop; an eager step launches ~6 ms of Python (`mmsae.trainer.graphs`), next to which
+    the loop is small, so K=1 there). `blocks`: whether the data comes from an `SAEDataModule`, the only
+    loader that makes blocks."""
     periods = step_periods(trainer)
     if requested is None:
         if not (graphs and blocks) or _validates_mid_epoch(trainer):
