@@ -146,7 +146,9 @@ def bench_trainer_step(s: Size, x: Tensor, reps: int, warm_steps: int = 8) -> di
             trainer.should_stop = True
 
     x16 = x.half()
-    module = SAEModule([SAESpec("topk", s.n, s.k)], d_in=s.d, warmup_steps=10, cuda_graphs=True)
+    module = SAEModule(  # one step per loop iteration: the callback runs after each step
+        [SAESpec("topk", s.n, s.k)], d_in=s.d, warmup_steps=10, cuda_graphs=True, steps_per_iteration=1
+    )
     data = SAEDataModule(x16.repeat(2, 1), tokens=4 * warm_steps * s.B, batch_size=s.B)
     trainer = L.Trainer(
         accelerator="gpu",

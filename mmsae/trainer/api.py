@@ -67,6 +67,7 @@ def train(
     checkpoint_every: int = 1000,
     cuda_graphs: bool | None = None,
     stage: bool | None = None,
+    steps_per_iteration: int | None = None,
     **sae_kwargs: Any,
 ) -> SAE:
     """Train one SAE on `data` and return it, input scale folded in (it acts on raw activations).
@@ -78,7 +79,8 @@ def train(
     resume: the CSV log keeps growing; other settings are refused by name); without it nothing is written.
     `cuda_graphs` replays each step as one CUDA graph (None: wherever possible; see `SAEModule`); `stage`
     keeps the data (a store: its shuffle buffer) on the GPU (None: when it fits in a quarter of the free
-    memory; see `SAEDataModule`).
+    memory; see `SAEDataModule`). `steps_per_iteration` optimizer steps run per Lightning loop iteration
+    (None: up to 16 with CUDA graphs, dividing `checkpoint_every` and the logging period; see `SAEModule`).
     """
     L.seed_everything(seed, verbose=False)
     datamodule = SAEDataModule(data, tokens=tokens, batch_size=batch_size, hook=hook, seed=seed, stage=stage)
@@ -91,6 +93,7 @@ def train(
         warmup_steps=warmup_steps,
         out_dir=out_dir,
         cuda_graphs=cuda_graphs,
+        steps_per_iteration=steps_per_iteration,
     )
     with tempfile.TemporaryDirectory() as scratch:
         logging = out_dir is not None

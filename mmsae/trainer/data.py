@@ -4,7 +4,8 @@
 `SAEDataModule` turns a source into a `DataLoader` over `TokenBudget`, an IterableDataset that yields
 exactly `tokens // (batch_size · world_size)` batches per rank, takes every world_size-th batch of one
 global stream (so DDP ranks never see the same batch) and skips the batches already trained on when a
-run resumes from a checkpoint.
+run resumes from a checkpoint. With `steps_per_iteration` = K > 1 it yields them as lists of K consecutive
+batches (`mmsae.trainer.iterations`), one per Lightning loop iteration.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from mmsae.staging import RowScreen, stage_budget
 from mmsae.store import prefetch
+from mmsae.trainer.iterations import as_batches, block_sizes, n_blocks
 from mmsae.trainer.sources import (
     ActivationStoreLike,
     ArraySource,
@@ -33,7 +35,8 @@ from mmsae.trainer.sources import (
 
 
 class TokenBudget(IterableDataset):
-    """One rank's share of a fixed token budget: `len(self)` batches of [batch_size, d]."""
+    """One rank's share of a fixed token budget: `n_batches` batches of [batch_size, d], one per item, or
+    with `steps_per_iteration` = K > 1 in blocks (lists) of K, ending on multiples of K: `len(self)` items."""
 
     def __init__(
         self,
@@ -45,13 +48,15 @@ class TokenBudget(IterableDataset):
         world_size: int = 1,
         start: int = 0,
         screen: RowScreen | None = None,
+        steps_per_iteration: int = 1,
     ):
         self.source, self.batch_size, self.n_batches = source, batch_size, n_batches
         self.seed, self.rank, self.world_size, self.start = seed, rank, world_size, start
         self.screen = screen or RowScreen()
+        self.steps_per_iteration = steps_per_iteration
 
     def __len__(self) -> int:
-        return self.n_batches
+        return n_blocks(self.n_batches, self.steps_per_iteration)
 
     # Lightning checks loaders for these to know that a mid-epoch resume continues where it stopped. The
     # position itself travels in SAEDataModule's state (restored before this loader is built, as `start`).
@@ -61,26 +66,47 @@ class TokenBudget(IterableDataset):
     def load_state_dict(self, state: dict[str, int]) -> None:
         pass
 
-    def __iter__(self) -> Iterator[Tensor]:
+    def __iter__(self) -> Iterator[Tensor] | Iterator[list[Tensor]]:
         n_tokens = self.n_batches * self.batch_size * self.world_size
         first = self.start * self.world_size + self.rank
+        if self.steps_per_iteration > 1:
+            return self._blocks(n_tokens, first)
         stream = self.source.global_batches(self.batch_size, self.seed, n_tokens, first, self.world_size)
         batches = itertools.islice(stream, self.n_batches - self.start)
         if self.source.on_gpu:  # screened when staged; its shard reads and copies run in a thread of its own
             return batches
-        batches = (self.screen(b, f"batch {i + self.start}") for i, b in enumerate(batches))
-        if torch.cuda.is_available():  # pinned host memory: Lightning's copy to the GPU is then asynchronous
-            batches = (b.pin_memory() if b.device.type == "cpu" else b for b in batches)
+        batches = (self._on_host(b, i + self.start) for i, b in enumerate(batches))
         # Gathering, screening, shard reads and pinning run in a thread, overlapping the GPU step. (Eight
         # batches ahead measured no better on the H100 machine: store/memory training 0.71 vs 0.87 with two.)
         return prefetch(batches, depth=2)
 
+    def _blocks(self, n_tokens: int, first: int) -> Iterator[list[Tensor]]:
+        sizes = block_sizes(self.start, self.n_batches, self.steps_per_iteration)
+        blocks = self.source.global_blocks(
+            self.batch_size, self.seed, n_tokens, sizes, first, self.world_size
+        )
+        if self.source.on_gpu:
+            return blocks
+        starts = itertools.accumulate([self.start, *sizes])
+        blocks = ([self._on_host(b, i) for i, b in enumerate(block, s)] for s, block in zip(starts, blocks))
+        return prefetch(blocks, depth=1)  # a block already holds K batches: one ahead is K ahead
 
-def first_batches(loader: Iterable[Tensor], n_batches: int, rows: int, device: torch.device) -> list[Tensor]:
+    def _on_host(self, batch_BD: Tensor, index: int) -> Tensor:
+        batch_BD = self.screen(batch_BD, f"batch {index}")
+        if torch.cuda.is_available() and batch_BD.device.type == "cpu":
+            return (
+                batch_BD.pin_memory()
+            )  # pinned host memory: Lightning's copy to the GPU is then asynchronous
+        return batch_BD
+
+
+def first_batches(
+    loader: Iterable[Tensor | list[Tensor]], n_batches: int, rows: int, device: torch.device
+) -> list[Tensor]:
     """The loader's first `n_batches` batches on `device`, and more until they hold ≥ `rows` rows (or it
     ends): the sample a trainer's data-dependent init reads (input scale, b_dec, e.g. archetypal anchors)."""
     batches: list[Tensor] = []
-    for batch_BD in loader:
+    for batch_BD in itertools.chain.from_iterable(map(as_batches, loader)):  # a block: its batches
         batches.append(batch_BD.to(device))
         if len(batches) >= n_batches and sum(map(len, batches)) >= rows:
             break
@@ -103,7 +129,9 @@ class SAEDataModule(L.LightningDataModule):
             shuffle buffer. None = when it fits in a quarter of the GPU's free memory, True = always,
             False = never (batches are gathered on the host and copied each step).
 
-    Batches come out with their non-finite (NaN/Inf) rows dropped, counted in `screen.dropped`.
+    Batches come out with their non-finite (NaN/Inf) rows dropped, counted in `screen.dropped`. They come
+    one per loader item, or in blocks of `steps_per_iteration` (a list per item), which `SAEModule` sets
+    for the run (its `steps_per_iteration`).
     """
 
     def __init__(
@@ -125,6 +153,7 @@ class SAEDataModule(L.LightningDataModule):
         self.screen = RowScreen()  # rows dropped this run (SAEModule logs them as train/skipped_rows)
         self._staged: tuple[torch.device, Source] | None = None
         self._resume_batches = 0  # global batches already trained on (set when resuming)
+        self.steps_per_iteration = 1
         self.train_source = as_source(source, hook)
         self.val_source = None if val_source is None else as_source(val_source, hook)
         if self.val_source is None:
@@ -157,6 +186,7 @@ class SAEDataModule(L.LightningDataModule):
             world,
             start,
             self.screen,
+            self.steps_per_iteration,
         )
         # The dataset itself, not a DataLoader around it: batches are already made (and prefetched in a
         # thread), and Lightning would warn that a sized IterableDataset under a DataLoader can have a wrong

@@ -22,6 +22,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable
 from typing import NamedTuple
 
+import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
@@ -118,6 +119,40 @@ class GraphedStep:
         while len(self.graphs) > self.max_graphs:
             self.graphs.popitem(last=False)
         return captured
+
+
+def graph_blocker(trainer: L.Trainer) -> str | None:
+    """Why a run of `trainer` cannot replay its steps as CUDA graphs (None: it can)."""
+    device = trainer.strategy.root_device
+    if device.type != "cuda":
+        return f"the SAEs are on {device.type}, not a CUDA device"
+    if trainer.world_size > 1:
+        return "DDP all-reduces gradients from hooks a graph cannot hold; graphs are single-device"
+    if getattr(trainer.precision_plugin, "scaler", None) is not None:
+        return "fp16 loss scaling checks for inf on the host every step; use bf16-mixed or 32-true"
+    return None
+
+
+def graphed_step_for_run(
+    step_fn: StepFn, trainer: L.Trainer, cuda_graphs: bool | None, blocker: str | None
+) -> GraphedStep | None:
+    """The run's `GraphedStep`, or None (eager steps): `cuda_graphs` None = where possible (no `blocker`),
+    True = required (an error names the blocker), False = never."""
+    if cuda_graphs is False:
+        return None
+    if blocker is not None:
+        if cuda_graphs:
+            raise ValueError(
+                f"cuda_graphs=True, but {blocker}. Pass cuda_graphs=None (use them where possible) or False."
+            )
+        return None
+    device = trainer.strategy.root_device
+    for group in trainer.optimizers[0].param_groups if device.type == "cuda" else []:  # CPU: nothing captured
+        # Replays read the LR from a device tensor the scheduler fills in place; a float would be frozen into
+        # the graph. Capturable Adam likewise keeps its step count on the device.
+        group["lr"] = torch.tensor(float(group["lr"]), device=device)
+        group["capturable"] = True
+    return GraphedStep(step_fn)
 
 
 def _release_generators() -> None:

@@ -32,13 +32,22 @@ from mmsae.metrics import l0_tensor
 from mmsae.sae import SAE, build_sae, default_lr, fired_mask, get_sae_class, normalized_mse
 from mmsae.staging import RowScreen, finite_rows_mask
 from mmsae.trainer.data import SAEDataModule, first_batches
-from mmsae.trainer.graphs import GraphedStep
+from mmsae.trainer.graphs import GraphedStep, graph_blocker, graphed_step_for_run
+from mmsae.trainer.iterations import (
+    as_batches,
+    check_resumed_steps,
+    check_steps_per_iteration,
+    choose_steps_per_iteration,
+    count_inner_step,
+    count_replayed_step,
+    run_steps,
+)
 from mmsae.trainer.optim import WarmupDecay, keeps_unit_rows, make_optimizer
 from mmsae.trainer.state import (
     DeadFeatureClock,
     check_resume,
+    fit_to_run,
     run_config,
-    threshold_decay_for_run,
     upgrade_checkpoint,
 )
 
@@ -100,6 +109,10 @@ class SAEModule(L.LightningModule):
         cuda_graphs: replay each training step as one CUDA graph (`mmsae.trainer.graphs`): None = wherever
             possible (one CUDA device, no fp16 loss scaling; a step that fails to capture runs eagerly with a
             warning), True = required (an error says what prevents it), False = never.
+        steps_per_iteration: optimizer steps per Lightning loop iteration, on a block of that many batches of
+            an `SAEDataModule`, trained the same (`mmsae.trainer.iterations`). None = per run: up to 16 with
+            CUDA graphs, dividing the logging, checkpoint and max_steps periods, else 1; a resume keeps its
+            checkpoint's. Callbacks' batch hooks run once per iteration.
     """
 
     def __init__(
@@ -115,8 +128,10 @@ class SAEModule(L.LightningModule):
         init_batches: int = 10,
         out_dir: str | None = None,
         cuda_graphs: bool | None = None,
+        steps_per_iteration: int | None = None,
     ):
         super().__init__()
+        check_steps_per_iteration(steps_per_iteration)
         self.specs = [s if isinstance(s, SAESpec) else SAESpec(**s) for s in (saes or [SAESpec()])]
         self.save_hyperparameters()
         # Plain dicts, so the Lightning checkpoint stays loadable with torch.load(weights_only=True).
@@ -129,7 +144,8 @@ class SAEModule(L.LightningModule):
         self.hook, self.encoder = hook, encoder
         self.warmup_steps, self.decay_fraction, self.grad_clip = warmup_steps, decay_fraction, grad_clip
         self.normalize_inputs, self.init_batches, self.out_dir = normalize_inputs, init_batches, out_dir
-        self.cuda_graphs = cuda_graphs
+        self.cuda_graphs, self.steps_per_iteration = cuda_graphs, steps_per_iteration
+        self._steps_per_iteration = 1  # this run's (`_use_steps_per_iteration`)
         self._graphed: GraphedStep | None = None
         # One step function, run eagerly or replayed as a CUDA graph, drives Adam itself (`_step`).
         self.automatic_optimization = False
@@ -173,6 +189,17 @@ class SAEModule(L.LightningModule):
             self.on_before_batch_transfer = super().on_before_batch_transfer
         else:
             self.__dict__.pop("on_before_batch_transfer", None)
+        if stage == "fit":
+            self._use_steps_per_iteration(self.steps_per_iteration)
+
+    def _use_steps_per_iteration(self, requested: int | None) -> None:
+        """Fix this run's steps per loop iteration (`mmsae.trainer.iterations`), before its loader is made."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        graphs = self.cuda_graphs is not False and self._graph_blocker() is None
+        blocks = isinstance(datamodule, SAEDataModule)
+        self._steps_per_iteration = choose_steps_per_iteration(requested, self.trainer, graphs, blocks)
+        if blocks:  # the one loader that makes blocks
+            datamodule.steps_per_iteration = self._steps_per_iteration
 
     def _record_provenance(self, sae: SAE) -> None:
         known, cfg = self.data_provenance, sae.cfg
@@ -187,7 +214,7 @@ class SAEModule(L.LightningModule):
         cfg.site = site
 
     def configure_optimizers(self) -> dict[str, Any]:
-        total = int(self.trainer.estimated_stepping_batches)
+        total = run_steps(self.trainer, self._steps_per_iteration)
         lrs = [spec.lr or default_lr(spec.n_features, total) for spec in self.specs]
         # Clipping, and for plain unit-norm decoders the projection and renormalisation, are the optimizer's:
         # one Triton pass per weight on CUDA (`mmsae.trainer.optim`).
@@ -196,21 +223,13 @@ class SAEModule(L.LightningModule):
         if warmup < self.warmup_steps:
             rank_zero_info(f"mmsae: warm-up shortened to {warmup} steps (10% of a {total}-step run).")
         schedule = WarmupDecay(total, warmup, int(self.decay_fraction * total))
-        self._fit_to_run(total, schedule.decay_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def _fit_to_run(self, total_steps: int, decay_steps: int) -> None:
-        """Scale each default dead window (`default_dead_window`) and BatchTopK θ horizon
-        (`threshold_decay_for_run`) to the run; the SAE's cfg records them."""
+        # The default dead windows and BatchTopK θ horizons, scaled to the run (its SAEs' cfgs record them).
         datamodule = getattr(self.trainer, "datamodule", None)
         batch = datamodule.batch_size if isinstance(datamodule, SAEDataModule) else None
         step_tokens = None if batch is None else batch * self.trainer.world_size
-        for sae, clock in zip(self.saes, self.clocks):
-            clock.fit_to_run(total_steps, step_tokens)
-            sae.cfg.dead_tokens = clock.dead_tokens
-            if getattr(sae.cfg, "threshold_decay", 0.0) is None:
-                sae.cfg.threshold_decay = threshold_decay_for_run(total_steps, decay_steps)
+        fit_to_run(self.saes, self.clocks, total, schedule.decay_steps, step_tokens)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ----------------------------------------------------------------- data-dependent init
     def on_fit_start(self) -> None:
@@ -261,20 +280,26 @@ class SAEModule(L.LightningModule):
         # Any other loader: screened here (on the host, before the copy, it costs no GPU sync).
         return self._row_screen(batch_BD, f"batch {self.trainer.global_step if self.training else -1}")
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def _count_dropped_rows(self) -> None:
         # Rows dropped so far (by the data module's screen or this module's) join the checkpointed count. Host
         # integers: a kernel is launched only when the count changed, never a sync.
-        datamodule = self.trainer.datamodule
-        dropped = self._row_screen.dropped + (
-            datamodule.screen.dropped if isinstance(datamodule, SAEDataModule) else 0
-        )
+        screen = getattr(self.trainer.datamodule, "screen", None)  # an SAEDataModule's
+        dropped = self._row_screen.dropped + (screen.dropped if isinstance(screen, RowScreen) else 0)
         if dropped > self._dropped_counted:
             self.skipped_rows += dropped - self._dropped_counted
             self._dropped_counted = dropped
 
     # ----------------------------------------------------------------- training
-    def training_step(self, batch_BD: Tensor, batch_idx: int) -> None:
+    def training_step(self, batch: Tensor | list[Tensor], batch_idx: int) -> None:
+        """One optimizer step per batch of this loop iteration (`steps_per_iteration` of them, or one)."""
+        for i, batch_BD in enumerate(as_batches(batch)):
+            if i:
+                count_inner_step(self.trainer)
+            self._train_step(batch_BD)
+
+    def _train_step(self, batch_BD: Tensor) -> None:
         """One optimizer step, by `_step`: eagerly, or as a CUDA graph replay (`_setup_graphs`)."""
+        self._count_dropped_rows()
         step = self.global_step
         for clock in self.clocks:
             if step % clock.count_every == 0:
@@ -289,7 +314,7 @@ class SAEModule(L.LightningModule):
             # Two graphs per structure: with the metrics (logging steps) and without (all the others).
             logs = self._graphed(batch_BD, key, metrics=log_now)
             if not self._graphed.ran_step_fn:
-                self._count_replayed_step()
+                count_replayed_step(self.optimizers())
             logs = (
                 {k: v.clone() for k, v in logs.items()} if log_now else {}
             )  # the next replay overwrites them
@@ -321,12 +346,6 @@ class SAEModule(L.LightningModule):
         if self.trainer.precision != "bf16-mixed":
             return nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False)
-
-    def _count_replayed_step(self) -> None:
-        """What LightningOptimizer.step counts (global_step), for a replay: its Python ran only at capture."""
-        optimizer = self.optimizers()
-        optimizer._on_before_step()
-        optimizer._on_after_step()
 
     def _losses(
         self,
@@ -385,36 +404,14 @@ class SAEModule(L.LightningModule):
     # ----------------------------------------------------------------- CUDA graphs
     def _graph_blocker(self) -> str | None:
         """Why this run cannot replay its steps as CUDA graphs (None: it can)."""
-        trainer = self.trainer
-        if self.device.type != "cuda":
-            return f"the SAEs are on {self.device.type}, not a CUDA device"
-        if trainer.world_size > 1:
-            return "DDP all-reduces gradients from hooks a graph cannot hold; graphs are single-device"
-        if getattr(trainer.precision_plugin, "scaler", None) is not None:
-            return "fp16 loss scaling checks for inf on the host every step; use bf16-mixed or 32-true"
-        return None
+        return graph_blocker(self.trainer)
 
     def _setup_graphs(self) -> None:
         """Decide on CUDA graphs for this run (`cuda_graphs`: None = where possible, True = required)."""
-        self._graphed = None
         self._step_t = torch.zeros((), dtype=torch.int64, device=self.device)
-        if self.cuda_graphs is False:
-            return
-        blocker = self._graph_blocker()
-        if blocker is not None:
-            if self.cuda_graphs:
-                raise ValueError(
-                    f"cuda_graphs=True, but {blocker}. Pass cuda_graphs=None (use them where "
-                    "possible) or False."
-                )
-            return
-        if self.device.type == "cuda":
-            for group in self.trainer.optimizers[0].param_groups:
-                # Replays read the LR from a device tensor the scheduler fills in place; a float would be
-                # frozen into the graph. Capturable Adam likewise keeps its step count on the device.
-                group["lr"] = torch.tensor(float(group["lr"]), device=self.device)
-                group["capturable"] = True
-        self._graphed = GraphedStep(self._step)
+        self._graphed = graphed_step_for_run(
+            self._step, self.trainer, self.cuda_graphs, self._graph_blocker()
+        )
 
     # ----------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:
@@ -476,6 +473,8 @@ class SAEModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["mmsae_run"] = self.run_config()
+        # Lightning's loop progress in the checkpoint counts iterations of this many steps.
+        checkpoint["mmsae_steps_per_iteration"] = self._steps_per_iteration
         if self._export_dir is not None and self.trainer.is_global_zero:
             self.export(self._export_dir)
 
@@ -488,6 +487,10 @@ class SAEModule(L.LightningModule):
             checkpoint["hyper_parameters"] = upgrade_run_config(checkpoint["hyper_parameters"])
         if "mmsae_run" in checkpoint and fitting:
             check_resume(checkpoint["mmsae_run"], self.run_config(), self.trainer.ckpt_path)
+        saved = checkpoint.get("mmsae_steps_per_iteration", 1)  # earlier versions: one step per iteration
+        if fitting and saved != self._steps_per_iteration:
+            check_resumed_steps(saved, self.steps_per_iteration, self.trainer.ckpt_path)
+            self._use_steps_per_iteration(saved)
         upgrade_checkpoint(checkpoint, len(self.saes))
 
     def on_train_end(self) -> None:

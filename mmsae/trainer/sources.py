@@ -30,6 +30,7 @@ from torch import Tensor
 from mmsae.datasets.synthetic import SyntheticActivations
 from mmsae.staging import DeviceStager, RowScreen
 from mmsae.store import ActivationStore
+from mmsae.trainer.iterations import grouped
 
 
 class ActivationStoreLike(Protocol):
@@ -87,6 +88,12 @@ class Source:
             for p in (itertools.count() if self.replayable else range(1))
         )
         return itertools.islice(itertools.chain.from_iterable(passes), start, None, stride)
+
+    def global_blocks(
+        self, batch_size: int, seed: int, n_tokens: int, sizes: list[int], start: int = 0, stride: int = 1
+    ) -> Iterator[list[Tensor]]:
+        """The batches of `global_batches` in consecutive blocks (lists) of `sizes` batches."""
+        return grouped(self.global_batches(batch_size, seed, n_tokens, start, stride), sizes)
 
 
 class ArraySource(Source):
@@ -154,6 +161,15 @@ class ArraySource(Source):
         passes = (self._index_batches(batch_size, seed + p) for p in itertools.count())
         kept = itertools.islice(itertools.chain.from_iterable(passes), start, None, stride)
         return map(self._gather, kept)
+
+    def global_blocks(
+        self, batch_size: int, seed: int, n_tokens: int, sizes: list[int], start: int = 0, stride: int = 1
+    ) -> Iterator[list[Tensor]]:
+        # One gather per block: the same rows in the same order as one gather per batch.
+        passes = (self._index_batches(batch_size, seed + p) for p in itertools.count())
+        kept = itertools.islice(itertools.chain.from_iterable(passes), start, None, stride)
+        for indices in grouped(kept, sizes):
+            yield list(self._gather(torch.cat(indices)).split(batch_size))
 
     def validation_batches(self, batch_size: int, seed: int, n_tokens: int) -> list[Tensor]:
         """Every row once, in order, last batch possibly short."""

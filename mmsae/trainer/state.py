@@ -8,6 +8,7 @@ keep these counters).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from mmsae.legacy_names import module_getattr
-from mmsae.sae import DeadFeatures
+from mmsae.sae import SAE, DeadFeatures
 
 DEAD_COUNT_EVERY = 100
 """Steps between two host-side dead counts (each is a GPU sync), at most; fewer where the dead window is
@@ -48,6 +49,23 @@ def threshold_decay_for_run(total_steps: int, decay_steps: int) -> float:
     held-out L0 at 60 % of k on DINOv2-S tokens."""
     horizon = max(1.0, min(THRESHOLD_HORIZON_STEPS, max(decay_steps, total_steps // 10) / 2))
     return 1.0 - 1.0 / horizon
+
+
+def fit_to_run(
+    saes: Iterable[SAE],
+    clocks: Iterable[DeadFeatureClock],
+    total_steps: int,
+    decay_steps: int,
+    step_tokens: int | None,
+) -> None:
+    """Scale each default dead window (`default_dead_window`) and BatchTopK θ horizon
+    (`threshold_decay_for_run`) to a run of `total_steps` steps of `step_tokens` tokens (None: unknown); the
+    SAE's cfg records them."""
+    for sae, clock in zip(saes, clocks):
+        clock.fit_to_run(total_steps, step_tokens)
+        sae.cfg.dead_tokens = clock.dead_tokens
+        if getattr(sae.cfg, "threshold_decay", 0.0) is None:
+            sae.cfg.threshold_decay = threshold_decay_for_run(total_steps, decay_steps)
 
 
 class DeadFeatureClock(nn.Module):
@@ -108,7 +126,7 @@ class DeadFeatureClock(nn.Module):
 
 
 # Hyperparameters that only say where or how fast a run goes, not what it trains: a resume may change them.
-RESUMABLE = frozenset({"out_dir", "cuda_graphs", "init_batches"})
+RESUMABLE = frozenset({"out_dir", "cuda_graphs", "init_batches", "steps_per_iteration"})
 
 
 def run_config(hparams: dict[str, Any]) -> dict[str, Any]:
