@@ -17,7 +17,8 @@ Recipes (`--recipes`, each `name[key=value,...]`):
 
 Data (`--data`): `synthetic` (`SyntheticActivations`, `--d`, `--n-directions`), or real activations of
 augmented crops of the zoo's photos (`mmsae zoo install`): `dinov2:blocks.9`, `mobilenet:blocks.5`,
-`efficientnet:blocks.4`, ... — extracted once into `--cache`. Held-out tokens come from photos the training crops never use.
+`efficientnet:blocks.4`, ... — extracted once into `--cache`. Held-out tokens come from photos the
+training crops never use.
 
     python benchmarks/bench_recipe.py --data synthetic --d 64 --n-directions 512 --n-features 1024 --k 8 \\
         --tokens 800000 --batch-size 1024 --recipes mmsae 'plain[lr=8e-3]'
