@@ -287,9 +287,10 @@ def run_one(name: str, budget: int, data: tuple[Tensor, Tensor, Tensor], args: a
     return {"recipe": name, "tokens": budget, **score(sae, eval_ND, args), "seconds": seconds, **extra}
 
 
-def tokens_to_reach(target: float, points: list[tuple[int, float]]) -> float:
+def tokens_to_reach(target: float, points: list[tuple[int, float]], rtol: float = 1e-3) -> float:
     """Tokens at which the FVU-vs-budget curve `points` reaches `target` (log-linear between budgets);
-    inf past the last budget, the first budget if it is already below."""
+    inf past the last budget, the first budget if it is already below. Within `rtol` counts as reached:
+    runs differ by more than that (the last budget's default and tuned runs can tie to 5 digits)."""
     points = sorted(points)
     if points[0][1] <= target:
         return float(points[0][0])
@@ -297,7 +298,7 @@ def tokens_to_reach(target: float, points: list[tuple[int, float]]) -> float:
         if f1 <= target:
             frac = (f0 - target) / (f0 - f1)
             return math.exp(math.log(t0) + frac * (math.log(t1) - math.log(t0)))
-    return math.inf
+    return float(points[-1][0]) if points[-1][1] <= target * (1 + rtol) else math.inf
 
 
 def efficiency(rows: list[dict]) -> list[dict]:

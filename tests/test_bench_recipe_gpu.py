@@ -39,3 +39,5 @@ def test_tokens_to_reach_interpolates_log_linearly() -> None:
     assert math.isclose(bench.tokens_to_reach(0.3, curve), math.sqrt(2) * 1e6)
     assert bench.tokens_to_reach(0.5, curve) == 1_000_000
     assert bench.tokens_to_reach(0.05, curve) == math.inf
+    # a tie at the last budget (5 digits) is reached there, not "never"
+    assert bench.tokens_to_reach(0.1659937, [(4_000_000, 0.1727), (8_000_000, 0.1660019)]) == 8_000_000
