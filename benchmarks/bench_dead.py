@@ -89,7 +89,7 @@ def run(arch: str, train_ND: torch.Tensor, eval_ND: torch.Tensor, args: argparse
         sae=arch,
         n_features=args.n_features,
         k=args.k,
-        tokens=len(train_ND),
+        tokens=args.run_tokens or len(train_ND),
         batch_size=args.batch_size,
         warmup_steps=args.warmup_steps,
         precision="32-true",
@@ -111,7 +111,13 @@ def main() -> None:
     parser.add_argument("--n-features", type=int, default=2048)
     parser.add_argument("--k", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=1024)
-    parser.add_argument("--tokens", type=int, default=None, help="training tokens (default: all train rows)")
+    parser.add_argument("--tokens", type=int, default=None, help="training rows (default: all train rows)")
+    parser.add_argument(
+        "--run-tokens",
+        type=int,
+        default=None,
+        help="tokens trained on (default: the rows once; more repeats them)",
+    )
     parser.add_argument("--warmup-steps", type=int, default=50)
     parser.add_argument(
         "--dead-tokens",
@@ -126,6 +132,7 @@ def main() -> None:
     train_ND, eval_ND = acts_ND[: -args.eval_tokens][: args.tokens], acts_ND[-args.eval_tokens :]
     lines = [
         f"DINOv2-S/14 blocks 6–9 patch tokens: {len(train_ND)} train / {len(eval_ND)} held-out, "
+        f"{args.run_tokens or len(train_ND)} tokens trained on, "
         f"n_features {args.n_features}, k {args.k}, batch {args.batch_size}, "
         f"dead window {args.dead_tokens or 'default'} tokens",
         "",

@@ -3,11 +3,14 @@
 One `SAEModule` sweep (one `SAESpec` per recipe, the same batches for all), scored on the same held-out rows
 as `bench_dead.py` (FVU, L0, dead % = features that never fire on the held-out tokens). A recipe is a JSON
 object: `name`, `arch` (default topk), `lr_mult` (× Gao et al.'s 2e-4/√(n/2¹⁴); default mmsae's `default_lr`)
-and `options` (SAE config fields: aux_coef, dead_tokens, ...).
+and `options` (SAE config fields: aux_coef, dead_tokens, ...). `--run-tokens` trains longer than one pass over
+the training rows (they are reshuffled each pass).
 
     python benchmarks/bench_dead.py --cache dino.pt --archs topk        # makes the cache once
     python benchmarks/bench_dead_sweep.py --cache dino.pt --recipes \\
         '[{"name": "lr 5x", "lr_mult": 5}, {"name": "aux 1/32", "options": {"aux_coef": 0.03125}}]'
+    python benchmarks/bench_dead_sweep.py --cache dino.pt --n-features 4096 --k 32 --run-tokens 614400 \\
+        --recipes '[{"name": "archetypal", "arch": "archetypal"}, {"name": "topk"}]'
 """
 
 from __future__ import annotations
@@ -31,7 +34,13 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, required=True, help="activations written by bench_dead.py")
     parser.add_argument("--recipes", required=True, help="JSON list of recipes (see above)")
     parser.add_argument("--eval-tokens", type=int, default=65_536)
-    parser.add_argument("--tokens", type=int, default=262_144)
+    parser.add_argument("--tokens", type=int, default=262_144, help="training rows")
+    parser.add_argument(
+        "--run-tokens",
+        type=int,
+        default=None,
+        help="tokens trained on (default: the rows once; more repeats them)",
+    )
     parser.add_argument("--n-features", type=int, default=2048)
     parser.add_argument("--k", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=1024)
@@ -53,7 +62,8 @@ def main() -> None:
         for r in recipes
     ]
     L.seed_everything(0, verbose=False)
-    data = SAEDataModule(train_ND, tokens=len(train_ND), batch_size=args.batch_size, seed=0)
+    run_tokens = args.run_tokens or len(train_ND)
+    data = SAEDataModule(train_ND, tokens=run_tokens, batch_size=args.batch_size, seed=0)
     module = SAEModule(specs, d_in=data.d_in, warmup_steps=args.warmup_steps)
     start = time.perf_counter()
     trainer = L.Trainer(
@@ -67,7 +77,10 @@ def main() -> None:
         num_sanity_val_steps=0,
     )
     trainer.fit(module, datamodule=data)
-    print(f"{len(train_ND)} train / {len(eval_ND)} held-out tokens, {time.perf_counter() - start:.0f} s\n")
+    print(
+        f"{len(train_ND)} train rows, {run_tokens} tokens trained on, {len(eval_ND)} held-out tokens, "
+        f"{time.perf_counter() - start:.0f} s\n"
+    )
     print("| recipe | arch | FVU | L0 | dead % |\n|---|---|---:|---:|---:|")
     for i, r in enumerate(recipes):
         result = metrics.evaluate(module.folded_sae(i), eval_ND.float().split(4096))

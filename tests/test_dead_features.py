@@ -128,3 +128,63 @@ def test_auxk_acts_in_a_short_run_under_the_defaults(monkeypatch: pytest.MonkeyP
     sae = mmsae.train(data.sample(64 * 256), sae="topk", n_features=512, k=2, tokens=64 * 256, batch_size=256)
     assert sum(size > 0 for size in sizes) >= 16, sizes
     assert sae.cfg.dead_tokens == 16 * 256  # the window used, recorded in the SAE's cfg
+
+
+def test_archetypal_features_stay_alive_in_a_longer_run() -> None:
+    """390 steps, 512 features: atoms cannot leave their anchors, so features whose atoms the others make
+    redundant died (7.6 % dead, FVU 0.125) until dead features were re-anchored (0 % dead, FVU 0.126)."""
+    data = SyntheticActivations(d=16, n_directions=256, mean_active=4, seed=0)
+    train_ND, eval_ND = data.sample(50_000), data.sample(20_000, offset=200_000)
+    sae = mmsae.train(
+        train_ND, sae="archetypal", n_features=512, k=8, tokens=50_000, batch_size=128, warmup_steps=10
+    )
+    result = metrics.evaluate(sae, eval_ND.split(4096))
+    assert result["dead_fraction"] < 0.01 and result["fvu"] < 0.135, result
+
+
+def _archetypal_with_dead(dead: list[int], **options: object) -> tuple[ArchetypalSAE, torch.Tensor]:
+    sae = ArchetypalSAE.from_config(d_in=8, n_features=16, k=2, n_anchors=16, **options)
+    sae.init_from_data(torch.randn(256, 8) * torch.linspace(0.5, 3, 8))
+    with torch.no_grad():  # features that drifted: encoder rows off their atoms, negative biases
+        sae.W_enc.mul_(torch.linspace(0.5, 2, 16)[:, None]).add_(0.3 * torch.randn(16, 8))
+        sae.b_enc.fill_(-0.1)
+    dead_N = torch.zeros(16, dtype=torch.bool)
+    dead_N[dead] = True
+    return sae, dead_N
+
+
+def test_archetypal_reanchors_dead_features_onto_the_least_covered_anchors() -> None:
+    """Dead features take the anchors farthest from every live atom, one each, with Λ = 0 and the encoder row
+    along the new atom at the live rows' mean norm; live features are untouched."""
+    sae, dead_N = _archetypal_with_dead([1, 5, 6])
+    before = {k: v.clone() for k, v in sae.state_dict().items()}
+    atoms_ND = sae.W_dec.detach()
+    cos_MN = (
+        torch.nn.functional.normalize(sae.anchors, dim=-1) @ torch.nn.functional.normalize(atoms_ND, dim=-1).T
+    )
+    expected = cos_MN[:, ~dead_N].amax(dim=-1).argsort()[:3]
+    live_norm = sae.W_enc.detach()[~dead_N].norm(dim=-1).mean()
+    x = torch.randn(32, 8)
+    sae.loss(x, sae(x), dead=DeadFeatures(dead_N, 3))
+    sae.normalize_decoder()
+    assert torch.equal(sae.mixing()[dead_N].argmax(dim=-1), expected)
+    assert (sae.mixing()[dead_N].max(dim=-1).values > 0.5).all()
+    assert (sae.relax[dead_N] == 0).all() and (sae.b_enc[dead_N] == 0).all()
+    enc_ND, new_ND = sae.W_enc.detach()[dead_N], sae.W_dec.detach()[dead_N]
+    torch.testing.assert_close(enc_ND.norm(dim=-1), live_norm.expand(3))
+    torch.testing.assert_close(torch.nn.functional.cosine_similarity(enc_ND, new_ND), torch.ones(3))
+    for key in ("C", "relax", "W_enc", "b_enc"):
+        assert torch.equal(sae.state_dict()[key][~dead_N], before[key][~dead_N]), key
+    # The mask is used once: a later post-step call (no loss in between) re-anchors nothing more.
+    after = {k: v.clone() for k, v in sae.state_dict().items()}
+    sae.normalize_decoder()
+    assert all(torch.equal(v, sae.state_dict()[k]) for k, v in after.items())
+
+
+def test_archetypal_reanchoring_can_be_switched_off() -> None:
+    sae, dead_N = _archetypal_with_dead([1, 5, 6], reanchor_dead=False)
+    before = {k: v.clone() for k, v in sae.state_dict().items()}
+    x = torch.randn(32, 8)
+    sae.loss(x, sae(x), dead=DeadFeatures(dead_N, 3))
+    sae.normalize_decoder()
+    assert all(torch.equal(v, sae.state_dict()[k]) for k, v in before.items())
