@@ -42,25 +42,36 @@ def test_archetypal_anchors_come_from_more_than_the_first_batch(monkeypatch: pyt
 
 
 def test_ddp_ranks_start_from_the_same_archetypal_anchors(tmp_path: Path) -> None:
-    """strategy='ddp' over gloo, each rank reading other rows: anchors, C, Λ and W_enc equal on both ranks."""
+    """strategy='ddp' over gloo, each rank reading other rows: anchors, C, Λ and W_enc equal on both ranks,
+    also after dead features were re-anchored (a 64-token dead window: one step of both ranks)."""
     script = tmp_path / "ddp_run.py"
     script.write_text(
         textwrap.dedent(f"""
         import lightning as L, torch
+        from mmsae.sae import ArchetypalSAE
         from mmsae.trainer import SAEDataModule, SAEModule, SAESpec
         torch.set_num_threads(1)
+        reanchored = []
+        original = ArchetypalSAE.reanchor
+        def spy(self, dead_N):
+            reanchored.append(int(dead_N.sum()))
+            original(self, dead_N)
+        ArchetypalSAE.reanchor = spy
         x = torch.randn(4096, 8)
-        spec = SAESpec("archetypal", n_features=64, k=2, options={{"n_anchors": 16, "anchor_sample": 128}})
+        options = {{"n_anchors": 16, "anchor_sample": 128, "dead_tokens": 64}}
+        spec = SAESpec("archetypal", n_features=64, k=2, options=options)
         module = SAEModule([spec], warmup_steps=2, init_batches=1)
         trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp", logger=False,
                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
         trainer.fit(module, datamodule=SAEDataModule(x, tokens=8 * 64, batch_size=32))
-        torch.save(dict(module.state_dict()), r"{tmp_path}/rank" + str(trainer.global_rank) + ".pt")
+        state = {{**module.state_dict(), "reanchored": torch.tensor(reanchored)}}
+        torch.save(state, r"{tmp_path}/rank" + str(trainer.global_rank) + ".pt")
     """)
     )
     subprocess.run([sys.executable, str(script)], check=True, timeout=120, capture_output=True, cwd=tmp_path)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
-    for key in ("saes.0.anchors", "saes.0.C", "saes.0.relax", "saes.0.W_enc", "saes.0.b_dec"):
+    assert rank0["reanchored"].sum() > 0, rank0["reanchored"]
+    for key in ("saes.0.anchors", "saes.0.C", "saes.0.relax", "saes.0.W_enc", "saes.0.b_enc", "saes.0.b_dec"):
         assert torch.equal(rank0[key], rank1[key]), key
 
 
@@ -153,10 +164,11 @@ def _archetypal_with_dead(dead: list[int], **options: object) -> tuple[Archetypa
     return sae, dead_N
 
 
-def test_archetypal_reanchors_dead_features_onto_the_least_covered_anchors() -> None:
+@pytest.mark.parametrize("simplex", ["softmax", "relu"])
+def test_archetypal_reanchors_dead_features_onto_the_least_covered_anchors(simplex: str) -> None:
     """Dead features take the anchors farthest from every live atom, one each, with Λ = 0 and the encoder row
     along the new atom at the live rows' mean norm; live features are untouched."""
-    sae, dead_N = _archetypal_with_dead([1, 5, 6])
+    sae, dead_N = _archetypal_with_dead([1, 5, 6], simplex=simplex)
     before = {k: v.clone() for k, v in sae.state_dict().items()}
     atoms_ND = sae.W_dec.detach()
     cos_MN = (

@@ -46,6 +46,7 @@ through the base class hooks.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -240,12 +241,19 @@ class ArchetypalSAE(TopKSAE):
         dead_N1 = dead_N[:, None]
         self.C.copy_(torch.where(dead_N1, logits_NM, self.C))
         self.relax.masked_fill_(dead_N1, 0.0)
-        # The live rows' mean norm (all rows' when none is live): the new feature competes on equal terms.
+        # The new atoms' directions without a second n×m×d product: that mixing row puts w_own on the target
+        # anchor and w_other on each other one (relu simplex: the target alone).
+        if self.cfg.simplex == "softmax":
+            w_own, w_other = math.exp(own) / (math.exp(own) + m - 1), 1 / (math.exp(own) + m - 1)
+        else:
+            w_own, w_other = 1.0, 0.0
+        new_ND = (w_own - w_other) * self.anchors.float()[target_N] + w_other * self.anchors.float().sum(0)
+        # Encoder rows at the live rows' mean norm (all rows' when none is live): the new feature competes on
+        # equal terms.
         weights_N = torch.where(
             (~dead_N).any(), (~dead_N).float(), torch.ones_like(dead_N, dtype=torch.float)
         )
         row_norm = (self.W_enc.float().norm(dim=-1) * weights_N).sum() / weights_N.sum()
-        new_ND = self.W_dec.float()
         new_ND = new_ND / new_ND.norm(dim=-1, keepdim=True).clamp_min(1e-12) * row_norm
         self.W_enc.copy_(torch.where(dead_N1, new_ND.to(self.W_enc.dtype), self.W_enc))
         self.b_enc.masked_fill_(dead_N, 0.0)
