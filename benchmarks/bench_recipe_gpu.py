@@ -41,6 +41,7 @@ shadow installed packages:
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.util
 import itertools
 import json
@@ -158,10 +159,18 @@ def calibrate_threshold(sae: SAE, calib_ND: Tensor, chunk: int = 4096) -> float:
     return theta
 
 
+def _value(text: str) -> Any:
+    """A recipe option's value: a Python literal (numbers, True, None) or else the string itself."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
 def run_mmsae(arch: str, train_ND: Tensor, budget: int, args: argparse.Namespace, lr: float | None) -> SAE:
     """`arch` may carry config options: 'batchtopk[score=activation]'."""
     arch, _, options = arch.rstrip("]").partition("[")
-    kwargs = dict(option.split("=", 1) for option in options.split(",") if option)
+    kwargs = {k: _value(v) for k, v in (option.split("=", 1) for option in options.split(",") if option)}
     return mmsae.train(
         train_ND[:budget],
         **kwargs,
