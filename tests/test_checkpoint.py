@@ -56,14 +56,21 @@ def drop_cfg_field(sae_dir: Path, name: str) -> None:
 def test_batchtopk_checkpoint_without_score_loads_with_the_ranking_it_was_trained_with(
     tmp_path: Path, arch: str
 ) -> None:
-    """cfg.json files from before `score` existed hold θ in activation units: they must load as 'activation',
-    while new SAEs default to 'cosine' and keep what they were saved with."""
+    """cfg.json files from before `score` existed hold θ in activation units and kept no per-token cap: they
+    must load as 'activation' without a cap; those from before `token_cap` existed (a 'cosine' score) load
+    without a cap; new SAEs default to 'projection' with a cap and keep what they were saved with."""
     sae = build_sae(arch, D, N, k=4)
-    assert sae.cfg.score == "cosine"
+    assert (sae.cfg.score, sae.cfg.token_cap) == ("projection", 1.5)
     sae.save(tmp_path / "new")
-    assert mmsae.load_sae(tmp_path / "new").cfg.score == "cosine"
+    assert mmsae.load_sae(tmp_path / "new").cfg.score == "projection"
+    build_sae(arch, D, N, k=4, score="cosine").save(tmp_path / "cosine")
+    drop_cfg_field(tmp_path / "cosine", "token_cap")
+    cfg = mmsae.load_sae(tmp_path / "cosine").cfg
+    assert (cfg.score, cfg.token_cap) == ("cosine", None)
     drop_cfg_field(tmp_path / "new", "score")
-    assert mmsae.load_sae(tmp_path / "new").cfg.score == "activation"
+    drop_cfg_field(tmp_path / "new", "token_cap")
+    cfg = mmsae.load_sae(tmp_path / "new").cfg
+    assert (cfg.score, cfg.token_cap) == ("activation", None)
 
 
 def test_site_round_trips_and_old_cfg_json_defaults_to_output(tmp_path: Path) -> None:

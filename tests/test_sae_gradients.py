@@ -139,7 +139,7 @@ def test_jumprelu_sae_l0_penalty_and_target() -> None:
 
 # ------------------------------------------------------------------------------- BatchTopK threshold
 def test_batchtopk_threshold_ema_and_batch_independent_eval() -> None:
-    sae = build_sae("batchtopk", 8, 32, k=3, threshold_decay=0.75, score="activation").train()
+    sae = build_sae("batchtopk", 8, 32, k=3, threshold_decay=0.75, score="activation", token_cap=None).train()
     assert isinstance(sae, BatchTopKSAE)
     x1, x2 = torch.randn(16, 8), torch.randn(16, 8)
     codes1 = sae(x1).codes
