@@ -1,0 +1,112 @@
+"""Training speed on a store's real tokens against random tokens of the same shape: where slow training from
+a store comes from (the store, the process's history, or the tokens themselves).
+
+Rows (steady-state tokens/s of `mmsae.train`, TopK, the difference of two runs of `--steps` steps, after a
+short warm-up run): random fp16 tokens before any extraction; the same after extracting a store with
+`mmsae.extract` in this process; the store's tokens in memory; the store itself; random tokens with the
+store's per-dimension mean and standard deviation. `--profile` then prints the top GPU kernels of a short
+eager run on the store's tokens and on random tokens.
+
+    python benchmarks/bench_store_train.py --device cuda --profile   # ViT-B/16 at random init, 2048 images
+    python benchmarks/bench_store_train.py --device cpu              # timm test_vit, 32 images: a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from bench_extract import write_jpegs
+
+import mmsae
+from mmsae.encoders import get_encoder
+
+
+def steady_rate(data: object, args: argparse.Namespace, **kwargs: object) -> float:
+    """Tokens/s of the longer of two runs over its extra time, after a warm-up run."""
+    cuda = args.device == "cuda"
+
+    def seconds(steps: int) -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        mmsae.train(
+            data, sae="topk", n_features=args.n_features, k=args.k, tokens=steps * args.batch_size,
+            batch_size=args.batch_size, warmup_steps=10, **kwargs,
+        )  # fmt: skip
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    seconds(20)
+    short, long = seconds(args.steps[0]), seconds(args.steps[1])
+    return (args.steps[1] - args.steps[0]) * args.batch_size / (long - short)
+
+
+def profile_table(data: torch.Tensor, args: argparse.Namespace) -> str:
+    """The top GPU kernels of a short eager run (60 steps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    kwargs = dict(
+        sae="topk", n_features=args.n_features, k=args.k, batch_size=args.batch_size, warmup_steps=10
+    )
+    mmsae.train(data, tokens=20 * args.batch_size, cuda_graphs=False, **kwargs)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        mmsae.train(data, tokens=60 * args.batch_size, cuda_graphs=False, **kwargs)
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60)
+
+
+def main() -> None:
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
+    ap.add_argument("--n-images", type=int, default=None, help="default: 2048 (32 on CPU)")
+    ap.add_argument("--steps", type=int, nargs=2, default=None, help="default: 200 1200 (5 15 on CPU)")
+    ap.add_argument("--profile", action="store_true", help="GPU kernels of the store's tokens vs random ones")
+    ap.add_argument("--out", type=Path, default=None, help="where the temp folder goes")
+    args = ap.parse_args()
+    cuda = args.device == "cuda"
+    spec = "timm:vit_base_patch16_224" if cuda else "timm:test_vit"
+    args.n_images = args.n_images or (2048 if cuda else 32)
+    args.steps = args.steps or ([200, 1200] if cuda else [5, 15])
+    args.n_features, args.k, args.batch_size = (16384, 32, 4096) if cuda else (256, 32, 256)
+    encoder = get_encoder(spec, pretrained=False, device=args.device, dtype=torch.bfloat16 if cuda else None)
+    with tempfile.TemporaryDirectory(dir=args.out) as tmp:
+        dataset = write_jpegs(Path(tmp) / "jpegs", args.n_images)
+
+        def row(label: str, data: object) -> None:
+            print(f"| {label} | {steady_rate(data, args) / 1e6:.2f} |", flush=True)
+
+        head = (
+            f"{spec} at random init, {args.n_images} images, tokens=all; TopK n={args.n_features}, k={args.k}"
+        )
+        print(f"{head}, batch {args.batch_size}; steady-state M tokens/s\n\n| data | M tok/s |\n|---|---:|")
+        before = torch.randn(*((args.n_images * 197, 768) if cuda else (4096, 64)), dtype=torch.float16)
+        row("random, before any extraction", before)
+        store = mmsae.extract(
+            encoder, dataset, None, Path(tmp) / "store", tokens="all", batch_size=256 if cuda else 16,
+            num_workers=12 if cuda else 0, decode="device" if cuda else "pil", progress=False,
+        )  # fmt: skip
+        real = torch.cat(list(store.batches(1 << 16, shuffle=False, dtype=None)))
+        row("random, after the extraction", torch.randn_like(real, dtype=torch.float32).half())
+        row("the store's tokens, in memory", real)
+        row("the store", store)
+        mean, std = real.float().mean(0), real.float().std(0)
+        row(
+            "random with the store's per-dimension mean and std",
+            (mean + std * torch.randn_like(real.float())).half(),
+        )
+        if args.profile and cuda:
+            for label, data in (
+                ("the store's tokens", real),
+                ("random tokens", torch.randn_like(real.float()).half()),
+            ):
+                print(f"\nGPU kernels, 60 eager steps on {label}:\n{profile_table(data, args)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
