@@ -33,7 +33,7 @@ import platform
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,16 +153,25 @@ def _size(path: Path) -> str:
         return f"{image.width}×{image.height}"
 
 
+def steady_rate(batches: Iterable[object], batch: int, device: torch.device, warm: int) -> float:
+    """images/s of the batches after the first `warm` ones (forks, imports, first calls are not timed)."""
+    start, n = time.perf_counter(), 0
+    for b, _ in enumerate(batches):
+        if b == warm - 1:
+            _sync(device)
+            start = time.perf_counter()
+        elif b >= warm:
+            n += batch
+    _sync(device)
+    return n / (time.perf_counter() - start)
+
+
 def loader_rate(items: EncoderInputs, n_files: int, workers: int, batch: int) -> float:
     """images/s of the product's loader with `workers` workers in steady state: the batches that arrive
     after the first 2 × `workers` (the prefetched ones: forks, imports, first calls) are timed."""
     warm, timed = 2 * workers, 4 * workers
     batches = [[(b * batch + j) % n_files for j in range(batch)] for b in range(warm + timed)]
-    start = time.perf_counter()
-    for b, _ in enumerate(_loader(items, batches, workers, collate_inputs)):
-        if b == warm - 1:
-            start = time.perf_counter()
-    return timed * batch / (time.perf_counter() - start)
+    return steady_rate(_loader(items, batches, workers, collate_inputs), batch, torch.device("cpu"), warm)
 
 
 def worker_rates(dataset: ImageFolder, encoder: Encoder, workers: list[int], batch: int) -> list[Rate]:

@@ -13,31 +13,16 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from bench_decode_limits import steady_rate
 from bench_extract import write_jpegs
 
 from mmsae.datasets.gpu_decode import pack_jpegs
 from mmsae.encoders import get_encoder
 from mmsae.inputs import DeviceDecoder, InputBatch, JpegFiles, _loader, decoded_ahead, input_batches
-
-
-def steady_rate(batches: Iterable[object], batch: int, device: torch.device, warm: int) -> float:
-    """images/s of the batches after the first `warm` ones."""
-    start, n = time.perf_counter(), 0
-    for b, _ in enumerate(batches):
-        if b == warm - 1:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-        elif b >= warm:
-            n += batch
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return n / (time.perf_counter() - start)
 
 
 def main() -> None:

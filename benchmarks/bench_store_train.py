@@ -16,35 +16,15 @@ from __future__ import annotations
 import argparse
 import logging
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from bench_extract import write_jpegs
+from bench_sae_step import Size
+from bench_train import train_rate
 
 import mmsae
 from mmsae.encoders import get_encoder
-
-
-def steady_rate(data: object, args: argparse.Namespace, **kwargs: object) -> float:
-    """Tokens/s of the longer of two runs over its extra time, after a warm-up run."""
-    cuda = args.device == "cuda"
-
-    def seconds(steps: int) -> float:
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        mmsae.train(
-            data, sae="topk", n_features=args.n_features, k=args.k, tokens=steps * args.batch_size,
-            batch_size=args.batch_size, warmup_steps=10, **kwargs,
-        )  # fmt: skip
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
-    seconds(20)
-    short, long = seconds(args.steps[0]), seconds(args.steps[1])
-    return (args.steps[1] - args.steps[0]) * args.batch_size / (long - short)
 
 
 def profile_table(data: torch.Tensor, args: argparse.Namespace) -> str:
@@ -74,12 +54,14 @@ def main() -> None:
     args.n_images = args.n_images or (2048 if cuda else 32)
     args.steps = args.steps or ([200, 1200] if cuda else [5, 15])
     args.n_features, args.k, args.batch_size = (16384, 32, 4096) if cuda else (256, 32, 256)
+    size = Size(768 if cuda else 64, args.n_features, args.k, args.batch_size)
     encoder = get_encoder(spec, pretrained=False, device=args.device, dtype=torch.bfloat16 if cuda else None)
     with tempfile.TemporaryDirectory(dir=args.out) as tmp:
         dataset = write_jpegs(Path(tmp) / "jpegs", args.n_images)
 
         def row(label: str, data: object) -> None:
-            print(f"| {label} | {steady_rate(data, args) / 1e6:.2f} |", flush=True)
+            rate = train_rate(data, size, args.steps, cuda_graphs=None, stage=None)
+            print(f"| {label} | {rate / 1e6:.2f} |", flush=True)
 
         head = (
             f"{spec} at random init, {args.n_images} images, tokens=all; TopK n={args.n_features}, k={args.k}"

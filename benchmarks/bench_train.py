@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from collections.abc import Sequence
 
 import torch
 from bench_sae_step import Size, bench_impl
@@ -30,11 +31,16 @@ STEP_IMPLS = ("mmsae_graph", "mmsae_trainer_step")
 """Steps timed alone (bench_sae_step): the bare graphed step and the trainer's graphed step."""
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def train_rate(
-    data: torch.Tensor, s: Size, steps: tuple[int, int], cuda_graphs: bool, stage: bool | None
+    data: object, s: Size, steps: Sequence[int], cuda_graphs: bool | None, stage: bool | None
 ) -> float:
-    """Steady-state tokens/s of mmsae.train: the extra tokens of the longer of two runs over its extra time
-    (after a short run that pays CUDA init and Triton JIT)."""
+    """Steady-state tokens/s of mmsae.train on `data` (anything it trains on): the extra tokens of the longer
+    of two runs over its extra time (after a short run that pays CUDA init and Triton JIT)."""
     kwargs = dict(
         sae="topk",
         n_features=s.n,
@@ -48,10 +54,10 @@ def train_rate(
     mmsae.train(data, tokens=10 * s.B, **kwargs)
     seconds = []
     for n_steps in steps:
-        torch.cuda.synchronize()
+        _sync()
         start = time.perf_counter()
         mmsae.train(data, tokens=n_steps * s.B, **kwargs)
-        torch.cuda.synchronize()
+        _sync()
         seconds.append(time.perf_counter() - start)
     return (steps[1] - steps[0]) * s.B / (seconds[1] - seconds[0])
 

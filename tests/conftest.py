@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shlex
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -106,3 +110,31 @@ class FailAt(ExampleDataset):
 
 def file_tree(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """benchmarks/NAME.py as a module (a folder of scripts, not a package), loaded once per session."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # its dataclasses resolve their annotations through it
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def run_benchmark(name: str, *args: str, timeout: float = 600) -> str:
+    """stdout of `python -P benchmarks/NAME.py ARGS` (its siblings importable, as when run from the repo),
+    after asserting that it exited cleanly."""
+    env = {**os.environ, "PYTHONPATH": str(BENCHMARKS)}
+    run = subprocess.run(
+        [sys.executable, "-P", str(BENCHMARKS / f"{name}.py"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run.stdout

@@ -4,13 +4,11 @@ The CUDA run times the same functions with nvJPEG; this CPU run (torchvision's C
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).parents[1]
+from conftest import run_benchmark
+
 ROWS = [
     "bytes loader alone, 1 workers",
     "DeviceDecoder on loaded batches, main thread",
@@ -22,19 +20,10 @@ ROWS = [
 
 
 def test_cpu_run_reports_every_row(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "benchmarks")}
     args = ["--device", "cpu", "--n-images", "64", "--batch-size", "8", "--workers", "1", "--warm", "2"]
-    script = ROOT / "benchmarks" / "bench_input_path.py"
-    run = subprocess.run(
-        [sys.executable, "-P", str(script), *args, "--out", str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
+    stdout = run_benchmark("bench_input_path", *args, "--out", str(tmp_path), timeout=300)
     for row in ROWS:
-        found = re.search(rf"^  {re.escape(row)}: ([\d,]+)$", run.stdout, re.M)
-        assert found, f"row {row!r} missing in:\n{run.stdout}"
+        found = re.search(rf"^  {re.escape(row)}: ([\d,]+)$", stdout, re.M)
+        assert found, f"row {row!r} missing in:\n{stdout}"
         assert int(found.group(1).replace(",", "")) > 0
     assert not list(tmp_path.iterdir()), "the JPEG folder is a temporary one"

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import load_benchmark
 from torch import Tensor
 
 import mmsae
@@ -16,13 +13,7 @@ from mmsae.datasets.synthetic import SyntheticActivations
 from mmsae.sae import BatchTopKSAE, build_sae
 from mmsae.trainer.state import threshold_decay_for_run
 
-# benchmarks/ is a folder of scripts, not a package: load the script's module from its path.
-_spec = importlib.util.spec_from_file_location(
-    "bench_quality", Path(__file__).parents[1] / "benchmarks" / "bench_quality.py"
-)
-bench_quality = importlib.util.module_from_spec(_spec)
-sys.modules["bench_quality"] = bench_quality  # its dataclasses resolve annotations through it
-_spec.loader.exec_module(bench_quality)
+bench_quality = load_benchmark("bench_quality")
 device_stream = bench_quality.device_stream
 
 
@@ -93,13 +84,12 @@ def test_bad_score_name_is_a_clear_error() -> None:
         build_sae("batchtopk", 8, 32, k=3, token_cap=0.5)
 
 
-def fvu_at_l0(sae: mmsae.SAE, x_ND: Tensor, k: int) -> float:
+def fvu_at_l0(sae: mmsae.SAE, x_ND: Tensor) -> float:
     """Held-out FVU with exactly k·N codes: a BatchTopK θ set to the (k·N)-th largest score of x_ND."""
+    if isinstance(sae, BatchTopKSAE):
+        load_benchmark("bench_recipe_gpu").calibrate_threshold(sae, x_ND)
     sae.eval()
     with torch.no_grad():
-        if isinstance(sae, BatchTopKSAE):
-            score_ND = sae.selection_score(x_ND, sae.pre_acts(x_ND).relu())
-            sae.threshold.fill_(score_ND.flatten().topk(k * len(x_ND)).values.min().item())
         x_hat = sae(x_ND).x_hat
     return ((x_ND - x_hat).pow(2).sum() / (x_ND - x_ND.mean(0)).pow(2).sum()).item()
 
@@ -147,7 +137,7 @@ def test_default_batchtopk_is_no_worse_than_topk_at_equal_held_out_l0() -> None:
     )
     eval_ND = data.sample(16_384, offset=2**40)
     fvu = {
-        name: fvu_at_l0(train_synthetic(data, 131_072, arch, k=4, **kw), eval_ND, 4)
+        name: fvu_at_l0(train_synthetic(data, 131_072, arch, k=4, **kw), eval_ND)
         for name, arch, kw in [
             ("topk", "topk", {}),
             ("cosine", "batchtopk", {"score": "cosine", "token_cap": None}),
