@@ -5,20 +5,10 @@ The full run (20 users, 60 s) is benchmarks/bench_apps_load.py, whose code this 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+from conftest import load_benchmark
 
-# benchmarks/ is a folder of scripts, not a package: load the script's module from its path.
-_spec = importlib.util.spec_from_file_location(
-    "bench_apps_load", Path(__file__).parents[1] / "benchmarks" / "bench_apps_load.py"
-)
-assert _spec is not None and _spec.loader is not None
-bench_apps_load = importlib.util.module_from_spec(_spec)
-sys.modules["bench_apps_load"] = bench_apps_load
-_spec.loader.exec_module(bench_apps_load)
+bench_apps_load = load_benchmark("bench_apps_load")
 
 USERS, SECONDS = 8, 10.0
 # Stated bounds. Gradio's queue serves each endpoint in order, one request at a time, so a request waits

@@ -5,23 +5,16 @@ this CPU run is their twin (torchvision's CPU decoder, `DeviceDecoder` on the CP
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_benchmark
 
-# benchmarks/ is a folder of scripts, not a package: load the script's module from its path.
-_spec = importlib.util.spec_from_file_location(
-    "bench_decode_limits", Path(__file__).parents[1] / "benchmarks" / "bench_decode_limits.py"
-)
-bench = importlib.util.module_from_spec(_spec)
-sys.modules["bench_decode_limits"] = bench
-_spec.loader.exec_module(bench)
+bench = load_benchmark("bench_decode_limits")
 
 EXPECTED = [
     ("per core", "file read (`read_jpeg`)"),

@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import torch
+from conftest import load_benchmark
 
 from mmsae.sae import build_sae
 
-# benchmarks/ is a folder of scripts, not a package: load the script's module from its path.
-_spec = importlib.util.spec_from_file_location(
-    "bench_recipe_gpu", Path(__file__).parents[1] / "benchmarks" / "bench_recipe_gpu.py"
-)
-bench = importlib.util.module_from_spec(_spec)
-sys.modules["bench_recipe_gpu"] = bench
-_spec.loader.exec_module(bench)
+bench = load_benchmark("bench_recipe_gpu")
 
 
 def test_calibrated_threshold_gives_l0_k_on_the_calibration_tokens() -> None:
