@@ -1,16 +1,16 @@
 """Sparse SAE kernels with one dispatch point.
 
-`topk_encode`, `sparse_decode` and `decode_with_mse` (decoder + loss, in training) are what the SAE family
-calls. On CUDA they run the Triton kernels of this package (when available); elsewhere, or when forced, the
-torch reference in `mmsae.kernels.reference`. Force a backend with `set_backend("torch" | "triton" |
-"auto")` or the environment variable `MMSAE_KERNELS`.
-"""
+`topk_encode`, `sparse_decode`, `decode_with_mse` (decoder + loss, in training) and `topk_indices` (AuxK's
+and AbsTopK's selections) are what the SAE family calls. On CUDA they run the Triton kernels of this package
+(when available); elsewhere, or when forced, the torch reference in `mmsae.kernels.reference`. Force a backend
+with `set_backend("torch" | "triton" | "auto")` or the environment variable `MMSAE_KERNELS`."""
 
 from __future__ import annotations
 
 import os
 from typing import Literal
 
+import torch
 from torch import Tensor
 
 from mmsae.kernels import reference
@@ -67,6 +67,34 @@ def topk_encode(
 
         return triton_ops.topk_encode(x, W_enc, b_enc, k, b_dec, copies)
     return reference.topk_encode(x if b_dec is None else x - b_dec, W_enc, b_enc, k)
+
+
+def topk_indices(scores_BN: Tensor, k: int) -> Tensor:
+    """[B, k] int64 indices of the k largest scores of each row, unsorted, without a gradient.
+
+    The Triton select takes 16-bit [B, n] row-major scores with k ≤ min(n, MAX_K): it picks exactly the
+    set of a stable sort (ties to the lowest column), −∞ ranks below every number, so a row with fewer
+    than k finite scores fills the rest with distinct −∞ columns. Anything else gets torch.topk, whose
+    choice among ties is unspecified: gather the values from the scores' source to keep their gradient."""
+    if _use_triton(scores_BN) and _select_applies(scores_BN, k):
+        from mmsae.kernels import triton_select
+
+        with torch.no_grad():
+            return triton_select.topk_select(scores_BN.detach(), k)[1]
+    with torch.no_grad():
+        return scores_BN.detach().topk(k, dim=-1, sorted=False).indices
+
+
+def _select_applies(scores_BN: Tensor, k: int) -> bool:
+    from mmsae.kernels.triton_select import MAX_K, SELECT_DTYPES
+
+    return (
+        scores_BN.dtype in SELECT_DTYPES
+        and scores_BN.dim() == 2
+        and scores_BN.shape[0] > 0
+        and 0 < k <= min(scores_BN.shape[1], MAX_K)
+        and scores_BN.stride(1) == 1
+    )
 
 
 def sparse_decode(

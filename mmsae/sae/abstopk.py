@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from mmsae import kernels
 from mmsae.sae.base import SparseCodes, register
 from mmsae.sae.topk import TopKConfig, TopKSAE
 
@@ -16,7 +17,7 @@ def signed_topk(pre_BN: Tensor, k: int, allowed_N: Tensor | None = None) -> tupl
     scores_BN = pre_BN.detach().abs()
     if allowed_N is not None:
         scores_BN = scores_BN.masked_fill(~allowed_N, -1.0)  # below every |z| ≥ 0
-    indices = scores_BN.topk(k, dim=-1, sorted=False).indices
+    indices = kernels.topk_indices(scores_BN, k)
     values = pre_BN.gather(-1, indices)
     if allowed_N is not None:
         values = values.masked_fill(~allowed_N[indices], 0.0)

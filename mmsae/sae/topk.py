@@ -98,9 +98,13 @@ class TopKSAE(SAE):
         return aux * (dead_N.sum() / self.max_aux_k()).clamp(max=1.0)
 
     def select_aux(self, pre_BN: Tensor, dead_N: Tensor, k_aux: int) -> tuple[Tensor, Tensor]:
-        """The AuxK codes: relu of the `k_aux` largest pre-activations among dead features (0 past #dead)."""
-        values, indices = pre_BN.masked_fill(~dead_N, float("-inf")).topk(k_aux, dim=-1, sorted=False)
-        return values.relu(), indices
+        """The AuxK codes: relu of the `k_aux` largest pre-activations among dead features (0 past #dead).
+
+        The values are gathered from the masked pre-activations (slots past #dead hold a live feature at −∞,
+        whose code is 0), so the gradient reaches the selected dead entries exactly as through topk."""
+        masked_BN = pre_BN.masked_fill(~dead_N, float("-inf"))
+        indices = kernels.topk_indices(masked_BN, k_aux)
+        return masked_BN.gather(-1, indices).relu(), indices
 
 
 __all__ = ["TopKConfig", "TopKSAE"]

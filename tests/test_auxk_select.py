@@ -1,0 +1,193 @@
+"""AuxK's and AbsTopK's selections through `kernels.topk_indices`, against the torch.topk path they replace.
+
+Without CUDA the Triton select runs in Triton's interpreter on CPU tensors (TRITON_INTERPRET must be set
+before the kernel modules are imported), so CI checks the same code the GPU compiles.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+from torch import Tensor
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from mmsae import kernels
+from mmsae.kernels import triton_select
+from mmsae.sae import DeadFeatures, TopKSAE, abstopk, build_sae
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def triton_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """Forces the Triton backend and counts the select's launches, so no test passes on torch's fallback."""
+    monkeypatch.setattr(kernels, "_BACKEND", "triton")
+    calls: list[int] = []
+    select = triton_select.topk_select
+
+    def counted(pre_BN: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        calls.append(k)
+        return select(pre_BN, k)
+
+    monkeypatch.setattr(triton_select, "topk_select", counted)
+    yield calls
+
+
+def hard_scores(B: int, n: int) -> Tensor:
+    """bf16 rows with what AuxK and AbsTopK feed the select: −∞ masks, negatives, ties, short rows."""
+    scores_BN = torch.randn(B, n, device=DEVICE).to(torch.bfloat16)
+    scores_BN[:, ::3] = float("-inf")  # live features masked out: every row has n/3 of them
+    scores_BN[1] = scores_BN[1].round()  # many ties, −0 next to +0
+    scores_BN[2] = -scores_BN[2].abs()  # all negative or −∞
+    scores_BN[3, 5:] = float("-inf")  # fewer finite scores than k: the rest among the −∞ entries
+    scores_BN[4] = float("-inf")  # nothing finite at all
+    scores_BN[5, 1::3] = 2.0  # more equal maxima than k
+    return scores_BN
+
+
+@pytest.mark.parametrize("method", ["group", "bound"])
+@pytest.mark.parametrize(("n", "k"), [(48, 1), (48, 9), (100, 32), (40, 40)])
+def test_topk_indices_is_torch_topk_as_sets(
+    triton_calls: list[int], monkeypatch: pytest.MonkeyPatch, method: str, n: int, k: int
+) -> None:
+    """k distinct valid indices per row whose scores are torch.topk's; the same set wherever torch's has no
+    choice (no tie at the k-th score). "bound" is the select's fallback for large k·group (forced here)."""
+    if method == "bound":
+        monkeypatch.setattr(triton_select, "MAX_GROUP_CANDIDATES", 0)
+    scores_BN = hard_scores(8, n)
+    indices_BK = kernels.topk_indices(scores_BN, k)
+    assert triton_calls == [k]
+    assert indices_BK.shape == (8, k) and indices_BK.dtype == torch.int64
+    assert ((indices_BK >= 0) & (indices_BK < n)).all()
+    assert (indices_BK.sort(-1).values.diff(dim=-1) > 0).all(), "duplicate indices"
+
+    ref = scores_BN.topk(k, dim=-1, sorted=False)
+    chosen_BK = scores_BN.gather(-1, indices_BK)
+    assert torch.equal(chosen_BK.sort(-1).values, ref.values.sort(-1).values)
+    sorted_BN = scores_BN.sort(-1, descending=True).values
+    if k == n:
+        no_choice = torch.ones(8, dtype=torch.bool, device=DEVICE)
+    else:
+        no_choice = sorted_BN[:, k - 1] > sorted_BN[:, k]
+        assert no_choice[0] and not no_choice[4]  # both cases occur
+    same = indices_BK.sort(-1).values == ref.indices.sort(-1).values
+    assert same[no_choice].all()
+
+
+def test_topk_indices_falls_back_to_torch_outside_the_select(triton_calls: list[int]) -> None:
+    """fp32 scores, k above MAX_K, a column-strided view: torch.topk, the same sets (no ties in fp32 here)."""
+    big = triton_select.MAX_K + 1
+    for scores_BN, k in [
+        (torch.randn(4, 50, device=DEVICE), 7),
+        (torch.randn(2, big, device=DEVICE).to(torch.bfloat16), big),
+        (torch.randn(50, 4, device=DEVICE).to(torch.bfloat16).T, 7),
+    ]:
+        expected = scores_BN.topk(k, dim=-1).indices.sort(-1).values
+        assert torch.equal(kernels.topk_indices(scores_BN, k).sort(-1).values, expected)
+    assert triton_calls == []
+
+
+# -------------------------------------------------------------- the losses, against the torch.topk path
+def torch_select_aux(pre_BN: Tensor, dead_N: Tensor, k_aux: int) -> tuple[Tensor, Tensor]:
+    """TopKSAE.select_aux as it was: torch.topk of the masked pre-activations."""
+    values, indices = pre_BN.masked_fill(~dead_N, float("-inf")).topk(k_aux, dim=-1, sorted=False)
+    return values.relu(), indices
+
+
+def torch_signed_topk(pre_BN: Tensor, k: int, allowed_N: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """abstopk.signed_topk as it was."""
+    scores_BN = pre_BN.detach().abs()
+    if allowed_N is not None:
+        scores_BN = scores_BN.masked_fill(~allowed_N, -1.0)
+    indices = scores_BN.topk(k, dim=-1, sorted=False).indices
+    values = pre_BN.gather(-1, indices)
+    if allowed_N is not None:
+        values = values.masked_fill(~allowed_N[indices], 0.0)
+    return values, indices
+
+
+def bf16_sae(arch: str) -> TopKSAE:
+    """A bf16 SAE (so its pre-activations are 16-bit and take the Triton select)."""
+    sae = build_sae(arch, 16, 64, k=4, aux_k=8, dead_tokens=100)
+    assert isinstance(sae, TopKSAE)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return sae.to(device=DEVICE, dtype=torch.bfloat16)
+
+
+def aux_and_grads(sae: TopKSAE, x_BD: Tensor, dead: DeadFeatures) -> tuple[Tensor, list[Tensor]]:
+    sae.zero_grad()
+    x_hat = sae(x_BD).x_hat.detach()
+    aux = sae.auxk_loss(x_BD, x_hat, dead)
+    assert aux is not None
+    aux.backward()
+    return aux.detach(), [p.grad.clone() for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)]
+
+
+def no_choice(scores_BN: Tensor, k: int) -> bool:
+    """Whether the k-th largest score of every row is above the next, or a mask value (whose code is 0)."""
+    sorted_BN = scores_BN.sort(-1, descending=True).values
+    kth_B = sorted_BN[:, k - 1]
+    return bool(((kth_B > sorted_BN[:, k]) | (kth_B <= -1)).all())
+
+
+def no_ties(sae: TopKSAE, x_BD: Tensor, dead_N: Tensor) -> bool:
+    pre_BN = sae.pre_acts(x_BD).detach()
+    return (
+        no_choice(pre_BN.masked_fill(~dead_N, float("-inf")), 8)  # TopK's AuxK
+        and no_choice(pre_BN.abs().masked_fill(~dead_N, -1.0), 8)  # AbsTopK's AuxK
+        and no_choice(pre_BN, 4)  # TopK's encode, whose x̂ makes the residual
+        and no_choice(pre_BN.abs(), 4)  # AbsTopK's
+    )
+
+
+@pytest.mark.parametrize("arch", ["topk", "abstopk"])
+@pytest.mark.parametrize("n_dead", [5, 8, 40])  # k_aux = 8: fewer dead than slots, as many, more
+def test_aux_loss_and_gradients_match_the_torch_topk_path(
+    triton_calls: list[int], monkeypatch: pytest.MonkeyPatch, arch: str, n_dead: int
+) -> None:
+    sae = bf16_sae(arch)
+    dead_N = torch.zeros(64, dtype=torch.bool, device=DEVICE)
+    dead_N[torch.randperm(64, device=DEVICE)[:n_dead]] = True
+    dead = DeadFeatures(dead_N, n_dead)
+    # torch.topk picks any of the scores tied at the k-th (frequent in bf16): the two paths agree where it
+    # has no choice, so the tokens are drawn until no row has such a tie.
+    x_BD = next(
+        x
+        for x in (torch.randn(8, 16, device=DEVICE).to(torch.bfloat16) for _ in range(50))
+        if no_ties(sae, x, dead_N)
+    )
+
+    aux, grads = aux_and_grads(sae, x_BD, dead)
+    assert triton_calls.count(8) == 1, "AuxK's select (k_aux = 8) must run in Triton"
+    monkeypatch.setattr(TopKSAE, "select_aux", lambda self, *a: torch_select_aux(*a))
+    monkeypatch.setattr(abstopk, "signed_topk", torch_signed_topk)  # AbsTopK's encode and select_aux
+    ref_aux, ref_grads = aux_and_grads(sae, x_BD, dead)
+    assert triton_calls.count(8) == 1, "the reference must not run the select"
+
+    assert torch.equal(aux, ref_aux)  # the same sets: the same sums, whatever the order of the indices
+    for name, g, ref in zip(("W_enc", "b_enc", "W_dec", "b_dec"), grads, ref_grads):
+        assert torch.equal(g, ref), name
+
+
+@pytest.mark.parametrize("arch", ["topk", "abstopk"])
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_aux_select_runs_without_autograd(triton_calls: list[int], arch: str, mode: Callable) -> None:
+    """Evaluation computes the loss under no_grad or inference_mode: the select takes inference tensors."""
+    sae = bf16_sae(arch)
+    dead_N = torch.zeros(64, dtype=torch.bool, device=DEVICE)
+    dead_N[:6] = True
+    x_BD = torch.randn(8, 16, device=DEVICE).to(torch.bfloat16)
+    with mode():
+        aux = sae.auxk_loss(x_BD, sae(x_BD).x_hat, DeadFeatures(dead_N, 6))
+        values_BK, indices_BK = sae.select_aux(sae.pre_acts(x_BD), dead_N, 8)
+    assert aux is not None and aux.isfinite() and not aux.requires_grad
+    assert triton_calls.count(8) == 2
+    assert dead_N[indices_BK].sum(-1).eq(6).all()  # every dead feature, then 2 live ones at code 0
+    assert (values_BK[~dead_N[indices_BK]] == 0).all()
