@@ -72,7 +72,8 @@ def topk_encode(
 def topk_indices(scores_BN: Tensor, k: int) -> Tensor:
     """[B, k] int64 indices of the k largest scores of each row, unsorted, without a gradient.
 
-    The Triton select takes 16-bit [B, n] row-major scores with k ≤ min(n, MAX_K): it picks exactly the
+    The Triton select takes 16-bit or fp32 [B, n] row-major scores with k ≤ min(n, MAX_K) (fp32: where
+    the group select fits, n ≤ 64·1024 at k = 512): it picks exactly the
     set of a stable sort (ties to the lowest column), −∞ ranks below every number, so a row with fewer
     than k finite scores fills the rest with distinct −∞ columns. Anything else gets torch.topk, whose
     choice among ties is unspecified: gather the values from the scores' source to keep their gradient."""
@@ -86,15 +87,16 @@ def topk_indices(scores_BN: Tensor, k: int) -> Tensor:
 
 
 def _select_applies(scores_BN: Tensor, k: int) -> bool:
-    from mmsae.kernels.triton_select import MAX_K, SELECT_DTYPES
+    from mmsae.kernels import triton_select as ts
 
-    return (
-        scores_BN.dtype in SELECT_DTYPES
-        and scores_BN.dim() == 2
-        and scores_BN.shape[0] > 0
-        and 0 < k <= min(scores_BN.shape[1], MAX_K)
-        and scores_BN.stride(1) == 1
-    )
+    if scores_BN.dim() != 2 or scores_BN.shape[0] == 0 or scores_BN.stride(1) != 1:
+        return False
+    n = scores_BN.shape[1]
+    if not 0 < k <= min(n, ts.MAX_K):
+        return False
+    if scores_BN.dtype in ts.WIDE_SELECT_DTYPES:  # fp32 (AuxK's pre-activations): the group select only
+        return ts.group_select_fits(k, ts.group_config(n, k))
+    return scores_BN.dtype in ts.SELECT_DTYPES
 
 
 def sparse_decode(

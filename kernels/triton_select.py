@@ -13,6 +13,7 @@ epilogue) writes the max of every run of 16–32 contiguous columns; the k-th la
 the row's k-th largest from below, so exactly k groups hold the top k, and the bisection runs on the
 group maxima and then on those k groups' elements, each over the key range it can lie in.
 "bound" and "bisect" remain for k whose groups do not fit one program (docs/kernels-notes.md).
+fp32 rows (AuxK's pre-activations) take the group select only, with 32-bit keys.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import triton.language as tl
 from torch import Tensor
 
 SELECT_DTYPES = (torch.bfloat16, torch.float16)
+WIDE_SELECT_DTYPES = (torch.float32,)
+"""fp32 rows take the group select only (32-bit keys, int32 group maxima): AuxK's fp32 pre-activations."""
 SelectMethod = Literal["group", "bound", "bisect"]
 MAX_K = 512
 """Larger k (AuxK's d/2) keeps torch.topk: a segment of 2k keys must fit in registers."""
@@ -38,6 +41,16 @@ def _ordered_key(x):
     """16-bit float -> int32 in [0, 2¹⁶) whose integer order is the float order."""
     bits = x.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
     return tl.where(bits >= 0x8000, bits ^ 0xFFFF, bits | 0x8000)
+
+
+@triton.jit
+def _ordered_key_any(x, WIDE: tl.constexpr):
+    """`_ordered_key`, or for fp32 (WIDE) the int64 key in [0, 2³²) whose integer order is the float order."""
+    if WIDE:
+        bits = x.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+        return tl.where(bits >= 0x80000000, bits ^ 0xFFFFFFFF, bits | 0x80000000)
+    else:
+        return _ordered_key(x)
 
 
 @triton.jit
@@ -238,19 +251,24 @@ def _group_max_kernel(
     GS: tl.constexpr,
     BR: tl.constexpr,
     BC: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
-    """Max key of each run of GS contiguous columns, stored as int16 (key − 2¹⁵, same order)."""
+    """Max key of each run of GS contiguous columns, stored as int16 (key − 2¹⁵, same order), or for
+    fp32 (WIDE) as int32 (key − 2³¹)."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
     ok = (rows[:, None] < B) & (cols[None, :] < n)
     x = tl.load(pre_ptr + rows[:, None].to(tl.int64) * stride_pre + cols[None, :], mask=ok, other=0.0)
-    key = tl.where(ok, _ordered_key(x), -1)
+    key = tl.where(ok, _ordered_key_any(x, WIDE), -1)
     gmax = tl.max(tl.reshape(key, (BR, BC // GS, GS)), axis=2)
     groups = tl.program_id(1) * (BC // GS) + tl.arange(0, BC // GS)
     # A stored group holds at least one column < n, so its max key is ≥ 0 and fits after the shift.
     store_ok = (rows[:, None] < B) & (groups[None, :] < G)
     gmax_ptrs = gmax_ptr + rows[:, None].to(tl.int64) * G + groups[None, :]
-    tl.store(gmax_ptrs, (gmax - 32768).to(tl.int16), mask=store_ok)
+    if WIDE:
+        tl.store(gmax_ptrs, (gmax - 2147483648).to(tl.int32), mask=store_ok)
+    else:
+        tl.store(gmax_ptrs, (gmax - 32768).to(tl.int16), mask=store_ok)
 
 
 @triton.jit
@@ -279,6 +297,7 @@ def _group_topk_kernel(
     GS: tl.constexpr,
     G_POW2: tl.constexpr,
     K_POW2: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     pre_row = pre_ptr + row * stride_pre
@@ -288,10 +307,15 @@ def _group_topk_kernel(
     #    max is above it; of the groups tied at the bound, the lowest-indexed ones that make up k
     #    hold the lowest-column elements equal to it. So exactly k groups hold the row's top k.
     g = tl.arange(0, G_POW2)
-    gkey = tl.load(gmax_ptr + row * G + g, mask=g < G, other=0).to(tl.int32) + 32768
+    if WIDE:
+        gkey = tl.load(gmax_ptr + row * G + g, mask=g < G, other=0).to(tl.int64) + 2147483648
+        key_end = 4294967296
+    else:
+        gkey = tl.load(gmax_ptr + row * G + g, mask=g < G, other=0).to(tl.int32) + 32768
+        key_end = 65536
     gkey = tl.where(g < G, gkey, -1)
     top = tl.max(gkey, 0)
-    bound = _kth_largest_in_range(gkey, k, tl.min(tl.where(g < G, gkey, 65536), 0), top)
+    bound = _kth_largest_in_range(gkey, k, tl.min(tl.where(g < G, gkey, key_end), 0), top)
     above = gkey > bound
     tied = gkey == bound
     chosen = above | (tied & (tl.cumsum(tied.to(tl.int32), 0) <= k - tl.sum(above.to(tl.int32), 0)))
@@ -307,7 +331,7 @@ def _group_topk_kernel(
     cols = gid[:, None] * GS + tl.arange(0, GS)[None, :]
     ok = (slots[:, None] < k) & (cols < n)
     x = tl.reshape(tl.load(pre_row + cols, mask=ok, other=0.0), (K_POW2 * GS,))
-    key = tl.where(tl.reshape(ok, (K_POW2 * GS,)), _ordered_key(x), -1)
+    key = tl.where(tl.reshape(ok, (K_POW2 * GS,)), _ordered_key_any(x, WIDE), -1)
     cols = tl.reshape(cols, (K_POW2 * GS,))
     # The top of the range is taken from the candidates themselves: maxima made by the GEMM epilogue
     # skip NaNs, whose keys are above every number's.
@@ -345,14 +369,26 @@ def group_config(n: int, k: int) -> GroupConfig:
 
 
 def group_maxima(pre_BN: Tensor, cfg: GroupConfig) -> Tensor:
-    """[B, G] int16: the max key of each run of `cfg.group` columns (key − 2¹⁵, same order)."""
+    """[B, G] int16: the max key of each run of `cfg.group` columns (key − 2¹⁵, same order); int32 and
+    key − 2³¹ for fp32 rows."""
     B, n = pre_BN.shape
     G = triton.cdiv(n, cfg.group)
     block_cols = max(1024, cfg.group)
-    gmax_BG = torch.empty(B, G, dtype=torch.int16, device=pre_BN.device)
+    wide = pre_BN.dtype in WIDE_SELECT_DTYPES
+    gmax_BG = torch.empty(B, G, dtype=torch.int32 if wide else torch.int16, device=pre_BN.device)
     grid = (triton.cdiv(B, cfg.max_rows), triton.cdiv(n, block_cols))
     _group_max_kernel[grid](
-        pre_BN, gmax_BG, B, n, G, pre_BN.stride(0), GS=cfg.group, BR=cfg.max_rows, BC=block_cols, num_warps=4
+        pre_BN,
+        gmax_BG,
+        B,
+        n,
+        G,
+        pre_BN.stride(0),
+        GS=cfg.group,
+        BR=cfg.max_rows,
+        BC=block_cols,
+        WIDE=wide,
+        num_warps=4,
     )
     return gmax_BG
 
@@ -363,6 +399,9 @@ def select_from_group_maxima(
     """The group select's second step, from maxima made by `group_maxima` or a GEMM epilogue."""
     B, n = pre_BN.shape
     G = gmax_BG.shape[1]
+    wide = pre_BN.dtype in WIDE_SELECT_DTYPES
+    if gmax_BG.dtype != (torch.int32 if wide else torch.int16):
+        raise TypeError(f"group maxima of {pre_BN.dtype} rows cannot be {gmax_BG.dtype}; use group_maxima.")
     if not 0 < k <= G:
         raise ValueError(f"the group select needs 0 < k ≤ groups; got k={k} for {G} groups of {cfg.group}.")
     K_POW2 = triton.next_power_of_2(k)
@@ -380,6 +419,7 @@ def select_from_group_maxima(
         GS=cfg.group,
         G_POW2=triton.next_power_of_2(G),
         K_POW2=K_POW2,
+        WIDE=wide,
         num_warps=cfg.num_warps,
     )
 
@@ -444,11 +484,13 @@ def topk_select_into(
     group maxima and candidate compaction inside one program per row; "bisect": segmented
     bisection over the whole row, tuned by `seg` and `num_warps`.
     """
-    if pre_BN.dtype not in SELECT_DTYPES:
-        raise TypeError(
-            f"the select kernel needs bf16/fp16 pre-activations, got {pre_BN.dtype}; use torch.topk."
-        )
     n = pre_BN.shape[1]
+    if pre_BN.dtype in WIDE_SELECT_DTYPES and method != "group":
+        raise ValueError(f"fp32 rows take the group select only, not {method!r}; use torch.topk.")
+    if pre_BN.dtype not in SELECT_DTYPES + WIDE_SELECT_DTYPES:
+        raise TypeError(
+            f"the select kernel needs bf16/fp16/fp32 pre-activations, got {pre_BN.dtype}; use torch.topk."
+        )
     if not 0 < k <= min(n, MAX_K):
         raise ValueError(f"k={k} must be in [1, min(n={n}, {MAX_K})]; use torch.topk beyond.")
     if pre_BN.stride(1) != 1 or not (values_BK.is_contiguous() and indices_BK.is_contiguous()):
@@ -458,6 +500,8 @@ def topk_select_into(
         if group_select_fits(k, cfg):
             select_from_group_maxima(pre_BN, group_maxima(pre_BN, cfg), k, cfg, values_BK, indices_BK)
             return
+        if pre_BN.dtype in WIDE_SELECT_DTYPES:
+            raise ValueError(f"k={k} is too large for the group select of fp32 rows; use torch.topk.")
         method = "bound"  # large k: the chosen groups' elements would not fit in one program
     if method == "bound":
         _bound_select(pre_BN, values_BK, indices_BK, k, bound or bound_config(n, k))

@@ -18,6 +18,7 @@ if not torch.cuda.is_available():
 
 from mmsae import kernels
 from mmsae.kernels import triton_select
+from mmsae.kernels.triton_select import GroupConfig
 from mmsae.sae import DeadFeatures, TopKSAE, abstopk, build_sae
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -38,28 +39,32 @@ def triton_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
     yield calls
 
 
-def hard_scores(B: int, n: int) -> Tensor:
-    """bf16 rows with what AuxK and AbsTopK feed the select: −∞ masks, negatives, ties, short rows."""
-    scores_BN = torch.randn(B, n, device=DEVICE).to(torch.bfloat16)
+def hard_scores(B: int, n: int, dtype: torch.dtype) -> Tensor:
+    """Rows with what AuxK and AbsTopK feed the select: −∞ masks, negatives, ties, short rows."""
+    scores_BN = torch.randn(B, n, device=DEVICE).to(dtype)
     scores_BN[:, ::3] = float("-inf")  # live features masked out: every row has n/3 of them
     scores_BN[1] = scores_BN[1].round()  # many ties, −0 next to +0
     scores_BN[2] = -scores_BN[2].abs()  # all negative or −∞
     scores_BN[3, 5:] = float("-inf")  # fewer finite scores than k: the rest among the −∞ entries
     scores_BN[4] = float("-inf")  # nothing finite at all
     scores_BN[5, 1::3] = 2.0  # more equal maxima than k
+    scores_BN[6, 1::3], scores_BN[6, 2::3] = 0.0, -0.0  # zeros of both signs
+    scores_BN[7] *= 1e-30 if dtype == torch.float32 else 1.0  # subnormals
     return scores_BN
 
 
-@pytest.mark.parametrize("method", ["group", "bound"])
+@pytest.mark.parametrize(
+    ("dtype", "method"), [(torch.bfloat16, "group"), (torch.bfloat16, "bound"), (torch.float32, "group")]
+)
 @pytest.mark.parametrize(("n", "k"), [(48, 1), (48, 9), (100, 32), (40, 40)])
 def test_topk_indices_is_torch_topk_as_sets(
-    triton_calls: list[int], monkeypatch: pytest.MonkeyPatch, method: str, n: int, k: int
+    triton_calls: list[int], monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, method: str, n: int, k: int
 ) -> None:
     """k distinct valid indices per row whose scores are torch.topk's; the same set wherever torch's has no
     choice (no tie at the k-th score). "bound" is the select's fallback for large k·group (forced here)."""
     if method == "bound":
         monkeypatch.setattr(triton_select, "MAX_GROUP_CANDIDATES", 0)
-    scores_BN = hard_scores(8, n)
+    scores_BN = hard_scores(8, n, dtype)
     indices_BK = kernels.topk_indices(scores_BN, k)
     assert triton_calls == [k]
     assert indices_BK.shape == (8, k) and indices_BK.dtype == torch.int64
@@ -79,10 +84,34 @@ def test_topk_indices_is_torch_topk_as_sets(
     assert same[no_choice].all()
 
 
-def test_topk_indices_falls_back_to_torch_outside_the_select(triton_calls: list[int]) -> None:
-    """fp32 scores, k above MAX_K, a column-strided view: torch.topk, the same sets (no ties in fp32 here)."""
+def lowest_index_topk_fp32(pre_BN: Tensor, k: int) -> Tensor:
+    """Indices of the k largest per row, ties to the lowest column, in the kernel's key order (−0 < +0)."""
+    bits = pre_BN.view(torch.int32).long()
+    key = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return key.sort(dim=-1, descending=True, stable=True).indices[:, :k]
+
+
+@pytest.mark.parametrize("group", [None, GroupConfig(group=4, num_warps=2, max_rows=4)])
+def test_fp32_group_select_is_the_lowest_index_top_k(group: GroupConfig | None) -> None:
+    """The fp32 group select (32-bit keys) picks exactly a stable sort's top k, −∞, −0 and subnormals
+    included; the small groups give more tied group maxima than it may choose."""
+    scores_BN = hard_scores(8, 300, torch.float32)
+    values_BK = torch.full((8, 50), float("nan"), device=DEVICE)
+    indices_BK = torch.full((8, 50), -1, device=DEVICE, dtype=torch.int64)
+    triton_select.topk_select_into(scores_BN, 50, values_BK, indices_BK, group=group)
+    assert torch.equal(indices_BK.sort(-1).values, lowest_index_topk_fp32(scores_BN, 50).sort(-1).values)
+    assert torch.equal(scores_BN.gather(1, indices_BK).relu(), values_BK)
+
+
+def test_topk_indices_falls_back_to_torch_outside_the_select(
+    triton_calls: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fp64 scores, k above MAX_K, a column-strided view, fp32 rows whose k groups do not fit one program
+    (forced here; fp32 has no "bound" fallback): torch.topk, the same sets (no ties here)."""
+    monkeypatch.setattr(triton_select, "MAX_GROUP_CANDIDATES", 0)
     big = triton_select.MAX_K + 1
     for scores_BN, k in [
+        (torch.randn(4, 50, device=DEVICE, dtype=torch.float64), 7),
         (torch.randn(4, 50, device=DEVICE), 7),
         (torch.randn(2, big, device=DEVICE).to(torch.bfloat16), big),
         (torch.randn(50, 4, device=DEVICE).to(torch.bfloat16).T, 7),
@@ -111,14 +140,15 @@ def torch_signed_topk(pre_BN: Tensor, k: int, allowed_N: Tensor | None = None) -
     return values, indices
 
 
-def bf16_sae(arch: str) -> TopKSAE:
-    """A bf16 SAE (so its pre-activations are 16-bit and take the Triton select)."""
+def make_sae(arch: str, dtype: torch.dtype) -> TopKSAE:
+    """bf16: 16-bit pre-activations; fp32: those of training under bf16 autocast, whose fp32 b_enc makes the
+    bf16 GEMM's output fp32."""
     sae = build_sae(arch, 16, 64, k=4, aux_k=8, dead_tokens=100)
     assert isinstance(sae, TopKSAE)
     with torch.no_grad():
         for p in sae.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    return sae.to(device=DEVICE, dtype=torch.bfloat16)
+    return sae.to(device=DEVICE, dtype=dtype)
 
 
 def aux_and_grads(sae: TopKSAE, x_BD: Tensor, dead: DeadFeatures) -> tuple[Tensor, list[Tensor]]:
@@ -147,21 +177,20 @@ def no_ties(sae: TopKSAE, x_BD: Tensor, dead_N: Tensor) -> bool:
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("arch", ["topk", "abstopk"])
 @pytest.mark.parametrize("n_dead", [5, 8, 40])  # k_aux = 8: fewer dead than slots, as many, more
 def test_aux_loss_and_gradients_match_the_torch_topk_path(
-    triton_calls: list[int], monkeypatch: pytest.MonkeyPatch, arch: str, n_dead: int
+    triton_calls: list[int], monkeypatch: pytest.MonkeyPatch, arch: str, n_dead: int, dtype: torch.dtype
 ) -> None:
-    sae = bf16_sae(arch)
+    sae = make_sae(arch, dtype)
     dead_N = torch.zeros(64, dtype=torch.bool, device=DEVICE)
     dead_N[torch.randperm(64, device=DEVICE)[:n_dead]] = True
     dead = DeadFeatures(dead_N, n_dead)
     # torch.topk picks any of the scores tied at the k-th (frequent in bf16): the two paths agree where it
     # has no choice, so the tokens are drawn until no row has such a tie.
     x_BD = next(
-        x
-        for x in (torch.randn(8, 16, device=DEVICE).to(torch.bfloat16) for _ in range(50))
-        if no_ties(sae, x, dead_N)
+        x for x in (torch.randn(8, 16, device=DEVICE).to(dtype) for _ in range(50)) if no_ties(sae, x, dead_N)
     )
 
     aux, grads = aux_and_grads(sae, x_BD, dead)
@@ -171,16 +200,18 @@ def test_aux_loss_and_gradients_match_the_torch_topk_path(
     ref_aux, ref_grads = aux_and_grads(sae, x_BD, dead)
     assert triton_calls.count(8) == 1, "the reference must not run the select"
 
-    assert torch.equal(aux, ref_aux)  # the same sets: the same sums, whatever the order of the indices
+    # The same sets, so the same sums up to their order (fp32 gradients add the indices in another order).
+    exact = {"rtol": 0, "atol": 0} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-7}
+    torch.testing.assert_close(aux, ref_aux, **exact)
     for name, g, ref in zip(("W_enc", "b_enc", "W_dec", "b_dec"), grads, ref_grads):
-        assert torch.equal(g, ref), name
+        torch.testing.assert_close(g, ref, **exact, msg=lambda m: f"{name}: {m}")  # noqa: B023
 
 
 @pytest.mark.parametrize("arch", ["topk", "abstopk"])
 @pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
 def test_aux_select_runs_without_autograd(triton_calls: list[int], arch: str, mode: Callable) -> None:
     """Evaluation computes the loss under no_grad or inference_mode: the select takes inference tensors."""
-    sae = bf16_sae(arch)
+    sae = make_sae(arch, torch.bfloat16)
     dead_N = torch.zeros(64, dtype=torch.bool, device=DEVICE)
     dead_N[:6] = True
     x_BD = torch.randn(8, 16, device=DEVICE).to(torch.bfloat16)

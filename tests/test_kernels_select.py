@@ -149,11 +149,13 @@ def test_fused_gemm_equals_cublas_at_a_benchmark_shape_gpu() -> None:
     assert torch.equal(pre_BN, torch.nn.functional.linear(x_BD, W_ND, b_N))
 
 
-def test_select_rejects_fp32_with_a_clear_error() -> None:
+def test_select_rejects_other_dtypes_and_fp32_outside_the_group_select_with_a_clear_error() -> None:
     pre_BN = torch.randn(2, 16, device=DEVICE)
     outputs = pre_BN.new_empty(2, 4), torch.empty(2, 4, dtype=torch.int64, device=DEVICE)
-    with pytest.raises(TypeError, match="bf16/fp16"):
-        topk_select_into(pre_BN, 4, *outputs)
+    with pytest.raises(TypeError, match="bf16/fp16/fp32"):
+        topk_select_into(pre_BN.double(), 4, outputs[0].double(), outputs[1])
+    with pytest.raises(ValueError, match="group select only"):
+        topk_select_into(pre_BN, 4, *outputs, "bound")
     with pytest.raises(ValueError, match="Unknown select method"):
         topk_select_into(pre_BN.bfloat16(), 4, outputs[0].bfloat16(), outputs[1], "radix")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="needs 0 < k ≤ groups"):  # 2 groups of 8 cannot bound k = 4
