@@ -87,19 +87,20 @@ def aa_weights(
 ) -> Tensor:
     """Dense weights [B, n_out, n_in] (fp32) of `aa_taps`; n_in ≥ max(in_size) + taps, so that every tap
     falls inside (those past in_size_b weigh 0)."""
-    j_BOK, w_BOK = aa_taps(in_size, out_size, first, n_out, kind, taps)
-    return w_BOK.new_zeros(w_BOK.shape[0], n_out, n_in).scatter_(2, j_BOK, w_BOK)
+    return dense(*aa_taps(in_size, out_size, first, n_out, kind, taps), n_in)
 
 
-def split_fp16(
-    in_size: Tensor, out_size: Tensor, first: Tensor, n_out: int, n_in: int, kind: str, taps: int
-) -> Tensor:
-    """fp16 weights [B, n_out, 2·n_in]: `aa_weights` rounded to fp16 (hi), then the fp16 rounding of what
-    that leaves (lo); against pixel rows stacked twice, hi + lo reproduce the fp32 weights to 2⁻²² of each."""
-    j_BOK, w_BOK = aa_taps(in_size, out_size, first, n_out, kind, taps)
+def dense(j_BOK: Tensor, w_BOK: Tensor, n_in: int) -> Tensor:
+    """[B, O, n_in] fp32: weights w at positions j (`aa_taps`), zero elsewhere."""
+    return w_BOK.new_zeros(*w_BOK.shape[:2], n_in).scatter_(2, j_BOK, w_BOK)
+
+
+def split_fp16(j_BOK: Tensor, w_BOK: Tensor, n_in: int) -> Tensor:
+    """[B, O, 2·n_in] fp16: `dense` rounded to fp16 (hi), then the fp16 rounding of what that leaves (lo);
+    against pixel rows stacked twice, hi + lo reproduce the fp32 weights to 2⁻²² of each."""
     hi_BOK = w_BOK.half()
     parts_BOK2 = torch.cat([hi_BOK, (w_BOK - hi_BOK.float()).half()], dim=2)
-    out = hi_BOK.new_zeros(w_BOK.shape[0], n_out, 2 * n_in)
+    out = hi_BOK.new_zeros(*w_BOK.shape[:2], 2 * n_in)
     return out.scatter_(2, torch.cat([j_BOK, j_BOK + n_in], dim=2), parts_BOK2)
 
 
@@ -109,8 +110,8 @@ class _Chunk:
 
     start: int
     stop: int
-    taps: tuple[int, int]  # `max_taps` of their rows and columns
-    padded: tuple[int, int]  # their largest height and width, plus the taps: every tap falls inside
+    taps: int  # `max_taps` of their rows and columns
+    padded: tuple[int, int]  # their largest height and width, plus `taps`: every tap falls inside
 
 
 def resize_crop(
@@ -158,9 +159,9 @@ def _plan(shapes: list[tuple[int, int]], sizes: list[tuple[int, int]], n_ch: int
             if stop > start and (grown > PAD_ELEMENTS or turns):
                 break
             h_max, w_max, stop = max(h_max, h), max(w_max, w), stop + 1
-        taps_h = max_taps([s[0] for s in shapes[start:stop]], [s[0] for s in sizes[start:stop]], kind)
-        taps_w = max_taps([s[1] for s in shapes[start:stop]], [s[1] for s in sizes[start:stop]], kind)
-        chunks.append(_Chunk(start, stop, (taps_h, taps_w), (h_max + taps_h, w_max + taps_w)))
+        sides = [side for shape in shapes[start:stop] for side in shape]
+        taps = max_taps(sides, [side for size in sizes[start:stop] for side in size], kind)
+        chunks.append(_Chunk(start, stop, taps, (h_max + taps, w_max + taps)))
         start = stop
     return chunks
 
@@ -184,18 +185,21 @@ def _resize_chunk(
 ) -> Tensor:
     """[n, C, crop_h, crop_w] (a transposed view) of the chunk's images: the row pass as
     [n, crop_h, h] @ [n, h, C · w], then the column pass as [n, crop_h · C, w] @ [n, w, crop_w]."""
-    (h_pad, w_pad), (taps_h, taps_w) = chunk.padded, chunk.taps
-    _, _, in_h, in_w, out_h, out_w, top, left = params.unbind(1)
+    (h_pad, w_pad), n = chunk.padded, params.shape[0]
+    # rows' and columns' weights in one go: sizes, output sizes and first outputs [3, 2n]
+    sides_32n = params[:, 2:8].view(n, 3, 2).permute(1, 2, 0).reshape(3, 2 * n)
+    j_BOK, w_BOK = aa_taps(*sides_32n, max(crop), kind, chunk.taps)
+    taps_h, taps_w = (
+        (j_BOK[:n, : crop[0]], w_BOK[:n, : crop[0]]),
+        (j_BOK[n:, : crop[1]], w_BOK[n:, : crop[1]]),
+    )
     x_nHX = _gather_rows(flat, params, n_ch, h_pad, w_pad, 2 if fp16 else 1)
     with torch.autocast(flat.device.type, enabled=False):
         if fp16:
-            a_h_nOH = split_fp16(in_h, out_h, top, crop[0], h_pad, kind, taps_h)
-            rows_nOX = _bmm_fp32_out(a_h_nOH, x_nHX)
+            rows_nOX = _bmm_fp32_out(split_fp16(*taps_h, h_pad), x_nHX)
         else:
-            a_h_nOH = aa_weights(in_h, out_h, top, crop[0], h_pad, kind, taps_h)
-            rows_nOX = torch.bmm(a_h_nOH, x_nHX.float())
-        a_w_nOW = aa_weights(in_w, out_w, left, crop[1], w_pad, kind, taps_w)
-        n = params.shape[0]
+            rows_nOX = torch.bmm(dense(*taps_h, h_pad), x_nHX.float())
+        a_w_nOW = dense(*taps_w, w_pad)
         out_nQO = torch.bmm(rows_nOX.view(n, crop[0] * n_ch, w_pad), a_w_nOW.transpose(1, 2))
     return out_nQO.view(n, crop[0], n_ch, crop[1]).transpose(1, 2)
 
@@ -208,4 +212,4 @@ def _bmm_fp32_out(a_fp16: Tensor, x: Tensor) -> Tensor:
     return torch.bmm(a_fp16.float(), x.float())
 
 
-__all__ = ["aa_taps", "aa_weights", "max_taps", "resize_crop", "split_fp16"]
+__all__ = ["aa_taps", "aa_weights", "dense", "max_taps", "resize_crop", "split_fp16"]
