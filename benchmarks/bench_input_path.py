@@ -7,6 +7,7 @@ already loaded (in the main thread, then one batch ahead in its thread as extrac
 
     python benchmarks/bench_input_path.py --device cuda       # ViT-B/16 pipeline, bf16, 8192 files, batch 256
     python benchmarks/bench_input_path.py --device cpu        # timm test_vit, 256 files: a smoke run
+    python benchmarks/bench_input_path.py --device cuda --profile 4   # and a profile of the decoder
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from pathlib import Path
 import torch
 from bench_decode_limits import steady_rate
 from bench_extract import write_jpegs
+from torch.profiler import ProfilerActivity, profile
 
-from mmsae.datasets.gpu_decode import pack_jpegs
+from mmsae.datasets.gpu_decode import PackedJpegs, pack_jpegs
 from mmsae.encoders import get_encoder
 from mmsae.inputs import DeviceDecoder, InputBatch, JpegFiles, _loader, decoded_ahead, input_batches
 
@@ -36,6 +38,10 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=None, help="default: 12 16 (2 on CPU)")
     ap.add_argument("--warm", type=int, default=4, help="batches not timed")
     ap.add_argument("--out", type=Path, default=None, help="where the temp folder goes")
+    ap.add_argument(
+        "--profile", type=int, default=0, metavar="N",
+        help="also print a torch.profiler table of DeviceDecoder (nvJPEG + preprocessing) on N batches",
+    )  # fmt: skip
     args = ap.parse_args()
     device, cuda = torch.device(args.device), args.device == "cuda"
     spec = args.encoder or ("timm:vit_base_patch16_224" if cuda else "timm:test_vit")
@@ -65,6 +71,8 @@ def main() -> None:
         decoder = DeviceDecoder(dataset, encoder)
         show("DeviceDecoder on loaded batches, main thread", map(decoder, packs))
         show("DeviceDecoder on loaded batches, one ahead in its thread", decoded_ahead(decoder, packs))
+        if args.profile:
+            profile_decoder(decoder, packs[: args.profile], cuda)
 
         def path() -> Iterable[InputBatch]:
             return input_batches(encoder, dataset, index_batches, "image", workers[0], "device")
@@ -82,6 +90,17 @@ def main() -> None:
         x = torch.randn(batch, *decoder.shape, device=device, dtype=dtype)
         with torch.inference_mode():
             show("bare forward on device-resident pixels", (encoder.model(x) for _ in range(args.warm + 8)))
+
+
+def profile_decoder(decoder: DeviceDecoder, packs: list[PackedJpegs], cuda: bool) -> None:
+    """Where the decoder's time goes: ops by total device time on CUDA (host time on CPU)."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for packed in packs:
+            decoder(packed)
+    sort = "device_time_total" if cuda else "cpu_time_total"
+    print(f"DeviceDecoder on {len(packs)} loaded batches, by {sort}:")
+    print(prof.key_averages().table(sort_by=sort, row_limit=30), flush=True)
 
 
 if __name__ == "__main__":

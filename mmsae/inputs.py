@@ -192,6 +192,9 @@ class DeviceDecoder:
             return batch
         on_device = [r for r, p in enumerate(ok) if decoded.get(p) is not None]
         on_host = [r for r, p in enumerate(ok) if decoded.get(p) is None]
+        if len(on_device) == len(ok):  # the usual case: no copy into place
+            batch.inputs, batch.fallback = self.preprocess([decoded[p] for p in ok]), []
+            return batch
         pixels_BCHW = torch.empty(len(ok), *self.shape, device=self.device)
         if on_device:
             pixels_BCHW[on_device] = self.preprocess([decoded[ok[r]] for r in on_device])

@@ -20,10 +20,24 @@ ROWS = [
 
 
 def test_cpu_run_reports_every_row(tmp_path: Path) -> None:
-    args = ["--device", "cpu", "--n-images", "64", "--batch-size", "8", "--workers", "1", "--warm", "2"]
+    args = [
+        "--device",
+        "cpu",
+        "--n-images",
+        "64",
+        "--batch-size",
+        "8",
+        "--workers",
+        "1",
+        "--warm",
+        "2",
+        "--profile",
+        "1",
+    ]
     stdout = run_benchmark("bench_input_path", *args, "--out", str(tmp_path), timeout=300)
     for row in ROWS:
         found = re.search(rf"^  {re.escape(row)}: ([\d,]+)$", stdout, re.M)
         assert found, f"row {row!r} missing in:\n{stdout}"
         assert int(found.group(1).replace(",", "")) > 0
+    assert "DeviceDecoder on 1 loaded batches, by cpu_time_total:" in stdout and "Self CPU" in stdout
     assert not list(tmp_path.iterdir()), "the JPEG folder is a temporary one"
