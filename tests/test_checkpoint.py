@@ -58,11 +58,13 @@ def test_batchtopk_checkpoint_without_score_loads_with_the_ranking_it_was_traine
 ) -> None:
     """cfg.json files from before `score` existed hold θ in activation units and kept no per-token cap: they
     must load as 'activation' without a cap; those from before `token_cap` existed (a 'cosine' score) load
-    without a cap; new SAEs default to 'projection' with a cap and keep what they were saved with."""
+    without a cap; new SAEs default to 'activation' with a cap and keep what they were saved with (a
+    checkpoint of the former 'projection' default loads as 'projection')."""
     sae = build_sae(arch, D, N, k=4)
-    assert (sae.cfg.score, sae.cfg.token_cap) == ("projection", 1.5)
+    assert (sae.cfg.score, sae.cfg.token_cap) == ("activation", 1.5)
+    build_sae(arch, D, N, k=4, score="projection").save(tmp_path / "projection")
+    assert mmsae.load_sae(tmp_path / "projection").cfg.score == "projection"
     sae.save(tmp_path / "new")
-    assert mmsae.load_sae(tmp_path / "new").cfg.score == "projection"
     build_sae(arch, D, N, k=4, score="cosine").save(tmp_path / "cosine")
     drop_cfg_field(tmp_path / "cosine", "token_cap")
     cfg = mmsae.load_sae(tmp_path / "cosine").cfg

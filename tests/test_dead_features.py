@@ -124,6 +124,19 @@ def test_default_dead_window_scales_with_the_run() -> None:
     assert (explicit.dead_tokens, explicit.count_every) == (5_000_000, 100)
 
 
+def test_archetypal_sae_gets_a_shorter_default_dead_window() -> None:
+    """Re-anchoring acts on the dead clock's verdict: the trainer gives an archetypal SAE a 64th of the run
+    (not a 16th), and keeps an explicit `dead_tokens`."""
+    from mmsae.sae import build_sae
+    from mmsae.trainer.state import DeadFeatureClock, fit_to_run
+
+    saes = [build_sae("archetypal", 8, 16, k=2), build_sae("topk", 8, 16, k=2)]
+    saes.append(build_sae("archetypal", 8, 16, k=2, dead_tokens=5_000))
+    clocks = [DeadFeatureClock(16, sae.cfg.dead_tokens) for sae in saes]
+    fit_to_run(saes, clocks, total_steps=2048, decay_steps=400, step_tokens=4096)
+    assert [sae.cfg.dead_tokens for sae in saes] == [131_072, 524_288, 5_000]
+
+
 def test_auxk_acts_in_a_short_run_under_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     """A 64-step run with every default: AuxK acts on the features that stop firing within the run (with a
     10M-token dead window, or dead counts refreshed only every 100 steps, it never acted in such a run)."""

@@ -202,6 +202,9 @@ class SAE(nn.Module):
     fused_recon: ClassVar[bool] = False
     """Its loss takes the reconstruction term from `recon_loss`, so a training forward with sparse codes may
     compute it with the decoder (`kernels.decode_with_mse`: one pass, and a backward without a gather)."""
+    dead_window_run_fraction: ClassVar[float | None] = None
+    """The share of a run after which an idle feature counts as dead when `cfg.dead_tokens` is unset; None:
+    the trainer's default (`mmsae.trainer.state.default_dead_window`)."""
     weight_copies: WeightCopies | None = None
     """The training optimizer's 16-bit copies of the weights (`Adam.weight_copies`), which the kernels then
     read instead of casting; set by the trainer, None outside training. Not part of the SAE's state."""

@@ -31,10 +31,12 @@ DEAD_WINDOW_MIN_STEPS = 16
 """... and at least this many optimizer steps: a feature idle for fewer batches may just be rare."""
 
 
-def default_dead_window(run_tokens: int, step_tokens: int) -> int:
-    """The dead window (tokens) of an SAE whose config leaves `dead_tokens` unset: 10M, or a sixteenth of the
-    run where that is less, but never under 16 steps of `step_tokens`."""
-    scaled = min(DEAD_WINDOW_TOKENS, int(run_tokens * DEAD_WINDOW_RUN_FRACTION))
+def default_dead_window(
+    run_tokens: int, step_tokens: int, run_fraction: float = DEAD_WINDOW_RUN_FRACTION
+) -> int:
+    """The dead window (tokens) of an SAE whose config leaves `dead_tokens` unset: 10M, or `run_fraction` (a
+    sixteenth) of the run where that is less, but never under 16 steps of `step_tokens`."""
+    scaled = min(DEAD_WINDOW_TOKENS, int(run_tokens * run_fraction))
     return max(scaled, DEAD_WINDOW_MIN_STEPS * step_tokens)
 
 
@@ -62,7 +64,7 @@ def fit_to_run(
     (`threshold_decay_for_run`) to a run of `total_steps` steps of `step_tokens` tokens (None: unknown); the
     SAE's cfg records them."""
     for sae, clock in zip(saes, clocks):
-        clock.fit_to_run(total_steps, step_tokens)
+        clock.fit_to_run(total_steps, step_tokens, sae.dead_window_run_fraction or DEAD_WINDOW_RUN_FRACTION)
         sae.cfg.dead_tokens = clock.dead_tokens
         if getattr(sae.cfg, "threshold_decay", 0.0) is None:
             sae.cfg.threshold_decay = threshold_decay_for_run(total_steps, decay_steps)
@@ -88,11 +90,14 @@ class DeadFeatureClock(nn.Module):
         self.register_buffer("count_in_force", torch.full((), -1, dtype=torch.int64))
         self._count: int | None = None
 
-    def fit_to_run(self, run_steps: int, step_tokens: int | None) -> None:
+    def fit_to_run(
+        self, run_steps: int, step_tokens: int | None, run_fraction: float = DEAD_WINDOW_RUN_FRACTION
+    ) -> None:
         """Scale the window to a run of `run_steps` steps of `step_tokens` tokens (None: unknown, the window
-        stays); an explicit `dead_tokens` is kept. Counts are refreshed at least twice per window."""
+        stays) and `run_fraction` (`default_dead_window`); an explicit `dead_tokens` is kept. Counts are
+        refreshed at least twice per window."""
         if not self.explicit and step_tokens is not None:
-            self.dead_tokens = default_dead_window(run_steps * step_tokens, step_tokens)
+            self.dead_tokens = default_dead_window(run_steps * step_tokens, step_tokens, run_fraction)
         if step_tokens is not None:
             window_steps = math.ceil(self.dead_tokens / step_tokens)
             self.count_every = max(1, min(DEAD_COUNT_EVERY, window_steps // 2))
