@@ -106,10 +106,11 @@ def test_fp32_group_select_is_the_lowest_index_top_k(group: GroupConfig | None) 
 def test_topk_indices_falls_back_to_torch_outside_the_select(
     triton_calls: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """fp64 scores, k above MAX_K, a column-strided view, fp32 rows whose k groups do not fit one program
-    (forced here; fp32 has no "bound" fallback): torch.topk, the same sets (no ties here)."""
+    """fp64 scores, k above INDICES_MAX_K (where torch.topk is faster), a column-strided view, fp32 rows
+    whose k groups do not fit one program (forced here; fp32 has no "bound" fallback): torch.topk, the same
+    sets (no ties here)."""
     monkeypatch.setattr(triton_select, "MAX_GROUP_CANDIDATES", 0)
-    big = triton_select.MAX_K + 1
+    big = kernels.INDICES_MAX_K + 1
     for scores_BN, k in [
         (torch.randn(4, 50, device=DEVICE, dtype=torch.float64), 7),
         (torch.randn(4, 50, device=DEVICE), 7),
