@@ -21,6 +21,7 @@ results into one batch of model inputs (input_ids, attention_mask, pixel_values)
 from __future__ import annotations
 
 import copy
+import gc
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -261,9 +262,10 @@ def _loader(
     num_workers: int,
     collate: Callable[..., Any],
     pin_memory: bool = False,
-) -> DataLoader:
-    fork = num_workers > 0 and sys.platform == "linux"  # see the module docstring
-    return DataLoader(
+) -> Iterator[Any]:
+    """The batches of a DataLoader over `dataset`; with workers, forked ones (see the module docstring)."""
+    fork = num_workers > 0 and sys.platform == "linux"
+    loader = DataLoader(
         dataset,
         batch_sampler=index_batches,
         num_workers=num_workers,
@@ -271,6 +273,21 @@ def _loader(
         pin_memory=pin_memory,
         multiprocessing_context="fork" if fork else None,
     )
+    if not fork:
+        yield from loader
+        return
+    # A forked worker inherits the parent's objects, its uncollected garbage included. A reference cycle that
+    # still holds a CUDA tensor (a finished training run in the same process leaves some), collected in a
+    # worker, frees the tensor there, where CUDA cannot run: the allocator's stream bookkeeping aborts the
+    # worker (cudaErrorInitializationError) and the extraction with it. So collect in the parent first, and
+    # freeze what is left, so that the workers' collections never visit the parent's objects.
+    gc.collect()
+    gc.freeze()
+    try:
+        batches = iter(loader)  # forks the workers
+    finally:
+        gc.unfreeze()
+    yield from batches
 
 
 def input_batches(

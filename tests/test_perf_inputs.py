@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +117,41 @@ def test_loader_workers_run_one_torch_thread() -> None:
         assert [n for batch in loader for n in batch] == [1, 1, 1, 1]
     finally:
         torch.set_num_threads(before)
+
+
+class _Finalized:
+    """Appends the pid of the process that finalizes it: a CUDA tensor's stand-in (the parent frees it)."""
+
+    def __init__(self, record: Path):
+        self.record, self.cycle = record, self
+
+    def __del__(self) -> None:
+        with self.record.open("a") as f:
+            f.write(f"{os.getpid()}\n")
+
+
+class _Collects(Dataset):
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int) -> int:
+        gc.collect()  # a worker's own allocations trigger collections sooner or later
+        return index
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="workers are forked on Linux only; elsewhere they spawn")
+def test_forked_workers_never_collect_the_parents_garbage(tmp_path: Path) -> None:
+    """Garbage left in the parent (a cycle holding a CUDA tensor, after a training run) must not be freed in
+    a forked worker, where CUDA cannot run: a worker that collected it aborted the extraction."""
+    record = tmp_path / "finalized_in"
+    gc.disable()  # keep the cycle uncollected until the loader starts, as a busy parent may
+    try:
+        _Finalized(record)
+        batches = list(_loader(_Collects(), [[0], [1]], num_workers=2, collate=list))
+    finally:
+        gc.enable()
+    assert batches == [[0], [1]]
+    assert record.read_text().split() == [str(os.getpid())]  # once, by the parent
 
 
 def test_extract_with_draft_decoding_makes_its_own_store(jpegs: Path, tmp_path: Path) -> None:
