@@ -73,10 +73,10 @@ def topk_indices(scores_BN: Tensor, k: int) -> Tensor:
     """[B, k] int64 indices of the k largest scores of each row, unsorted, without a gradient.
 
     The Triton select takes 16-bit or fp32 [B, n] row-major scores with k ≤ min(n, INDICES_MAX_K) (fp32: where
-    the group select fits, n ≤ 64·1024 at k = 512): it picks exactly the
-    set of a stable sort (ties to the lowest column), −∞ ranks below every number, so a row with fewer
-    than k finite scores fills the rest with distinct −∞ columns. Anything else gets torch.topk, whose
-    choice among ties is unspecified: gather the values from the scores' source to keep their gradient."""
+    the group select fits): it picks exactly the set of a stable sort (ties to the lowest column), −∞ ranks
+    below every number, so a row with fewer than k finite scores fills the rest with distinct −∞ columns.
+    Anything else gets torch.topk, whose choice among ties is unspecified: gather the values from the scores'
+    source to keep their gradient."""
     if _use_triton(scores_BN) and _select_applies(scores_BN, k):
         from mmsae.kernels import triton_select
 
@@ -88,7 +88,7 @@ def topk_indices(scores_BN: Tensor, k: int) -> Tensor:
 
 INDICES_MAX_K = 256
 """Largest k `topk_indices` hands to the Triton select. H200, 4096 rows (docs/kernels-notes.md): at k ≤ 256 it
-takes 0.19–0.58 × torch.topk's time (bf16 and fp32, n = 4096 and 16384); at k = 384 and 512 with n = 16384
+takes 0.19–0.82 × torch.topk's time (bf16 and fp32, n = 4096 and 16384); at k = 384 and 512 with n = 16384
 it takes 2.0 × (bf16) and 3.8 × (fp32), which made AuxK at d = 768 (k_aux 384) slower than torch.topk."""
 
 

@@ -36,7 +36,7 @@ same), Λ_i = 0, and the encoder row along the new atom at the live rows' mean n
 fires on that anchor's tokens at once. It stays in the data's hull; a feature is re-anchored again each step
 until it fires. Same DINOv2-S run: 0.02 % dead, FVU 0.196 against 0.206 (docs/benchmarks.md). Its default dead
 window is a 64th of the run, not the trainer's 16th: at full size (8M tokens) features that died late in the
-run were still waiting for that verdict when it ended (1.00 % dead on held-out tokens against 0.34 %).
+run were still waiting for that verdict when it ended (1.00 % dead on held-out tokens against 0.37 %).
 
 Why one anchor per atom up to 4096 (`n_anchors`): four atoms per anchor (n = 4096, m = 1024) left near-copies
 that re-anchoring can only place on covered anchors: FVU 0.221 against 0.196 with m = n. C is n×m, so m is
@@ -149,7 +149,7 @@ class ArchetypalSAE(TopKSAE):
     cfg: ArchetypalConfig
     # Re-anchoring, not AuxK, is what revives its features, and it only acts once the dead clock says so: a
     # feature that dies in the lr decay needs a prompt verdict to get a new anchor while the lr can still
-    # train it. DINOv2-S tokens, 8M tokens: 1.00 % dead with a sixteenth of the run, 0.34 % with ~1/64.
+    # train it. DINOv2-S tokens, 8M tokens: 1.00 % dead with a sixteenth of the run, 0.37 % with a 64th.
     dead_window_run_fraction = 1 / 64
     _dead_N: Tensor | None = None
     """The dead mask `loss` was given this step, for `normalize_decoder` (training state, not the SAE's)."""
