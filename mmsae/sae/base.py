@@ -203,8 +203,7 @@ class SAE(nn.Module):
     """Its loss takes the reconstruction term from `recon_loss`, so a training forward with sparse codes may
     compute it with the decoder (`kernels.decode_with_mse`: one pass, and a backward without a gather)."""
     dead_window_run_fraction: ClassVar[float | None] = None
-    """The share of a run after which an idle feature counts as dead when `cfg.dead_tokens` is unset; None:
-    the trainer's default (`mmsae.trainer.state.default_dead_window`)."""
+    """Run share after which an idle feature is dead if `cfg.dead_tokens` is unset; None: the trainer's."""
     weight_copies: WeightCopies | None = None
     """The training optimizer's 16-bit copies of the weights (`Adam.weight_copies`), which the kernels then
     read instead of casting; set by the trainer, None outside training. Not part of the SAE's state."""
@@ -378,8 +377,7 @@ class SAE(nn.Module):
     def loss_structure(self, num_dead: int) -> Hashable:
         """The host-side choices `loss` makes for `num_dead` dead features (None: it makes none).
 
-        A trainer that replays captured steps needs one capture per distinct value, so it must change rarely.
-        """
+        A trainer that replays captured steps needs one capture per distinct value: it must change rarely."""
         return None
 
     def init_sample_rows(self) -> int:
