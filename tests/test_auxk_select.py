@@ -223,3 +223,17 @@ def test_aux_select_runs_without_autograd(triton_calls: list[int], arch: str, mo
     assert triton_calls.count(8) == 2
     assert dead_N[indices_BK].sum(-1).eq(6).all()  # every dead feature, then 2 live ones at code 0
     assert (values_BK[~dead_N[indices_BK]] == 0).all()
+
+
+def test_batchtopk_token_cap_goes_through_the_select(triton_calls: list[int]) -> None:
+    """The per-token cap keeps each token's ⌈1.5·k⌉ highest scores, as torch.topk's did (ties only among
+    zeros, where either choice leaves the same scores)."""
+    torch.manual_seed(0)
+    sae = build_sae("batchtopk", 16, 64, k=4).to(DEVICE)  # cap ⌈1.5 · 4⌉ = 6
+    x_BD = torch.randn(32, 16, device=DEVICE)
+    with torch.no_grad():
+        acts_BN = sae.pre_acts(x_BD).relu()
+        got_BN = sae.selection_score(x_BD, acts_BN)
+    top = acts_BN.float().topk(6, dim=-1)
+    assert torch.equal(got_BN, torch.zeros_like(got_BN).scatter_(-1, top.indices, top.values))
+    assert triton_calls == [6]
