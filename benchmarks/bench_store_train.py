@@ -5,7 +5,7 @@ Rows (steady-state tokens/s of `mmsae.train`, TopK, the difference of two runs o
 short warm-up run): random fp16 tokens before any extraction; the same after extracting a store with
 `mmsae.extract` in this process; the store's tokens in memory; the store itself; random tokens with the
 store's per-dimension mean and standard deviation. `--profile` then prints the top GPU kernels of a short
-eager run on the store's tokens and on random tokens.
+eager run on the store's tokens in memory, on the store itself and on random tokens.
 
     python benchmarks/bench_store_train.py --device cuda --profile   # ViT-B/16 at random init, 2048 images
     python benchmarks/bench_store_train.py --device cpu              # timm test_vit, 32 images: a smoke run
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -27,17 +28,23 @@ import mmsae
 from mmsae.encoders import get_encoder
 
 
-def profile_table(data: torch.Tensor, args: argparse.Namespace) -> str:
-    """The top GPU kernels of a short eager run (60 steps)."""
+def profile_table(data: object, args: argparse.Namespace) -> str:
+    """The top GPU kernels of a short eager run (60 steps), after the run's wall time and its GPU kernels'
+    total: a wall time well above the kernels' says the run waits on the host (e.g. reading a store)."""
     from torch.profiler import ProfilerActivity, profile
 
     kwargs = dict(
         sae="topk", n_features=args.n_features, k=args.k, batch_size=args.batch_size, warmup_steps=10
     )
     mmsae.train(data, tokens=20 * args.batch_size, cuda_graphs=False, **kwargs)
+    start = time.perf_counter()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         mmsae.train(data, tokens=60 * args.batch_size, cuda_graphs=False, **kwargs)
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60)
+    wall_ms = 1e3 * (time.perf_counter() - start)
+    events = prof.key_averages()
+    kernels_ms = sum(e.self_device_time_total for e in events) / 1e3
+    table = events.table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60)
+    return f"wall {wall_ms:.0f} ms (profiled), GPU kernels {kernels_ms:.0f} ms\n{table}"
 
 
 def main() -> None:
@@ -85,6 +92,7 @@ def main() -> None:
         if args.profile and cuda:
             for label, data in (
                 ("the store's tokens", real),
+                ("the store", store),
                 ("random tokens", torch.randn_like(real.float()).half()),
             ):
                 print(f"\nGPU kernels, 60 eager steps on {label}:\n{profile_table(data, args)}", flush=True)
