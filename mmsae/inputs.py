@@ -280,13 +280,17 @@ def _loader(
     # still holds a CUDA tensor (a finished training run in the same process leaves some), collected in a
     # worker, frees the tensor there, where CUDA cannot run: the allocator's stream bookkeeping aborts the
     # worker (cudaErrorInitializationError) and the extraction with it. So collect in the parent first, and
-    # freeze what is left, so that the workers' collections never visit the parent's objects.
+    # freeze what is left, so that the workers' collections never visit the parent's objects (unless the
+    # application froze objects itself: unfreezing would undo its freeze).
     gc.collect()
-    gc.freeze()
+    ours = gc.get_freeze_count() == 0
+    if ours:
+        gc.freeze()
     try:
         batches = iter(loader)  # forks the workers
     finally:
-        gc.unfreeze()
+        if ours:
+            gc.unfreeze()
     yield from batches
 
 

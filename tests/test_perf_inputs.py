@@ -154,6 +154,17 @@ def test_forked_workers_never_collect_the_parents_garbage(tmp_path: Path) -> Non
     assert record.read_text().split() == [str(os.getpid())]  # once, by the parent
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="workers are forked on Linux only; elsewhere they spawn")
+def test_the_loader_leaves_an_applications_frozen_objects_frozen() -> None:
+    gc.freeze()  # an application that froze its objects before forking workers of its own
+    try:
+        frozen = gc.get_freeze_count()
+        assert list(_loader(_Collects(), [[0], [1]], num_workers=2, collate=list)) == [[0], [1]]
+        assert gc.get_freeze_count() >= frozen > 0
+    finally:
+        gc.unfreeze()
+
+
 def test_extract_with_draft_decoding_makes_its_own_store(jpegs: Path, tmp_path: Path) -> None:
     from mmsae.extract import extract
 
