@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-import torch
 from torch import Tensor
 
 from mmsae.kernels import reference
@@ -77,13 +76,12 @@ def topk_indices(scores_BN: Tensor, k: int) -> Tensor:
     below every number, so a row with fewer than k finite scores fills the rest with distinct −∞ columns.
     Anything else gets torch.topk, whose choice among ties is unspecified: gather the values from the scores'
     source to keep their gradient."""
+    scores_BN = scores_BN.detach()
     if _use_triton(scores_BN) and _select_applies(scores_BN, k):
         from mmsae.kernels import triton_select
 
-        with torch.no_grad():
-            return triton_select.topk_select(scores_BN.detach(), k)[1]
-    with torch.no_grad():
-        return scores_BN.detach().topk(k, dim=-1, sorted=False).indices
+        return triton_select.topk_select(scores_BN, k)[1]
+    return scores_BN.topk(k, dim=-1, sorted=False).indices
 
 
 INDICES_MAX_K = 256

@@ -125,6 +125,18 @@ def load_benchmark(name: str) -> ModuleType:
     return sys.modules[name]
 
 
+def lowest_index_topk(scores_BN: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest per row, ties to the lowest column, in the select kernels' key order (−0 < +0)
+    for 16-bit or fp32 rows: the deterministic selection the Triton select must reproduce exactly."""
+    if scores_BN.element_size() == 4:
+        bits = scores_BN.view(torch.int32).long()
+        key = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    else:
+        bits = scores_BN.view(torch.int16).int()
+        key = torch.where(bits < 0, bits ^ 0x7FFF, bits)
+    return key.sort(dim=-1, descending=True, stable=True).indices[:, :k]
+
+
 def run_benchmark(name: str, *args: str, timeout: float = 600) -> str:
     """stdout of `python -P benchmarks/NAME.py ARGS` (its siblings importable, as when run from the repo),
     after asserting that it exited cleanly."""

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
+from conftest import lowest_index_topk
 from torch import Tensor
 
 if not torch.cuda.is_available():
@@ -84,13 +85,6 @@ def test_topk_indices_is_torch_topk_as_sets(
     assert same[no_choice].all()
 
 
-def lowest_index_topk_fp32(pre_BN: Tensor, k: int) -> Tensor:
-    """Indices of the k largest per row, ties to the lowest column, in the kernel's key order (−0 < +0)."""
-    bits = pre_BN.view(torch.int32).long()
-    key = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    return key.sort(dim=-1, descending=True, stable=True).indices[:, :k]
-
-
 @pytest.mark.parametrize("group", [None, GroupConfig(group=4, num_warps=2, max_rows=4)])
 def test_fp32_group_select_is_the_lowest_index_top_k(group: GroupConfig | None) -> None:
     """The fp32 group select (32-bit keys) picks exactly a stable sort's top k, −∞, −0 and subnormals
@@ -99,7 +93,7 @@ def test_fp32_group_select_is_the_lowest_index_top_k(group: GroupConfig | None) 
     values_BK = torch.full((8, 50), float("nan"), device=DEVICE)
     indices_BK = torch.full((8, 50), -1, device=DEVICE, dtype=torch.int64)
     triton_select.topk_select_into(scores_BN, 50, values_BK, indices_BK, group=group)
-    assert torch.equal(indices_BK.sort(-1).values, lowest_index_topk_fp32(scores_BN, 50).sort(-1).values)
+    assert torch.equal(indices_BK.sort(-1).values, lowest_index_topk(scores_BN, 50).sort(-1).values)
     assert torch.equal(scores_BN.gather(1, indices_BK).relu(), values_BK)
 
 

@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+from conftest import lowest_index_topk
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -26,14 +27,6 @@ from mmsae.kernels.triton_select import (
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-
-
-def lowest_index_topk(pre_BN: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest per row, ties to the lowest column, in the kernels' key order
-    (-0 < +0): the deterministic selection both select methods must reproduce exactly."""
-    bits = pre_BN.view(torch.int16).int()
-    key = torch.where(bits < 0, bits ^ 0x7FFF, bits)
-    return key.sort(dim=-1, descending=True, stable=True).indices[:, :k]
 
 
 def hard_rows(B: int, n: int, dtype: torch.dtype) -> torch.Tensor:

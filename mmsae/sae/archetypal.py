@@ -147,10 +147,7 @@ def kmeans(x_ND: Tensor, m: int, iters: int, chunk: int = 4096, seed: int = 0) -
 class ArchetypalSAE(TopKSAE):
     Config = ArchetypalConfig
     cfg: ArchetypalConfig
-    # Re-anchoring, not AuxK, is what revives its features, and it only acts once the dead clock says so: a
-    # feature that dies in the lr decay needs a prompt verdict to get a new anchor while the lr can still
-    # train it. DINOv2-S tokens, 8M tokens: 1.00 % dead with a sixteenth of the run, 0.37 % with a 64th.
-    dead_window_run_fraction = 1 / 64
+    dead_window_run_fraction = 1 / 64  # re-anchoring waits for the dead clock's verdict (module docstring)
     _dead_N: Tensor | None = None
     """The dead mask `loss` was given this step, for `normalize_decoder` (training state, not the SAE's)."""
 
