@@ -85,9 +85,9 @@ def topk_indices(scores_BN: Tensor, k: int) -> Tensor:
 
 
 INDICES_MAX_K = 256
-"""Largest k `topk_indices` hands to the Triton select. H200, 4096 rows (docs/kernels-notes.md): at k ≤ 256 it
-takes 0.19–0.82 × torch.topk's time (bf16 and fp32, n = 4096 and 16384); at k = 384 and 512 with n = 16384
-it takes 2.0 × (bf16) and 3.8 × (fp32), which made AuxK at d = 768 (k_aux 384) slower than torch.topk."""
+"""Largest k `topk_indices` hands to the Triton select (docs/benchmarks.md, "Top-k select"; H200, 4096 rows):
+at k ≤ 256 it takes 0.19–0.82 × torch.topk's time (bf16 and fp32, n = 4096 and 16384); at k = 384 and 512
+with n = 16384 it takes 2.0 × (bf16) and 3.8 × (fp32), which made AuxK at d = 768 (k_aux 384) slower."""
 
 
 def _select_applies(scores_BN: Tensor, k: int) -> bool:
