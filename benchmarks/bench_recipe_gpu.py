@@ -14,8 +14,9 @@ tokens (FVU, L0, dead %: features that never fire there):
   (training tokens, never held-out ones) pass it, so their held-out L0 ≈ k, as TopK's; their L0 with the θ
   learnt in training is reported beside it, and their FVU at the θ that gives held-out L0 = k exactly (the
   point of their FVU–L0 frontier at TopK's L0: held-out photos fire more features than training ones).
-- `mmsae topk lr×m`: the same with lr = m × the default lr of that run (`mmsae.sae.default_lr`): the tuning
-  sweep. "Best tuned" is, at each budget, the best of the sweep and the default.
+- `mmsae topk lr×m`: the same with lr = m × the default lr of that run (`mmsae.sae.default_lr`, times the
+  variant's `default_lr_scale`): the tuning sweep. "Best tuned" is, at each budget, the best of the sweep and
+  the default.
 - `sparsify signum`: eai-sparsify's `SparseCoder` with its trainer's default recipe (SignSGD + schedule-free,
   lr 5e-3/√(n/2¹⁴), b_dec at the first batch's mean, unit-norm decoder, AuxK off), scored at the averaged
   weights. Its trainer itself needs a Hugging Face language model and data set, so the loop is its step.
@@ -58,7 +59,7 @@ from torch import Tensor
 import mmsae
 from mmsae import metrics
 from mmsae.fileio import atomic_write_bytes
-from mmsae.sae import SAE, SparseCodes, default_lr
+from mmsae.sae import SAE, SparseCodes, default_lr, get_sae_class
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling; `-P` leaves the script's folder out
 from bench_recipe import zoo_photos
@@ -168,9 +169,10 @@ def _value(text: str) -> Any:
 
 
 def run_mmsae(arch: str, train_ND: Tensor, budget: int, args: argparse.Namespace, lr: float | None) -> SAE:
-    """`arch` may carry config options: 'batchtopk[score=activation]'."""
+    """`arch` may carry config options and a seed: 'batchtopk[score=activation]', 'topk[seed=1]'."""
     arch, _, options = arch.rstrip("]").partition("[")
     kwargs = {k: _value(v) for k, v in (option.split("=", 1) for option in options.split(",") if option)}
+    kwargs.setdefault("seed", 0)
     return mmsae.train(
         train_ND[:budget],
         **kwargs,
@@ -181,7 +183,6 @@ def run_mmsae(arch: str, train_ND: Tensor, budget: int, args: argparse.Namespace
         batch_size=args.batch_size,
         lr=lr,
         devices=1,
-        seed=0,
     )
 
 
@@ -279,7 +280,8 @@ def run_one(name: str, budget: int, data: tuple[Tensor, Tensor, Tensor], args: a
         if library == "mmsae":
             arch, _, mult = variant.partition(" lr×")
             steps = budget // args.batch_size
-            lr = float(mult) * default_lr(args.n_features, steps) if mult else None
+            base = get_sae_class(arch.partition("[")[0]).default_lr_scale * default_lr(args.n_features, steps)
+            lr = float(mult) * base if mult else None
             sae = run_mmsae(arch, train_ND, budget, args, lr)
             if hasattr(sae, "threshold"):  # the BatchTopK family: L0 as trained, then θ calibrated
                 extra["l0_learnt_theta"] = score(sae, eval_ND, args)["l0"]
@@ -314,7 +316,7 @@ def efficiency(rows: list[dict]) -> list[dict]:
     """Per budget: the best tuned FVU (the sweep and the default), and tokens the default needs for it / b."""
     by_name: dict[str, dict[int, float]] = {}
     for r in rows:
-        if "fvu" in r and r["recipe"].startswith("mmsae topk"):
+        if "fvu" in r and (r["recipe"] == "mmsae topk" or r["recipe"].startswith("mmsae topk lr×")):
             by_name.setdefault(r["recipe"], {})[r["tokens"]] = r["fvu"]
     default = by_name.get("mmsae topk", {})
     out = []

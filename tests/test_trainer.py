@@ -152,6 +152,19 @@ def test_scale_folding_matches_training_fvu() -> None:
     assert module.saes[0].cfg.normalization == "none"  # the live SAE is untouched
 
 
+def test_abstopk_default_lr_is_half_topks() -> None:
+    """AbsTopK's features die at TopK's lr on real activations; its default is half (`default_lr_scale`),
+    and an explicit lr is kept as given."""
+    specs = [
+        SAESpec(n_features=32, k=2),
+        SAESpec("abstopk", 32, 2),
+        SAESpec("abstopk", 32, 2, lr=1e-3, name="given"),
+    ]
+    trainer = fit(SAEModule(specs, warmup_steps=2), SAEDataModule(acts(1024), tokens=8 * 128, batch_size=128))
+    groups = trainer.optimizers[0].param_groups
+    assert [g["initial_lr"] for g in groups] == [default_lr(32, 8), 0.5 * default_lr(32, 8), 1e-3]
+
+
 def test_sweep_trains_two_saes_from_one_stream(tmp_path: Path) -> None:
     specs = [SAESpec(n_features=32, k=2), SAESpec(n_features=128, k=4, lr=1e-3, options={"aux_k": 0})]
     module = SAEModule(specs, warmup_steps=2, out_dir=str(tmp_path))

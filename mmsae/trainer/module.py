@@ -63,7 +63,8 @@ class SAESpec(metaclass=LegacyKwargsMeta):
     """Active features per token; None keeps the architecture's default (TopK family: 32) where that is at
     most an eighth of n_features, and is an error otherwise (it would make a nearly dense SAE)."""
     lr: float | None = None
-    """None = default_lr(n_features, steps of the run): 2e-4 / √(n / 2¹⁴), raised up to 7× for short runs."""
+    """None = default_lr(n_features, steps of the run): 2e-4 / √(n / 2¹⁴), raised up to 7× for short runs,
+    times the variant's `default_lr_scale`."""
     name: str | None = None
     """Output folder name; None = the hook (single SAE) or '<arch>_n<n>_k<k>' (sweeps)."""
     options: dict[str, Any] = field(default_factory=dict)
@@ -215,7 +216,10 @@ class SAEModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         total = run_steps(self.trainer, self._steps_per_iteration)
-        lrs = [spec.lr or default_lr(spec.n_features, total) for spec in self.specs]
+        lrs = [
+            spec.lr or sae.default_lr_scale * default_lr(spec.n_features, total)
+            for spec, sae in zip(self.specs, self.saes, strict=True)
+        ]
         # Clipping, and for plain unit-norm decoders the projection and renormalisation, are the optimizer's:
         # one Triton pass per weight on CUDA (`mmsae.trainer.optim`).
         optimizer = make_optimizer(list(self.saes), lrs, self.grad_clip)
