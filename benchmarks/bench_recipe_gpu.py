@@ -48,6 +48,7 @@ import itertools
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -59,7 +60,7 @@ from torch import Tensor
 import mmsae
 from mmsae import metrics
 from mmsae.fileio import atomic_write_bytes
-from mmsae.sae import SAE, SparseCodes, default_lr, get_sae_class
+from mmsae.sae import SAE, SparseCodes, as_dense, default_lr, get_sae_class
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling; `-P` leaves the script's folder out
 from bench_recipe import zoo_photos
@@ -171,7 +172,9 @@ def _value(text: str) -> Any:
 def run_mmsae(arch: str, train_ND: Tensor, budget: int, args: argparse.Namespace, lr: float | None) -> SAE:
     """`arch` may carry config options and a seed: 'batchtopk[score=activation]', 'topk[seed=1]'."""
     arch, _, options = arch.rstrip("]").partition("[")
-    kwargs = {k: _value(v) for k, v in (option.split("=", 1) for option in options.split(",") if option)}
+    # Commas inside parentheses belong to a tuple value: 'matryoshka[prefix_fractions=(0.25,0.5,1.0)]'.
+    pairs = (option.split("=", 1) for option in re.split(r",(?![^()]*\))", options) if option)
+    kwargs = {k: _value(v) for k, v in pairs}
     kwargs.setdefault("seed", 0)
     return mmsae.train(
         train_ND[:budget],
@@ -271,6 +274,23 @@ def score(sae: SAE, eval_ND: Tensor, args: argparse.Namespace) -> dict[str, floa
     return {"fvu": r["fvu"], "l0": r["l0"], "dead": r["dead_fraction"]}
 
 
+@torch.no_grad()
+def prefix_fvus(sae: SAE, eval_ND: Tensor, args: argparse.Namespace) -> list[float]:
+    """A Matryoshka SAE's held-out FVU of each dictionary prefix alone (features past it zeroed)."""
+    widths = sae.cfg.prefix_widths()
+    err, total, sq = torch.zeros(len(widths), dtype=torch.float64), None, 0.0
+    for x in eval_ND.split(8192):
+        x = x.to(args.device).float()
+        codes = as_dense(sae.encode(x)).float()
+        for i, w in enumerate(widths):
+            x_hat = sae.decode(torch.cat([codes[:, :w], codes.new_zeros(len(x), codes.shape[1] - w)], 1))
+            err[i] += (x - x_hat.float()).pow(2).sum().item()
+        total = x.sum(0).double().cpu() + (0 if total is None else total)
+        sq += x.double().pow(2).sum().item()
+    var = sq - total.pow(2).sum().item() / len(eval_ND)
+    return (err / var).tolist()
+
+
 def run_one(name: str, budget: int, data: tuple[Tensor, Tensor, Tensor], args: argparse.Namespace) -> dict:
     """Train and score recipe `name` at `budget` tokens: a row of the table."""
     train_ND, calib_ND, eval_ND = data
@@ -287,6 +307,8 @@ def run_one(name: str, budget: int, data: tuple[Tensor, Tensor, Tensor], args: a
                 extra["l0_learnt_theta"] = score(sae, eval_ND, args)["l0"]
                 calibrate_threshold(sae, eval_ND)  # the frontier point: held-out L0 = k exactly
                 extra["fvu_at_k"] = score(sae, eval_ND, args)["fvu"]
+                if hasattr(sae, "prefix_reconstructions"):
+                    extra["prefix_fvu"] = prefix_fvus(sae, eval_ND, args)
                 extra["theta"] = calibrate_threshold(sae, calib_ND)
         elif library == "sparsify":
             sae = run_sparsify(variant, train_ND, budget, args)
@@ -353,6 +375,8 @@ def report(rows: list[dict], eff: list[dict], args: argparse.Namespace, n_eval: 
                     if "l0_learnt_theta" in r
                     else ""
                 )
+                if "prefix_fvu" in r:
+                    learnt += "; prefixes alone: " + " / ".join(f"{f:.3f}" for f in r["prefix_fvu"])
                 cells.append(f"{r['fvu']:.4f} (L0 {r['l0']:.1f}, {100 * r['dead']:.2f} %{learnt})")
         lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
     lines += [

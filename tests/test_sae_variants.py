@@ -275,12 +275,12 @@ def test_hierarchical_budgets_are_prefixes() -> None:
 def test_matryoshka_loss_is_mean_of_prefix_losses() -> None:
     sae = make("matryoshka")
     assert isinstance(sae, MatryoshkaSAE)
-    assert sae.cfg.prefix_widths() == [4, 8, 16, 36, 64]
+    assert sae.cfg.prefix_widths() == [8, 16, 32, 64]  # doubling from an eighth: the default
     perturb(sae)
     x = torch.randn(32, D)
     out = sae.train()(x)  # training: BatchTopK selection over the batch
     f = out.codes
-    widths = (4, 8, 16, 36, 64)
+    widths = (8, 16, 32, 64)
     expected = torch.stack([normalized_mse(x, f[:, :m] @ sae.W_dec[:m] + sae.b_dec) for m in widths])
     torch.testing.assert_close(sae.loss(x, out).loss, expected.mean())
     assert int((f != 0).sum()) == 32 * 4  # BatchTopK: B·k over the batch
