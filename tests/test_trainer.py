@@ -165,6 +165,21 @@ def test_abstopk_default_lr_is_half_topks() -> None:
     assert [g["initial_lr"] for g in groups] == [default_lr(32, 8), 0.5 * default_lr(32, 8), 1e-3]
 
 
+def test_default_lr_cap_grows_with_batches_above_4096_tokens() -> None:
+    """Short runs train at up to 7× Gao et al.'s lr; batches above 4096 tokens raise that cap by √(batch /
+    4096) (at 16384: 14×, measured better than 7× on DINOv2-S tokens), and the trainer passes its batch."""
+    gao = default_lr(32)
+    assert default_lr(32, 100) == default_lr(32, 100, 1024) == default_lr(32, 100, 4096) == 7 * gao
+    assert default_lr(32, 100, 16384) == pytest.approx(14 * gao)
+    assert default_lr(32, 488, 16384) == pytest.approx(math.sqrt(80_000 / 488) * gao)  # below the cap
+    assert default_lr(32, 10**6, 16384) == gao
+    trainer = fit(
+        SAEModule([SAESpec(n_features=32, k=2)]),
+        SAEDataModule(acts(4 * 8192), tokens=4 * 8192, batch_size=8192),
+    )
+    assert trainer.optimizers[0].param_groups[0]["initial_lr"] == default_lr(32, 4, 8192) > 7 * gao
+
+
 def test_sweep_trains_two_saes_from_one_stream(tmp_path: Path) -> None:
     specs = [SAESpec(n_features=32, k=2), SAESpec(n_features=128, k=4, lr=1e-3, options={"aux_k": 0})]
     module = SAEModule(specs, warmup_steps=2, out_dir=str(tmp_path))

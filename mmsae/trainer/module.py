@@ -63,8 +63,8 @@ class SAESpec(metaclass=LegacyKwargsMeta):
     """Active features per token; None keeps the architecture's default (TopK family: 32) where that is at
     most an eighth of n_features, and is an error otherwise (it would make a nearly dense SAE)."""
     lr: float | None = None
-    """None = default_lr(n_features, steps of the run): 2e-4 / √(n / 2¹⁴), raised up to 7× for short runs,
-    times the variant's `default_lr_scale`."""
+    """None = default_lr(n_features, steps of the run, tokens per step): 2e-4 / √(n / 2¹⁴), raised up to 7×
+    for short runs (more for batches above 4096 tokens), times the variant's `default_lr_scale`."""
     name: str | None = None
     """Output folder name; None = the hook (single SAE) or '<arch>_n<n>_k<k>' (sweeps)."""
     options: dict[str, Any] = field(default_factory=dict)
@@ -216,8 +216,11 @@ class SAEModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         total = run_steps(self.trainer, self._steps_per_iteration)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        batch = datamodule.batch_size if isinstance(datamodule, SAEDataModule) else None
+        step_tokens = None if batch is None else batch * self.trainer.world_size
         lrs = [
-            spec.lr or sae.default_lr_scale * default_lr(spec.n_features, total)
+            spec.lr or sae.default_lr_scale * default_lr(spec.n_features, total, step_tokens)
             for spec, sae in zip(self.specs, self.saes, strict=True)
         ]
         # Clipping, and for plain unit-norm decoders the projection and renormalisation, are the optimizer's:
@@ -228,9 +231,6 @@ class SAEModule(L.LightningModule):
             rank_zero_info(f"mmsae: warm-up shortened to {warmup} steps (10% of a {total}-step run).")
         schedule = WarmupDecay(total, warmup, int(self.decay_fraction * total))
         # The default dead windows and BatchTopK θ horizons, scaled to the run (its SAEs' cfgs record them).
-        datamodule = getattr(self.trainer, "datamodule", None)
-        batch = datamodule.batch_size if isinstance(datamodule, SAEDataModule) else None
-        step_tokens = None if batch is None else batch * self.trainer.world_size
         fit_to_run(self.saes, self.clocks, total, schedule.decay_steps, step_tokens)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
