@@ -9,6 +9,9 @@ chunks under inference_mode; the ratio column is stats / encode.
     python benchmarks/bench_stats.py --device cuda --dtype fp32 --chunks 2048 16384
     python benchmarks/bench_stats.py --device cuda --plain            # bare [N, D] tensors, no metadata
     python benchmarks/bench_stats.py --small                          # CPU smoke run, tiny sizes
+
+`--profile` then profiles one pass at the last chunk size: its wall time against the sum of its GPU kernels
+(a wall time well above it: the pass waits on the host's launches) and the top kernels.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -38,6 +42,29 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
     fn()
     _sync(device)
     return time.perf_counter() - t0
+
+
+def kernel_ms(events: Any) -> float:
+    """Milliseconds of device kernels among profiler events: an op's own "self" device time also counts the
+    Triton kernels it launches, so summing every event would count those twice."""
+    from torch.autograd import DeviceType
+
+    return sum(e.self_device_time_total for e in events if e.device_type != DeviceType.CPU) / 1e3
+
+
+def profile_pass(fn: Callable[[], object], device: torch.device, tokens: int) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    wall = timed(fn, device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        timed(fn, device)
+    events = prof.key_averages()
+    table = events.table(sort_by="self_device_time_total", row_limit=24, max_name_column_width=60)
+    return (
+        f"one pass: wall {1e3 * wall:.0f} ms ({tokens / wall / 1e6:.2f} M tok/s), GPU kernels "
+        f"{kernel_ms(events):.0f} ms (profiled pass)\n{table}"
+    )
 
 
 def make_batches(args: argparse.Namespace, device: torch.device) -> list[TokenActs]:
@@ -98,6 +125,8 @@ def run(args: argparse.Namespace) -> list[dict[str, float]]:
             f"{chunk:>7} {t_stats:>9.3f} {row['stats_mtok_s']:>13.3f} {row['encode_mtok_s']:>14.3f} "
             f"{t_enc / t_stats:>13.2f}"
         )
+        if args.profile and chunk == args.chunks[-1]:
+            print(profile_pass(stats_pass, device, args.tokens))
     return rows
 
 
@@ -115,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--chunks", type=int, nargs="+", default=[2048, 8192, 16384])
     p.add_argument("--plain", action="store_true", help="bare [N, D] tensors (needs --tokens-per-example 1)")
     p.add_argument("--small", action="store_true", help="CPU smoke run: d=64, n=1024, k=8, 16k tokens")
+    p.add_argument("--profile", action="store_true", help="profile one pass at the last chunk size")
     args = p.parse_args(argv)
     if args.plain and args.tokens_per_example != 1:
         p.error("--plain batches hold one example per token: drop --tokens-per-example.")

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from bench_extract import write_jpegs
 from bench_sae_step import Size
+from bench_stats import kernel_ms
 from bench_train import train_rate
 
 import mmsae
@@ -42,7 +43,7 @@ def profile_table(data: object, args: argparse.Namespace) -> str:
         mmsae.train(data, tokens=60 * args.batch_size, cuda_graphs=False, **kwargs)
     wall_ms = 1e3 * (time.perf_counter() - start)
     events = prof.key_averages()
-    kernels_ms = sum(e.self_device_time_total for e in events) / 1e3
+    kernels_ms = kernel_ms(events)
     table = events.table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60)
     return f"wall {wall_ms:.0f} ms (profiled), GPU kernels {kernels_ms:.0f} ms\n{table}"
 

@@ -18,7 +18,6 @@ from mmsae.sae.base import (
     SparseCodes,
     as_dense,
     build_sae,
-    default_lr,
     fired_mask,
     geometric_median,
     get_sae_class,
@@ -30,6 +29,7 @@ from mmsae.sae.batchtopk import BatchTopKConfig, BatchTopKSAE
 from mmsae.sae.gated import GatedConfig, GatedSAE
 from mmsae.sae.hierarchical import HierarchicalTopKConfig, HierarchicalTopKSAE
 from mmsae.sae.jumprelu import JumpReLUConfig, JumpReLUSAE
+from mmsae.sae.lr import default_lr
 from mmsae.sae.matryoshka import MatryoshkaConfig, MatryoshkaSAE
 from mmsae.sae.mp import MPSAE, MPConfig
 from mmsae.sae.relu import ReLUConfig, ReLUSAE

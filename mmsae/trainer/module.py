@@ -43,13 +43,7 @@ from mmsae.trainer.iterations import (
     run_steps,
 )
 from mmsae.trainer.optim import WarmupDecay, keeps_unit_rows, make_optimizer
-from mmsae.trainer.state import (
-    DeadFeatureClock,
-    check_resume,
-    fit_to_run,
-    run_config,
-    upgrade_checkpoint,
-)
+from mmsae.trainer.state import DeadFeatureClock, check_resume, fit_to_run, run_config, upgrade_checkpoint
 
 
 @renamed_from("n_features")
