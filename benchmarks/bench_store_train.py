@@ -8,7 +8,12 @@ store's per-dimension mean and standard deviation. `--profile` then prints the t
 eager run on the store's tokens in memory, on the store itself and on random tokens.
 
     python benchmarks/bench_store_train.py --device cuda --profile   # ViT-B/16 at random init, 2048 images
+    python benchmarks/bench_store_train.py --device cuda --encoder timm:vit_small_patch14_dinov2 --pretrained
     python benchmarks/bench_store_train.py --device cpu              # timm test_vit, 32 images: a smoke run
+
+A random-init ViT's tokens leave most features dead, so AuxK's cost and with it the rate follow the data
+order, which differs between a store and an array; a trained model's tokens (`--pretrained`, e.g. the offline
+zoo's DINOv2-S after `mmsae zoo install`) train at a rate that does not depend on it.
 """
 
 from __future__ import annotations
@@ -56,14 +61,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, nargs=2, default=None, help="default: 200 1200 (5 15 on CPU)")
     ap.add_argument("--profile", action="store_true", help="GPU kernels of the store's tokens vs random ones")
     ap.add_argument("--out", type=Path, default=None, help="where the temp folder goes")
+    ap.add_argument("--encoder", default=None, help="a timm spec (default: ViT-B/16; timm:test_vit on CPU)")
+    ap.add_argument("--pretrained", action="store_true", help="real weights (default: random init)")
     args = ap.parse_args()
     cuda = args.device == "cuda"
-    spec = "timm:vit_base_patch16_224" if cuda else "timm:test_vit"
+    spec = args.encoder or ("timm:vit_base_patch16_224" if cuda else "timm:test_vit")
     args.n_images = args.n_images or (2048 if cuda else 32)
     args.steps = args.steps or ([200, 1200] if cuda else [5, 15])
     args.n_features, args.k, args.batch_size = (16384, 32, 4096) if cuda else (256, 32, 256)
-    size = Size(768 if cuda else 64, args.n_features, args.k, args.batch_size)
-    encoder = get_encoder(spec, pretrained=False, device=args.device, dtype=torch.bfloat16 if cuda else None)
+    dtype = torch.bfloat16 if cuda else None
+    encoder = get_encoder(spec, pretrained=args.pretrained, device=args.device, dtype=dtype)
+    d = encoder.model.num_features  # timm's width of every block's output
+    size = Size(d, args.n_features, args.k, args.batch_size)
     with tempfile.TemporaryDirectory(dir=args.out) as tmp:
         dataset = write_jpegs(Path(tmp) / "jpegs", args.n_images)
 
@@ -71,11 +80,10 @@ def main() -> None:
             rate = train_rate(data, size, args.steps, cuda_graphs=None, stage=None)
             print(f"| {label} | {rate / 1e6:.2f} |", flush=True)
 
-        head = (
-            f"{spec} at random init, {args.n_images} images, tokens=all; TopK n={args.n_features}, k={args.k}"
-        )
+        weights = "pretrained" if args.pretrained else "at random init"
+        head = f"{spec} {weights}, {args.n_images} images, tokens=all; TopK n={args.n_features}, k={args.k}"
         print(f"{head}, batch {args.batch_size}; steady-state M tokens/s\n\n| data | M tok/s |\n|---|---:|")
-        before = torch.randn(*((args.n_images * 197, 768) if cuda else (4096, 64)), dtype=torch.float16)
+        before = torch.randn(args.n_images * 197 if cuda else 4096, d, dtype=torch.float16)
         row("random, before any extraction", before)
         store = mmsae.extract(
             encoder, dataset, None, Path(tmp) / "store", tokens="all", batch_size=256 if cuda else 16,
