@@ -257,3 +257,70 @@ def test_token_acts_follow_store_order_with_metadata(store: ActivationStore) -> 
     meta = store.meta("norm")
     for column in ("example_id", "token_index"):
         assert np.array_equal(torch.cat([c.meta[column] for c in chunks]).numpy(), meta[column])
+
+
+def test_cached_passes_equal_fresh_reads_and_read_each_shard_once(
+    store: ActivationStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`cache=True` gives the same batches over several passes, reading each shard of each hook once."""
+    reads: list[tuple[str, int]] = []
+    original = ActivationStore.shard_acts
+
+    def counting(self: ActivationStore, hook: str, shard: int) -> torch.Tensor:
+        reads.append((hook, shard))
+        return original(self, hook, shard)
+
+    monkeypatch.setattr(ActivationStore, "shard_acts", counting)
+    kwargs = dict(hooks=["blocks.5", "norm"], seed=1, buffer_tokens=300, epochs=3, dtype=None)
+    fresh = list(store.batches(50, **kwargs))
+    assert len(reads) == 3 * 2 * store.n_shards
+    reads.clear()
+    cached = list(store.batches(50, cache=True, **kwargs))
+    assert sorted(reads) == sorted((h, i) for h in ("blocks.5", "norm") for i in range(store.n_shards))
+    assert len(cached) == len(fresh)
+    assert all(torch.equal(c[h], f[h]) for c, f in zip(cached, fresh, strict=True) for h in f)
+    with pytest.raises(ValueError, match="shuffle=True"):
+        next(store.batches(50, hook="norm", shuffle=False, cache=True))
+
+
+def test_cache_counts_the_rows_a_first_read_dropped_on_every_pass() -> None:
+    from mmsae.staging import RowScreen
+    from mmsae.store.reader import ShardCache
+
+    screen, reads = RowScreen(), []
+
+    def read(p: int, i: int) -> str:
+        reads.append((p, i))
+        screen.dropped_at[f"pass {p}, shard {i}"] = 3 if i == 0 else 0
+        return f"shard {i}"
+
+    cache = ShardCache(screen)
+    for p in range(3):
+        assert [cache(p, i, read) for i in (1, 0)] == ["shard 1", "shard 0"]
+    assert reads == [(0, 1), (0, 0)]
+    assert screen.dropped == 9  # 3 rows of shard 0, dropped in each of 3 passes
+
+
+def test_staged_store_is_cached_when_it_fits_beside_its_buffer(store: ActivationStore) -> None:
+    from mmsae.staging import RowScreen
+
+    source, gpu, screen = StoreSource(store, "norm"), torch.device("cuda"), RowScreen()
+    buffer, whole = store.staging_bytes("norm"), store.cache_bytes("norm")
+    assert whole == store.token_counts()["norm"] * store.dim("norm") * 2  # fp16
+    assert source.stage(gpu, buffer - 1, screen) is source  # not even the buffer fits: read on the host
+    staged = source.stage(gpu, buffer + whole - 1, screen)
+    assert staged.on_gpu and not staged.cache
+    assert source.stage(gpu, buffer + whole, screen).cache
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs CUDA; CPU twin: test_cached_passes_equal_fresh_reads_and_read_each_shard_once",
+)
+def test_gpu_cached_store_shuffles_exactly_as_the_host(store: ActivationStore) -> None:
+    kwargs = dict(hooks=["blocks.5", "norm"], seed=1, buffer_tokens=300, epochs=None, dtype=None)
+    n = 3 * store.token_counts()["norm"] // 50  # three passes
+    host = list(itertools.islice(store.batches(50, **kwargs), n))
+    gpu = list(itertools.islice(store.batches(50, device="cuda", cache=True, **kwargs), n))
+    assert all(torch.equal(g[h].cpu(), c[h]) for g, c in zip(gpu, host, strict=True) for h in c)

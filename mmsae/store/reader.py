@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +211,12 @@ class ActivationStore:
         row_bytes = sum(self.dim(h) for h in keys) * DTYPES[self.dtype].itemsize
         return (min(buffer_tokens, n_tokens) + 2 * biggest) * row_bytes
 
+    def cache_bytes(self, hook: str | None = None) -> int:
+        """Memory `batches(..., cache=True)` keeps: every shard of the hook."""
+        keys, _ = resolve_hooks(self.hooks, hook, None)
+        n_tokens = self.token_counts()[keys[0]]
+        return n_tokens * sum(self.dim(h) for h in keys) * DTYPES[self.dtype].itemsize
+
     def batches(
         self,
         batch_size: int,
@@ -225,6 +231,7 @@ class ActivationStore:
         pin_memory: bool = False,
         device: str | torch.device | None = None,
         screen: RowScreen | None = None,
+        cache: bool = False,
     ) -> Iterator[Tensor | dict[str, Tensor]]:
         """Token batches [batch_size, d] (dicts {hook: batch} when `hooks=[...]` is given) over `epochs`
         passes of the store (None: endlessly).
@@ -238,6 +245,10 @@ class ActivationStore:
         `device="cuda[:i]"` keeps the shuffle buffer on that GPU (`mmsae.staging`): shards are copied to it
         from the loader thread, rows holding NaN/Inf are dropped there (by `screen`, which counts them), and
         batches come out on the GPU, shuffled exactly as on the host when no row is dropped.
+
+        `cache` keeps each shard after its first read (with `device="cuda"`, its screened copy on the GPU:
+        `cache_bytes` more GPU memory), so later passes read no file and copy nothing; batches are the same.
+        It needs `shuffle=True`, whose batches are always fresh tensors (unshuffled ones may be views).
         """
         keys, as_dict = resolve_hooks(self.hooks, hook, hooks)
         for i, s in enumerate(self.info["shards"]):
@@ -254,6 +265,8 @@ class ActivationStore:
                 f"The store {self.path} holds no tokens: an endless stream of it would never "
                 "yield. Extract some examples first."
             )
+        if cache and not shuffle:
+            raise ValueError("cache=True needs shuffle=True: unshuffled batches can be views of the cache.")
         passes = itertools.count() if epochs is None else range(epochs)
 
         def shard_order(p: int) -> Iterable[int]:
@@ -265,15 +278,21 @@ class ActivationStore:
 
         order = ((p, int(i)) for p in passes for i in shard_order(p))
         device = torch.device(device) if device is not None else torch.device("cpu")
+        read = ShardCache(screen) if cache else None
         if device.type == "cuda":
             stager = DeviceStager(device, screen)
-            staged = prefetch(
-                stager({h: self.shard_acts(h, i) for h in keys}, f"pass {p}, shard {i} of {self.path}")
-                for p, i in order
-            )
+
+            def stage(p: int, i: int) -> tuple[dict[str, Tensor], torch.cuda.Event]:
+                return stager({h: self.shard_acts(h, i) for h in keys}, f"pass {p}, shard {i} of {self.path}")
+
+            staged = prefetch(read(p, i, stage) if read else stage(p, i) for p, i in order)
             chunks: Iterable[dict[str, Tensor]] = itertools.starmap(stager.handover, staged)
         elif device.type == "cpu":
-            chunks = prefetch({h: self.shard_acts(h, i) for h in keys} for _, i in order)
+
+            def load(p: int, i: int) -> dict[str, Tensor]:
+                return {h: self.shard_acts(h, i) for h in keys}
+
+            chunks = prefetch(read(p, i, load) if read else load(p, i) for p, i in order)
         else:
             raise ValueError(f"device={device}: the store's shuffle buffer lives on the host or a CUDA GPU.")
         generator = torch.Generator().manual_seed(seed) if shuffle else None
@@ -282,3 +301,25 @@ class ActivationStore:
         for batch in shuffle_batches(chunks, batch_size, buffer_tokens, generator, drop_last, pin_memory):
             out = batch if dtype is None else {h: t.to(dtype) for h, t in batch.items()}
             yield out if as_dict else out[keys[0]]
+
+
+class ShardCache:
+    """What `batches(cache=True)` keeps: each shard as first read (and screened), by shard index.
+
+    A pass that finds a shard here reads nothing; the non-finite rows its first read dropped are counted again
+    for this pass, as a fresh read would have counted them.
+    """
+
+    def __init__(self, screen: RowScreen | None):
+        self.screen = screen
+        self.shards: dict[int, Any] = {}
+        self.dropped: dict[int, int] = {}
+
+    def __call__(self, p: int, i: int, read: Callable[[int, int], Any]) -> Any:
+        if i not in self.shards:
+            before = self.screen.dropped if self.screen is not None else 0
+            self.shards[i] = read(p, i)
+            self.dropped[i] = (self.screen.dropped if self.screen is not None else 0) - before
+        elif self.dropped[i]:
+            self.screen.dropped_at[f"pass {p}, shard {i} (cached)"] = self.dropped[i]
+        return self.shards[i]

@@ -209,15 +209,20 @@ class IterableSource(Source):
 
 
 class StoreSource(Source):
-    """An `ActivationStore`: it shuffles and shards its own files, and can stage its buffer on a GPU."""
+    """An `ActivationStore`: it shuffles and shards its own files, and can stage its buffer on a GPU.
+
+    Staged, a store that fits in the budget beside its shuffle buffer is also cached there (`cache`): passes
+    after the first read no file and copy nothing, as training from an array staged whole.
+    """
 
     def __init__(
         self,
         store: ActivationStore,
         hook: str | None = None,
         staging: tuple[torch.device, RowScreen] | None = None,
+        cache: bool = False,
     ):
-        self.store, self.hook, self.staging = store, hook, staging
+        self.store, self.hook, self.staging, self.cache = store, hook, staging, cache
         self.on_gpu = staging is not None
         # A multi-hook store may hold several widths: ask for the one being trained on.
         self.d_in = int(store.dim(hook) if hook is not None else store.d_in)
@@ -226,9 +231,11 @@ class StoreSource(Source):
         return self.store.provenance(self.hook)
 
     def stage(self, device: torch.device, budget: float, screen: RowScreen) -> Source:
-        if self.store.staging_bytes(self.hook) > budget:
+        buffer = self.store.staging_bytes(self.hook)
+        if buffer > budget:
             return self
-        return StoreSource(self.store, self.hook, (device, screen))
+        cache = buffer + self.store.cache_bytes(self.hook) <= budget
+        return StoreSource(self.store, self.hook, (device, screen), cache)
 
     def global_batches(
         self, batch_size: int, seed: int, n_tokens: int, start: int = 0, stride: int = 1
@@ -253,6 +260,7 @@ class StoreSource(Source):
             pin_memory=pin,
             device=device,
             screen=screen,
+            cache=self.cache,
         )
         yield from itertools.islice(batches, start, None, stride)
 
