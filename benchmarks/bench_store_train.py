@@ -12,8 +12,9 @@ eager run on the store's tokens in memory, on the store itself and on random tok
     python benchmarks/bench_store_train.py --device cpu              # timm test_vit, 32 images: a smoke run
 
 A random-init ViT's tokens leave most features dead, so AuxK's cost and with it the rate follow the data
-order, which differs between a store and an array; a trained model's tokens (`--pretrained`, e.g. the offline
-zoo's DINOv2-S after `mmsae zoo install`) train at a rate that does not depend on it.
+order, which differs between a store and an array: `--no-auxk` trains every row without AuxK (aux_k=0), so
+that the rows differ only in how the tokens reach the trainer. `--pretrained` takes the encoder's real weights
+(e.g. the offline zoo's DINOv2-S after `mmsae zoo install`).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="where the temp folder goes")
     ap.add_argument("--encoder", default=None, help="a timm spec (default: ViT-B/16; timm:test_vit on CPU)")
     ap.add_argument("--pretrained", action="store_true", help="real weights (default: random init)")
+    ap.add_argument("--no-auxk", action="store_true", help="train without AuxK (aux_k=0) in every row")
     args = ap.parse_args()
     cuda = args.device == "cuda"
     spec = args.encoder or ("timm:vit_base_patch16_224" if cuda else "timm:test_vit")
@@ -77,11 +79,13 @@ def main() -> None:
         dataset = write_jpegs(Path(tmp) / "jpegs", args.n_images)
 
         def row(label: str, data: object) -> None:
-            rate = train_rate(data, size, args.steps, cuda_graphs=None, stage=None)
+            options = {"aux_k": 0} if args.no_auxk else {}
+            rate = train_rate(data, size, args.steps, cuda_graphs=None, stage=None, **options)
             print(f"| {label} | {rate / 1e6:.2f} |", flush=True)
 
         weights = "pretrained" if args.pretrained else "at random init"
-        head = f"{spec} {weights}, {args.n_images} images, tokens=all; TopK n={args.n_features}, k={args.k}"
+        sae = f"TopK n={args.n_features}, k={args.k}" + (", no AuxK" if args.no_auxk else "")
+        head = f"{spec} {weights}, {args.n_images} images, tokens=all; {sae}"
         print(f"{head}, batch {args.batch_size}; steady-state M tokens/s\n\n| data | M tok/s |\n|---|---:|")
         before = torch.randn(args.n_images * 197 if cuda else 4096, d, dtype=torch.float16)
         row("random, before any extraction", before)

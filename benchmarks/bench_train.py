@@ -18,6 +18,7 @@ import argparse
 import logging
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from bench_sae_step import Size, bench_impl
@@ -37,11 +38,13 @@ def _sync() -> None:
 
 
 def train_rate(
-    data: object, s: Size, steps: Sequence[int], cuda_graphs: bool | None, stage: bool | None
+    data: object, s: Size, steps: Sequence[int], cuda_graphs: bool | None, stage: bool | None, **options: Any
 ) -> float:
     """Steady-state tokens/s of mmsae.train on `data` (anything it trains on): the extra tokens of the longer
-    of two runs over its extra time (after a short run that pays CUDA init and Triton JIT)."""
+    of two runs over its extra time (after a short run that pays CUDA init and Triton JIT). `options` go to
+    the SAE (e.g. aux_k=0)."""
     kwargs = dict(
+        **options,
         sae="topk",
         n_features=s.n,
         k=s.k,

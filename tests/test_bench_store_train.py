@@ -19,8 +19,9 @@ ROWS = [
 
 
 def test_cpu_run_reports_every_row(tmp_path: Path) -> None:
-    args = ["--device", "cpu", "--n-images", "8", "--steps", "2", "4", "--out", str(tmp_path)]
+    args = ["--device", "cpu", "--n-images", "8", "--steps", "2", "4", "--out", str(tmp_path), "--no-auxk"]
     stdout = run_benchmark("bench_store_train", *args)
+    assert "no AuxK" in stdout.splitlines()[0]
     for row in ROWS:
         found = re.search(rf"^\| {re.escape(row)} \| (-?[\d.]+) \|$", stdout, re.M)
         assert found, f"row {row!r} missing in:\n{stdout}"
