@@ -305,7 +305,7 @@ def run_one(name: str, budget: int, data: tuple[Tensor, Tensor, Tensor], args: a
             )
             lr = float(mult) * base if mult else None
             sae = run_mmsae(arch, train_ND, budget, args, lr)
-            if hasattr(sae, "threshold"):  # the BatchTopK family: L0 as trained, then θ calibrated
+            if hasattr(sae, "selection_score"):  # the BatchTopK family: L0 as trained, then θ calibrated
                 extra["l0_learnt_theta"] = score(sae, eval_ND, args)["l0"]
                 calibrate_threshold(sae, eval_ND)  # the frontier point: held-out L0 = k exactly
                 extra["fvu_at_k"] = score(sae, eval_ND, args)["fvu"]

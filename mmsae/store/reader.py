@@ -277,6 +277,24 @@ class ActivationStore:
             )
 
         order = ((p, int(i)) for p in passes for i in shard_order(p))
+        chunks = self._shard_chunks(order, keys, device, screen, cache)
+        generator = torch.Generator().manual_seed(seed) if shuffle else None
+        # A pool larger than the store would only hold several copies of it.
+        buffer_tokens = min(buffer_tokens, max(n_tokens, batch_size))
+        for batch in shuffle_batches(chunks, batch_size, buffer_tokens, generator, drop_last, pin_memory):
+            out = batch if dtype is None else {h: t.to(dtype) for h, t in batch.items()}
+            yield out if as_dict else out[keys[0]]
+
+    def _shard_chunks(
+        self,
+        order: Iterator[tuple[int, int]],
+        keys: list[str],
+        device: str | torch.device | None,
+        screen: RowScreen | None,
+        cache: bool,
+    ) -> Iterator[dict[str, Tensor]]:
+        """The shards of `keys` in (pass, shard) `order`, read one ahead in a thread; on a CUDA `device`
+        copied there and screened; with `cache`, each read once (`ShardCache`)."""
         device = torch.device(device) if device is not None else torch.device("cpu")
         read = ShardCache(screen) if cache else None
         if device.type == "cuda":
@@ -286,21 +304,14 @@ class ActivationStore:
                 return stager({h: self.shard_acts(h, i) for h in keys}, f"pass {p}, shard {i} of {self.path}")
 
             staged = prefetch(read(p, i, stage) if read else stage(p, i) for p, i in order)
-            chunks: Iterable[dict[str, Tensor]] = itertools.starmap(stager.handover, staged)
-        elif device.type == "cpu":
+            return itertools.starmap(stager.handover, staged)
+        if device.type == "cpu":
 
             def load(p: int, i: int) -> dict[str, Tensor]:
                 return {h: self.shard_acts(h, i) for h in keys}
 
-            chunks = prefetch(read(p, i, load) if read else load(p, i) for p, i in order)
-        else:
-            raise ValueError(f"device={device}: the store's shuffle buffer lives on the host or a CUDA GPU.")
-        generator = torch.Generator().manual_seed(seed) if shuffle else None
-        # A pool larger than the store would only hold several copies of it.
-        buffer_tokens = min(buffer_tokens, max(n_tokens, batch_size))
-        for batch in shuffle_batches(chunks, batch_size, buffer_tokens, generator, drop_last, pin_memory):
-            out = batch if dtype is None else {h: t.to(dtype) for h, t in batch.items()}
-            yield out if as_dict else out[keys[0]]
+            return prefetch(read(p, i, load) if read else load(p, i) for p, i in order)
+        raise ValueError(f"device={device}: the store's shuffle buffer lives on the host or a CUDA GPU.")
 
 
 class ShardCache:
