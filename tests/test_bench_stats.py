@@ -12,11 +12,10 @@ def test_kernel_total_counts_device_events_only() -> None:
     """Ops that launch Triton kernels carry those kernels' time as their own "self" device time: summing
     every event counted the kernels twice (a profile reported 592 ms of kernels in a 316 ms pass)."""
     bench = load_benchmark("bench_stats")
+    # The op (e.g. _TopKEncode) carries 2 ms: the 1.5 + 0.5 ms of the kernels it launched.
     events = [
-        SimpleNamespace(
-            device_type=DeviceType.CPU, self_device_time_total=2000.0
-        ),  # the op, e.g. _TopKEncode
-        SimpleNamespace(device_type=DeviceType.CUDA, self_device_time_total=1500.0),  # its kernels
+        SimpleNamespace(device_type=DeviceType.CPU, self_device_time_total=2000.0),
+        SimpleNamespace(device_type=DeviceType.CUDA, self_device_time_total=1500.0),
         SimpleNamespace(device_type=DeviceType.CUDA, self_device_time_total=500.0),
     ]
     assert bench.kernel_ms(events) == 2.0

@@ -156,13 +156,15 @@ def test_staging_bytes_count_the_buffer_and_two_shards(store: ActivationStore) -
 @pytest.mark.gpu
 @pytest.mark.skipif(
     not torch.cuda.is_available(),
-    reason="needs CUDA; CPU twin: test_trainer_reads_the_store_as_one_endless_stream",
+    reason="needs CUDA; CPU twins: test_trainer_reads_the_store_as_one_endless_stream, "
+    "test_cached_passes_equal_fresh_reads_and_read_each_shard_once",
 )
-def test_gpu_shuffle_buffer_shuffles_exactly_as_the_host(store: ActivationStore) -> None:
+@pytest.mark.parametrize("cache", [False, True])
+def test_gpu_shuffle_buffer_shuffles_exactly_as_the_host(store: ActivationStore, cache: bool) -> None:
     kwargs = dict(hooks=["blocks.5", "norm"], seed=1, buffer_tokens=300, epochs=None, dtype=None)
     n = 3 * store.token_counts()["norm"] // 50  # three passes
     host = list(itertools.islice(store.batches(50, **kwargs), n))
-    gpu = list(itertools.islice(store.batches(50, device="cuda", **kwargs), n))
+    gpu = list(itertools.islice(store.batches(50, device="cuda", cache=cache, **kwargs), n))
     assert all(b[h].is_cuda for b in gpu for h in b)
     assert all(torch.equal(g[h].cpu(), c[h]) for g, c in zip(gpu, host, strict=True) for h in c)
 
@@ -311,16 +313,3 @@ def test_staged_store_is_cached_when_it_fits_beside_its_buffer(store: Activation
     staged = source.stage(gpu, buffer + whole - 1, screen)
     assert staged.on_gpu and not staged.cache
     assert source.stage(gpu, buffer + whole, screen).cache
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(
-    not torch.cuda.is_available(),
-    reason="needs CUDA; CPU twin: test_cached_passes_equal_fresh_reads_and_read_each_shard_once",
-)
-def test_gpu_cached_store_shuffles_exactly_as_the_host(store: ActivationStore) -> None:
-    kwargs = dict(hooks=["blocks.5", "norm"], seed=1, buffer_tokens=300, epochs=None, dtype=None)
-    n = 3 * store.token_counts()["norm"] // 50  # three passes
-    host = list(itertools.islice(store.batches(50, **kwargs), n))
-    gpu = list(itertools.islice(store.batches(50, device="cuda", cache=True, **kwargs), n))
-    assert all(torch.equal(g[h].cpu(), c[h]) for g, c in zip(gpu, host, strict=True) for h in c)

@@ -205,17 +205,20 @@ class ActivationStore:
     def staging_bytes(self, hook: str | None = None, buffer_tokens: int = DEFAULT_BUFFER_TOKENS) -> int:
         """GPU memory `batches(..., device="cuda")` holds: the shuffle buffer, the shard being consumed and
         the one being copied in."""
-        keys, _ = resolve_hooks(self.hooks, hook, None)
-        n_tokens = self.token_counts()[keys[0]]
+        keys, n_tokens, row_bytes = self._row_sizes(hook)
         biggest = max((s["hooks"][h]["n_tokens"] for s in self.info["shards"] for h in keys), default=0)
-        row_bytes = sum(self.dim(h) for h in keys) * DTYPES[self.dtype].itemsize
         return (min(buffer_tokens, n_tokens) + 2 * biggest) * row_bytes
 
     def cache_bytes(self, hook: str | None = None) -> int:
         """Memory `batches(..., cache=True)` keeps: every shard of the hook."""
+        _, n_tokens, row_bytes = self._row_sizes(hook)
+        return n_tokens * row_bytes
+
+    def _row_sizes(self, hook: str | None) -> tuple[list[str], int, int]:
+        """(the hooks read, tokens per hook, bytes per token of them all) for `hook`."""
         keys, _ = resolve_hooks(self.hooks, hook, None)
-        n_tokens = self.token_counts()[keys[0]]
-        return n_tokens * sum(self.dim(h) for h in keys) * DTYPES[self.dtype].itemsize
+        row_bytes = sum(self.dim(h) for h in keys) * DTYPES[self.dtype].itemsize
+        return keys, self.token_counts()[keys[0]], row_bytes
 
     def batches(
         self,
