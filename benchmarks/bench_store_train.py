@@ -4,7 +4,8 @@ a store comes from (the store, the process's history, or the tokens themselves).
 Rows (steady-state tokens/s of `mmsae.train`, TopK, the difference of two runs of `--steps` steps, after a
 short warm-up run): random fp16 tokens before any extraction; the same after extracting a store with
 `mmsae.extract` in this process; the store's tokens in memory; the store itself; random tokens with the
-store's per-dimension mean and standard deviation. `--profile` then prints the top GPU kernels of a short
+store's per-dimension mean and standard deviation; and the store's batches alone, as the trainer gets them
+with no step (the most it could feed). `--profile` then prints the top GPU kernels of a short
 eager run on the store's tokens in memory, on the store itself and on random tokens.
 
     python benchmarks/bench_store_train.py --device cuda --profile   # ViT-B/16 at random init, 2048 images
@@ -20,6 +21,7 @@ that the rows differ only in how the tokens reach the trainer. `--pretrained` ta
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import tempfile
 import time
@@ -29,10 +31,12 @@ import torch
 from bench_extract import write_jpegs
 from bench_sae_step import Size
 from bench_stats import kernel_ms
-from bench_train import train_rate
+from bench_train import _sync, train_rate
 
 import mmsae
 from mmsae.encoders import get_encoder
+from mmsae.staging import RowScreen, stage_budget
+from mmsae.trainer.sources import as_source
 
 
 def profile_table(data: object, args: argparse.Namespace) -> str:
@@ -52,6 +56,30 @@ def profile_table(data: object, args: argparse.Namespace) -> str:
     kernels_ms = kernel_ms(events)
     table = events.table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60)
     return f"wall {wall_ms:.0f} ms (profiled), GPU kernels {kernels_ms:.0f} ms\n{table}"
+
+
+def loader_rate(store: object, args: argparse.Namespace) -> float:
+    """Tokens/s of the store's training batches alone, as the trainer gets them (staged on the GPU when it
+    fits, cached there), no step: the most the store could feed. The difference of two run lengths, after a
+    pass that fills the cache."""
+    device = torch.device(args.device)
+    source = as_source(store)
+    source = (
+        source.stage(device, stage_budget(device, None), RowScreen()) if device.type == "cuda" else source
+    )
+
+    def seconds(n_batches: int) -> float:
+        batches = source.global_batches(args.batch_size, seed=0, n_tokens=n_batches * args.batch_size)
+        _sync()
+        start = time.perf_counter()
+        for _ in itertools.islice(batches, n_batches):
+            pass
+        _sync()
+        return time.perf_counter() - start
+
+    short, long = args.steps
+    seconds(short)
+    return (long - short) * args.batch_size / (seconds(long) - seconds(short))
 
 
 def main() -> None:
@@ -97,6 +125,9 @@ def main() -> None:
         row("random, after the extraction", torch.randn_like(real, dtype=torch.float32).half())
         row("the store's tokens, in memory", real)
         row("the store", store)
+        print(
+            f"| the store's batches alone, no training | {loader_rate(store, args) / 1e6:.2f} |", flush=True
+        )
         mean, std = real.float().mean(0), real.float().std(0)
         row(
             "random with the store's per-dimension mean and std",

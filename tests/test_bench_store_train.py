@@ -14,6 +14,7 @@ ROWS = [
     "random, after the extraction",
     "the store's tokens, in memory",
     "the store",
+    "the store's batches alone, no training",
     "random with the store's per-dimension mean and std",
 ]
 
