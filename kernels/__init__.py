@@ -68,6 +68,25 @@ def topk_encode(
     return reference.topk_encode(x if b_dec is None else x - b_dec, W_enc, b_enc, k)
 
 
+def encode_at(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    indices: Tensor,
+    b_dec: Tensor | None = None,
+    copies: WeightCopies | None = None,
+) -> Tensor:
+    """[B, k] pre-activations (x − b_dec)·W_enc[indices]ᵀ + b_enc[indices] of [B, d] rows, differentiable in
+    x, W_enc, b_enc and b_dec. The Triton path computes only the k entries and their sparse backward (fp32
+    values, as the 16-bit GEMM with an fp32 bias gives under autocast); the reference gathers them from the
+    dense pre-activations."""
+    if _use_triton(x):
+        from mmsae.kernels import triton_ops
+
+        return triton_ops.encode_at(x, W_enc, b_enc, indices, b_dec, copies)
+    return (x if b_dec is None else x - b_dec).matmul(W_enc.T).add(b_enc).gather(-1, indices)
+
+
 def topk_indices(scores_BN: Tensor, k: int) -> Tensor:
     """[B, k] int64 indices of the k largest scores of each row, unsorted, without a gradient.
 

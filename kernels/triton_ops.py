@@ -114,20 +114,10 @@ class _TopKEncode(torch.autograd.Function):
         k: int,
         copies: WeightCopies | None,
     ) -> tuple[Tensor, Tensor]:
-        # Cast once ourselves (as autocast would) so backward's dx gathers the 16-bit rows.
-        if torch.is_autocast_enabled("cuda"):
-            dtype = torch.get_autocast_dtype("cuda")
-        else:
-            x_dtype = x_BD.dtype if b_dec is None else torch.promote_types(x_BD.dtype, b_dec.dtype)
-            dtype = torch.promote_types(x_dtype, W_enc.dtype)
-        # Centring and cast in one pass: (x − b_dec) in fp32, rounded once, as (x - b_dec).to(dtype).
-        x_lp = x_BD.to(dtype) if b_dec is None else center_cast(x_BD, b_dec, dtype)
-        W_lp = weight_copies.cast(copies, W_enc, dtype)  # the optimizer's 16-bit copy when it keeps one
-        values_BK, indices_BK = _linear_topk(x_lp, W_lp, weight_copies.cast(copies, b_enc, dtype), k)
+        x_lp, W_lp = _encoder_operands(ctx, x_BD, b_dec, W_enc, copies)
+        values_BK, indices_BK = _linear_topk(x_lp, W_lp, weight_copies.cast(copies, b_enc, x_lp.dtype), k)
         # dW_enc is built from the input the GEMM actually consumed (bf16 under autocast).
         ctx.save_for_backward(x_lp, W_lp, values_BK, indices_BK)
-        ctx.x_dtype, ctx.W_dtype = x_BD.dtype, W_enc.dtype
-        ctx.b_dec_dtype = None if b_dec is None else b_dec.dtype
         ctx.mark_non_differentiable(indices_BK)
         ctx.feature_sort = _shared_sort(indices_BK, W_enc.shape[0])
         return values_BK, indices_BK
@@ -136,29 +126,82 @@ class _TopKEncode(torch.autograd.Function):
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_values_BK: Tensor, _grad_indices: Tensor | None):
         x_BD, W_lp, values_BK, indices_BK = ctx.saved_tensors
-        n = W_lp.shape[0]
         # relu after topk: no gradient through entries that were clipped to zero.
         g_BK = (grad_values_BK * (values_BK > 0)).contiguous()
-        grad_x = grad_b_dec = grad_W = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = gather_sum(g_BK, indices_BK, W_lp, ctx.x_dtype)
-        grad_b_N = None
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
-            grad_b_N = torch.empty(n, dtype=torch.float32, device=g_BK.device)
-        if ctx.needs_input_grad[2]:  # with db_enc's per-feature sums of the same coefficients, when wanted
-            grad_W = segment_matmul(
-                g_BK, indices_BK, x_BD, n, ctx.W_dtype, ctx.feature_sort.get(), sums_N=grad_b_N
-            )
-        elif grad_b_N is not None:
-            grad_b_N.zero_().index_add_(0, indices_BK.flatten(), g_BK.flatten().float())
-        if grad_b_N is not None:
-            if ctx.needs_input_grad[3]:
-                grad_b = grad_b_N.to(ctx.W_dtype)
-            if ctx.needs_input_grad[1]:
-                # −db_encᵀ·W over the W the GEMM read (16 bits under autocast, as autograd's dx would use):
-                # fp32 sums, half the bytes of an fp32 GEMV over W_enc.
-                grad_b_dec = -col_sums(W_lp, weights_B=grad_b_N)[0].to(ctx.b_dec_dtype)
-        return grad_x, grad_b_dec, grad_W, grad_b, None, None
+        return (*_encoder_grads(ctx, g_BK, x_BD, W_lp, indices_BK), None, None)
+
+
+def _encoder_operands(
+    ctx, x_BD: Tensor, b_dec: Tensor | None, W_enc: Tensor, copies: WeightCopies | None
+) -> tuple[Tensor, Tensor]:
+    """(x − b_dec, W_enc) in the encoder GEMM's dtype, cast once here (as autocast would) so the backward's
+    dx gathers the 16-bit rows; records the input dtypes on ctx for `_encoder_grads`."""
+    if torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+    else:
+        x_dtype = x_BD.dtype if b_dec is None else torch.promote_types(x_BD.dtype, b_dec.dtype)
+        dtype = torch.promote_types(x_dtype, W_enc.dtype)
+    ctx.x_dtype, ctx.W_dtype = x_BD.dtype, W_enc.dtype
+    ctx.b_dec_dtype = None if b_dec is None else b_dec.dtype
+    # Centring and cast in one pass: (x − b_dec) in fp32, rounded once, as (x - b_dec).to(dtype).
+    x_lp = x_BD.to(dtype) if b_dec is None else center_cast(x_BD, b_dec, dtype)
+    return x_lp, weight_copies.cast(copies, W_enc, dtype)  # the optimizer's 16-bit copy when it keeps one
+
+
+def _encoder_grads(
+    ctx, g_BK: Tensor, x_BD: Tensor, W_lp: Tensor, indices_BK: Tensor
+) -> tuple[Tensor | None, ...]:
+    """(dx, db_dec, dW_enc, db_enc) of pre-activations taken at `indices_BK` with gradient `g_BK`, for an
+    encoder whose inputs are (x, b_dec, W_enc, b_enc): no dense [B, n] gradient."""
+    n = W_lp.shape[0]
+    grad_x = grad_b_dec = grad_W = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_x = gather_sum(g_BK, indices_BK, W_lp, ctx.x_dtype)
+    grad_b_N = None
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
+        grad_b_N = torch.empty(n, dtype=torch.float32, device=g_BK.device)
+    if ctx.needs_input_grad[2]:  # with db_enc's per-feature sums of the same coefficients, when wanted
+        grad_W = segment_matmul(
+            g_BK, indices_BK, x_BD, n, ctx.W_dtype, ctx.feature_sort.get(), sums_N=grad_b_N
+        )
+    elif grad_b_N is not None:
+        grad_b_N.zero_().index_add_(0, indices_BK.flatten(), g_BK.flatten().float())
+    if grad_b_N is not None:
+        if ctx.needs_input_grad[3]:
+            grad_b = grad_b_N.to(ctx.W_dtype)
+        if ctx.needs_input_grad[1]:
+            # −db_encᵀ·W over the W the GEMM read (16 bits under autocast, as autograd's dx would use):
+            # fp32 sums, half the bytes of an fp32 GEMV over W_enc.
+            grad_b_dec = -col_sums(W_lp, weights_B=grad_b_N)[0].to(ctx.b_dec_dtype)
+    return grad_x, grad_b_dec, grad_W, grad_b
+
+
+class _EncodeAt(torch.autograd.Function):
+    """Pre-activations at given features, (x − b_dec)·W_enc[idx]ᵀ + b_enc[idx], in fp32: k gathered dot
+    products per row, and the TopK encode's sparse backward (AuxK's dead features: no dense [B, n] pass)."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(
+        ctx,
+        x_BD: Tensor,
+        b_dec: Tensor | None,
+        W_enc: Tensor,
+        b_enc: Tensor,
+        indices_BK: Tensor,
+        copies: WeightCopies | None,
+    ) -> Tensor:
+        x_lp, W_lp = _encoder_operands(ctx, x_BD, b_dec, W_enc, copies)
+        pre_BK = gather_dot(x_lp, indices_BK, W_lp, torch.float32).add_(b_enc.float()[indices_BK])
+        ctx.save_for_backward(x_lp, W_lp, indices_BK)
+        ctx.feature_sort = _shared_sort(indices_BK, W_enc.shape[0])
+        return pre_BK
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_pre_BK: Tensor):
+        x_BD, W_lp, indices_BK = ctx.saved_tensors
+        return (*_encoder_grads(ctx, grad_pre_BK.contiguous(), x_BD, W_lp, indices_BK), None, None)
 
 
 def _decode_table(values_BK: Tensor, W_dec: Tensor, copies: WeightCopies | None = None) -> Tensor:
@@ -338,6 +381,19 @@ def topk_encode(
         x.reshape(-1, x.shape[-1]).contiguous(), b_dec, W_enc, b_enc, k, copies
     )
     return values.reshape(*lead, k), indices.reshape(*lead, k)
+
+
+def encode_at(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    indices: Tensor,
+    b_dec: Tensor | None = None,
+    copies: WeightCopies | None = None,
+) -> Tensor:
+    """fp32 [B, k] pre-activations (x − b_dec)·W_enc[indices]ᵀ + b_enc[indices] of [B, d] rows."""
+    _check_weights("W_enc", W_enc)
+    return _EncodeAt.apply(x.contiguous(), b_dec, W_enc, b_enc, indices.contiguous(), copies)
 
 
 def sparse_decode(

@@ -116,12 +116,17 @@ BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 
 def load_benchmark(name: str) -> ModuleType:
-    """benchmarks/NAME.py as a module (a folder of scripts, not a package), loaded once per session."""
+    """benchmarks/NAME.py as a module (a folder of scripts, not a package), loaded once per session, with
+    its siblings importable while it loads (as `run_benchmark` runs it)."""
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module  # its dataclasses resolve their annotations through it
-        spec.loader.exec_module(module)
+        sys.path.insert(0, str(BENCHMARKS))
+        try:
+            spec.loader.exec_module(module)
+        finally:
+            sys.path.remove(str(BENCHMARKS))
     return sys.modules[name]
 
 

@@ -187,6 +187,42 @@ def test_autograd_matches_torch_bf16_autocast_gpu(x_grad: bool) -> None:
     check_encode_decode_grads(B=1031, d=257, n=16411, k=64, dtype=torch.float32, autocast=True, x_grad=x_grad)
 
 
+@pytest.mark.parametrize("b_dec", [True, False])
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_encode_at_and_its_sparse_backward_match_dense_autograd(x_grad: bool, b_dec: bool) -> None:
+    """`encode_at` (AuxK's pre-activations at chosen features): values and every gradient as autograd's
+    through the dense pre-activations gathered at the same indices."""
+    B, d, n, k = 9, 37, 90, 11
+    _, indices_BK = random_codes(B, k, n)
+    params = {
+        "x": torch.randn(B, d, device=DEVICE).requires_grad_(x_grad),
+        "b_dec": (0.1 * torch.randn(d, device=DEVICE)).requires_grad_(),
+        "W_enc": (torch.randn(n, d, device=DEVICE) / d**0.5).requires_grad_(),
+        "b_enc": (0.1 * torch.randn(n, device=DEVICE)).requires_grad_(),
+    }
+    if not b_dec:
+        del params["b_dec"]
+    probe_BK = torch.randn(B, k, device=DEVICE)
+
+    def run(dense: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        for p in params.values():
+            p.grad = None
+        x, W, b, c = params["x"], params["W_enc"], params["b_enc"], params.get("b_dec")
+        if dense:
+            pre_BK = ((x if c is None else x - c) @ W.T + b).gather(1, indices_BK)
+        else:
+            pre_BK = triton_ops.encode_at(x, W, b, indices_BK, c)
+        (pre_BK * probe_BK).sum().backward()
+        return pre_BK, {name: p.grad.clone() for name, p in params.items() if p.requires_grad}
+
+    pre_BK, grads = run(dense=False)
+    ref_BK, ref_grads = run(dense=True)
+    assert pre_BK.dtype == torch.float32 and rel_err(pre_BK, ref_BK) < 1e-6
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        assert rel_err(grads[name], ref_grads[name]) < 1e-5, name
+
+
 @pytest.mark.parametrize("edit", [False, True])
 def test_one_feature_sort_serves_both_backward_passes(monkeypatch: pytest.MonkeyPatch, edit: bool) -> None:
     """The decoder's backward reuses the encoder's sort of the indices; indices changed in place after

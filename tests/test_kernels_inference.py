@@ -45,8 +45,8 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def check_entry_points(
     device: str, dtype: torch.dtype, mode: str, B: int, d: int, n: int, k: int, autocast: bool = False
 ) -> None:
-    """topk_encode, sparse_decode, decode_with_mse and normalized_mse of `mmsae.kernels` (Triton path)
-    inside `mode`, against the torch reference computed outside it; weights made outside the mode,
+    """topk_encode, encode_at, sparse_decode, decode_with_mse and normalized_mse of `mmsae.kernels` (Triton
+    path) inside `mode`, against the torch reference computed outside it; weights made outside the mode,
     as a trained SAE's are, and inputs made inside it."""
     W_enc = torch.randn(n, d, device=device, dtype=dtype, requires_grad=True)
     b_enc = (torch.randn(n, device=device, dtype=dtype) * 0.1).requires_grad_()
@@ -56,11 +56,13 @@ def check_entry_points(
     with MODES[mode](), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
         x_BD = torch.randn(B, d, device=device, dtype=dtype)
         values_BK, indices_BK = kernels.topk_encode(x_BD, W_enc, b_enc, k, b_dec=b_dec)
+        at_BK = kernels.encode_at(x_BD, W_enc, b_enc, indices_BK, b_dec)
         x_hat_BD = kernels.sparse_decode(values_BK, indices_BK, W_dec, b_dec)
         fused_BD, fused_mse = kernels.decode_with_mse(values_BK, indices_BK, W_dec, b_dec, x_BD)
         mse = kernels.normalized_mse(x_BD, x_hat_BD)
         assert torch.is_inference(values_BK) == (mode == "inference_mode")
     x_BD, values_BK, indices_BK = x_BD.clone(), values_BK.clone().float(), indices_BK.clone()
+    assert rel_err(at_BK.clone().relu(), values_BK) < tol  # the pre-activations the select chose
     with torch.no_grad():
         ref_top_BK = reference.topk_encode((x_BD - b_dec).float(), W_enc.float(), b_enc.float(), k)[0]
         ref_hat_BD = reference.sparse_decode(values_BK, indices_BK, W_dec.float(), b_dec.float())

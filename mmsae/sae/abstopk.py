@@ -42,8 +42,11 @@ class AbsTopKSAE(TopKSAE):
         values, indices = signed_topk(self.pre_acts(x), self.cfg.k)
         return SparseCodes(values, indices, self.cfg.n_features)
 
-    def select_aux(self, pre_BN: Tensor, dead_N: Tensor, k_aux: int) -> tuple[Tensor, Tensor]:
-        return signed_topk(pre_BN, k_aux, dead_N)
+    def aux_indices(self, x: Tensor, dead_N: Tensor, k_aux: int) -> Tensor:
+        return signed_topk(self.pre_acts(x), k_aux, dead_N)[1]  # by |z|, as the encoder
+
+    def aux_codes(self, pre_BK: Tensor) -> Tensor:
+        return pre_BK  # signed, as the encoder's
 
 
 __all__ = ["AbsTopKSAE", "signed_topk"]

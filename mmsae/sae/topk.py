@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from mmsae import kernels
@@ -90,21 +92,26 @@ class TopKSAE(SAE):
         if size == 0:
             return None
         dead_N = dead.mask
-        values, indices = self.select_aux(self.pre_acts(x), dead_N, size)
+        with torch.no_grad():  # only the k_aux chosen entries need a gradient: no dense [B, n] backward
+            indices = self.aux_indices(x, dead_N, size)
+        pre_BK = kernels.encode_at(x, self.W_enc, self.b_enc, indices, self.b_dec, self.weight_copies)
+        values = self.aux_codes(pre_BK).masked_fill(~dead_N[indices], 0.0)  # slots past #dead: live features
         e_hat = kernels.sparse_decode(values, indices, self.W_dec, copies=self.weight_copies)
         residual = (x - x_hat).detach().float()
         var = (x.float() - x.float().mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
         aux = (e_hat.float() - residual).pow(2).sum(-1).mean() / var
         return aux * (dead_N.sum() / self.max_aux_k()).clamp(max=1.0)
 
-    def select_aux(self, pre_BN: Tensor, dead_N: Tensor, k_aux: int) -> tuple[Tensor, Tensor]:
-        """The AuxK codes: relu of the `k_aux` largest pre-activations among dead features (0 past #dead).
+    def aux_indices(self, x: Tensor, dead_N: Tensor, k_aux: int) -> Tensor:
+        """[B, k_aux] indices of each token's dead features of largest pre-activation (slots past #dead hold
+        live features, which `auxk_loss` zeroes). One GEMM whose bias is −∞ at live features gives the masked
+        scores in the GEMM's own dtype (16 bits under autocast), so no [B, n] pass masks or widens them."""
+        bias_N = self.b_enc.masked_fill(~dead_N, float("-inf"))
+        return kernels.topk_indices(F.linear(x - self.b_dec, self.W_enc, bias_N), k_aux)
 
-        The values are gathered from the masked pre-activations (slots past #dead hold a live feature at −∞,
-        whose code is 0), so the gradient reaches the selected dead entries exactly as through topk."""
-        masked_BN = pre_BN.masked_fill(~dead_N, float("-inf"))
-        indices = kernels.topk_indices(masked_BN, k_aux)
-        return masked_BN.gather(-1, indices).relu(), indices
+    def aux_codes(self, pre_BK: Tensor) -> Tensor:
+        """AuxK's codes of the chosen pre-activations: as the encoder's (relu)."""
+        return pre_BK.relu()
 
 
 __all__ = ["TopKConfig", "TopKSAE"]
