@@ -393,6 +393,8 @@ def report(rows: list[dict], eff: list[dict], args: argparse.Namespace, n_eval: 
 
 def recipes(args: argparse.Namespace) -> list[tuple[str, int]]:
     top = max(args.budgets)
+    if args.only_more_archs:
+        return [(f"mmsae {a}", top) for a in args.more_archs]
     plan = [("mmsae topk", b) for b in args.budgets]
     plan += [(f"mmsae topk lr×{m:g}", b) for m in args.lr_mults for b in args.budgets]
     plan += [(f"mmsae {a}", b) for a in ("batchtopk", "matryoshka") for b in args.budgets]
@@ -416,6 +418,9 @@ def main(argv: list[str] | None = None) -> None:
         nargs="*",
         default=["abstopk", "archetypal", "batchtopk[score=activation]"],
         help="at the top budget",
+    )
+    ap.add_argument(
+        "--only-more-archs", action="store_true", help="train only the `--more-archs` rows (no TopK, peers)"
     )
     ap.add_argument("--n-features", type=int, default=4096)
     ap.add_argument("--k", type=int, default=32)
