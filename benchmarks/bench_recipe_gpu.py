@@ -25,7 +25,9 @@ tokens (FVU, L0, dead %: features that never fire there):
   each step.
 - `saelens`: SAELens' TopK SAE through its own `SAETrainer` with its default config, where `sae_lens` imports.
 - `mmsae abstopk`, `mmsae archetypal`, `mmsae batchtopk[score=activation]` (`--more-archs`): the other
-  k-sparse variants at the top budget only, for their dead %, and BatchTopK ranking raw activations.
+  k-sparse variants at the top budget only, for their dead %, and BatchTopK ranking raw activations. Any
+  variant with options fits there, e.g. `--more-archs "relu[target_l0=16]" "gated[target_l0=16]"`; with
+  `--only-more-archs` only those rows are trained (no TopK, no sweep, no peers).
 
 Then "within 1.5× the tokens": for each budget b, the tokens the default TopK needs to reach the best tuned
 FVU at b (log-linear interpolation between budgets), divided by b.
@@ -381,6 +383,8 @@ def report(rows: list[dict], eff: list[dict], args: argparse.Namespace, n_eval: 
                     learnt += "; prefixes alone: " + " / ".join(f"{f:.3f}" for f in r["prefix_fvu"])
                 cells.append(f"{r['fvu']:.4f} (L0 {r['l0']:.1f}, {100 * r['dead']:.2f} %{learnt})")
         lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    if not eff:  # no TopK rows (`--only-more-archs`): nothing to compare the tuning sweep with
+        return "\n".join(lines) + "\n"
     lines += [
         "",
         "| budget | best tuned | its FVU | tokens the default needs for it ÷ budget |",

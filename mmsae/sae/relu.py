@@ -41,17 +41,18 @@ class ReLUConfig(SAEConfig):
     target_l0: float | None = None
     """If set, λ is calibrated while training so that the batch L0 settles at this value (`calibrate`): after
     the warm-up, log λ moves by l0_adapt_rate · e + l0_damping · (e − e_prev) per step, e = log(L0 /
-    target_l0) clipped to ±1; `l1_coef` (times the warm-up) is λ's start."""
+    target_l0) clipped to ±1 (a PI controller on log λ); `l1_coef` (times the warm-up) is λ's start. Held-out
+    L0 can sit above the training batches' (new images fire more features)."""
     l0_adapt_rate: float | None = None
     """The integral gain (with `target_l0`): log λ's step at an L0 e times the target. None = 0.03 ×
-    min(1, √(1600 / run steps)) once the trainer knows the run's length (else 0.01): the weights follow λ
-    with a lag that grows as the lr falls (the default lr is raised ∝ 1/√steps in runs under ~1600 steps),
-    and a gain that outruns it overshoots."""
+    min(1, √(1600 / run steps)) once the trainer knows the run's length (else 0.01). The weights follow λ
+    with a lag, longer where the lr is lower: the default lr falls ∝ 1/√steps in runs of more than ~1600
+    steps (`mmsae.sae.lr`), and a gain that outruns the lag overshoots."""
     l0_damping: float = 1.0
-    """The proportional gain on log L0's change (with `target_l0`): λ falls as soon as L0 falls, before L0
-    passes the target. Needed because L0 responds late and lopsidedly: a ReLU feature pushed below zero
-    gets no gradient to come back, so an undershoot is slow to undo. Without it (and λ's start 4× too high)
-    relu dived to L0 2 and ended at 10.7 for a target of 16 on DINOv2-S tokens; with 1.0, at 18."""
+    """The gain on log L0's change (with `target_l0`): λ falls as soon as L0 falls, before L0 passes the
+    target. L0 follows λ late and lopsidedly: a ReLU feature pushed below zero on every token gets no gradient
+    to come back, so an undershoot is slow to undo. With λ's start ~4× too high (l1_coef 0.05 on DINOv2-S
+    tokens, 192 steps), relu dived to L0 ≈ 2 without damping (docs/benchmarks.md)."""
 
     def validate(self) -> None:
         super().validate()
