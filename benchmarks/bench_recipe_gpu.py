@@ -25,7 +25,10 @@ tokens (FVU, L0, dead %: features that never fire there):
   each step.
 - `saelens`: SAELens' TopK SAE through its own `SAETrainer` with its default config, where `sae_lens` imports.
 - `mmsae abstopk`, `mmsae archetypal`, `mmsae batchtopk[score=activation]` (`--more-archs`): the other
-  k-sparse variants at the top budget only, for their dead %, and BatchTopK ranking raw activations.
+  k-sparse variants at the top budget only, for their dead %, and BatchTopK ranking raw activations. Any
+  variant with options fits there, e.g. `--more-archs "relu[target_l0=16]" "gated[target_l0=16]"`; with
+  `--only-more-archs` only those rows are trained (no TopK, no sweep, no peers). A row with `target_l0`
+  also reports its L0 on the calibration tokens: held-out photos fire more features than training ones.
 
 Then "within 1.5× the tokens": for each budget b, the tokens the default TopK needs to reach the best tuned
 FVU at b (log-linear interpolation between budgets), divided by b.
@@ -312,6 +315,8 @@ def run_one(name: str, budget: int, data: tuple[Tensor, Tensor, Tensor], args: a
                 if hasattr(sae, "prefix_reconstructions"):
                     extra["prefix_fvu"] = prefix_fvus(sae, eval_ND, args)
                 extra["theta"] = calibrate_threshold(sae, calib_ND)
+            elif getattr(sae.cfg, "target_l0", None) is not None:  # the target is met on training photos
+                extra["l0_calib"] = score(sae, calib_ND, args)["l0"]
         elif library == "sparsify":
             sae = run_sparsify(variant, train_ND, budget, args)
         else:
@@ -377,10 +382,14 @@ def report(rows: list[dict], eff: list[dict], args: argparse.Namespace, n_eval: 
                     if "l0_learnt_theta" in r
                     else ""
                 )
+                if "l0_calib" in r:
+                    learnt += f"; L0 {r['l0_calib']:.1f} on unseen tokens of training photos"
                 if "prefix_fvu" in r:
                     learnt += "; prefixes alone: " + " / ".join(f"{f:.3f}" for f in r["prefix_fvu"])
                 cells.append(f"{r['fvu']:.4f} (L0 {r['l0']:.1f}, {100 * r['dead']:.2f} %{learnt})")
         lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    if not eff:  # no TopK rows (`--only-more-archs`): nothing to compare the tuning sweep with
+        return "\n".join(lines) + "\n"
     lines += [
         "",
         "| budget | best tuned | its FVU | tokens the default needs for it ÷ budget |",
@@ -393,6 +402,8 @@ def report(rows: list[dict], eff: list[dict], args: argparse.Namespace, n_eval: 
 
 def recipes(args: argparse.Namespace) -> list[tuple[str, int]]:
     top = max(args.budgets)
+    if args.only_more_archs:
+        return [(f"mmsae {a}", top) for a in args.more_archs]
     plan = [("mmsae topk", b) for b in args.budgets]
     plan += [(f"mmsae topk lr×{m:g}", b) for m in args.lr_mults for b in args.budgets]
     plan += [(f"mmsae {a}", b) for a in ("batchtopk", "matryoshka") for b in args.budgets]
@@ -416,6 +427,9 @@ def main(argv: list[str] | None = None) -> None:
         nargs="*",
         default=["abstopk", "archetypal", "batchtopk[score=activation]"],
         help="at the top budget",
+    )
+    ap.add_argument(
+        "--only-more-archs", action="store_true", help="train only the `--more-archs` rows (no TopK, peers)"
     )
     ap.add_argument("--n-features", type=int, default=4096)
     ap.add_argument("--k", type=int, default=32)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 
 import torch
@@ -33,3 +34,12 @@ def test_tokens_to_reach_interpolates_log_linearly() -> None:
     assert bench.tokens_to_reach(0.05, curve) == math.inf
     # a tie at the last budget (5 digits) is reached there, not "never"
     assert bench.tokens_to_reach(0.1659937, [(4_000_000, 0.1727), (8_000_000, 0.1660019)]) == 8_000_000
+
+
+def test_only_more_archs_trains_just_those_rows_at_the_top_budget() -> None:
+    args = argparse.Namespace(
+        budgets=[1000, 2000], lr_mults=[2.0], more_archs=["relu[target_l0=16]"], only_more_archs=True
+    )
+    assert bench.recipes(args) == [("mmsae relu[target_l0=16]", 2000)]
+    args.only_more_archs = False
+    assert len(bench.recipes(args)) > 1

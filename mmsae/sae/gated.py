@@ -60,7 +60,7 @@ class GatedSAE(ReLUSAE):
         # Frozen decoder: this term trains only the gate path, not the dictionary.
         aux = normalized_mse(x, gate_BN @ self.W_dec.detach() + self.b_dec.detach())
         loss = mse + self.l1_coef_at(step) * l1 + aux
-        self.calibrate(out.aux["pi_gate"])  # a feature fires where its gate is open
+        self.calibrate(out.aux["pi_gate"], step)  # a feature fires where its gate is open
         return LossOutput(loss, {"mse": mse.detach(), "l1": l1.detach(), "aux_recon": aux.detach()})
 
 

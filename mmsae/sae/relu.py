@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,13 @@ from mmsae.sae.base import (
     register,
 )
 
+DEFAULT_L1_WARMUP_STEPS = 2000
+L0_ADAPT_RATE = 0.03
+"""`target_l0`'s integral gain in runs of at most `L0_ADAPT_FULL_RATE_STEPS` steps."""
+L0_ADAPT_FULL_RATE_STEPS = 1600
+"""Longer runs divide the gain by √(steps / this), as the default lr's short-run boost falls."""
+L0_ADAPT_RATE_UNKNOWN_RUN = 0.01
+
 
 @dataclass
 class ReLUConfig(SAEConfig):
@@ -26,13 +34,25 @@ class ReLUConfig(SAEConfig):
     l1_coef: float | None = None
     """λ; None = 5 / d_in: Anthropic's λ=5 for inputs scaled to E‖x‖=√d, divided by the d that
     normalised MSE divides out."""
-    l1_warmup_steps: int = 2000
-    """λ rises linearly from 0 over this many steps (0 = no warm-up)."""
+    l1_warmup_steps: int | None = None
+    """λ rises linearly from 0 over this many steps (0 = no warm-up). None = 2000; with `target_l0`, a tenth
+    of the run (at most 2000) once the trainer knows its length: a 2000-step warm-up left λ far too low in a
+    192-step run (held-out L0 93 for a target of 16 on DINOv2-S tokens, docs/benchmarks.md)."""
     target_l0: float | None = None
-    """If set, λ is calibrated while training so that the batch L0 settles at this value: every step λ is
-    multiplied by exp(l0_adapt_rate · clamp(L0 / target_l0 − 1, −1, 1)); `l1_coef` is then λ's start."""
-    l0_adapt_rate: float = 0.01
-    """Step of log λ per training step at a relative L0 error of 1 (with `target_l0`)."""
+    """If set, λ is calibrated while training so that the batch L0 settles at this value (`calibrate`): after
+    the warm-up, log λ moves by l0_adapt_rate · e + l0_damping · (e − e_prev) per step, e = log(L0 /
+    target_l0) clipped to ±1 (a PI controller on log λ); `l1_coef` (times the warm-up) is λ's start. Held-out
+    L0 can sit above the training batches' (new images fire more features)."""
+    l0_adapt_rate: float | None = None
+    """The integral gain (with `target_l0`): log λ's step at an L0 e times the target. None = 0.03 ×
+    min(1, √(1600 / run steps)) once the trainer knows the run's length (else 0.01). The weights follow λ
+    with a lag, longer where the lr is lower: the default lr falls ∝ 1/√steps in runs of more than ~1600
+    steps (`mmsae.sae.lr`), and a gain that outruns the lag overshoots."""
+    l0_damping: float = 1.0
+    """The gain on log L0's change (with `target_l0`): λ falls as soon as L0 falls, before L0 passes the
+    target. L0 follows λ late and lopsidedly: a ReLU feature pushed below zero on every token gets no gradient
+    to come back, so an undershoot is slow to undo. With λ's start ~4× too high (l1_coef 0.05 on DINOv2-S
+    tokens, 192 steps), relu dived to L0 ≈ 2 without damping (docs/benchmarks.md)."""
 
     def validate(self) -> None:
         super().validate()
@@ -40,8 +60,10 @@ class ReLUConfig(SAEConfig):
             raise ValueError(f"l1_coef={self.l1_coef} must be ≥ 0.")
         if self.target_l0 is not None and not 0 < self.target_l0 <= self.n_features:
             raise ValueError(f"target_l0={self.target_l0} must be in (0, n_features={self.n_features}].")
-        if self.l0_adapt_rate <= 0:
+        if self.l0_adapt_rate is not None and self.l0_adapt_rate <= 0:
             raise ValueError(f"l0_adapt_rate={self.l0_adapt_rate} must be > 0.")
+        if self.l0_damping < 0:
+            raise ValueError(f"l0_damping={self.l0_damping} must be ≥ 0.")
 
 
 def weighted_l1(acts_BN: Tensor, W_dec_ND: Tensor) -> Tensor:
@@ -60,24 +82,49 @@ class ReLUSAE(SAE):
         super().__init__(cfg)
         # λ's calibrated multiplier under `target_l0`; saved only then (older checkpoints lack it).
         self.register_buffer("l1_scale", torch.ones(()), persistent=cfg.target_l0 is not None)
+        # The previous batch's L0 error (NaN: none yet), for the damping term. Not saved, so that SAEs saved
+        # before it load: a resumed run restarts the damping from its first batch.
+        self.register_buffer("l0_error", torch.full((), torch.nan), persistent=False)
+
+    def warmup_steps(self) -> int:
+        return DEFAULT_L1_WARMUP_STEPS if self.cfg.l1_warmup_steps is None else self.cfg.l1_warmup_steps
+
+    def fit_to_run(self, total_steps: int) -> None:
+        """Fit the defaults of `target_l0`'s controller to a run of `total_steps` steps (the cfg records
+        them); a run without a target keeps the 2000-step warm-up."""
+        if self.cfg.target_l0 is None:
+            return
+        if self.cfg.l1_warmup_steps is None:
+            self.cfg.l1_warmup_steps = min(DEFAULT_L1_WARMUP_STEPS, max(1, total_steps // 10))
+        if self.cfg.l0_adapt_rate is None:
+            slower = math.sqrt(L0_ADAPT_FULL_RATE_STEPS / max(1, total_steps))
+            self.cfg.l0_adapt_rate = L0_ADAPT_RATE * min(1.0, slower)
 
     def _encode(self, x: Tensor) -> Tensor:
         return self.pre_acts(x).relu()
 
     def l1_coef_at(self, step: int) -> float | Tensor:
         coef = 5.0 / self.cfg.d_in if self.cfg.l1_coef is None else self.cfg.l1_coef
-        coef = coef * linear_warmup(step, self.cfg.l1_warmup_steps)
+        coef = coef * linear_warmup(step, self.warmup_steps())
         # A copy: calibrate() updates the buffer in place after the loss has used it.
         return coef if self.cfg.target_l0 is None else coef * self.l1_scale.clone()
 
     @torch.no_grad()
-    def calibrate(self, active_BN: Tensor) -> None:
-        """Move λ towards `target_l0` from this batch's L0 (features with active_BN > 0); on the device."""
+    def calibrate(self, active_BN: Tensor, step: int | Tensor = 0) -> None:
+        """Move λ towards `target_l0` from this batch's L0 (features with active_BN > 0); on the device, and
+        only after λ's warm-up: while the weights cannot yet follow, an integral would only wind up."""
         if self.cfg.target_l0 is None or not self.training:
             return
         l0 = (active_BN > 0).float().sum(-1).mean()
-        error = (l0 / self.cfg.target_l0 - 1).clamp(-1.0, 1.0)
-        self.l1_scale.mul_(torch.exp(self.cfg.l0_adapt_rate * error))
+        error = (l0 / self.cfg.target_l0).log().clamp(-1.0, 1.0)  # log(0) = −inf clips to −1
+        previous = torch.where(self.l0_error.isnan(), error, self.l0_error)
+        rate = L0_ADAPT_RATE_UNKNOWN_RUN if self.cfg.l0_adapt_rate is None else self.cfg.l0_adapt_rate
+        move = rate * error + self.cfg.l0_damping * (error - previous)
+        after_warmup = step >= self.warmup_steps()
+        if isinstance(after_warmup, Tensor):
+            after_warmup = after_warmup.float()
+        self.l1_scale.mul_(torch.exp(after_warmup * move))
+        self.l0_error.copy_(error)
 
     def loss(
         self, x: Tensor, out: SAEOutput, step: int | Tensor = 0, dead: DeadFeatures | None = None
@@ -85,7 +132,7 @@ class ReLUSAE(SAE):
         mse = normalized_mse(x, out.x_hat)
         l1 = weighted_l1(out.codes, self.W_dec)
         loss = mse + self.l1_coef_at(step) * l1
-        self.calibrate(out.codes)
+        self.calibrate(out.codes, step)
         return LossOutput(loss, {"mse": mse.detach(), "l1": l1.detach()})
 
 

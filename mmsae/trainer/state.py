@@ -60,14 +60,17 @@ def fit_to_run(
     decay_steps: int,
     step_tokens: int | None,
 ) -> None:
-    """Scale each default dead window (`default_dead_window`) and BatchTopK θ horizon
-    (`threshold_decay_for_run`) to a run of `total_steps` steps of `step_tokens` tokens (None: unknown); the
-    SAE's cfg records them."""
+    """Scale each default dead window (`default_dead_window`), BatchTopK θ horizon
+    (`threshold_decay_for_run`) and an SAE's own run-length defaults (its `fit_to_run`, if any: ReLU and
+    Gated's `target_l0` controller) to a run of `total_steps` steps of `step_tokens` tokens (None: unknown);
+    the SAE's cfg records them."""
     for sae, clock in zip(saes, clocks):
         clock.fit_to_run(total_steps, step_tokens, sae.dead_window_run_fraction or DEAD_WINDOW_RUN_FRACTION)
         sae.cfg.dead_tokens = clock.dead_tokens
         if getattr(sae.cfg, "threshold_decay", 0.0) is None:
             sae.cfg.threshold_decay = threshold_decay_for_run(total_steps, decay_steps)
+        if hasattr(sae, "fit_to_run"):
+            sae.fit_to_run(total_steps)
 
 
 class DeadFeatureClock(nn.Module):
