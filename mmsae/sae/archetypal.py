@@ -35,8 +35,9 @@ least-covered anchors in turn: C's row peaked on it as at init (without noise, s
 same), Λ_i = 0, and the encoder row along the new atom at the live rows' mean norm with b_enc,i = 0, so it
 fires on that anchor's tokens at once. It stays in the data's hull; a feature is re-anchored again each step
 until it fires. Same DINOv2-S run: 0.02 % dead, FVU 0.196 against 0.206 (docs/benchmarks.md). Its default dead
-window is a 64th of the run, not the trainer's 16th: at full size (8M tokens) features that died late in the
-run were still waiting for that verdict when it ended (1.00 % dead on held-out tokens against 0.37 %).
+window is a 64th of the run, whatever the trainer's default: with a 16th, at full size (8M tokens) features
+that died late in the run were still waiting for that verdict when it ended (1.00 % dead on held-out tokens
+against 0.37 %).
 
 Why one anchor per atom up to 4096 (`n_anchors`): four atoms per anchor (n = 4096, m = 1024) left near-copies
 that re-anchoring can only place on covered anchors: FVU 0.221 against 0.196 with m = n. C is n×m, so m is

@@ -66,7 +66,7 @@ class SAEConfig(metaclass=LegacyKwargsMeta):
     unit_norm_decoder: bool = True
     dead_tokens: int | None = None
     """A feature that has not fired for this many training tokens counts as dead (AuxK). None: the trainer's
-    default, 10M tokens (Gao et al.) but at most a sixteenth of the run and at least 16 batches
+    default, 10M tokens (Gao et al.) but at most a 64th of the run and at least 4 batches
     (`mmsae.trainer.state.default_dead_window`); the trained SAE's cfg records the window used."""
     hook: str | None = None
     encoder: str | None = None

@@ -24,18 +24,22 @@ shorter (`DeadFeatureClock.count_every`), so that AuxK starts soon after the win
 
 DEAD_WINDOW_TOKENS = 10_000_000
 """The default dead window of long runs (Gao et al.'s 10M tokens)."""
-DEAD_WINDOW_RUN_FRACTION = 1 / 16
+DEAD_WINDOW_RUN_FRACTION = 1 / 64
 """The default dead window is at most this share of the run's tokens: with 10M tokens, AuxK would never act
-in a run of a few million tokens, and features killed early (short runs train at a raised lr) stay dead."""
-DEAD_WINDOW_MIN_STEPS = 16
-"""... and at least this many optimizer steps: a feature idle for fewer batches may just be rare."""
+in a run of a few million tokens, and features killed early (short runs train at a raised lr) stay dead. Short
+runs keep killing features to the end, and one that dies within the last window is never revived: at a 16th
+of a 192-step run, TopK, BatchTopK and Matryoshka kept 1.8–3.1 % of their features dead on DINOv2-S tokens,
+at a 64th (4 steps) 0.1–0.3 % at the same FVU (docs/benchmarks.md, "Every variant at a CPU size")."""
+DEAD_WINDOW_MIN_STEPS = 4
+"""... and at least this many optimizer steps: a feature idle for fewer batches may just be rare. 16 held the
+window of runs of up to 1,024 steps at 16 batches, the 16th above."""
 
 
 def default_dead_window(
     run_tokens: int, step_tokens: int, run_fraction: float = DEAD_WINDOW_RUN_FRACTION
 ) -> int:
     """The dead window (tokens) of an SAE whose config leaves `dead_tokens` unset: 10M, or `run_fraction` (a
-    sixteenth) of the run where that is less, but never under 16 steps of `step_tokens`."""
+    64th) of the run where that is less, but never under 4 steps of `step_tokens`."""
     scaled = min(DEAD_WINDOW_TOKENS, int(run_tokens * run_fraction))
     return max(scaled, DEAD_WINDOW_MIN_STEPS * step_tokens)
 
