@@ -133,8 +133,8 @@ def test_the_token_cap_recovers_features_that_uncapped_activation_ranking_does_n
 
 def test_default_batchtopk_is_no_worse_than_topk_at_equal_held_out_l0() -> None:
     """Coefficients spread over [0.05, 1.95] and a steep frequency law, as in real activations: at the same
-    held-out L0 the cosine score (a former default) lost to TopK (0.177 vs 0.175), the projection score (the
-    next) beat it (0.163), and the default, capped activations, beats both (0.154), as on DINOv2-S tokens."""
+    held-out L0 the projection score (a former default) beats TopK (0.164 vs 0.178), and the default, capped
+    activations, beats both (0.153), as on DINOv2-S tokens."""
     data = SyntheticActivations(
         d=32, n_directions=256, mean_active=4, magnitude=1.9, zipf_exponent=1.0, seed=0
     )
@@ -143,12 +143,11 @@ def test_default_batchtopk_is_no_worse_than_topk_at_equal_held_out_l0() -> None:
         name: fvu_at_l0(train_synthetic(data, 131_072, arch, k=4, **kw), eval_ND)
         for name, arch, kw in [
             ("topk", "topk", {}),
-            ("cosine", "batchtopk", {"score": "cosine", "token_cap": None}),
             ("projection", "batchtopk", {"score": "projection"}),
             ("default", "batchtopk", {}),
         ]
     }
-    assert fvu["default"] < fvu["projection"] <= fvu["topk"] < fvu["cosine"], fvu
+    assert fvu["default"] < fvu["projection"] <= fvu["topk"], fvu
 
 
 def test_batchtopk_threshold_of_a_short_run_keeps_held_out_l0_near_k() -> None:
@@ -216,6 +215,9 @@ def test_default_recipe_recovers_the_synthetic_features_from_800k_tokens() -> No
     sae = mmsae.train(train_ND, sae="topk", n_features=1024, k=8, tokens=800_000, batch_size=1024, devices=1)
     result = metrics.evaluate(sae, eval_ND.split(8192), features=data.features)
     assert result["fraction_recovered"] >= 0.9, result
-    # 1.66 % measured (17 of 1024 features; the dictionary has twice as many features as true directions):
-    # the short-run lr cap of 7× (0.39 % at the former 10×), chosen for real activations (docs/benchmarks.md).
-    assert result["dead_fraction"] < 0.02, result
+    # The dictionary has twice as many features as true directions: the surplus has nothing to fit, and AuxK's
+    # dead window of a few batches (chosen on real activations, where short runs otherwise leave 2-3 % of the
+    # features dead for good: docs/benchmarks.md, "Every variant at a CPU size") silences it (46 % of the
+    # features dead, at the FVU and recovery of the 16th-of-the-run window, which left 1.66 %). Every true
+    # direction must keep a live feature.
+    assert (1 - result["dead_fraction"]) * 1024 >= 512, result
