@@ -385,6 +385,10 @@ class SAE(nn.Module):
         """Rows of training data `init_from_data` wants; 0: the trainer's first batch is enough."""
         return 0
 
+    def fit_to_run(self, total_steps: int) -> None:
+        """Set the variant's run-length defaults in its cfg once the trainer knows the run's length (ReLU's
+        `target_l0` controller); none by default."""
+
     @torch.no_grad()
     def init_from_data(self, x: Tensor) -> None:
         """Data-dependent init from a sample [N, d]: b_dec at the geometric median."""

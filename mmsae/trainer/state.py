@@ -73,8 +73,7 @@ def fit_to_run(
         sae.cfg.dead_tokens = clock.dead_tokens
         if getattr(sae.cfg, "threshold_decay", 0.0) is None:
             sae.cfg.threshold_decay = threshold_decay_for_run(total_steps, decay_steps)
-        if hasattr(sae, "fit_to_run"):
-            sae.fit_to_run(total_steps)
+        sae.fit_to_run(total_steps)
 
 
 class DeadFeatureClock(nn.Module):
