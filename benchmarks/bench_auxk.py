@@ -32,11 +32,7 @@ def dense_auxk(sae: TopKSAE, x_BD: Tensor, x_hat_BD: Tensor, dead: DeadFeatures)
     masked_BN = sae.pre_acts(x_BD).masked_fill(~dead.mask, float("-inf"))
     indices = kernels.topk_indices(masked_BN, sae.aux_size(dead.count))
     values = masked_BN.gather(-1, indices).relu()
-    e_hat = kernels.sparse_decode(values, indices, sae.W_dec)
-    residual = (x_BD - x_hat_BD).detach().float()
-    var = (x_BD.float() - x_BD.float().mean(0)).pow(2).sum(-1).mean()
-    aux = (e_hat.float() - residual).pow(2).sum(-1).mean() / var
-    return aux * (dead.mask.sum() / sae.max_aux_k()).clamp(max=1.0)
+    return sae.aux_fit(x_BD, x_hat_BD, values, indices, dead.mask)
 
 
 def auxk_step(

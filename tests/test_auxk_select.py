@@ -117,10 +117,15 @@ def test_topk_indices_falls_back_to_torch_outside_the_select(
 
 
 # -------------------------------------------------------------- the losses, against the torch.topk path
+def aux_scores(sae: TopKSAE, x_BD: Tensor, dead_N: Tensor) -> Tensor:
+    """The masked scores TopKSAE.aux_indices ranks (its GEMM, with its rounding)."""
+    bias_N = sae.b_enc.masked_fill(~dead_N, float("-inf"))
+    return torch.nn.functional.linear(x_BD - sae.b_dec, sae.W_enc, bias_N).detach()
+
+
 def torch_aux_indices(sae: TopKSAE, x_BD: Tensor, dead_N: Tensor, k_aux: int) -> Tensor:
     """TopKSAE.aux_indices with torch.topk of the same masked scores."""
-    bias_N = sae.b_enc.masked_fill(~dead_N, float("-inf"))
-    return torch.nn.functional.linear(x_BD - sae.b_dec, sae.W_enc, bias_N).topk(k_aux, dim=-1).indices
+    return aux_scores(sae, x_BD, dead_N).topk(k_aux, dim=-1).indices
 
 
 def torch_signed_topk(pre_BN: Tensor, k: int, allowed_N: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -164,10 +169,8 @@ def no_choice(scores_BN: Tensor, k: int) -> bool:
 
 def no_ties(sae: TopKSAE, x_BD: Tensor, dead_N: Tensor) -> bool:
     pre_BN = sae.pre_acts(x_BD).detach()
-    bias_N = sae.b_enc.masked_fill(~dead_N, float("-inf"))
-    aux_BN = torch.nn.functional.linear(x_BD - sae.b_dec, sae.W_enc, bias_N).detach()  # its own rounding
     return (
-        no_choice(aux_BN, 8)  # TopK's AuxK
+        no_choice(aux_scores(sae, x_BD, dead_N), 8)  # TopK's AuxK
         and no_choice(pre_BN.abs().masked_fill(~dead_N, -1.0), 8)  # AbsTopK's AuxK
         and no_choice(pre_BN, 4)  # TopK's encode, whose x̂ makes the residual
         and no_choice(pre_BN.abs(), 4)  # AbsTopK's

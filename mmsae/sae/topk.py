@@ -96,6 +96,11 @@ class TopKSAE(SAE):
             indices = self.aux_indices(x, dead_N, size)
         pre_BK = kernels.encode_at(x, self.W_enc, self.b_enc, indices, self.b_dec, self.weight_copies)
         values = self.aux_codes(pre_BK).masked_fill(~dead_N[indices], 0.0)  # slots past #dead: live features
+        return self.aux_fit(x, x_hat, values, indices, dead_N)
+
+    def aux_fit(self, x: Tensor, x_hat: Tensor, values: Tensor, indices: Tensor, dead_N: Tensor) -> Tensor:
+        """AuxK's loss of given dead-feature codes: their decode (no b_dec) against the detached residual,
+        normalised as the MSE, scaled by min(#dead / aux_k, 1)."""
         e_hat = kernels.sparse_decode(values, indices, self.W_dec, copies=self.weight_copies)
         residual = (x - x_hat).detach().float()
         var = (x.float() - x.float().mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
