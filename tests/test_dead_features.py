@@ -121,8 +121,8 @@ def test_default_dead_window_scales_with_the_run() -> None:
     auto, explicit = DeadFeatureClock(8), DeadFeatureClock(8, dead_tokens=5_000_000)
     for clock in (auto, explicit):
         clock.fit_to_run(1024, 1024)
-    assert (auto.dead_tokens, auto.count_every) == (16_384, 8)
-    assert (explicit.dead_tokens, explicit.count_every) == (5_000_000, 100)
+    assert (auto.dead_tokens, auto.count_every) == (16_384, 4)
+    assert (explicit.dead_tokens, explicit.count_every) == (5_000_000, 50)
 
 
 def test_short_runs_get_a_dead_window_of_a_few_steps() -> None:

@@ -88,10 +88,49 @@ def test_aux_size_rounds_dead_count_up_to_a_power_of_two() -> None:
         fired[:dead] = False
         clock.tokens_since_fired.zero_()
         clock.update(fired, 10)
-        assert clock.count() != dead  # a cached count: only expire_count() makes it count again
-        clock.expire_count()
+        assert clock.count() != dead  # the count in force: only refresh_count() changes it
+        clock.refresh_count()  # takes the count; the one taken before comes into force
+        clock.refresh_count()
         assert clock.count() == dead
         assert sae.aux_size(clock.count()) == size and sae.loss_structure(clock.count()) == size
+
+
+def kill(clock: DeadFeatureClock, dead: int) -> None:
+    fired = torch.ones(
+        len(clock.tokens_since_fired), dtype=torch.bool, device=clock.tokens_since_fired.device
+    )
+    fired[:dead] = False
+    clock.tokens_since_fired.zero_()
+    clock.update(fired, clock.dead_tokens)
+
+
+def test_a_dead_count_comes_into_force_one_refresh_after_it_is_taken() -> None:
+    """The count is copied to the host while the GPU runs on, and used from the next refresh: the host never
+    waits for it (tests/test_graphs.py's GPU twin checks that no refresh syncs)."""
+    clock = DeadFeatureClock(N, dead_tokens=10)
+    clock.refresh_count()  # a new clock counts now: nothing dead
+    in_force = []
+    for dead in (3, 5, 5, 0):
+        kill(clock, dead)
+        clock.refresh_count()
+        in_force.append(clock.count())
+    assert in_force == [0, 3, 5, 5]
+
+
+def test_a_loaded_clock_uses_the_counts_it_was_saved_with() -> None:
+    """A resume continues exactly: the count in force and the one taken come back from the checkpoint."""
+    saved = DeadFeatureClock(N, dead_tokens=10)
+    for dead in (3, 7):
+        kill(saved, dead)
+        saved.refresh_count()
+    kill(saved, 9)  # the mask moved on since the last refresh
+    loaded = DeadFeatureClock(N, dead_tokens=10)
+    loaded.refresh_count()  # host-side caches that loading must drop
+    loaded.load_state_dict(saved.state_dict())
+    assert loaded.count() == saved.count() == 3
+    for clock in (saved, loaded):
+        clock.refresh_count()
+    assert loaded.count() == saved.count() == 7
 
 
 # ------------------------------------------------------------------------------------------- GPU
@@ -136,3 +175,22 @@ def test_failed_capture_warns_and_trains_eagerly_on_cuda() -> None:
     torch.randn(8, device="cuda")  # the aborted capture left the CUDA generators usable
     for key, value in state(eager).items():
         torch.testing.assert_close(state(module)[key], value, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs CUDA; CPU twin: test_a_dead_count_comes_into_force_one_refresh_after_it_is_taken",
+)
+def test_dead_count_refreshes_never_wait_for_the_gpu() -> None:
+    clock = DeadFeatureClock(N, dead_tokens=10).cuda()
+    clock.refresh_count()  # a new clock reads the device once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for dead in (3, 5, 5):
+            kill(clock, dead)
+            clock.refresh_count()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert clock.count() == 5

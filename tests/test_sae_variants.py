@@ -142,7 +142,7 @@ def train(sae: SAE, data: torch.Tensor, steps: int, lr: float = 3e-3, batch: int
     for step in range(steps):
         x = data[torch.randint(len(data), (batch,))]
         out = sae(x)
-        clock.expire_count()
+        clock.refresh_count()
         lo = sae.loss(x, out, step, dead=clock.dead())
         opt.zero_grad()
         lo.loss.backward()

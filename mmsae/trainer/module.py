@@ -301,7 +301,7 @@ class SAEModule(L.LightningModule):
         step = self.global_step
         for clock in self.clocks:
             if step % clock.count_every == 0:
-                clock.expire_count()  # the host-side counts, re-read here (outside any capture)
+                clock.refresh_count()  # host-side counts change here, outside any capture
         self._step_t.fill_(step)
         # Lightning's log() costs ~1 ms of Python per metric: eagerly, metrics are made only on logging steps.
         log_now = step % self.trainer.log_every_n_steps == 0

@@ -18,9 +18,11 @@ from torch import Tensor, nn
 from mmsae.legacy_names import module_getattr
 from mmsae.sae import SAE, DeadFeatures
 
-DEAD_COUNT_EVERY = 100
-"""Steps between two host-side dead counts (each is a GPU sync), at most; fewer where the dead window is
-shorter (`DeadFeatureClock.count_every`), so that AuxK starts soon after the window first opens."""
+DEAD_COUNT_EVERY = 50
+"""Steps between two host-side dead counts, at most; fewer where the dead window is shorter
+(`DeadFeatureClock.count_every`), so that AuxK starts soon after the window first opens. A count comes
+into force one refresh after it is taken (it is copied to the host while the GPU runs on), so AuxK sizes
+itself by a count at most two refreshes old."""
 
 DEAD_WINDOW_TOKENS = 10_000_000
 """The default dead window of long runs (Gao et al.'s 10M tokens)."""
@@ -81,8 +83,11 @@ class DeadFeatureClock(nn.Module):
 
     `dead_tokens=None` (the SAE config's default) is `DEAD_WINDOW_TOKENS` until the trainer knows the run's
     length and calls `fit_to_run` (`default_dead_window`). The clock is float64, so DDP all-reduce and bf16
-    never matter. The trainer advances it every step and asks for a fresh host-side count every `count_every`
-    steps: a count that old is exact enough for sizing AuxK, and the mask itself is always current.
+    never matter. The trainer advances it every step and calls `refresh_count` every `count_every` steps; the
+    mask itself is always current, and the host-side count that sizes AuxK (`count`) is the one taken at the
+    refresh before: it reaches the host by an asynchronous copy, so the host never waits for the GPU for it
+    (a wait drains the GPU's queue, which then idles through the host's loop: at a refresh every 9 steps that
+    cost a quarter of the trainer's time at batch 4096 on an H200, docs/benchmarks.md "Trainer throughput").
     """
 
     def __init__(self, n_features: int, dead_tokens: int | None = None):
@@ -91,38 +96,63 @@ class DeadFeatureClock(nn.Module):
         self.dead_tokens = DEAD_WINDOW_TOKENS if dead_tokens is None else dead_tokens
         self.count_every = DEAD_COUNT_EVERY
         self.register_buffer("tokens_since_fired", torch.zeros(n_features, dtype=torch.float64))
-        # The count in force (−1: none yet), checkpointed: a resumed run sizes AuxK with the count the
-        # uninterrupted run was using, not a fresh one, so it continues exactly.
+        # The count in force and the one taken at the last refresh (−1: none yet), both checkpointed: a
+        # resumed run sizes AuxK with the counts the uninterrupted run was using, so it continues exactly.
         self.register_buffer("count_in_force", torch.full((), -1, dtype=torch.int64))
+        self.register_buffer("count_taken", torch.full((), -1, dtype=torch.int64))
         self._count: int | None = None
+        self._taken_host: Tensor | None = None  # count_taken on its way to the host (pinned on CUDA)
+        self._taken_copied: torch.cuda.Event | None = None
 
     def fit_to_run(
         self, run_steps: int, step_tokens: int | None, run_fraction: float = DEAD_WINDOW_RUN_FRACTION
     ) -> None:
         """Scale the window to a run of `run_steps` steps of `step_tokens` tokens (None: unknown, the window
         stays) and `run_fraction` (`default_dead_window`); an explicit `dead_tokens` is kept. Counts are
-        refreshed at least twice per window."""
+        refreshed at least four times per window, so the count in force is at most half a window old."""
         if not self.explicit and step_tokens is not None:
             self.dead_tokens = default_dead_window(run_steps * step_tokens, step_tokens, run_fraction)
         if step_tokens is not None:
             window_steps = math.ceil(self.dead_tokens / step_tokens)
-            self.count_every = max(1, min(DEAD_COUNT_EVERY, window_steps // 2))
+            self.count_every = max(1, min(DEAD_COUNT_EVERY, window_steps // 4))
 
     def mask(self) -> Tensor:
         return self.tokens_since_fired >= self.dead_tokens
 
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        self._count, self._taken_host, self._taken_copied = None, None, None  # the loaded counts rule
+
     def count(self) -> int:
-        """Dead features on the host, counted (a GPU sync) only after `expire_count`."""
+        """The dead count in force, on the host (read from the device once, after a resume)."""
         if self._count is None:
             self._count = int(self.count_in_force)
-            if self._count < 0:
+            if self._count < 0:  # nothing in force yet (a new clock): count now
                 self._count = int(self.mask().sum())
                 self.count_in_force.fill_(self._count)
         return self._count
 
-    def expire_count(self) -> None:
-        self._count = None
-        self.count_in_force.fill_(-1)
+    def refresh_count(self) -> None:
+        """Bring the count taken at the previous refresh into force and take a new one, whose copy to the
+        host runs behind the GPU's queue. Waiting for the previous copy does not drain the queue: the GPU
+        passed that point `count_every` steps ago, or the host is that far ahead of it."""
+        if self._taken_host is not None:
+            if self._taken_copied is not None:
+                self._taken_copied.synchronize()
+            taken = int(self._taken_host)
+        else:  # a new clock or a resumed one: the taken count is read from the device once
+            taken = int(self.count_taken)
+        self._count = self.count() if taken < 0 else taken
+        self.count_in_force.fill_(self._count)
+        self.count_taken.copy_(self.mask().sum())
+        if self.count_taken.is_cuda:
+            if self._taken_host is None or self._taken_copied is None:
+                self._taken_host = torch.empty((), dtype=torch.int64, pin_memory=True)
+                self._taken_copied = torch.cuda.Event()
+            self._taken_host.copy_(self.count_taken, non_blocking=True)
+            self._taken_copied.record()
+        else:
+            self._taken_host, self._taken_copied = self.count_taken.clone(), None
 
     def dead(self) -> DeadFeatures:
         """What an SAE's `loss` reads."""
@@ -171,7 +201,8 @@ def upgrade_checkpoint(checkpoint: dict[str, Any], n_saes: int) -> None:
         legacy = state.pop(f"saes.{i}.tokens_since_fired", None)
         if legacy is not None:
             state.setdefault(f"clocks.{i}.tokens_since_fired", legacy)
-        state.setdefault(f"clocks.{i}.count_in_force", torch.full((), -1, dtype=torch.int64))
+        for buffer in ("count_in_force", "count_taken"):
+            state.setdefault(f"clocks.{i}.{buffer}", torch.full((), -1, dtype=torch.int64))
     loop = checkpoint.get("loops", {}).get("fit_loop", {})
     automatic = loop.get("epoch_loop.automatic_optimization.optim_progress", {}).get("optimizer", {})
     manual = loop.get("epoch_loop.manual_optimization.optim_step_progress")
