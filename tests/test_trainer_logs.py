@@ -19,6 +19,7 @@ from mmsae.trainer import SAEDataModule, SAEModule, SAESpec
 from mmsae.trainer.api import ResumableCSVLogger
 
 D, BATCH = 16, 32
+NEEDS_CUDA = "needs CUDA; CPU twin: test_rows_hold_the_metrics_of_the_step_they_are_labelled_with"
 
 
 def data() -> torch.Tensor:
@@ -138,3 +139,69 @@ def test_rows_stay_in_step_order_around_a_validation(tmp_path: Path) -> None:
     written = rows(tmp_path)
     assert [int(r["step"]) for r in written] == [0, 10, 20, 30, 40, 50, 54]
     assert written[-1]["val/sae/fvu"] and not written[-1]["train/sae/fvu"]
+
+
+class NoSyncWindow(L.Callback):
+    """Makes any host sync an error from the loop iteration that starts at step `start` to the end of the
+    one that reaches step `stop`: Lightning's loop, logging steps and progress bar included."""
+
+    def __init__(self, start: int, stop: int) -> None:
+        self.start, self.stop, self.steps_checked = start, stop, 0
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if self.start <= trainer.global_step < self.stop and torch.cuda.get_sync_debug_mode() == 0:
+            torch.cuda.set_sync_debug_mode("error")
+            self.first = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step >= self.stop and torch.cuda.get_sync_debug_mode() != 0:
+            torch.cuda.set_sync_debug_mode("default")
+            self.steps_checked = trainer.global_step - self.first
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NEEDS_CUDA)
+def test_logging_steps_never_sync_on_cuda(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With loggers and the progress bar on, no step from 20 to 100 reads the GPU, logging steps (every 10)
+    included. The dead-feature window is longer than the run, and the host-side dead count is refreshed every
+    100 steps: that read is `mmsae.trainer.state`'s matter, outside this window."""
+    logged: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
+    real = SAEModule._log_train
+
+    def log_train(self: SAEModule, logs: dict[str, torch.Tensor]) -> None:
+        # Clones on the device (a graph replay overwrites its outputs): recording them reads nothing back.
+        logged.append((self._step_t.clone(), {k: v.detach().clone() for k, v in logs.items()}))
+        real(self, logs)
+
+    monkeypatch.setattr(SAEModule, "_log_train", log_train)
+    L.seed_everything(0)
+    spec = SAESpec(n_features=256, k=8, options={"dead_tokens": 10**12})
+    module = SAEModule([spec], warmup_steps=3, cuda_graphs=True)
+    window = NoSyncWindow(20, 100)
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="gpu",
+        devices=1,
+        precision="bf16-mixed",
+        logger=loggers(tmp_path),
+        log_every_n_steps=10,
+        callbacks=[window],
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    x = SyntheticActivations(d=64, n_directions=512, mean_active=4, seed=0).sample(120 * 256)
+    try:
+        trainer.fit(module, datamodule=SAEDataModule(x, tokens=120 * 256, batch_size=256), weights_only=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert window.steps_checked >= 80 and trainer.global_step == 120
+    assert module._graphed is not None and module._graphed.replays > 0
+    assert isinstance(trainer.progress_bar_metrics["fvu"], float)
+    # The rows are still those of the steps that made the metrics, with their values.
+    made = {int(step): metrics for step, metrics in logged}
+    written = rows(tmp_path)
+    assert [int(r["step"]) for r in written] == sorted(made) == list(range(0, 120, 10))
+    for r in written:
+        for key, value in made[int(r["step"])].items():
+            assert float(r[key]) == float(value), (r["step"], key)
