@@ -42,6 +42,7 @@ from mmsae.trainer.iterations import (
     count_replayed_step,
     run_steps,
 )
+from mmsae.trainer.logs import DeferredMetrics
 from mmsae.trainer.optim import WarmupDecay, keeps_unit_rows, make_optimizer
 from mmsae.trainer.state import DeadFeatureClock, check_resume, fit_to_run, run_config, upgrade_checkpoint
 
@@ -207,6 +208,10 @@ class SAEModule(L.LightningModule):
         cfg.hook = cfg.hook or known.get("hook")
         cfg.encoder = cfg.encoder or known.get("encoder")
         cfg.site = site
+
+    def configure_callbacks(self) -> L.Callback:
+        self._logs = DeferredMetrics(f"train/{self.names[0]}/fvu")  # the training metrics', for each run
+        return self._logs
 
     def configure_optimizers(self) -> dict[str, Any]:
         total = run_steps(self.trainer, self._steps_per_iteration)
@@ -374,13 +379,8 @@ class SAEModule(L.LightningModule):
                 logs.update({f"train/{name}/{k}": v.float() for k, v in values.items()})
         return total, fired, logs
 
-    def _log_train(self, logs: dict[str, Tensor]) -> None:
-        logs["train/skipped_rows"] = self.skipped_rows.float()
-        self.log_dict(logs, on_step=True, prog_bar=False)
-        # A host tensor: Lightning converts progress-bar values with .item() on every step, even between
-        # logging steps (a stream sync each time for a GPU tensor), and it makes a Python float a tensor on
-        # the module's device.
-        self.log("fvu", logs[f"train/{self.names[0]}/fvu"].cpu(), prog_bar=True, logger=False)
+    def _log_train(self, logs: dict[str, Tensor]) -> None:  # of the step just taken, with no host sync
+        self._logs.record(self, logs | {"train/skipped_rows": self.skipped_rows}, self.global_step - 1)
 
     @torch.no_grad()
     def _update_dead(self, fired: list[Tensor], n_rows: int) -> None:
