@@ -177,11 +177,13 @@ def test_default_lr_cap_grows_with_batches_above_4096_tokens() -> None:
 
 def test_default_lr_cap_grows_in_runs_of_fewer_than_250_steps() -> None:
     """At 122 steps on DINOv2-S tokens 7× left held-out FVU 3.9 % above 10× (0.2249 against 0.2165, no
-    feature dead at either): runs under 250 steps raise the cap by √(250 / steps), at most twice."""
+    feature dead at either): runs under 250 steps raise the cap by √(250 / steps), at most twice. Batches
+    above 4096 tokens keep their own raise where it is larger (30 steps at batch 16384 and 28× lost 1 %)."""
     gao = default_lr(32)
     assert default_lr(32, 122) == pytest.approx(7 * math.sqrt(250 / 122) * gao)
-    assert default_lr(32, 30, 16384) == pytest.approx(28 * gao)
     assert default_lr(32, 10) == default_lr(32, 62) == pytest.approx(14 * gao)
+    assert default_lr(32, 30, 16384) == default_lr(32, 250, 16384) == pytest.approx(14 * gao)
+    assert default_lr(32, 122, 8192) == pytest.approx(7 * math.sqrt(250 / 122) * gao)
     trainer = fit(
         SAEModule([SAESpec(n_features=32, k=2)]),
         SAEDataModule(acts(4 * 8192), tokens=4 * 8192, batch_size=8192),

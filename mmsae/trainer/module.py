@@ -318,9 +318,7 @@ class SAEModule(L.LightningModule):
             logs = self._graphed(batch_BD, key, metrics=log_now)
             if not self._graphed.ran_step_fn:
                 count_replayed_step(self.optimizers())
-            logs = (
-                {k: v.clone() for k, v in logs.items()} if log_now else {}
-            )  # the next replay overwrites them
+            # Static outputs, which the next replay overwrites: `_log_train` copies them before it, in order.
         self.lr_schedulers().step()
         if log_now:
             self._log_train(logs)
