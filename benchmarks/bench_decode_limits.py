@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from timing import sync
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling; `-P` leaves the script's folder out
 from bench_extract import JPEG_QUALITY, SHORT_SIDE, write_jpegs
@@ -67,22 +68,17 @@ class Rate:
         return f"| {self.section} | {self.what} | {self.images_per_s:,.0f} | {self.note} |"
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def rate_of(
     fn: Callable[[object], object], items: Sequence[object], device: torch.device, warm: int = 1
 ) -> float:
     """items/s of `fn` over `items`, after `warm` untimed calls (first-call costs: handles, caches)."""
     for item in items[:warm]:
         fn(item)
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     for item in items:
         fn(item)
-    _sync(device)
+    sync(device)
     return len(items) / (time.perf_counter() - start)
 
 
@@ -158,11 +154,11 @@ def steady_rate(batches: Iterable[object], batch: int, device: torch.device, war
     start, n = time.perf_counter(), 0
     for b, _ in enumerate(batches):
         if b == warm - 1:
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
         elif b >= warm:
             n += batch
-    _sync(device)
+    sync(device)
     return n / (time.perf_counter() - start)
 
 

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from timing import sync
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_extract import JPEG_QUALITY, write_jpegs  # a sibling script
@@ -51,16 +52,11 @@ from mmsae.inputs import input_batches, probe_image
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     out = fn()
-    _sync(device)
+    sync(device)
     return time.perf_counter() - start, out
 
 

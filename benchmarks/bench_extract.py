@@ -35,6 +35,7 @@ from typing import ClassVar
 
 import torch
 from PIL import Image
+from timing import sync
 
 from mmsae.datasets.images import ExampleDataset, ImageFolder, RandomCrops, SkimagePhotos
 from mmsae.encoders import Encoder, get_encoder
@@ -150,16 +151,11 @@ def write_jpegs(root: Path, n: int, short_side: int = SHORT_SIDE) -> ImageFolder
     return ImageFolder(root)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def timed(fn: Callable[[], object], device: torch.device) -> float:
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     fn()
-    _sync(device)
+    sync(device)
     return time.perf_counter() - start
 
 
@@ -246,7 +242,7 @@ def extract_rate(
         progress=False,
         decode=decode,
     )
-    _sync(encoder.device)
+    sync(encoder.device)
     return len(dataset) / (time.perf_counter() - start), store
 
 

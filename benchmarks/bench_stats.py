@@ -11,7 +11,9 @@ chunks under inference_mode; the ratio column is stats / encode.
     python benchmarks/bench_stats.py --small                          # CPU smoke run, tiny sizes
 
 `--profile` then profiles one pass at the last chunk size: its wall time against the sum of its GPU kernels
-(a wall time well above it: the pass waits on the host's launches) and the top kernels.
+(a wall time well above it: the pass waits on the host's launches) and the top kernels. `--limits` times what
+bounds any exact encode of one chunk of the last size on this machine: the encoder GEMM alone (cuBLAS in the
+SAE's dtype, with and without the bias; fp8 e4m3 where the device has it) and torch.topk on its output.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from timing import sync
 
 from mmsae.analysis import StatsConfig, feature_stats
 from mmsae.encoders.base import TokenActs
@@ -30,17 +33,12 @@ from mmsae.sae import build_sae
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(fn: Callable[[], object], device: torch.device) -> float:
     """Seconds of one call, the device drained before and after."""
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     fn()
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t0
 
 
@@ -65,6 +63,38 @@ def profile_pass(fn: Callable[[], object], device: torch.device, tokens: int) ->
         f"one pass: wall {1e3 * wall:.0f} ms ({tokens / wall / 1e6:.2f} M tok/s), GPU kernels "
         f"{kernel_ms(events):.0f} ms (profiled pass)\n{table}"
     )
+
+
+def encode_limits(args: argparse.Namespace, device: torch.device) -> None:
+    """ms per chunk of the encoder GEMM alone and of torch.topk on its output: an exact encode's floor."""
+    dtype, chunk = DTYPES[args.dtype], args.chunks[-1]
+    x = torch.randn(chunk, args.d, device=device, dtype=dtype)
+    w, b = (
+        torch.randn(args.n, args.d, device=device, dtype=dtype),
+        torch.randn(args.n, device=device, dtype=dtype),
+    )
+    flop = 2 * chunk * args.d * args.n
+
+    def report(name: str, fn: Callable[[], object]) -> None:
+        fn()
+        seconds = min(timed(fn, device) for _ in range(5))
+        print(f"{name:<34} {seconds * 1e3:8.3f} ms  {flop / seconds / 1e12:6.0f} TFLOP/s", flush=True)
+
+    print(f"\nencode limits, chunk {chunk}, d={args.d}, n={args.n}, {args.dtype}:")
+    report("GEMM x·Wᵀ", lambda: x @ w.T)
+    report("GEMM x·Wᵀ + b (F.linear)", lambda: torch.nn.functional.linear(x, w, b))
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9):
+        x8, w8 = x.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)
+        one = torch.ones((), device=device)
+        report(
+            "GEMM fp8 e4m3 (_scaled_mm)",
+            lambda: torch._scaled_mm(x8, w8.T, scale_a=one, scale_b=one, out_dtype=dtype),
+        )
+    else:
+        print("GEMM fp8 e4m3: not on this device")
+    pre = x @ w.T
+    seconds = min(timed(lambda: torch.topk(pre, args.k, dim=-1), device) for _ in range(5))
+    print(f"{'torch.topk of the GEMM output':<34} {seconds * 1e3:8.3f} ms")
 
 
 def make_batches(args: argparse.Namespace, device: torch.device) -> list[TokenActs]:
@@ -145,6 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--plain", action="store_true", help="bare [N, D] tensors (needs --tokens-per-example 1)")
     p.add_argument("--small", action="store_true", help="CPU smoke run: d=64, n=1024, k=8, 16k tokens")
     p.add_argument("--profile", action="store_true", help="profile one pass at the last chunk size")
+    p.add_argument("--limits", action="store_true", help="also time the encoder GEMM and topk alone")
     args = p.parse_args(argv)
     if args.plain and args.tokens_per_example != 1:
         p.error("--plain batches hold one example per token: drop --tokens-per-example.")
@@ -152,6 +183,8 @@ def main(argv: list[str] | None = None) -> None:
         args.device, args.dtype, args.d, args.n, args.k = "cpu", "fp32", 64, 1024, 8
         args.tokens, args.batch, args.chunks = 16384, 4096, [512, 2048]
     run(args)
+    if args.limits:
+        encode_limits(args, torch.device(args.device))
 
 
 if __name__ == "__main__":

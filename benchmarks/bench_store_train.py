@@ -31,7 +31,8 @@ import torch
 from bench_extract import write_jpegs
 from bench_sae_step import Size
 from bench_stats import kernel_ms
-from bench_train import _sync, train_rate
+from bench_train import train_rate
+from timing import sync
 
 import mmsae
 from mmsae.encoders import get_encoder
@@ -70,11 +71,11 @@ def loader_rate(store: object, args: argparse.Namespace) -> float:
 
     def seconds(n_batches: int) -> float:
         batches = source.global_batches(args.batch_size, seed=0, n_tokens=n_batches * args.batch_size)
-        _sync()
+        sync()
         start = time.perf_counter()
         for _ in itertools.islice(batches, n_batches):
             pass
-        _sync()
+        sync()
         return time.perf_counter() - start
 
     short, long = args.steps

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from bench_sae_step import Size, bench_impl
+from timing import sync
 
 import mmsae
 from mmsae.staging import RowScreen, stage_budget
@@ -30,11 +31,6 @@ from mmsae.trainer.data import TokenBudget, as_source
 SIZES = [Size(768, 16384, 32, 4096), Size(768, 16384, 32, 16384)]
 STEP_IMPLS = ("mmsae_graph", "mmsae_trainer_step")
 """Steps timed alone (bench_sae_step): the bare graphed step and the trainer's graphed step."""
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def train_rate(
@@ -57,10 +53,10 @@ def train_rate(
     mmsae.train(data, tokens=10 * s.B, **kwargs)
     seconds = []
     for n_steps in steps:
-        _sync()
+        sync()
         start = time.perf_counter()
         mmsae.train(data, tokens=n_steps * s.B, **kwargs)
-        _sync()
+        sync()
         seconds.append(time.perf_counter() - start)
     return (steps[1] - steps[0]) * s.B / (seconds[1] - seconds[0])
 

@@ -21,7 +21,13 @@ def test_kernel_total_counts_device_events_only() -> None:
     assert bench.kernel_ms(events) == 2.0
 
 
-def test_small_run_with_profile() -> None:
-    out = run_benchmark("bench_stats", "--small", "--profile")
+def test_small_run_with_profile_and_limits() -> None:
+    out = run_benchmark("bench_stats", "--small", "--profile", "--limits")
     assert "one pass: wall" in out and "GPU kernels 0 ms" in out  # no GPU here: no kernels
     assert len([line for line in out.splitlines() if line.strip().startswith(("512", "2048"))]) == 2
+    limits = out.split("encode limits, chunk 2048")[1].splitlines()
+    assert [line.split(" ms")[0].rsplit(None, 1)[0].strip() for line in limits if " ms" in line] == [
+        "GEMM x·Wᵀ",
+        "GEMM x·Wᵀ + b (F.linear)",
+        "torch.topk of the GEMM output",
+    ]
