@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from mmsae import cli
@@ -109,3 +110,47 @@ def test_external_subcommands_dispatch_lazily(
     monkeypatch.setitem(cli.EXTERNAL_COMMANDS, "index", ("mmsae.no_such_module", False, "x"))
     assert cli.main(["index", "build"]) == 2
     assert "cannot import mmsae.no_such_module" in capsys.readouterr().err
+
+
+def test_fit_rerun_of_a_finished_run_from_last_trains_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """5 steps, checkpoints every 2: last.ckpt is written at the end too, so rerunning the finished command
+    with `--ckpt_path last` resumes at step 5 and trains nothing (it retrained step 4 and rewrote the SAE)."""
+    from mmsae.trainer import SAEModule
+    from mmsae.trainer.cli import SAECLI
+
+    steps: list[int] = []
+    train_step = SAEModule._train_step
+
+    def counted(self: SAEModule, batch_BD: torch.Tensor) -> None:
+        steps.append(self.global_step)
+        train_step(self, batch_BD)
+
+    monkeypatch.setattr(SAEModule, "_train_step", counted)
+    monkeypatch.chdir(tmp_path)
+    checkpoint = (
+        "{class_path: ModelCheckpoint, init_args: {dirpath: ckpt, every_n_train_steps: 2, save_last: true}}"
+    )
+    args = [
+        "fit",
+        "--model.saes=[{arch: topk, n_features: 32, k: 4}]",
+        "--model.warmup_steps=2",
+        f"--model.out_dir={tmp_path / 'saes'}",
+        "--data.source={synthetic: {d: 16, n_directions: 64, mean_active: 3}}",
+        "--data.tokens=320",
+        "--data.batch_size=64",
+        "--trainer.max_epochs=1",
+        "--trainer.accelerator=cpu",
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.callbacks=[{checkpoint}]",
+        "--ckpt_path=last",
+    ]
+    SAECLI(args=args, save_config_callback=None)
+    assert steps == [0, 1, 2, 3, 4]
+    exported = sorted((tmp_path / "saes" / "sae").iterdir())
+    before = [(p.read_bytes(), p.stat().st_mtime_ns) for p in exported]
+    SAECLI(args=args, save_config_callback=None)
+    assert steps == [0, 1, 2, 3, 4]
+    assert [(p.read_bytes(), p.stat().st_mtime_ns) for p in exported] == before

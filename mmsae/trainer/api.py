@@ -75,8 +75,9 @@ def train(
     `data` is anything `mmsae.trainer.sources.as_source` accepts (tensor, array, memmap, iterable of batches,
     activation store or its path, {'synthetic': {...}}). `sae_kwargs` are options of the architecture
     (e.g. aux_k=256). With `out_dir`, the SAE is written to `out_dir/<hook or 'sae'>/`, TensorBoard/CSV logs
-    and a resumable checkpoint every `checkpoint_every` steps go there too (rerun with the same settings to
-    resume: the CSV log keeps growing; other settings are refused by name); without it nothing is written.
+    and a resumable checkpoint every `checkpoint_every` steps and at the end go there too (rerun with the same
+    settings to resume: the CSV log keeps growing; a finished run trains nothing, leaves its files as they are
+    and returns its SAE; other settings are refused by name); without it nothing is written.
     `cuda_graphs` replays each step as one CUDA graph (None: wherever possible; see `SAEModule`); `stage`
     keeps the data (a store: its shuffle buffer) on the GPU (None: when it fits in a quarter of the free
     memory; see `SAEDataModule`). `steps_per_iteration` optimizer steps run per Lightning loop iteration

@@ -43,7 +43,8 @@ set_loader(PARSER_MODE, load_yaml, exceptions=(yaml.YAMLError,))
 
 
 class SAECLI(LightningCLI):
-    """`mmsae fit|validate`; run resumes with `--ckpt_path last` (needs a ModelCheckpoint with save_last)."""
+    """`mmsae fit|validate`; run resumes with `--ckpt_path last` (needs a ModelCheckpoint with save_last; its
+    last checkpoint is written at the end of training too, so a finished run resumed so trains nothing)."""
 
     def __init__(self, **kwargs: Any):
         kwargs.setdefault("parser_kwargs", {"parser_mode": PARSER_MODE})

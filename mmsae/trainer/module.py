@@ -32,6 +32,7 @@ from mmsae.metrics import l0_tensor
 from mmsae.sae import SAE, build_sae, default_lr, fired_mask, get_sae_class, normalized_mse
 from mmsae.staging import RowScreen, finite_rows_mask
 from mmsae.trainer.data import SAEDataModule, first_batches
+from mmsae.trainer.finish import FinalCheckpoint
 from mmsae.trainer.graphs import GraphedStep, graph_blocker, graphed_step_for_run
 from mmsae.trainer.iterations import (
     as_batches,
@@ -209,9 +210,9 @@ class SAEModule(L.LightningModule):
         cfg.encoder = cfg.encoder or known.get("encoder")
         cfg.site = site
 
-    def configure_callbacks(self) -> L.Callback:
+    def configure_callbacks(self) -> list[L.Callback]:
         self._logs = DeferredMetrics(f"train/{self.names[0]}/fvu")  # the training metrics', for each run
-        return self._logs
+        return [self._logs, FinalCheckpoint()]  # last.ckpt at the final step: a rerun trains nothing
 
     def configure_optimizers(self) -> dict[str, Any]:
         total = run_steps(self.trainer, self._steps_per_iteration)
