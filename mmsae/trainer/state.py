@@ -86,8 +86,9 @@ class DeadFeatureClock(nn.Module):
     never matter. The trainer advances it every step and calls `refresh_count` every `count_every` steps; the
     mask itself is always current, and the host-side count that sizes AuxK (`count`) is the one taken at the
     refresh before: it reaches the host by an asynchronous copy, so the host never waits for the GPU for it
-    (a wait drains the GPU's queue, which then idles through the host's loop: at a refresh every 9 steps that
-    cost a quarter of the trainer's time at batch 4096 on an H200, docs/benchmarks.md "Trainer throughput").
+    (a wait drains the GPU's queue, which then idles through the host's loop: with a refresh every 9 steps
+    the trainer ran at 0.77 of its own graphed step at batch 4096 on an H200, without the wait at 0.86;
+    docs/benchmarks.md "Trainer throughput").
     """
 
     def __init__(self, n_features: int, dead_tokens: int | None = None):
