@@ -72,6 +72,17 @@ def weighted_l1(acts_BN: Tensor, W_dec_ND: Tensor) -> Tensor:
     return (acts_BN.float() * W_dec_ND.float().norm(dim=-1)).sum(-1).mean()
 
 
+def batch_l0(active_BN: Tensor) -> Tensor:
+    """Features with active_BN > 0 per token, averaged over the batch, in fp32; over all ranks' tokens under
+    DDP, so that every rank moves λ alike (each rank's own L0 let their λ drift apart)."""
+    fired = (active_BN > 0).float().sum()
+    tokens = torch.full((), active_BN.shape[0], dtype=torch.float32, device=active_BN.device)  # no host copy
+    stats = torch.stack([fired, tokens])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(stats)
+    return stats[0] / stats[1]
+
+
 @register("relu")
 class ReLUSAE(SAE):
     """f = relu(W_enc(x − b_dec) + b_enc); loss = normalised MSE + λ(step) Σ_i f_i ‖W_dec,i‖."""
@@ -116,8 +127,7 @@ class ReLUSAE(SAE):
         only after λ's warm-up: while the weights cannot yet follow, an integral would only wind up."""
         if self.cfg.target_l0 is None or not self.training:
             return
-        l0 = (active_BN > 0).float().sum(-1).mean()
-        error = (l0 / self.cfg.target_l0).log().clamp(-1.0, 1.0)  # log(0) = −inf clips to −1
+        error = (batch_l0(active_BN) / self.cfg.target_l0).log().clamp(-1.0, 1.0)  # log(0) = −inf clips to −1
         previous = torch.where(self.l0_error.isnan(), error, self.l0_error)
         rate = L0_ADAPT_RATE_UNKNOWN_RUN if self.cfg.l0_adapt_rate is None else self.cfg.l0_adapt_rate
         move = rate * error + self.cfg.l0_damping * (error - previous)
@@ -137,4 +147,4 @@ class ReLUSAE(SAE):
         return LossOutput(loss, {"mse": mse.detach(), "l1": l1.detach()})
 
 
-__all__ = ["ReLUConfig", "ReLUSAE", "weighted_l1"]
+__all__ = ["ReLUConfig", "ReLUSAE", "batch_l0", "weighted_l1"]
