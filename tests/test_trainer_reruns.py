@@ -165,9 +165,28 @@ def test_resumable_csv_logger_appends_across_runs(tmp_path: Path) -> None:
     assert lines[0] == "auxk,fvu,step" and [line.split(",")[-1] for line in lines[1:]] == list("01234")
 
 
-def test_truncated_last_checkpoint_names_the_file_and_the_fix(tmp_path: Path) -> None:
-    small_run(tmp_path)
+def test_a_truncated_last_checkpoint_resumes_from_the_newest_readable_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kill while last.ckpt was written leaves it truncated: the rerun resumes from the periodic checkpoint
+    beside it and ends where the uninterrupted run ended (it stopped with an error that told users to pass a
+    ckpt_path, which `mmsae.train` does not take)."""
+    first = small_run(tmp_path, **UNEVEN)
     last = tmp_path / "checkpoints" / "last.ckpt"
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
-    with pytest.raises(ValueError, match=r"last\.ckpt: the checkpoint is truncated or corrupt.*Delete it"):
+    steps = count_steps(monkeypatch)
+    with pytest.warns(UserWarning, match=r"last\.ckpt is truncated or corrupt.*epoch=0-step=48\.ckpt"):
+        again = small_run(tmp_path, **UNEVEN)
+    assert steps == [48, 49, 50]  # the steps after the periodic checkpoint, trained again
+    assert_same_sae(again, first)
+    assert torch.load(last, weights_only=True)["global_step"] == 51  # rewritten whole
+
+
+def test_no_readable_checkpoint_left_is_named_with_the_way_out(tmp_path: Path) -> None:
+    small_run(tmp_path)
+    for path in (tmp_path / "checkpoints").glob("*.ckpt"):
+        path.write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(
+        ValueError, match=r"Cannot resume from .*last\.ckpt.*or delete .*checkpoints to start"
+    ):
         small_run(tmp_path)

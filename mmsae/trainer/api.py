@@ -18,7 +18,7 @@ from mmsae.legacy_names import legacy_kwargs
 from mmsae.sae import SAE
 from mmsae.trainer.data import SAEDataModule
 from mmsae.trainer.module import SAEModule, SAESpec
-from mmsae.trainer.state import check_readable
+from mmsae.trainer.state import resume_point
 
 
 class _AppendingWriter(ExperimentWriter):
@@ -76,8 +76,9 @@ def train(
     activation store or its path, {'synthetic': {...}}). `sae_kwargs` are options of the architecture
     (e.g. aux_k=256). With `out_dir`, the SAE is written to `out_dir/<hook or 'sae'>/`, TensorBoard/CSV logs
     and a resumable checkpoint every `checkpoint_every` steps and at the end go there too (rerun with the same
-    settings to resume: the CSV log keeps growing; a finished run trains nothing, leaves its files as they are
-    and returns its SAE; other settings are refused by name); without it nothing is written.
+    settings to resume, from the newest readable checkpoint where a kill truncated last.ckpt: the CSV log
+    keeps growing; a finished run trains nothing, leaves its files as they are and returns its SAE; other
+    settings are refused by name); without it nothing is written.
     `cuda_graphs` replays each step as one CUDA graph (None: wherever possible; see `SAEModule`); `stage`
     keeps the data (a store: its shuffle buffer) on the GPU (None: when it fits in a quarter of the free
     memory; see `SAEDataModule`). `steps_per_iteration` optimizer steps run per Lightning loop iteration
@@ -98,8 +99,7 @@ def train(
     )
     with tempfile.TemporaryDirectory() as scratch:
         logging = out_dir is not None
-        if logging:
-            check_readable(Path(out_dir) / "checkpoints" / "last.ckpt")
+        resume = resume_point(Path(out_dir) / "checkpoints") if logging else None
         trainer = L.Trainer(
             max_epochs=1,
             devices=devices,
@@ -123,5 +123,5 @@ def train(
             if logging
             else None,
         )
-        trainer.fit(module, datamodule=datamodule, ckpt_path="last" if logging else None, weights_only=True)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
     return module.folded_sae(0)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from mmsae.legacy_names import module_getattr
@@ -238,9 +239,31 @@ def check_readable(ckpt_path: str | Path) -> None:
         raise ValueError(
             f"Cannot resume from {path}: the checkpoint is truncated or corrupt ({type(e).__name__}: "
             f"{str(e).splitlines()[0]}); a kill while it was written? Delete it and resume from another "
-            f"checkpoint in {path.parent} (pass its path as ckpt_path), or delete {path.parent} to start the "
-            "run over."
+            f"checkpoint in {path.parent} (`--ckpt_path PATH` on the command line; `mmsae.train` takes the "
+            f"newest readable one itself), or delete {path.parent} to start the run over."
         ) from e
+
+
+def resume_point(checkpoints: Path) -> str:
+    """What a rerun into a run's folder resumes from: "last" (its last.ckpt; a new run where there is none)
+    or, where a kill truncated last.ckpt, the newest readable checkpoint beside it, with a warning."""
+    last = checkpoints / "last.ckpt"
+    try:
+        check_readable(last)
+        return "last"
+    except ValueError as unreadable:
+        others = [p for p in checkpoints.glob("*.ckpt") if p.name != last.name]
+        for path in sorted(others, key=lambda p: p.stat().st_mtime_ns, reverse=True):
+            try:
+                check_readable(path)
+            except ValueError:
+                continue
+            rank_zero_warn(
+                f"mmsae: {last} is truncated or corrupt (a kill while it was written?): resuming from "
+                f"{path}, the newest readable checkpoint; the steps after it are trained again."
+            )
+            return str(path)
+        raise unreadable
 
 
 __getattr__ = module_getattr(__name__)  # old public names (mmsae.legacy_names)
