@@ -134,11 +134,22 @@ class BatchTopKSAE(TopKSAE):
         # fp32 whatever the autocast dtype, and no host sync: a batch with nothing positive leaves θ alone.
         with torch.autocast(device_type=kept_scores.device.type, enabled=False):
             kept = kept_scores.float()
-            batch_min = kept.masked_fill(kept <= 0, float("inf")).min()
+            batch_min = ranks_mean(kept.masked_fill(kept <= 0, float("inf")).min())
             decay = self.cfg.threshold_decay
             ema = self.threshold.lerp(batch_min, 1.0 - (DEFAULT_THRESHOLD_DECAY if decay is None else decay))
             ema = torch.where(self.threshold > 0, ema, batch_min)
             self.threshold.copy_(torch.where(batch_min.isfinite(), ema, self.threshold))
+
+
+def ranks_mean(value: Tensor) -> Tensor:
+    """The mean of a scalar's finite values over DDP's ranks (inf where none is finite); the value itself in
+    one process. Every rank then keeps the same θ (each rank's own batch minimum let them drift apart)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    finite = value.isfinite()
+    stats = torch.stack([torch.where(finite, value, torch.zeros_like(value)), finite.float()])
+    torch.distributed.all_reduce(stats)
+    return torch.where(stats[1] > 0, stats[0] / stats[1].clamp_min(1), torch.full_like(value, float("inf")))
 
 
 __all__ = ["DEFAULT_THRESHOLD_DECAY", "BatchTopKConfig", "BatchTopKSAE"]
