@@ -17,6 +17,7 @@ from mmsae.sae.base import (
     linear_warmup,
     normalized_mse,
     register,
+    sum_over_ranks,
 )
 
 DEFAULT_L1_WARMUP_STEPS = 2000
@@ -77,9 +78,7 @@ def batch_l0(active_BN: Tensor) -> Tensor:
     DDP, so that every rank moves λ alike (each rank's own L0 let their λ drift apart)."""
     fired = (active_BN > 0).float().sum()
     tokens = torch.full((), active_BN.shape[0], dtype=torch.float32, device=active_BN.device)  # no host copy
-    stats = torch.stack([fired, tokens])
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(stats)
+    stats = sum_over_ranks(torch.stack([fired, tokens]))
     return stats[0] / stats[1]
 
 
