@@ -7,6 +7,7 @@ import os
 import shlex
 import subprocess
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -110,6 +111,36 @@ class FailAt(ExampleDataset):
 
 def file_tree(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def ddp_rank_states(
+    tmp_path: Path, module: str, tokens: int, setup: str = "", extra: str = "{}", timeout: float = 120
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Each rank's state dict after training the `SAEModule` that the expression `module` makes with
+    strategy='ddp' over gloo: two CPU processes, each reading other rows of a 4096 × 8 array, `tokens` tokens
+    in batches of 32. `setup` runs before (imports, spies); `extra` is a dict expression evaluated after
+    training whose entries join the state."""
+    script = tmp_path / "ddp_run.py"
+    script.write_text(
+        "import lightning as L, torch\n"
+        "from mmsae.trainer import SAEDataModule, SAEModule, SAESpec\n"
+        "torch.set_num_threads(1)\n"
+        + textwrap.dedent(setup)
+        + textwrap.dedent(f"""
+        x = torch.randn(4096, 8)
+        module = {module}
+        trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp", logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(module, datamodule=SAEDataModule(x, tokens={tokens}, batch_size=32))
+        state = {{**module.state_dict(), **({extra})}}
+        torch.save(state, r"{tmp_path}/rank" + str(trainer.global_rank) + ".pt")
+    """)
+    )
+    subprocess.run(
+        [sys.executable, str(script)], check=True, timeout=timeout, capture_output=True, cwd=tmp_path
+    )
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    return rank0, rank1
 
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"

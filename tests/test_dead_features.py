@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from conftest import ddp_rank_states
 
 import mmsae
 from mmsae import metrics
@@ -44,32 +42,20 @@ def test_archetypal_anchors_come_from_more_than_the_first_batch(monkeypatch: pyt
 def test_ddp_ranks_start_from_the_same_archetypal_anchors(tmp_path: Path) -> None:
     """strategy='ddp' over gloo, each rank reading other rows: anchors, C, Λ and W_enc equal on both ranks,
     also after dead features were re-anchored (a 64-token dead window: one step of both ranks)."""
-    script = tmp_path / "ddp_run.py"
-    script.write_text(
-        textwrap.dedent(f"""
-        import lightning as L, torch
+    setup = """
         from mmsae.sae import ArchetypalSAE
-        from mmsae.trainer import SAEDataModule, SAEModule, SAESpec
-        torch.set_num_threads(1)
         reanchored = []
         original = ArchetypalSAE.reanchor
         def spy(self, dead_N):
             reanchored.append(int(dead_N.sum()))
             original(self, dead_N)
         ArchetypalSAE.reanchor = spy
-        x = torch.randn(4096, 8)
-        options = {{"n_anchors": 16, "anchor_sample": 128, "dead_tokens": 64}}
-        spec = SAESpec("archetypal", n_features=64, k=2, options=options)
-        module = SAEModule([spec], warmup_steps=2, init_batches=1)
-        trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp", logger=False,
-                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-        trainer.fit(module, datamodule=SAEDataModule(x, tokens=8 * 64, batch_size=32))
-        state = {{**module.state_dict(), "reanchored": torch.tensor(reanchored)}}
-        torch.save(state, r"{tmp_path}/rank" + str(trainer.global_rank) + ".pt")
-    """)
-    )
-    subprocess.run([sys.executable, str(script)], check=True, timeout=120, capture_output=True, cwd=tmp_path)
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+        options = {"n_anchors": 16, "anchor_sample": 128, "dead_tokens": 64}
+    """
+    spec = 'SAESpec("archetypal", n_features=64, k=2, options=options)'
+    module = f"SAEModule([{spec}], warmup_steps=2, init_batches=1)"
+    extra = '{"reanchored": torch.tensor(reanchored)}'
+    rank0, rank1 = ddp_rank_states(tmp_path, module, tokens=8 * 64, setup=setup, extra=extra)
     assert rank0["reanchored"].sum() > 0, rank0["reanchored"]
     for key in ("saes.0.anchors", "saes.0.C", "saes.0.relax", "saes.0.W_enc", "saes.0.b_enc", "saes.0.b_dec"):
         assert torch.equal(rank0[key], rank1[key]), key

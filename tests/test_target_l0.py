@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import ddp_rank_states
 
 import mmsae
 from mmsae import metrics
@@ -70,23 +68,11 @@ def test_bad_target_l0_is_a_clear_error() -> None:
 def test_ddp_ranks_calibrate_lambda_alike(arch: str, tmp_path: Path) -> None:
     """strategy='ddp' over gloo, each rank reading other rows: λ follows the L0 of all ranks' tokens, so the
     controller's state (and every weight) is equal on both ranks; from each rank's own L0 it drifted apart."""
-    script = tmp_path / "ddp_run.py"
-    script.write_text(
-        textwrap.dedent(f"""
-        import lightning as L, torch
-        from mmsae.trainer import SAEDataModule, SAEModule, SAESpec
-        torch.set_num_threads(1)
-        x = torch.randn(4096, 8)
-        spec = SAESpec("{arch}", n_features=64, options={{"target_l0": 24, "l1_warmup_steps": 1}})
-        module = SAEModule([spec], warmup_steps=2, init_batches=2)
-        trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp", logger=False,
-                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-        trainer.fit(module, datamodule=SAEDataModule(x, tokens=12 * 64, batch_size=32))
-        torch.save(module.state_dict(), r"{tmp_path}/rank" + str(trainer.global_rank) + ".pt")
-    """)
+    options = {"target_l0": 24, "l1_warmup_steps": 1}
+    module = (
+        f"SAEModule([SAESpec({arch!r}, n_features=64, options={options!r})], warmup_steps=2, init_batches=2)"
     )
-    subprocess.run([sys.executable, str(script)], check=True, timeout=180, capture_output=True, cwd=tmp_path)
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    rank0, rank1 = ddp_rank_states(tmp_path, module, tokens=12 * 64, timeout=180)
     # A target near the ranks' L0 (~30 here): an error clipped to ±1 would move both ranks alike anyway.
     assert rank0["saes.0.l1_scale"] != 1.0
     for key in rank0:

@@ -5,15 +5,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
+from conftest import ddp_rank_states
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 import mmsae
@@ -367,23 +365,8 @@ def test_validate_fvu_in_float64_on_held_out_rows() -> None:
 
 def test_ddp_two_cpu_processes_share_dead_counters(tmp_path: Path) -> None:
     """strategy='ddp' over gloo: one input scale and identical (all-reduced) dead-feature clocks per rank."""
-    script = tmp_path / "ddp_run.py"
-    script.write_text(
-        textwrap.dedent(f"""
-        import lightning as L, torch
-        from mmsae.trainer import SAEDataModule, SAEModule, SAESpec
-        torch.set_num_threads(1)
-        x = torch.randn(4096, 8)
-        module = SAEModule([SAESpec(n_features=64, k=1)], warmup_steps=2, init_batches=2)
-        trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp", logger=False,
-                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-        trainer.fit(module, datamodule=SAEDataModule(x, tokens=12 * 64, batch_size=32))
-        torch.save({{k: v for k, v in module.state_dict().items()}},
-                   r"{tmp_path}/rank" + str(trainer.global_rank) + ".pt")
-    """)
-    )
-    subprocess.run([sys.executable, str(script)], check=True, timeout=120, capture_output=True, cwd=tmp_path)
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    module = "SAEModule([SAESpec(n_features=64, k=1)], warmup_steps=2, init_batches=2)"
+    rank0, rank1 = ddp_rank_states(tmp_path, module, tokens=12 * 64)
     assert rank0["tokens_seen"].item() == 12 * 64  # both ranks' tokens counted on each
     assert rank0["clocks.0.tokens_since_fired"].max() > 0  # with k=1 some features skip a step
     for key in rank0:
