@@ -75,10 +75,11 @@ def encode_limits(args: argparse.Namespace, device: torch.device) -> None:
     )
     flop = 2 * chunk * args.d * args.n
 
-    def report(name: str, fn: Callable[[], object]) -> None:
+    def report(name: str, fn: Callable[[], object], gemm: bool = True) -> None:
         fn()
         seconds = min(timed(fn, device) for _ in range(5))
-        print(f"{name:<34} {seconds * 1e3:8.3f} ms  {flop / seconds / 1e12:6.0f} TFLOP/s", flush=True)
+        rate = f"  {flop / seconds / 1e12:6.0f} TFLOP/s" if gemm else ""
+        print(f"{name:<34} {seconds * 1e3:8.3f} ms{rate}", flush=True)
 
     print(f"\nencode limits, chunk {chunk}, d={args.d}, n={args.n}, {args.dtype}:")
     report("GEMM x·Wᵀ", lambda: x @ w.T)
@@ -93,8 +94,7 @@ def encode_limits(args: argparse.Namespace, device: torch.device) -> None:
     else:
         print("GEMM fp8 e4m3: not on this device")
     pre = x @ w.T
-    seconds = min(timed(lambda: torch.topk(pre, args.k, dim=-1), device) for _ in range(5))
-    print(f"{'torch.topk of the GEMM output':<34} {seconds * 1e3:8.3f} ms")
+    report("torch.topk of the GEMM output", lambda: torch.topk(pre, args.k, dim=-1), gemm=False)
 
 
 def make_batches(args: argparse.Namespace, device: torch.device) -> list[TokenActs]:
