@@ -112,13 +112,10 @@ def test_external_subcommands_dispatch_lazily(
     assert "cannot import mmsae.no_such_module" in capsys.readouterr().err
 
 
-def test_fit_rerun_of_a_finished_run_from_last_trains_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """5 steps, checkpoints every 2: last.ckpt is written at the end too, so rerunning the finished command
-    with `--ckpt_path last` resumes at step 5 and trains nothing (it retrained step 4 and rewrote the SAE)."""
+def _counted_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], list[int]]:
+    """`mmsae fit` args for 5 steps with checkpoints every 2 into tmp_path/ckpt, resuming from `last`, and
+    the list that records each trained step."""
     from mmsae.trainer import SAEModule
-    from mmsae.trainer.cli import SAECLI
 
     steps: list[int] = []
     train_step = SAEModule._train_step
@@ -147,6 +144,17 @@ def test_fit_rerun_of_a_finished_run_from_last_trains_nothing(
         f"--trainer.callbacks=[{checkpoint}]",
         "--ckpt_path=last",
     ]
+    return args, steps
+
+
+def test_fit_rerun_of_a_finished_run_from_last_trains_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """last.ckpt is written at the end too, so rerunning the finished command with `--ckpt_path last` resumes
+    at step 5 and trains nothing (it retrained step 4 and rewrote the SAE)."""
+    from mmsae.trainer.cli import SAECLI
+
+    args, steps = _counted_fit(tmp_path, monkeypatch)
     SAECLI(args=args, save_config_callback=None)
     assert steps == [0, 1, 2, 3, 4]
     exported = sorted((tmp_path / "saes" / "sae").iterdir())
@@ -154,3 +162,20 @@ def test_fit_rerun_of_a_finished_run_from_last_trains_nothing(
     SAECLI(args=args, save_config_callback=None)
     assert steps == [0, 1, 2, 3, 4]
     assert [(p.read_bytes(), p.stat().st_mtime_ns) for p in exported] == before
+
+
+def test_fit_from_a_truncated_last_resumes_from_the_newest_readable_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kill while last.ckpt was written leaves it truncated: `--ckpt_path last` resumes from the periodic
+    checkpoint of step 4 beside it, as `mmsae.train` does (it stopped with an error)."""
+    from mmsae.trainer.cli import SAECLI
+
+    args, steps = _counted_fit(tmp_path, monkeypatch)
+    SAECLI(args=args, save_config_callback=None)
+    last = tmp_path / "ckpt" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    with pytest.warns(UserWarning, match=r"last\.ckpt is truncated or corrupt.*epoch=0-step=4\.ckpt"):
+        SAECLI(args=args, save_config_callback=None)
+    assert steps == [0, 1, 2, 3, 4, 4]
+    assert torch.load(last, weights_only=True)["global_step"] == 5  # rewritten whole

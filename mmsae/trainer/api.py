@@ -99,7 +99,7 @@ def train(
     )
     with tempfile.TemporaryDirectory() as scratch:
         logging = out_dir is not None
-        resume = resume_point(Path(out_dir) / "checkpoints") if logging else None
+        resume = resume_point(Path(out_dir) / "checkpoints" / "last.ckpt") if logging else None
         trainer = L.Trainer(
             max_epochs=1,
             devices=devices,

@@ -13,7 +13,7 @@ from lightning.pytorch.cli import LightningCLI
 from mmsae.legacy_names import RENAMED, warn_renamed
 from mmsae.trainer.data import SAEDataModule
 from mmsae.trainer.module import SAEModule
-from mmsae.trainer.state import check_readable
+from mmsae.trainer.state import check_readable, resume_point
 
 PARSER_MODE = "mmsae_yaml"
 
@@ -44,7 +44,8 @@ set_loader(PARSER_MODE, load_yaml, exceptions=(yaml.YAMLError,))
 
 class SAECLI(LightningCLI):
     """`mmsae fit|validate`; run resumes with `--ckpt_path last` (needs a ModelCheckpoint with save_last; its
-    last checkpoint is written at the end of training too, so a finished run resumed so trains nothing)."""
+    last checkpoint is written at the end of training too, so a finished run resumed so trains nothing, and
+    where a kill truncated it the run resumes from the newest readable checkpoint beside it)."""
 
     def __init__(self, **kwargs: Any):
         kwargs.setdefault("parser_kwargs", {"parser_mode": PARSER_MODE})
@@ -65,8 +66,10 @@ class SAECLI(LightningCLI):
         ckpt_path: str | None = None,
         weights_only: bool | None = None,
     ) -> None:
-        if ckpt_path is not None:
-            check_readable(self._resolve(ckpt_path))
+        if ckpt_path == "last" and (last := self._last_checkpoint()) is not None:
+            ckpt_path = resume_point(last)
+        elif ckpt_path is not None:
+            check_readable(ckpt_path)
         self.trainer.fit(
             model,
             datamodule=datamodule,
@@ -74,15 +77,12 @@ class SAECLI(LightningCLI):
             weights_only=True if weights_only is None else weights_only,
         )
 
-    def _resolve(self, ckpt_path: str) -> Path:
-        """Where `last` is, for a ModelCheckpoint with a set dirpath (as the shipped configs have)."""
-        if ckpt_path == "last":
-            for callback in self.trainer.checkpoint_callbacks:
-                if isinstance(callback, ModelCheckpoint) and callback.dirpath:
-                    return (
-                        Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
-                    )
-        return Path(ckpt_path)
+    def _last_checkpoint(self) -> Path | None:
+        """Where `last` is written, for a ModelCheckpoint with a set dirpath (as the shipped configs have)."""
+        for callback in self.trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+                return Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+        return None
 
     def validate(
         self,

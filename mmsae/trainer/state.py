@@ -239,20 +239,20 @@ def check_readable(ckpt_path: str | Path) -> None:
         raise ValueError(
             f"Cannot resume from {path}: the checkpoint is truncated or corrupt ({type(e).__name__}: "
             f"{str(e).splitlines()[0]}); a kill while it was written? Delete it and resume from another "
-            f"checkpoint in {path.parent} (`--ckpt_path PATH` on the command line; `mmsae.train` takes the "
-            f"newest readable one itself), or delete {path.parent} to start the run over."
+            f"checkpoint in {path.parent} (`--ckpt_path PATH`; `--ckpt_path last` and `mmsae.train` take the "
+            f"newest readable one themselves), or delete {path.parent} to start the run over."
         ) from e
 
 
-def resume_point(checkpoints: Path) -> str:
-    """What a rerun into a run's folder resumes from: "last" (its last.ckpt; a new run where there is none)
-    or, where a kill truncated last.ckpt, the newest readable checkpoint beside it, with a warning."""
-    last = checkpoints / "last.ckpt"
+def resume_point(last: Path) -> str:
+    """What a rerun into a run's folder resumes from, given where its last checkpoint is written: "last" (a
+    new run where there is none) or, where a kill truncated it, the newest readable checkpoint beside it,
+    with a warning."""
     try:
         check_readable(last)
         return "last"
     except ValueError as unreadable:
-        others = [p for p in checkpoints.glob("*.ckpt") if p.name != last.name]
+        others = [p for p in last.parent.glob("*.ckpt") if p.name != last.name]
         for path in sorted(others, key=lambda p: p.stat().st_mtime_ns, reverse=True):
             try:
                 check_readable(path)
