@@ -389,6 +389,10 @@ class SAE(nn.Module):
         """Set the variant's run-length defaults in its cfg once the trainer knows the run's length (ReLU's
         `target_l0` controller); none by default."""
 
+    def adam_restart_step(self) -> int | None:
+        """The step before which the trainer restarts Adam on this SAE's weights (`restart_adam`), or None."""
+        return None
+
     @torch.no_grad()
     def init_from_data(self, x: Tensor) -> None:
         """Data-dependent init from a sample [N, d]: b_dec at the geometric median."""

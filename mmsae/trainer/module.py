@@ -44,7 +44,7 @@ from mmsae.trainer.iterations import (
     run_steps,
 )
 from mmsae.trainer.logs import DeferredMetrics
-from mmsae.trainer.optim import WarmupDecay, keeps_unit_rows, make_optimizer
+from mmsae.trainer.optim import WarmupDecay, keeps_unit_rows, make_optimizer, restart_adam
 from mmsae.trainer.state import DeadFeatureClock, check_resume, fit_to_run, run_config, upgrade_checkpoint
 
 
@@ -309,6 +309,7 @@ class SAEModule(L.LightningModule):
             if step % clock.count_every == 0:
                 clock.refresh_count()  # host-side counts change here, outside any capture
         self._step_t.fill_(step)
+        restart_adam(self.optimizers(), self.saes, step)  # between steps, as a replay needs
         # Lightning's log() costs ~1 ms of Python per metric: eagerly, metrics are made only on logging steps.
         log_now = step % self.trainer.log_every_n_steps == 0
         if self._graphed is None:

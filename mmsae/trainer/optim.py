@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from mmsae.kernels.optim import Adam
 from mmsae.sae import SAE
@@ -80,3 +80,16 @@ def keeps_unit_rows(optimizer: torch.optim.Optimizer, sae: SAE) -> bool:
     return W_dec is not None and any(
         w is W_dec for g in optimizer.param_groups for w in g.get("unit_rows", ())
     )
+
+
+@torch.no_grad()
+def restart_adam(optimizer: torch.optim.Optimizer, saes: Sequence[SAE], step: int) -> None:
+    """Before `step`, zero Adam's state (moments, step counts) of each SAE whose `adam_restart_step` it is.
+    In place: a CUDA graph replays the step on these very tensors; and a checkpoint saved before `step`
+    restarts on resume as the uninterrupted run did."""
+    for sae in saes:
+        if sae.adam_restart_step() == step:
+            for p in sae.parameters():
+                for value in optimizer.state.get(p, {}).values():
+                    if isinstance(value, Tensor):
+                        value.zero_()
