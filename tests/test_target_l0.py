@@ -59,7 +59,11 @@ def test_calibration_moves_lambda_towards_the_target_damped_and_is_saved(tmp_pat
     assert sae.l1_coef_at(10).item() == pytest.approx(3 * 5 / 8)
     save_sae(sae, tmp_path / "sae")
     loaded = load_sae(tmp_path / "sae")
-    assert loaded.l1_scale.item() == 3.0 and loaded.l0_error.isnan()
+    assert loaded.l1_scale.item() == 3.0 and loaded.l0_error.item() == -1.0  # the damping's memory too
+    state = loaded.state_dict()
+    del state["l0_error"]  # as SAEs saved before it was kept
+    loaded.load_state_dict(state)
+    assert loaded.l0_error.isnan()
     plain = build_sae("relu", 8, 16).train()  # no target: no calibration, nothing extra in the checkpoint
     plain.calibrate(dense, step=10**6)
     assert plain.l1_scale.item() == 1.0 and "l1_scale" not in plain.state_dict()
@@ -92,15 +96,17 @@ def test_adam_restarts_when_lambdas_warmup_ends_and_on_resume_alike(arch: str, t
     assert steps == [12 - 5] * len(list(full.parameters()))  # restarted before step 5, once
     plain = run({"l1_warmup_steps": 5}, saves="plain")[1]  # no target: λ is fixed, and so is Adam
     assert {s["step"].item() for s in plain.optimizers[0].state_dict()["state"].values()} == {12}
-    # Saved after 3 steps: the resumed run makes the restart itself.
-    resumed, resumed_trainer = run(target, str(tmp_path / "ckpt" / "epoch=0-step=3.ckpt"))
-    for key, value in full.state_dict().items():
-        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
-    opt_full = full_trainer.optimizers[0].state_dict()["state"]
-    opt_resumed = resumed_trainer.optimizers[0].state_dict()["state"]
-    for i in opt_full:
-        for key in ("step", "exp_avg", "exp_avg_sq"):
-            torch.testing.assert_close(opt_resumed[i][key], opt_full[i][key], rtol=1e-5, atol=1e-9)
+    # Saved after 3 steps, the resumed run makes the restart itself; saved after 9, it calibrates λ on from
+    # where the run was, damping included (the previous L0 error was not saved: its first step differed).
+    for saved in (3, 9):
+        resumed, resumed_trainer = run(target, str(tmp_path / "ckpt" / f"epoch=0-step={saved}.ckpt"))
+        for key, value in full.state_dict().items():
+            torch.testing.assert_close(resumed.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
+        opt_full = full_trainer.optimizers[0].state_dict()["state"]
+        opt_resumed = resumed_trainer.optimizers[0].state_dict()["state"]
+        for i in opt_full:
+            for key in ("step", "exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(opt_resumed[i][key], opt_full[i][key], rtol=1e-5, atol=1e-9)
 
 
 @pytest.mark.parametrize("arch", ["relu", "gated"])

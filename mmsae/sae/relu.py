@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -105,9 +106,14 @@ class ReLUSAE(SAE):
         super().__init__(cfg)
         # λ's calibrated multiplier under `target_l0`; saved only then (older checkpoints lack it).
         self.register_buffer("l1_scale", torch.ones(()), persistent=cfg.target_l0 is not None)
-        # The previous batch's L0 error (NaN: none yet), for the damping term. Not saved, so that SAEs saved
-        # before it load: a resumed run restarts the damping from its first batch.
-        self.register_buffer("l0_error", torch.full((), torch.nan), persistent=False)
+        # The previous batch's L0 error (NaN: none yet), for the damping term; saved with l1_scale, so that a
+        # resumed run damps its first step as the uninterrupted run did.
+        self.register_buffer("l0_error", torch.full((), torch.nan), persistent=cfg.target_l0 is not None)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        if self.cfg.target_l0 is not None:  # SAEs and checkpoints saved before l0_error was kept lack it
+            state_dict.setdefault(f"{prefix}l0_error", torch.full((), torch.nan))
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def warmup_steps(self) -> int:
         return DEFAULT_L1_WARMUP_STEPS if self.cfg.l1_warmup_steps is None else self.cfg.l1_warmup_steps
