@@ -63,10 +63,11 @@ class BatchTopKConfig(TopKConfig):
     0.3563 with 1.125 and 0.3549 with 1.0 (TopK's training; TopK 0.3549). With this ramp, over two seeds at
     48 steps, BatchTopK reached 0.3544–0.3553 and Matryoshka 0.3540–0.3544 against TopK's 0.3542–0.3549
     (the cap of 1.5: 0.3597–0.3610 and 0.3561–0.3565), and at 192 steps 0.2835–0.2839 and 0.2861–0.2873
-    against 0.2831–0.2867. At n = 4096, k = 32, batch 4096, 48 steps: BatchTopK 0.2636 (from 0.2695),
-    Matryoshka 0.2587 (from 0.2629), TopK 0.2646; with the cap of 1.5 BatchTopK trailed TopK by 1–1.5 % at
-    61–244 steps of that size and matched it from ~1000 steps on (docs/benchmarks.md). Data whose tokens
-    hold very different numbers of features gain from the uneven split even early: the synthetic test
+    against 0.2831–0.2867. At n = 4096, k = 32, batch 4096, 48 steps (two seeds): BatchTopK 0.2632–0.2636
+    (from 0.2684–0.2695), Matryoshka 0.2587–0.2593 (from 0.2629–0.2633), TopK 0.2635–0.2646, and their
+    learnt θ gave held-out L0 32.4–32.5 instead of 34.5–34.8; with the cap of 1.5 BatchTopK trailed TopK by
+    1–1.5 % at 61–244 steps of that size and matched it from ~1000 steps on (docs/benchmarks.md). Data whose
+    tokens hold very different numbers of features gain from the uneven split even early: the synthetic test
     problem of `tests/test_quality_recipe.py` (256 steps) gives 0.157 with the ramp, 0.151 without, TopK
     0.178.
     """
