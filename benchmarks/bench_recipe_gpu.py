@@ -27,8 +27,10 @@ tokens (FVU, L0, dead %: features that never fire there):
 - `mmsae abstopk`, `mmsae archetypal`, `mmsae batchtopk[score=activation]` (`--more-archs`): the other
   k-sparse variants at the top budget only, for their dead %, and BatchTopK ranking raw activations. Any
   variant with options fits there, e.g. `--more-archs "relu[target_l0=16]" "gated[target_l0=16]"`; with
-  `--only-more-archs` only those rows are trained (no TopK, no sweep, no peers). A row with `target_l0`
-  also reports its L0 on the calibration tokens: held-out photos fire more features than training ones.
+  `--only-more-archs` only those rows are trained (no TopK, no sweep, no peers), and with
+  `--more-archs-every-budget` at every budget of `--budgets` (short runs of "topk" "batchtopk[seed=1]" ...).
+  A row with `target_l0` also reports its L0 on the calibration tokens: held-out photos fire more features
+  than training ones.
 
 Then "within 1.5× the tokens": for each budget b, the tokens the default TopK needs to reach the best tuned
 FVU at b (log-linear interpolation between budgets), divided by b.
@@ -402,12 +404,13 @@ def report(rows: list[dict], eff: list[dict], args: argparse.Namespace, n_eval: 
 
 def recipes(args: argparse.Namespace) -> list[tuple[str, int]]:
     top = max(args.budgets)
+    more = args.budgets if args.more_archs_every_budget else [top]
     if args.only_more_archs:
-        return [(f"mmsae {a}", top) for a in args.more_archs]
+        return [(f"mmsae {a}", b) for a in args.more_archs for b in more]
     plan = [("mmsae topk", b) for b in args.budgets]
     plan += [(f"mmsae topk lr×{m:g}", b) for m in args.lr_mults for b in args.budgets]
     plan += [(f"mmsae {a}", b) for a in ("batchtopk", "matryoshka") for b in args.budgets]
-    plan += [(f"mmsae {a}", top) for a in args.more_archs]  # their dead % on these tokens
+    plan += [(f"mmsae {a}", b) for a in args.more_archs for b in more]  # their dead % on these tokens
     plan += [(f"sparsify {r}", b) for r in ("signum", "adam") for b in args.budgets]
     plan += [("saelens", top)] if importlib.util.find_spec("sae_lens") else []
     return plan
@@ -430,6 +433,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument(
         "--only-more-archs", action="store_true", help="train only the `--more-archs` rows (no TopK, peers)"
+    )
+    ap.add_argument(
+        "--more-archs-every-budget",
+        action="store_true",
+        help="train the `--more-archs` rows at every budget, not only the top one",
     )
     ap.add_argument("--n-features", type=int, default=4096)
     ap.add_argument("--k", type=int, default=32)

@@ -38,8 +38,14 @@ def test_tokens_to_reach_interpolates_log_linearly() -> None:
 
 def test_only_more_archs_trains_just_those_rows_at_the_top_budget() -> None:
     args = argparse.Namespace(
-        budgets=[1000, 2000], lr_mults=[2.0], more_archs=["relu[target_l0=16]"], only_more_archs=True
+        budgets=[1000, 2000],
+        lr_mults=[2.0],
+        more_archs=["relu[target_l0=16]"],
+        only_more_archs=True,
+        more_archs_every_budget=False,
     )
     assert bench.recipes(args) == [("mmsae relu[target_l0=16]", 2000)]
+    args.more_archs_every_budget = True  # short runs of a variant: every budget
+    assert bench.recipes(args) == [("mmsae relu[target_l0=16]", 1000), ("mmsae relu[target_l0=16]", 2000)]
     args.only_more_archs = False
     assert len(bench.recipes(args)) > 1
