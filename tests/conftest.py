@@ -11,6 +11,7 @@ import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import pytest
@@ -141,6 +142,26 @@ def ddp_rank_states(
     )
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     return rank0, rank1
+
+
+def fit_checkpointed(
+    module: Any, datamodule: Any, dirpath: Path, every: int, ckpt_path: str | None = None
+) -> Any:
+    """Fit on CPU (no logger, no progress bar) with a checkpoint every `every` steps kept in `dirpath`,
+    from `ckpt_path` if given; returns the trainer (resume tests compare two such runs)."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        callbacks=[ModelCheckpoint(dirpath, every_n_train_steps=every, save_top_k=-1)],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    return trainer
 
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"

@@ -7,8 +7,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import ddp_rank_states
-from lightning.pytorch.callbacks import ModelCheckpoint
+from conftest import ddp_rank_states, fit_checkpointed
 from test_graphs import state, train
 
 import mmsae
@@ -77,18 +76,8 @@ def test_adam_restarts_when_lambdas_warmup_ends_and_on_resume_alike(arch: str, t
         L.seed_everything(0)
         module = SAEModule([SAESpec(arch, n_features=32, options=options)], warmup_steps=2)
         data = SyntheticActivations(d=16, n_directions=64, mean_active=3, seed=0).sample(2048)
-        checkpoint = ModelCheckpoint(tmp_path / saves, every_n_train_steps=3, save_top_k=-1)
-        trainer = L.Trainer(
-            max_epochs=1,
-            accelerator="cpu",
-            logger=False,
-            callbacks=[checkpoint],
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
         datamodule = SAEDataModule(data, tokens=12 * 64, batch_size=64)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-        return module, trainer
+        return module, fit_checkpointed(module, datamodule, tmp_path / saves, 3, ckpt_path)
 
     target = {"target_l0": 4, "l1_warmup_steps": 5}
     full, full_trainer = run(target)

@@ -11,8 +11,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import ddp_rank_states
-from lightning.pytorch.callbacks import ModelCheckpoint
+from conftest import ddp_rank_states, fit_checkpointed
 
 import mmsae
 from mmsae import kernels
@@ -319,17 +318,7 @@ def test_resume_continues_exactly(tmp_path: Path, backend: str, monkeypatch: pyt
             [SAESpec(n_features=32, k=2, options={"dead_tokens": 256, "aux_k": 8})], warmup_steps=3
         )
         datamodule = SAEDataModule(acts(2048), tokens=16 * 64, batch_size=64)
-        checkpoint = ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=8, save_top_k=-1)
-        trainer = L.Trainer(
-            max_epochs=1,
-            accelerator="cpu",
-            logger=False,
-            callbacks=[checkpoint],
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-        return module, trainer
+        return module, fit_checkpointed(module, datamodule, tmp_path / "ckpt", 8, ckpt_path)
 
     full, full_trainer = run(None)
     mid = tmp_path / "ckpt" / "epoch=0-step=8.ckpt"
