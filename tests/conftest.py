@@ -137,9 +137,9 @@ def ddp_rank_states(
         torch.save(state, r"{tmp_path}/rank" + str(trainer.global_rank) + ".pt")
     """)
     )
-    subprocess.run(
-        [sys.executable, str(script)], check=True, timeout=timeout, capture_output=True, cwd=tmp_path
-    )
+    run = subprocess.run([sys.executable, str(script)], timeout=timeout, capture_output=True, cwd=tmp_path)
+    if run.returncode != 0:
+        pytest.fail(f"the two-rank run exited with {run.returncode}:\n{run.stderr.decode()[-3000:]}")
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     return rank0, rank1
 
