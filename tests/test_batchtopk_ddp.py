@@ -21,7 +21,7 @@ def test_ddp_ranks_keep_the_same_threshold(arch: str, tmp_path: Path) -> None:
 
 
 def test_one_process_keeps_its_own_value() -> None:
-    from mmsae.sae.batchtopk import ranks_mean
+    from mmsae.sae.ranks import ranks_mean
 
     for value in (torch.tensor(0.5), torch.tensor(float("inf"))):
         assert torch.equal(ranks_mean(value), value)

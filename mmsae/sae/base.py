@@ -459,14 +459,6 @@ def linear_warmup(step: int | Tensor, warmup_steps: int) -> float | Tensor:
     return min(1.0, step / warmup_steps)
 
 
-def sum_over_ranks(stats: Tensor) -> Tensor:
-    """`stats` summed in place over DDP's ranks (as they are in one process): a statistic that steers training
-    (λ's L0, BatchTopK's θ) must be the same on every rank, or the ranks' states drift apart."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(stats)
-    return stats
-
-
 @legacy_kwargs
 def build_sae(arch: str, d_in: int, n_features: int, **kwargs: Any) -> SAE:
     """Construct a registered SAE by name, e.g. `build_sae("topk", 768, 16384, k=32)`."""

@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 
 from mmsae import kernels
-from mmsae.sae.base import register, sum_over_ranks
+from mmsae.sae.base import register
+from mmsae.sae.ranks import ranks_mean
 from mmsae.sae.topk import TopKConfig, TopKSAE
 
 DEFAULT_THRESHOLD_DECAY = 0.99
@@ -177,16 +178,6 @@ class BatchTopKSAE(TopKSAE):
             ema = self.threshold.lerp(batch_min, 1.0 - (DEFAULT_THRESHOLD_DECAY if decay is None else decay))
             ema = torch.where(self.threshold > 0, ema, batch_min)
             self.threshold.copy_(torch.where(batch_min.isfinite(), ema, self.threshold))
-
-
-def ranks_mean(value: Tensor) -> Tensor:
-    """The mean of a scalar's finite values over DDP's ranks (inf where none is finite); the value itself in
-    one process. Every rank then keeps the same θ (each rank's own batch minimum let them drift apart)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return value  # one process: no extra kernels in every training step
-    finite = value.isfinite()
-    stats = sum_over_ranks(torch.stack([torch.where(finite, value, torch.zeros_like(value)), finite.float()]))
-    return torch.where(stats[1] > 0, stats[0] / stats[1].clamp_min(1), torch.full_like(value, float("inf")))
 
 
 __all__ = ["DEFAULT_THRESHOLD_DECAY", "TOKEN_CAP_RAMP_STEPS", "BatchTopKConfig", "BatchTopKSAE"]

@@ -18,8 +18,8 @@ from mmsae.sae.base import (
     linear_warmup,
     normalized_mse,
     register,
-    sum_over_ranks,
 )
+from mmsae.sae.ranks import sum_over_ranks
 
 DEFAULT_L1_WARMUP_STEPS = 2000
 L0_ADAPT_RATE = 0.03

@@ -19,6 +19,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
+from mmsae.sae.ranks import ddp_active
+
 
 class FinalCheckpoint(L.Callback):
     """Writes the `last` checkpoint of every `ModelCheckpoint(save_last=...)` at the end of training, where it
@@ -70,8 +72,7 @@ def close_gloo_at_exit() -> None:
     """Destroy a gloo process group when the interpreter exits, as Lightning does for NCCL only: left to the
     interpreter's own teardown, about one CPU DDP run in 25 aborted after its work was done ("terminate called
     without an active exception", exit status 134), which fails any script or CI job around it."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
+    if ddp_active() and torch.distributed.get_backend() == "gloo":
         atexit.unregister(_destroy_group)  # once per process, however many runs it makes
         atexit.register(_destroy_group)
 

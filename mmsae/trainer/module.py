@@ -30,6 +30,7 @@ from mmsae.checkpoint import save_sae
 from mmsae.legacy_names import LegacyKwargsMeta, renamed_from, upgrade_run_config
 from mmsae.metrics import l0_tensor
 from mmsae.sae import SAE, build_sae, default_lr, fired_mask, get_sae_class, normalized_mse
+from mmsae.sae.ranks import ddp_active
 from mmsae.staging import RowScreen, finite_rows_mask
 from mmsae.trainer.data import SAEDataModule, first_batches
 from mmsae.trainer.finish import FinalCheckpoint
@@ -273,7 +274,7 @@ class SAEModule(L.LightningModule):
         for sae in self.saes:  # the first batch, or the rows an SAE wants (all there are, if fewer)
             rows_ND = torch.cat(sample)[: sae.init_sample_rows()] if sae.init_sample_rows() else sample[0]
             sae.init_from_data(rows_ND.float() * self.input_scale.float())
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if ddp_active():
                 for tensor in itertools.chain(sae.parameters(), sae.buffers()):
                     torch.distributed.broadcast(tensor.data, src=0)  # every rank starts from rank 0's init
         rank_zero_info(f"mmsae: input scale s = {self.input_scale.item():.4g} (E‖s·x‖ = √{d})")
