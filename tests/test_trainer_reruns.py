@@ -5,13 +5,11 @@ checkpoint."""
 from __future__ import annotations
 
 import logging
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import ddp_rank_states
 
 import mmsae
 from mmsae.checkpoint import load_sae
@@ -198,20 +196,10 @@ def test_no_readable_checkpoint_left_is_named_with_the_way_out(tmp_path: Path) -
 def test_a_gloo_run_closes_its_process_group_before_the_interpreter_exits(tmp_path: Path) -> None:
     """Left to the interpreter's teardown, gloo's group aborted about one CPU DDP run in 25 after the work was
     done (exit status 134). A handler registered before training runs after mmsae's (atexit is last in, first
-    out) and records whether the group was still open then."""
-    script = tmp_path / "run.py"
-    script.write_text(
-        textwrap.dedent(f"""
-        import atexit, lightning as L, torch
-        from mmsae.trainer import SAEDataModule, SAEModule, SAESpec
-        record = lambda: open(r"{tmp_path}/at_exit", "w").write(str(torch.distributed.is_initialized()))
-        atexit.register(record)
-        trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, strategy="ddp", logger=False,
-                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-        trainer.fit(SAEModule([SAESpec(n_features=16, k=2)], warmup_steps=1),
-                    datamodule=SAEDataModule(torch.randn(256, 8), tokens=128, batch_size=32))
-        assert torch.distributed.get_backend() == "gloo"
-        """)
-    )
-    subprocess.run([sys.executable, str(script)], check=True, timeout=120, capture_output=True, cwd=tmp_path)
-    assert (tmp_path / "at_exit").read_text() == "False"
+    out) and records, on each rank, whether the group was still open then."""
+    setup = """
+        import atexit
+        atexit.register(lambda: open("at_exit", "a").write(str(torch.distributed.is_initialized())))
+    """
+    ddp_rank_states(tmp_path, "SAEModule([SAESpec(n_features=16, k=2)], warmup_steps=1)", 128, setup)
+    assert (tmp_path / "at_exit").read_text() == "FalseFalse"
