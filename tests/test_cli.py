@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from test_trainer_reruns import count_steps
 
 from mmsae import cli
 from mmsae.checkpoint import load_sae
@@ -115,16 +116,7 @@ def test_external_subcommands_dispatch_lazily(
 def _counted_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], list[int]]:
     """`mmsae fit` args for 5 steps with checkpoints every 2 into tmp_path/ckpt, resuming from `last`, and
     the list that records each trained step."""
-    from mmsae.trainer import SAEModule
-
-    steps: list[int] = []
-    train_step = SAEModule._train_step
-
-    def counted(self: SAEModule, batch_BD: torch.Tensor) -> None:
-        steps.append(self.global_step)
-        train_step(self, batch_BD)
-
-    monkeypatch.setattr(SAEModule, "_train_step", counted)
+    steps = count_steps(monkeypatch)
     monkeypatch.chdir(tmp_path)
     checkpoint = (
         "{class_path: ModelCheckpoint, init_args: {dirpath: ckpt, every_n_train_steps: 2, save_last: true}}"
