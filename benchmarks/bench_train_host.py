@@ -87,7 +87,7 @@ def quantiles(values: list[float]) -> str:
     if len(values) < 2:
         return "-"
     deciles = statistics.quantiles(values, n=10)
-    return f"{statistics.median(values):.3f} / {deciles[8]:.3f}"
+    return f"{statistics.median(values):.3f} / {deciles[8]:.3f} / {max(values):.1f}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -106,8 +106,8 @@ def main(argv: list[str] | None = None) -> None:
         data = data.float()  # CPU autocast is off: fp32 steps
     print(
         "| batch | steps | wall s | loop iterations | graph captures | eager steps | replays | syncs in "
-        "training_step | syncs, whole run | host ms in training_step per iteration, median / p90 | "
-        "host ms between iterations, median / p90 |"
+        "training_step | syncs, whole run | host ms in training_step per iteration, median / p90 / max | "
+        "host ms between iterations, median / p90 / max |"
     )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
     for batch in args.batches:

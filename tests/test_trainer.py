@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -66,6 +69,32 @@ def test_array_source_reshuffles_each_pass_and_reads_memmap(tmp_path: Path) -> N
     assert first[0].dtype == torch.float16 and first[0].shape == (10, 2)  # converted on the device
     assert sorted(torch.cat(first)[:, 0].tolist()) == sorted(data[:, 0].tolist())  # every row once per pass
     assert not torch.equal(torch.cat(first), torch.cat(second))
+
+
+def test_array_source_shuffles_the_next_pass_in_a_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trainer's loop never waits for a pass's shuffle (a host sort of every row, ~0.1 s per 2M rows:
+    with data on a GPU it drained the queue of steps at every pass boundary)."""
+    drawn: list[bool] = []  # per shuffle: drawn on the thread reading the batches?
+    randperm = torch.randperm
+
+    def spy(*args: Any, **kwargs: Any) -> torch.Tensor:
+        drawn.append(threading.current_thread() is threading.main_thread())
+        return randperm(*args, **kwargs)
+
+    source = ArraySource(torch.arange(40.0).reshape(20, 2))
+    reference = torch.cat([b for s in (7, 8, 9) for b in source.stream(5, seed=s, n_tokens=0)])
+    monkeypatch.setattr(torch, "randperm", spy)
+    batches = source.global_batches(5, seed=7, n_tokens=0)
+    first_pass = [next(batches) for _ in range(4)]
+    deadline = time.monotonic() + 10
+    while len(drawn) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(drawn) == 2 and not any(drawn)  # the second pass is drawn while the first is read
+    rest = [next(batches) for _ in range(8)]
+    assert not any(drawn)
+    assert torch.equal(torch.cat(first_pass + rest), reference)  # the same batches as without the thread
+    blocks = source.global_blocks(5, 7, 0, [3, 3, 3, 3])
+    assert torch.equal(torch.cat([b for block in blocks for b in block]), reference)
 
 
 def test_iterable_source_rebatches_one_shot_iterators() -> None:

@@ -21,6 +21,7 @@ import itertools
 import math
 import os
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 import numpy as np
@@ -136,9 +137,9 @@ class ArraySource(Source):
             return self.data_ND[idx]
         return torch.from_numpy(self.data_ND[idx.numpy()])  # fancy indexing copies: a writable array
 
-    def _index_batches(self, batch_size: int, seed: int) -> Iterator[Tensor]:
-        """One pass's index batches, each sorted (sequential-ish reads on a memmap; order within a batch is
-        irrelevant); moved to the GPU in one copy when the data is there."""
+    def _pass_indices(self, batch_size: int, seed: int) -> Tensor:
+        """One pass's [n_batches, batch_size] row indices, each batch sorted (sequential-ish reads on a
+        memmap; order within a batch is irrelevant), pinned when they go to a GPU."""
         if len(self.rows) < batch_size:
             raise ValueError(
                 f"The activation array has {len(self.rows)} rows, fewer than "
@@ -147,27 +148,46 @@ class ArraySource(Source):
         n = len(self.rows) // batch_size
         perm = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(seed))
         batches = perm[: n * batch_size].view(n, batch_size).sort(dim=1).values + self.rows.start
-        if isinstance(self.data_ND, Tensor) and self.data_ND.is_cuda:
-            batches = batches.pin_memory().to(self.data_ND.device, non_blocking=True)
-        yield from batches
+        return batches.pin_memory() if self._on_cuda() else batches
+
+    def _on_cuda(self) -> bool:
+        return isinstance(self.data_ND, Tensor) and self.data_ND.is_cuda
+
+    def _index_batches(self, indices_BN: Tensor) -> Iterator[Tensor]:
+        """A pass's index batches, moved to the GPU in one copy when the data is there."""
+        if self._on_cuda():
+            indices_BN = indices_BN.to(self.data_ND.device, non_blocking=True)
+        yield from indices_BN
+
+    def _index_passes(self, batch_size: int, seed: int) -> Iterator[Tensor]:
+        """The index batches of passes seeded seed, seed+1, ...: each pass's shuffle (a host sort of every
+        row, ~0.1 s per 2M rows) runs in a thread while the pass before it is read, so that a pass boundary
+        does not stop the loop, which would drain the GPU's queue of steps."""
+        pool = ThreadPoolExecutor(1, thread_name_prefix="mmsae-shuffle")
+        try:
+            upcoming = pool.submit(self._pass_indices, batch_size, seed)
+            for p in itertools.count(1):
+                indices_BN = upcoming.result()
+                upcoming = pool.submit(self._pass_indices, batch_size, seed + p)
+                yield from self._index_batches(indices_BN)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def stream(self, batch_size: int, seed: int, n_tokens: int) -> Iterator[Tensor]:
-        return map(self._gather, self._index_batches(batch_size, seed))
+        return map(self._gather, self._index_batches(self._pass_indices(batch_size, seed)))
 
     def global_batches(
         self, batch_size: int, seed: int, n_tokens: int, start: int = 0, stride: int = 1
     ) -> Iterator[Tensor]:
         # Skip and stride over index batches, so resuming or sharding never reads the rows it drops.
-        passes = (self._index_batches(batch_size, seed + p) for p in itertools.count())
-        kept = itertools.islice(itertools.chain.from_iterable(passes), start, None, stride)
+        kept = itertools.islice(self._index_passes(batch_size, seed), start, None, stride)
         return map(self._gather, kept)
 
     def global_blocks(
         self, batch_size: int, seed: int, n_tokens: int, sizes: list[int], start: int = 0, stride: int = 1
     ) -> Iterator[list[Tensor]]:
         # One gather per block: the same rows in the same order as one gather per batch.
-        passes = (self._index_batches(batch_size, seed + p) for p in itertools.count())
-        kept = itertools.islice(itertools.chain.from_iterable(passes), start, None, stride)
+        kept = itertools.islice(self._index_passes(batch_size, seed), start, None, stride)
         for indices in grouped(kept, sizes):
             yield list(self._gather(torch.cat(indices)).split(batch_size))
 
