@@ -24,6 +24,10 @@ def signed_topk(pre_BN: Tensor, k: int, allowed_N: Tensor | None = None) -> tupl
     return values, indices
 
 
+LONG_RUN_STEPS = 1953
+"""8M tokens at batch 4096: the longest run where AbsTopK at half TopK's lr kept its features alive."""
+
+
 @register("abstopk")
 class AbsTopKSAE(TopKSAE):
     """f = the k entries of z = W_enc(x − b_dec) + b_enc largest in |z|, keeping their sign.
@@ -33,10 +37,18 @@ class AbsTopKSAE(TopKSAE):
 
     Config = TopKConfig
     cfg: TopKConfig
-    # At TopK's lr, 1.4-1.7 % of its features died on DINOv2-S tokens (n = 4096, k = 32, 8M tokens, over two
-    # seeds; a larger AuxK, a shorter dead window or rescaled dead rows left 1.2-1.6 %); at half of it 0.02 %,
-    # for a held-out FVU 1.3 % higher (docs/benchmarks.md, "Default recipe").
-    default_lr_scale = 0.5
+
+    @classmethod
+    def default_lr_scale(cls, total_steps: int | None = None) -> float:
+        """Half TopK's, and × (`LONG_RUN_STEPS` / steps)^¼ in longer runs.
+
+        At TopK's lr 1.4-1.7 % of its features died on DINOv2-S tokens (n = 4096, k = 32, 8M tokens in 1,953
+        steps, two seeds; a larger AuxK, a shorter dead window or rescaled dead rows left 1.2-1.6 %), at half
+        of it 0.02 %, for a held-out FVU 1.3 % higher. The same tokens in 7,812 steps (batch 1024) lost 1.20 %
+        at half, 0.51 % at 0.7 × that (0.02 % at 0.5 ×), for an FVU 1.2 % higher (docs/benchmarks.md, "Default
+        recipe"). Short runs keep half: at batch 512 in 117 steps a lower lr only cost FVU."""
+        steps = total_steps or LONG_RUN_STEPS
+        return 0.5 * min(1.0, LONG_RUN_STEPS / steps) ** 0.25
 
     def _encode(self, x: Tensor) -> SparseCodes:
         values, indices = signed_topk(self.pre_acts(x), self.cfg.k)

@@ -203,11 +203,15 @@ class SAE(nn.Module):
     compute it with the decoder (`kernels.decode_with_mse`: one pass, and a backward without a gather)."""
     dead_window_run_fraction: ClassVar[float | None] = None
     """Run share after which an idle feature is dead if `cfg.dead_tokens` is unset; None: the trainer's."""
-    default_lr_scale: ClassVar[float] = 1.0
-    """Factor on `default_lr` when the trainer picks the lr (`lr=None`)."""
     weight_copies: WeightCopies | None = None
     """The training optimizer's 16-bit copies of the weights (`Adam.weight_copies`), which the kernels then
     read instead of casting; set by the trainer, None outside training. Not part of the SAE's state."""
+
+    @classmethod
+    def default_lr_scale(cls, total_steps: int | None = None) -> float:
+        """Factor on `default_lr` when the trainer picks the lr (`lr=None`) for a run of `total_steps`
+        optimizer steps (None: not known)."""
+        return 1.0
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # `encode` and `forward` are the entry points that apply cfg.input_norm around the variant's hooks: a

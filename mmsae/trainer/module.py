@@ -61,7 +61,8 @@ class SAESpec(metaclass=LegacyKwargsMeta):
     most an eighth of n_features, and is an error otherwise (it would make a nearly dense SAE)."""
     lr: float | None = None
     """None = default_lr(n_features, steps of the run, tokens per step): 2e-4 / √(n / 2¹⁴), raised up to 7×
-    for short runs (more for batches above 4096 tokens), times the variant's `default_lr_scale`."""
+    for short runs (more for batches above 4096 tokens), times the variant's `default_lr_scale` (AbsTopK:
+    half, less in runs of more than 1,953 steps)."""
     name: str | None = None
     """Output folder name; None = the hook (single SAE) or '<arch>_n<n>_k<k>' (sweeps)."""
     options: dict[str, Any] = field(default_factory=dict)
@@ -221,7 +222,7 @@ class SAEModule(L.LightningModule):
         batch = datamodule.batch_size if isinstance(datamodule, SAEDataModule) else None
         step_tokens = None if batch is None else batch * self.trainer.world_size
         lrs = [
-            spec.lr or sae.default_lr_scale * default_lr(spec.n_features, total, step_tokens)
+            spec.lr or sae.default_lr_scale(total) * default_lr(spec.n_features, total, step_tokens)
             for spec, sae in zip(self.specs, self.saes, strict=True)
         ]
         # Clipping, and for plain unit-norm decoders the projection and renormalisation, are the optimizer's:
