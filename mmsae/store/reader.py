@@ -202,6 +202,31 @@ class ActivationStore:
                 rows = slice(start, start + batch_size)
                 yield TokenActs(acts_ND[rows].to(dtype), {c: meta_NM[rows, j] for j, c in enumerate(columns)})
 
+    def load(
+        self, hook: str | None = None, device: str | torch.device = "cpu", screen: RowScreen | None = None
+    ) -> Tensor:
+        """Every activation of `hook` as one [N, d] tensor in store order and the stored dtype, on `device`
+        (to a GPU: shard by shard from a loader thread, `load_bytes` of its memory at the peak), without the
+        rows holding NaN/Inf when a `screen` is given (which counts them)."""
+        (key,), _ = resolve_hooks(self.hooks, hook, None)
+        device = torch.device(device)
+        order = ((0, i) for i in range(self.n_shards))
+        out_ND = torch.empty(
+            (self.token_counts()[key], self.dim(key)), dtype=DTYPES[self.dtype], device=device
+        )
+        filled = 0
+        for i, shard in enumerate(self._shard_chunks(order, [key], device, screen, cache=False)):
+            acts_ND = shard[key]
+            if screen is not None and device.type == "cpu":  # a GPU copy is screened on its way
+                acts_ND = screen(acts_ND, f"shard {i} of {self.path}")
+            out_ND[filled : filled + len(acts_ND)].copy_(acts_ND)
+            filled += len(acts_ND)
+        return out_ND[:filled]
+
+    def load_bytes(self, hook: str | None = None) -> int:
+        """Device memory `load(hook, device="cuda")` takes at its peak: the store and two shards in flight."""
+        return self.cache_bytes(hook) + self.staging_bytes(hook, buffer_tokens=0)
+
     def staging_bytes(self, hook: str | None = None, buffer_tokens: int = DEFAULT_BUFFER_TOKENS) -> int:
         """GPU memory `batches(..., device="cuda")` holds: the shuffle buffer, the shard being consumed and
         the one being copied in."""

@@ -80,9 +80,10 @@ def train(
     keeps growing; a finished run trains nothing, leaves its files as they are and returns its SAE; other
     settings are refused by name); without it nothing is written.
     `cuda_graphs` replays each step as one CUDA graph (None: wherever possible; see `SAEModule`); `stage`
-    keeps the data (a store: its shuffle buffer) on the GPU (None: when it fits in a quarter of the free
-    memory; see `SAEDataModule`). `steps_per_iteration` optimizer steps run per Lightning loop iteration
-    (None: up to 16 with CUDA graphs, dividing `checkpoint_every` and the logging period; see `SAEModule`).
+    keeps the data (a store: whole, else its shuffle buffer) on the GPU (None: when it fits in a quarter of
+    the free memory; see `SAEDataModule`). `steps_per_iteration` optimizer steps run per Lightning loop
+    iteration (None: up to 16 with CUDA graphs, dividing `checkpoint_every` and the logging period; see
+    `SAEModule`).
     """
     L.seed_everything(seed, verbose=False)
     datamodule = SAEDataModule(data, tokens=tokens, batch_size=batch_size, hook=hook, seed=seed, stage=stage)

@@ -125,9 +125,10 @@ class SAEDataModule(L.LightningDataModule):
             or draws `val_tokens` fresh tokens from a synthetic source.
         val_tokens: held-out tokens when `val_source` is None (0 = no validation data).
         seed: shuffling seed (pass p of the data uses seed + p).
-        stage: keep the training data on the training GPU (`mmsae.staging`): an array whole, a store's
-            shuffle buffer. None = when it fits in a quarter of the GPU's free memory, True = always,
-            False = never (batches are gathered on the host and copied each step).
+        stage: keep the training data on the training GPU (`mmsae.staging`): an array whole, a store whole
+            (then trained as an array) or else its shuffle buffer. None = when it fits in a quarter of the
+            GPU's free memory, True = always, False = never (batches are gathered on the host and copied
+            each step).
 
     Batches come out with their non-finite (NaN/Inf) rows dropped, counted in `screen.dropped`. They come
     one per loader item, or in blocks of `steps_per_iteration` (a list per item), which `SAEModule` sets

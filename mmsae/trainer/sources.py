@@ -231,8 +231,11 @@ class IterableSource(Source):
 class StoreSource(Source):
     """An `ActivationStore`: it shuffles and shards its own files, and can stage its buffer on a GPU.
 
-    Staged, a store that fits in the budget beside its shuffle buffer is also cached there (`cache`): passes
-    after the first read no file and copy nothing, as training from an array staged whole.
+    Staged, a store that fits in the budget whole is loaded onto the GPU and trained as an array
+    (`StagedStoreSource`): every pass a full reshuffle, as from memory. A shuffle buffer of part of a store
+    draws a pass's first batches from the shards it read first, so the features of the others sit idle until
+    their shards come (on 2048 DINOv2-S images, half of them in the buffer, AuxK then worked on them, and the
+    store trained at 0.37 × the rate of the same tokens in memory: docs/benchmarks.md, "Activation store and extraction").
     """
 
     def __init__(
@@ -240,9 +243,8 @@ class StoreSource(Source):
         store: ActivationStore,
         hook: str | None = None,
         staging: tuple[torch.device, RowScreen] | None = None,
-        cache: bool = False,
     ):
-        self.store, self.hook, self.staging, self.cache = store, hook, staging, cache
+        self.store, self.hook, self.staging = store, hook, staging
         self.on_gpu = staging is not None
         # A multi-hook store may hold several widths: ask for the one being trained on.
         self.d_in = int(store.dim(hook) if hook is not None else store.d_in)
@@ -251,11 +253,12 @@ class StoreSource(Source):
         return self.store.provenance(self.hook)
 
     def stage(self, device: torch.device, budget: float, screen: RowScreen) -> Source:
-        buffer = self.store.staging_bytes(self.hook)
-        if buffer > budget:
-            return self
-        cache = buffer + self.store.cache_bytes(self.hook) <= budget
-        return StoreSource(self.store, self.hook, (device, screen), cache)
+        if self.store.load_bytes(self.hook) <= budget:
+            staged = self.store.load(self.hook, device, screen)  # rows holding NaN/Inf dropped once, here
+            return StagedStoreSource(staged, self.store.provenance(self.hook))
+        if self.store.staging_bytes(self.hook) <= budget:
+            return StoreSource(self.store, self.hook, (device, screen))
+        return self
 
     def global_batches(
         self, batch_size: int, seed: int, n_tokens: int, start: int = 0, stride: int = 1
@@ -280,12 +283,23 @@ class StoreSource(Source):
             pin_memory=pin,
             device=device,
             screen=screen,
-            cache=self.cache,
         )
         yield from itertools.islice(batches, start, None, stride)
 
     def stream(self, batch_size: int, seed: int, n_tokens: int) -> Iterator[Tensor]:
         return _full_batches(self.store, self.hook, batch_size, seed)
+
+
+class StagedStoreSource(ArraySource):
+    """A store's activations loaded whole onto a GPU (`StoreSource.stage`): an array with the store's
+    provenance."""
+
+    def __init__(self, data_ND: Tensor, provenance: dict[str, str]):
+        super().__init__(data_ND, on_gpu=True)
+        self._provenance = provenance
+
+    def provenance(self) -> dict[str, str]:
+        return self._provenance
 
 
 class StoreLikeSource(Source):
