@@ -61,8 +61,8 @@ def profile_table(data: object, args: argparse.Namespace) -> str:
 
 def loader_rate(store: object, args: argparse.Namespace) -> float:
     """Tokens/s of the store's training batches alone, as the trainer gets them (staged on the GPU when it
-    fits, cached there), no step: the most the store could feed. The difference of two run lengths, after a
-    pass that fills the cache."""
+    fits: whole, as an array), no step: the most the store could feed. The difference of two run lengths,
+    after a first pass."""
     device = torch.device(args.device)
     source = as_source(store)
     source = (
