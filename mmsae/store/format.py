@@ -41,6 +41,9 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DEFAULT_BUFFER_TOKENS = 1 << 18
 DEFAULT_SHARD_TOKENS = 1 << 18
+DEFAULT_PIECE_TOKENS = 1 << 14
+"""A shuffled read takes a store in pieces of this many consecutive tokens, in a random order over every
+shard: whole shards in a random order filled the shuffle buffer with the images of a few shards at a time."""
 _INFO_KEYS = ("config", "config_hash", "hooks", "shards")
 
 

@@ -235,7 +235,8 @@ class StoreSource(Source):
     (`StagedStoreSource`): every pass a full reshuffle, as from memory. A shuffle buffer of part of a store
     draws a pass's first batches from the shards it read first, so the features of the others sit idle until
     their shards come (on 2048 DINOv2-S images, half of them in the buffer, AuxK then worked on them, and the
-    store trained at 0.37 × the rate of the same tokens in memory: docs/benchmarks.md, "Activation store and extraction").
+    store trained at 0.37 × the rate of the same tokens in memory: docs/benchmarks.md, "Activation store
+    and extraction").
     """
 
     def __init__(
