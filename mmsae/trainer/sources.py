@@ -232,11 +232,9 @@ class StoreSource(Source):
     """An `ActivationStore`: it shuffles and shards its own files, and can stage its buffer on a GPU.
 
     Staged, a store that fits in the budget whole is loaded onto the GPU and trained as an array
-    (`StagedStoreSource`): every pass a full reshuffle, as from memory. A shuffle buffer of part of a store
-    draws a pass's first batches from the shards it read first, so the features of the others sit idle until
-    their shards come (on 2048 DINOv2-S images, half of them in the buffer, AuxK then worked on them, and the
-    store trained at 0.37 × the rate of the same tokens in memory: docs/benchmarks.md, "Activation store
-    and extraction").
+    (`StagedStoreSource`): every pass a full reshuffle, the same batches as its tokens in memory. A shuffle
+    buffer of part of a store only comes close to that (docs/benchmarks.md, "Activation store and
+    extraction").
     """
 
     def __init__(
