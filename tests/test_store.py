@@ -376,6 +376,25 @@ def test_load_onto_a_gpu_equals_the_host_load(
     assert on_gpu.is_cuda and torch.equal(on_gpu.cpu(), on_host) and gpu.dropped == host.dropped > 0
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs CUDA; CPU twin: test_load_is_the_store_in_order_without_bad_rows",
+)
+def test_a_gpu_buffer_fed_pieces_drops_and_counts_every_bad_row(
+    store: ActivationStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mmsae.staging import RowScreen
+
+    shards_with_nan_rows(monkeypatch)
+    bad = len(range(0, store.shard_acts("norm", 1).shape[0], 5))
+    screen = RowScreen()
+    kwargs = dict(hook="norm", seed=1, buffer_tokens=300, dtype=None, piece_tokens=64)
+    rows = torch.cat(list(store.batches(50, device="cuda", screen=screen, **kwargs)))
+    assert screen.dropped == bad and len(rows) == store.token_counts()["norm"] - bad
+    assert torch.isfinite(rows).all()
+
+
 def test_staged_store_is_loaded_whole_when_it_fits(
     store: ActivationStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:

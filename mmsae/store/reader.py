@@ -357,7 +357,9 @@ class ActivationStore:
             def stage(
                 p: int, i: int, rows: slice = slice(None)
             ) -> tuple[dict[str, Tensor], torch.cuda.Event]:
-                return stager(read(p, i, rows), f"pass {p}, shard {i} of {self.path}")
+                # The screen counts per place: each piece of a shard is one.
+                piece = "" if rows.start is None else f" rows {rows.start}:{rows.stop}"
+                return stager(read(p, i, rows), f"pass {p}, shard {i}{piece} of {self.path}")
 
             def staged_piece(p: int, i: int, rows: slice) -> tuple[dict[str, Tensor], torch.cuda.Event]:
                 if cached is None:
