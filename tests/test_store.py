@@ -327,6 +327,12 @@ def test_cache_counts_the_rows_a_first_read_dropped_on_every_pass() -> None:
     assert screen.dropped == 9  # 3 rows of shard 0, dropped in each of 3 passes
 
 
+NEEDS_CUDA_TWIN_LOAD = pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs CUDA; CPU twin: test_load_is_the_store_in_order_without_bad_rows",
+)
+
+
 def shards_with_nan_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every 5th row of shard 1 of each hook NaN, as an fp16 overflow during extraction leaves it."""
     original = ActivationStore.shard_acts
@@ -361,10 +367,7 @@ def test_load_is_the_store_in_order_without_bad_rows(
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(
-    not torch.cuda.is_available(),
-    reason="needs CUDA; CPU twin: test_load_is_the_store_in_order_without_bad_rows",
-)
+@NEEDS_CUDA_TWIN_LOAD
 def test_load_onto_a_gpu_equals_the_host_load(
     store: ActivationStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -377,10 +380,7 @@ def test_load_onto_a_gpu_equals_the_host_load(
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(
-    not torch.cuda.is_available(),
-    reason="needs CUDA; CPU twin: test_load_is_the_store_in_order_without_bad_rows",
-)
+@NEEDS_CUDA_TWIN_LOAD
 def test_a_gpu_buffer_fed_pieces_drops_and_counts_every_bad_row(
     store: ActivationStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
