@@ -95,6 +95,15 @@ def test_array_source_shuffles_the_next_pass_in_a_thread(monkeypatch: pytest.Mon
     assert torch.equal(torch.cat(first_pass + rest), reference)  # the same batches as without the thread
     blocks = source.global_blocks(5, 7, 0, [3, 3, 3, 3])
     assert torch.equal(torch.cat([b for block in blocks for b in block]), reference)
+    # A run of two passes shuffles no third one ahead (it would only hold up the exit); read past, it is
+    # shuffled where it is read.
+    drawn.clear()
+    batches = source.global_batches(5, seed=7, n_tokens=40)
+    two_passes = [next(batches) for _ in range(8)]
+    time.sleep(0.2)
+    assert drawn == [False, False]
+    assert torch.equal(torch.cat(two_passes + [next(batches) for _ in range(4)]), reference)
+    assert drawn == [False, False, True]
 
 
 def test_iterable_source_rebatches_one_shot_iterators() -> None:

@@ -21,7 +21,7 @@ import itertools
 import math
 import os
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
 import numpy as np
@@ -159,16 +159,23 @@ class ArraySource(Source):
             indices_BN = indices_BN.to(self.data_ND.device, non_blocking=True)
         yield from indices_BN
 
-    def _index_passes(self, batch_size: int, seed: int) -> Iterator[Tensor]:
+    def _index_passes(self, batch_size: int, seed: int, n_tokens: int) -> Iterator[Tensor]:
         """The index batches of passes seeded seed, seed+1, ...: each pass's shuffle (a host sort of every
         row, ~0.1 s per 2M rows) runs in a thread while the pass before it is read, so that a pass boundary
-        does not stop the loop, which would drain the GPU's queue of steps."""
+        does not stop the loop, which would drain the GPU's queue of steps. No pass past a run of `n_tokens`
+        (0: not known) is shuffled ahead: its shuffle would only hold up the interpreter's exit."""
+        per_pass = len(self.rows) // batch_size
+        last = math.ceil(n_tokens / batch_size / per_pass) if n_tokens and per_pass else None
         pool = ThreadPoolExecutor(1, thread_name_prefix="mmsae-shuffle")
         try:
-            upcoming = pool.submit(self._pass_indices, batch_size, seed)
+            upcoming: Future[Tensor] | None = pool.submit(self._pass_indices, batch_size, seed)
             for p in itertools.count(1):
-                indices_BN = upcoming.result()
-                upcoming = pool.submit(self._pass_indices, batch_size, seed + p)
+                if upcoming is not None:
+                    indices_BN = upcoming.result()
+                else:  # read past the run's end: shuffled here
+                    indices_BN = self._pass_indices(batch_size, seed + p - 1)
+                ahead = last is None or p < last
+                upcoming = pool.submit(self._pass_indices, batch_size, seed + p) if ahead else None
                 yield from self._index_batches(indices_BN)
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
@@ -180,14 +187,14 @@ class ArraySource(Source):
         self, batch_size: int, seed: int, n_tokens: int, start: int = 0, stride: int = 1
     ) -> Iterator[Tensor]:
         # Skip and stride over index batches, so resuming or sharding never reads the rows it drops.
-        kept = itertools.islice(self._index_passes(batch_size, seed), start, None, stride)
+        kept = itertools.islice(self._index_passes(batch_size, seed, n_tokens), start, None, stride)
         return map(self._gather, kept)
 
     def global_blocks(
         self, batch_size: int, seed: int, n_tokens: int, sizes: list[int], start: int = 0, stride: int = 1
     ) -> Iterator[list[Tensor]]:
         # One gather per block: the same rows in the same order as one gather per batch.
-        kept = itertools.islice(self._index_passes(batch_size, seed), start, None, stride)
+        kept = itertools.islice(self._index_passes(batch_size, seed, n_tokens), start, None, stride)
         for indices in grouped(kept, sizes):
             yield list(self._gather(torch.cat(indices)).split(batch_size))
 
