@@ -1,12 +1,13 @@
-"""benchmarks/bench_store_order.py: the store orders it trains on are passes over every token."""
+"""benchmarks/bench_store_order.py and bench_store_read.py: the store orders and reads they time."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_benchmark
+from conftest import load_benchmark, run_benchmark
 
 
 def test_store_stream_reads_every_token_once_per_pass_in_shards_or_pieces() -> None:
@@ -37,3 +38,11 @@ def test_folder_order_groups_the_crops_by_photo(monkeypatch: pytest.MonkeyPatch)
         torch.manual_seed(i)
         photo_of.append(int(torch.randint(18, ())))
     assert [photo_of[i] for i in crop_ids] == sorted(photo_of)
+
+
+def test_store_read_benchmark_reports_every_piece_size() -> None:
+    stdout = run_benchmark(
+        "bench_store_read", "--images", "24", "--shard-tokens", "512", "--pieces", "512", "64"
+    )
+    assert re.search(r"^\| whole shards \| [\d.]+ \|$", stdout, re.M), stdout
+    assert re.search(r"^\| 64 tokens \| [\d.]+ \|$", stdout, re.M), stdout
