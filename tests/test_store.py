@@ -65,9 +65,8 @@ def test_shuffle_buffer_yields_every_token_exactly_once(shuffle: bool) -> None:
 
 
 def test_shuffle_buffer_mixes_beyond_one_buffer_and_is_seeded() -> None:
-    """Eviction from a full pool: tokens leave in an order unrelated to arrival, each within two buffers'
-    worth of arrivals (every round of a buffer's worth evicts each slot once), and the same seed gives the
-    same order."""
+    """Eviction from a full pool: tokens leave in an order unrelated to arrival, some long after a whole
+    buffer has passed (geometric residence), and the same seed gives the same order."""
     ids = torch.arange(2000)
     chunks = [{"x": c[:, None]} for c in ids.split(50)]
 
@@ -81,8 +80,7 @@ def test_shuffle_buffer_mixes_beyond_one_buffer_and_is_seeded() -> None:
     delay = torch.empty_like(got)
     delay[got] = torch.arange(len(got)) - got  # output position − arrival position, per token
     assert len(set(got[:64].div(50, rounding_mode="floor").tolist())) > 2  # first batch spans several chunks
-    assert int(delay.max()) - int(delay.min()) > 300  # spread over more than a buffer's worth of arrivals
-    assert int(delay.abs().max()) <= 400
+    assert int(delay.max()) > 400  # some tokens stay for more than two buffers' worth of arrivals
 
 
 def test_store_describes_itself(store: ActivationStore) -> None:

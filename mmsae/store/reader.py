@@ -273,7 +273,7 @@ class ActivationStore:
         from one pass to the next, so a new pass never waits for it to refill. (Whole shards in a random
         order fed the buffer a few shards' images at a time, in extraction order: on DINOv2-S tokens of
         photos in folder order, with half the store in the buffer, an SAE trained one pass reached held-out
-        FVU 0.325 against 0.283 with a full reshuffle; pieces of 1024-16384 tokens reach 0.283,
+        FVU 0.323-0.324 against 0.282-0.283 with a full reshuffle; pieces of 16384 tokens reach 0.283-0.284,
         docs/benchmarks.md, "Activation store and extraction".) A shard's checksum is verified when it is
         first read, so a shuffled first pass checks most shards within its first pieces (the whole shard is
         read then: stores larger than the page cache are read about twice in that pass). Unshuffled, shards
