@@ -12,7 +12,7 @@ Tokens: DINOv2-S/14 patch tokens of augmented crops of the zoo's photos, from `b
 (its `--cache`, same `--budgets`, `--eval-tokens` and `--calib-tokens`; it extracts them if the cache lacks
 them), put back in folder order: each crop's photo is recomputed from its seed, as `Crops` draws it.
 
-    python benchmarks/bench_store_order.py --cache /tmp/dino_cpu --budgets 196608 --eval-tokens 65536 \\
+    python benchmarks/bench_store_order.py --cache dino_cpu --budgets 196608 --eval-tokens 65536 \\
         --calib-tokens 16384
 """
 
