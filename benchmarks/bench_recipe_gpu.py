@@ -101,8 +101,20 @@ class Crops(torch.utils.data.Dataset):
         return self.n
 
     def __getitem__(self, i: int) -> Tensor:
-        torch.manual_seed(self.seed * 1_000_003 + i)  # torchvision draws from the global generator
-        return self.augment(self.images[int(torch.randint(len(self.images), ()))])
+        return self.augment(self.images[crop_photo(self.seed, i, len(self.images))])
+
+
+def crop_photo(seed: int, i: int, n_photos: int) -> int:
+    """Which of `n_photos` photos crop i of `Crops(..., seed)` is cut from. Drawn from the global generator
+    seeded by (seed, i), which the crop's augmentation then draws from: torchvision uses that generator."""
+    torch.manual_seed(seed * 1_000_003 + i)
+    return int(torch.randint(n_photos, ()))
+
+
+def split_photos(photos: list[Path]) -> tuple[list[Path], list[Path]]:
+    """(training, held-out) photos: every tenth is held out, so evaluation never sees a training photo."""
+    held = photos[::10]
+    return [f for f in photos if f not in held], held
 
 
 @torch.no_grad()
@@ -137,9 +149,8 @@ def tokens(args: argparse.Namespace) -> tuple[Tensor, Tensor]:
         saved = torch.load(args.cache, weights_only=True)
         if saved["key"] == key:
             return saved["train"], saved["eval"]
-    photos = zoo_photos()
-    held = photos[::10]  # every tenth photo is held out: evaluation never sees a training photo
-    train_ND = extract(args, [f for f in photos if f not in held], max(args.budgets) + args.calib_tokens, 0)
+    train, held = split_photos(zoo_photos())
+    train_ND = extract(args, train, max(args.budgets) + args.calib_tokens, 0)
     eval_ND = extract(args, held, args.eval_tokens, 1)
     if args.cache:
         args.cache.parent.mkdir(parents=True, exist_ok=True)

@@ -42,13 +42,9 @@ from bench_recipe import zoo_photos
 
 def folder_order(train_ND: Tensor, tokens_per_crop: int, seed: int = 0) -> Tensor:
     """`train_ND` with its crops grouped by photo, in the photos' folder order (a stable sort)."""
-    photos = zoo_photos()
-    n_photos = len(photos) - len(photos[::10])  # `recipe.tokens` holds every tenth photo out
+    n_photos = len(recipe.split_photos(zoo_photos())[0])  # the photos `recipe.tokens` trains on
     n_crops = len(train_ND) // tokens_per_crop
-    photo_of = []
-    for i in range(n_crops):
-        torch.manual_seed(seed * 1_000_003 + i)  # as `Crops.__getitem__` draws crop i's photo
-        photo_of.append(int(torch.randint(n_photos, ())))
+    photo_of = [recipe.crop_photo(seed, i, n_photos) for i in range(n_crops)]
     order = np.argsort(np.array(photo_of), kind="stable")
     crops = train_ND[: n_crops * tokens_per_crop].view(n_crops, tokens_per_crop, -1)
     return crops[torch.from_numpy(order)].flatten(0, 1)
