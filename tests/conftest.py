@@ -5,8 +5,10 @@ from __future__ import annotations
 import importlib.util
 import os
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,6 +29,20 @@ torch.set_num_threads(1)
 # so it is set here, before any test module can import triton.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# What the tests and the libraries they drive leave in the system's temporary folder goes to one folder of
+# this run, removed at its end: gradio's upload cache and gradio_client's folder per download, which it
+# never removes (hundreds of empty folders per run). pytest's own tmp_path folders stay where they were,
+# kept for inspection as pytest keeps them. TMPDIR carries the folder to subprocesses.
+os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
+SESSION_TMP = Path(tempfile.mkdtemp(prefix="mmsae-tests-"))
+os.environ["TMPDIR"] = tempfile.tempdir = str(SESSION_TMP)
+os.environ["GRADIO_TEMP_DIR"] = str(SESSION_TMP / "gradio")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(SESSION_TMP, ignore_errors=True)
+
 
 # After the environment above: importing mmsae imports the hub clients and triton, which read it once.
 from mmsae.datasets.images import Example, ExampleDataset  # noqa: E402

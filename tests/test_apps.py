@@ -3,7 +3,9 @@ served on localhost and driven through gradio_client."""
 
 from __future__ import annotations
 
+import os
 import struct
+import tempfile
 import zlib
 from pathlib import Path
 
@@ -301,6 +303,8 @@ def served(index, clip, unet, unet_sae, settings):
 def test_client_search(served, index, photos) -> None:
     from gradio_client import Client, handle_file
 
+    system_tmp = Path(os.environ.get("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir()))  # see conftest
+    before = set(system_tmp.iterdir())
     client = Client(served["search"], verbose=False)
     assert served["search"].startswith("http://127.0.0.1:")
     # gr.State outputs stay on the server: the API returns the gallery and the status line
@@ -314,6 +318,8 @@ def test_client_search(served, index, photos) -> None:
     assert top and title.startswith("Feature #")
     with pytest.raises(Exception, match="text query or upload"):
         client.predict("", None, 3, "off", "", api_name="/search")
+    # gradio_client leaves a folder per downloaded file in the temporary folder: not the system's
+    assert {p for p in set(system_tmp.iterdir()) - before if not p.name.startswith("pytest-")} == set()
 
 
 def test_client_steer_and_unlearn(served, photos) -> None:
