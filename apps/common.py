@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 MAX_UPLOAD_MB = 10
 MAX_PIXELS = 40_000_000  # well above any photo, far below a decompression bomb
 MAX_MESSAGE_CHARS = 400
+FILE_LIFETIME_S = 3600
+"""Uploads and result images are deleted this long after they were written (checked every tenth of it),
+so a server that runs for weeks does not fill its disk with them."""
 ECHO_CHARS = 60
 
 # Uploads are opened by `open_image` with MAX_PIXELS, checked from the header before decoding; this also
@@ -77,6 +81,11 @@ class AppSettings:
     limits: Limits = field(default_factory=Limits)
     random_weights: bool = False
     """The model runs with random weights (`--random-init`): the apps show a warning banner."""
+
+    @staticmethod
+    def blocks_kwargs() -> dict[str, Any]:
+        """`gr.Blocks` arguments: Gradio's copies of uploads and results expire after FILE_LIFETIME_S."""
+        return {"delete_cache": (FILE_LIFETIME_S // 10, FILE_LIFETIME_S)}
 
     def launch_kwargs(self) -> dict[str, Any]:
         return {
@@ -265,6 +274,7 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 _output_dir: Path | None = None
+_next_prune = 0.0
 
 
 def image_file(image: Image.Image) -> str:
@@ -272,11 +282,13 @@ def image_file(image: Image.Image) -> str:
 
     Handlers' images reach Gradio as such files: Gradio would write a returned PIL image in place, under a
     name of its own content hash, so two users receiving the same image at once could be served a file
-    that is being rewritten (a truncated response). A file path is copied atomically instead."""
+    that is being rewritten (a truncated response). A file path is copied atomically instead. Gradio
+    serves its own copy, so files older than FILE_LIFETIME_S are removed as new ones are written."""
     global _output_dir
     if _output_dir is None:
         _output_dir = Path(tempfile.mkdtemp(prefix="mmsae-app-"))
         atexit.register(shutil.rmtree, _output_dir, ignore_errors=True)
+    _prune_outputs(_output_dir)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     data = buffer.getvalue()
@@ -287,6 +299,21 @@ def image_file(image: Image.Image) -> str:
             f.write(data)
         os.replace(staging, path)
     return str(path)
+
+
+def _prune_outputs(folder: Path) -> None:
+    """Remove the files in `folder` older than FILE_LIFETIME_S, at most once per tenth of it."""
+    global _next_prune
+    now = time.time()
+    if now < _next_prune:
+        return
+    _next_prune = now + FILE_LIFETIME_S / 10
+    for path in folder.iterdir():
+        try:
+            if path.stat().st_mtime < now - FILE_LIFETIME_S:
+                path.unlink()
+        except FileNotFoundError:  # a concurrent prune took it
+            continue
 
 
 def as_files(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -172,7 +172,7 @@ def build_search_app(index: ConceptIndex, settings: AppSettings | None = None) -
     """The concept-search Blocks for a loaded index (with its encoder/embedder for new queries)."""
     settings = settings or AppSettings()
     h = SearchHandlers(index, settings)
-    with gr.Blocks(title="mmsae concept search") as demo:
+    with gr.Blocks(title="mmsae concept search", **AppSettings.blocks_kwargs()) as demo:
         banner(settings)
         gr.Markdown(f"## Concept search\n{describe_index(index)}", elem_id="search-subtitle")
         with gr.Row():

@@ -223,7 +223,7 @@ def build_steer_app(
     """The steering Blocks; the layout follows the encoder family (image models vs diffusion)."""
     settings = settings or AppSettings()
     h = SteerHandlers(encoder, sae, settings, catalog, max_acts, calibration)
-    with gr.Blocks(title="mmsae steering") as demo:
+    with gr.Blocks(title="mmsae steering", **AppSettings.blocks_kwargs()) as demo:
         banner(settings)
         gr.Markdown(
             f"## Steering {encoder.id} at `{sae.cfg.hook}` ({sae.cfg.n_features} features)\n"

@@ -166,7 +166,7 @@ def build_unlearn_app(
 
         return build_classifier_unlearn_app(encoder, sae, settings, catalog)
     h = UnlearnHandlers(encoder, sae, settings, catalog, cfg)
-    with gr.Blocks(title="mmsae concept unlearning") as demo:
+    with gr.Blocks(title="mmsae concept unlearning", **AppSettings.blocks_kwargs()) as demo:
         banner(settings)
         gr.Markdown(
             f"## Concept unlearning on {encoder.id} at `{sae.cfg.hook}`\n"

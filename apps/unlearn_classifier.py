@@ -199,7 +199,7 @@ def build_classifier_unlearn_app(
 ) -> gr.Blocks:
     settings = settings or AppSettings()
     h = ClassifierUnlearnHandlers(encoder, sae, settings, catalog, images)
-    with gr.Blocks(title="mmsae class unlearning") as demo:
+    with gr.Blocks(title="mmsae class unlearning", **AppSettings.blocks_kwargs()) as demo:
         banner(settings)
         gr.Markdown(
             f"## Class unlearning on {encoder.id} at `{sae.cfg.hook}`\n"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import struct
 import tempfile
+import time
 import zlib
 from pathlib import Path
 
@@ -14,7 +15,14 @@ import pytest
 import torch
 from PIL import Image
 
-from mmsae.apps.common import AppSettings, FeatureCatalog, InputError, image_dirs, open_app_image
+from mmsae.apps.common import (
+    FILE_LIFETIME_S,
+    AppSettings,
+    FeatureCatalog,
+    InputError,
+    image_dirs,
+    open_app_image,
+)
 from mmsae.apps.search import SearchHandlers, build_search_app, overlay
 from mmsae.apps.steer import SteerHandlers, build_steer_app, mask_from_editor
 from mmsae.apps.unlearn import UnlearnAppConfig, UnlearnHandlers, build_unlearn_app
@@ -116,6 +124,22 @@ def test_load_image_guards(photos, tmp_path) -> None:
 def test_image_dirs_never_widen_to_a_common_root(tmp_path) -> None:
     a, b = tmp_path / "a", tmp_path / "a" / "sub"
     assert image_dirs([str(a / "1.png"), str(b / "2.png"), "/srv/x/3.png"]) == [Path("/srv/x"), a.resolve()]
+
+
+def test_result_images_expire(monkeypatch) -> None:
+    """A server that runs for weeks must not fill its disk with result images: files older than
+    FILE_LIFETIME_S go as new ones are written (at most once per tenth of it)."""
+    from mmsae.apps import common
+
+    first = Path(common.image_file(Image.new("RGB", (4, 4), "red")))
+    old = time.time() - FILE_LIFETIME_S - 1
+    os.utime(first, (old, old))
+    monkeypatch.setattr(common, "_next_prune", 0.0)
+    second = Path(common.image_file(Image.new("RGB", (4, 4), "blue")))
+    assert second.is_file() and not first.exists()
+    os.utime(second, (old, old))  # within a tenth of the lifetime of the last prune: no scan yet
+    common.image_file(Image.new("RGB", (4, 4), "green"))
+    assert second.is_file()
 
 
 def test_feature_catalog(index) -> None:
@@ -276,6 +300,7 @@ def test_cli_builds_each_app(index, unet_sae, photos, tmp_path, capsys) -> None:
     )
     demo, settings = build_app(args)
     assert settings.host == "0.0.0.0" and settings.data_dirs == [photos.resolve()]
+    assert demo.delete_cache == (FILE_LIFETIME_S // 10, FILE_LIFETIME_S)  # Gradio's copies expire
     assert cli_main(["search", "--sae", str(tmp_path / "clip_sae")]) == 2
     assert "--index" in capsys.readouterr().err
     assert cli_main(["steer", "--sae", str(tmp_path / "clip_sae"), "--data-dir", str(tmp_path / "nope")]) == 2
