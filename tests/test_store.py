@@ -175,17 +175,15 @@ def test_staging_bytes_count_the_buffer_and_two_shards(store: ActivationStore) -
 @pytest.mark.gpu
 @pytest.mark.skipif(
     not torch.cuda.is_available(),
-    reason="needs CUDA; CPU twins: test_trainer_reads_the_store_as_one_endless_stream, "
-    "test_cached_passes_equal_fresh_reads_and_read_each_shard_once",
+    reason="needs CUDA; CPU twin: test_trainer_reads_the_store_as_one_endless_stream",
 )
-@pytest.mark.parametrize("cache", [False, True])
-def test_gpu_shuffle_buffer_shuffles_exactly_as_the_host(store: ActivationStore, cache: bool) -> None:
+def test_gpu_shuffle_buffer_shuffles_exactly_as_the_host(store: ActivationStore) -> None:
     kwargs = dict(
         hooks=["blocks.5", "norm"], seed=1, buffer_tokens=300, epochs=None, dtype=None, piece_tokens=64
     )
     n = 3 * store.token_counts()["norm"] // 50  # three passes
     host = list(itertools.islice(store.batches(50, **kwargs), n))
-    gpu = list(itertools.islice(store.batches(50, device="cuda", cache=cache, **kwargs), n))
+    gpu = list(itertools.islice(store.batches(50, device="cuda", **kwargs), n))
     assert all(b[h].is_cuda for b in gpu for h in b)
     assert all(torch.equal(g[h].cpu(), c[h]) for g, c in zip(gpu, host, strict=True) for h in c)
 
@@ -282,51 +280,6 @@ def test_token_acts_follow_store_order_with_metadata(store: ActivationStore) -> 
         assert np.array_equal(torch.cat([c.meta[column] for c in chunks]).numpy(), meta[column])
 
 
-def test_cached_passes_equal_fresh_reads_and_read_each_shard_once(
-    store: ActivationStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """`cache=True` gives the same batches over several passes, reading each shard of each hook once."""
-    reads: list[tuple[str, int]] = []
-    original = ActivationStore.shard_acts
-
-    def counting(self: ActivationStore, hook: str, shard: int) -> torch.Tensor:
-        reads.append((hook, shard))
-        return original(self, hook, shard)
-
-    monkeypatch.setattr(ActivationStore, "shard_acts", counting)
-    kwargs = dict(
-        hooks=["blocks.5", "norm"], seed=1, buffer_tokens=300, epochs=3, dtype=None, piece_tokens=64
-    )
-    fresh = list(store.batches(50, **kwargs))
-    pieces = sum(-(-s["hooks"]["norm"]["n_tokens"] // 64) for s in store.info["shards"])
-    assert len(reads) == 3 * 2 * pieces  # fresh: every piece of every hook read in each of 3 passes
-    reads.clear()
-    cached = list(store.batches(50, cache=True, **kwargs))
-    assert sorted(reads) == sorted((h, i) for h in ("blocks.5", "norm") for i in range(store.n_shards))
-    assert len(cached) == len(fresh)
-    assert all(torch.equal(c[h], f[h]) for c, f in zip(cached, fresh, strict=True) for h in f)
-    with pytest.raises(ValueError, match="shuffle=True"):
-        next(store.batches(50, hook="norm", shuffle=False, cache=True))
-
-
-def test_cache_counts_the_rows_a_first_read_dropped_on_every_pass() -> None:
-    from mmsae.staging import RowScreen
-    from mmsae.store.reader import ShardCache
-
-    screen, reads = RowScreen(), []
-
-    def read(p: int, i: int) -> str:
-        reads.append((p, i))
-        screen.dropped_at[f"pass {p}, shard {i}"] = 3 if i == 0 else 0
-        return f"shard {i}"
-
-    cache = ShardCache(screen)
-    for p in range(3):
-        assert [cache(p, i, read) for i in (1, 0)] == ["shard 1", "shard 0"]
-    assert reads == [(0, 1), (0, 0)]
-    assert screen.dropped == 9  # 3 rows of shard 0, dropped in each of 3 passes
-
-
 NEEDS_CUDA_TWIN_LOAD = pytest.mark.skipif(
     not torch.cuda.is_available(),
     reason="needs CUDA; CPU twin: test_load_is_the_store_in_order_without_bad_rows",
@@ -405,8 +358,8 @@ def test_staged_store_is_loaded_whole_when_it_fits(
 
     source, screen = StoreSource(store, "norm"), RowScreen()
     whole = store.load_bytes("norm")
-    assert whole == store.cache_bytes("norm") + store.staging_bytes("norm", buffer_tokens=0)
-    assert store.cache_bytes("norm") == store.token_counts()["norm"] * store.dim("norm") * 2  # fp16
+    assert whole == store.store_bytes("norm") + store.staging_bytes("norm", buffer_tokens=0)
+    assert store.store_bytes("norm") == store.token_counts()["norm"] * store.dim("norm") * 2  # fp16
     cpu = torch.device("cpu")  # what is staged, and how, is the same for every device
     assert source.stage(cpu, whole - 1, screen) is source  # nothing fits: read on the host
     staged = source.stage(cpu, whole, screen)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -217,7 +217,7 @@ class ActivationStore:
             (self.token_counts()[key], self.dim(key)), dtype=DTYPES[self.dtype], device=device
         )
         filled = 0
-        for (i, _), shard in zip(pieces, self._shard_chunks(order, [key], device, screen, cache=False)):
+        for (i, _), shard in zip(pieces, self._shard_chunks(order, [key], device, screen)):
             acts_ND = shard[key]
             if screen is not None and device.type == "cpu":  # a GPU copy is screened on its way
                 acts_ND = screen(acts_ND, f"shard {i} of {self.path}")
@@ -227,7 +227,7 @@ class ActivationStore:
 
     def load_bytes(self, hook: str | None = None) -> int:
         """Device memory `load(hook, device="cuda")` takes at its peak: the store and two shards in flight."""
-        return self.cache_bytes(hook) + self.staging_bytes(hook, buffer_tokens=0)
+        return self.store_bytes(hook) + self.staging_bytes(hook, buffer_tokens=0)
 
     def staging_bytes(self, hook: str | None = None, buffer_tokens: int = DEFAULT_BUFFER_TOKENS) -> int:
         """GPU memory `batches(..., device="cuda")` holds: the shuffle buffer, the shard being consumed and
@@ -236,8 +236,8 @@ class ActivationStore:
         biggest = max((s["hooks"][h]["n_tokens"] for s in self.info["shards"] for h in keys), default=0)
         return (min(buffer_tokens, n_tokens) + 2 * biggest) * row_bytes
 
-    def cache_bytes(self, hook: str | None = None) -> int:
-        """Memory `batches(..., cache=True)` keeps: every shard of the hook."""
+    def store_bytes(self, hook: str | None = None) -> int:
+        """Bytes of the hook's activations: every shard, as stored."""
         _, n_tokens, row_bytes = self._row_sizes(hook)
         return n_tokens * row_bytes
 
@@ -261,7 +261,6 @@ class ActivationStore:
         pin_memory: bool = False,
         device: str | torch.device | None = None,
         screen: RowScreen | None = None,
-        cache: bool = False,
         piece_tokens: int = DEFAULT_PIECE_TOKENS,
     ) -> Iterator[Tensor | dict[str, Tensor]]:
         """Token batches [batch_size, d] (dicts {hook: batch} when `hooks=[...]` is given) over `epochs`
@@ -284,10 +283,6 @@ class ActivationStore:
         `device="cuda[:i]"` keeps the shuffle buffer on that GPU (`mmsae.staging`): pieces are copied to it
         from the loader thread, rows holding NaN/Inf are dropped there (by `screen`, which counts them), and
         batches come out on the GPU, shuffled exactly as on the host when no row is dropped.
-
-        `cache` keeps each shard after its first read (with `device="cuda"`, its screened copy on the GPU:
-        `cache_bytes` more GPU memory), so later passes read no file and copy nothing; batches are the same.
-        It needs `shuffle=True`, whose batches are always fresh tensors (unshuffled ones may be views).
         """
         keys, as_dict = resolve_hooks(self.hooks, hook, hooks)
         for i, s in enumerate(self.info["shards"]):
@@ -304,8 +299,6 @@ class ActivationStore:
                 f"The store {self.path} holds no tokens: an endless stream of it would never "
                 "yield. Extract some examples first."
             )
-        if cache and not shuffle:
-            raise ValueError("cache=True needs shuffle=True: unshuffled batches can be views of the cache.")
         if piece_tokens < 1:
             raise ValueError(f"piece_tokens={piece_tokens} must be at least 1.")
         passes = itertools.count() if epochs is None else range(epochs)
@@ -318,7 +311,7 @@ class ActivationStore:
             return (pieces[j] for j in order)
 
         order = ((p, i, rows) for p in passes for i, rows in piece_order(p))
-        chunks = self._shard_chunks(order, keys, device, screen, cache)
+        chunks = self._shard_chunks(order, keys, device, screen)
         generator = torch.Generator().manual_seed(seed) if shuffle else None
         # A pool larger than the store would only hold several copies of it.
         buffer_tokens = min(buffer_tokens, max(n_tokens, batch_size))
@@ -341,15 +334,12 @@ class ActivationStore:
         keys: list[str],
         device: str | torch.device | None,
         screen: RowScreen | None,
-        cache: bool,
     ) -> Iterator[dict[str, Tensor]]:
         """The pieces of `keys` in (pass, shard, rows) `order`, read one ahead in a thread; on a CUDA
-        `device` copied there and screened; with `cache`, each shard read whole once (`ShardCache`) and the
-        pieces cut from it (the rows its screen kept, so a piece past them is shorter or empty)."""
+        `device` copied there and screened."""
         device = torch.device(device) if device is not None else torch.device("cpu")
         if device.type not in ("cuda", "cpu"):
             raise ValueError(f"device={device}: the store's shuffle buffer lives on the host or a CUDA GPU.")
-        cached = ShardCache(screen) if cache else None
 
         def read(p: int, i: int, rows: slice) -> dict[str, Tensor]:
             return {h: self.shard_acts(h, i)[rows] for h in keys}
@@ -364,39 +354,6 @@ class ActivationStore:
                 piece = "" if rows.start is None else f" rows {rows.start}:{rows.stop}"
                 return stager(read(p, i, rows), f"pass {p}, shard {i}{piece} of {self.path}")
 
-            def staged_piece(p: int, i: int, rows: slice) -> tuple[dict[str, Tensor], torch.cuda.Event]:
-                if cached is None:
-                    return stage(p, i, rows)
-                shard, ready = cached(p, i, stage)
-                return {h: t[rows] for h, t in shard.items()}, ready
+            return itertools.starmap(stager.handover, prefetch(itertools.starmap(stage, order)))
 
-            return itertools.starmap(stager.handover, prefetch(itertools.starmap(staged_piece, order)))
-
-        def piece(p: int, i: int, rows: slice) -> dict[str, Tensor]:
-            if cached is None:
-                return read(p, i, rows)
-            return {h: t[rows] for h, t in cached(p, i, lambda p, i: read(p, i, slice(None))).items()}
-
-        return prefetch(itertools.starmap(piece, order))
-
-
-class ShardCache:
-    """What `batches(cache=True)` keeps: each shard as first read (and screened), by shard index.
-
-    A pass that finds a shard here reads nothing; the non-finite rows its first read dropped are counted again
-    for this pass, as a fresh read would have counted them.
-    """
-
-    def __init__(self, screen: RowScreen | None):
-        self.screen = screen
-        self.shards: dict[int, Any] = {}
-        self.dropped: dict[int, int] = {}
-
-    def __call__(self, p: int, i: int, read: Callable[[int, int], Any]) -> Any:
-        if i not in self.shards:
-            before = self.screen.dropped if self.screen is not None else 0
-            self.shards[i] = read(p, i)
-            self.dropped[i] = (self.screen.dropped if self.screen is not None else 0) - before
-        elif self.dropped[i]:
-            self.screen.dropped_at[f"pass {p}, shard {i} (cached)"] = self.dropped[i]
-        return self.shards[i]
+        return prefetch(itertools.starmap(read, order))
