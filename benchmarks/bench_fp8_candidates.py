@@ -1,0 +1,113 @@
+"""How exact a top-k encode is whose candidates come from an fp8 GEMM, re-scored in fp32, on real tokens.
+
+An encode-only pass (`feature_stats`, the index) spends most of its time in the encoder GEMM. An fp8 GEMM
+runs at about 1.6 × bf16 on Hopper (`bench_stats.py --limits`), but rounds each operand to 3 mantissa bits.
+The candidate scheme keeps the result exact where it matters: the k' ≥ k largest fp8 scores of each token are
+candidates, their pre-activations are computed again in fp32 (`kernels.encode_at`), and the top k of those
+are the codes. It misses a feature of the fp32 top k only when its fp8 score ranks below k'.
+
+This script measures that on real activations: a TopK SAE trained on DINOv2-S/14 `blocks.9` patch tokens of
+the zoo's photos (`bench_recipe_gpu.py`'s tokens and `--cache`), encoded on held-out photos in fp32 (the
+reference), in bf16 (operands rounded to bf16, fp32 accumulation: what the GPU encode computes) and through
+fp8 candidates (each token and each feature scaled to e4m3's range, as `torch._scaled_mm` scales rows and
+columns). For each, the share of tokens whose top-k set differs from the reference and the share of the
+reference's (token, feature) pairs it misses.
+
+    python benchmarks/bench_fp8_candidates.py --cache dino_cpu --budgets 196608 --eval-tokens 65536 \\
+        --calib-tokens 16384
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+import mmsae
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its siblings; `-P` leaves the script's folder out
+import bench_recipe_gpu as recipe
+
+E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max
+
+
+def fp8_rows(t_RD: Tensor) -> Tensor:
+    """`t_RD` rounded to e4m3 with one scale per row (its largest magnitude at e4m3's largest value)."""
+    scale_R1 = t_RD.abs().amax(1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / E4M3_MAX
+    return (t_RD / scale_R1).to(torch.float8_e4m3fn).float() * scale_R1
+
+
+def candidate_topk(approx_BN: Tensor, exact_BN: Tensor, k: int, k_cand: int) -> Tensor:
+    """[B, k] features: the top k by `exact_BN` among the top `k_cand` by `approx_BN` of each row."""
+    cand_BC = approx_BN.topk(k_cand, dim=1).indices
+    best_BK = exact_BN.gather(1, cand_BC).topk(k, dim=1).indices
+    return cand_BC.gather(1, best_BK)
+
+
+def disagreement(ref_BK: Tensor, got_BK: Tensor, n: int) -> tuple[float, float]:
+    """(share of rows whose feature sets differ, share of `ref_BK`'s entries missing from `got_BK`'s row)."""
+    marked_BN = torch.zeros(len(ref_BK), n, dtype=torch.bool).scatter_(1, got_BK, True)
+    found_BK = marked_BN.gather(1, ref_BK)
+    return (~found_BK).any(1).float().mean().item(), (~found_BK).float().mean().item()
+
+
+@torch.no_grad()
+def rows(sae: mmsae.SAE, x_BD: Tensor, k: int, cand_mults: list[float]) -> list[tuple[str, float, float]]:
+    """(encode, tokens whose top-k set differs from fp32, pairs missed) for bf16 and each fp8 k'."""
+    W_ND, b_N = sae.W_enc.float(), sae.b_enc.float()
+    xc_BD = x_BD.float() - sae.b_dec.float()
+    exact_BN = xc_BD @ W_ND.T + b_N
+    n = exact_BN.shape[1]
+    ref_BK = exact_BN.topk(k, dim=1).indices
+    bf16_BN = xc_BD.bfloat16().float() @ W_ND.bfloat16().float().T + b_N
+    out = [("bf16", *disagreement(ref_BK, bf16_BN.topk(k, dim=1).indices, n))]
+    fp8_BN = fp8_rows(xc_BD) @ fp8_rows(W_ND).T + b_N
+    for mult in cand_mults:
+        k_cand = min(n, round(mult * k))
+        got_BK = candidate_topk(fp8_BN, exact_BN, k, k_cand)
+        out.append((f"fp8 candidates, k' = {k_cand}", *disagreement(ref_BK, got_BK, n)))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache", type=Path, required=True, help="bench_recipe_gpu.py's token cache")
+    ap.add_argument("--budgets", type=int, nargs="+", default=[196_608], help="as the cache was made")
+    ap.add_argument("--eval-tokens", type=int, default=65_536)
+    ap.add_argument("--calib-tokens", type=int, default=16_384)
+    ap.add_argument("--n-features", type=int, nargs="+", default=[4096, 16384])
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=4096)
+    ap.add_argument("--encode-tokens", type=int, default=16_384, help="held-out tokens encoded")
+    ap.add_argument("--cand-mults", type=float, nargs="+", default=[1.0, 1.25, 1.5, 2.0, 3.0])
+    args = ap.parse_args(argv)
+    spec = argparse.Namespace(
+        encoder=recipe.ENCODER, hook="blocks.9", budgets=args.budgets, eval_tokens=args.eval_tokens,
+        calib_tokens=args.calib_tokens, cache=args.cache, tokens_file=None, tiny=False, workers=2,
+        device="cuda" if torch.cuda.is_available() else "cpu",
+    )  # fmt: skip
+    train_ND, eval_ND = recipe.tokens(spec)
+    x_BD = eval_ND[: args.encode_tokens]
+    print(
+        f"TopK SAEs (k = {args.k}) trained on {len(train_ND):,} DINOv2-S tokens, batch {args.batch_size}; "
+        f"{len(x_BD):,} held-out tokens encoded\n"
+    )
+    print(f"| n | encode | tokens whose top-{args.k} set differs from fp32 | pairs missed |")
+    print("|---:|---|---:|---:|")
+    for n in args.n_features:
+        sae = mmsae.train(
+            train_ND, sae="topk", n_features=n, k=args.k, tokens=len(train_ND), batch_size=args.batch_size
+        ).cpu()
+        for name, tokens, pairs in rows(sae, x_BD, args.k, args.cand_mults):
+            print(f"| {n} | {name} | {100 * tokens:.3f} % | {100 * pairs:.4f} % |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
