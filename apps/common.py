@@ -275,6 +275,7 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 _output_dir: Path | None = None
 _next_prune = 0.0
+_files_lock = threading.Lock()
 
 
 def image_file(image: Image.Image) -> str:
@@ -285,19 +286,22 @@ def image_file(image: Image.Image) -> str:
     that is being rewritten (a truncated response). A file path is copied atomically instead. Gradio
     serves its own copy, so files older than FILE_LIFETIME_S are removed as new ones are written."""
     global _output_dir
-    if _output_dir is None:
-        _output_dir = Path(tempfile.mkdtemp(prefix="mmsae-app-"))
-        atexit.register(shutil.rmtree, _output_dir, ignore_errors=True)
-    _prune_outputs(_output_dir)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     data = buffer.getvalue()
-    path = _output_dir / f"{hashlib.sha256(data).hexdigest()[:32]}.png"
-    if not path.exists():
-        fd, staging = tempfile.mkstemp(dir=_output_dir, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(staging, path)
+    with _files_lock:  # a prune in another thread must not remove a file this call hands out
+        if _output_dir is None:
+            _output_dir = Path(tempfile.mkdtemp(prefix="mmsae-app-"))
+            atexit.register(shutil.rmtree, _output_dir, ignore_errors=True)
+        _prune_outputs(_output_dir)
+        path = _output_dir / f"{hashlib.sha256(data).hexdigest()[:32]}.png"
+        try:
+            os.utime(path)  # written before: it lives another FILE_LIFETIME_S from now
+        except FileNotFoundError:
+            fd, staging = tempfile.mkstemp(dir=_output_dir, suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(staging, path)
     return str(path)
 
 
@@ -309,11 +313,8 @@ def _prune_outputs(folder: Path) -> None:
         return
     _next_prune = now + FILE_LIFETIME_S / 10
     for path in folder.iterdir():
-        try:
-            if path.stat().st_mtime < now - FILE_LIFETIME_S:
-                path.unlink()
-        except FileNotFoundError:  # a concurrent prune took it
-            continue
+        if path.stat().st_mtime < now - FILE_LIFETIME_S:
+            path.unlink()
 
 
 def as_files(fn: Callable[..., Any]) -> Callable[..., Any]:

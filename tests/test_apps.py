@@ -140,6 +140,10 @@ def test_result_images_expire(monkeypatch) -> None:
     os.utime(second, (old, old))  # within a tenth of the lifetime of the last prune: no scan yet
     common.image_file(Image.new("RGB", (4, 4), "green"))
     assert second.is_file()
+    assert Path(common.image_file(Image.new("RGB", (4, 4), "blue"))) == second  # handed out again:
+    monkeypatch.setattr(common, "_next_prune", 0.0)
+    common.image_file(Image.new("RGB", (4, 4), "green"))
+    assert second.is_file()  # it lives another lifetime from then
 
 
 def test_feature_catalog(index) -> None:
