@@ -7,11 +7,11 @@ candidates, their pre-activations are computed again in fp32 (`kernels.encode_at
 are the codes. It misses a feature of the fp32 top k only when its fp8 score ranks below k'.
 
 This script measures that on real activations: a TopK SAE trained on DINOv2-S/14 `blocks.9` patch tokens of
-the zoo's photos (`bench_recipe_gpu.py`'s tokens and `--cache`), encoded on held-out photos in fp32 (the
-reference), in bf16 (operands rounded to bf16, fp32 accumulation: what the GPU encode computes) and through
-fp8 candidates (each token and each feature scaled to e4m3's range, as `torch._scaled_mm` scales rows and
-columns). For each, the share of tokens whose top-k set differs from the reference and the share of the
-reference's (token, feature) pairs it misses.
+the zoo's photos (`dino_tokens.py`: those of `bench_recipe_gpu.py`, from its `--cache`), encoded on held-out
+photos in fp32 (the reference), in bf16 (operands rounded to bf16, fp32 accumulation: what the GPU encode
+computes) and through fp8 candidates (each token and each feature scaled to e4m3's range, as
+`torch._scaled_mm` scales rows and columns). For each, the share of tokens whose top-k set differs from the
+reference and the share of the reference's (token, feature) pairs it misses.
 
     python benchmarks/bench_fp8_candidates.py --cache dino_cpu --budgets 196608 --eval-tokens 65536 \\
         --calib-tokens 16384
@@ -31,7 +31,7 @@ from torch import Tensor
 import mmsae
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its siblings; `-P` leaves the script's folder out
-import bench_recipe_gpu as recipe
+import dino_tokens
 
 E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max
 
@@ -78,22 +78,14 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cache", type=Path, required=True, help="bench_recipe_gpu.py's token cache")
-    ap.add_argument("--budgets", type=int, nargs="+", default=[196_608], help="as the cache was made")
-    ap.add_argument("--eval-tokens", type=int, default=65_536)
-    ap.add_argument("--calib-tokens", type=int, default=16_384)
+    dino_tokens.add_arguments(ap)
     ap.add_argument("--n-features", type=int, nargs="+", default=[4096, 16384])
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=4096)
     ap.add_argument("--encode-tokens", type=int, default=16_384, help="held-out tokens encoded")
     ap.add_argument("--cand-mults", type=float, nargs="+", default=[1.0, 1.25, 1.5, 2.0, 3.0])
     args = ap.parse_args(argv)
-    spec = argparse.Namespace(
-        encoder=recipe.ENCODER, hook="blocks.9", budgets=args.budgets, eval_tokens=args.eval_tokens,
-        calib_tokens=args.calib_tokens, cache=args.cache, tokens_file=None, tiny=False, workers=2,
-        device="cuda" if torch.cuda.is_available() else "cpu",
-    )  # fmt: skip
-    train_ND, eval_ND = recipe.tokens(spec)
+    train_ND, eval_ND = dino_tokens.cached_tokens(args)
     x_BD = eval_ND[: args.encode_tokens]
     print(
         f"TopK SAEs (k = {args.k}) trained on {len(train_ND):,} DINOv2-S tokens, batch {args.batch_size}; "

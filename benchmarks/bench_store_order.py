@@ -36,15 +36,15 @@ from mmsae.store import shuffle_batches
 from mmsae.store.format import DEFAULT_PIECE_TOKENS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its siblings; `-P` leaves the script's folder out
-import bench_recipe_gpu as recipe
+import dino_tokens
 from bench_recipe import zoo_photos
 
 
 def folder_order(train_ND: Tensor, tokens_per_crop: int, seed: int = 0) -> Tensor:
     """`train_ND` with its crops grouped by photo, in the photos' folder order (a stable sort)."""
-    n_photos = len(recipe.split_photos(zoo_photos())[0])  # the photos `recipe.tokens` trains on
+    n_photos = len(dino_tokens.split_photos(zoo_photos())[0])  # the photos `dino_tokens.tokens` trains on
     n_crops = len(train_ND) // tokens_per_crop
-    photo_of = [recipe.crop_photo(seed, i, n_photos) for i in range(n_crops)]
+    photo_of = [dino_tokens.crop_photo(seed, i, n_photos) for i in range(n_crops)]
     order = np.argsort(np.array(photo_of), kind="stable")
     crops = train_ND[: n_crops * tokens_per_crop].view(n_crops, tokens_per_crop, -1)
     return crops[torch.from_numpy(order)].flatten(0, 1)
@@ -94,10 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cache", type=Path, required=True, help="bench_recipe_gpu.py's token cache")
-    ap.add_argument("--budgets", type=int, nargs="+", default=[196_608], help="as the cache was made")
-    ap.add_argument("--eval-tokens", type=int, default=65_536)
-    ap.add_argument("--calib-tokens", type=int, default=16_384)
+    dino_tokens.add_arguments(ap)
     ap.add_argument("--n-features", type=int, default=1024)
     ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=1024)
@@ -108,12 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         "--piece-tokens", type=int, nargs="*", default=[DEFAULT_PIECE_TOKENS], help="arms reading such pieces"
     )
     args = ap.parse_args(argv)
-    rows = argparse.Namespace(
-        encoder=recipe.ENCODER, hook="blocks.9", budgets=args.budgets, eval_tokens=args.eval_tokens,
-        calib_tokens=args.calib_tokens, cache=args.cache, tokens_file=None, tiny=False, workers=2,
-        device="cuda" if torch.cuda.is_available() else "cpu",
-    )  # fmt: skip
-    train_ND, eval_ND = recipe.tokens(rows)
+    train_ND, eval_ND = dino_tokens.cached_tokens(args)
     store_ND = folder_order(train_ND, tokens_per_crop=256)
     args.tokens = len(store_ND) // args.batch_size * args.batch_size  # one pass
     buffer = int(args.buffer_fraction * len(store_ND))
