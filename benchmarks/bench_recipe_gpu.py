@@ -230,9 +230,9 @@ def run_one(name: str, budget: int, data: tuple[Tensor, Tensor, Tensor], args: a
         if library == "mmsae":
             arch, _, mult = variant.partition(" lr×")
             steps = budget // args.batch_size
-            base = get_sae_class(arch.partition("[")[0]).default_lr_scale(steps) * default_lr(
-                args.n_features, steps, args.batch_size
-            )
+            base = get_sae_class(arch.partition("[")[0]).default_lr_scale(
+                steps, args.batch_size
+            ) * default_lr(args.n_features, steps, args.batch_size)
             lr = float(mult) * base if mult else None
             sae = run_mmsae(arch, train_ND, budget, args, lr)
             if hasattr(sae, "selection_score"):  # the BatchTopK family: L0 as trained, then θ calibrated

@@ -13,7 +13,8 @@ chunks under inference_mode; the ratio column is stats / encode.
 `--profile` then profiles one pass at the last chunk size: its wall time against the sum of its GPU kernels
 (a wall time well above it: the pass waits on the host's launches) and the top kernels. `--limits` times what
 bounds any exact encode of one chunk of the last size on this machine: the encoder GEMM alone (cuBLAS in the
-SAE's dtype, with and without the bias; fp8 e4m3 where the device has it) and torch.topk on its output.
+SAE's dtype, with and without the bias; fp8 e4m3 where the device has it), torch.topk on its output, the exact
+fused encode, and where fp8 runs an encode from fp8 candidates re-scored exactly (`fp8_candidate_encode`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from typing import Any
 
 import torch
 from timing import sync
+from torch import Tensor
 
+from mmsae import kernels
 from mmsae.analysis import StatsConfig, feature_stats
 from mmsae.encoders.base import TokenActs
 from mmsae.sae import build_sae
@@ -84,7 +87,8 @@ def encode_limits(args: argparse.Namespace, device: torch.device) -> None:
     print(f"\nencode limits, chunk {chunk}, d={args.d}, n={args.n}, {args.dtype}:")
     report("GEMM x·Wᵀ", lambda: x @ w.T)
     report("GEMM x·Wᵀ + b (F.linear)", lambda: torch.nn.functional.linear(x, w, b))
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9):
+    fp8 = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+    if fp8:
         x8, w8 = x.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)
         one = torch.ones((), device=device)
         report(
@@ -95,6 +99,33 @@ def encode_limits(args: argparse.Namespace, device: torch.device) -> None:
         print("GEMM fp8 e4m3: not on this device")
     pre = x @ w.T
     report("torch.topk of the GEMM output", lambda: torch.topk(pre, args.k, dim=-1), gemm=False)
+    report("exact encode (kernels.topk_encode)", lambda: kernels.topk_encode(x, w, b.float(), args.k))
+    if fp8:  # the candidate encode whose exactness bench_fp8_candidates.py measures, at k' = 2k and 3k
+        w_scale_1N = w.float().abs().amax(1)[None].clamp_min(1e-12) / E4M3_MAX
+        w8 = (w.float() / w_scale_1N.T).to(torch.float8_e4m3fn)
+        for k_cand in (2 * args.k, 3 * args.k):
+            report(
+                f"fp8 candidates, k' = {k_cand}",
+                lambda k_cand=k_cand: fp8_candidate_encode(x, w8, w_scale_1N, w, b, args.k, k_cand),
+            )
+
+
+E4M3_MAX = 448.0
+
+
+def fp8_candidate_encode(
+    x_BD: Tensor, w8_ND: Tensor, w_scale_1N: Tensor, w_ND: Tensor, b_N: Tensor, k: int, k_cand: int
+) -> tuple[Tensor, Tensor]:
+    """Top k of `k_cand` candidates per row: fp8 scores (row-wise scales of x, feature-wise of W, as
+    `_scaled_mm` takes them), the candidates' pre-activations again exactly (`kernels.encode_at`)."""
+    x_scale_B1 = x_BD.float().abs().amax(1, keepdim=True).clamp_min(1e-12) / E4M3_MAX
+    x8_BD = (x_BD.float() / x_scale_B1).to(torch.float8_e4m3fn)
+    scores_BN = torch._scaled_mm(
+        x8_BD, w8_ND.T, scale_a=x_scale_B1, scale_b=w_scale_1N, bias=b_N, out_dtype=x_BD.dtype
+    )
+    cand_BC = kernels.topk_indices(scores_BN, k_cand)
+    best = kernels.encode_at(x_BD, w_ND, b_N.float(), cand_BC).topk(k, dim=1)
+    return best.values, cand_BC.gather(1, best.indices)
 
 
 def make_batches(args: argparse.Namespace, device: torch.device) -> list[TokenActs]:

@@ -30,4 +30,5 @@ def test_small_run_with_profile_and_limits() -> None:
         "GEMM x·Wᵀ",
         "GEMM x·Wᵀ + b (F.linear)",
         "torch.topk of the GEMM output",
+        "exact encode (kernels.topk_encode)",
     ]

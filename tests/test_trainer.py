@@ -223,6 +223,21 @@ def test_abstopk_default_lr_is_half_topks_and_less_in_long_runs() -> None:
     assert group["initial_lr"] == pytest.approx(0.5 * 0.5**0.25 * default_lr(32, 3906))
 
 
+def test_archetypal_default_lr_is_four_times_topks_less_for_batches_below_1024() -> None:
+    """Its mixing logits move by about the lr per step: 4× TopK's lr, × √(batch / 1024) below 1024 tokens
+    (4× left 2 % of the features dead at batch 128 on synthetic data); the trainer passes its batch."""
+    archetypal = get_sae_class("archetypal")
+    assert archetypal.default_lr_scale(None) == archetypal.default_lr_scale(100, 16384) == 4.0
+    assert archetypal.default_lr_scale(100, 1024) == 4.0
+    assert archetypal.default_lr_scale(100, 256) == pytest.approx(2.0)
+    trainer = fit(
+        SAEModule([SAESpec("archetypal", 32, 2, options={"n_anchors": 16, "anchor_sample": 128})]),
+        SAEDataModule(acts(1024), tokens=8 * 128, batch_size=128),
+    )
+    (group,) = trainer.optimizers[0].param_groups
+    assert group["initial_lr"] == pytest.approx(4 * math.sqrt(128 / 1024) * default_lr(32, 8, 128))
+
+
 def test_default_lr_cap_grows_with_batches_above_4096_tokens() -> None:
     """Short runs train at up to 7× Gao et al.'s lr; batches above 4096 tokens raise that cap by √(batch /
     4096) (at 16384: 14×, measured better than 7× on DINOv2-S tokens), and the trainer passes its batch."""

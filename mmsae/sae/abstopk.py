@@ -39,7 +39,7 @@ class AbsTopKSAE(TopKSAE):
     cfg: TopKConfig
 
     @classmethod
-    def default_lr_scale(cls, total_steps: int | None = None) -> float:
+    def default_lr_scale(cls, total_steps: int | None = None, batch_size: int | None = None) -> float:
         """Half TopK's, and × (`LONG_RUN_STEPS` / steps)^¼ in longer runs.
 
         At TopK's lr 1.4-1.7 % of its features died on DINOv2-S tokens (n = 4096, k = 32, 8M tokens in 1,953

@@ -208,9 +208,9 @@ class SAE(nn.Module):
     read instead of casting; set by the trainer, None outside training. Not part of the SAE's state."""
 
     @classmethod
-    def default_lr_scale(cls, total_steps: int | None = None) -> float:
+    def default_lr_scale(cls, total_steps: int | None = None, batch_size: int | None = None) -> float:
         """Factor on `default_lr` when the trainer picks the lr (`lr=None`) for a run of `total_steps`
-        optimizer steps (None: not known)."""
+        optimizer steps of `batch_size` tokens (None: not known)."""
         return 1.0
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

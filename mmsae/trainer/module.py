@@ -62,7 +62,7 @@ class SAESpec(metaclass=LegacyKwargsMeta):
     lr: float | None = None
     """None = default_lr(n_features, steps of the run, tokens per step): 2e-4 / √(n / 2¹⁴), raised up to 7×
     for short runs (more for batches above 4096 tokens), times the variant's `default_lr_scale` (AbsTopK:
-    half, less in runs of more than 1,953 steps)."""
+    half, less in runs of more than 1,953 steps; archetypal: 4×, less for batches below 1024 tokens)."""
     name: str | None = None
     """Output folder name; None = the hook (single SAE) or '<arch>_n<n>_k<k>' (sweeps)."""
     options: dict[str, Any] = field(default_factory=dict)
@@ -222,7 +222,8 @@ class SAEModule(L.LightningModule):
         batch = datamodule.batch_size if isinstance(datamodule, SAEDataModule) else None
         step_tokens = None if batch is None else batch * self.trainer.world_size
         lrs = [
-            spec.lr or sae.default_lr_scale(total) * default_lr(spec.n_features, total, step_tokens)
+            spec.lr
+            or sae.default_lr_scale(total, step_tokens) * default_lr(spec.n_features, total, step_tokens)
             for spec, sae in zip(self.specs, self.saes, strict=True)
         ]
         # Clipping, and for plain unit-norm decoders the projection and renormalisation, are the optimizer's:
