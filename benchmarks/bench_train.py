@@ -41,9 +41,9 @@ def train_rate(
     the SAE (e.g. aux_k=0).
 
     Both runs count a feature dead after the same tokens (the longer run's default window, unless `options`
-    set `dead_tokens`), so that their steps do the same AuxK work: by default the window is a 64th of each run,
-    the shorter run's features die sooner, and on real tokens its steps were slower than the longer run's
-    (a negative difference)."""
+    set `dead_tokens`), so that their steps do the same AuxK work: by default the window is a 64th of each
+    run, the shorter run's features die sooner, and on real tokens its steps were slower than the longer
+    run's (a negative difference)."""
     options.setdefault("dead_tokens", max(1, steps[-1] * s.B // 64))
     kwargs = dict(
         **options,
