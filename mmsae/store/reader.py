@@ -347,12 +347,10 @@ class ActivationStore:
         if device.type == "cuda":
             stager = DeviceStager(device, screen)
 
-            def stage(
-                p: int, i: int, rows: slice = slice(None)
-            ) -> tuple[dict[str, Tensor], torch.cuda.Event]:
+            def stage(p: int, i: int, rows: slice) -> tuple[dict[str, Tensor], torch.cuda.Event]:
                 # The screen counts per place: each piece of a shard is one.
-                piece = "" if rows.start is None else f" rows {rows.start}:{rows.stop}"
-                return stager(read(p, i, rows), f"pass {p}, shard {i}{piece} of {self.path}")
+                where = f"pass {p}, shard {i} rows {rows.start}:{rows.stop} of {self.path}"
+                return stager(read(p, i, rows), where)
 
             return itertools.starmap(stager.handover, prefetch(itertools.starmap(stage, order)))
 
