@@ -32,13 +32,12 @@ import mmsae
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its siblings; `-P` leaves the script's folder out
 import dino_tokens
-
-E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max
+from bench_stats import e4m3_row_scales
 
 
 def fp8_rows(t_RD: Tensor) -> Tensor:
-    """`t_RD` rounded to e4m3 with one scale per row (its largest magnitude at e4m3's largest value)."""
-    scale_R1 = t_RD.abs().amax(1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / E4M3_MAX
+    """`t_RD` rounded to e4m3 with one scale per row (`bench_stats.e4m3_row_scales`, as its fp8 encode)."""
+    scale_R1 = e4m3_row_scales(t_RD)
     return (t_RD / scale_R1).to(torch.float8_e4m3fn).float() * scale_R1
 
 
