@@ -1,7 +1,8 @@
 """Sparse SAE kernels with one dispatch point.
 
 `topk_encode`, `sparse_decode`, `decode_with_mse` (decoder + loss, in training) and `topk_indices` (AuxK's
-and AbsTopK's selections) are what the SAE family calls. On CUDA they run the Triton kernels of this package
+and AbsTopK's selections) are what the SAE family calls; `feature_sums_` and `residual_sums_` are the
+feature-statistics pass's per-chunk sums. On CUDA they run the Triton kernels of this package
 (when available); elsewhere, or when forced, the torch reference in `mmsae.kernels.reference`. Force a backend
 with `set_backend("torch" | "triton" | "auto")` or the environment variable `MMSAE_KERNELS`."""
 
@@ -154,6 +155,39 @@ def decode_with_mse(
         return triton_ops.decode_with_mse(values, indices, W_dec, bias, x, copies)
     x_hat = sparse_decode(values, indices, W_dec, bias, copies)
     return x_hat, normalized_mse(x, x_hat)
+
+
+def feature_sums_(
+    grp_M: Tensor,
+    raw_M: Tensor,
+    fire: Tensor,
+    total: Tensor,
+    peak: Tensor,
+    hist: Tensor,
+    log10_range: tuple[float, float],
+) -> None:
+    """Add M (feature, value) pairs to per-feature accumulators, in place: `fire` (+1) and `total` (+value),
+    float64 [G]; `peak` (max), float32 [G]; `hist`, float64 [G, bins], +1 in the bin of log10|value| over
+    `log10_range` (clamped to the end bins). `grp_M` int64 [M] < G, `raw_M` float32 [M]. The Triton path is
+    one pass of atomics; a value within an ulp of a bin edge may land in the next bin there."""
+    if _use_triton(raw_M):
+        from mmsae.kernels import triton_stats
+
+        return triton_stats.feature_sums_(grp_M, raw_M, fire, total, peak, hist, log10_range)
+    return reference.feature_sums_(grp_M, raw_M, fire, total, peak, hist, log10_range)
+
+
+def residual_sums_(
+    x_ND: Tensor, x_hat_ND: Tensor, shift_D: Tensor, x_sum: Tensor, x_sq: Tensor, sq_err: Tensor
+) -> None:
+    """Add Σ(x − s) ([d]), Σ‖x − s‖² and Σ‖x − x̂‖² of [N, d] rows to float64 accumulators, in place, the
+    chunk's sums taken in float32 (s: a float32 [d] shift that keeps the variance free of cancellation).
+    The Triton path reads x and x̂ once, with no [N, d] temporaries."""
+    if _use_triton(x_ND) and x_ND.dim() == 2 and x_ND.shape == x_hat_ND.shape:
+        from mmsae.kernels import triton_stats
+
+        return triton_stats.residual_sums_(x_ND, x_hat_ND, shift_D, x_sum, x_sq, sq_err)
+    return reference.residual_sums_(x_ND, x_hat_ND, shift_D, x_sum, x_sq, sq_err)
 
 
 def normalized_mse(x: Tensor, x_hat: Tensor) -> Tensor:

@@ -30,6 +30,7 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mmsae import kernels
 from mmsae.analysis.stats_ops import (
     Pairs,
     best_per_example,
@@ -121,7 +122,6 @@ class FeatureStats:
         self.x_sum = torch.zeros(d_in, dtype=torch.float64, device=dev)
         self.x_sq = torch.zeros((), dtype=torch.float64, device=dev)
         self.x_shift = torch.zeros(d_in, dtype=torch.float32, device=dev)
-        self._ones = torch.ones(1, dtype=torch.float64, device=dev)
         self.n_tokens = 0
         self.n_batches = 0
         self.has_timesteps = False
@@ -163,10 +163,15 @@ class FeatureStats:
         n = self.n_features
         # != rather than > so signed (AbsTopK) codes count as firing; silent pairs go to group n.
         grp = torch.where(pairs.raw != 0, pairs.lat, n)
-        self._fire_ext.index_add_(0, grp, self._ones.expand(grp.shape[0]))
-        self._sum_ext.index_add_(0, grp, pairs.raw.double())
-        self._max_ext.scatter_reduce_(0, grp, pairs.raw, "amax")
-        self._update_hist(grp, pairs.raw)
+        kernels.feature_sums_(
+            grp,
+            pairs.raw,
+            self._fire_ext,
+            self._sum_ext,
+            self._max_ext,
+            self._hist_ext,
+            self.cfg.hist_log10_range,
+        )
         self._update_fvu(x_ND, x_hat_ND)
         self.n_tokens += x_ND.shape[0]
         if timestep is not None:
@@ -178,30 +183,17 @@ class FeatureStats:
         )
         self._update_top(pairs, grp, meta_N3, tokens_are_examples)
 
-    def _update_hist(self, grp: Tensor, val: Tensor) -> None:
-        lo, hi = self.cfg.hist_log10_range
-        bins = self.cfg.hist_bins
-        # Same arithmetic as log10 → bin index written out-of-place, in place: no temporaries.
-        b = val.abs().log10_().sub_(lo).div_(hi - lo).mul_(bins).floor_().clamp_(0, bins - 1).long()
-        self._hist_ext.view(-1).index_add_(0, b.add_(grp, alpha=bins), self._ones.expand(grp.shape[0]))
-
     def _update_fvu(self, x_ND: Tensor, x_hat_ND: Tensor) -> None:
         """Σ(x − s), Σ‖x − s‖² and Σ‖x − x̂‖² in float32 per chunk, accumulated in float64.
 
-        No float64 [N, d] temporaries: one float32 one. The shift s (the first chunk's mean) keeps the
-        variance Σ‖x − s‖² − ‖Σ(x − s)‖²/N free of cancellation for inputs with a large mean (its
-        float32 sums would otherwise lose digits in proportion to mean²/variance). Row norms reduce d
-        values each and the N row sums are added pairwise, so a chunk's float32 totals are within
-        ~1e-7 relative of float64 ones (a flat float32 dot product over N·d values, as torch.dot on
-        the CPU, was 3e-4 off at 16384 × 768); float64 accumulation keeps chunks from adding up error.
+        No float64 [N, d] temporaries. The shift s (the first chunk's mean) keeps the variance
+        Σ‖x − s‖² − ‖Σ(x − s)‖²/N free of cancellation for inputs with a large mean (its float32 sums
+        would otherwise lose digits in proportion to mean²/variance); float64 accumulation keeps chunks
+        from adding up error.
         """
         if self.n_tokens == 0:
             self.x_shift.copy_(x_ND.mean(0, dtype=torch.float32))
-        xc_ND = torch.sub(x_ND, self.x_shift)  # float32 whatever x's (lower) precision
-        self.x_sum += xc_ND.sum(0)
-        self.x_sq += torch.linalg.vector_norm(xc_ND, dim=1).square_().sum()
-        r_ND = xc_ND.sub_(x_hat_ND).add_(self.x_shift)  # x − x̂, rounded to float32 once per step
-        self.sq_err += torch.linalg.vector_norm(r_ND, dim=1).square_().sum()
+        kernels.residual_sums_(x_ND, x_hat_ND, self.x_shift, self.x_sum, self.x_sq, self.sq_err)
 
     def _update_top(self, pairs: Pairs, grp: Tensor, meta_N3: Tensor, tokens_are_examples: bool) -> None:
         """Merge the chunk's best k examples per feature into the running top k."""

@@ -1,0 +1,127 @@
+"""The feature-statistics pass's fused sums (`kernels.feature_sums_`, `kernels.residual_sums_`): the Triton
+path against the torch reference, and a whole pass on it. Without CUDA the kernels run in Triton's
+interpreter (TRITON_INTERPRET, set by conftest)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from mmsae import kernels
+from mmsae.analysis import StatsConfig, feature_stats
+from mmsae.encoders.base import TokenActs
+from mmsae.kernels import reference, triton_stats
+from mmsae.sae import build_sae
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def triton_backend(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setattr(kernels, "_BACKEND", "triton")
+    yield
+
+
+def _accumulators(n: int, bins: int) -> list[torch.Tensor]:
+    f64 = dict(dtype=torch.float64, device=DEVICE)
+    return [
+        torch.zeros(n + 1, **f64),
+        torch.zeros(n + 1, **f64),
+        torch.full((n + 1,), -math.inf, device=DEVICE),
+        torch.zeros(n + 1, bins, **f64),
+    ]
+
+
+def test_feature_sums_match_the_reference() -> None:
+    """Counts, sums and maxima exactly (signed AbsTopK values, silent pairs in the spare group n, repeats of
+    a feature within a block); the histogram up to values on a bin edge, of which random values have none."""
+    g = torch.Generator().manual_seed(0)
+    n, M, bins = 300, 5000, 16
+    raw = (torch.randn(M, generator=g) * 10).exp().mul(torch.randn(M, generator=g).sign())
+    raw[::5] = 0.0
+    raw[1::97] = 1e-9  # below the histogram's range: the first bin
+    raw[2::89] = 1e9  # above it: the last bin
+    lat = torch.randint(0, n, (M,), generator=g)
+    lat[:200] = 7  # one feature hit by many pairs of one program
+    grp = torch.where(raw != 0, lat, n).to(DEVICE)
+    raw = raw.to(DEVICE)
+    got, want = _accumulators(n, bins), _accumulators(n, bins)
+    for _ in range(2):  # the second call adds to filled accumulators
+        triton_stats.feature_sums_(grp, raw, *got, (-4.0, 4.0))
+        reference.feature_sums_(grp, raw, *want, (-4.0, 4.0))
+    assert torch.equal(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1], rtol=1e-12, atol=0)
+    assert torch.equal(got[2], want[2])
+    assert torch.equal(got[3], want[3])
+    assert want[3][:n, 0].sum() > 0 and want[3][:n, -1].sum() > 0
+
+
+def test_feature_sums_take_no_pairs() -> None:
+    acc = _accumulators(4, 8)
+    empty = torch.empty(0, device=DEVICE)
+    triton_stats.feature_sums_(empty.long(), empty, *acc, (-4.0, 4.0))
+    assert acc[0].sum() == 0 and acc[3].sum() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("N", "D"), [(300, 40), (129, 300)])
+def test_residual_sums_match_the_reference(dtype: torch.dtype, N: int, D: int) -> None:
+    """Shapes that fill no block (N not a multiple of the rows per program, D of the column block), a
+    large mean removed by the shift, and x̂ in x's dtype as the decoder gives it."""
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(N, D, generator=g) + 50).to(DEVICE, dtype)
+    x_hat = (x.float() + 0.1 * torch.randn(N, D, generator=g).to(DEVICE)).to(dtype)
+    shift = x.float().mean(0)
+    f64 = dict(dtype=torch.float64, device=DEVICE)
+    got = [torch.zeros(D, **f64), torch.zeros((), **f64), torch.zeros((), **f64)]
+    want = [torch.zeros(D, **f64), torch.zeros((), **f64), torch.zeros((), **f64)]
+    triton_stats.residual_sums_(x, x_hat, shift, *got)
+    reference.residual_sums_(x, x_hat, shift, *want)
+    exact_err = (x.double() - x_hat.double()).pow(2).sum()
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=0)
+    torch.testing.assert_close(got[2], exact_err, rtol=1e-5, atol=0)
+    torch.testing.assert_close(want[2], exact_err, rtol=1e-4, atol=0)
+
+
+def test_residual_sums_of_strided_rows() -> None:
+    x = torch.randn(40, 64, device=DEVICE)[:, :24]  # rows with a stride of 64
+    x_hat = torch.zeros(40, 24, device=DEVICE)
+    f64 = dict(dtype=torch.float64, device=DEVICE)
+    got = [torch.zeros(24, **f64), torch.zeros((), **f64), torch.zeros((), **f64)]
+    triton_stats.residual_sums_(x, x_hat, torch.zeros(24, device=DEVICE), *got)
+    torch.testing.assert_close(got[0], x.double().sum(0), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(got[2], x.double().pow(2).sum(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.usefixtures("triton_backend")
+def test_a_pass_on_the_fused_sums_equals_the_torch_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    sae = build_sae("topk", 16, 64, k=4).to(DEVICE)
+    g = torch.Generator().manual_seed(2)
+    batches = [
+        TokenActs(
+            torch.randn(24, 16, generator=g).to(DEVICE) + 3,
+            {"example_id": torch.arange(24) // 3 + 8 * i, "token_index": torch.arange(24) % 3},
+        )
+        for i in range(4)
+    ]
+    cfg = StatsConfig(top_k=3, chunk_tokens=20)
+    fused = feature_stats(sae, batches, cfg)
+    monkeypatch.setattr(kernels, "_BACKEND", "torch")
+    plain = feature_stats(sae, batches, cfg)
+    assert fused.n_tokens == plain.n_tokens == 96
+    for name in ("fire_count", "act_max", "hist", "top_values"):
+        assert torch.equal(getattr(fused, name), getattr(plain, name)), name
+    torch.testing.assert_close(fused.act_sum, plain.act_sum, rtol=1e-12, atol=0)
+    assert fused.fvu == pytest.approx(plain.fvu, rel=1e-6)
+
+
+def test_a_nan_value_lands_in_the_first_bin() -> None:
+    """A NaN code (a diverged SAE) must not index outside the histogram: its bin is the first."""
+    acc = _accumulators(4, 8)
+    grp = torch.tensor([2, 3], device=DEVICE)
+    triton_stats.feature_sums_(grp, torch.tensor([math.nan, 1.0], device=DEVICE), *acc, (-4.0, 4.0))
+    assert acc[3].sum() == 2 and acc[3][2, 0] == 1 and acc[3][3, 4] == 1
