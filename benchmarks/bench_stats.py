@@ -10,12 +10,12 @@ chunks under inference_mode; the ratio column is stats / encode.
     python benchmarks/bench_stats.py --device cuda --plain            # bare [N, D] tensors, no metadata
     python benchmarks/bench_stats.py --small                          # CPU smoke run, tiny sizes
 
-`--torch-sums` also times the pass with the torch reference of the per-chunk sums in place of their fused
-kernels. `--profile` then profiles one pass at the last chunk size: its wall time against the sum of its GPU
-kernels (a wall time well above it: the pass waits on the host's launches) and the top kernels. `--limits`
-times what bounds any exact encode of one chunk of the last size on this machine: the encoder GEMM alone
-(cuBLAS in the SAE's dtype, with and without the bias; fp8 e4m3 where the device has it), torch.topk on its
-output, the exact fused encode, and where fp8 runs an encode from fp8 candidates re-scored exactly
+`--torch-steps` also times the pass with the torch reference of the per-chunk steps (`STATS_STEPS`) in place
+of their kernels. `--profile` then profiles one pass at the last chunk size: its wall time against the sum of
+its GPU kernels (a wall time well above it: the pass waits on the host's launches) and the top kernels.
+`--limits` times what bounds any exact encode of one chunk of the last size on this machine: the encoder GEMM
+alone (cuBLAS in the SAE's dtype, with and without the bias; fp8 e4m3 where the device has it), torch.topk on
+its output, the exact fused encode, and where fp8 runs an encode from fp8 candidates re-scored exactly
 (`fp8_candidate_encode`).
 """
 
@@ -152,18 +152,23 @@ def make_batches(args: argparse.Namespace, device: torch.device) -> list[TokenAc
     return out
 
 
+STATS_STEPS = ("feature_sums_", "residual_sums_", "merge_top")
+
+
 @contextlib.contextmanager
-def reference_sums() -> Iterator[None]:
-    """The pass with the per-chunk sums of `mmsae.kernels.reference` (the torch ops) in place of the fused
-    kernels, the rest unchanged: the fused sums' gain within one run."""
+def reference_steps() -> Iterator[None]:
+    """The pass with the per-chunk steps of `mmsae.kernels.reference` (the torch ops) in place of their
+    kernels, the encode unchanged: the kernels' gain within one run."""
     from mmsae.kernels import reference
 
-    saved = kernels.feature_sums_, kernels.residual_sums_
-    kernels.feature_sums_, kernels.residual_sums_ = reference.feature_sums_, reference.residual_sums_
+    saved = {name: getattr(kernels, name) for name in STATS_STEPS}
+    for name in STATS_STEPS:
+        setattr(kernels, name, getattr(reference, name))
     try:
         yield
     finally:
-        kernels.feature_sums_, kernels.residual_sums_ = saved
+        for name, fn in saved.items():
+            setattr(kernels, name, fn)
 
 
 def run(args: argparse.Namespace) -> list[dict[str, float]]:
@@ -203,15 +208,15 @@ def run(args: argparse.Namespace) -> list[dict[str, float]]:
             "stats_mtok_s": args.tokens / t_stats / 1e6,
             "encode_mtok_s": args.tokens / t_enc / 1e6,
         }
-        if args.torch_sums:
-            with reference_sums():
+        if args.torch_steps:
+            with reference_steps():
                 timed(stats_pass, device)
-                row["torch_sums_mtok_s"] = args.tokens / timed(stats_pass, device) / 1e6
+                row["torch_steps_mtok_s"] = args.tokens / timed(stats_pass, device) / 1e6
         rows.append(row)
         print(
             f"{chunk:>7} {t_stats:>9.3f} {row['stats_mtok_s']:>13.3f} {row['encode_mtok_s']:>14.3f} "
             f"{t_enc / t_stats:>13.2f}"
-            + (f"  (torch sums: {row['torch_sums_mtok_s']:.3f} Mtok/s)" if args.torch_sums else "")
+            + (f"  (torch steps: {row['torch_steps_mtok_s']:.3f} Mtok/s)" if args.torch_steps else "")
         )
         if args.profile and chunk == args.chunks[-1]:
             print(profile_pass(stats_pass, device, args.tokens))
@@ -234,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--small", action="store_true", help="CPU smoke run: d=64, n=1024, k=8, 16k tokens")
     p.add_argument("--profile", action="store_true", help="profile one pass at the last chunk size")
     p.add_argument(
-        "--torch-sums", action="store_true", help="also time the pass with the torch per-chunk sums"
+        "--torch-steps", action="store_true", help="also time the pass with the torch per-chunk steps"
     )
     p.add_argument("--limits", action="store_true", help="also time the encoder GEMM and topk alone")
     args = p.parse_args(argv)

@@ -1,16 +1,17 @@
 """Sparse SAE kernels with one dispatch point.
 
-`topk_encode`, `sparse_decode`, `decode_with_mse` (decoder + loss, in training) and `topk_indices` (AuxK's
-and AbsTopK's selections) are what the SAE family calls; `feature_sums_` and `residual_sums_` are the
-feature-statistics pass's per-chunk sums. On CUDA they run the Triton kernels of this package
-(when available); elsewhere, or when forced, the torch reference in `mmsae.kernels.reference`. Force a backend
-with `set_backend("torch" | "triton" | "auto")` or the environment variable `MMSAE_KERNELS`."""
+`topk_encode`, `sparse_decode`, `decode_with_mse` (decoder + loss, in training) and `topk_indices` (AuxK's and
+AbsTopK's selections) are what the SAE family calls; `feature_sums_`, `residual_sums_` and `merge_top` are the
+feature-statistics pass's per-chunk steps. On CUDA they run the Triton kernels of this package (when
+available); elsewhere, or when forced, the torch reference in `mmsae.kernels.reference`. Force a backend with
+`set_backend("torch" | "triton" | "auto")` or the environment variable `MMSAE_KERNELS`."""
 
 from __future__ import annotations
 
 import os
 from typing import Literal
 
+import torch
 from torch import Tensor
 
 from mmsae.kernels import reference
@@ -188,6 +189,17 @@ def residual_sums_(
 
         return triton_stats.residual_sums_(x_ND, x_hat_ND, shift_D, x_sum, x_sq, sq_err)
     return reference.residual_sums_(x_ND, x_hat_ND, shift_D, x_sum, x_sq, sq_err)
+
+
+def merge_top(top_v: Tensor, top_meta: Tensor, best_v: Tensor, best_meta: Tensor) -> tuple[Tensor, Tensor]:
+    """The k largest of two [k, n] float32 value tables per column, with their [k, n, 3] int64 metadata, in
+    a stable descending sort's order (ties to `top_v`, then to the lower row); metadata −1 where the value
+    is −∞ (no entry). The Triton path is one sort of 2k packed keys per column, in registers."""
+    if _use_triton(top_v) and top_v.dtype == best_v.dtype == torch.float32 and top_v.shape[0] > 0:
+        from mmsae.kernels import triton_stats
+
+        return triton_stats.merge_top(top_v, top_meta, best_v, best_meta)
+    return reference.merge_top(top_v, top_meta, best_v, best_meta)
 
 
 def normalized_mse(x: Tensor, x_hat: Tensor) -> Tensor:

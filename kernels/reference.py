@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -68,3 +70,12 @@ def residual_sums_(
     x_sq += torch.linalg.vector_norm(xc_ND, dim=1).square_().sum()
     r_ND = xc_ND.sub_(x_hat_ND).add_(shift_D)  # x − x̂, rounded to float32 once per step
     sq_err += torch.linalg.vector_norm(r_ND, dim=1).square_().sum()
+
+
+def merge_top(top_v: Tensor, top_meta: Tensor, best_v: Tensor, best_meta: Tensor) -> tuple[Tensor, Tensor]:
+    k = top_v.shape[0]
+    cand_v, idx = torch.cat([top_v, best_v]).sort(dim=0, descending=True, stable=True)
+    cand_meta = torch.cat([top_meta, best_meta])
+    out_v, idx = cand_v[:k], idx[:k]
+    out_meta = cand_meta.gather(0, idx[..., None].expand(-1, -1, cand_meta.shape[-1]))
+    return out_v, out_meta.masked_fill_((out_v == -math.inf)[..., None], -1)

@@ -9,6 +9,7 @@ sums are never rounded to float32 as a whole (each program's partial sum still i
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -140,3 +141,81 @@ def residual_sums_(
         ROWS=ROWS_PER_PROGRAM,
         num_warps=4,
     )
+
+
+@triton.jit
+def _merge_top_kernel(
+    top_v_ptr,
+    top_meta_ptr,
+    best_v_ptr,
+    best_meta_ptr,
+    out_v_ptr,
+    out_meta_ptr,
+    n,
+    K: tl.constexpr,
+    K2: tl.constexpr,
+    BF: tl.constexpr,
+):
+    """Per feature (a column of the [K, n] tops), the K largest of its 2K entries, ties to the running top
+    and then to the lower row (a stable sort's order): one sort of packed int64 keys, (value key, 2K − 1 −
+    entry), the value's order-preserving 32-bit key in the high half."""
+    f = tl.program_id(0) * BF + tl.arange(0, BF)
+    j = tl.arange(0, K2)
+    f_ok = (f < n)[:, None]
+    from_top = (j < K)[None, :]
+    real = f_ok & (j < 2 * K)[None, :]
+    off = tl.where(from_top, j[None, :], j[None, :] - K).to(tl.int64) * n + f[:, None]
+    v = tl.where(
+        from_top,
+        tl.load(top_v_ptr + off, mask=real & from_top, other=float("-inf")),
+        tl.load(best_v_ptr + off, mask=real & ~from_top, other=float("-inf")),
+    )
+    # Keys as a sort compares: one NaN, above every number; −0.0 equal to +0.0.
+    v = tl.where(v != v, float("nan"), tl.where(v == 0.0, 0.0, v))
+    bits = v.to(tl.int32, bitcast=True)
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)  # signed, increases with v
+    packed = tl.where(real, key * 4294967296 + (2 * K - 1 - j[None, :]), -9223372036854775807)
+    packed = tl.sort(packed, dim=1, descending=True)
+
+    entry = 2 * K - 1 - (packed & 0xFFFFFFFF)  # the first K are real entries: there are 2K ≥ K of them
+    keep = f_ok & (j < K)[None, :]
+    src_top = entry < K
+    src = tl.where(src_top, entry, entry - K) * n + f[:, None]
+    value = tl.where(
+        src_top,
+        tl.load(top_v_ptr + src, mask=keep & src_top, other=0.0),
+        tl.load(best_v_ptr + src, mask=keep & ~src_top, other=0.0),
+    )
+    out = j[None, :].to(tl.int64) * n + f[:, None]
+    tl.store(out_v_ptr + out, value, mask=keep)
+    empty = value == float("-inf")  # no example (dropped duplicates leave their ids behind)
+    for c in tl.static_range(3):
+        meta = tl.where(
+            src_top,
+            tl.load(top_meta_ptr + src * 3 + c, mask=keep & src_top, other=-1),
+            tl.load(best_meta_ptr + src * 3 + c, mask=keep & ~src_top, other=-1),
+        )
+        tl.store(out_meta_ptr + out * 3 + c, tl.where(empty, -1, meta), mask=keep)
+
+
+MERGE_FEATURES = 64
+
+
+def merge_top(top_v: Tensor, top_meta: Tensor, best_v: Tensor, best_meta: Tensor) -> tuple[Tensor, Tensor]:
+    """See `mmsae.kernels.merge_top`."""
+    k, n = top_v.shape
+    out_v, out_meta = torch.empty_like(top_v), torch.empty_like(top_meta)
+    _merge_top_kernel[(triton.cdiv(n, MERGE_FEATURES),)](
+        top_v.contiguous(),
+        top_meta.contiguous(),
+        best_v.contiguous(),
+        best_meta.contiguous(),
+        out_v,
+        out_meta,
+        n,
+        K=k,
+        K2=triton.next_power_of_2(2 * k),
+        BF=MERGE_FEATURES,
+        num_warps=4,
+    )
+    return out_v, out_meta

@@ -99,8 +99,9 @@ def test_residual_sums_of_strided_rows() -> None:
 
 @pytest.mark.usefixtures("triton_backend")
 def test_a_pass_on_the_fused_sums_equals_the_torch_pass(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The same pass with the sums' torch reference in place of the kernels (the encode unchanged, so the
-    codes are the same)."""
+    """The same pass with the torch reference of the sums and the top-k merge in place of the kernels (the
+    encode unchanged, so the codes are the same); tokens of one example split across chunks, so the merge
+    drops duplicates."""
     sae = build_sae("topk", 16, 64, k=4).to(DEVICE)
     g = torch.Generator().manual_seed(2)
     batches = [
@@ -114,9 +115,10 @@ def test_a_pass_on_the_fused_sums_equals_the_torch_pass(monkeypatch: pytest.Monk
     fused = feature_stats(sae, batches, cfg)
     monkeypatch.setattr(kernels, "feature_sums_", reference.feature_sums_)
     monkeypatch.setattr(kernels, "residual_sums_", reference.residual_sums_)
+    monkeypatch.setattr(kernels, "merge_top", reference.merge_top)
     plain = feature_stats(sae, batches, cfg)
     assert fused.n_tokens == plain.n_tokens == 96
-    for name in ("fire_count", "act_max", "hist", "top_values"):
+    for name in ("fire_count", "act_max", "hist", "top_values", "_top_meta"):
         assert torch.equal(getattr(fused, name), getattr(plain, name)), name
     torch.testing.assert_close(fused.act_sum, plain.act_sum, rtol=1e-12, atol=0)
     assert fused.fvu == pytest.approx(plain.fvu, rel=1e-6)
@@ -128,3 +130,24 @@ def test_a_nan_value_lands_in_the_first_bin() -> None:
     grp = torch.tensor([2, 3], device=DEVICE)
     triton_stats.feature_sums_(grp, torch.tensor([math.nan, 1.0], device=DEVICE), *acc, (-4.0, 4.0))
     assert acc[3].sum() == 2 and acc[3][2, 0] == 1 and acc[3][3, 4] == 1
+
+
+@pytest.mark.parametrize(("k", "n"), [(16, 200), (3, 70), (5, 64)])
+def test_merge_top_matches_the_stable_sort(k: int, n: int) -> None:
+    """Ties within and across the two tables (to the running top, then the lower row), empty (−∞) entries
+    whose ids must become −1, a NaN (first, as sorts place it), negative values and −0.0/+0.0."""
+    g = torch.Generator().manual_seed(k)
+    top_v = torch.randint(-3, 4, (k, n), generator=g).float().sort(0, descending=True).values
+    best_v = torch.randint(-3, 4, (k, n), generator=g).float()
+    top_v[-1, ::3] = -math.inf
+    best_v[:, 1::7] = -math.inf
+    best_v[0, 5] = math.nan
+    top_v[0, 6], best_v[0, 6] = 0.0, -0.0
+    top_meta = torch.randint(0, 100, (k, n, 3), generator=g)
+    best_meta = torch.randint(100, 200, (k, n, 3), generator=g)
+    args = [t.to(DEVICE) for t in (top_v, top_meta, best_v, best_meta)]
+    got_v, got_meta = triton_stats.merge_top(*args)
+    want_v, want_meta = reference.merge_top(*args)
+    torch.testing.assert_close(got_v, want_v, equal_nan=True)
+    assert torch.equal(got_meta, want_meta)
+    assert (got_meta[got_v == -math.inf] == -1).all()

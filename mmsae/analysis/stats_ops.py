@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmsae import kernels
 from mmsae.sae import Codes, SparseCodes
 
 
@@ -143,14 +144,7 @@ def merge_top(
     """Running top k ([k, n] values, [k, n, 3] metadata) merged with a chunk's best k. With
     `split_examples`, an example in both keeps only its best entry. Equal values keep the order in
     which they were seen (running top first)."""
-    k = top_v.shape[0]
-    if split_examples:
+    if split_examples:  # a dropped duplicate becomes −∞, an empty entry
         drop_old, drop_new = cross_duplicates(top_v, top_meta[..., 0], best_v, best_meta[..., 0])
         top_v, best_v = top_v.masked_fill(drop_old, -math.inf), best_v.masked_fill(drop_new, -math.inf)
-    cand_v, idx = torch.cat([top_v, best_v]).sort(dim=0, descending=True, stable=True)
-    cand_meta = torch.cat([top_meta, best_meta])
-    out_v, idx = cand_v[:k], idx[:k]
-    out_meta = cand_meta.gather(0, idx[..., None].expand(-1, -1, cand_meta.shape[-1]))
-    if split_examples:  # dropped duplicates may fill columns with fewer than k examples
-        out_meta.masked_fill_((out_v == -math.inf)[..., None], -1)
-    return out_v, out_meta
+    return kernels.merge_top(top_v, top_meta, best_v, best_meta)
