@@ -184,24 +184,36 @@ def product_config(group: int) -> tuple:
     return (BLOCK_M, BLOCK_N, BLOCK_K, _stages(group), 8, False)
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments(description: str) -> argparse.ArgumentParser:
+    """The size and timing arguments this script and `bench_group_encode.py` share."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--d", type=int, default=768)
     p.add_argument("--n", type=int, default=32768)
     p.add_argument("--k", type=int, default=32)
-    p.add_argument("--candidates", type=int, nargs="+", default=[48, 64], help="k' of the fp8 encode")
     p.add_argument("--reps", type=int, default=20)
-    args = p.parse_args(argv)
+    return p
+
+
+def operands(args: argparse.Namespace) -> tuple[torch.device, Tensor, Tensor, Tensor]:
+    """(device, x [tokens, d] bf16, W [n, d] bf16 with rows of norm ~1, b [n] fp32), seeded; Triton's
+    allocator set for the TMA descriptors."""
     device = torch.device(args.device)
     if device.type == "cuda":
         triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=device))
     torch.manual_seed(0)
+    x = torch.randn(args.tokens, args.d, device=device, dtype=torch.bfloat16)
+    W = (torch.randn(args.n, args.d, device=device) / args.d**0.5).bfloat16()
+    return device, x, W, torch.randn(args.n, device=device) * 0.01
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = arguments(__doc__)
+    p.add_argument("--candidates", type=int, nargs="+", default=[48, 64], help="k' of the fp8 encode")
+    args = p.parse_args(argv)
+    device, x, W, b = operands(args)
     M, D, N, k = args.tokens, args.d, args.n, args.k
-    x = torch.randn(M, D, device=device, dtype=torch.bfloat16)
-    W = (torch.randn(N, D, device=device) / D**0.5).bfloat16()
-    b = torch.randn(N, device=device) * 0.01
     cfg = ts.group_config(N, k)
     ms, flop = timer(device, args.reps), 2 * M * D * N
     ref = torch.nn.functional.linear(x, W, b.bfloat16()).float()

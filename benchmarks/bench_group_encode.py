@@ -20,12 +20,18 @@ Triton's CPU interpreter computes bf16 dot products wrongly, so a CPU run only s
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 import triton
 import triton.language as tl
-from bench_encode_gemm import E4M3_MAX, Gemm, _quantise_rows_kernel, product_config, timer
+from bench_encode_gemm import (
+    E4M3_MAX,
+    Gemm,
+    _quantise_rows_kernel,
+    arguments,
+    operands,
+    product_config,
+    timer,
+)
 from torch import Tensor
 
 from mmsae import kernels
@@ -111,23 +117,11 @@ def differ(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> tuple[float, f
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
-    p.add_argument("--tokens", type=int, default=16384)
-    p.add_argument("--d", type=int, default=768)
-    p.add_argument("--n", type=int, default=32768)
-    p.add_argument("--k", type=int, default=32)
+    p = arguments(__doc__)
     p.add_argument("--fp8-groups", type=int, nargs="+", default=[40, 48, 64], help="k' kept from fp8 maxima")
-    p.add_argument("--reps", type=int, default=20)
     args = p.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=device))
-    torch.manual_seed(0)
+    device, x, W, b = operands(args)
     M, D, N, k = args.tokens, args.d, args.n, args.k
-    x = torch.randn(M, D, device=device, dtype=torch.bfloat16)
-    W = (torch.randn(N, D, device=device) / D**0.5).bfloat16()
-    b = torch.randn(N, device=device) * 0.01
     gs = ts.group_config(N, k).group
     ms = timer(device, args.reps)
     exact = kernels.topk_encode(x, W, b, k)
