@@ -194,8 +194,7 @@ def residual_sums_(
 def merge_top(top_v: Tensor, top_meta: Tensor, best_v: Tensor, best_meta: Tensor) -> tuple[Tensor, Tensor]:
     """The k largest of two [k, n] float32 value tables per column, with their [k, n, 3] int64 metadata, in
     a stable descending sort's order (ties to `top_v`, then to the lower row); metadata −1 where the value
-    is −∞ (no entry). The Triton path is one sort of 2k packed keys per column, in registers, and returns
-    −0.0 as +0.0."""
+    is −∞ (no entry). The Triton path is one sort of 2k packed keys per column, in registers."""
     if _use_triton(top_v) and top_v.dtype == best_v.dtype == torch.float32 and top_v.shape[0] > 0:
         from mmsae.kernels import triton_stats
 

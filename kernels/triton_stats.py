@@ -158,15 +158,13 @@ def _merge_top_kernel(
 ):
     """Per feature (a column of the [K, n] tops), the K largest of its 2K entries, ties to the running top
     and then to the lower row (a stable sort's order): one sort of packed int64 keys, (value key, 2K − 1 −
-    entry), the value's order-preserving 32-bit key in the high half. Tiles are [entries, features], so
-    that neighbouring threads touch neighbouring features (one row of a table); the sort runs on their
-    transpose, whose last axis is the entries."""
+    entry), the value's order-preserving 32-bit key in the high half."""
     f = tl.program_id(0) * BF + tl.arange(0, BF)
-    j = tl.arange(0, K2)[:, None]
-    f_ok = (f < n)[None, :]
-    from_top = j < K
-    real = f_ok & (j < 2 * K)
-    off = tl.where(from_top, j, j - K).to(tl.int64) * n + f[None, :]
+    j = tl.arange(0, K2)
+    f_ok = (f < n)[:, None]
+    from_top = (j < K)[None, :]
+    real = f_ok & (j < 2 * K)[None, :]
+    off = tl.where(from_top, j[None, :], j[None, :] - K).to(tl.int64) * n + f[:, None]
     v = tl.where(
         from_top,
         tl.load(top_v_ptr + off, mask=real & from_top, other=float("-inf")),
@@ -176,18 +174,20 @@ def _merge_top_kernel(
     v = tl.where(v != v, float("nan"), tl.where(v == 0.0, 0.0, v))
     bits = v.to(tl.int32, bitcast=True)
     key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)  # signed, increases with v
-    packed = tl.where(real, key * 4294967296 + (2 * K - 1 - j), -9223372036854775807)
-    packed = tl.trans(tl.sort(tl.trans(packed), dim=1, descending=True))
+    packed = tl.where(real, key * 4294967296 + (2 * K - 1 - j[None, :]), -9223372036854775807)
+    packed = tl.sort(packed, dim=1, descending=True)
 
-    # The first K are real entries (there are 2K of them); their values come back from the keys.
-    key = (packed >> 32).to(tl.int32)
-    value = tl.where(key < 0, key ^ 0x7FFFFFFF, key).to(tl.float32, bitcast=True)
-    entry = 2 * K - 1 - (packed & 0xFFFFFFFF)
-    keep = f_ok & (j < K)
-    out = j.to(tl.int64) * n + f[None, :]
-    tl.store(out_v_ptr + out, value, mask=keep)
+    entry = 2 * K - 1 - (packed & 0xFFFFFFFF)  # the first K are real entries: there are 2K ≥ K of them
+    keep = f_ok & (j < K)[None, :]
     src_top = entry < K
-    src = tl.where(src_top, entry, entry - K) * n + f[None, :]
+    src = tl.where(src_top, entry, entry - K) * n + f[:, None]
+    value = tl.where(
+        src_top,
+        tl.load(top_v_ptr + src, mask=keep & src_top, other=0.0),
+        tl.load(best_v_ptr + src, mask=keep & ~src_top, other=0.0),
+    )
+    out = j[None, :].to(tl.int64) * n + f[:, None]
+    tl.store(out_v_ptr + out, value, mask=keep)
     empty = value == float("-inf")  # no example (dropped duplicates leave their ids behind)
     for c in tl.static_range(3):
         meta = tl.where(
