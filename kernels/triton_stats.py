@@ -1,10 +1,11 @@
-"""The feature-statistics pass's per-chunk sums in two kernels (`mmsae.analysis.FeatureStats.update`).
+"""The feature-statistics pass's per-chunk steps as three kernels (`mmsae.analysis.FeatureStats.update`).
 
-Per chunk the torch version runs ~25 small kernels for these sums, each a pass over the chunk's N·k
-(token, feature) pairs or over [N, d] float32 temporaries; on a GPU each costs a launch and a few µs
-whatever its size. Here the pairs' count, sum, max and log10 histogram are one pass of atomics, and the
-reconstruction sums one read of x and x̂. Totals go straight into the float64 accumulators, so chunk
-sums are never rounded to float32 as a whole (each program's partial sum still is).
+Per chunk the torch version runs ~25 small kernels for its sums, each a pass over the chunk's N·k (token,
+feature) pairs or over [N, d] float32 temporaries; on a GPU each costs a launch and a few µs whatever its
+size. Here the pairs' count, sum, max and log10 histogram are one pass of atomics, and the reconstruction
+sums one read of x and x̂. Totals go straight into the float64 accumulators, so chunk sums are never
+rounded to float32 as a whole (each program's partial sum still is). The running top-k merge is one sort
+of packed keys per feature in registers, where torch sorts the [2k, n] table along its first axis.
 """
 
 from __future__ import annotations
