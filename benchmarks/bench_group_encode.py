@@ -78,8 +78,11 @@ class GroupEncode:
         self.x, self.W, self.b, self.k, self.kg, self.gs = x, W, b, k, groups_kept, group
 
     def choose(self, gmax: Tensor) -> Tensor:
-        """[B, k'] groups in column order: the top k's ties go to the lowest column, as the product's do."""
-        return gmax.topk(self.kg, dim=1, sorted=False).indices.sort(dim=1).values
+        """[B, k'] groups of the largest int16 maxima keys, ties to the lowest group as the product's group
+        select breaks them, in column order so that the top k's ties also go to the lowest column."""
+        G = gmax.shape[1]
+        unique = gmax.int() * 65536 + (G - 1 - torch.arange(G, device=gmax.device, dtype=torch.int32))
+        return unique.topk(self.kg, dim=1, sorted=False).indices.sort(dim=1).values
 
     def rescore(self, groups: Tensor) -> Tensor:
         B = self.x.shape[0]

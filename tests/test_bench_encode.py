@@ -5,7 +5,7 @@ is checked on fp16 operands, which it computes as it does bf16 ones."""
 from __future__ import annotations
 
 import torch
-from conftest import load_benchmark, run_benchmark
+from conftest import load_benchmark, lowest_index_topk, run_benchmark
 
 SIZES = ("--device", "cpu", "--tokens", "128", "--d", "32", "--n", "512", "--k", "4", "--reps", "1")
 
@@ -16,11 +16,17 @@ def test_group_encode_rescores_the_chosen_groups_and_takes_their_top_k() -> None
     x, W = torch.randn(M, D).half(), (torch.randn(N, D) / D**0.5).half()
     b = torch.randn(N) * 0.01
     pre = (x.float() @ W.float().T + b).bfloat16().float()
-    gmax = pre.view(M, N // gs, gs).amax(-1)
+    gmax = pre.view(M, N // gs, gs).amax(-1).bfloat16()
+    bits = gmax.view(torch.int16).int() & 0xFFFF
+    keys = (
+        torch.where(bits >= 0x8000, bits ^ 0xFFFF, bits | 0x8000) - 32768
+    ).short()  # the GEMM's int16 keys
     enc = bench.GroupEncode(x, W, b, k, 6, gs)
-    groups = enc.choose(gmax)
-    assert torch.equal(groups, groups.sort(1).values)  # column order, for the select's ties
-    assert torch.equal(groups, gmax.topk(6, dim=1).indices.sort(1).values)
+    groups = enc.choose(keys)
+    assert torch.equal(groups, lowest_index_topk(gmax, 6).sort(1).values)  # in column order
+    tied = torch.zeros(2, N // gs, dtype=torch.int16)
+    assert enc.choose(tied).tolist() == [list(range(6))] * 2  # ties to the lowest group, as the product's
+    gmax = gmax.float()
     rescored = enc.rescore(groups)
     want = pre.view(M, N // gs, gs).gather(1, groups[..., None].expand(-1, -1, gs)).reshape(M, -1)
     torch.testing.assert_close(rescored, want, atol=0.04, rtol=0.01)  # fp16 products, bf16 rounding
