@@ -86,6 +86,23 @@ def test_chunk_default_follows_the_device() -> None:
         StatsConfig(chunk_tokens=0).chunk_for(torch.device("cpu"))
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"top_k": 0}, "top_k"),
+        ({"hist_bins": 0}, "hist_bins"),
+        ({"hist_log10_range": (1.0, 1.0)}, "hist_log10_range"),
+        ({"hist_log10_range": (2.0, -2.0)}, "hist_log10_range"),
+        ({"hist_log10_range": (-math.inf, 4.0)}, "hist_log10_range"),
+    ],
+)
+def test_a_config_that_cannot_work_is_refused_by_name(kwargs: dict, field: str) -> None:
+    """An empty histogram range divides by zero when binning (an index error deep in the update, or a write
+    outside the histogram), and zero examples or bins leave nothing to report: refused when made."""
+    with pytest.raises(ValueError, match=f"StatsConfig.*{field}"):
+        StatsConfig(**kwargs)
+
+
 def test_stats_from_inference_mode_can_be_updated_and_reloaded(tmp_path) -> None:
     """`feature_stats` runs under inference_mode; its result stays updatable outside it, and saved."""
     sae = build_sae("topk", D, N_LAT, k=3)

@@ -60,6 +60,19 @@ class StatsConfig:
     """Tokens encoded at once (None: 16384 on a GPU, 2048 on the CPU, where the reference encoder holds a
     dense [chunk, n] pre-activation). Per-chunk work is O(chunk · k), so on a GPU bigger is faster."""
 
+    def __post_init__(self) -> None:
+        lo, hi = self.hist_log10_range
+        if self.top_k < 1 or self.hist_bins < 1:
+            raise ValueError(
+                f"StatsConfig.top_k and hist_bins must be >= 1, got top_k={self.top_k}, "
+                f"hist_bins={self.hist_bins}."
+            )
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+            raise ValueError(
+                f"StatsConfig.hist_log10_range must be finite (low, high) with low < high, got {(lo, hi)}; "
+                "e.g. (-4.0, 4.0) bins activations from 1e-4 to 1e4."
+            )
+
     def chunk_for(self, device: torch.device) -> int:
         if self.chunk_tokens is not None:
             if self.chunk_tokens < 1:
