@@ -1,6 +1,6 @@
-"""benchmarks/bench_encode_gemm.py and bench_group_encode.py on the CPU (Triton's interpreter), and the
-group re-score's bookkeeping against torch. The interpreter's bf16 dot products are wrong, so the re-score
-is checked on fp16 operands, which it computes as it does bf16 ones."""
+"""benchmarks/bench_encode_gemm.py, bench_group_encode.py and bench_merge_top.py on the CPU (Triton's
+interpreter), and the group re-score's bookkeeping against torch. The interpreter's bf16 dot products are
+wrong, so the re-score is checked on fp16 operands, which it computes as it does bf16 ones."""
 
 from __future__ import annotations
 
@@ -54,3 +54,10 @@ def test_torch_steps_swap_the_kernels_and_put_them_back() -> None:
         assert all(getattr(kernels, name) is getattr(reference, name) for name in bench.STATS_STEPS)
     assert {name: getattr(kernels, name) for name in bench.STATS_STEPS} == before
     assert run_benchmark("bench_stats", "--small", "--torch-steps").count("(torch steps:") == 2
+
+
+def test_merge_top_variants_equal_torch() -> None:
+    """Both kernel layouts give the torch merge's tables: a GPU run of the script compares like with like."""
+    out = run_benchmark("bench_merge_top", "--device", "cpu", "--n", "200", "--reps", "1")
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "ms" not in line]
+    assert len(rows) == 3 and all(line.endswith("| yes |") for line in rows)
