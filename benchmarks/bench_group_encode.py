@@ -20,6 +20,8 @@ Triton's CPU interpreter computes bf16 dot products wrongly, so a CPU run only s
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -157,7 +159,12 @@ def main(argv: list[str] | None = None) -> None:
         report(f"fp8 maxima, k' = {kg} groups", maxima8, GroupEncode(x, W, b, k, kg, gs), exact, ms)
 
 
-def report(name: str, maxima, enc: GroupEncode, exact: tuple[Tensor, Tensor], ms) -> None:
+Timer = Callable[[Callable[[], object]], float]
+
+
+def report(
+    name: str, maxima: Callable[[], Tensor], enc: GroupEncode, exact: tuple[Tensor, Tensor], ms: Timer
+) -> None:
     gmax = maxima()
     groups = enc.choose(gmax)
     pre = enc.rescore(groups)
