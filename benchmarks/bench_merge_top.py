@@ -24,6 +24,7 @@ from bench_encode_gemm import timer
 from torch import Tensor
 
 from mmsae.kernels import reference, triton_stats
+from mmsae.kernels.triton_stats import _merge_keys, _store_merged_meta
 
 
 @triton.jit
@@ -43,11 +44,7 @@ def _merge_top_by_rows_kernel(
         tl.load(top_v_ptr + off, mask=real & from_top, other=float("-inf")),
         tl.load(best_v_ptr + off, mask=real & ~from_top, other=float("-inf")),
     )
-    v = tl.where(v != v, float("nan"), tl.where(v == 0.0, 0.0, v))
-    bits = v.to(tl.int32, bitcast=True)
-    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
-    packed = tl.where(real, key * 4294967296 + (2 * K - 1 - j), -9223372036854775807)
-    packed = tl.trans(tl.sort(tl.trans(packed), dim=1, descending=True))
+    packed = tl.trans(tl.sort(tl.trans(_merge_keys(v, j, real, K)), dim=1, descending=True))
     key = (packed >> 32).to(tl.int32)
     value = tl.where(key < 0, key ^ 0x7FFFFFFF, key).to(tl.float32, bitcast=True)  # −0.0 comes back +0.0
     entry = 2 * K - 1 - (packed & 0xFFFFFFFF)
@@ -56,14 +53,7 @@ def _merge_top_by_rows_kernel(
     tl.store(out_v_ptr + out, value, mask=keep)
     src_top = entry < K
     src = tl.where(src_top, entry, entry - K) * n + f[None, :]
-    empty = value == float("-inf")
-    for c in tl.static_range(3):
-        meta = tl.where(
-            src_top,
-            tl.load(top_meta_ptr + src * 3 + c, mask=keep & src_top, other=-1),
-            tl.load(best_meta_ptr + src * 3 + c, mask=keep & ~src_top, other=-1),
-        )
-        tl.store(out_meta_ptr + out * 3 + c, tl.where(empty, -1, meta), mask=keep)
+    _store_merged_meta(top_meta_ptr, best_meta_ptr, out_meta_ptr, src, src_top, out, keep, value)
 
 
 def merge_top_by_rows(

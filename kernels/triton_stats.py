@@ -171,12 +171,7 @@ def _merge_top_kernel(
         tl.load(top_v_ptr + off, mask=real & from_top, other=float("-inf")),
         tl.load(best_v_ptr + off, mask=real & ~from_top, other=float("-inf")),
     )
-    # Keys as a sort compares: one NaN, above every number; −0.0 equal to +0.0.
-    v = tl.where(v != v, float("nan"), tl.where(v == 0.0, 0.0, v))
-    bits = v.to(tl.int32, bitcast=True)
-    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)  # signed, increases with v
-    packed = tl.where(real, key * 4294967296 + (2 * K - 1 - j[None, :]), -9223372036854775807)
-    packed = tl.sort(packed, dim=1, descending=True)
+    packed = tl.sort(_merge_keys(v, j[None, :], real, K), dim=1, descending=True)
 
     entry = 2 * K - 1 - (packed & 0xFFFFFFFF)  # the first K are real entries: there are 2K ≥ K of them
     keep = f_ok & (j < K)[None, :]
@@ -189,7 +184,26 @@ def _merge_top_kernel(
     )
     out = j[None, :].to(tl.int64) * n + f[:, None]
     tl.store(out_v_ptr + out, value, mask=keep)
-    empty = value == float("-inf")  # no example (dropped duplicates leave their ids behind)
+    _store_merged_meta(top_meta_ptr, best_meta_ptr, out_meta_ptr, src, src_top, out, keep, value)
+
+
+@triton.jit
+def _merge_keys(v, entry, real, K: tl.constexpr):
+    """int64 keys whose descending order is a stable descending sort of the values v of entries 0..2K−1:
+    the value's order-preserving 32-bit key in the high half, 2K − 1 − entry in the low half (ties to the
+    lower entry). Keys compare as the sort compares values: one NaN above every number, −0.0 equal to +0.0;
+    entries that are not `real` sort last."""
+    v = tl.where(v != v, float("nan"), tl.where(v == 0.0, 0.0, v))
+    bits = v.to(tl.int32, bitcast=True)
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)  # signed, increases with v
+    return tl.where(real, key * 4294967296 + (2 * K - 1 - entry), -9223372036854775807)
+
+
+@triton.jit
+def _store_merged_meta(top_meta_ptr, best_meta_ptr, out_meta_ptr, src, src_top, out, keep, value):
+    """Each kept entry's (example, token, timestep) from the table it came from, −1 where its value is −∞
+    (no example: dropped duplicates leave their ids behind)."""
+    empty = value == float("-inf")
     for c in tl.static_range(3):
         meta = tl.where(
             src_top,
