@@ -28,6 +28,7 @@ from collections.abc import Callable
 import torch
 import triton
 import triton.language as tl
+from bench_stats import E4M3_MAX, E4M3_SCALE_MIN, to_e4m3_rows
 from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -36,7 +37,6 @@ from mmsae.kernels import triton_select as ts
 from mmsae.kernels.triton_gemm import BLOCK_K, BLOCK_M, BLOCK_N, _stages, _tile_coords
 from mmsae.kernels.triton_keys import _ordered_key
 
-E4M3_MAX = 448.0
 BF16_CONFIGS = [  # (BM, BN, BK, stages, warps, warp specialisation)
     (128, 256, 64, 3, 8, True),
     (128, 128, 64, 4, 4, False),
@@ -98,12 +98,15 @@ def _gemm_group_max_kernel(
 
 
 @triton.jit
-def _quantise_rows_kernel(x_ptr, q_ptr, s_ptr, M, D, BR: tl.constexpr, BD: tl.constexpr):
+def _quantise_rows_kernel(
+    x_ptr, q_ptr, s_ptr, M, D, SCALE_MIN: tl.constexpr, E4M3: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr
+):  # fmt: skip
+    """`bench_stats.to_e4m3_rows` of [M, D] rows in one pass: e4m3 values and float32 scales."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     cols = tl.arange(0, BD)
     ok = (rows[:, None] < M) & (cols[None, :] < D)
     x = tl.load(x_ptr + rows[:, None] * D + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-    s = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12) / 448.0
+    s = tl.maximum(tl.max(tl.abs(x), axis=1), SCALE_MIN) / E4M3
     tl.store(q_ptr + rows[:, None] * D + cols[None, :], (x / s[:, None]).to(tl.float8e4nv), mask=ok)
     tl.store(s_ptr + rows, s, mask=rows < M)
 
@@ -133,6 +136,23 @@ class Gemm:
             SCALED=self.scales is not None, WRITE=write, WS=ws, num_stages=stages, num_warps=warps,
         )  # fmt: skip
         return self.pre, self.gmax
+
+
+def fp8_gemm(x: Tensor, W: Tensor, b: Tensor, group: int) -> tuple[Gemm, Callable[[], None]]:
+    """(the sweep's kernel on e4m3 operands, `quantise()`): W is scaled per feature once (fixed during a
+    pass), x per token by each `quantise()` call (one Triton pass, as each chunk would be)."""
+    M, D = x.shape
+    W8, w_scale_N1 = to_e4m3_rows(W)
+    x8 = torch.empty(M, D, dtype=torch.float8_e4m3fn, device=x.device)
+    x_scale = torch.empty(M, device=x.device)
+
+    def quantise() -> None:
+        _quantise_rows_kernel[(triton.cdiv(M, 16),)](
+            x, x8, x_scale, M, D, E4M3_SCALE_MIN, E4M3_MAX, BR=16, BD=triton.next_power_of_2(D)
+        )
+
+    quantise()
+    return Gemm(x8, W8, b, group, (x_scale, w_scale_N1[:, 0])), quantise
 
 
 def timer(device: torch.device, reps: int) -> Callable[[Callable[[], object]], float]:
@@ -227,18 +247,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"| exact encode (`kernels.topk_encode`) | {ms(lambda: kernels.topk_encode(x, W, b, k)):.3f} | | |")
     sweep("bf16", Gemm(x, W, b, cfg.group, None), [product_config(cfg.group), *BF16_CONFIGS], ref, ms, flop)
 
-    w_scale = W.float().abs().amax(1).clamp_min(1e-12) / E4M3_MAX  # per feature, once per pass
-    W8 = (W.float() / w_scale[:, None]).to(torch.float8_e4m3fn)
-    x8, x_scale = torch.empty(M, D, dtype=torch.float8_e4m3fn, device=device), torch.empty(M, device=device)
-
-    def quantise() -> None:
-        _quantise_rows_kernel[(triton.cdiv(M, 16),)](
-            x, x8, x_scale, M, D, BR=16, BD=triton.next_power_of_2(D)
-        )
-
+    fp8, quantise = fp8_gemm(x, W, b, cfg.group)
     print(f"| x to e4m3, row-wise scales (Triton) | {ms(quantise):.3f} | | |")
-    quantise()
-    fp8 = Gemm(x8, W8, b, cfg.group, (x_scale, w_scale))
     best = sweep("fp8", fp8, FP8_CONFIGS, ref, ms, flop)
     if best is not None:
         candidate_encode(args, fp8, best, quantise, (x, W, b), ms)

@@ -32,13 +32,13 @@ import mmsae
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its siblings; `-P` leaves the script's folder out
 import dino_tokens
-from bench_stats import e4m3_row_scales
+from bench_stats import to_e4m3_rows
 
 
 def fp8_rows(t_RD: Tensor) -> Tensor:
-    """`t_RD` rounded to e4m3 with one scale per row (`bench_stats.e4m3_row_scales`, as its fp8 encode)."""
-    scale_R1 = e4m3_row_scales(t_RD)
-    return (t_RD / scale_R1).to(torch.float8_e4m3fn).float() * scale_R1
+    """`t_RD` rounded to e4m3 with one scale per row (`bench_stats.to_e4m3_rows`, as its fp8 encode)."""
+    t8_RD, scale_R1 = to_e4m3_rows(t_RD)
+    return t8_RD.float() * scale_R1
 
 
 def candidate_topk(approx_BN: Tensor, exact_BN: Tensor, k: int, k_cand: int) -> Tensor:

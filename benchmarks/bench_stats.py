@@ -104,8 +104,7 @@ def encode_limits(args: argparse.Namespace, device: torch.device) -> None:
     report("torch.topk of the GEMM output", lambda: torch.topk(pre, args.k, dim=-1), gemm=False)
     report("exact encode (kernels.topk_encode)", lambda: kernels.topk_encode(x, w, b.float(), args.k))
     if fp8:  # the candidate encode whose exactness bench_fp8_candidates.py measures, at k' = 2k and 3k
-        w_scale_N1 = e4m3_row_scales(w)
-        w8_scaled = (w.float() / w_scale_N1).to(torch.float8_e4m3fn)
+        w8_scaled, w_scale_N1 = to_e4m3_rows(w)
         for k_cand in (2 * args.k, 3 * args.k):
             report(
                 f"fp8 candidates, k' = {k_cand}",
@@ -116,9 +115,19 @@ def encode_limits(args: argparse.Namespace, device: torch.device) -> None:
 E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max
 
 
+E4M3_SCALE_MIN = torch.finfo(torch.float32).tiny
+"""Smallest row scale: an all-zero row divides by it instead of by zero."""
+
+
 def e4m3_row_scales(t_RD: Tensor) -> Tensor:
     """[R, 1] float32: one scale per row, mapping its largest magnitude to e4m3's largest value."""
-    return t_RD.float().abs().amax(1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / E4M3_MAX
+    return t_RD.float().abs().amax(1, keepdim=True).clamp_min(E4M3_SCALE_MIN) / E4M3_MAX
+
+
+def to_e4m3_rows(t_RD: Tensor) -> tuple[Tensor, Tensor]:
+    """(`t_RD` / its row scales as e4m3, the [R, 1] scales): what `torch._scaled_mm` takes row-wise."""
+    scale_R1 = e4m3_row_scales(t_RD)
+    return (t_RD.float() / scale_R1).to(torch.float8_e4m3fn), scale_R1
 
 
 def fp8_candidate_encode(
@@ -126,8 +135,7 @@ def fp8_candidate_encode(
 ) -> tuple[Tensor, Tensor]:
     """Top k of `k_cand` candidates per row: fp8 scores (row-wise scales of x, feature-wise of W, as
     `_scaled_mm` takes them), the candidates' pre-activations again exactly (`kernels.encode_at`)."""
-    x_scale_B1 = e4m3_row_scales(x_BD)
-    x8_BD = (x_BD.float() / x_scale_B1).to(torch.float8_e4m3fn)
+    x8_BD, x_scale_B1 = to_e4m3_rows(x_BD)
     scores_BN = torch._scaled_mm(
         x8_BD, w8_ND.T, scale_a=x_scale_B1, scale_b=w_scale_1N, bias=b_N, out_dtype=x_BD.dtype
     )
