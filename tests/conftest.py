@@ -56,6 +56,15 @@ def _seed() -> None:
 N_NOISE_IMAGES = 12
 
 
+@pytest.fixture
+def triton_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`mmsae.kernels` on its Triton path whatever the device (Triton's interpreter on CPU tensors),
+    restored after the test."""
+    from mmsae import kernels
+
+    monkeypatch.setattr(kernels, "_BACKEND", "triton")
+
+
 @pytest.fixture(scope="session")
 def noise_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """12 small random RGB PNGs (40×48): cheap inputs for extraction and store tests."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -28,12 +28,6 @@ MODES: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
     "inference_mode": torch.inference_mode,
     "no_grad": torch.no_grad,
 }
-
-
-@pytest.fixture
-def triton_backend(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setattr(kernels, "_BACKEND", "triton")  # restored after the test
-    yield
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

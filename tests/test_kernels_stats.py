@@ -5,7 +5,6 @@ interpreter (TRITON_INTERPRET, set by conftest)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -17,12 +16,6 @@ from mmsae.kernels import reference, triton_stats
 from mmsae.sae import build_sae
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture
-def triton_backend(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setattr(kernels, "_BACKEND", "triton")
-    yield
 
 
 def _accumulators(n: int, bins: int) -> list[torch.Tensor]:

@@ -23,11 +23,6 @@ DEVICE = "cuda" if CUDA else "cpu"
 SHAPES = [(37, 19), (5,), (2500,)]  # ragged blocks, a bias, more than one program
 
 
-@pytest.fixture
-def triton_backend(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kernels, "_BACKEND", "triton")
-
-
 def make_params() -> list[torch.nn.Parameter]:
     return [torch.nn.Parameter(torch.randn(s, device=DEVICE)) for s in SHAPES]
 
