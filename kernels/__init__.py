@@ -3,8 +3,9 @@
 `topk_encode`, `sparse_decode`, `decode_with_mse` (decoder + loss, in training) and `topk_indices` (AuxK's and
 AbsTopK's selections) are what the SAE family calls; `feature_sums_`, `residual_sums_` and `merge_top` are the
 feature-statistics pass's per-chunk steps. On CUDA they run the Triton kernels of this package (when
-available); elsewhere, or when forced, the torch reference in `mmsae.kernels.reference`. Force a backend with
-`set_backend("torch" | "triton" | "auto")` or the environment variable `MMSAE_KERNELS`."""
+available); elsewhere, or when forced, the torch reference in `mmsae.kernels.reference`, except the CPU
+decoder, which gathers rows instead of the reference's dense product (`mmsae.kernels.cpu`). Force a backend
+with `set_backend("torch" | "triton" | "auto")` or the environment variable `MMSAE_KERNELS`."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from mmsae.kernels import reference
+from mmsae.kernels import cpu, reference
 from mmsae.kernels.weight_copies import WeightCopies
 
 Backend = Literal["auto", "torch", "triton"]
@@ -131,11 +132,15 @@ def sparse_decode(
     bias: Tensor | None = None,
     copies: WeightCopies | None = None,
 ) -> Tensor:
-    """Σ_j values[:, j] · W_dec[indices[:, j]] (+ bias), [B, d], differentiable in values, W_dec and bias."""
+    """Σ_j values[:, j] · W_dec[indices[:, j]] (+ bias), [B, d], differentiable in values, W_dec and bias.
+    CUDA: the Triton gather; CPU fp32/fp64: `embedding_bag`'s weighted sum (`kernels.cpu`); else the
+    reference's dense product."""
     if _use_triton(values):
         from mmsae.kernels import triton_ops
 
         return triton_ops.sparse_decode(values, indices, W_dec, bias, copies)
+    if _BACKEND == "auto" and cpu.gather_decode_applies(values, indices, W_dec):
+        return cpu.sparse_decode(values, indices, W_dec, bias)
     return reference.sparse_decode(values, indices, W_dec, bias)
 
 
