@@ -15,6 +15,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from mmsae.kernels.triton_dense import _rows
+
 PAIR_BLOCK = 1024
 ROW_BLOCK, COL_BLOCK, ROWS_PER_PROGRAM = 16, 256, 128
 
@@ -123,8 +125,7 @@ def residual_sums_(
     N, D = x_ND.shape
     if N == 0:
         return
-    x_ND = x_ND if x_ND.stride(1) == 1 else x_ND.contiguous()
-    x_hat_ND = x_hat_ND if x_hat_ND.stride(1) == 1 else x_hat_ND.contiguous()
+    x_ND, x_hat_ND = _rows(x_ND), _rows(x_hat_ND)
     grid = (triton.cdiv(N, ROWS_PER_PROGRAM), triton.cdiv(D, COL_BLOCK))
     _residual_sums_kernel[grid](
         x_ND,
