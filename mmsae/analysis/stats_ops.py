@@ -61,15 +61,18 @@ def group_then_descending(group: Tensor, val: Tensor, n_groups: int, val16: Tens
 
     One sort of a 32-bit key where `val16` (the values as bf16) is given and the groups fit in 16 bits
     (a radix sort's cost grows with the key's bits); else an int64 key (group, then the float32 value's
-    bits mapped to a descending integer) where the groups fit in 31 bits; else two stable sorts."""
+    bits mapped to a descending integer) where the groups fit in 31 bits; else two stable sorts. A NaN
+    ranks above every number, whatever its sign bit, as in torch's sorts."""
     if val16 is not None and n_groups <= 2**16:
         bits = val16.view(torch.int16)
         ordered = torch.where(bits < 0, bits ^ 0x7FFF, bits)  # increases with the bf16 value
+        ordered.masked_fill_(val16.isnan(), 2**15 - 1)
         # group·2¹⁶ + (2¹⁵ − 1 − ordered) ∈ [0, 2³²), shifted by −2³¹ into int32.
         return (group * 2**16 - ordered).add_(2**15 - 1 - 2**31).int().argsort(stable=True)
     if n_groups < 2**31:
         bits = val.float().view(torch.int32).long()
         ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # increases with the float value
+        ordered.masked_fill_(val.isnan(), 2**31 - 1)
         return (group * 2**32 + (2**31 - 1 - ordered)).argsort(stable=True)
     by_val = val.argsort(descending=True, stable=True)
     return by_val[group[by_val].argsort(stable=True)]
