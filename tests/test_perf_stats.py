@@ -162,7 +162,7 @@ def _nans(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
 def test_one_key_sort_orders_like_two_stable_sorts() -> None:
     """The int64 key (group, descending value bits) orders signed values, −inf, ±0 and NaNs of either sign
     (first, as torch's sorts place them) as floats do."""
-    from mmsae.analysis.stats import _group_then_descending
+    from mmsae.analysis.stats_ops import group_then_descending
 
     g = torch.Generator().manual_seed(3)
     val = torch.randn(500, generator=g) * 100
@@ -171,8 +171,8 @@ def test_one_key_sort_orders_like_two_stable_sorts() -> None:
     val[2::13] = 0.0
     val[3::19], val[4::23] = _nans(torch.float32)
     group = torch.randint(0, 40, (500,), generator=g)
-    fast = _group_then_descending(group, val, 40)
-    slow = _group_then_descending(group, val, 2**31)  # the two-sort path
+    fast = group_then_descending(group, val, 40)
+    slow = group_then_descending(group, val, 2**31)  # the two-sort path
     assert torch.equal(group[fast], group[slow])
     _same_values(val[fast], val[slow])
     assert (group[fast][1:] >= group[fast][:-1]).all()

@@ -44,8 +44,6 @@ from mmsae.fileio import atomic_write_bytes
 from mmsae.legacy_names import legacy_keys, legacy_kwargs, renamed_from
 from mmsae.sae import SAE, Codes
 
-_group_then_descending = group_then_descending  # the name tests and older callers import
-
 Batch = TokenActs | Tensor
 
 
