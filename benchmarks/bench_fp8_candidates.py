@@ -4,7 +4,10 @@ An encode-only pass (`feature_stats`, the index) spends most of its time in the 
 runs at about 1.6 × bf16 on Hopper (`bench_stats.py --limits`), but rounds each operand to 3 mantissa bits.
 The candidate scheme keeps the result exact where it matters: the k' ≥ k largest fp8 scores of each token are
 candidates, their pre-activations are computed again in fp32 (`kernels.encode_at`), and the top k of those
-are the codes. It misses a feature of the fp32 top k only when its fp8 score ranks below k'.
+are the codes. It misses a feature of the fp32 top k only when its fp8 score ranks below k'. The group
+variant takes the GEMM's maxima over groups of `--group` neighbouring features instead (what the fused GEMM's
+epilogue keeps, `kernels.triton_group`): the g' groups with the largest fp8 maxima are re-scored whole, and
+it misses a feature only when its group's fp8 maximum ranks below g'.
 
 This script measures that on real activations: a TopK SAE trained on DINOv2-S/14 `blocks.9` patch tokens of
 the zoo's photos (`dino_tokens.py`: those of `bench_recipe_gpu.py`, from its `--cache`), encoded on held-out
@@ -48,6 +51,17 @@ def candidate_topk(approx_BN: Tensor, exact_BN: Tensor, k: int, k_cand: int) -> 
     return cand_BC.gather(1, best_BK)
 
 
+def group_candidate_topk(approx_BN: Tensor, exact_BN: Tensor, k: int, groups: int, group: int) -> Tensor:
+    """[B, k] features: the top k by `exact_BN` among the features of the `groups` groups (of `group`
+    neighbouring features) with the largest `approx_BN` maxima in each row."""
+    B, n = approx_BN.shape
+    gmax_BG = approx_BN.view(B, n // group, group).amax(-1)
+    chosen_BC = gmax_BG.topk(groups, dim=1).indices
+    cand_BF = (chosen_BC[:, :, None] * group + torch.arange(group)).flatten(1)
+    best_BK = exact_BN.gather(1, cand_BF).topk(k, dim=1).indices
+    return cand_BF.gather(1, best_BK)
+
+
 def disagreement(ref_BK: Tensor, got_BK: Tensor, n: int) -> tuple[float, float]:
     """(share of rows whose feature sets differ, share of `ref_BK`'s entries missing from `got_BK`'s row)."""
     marked_BN = torch.zeros(len(ref_BK), n, dtype=torch.bool).scatter_(1, got_BK, True)
@@ -56,8 +70,11 @@ def disagreement(ref_BK: Tensor, got_BK: Tensor, n: int) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def rows(sae: mmsae.SAE, x_BD: Tensor, k: int, cand_mults: list[float]) -> list[tuple[str, float, float]]:
-    """(encode, tokens whose top-k set differs from fp32, pairs missed) for bf16 and each fp8 k'."""
+def rows(
+    sae: mmsae.SAE, x_BD: Tensor, k: int, cand_mults: list[float], group_mults: list[float], group: int
+) -> list[tuple[str, float, float]]:
+    """(encode, tokens whose top-k set differs from fp32, pairs missed) for bf16, each fp8 k' and each
+    fp8 g'."""
     W_ND, b_N = sae.W_enc.float(), sae.b_enc.float()
     xc_BD = x_BD.float() - sae.b_dec.float()
     exact_BN = xc_BD @ W_ND.T + b_N
@@ -70,6 +87,11 @@ def rows(sae: mmsae.SAE, x_BD: Tensor, k: int, cand_mults: list[float]) -> list[
         k_cand = min(n, round(mult * k))
         got_BK = candidate_topk(fp8_BN, exact_BN, k, k_cand)
         out.append((f"fp8 candidates, k' = {k_cand}", *disagreement(ref_BK, got_BK, n)))
+    for mult in group_mults:
+        groups = min(n // group, round(mult * k))
+        got_BK = group_candidate_topk(fp8_BN, exact_BN, k, groups, group)
+        name = f"fp8 group maxima, g' = {groups} groups of {group}"
+        out.append((name, *disagreement(ref_BK, got_BK, n)))
     return out
 
 
@@ -83,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=4096)
     ap.add_argument("--encode-tokens", type=int, default=16_384, help="held-out tokens encoded")
     ap.add_argument("--cand-mults", type=float, nargs="+", default=[1.0, 1.25, 1.5, 2.0, 3.0])
+    ap.add_argument("--group-mults", type=float, nargs="*", default=[1.0, 1.25, 1.5, 2.0], help="g' / k")
+    ap.add_argument("--group", type=int, default=16, help="features per group of the GEMM's maxima")
     args = ap.parse_args(argv)
     train_ND, eval_ND = dino_tokens.cached_tokens(args)
     x_BD = eval_ND[: args.encode_tokens]
@@ -96,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         sae = mmsae.train(
             train_ND, sae="topk", n_features=n, k=args.k, tokens=len(train_ND), batch_size=args.batch_size
         ).cpu()
-        for name, tokens, pairs in rows(sae, x_BD, args.k, args.cand_mults):
+        for name, tokens, pairs in rows(sae, x_BD, args.k, args.cand_mults, args.group_mults, args.group):
             print(f"| {n} | {name} | {100 * tokens:.3f} % | {100 * pairs:.4f} % |", flush=True)
 
 
