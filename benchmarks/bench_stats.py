@@ -160,7 +160,7 @@ def make_batches(args: argparse.Namespace, device: torch.device) -> list[TokenAc
     return out
 
 
-STATS_STEPS = ("feature_sums_", "residual_sums_", "merge_top")
+STATS_STEPS = ("feature_sums_", "residual_sums_", "merge_sorted_top_")
 
 
 @contextlib.contextmanager

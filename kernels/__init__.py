@@ -1,11 +1,12 @@
 """Sparse SAE kernels with one dispatch point.
 
 `topk_encode`, `sparse_decode`, `decode_with_mse` (decoder + loss, in training) and `topk_indices` (AuxK's and
-AbsTopK's selections) are what the SAE family calls; `feature_sums_`, `residual_sums_` and `merge_top` are the
-feature-statistics pass's per-chunk steps. On CUDA they run the Triton kernels of this package (when
-available); elsewhere, or when forced, the torch reference in `mmsae.kernels.reference`, except the CPU
-decoder, which gathers rows instead of the reference's dense product (`mmsae.kernels.cpu`). Force a backend
-with `set_backend("torch" | "triton" | "auto")` or the environment variable `MMSAE_KERNELS`."""
+AbsTopK's selections) are what the SAE family calls; `feature_sums_`, `residual_sums_` and
+`merge_sorted_top_` are the feature-statistics pass's per-chunk steps. On CUDA they run the Triton kernels
+of this package (when available); elsewhere, or when forced, the torch reference in
+`mmsae.kernels.reference`, except the CPU decoder, which gathers rows instead of the reference's dense
+product (`mmsae.kernels.cpu`). Force a backend with `set_backend("torch" | "triton" | "auto")` or the
+environment variable `MMSAE_KERNELS`."""
 
 from __future__ import annotations
 
@@ -196,15 +197,30 @@ def residual_sums_(
     return reference.residual_sums_(x_ND, x_hat_ND, shift_D, x_sum, x_sq, sq_err)
 
 
-def merge_top(top_v: Tensor, top_meta: Tensor, best_v: Tensor, best_meta: Tensor) -> tuple[Tensor, Tensor]:
-    """The k largest of two [k, n] float32 value tables per column, with their [k, n, 3] int64 metadata, in
-    a stable descending sort's order (ties to `top_v`, then to the lower row); metadata −1 where the value
-    is −∞ (no entry). The Triton path is one sort of 2k packed keys per column, in registers."""
-    if _use_triton(top_v) and top_v.dtype == best_v.dtype == torch.float32 and top_v.shape[0] > 0:
+def merge_sorted_top_(
+    top_v: Tensor,
+    top_meta: Tensor,
+    grp_M: Tensor,
+    v_M: Tensor,
+    row_M: Tensor,
+    meta_N3: Tensor,
+    distinct: bool,
+) -> None:
+    """Merge a chunk's (feature, value) entries into a running top k per feature, in place.
+
+    `top_v` float32 [k, n] and `top_meta` int64 [k, n, 3] (example, token, timestep) hold each feature's best
+    entries, best first, −∞ / −1 where empty. The chunk's M entries come sorted by feature `grp_M` (int64,
+    n for entries to ignore), then by value `v_M` (float32) descending, stably; `row_M` is each entry's row
+    of `meta_N3` (int64 [N, 3]). The new top is a stable descending sort's first k of the running top
+    followed by the entries in their order (equal values: the running top first, then the earlier entry); a
+    NaN ranks first, −∞ counts as no entry. With `distinct`, an entry whose example (meta column 0) a
+    better-ranked entry holds is dropped, so each example keeps its best entry per feature. The Triton path
+    reads each feature's run a window at a time and ranks the window against the top in registers."""
+    if _use_triton(top_v) and top_v.dtype == v_M.dtype == torch.float32:
         from mmsae.kernels import triton_stats
 
-        return triton_stats.merge_top(top_v, top_meta, best_v, best_meta)
-    return reference.merge_top(top_v, top_meta, best_v, best_meta)
+        return triton_stats.merge_sorted_top_(top_v, top_meta, grp_M, v_M, row_M, meta_N3, distinct)
+    return reference.merge_sorted_top_(top_v, top_meta, grp_M, v_M, row_M, meta_N3, distinct)
 
 
 def normalized_mse(x: Tensor, x_hat: Tensor) -> Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -72,10 +73,56 @@ def residual_sums_(
     sq_err += torch.linalg.vector_norm(r_ND, dim=1).square_().sum()
 
 
-def merge_top(top_v: Tensor, top_meta: Tensor, best_v: Tensor, best_meta: Tensor) -> tuple[Tensor, Tensor]:
-    k = top_v.shape[0]
-    cand_v, idx = torch.cat([top_v, best_v]).sort(dim=0, descending=True, stable=True)
+def merge_sorted_top_(
+    top_v: Tensor,
+    top_meta: Tensor,
+    grp_M: Tensor,
+    v_M: Tensor,
+    row_M: Tensor,
+    meta_N3: Tensor,
+    distinct: bool,
+) -> None:
+    """See `mmsae.kernels.merge_sorted_top_`: each feature's first k entries (after dropping, with `distinct`,
+    an example's later entries) are the chunk's best; the running top and those, sorted stably along the
+    first axis, give the new top, where `distinct` drops an entry whose example a better-ranked one holds."""
+    k, n = top_v.shape
+    N = meta_N3.shape[0]
+    live = (grp_M < n) & (v_M != -math.inf)
+    if distinct:  # an example's first entry in a feature's run is its best; later ones go
+        example = _example_rank(meta_N3[:, 0])[row_M]
+        by_example = (grp_M * N + example).argsort(stable=True)
+        key = grp_M[by_example] * N + example[by_example]
+        first = torch.ones_like(live)
+        first[by_example[1:]] = key[1:] != key[:-1]
+        live &= first
+    kept = live.long().cumsum(0)
+    before = (kept - live.long())[torch.searchsorted(grp_M, grp_M)]  # kept entries before each group
+    rank = torch.where(live, kept - 1 - before, k).clamp_(max=k)  # row k: dropped
+    slot = rank * (n + 1) + grp_M.clamp(max=n)
+    size = ((k + 1) * (n + 1),)
+    best_v = torch.full(size, -math.inf, device=v_M.device).scatter_(0, slot, v_M.float())
+    best_r = torch.full(size, N, dtype=torch.long, device=v_M.device).scatter_(0, slot, row_M)
+    best_meta = F.pad(meta_N3, (0, 0, 0, 1), value=-1)[best_r.view(k + 1, n + 1)[:k, :n]]
+    cand_v = torch.cat([top_v, best_v.view(k + 1, n + 1)[:k, :n]])
     cand_meta = torch.cat([top_meta, best_meta])
-    out_v, idx = cand_v[:k], idx[:k]
-    out_meta = cand_meta.gather(0, idx[..., None].expand(-1, -1, cand_meta.shape[-1]))
-    return out_v, out_meta.masked_fill_((out_v == -math.inf)[..., None], -1)
+    cand_v, idx = cand_v.sort(dim=0, descending=True, stable=True)
+    if distinct:  # across the two tables: an example's first entry in this order stays
+        ids = cand_meta[..., 0].gather(0, idx).masked_fill(cand_v == -math.inf, -1)
+        by_id = ids.argsort(dim=0, stable=True)
+        ids_s = ids.gather(0, by_id)
+        dup_s = F.pad((ids_s[1:] == ids_s[:-1]) & (ids_s[1:] >= 0), (0, 0, 1, 0))
+        dup = torch.zeros_like(dup_s).scatter_(0, by_id, dup_s)
+        order = dup.char().argsort(dim=0, stable=True)  # kept entries first, in value order
+        cand_v = cand_v.gather(0, order).masked_fill_(dup.gather(0, order), -math.inf)
+        idx = idx.gather(0, order)
+    out_meta = cand_meta.gather(0, idx[:k, :, None].expand(-1, -1, cand_meta.shape[-1]))
+    top_v.copy_(cand_v[:k])
+    top_meta.copy_(out_meta.masked_fill_((cand_v[:k] == -math.inf)[..., None], -1))
+
+
+def _example_rank(example_id: Tensor) -> Tensor:
+    """[N] → each token's example as a rank 0..N−1 (equal ids, equal ranks): `unique`'s inverse without
+    its data-dependent output size."""
+    ids_s, order = example_id.sort(stable=True)
+    new = F.pad(ids_s[1:] != ids_s[:-1], (1, 0), value=True).long()
+    return torch.empty_like(new).scatter_(0, order, new.cumsum(0) - 1)

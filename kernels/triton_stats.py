@@ -145,93 +145,149 @@ def residual_sums_(
     )
 
 
+EMPTY_KEY: tl.constexpr = tl.constexpr(-2147483648)
+"""Key of an empty entry (value −∞): below every value's key, −∞'s included."""
+
+
 @triton.jit
-def _merge_top_kernel(
+def _merge_run_kernel(
     top_v_ptr,
     top_meta_ptr,
-    best_v_ptr,
-    best_meta_ptr,
-    out_v_ptr,
-    out_meta_ptr,
+    start_ptr,
+    v_ptr,
+    row_ptr,
+    meta_ptr,
     n,
     K: tl.constexpr,
-    K2: tl.constexpr,
+    KP: tl.constexpr,
     BF: tl.constexpr,
+    DISTINCT: tl.constexpr,
 ):
-    """Per feature (a column of the [K, n] tops), the K largest of its 2K entries, ties to the running top
-    and then to the lower row (a stable sort's order): one sort of packed int64 keys, (value key, 2K − 1 −
-    entry), the value's order-preserving 32-bit key in the high half."""
+    """BF features per program, each merging its run of the chunk's sorted entries into its running top K,
+    in place. The top stays in registers; the run is read KP entries at a time while its next entry beats
+    the K-th. An entry's rank is the number of kept entries that precede it (larger value; on a tie the
+    running top, then the earlier entry of the run), so no sort is needed; with DISTINCT an entry whose
+    example a preceding entry holds is not kept."""
     f = tl.program_id(0) * BF + tl.arange(0, BF)
-    j = tl.arange(0, K2)
-    f_ok = (f < n)[:, None]
-    from_top = (j < K)[None, :]
-    real = f_ok & (j < 2 * K)[None, :]
-    off = tl.where(from_top, j[None, :], j[None, :] - K).to(tl.int64) * n + f[:, None]
-    v = tl.where(
-        from_top,
-        tl.load(top_v_ptr + off, mask=real & from_top, other=float("-inf")),
-        tl.load(best_v_ptr + off, mask=real & ~from_top, other=float("-inf")),
-    )
-    packed = tl.sort(_merge_keys(v, j[None, :], real, K), dim=1, descending=True)
-
-    entry = 2 * K - 1 - (packed & 0xFFFFFFFF)  # the first K are real entries: there are 2K ≥ K of them
-    keep = f_ok & (j < K)[None, :]
-    src_top = entry < K
-    src = tl.where(src_top, entry, entry - K) * n + f[:, None]
-    value = tl.where(
-        src_top,
-        tl.load(top_v_ptr + src, mask=keep & src_top, other=0.0),
-        tl.load(best_v_ptr + src, mask=keep & ~src_top, other=0.0),
-    )
-    out = j[None, :].to(tl.int64) * n + f[:, None]
-    tl.store(out_v_ptr + out, value, mask=keep)
-    _store_merged_meta(top_meta_ptr, best_meta_ptr, out_meta_ptr, src, src_top, out, keep, value)
+    f_ok = f < n
+    s = tl.arange(0, KP)
+    in_top = f_ok[:, None] & (s < K)[None, :]
+    off = s[None, :].to(tl.int64) * n + f[:, None]
+    t_key = _value_key(tl.load(top_v_ptr + off, mask=in_top, other=float("-inf")))
+    t_ex = tl.load(top_meta_ptr + off * 3, mask=in_top, other=-1)
+    t_tok = tl.load(top_meta_ptr + off * 3 + 1, mask=in_top, other=-1)
+    t_ts = tl.load(top_meta_ptr + off * 3 + 2, mask=in_top, other=-1)
+    pos = tl.load(start_ptr + f, mask=f_ok, other=0)
+    end = tl.load(start_ptr + f + 1, mask=f_ok, other=0)
+    head = _value_key(tl.load(v_ptr + pos, mask=pos < end, other=float("-inf")))
+    active = head > tl.min(tl.where(s[None, :] < K, t_key, 2147483647), axis=1)  # beats the K-th entry
+    while tl.max(active.to(tl.int32), axis=0) > 0:
+        idx = pos[:, None] + s[None, :]
+        w_ok = active[:, None] & (idx < end[:, None])
+        w_key = _value_key(tl.load(v_ptr + idx, mask=w_ok, other=float("-inf")))
+        w_row = tl.load(row_ptr + idx, mask=w_ok, other=0) * 3
+        w_ex = tl.load(meta_ptr + w_row, mask=w_ok, other=-1)
+        w_tok = tl.load(meta_ptr + w_row + 1, mask=w_ok, other=-1)
+        w_ts = tl.load(meta_ptr + w_row + 2, mask=w_ok, other=-1)
+        # [BF, i, j]: entry j precedes entry i (tt: both in the top, tw: j in the window, ...)
+        first = s[None, None, :] < s[None, :, None]
+        tt = (t_key[:, None, :] > t_key[:, :, None]) | ((t_key[:, None, :] == t_key[:, :, None]) & first)
+        tw = w_key[:, None, :] > t_key[:, :, None]
+        wt = t_key[:, None, :] >= w_key[:, :, None]
+        ww = (w_key[:, None, :] > w_key[:, :, None]) | ((w_key[:, None, :] == w_key[:, :, None]) & first)
+        t_real, w_real = t_key != EMPTY_KEY, w_key != EMPTY_KEY
+        t_live, w_live = t_real, w_real
+        if DISTINCT:  # an example's first entry in this order holds it; no chains: its first is never held
+            t_live = t_real & ~_held(tt, t_ex, t_ex, t_real) & ~_held(tw, t_ex, w_ex, w_real)
+            w_live = w_real & ~_held(wt, w_ex, t_ex, t_real) & ~_held(ww, w_ex, w_ex, w_real)
+        t_rank = _count(tt, t_live) + _count(tw, w_live)
+        w_rank = _count(wt, t_live) + _count(ww, w_live)
+        t_at = (t_live & (t_rank < K))[:, :, None] & (t_rank[:, :, None] == s[None, None, :])  # [BF, i, slot]
+        w_at = (w_live & (w_rank < K))[:, :, None] & (w_rank[:, :, None] == s[None, None, :])
+        t_key = tl.maximum(
+            tl.max(tl.where(t_at, t_key[:, :, None], EMPTY_KEY), axis=1),
+            tl.max(tl.where(w_at, w_key[:, :, None], EMPTY_KEY), axis=1),
+        )
+        t_ex = _place(t_at, t_ex, w_at, w_ex)
+        t_tok = _place(t_at, t_tok, w_at, w_tok)
+        t_ts = _place(t_at, t_ts, w_at, w_ts)
+        pos = tl.where(active, pos + KP, pos)
+        head = _value_key(tl.load(v_ptr + pos, mask=active & (pos < end), other=float("-inf")))
+        active = active & (head > tl.min(tl.where(s[None, :] < K, t_key, 2147483647), axis=1))
+    empty = t_key == EMPTY_KEY
+    tl.store(top_v_ptr + off, _key_value(t_key), mask=in_top)
+    tl.store(top_meta_ptr + off * 3, tl.where(empty, -1, t_ex), mask=in_top)
+    tl.store(top_meta_ptr + off * 3 + 1, tl.where(empty, -1, t_tok), mask=in_top)
+    tl.store(top_meta_ptr + off * 3 + 2, tl.where(empty, -1, t_ts), mask=in_top)
 
 
 @triton.jit
-def _merge_keys(v, entry, real, K: tl.constexpr):
-    """int64 keys whose descending order is a stable descending sort of the values v of entries 0..2K−1:
-    the value's order-preserving 32-bit key in the high half, 2K − 1 − entry in the low half (ties to the
-    lower entry). Keys compare as the sort compares values: one NaN above every number, −0.0 equal to +0.0;
-    entries that are not `real` sort last."""
+def _value_key(v):
+    """int32 key increasing with the float32 value v, as a stable descending sort orders values: one NaN
+    above every number, −0.0 equal to +0.0; −∞ (no entry) gets EMPTY_KEY."""
     v = tl.where(v != v, float("nan"), tl.where(v == 0.0, 0.0, v))
     bits = v.to(tl.int32, bitcast=True)
-    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)  # signed, increases with v
-    return tl.where(real, key * 4294967296 + (2 * K - 1 - entry), -9223372036854775807)
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return tl.where(v == float("-inf"), EMPTY_KEY, key)
 
 
 @triton.jit
-def _store_merged_meta(top_meta_ptr, best_meta_ptr, out_meta_ptr, src, src_top, out, keep, value):
-    """Each kept entry's (example, token, timestep) from the table it came from, −1 where its value is −∞
-    (no example: dropped duplicates leave their ids behind)."""
-    empty = value == float("-inf")
-    for c in tl.static_range(3):
-        meta = tl.where(
-            src_top,
-            tl.load(top_meta_ptr + src * 3 + c, mask=keep & src_top, other=-1),
-            tl.load(best_meta_ptr + src * 3 + c, mask=keep & ~src_top, other=-1),
-        )
-        tl.store(out_meta_ptr + out * 3 + c, tl.where(empty, -1, meta), mask=keep)
+def _key_value(key):
+    bits = tl.where(key < 0, key ^ 0x7FFFFFFF, key)
+    return tl.where(key == EMPTY_KEY, float("-inf"), bits.to(tl.float32, bitcast=True))
 
 
-MERGE_FEATURES = 64
+@triton.jit
+def _held(precedes, ex_i, ex_j, real_j):
+    """[BF, i]: whether an entry j that precedes entry i holds i's example."""
+    same = (ex_j[:, None, :] == ex_i[:, :, None]) & precedes & real_j[:, None, :]
+    return tl.max(same.to(tl.int32), axis=2) > 0
 
 
-def merge_top(top_v: Tensor, top_meta: Tensor, best_v: Tensor, best_meta: Tensor) -> tuple[Tensor, Tensor]:
-    """See `mmsae.kernels.merge_top`."""
+@triton.jit
+def _count(precedes, live_j):
+    return tl.sum((precedes & live_j[:, None, :]).to(tl.int32), axis=2)
+
+
+@triton.jit
+def _place(t_at, t_meta, w_at, w_meta):
+    """[BF, slot]: the metadata of the entry ranked at each slot (one entry or none per slot)."""
+    return tl.sum(tl.where(t_at, t_meta[:, :, None], 0), axis=1) + tl.sum(
+        tl.where(w_at, w_meta[:, :, None], 0), axis=1
+    )
+
+
+MERGE_BLOCK = 4096
+"""Entries of each [BF, KP, KP] comparison one program holds: BF = MERGE_BLOCK / KP² features."""
+
+
+def merge_sorted_top_(
+    top_v: Tensor,
+    top_meta: Tensor,
+    grp_M: Tensor,
+    v_M: Tensor,
+    row_M: Tensor,
+    meta_N3: Tensor,
+    distinct: bool,
+) -> None:
+    """See `mmsae.kernels.merge_sorted_top_`."""
     k, n = top_v.shape
-    out_v, out_meta = torch.empty_like(top_v), torch.empty_like(top_meta)
-    _merge_top_kernel[(triton.cdiv(n, MERGE_FEATURES),)](
-        top_v.contiguous(),
-        top_meta.contiguous(),
-        best_v.contiguous(),
-        best_meta.contiguous(),
-        out_v,
-        out_meta,
+    if n == 0 or k == 0:
+        return
+    start = torch.searchsorted(grp_M, torch.arange(n + 1, device=grp_M.device, dtype=grp_M.dtype))
+    kp = triton.next_power_of_2(k)
+    bf = max(1, min(64, MERGE_BLOCK // (kp * kp)))
+    _merge_run_kernel[(triton.cdiv(n, bf),)](
+        top_v,
+        top_meta,
+        start,
+        v_M.contiguous(),
+        row_M.contiguous(),
+        meta_N3.contiguous(),
         n,
         K=k,
-        K2=triton.next_power_of_2(2 * k),
-        BF=MERGE_FEATURES,
+        KP=kp,
+        BF=bf,
+        DISTINCT=distinct,
         num_warps=4,
     )
-    return out_v, out_meta

@@ -116,8 +116,14 @@ def launches() -> list[tuple[str, Callable[[], object]]]:
         ("topk_select (bisect)", select("bisect")),
         ("feature_sums_", lambda: triton_stats.feature_sums_(grp, raw, *acc, hist, (-4.0, 4.0))),
         ("residual_sums_", lambda: triton_stats.residual_sums_(x, x, torch.zeros(64), sums, scalar, scalar)),
-        ("merge_top", lambda: triton_stats.merge_top(top_v, top_meta, top_v.clone(), top_meta.clone())),
+        *[(f"merge_sorted_top_ ({d})", _merge(triton_stats, top_v, top_meta, grp, raw, d)) for d in (0, 1)],
     ]
+
+
+def _merge(triton_stats, top_v, top_meta, grp, raw, distinct: int) -> Callable[[], None]:
+    """The top-k merge without (0) and with (1) its duplicate checks."""
+    rows, meta = torch.zeros_like(grp), torch.zeros(grp.shape[0], 3, dtype=torch.long)
+    return lambda: triton_stats.merge_sorted_top_(top_v, top_meta, grp, raw, rows, meta, bool(distinct))
 
 
 def main() -> int:

@@ -1,5 +1,5 @@
-"""The feature-statistics pass's fused sums (`kernels.feature_sums_`, `kernels.residual_sums_`): the Triton
-path against the torch reference, and a whole pass on it. Without CUDA the kernels run in Triton's
+"""The feature-statistics pass's kernels (`kernels.feature_sums_`, `residual_sums_`, `merge_sorted_top_`):
+the Triton path against the torch reference, and a whole pass on it. Without CUDA the kernels run in Triton's
 interpreter (TRITON_INTERPRET, set by conftest)."""
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def test_a_pass_on_the_fused_sums_equals_the_torch_pass(monkeypatch: pytest.Monk
     fused = feature_stats(sae, batches, cfg)
     monkeypatch.setattr(kernels, "feature_sums_", reference.feature_sums_)
     monkeypatch.setattr(kernels, "residual_sums_", reference.residual_sums_)
-    monkeypatch.setattr(kernels, "merge_top", reference.merge_top)
+    monkeypatch.setattr(kernels, "merge_sorted_top_", reference.merge_sorted_top_)
     plain = feature_stats(sae, batches, cfg)
     assert fused.n_tokens == plain.n_tokens == 96
     for name in ("fire_count", "act_max", "hist", "top_values", "_top_meta"):
@@ -125,22 +125,64 @@ def test_a_nan_value_lands_in_the_first_bin() -> None:
     assert acc[3].sum() == 2 and acc[3][2, 0] == 1 and acc[3][3, 4] == 1
 
 
-@pytest.mark.parametrize(("k", "n"), [(16, 200), (3, 70), (5, 64)])
-def test_merge_top_matches_the_stable_sort(k: int, n: int) -> None:
-    """Ties within and across the two tables (to the running top, then the lower row), empty (−∞) entries
-    whose ids must become −1, a NaN (first, as sorts place it), negative values and −0.0/+0.0."""
-    g = torch.Generator().manual_seed(k)
+def _brute_merge(top_v, top_meta, grp, v, row, meta, distinct: bool):
+    """One feature at a time in Python: the running top, then the chunk's entries in their order, sorted
+    stably by value (NaN first, −∞ no entry); with `distinct`, an example's later entries dropped."""
+    k, n = top_v.shape
+    out_v, out_meta = torch.full_like(top_v, -math.inf), torch.full_like(top_meta, -1)
+    rank = lambda x: (0, 0.0) if math.isnan(x) else (1, -x)
+    for f in range(n):
+        entries = [(float(top_v[j, f]), top_meta[j, f].tolist()) for j in range(k)]
+        entries += [(float(v[i]), meta[row[i]].tolist()) for i in (grp == f).nonzero().flatten().tolist()]
+        entries = sorted([e for e in entries if e[0] != -math.inf], key=lambda e: rank(e[0]))
+        seen, kept = set(), []
+        for value, m in entries:
+            if not (distinct and m[0] in seen):
+                kept.append((value, m))
+            seen.add(m[0])
+        for j, (value, m) in enumerate(kept[:k]):
+            out_v[j, f], out_meta[j, f] = value, torch.tensor(m)
+    return out_v, out_meta
+
+
+def _merge_case(k: int, n: int, N: int, per_row: int, seed: int):
+    """A running top (sorted, distinct examples per feature, some −∞) and a chunk's pairs sorted as the
+    stats pass sorts them: many equal values, examples repeated within the chunk and shared with the top,
+    a NaN, negative values, −0.0 and +0.0, −∞ entries and ignored pairs (group n)."""
+    g = torch.Generator().manual_seed(seed)
     top_v = torch.randint(-3, 4, (k, n), generator=g).float().sort(0, descending=True).values
-    best_v = torch.randint(-3, 4, (k, n), generator=g).float()
     top_v[-1, ::3] = -math.inf
-    best_v[:, 1::7] = -math.inf
-    best_v[0, 5] = math.nan
-    top_v[0, 6], best_v[0, 6] = 0.0, -0.0
-    top_meta = torch.randint(0, 100, (k, n, 3), generator=g)
-    best_meta = torch.randint(100, 200, (k, n, 3), generator=g)
-    args = [t.to(DEVICE) for t in (top_v, top_meta, best_v, best_meta)]
-    got_v, got_meta = triton_stats.merge_top(*args)
-    want_v, want_meta = reference.merge_top(*args)
-    torch.testing.assert_close(got_v, want_v, equal_nan=True)
-    assert torch.equal(got_meta, want_meta)
-    assert (got_meta[got_v == -math.inf] == -1).all()
+    top_meta = torch.randint(0, 8, (k, n, 3), generator=g)
+    top_meta[..., 0] = torch.stack([torch.randperm(2 * k, generator=g)[:k] for _ in range(n)], 1)
+    top_meta[top_v == -math.inf] = -1
+    meta = torch.randint(0, 100, (N, 3), generator=g)
+    meta[:, 0] = torch.randint(0, 2 * k, (N,), generator=g)  # tokens of few examples, some in the top
+    grp = torch.randint(0, n + 1, (N * per_row,), generator=g)
+    v = torch.randint(-3, 5, (N * per_row,), generator=g).float()
+    v[::29], v[1::31], v[2::37], v[5:6] = -math.inf, -0.0, 0.0, math.nan
+    from mmsae.analysis.stats_ops import group_then_descending
+
+    order = group_then_descending(grp, v, n + 1)
+    return top_v, top_meta, grp[order], v[order], order // per_row, meta
+
+
+@pytest.mark.parametrize("distinct", [False, True])
+@pytest.mark.parametrize(("k", "n", "N", "per_row"), [(16, 40, 300, 8), (3, 70, 200, 4), (5, 9, 150, 6)])
+def test_merge_sorted_top_matches_brute_force(k: int, n: int, N: int, per_row: int, distinct: bool) -> None:
+    """The Triton merge and the torch reference against a one-feature-at-a-time merge: runs longer than
+    one window (N·per_row / n entries per feature, up to ~60), ties, NaN, ±0 and examples held twice."""
+    case = _merge_case(k, n, N, per_row, seed=k + n)
+    want_v, want_meta = _brute_merge(*case, distinct)
+    for merge in (reference.merge_sorted_top_, triton_stats.merge_sorted_top_):
+        top_v, top_meta, *rest = [t.clone().to(DEVICE) for t in case]
+        merge(top_v, top_meta, *rest, distinct)
+        torch.testing.assert_close(top_v.cpu(), want_v, equal_nan=True, msg=merge.__module__)
+        assert torch.equal(top_meta.cpu(), want_meta), merge.__module__
+
+
+def test_merge_sorted_top_takes_no_entries() -> None:
+    case = _merge_case(4, 10, 0, 1, seed=0)
+    for merge in (reference.merge_sorted_top_, triton_stats.merge_sorted_top_):
+        top_v, top_meta, *rest = [t.clone().to(DEVICE) for t in case]
+        merge(top_v, top_meta, *rest, True)
+        assert torch.equal(top_v.cpu(), case[0]) and torch.equal(top_meta.cpu(), case[1])

@@ -205,26 +205,6 @@ def test_one_16_bit_key_sort_orders_like_two_stable_sorts() -> None:
     _same_values(val[fast], val[slow])
 
 
-def test_cross_chunk_duplicates_pairwise_match_the_sort() -> None:
-    """The [k, k, n] comparison and the two-sort fallback drop the same entries (ties: the older one
-    stays)."""
-    from mmsae.analysis.stats_ops import cross_duplicates, duplicates
-
-    g = torch.Generator().manual_seed(5)
-    k, n = 6, 40
-
-    def side() -> tuple[torch.Tensor, torch.Tensor]:
-        v = torch.randint(0, 4, (k, n), generator=g).float()  # many equal values
-        ids = torch.stack([torch.randperm(12, generator=g)[:k] for _ in range(n)], 1) - 2  # unique per column
-        return v.masked_fill(ids < 0, -math.inf), ids.clamp_min(-1)
-
-    (old_v, old_ids), (new_v, new_ids) = side(), side()
-    drop_old, drop_new = cross_duplicates(old_v, old_ids, new_v, new_ids)
-    dup = duplicates(torch.cat([old_v, new_v]), torch.cat([old_ids, new_ids]))
-    assert torch.equal(torch.cat([drop_old, drop_new]), dup)
-    assert drop_new.any() and drop_old.any()
-
-
 def test_equal_values_keep_the_order_examples_were_seen() -> None:
     """bf16 codes tie often: equal values rank the earlier token first, across chunks too (as a stable
     sort of the reference would)."""
@@ -244,7 +224,7 @@ def test_equal_values_keep_the_order_examples_were_seen() -> None:
 
 
 def _general_path(sae, batches: list[torch.Tensor], cfg: StatsConfig) -> FeatureStats:
-    """Every chunk through the per-example maxima and duplicate checks."""
+    """Every chunk through the top-k merge's duplicate checks."""
     stats, offset = FeatureStats(sae.n_features, sae.d_in, cfg), 0
     with torch.inference_mode():
         for b in batches:
@@ -259,8 +239,8 @@ def _general_path(sae, batches: list[torch.Tensor], cfg: StatsConfig) -> Feature
 
 def test_one_token_per_example_skips_the_example_merge_with_the_same_result() -> None:
     """[N, D] tensors (one example per token) and TokenActs with host-side, strictly increasing example ids
-    (an activation store of tokens="cls") take the path without per-example maxima and duplicate checks:
-    the results of the general path."""
+    (an activation store of tokens="cls") take the path without duplicate checks: the results of the general
+    path."""
     torch.manual_seed(2)
     sae = build_sae("abstopk", D, N_LAT, k=3).bfloat16()
     plain = [torch.randn(30, D).bfloat16() for _ in range(3)]

@@ -9,8 +9,8 @@ batches it has already seen.
 Top-k examples are *examples* (meta['example_id']: an image, or a UNet sample), not tokens: an
 example's value for feature j is its largest activation over its tokens, and the token (and, for
 UNets, the timestep) where that maximum occurs is kept for patch heatmaps. Equal values rank the
-example seen first (an earlier chunk; within a chunk, the earlier token for [N, D] tensors, the smaller
-example id for TokenActs) and an example keeps the first token that reached its maximum.
+example seen first (an earlier chunk, then the earlier token) and an example keeps the first token that
+reached its maximum.
 """
 
 from __future__ import annotations
@@ -31,14 +31,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mmsae import kernels
-from mmsae.analysis.stats_ops import (
-    Pairs,
-    best_per_example,
-    chunk_top,
-    group_then_descending,
-    merge_top,
-    pairs_of,
-)
+from mmsae.analysis.stats_ops import Pairs, group_then_descending, pairs_of
 from mmsae.encoders.base import TokenActs
 from mmsae.fileio import atomic_write_bytes
 from mmsae.legacy_names import legacy_keys, legacy_kwargs, renamed_from
@@ -163,7 +156,7 @@ class FeatureStats:
         """Add one chunk: inputs, reconstructions, codes ([N, n] dense or SparseCodes) and metadata [N].
 
         `tokens_are_examples`: every token is an example of its own that no other update holds (plain
-        [N, D] batches): the per-example maxima and duplicate checks are then skipped.
+        [N, D] batches): while every update so far says so, the top-k merge skips its duplicate checks.
 
         Everything is computed on the (token, feature, value) pairs, O(N·k) for sparse (TopK) codes, with
         fixed-size scatters and sorts: no boolean indexing, `unique` or `bincount`, whose output sizes
@@ -192,7 +185,7 @@ class FeatureStats:
         meta_N3 = F.pad(
             torch.stack([c.to(grp.device, torch.long) for c in cols], 1), (0, 3 - len(cols)), value=-1
         )
-        self._update_top(pairs, grp, meta_N3, tokens_are_examples)
+        self._update_top(pairs, grp, meta_N3)
 
     def _update_fvu(self, x_ND: Tensor, x_hat_ND: Tensor) -> None:
         """Σ(x − s), Σ‖x − s‖² and Σ‖x − x̂‖² in float32 per chunk, accumulated in float64.
@@ -206,22 +199,18 @@ class FeatureStats:
             self.x_shift.copy_(x_ND.mean(0, dtype=torch.float32))
         kernels.residual_sums_(x_ND, x_hat_ND, self.x_shift, self.x_sum, self.x_sq, self.sq_err)
 
-    def _update_top(self, pairs: Pairs, grp: Tensor, meta_N3: Tensor, tokens_are_examples: bool) -> None:
-        """Merge the chunk's best k examples per feature into the running top k."""
-        k, n = self.cfg.top_k, self.n_features
-        if tokens_are_examples:  # one pair per (example, feature) already
-            perm, grp_p = None, grp
-            v_p, v16_p = pairs.raw, pairs.raw16
-        else:  # 1. per (example, feature), its largest value and the token where it occurs
-            perm, grp_p = best_per_example(pairs, grp, meta_N3[:, 0], n)
-            v_p, v16_p = pairs.raw[perm], None if pairs.raw16 is None else pairs.raw16[perm]
-        # 2. per feature, its examples best first: the first k of each feature's run are the chunk's top k
-        order = group_then_descending(grp_p, v_p, n + 1, v16_p)
-        sel = order if perm is None else perm[order]
-        best_v, best_meta = chunk_top(grp_p[order], v_p[order], pairs.row_of(sel), meta_N3, k, n)
-        # 3. merge with the running top k; an example split across chunks keeps its best entry.
-        self.top_values, self._top_meta = merge_top(
-            self.top_values, self._top_meta, best_v, best_meta, self.split_examples
+    def _update_top(self, pairs: Pairs, grp: Tensor, meta_N3: Tensor) -> None:
+        """Merge the chunk's pairs, sorted by (feature, value descending), into the running top k; while
+        updates may share examples, an example keeps only its best entry per feature."""
+        order = group_then_descending(grp, pairs.raw, self.n_features + 1, pairs.raw16)
+        kernels.merge_sorted_top_(
+            self.top_values,
+            self._top_meta,
+            grp[order],
+            pairs.raw[order],
+            pairs.row_of(order),
+            meta_N3,
+            distinct=self.split_examples,
         )
 
     # ------------------------------------------------------------------ results
@@ -327,7 +316,8 @@ class FeatureStats:
 class SeenExamples:
     """Tells, on the host, batches whose tokens are each an example of its own that no other batch holds
     (activation stores with one token per image, e.g. tokens="cls": their example ids are on the host,
-    strictly increasing): those skip the per-example maxima and duplicate checks of `FeatureStats.update`.
+    strictly increasing): while every batch is such, `FeatureStats.update`'s top-k merge skips its duplicate
+    checks.
 
     Only host-side ids are read (no wait for the device): a batch with ids on a device, or before which
     the ids seen are unknown (a resumed pass), makes every later batch take the general path."""
@@ -383,9 +373,8 @@ def feature_stats(
 
     Runs on the SAE's device (CUDA if the SAE is there), in the SAE's dtype (a bf16 SAE encodes in bf16
     with the fused kernels of `mmsae.kernels`); nothing waits for the device between checkpoints. With
-    `checkpoint`, the accumulator is saved
-    every `checkpoint_every` batches and at the end; rerunning with the same, deterministic
-    `batches` resumes after the last saved batch.
+    `checkpoint`, the accumulator is saved every `checkpoint_every` batches and at the end; rerunning with
+    the same, deterministic `batches` resumes after the last saved batch.
     """
     cfg = cfg or StatsConfig()
     device = sae.W_dec.device
