@@ -194,14 +194,18 @@ def run(args: argparse.Namespace) -> list[dict[str, float]]:
     )
     print(f"{'chunk':>7} {'stats s':>9} {'stats Mtok/s':>13} {'encode Mtok/s':>14} {'stats/encode':>13}")
     rows = []
+    fp8 = args.encode == "fp8"
+    if fp8:
+        missed = fp8_missed(sae, batches)
+        print(f"encode: fp8 candidates; pairs the exact encode finds and fp8 misses: {missed:.4%}")
     for chunk in args.chunks:
-        cfg = StatsConfig(top_k=args.top_k, chunk_tokens=chunk)
+        cfg = StatsConfig(top_k=args.top_k, chunk_tokens=chunk, encode=args.encode)
 
         def stats_pass(cfg: StatsConfig = cfg) -> object:
             return feature_stats(sae, batches, cfg)
 
         def encode_pass(chunk: int = chunk) -> None:
-            with torch.inference_mode():
+            with torch.inference_mode(), kernels.fp8_encode() if fp8 else contextlib.nullcontext():
                 for b in batches:
                     acts_ND = b if isinstance(b, torch.Tensor) else b.acts_ND
                     for s in range(0, acts_ND.shape[0], chunk):
@@ -231,6 +235,17 @@ def run(args: argparse.Namespace) -> list[dict[str, float]]:
     return rows
 
 
+def fp8_missed(sae: torch.nn.Module, batches: list) -> float:
+    """Share of the exact encode's (token, feature) pairs of the first batch that the fp8 encode misses."""
+    x = batches[0] if isinstance(batches[0], torch.Tensor) else batches[0].acts_ND
+    with torch.inference_mode():
+        exact = sae.encode(x)
+        with kernels.fp8_encode():
+            approx = sae.encode(x)
+    found = (exact.indices[:, :, None] == approx.indices[:, None, :]).any(-1)
+    return 1.0 - found.float().mean().item()
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
@@ -250,6 +265,7 @@ def main(argv: list[str] | None = None) -> None:
         "--torch-steps", action="store_true", help="also time the pass with the torch per-chunk steps"
     )
     p.add_argument("--limits", action="store_true", help="also time the encoder GEMM and topk alone")
+    p.add_argument("--encode", default="exact", choices=["exact", "fp8"], help="StatsConfig.encode")
     args = p.parse_args(argv)
     if args.plain and args.tokens_per_example != 1:
         p.error("--plain batches hold one example per token: drop --tokens-per-example.")

@@ -23,11 +23,13 @@ import weakref
 
 import torch
 import torch.nn.functional as F
+import triton
 from torch import Tensor
 
-from mmsae.kernels import weight_copies
+from mmsae.kernels import candidates, weight_copies
 from mmsae.kernels.triton_dense import center_cast, col_sums, recon_sums, scaled_diff
 from mmsae.kernels.triton_gemm import fused_gemm_applies, linear_group_maxima
+from mmsae.kernels.triton_group import group_topk, group_topk_applies
 from mmsae.kernels.triton_recon import decode_mse
 from mmsae.kernels.triton_select import (
     MAX_K,
@@ -136,16 +138,20 @@ def _encoder_operands(
 ) -> tuple[Tensor, Tensor]:
     """(x − b_dec, W_enc) in the encoder GEMM's dtype, cast once here (as autocast would) so the backward's
     dx gathers the 16-bit rows; records the input dtypes on ctx for `_encoder_grads`."""
-    if torch.is_autocast_enabled("cuda"):
-        dtype = torch.get_autocast_dtype("cuda")
-    else:
-        x_dtype = x_BD.dtype if b_dec is None else torch.promote_types(x_BD.dtype, b_dec.dtype)
-        dtype = torch.promote_types(x_dtype, W_enc.dtype)
+    dtype = _gemm_dtype(x_BD, b_dec, W_enc)
     ctx.x_dtype, ctx.W_dtype = x_BD.dtype, W_enc.dtype
     ctx.b_dec_dtype = None if b_dec is None else b_dec.dtype
     # Centring and cast in one pass: (x − b_dec) in fp32, rounded once, as (x - b_dec).to(dtype).
     x_lp = x_BD.to(dtype) if b_dec is None else center_cast(x_BD, b_dec, dtype)
     return x_lp, weight_copies.cast(copies, W_enc, dtype)  # the optimizer's 16-bit copy when it keeps one
+
+
+def _gemm_dtype(x_BD: Tensor, b_dec: Tensor | None, W_enc: Tensor) -> torch.dtype:
+    """The encoder GEMM's dtype: autocast's, else the promoted dtype of its operands."""
+    if torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    x_dtype = x_BD.dtype if b_dec is None else torch.promote_types(x_BD.dtype, b_dec.dtype)
+    return torch.promote_types(x_dtype, W_enc.dtype)
 
 
 def _encoder_grads(
@@ -377,10 +383,32 @@ def topk_encode(
     `copies`, 16-bit casts of the weights read the optimizer's copies (`weight_copies`)."""
     _check_weights("W_enc", W_enc)
     lead = x.shape[:-1]
-    values, indices = _TopKEncode.apply(
-        x.reshape(-1, x.shape[-1]).contiguous(), b_dec, W_enc, b_enc, k, copies
-    )
+    x_BD = x.reshape(-1, x.shape[-1]).contiguous()
+    out = _fp8_topk(x_BD, b_dec, W_enc, b_enc, k, copies)
+    values, indices = out if out is not None else _TopKEncode.apply(x_BD, b_dec, W_enc, b_enc, k, copies)
     return values.reshape(*lead, k), indices.reshape(*lead, k)
+
+
+def _fp8_topk(
+    x_BD: Tensor, b_dec: Tensor | None, W_enc: Tensor, b_enc: Tensor, k: int, copies: WeightCopies | None
+) -> tuple[Tensor, Tensor] | None:
+    """Inside `candidates.fp8_encode()`, an encode that needs no gradient from the fp8 GEMM's candidate
+    groups (`triton_group.group_topk`); None where that does not apply."""
+    state = candidates.active()
+    if state is None:
+        return None
+    operands = (x_BD, b_dec, W_enc, b_enc)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in operands):
+        return None
+    dtype = _gemm_dtype(x_BD, b_dec, W_enc)
+    x_lp = x_BD.to(dtype) if b_dec is None else center_cast(x_BD, b_dec, dtype)
+    W_lp = weight_copies.cast(copies, W_enc, dtype)
+    n = W_lp.shape[0]
+    kept = state.kept(k, triton.cdiv(n, group_config(n, k).group))
+    if not group_topk_applies(x_lp, W_lp, k, kept, fp8=True):
+        return None
+    b_lp = weight_copies.cast(copies, b_enc, dtype)
+    return group_topk(x_lp, W_lp, b_lp, k, kept=kept, fp8_weights=state.weights(W_enc, W_lp))
 
 
 def encode_at(

@@ -39,7 +39,7 @@ def _compile_instead(self: JITFunction, *args, grid, warmup, **kwargs) -> None:
     signature, constexprs = {}, {}
     for p in self.params:
         value = bound.get(p.name, p.default)
-        if p.is_constexpr:
+        if p.is_constexpr or value is None:  # a None argument is a constexpr, as a launch specialises it
             signature[p.name], constexprs[p.name] = "constexpr", value
         else:
             signature[p.name] = mangle_type(value)
@@ -90,6 +90,36 @@ def _decode_with_mse() -> None:
     loss.backward()
 
 
+def _encode_only_launches(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> list[tuple[str, Callable]]:
+    """The encode-only pass's entry points: maxima without pre, e4m3 rows, the scaled e4m3 GEMM (with and
+    without pre) and the group encode on 16-bit and on e4m3 maxima."""
+    from mmsae.kernels import triton_fp8, triton_gemm, triton_group
+
+    def fp8_maxima(write_pre: bool) -> Callable[[], object]:
+        def call() -> object:
+            (x8, x_scale), (W8, w_scale) = triton_fp8.e4m3_rows(x), triton_fp8.e4m3_rows(W)
+            return triton_gemm.linear_group_maxima(
+                x8, W8, b, 16, write_pre=write_pre, scales=(x_scale, w_scale)
+            )
+
+        return call
+
+    return [
+        (
+            "linear_group_maxima (no pre)",
+            lambda: triton_gemm.linear_group_maxima(x, W, b, 16, write_pre=False),
+        ),
+        ("e4m3_rows", lambda: triton_fp8.e4m3_rows(x)),
+        ("linear_group_maxima (e4m3)", fp8_maxima(True)),
+        ("linear_group_maxima (e4m3, no pre)", fp8_maxima(False)),
+        ("group_topk", lambda: triton_group.group_topk(x, W, b, 16)),
+        (
+            "group_topk (fp8)",
+            lambda: triton_group.group_topk(x, W, b, 16, kept=32, fp8_weights=triton_fp8.e4m3_rows(W)),
+        ),
+    ]
+
+
 def launches() -> list[tuple[str, Callable[[], object]]]:
     """(name, call) of the product's Triton entry points at small sizes, on CPU tensors."""
     from mmsae.kernels import triton_gemm, triton_select, triton_stats
@@ -112,6 +142,7 @@ def launches() -> list[tuple[str, Callable[[], object]]]:
         *[(f"training step ({arch})", _training_step(arch)) for arch in ("topk", "batchtopk", "abstopk")],
         ("decode_with_mse", _decode_with_mse),
         ("linear_group_maxima", lambda: triton_gemm.linear_group_maxima(x, W, b, 16)),
+        *_encode_only_launches(x, W, b),
         ("topk_select (bound)", select("bound")),
         ("topk_select (bisect)", select("bisect")),
         ("feature_sums_", lambda: triton_stats.feature_sums_(grp, raw, *acc, hist, (-4.0, 4.0))),
