@@ -244,3 +244,30 @@ def test_cli_build_takes_workers_and_decode(tmp_path, folder, sae, capsys) -> No
     meta = ConceptIndex.load(tmp_path / "idx").meta
     assert meta["config"]["num_workers"] == 1 and meta["config"]["decode"] == "draft"
     assert meta["n_images"] == len(PHOTOS) and "broken.jpg" in capsys.readouterr().err
+
+
+def test_fp8_encode_is_used_for_the_codes_and_checked(folder, clip, sae, monkeypatch) -> None:
+    """`IndexConfig(encode="fp8")` computes the SAE codes inside `kernels.fp8_encode()` (on the CPU the exact
+    encode still runs there, so the index equals the exact one); an unknown mode is refused by name."""
+    import contextlib
+
+    from mmsae import kernels
+
+    entered = []
+    real = kernels.fp8_encode
+
+    @contextlib.contextmanager
+    def recording(*args, **kwargs):
+        entered.append(1)
+        with real(*args, **kwargs) as state:
+            yield state
+
+    monkeypatch.setattr(kernels, "fp8_encode", recording)
+    images = sorted(p for p in folder.iterdir() if p.name != "broken.jpg")
+    exact = ConceptIndex.build(clip, sae, images, cfg=IndexConfig(batch_size=4))
+    assert not entered
+    fp8 = ConceptIndex.build(clip, sae, images, cfg=IndexConfig(batch_size=4, encode="fp8"))
+    assert len(entered) == -(-len(images) // 4)
+    np.testing.assert_array_equal(fp8.codes.csr.toarray(), exact.codes.csr.toarray())
+    with pytest.raises(ValueError, match=r"IndexConfig\.encode"):
+        IndexConfig(encode="int8")

@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
         "decoded on the device)",
     )
     b.add_argument("--skip-unreadable", action="store_true")
+    b.add_argument(
+        "--encode", choices=("exact", "fp8"), default="exact", help="fp8: TopK codes from fp8 candidates"
+    )
     b.add_argument("--device", default="cpu")
 
     q = sub.add_parser("query", help="search a built index")
@@ -101,6 +104,7 @@ def _build(args: argparse.Namespace) -> int:
         num_workers=args.num_workers,
         decode=args.decode,
         skip_unreadable=args.skip_unreadable,
+        encode=args.encode,
         ann=AnnConfig(kind=args.ann),
     )
     vocab = load_vocabulary(args.vocab) if args.vocab else None

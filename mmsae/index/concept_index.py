@@ -8,6 +8,7 @@ are large): `load` takes them and checks their ids against the ones recorded at 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mmsae import kernels
 from mmsae.analysis.heatmap import feature_heatmaps
 from mmsae.analysis.images import (
     ImageLike,
@@ -181,7 +183,9 @@ class ConceptIndex:
             n = len(batch.indices)
             acts = encoder.activations(batch.pixels, [hook], tokens=cfg.tokens)[hook]
             self.sae.check_input(acts.acts_ND)
-            self.codes.append(pooled_codes(self.sae, acts, n, cfg.pool), cfg.max_codes_per_image)
+            with kernels.fp8_encode() if cfg.encode == "fp8" else contextlib.nullcontext():
+                pooled = pooled_codes(self.sae, acts, n, cfg.pool)
+            self.codes.append(pooled, cfg.max_codes_per_image)
             # Copied to pinned host memory without waiting for the device; waited for once at the end.
             chunks.append(self._embed(batch.embed_pixels).to("cpu", non_blocking=True))
             if self._reference_BTD is None and acts.acts_ND.shape[0] % n == 0:

@@ -31,7 +31,14 @@ class IndexConfig:
     concept_images: int = 16
     """Top images per feature whose embeddings give its direction (SAEs not on the final embedding)."""
     names_per_feature: int = 5
+    encode: str = "exact"
+    """How a TopK SAE's codes are computed: 'exact', or 'fp8' (on Hopper GPUs, candidate groups from an e4m3
+    GEMM re-scored exactly: `StatsConfig.encode`)."""
     ann: AnnConfig = field(default_factory=AnnConfig)
+
+    def __post_init__(self) -> None:
+        if self.encode not in ("exact", "fp8"):
+            raise ValueError(f"IndexConfig.encode must be 'exact' or 'fp8', got {self.encode!r}.")
 
 
 @dataclass
