@@ -164,19 +164,18 @@ def _merge_run_kernel(
     DISTINCT: tl.constexpr,
 ):
     """BF features per program, each merging its run of the chunk's sorted entries into its running top K,
-    in place. The top stays in registers; the run is read KP entries at a time while its next entry beats
-    the K-th. An entry's rank is the number of kept entries that precede it (larger value; on a tie the
-    running top, then the earlier entry of the run), so no sort is needed; with DISTINCT an entry whose
-    example a preceding entry holds is not kept."""
+    in place. The run is read KP entries at a time while its next entry beats the K-th of the top. An
+    entry's rank is the number of kept entries that precede it (larger value; on a tie the running top, then
+    the earlier entry of the run), so no sort is needed: each kept entry is stored at its rank (a top entry
+    only if it moved), the slots past the kept ones are emptied, and the top is read back for the next
+    window. With DISTINCT an entry whose example a preceding entry holds is not kept."""
     f = tl.program_id(0) * BF + tl.arange(0, BF)
     f_ok = f < n
     s = tl.arange(0, KP)
     in_top = f_ok[:, None] & (s < K)[None, :]
     off = s[None, :].to(tl.int64) * n + f[:, None]
-    t_key = _value_key(tl.load(top_v_ptr + off, mask=in_top, other=float("-inf")))
-    t_ex = tl.load(top_meta_ptr + off * 3, mask=in_top, other=-1)
-    t_tok = tl.load(top_meta_ptr + off * 3 + 1, mask=in_top, other=-1)
-    t_ts = tl.load(top_meta_ptr + off * 3 + 2, mask=in_top, other=-1)
+    t_v = tl.load(top_v_ptr + off, mask=in_top, other=float("-inf"))
+    t_key = _value_key(t_v)
     pos = tl.load(start_ptr + f, mask=f_ok, other=0)
     end = tl.load(start_ptr + f + 1, mask=f_ok, other=0)
     head = _value_key(tl.load(v_ptr + pos, mask=pos < end, other=float("-inf")))
@@ -184,11 +183,11 @@ def _merge_run_kernel(
     while tl.max(active.to(tl.int32), axis=0) > 0:
         idx = pos[:, None] + s[None, :]
         w_ok = active[:, None] & (idx < end[:, None])
-        w_key = _value_key(tl.load(v_ptr + idx, mask=w_ok, other=float("-inf")))
+        w_v = tl.load(v_ptr + idx, mask=w_ok, other=float("-inf"))
+        w_key = _value_key(w_v)
         w_row = tl.load(row_ptr + idx, mask=w_ok, other=0) * 3
         w_ex = tl.load(meta_ptr + w_row, mask=w_ok, other=-1)
-        w_tok = tl.load(meta_ptr + w_row + 1, mask=w_ok, other=-1)
-        w_ts = tl.load(meta_ptr + w_row + 2, mask=w_ok, other=-1)
+        t_ex = tl.load(top_meta_ptr + off * 3, mask=in_top & active[:, None], other=-1)
         # [BF, i, j]: entry j precedes entry i (tt: both in the top, tw: j in the window, ...)
         first = s[None, None, :] < s[None, :, None]
         tt = (t_key[:, None, :] > t_key[:, :, None]) | ((t_key[:, None, :] == t_key[:, :, None]) & first)
@@ -202,23 +201,34 @@ def _merge_run_kernel(
             w_live = w_real & ~_held(wt, w_ex, t_ex, t_real) & ~_held(ww, w_ex, w_ex, w_real)
         t_rank = _count(tt, t_live) + _count(tw, w_live)
         w_rank = _count(wt, t_live) + _count(ww, w_live)
-        t_at = (t_live & (t_rank < K))[:, :, None] & (t_rank[:, :, None] == s[None, None, :])  # [BF, i, slot]
-        w_at = (w_live & (w_rank < K))[:, :, None] & (w_rank[:, :, None] == s[None, None, :])
-        t_key = tl.maximum(
-            tl.max(tl.where(t_at, t_key[:, :, None], EMPTY_KEY), axis=1),
-            tl.max(tl.where(w_at, w_key[:, :, None], EMPTY_KEY), axis=1),
-        )
-        t_ex = _place(t_at, t_ex, w_at, w_ex)
-        t_tok = _place(t_at, t_tok, w_at, w_tok)
-        t_ts = _place(t_at, t_ts, w_at, w_ts)
+        t_moves = active[:, None] & t_live & (t_rank < K) & (t_rank != s[None, :])
+        w_kept = w_live & (w_rank < K)
+        kept = tl.sum(t_live.to(tl.int32), axis=1) + tl.sum(w_live.to(tl.int32), axis=1)
+        emptied = in_top & active[:, None] & (s[None, :] >= kept[:, None])
+        t_tok = tl.load(top_meta_ptr + off * 3 + 1, mask=t_moves, other=-1)
+        t_ts = tl.load(top_meta_ptr + off * 3 + 2, mask=t_moves, other=-1)
+        w_tok = tl.load(meta_ptr + w_row + 1, mask=w_kept, other=-1)
+        w_ts = tl.load(meta_ptr + w_row + 2, mask=w_kept, other=-1)
+        tl.debug_barrier()  # every read of the top before any write to it
+        t_to = t_rank.to(tl.int64) * n + f[:, None]
+        _store_entry(top_v_ptr, top_meta_ptr, t_to, t_v, t_ex, t_tok, t_ts, t_moves)
+        w_to = w_rank.to(tl.int64) * n + f[:, None]
+        _store_entry(top_v_ptr, top_meta_ptr, w_to, w_v, w_ex, w_tok, w_ts, w_kept)
+        _store_entry(top_v_ptr, top_meta_ptr, off, float("-inf"), -1, -1, -1, emptied)
+        tl.debug_barrier()  # every write before the next window's reads
+        t_v = tl.load(top_v_ptr + off, mask=in_top, other=float("-inf"))
+        t_key = _value_key(t_v)
         pos = tl.where(active, pos + KP, pos)
         head = _value_key(tl.load(v_ptr + pos, mask=active & (pos < end), other=float("-inf")))
         active = active & (head > tl.min(tl.where(s[None, :] < K, t_key, 2147483647), axis=1))
-    empty = t_key == EMPTY_KEY
-    tl.store(top_v_ptr + off, _key_value(t_key), mask=in_top)
-    tl.store(top_meta_ptr + off * 3, tl.where(empty, -1, t_ex), mask=in_top)
-    tl.store(top_meta_ptr + off * 3 + 1, tl.where(empty, -1, t_tok), mask=in_top)
-    tl.store(top_meta_ptr + off * 3 + 2, tl.where(empty, -1, t_ts), mask=in_top)
+
+
+@triton.jit
+def _store_entry(top_v_ptr, top_meta_ptr, to, value, ex, tok, ts, mask):
+    tl.store(top_v_ptr + to, value, mask=mask)
+    tl.store(top_meta_ptr + to * 3, ex, mask=mask)
+    tl.store(top_meta_ptr + to * 3 + 1, tok, mask=mask)
+    tl.store(top_meta_ptr + to * 3 + 2, ts, mask=mask)
 
 
 @triton.jit
@@ -232,12 +242,6 @@ def _value_key(v):
 
 
 @triton.jit
-def _key_value(key):
-    bits = tl.where(key < 0, key ^ 0x7FFFFFFF, key)
-    return tl.where(key == EMPTY_KEY, float("-inf"), bits.to(tl.float32, bitcast=True))
-
-
-@triton.jit
 def _held(precedes, ex_i, ex_j, real_j):
     """[BF, i]: whether an entry j that precedes entry i holds i's example."""
     same = (ex_j[:, None, :] == ex_i[:, :, None]) & precedes & real_j[:, None, :]
@@ -247,14 +251,6 @@ def _held(precedes, ex_i, ex_j, real_j):
 @triton.jit
 def _count(precedes, live_j):
     return tl.sum((precedes & live_j[:, None, :]).to(tl.int32), axis=2)
-
-
-@triton.jit
-def _place(t_at, t_meta, w_at, w_meta):
-    """[BF, slot]: the metadata of the entry ranked at each slot (one entry or none per slot)."""
-    return tl.sum(tl.where(t_at, t_meta[:, :, None], 0), axis=1) + tl.sum(
-        tl.where(w_at, w_meta[:, :, None], 0), axis=1
-    )
 
 
 MERGE_BLOCK = 4096
