@@ -146,7 +146,7 @@ def residual_sums_(
 
 
 EMPTY_KEY: tl.constexpr = tl.constexpr(-2147483648)
-"""Key of an empty entry (value −∞): below every value's key, −∞'s included."""
+"""Key of an empty entry (value −∞: no entry), below every other value's key."""
 
 
 @triton.jit
@@ -268,6 +268,8 @@ def merge_sorted_top_(
 ) -> None:
     """See `mmsae.kernels.merge_sorted_top_`."""
     k, n = top_v.shape
+    if not (top_v.is_contiguous() and top_meta.is_contiguous()):
+        raise ValueError("merge_sorted_top_ works in place on contiguous top tables.")
     if n == 0 or k == 0:
         return
     start = torch.searchsorted(grp_M, torch.arange(n + 1, device=grp_M.device, dtype=grp_M.dtype))
