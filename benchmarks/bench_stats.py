@@ -205,7 +205,7 @@ def run(args: argparse.Namespace) -> list[dict[str, float]]:
             return feature_stats(sae, batches, cfg)
 
         def encode_pass(chunk: int = chunk) -> None:
-            with torch.inference_mode(), kernels.fp8_encode() if fp8 else contextlib.nullcontext():
+            with torch.inference_mode(), kernels.encoding(args.encode):
                 for b in batches:
                     acts_ND = b if isinstance(b, torch.Tensor) else b.acts_ND
                     for s in range(0, acts_ND.shape[0], chunk):

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from mmsae.kernels import cpu, reference
+from mmsae.kernels.candidates import encoding as encoding
 from mmsae.kernels.candidates import fp8_encode as fp8_encode
 from mmsae.kernels.weight_copies import WeightCopies
 

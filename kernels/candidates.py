@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 from torch import Tensor
 
 DEFAULT_GROUPS_PER_K = 2.0
+ENCODES = ("exact", "fp8")
+"""The encodes an encode-only pass offers (`StatsConfig.encode`, `IndexConfig.encode`)."""
 
 
 @dataclass
@@ -64,6 +66,19 @@ def fp8_encode(groups_per_k: float = DEFAULT_GROUPS_PER_K) -> Iterator[Fp8Encode
         yield state
     finally:
         _ACTIVE.reset(token)
+
+
+def check_encode(mode: str, field: str) -> None:
+    """A config's encode setting, refused by `field` name unless one of ENCODES."""
+    if mode not in ENCODES:
+        raise ValueError(f"{field} must be one of {ENCODES}, got {mode!r}.")
+
+
+def encoding(mode: str) -> AbstractContextManager:
+    """The context an encode-only pass runs in: `fp8_encode()` for 'fp8', none for 'exact'. Enter it once per
+    pass, so that the weights are quantised once."""
+    check_encode(mode, "encode")
+    return fp8_encode() if mode == "fp8" else nullcontext()
 
 
 def active() -> Fp8Encode | None:

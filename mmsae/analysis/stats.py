@@ -15,7 +15,6 @@ reached its maximum.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import math
@@ -35,11 +34,11 @@ from mmsae import kernels
 from mmsae.analysis.stats_ops import Pairs, group_then_descending, pairs_of
 from mmsae.encoders.base import TokenActs
 from mmsae.fileio import atomic_write_bytes
+from mmsae.kernels.candidates import check_encode
 from mmsae.legacy_names import legacy_keys, legacy_kwargs, renamed_from
 from mmsae.sae import SAE, Codes
 
 Batch = TokenActs | Tensor
-ENCODES = ("exact", "fp8")
 
 
 @dataclass
@@ -65,8 +64,7 @@ class StatsConfig:
                 f"StatsConfig.top_k and hist_bins must be >= 1, got top_k={self.top_k}, "
                 f"hist_bins={self.hist_bins}."
             )
-        if self.encode not in ENCODES:
-            raise ValueError(f"StatsConfig.encode must be one of {ENCODES}, got {self.encode!r}.")
+        check_encode(self.encode, "StatsConfig.encode")
         if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
             raise ValueError(
                 f"StatsConfig.hist_log10_range must be finite (low, high) with low < high, got {(lo, hi)}; "
@@ -402,7 +400,7 @@ def feature_stats(
     remaining = None if total is None else max(total - stats.n_batches, 0)
     seen = SeenExamples(known=stats.n_batches == 0)
     chunk = cfg.chunk_for(device)
-    with kernels.fp8_encode() if cfg.encode == "fp8" else contextlib.nullcontext():
+    with kernels.encoding(cfg.encode):
         for batch in tqdm(source, total=remaining, desc="feature stats", unit="batch"):
             acts, tokens_are_examples = _as_token_acts(batch, stats.n_tokens, device, seen)
             meta = {key: v.to(device) for key, v in acts.meta.items() if isinstance(v, Tensor)}

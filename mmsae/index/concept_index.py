@@ -8,7 +8,6 @@ are large): `load` takes them and checks their ids against the ones recorded at 
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -176,22 +175,21 @@ class ConceptIndex:
         first_id, collection = len(self), ImageList(items)
         batches = index_batches(encoder, embedder, collection, cfg.batch_size, cfg.num_workers, cfg.decode)
         n_batches = -(-len(items) // cfg.batch_size)
-        for batch in tqdm(batches, total=n_batches, desc="indexing", unit="batch"):
-            self._skip(batch.skipped, collection, first_id)
-            if batch.pixels is None or batch.embed_pixels is None:
-                continue
-            n = len(batch.indices)
-            acts = encoder.activations(batch.pixels, [hook], tokens=cfg.tokens)[hook]
-            self.sae.check_input(acts.acts_ND)
-            with kernels.fp8_encode() if cfg.encode == "fp8" else contextlib.nullcontext():
-                pooled = pooled_codes(self.sae, acts, n, cfg.pool)
-            self.codes.append(pooled, cfg.max_codes_per_image)
-            # Copied to pinned host memory without waiting for the device; waited for once at the end.
-            chunks.append(self._embed(batch.embed_pixels).to("cpu", non_blocking=True))
-            if self._reference_BTD is None and acts.acts_ND.shape[0] % n == 0:
-                refs = acts.acts_ND.view(n, -1, acts.acts_ND.shape[-1])[: clf.REFERENCE_IMAGES]
-                self._reference_BTD = refs.float().cpu()
-            self.paths.extend(_label(collection, i, first_id) for i in batch.indices)
+        with kernels.encoding(cfg.encode):  # weights quantised once per build
+            for batch in tqdm(batches, total=n_batches, desc="indexing", unit="batch"):
+                self._skip(batch.skipped, collection, first_id)
+                if batch.pixels is None or batch.embed_pixels is None:
+                    continue
+                n = len(batch.indices)
+                acts = encoder.activations(batch.pixels, [hook], tokens=cfg.tokens)[hook]
+                self.sae.check_input(acts.acts_ND)
+                self.codes.append(pooled_codes(self.sae, acts, n, cfg.pool), cfg.max_codes_per_image)
+                # Copied to pinned host memory without waiting for the device; waited for once at the end.
+                chunks.append(self._embed(batch.embed_pixels).to("cpu", non_blocking=True))
+                if self._reference_BTD is None and acts.acts_ND.shape[0] % n == 0:
+                    refs = acts.acts_ND.view(n, -1, acts.acts_ND.shape[-1])[: clf.REFERENCE_IMAGES]
+                    self._reference_BTD = refs.float().cpu()
+                self.paths.extend(_label(collection, i, first_id) for i in batch.indices)
         if embedder.device.type == "cuda":
             torch.cuda.current_stream(embedder.device).synchronize()
         if chunks:

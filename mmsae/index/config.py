@@ -9,6 +9,7 @@ import numpy as np
 
 from mmsae.encoders.base import TokenMode
 from mmsae.index.ann import AnnConfig
+from mmsae.kernels.candidates import check_encode
 
 
 @dataclass
@@ -37,8 +38,7 @@ class IndexConfig:
     ann: AnnConfig = field(default_factory=AnnConfig)
 
     def __post_init__(self) -> None:
-        if self.encode not in ("exact", "fp8"):
-            raise ValueError(f"IndexConfig.encode must be 'exact' or 'fp8', got {self.encode!r}.")
+        check_encode(self.encode, "IndexConfig.encode")
 
 
 @dataclass
