@@ -100,7 +100,7 @@ def steps(
         f"maxima (GEMM, nothing else written) {ms(maxima):.3f}, "
         f"choose {ms(lambda: tg.choose_groups(gmax, kept)):.3f}, "
         f"re-score {ms(lambda: tg.rescore_groups(x, W, b16, groups, group)):.3f}, "
-        f"top k {ms(lambda: tg._top_of_groups(pre, groups, group, k)):.3f}"
+        f"top k {ms(lambda: tg._top_of_groups(*pre, groups, group, k)):.3f}"
     )
     print(f"| {name}: {parts} | | |", flush=True)
 

@@ -1,8 +1,9 @@
 """Sparse SAE kernels with one dispatch point.
 
 `topk_encode`, `sparse_decode`, `decode_with_mse` (decoder + loss, in training) and `topk_indices` (AuxK's and
-AbsTopK's selections) are what the SAE family calls; `feature_sums_`, `residual_sums_` and
-`merge_sorted_top_` are the feature-statistics pass's per-chunk steps. On CUDA they run the Triton kernels
+AbsTopK's selections) are what the SAE family calls; `feature_sums_`, `residual_sums_`,
+`merge_sorted_top_`, and `pair_keys` with `gather_pairs` (the merge's sort) are the feature-statistics pass's
+per-chunk steps. On CUDA they run the Triton kernels
 of this package (when available); elsewhere, or when forced, the torch reference in
 `mmsae.kernels.reference`, except the CPU decoder, which gathers rows instead of the reference's dense
 product (`mmsae.kernels.cpu`). Force a backend with `set_backend("torch" | "triton" | "auto")` or the
@@ -197,6 +198,29 @@ def residual_sums_(
 
         return triton_stats.residual_sums_(x_ND, x_hat_ND, shift_D, x_sum, x_sq, sq_err)
     return reference.residual_sums_(x_ND, x_hat_ND, shift_D, x_sum, x_sq, sq_err)
+
+
+def pair_keys(grp_M: Tensor, v_M: Tensor) -> Tensor:
+    """int32 sort keys of M (group, bf16 value) pairs, group < 2¹⁶: a stable sort of them orders the pairs by
+    group, then by value, largest first, NaNs (of either sign) first and −0 after +0. The key is
+    group · 2¹⁶ + the value's bits mapped to a descending integer, shifted into int32."""
+    if v_M.dtype != torch.bfloat16 or grp_M.shape != v_M.shape:
+        raise ValueError(f"pair_keys takes bf16 values and groups of one shape, got {v_M.dtype} values.")
+    if _use_triton(v_M):
+        from mmsae.kernels import triton_pairs
+
+        return triton_pairs.pair_keys(grp_M, v_M)
+    return reference.pair_keys(grp_M, v_M)
+
+
+def gather_pairs(order_M: Tensor, grp_M: Tensor, v_M: Tensor, per_row: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(grp[order], v[order] as float32, order // per_row): sparse codes' pairs in sorted order with the token
+    row of each (pair i of [N, per_row] codes belongs to row i // per_row), in one pass on the Triton path."""
+    if _use_triton(v_M):
+        from mmsae.kernels import triton_pairs
+
+        return triton_pairs.gather_pairs(order_M, grp_M, v_M, per_row)
+    return reference.gather_pairs(order_M, grp_M, v_M, per_row)
 
 
 def merge_sorted_top_(

@@ -126,3 +126,15 @@ def _example_rank(example_id: Tensor) -> Tensor:
     ids_s, order = example_id.sort(stable=True)
     new = F.pad(ids_s[1:] != ids_s[:-1], (1, 0), value=True).long()
     return torch.empty_like(new).scatter_(0, order, new.cumsum(0) - 1)
+
+
+def pair_keys(grp_M: Tensor, v_M: Tensor) -> Tensor:
+    bits = v_M.view(torch.int16)
+    ordered = torch.where(bits < 0, bits ^ 0x7FFF, bits)  # increases with the bf16 value
+    ordered.masked_fill_(v_M.isnan(), 2**15 - 1)
+    # group·2¹⁶ + (2¹⁵ − 1 − ordered) ∈ [0, 2³²), shifted by −2³¹ into int32.
+    return (grp_M.long() * 2**16 - ordered).add_(2**15 - 1 - 2**31).int()
+
+
+def gather_pairs(order_M: Tensor, grp_M: Tensor, v_M: Tensor, per_row: int) -> tuple[Tensor, Tensor, Tensor]:
+    return grp_M[order_M], v_M[order_M].float(), order_M.div(per_row, rounding_mode="floor")

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from mmsae.kernels import candidates, weight_copies
 from mmsae.kernels.triton_dense import center_cast, col_sums, recon_sums, scaled_diff
+from mmsae.kernels.triton_fp8 import centred_e4m3_rows
 from mmsae.kernels.triton_gemm import fused_gemm_applies, linear_group_maxima
 from mmsae.kernels.triton_group import group_topk, group_topk_applies
 from mmsae.kernels.triton_recon import decode_mse
@@ -401,14 +402,22 @@ def _fp8_topk(
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in operands):
         return None
     dtype = _gemm_dtype(x_BD, b_dec, W_enc)
-    x_lp = x_BD.to(dtype) if b_dec is None else center_cast(x_BD, b_dec, dtype)
     W_lp = weight_copies.cast(copies, W_enc, dtype)
     n = W_lp.shape[0]
     kept = state.kept(k, triton.cdiv(n, group_config(n, k).group))
-    if not group_topk_applies(x_lp, W_lp, k, kept, fp8=True):
+    # Whether the path applies depends on x's shape and on the dtype and layout of its cast, not on its
+    # values: ask with one row of that cast, so that nothing is cast or quantised where it does not apply.
+    if not group_topk_applies(
+        x_BD.new_empty(min(len(x_BD), 1), x_BD.shape[-1], dtype=dtype), W_lp, k, kept, fp8=True
+    ):
         return None
+    if b_dec is None:
+        x_lp = x_BD.to(dtype)
+        x8 = None
+    else:
+        x_lp, x8 = centred_e4m3_rows(x_BD, b_dec, dtype)
     b_lp = weight_copies.cast(copies, b_enc, dtype)
-    return group_topk(x_lp, W_lp, b_lp, k, kept=kept, fp8_weights=state.weights(W_enc, W_lp))
+    return group_topk(x_lp, W_lp, b_lp, k, kept=kept, fp8_weights=state.weights(W_enc, W_lp), x8=x8)
 
 
 def encode_at(

@@ -110,6 +110,7 @@ def _encode_only_launches(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> 
             lambda: triton_gemm.linear_group_maxima(x, W, b, 16, write_pre=False),
         ),
         ("e4m3_rows", lambda: triton_fp8.e4m3_rows(x)),
+        ("centred_e4m3_rows", lambda: triton_fp8.centred_e4m3_rows(x, x[0], x.dtype)),
         ("linear_group_maxima (e4m3)", fp8_maxima(True)),
         ("linear_group_maxima (e4m3, no pre)", fp8_maxima(False)),
         ("group_topk", lambda: triton_group.group_topk(x, W, b, 16)),
@@ -122,7 +123,7 @@ def _encode_only_launches(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> 
 
 def launches() -> list[tuple[str, Callable[[], object]]]:
     """(name, call) of the product's Triton entry points at small sizes, on CPU tensors."""
-    from mmsae.kernels import triton_gemm, triton_select, triton_stats
+    from mmsae.kernels import triton_gemm, triton_pairs, triton_select, triton_stats
 
     bf16 = dict(dtype=torch.bfloat16)
     x, W, b = torch.randn(256, 64, **bf16), torch.randn(1024, 64, **bf16), torch.randn(1024, **bf16)
@@ -148,6 +149,8 @@ def launches() -> list[tuple[str, Callable[[], object]]]:
         ("feature_sums_", lambda: triton_stats.feature_sums_(grp, raw, *acc, hist, (-4.0, 4.0))),
         ("residual_sums_", lambda: triton_stats.residual_sums_(x, x, torch.zeros(64), sums, scalar, scalar)),
         *[(f"merge_sorted_top_ ({d})", _merge(triton_stats, top_v, top_meta, grp, raw, d)) for d in (0, 1)],
+        ("pair_keys", lambda: triton_pairs.pair_keys(grp, raw.bfloat16())),
+        ("gather_pairs", lambda: triton_pairs.gather_pairs(grp, grp, raw.bfloat16(), 16)),
     ]
 
 

@@ -11,6 +11,7 @@ bf16 operands at benchmark-like sizes and compare with `kernels.topk_encode` its
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -21,7 +22,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from mmsae import kernels
-from mmsae.kernels.triton_fp8 import E4M3_MAX, E4M3_SCALE_MIN, e4m3_rows
+from mmsae.kernels.triton_dense import center_cast
+from mmsae.kernels.triton_fp8 import E4M3_MAX, E4M3_SCALE_MIN, centred_e4m3_rows, e4m3_rows
 from mmsae.kernels.triton_gemm import linear_group_maxima
 from mmsae.kernels.triton_group import group_topk, group_topk_applies
 from mmsae.kernels.triton_select import GroupConfig, group_maxima
@@ -102,6 +104,24 @@ def test_group_topk_rejects_what_it_cannot_do() -> None:
     assert empty[0].shape == empty[1].shape == (0, 8)
 
 
+@pytest.mark.parametrize(("n", "group"), [(520, 16), (64, 4)])
+def test_rescore_writes_its_entries_and_their_group_maxima(n: int, group: int) -> None:
+    """Each (row, kept group) pair's entries are the exact pre at those columns (−∞ past n, in a last group
+    cut short), and the maxima it writes are `group_maxima`'s of the re-scored rows: the select reads them
+    instead of a pass of its own."""
+    from mmsae.kernels.triton_group import choose_groups, rescore_groups
+
+    x_BD, W_ND, b_N = exact_operands(40, 48, n, DTYPE)
+    b16 = b_N.to(DTYPE)
+    kept = 12
+    groups_BK = choose_groups(linear_group_maxima(x_BD, W_ND, b16, group, write_pre=False)[1], kept)
+    pre_BC, gmax_BK = rescore_groups(x_BD, W_ND, b16, groups_BK, group)
+    cols_BC = (groups_BK.long()[:, :, None] * group + torch.arange(group, device=DEVICE)).reshape(40, -1)
+    padded_BN = torch.nn.functional.pad(exact_pre(x_BD, W_ND, b_N), (0, group), value=-math.inf)
+    assert torch.equal(pre_BC, padded_BN.gather(1, cols_BC))
+    assert torch.equal(gmax_BK, group_maxima(pre_BC, GroupConfig(group, 2)))
+
+
 def test_e4m3_rows_matches_torch() -> None:
     """Rows of very different ranges, a zero row, −0, a strided input, and `out` reused: values as torch's
     cast of t / scale (the kernel rounds in fp32, so the interpreter's cast agrees too), scales exact."""
@@ -120,6 +140,25 @@ def test_e4m3_rows_matches_torch() -> None:
     assert e4m3_rows(t_RD, out=out)[0] is out[0] and torch.equal(
         out[0].view(torch.uint8), q_RD.view(torch.uint8)
     )
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_centred_e4m3_rows_is_center_cast_then_e4m3_rows(x_dtype: torch.dtype) -> None:
+    """One pass gives what the two give: the 16-bit (x − b) bit for bit as `center_cast` (the interpreter's
+    cast rounds as that kernel's does), and the e4m3 rows of that copy; strided rows, a zero row, empty x."""
+    x_BD = torch.randn(37, 96, device=DEVICE) * torch.logspace(-3, 3, 37, device=DEVICE)[:, None]
+    b_D = torch.randn(72, device=DEVICE)
+    x_BD = x_BD.to(x_dtype)[:, :72]  # row stride 96
+    x_BD[5] = b_D.to(x_dtype)  # centred to zero (a zero row: the smallest scale)
+    lp_BD, (q_BD, scale_B) = centred_e4m3_rows(x_BD, b_D, DTYPE)
+    assert torch.equal(lp_BD, center_cast(x_BD, b_D, DTYPE))
+    want_q, want_scale = e4m3_rows(lp_BD)
+    assert torch.equal(q_BD.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(scale_B, want_scale)
+    assert centred_e4m3_rows(x_BD[:0], b_D, DTYPE)[1][0].shape == (0, 72)
+    with pytest.raises(TypeError, match="16-bit"):
+        centred_e4m3_rows(x_BD, b_D, torch.float32)
+    with pytest.raises(ValueError, match=r"want \[B, d\] and \[d\]"):
+        centred_e4m3_rows(x_BD, b_D[:10], DTYPE)
 
 
 def key_values(gmax_BG: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -250,11 +289,17 @@ def test_topk_encode_inside_fp8_encode_takes_the_fp8_candidates(monkeypatch: pyt
     assert calls == [12]
     want = group_topk(x_BD, W_ND, b_N, 8, kept=12, fp8_weights=e4m3_rows(W_ND))
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    b_dec = torch.randn(48, device=DEVICE).to(DTYPE)  # the centred x and its e4m3 rows: one pass
+    with kernels.fp8_encode(groups_per_k=1.5):
+        got = kernels.topk_encode(x_BD, W_ND, b_N.to(DTYPE), 8, b_dec=b_dec)
+    x_lp = center_cast(x_BD, b_dec, DTYPE)
+    want = group_topk(x_lp, W_ND, b_N, 8, kept=12, fp8_weights=e4m3_rows(W_ND))
+    assert calls == [12, 12] and torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     W_ND.requires_grad_()
     with kernels.fp8_encode():
         kernels.topk_encode(x_BD, W_ND, b_N.to(DTYPE), 8)  # training: the exact encode
     kernels.topk_encode(x_BD, W_ND.detach(), b_N.to(DTYPE), 8)  # no context
-    assert calls == [12]
+    assert calls == [12, 12]
 
 
 def test_fp8_encode_refuses_fewer_groups_than_k() -> None:

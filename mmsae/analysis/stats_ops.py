@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from mmsae import kernels
 from mmsae.sae import Codes, SparseCodes
 
 
@@ -56,16 +57,13 @@ def pairs_of(codes: Codes) -> Pairs:
 def group_then_descending(group: Tensor, val: Tensor, n_groups: int, val16: Tensor | None = None) -> Tensor:
     """The permutation sorting pairs by `group` (int, < n_groups), then by `val`, largest first; stable.
 
-    One sort of a 32-bit key where `val16` (the values as bf16) is given and the groups fit in 16 bits
-    (a radix sort's cost grows with the key's bits); else an int64 key (group, then the float32 value's
-    bits mapped to a descending integer) where the groups fit in 31 bits; else two stable sorts. A NaN
-    ranks above every number, whatever its sign bit, as in torch's sorts."""
+    One sort of a 32-bit key (`kernels.pair_keys`) where `val16` (the values as bf16) is given and the groups
+    fit in 16 bits (a radix sort's cost grows with the key's bits); else an int64 key (group, then the
+    float32 value's bits mapped to a descending integer) where the groups fit in 31 bits; else two stable
+    sorts. A NaN ranks above every number, whatever its sign bit (as torch's CPU sorts place it; the
+    two-sort fallback follows the device's sort, and CUDA's places NaNs elsewhere)."""
     if val16 is not None and n_groups <= 2**16:
-        bits = val16.view(torch.int16)
-        ordered = torch.where(bits < 0, bits ^ 0x7FFF, bits)  # increases with the bf16 value
-        ordered.masked_fill_(val16.isnan(), 2**15 - 1)
-        # group·2¹⁶ + (2¹⁵ − 1 − ordered) ∈ [0, 2³²), shifted by −2³¹ into int32.
-        return (group * 2**16 - ordered).add_(2**15 - 1 - 2**31).int().argsort(stable=True)
+        return kernels.pair_keys(group, val16).argsort(stable=True)
     if n_groups < 2**31:
         bits = val.float().view(torch.int32).long()
         ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # increases with the float value
@@ -73,3 +71,12 @@ def group_then_descending(group: Tensor, val: Tensor, n_groups: int, val16: Tens
         return (group * 2**32 + (2**31 - 1 - ordered)).argsort(stable=True)
     by_val = val.argsort(descending=True, stable=True)
     return by_val[group[by_val].argsort(stable=True)]
+
+
+def sorted_pairs(pairs: Pairs, grp: Tensor, n_groups: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(group, float32 value, token row) of the pairs sorted by `grp`, then value descending (stable): the
+    top-k merge's input. Sparse bf16 codes take one pass for the keys and one for the gathers."""
+    order = group_then_descending(grp, pairs.raw, n_groups, pairs.raw16)
+    if pairs.rows is None and pairs.raw16 is not None:
+        return kernels.gather_pairs(order, grp, pairs.raw16, pairs.per_row)
+    return grp[order], pairs.raw[order], pairs.row_of(order)
