@@ -28,6 +28,7 @@ from torch import Tensor
 
 from mmsae import kernels
 from mmsae.kernels import triton_group as tg
+from mmsae.kernels.candidates import Fp8Encode
 from mmsae.kernels.triton_fp8 import e4m3_rows
 from mmsae.kernels.triton_gemm import linear_group_maxima
 from mmsae.kernels.triton_select import group_config
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         return linear_group_maxima(x8[0], W8[0], b16, group, write_pre=False, scales=(x8[1], W8[1]))[1]
 
     for g in args.fp8_groups:
-        kept = min(math.ceil(g * k), math.ceil(args.n / group))
+        kept = Fp8Encode(g).kept(k, math.ceil(args.n / group))
         steps(ms, f"e4m3, kept {kept}", maxima8, x, W, b16, k, kept, group)
         got = tg.group_topk(x, W, b, k, kept=kept, fp8_weights=W8)
         found, exact_values = pairs_found(got, exact)

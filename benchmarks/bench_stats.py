@@ -34,6 +34,7 @@ from torch import Tensor
 from mmsae import kernels
 from mmsae.analysis import StatsConfig, feature_stats
 from mmsae.encoders.base import TokenActs
+from mmsae.kernels.candidates import ENCODES
 from mmsae.sae import build_sae
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
         "--torch-steps", action="store_true", help="also time the pass with the torch per-chunk steps"
     )
     p.add_argument("--limits", action="store_true", help="also time the encoder GEMM and topk alone")
-    p.add_argument("--encode", default="exact", choices=["exact", "fp8"], help="StatsConfig.encode")
+    p.add_argument("--encode", default="exact", choices=ENCODES, help="StatsConfig.encode")
     args = p.parse_args(argv)
     if args.plain and args.tokens_per_example != 1:
         p.error("--plain batches hold one example per token: drop --tokens-per-example.")

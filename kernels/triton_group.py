@@ -35,6 +35,7 @@ from mmsae.kernels.triton_select import (
     _kth_largest_in_range,
     group_config,
     group_select_fits,
+    group_warps,
     select_from_group_maxima,
     topk_select_into,
 )
@@ -246,7 +247,7 @@ def _top_of_groups(
     B = pre_BC.shape[0]
     values_BK = pre_BC.new_empty(B, k)
     slots_BK = torch.empty(B, k, dtype=torch.int64, device=pre_BC.device)
-    cfg = GroupConfig(group, 2 if gmax_BK.shape[1] <= 2048 else 4)
+    cfg = GroupConfig(group, group_warps(gmax_BK.shape[1]))
     if group_select_fits(k, cfg) and k <= gmax_BK.shape[1]:
         select_from_group_maxima(pre_BC, gmax_BK, k, cfg, values_BK, slots_BK)
     else:

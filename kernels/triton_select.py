@@ -216,7 +216,12 @@ def group_config(n: int, k: int) -> GroupConfig:
         group *= 2
     while group > 1 and triton.cdiv(n, group) < 2 * k:  # short rows: enough groups to bound k
         group //= 2
-    return GroupConfig(group, 2 if triton.cdiv(n, group) <= 2048 else 4)
+    return GroupConfig(group, group_warps(triton.cdiv(n, group)))
+
+
+def group_warps(n_groups: int) -> int:
+    """Warps of the group select's program for rows of `n_groups` groups."""
+    return 2 if n_groups <= 2048 else 4
 
 
 def group_maxima(pre_BN: Tensor, cfg: GroupConfig) -> Tensor:

@@ -18,6 +18,7 @@ from typing import Any
 
 from mmsae.index.ann import AnnConfig
 from mmsae.index.concept_index import ConceptIndex, IndexConfig
+from mmsae.kernels.candidates import ENCODES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,9 +48,7 @@ def _parser() -> argparse.ArgumentParser:
         "decoded on the device)",
     )
     b.add_argument("--skip-unreadable", action="store_true")
-    b.add_argument(
-        "--encode", choices=("exact", "fp8"), default="exact", help="fp8: TopK codes from fp8 candidates"
-    )
+    b.add_argument("--encode", choices=ENCODES, default="exact", help="fp8: TopK codes from fp8 candidates")
     b.add_argument("--device", default="cpu")
 
     q = sub.add_parser("query", help="search a built index")
